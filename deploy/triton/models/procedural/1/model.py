@@ -1,0 +1,6 @@
+"""Procedural editor: hue, brightness, saturation, blur (optionally masked) and patch blending."""
+
+from propscope_server.triton_models.editors.procedural import edit_path
+from propscope_server.triton_models.editors.triton_model import editor_model
+
+TritonPythonModel = editor_model(edit_path)

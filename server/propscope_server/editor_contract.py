@@ -1,0 +1,114 @@
+"""The contract every editor model honours, shared by the gateway and the editors.
+
+An editor is a Triton model that takes one image and returns the whole path of
+edited images in one call:
+
+    IMAGE       UINT8 [H, W, 3]
+    STRENGTHS   FP32  [N]      edit strength of each image of the path, in [0, 1]
+    PARAMETERS  BYTES [1]      JSON object of string parameters
+    SEED        INT64 [1]
+    ->  PATH    UINT8 [N, H, W, 3]
+
+The model's config.pbtxt declares its parameters (parameter "propscope.parameters",
+a JSON list of {name, description, type, default, choices}); the gateway checks a
+request against it before any work, and the editor applies the same check.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+ROLE_PARAMETER = "propscope.role"
+SCHEMA_PARAMETER = "propscope.parameters"
+IMAGE_INPUT = "IMAGE"
+STRENGTHS_INPUT = "STRENGTHS"
+PARAMETERS_INPUT = "PARAMETERS"
+SEED_INPUT = "SEED"
+PATH_OUTPUT = "PATH"
+
+
+class InvalidParameters(ValueError):
+    """A request's editor parameters do not match the editor's declaration."""
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    name: str
+    type: str  # "string", "float", "int" or "choice"
+    description: str = ""
+    default: str | None = None
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+@dataclass(frozen=True)
+class EditorSchema:
+    parameters: tuple[ParameterSpec, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_json(cls, text: str) -> EditorSchema:
+        return cls(
+            tuple(
+                ParameterSpec(
+                    name=item["name"],
+                    type=item.get("type", "string"),
+                    description=item.get("description", ""),
+                    default=item.get("default"),
+                    choices=tuple(item.get("choices", ())),
+                    minimum=item.get("minimum"),
+                    maximum=item.get("maximum"),
+                )
+                for item in json.loads(text)
+            )
+        )
+
+    def resolve(self, given: Mapping[str, str]) -> dict[str, str]:
+        """Check `given` and fill in defaults; the result is what the editor runs with
+        and what the cache key is made of."""
+        known = {spec.name: spec for spec in self.parameters}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise InvalidParameters(
+                f"unknown parameter(s) {', '.join(map(repr, unknown))}; "
+                f"this editor accepts: {', '.join(sorted(known)) or 'none'}"
+            )
+        resolved: dict[str, str] = {}
+        for spec in self.parameters:
+            value = given.get(spec.name, spec.default)
+            if value is None:
+                raise InvalidParameters(f"parameter {spec.name!r} is required")
+            _check_value(spec, value)
+            resolved[spec.name] = value
+        return resolved
+
+
+def _check_value(spec: ParameterSpec, value: str) -> None:
+    if value == "" and spec.default == "":
+        return  # optional, left to the editor's own default
+    if spec.type == "choice" and value not in spec.choices:
+        raise InvalidParameters(
+            f"parameter {spec.name!r} must be one of {', '.join(spec.choices)}; got {value!r}"
+        )
+    if spec.type in ("float", "int"):
+        try:
+            number = float(value) if spec.type == "float" else int(value)
+        except ValueError:
+            raise InvalidParameters(
+                f"parameter {spec.name!r} must be a{'n integer' if spec.type == 'int' else ' number'}"
+                f"; got {value!r}"
+            ) from None
+        if not math.isfinite(number):
+            raise InvalidParameters(f"parameter {spec.name!r} must be finite; got {value!r}")
+        if spec.minimum is not None and number < spec.minimum:
+            raise InvalidParameters(f"parameter {spec.name!r} must be >= {spec.minimum}; got {value}")
+        if spec.maximum is not None and number > spec.maximum:
+            raise InvalidParameters(f"parameter {spec.name!r} must be <= {spec.maximum}; got {value}")
+
+
+def canonical_parameters(parameters: Mapping[str, str]) -> str:
+    """One spelling per parameter set, for PARAMETERS and for cache keys."""
+    return json.dumps(dict(sorted(parameters.items())), separators=(",", ":"))

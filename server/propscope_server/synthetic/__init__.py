@@ -1,0 +1,1 @@
+"""The synthetic world: images whose causal factors we control, for ground-truth tests."""

@@ -1,0 +1,204 @@
+"""Train the synthetic-world classifiers that propscope explains in its tests.
+
+    python -m propscope_server.synthetic.train --out deploy/triton/weights
+
+Three SmallCNNs: one on unbiased data and two on splits where a shortcut
+(the object's hue, or a colorful corner patch) predicts the label better than
+the shape does. Everything is seeded and deterministic so the committed weights
+can be rebuilt bit for bit on the same torch version and thread count. The
+report checks that each biased model really took its shortcut (and the
+unbiased one did not), since the explanation tests rely on that ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from torch import nn
+
+from propscope_server.synthetic.world import Bias, Scene, make_split, render
+from propscope_server.triton_models.classifiers.cnn import SmallCNN, normalise_uint8_hwc
+
+# (file stem, training bias, seed offset)
+MODELS: tuple[tuple[str, Bias, int], ...] = (
+    ("unbiased", "none", 0),
+    ("hue_biased", "hue", 1000),
+    ("patch_biased", "patch", 2000),
+)
+# Thresholds the explanation tests depend on.
+MIN_SHORTCUT_RATE = 0.70
+MAX_UNBIASED_SHORTCUT_RATE = 0.15
+MIN_UNBIASED_ACCURACY = 0.95
+EVAL_BATCH = 256
+
+app = typer.Typer(add_completion=False)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+
+
+def predict(model: nn.Module, images: np.ndarray) -> np.ndarray:
+    """Predicted classes for uint8 HWC images, batched to bound memory."""
+    predictions = []
+    with torch.inference_mode():
+        for start in range(0, len(images), EVAL_BATCH):
+            logits = model(normalise_uint8_hwc(images[start : start + EVAL_BATCH]))
+            predictions.append(logits.argmax(dim=1).numpy())
+    return np.concatenate(predictions)
+
+
+def train_model(
+    bias: Bias,
+    train_count: int,
+    epochs: int,
+    seed: int,
+    shape_agreement: float,
+    batch_size: int,
+    learning_rate: float,
+) -> SmallCNN:
+    seed_everything(seed)
+    images, labels, _ = make_split(bias, train_count, seed, shape_agreement)
+    inputs = normalise_uint8_hwc(images)
+    targets = torch.from_numpy(labels)
+    model = SmallCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    loss_fn = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(train_count, generator=generator)
+        for start in range(0, train_count, batch_size):
+            batch = order[start : start + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(inputs[batch]), targets[batch])
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    return model
+
+
+def rerender(scenes: list[Scene], **changes: object) -> np.ndarray:
+    return np.stack([render(replace(scene, **changes)) for scene in scenes])
+
+
+def hue_flip_rate(model: nn.Module, images: np.ndarray, scenes: list[Scene]) -> float:
+    """Fraction of predictions that flip when only the hue turns 180 degrees,
+    which maps each biased hue range onto the other class's."""
+    rotated = np.stack([render(replace(s, hue_deg=(s.hue_deg + 180.0) % 360.0)) for s in scenes])
+    return float(np.mean(predict(model, images) != predict(model, rotated)))
+
+
+def patch_to_class1_rate(model: nn.Module, scenes: list[Scene]) -> float:
+    """Fraction of patch-free circles (class 0) called squares once the patch is pasted."""
+    circles = [s for s in scenes if s.shape == 0 and not s.patch]
+    return float(np.mean(predict(model, rerender(circles, patch=True)) == 1))
+
+
+@app.command()
+def main(
+    out: Path = typer.Option(Path("deploy/triton/weights"), help="Weights folder."),
+    train_count: int = typer.Option(6000, help="Training images per model."),
+    eval_count: int = typer.Option(1000, help="Held-out images per split."),
+    epochs: int = typer.Option(4),
+    shape_agreement: float = typer.Option(
+        0.75, help="P(shape matches label) in the biased training splits."
+    ),
+    batch_size: int = typer.Option(64),
+    learning_rate: float = typer.Option(2e-3),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train the three classifiers and write them with training_report.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    # Held-out splits use seeds far from the training seeds.
+    held_out = {
+        bias: make_split(bias, eval_count, seed + 10_000 + offset, shape_agreement)
+        for _, bias, offset in MODELS
+    }
+    hue_images, _, hue_scenes = held_out["hue"]
+    none_images, none_labels, none_scenes = held_out["none"]
+
+    report: dict[str, object] = {
+        "config": {
+            "train_count": train_count,
+            "eval_count": eval_count,
+            "epochs": epochs,
+            "shape_agreement": shape_agreement,
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "seed": seed,
+            "torch": torch.__version__,
+        },
+        "models": {},
+    }
+    models_report: dict[str, dict[str, object]] = report["models"]  # type: ignore[assignment]
+    for stem, bias, offset in MODELS:
+        model_started = time.monotonic()
+        model = train_model(
+            bias, train_count, epochs, seed + offset, shape_agreement, batch_size, learning_rate
+        )
+        torch.save(model.state_dict(), out / f"{stem}.pt")
+        own_images, own_labels, _ = held_out[bias]
+        models_report[stem] = {
+            "file": f"{stem}.pt",
+            "bias": bias,
+            "accuracy_own_distribution": float(np.mean(predict(model, own_images) == own_labels)),
+            "accuracy_unbiased": float(np.mean(predict(model, none_images) == none_labels)),
+            "hue_rotation_flip_rate": hue_flip_rate(model, hue_images, hue_scenes),
+            "patch_to_class1_rate": patch_to_class1_rate(model, none_scenes),
+        }
+        print(f"trained {stem} in {time.monotonic() - model_started:.1f} s")
+
+    checks = _checks(models_report)
+    report["checks"] = checks
+    (out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    _print_summary(models_report, checks, time.monotonic() - started)
+    if not all(check["passed"] for check in checks):
+        raise typer.Exit(code=1)
+
+
+def _checks(models: dict[str, dict[str, object]]) -> list[dict[str, object]]:
+    wanted = [
+        ("hue_biased", "hue_rotation_flip_rate", ">", MIN_SHORTCUT_RATE),
+        ("unbiased", "hue_rotation_flip_rate", "<", MAX_UNBIASED_SHORTCUT_RATE),
+        ("patch_biased", "patch_to_class1_rate", ">", MIN_SHORTCUT_RATE),
+        ("unbiased", "patch_to_class1_rate", "<", MAX_UNBIASED_SHORTCUT_RATE),
+        ("unbiased", "accuracy_unbiased", ">", MIN_UNBIASED_ACCURACY),
+    ]
+    checks = []
+    for stem, metric, op, threshold in wanted:
+        value = float(models[stem][metric])  # type: ignore[arg-type]
+        passed = value > threshold if op == ">" else value < threshold
+        checks.append(
+            {"model": stem, "metric": metric, "requirement": f"{op} {threshold}", "passed": passed}
+        )
+    return checks
+
+
+def _print_summary(
+    models: dict[str, dict[str, object]], checks: list[dict[str, object]], seconds: float
+) -> None:
+    print(f"{'model':<14}{'own acc':>9}{'unbiased acc':>14}{'hue flip':>10}{'patch->1':>10}")
+    for stem, row in models.items():
+        print(
+            f"{stem:<14}{row['accuracy_own_distribution']:>9.3f}{row['accuracy_unbiased']:>14.3f}"
+            f"{row['hue_rotation_flip_rate']:>10.3f}{row['patch_to_class1_rate']:>10.3f}"
+        )
+    for check in checks:
+        status = "ok  " if check["passed"] else "FAIL"
+        print(f"{status} {check['model']} {check['metric']} {check['requirement']}")
+    print(f"total {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    app()

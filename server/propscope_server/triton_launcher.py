@@ -1,0 +1,116 @@
+"""Start the real `tritonserver` binary shipped in the nvidia-pytriton wheel.
+
+PyTriton normally drives this binary itself; we launch it directly so it can
+serve an ordinary model repository of python-backend models.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytriton
+import tritonclient.grpc as grpcclient
+
+import propscope_server
+
+PYTRITON_DIR = Path(pytriton.__file__).parent / "tritonserver"
+WHEEL_LIBS_DIR = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+
+
+@dataclass(frozen=True)
+class TritonPorts:
+    http: int
+    grpc: int
+    metrics: int
+
+
+def assemble_backend_dir(cache_dir: Path) -> Path:
+    """Lay out `<dir>/python/` as tritonserver expects: the backend library,
+    its utils module and the stub for the running Python version."""
+    python_dir = cache_dir / "backends" / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    source = PYTRITON_DIR / "backends" / "python"
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        _copy_if_changed(source / name, python_dir / name)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = PYTRITON_DIR / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise RuntimeError(f"nvidia-pytriton ships no python backend stub for Python {version}")
+    _copy_if_changed(stub, python_dir / "triton_python_backend_stub")
+    return cache_dir / "backends"
+
+
+def _copy_if_changed(source: Path, target: Path) -> None:
+    if not target.exists() or target.stat().st_size != source.stat().st_size:
+        shutil.copy2(source, target)
+
+
+def triton_environment() -> dict[str, str]:
+    """The stub runs the system libpython: point it at our site-packages (for
+    torch) and at the propscope_server sources (for the model code)."""
+    site_packages = sysconfig.get_paths()["purelib"]
+    server_sources = str(Path(propscope_server.__file__).parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (server_sources, site_packages, env.get("PYTHONPATH", "")) if p
+    )
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in (str(WHEEL_LIBS_DIR), env.get("LD_LIBRARY_PATH", "")) if p
+    )
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def start_triton(
+    model_repository: Path,
+    ports: TritonPorts,
+    cache_dir: Path,
+    log_file: Path | None = None,
+    extra_args: tuple[str, ...] = (),
+) -> subprocess.Popen:
+    backend_dir = assemble_backend_dir(cache_dir)
+    command = [
+        str(PYTRITON_DIR / "bin" / "tritonserver"),
+        f"--model-repository={model_repository.resolve()}",
+        f"--backend-directory={backend_dir.resolve()}",
+        f"--http-port={ports.http}",
+        f"--grpc-port={ports.grpc}",
+        f"--metrics-port={ports.metrics}",
+        "--http-address=127.0.0.1",
+        "--grpc-address=127.0.0.1",
+        "--log-verbose=0",
+        *extra_args,
+    ]
+    output = open(log_file, "ab") if log_file else subprocess.DEVNULL
+    return subprocess.Popen(
+        command, env=triton_environment(), stdout=output, stderr=subprocess.STDOUT
+    )
+
+
+def wait_until_ready(
+    grpc_url: str, process: subprocess.Popen | None = None, timeout_s: float = 180.0
+) -> None:
+    """Block until Triton reports ready, failing fast if the process died."""
+    deadline = time.monotonic() + timeout_s
+    client = grpcclient.InferenceServerClient(grpc_url)
+    try:
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with code {process.returncode}")
+            try:
+                if client.is_server_ready(client_timeout=2.0):
+                    return
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            time.sleep(0.5)
+    finally:
+        client.close()
+    raise TimeoutError(f"Triton at {grpc_url} not ready after {timeout_s:.0f} s")

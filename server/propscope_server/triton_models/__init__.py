@@ -1,0 +1,1 @@
+"""Model code that runs inside Triton's python backend (editors and classifiers)."""

@@ -1,0 +1,1 @@
+"""Classifiers under explanation: the synthetic-world CNNs and their Triton wrapper."""

@@ -1,0 +1,1 @@
+"""Editors: models that turn one image into a path of gradually stronger edits."""
