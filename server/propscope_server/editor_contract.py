@@ -104,9 +104,13 @@ def _check_value(spec: ParameterSpec, value: str) -> None:
         if not math.isfinite(number):
             raise InvalidParameters(f"parameter {spec.name!r} must be finite; got {value!r}")
         if spec.minimum is not None and number < spec.minimum:
-            raise InvalidParameters(f"parameter {spec.name!r} must be >= {spec.minimum}; got {value}")
+            raise InvalidParameters(
+                f"parameter {spec.name!r} must be >= {spec.minimum}; got {value}"
+            )
         if spec.maximum is not None and number > spec.maximum:
-            raise InvalidParameters(f"parameter {spec.name!r} must be <= {spec.maximum}; got {value}")
+            raise InvalidParameters(
+                f"parameter {spec.name!r} must be <= {spec.maximum}; got {value}"
+            )
 
 
 def canonical_parameters(parameters: Mapping[str, str]) -> str:

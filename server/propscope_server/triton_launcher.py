@@ -75,6 +75,7 @@ def start_triton(
     cache_dir: Path,
     log_file: Path | None = None,
     extra_args: tuple[str, ...] = (),
+    new_session: bool = False,
 ) -> subprocess.Popen:
     backend_dir = assemble_backend_dir(cache_dir)
     command = [
@@ -91,7 +92,11 @@ def start_triton(
     ]
     output = open(log_file, "ab") if log_file else subprocess.DEVNULL
     return subprocess.Popen(
-        command, env=triton_environment(), stdout=output, stderr=subprocess.STDOUT
+        command,
+        env=triton_environment(),
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        start_new_session=new_session,
     )
 
 

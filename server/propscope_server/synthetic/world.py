@@ -18,9 +18,7 @@ IMAGE_SIZE = 64
 CLASS_NAMES = ("circle", "square")
 # Where the colorful patch sits: top-left corner, (x, y, side) in pixels.
 PATCH_BOX = (3, 3, 14)
-PATCH_COLORS = np.array(
-    [[255, 0, 0], [255, 220, 0], [0, 200, 0], [0, 80, 255]], dtype=np.uint8
-)
+PATCH_COLORS = np.array([[255, 0, 0], [255, 220, 0], [0, 200, 0], [0, 80, 255]], dtype=np.uint8)
 # Hue ranges (degrees) that the hue-biased split ties to each class.
 BIASED_HUES = ((-20.0, 20.0), (160.0, 200.0))
 

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 from scipy import ndimage
 
-from propscope_server.synthetic.world import PATCH_BOX, colorful_patch
+from propscope_server.synthetic.world import colorful_patch
 
 # A pixel belongs to the object when it differs from the border's median colour by more.
 OBJECT_THRESHOLD = 24
@@ -74,7 +74,11 @@ def _patch_box(image: np.ndarray, parameters: Mapping[str, str], seed: int) -> t
     if parameters["position"] == "random":
         rng = np.random.default_rng(seed)
         return int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1)), side
-    return min(int(parameters["patch_x"]), width - side), min(int(parameters["patch_y"]), height - side), side
+    return (
+        min(int(parameters["patch_x"]), width - side),
+        min(int(parameters["patch_y"]), height - side),
+        side,
+    )
 
 
 # What amount means at strength 1 when the request leaves it empty.

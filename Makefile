@@ -1,0 +1,57 @@
+# The interface of the project: every target sets up what it needs, idempotently.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+STUBS := client/propscope/v1/explain_pb2.py
+RUN_DIR := .run
+SAMPLE := docs/sample.png
+DEMO_PROPERTIES := \
+	--property "object_hue=procedural:operation=hue,region=object" \
+	--property "patch=procedural:operation=blend" \
+	--property "background_brightness=procedural:operation=brightness,region=background,amount=0.2"
+
+.PHONY: setup test lint demo up down bench weights stubs clean
+
+setup: $(INSTALLED) $(STUBS)
+
+$(INSTALLED): requirements.txt client/pyproject.toml server/pyproject.toml deploy/scripts/install-system-deps.sh
+	deploy/scripts/install-system-deps.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) client/generate_stubs.py
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e client -e server
+	touch $@
+
+$(STUBS): protos/propscope/v1/*.proto | $(INSTALLED)
+	$(PY) client/generate_stubs.py
+
+stubs: $(STUBS)
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+up: setup
+	$(VENV)/bin/propscope-server up --run-dir $(RUN_DIR)
+
+down:
+	@if [ -x $(VENV)/bin/propscope-server ]; then $(VENV)/bin/propscope-server down --run-dir $(RUN_DIR); fi
+
+demo: up
+	$(VENV)/bin/propscope explain $(SAMPLE) --model synth_unbiased --model synth_hue --model synth_patch \
+		$(DEMO_PROPERTIES) --steps 10 --seed 0
+
+bench: setup
+	$(PY) bench/explain_cold_warm.py
+
+# Retrain the synthetic classifiers (deterministic; the committed weights came from this).
+weights: setup
+	$(PY) -m propscope_server.synthetic.train --out deploy/triton/weights
+
+clean: down
+	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .ruff_cache

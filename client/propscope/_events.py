@@ -1,0 +1,370 @@
+"""Typed, immutable mirrors of the events Explain streams, and of ListModels' models.
+
+Every ``to_dict()`` returns plain JSON-ready values: numpy arrays become lists, non-finite floats
+become ``None`` (strict JSON has no NaN), float32 curve values are written with their shortest
+float32 spelling (0.1, not 0.10000000149011612), and ``SampleResult.path_images`` appears as a
+list of base64 strings only when the server returned images (``return_path_images``); the key is
+left out otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from propscope._errors import status_code_from_int
+from propscope.v1 import explain_pb2
+
+__all__ = [
+    "Accepted",
+    "Done",
+    "EditorParameter",
+    "Event",
+    "ModelInfo",
+    "ModelRole",
+    "Progress",
+    "PropertyResult",
+    "SampleResult",
+    "TensorInfo",
+    "event_from_proto",
+]
+
+
+def _number(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready copy of one dataclass field value."""
+    if isinstance(value, float):
+        return _number(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return [_plain(item) for item in value]
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return value
+
+
+def _to_dict(obj: Any) -> dict[str, Any]:
+    return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)}
+
+
+def _readonly(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The plan, sent before any work starts."""
+
+    request_id: str
+    property_names: tuple[str, ...]
+    samples: int
+    steps: int
+    permutations: int
+    alpha: float
+    model_version: str
+    planned_edits: int
+    planned_classifications: int
+
+    @classmethod
+    def from_proto(cls, msg: explain_pb2.Accepted, request_id: str = "") -> Accepted:
+        return cls(
+            request_id=request_id,
+            property_names=tuple(msg.property_names),
+            samples=msg.samples,
+            steps=msg.steps,
+            permutations=msg.permutations,
+            alpha=msg.alpha,
+            model_version=msg.model_version,
+            planned_edits=msg.planned_edits,
+            planned_classifications=msg.planned_classifications,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """``completed`` of ``total`` images of one property's ``stage`` ("edit" or "classify")."""
+
+    request_id: str
+    stage: str
+    property_name: str
+    completed: int
+    total: int
+
+    @classmethod
+    def from_proto(cls, msg: explain_pb2.Progress, request_id: str = "") -> Progress:
+        return cls(
+            request_id=request_id,
+            stage=msg.stage,
+            property_name=msg.property_name,
+            completed=msg.completed,
+            total=msg.total,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+
+@dataclass(frozen=True, eq=False)
+class SampleResult:
+    """One sample's path: ``prediction_curve`` (float64, read-only, the target class's
+    probability x_0..x_N) and ``predicted_classes`` (int64, read-only, the argmax class)."""
+
+    seed: int
+    score: float
+    p_value: float
+    prediction_curve: npt.NDArray[np.float64]
+    predicted_classes: npt.NDArray[np.int64]
+    cache_hit: bool
+    path_images: tuple[bytes, ...] = ()
+
+    @classmethod
+    def from_proto(cls, msg: explain_pb2.SampleResult) -> SampleResult:
+        return cls(
+            seed=msg.seed,
+            score=msg.score,
+            p_value=msg.p_value,
+            prediction_curve=_readonly(np.array(msg.prediction_curve, dtype=np.float64)),
+            predicted_classes=_readonly(np.array(msg.predicted_classes, dtype=np.int64)),
+            cache_hit=msg.cache_hit,
+            path_images=tuple(msg.path_images),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SampleResult):
+            return NotImplemented
+        return (
+            self.seed == other.seed
+            and self.score == other.score
+            and self.p_value == other.p_value
+            and np.array_equal(self.prediction_curve, other.prediction_curve)
+            and np.array_equal(self.predicted_classes, other.predicted_classes)
+            and self.cache_hit == other.cache_hit
+            and self.path_images == other.path_images
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # holds arrays
+
+    def to_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "seed": self.seed,
+            "score": _number(self.score),
+            "p_value": _number(self.p_value),
+            # float32 on the wire: spell each value as the float32 it was.
+            "prediction_curve": [
+                _number(float(str(value))) for value in self.prediction_curve.astype(np.float32)
+            ],
+            "predicted_classes": self.predicted_classes.tolist(),
+            "cache_hit": self.cache_hit,
+        }
+        if self.path_images:
+            result["path_images"] = [
+                base64.b64encode(image).decode("ascii") for image in self.path_images
+            ]
+        return result
+
+
+@dataclass(frozen=True)
+class PropertyResult:
+    """One property's result. ``ok`` is False when the property failed (``status_code`` is not
+    OK); ``error`` then holds the server's message and the scores are meaningless."""
+
+    request_id: str
+    property_name: str
+    status_code: grpc.StatusCode
+    error: str | None
+    score: float
+    score_per_unit_strength: float
+    score_ci_low: float
+    score_ci_high: float
+    p_value: float
+    significant: bool
+    prediction_flipped: bool
+    flip_rate: float
+    mean_signed_gradient: float
+    target_class: int
+    samples: tuple[SampleResult, ...]
+    cache_hits: int
+    cache_misses: int
+
+    @property
+    def ok(self) -> bool:
+        return self.status_code == grpc.StatusCode.OK
+
+    @classmethod
+    def from_proto(cls, msg: explain_pb2.PropertyResult, request_id: str = "") -> PropertyResult:
+        # An unset status reads as code 0: OK.
+        code = status_code_from_int(msg.status.code)
+        error = None if code == grpc.StatusCode.OK else (msg.status.message or code.name)
+        return cls(
+            request_id=request_id,
+            property_name=msg.property_name,
+            status_code=code,
+            error=error,
+            score=msg.score,
+            score_per_unit_strength=msg.score_per_unit_strength,
+            score_ci_low=msg.score_ci_low,
+            score_ci_high=msg.score_ci_high,
+            p_value=msg.p_value,
+            significant=msg.significant,
+            prediction_flipped=msg.prediction_flipped,
+            flip_rate=msg.flip_rate,
+            mean_signed_gradient=msg.mean_signed_gradient,
+            target_class=msg.target_class,
+            samples=tuple(SampleResult.from_proto(s) for s in msg.samples),
+            cache_hits=msg.cache_hits,
+            cache_misses=msg.cache_misses,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        result = _to_dict(self)
+        result["status_code"] = self.status_code.name
+        result["ok"] = self.ok
+        return result
+
+
+@dataclass(frozen=True)
+class Done:
+    """The last event: timings in milliseconds and how many properties failed."""
+
+    request_id: str
+    total_ms: float
+    edit_ms: float
+    classify_ms: float
+    score_ms: float
+    cache_ms: float
+    properties_failed: int
+
+    @classmethod
+    def from_proto(cls, msg: explain_pb2.Done, request_id: str = "") -> Done:
+        return cls(
+            request_id=request_id,
+            total_ms=msg.total_ms,
+            edit_ms=msg.edit_ms,
+            classify_ms=msg.classify_ms,
+            score_ms=msg.score_ms,
+            cache_ms=msg.cache_ms,
+            properties_failed=msg.properties_failed,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+
+Event = Accepted | Progress | PropertyResult | Done
+"""Any event of an Explain stream."""
+
+
+def event_from_proto(msg: explain_pb2.ExplainEvent) -> Event:
+    """The typed event of an ``ExplainEvent``; ``ValueError`` when it holds none this SDK knows
+    (for instance an event type added to the contract after this SDK was built)."""
+    kind = msg.WhichOneof("event")
+    if kind == "accepted":
+        return Accepted.from_proto(msg.accepted, msg.request_id)
+    if kind == "progress":
+        return Progress.from_proto(msg.progress, msg.request_id)
+    if kind == "property_result":
+        return PropertyResult.from_proto(msg.property_result, msg.request_id)
+    if kind == "done":
+        return Done.from_proto(msg.done, msg.request_id)
+    raise ValueError(f"ExplainEvent of request {msg.request_id!r} holds no known event")
+
+
+class ModelRole(enum.Enum):
+    """What a model is for propscope."""
+
+    UNSPECIFIED = "unspecified"
+    CLASSIFIER = "classifier"
+    EDITOR = "editor"
+
+    @classmethod
+    def from_proto(cls, role: int) -> ModelRole:
+        if role == explain_pb2.ModelInfo.ROLE_CLASSIFIER:
+            return cls.CLASSIFIER
+        if role == explain_pb2.ModelInfo.ROLE_EDITOR:
+            return cls.EDITOR
+        return cls.UNSPECIFIED
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A model input or output; ``shape`` excludes the batch dimension, -1 is variable."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def from_proto(cls, msg: explain_pb2.TensorInfo) -> TensorInfo:
+        return cls(name=msg.name, datatype=msg.datatype, shape=tuple(msg.shape))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+
+@dataclass(frozen=True)
+class EditorParameter:
+    """A parameter an editor accepts; ``choices`` is empty unless it is a choice."""
+
+    name: str
+    description: str
+    default_value: str
+    choices: tuple[str, ...]
+
+    @classmethod
+    def from_proto(cls, msg: explain_pb2.EditorParameter) -> EditorParameter:
+        return cls(
+            name=msg.name,
+            description=msg.description,
+            default_value=msg.default_value,
+            choices=tuple(msg.choices),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A classifier or editor served by the connected Triton server."""
+
+    name: str
+    versions: tuple[str, ...]
+    role: ModelRole
+    state: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    max_batch_size: int
+    editor_parameters: tuple[EditorParameter, ...]
+    description: str
+
+    @classmethod
+    def from_proto(cls, msg: explain_pb2.ModelInfo) -> ModelInfo:
+        return cls(
+            name=msg.name,
+            versions=tuple(msg.versions),
+            role=ModelRole.from_proto(msg.role),
+            state=msg.state,
+            inputs=tuple(TensorInfo.from_proto(t) for t in msg.inputs),
+            outputs=tuple(TensorInfo.from_proto(t) for t in msg.outputs),
+            max_batch_size=msg.max_batch_size,
+            editor_parameters=tuple(EditorParameter.from_proto(p) for p in msg.editor_parameters),
+            description=msg.description,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)

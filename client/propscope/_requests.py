@@ -1,0 +1,133 @@
+"""Request building and per-call options shared by the sync client (and a later aio client).
+
+Nothing here touches a channel: these functions turn the caller's arguments into protobuf
+messages and gRPC call keywords, and validate what the server could only report later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from propscope._images import ImageLike, encode_image
+from propscope._properties import Property, parse_property
+from propscope.v1 import explain_pb2
+
+__all__ = [
+    "DEFAULT_CHANNEL_OPTIONS",
+    "Metadata",
+    "build_explain_request",
+    "build_list_models_request",
+    "call_options",
+    "channel_options",
+    "normalize_properties",
+]
+
+Metadata = Sequence[tuple[str, str]]
+
+# Results with return_path_images hold many PNGs: allow large responses. Requests are bounded by
+# the server's own max_receive_message_length.
+DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+)
+
+
+def channel_options(options: Iterable[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    """The default channel options overridden by ``options`` (same keys win)."""
+    merged = dict(DEFAULT_CHANNEL_OPTIONS)
+    merged.update(options)
+    return list(merged.items())
+
+
+def call_options(
+    *,
+    default_timeout: float | None,
+    default_metadata: Metadata,
+    timeout: float | None,
+    metadata: Metadata | None,
+) -> dict[str, Any]:
+    """``timeout`` and ``metadata`` keywords for a stub call: the call's timeout replaces the
+    client's, the call's metadata is appended to the client's."""
+    merged = [*default_metadata, *(metadata or ())]
+    return {
+        "timeout": timeout if timeout is not None else default_timeout,
+        "metadata": merged or None,
+    }
+
+
+def normalize_properties(properties: Property | str | Iterable[Property | str]) -> list[Property]:
+    """``Property`` objects from objects or ``parse_property`` strings; at least one, unique
+    names."""
+    if isinstance(properties, Property | str):
+        properties = [properties]
+    result: list[Property] = []
+    for item in properties:
+        if isinstance(item, Property):
+            result.append(item)
+        elif isinstance(item, str):
+            result.append(parse_property(item))
+        else:
+            raise TypeError(f"properties must be Property or str, not {type(item).__name__}")
+    if not result:
+        raise ValueError("at least one property is required")
+    seen: set[str] = set()
+    for prop in result:
+        if prop.name in seen:
+            raise ValueError(f"property name {prop.name!r} is given twice")
+        seen.add(prop.name)
+    return result
+
+
+def build_explain_request(
+    image: ImageLike,
+    model: str,
+    properties: Property | str | Iterable[Property | str],
+    *,
+    steps: int = 0,
+    samples: int = 0,
+    seed: int = 0,
+    permutations: int = 0,
+    alpha: float = 0.0,
+    return_path_images: bool = False,
+    target_class: int | None = None,
+    model_version: str = "",
+    model_output: str = "",
+    request_id: str = "",
+) -> explain_pb2.ExplainRequest:
+    """The ``ExplainRequest`` for ``Client.explain``'s arguments (0 means the server default)."""
+    if not model:
+        raise ValueError("model must be a non-empty Triton model name")
+    property_messages = [prop.to_proto() for prop in normalize_properties(properties)]
+    for name, value in (
+        ("steps", steps),
+        ("samples", samples),
+        ("seed", seed),
+        ("permutations", permutations),
+    ):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    model_ref = explain_pb2.ModelRef(name=model, version=model_version, output=model_output)
+    if target_class is None:
+        model_ref.predicted_class = True
+    elif target_class < 0:
+        raise ValueError(f"target_class must be >= 0, got {target_class}")
+    else:
+        model_ref.target_class = target_class
+    return explain_pb2.ExplainRequest(
+        request_id=request_id,
+        image=encode_image(image),
+        model=model_ref,
+        properties=property_messages,
+        steps=steps,
+        samples=samples,
+        seed=seed,
+        permutations=permutations,
+        alpha=alpha,
+        return_path_images=return_path_images,
+    )
+
+
+def build_list_models_request() -> explain_pb2.ListModelsRequest:
+    return explain_pb2.ListModelsRequest()

@@ -1,0 +1,1 @@
+"""The gRPC edge: protobuf <-> domain conversion, the servicer and the server."""

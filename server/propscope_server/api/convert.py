@@ -1,0 +1,283 @@
+"""protobuf <-> domain. Validation of what a caller can get wrong lives here,
+so every refusal names the field to change."""
+
+from __future__ import annotations
+
+import io
+import uuid
+import warnings
+
+import numpy as np
+from google.rpc import code_pb2, status_pb2
+from PIL import Image
+from propscope.v1 import explain_pb2 as pb
+
+from propscope_server import domain
+from propscope_server.backends.triton import ModelDescription, RepositoryEntry
+from propscope_server.config import Limits, PreprocessingConfig
+from propscope_server.errors import InvalidArgument, PropscopeError
+
+DEFAULT_STEPS = 10
+DEFAULT_SAMPLES = 1
+DEFAULT_PERMUTATIONS = 10_000
+DEFAULT_ALPHA = 0.01
+
+
+def decode_image(data: bytes, limits: Limits, what: str = "image") -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 [H, W, 3], refusing oversized and bomb-like inputs."""
+    if not data:
+        raise InvalidArgument(f"{what} is empty; send PNG or JPEG bytes")
+    if len(data) > limits.max_image_bytes:
+        raise InvalidArgument(
+            f"{what} is {len(data)} bytes; the limit is {limits.max_image_bytes} bytes"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format not in ("PNG", "JPEG"):
+                    raise InvalidArgument(f"{what} is {image.format}; send PNG or JPEG")
+                width, height = image.size
+                if width * height > limits.max_image_pixels:
+                    raise InvalidArgument(
+                        f"{what} is {width}x{height} pixels; the limit is "
+                        f"{limits.max_image_pixels} pixels"
+                    )
+                return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except PropscopeError:
+        raise
+    except (
+        OSError,
+        ValueError,
+        Image.DecompressionBombWarning,
+        Image.DecompressionBombError,
+    ) as error:
+        raise InvalidArgument(f"{what} could not be decoded as PNG or JPEG: {error}") from None
+
+
+def _bounded(value: int, default: int, low: int, high: int, field: str) -> int:
+    value = value or default
+    if not low <= value <= high:
+        raise InvalidArgument(
+            f"{field} must be in {low}..{high} (0 for the default {default}); got {value}"
+        )
+    return value
+
+
+def explain_spec(request: pb.ExplainRequest, limits: Limits) -> domain.ExplainSpec:
+    if not request.model.name:
+        raise InvalidArgument("model.name is required: the Triton name of the classifier")
+    if not request.properties:
+        raise InvalidArgument("properties is empty; give at least one property to intervene on")
+    if len(request.properties) > limits.max_properties:
+        raise InvalidArgument(
+            f"{len(request.properties)} properties; the limit is {limits.max_properties} per request"
+        )
+    steps = _bounded(request.steps, DEFAULT_STEPS, 2, limits.max_steps, "steps")
+    samples = _bounded(request.samples, DEFAULT_SAMPLES, 1, limits.max_samples, "samples")
+    permutations = _bounded(
+        request.permutations,
+        DEFAULT_PERMUTATIONS,
+        limits.min_permutations,
+        limits.max_permutations,
+        "permutations",
+    )
+    alpha = request.alpha or DEFAULT_ALPHA
+    if not 0.0 < alpha <= 0.5:
+        raise InvalidArgument(f"alpha must be in (0, 0.5] (0 for the default 0.01); got {alpha}")
+    image = decode_image(request.image, limits)
+    names = [p.name for p in request.properties]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InvalidArgument(f"property names must be unique; repeated: {', '.join(duplicates)}")
+    properties = tuple(_property(p, samples, limits) for p in request.properties)
+    return domain.ExplainSpec(
+        request_id=request.request_id or uuid.uuid4().hex,
+        image=image,
+        classifier=_classifier(request.model),
+        properties=properties,
+        steps=steps,
+        samples=samples,
+        seed=request.seed,
+        permutations=permutations,
+        alpha=alpha,
+        return_path_images=request.return_path_images,
+    )
+
+
+def _classifier(model: pb.ModelRef) -> domain.ClassifierRef:
+    preprocessing = None
+    if model.HasField("preprocessing"):
+        p = model.preprocessing
+        for field in ("mean", "std"):
+            if len(getattr(p, field)) not in (0, 3):
+                raise InvalidArgument(
+                    f"model.preprocessing.{field} needs 3 values (one per channel) or none"
+                )
+        if any(s == 0 for s in p.std):
+            raise InvalidArgument("model.preprocessing.std must not contain 0")
+        preprocessing = PreprocessingConfig(
+            mean=tuple(p.mean) or None,
+            std=tuple(p.std) or None,
+            output_kind="probabilities"
+            if p.output_kind == pb.Preprocessing.OUTPUT_KIND_PROBABILITIES
+            else "logits",
+        )
+    return domain.ClassifierRef(
+        name=model.name,
+        version=model.version,
+        output=model.output,
+        target_class=model.target_class if model.WhichOneof("target") == "target_class" else None,
+        preprocessing=preprocessing,
+    )
+
+
+def _property(prop: pb.Property, samples: int, limits: Limits) -> domain.PropertySpec:
+    if not prop.name:
+        raise InvalidArgument("every property needs a name")
+    source = prop.WhichOneof("source")
+    if source == "editor":
+        if not prop.editor.model:
+            raise InvalidArgument(f"property {prop.name!r}: editor.model is required")
+        return domain.PropertySpec(
+            name=prop.name,
+            editor=domain.EditorRef(
+                model=prop.editor.model,
+                version=prop.editor.version,
+                parameters=dict(prop.editor.parameters),
+            ),
+        )
+    if source == "provided_path":
+        images = prop.provided_path.images
+        if not 1 <= len(images) <= limits.max_steps:
+            raise InvalidArgument(
+                f"property {prop.name!r}: provided_path needs 1..{limits.max_steps} images; got {len(images)}"
+            )
+        if samples != 1:
+            raise InvalidArgument(f"property {prop.name!r}: a provided path needs samples = 1")
+        frames = tuple(
+            decode_image(data, limits, f"property {prop.name!r} provided_path image {i}")
+            for i, data in enumerate(images)
+        )
+        return domain.PropertySpec(name=prop.name, provided_path=frames)
+    raise InvalidArgument(f"property {prop.name!r} needs an editor or a provided_path")
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def event_message(request_id: str, event: domain.Event) -> pb.ExplainEvent:
+    message = pb.ExplainEvent(request_id=request_id)
+    if isinstance(event, domain.Accepted):
+        message.accepted.CopyFrom(
+            pb.Accepted(
+                property_names=list(event.property_names),
+                samples=event.samples,
+                steps=event.steps,
+                permutations=event.permutations,
+                alpha=event.alpha,
+                model_version=event.model_version,
+                planned_edits=event.planned_edits,
+                planned_classifications=event.planned_classifications,
+            )
+        )
+    elif isinstance(event, domain.Progress):
+        message.progress.CopyFrom(
+            pb.Progress(
+                stage=event.stage,
+                property_name=event.property_name,
+                completed=event.completed,
+                total=event.total,
+            )
+        )
+    elif isinstance(event, domain.PropertyOutcome):
+        message.property_result.CopyFrom(property_result(event))
+    else:
+        stages = event.stages
+        message.done.CopyFrom(
+            pb.Done(
+                total_ms=event.total_s * 1e3,
+                edit_ms=stages.edit_s * 1e3,
+                classify_ms=stages.classify_s * 1e3,
+                score_ms=stages.score_s * 1e3,
+                cache_ms=stages.cache_s * 1e3,
+                properties_failed=event.properties_failed,
+            )
+        )
+    return message
+
+
+def error_status(error: Exception) -> status_pb2.Status:
+    if isinstance(error, PropscopeError):
+        return status_pb2.Status(code=error.code.value[0], message=str(error))
+    if isinstance(error, TimeoutError):
+        return status_pb2.Status(code=code_pb2.DEADLINE_EXCEEDED, message="the deadline passed")
+    return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
+
+
+def property_result(outcome: domain.PropertyOutcome) -> pb.PropertyResult:
+    if outcome.error is not None or outcome.score is None:
+        return pb.PropertyResult(
+            property_name=outcome.property_name,
+            status=error_status(outcome.error or RuntimeError()),
+        )
+    score = outcome.score
+    return pb.PropertyResult(
+        property_name=outcome.property_name,
+        status=status_pb2.Status(code=code_pb2.OK),
+        score=score.score,
+        score_per_unit_strength=score.score_per_unit_strength,
+        score_ci_low=score.ci_low,
+        score_ci_high=score.ci_high,
+        p_value=score.p_value,
+        significant=score.significant,
+        prediction_flipped=score.prediction_flipped,
+        flip_rate=score.flip_rate,
+        mean_signed_gradient=score.mean_signed_gradient,
+        target_class=outcome.target_class,
+        cache_hits=outcome.cache_hits,
+        cache_misses=outcome.cache_misses,
+        samples=[
+            pb.SampleResult(
+                seed=s.seed,
+                score=s.score,
+                p_value=s.p_value,
+                prediction_curve=s.prediction_curve.tolist(),
+                predicted_classes=s.predicted_classes.tolist(),
+                cache_hit=s.cache_hit,
+                path_images=[encode_png(frame) for frame in s.path] if s.path is not None else [],
+            )
+            for s in outcome.samples
+        ],
+    )
+
+
+def model_info(entry: RepositoryEntry, description: ModelDescription | None) -> pb.ModelInfo:
+    info = pb.ModelInfo(name=entry.name, state=entry.state)
+    if description is None:
+        return info
+    info.versions.extend(description.versions)
+    info.role = {
+        "classifier": pb.ModelInfo.ROLE_CLASSIFIER,
+        "editor": pb.ModelInfo.ROLE_EDITOR,
+    }.get(description.role, pb.ModelInfo.ROLE_UNSPECIFIED)
+    info.max_batch_size = description.max_batch_size
+    info.description = description.description
+    for tensors, target in ((description.inputs, info.inputs), (description.outputs, info.outputs)):
+        target.extend(
+            pb.TensorInfo(name=t.name, datatype=t.datatype, shape=t.shape) for t in tensors
+        )
+    if description.editor_schema is not None:
+        info.editor_parameters.extend(
+            pb.EditorParameter(
+                name=p.name,
+                description=p.description,
+                default_value=p.default or "",
+                choices=list(p.choices),
+            )
+            for p in description.editor_schema.parameters
+        )
+    return info

@@ -1,0 +1,1 @@
+"""Adapters to the model server: Triton calls and tensor layout conversion."""

@@ -1,0 +1,239 @@
+"""The Triton adapter: model discovery, editor calls and batched classifier calls
+over tritonclient's gRPC aio client. Triton errors become domain errors here."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.utils import InferenceServerException
+
+from propscope_server import metrics
+from propscope_server.editor_contract import (
+    IMAGE_INPUT,
+    PARAMETERS_INPUT,
+    PATH_OUTPUT,
+    ROLE_PARAMETER,
+    SCHEMA_PARAMETER,
+    SEED_INPUT,
+    STRENGTHS_INPUT,
+    EditorSchema,
+)
+from propscope_server.errors import (
+    BackendError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    NotFound,
+    Unavailable,
+)
+
+# How long a model's metadata and config are trusted before asking Triton again.
+DESCRIPTION_TTL_S = 30.0
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    name: str
+    version: str
+    versions: tuple[str, ...]
+    role: str  # "classifier", "editor" or "" when the config does not say
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    max_batch_size: int
+    description: str = ""
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    editor_schema: EditorSchema | None = None
+
+
+@dataclass(frozen=True)
+class RepositoryEntry:
+    name: str
+    version: str
+    state: str
+
+
+def _translate(error: InferenceServerException, model: str) -> Exception:
+    status = error.status() or ""
+    message = error.message() or str(error)
+    if "UNAVAILABLE" in status and "not ready" not in message and "unknown model" not in message:
+        return Unavailable(f"Triton is unreachable: {message}")
+    if "DEADLINE_EXCEEDED" in status:
+        return DeadlineExceeded(f"Triton did not answer for model {model!r} in time")
+    if "unknown model" in message or "NOT_FOUND" in status:
+        return NotFound(f"model {model!r} is not served by Triton (ListModels shows what is)")
+    if "not ready" in message or "UNAVAILABLE" in status:
+        return FailedPrecondition(f"model {model!r} is not ready on Triton: {message}")
+    return BackendError(f"model {model!r} failed: {message}")
+
+
+class TritonBackend:
+    def __init__(self, url: str, default_timeout_s: float) -> None:
+        self._client = triton_aio.InferenceServerClient(url)
+        self._default_timeout_s = default_timeout_s
+        self._descriptions: dict[tuple[str, str], tuple[float, ModelDescription]] = {}
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def is_ready(self) -> bool:
+        try:
+            return bool(await self._client.is_server_ready(client_timeout=2.0))
+        except InferenceServerException:
+            return False
+
+    async def repository(self) -> list[RepositoryEntry]:
+        try:
+            index = await self._client.get_model_repository_index(as_json=True, client_timeout=10.0)
+        except InferenceServerException as error:
+            raise _translate(error, "*") from None
+        return [
+            RepositoryEntry(m["name"], m.get("version", ""), m.get("state", "UNKNOWN"))
+            for m in index.get("models", [])
+        ]
+
+    async def describe(self, name: str, version: str = "") -> ModelDescription:
+        """The model's metadata and config, resolved to one version."""
+        cached = self._descriptions.get((name, version))
+        if cached and time.monotonic() - cached[0] < DESCRIPTION_TTL_S:
+            return cached[1]
+        try:
+            metadata = await self._client.get_model_metadata(
+                name, version, as_json=True, client_timeout=10.0
+            )
+            config = (
+                await self._client.get_model_config(
+                    name, version, as_json=True, client_timeout=10.0
+                )
+            )["config"]
+        except InferenceServerException as error:
+            raise _translate(error, name) from None
+        description = _description(metadata, config, version)
+        self._descriptions[(name, version)] = (time.monotonic(), description)
+        return description
+
+    async def edit(
+        self,
+        editor: ModelDescription,
+        image: np.ndarray,
+        strengths: np.ndarray,
+        parameters: str,
+        seed: int,
+        timeout_s: float | None,
+    ) -> np.ndarray:
+        """One editor call: the whole path [N, H, W, 3] uint8."""
+        inputs = [
+            _input(IMAGE_INPUT, np.ascontiguousarray(image, dtype=np.uint8)),
+            _input(STRENGTHS_INPUT, np.asarray(strengths, dtype=np.float32)),
+            _input(PARAMETERS_INPUT, np.array([parameters.encode()], dtype=np.object_)),
+            _input(SEED_INPUT, np.array([seed % 2**63], dtype=np.int64)),
+        ]
+        result = await self._infer(editor, inputs, PATH_OUTPUT, timeout_s, kind="edit")
+        expected = (len(strengths), *image.shape)
+        if result.shape != expected or result.dtype != np.uint8:
+            raise BackendError(
+                f"editor {editor.name!r} returned {result.dtype}{list(result.shape)}; "
+                f"the editor contract needs uint8{list(expected)}"
+            )
+        return result
+
+    async def classify(
+        self, model: ModelDescription, batch: np.ndarray, output: str, timeout_s: float | None
+    ) -> np.ndarray:
+        """Run a batch through the classifier in chunks of its max_batch_size."""
+        if model.max_batch_size == 0:
+            raise FailedPrecondition(
+                f"model {model.name!r} has max_batch_size 0; propscope needs a batching classifier"
+            )
+        chunks = []
+        for start in range(0, len(batch), model.max_batch_size):
+            chunk = batch[start : start + model.max_batch_size]
+            inputs = [_input(model.inputs[0].name, chunk)]
+            chunks.append(await self._infer(model, inputs, output, timeout_s, kind="classify"))
+        return np.concatenate(chunks)
+
+    async def inference_count(self, name: str) -> int:
+        stats = await self._client.get_inference_statistics(name, as_json=True, client_timeout=5.0)
+        return sum(int(s.get("inference_count", 0)) for s in stats.get("model_stats", []))
+
+    async def _infer(
+        self,
+        model: ModelDescription,
+        inputs: list[InferInput],
+        output: str,
+        timeout_s: float | None,
+        kind: str,
+    ) -> np.ndarray:
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            result = await self._client.infer(
+                model.name,
+                inputs,
+                model_version=model.version,
+                outputs=[InferRequestedOutput(output)],
+                client_timeout=timeout_s if timeout_s is not None else self._default_timeout_s,
+            )
+        except InferenceServerException as error:
+            outcome = "error"
+            raise _translate(error, model.name) from None
+        finally:
+            metrics.TRITON_SECONDS.labels(model=model.name, kind=kind, outcome=outcome).observe(
+                time.perf_counter() - started
+            )
+        return result.as_numpy(output)
+
+
+def _input(name: str, array: np.ndarray) -> InferInput:
+    datatype = {
+        np.dtype(np.uint8): "UINT8",
+        np.dtype(np.float32): "FP32",
+        np.dtype(np.float16): "FP16",
+        np.dtype(np.int64): "INT64",
+        np.dtype(np.object_): "BYTES",
+    }[array.dtype]
+    tensor = InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def _description(metadata: dict, config: dict, requested_version: str) -> ModelDescription:
+    versions = tuple(
+        sorted(metadata.get("versions", []), key=lambda v: int(v) if v.isdigit() else 0)
+    )
+    version = requested_version or (versions[-1] if versions else "")
+    parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    schema_text = parameters.get(SCHEMA_PARAMETER)
+
+    def tensors(items: list[dict]) -> tuple[Tensor, ...]:
+        return tuple(
+            Tensor(t["name"], t["datatype"], [int(d) for d in t.get("shape", [])]) for t in items
+        )
+
+    max_batch_size = int(config.get("max_batch_size", 0))
+    inputs, outputs = tensors(metadata.get("inputs", [])), tensors(metadata.get("outputs", []))
+    if max_batch_size > 0:  # metadata shapes include the batch dimension as -1
+        inputs = tuple(Tensor(t.name, t.datatype, t.shape[1:]) for t in inputs)
+        outputs = tuple(Tensor(t.name, t.datatype, t.shape[1:]) for t in outputs)
+    return ModelDescription(
+        name=metadata["name"],
+        version=version,
+        versions=versions,
+        role=parameters.get(ROLE_PARAMETER, ""),
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=max_batch_size,
+        description=parameters.get("description", ""),
+        parameters=parameters,
+        editor_schema=EditorSchema.from_json(schema_text) if schema_text else None,
+    )

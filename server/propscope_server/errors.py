@@ -1,0 +1,38 @@
+"""Domain errors. The API layer maps each to one gRPC status code; nothing
+below the API layer knows about gRPC."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class PropscopeError(Exception):
+    """Base class: carries the status code the caller sees."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(PropscopeError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(PropscopeError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(PropscopeError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(PropscopeError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(PropscopeError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class BackendError(PropscopeError):
+    """A backend model failed while serving a request."""
+
+    code = grpc.StatusCode.INTERNAL

@@ -1,0 +1,1 @@
+"""The protocol-agnostic core: plans an explanation and runs it on the backends."""

@@ -1,0 +1,321 @@
+"""Runs one explanation: for each property, get its paths (cache or editor),
+classify them in one batched call, score them, and report as each finishes.
+
+Everything that can be refused is checked in `plan()` before any work, so a
+bad request fails with one clear error and never half-streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from propscope_server import metrics
+from propscope_server.backends.preprocessing import (
+    InputLayout,
+    input_layout,
+    to_model_input,
+    to_probabilities,
+)
+from propscope_server.backends.triton import ModelDescription, TritonBackend
+from propscope_server.cache import PathCache, path_key
+from propscope_server.config import PreprocessingConfig, Settings
+from propscope_server.domain import (
+    Accepted,
+    Done,
+    Event,
+    ExplainSpec,
+    Progress,
+    PropertyOutcome,
+    PropertySpec,
+    SampleOutcome,
+    StageTimes,
+)
+from propscope_server.editor_contract import InvalidParameters, canonical_parameters
+from propscope_server.errors import InvalidArgument, PropscopeError
+from propscope_server.scoring.property_gradient import score_property
+
+# Spreads sample indices over the seed space so sample seeds never collide.
+SAMPLE_SEED_STRIDE = 0x9E3779B97F4A7C15
+
+
+@dataclass(frozen=True)
+class PlannedEditor:
+    description: ModelDescription
+    parameters: str  # canonical JSON, resolved against the editor's schema
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: ExplainSpec
+    classifier: ModelDescription
+    layout: InputLayout
+    output: str
+    preprocessing: PreprocessingConfig
+    editors: dict[str, PlannedEditor]  # by property name
+    image_digest: str
+    strengths: np.ndarray
+    deadline: float | None  # time.monotonic() value
+
+    def timeout_s(self) -> float | None:
+        if self.deadline is None:
+            return None
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        return remaining
+
+
+def sample_seed(seed: int, sample: int) -> int:
+    return (seed + sample * SAMPLE_SEED_STRIDE) % 2**63
+
+
+def image_digest(image: np.ndarray) -> str:
+    hasher = hashlib.sha256(str(image.shape).encode())
+    hasher.update(np.ascontiguousarray(image).tobytes())
+    return hasher.hexdigest()
+
+
+class Explainer:
+    """Property-gradient explanations over a Triton backend and a path cache."""
+
+    def __init__(self, backend: TritonBackend, cache: PathCache, settings: Settings) -> None:
+        self._backend = backend
+        self._cache = cache
+        self._settings = settings
+
+    async def plan(self, spec: ExplainSpec, deadline: float | None = None) -> Plan:
+        classifier = await self._backend.describe(spec.classifier.name, spec.classifier.version)
+        if classifier.role == "editor":
+            raise InvalidArgument(f"model {classifier.name!r} is an editor, not a classifier")
+        if len(classifier.inputs) != 1:
+            raise InvalidArgument(
+                f"model {classifier.name!r} takes {len(classifier.inputs)} inputs; "
+                "propscope explains single-image classifiers"
+            )
+        tensor = classifier.inputs[0]
+        layout = input_layout(tensor.name, tensor.datatype, tensor.shape, classifier.name)
+        output = spec.classifier.output or classifier.outputs[0].name
+        outputs = {t.name: t for t in classifier.outputs}
+        if output not in outputs:
+            raise InvalidArgument(
+                f"model {classifier.name!r} has no output {output!r}; it has {', '.join(outputs)}"
+            )
+        classes = int(np.prod(outputs[output].shape)) if outputs[output].shape else 0
+        target = spec.classifier.target_class
+        if target is not None and classes > 0 and target >= classes:
+            raise InvalidArgument(
+                f"target_class {target} is out of range: model {classifier.name!r} has {classes} classes"
+            )
+        editors = {}
+        for prop in spec.properties:
+            if prop.editor is not None:
+                editors[prop.name] = await self._plan_editor(prop)
+        preprocessing = (
+            spec.classifier.preprocessing
+            or self._settings.preprocessing.get(classifier.name)
+            or PreprocessingConfig()
+        )
+        return Plan(
+            spec=spec,
+            classifier=classifier,
+            layout=layout,
+            output=output,
+            preprocessing=preprocessing,
+            editors=editors,
+            image_digest=image_digest(spec.image),
+            strengths=(np.arange(1, spec.steps + 1, dtype=np.float32) / spec.steps),
+            deadline=deadline,
+        )
+
+    async def _plan_editor(self, prop: PropertySpec) -> PlannedEditor:
+        assert prop.editor is not None
+        editor = await self._backend.describe(prop.editor.model, prop.editor.version)
+        if editor.role != "editor" or editor.editor_schema is None:
+            raise InvalidArgument(
+                f"property {prop.name!r}: model {editor.name!r} is not an editor "
+                "(ListModels shows the editors)"
+            )
+        try:
+            resolved = editor.editor_schema.resolve(prop.editor.parameters)
+        except InvalidParameters as error:
+            raise InvalidArgument(
+                f"property {prop.name!r}, editor {editor.name!r}: {error}"
+            ) from None
+        return PlannedEditor(editor, canonical_parameters(resolved))
+
+    async def run(self, plan: Plan) -> AsyncIterator[Event]:
+        """Accepted, then Progress and one PropertyOutcome per property as each
+        finishes, then Done. Closing the iterator cancels outstanding work."""
+        spec = plan.spec
+        started = time.perf_counter()
+        edited = sum(1 for p in spec.properties if p.editor is not None) * spec.samples * spec.steps
+        classified = sum(
+            spec.samples * (spec.steps + 1)
+            if p.editor is not None
+            else len(p.provided_path or ()) + 1
+            for p in spec.properties
+        )
+        metrics.EDITS_PER_REQUEST.observe(edited)
+        yield Accepted(
+            property_names=tuple(p.name for p in spec.properties),
+            samples=spec.samples,
+            steps=spec.steps,
+            permutations=spec.permutations,
+            alpha=spec.alpha,
+            model_version=plan.classifier.version,
+            planned_edits=edited,
+            planned_classifications=classified,
+        )
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        times = StageTimes()
+        limit = asyncio.Semaphore(self._settings.property_concurrency)
+
+        async def explain_one(index: int, prop: PropertySpec) -> None:
+            async with limit:
+                outcome = await self._explain_property(plan, index, prop, queue.put_nowait, times)
+            queue.put_nowait(outcome)
+
+        tasks = [asyncio.create_task(explain_one(i, p)) for i, p in enumerate(spec.properties)]
+        failed = 0
+        try:
+            remaining = len(tasks)
+            while remaining:
+                event = await queue.get()
+                if isinstance(event, PropertyOutcome):
+                    remaining -= 1
+                    failed += event.error is not None
+                yield event
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        yield Done(total_s=time.perf_counter() - started, stages=times, properties_failed=failed)
+
+    async def _explain_property(
+        self,
+        plan: Plan,
+        index: int,
+        prop: PropertySpec,
+        emit: Callable[[Event], None],
+        times: StageTimes,
+    ) -> PropertyOutcome:
+        try:
+            paths, hits = await self._paths(plan, prop, emit, times)
+            stacked = np.stack(paths)  # [S, N + 1, H, W, 3]
+            with _timed(times, "classify_s"):
+                probabilities = await self._classify(plan, stacked.reshape(-1, *stacked.shape[2:]))
+            emit(Progress("classify", prop.name, len(paths), len(paths)))
+            probabilities = probabilities.reshape(len(paths), stacked.shape[1], -1)
+            predicted = probabilities.argmax(axis=-1)
+            target = plan.spec.classifier.target_class
+            if target is None:
+                target = int(predicted[0, 0])
+            if target >= probabilities.shape[-1]:
+                raise InvalidArgument(
+                    f"target_class {target} is out of range: the model has "
+                    f"{probabilities.shape[-1]} classes"
+                )
+            curves = probabilities[..., target]
+            seed = zlib.crc32(prop.name.encode(), plan.spec.seed % 2**32)
+            with _timed(times, "score_s"):
+                score = await asyncio.to_thread(
+                    score_property, curves, predicted, plan.spec.permutations, plan.spec.alpha, seed
+                )
+        except (TimeoutError, PropscopeError) as error:
+            return PropertyOutcome(property_name=prop.name, error=error)
+        samples = tuple(
+            SampleOutcome(
+                seed=sample_seed(plan.spec.seed, s),
+                score=score.sample_scores[s],
+                p_value=score.sample_p_values[s],
+                prediction_curve=curves[s].astype(np.float32),
+                predicted_classes=predicted[s],
+                cache_hit=hits[s],
+                path=stacked[s] if plan.spec.return_path_images else None,
+            )
+            for s in range(len(paths))
+        )
+        return PropertyOutcome(
+            property_name=prop.name,
+            score=score,
+            target_class=target,
+            samples=samples,
+            cache_hits=sum(hits),
+            cache_misses=len(hits) - sum(hits),
+        )
+
+    async def _paths(
+        self, plan: Plan, prop: PropertySpec, emit: Callable[[Event], None], times: StageTimes
+    ) -> tuple[list[np.ndarray], list[bool]]:
+        """[x_0, x_1..x_N] per sample, and whether each came from the cache."""
+        original = plan.spec.image[None]
+        if prop.provided_path is not None:
+            frames = [np.asarray(f) for f in prop.provided_path]
+            if any(f.shape != plan.spec.image.shape for f in frames):
+                raise InvalidArgument(
+                    f"property {prop.name!r}: provided path images must have the image's size "
+                    f"{list(plan.spec.image.shape)}"
+                )
+            return [np.concatenate([original, np.stack(frames)])], [False]
+        editor = plan.editors[prop.name]
+        completed = 0
+
+        async def one_sample(sample: int) -> tuple[np.ndarray, bool]:
+            nonlocal completed
+            seed = sample_seed(plan.spec.seed, sample)
+            key = path_key(
+                plan.image_digest,
+                editor.description.name,
+                editor.description.version,
+                editor.parameters,
+                plan.strengths,
+                seed,
+            )
+            with _timed(times, "cache_s"):
+                path = await self._cache.get(key)
+            hit = path is not None and path.shape == (plan.spec.steps, *plan.spec.image.shape)
+            metrics.CACHE_LOOKUPS.labels(result="hit" if hit else "miss").inc()
+            if not hit:
+                with _timed(times, "edit_s"):
+                    path = await self._backend.edit(
+                        editor.description,
+                        plan.spec.image,
+                        plan.strengths,
+                        editor.parameters,
+                        seed,
+                        plan.timeout_s(),
+                    )
+                with _timed(times, "cache_s"):
+                    await self._cache.put(key, path)
+            completed += 1
+            emit(Progress("edit", prop.name, completed, plan.spec.samples))
+            return np.concatenate([original, path]), hit
+
+        results = await asyncio.gather(*(one_sample(s) for s in range(plan.spec.samples)))
+        return [path for path, _ in results], [hit for _, hit in results]
+
+    async def _classify(self, plan: Plan, images: np.ndarray) -> np.ndarray:
+        batch = to_model_input(images, plan.layout, plan.preprocessing)
+        outputs = await self._backend.classify(
+            plan.classifier, batch, plan.output, plan.timeout_s()
+        )
+        return to_probabilities(outputs, plan.preprocessing.output_kind)
+
+
+@contextmanager
+def _timed(times: StageTimes, stage: str):  # noqa: ANN202 - a context manager
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - started
+        setattr(times, stage, getattr(times, stage) + elapsed)
+        metrics.STAGE_SECONDS.labels(stage=stage.removesuffix("_s")).observe(elapsed)

@@ -1,0 +1,1 @@
+"""Pure scoring math: numpy arrays in, numbers out, no I/O."""

@@ -1,0 +1,77 @@
+"""The real stack for integration tests: tritonserver, redis-server and the
+gateway process, started once per session on free loopback ports with the same
+launcher as `make up`."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+from PIL import Image
+
+import propscope
+from propscope_server import stack
+from propscope_server.synthetic.world import Scene, render
+
+
+# Small enough that the limit tests need no huge payloads.
+SMALL_LIMITS = {
+    "PROPSCOPE_LIMITS__MAX_IMAGE_BYTES": str(300_000),
+    "PROPSCOPE_LIMITS__MAX_IMAGE_PIXELS": str(512 * 512),
+}
+
+
+@pytest.fixture(scope="session")
+def live_stack(tmp_path_factory: pytest.TempPathFactory):
+    run_dir = tmp_path_factory.mktemp("stack")
+    info = stack.up(
+        run_dir, gateway_port=stack.free_port(), use_redis=True, gateway_env=SMALL_LIMITS
+    )
+    assert info.redis_url, "integration tests need redis-server (make setup installs it)"
+    try:
+        yield info
+    finally:
+        stack.down(run_dir)
+
+
+@pytest.fixture(scope="session")
+def client(live_stack) -> propscope.Client:
+    with propscope.Client(live_stack.gateway, timeout=300) as sdk:
+        yield sdk
+
+
+@pytest.fixture(scope="session")
+def triton(live_stack):
+    triton_client = triton_grpc.InferenceServerClient(live_stack.triton_grpc)
+    yield triton_client
+    triton_client.close()
+
+
+@pytest.fixture(scope="session")
+def channel(live_stack):
+    with grpc.insecure_channel(live_stack.gateway) as grpc_channel:
+        yield grpc_channel
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def scene_png(**overrides: object) -> bytes:
+    values = dict(shape=0, hue_deg=5.0, radius_px=13.0, background=0.5, patch=False, center=(32.0, 32.0))
+    values.update(overrides)
+    return png(render(Scene(**values)))
+
+
+def inference_count(triton_client: triton_grpc.InferenceServerClient, model: str) -> int:
+    stats = triton_client.get_inference_statistics(model, as_json=True)
+    return sum(int(s.get("inference_count", 0)) for s in stats.get("model_stats", []))
+
+
+SAMPLE = Path(__file__).resolve().parents[2] / "docs" / "sample.png"

@@ -1,0 +1,327 @@
+"""propscope SDK and CLI against an in-process fake ExplainService (no Triton, no gateway)."""
+
+import json
+import threading
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+from google.rpc import status_pb2
+from propscope import Accepted, Client, Done, Progress, PropertyResult, PropscopeError
+from propscope.cli import app
+from propscope.v1 import explain_pb2, explain_pb2_grpc
+from typer.testing import CliRunner
+
+
+class FakeService(explain_pb2_grpc.ExplainServiceServicer):
+    """Streams a fixed plan; the model "fail-midway" fails after Accepted, "endless" streams
+    Progress until the client cancels."""
+
+    def __init__(self):
+        self.requests: list[explain_pb2.ExplainRequest] = []
+        self.metadata: list[dict[str, str]] = []
+        self.deadlines: list[float | None] = []
+        self.cancelled = threading.Event()
+
+    def Explain(self, request, context):
+        self.requests.append(request)
+        self.metadata.append(dict(context.invocation_metadata()))
+        self.deadlines.append(context.time_remaining())
+        rid = request.request_id or "server-made"
+        names = [p.name for p in request.properties]
+        yield explain_pb2.ExplainEvent(
+            request_id=rid,
+            accepted=explain_pb2.Accepted(property_names=names, samples=1, steps=4),
+        )
+        if request.model.name == "fail-midway":
+            context.abort(grpc.StatusCode.UNAVAILABLE, "triton went away")
+        if request.model.name == "endless":
+            context.add_callback(self.cancelled.set)  # this stream only ends by cancellation
+            while context.is_active():
+                yield explain_pb2.ExplainEvent(
+                    request_id=rid, progress=explain_pb2.Progress(stage="edit", total=1)
+                )
+            return
+        yield explain_pb2.ExplainEvent()  # an event kind this SDK does not know: skipped
+        for i, name in enumerate(names):
+            yield explain_pb2.ExplainEvent(
+                request_id=rid,
+                progress=explain_pb2.Progress(
+                    stage="edit", property_name=name, completed=4, total=4
+                ),
+            )
+            failed = name.startswith("bad")
+            yield explain_pb2.ExplainEvent(
+                request_id=rid,
+                property_result=explain_pb2.PropertyResult(
+                    property_name=name,
+                    status=status_pb2.Status(code=3, message="unknown editor") if failed else None,
+                    score=0.0 if failed else 0.1 * (i + 1),
+                    score_per_unit_strength=0.0 if failed else 0.4 * (i + 1),
+                    p_value=0.0 if failed else 0.001,
+                    significant=not failed,
+                    target_class=request.model.target_class,
+                    samples=[]
+                    if failed
+                    else [
+                        explain_pb2.SampleResult(
+                            seed=request.seed, prediction_curve=[0.9, 0.7, 0.5, 0.3, 0.1]
+                        )
+                    ],
+                    cache_misses=0 if failed else 1,
+                ),
+            )
+        yield explain_pb2.ExplainEvent(
+            request_id=rid,
+            done=explain_pb2.Done(
+                total_ms=12.0,
+                edit_ms=5.0,
+                classify_ms=4.0,
+                score_ms=1.0,
+                properties_failed=sum(n.startswith("bad") for n in names),
+            ),
+        )
+
+    def ListModels(self, request, context):
+        if dict(context.invocation_metadata()).get("x-fail") == "1":
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
+        return explain_pb2.ListModelsResponse(
+            models=[
+                explain_pb2.ModelInfo(
+                    name="resnet",
+                    versions=["1"],
+                    role=explain_pb2.ModelInfo.ROLE_CLASSIFIER,
+                    state="READY",
+                    inputs=[
+                        explain_pb2.TensorInfo(name="INPUT", datatype="FP32", shape=[3, 224, 224])
+                    ],
+                ),
+                explain_pb2.ModelInfo(
+                    name="procedural",
+                    role=explain_pb2.ModelInfo.ROLE_EDITOR,
+                    state="READY",
+                    editor_parameters=[
+                        explain_pb2.EditorParameter(
+                            name="operation", default_value="hue", choices=["hue", "blur"]
+                        )
+                    ],
+                ),
+            ]
+        )
+
+
+@pytest.fixture
+def service():
+    fake = FakeService()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    explain_pb2_grpc.add_ExplainServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    fake.target = f"127.0.0.1:{port}"
+    yield fake
+    server.stop(grace=None)
+
+
+def _image() -> np.ndarray:
+    return np.full((8, 8, 3), 200, dtype=np.uint8)
+
+
+def test_explain_streams_typed_events(service):
+    with Client(service.target, metadata=[("authorization", "t")], timeout=30) as client:
+        events = list(
+            client.explain(
+                _image(),
+                "resnet",
+                ["hue=procedural:operation=hue", "bad=nope"],
+                seed=5,
+                target_class=2,
+                request_id="mine",
+                metadata=[("x-trace", "abc")],
+            )
+        )
+    kinds = [type(e) for e in events]
+    assert kinds == [Accepted, Progress, PropertyResult, Progress, PropertyResult, Done]
+    assert {e.request_id for e in events} == {"mine"}
+    hue, bad = events[2], events[4]
+    assert hue.ok and hue.target_class == 2 and hue.samples[0].seed == 5
+    assert not bad.ok and bad.error == "unknown editor"
+    assert events[-1].properties_failed == 1
+
+    request = service.requests[0]
+    assert request.model.target_class == 2
+    assert request.image.startswith(b"\x89PNG")
+    assert service.metadata[0]["authorization"] == "t"
+    assert service.metadata[0]["x-trace"] == "abc"
+    assert 0 < service.deadlines[0] <= 30
+
+
+def test_explain_error_midway(service):
+    with Client(service.target) as client:
+        stream = client.explain(_image(), "fail-midway", ["a=ed"])
+        assert isinstance(next(stream), Accepted)
+        with pytest.raises(PropscopeError) as info:
+            next(stream)
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert info.value.message == "triton went away"
+
+
+def test_explain_bad_arguments_raise_before_the_call(service):
+    with Client(service.target) as client:
+        with pytest.raises(ValueError, match="invalid property"):
+            client.explain(_image(), "resnet", ["nonsense"])
+    assert service.requests == []
+
+
+def test_closing_the_stream_cancels_the_call(service):
+    with Client(service.target) as client:
+        stream = client.explain(_image(), "endless", ["a=ed"])
+        next(stream)
+        next(stream)
+        stream.close()
+        assert service.cancelled.wait(timeout=10)
+
+
+def test_unreachable_server_raises_propscope_error():
+    with Client("127.0.0.1:1", timeout=5) as client:
+        with pytest.raises(PropscopeError) as info:
+            client.list_models()
+    assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_list_models(service):
+    with Client(service.target) as client:
+        models = client.list_models()
+        assert [m.name for m in models] == ["resnet", "procedural"]
+        assert models[1].editor_parameters[0].choices == ("hue", "blur")
+        with pytest.raises(PropscopeError) as info:
+            client.list_models(metadata=[("x-fail", "1")])
+        assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_closed_client_refuses_calls(service):
+    client = Client(service.target)
+    client.close()
+    client.close()
+    with pytest.raises(ValueError, match="closed"):
+        client.list_models()
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "img.png"
+    Image.fromarray(_image()).save(path)
+    return path
+
+
+def test_cli_explain_json(service, image_file):
+    result = runner.invoke(
+        app,
+        [
+            "explain",
+            str(image_file),
+            "--model",
+            "resnet",
+            "--model",
+            "vit",
+            "--property",
+            "hue=procedural:operation=hue",
+            "--property",
+            "bad=x",
+            "--seed",
+            "3",
+            "--json",
+            "--target",
+            service.target,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["model"] for line in lines] == ["resnet"] * 6 + ["vit"] * 6
+    assert [line["event"] for line in lines[:6]] == [
+        "Accepted",
+        "Progress",
+        "PropertyResult",
+        "Progress",
+        "PropertyResult",
+        "Done",
+    ]
+    assert lines[2]["ok"] is True and lines[4]["ok"] is False
+    assert lines[4]["status_code"] == "INVALID_ARGUMENT"
+    # Same seed for every model, predicted class by default.
+    assert [r.seed for r in service.requests] == [3, 3]
+    assert all(r.model.predicted_class for r in service.requests)
+
+
+def test_cli_explain_table(service, image_file, monkeypatch):
+    monkeypatch.setenv("PROPSCOPE_TARGET", service.target)
+    monkeypatch.setenv("COLUMNS", "250")
+    result = runner.invoke(
+        app,
+        [
+            "explain",
+            str(image_file),
+            "-m",
+            "resnet",
+            "-p",
+            "hue=procedural",
+            "-p",
+            "bad=x",
+            "--target-class",
+            "4",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "hue" in out and "ok" in out and "failed: INVALID_ARGUMENT: unknown editor" in out
+    assert "resnet: total 12 ms, edit 5 ms, classify 4 ms, score 1 ms" in out
+    assert service.requests[0].model.target_class == 4
+
+
+def test_cli_explain_error_midway_exits_2(service, image_file):
+    result = runner.invoke(
+        app,
+        [
+            "explain",
+            str(image_file),
+            "-m",
+            "fail-midway",
+            "-p",
+            "a=ed",
+            "--json",
+            "--target",
+            service.target,
+        ],
+    )
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"propscope: error: {service.target}: UNAVAILABLE: triton went away"
+    )
+
+
+def test_cli_models(service):
+    result = runner.invoke(app, ["models", "--target", service.target, "--json"])
+    assert result.exit_code == 0, result.output
+    models = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(m["name"], m["role"]) for m in models] == [
+        ("resnet", "classifier"),
+        ("procedural", "editor"),
+    ]
+    result = runner.invoke(app, ["models", "--target", service.target], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "procedural" in result.stdout and "operation=hue (hue|blur)" in result.stdout
+
+
+def test_cli_unreachable_server_exits_2():
+    result = runner.invoke(app, ["models", "--target", "127.0.0.1:1", "--timeout", "5"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("propscope: error: 127.0.0.1:1: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
