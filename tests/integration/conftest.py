@@ -17,7 +17,6 @@ import propscope
 from propscope_server import stack
 from propscope_server.synthetic.world import Scene, render
 
-
 # Small enough that the limit tests need no huge payloads.
 SMALL_LIMITS = {
     "PROPSCOPE_LIMITS__MAX_IMAGE_BYTES": str(300_000),
@@ -64,7 +63,9 @@ def png(image: np.ndarray) -> bytes:
 
 
 def scene_png(**overrides: object) -> bytes:
-    values = dict(shape=0, hue_deg=5.0, radius_px=13.0, background=0.5, patch=False, center=(32.0, 32.0))
+    values = dict(
+        shape=0, hue_deg=5.0, radius_px=13.0, background=0.5, patch=False, center=(32.0, 32.0)
+    )
     values.update(overrides)
     return png(render(Scene(**values)))
 

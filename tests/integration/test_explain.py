@@ -27,7 +27,14 @@ def explain(client: propscope.Client, image: bytes, model: str, properties: list
 
 
 def test_stream_order_and_plan(client):
-    events = explain(client, SAMPLE.read_bytes(), "synth_unbiased", [HUE, BACKGROUND], steps=8, request_id="order-1")
+    events = explain(
+        client,
+        SAMPLE.read_bytes(),
+        "synth_unbiased",
+        [HUE, BACKGROUND],
+        steps=8,
+        request_id="order-1",
+    )
     assert isinstance(events[0], Accepted)
     assert isinstance(events[-1], Done)
     assert all(e.request_id == "order-1" for e in events)
@@ -48,7 +55,9 @@ def test_stream_order_and_plan(client):
 @pytest.mark.parametrize("hue_deg", [5.0, 350.0, 185.0])
 def test_hue_bias_is_found_in_the_hue_model_only(client, hue_deg):
     image = scene_png(hue_deg=hue_deg, shape=0 if hue_deg != 185.0 else 1)
-    scores = {m: results(explain(client, image, m, [HUE], steps=10))["object_hue"] for m in CLASSIFIERS}
+    scores = {
+        m: results(explain(client, image, m, [HUE], steps=10))["object_hue"] for m in CLASSIFIERS
+    }
     hue_model = scores["synth_hue"]
     assert hue_model.significant
     assert hue_model.prediction_flipped
@@ -81,7 +90,9 @@ def test_background_brightness_stays_small_for_every_model(client):
 def test_second_classifier_reuses_the_cached_path(client, triton):
     image = scene_png(hue_deg=77.0, radius_px=12.0)
     editor_calls = inference_count(triton, "procedural")
-    first = results(explain(client, image, "synth_unbiased", [HUE], steps=6, samples=2))["object_hue"]
+    first = results(explain(client, image, "synth_unbiased", [HUE], steps=6, samples=2))[
+        "object_hue"
+    ]
     assert (first.cache_hits, first.cache_misses) == (0, 2)
     assert inference_count(triton, "procedural") == editor_calls + 2
     second = results(explain(client, image, "synth_hue", [HUE], steps=6, samples=2))["object_hue"]
@@ -96,7 +107,9 @@ def test_uint8_hwc_and_fp32_nchw_deployments_score_alike(client):
     fp32 = results(explain(client, image, "synth_hue_fp32", [HUE, BACKGROUND], steps=10))
     for name in uint8:
         np.testing.assert_allclose(
-            uint8[name].samples[0].prediction_curve, fp32[name].samples[0].prediction_curve, atol=1e-4
+            uint8[name].samples[0].prediction_curve,
+            fp32[name].samples[0].prediction_curve,
+            atol=1e-4,
         )
         assert uint8[name].score == pytest.approx(fp32[name].score, abs=1e-4)
         assert uint8[name].significant == fp32[name].significant
@@ -118,7 +131,9 @@ def test_same_seed_gives_identical_results(client):
 def test_samples_report_a_confidence_interval(client):
     image = scene_png(hue_deg=10.0)
     random_patch = "patch=procedural:operation=blend,position=random"
-    result = results(explain(client, image, "synth_patch", [random_patch], steps=8, samples=4))["patch"]
+    result = results(explain(client, image, "synth_patch", [random_patch], steps=8, samples=4))[
+        "patch"
+    ]
     scores = [s.score for s in result.samples]
     assert len(set(s.seed for s in result.samples)) == 4
     assert result.score == pytest.approx(np.mean(scores))
@@ -127,7 +142,9 @@ def test_samples_report_a_confidence_interval(client):
 
 def test_path_images_come_back_when_asked(client):
     image = SAMPLE.read_bytes()
-    result = results(explain(client, image, "synth_hue", [HUE], steps=5, return_path_images=True))["object_hue"]
+    result = results(explain(client, image, "synth_hue", [HUE], steps=5, return_path_images=True))[
+        "object_hue"
+    ]
     frames = [np.asarray(Image.open(io.BytesIO(data))) for data in result.samples[0].path_images]
     assert len(frames) == 6
     np.testing.assert_array_equal(frames[0], np.asarray(Image.open(SAMPLE).convert("RGB")))

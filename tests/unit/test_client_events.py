@@ -10,6 +10,7 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from PIL import Image
+
 from propscope import (
     Accepted,
     Done,

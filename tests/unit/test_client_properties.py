@@ -1,11 +1,12 @@
 """propscope SDK: properties, their text syntax, request building and the CLI's argument errors."""
 
 import pytest
+from typer.testing import CliRunner
+
 from propscope import Property, parse_property
 from propscope._requests import build_explain_request, call_options, normalize_properties
 from propscope.cli import app
 from propscope.v1 import explain_pb2
-from typer.testing import CliRunner
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

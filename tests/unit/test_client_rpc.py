@@ -8,10 +8,11 @@ import grpc
 import numpy as np
 import pytest
 from google.rpc import status_pb2
+from typer.testing import CliRunner
+
 from propscope import Accepted, Client, Done, Progress, PropertyResult, PropscopeError
 from propscope.cli import app
 from propscope.v1 import explain_pb2, explain_pb2_grpc
-from typer.testing import CliRunner
 
 
 class FakeService(explain_pb2_grpc.ExplainServiceServicer):

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from propscope_server.synthetic.world import Scene, render
 from propscope_server.triton_models.classifiers.cnn import (
     MEAN,

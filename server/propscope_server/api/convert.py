@@ -10,8 +10,8 @@ import warnings
 import numpy as np
 from google.rpc import code_pb2, status_pb2
 from PIL import Image
-from propscope.v1 import explain_pb2 as pb
 
+from propscope.v1 import explain_pb2 as pb
 from propscope_server import domain
 from propscope_server.backends.triton import ModelDescription, RepositoryEntry
 from propscope_server.config import Limits, PreprocessingConfig

@@ -12,8 +12,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
-from propscope.v1 import explain_pb2, explain_pb2_grpc
 
+from propscope.v1 import explain_pb2, explain_pb2_grpc
 from propscope_server.api.servicer import ExplainServicer
 from propscope_server.backends.triton import TritonBackend
 from propscope_server.cache import InMemoryPathCache, PathCache, RedisPathCache

@@ -9,9 +9,9 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+
 from propscope.v1 import explain_pb2 as pb
 from propscope.v1 import explain_pb2_grpc
-
 from propscope_server import metrics
 from propscope_server.api import convert
 from propscope_server.backends.triton import TritonBackend
