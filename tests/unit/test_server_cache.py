@@ -1,0 +1,184 @@
+"""Path cache: integrity-checked values, keys, the in-memory LRU, Redis degrading to misses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from propscope_server.cache.paths import (
+    DIGEST_BYTES,
+    KEY_PREFIX,
+    InMemoryPathCache,
+    RedisPathCache,
+    decode_path,
+    encode_path,
+    path_key,
+)
+
+PATH = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+
+
+def random_path(seed: int, size: int = 2000) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+
+
+def test_round_trip():
+    decoded = decode_path(encode_path(PATH))
+    assert decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded, PATH)
+
+
+@pytest.mark.parametrize("where", [0, DIGEST_BYTES, DIGEST_BYTES + 40, -1])
+def test_flipped_byte_is_a_miss(where):
+    value = bytearray(encode_path(PATH))
+    value[where] ^= 0x01
+    assert decode_path(bytes(value)) is None
+
+
+@pytest.mark.parametrize("keep", [0, 10, DIGEST_BYTES, DIGEST_BYTES + 10, -1])
+def test_truncated_value_is_a_miss(keep):
+    value = encode_path(PATH)
+    assert decode_path(value[:keep]) is None
+
+
+def test_digest_matching_garbage_is_a_miss():
+    import hashlib
+
+    payload = b"not an npz archive"
+    assert decode_path(hashlib.sha256(payload).digest() + payload) is None
+
+
+BASE = dict(
+    image_digest="abc",
+    editor="procedural",
+    editor_version="1",
+    parameters='{"operation":"hue"}',
+    strengths=np.array([0.5, 1.0], np.float32),
+    seed=7,
+)
+
+
+def test_key_is_stable_for_equal_inputs():
+    key = path_key(**BASE)
+    assert key.startswith(KEY_PREFIX) and len(key) == len(KEY_PREFIX) + 64
+    assert path_key(**{**BASE, "strengths": [0.5, 1.0]}) == key
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("image_digest", "abd"),
+        ("editor", "diffusion"),
+        ("editor_version", "2"),
+        ("parameters", '{"operation":"blur"}'),
+        ("strengths", np.array([0.5, 0.75], np.float32)),
+        ("strengths", np.array([0.5, 1.0, 1.0], np.float32)),
+        ("seed", 8),
+    ],
+)
+def test_key_changes_with_each_input(field, value):
+    assert path_key(**{**BASE, field: value}) != path_key(**BASE)
+
+
+def test_key_parts_do_not_run_together():
+    assert path_key(**{**BASE, "editor": "ab", "editor_version": "c"}) != path_key(
+        **{**BASE, "editor": "a", "editor_version": "bc"}
+    )
+
+
+def sizes(*paths: np.ndarray) -> list[int]:
+    return [len(encode_path(p)) for p in paths]
+
+
+async def test_memory_cache_get_put():
+    cache = InMemoryPathCache(max_bytes=1 << 20)
+    assert await cache.get("k") is None
+    await cache.put("k", PATH)
+    np.testing.assert_array_equal(await cache.get("k"), PATH)
+    assert await cache.ping()
+    await cache.close()
+    assert await cache.get("k") is None
+
+
+@pytest.fixture
+def abc() -> tuple[InMemoryPathCache, list[np.ndarray]]:
+    paths = [random_path(i) for i in range(3)]
+    lengths = sizes(*paths)
+    budget = 2 * max(lengths)
+    assert budget < 3 * min(lengths)  # two fit, three do not
+    return InMemoryPathCache(max_bytes=budget), paths
+
+
+async def test_lru_evicts_the_oldest(abc):
+    cache, (a, b, c) = abc
+    for key, path in zip("abc", (a, b, c), strict=True):
+        await cache.put(key, path)
+    assert await cache.get("a") is None
+    np.testing.assert_array_equal(await cache.get("b"), b)
+    np.testing.assert_array_equal(await cache.get("c"), c)
+
+
+async def test_get_refreshes_recency(abc):
+    cache, (a, b, c) = abc
+    await cache.put("a", a)
+    await cache.put("b", b)
+    assert await cache.get("a") is not None
+    await cache.put("c", c)
+    assert await cache.get("b") is None
+    np.testing.assert_array_equal(await cache.get("a"), a)
+    np.testing.assert_array_equal(await cache.get("c"), c)
+
+
+async def test_replacing_a_key_is_not_counted_twice(abc):
+    cache, (a, b, _) = abc
+    await cache.put("a", a)
+    await cache.put("a", a)
+    await cache.put("b", b)
+    np.testing.assert_array_equal(await cache.get("a"), a)
+    np.testing.assert_array_equal(await cache.get("b"), b)
+
+
+async def test_value_over_budget_is_not_stored():
+    small = random_path(0, 100)
+    cache = InMemoryPathCache(max_bytes=sizes(small)[0] + 50)
+    await cache.put("small", small)
+    await cache.put("big", random_path(1, 5000))
+    assert await cache.get("big") is None
+    np.testing.assert_array_equal(await cache.get("small"), small)
+
+
+UNREACHABLE = "redis://127.0.0.1:1/0"
+
+
+async def test_unreachable_redis_degrades_to_misses():
+    cache = RedisPathCache(UNREACHABLE, ttl_s=60, timeout_s=0.2)
+    try:
+        assert await cache.get("k") is None
+        await cache.put("k", PATH)  # must not raise
+        assert await cache.ping() is False
+    finally:
+        await cache.close()
+
+
+class FakeRedis:
+    def __init__(self) -> None:
+        self.store: dict[str, bytes] = {}
+        self.expiry: dict[str, int] = {}
+
+    async def get(self, key: str) -> bytes | None:
+        return self.store.get(key)
+
+    async def set(self, key: str, value: bytes, ex: int) -> None:
+        self.store[key], self.expiry[key] = value, ex
+
+
+async def test_redis_cache_checks_integrity_and_sets_ttl():
+    cache = RedisPathCache(UNREACHABLE, ttl_s=60, timeout_s=0.2)
+    fake = FakeRedis()
+    cache._redis = fake
+    await cache.put("k", PATH)
+    assert fake.expiry == {"k": 60}
+    np.testing.assert_array_equal(await cache.get("k"), PATH)
+    fake.store["k"] = fake.store["k"][:-1]
+    assert await cache.get("k") is None
+    assert await cache.get("absent") is None

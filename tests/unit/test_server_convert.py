@@ -1,0 +1,222 @@
+"""protobuf <-> domain: image decoding limits, request defaults and refusals, result events."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from google.rpc import code_pb2
+from PIL import Image
+
+from propscope.v1 import explain_pb2 as pb
+from propscope_server import domain
+from propscope_server.api.convert import decode_image, event_message, explain_spec, property_result
+from propscope_server.config import Limits
+from propscope_server.errors import InvalidArgument, NotFound
+from propscope_server.scoring.property_gradient import PropertyScore
+
+PIXELS = np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+
+
+def encode(array: np.ndarray, fmt: str, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.fromarray(array)
+    (image.convert(mode) if mode else image).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+PNG = encode(PIXELS, "PNG")
+
+
+@pytest.mark.parametrize(
+    ("data", "limits", "needle"),
+    [
+        (b"", Limits(), "image is empty"),
+        (b"definitely not an image", Limits(), "could not be decoded"),
+        (PNG[: len(PNG) // 2], Limits(), "could not be decoded"),
+        (encode(PIXELS, "GIF"), Limits(), "image is GIF; send PNG or JPEG"),
+        (encode(PIXELS, "BMP"), Limits(), "image is BMP; send PNG or JPEG"),
+        (PNG, Limits(max_image_bytes=len(PNG) - 1), f"the limit is {len(PNG) - 1} bytes"),
+        (PNG, Limits(max_image_pixels=119), "image is 10x12 pixels; the limit is 119 pixels"),
+    ],
+)
+def test_decode_image_refusals(data, limits, needle):
+    with pytest.raises(InvalidArgument) as info:
+        decode_image(data, limits)
+    assert needle in str(info.value)
+
+
+def test_limits_are_inclusive():
+    assert decode_image(PNG, Limits(max_image_bytes=len(PNG), max_image_pixels=120)).shape == (
+        12,
+        10,
+        3,
+    )
+
+
+@pytest.mark.parametrize("mode", [None, "RGBA", "L"])
+def test_png_decodes_to_rgb(mode):
+    image = decode_image(encode(PIXELS, "PNG", mode), Limits())
+    assert image.dtype == np.uint8 and image.shape == (12, 10, 3)
+    if mode is None:
+        np.testing.assert_array_equal(image, PIXELS)
+
+
+def test_jpeg_decodes_to_rgb():
+    flat = np.full((16, 16, 3), (200, 40, 90), np.uint8)
+    image = decode_image(encode(flat, "JPEG"), Limits())
+    assert image.dtype == np.uint8 and image.shape == (16, 16, 3)
+    assert np.abs(image.astype(int) - flat).max() <= 3
+
+
+def editor_property(name: str = "hue") -> pb.Property:
+    return pb.Property(
+        name=name,
+        editor=pb.EditorIntervention(model="procedural", parameters={"operation": "hue"}),
+    )
+
+
+def request(**fields) -> pb.ExplainRequest:
+    fields.setdefault("model", pb.ModelRef(name="cnn"))
+    fields.setdefault("properties", [editor_property()])
+    return pb.ExplainRequest(image=PNG, **fields)
+
+
+def test_explain_spec_defaults():
+    spec = explain_spec(request(seed=5), Limits())
+    assert (spec.steps, spec.samples, spec.permutations, spec.alpha) == (10, 1, 10_000, 0.01)
+    assert spec.seed == 5 and spec.request_id and not spec.return_path_images
+    np.testing.assert_array_equal(spec.image, PIXELS)
+    assert spec.classifier == domain.ClassifierRef(name="cnn")
+    assert spec.properties == (
+        domain.PropertySpec(
+            name="hue", editor=domain.EditorRef("procedural", "", {"operation": "hue"})
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "target"),
+    [
+        (pb.ModelRef(name="cnn"), None),
+        (pb.ModelRef(name="cnn", predicted_class=True), None),
+        (pb.ModelRef(name="cnn", target_class=0), 0),
+        (pb.ModelRef(name="cnn", target_class=7), 7),
+    ],
+)
+def test_target_class(model, target):
+    assert explain_spec(request(model=model), Limits()).classifier.target_class == target
+
+
+def test_provided_path():
+    spec = explain_spec(
+        request(properties=[pb.Property(name="p", provided_path=pb.ProvidedPath(images=[PNG]))]),
+        Limits(),
+    )
+    (frame,) = spec.properties[0].provided_path
+    np.testing.assert_array_equal(frame, PIXELS)
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        (
+            dict(
+                samples=2,
+                properties=[pb.Property(name="p", provided_path=pb.ProvidedPath(images=[PNG]))],
+            ),
+            "'p': a provided path needs samples = 1",
+        ),
+        (dict(steps=1), "steps must be in 2..256"),
+        (dict(samples=33), "samples must be in 1..32"),
+        (dict(permutations=99), "permutations must be in 100..100000"),
+        (dict(alpha=0.6), "alpha must be in (0, 0.5]"),
+        (dict(model=pb.ModelRef()), "model.name is required"),
+        (dict(properties=[]), "properties is empty"),
+        (dict(properties=[editor_property(), editor_property()]), "repeated: hue"),
+        (dict(properties=[pb.Property(name="x")]), "'x' needs an editor or a provided_path"),
+    ],
+)
+def test_explain_spec_refusals(fields, needle):
+    with pytest.raises(InvalidArgument) as info:
+        explain_spec(request(**fields), Limits())
+    assert needle in str(info.value)
+
+
+SCORE = PropertyScore(
+    score=0.1,
+    score_per_unit_strength=1.0,
+    ci_low=0.05,
+    ci_high=0.15,
+    p_value=0.002,
+    significant=True,
+    prediction_flipped=True,
+    flip_rate=0.5,
+    mean_signed_gradient=-0.1,
+    sample_scores=(0.1,),
+    sample_p_values=(0.002,),
+)
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "message"),
+    [
+        (InvalidArgument("bad parameter 'x'"), code_pb2.INVALID_ARGUMENT, "bad parameter 'x'"),
+        (NotFound("no model 'm'"), code_pb2.NOT_FOUND, "no model 'm'"),
+        (TimeoutError(), code_pb2.DEADLINE_EXCEEDED, "the deadline passed"),
+        (RuntimeError("secret detail"), code_pb2.INTERNAL, "internal error"),
+        (None, code_pb2.INTERNAL, "internal error"),  # no score and no error
+    ],
+)
+def test_failed_property_becomes_a_status(error, code, message):
+    event = event_message("r", domain.PropertyOutcome(property_name="hue", error=error))
+    assert event.request_id == "r" and event.WhichOneof("event") == "property_result"
+    result = event.property_result
+    assert (result.property_name, result.status.code, result.status.message) == (
+        "hue",
+        code,
+        message,
+    )
+    assert result.score == 0.0 and not result.samples
+
+
+def test_successful_property_carries_the_numbers():
+    path = np.stack([PIXELS, 255 - PIXELS])
+    sample = domain.SampleOutcome(
+        seed=9,
+        score=0.1,
+        p_value=0.002,
+        prediction_curve=np.array([0.75, 0.25]),
+        predicted_classes=np.array([1, 0]),
+        cache_hit=True,
+        path=path,
+    )
+    outcome = domain.PropertyOutcome(
+        "hue", SCORE, target_class=1, samples=(sample,), cache_hits=1, cache_misses=2
+    )
+    result = property_result(outcome)
+    assert result.status.code == code_pb2.OK
+    assert (result.score, result.score_per_unit_strength) == (0.1, 1.0)
+    assert (result.score_ci_low, result.score_ci_high, result.p_value) == (0.05, 0.15, 0.002)
+    assert result.significant and result.prediction_flipped
+    assert (result.flip_rate, result.mean_signed_gradient) == (0.5, -0.1)
+    assert (result.target_class, result.cache_hits, result.cache_misses) == (1, 1, 2)
+    (s,) = result.samples
+    assert (s.seed, s.score, s.p_value, s.cache_hit) == (9, 0.1, 0.002, True)
+    assert list(s.prediction_curve) == [0.75, 0.25] and list(s.predicted_classes) == [1, 0]
+    frames = [np.asarray(Image.open(io.BytesIO(png))) for png in s.path_images]
+    np.testing.assert_array_equal(np.stack(frames), path)
+    without = property_result(
+        domain.PropertyOutcome(
+            "hue", SCORE, samples=(domain.SampleOutcome(**{**sample.__dict__, "path": None}),)
+        )
+    )
+    assert not without.samples[0].path_images
+
+
+def test_done_event_in_milliseconds():
+    done = domain.Done(1.5, domain.StageTimes(0.25, 0.5, 0.125, 0.0625), properties_failed=2)
+    message = event_message("r", done).done
+    assert (message.total_ms, message.edit_ms, message.classify_ms) == (1500.0, 250.0, 500.0)
+    assert (message.score_ms, message.cache_ms, message.properties_failed) == (125.0, 62.5, 2)
