@@ -11,6 +11,11 @@ class PropscopeError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        # The request field to change, sent as a google.rpc.BadRequest detail.
+        self.field = field
+
 
 class InvalidArgument(PropscopeError):
     code = grpc.StatusCode.INVALID_ARGUMENT

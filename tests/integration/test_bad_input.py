@@ -187,3 +187,16 @@ def test_triton_down_is_unavailable_quickly(tmp_path):
     finally:
         gateway.terminate()
         gateway.wait(10)
+
+
+def test_a_refusal_names_the_field_to_change(client):
+    with pytest.raises(propscope.PropscopeError) as caught:
+        list(
+            client.explain(
+                SAMPLE.read_bytes(), "synth_hue", ["hue=procedural:operation=hue"], steps=1
+            )
+        )
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    ((field, description),) = caught.value.field_violations
+    assert field == "steps"
+    assert "steps must be in 2..256" in description

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import numpy as np
 import pytest
 
@@ -170,6 +173,23 @@ class FakeRedis:
 
     async def set(self, key: str, value: bytes, ex: int) -> None:
         self.store[key], self.expiry[key] = value, ex
+
+
+class HangingRedis:
+    async def _hang(self, *args, **kwargs) -> None:
+        await asyncio.sleep(30)
+
+    get = set = ping = _hang
+
+
+async def test_slow_redis_is_bounded_by_the_timeout():
+    cache = RedisPathCache(UNREACHABLE, ttl_s=60, timeout_s=0.05)
+    cache._redis = HangingRedis()
+    start = time.monotonic()
+    assert await cache.get("k") is None
+    await cache.put("k", PATH)
+    assert await cache.ping() is False
+    assert time.monotonic() - start < 2.0
 
 
 async def test_redis_cache_checks_integrity_and_sets_ttl():

@@ -54,6 +54,14 @@ def test_linear_curve_p_value_is_one_over_k_plus_one(seed):
     assert of_mean == 1.0 / (k + 1) > 0.0
 
 
+def test_ties_with_the_observed_score_count_as_extreme():
+    # The 6 orders of (.1, .2, .7) score 0.9/3 (sorted either way), 0.95/3 and 1.15/3, each
+    # with probability 1/3; the null centre is 1/3, so the observed 0.3 (distance 1/30) is
+    # matched or exceeded by the 0.3 and 1.15/3 orders: p = 2/3.
+    per_curve, _ = permutation_p_values(np.array([0.1, 0.2, 0.7]), 3000, np.random.default_rng(0))
+    assert per_curve[0] == pytest.approx(2 / 3, abs=0.03)
+
+
 def test_noise_curves_are_rarely_significant():
     rng = np.random.default_rng(123)
     significant = [
@@ -95,6 +103,7 @@ def test_score_property_aggregates_samples():
     curves = np.array([t, 0.5 * t, 0.2 * t**2, 1 - t])
     classes = np.zeros((4, steps + 1), int)
     classes[0, 6:] = 1  # flips
+    classes[1, 3:5] = 1  # flips and comes back
     classes[3, -1] = 2  # flips
     s = score_property(curves, classes, 1000, 0.01, seed=0)
     per_sample = gradient_magnitude(curves)
@@ -102,7 +111,7 @@ def test_score_property_aggregates_samples():
     assert s.score == pytest.approx(per_sample.mean())
     assert per_sample.min() <= s.ci_low <= s.score <= s.ci_high <= per_sample.max()
     assert s.ci_low < s.ci_high
-    assert s.flip_rate == 0.5 and s.prediction_flipped
+    assert s.flip_rate == 0.75 and s.prediction_flipped
     assert s.score_per_unit_strength == pytest.approx(s.score * steps)
     assert len(s.sample_p_values) == 4
 

@@ -8,7 +8,8 @@ import uuid
 import warnings
 
 import numpy as np
-from google.rpc import code_pb2, status_pb2
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 from PIL import Image
 
 from propscope.v1 import explain_pb2 as pb
@@ -23,25 +24,31 @@ DEFAULT_PERMUTATIONS = 10_000
 DEFAULT_ALPHA = 0.01
 
 
-def decode_image(data: bytes, limits: Limits, what: str = "image") -> np.ndarray:
+def decode_image(
+    data: bytes, limits: Limits, what: str = "image", field: str = "image"
+) -> np.ndarray:
     """PNG/JPEG bytes -> uint8 [H, W, 3], refusing oversized and bomb-like inputs."""
     if not data:
-        raise InvalidArgument(f"{what} is empty; send PNG or JPEG bytes")
+        raise InvalidArgument(f"{what} is empty; send PNG or JPEG bytes", field=field)
     if len(data) > limits.max_image_bytes:
         raise InvalidArgument(
-            f"{what} is {len(data)} bytes; the limit is {limits.max_image_bytes} bytes"
+            f"{what} is {len(data)} bytes; the limit is {limits.max_image_bytes} bytes",
+            field=field,
         )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as image:
                 if image.format not in ("PNG", "JPEG"):
-                    raise InvalidArgument(f"{what} is {image.format}; send PNG or JPEG")
+                    raise InvalidArgument(
+                        f"{what} is {image.format}; send PNG or JPEG", field=field
+                    )
                 width, height = image.size
                 if width * height > limits.max_image_pixels:
                     raise InvalidArgument(
                         f"{what} is {width}x{height} pixels; the limit is "
-                        f"{limits.max_image_pixels} pixels"
+                        f"{limits.max_image_pixels} pixels",
+                        field=field,
                     )
                 return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except PropscopeError:
@@ -52,23 +59,30 @@ def decode_image(data: bytes, limits: Limits, what: str = "image") -> np.ndarray
         Image.DecompressionBombWarning,
         Image.DecompressionBombError,
     ) as error:
-        raise InvalidArgument(f"{what} could not be decoded as PNG or JPEG: {error}") from None
+        raise InvalidArgument(
+            f"{what} could not be decoded as PNG or JPEG: {error}", field=field
+        ) from None
 
 
 def _bounded(value: int, default: int, low: int, high: int, field: str) -> int:
     value = value or default
     if not low <= value <= high:
         raise InvalidArgument(
-            f"{field} must be in {low}..{high} (0 for the default {default}); got {value}"
+            f"{field} must be in {low}..{high} (0 for the default {default}); got {value}",
+            field=field,
         )
     return value
 
 
 def explain_spec(request: pb.ExplainRequest, limits: Limits) -> domain.ExplainSpec:
     if not request.model.name:
-        raise InvalidArgument("model.name is required: the Triton name of the classifier")
+        raise InvalidArgument(
+            "model.name is required: the Triton name of the classifier", field="model.name"
+        )
     if not request.properties:
-        raise InvalidArgument("properties is empty; give at least one property to intervene on")
+        raise InvalidArgument(
+            "properties is empty; give at least one property to intervene on", field="properties"
+        )
     if len(request.properties) > limits.max_properties:
         raise InvalidArgument(
             f"{len(request.properties)} properties; the limit is {limits.max_properties} per request"
@@ -84,12 +98,16 @@ def explain_spec(request: pb.ExplainRequest, limits: Limits) -> domain.ExplainSp
     )
     alpha = request.alpha or DEFAULT_ALPHA
     if not 0.0 < alpha <= 0.5:
-        raise InvalidArgument(f"alpha must be in (0, 0.5] (0 for the default 0.01); got {alpha}")
+        raise InvalidArgument(
+            f"alpha must be in (0, 0.5] (0 for the default 0.01); got {alpha}", field="alpha"
+        )
     image = decode_image(request.image, limits)
     names = [p.name for p in request.properties]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise InvalidArgument(f"property names must be unique; repeated: {', '.join(duplicates)}")
+        raise InvalidArgument(
+            f"property names must be unique; repeated: {', '.join(duplicates)}", field="properties"
+        )
     properties = tuple(_property(p, samples, limits) for p in request.properties)
     return domain.ExplainSpec(
         request_id=request.request_id or uuid.uuid4().hex,
@@ -211,8 +229,22 @@ def event_message(request_id: str, event: domain.Event) -> pb.ExplainEvent:
 
 
 def error_status(error: Exception) -> status_pb2.Status:
+    """A google.rpc.Status; refusals naming a field carry a BadRequest detail."""
     if isinstance(error, PropscopeError):
-        return status_pb2.Status(code=error.code.value[0], message=str(error))
+        status = status_pb2.Status(code=error.code.value[0], message=str(error))
+        if error.field:
+            detail = any_pb2.Any()
+            detail.Pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=error.field, description=str(error)
+                        )
+                    ]
+                )
+            )
+            status.details.append(detail)
+        return status
     if isinstance(error, TimeoutError):
         return status_pb2.Status(code=code_pb2.DEADLINE_EXCEEDED, message="the deadline passed")
     return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from grpc_status import rpc_status
 
 from propscope.v1 import explain_pb2 as pb
 from propscope.v1 import explain_pb2_grpc
@@ -49,7 +50,7 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
                 yield convert.event_message(spec.request_id, event)
         except PropscopeError as error:
             code = error.code
-            await context.abort(error.code, str(error))
+            await context.abort_with_status(rpc_status.to_status(convert.error_status(error)))
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
