@@ -47,6 +47,7 @@ demo: up
 		$(DEMO_PROPERTIES) --steps 10 --seed 0
 
 bench: setup
+	$(PY) bench/permutation_test.py
 	$(PY) bench/explain_cold_warm.py
 
 # Retrain the synthetic classifiers (deterministic; the committed weights came from this).

@@ -41,20 +41,28 @@ def main(repeats: int = 5, steps: int = 16, samples: int = 2) -> None:
         try:
             with propscope.Client(info.gateway, timeout=600) as client:
                 image = render(Scene(0, 10.0, 13.0, 0.5, False, (32.0, 32.0)))
-                timed_explain(client, image, "synth_unbiased", steps, samples, seed=10_000)  # warm-up
+                timed_explain(
+                    client, image, "synth_unbiased", steps, samples, seed=10_000
+                )  # warm-up
                 cold, warm = [], []
                 for repeat in range(repeats):
-                    cold_s, hits, _ = timed_explain(client, image, "synth_unbiased", steps, samples, repeat)
+                    cold_s, hits, _ = timed_explain(
+                        client, image, "synth_unbiased", steps, samples, repeat
+                    )
                     assert hits == 0
-                    warm_s, _, misses = timed_explain(client, image, "synth_hue", steps, samples, repeat)
+                    warm_s, _, misses = timed_explain(
+                        client, image, "synth_hue", steps, samples, repeat
+                    )
                     assert misses == 0
                     cold.append(cold_s)
                     warm.append(warm_s)
         finally:
             stack.down(Path(run_dir))
     cold_ms, warm_ms = statistics.median(cold) * 1e3, statistics.median(warm) * 1e3
-    print(f"explanation: {len(PROPERTIES)} properties x {samples} samples x {steps} steps "
-          f"({len(PROPERTIES) * samples * steps} edits), cache {info.redis_url and 'redis' or 'memory'}")
+    print(
+        f"explanation: {len(PROPERTIES)} properties x {samples} samples x {steps} steps "
+        f"({len(PROPERTIES) * samples * steps} edits), cache {info.redis_url and 'redis' or 'memory'}"
+    )
     print(f"cold (editor runs)         median {cold_ms:8.1f} ms  over {repeats} runs")
     print(f"warm (path cached, 2nd model) median {warm_ms:8.1f} ms")
     print(f"cold / warm ratio          {cold_ms / warm_ms:8.2f}x")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import time
 
 import numpy as np
@@ -202,3 +204,10 @@ async def test_redis_cache_checks_integrity_and_sets_ttl():
     fake.store["k"] = fake.store["k"][:-1]
     assert await cache.get("k") is None
     assert await cache.get("absent") is None
+
+
+def test_a_value_with_a_valid_digest_that_is_no_npz_is_a_miss():
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(3))
+    payload = buffer.getvalue()
+    assert decode_path(hashlib.sha256(payload).digest() + payload) is None

@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import pytest
-from google.rpc import code_pb2
+from google.rpc import code_pb2, error_details_pb2
 from PIL import Image
 
 from propscope.v1 import explain_pb2 as pb
@@ -80,7 +80,8 @@ def editor_property(name: str = "hue") -> pb.Property:
 def request(**fields) -> pb.ExplainRequest:
     fields.setdefault("model", pb.ModelRef(name="cnn"))
     fields.setdefault("properties", [editor_property()])
-    return pb.ExplainRequest(image=PNG, **fields)
+    fields.setdefault("image", PNG)
+    return pb.ExplainRequest(**fields)
 
 
 def test_explain_spec_defaults():
@@ -118,30 +119,30 @@ def test_provided_path():
     np.testing.assert_array_equal(frame, PIXELS)
 
 
+PROVIDED = [pb.Property(name="p", provided_path=pb.ProvidedPath(images=[PNG]))]
+
+
 @pytest.mark.parametrize(
-    ("fields", "needle"),
+    ("fields", "needle", "field"),
     [
-        (
-            dict(
-                samples=2,
-                properties=[pb.Property(name="p", provided_path=pb.ProvidedPath(images=[PNG]))],
-            ),
-            "'p': a provided path needs samples = 1",
-        ),
-        (dict(steps=1), "steps must be in 2..256"),
-        (dict(samples=33), "samples must be in 1..32"),
-        (dict(permutations=99), "permutations must be in 100..100000"),
-        (dict(alpha=0.6), "alpha must be in (0, 0.5]"),
-        (dict(model=pb.ModelRef()), "model.name is required"),
-        (dict(properties=[]), "properties is empty"),
-        (dict(properties=[editor_property(), editor_property()]), "repeated: hue"),
-        (dict(properties=[pb.Property(name="x")]), "'x' needs an editor or a provided_path"),
+        (dict(samples=2, properties=PROVIDED), "'p': a provided path needs samples = 1", None),
+        (dict(steps=1), "steps must be in 2..256", "steps"),
+        (dict(samples=33), "samples must be in 1..32", "samples"),
+        (dict(permutations=99), "permutations must be in 100..100000", "permutations"),
+        (dict(alpha=0.6), "alpha must be in (0, 0.5]", "alpha"),
+        (dict(model=pb.ModelRef()), "model.name is required", "model.name"),
+        (dict(properties=[]), "properties is empty", "properties"),
+        (dict(properties=[editor_property()] * 2), "repeated: hue", "properties"),
+        (dict(properties=[pb.Property(name="x")]), "'x' needs an editor or a provided_path", None),
+        (dict(image=b""), "image is empty", "image"),
     ],
 )
-def test_explain_spec_refusals(fields, needle):
+def test_explain_spec_refusals(fields, needle, field):
     with pytest.raises(InvalidArgument) as info:
         explain_spec(request(**fields), Limits())
     assert needle in str(info.value)
+    if field is not None:  # None: this refusal is not (yet) tied to a field
+        assert info.value.field == field
 
 
 SCORE = PropertyScore(
@@ -179,6 +180,17 @@ def test_failed_property_becomes_a_status(error, code, message):
         message,
     )
     assert result.score == 0.0 and not result.samples
+
+
+def test_refusal_naming_a_field_carries_a_bad_request_detail():
+    error = InvalidArgument("steps must be in 2..256", field="steps")
+    status = property_result(domain.PropertyOutcome("hue", error=error)).status
+    (detail,) = status.details
+    bad_request = error_details_pb2.BadRequest()
+    assert detail.Unpack(bad_request)
+    (violation,) = bad_request.field_violations
+    assert (violation.field, violation.description) == ("steps", "steps must be in 2..256")
+    assert not property_result(domain.PropertyOutcome("hue", error=NotFound("m"))).status.details
 
 
 def test_successful_property_carries_the_numbers():
@@ -220,3 +232,14 @@ def test_done_event_in_milliseconds():
     message = event_message("r", done).done
     assert (message.total_ms, message.edit_ms, message.classify_ms) == (1500.0, 250.0, 500.0)
     assert (message.score_ms, message.cache_ms, message.properties_failed) == (125.0, 62.5, 2)
+
+
+def test_a_bad_provided_path_image_names_its_own_field():
+    request = pb.ExplainRequest(
+        image=encode(np.zeros((4, 4, 3), np.uint8), "PNG"),
+        model=pb.ModelRef(name="m"),
+        properties=[pb.Property(name="p", provided_path=pb.ProvidedPath(images=[b"garbage"]))],
+    )
+    with pytest.raises(InvalidArgument) as caught:
+        explain_spec(request, Limits())
+    assert caught.value.field == "properties[0].provided_path.images[0]"

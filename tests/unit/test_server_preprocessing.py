@@ -24,6 +24,7 @@ from propscope_server.errors import FailedPrecondition
         ([-1, -1, 3], "UINT8", False, None, None),
         ([3, -1, -1], "FP32", True, None, None),
         ([-1, 64, 3], "FP32", False, None, 64),
+        ([3, 3, 3], "UINT8", False, 3, 3),  # ambiguous: channels last wins
     ],
 )
 def test_input_layout(dims, datatype, channels_first, height, width):

@@ -72,6 +72,22 @@ def test_brightness_on_background_keeps_object():
     assert 204 <= out[0, 0].min() and out[0, 0].max() <= 205  # 128 + 0.3 * 255
 
 
+@pytest.mark.parametrize(
+    ("amount", "grey", "red"),
+    [
+        ("1", [255] * 3, [255] * 3),  # clipped, not wrapped
+        ("-1", [0] * 3, [0] * 3),
+        ("0.002", [129] * 3, [231, 35, 35]),  # + 0.51 rounds up
+        ("-0.2", [77] * 3, [179, 0, 0]),  # - 51
+    ],
+)
+def test_brightness_by_hand(amount, grey, red):
+    image = scene_image(hue=0.0)
+    assert image[0, 0].tolist() == [128] * 3 and image[42, 40].tolist() == [230, 34, 34]
+    out = edit(image, [1.0], operation="brightness", amount=amount)[0]
+    assert out[0, 0].tolist() == grey and out[42, 40].tolist() == red
+
+
 @pytest.mark.parametrize("operation", OPERATIONS)
 @pytest.mark.parametrize("region", ["all", "object", "background"])
 def test_output_shape_and_dtype(operation, region):
@@ -81,23 +97,9 @@ def test_output_shape_and_dtype(operation, region):
     assert not np.array_equal(out[-1], image)
 
 
-@pytest.mark.parametrize(
-    "operation",
-    [
-        pytest.param(
-            op,
-            marks=pytest.mark.xfail(
-                reason="PIL's 8-bit HSV round trip is lossy: strength 0 changes the patch colours",
-                strict=True,
-            ),
-        )
-        if op in ("hue", "saturation")
-        else op
-        for op in OPERATIONS
-    ],
-)
+@pytest.mark.parametrize("operation", OPERATIONS)
 def test_strength_zero_is_the_original(operation):
-    image = scene_image(hue=0.0)
+    image = scene_image(hue=90.0)  # a yellow-green object and the colorful patch
     np.testing.assert_array_equal(edit(image, [0.0], operation=operation)[0], image)
 
 
@@ -145,3 +147,8 @@ def test_fixed_patch_is_clamped_inside_the_image():
     image = scene_image(patch=False)
     out = edit(image, [1.0], operation="blend", patch_x="4000", patch_y="60", patch_size="10")
     assert changed_box(image, out[0]) == (54, 54, 64, 64)
+
+
+def test_hue_rotation_by_a_full_turn_returns_the_image():
+    image = scene_image(hue=90.0)
+    np.testing.assert_array_equal(edit(image, [1.0], operation="hue", amount="360")[0], image)

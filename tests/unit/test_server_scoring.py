@@ -54,12 +54,20 @@ def test_linear_curve_p_value_is_one_over_k_plus_one(seed):
     assert of_mean == 1.0 / (k + 1) > 0.0
 
 
-def test_ties_with_the_observed_score_count_as_extreme():
-    # The 6 orders of (.1, .2, .7) score 0.9/3 (sorted either way), 0.95/3 and 1.15/3, each
-    # with probability 1/3; the null centre is 1/3, so the observed 0.3 (distance 1/30) is
-    # matched or exceeded by the 0.3 and 1.15/3 orders: p = 2/3.
-    per_curve, _ = permutation_p_values(np.array([0.1, 0.2, 0.7]), 3000, np.random.default_rng(0))
-    assert per_curve[0] == pytest.approx(2 / 3, abs=0.03)
+@pytest.mark.parametrize(
+    ("curve", "expected"),
+    [
+        # Orders of (.1, .2, .7) score 0.9/3 (sorted, either way), 0.95/3 and 1.15/3, each with
+        # probability 1/3; centre 1/3: 0.3 and 1.15/3 are at least as far as the observed 0.3.
+        ([0.1, 0.2, 0.7], 2 / 3),
+        # Orders of (0, .7, .9) score 1.7/3 (this one and its reverse, which float arithmetic
+        # puts 1 ulp lower), 1.35/3 and 1.45/3; centre 0.5: only the reverse ties the observed.
+        ([0.7, 0.0, 0.9], 1 / 3),
+    ],
+)
+def test_ties_with_the_observed_score_count_as_extreme(curve, expected):
+    per_curve, _ = permutation_p_values(np.array(curve), 3000, np.random.default_rng(0))
+    assert per_curve[0] == pytest.approx(expected, abs=0.03)
 
 
 def test_noise_curves_are_rarely_significant():

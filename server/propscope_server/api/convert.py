@@ -108,7 +108,7 @@ def explain_spec(request: pb.ExplainRequest, limits: Limits) -> domain.ExplainSp
         raise InvalidArgument(
             f"property names must be unique; repeated: {', '.join(duplicates)}", field="properties"
         )
-    properties = tuple(_property(p, samples, limits) for p in request.properties)
+    properties = tuple(_property(i, p, samples, limits) for i, p in enumerate(request.properties))
     return domain.ExplainSpec(
         request_id=request.request_id or uuid.uuid4().hex,
         image=image,
@@ -150,7 +150,7 @@ def _classifier(model: pb.ModelRef) -> domain.ClassifierRef:
     )
 
 
-def _property(prop: pb.Property, samples: int, limits: Limits) -> domain.PropertySpec:
+def _property(index: int, prop: pb.Property, samples: int, limits: Limits) -> domain.PropertySpec:
     if not prop.name:
         raise InvalidArgument("every property needs a name")
     source = prop.WhichOneof("source")
@@ -174,7 +174,12 @@ def _property(prop: pb.Property, samples: int, limits: Limits) -> domain.Propert
         if samples != 1:
             raise InvalidArgument(f"property {prop.name!r}: a provided path needs samples = 1")
         frames = tuple(
-            decode_image(data, limits, f"property {prop.name!r} provided_path image {i}")
+            decode_image(
+                data,
+                limits,
+                f"property {prop.name!r} provided_path image {i}",
+                field=f"properties[{index}].provided_path.images[{i}]",
+            )
             for i, data in enumerate(images)
         )
         return domain.PropertySpec(name=prop.name, provided_path=frames)

@@ -56,10 +56,13 @@ def decode_path(value: bytes) -> np.ndarray | None:
     if hashlib.sha256(payload).digest() != digest:
         return None
     try:
-        with np.load(io.BytesIO(payload), allow_pickle=False) as archive:
-            return archive["path"]
-    except (ValueError, KeyError, OSError):
+        archive = np.load(io.BytesIO(payload), allow_pickle=False)
+    except (ValueError, OSError, EOFError):
         return None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        return None
+    with archive:
+        return archive["path"] if "path" in archive.files else None
 
 
 class PathCache(Protocol):

@@ -36,17 +36,57 @@ def object_mask(image: np.ndarray) -> np.ndarray:
     return labels == (int(np.argmax(sizes)) + 1)
 
 
+def _rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+    """Float HSV (all channels in [0, 1]); float, so an unchanged image round-trips exactly."""
+    r, g, b = np.moveaxis(rgb, -1, 0)
+    value = rgb.max(axis=-1)
+    chroma = value - rgb.min(axis=-1)
+    safe = np.where(chroma > 0, chroma, 1.0)
+    hue = np.where(
+        value == r,
+        ((g - b) / safe) % 6.0,
+        np.where(value == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0),
+    )
+    hue = np.where(chroma > 0, hue / 6.0, 0.0)
+    saturation = np.where(value > 0, chroma / np.where(value > 0, value, 1.0), 0.0)
+    return np.stack([hue, saturation, value], axis=-1)
+
+
+def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    hue, saturation, value = np.moveaxis(hsv, -1, 0)
+    sector = np.floor(hue * 6.0)
+    fraction = hue * 6.0 - sector
+    p = value * (1.0 - saturation)
+    q = value * (1.0 - fraction * saturation)
+    t = value * (1.0 - (1.0 - fraction) * saturation)
+    sector = sector.astype(np.int64) % 6
+    choices = [
+        (value, t, p),
+        (q, value, p),
+        (p, value, t),
+        (p, q, value),
+        (t, p, value),
+        (value, p, q),
+    ]
+    channels = [np.choose(sector, [c[i] for c in choices]) for i in range(3)]
+    return np.stack(channels, axis=-1)
+
+
+def _edit_hsv(
+    image: np.ndarray, hue_turns: float = 0.0, saturation_factor: float = 1.0
+) -> np.ndarray:
+    hsv = _rgb_to_hsv(image.astype(np.float64) / 255.0)
+    hsv[..., 0] = (hsv[..., 0] + hue_turns) % 1.0
+    hsv[..., 1] = np.clip(hsv[..., 1] * saturation_factor, 0.0, 1.0)
+    return np.clip(np.round(_hsv_to_rgb(hsv) * 255.0), 0, 255).astype(np.uint8)
+
+
 def _rotate_hue(image: np.ndarray, degrees: float) -> np.ndarray:
-    hsv = np.asarray(Image.fromarray(image).convert("HSV")).copy()
-    shift = int(round(degrees / 360.0 * 256.0))
-    hsv[..., 0] = (hsv[..., 0].astype(np.int32) + shift) % 256
-    return np.asarray(Image.fromarray(hsv, mode="HSV").convert("RGB"))
+    return _edit_hsv(image, hue_turns=degrees / 360.0)
 
 
 def _scale_saturation(image: np.ndarray, factor: float) -> np.ndarray:
-    hsv = np.asarray(Image.fromarray(image).convert("HSV")).astype(np.float32)
-    hsv[..., 1] = np.clip(hsv[..., 1] * factor, 0, 255)
-    return np.asarray(Image.fromarray(hsv.round().astype(np.uint8), mode="HSV").convert("RGB"))
+    return _edit_hsv(image, saturation_factor=factor)
 
 
 def _shift_brightness(image: np.ndarray, delta: float) -> np.ndarray:
