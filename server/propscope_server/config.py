@@ -22,6 +22,8 @@ class Limits(BaseModel):
     max_request_bytes: int = 64 * 1024 * 1024
     max_image_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
+    # All images of all paths of one request together (the edit budget in pixels).
+    max_path_pixels: int = 256 * 1024 * 1024
     max_properties: int = 32
     max_steps: int = 256
     max_samples: int = 32

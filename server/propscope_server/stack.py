@@ -118,13 +118,13 @@ def up(
     pids = {"triton": triton.pid}
     triton_url = f"127.0.0.1:{ports.grpc}"
     redis_url = None
-    if use_redis:
-        redis_port = free_port()
-        redis = start_redis(redis_port, run_dir / "redis.log")
-        if redis is not None:
-            pids["redis"] = redis.pid
-            redis_url = f"redis://127.0.0.1:{redis_port}/0"
     try:
+        if use_redis:
+            redis_port = free_port()
+            redis = start_redis(redis_port, run_dir / "redis.log")
+            if redis is not None:
+                pids["redis"] = redis.pid
+                redis_url = f"redis://127.0.0.1:{redis_port}/0"
         wait_until_ready(triton_url, triton)
     except Exception:
         _terminate(pids)
@@ -164,7 +164,21 @@ def down(run_dir: Path) -> StackInfo | None:
     return info
 
 
+# What each process's command line contains: a recorded pid reused by some other
+# program since is never signalled.
+COMMAND_MARKERS = {"triton": "tritonserver", "redis": "redis-server", "gateway": "propscope_server"}
+
+
+def _is_ours(name: str, pid: int) -> bool:
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+    return COMMAND_MARKERS[name] in command
+
+
 def _terminate(pids: dict[str, int], timeout_s: float = 15.0) -> None:
+    pids = {name: pid for name, pid in pids.items() if _is_ours(name, pid)}
     for pid in pids.values():
         try:
             os.killpg(pid, signal.SIGTERM)

@@ -6,6 +6,7 @@ serve an ordinary model repository of python-backend models.
 
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
 import subprocess
@@ -48,7 +49,7 @@ def assemble_backend_dir(cache_dir: Path) -> Path:
 
 
 def _copy_if_changed(source: Path, target: Path) -> None:
-    if not target.exists() or target.stat().st_size != source.stat().st_size:
+    if not target.exists() or not filecmp.cmp(source, target, shallow=False):
         shutil.copy2(source, target)
 
 

@@ -21,6 +21,7 @@ from propscope_server.synthetic.world import Scene, render
 SMALL_LIMITS = {
     "PROPSCOPE_LIMITS__MAX_IMAGE_BYTES": str(300_000),
     "PROPSCOPE_LIMITS__MAX_IMAGE_PIXELS": str(512 * 512),
+    "PROPSCOPE_LIMITS__MAX_PATH_PIXELS": str(64 * 64 * 2000),
 }
 
 

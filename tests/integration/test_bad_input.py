@@ -28,7 +28,7 @@ def request(**overrides) -> pb.ExplainRequest:
                 name="hue", editor=pb.EditorIntervention(model="procedural", parameters=HUE)
             )
         ],
-        steps=4,
+        steps=6,
         permutations=200,
     )
     for key, value in overrides.items():
@@ -140,6 +140,21 @@ def big_noise_png(side: int) -> bytes:
             "names must be unique",
         ),
         (
+            {"steps": 3},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "a path of 4 images can never be significant at alpha 0.01",
+        ),
+        (
+            {"permutations": 100, "alpha": 0.005},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "raise permutations",
+        ),
+        (
+            {"steps": 256, "samples": 32},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "pixels in all",
+        ),
+        (
             {"properties": [pb.Property(name="nothing")]},
             grpc.StatusCode.INVALID_ARGUMENT,
             "needs an editor or a provided_path",
@@ -164,7 +179,7 @@ def test_a_decompression_bomb_is_refused_by_its_pixel_count(channel):
 
 def test_the_service_still_answers_after_refusals(client):
     events = list(
-        client.explain(SAMPLE.read_bytes(), "synth_hue", ["hue=procedural:operation=hue"], steps=4)
+        client.explain(SAMPLE.read_bytes(), "synth_hue", ["hue=procedural:operation=hue"], steps=6)
     )
     assert isinstance(events[-1], propscope.Done)
 

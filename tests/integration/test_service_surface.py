@@ -38,7 +38,7 @@ def test_reflection_lists_and_describes_the_service(channel):
 def test_metrics_are_exported(client, live_stack):
     list(
         client.explain(
-            SAMPLE.read_bytes(), "synth_unbiased", ["hue=procedural:operation=hue"], steps=3
+            SAMPLE.read_bytes(), "synth_unbiased", ["hue=procedural:operation=hue"], steps=6
         )
     )
     body = urllib.request.urlopen(live_stack.metrics_url, timeout=5).read().decode()

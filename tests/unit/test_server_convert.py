@@ -112,11 +112,30 @@ def test_target_class(model, target):
 
 def test_provided_path():
     spec = explain_spec(
-        request(properties=[pb.Property(name="p", provided_path=pb.ProvidedPath(images=[PNG]))]),
+        request(
+            properties=[pb.Property(name="p", provided_path=pb.ProvidedPath(images=[PNG] * 6))]
+        ),
         Limits(),
     )
-    (frame,) = spec.properties[0].provided_path
-    np.testing.assert_array_equal(frame, PIXELS)
+    assert len(spec.properties[0].provided_path) == 6
+    np.testing.assert_array_equal(spec.properties[0].provided_path[0], PIXELS)
+
+
+def test_a_provided_path_too_short_to_ever_be_significant_is_refused():
+    short = [pb.Property(name="p", provided_path=pb.ProvidedPath(images=[PNG] * 3))]
+    with pytest.raises(
+        InvalidArgument, match="a path of 4 images can never be significant"
+    ) as caught:
+        explain_spec(request(properties=short), Limits())
+    assert caught.value.field == "properties[0].provided_path"
+
+
+def test_provided_path_images_must_have_the_image_size():
+    other = encode(np.zeros((PIXELS.shape[0] + 1, PIXELS.shape[1], 3), np.uint8), "PNG")
+    wrong = [pb.Property(name="p", provided_path=pb.ProvidedPath(images=[PNG] * 5 + [other]))]
+    with pytest.raises(InvalidArgument, match="must have the image's size") as caught:
+        explain_spec(request(properties=wrong), Limits())
+    assert caught.value.field == "properties[0].provided_path.images[5]"
 
 
 PROVIDED = [pb.Property(name="p", provided_path=pb.ProvidedPath(images=[PNG]))]
@@ -243,3 +262,10 @@ def test_a_bad_provided_path_image_names_its_own_field():
     with pytest.raises(InvalidArgument) as caught:
         explain_spec(request, Limits())
     assert caught.value.field == "properties[0].provided_path.images[0]"
+
+
+def test_sixteen_bit_images_are_refused_not_clipped():
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((4, 4), 30000, np.uint16)).save(buffer, format="PNG")
+    with pytest.raises(InvalidArgument, match="send 8 bits per channel"):
+        decode_image(buffer.getvalue(), Limits())

@@ -142,3 +142,12 @@ def test_single_sample_interval_is_the_score():
 def test_single_point_path_is_refused(curves):
     with pytest.raises(ValueError, match="at least two points"):
         score_property(np.array(curves), np.zeros_like(np.array(curves), dtype=int), 100, 0.01, 0)
+
+
+def test_identical_samples_do_not_narrow_the_null():
+    curve = np.array([0.9, 0.8, 0.85, 0.7, 0.6, 0.65, 0.5, 0.55, 0.4, 0.45, 0.3])
+    classes = np.zeros((1, curve.size), int)
+    one = score_property(curve[None], classes, 2000, 0.01, seed=3)
+    eight = score_property(np.tile(curve, (8, 1)), np.tile(classes, (8, 1)), 2000, 0.01, seed=3)
+    assert eight.p_value == one.p_value
+    assert eight.sample_p_values == (one.p_value,) * 8

@@ -4,6 +4,7 @@ so every refusal names the field to change."""
 from __future__ import annotations
 
 import io
+import math
 import uuid
 import warnings
 
@@ -22,10 +23,33 @@ DEFAULT_STEPS = 10
 DEFAULT_SAMPLES = 1
 DEFAULT_PERMUTATIONS = 10_000
 DEFAULT_ALPHA = 0.01
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr")
+
+
+def check_reachable(points: int, permutations: int, alpha: float, field: str) -> None:
+    """Refuse a test that can never come out significant. Reversing a path keeps
+    its score, so the smallest p-value is about max(2 / points!, 1 / (K + 1))."""
+    if 1.0 / (permutations + 1) >= alpha:
+        raise InvalidArgument(
+            f"with {permutations} permutations the smallest p-value is {1 / (permutations + 1):.3g}, "
+            f"not below alpha {alpha}; raise permutations",
+            field="permutations",
+        )
+    if 2.0 / math.factorial(points) >= alpha:
+        needed = next(n for n in range(points, 64) if 2.0 / math.factorial(n) < alpha)
+        raise InvalidArgument(
+            f"a path of {points} images can never be significant at alpha {alpha} "
+            f"(smallest p-value {2 / math.factorial(points):.3g}); use at least {needed} images",
+            field=field,
+        )
 
 
 def decode_image(
-    data: bytes, limits: Limits, what: str = "image", field: str = "image"
+    data: bytes,
+    limits: Limits,
+    what: str = "image",
+    field: str = "image",
+    expected_size: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """PNG/JPEG bytes -> uint8 [H, W, 3], refusing oversized and bomb-like inputs."""
     if not data:
@@ -43,7 +67,18 @@ def decode_image(
                     raise InvalidArgument(
                         f"{what} is {image.format}; send PNG or JPEG", field=field
                     )
+                if image.mode not in EIGHT_BIT_MODES:
+                    raise InvalidArgument(
+                        f"{what} has mode {image.mode}; send 8 bits per channel (RGB, RGBA or grey)",
+                        field=field,
+                    )
                 width, height = image.size
+                if expected_size is not None and image.size != expected_size:
+                    raise InvalidArgument(
+                        f"{what} is {width}x{height} pixels; path images must have the "
+                        f"image's size {expected_size[0]}x{expected_size[1]}",
+                        field=field,
+                    )
                 if width * height > limits.max_image_pixels:
                     raise InvalidArgument(
                         f"{what} is {width}x{height} pixels; the limit is "
@@ -108,7 +143,25 @@ def explain_spec(request: pb.ExplainRequest, limits: Limits) -> domain.ExplainSp
         raise InvalidArgument(
             f"property names must be unique; repeated: {', '.join(duplicates)}", field="properties"
         )
-    properties = tuple(_property(i, p, samples, limits) for i, p in enumerate(request.properties))
+    properties = tuple(
+        _property(i, p, image, samples, limits) for i, p in enumerate(request.properties)
+    )
+    path_images = sum(
+        samples * steps if p.editor is not None else len(p.provided_path or ()) for p in properties
+    )
+    if image.shape[0] * image.shape[1] * path_images > limits.max_path_pixels:
+        raise InvalidArgument(
+            f"the request asks for {path_images} path images of {image.shape[1]}x{image.shape[0]} "
+            f"pixels, over the limit of {limits.max_path_pixels} pixels in all; "
+            "use fewer steps, samples or properties, or a smaller image",
+            field="steps",
+        )
+    for index, prop in enumerate(properties):
+        if prop.provided_path is not None:
+            points, field = len(prop.provided_path) + 1, f"properties[{index}].provided_path"
+        else:
+            points, field = steps + 1, "steps"
+        check_reachable(points, permutations, alpha, field)
     return domain.ExplainSpec(
         request_id=request.request_id or uuid.uuid4().hex,
         image=image,
@@ -132,8 +185,11 @@ def _classifier(model: pb.ModelRef) -> domain.ClassifierRef:
                 raise InvalidArgument(
                     f"model.preprocessing.{field} needs 3 values (one per channel) or none"
                 )
-        if any(s == 0 for s in p.std):
-            raise InvalidArgument("model.preprocessing.std must not contain 0")
+        if not all(math.isfinite(v) for v in (*p.mean, *p.std)) or any(s == 0 for s in p.std):
+            raise InvalidArgument(
+                "model.preprocessing mean and std must be finite and std non-zero",
+                field="model.preprocessing",
+            )
         preprocessing = PreprocessingConfig(
             mean=tuple(p.mean) or None,
             std=tuple(p.std) or None,
@@ -150,7 +206,9 @@ def _classifier(model: pb.ModelRef) -> domain.ClassifierRef:
     )
 
 
-def _property(index: int, prop: pb.Property, samples: int, limits: Limits) -> domain.PropertySpec:
+def _property(
+    index: int, prop: pb.Property, image: np.ndarray, samples: int, limits: Limits
+) -> domain.PropertySpec:
     if not prop.name:
         raise InvalidArgument("every property needs a name")
     source = prop.WhichOneof("source")
@@ -179,6 +237,7 @@ def _property(index: int, prop: pb.Property, samples: int, limits: Limits) -> do
                 limits,
                 f"property {prop.name!r} provided_path image {i}",
                 field=f"properties[{index}].provided_path.images[{i}]",
+                expected_size=(image.shape[1], image.shape[0]),
             )
             for i, data in enumerate(images)
         )

@@ -15,8 +15,9 @@ from propscope.v1 import explain_pb2 as pb
 from propscope.v1 import explain_pb2_grpc
 from propscope_server import metrics
 from propscope_server.api import convert
-from propscope_server.backends.triton import TritonBackend
+from propscope_server.backends.triton import ModelDescription, RepositoryEntry, TritonBackend
 from propscope_server.config import Limits
+from propscope_server.domain import PropertyOutcome
 from propscope_server.errors import PropscopeError
 from propscope_server.orchestration.explain import Explainer
 
@@ -36,7 +37,7 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
         code = grpc.StatusCode.OK
         metrics.INFLIGHT_STREAMS.inc()
         try:
-            spec = convert.explain_spec(request, self._limits)
+            spec = await asyncio.to_thread(convert.explain_spec, request, self._limits)
             remaining = context.time_remaining()
             deadline = time.monotonic() + remaining if remaining is not None else None
             plan = await self._explainer.plan(spec, deadline)
@@ -47,7 +48,10 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
                 len(spec.properties),
             )
             async for event in self._explainer.run(plan):
-                yield convert.event_message(spec.request_id, event)
+                if spec.return_path_images and isinstance(event, PropertyOutcome):
+                    yield await asyncio.to_thread(convert.event_message, spec.request_id, event)
+                else:
+                    yield convert.event_message(spec.request_id, event)
         except PropscopeError as error:
             code = error.code
             await context.abort_with_status(rpc_status.to_status(convert.error_status(error)))
@@ -70,16 +74,27 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
         code = grpc.StatusCode.OK
         try:
             entries = await self._backend.repository()
-            models = []
-            for entry in entries:
-                description = None
-                if entry.state == "READY":
-                    description = await self._backend.describe(entry.name, entry.version)
-                models.append(convert.model_info(entry, description))
+            models = [
+                convert.model_info(entry, await self._describe_listed(entry)) for entry in entries
+            ]
             return pb.ListModelsResponse(models=models)
         except PropscopeError as error:
             code = error.code
             await context.abort(error.code, str(error))
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            logger.exception("list models failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
         finally:
             metrics.RPC_TOTAL.labels(method="ListModels", code=code.name).inc()
             metrics.RPC_SECONDS.labels(method="ListModels").observe(time.perf_counter() - started)
+
+    async def _describe_listed(self, entry: RepositoryEntry) -> ModelDescription | None:
+        """One model that cannot be described is listed bare, not a failed listing."""
+        if entry.state != "READY":
+            return None
+        try:
+            return await self._backend.describe(entry.name, entry.version)
+        except Exception:
+            logger.warning("cannot describe model %s", entry.name, exc_info=True)
+            return None

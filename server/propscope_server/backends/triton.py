@@ -66,14 +66,14 @@ class RepositoryEntry:
 def _translate(error: InferenceServerException, model: str) -> Exception:
     status = error.status() or ""
     message = error.message() or str(error)
-    if "UNAVAILABLE" in status and "not ready" not in message and "unknown model" not in message:
-        return Unavailable(f"Triton is unreachable: {message}")
     if "DEADLINE_EXCEEDED" in status:
         return DeadlineExceeded(f"Triton did not answer for model {model!r} in time")
     if "unknown model" in message or "NOT_FOUND" in status:
         return NotFound(f"model {model!r} is not served by Triton (ListModels shows what is)")
-    if "not ready" in message or "UNAVAILABLE" in status:
+    if "not ready" in message:
         return FailedPrecondition(f"model {model!r} is not ready on Triton: {message}")
+    if "UNAVAILABLE" in status:
+        return Unavailable(f"Triton is unreachable: {message}")
     return BackendError(f"model {model!r} failed: {message}")
 
 

@@ -142,7 +142,7 @@ class RedisPathCache:
         return path
 
     async def put(self, key: str, path: np.ndarray) -> None:
-        value = encode_path(path)
+        value = await asyncio.to_thread(encode_path, path)
         try:
             await asyncio.wait_for(self._redis.set(key, value, ex=self._ttl_s), self._timeout_s)
         except (aioredis.RedisError, OSError, TimeoutError) as error:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -39,8 +40,10 @@ from propscope_server.domain import (
     StageTimes,
 )
 from propscope_server.editor_contract import InvalidParameters, canonical_parameters
-from propscope_server.errors import InvalidArgument, PropscopeError
+from propscope_server.errors import BackendError, InvalidArgument, PropscopeError
 from propscope_server.scoring.property_gradient import score_property
+
+logger = logging.getLogger(__name__)
 
 # Spreads sample indices over the seed space so sample seeds never collide.
 SAMPLE_SEED_STRIDE = 0x9E3779B97F4A7C15
@@ -178,12 +181,16 @@ class Explainer:
         times = StageTimes()
         limit = asyncio.Semaphore(self._settings.property_concurrency)
 
-        async def explain_one(index: int, prop: PropertySpec) -> None:
-            async with limit:
-                outcome = await self._explain_property(plan, index, prop, queue.put_nowait, times)
+        async def explain_one(prop: PropertySpec) -> None:
+            try:
+                async with limit:
+                    outcome = await self._explain_property(plan, prop, queue.put_nowait, times)
+            except Exception as error:  # a bug must fail one property, never hang the stream
+                logger.exception("property %r failed", prop.name)
+                outcome = PropertyOutcome(property_name=prop.name, error=error)
             queue.put_nowait(outcome)
 
-        tasks = [asyncio.create_task(explain_one(i, p)) for i, p in enumerate(spec.properties)]
+        tasks = [asyncio.create_task(explain_one(p)) for p in spec.properties]
         failed = 0
         try:
             remaining = len(tasks)
@@ -202,7 +209,6 @@ class Explainer:
     async def _explain_property(
         self,
         plan: Plan,
-        index: int,
         prop: PropertySpec,
         emit: Callable[[Event], None],
         times: StageTimes,
@@ -224,7 +230,11 @@ class Explainer:
                     f"{probabilities.shape[-1]} classes"
                 )
             curves = probabilities[..., target]
-            seed = zlib.crc32(prop.name.encode(), plan.spec.seed % 2**32)
+            if not np.isfinite(curves).all():
+                raise BackendError(
+                    f"model {plan.classifier.name!r} returned non-finite outputs along the path"
+                )
+            seed = (plan.spec.seed, zlib.crc32(prop.name.encode()))
             with _timed(times, "score_s"):
                 score = await asyncio.to_thread(
                     score_property, curves, predicted, plan.spec.permutations, plan.spec.alpha, seed
@@ -238,7 +248,7 @@ class Explainer:
                 p_value=score.sample_p_values[s],
                 prediction_curve=curves[s].astype(np.float32),
                 predicted_classes=predicted[s],
-                cache_hit=hits[s],
+                cache_hit=bool(hits) and hits[s],
                 path=stacked[s] if plan.spec.return_path_images else None,
             )
             for s in range(len(paths))
@@ -258,13 +268,7 @@ class Explainer:
         """[x_0, x_1..x_N] per sample, and whether each came from the cache."""
         original = plan.spec.image[None]
         if prop.provided_path is not None:
-            frames = [np.asarray(f) for f in prop.provided_path]
-            if any(f.shape != plan.spec.image.shape for f in frames):
-                raise InvalidArgument(
-                    f"property {prop.name!r}: provided path images must have the image's size "
-                    f"{list(plan.spec.image.shape)}"
-                )
-            return [np.concatenate([original, np.stack(frames)])], [False]
+            return [np.concatenate([original, np.stack(prop.provided_path)])], []
         editor = plan.editors[prop.name]
         completed = 0
 
@@ -299,11 +303,16 @@ class Explainer:
             emit(Progress("edit", prop.name, completed, plan.spec.samples))
             return np.concatenate([original, path]), hit
 
-        results = await asyncio.gather(*(one_sample(s) for s in range(plan.spec.samples)))
+        tasks = [asyncio.create_task(one_sample(s)) for s in range(plan.spec.samples)]
+        try:
+            results = await asyncio.gather(*tasks)
+        finally:  # one failed sample stops its siblings' editor calls
+            for task in tasks:
+                task.cancel()
         return [path for path, _ in results], [hit for _, hit in results]
 
     async def _classify(self, plan: Plan, images: np.ndarray) -> np.ndarray:
-        batch = to_model_input(images, plan.layout, plan.preprocessing)
+        batch = await asyncio.to_thread(to_model_input, images, plan.layout, plan.preprocessing)
         outputs = await self._backend.classify(
             plan.classifier, batch, plan.output, plan.timeout_s()
         )

@@ -8,6 +8,7 @@ p-value is never exactly 0 with finitely many permutations.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ from scipy import stats
 # Elements per permutation chunk: bounds memory for large K x S x (N + 1).
 CHUNK_ELEMENTS = 4_000_000
 BOOTSTRAP_RESAMPLES = 2_000
+TIE_TOLERANCE = 1e-12
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,8 @@ def permutation_p_values(
 
 def _two_sided(observed: np.ndarray, null: np.ndarray) -> np.ndarray:
     center = null.mean(axis=0)
-    # A relative tolerance keeps float noise from splitting ties (a constant curve).
-    tolerance = 1e-12 * np.maximum(1.0, np.abs(observed - center))
-    extreme = np.abs(null - center) >= np.abs(observed - center) - tolerance
+    # Scores are at most 1: an absolute tolerance keeps float noise from splitting ties.
+    extreme = np.abs(null - center) >= np.abs(observed - center) - TIE_TOLERANCE
     return (extreme.sum(axis=0) + 1.0) / (null.shape[0] + 1.0)
 
 
@@ -95,12 +96,14 @@ def score_property(
     predicted_classes: np.ndarray,
     permutations: int,
     alpha: float,
-    seed: int,
+    seed: int | Sequence[int],
 ) -> PropertyScore:
     """Score one property from its S sampled paths.
 
     curves: [S, N + 1] target-class probability along each path.
     predicted_classes: [S, N + 1] argmax class along each path.
+    The pooled p-value tests the distinct curves only: identical samples (a
+    deterministic editor) must not narrow the null distribution.
     """
     curves = np.atleast_2d(np.asarray(curves, dtype=np.float64))
     predicted_classes = np.atleast_2d(predicted_classes)
@@ -108,7 +111,9 @@ def score_property(
         raise ValueError("a path needs at least two points (the original and one edit)")
     rng = np.random.default_rng(seed)
     sample_scores = gradient_magnitude(curves)
-    sample_p_values, p_value = permutation_p_values(curves, permutations, rng)
+    distinct, which = np.unique(curves, axis=0, return_inverse=True)
+    distinct_p_values, p_value = permutation_p_values(distinct, permutations, rng)
+    sample_p_values = distinct_p_values[which.reshape(-1)]
     ci_low, ci_high = bootstrap_interval(sample_scores, rng)
     flipped = np.any(predicted_classes != predicted_classes[:, :1], axis=1)
     steps = curves.shape[-1] - 1

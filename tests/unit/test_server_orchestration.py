@@ -1,0 +1,131 @@
+"""The orchestration's control flow with a fake backend (pure logic; the real
+Triton path is covered by tests/integration)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from propscope_server.backends.triton import ModelDescription, Tensor
+from propscope_server.cache import InMemoryPathCache
+from propscope_server.config import Settings
+from propscope_server.domain import (
+    ClassifierRef,
+    Done,
+    EditorRef,
+    ExplainSpec,
+    PropertyOutcome,
+    PropertySpec,
+)
+from propscope_server.editor_contract import EditorSchema
+from propscope_server.errors import BackendError
+from propscope_server.orchestration.explain import Explainer
+
+CLASSIFIER = ModelDescription(
+    name="clf",
+    version="1",
+    versions=("1",),
+    role="classifier",
+    inputs=(Tensor("IMAGE", "UINT8", [8, 8, 3]),),
+    outputs=(Tensor("LOGITS", "FP32", [2]),),
+    max_batch_size=64,
+)
+EDITOR = ModelDescription(
+    name="ed",
+    version="1",
+    versions=("1",),
+    role="editor",
+    inputs=(),
+    outputs=(),
+    max_batch_size=0,
+    editor_schema=EditorSchema.from_json('[{"name": "mode", "type": "string", "default": "ok"}]'),
+)
+
+
+class FakeBackend:
+    """Edits brighten the image; the classifier's logit for class 1 is the mean brightness."""
+
+    def __init__(self, classify_error: Exception | None = None, nan: bool = False) -> None:
+        self.classify_error = classify_error
+        self.nan = nan
+        self.edits_started = 0
+        self.edits_cancelled = 0
+
+    async def describe(self, name: str, version: str = "") -> ModelDescription:
+        return {"clf": CLASSIFIER, "ed": EDITOR}[name]
+
+    async def edit(self, editor, image, strengths, parameters, seed, timeout_s):
+        self.edits_started += 1
+        if seed != 0:  # every sample but the first waits, then the first fails
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                self.edits_cancelled += 1
+                raise
+        if '"fail"' in parameters:
+            raise BackendError("editor broke")
+        return np.stack([np.clip(image + int(255 * s), 0, 255).astype(np.uint8) for s in strengths])
+
+    async def classify(self, model, batch, output, timeout_s):
+        if self.classify_error:
+            raise self.classify_error
+        brightness = batch.reshape(len(batch), -1).mean(axis=1) / 255.0
+        logits = np.stack([np.zeros_like(brightness), 8 * (brightness - 0.5)], axis=1)
+        return np.full_like(logits, np.nan) if self.nan else logits
+
+
+def spec(samples: int = 1, mode: str = "ok", properties: int = 1) -> ExplainSpec:
+    return ExplainSpec(
+        request_id="r",
+        image=np.zeros((8, 8, 3), np.uint8),
+        classifier=ClassifierRef(name="clf"),
+        properties=tuple(
+            PropertySpec(name=f"p{i}", editor=EditorRef("ed", parameters={"mode": mode}))
+            for i in range(properties)
+        ),
+        steps=10,
+        samples=samples,
+        seed=0,
+        permutations=500,
+        alpha=0.01,
+        return_path_images=False,
+    )
+
+
+async def run(backend: FakeBackend, request: ExplainSpec) -> list:
+    explainer = Explainer(backend, InMemoryPathCache(10_000_000), Settings())
+    plan = await explainer.plan(request)
+    return [event async for event in explainer.run(plan)]
+
+
+async def test_a_brightening_path_is_significant():
+    events = await run(FakeBackend(), spec())
+    (outcome,) = [e for e in events if isinstance(e, PropertyOutcome)]
+    assert outcome.error is None
+    assert outcome.score.significant and outcome.score.prediction_flipped
+
+
+@pytest.mark.parametrize("error", [RuntimeError("a bug"), ValueError("odd shape")])
+async def test_an_unexpected_error_fails_the_property_not_the_stream(error):
+    events = await asyncio.wait_for(run(FakeBackend(classify_error=error), spec(properties=2)), 5)
+    outcomes = [e for e in events if isinstance(e, PropertyOutcome)]
+    assert [o.error for o in outcomes] == [error, error]
+    assert isinstance(events[-1], Done) and events[-1].properties_failed == 2
+
+
+async def test_non_finite_classifier_outputs_fail_the_property():
+    events = await run(FakeBackend(nan=True), spec())
+    (outcome,) = [e for e in events if isinstance(e, PropertyOutcome)]
+    assert isinstance(outcome.error, BackendError)
+    assert "non-finite" in str(outcome.error)
+
+
+async def test_a_failed_sample_cancels_its_siblings_editor_calls():
+    backend = FakeBackend()
+    events = await asyncio.wait_for(run(backend, spec(samples=3, mode="fail")), 5)
+    (outcome,) = [e for e in events if isinstance(e, PropertyOutcome)]
+    assert isinstance(outcome.error, BackendError)
+    assert backend.edits_started == 3
+    assert backend.edits_cancelled == 2
