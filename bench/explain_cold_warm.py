@@ -32,7 +32,9 @@ def timed_explain(client: propscope.Client, image, model: str, steps: int, sampl
     elapsed = time.perf_counter() - started
     results = [e for e in events if isinstance(e, propscope.PropertyResult)]
     assert all(r.ok for r in results), [r.error for r in results]
-    return elapsed, sum(r.cache_hits for r in results), sum(r.cache_misses for r in results)
+    done = events[-1]
+    stages = (done.edit_ms, done.classify_ms, done.score_ms, done.cache_ms)
+    return elapsed, sum(r.cache_hits for r in results), sum(r.cache_misses for r in results), stages
 
 
 def main(repeats: int = 5, steps: int = 16, samples: int = 2) -> None:
@@ -44,18 +46,20 @@ def main(repeats: int = 5, steps: int = 16, samples: int = 2) -> None:
                 timed_explain(
                     client, image, "synth_unbiased", steps, samples, seed=10_000
                 )  # warm-up
-                cold, warm = [], []
+                cold, warm, cold_stages, warm_stages = [], [], [], []
                 for repeat in range(repeats):
-                    cold_s, hits, _ = timed_explain(
+                    cold_s, hits, _, stages = timed_explain(
                         client, image, "synth_unbiased", steps, samples, repeat
                     )
                     assert hits == 0
-                    warm_s, _, misses = timed_explain(
+                    cold.append(cold_s)
+                    cold_stages.append(stages)
+                    warm_s, _, misses, stages = timed_explain(
                         client, image, "synth_hue", steps, samples, repeat
                     )
                     assert misses == 0
-                    cold.append(cold_s)
                     warm.append(warm_s)
+                    warm_stages.append(stages)
         finally:
             stack.down(Path(run_dir))
     cold_ms, warm_ms = statistics.median(cold) * 1e3, statistics.median(warm) * 1e3
@@ -66,6 +70,10 @@ def main(repeats: int = 5, steps: int = 16, samples: int = 2) -> None:
     print(f"cold (editor runs)         median {cold_ms:8.1f} ms  over {repeats} runs")
     print(f"warm (path cached, 2nd model) median {warm_ms:8.1f} ms")
     print(f"cold / warm ratio          {cold_ms / warm_ms:8.2f}x")
+    print("stage time summed over properties (they overlap), median ms: edit classify score cache")
+    for name, stages in (("cold", cold_stages), ("warm", warm_stages)):
+        medians = [statistics.median(column) for column in zip(*stages, strict=True)]
+        print(f"  {name}: " + " ".join(f"{m:8.1f}" for m in medians))
 
 
 if __name__ == "__main__":
