@@ -63,6 +63,13 @@ def _readonly(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _copy_fields(cls: type, msg: Any, request_id: str) -> Any:
+    """An event whose fields mirror the message's scalars (repeated fields become tuples)."""
+    values = {f.name: getattr(msg, f.name) for f in fields(cls) if f.name != "request_id"}
+    values = {k: tuple(v) if not isinstance(v, str | int | float) else v for k, v in values.items()}
+    return cls(request_id=request_id, **values)
+
+
 @dataclass(frozen=True)
 class Accepted:
     """The plan, sent before any work starts."""
@@ -79,17 +86,7 @@ class Accepted:
 
     @classmethod
     def from_proto(cls, msg: explain_pb2.Accepted, request_id: str = "") -> Accepted:
-        return cls(
-            request_id=request_id,
-            property_names=tuple(msg.property_names),
-            samples=msg.samples,
-            steps=msg.steps,
-            permutations=msg.permutations,
-            alpha=msg.alpha,
-            model_version=msg.model_version,
-            planned_edits=msg.planned_edits,
-            planned_classifications=msg.planned_classifications,
-        )
+        return _copy_fields(cls, msg, request_id)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
@@ -107,13 +104,7 @@ class Progress:
 
     @classmethod
     def from_proto(cls, msg: explain_pb2.Progress, request_id: str = "") -> Progress:
-        return cls(
-            request_id=request_id,
-            stage=msg.stage,
-            property_name=msg.property_name,
-            completed=msg.completed,
-            total=msg.total,
-        )
+        return _copy_fields(cls, msg, request_id)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
@@ -251,15 +242,7 @@ class Done:
 
     @classmethod
     def from_proto(cls, msg: explain_pb2.Done, request_id: str = "") -> Done:
-        return cls(
-            request_id=request_id,
-            total_ms=msg.total_ms,
-            edit_ms=msg.edit_ms,
-            classify_ms=msg.classify_ms,
-            score_ms=msg.score_ms,
-            cache_ms=msg.cache_ms,
-            properties_failed=msg.properties_failed,
-        )
+        return _copy_fields(cls, msg, request_id)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
