@@ -161,6 +161,7 @@ async def test_unreachable_redis_degrades_to_misses():
         assert await cache.get("k") is None
         await cache.put("k", PATH)  # must not raise
         assert await cache.ping() is False
+        assert await cache.eviction_policy() is None
     finally:
         await cache.close()
 
@@ -175,6 +176,15 @@ class FakeRedis:
 
     async def set(self, key: str, value: bytes, ex: int) -> None:
         self.store[key], self.expiry[key] = value, ex
+
+    async def config_get(self, name: str) -> dict[bytes, bytes]:
+        return {name.encode(): b"allkeys-lru"}
+
+
+async def test_eviction_policy_is_read_from_redis():
+    cache = RedisPathCache(UNREACHABLE, ttl_s=60, timeout_s=0.2)
+    cache._redis = FakeRedis()
+    assert await cache.eviction_policy() == "allkeys-lru"
 
 
 class HangingRedis:

@@ -101,6 +101,14 @@ async def serve(settings: Settings) -> None:
         start_http_server(settings.metrics_port, addr="127.0.0.1")
     gateway = build_gateway(settings)
     await gateway.start()
+    if isinstance(gateway.cache, RedisPathCache):
+        policy = await gateway.cache.eviction_policy()
+        if policy is not None and policy != "allkeys-lru":
+            logger.warning(
+                "Redis maxmemory-policy is %s; propscope expects allkeys-lru so that a full "
+                "cache evicts old paths instead of refusing writes",
+                policy,
+            )
     logger.info(
         "propscope gateway listening on port %d (triton %s, cache %s)",
         gateway.port,

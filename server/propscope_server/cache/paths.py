@@ -157,5 +157,17 @@ class RedisPathCache:
         except (aioredis.RedisError, OSError, TimeoutError):
             return False
 
+    async def eviction_policy(self) -> str | None:
+        """Redis's maxmemory-policy, or None when it cannot be read (managed Redis often
+        forbids CONFIG)."""
+        try:
+            config = await asyncio.wait_for(
+                self._redis.config_get("maxmemory-policy"), self._timeout_s
+            )
+        except (aioredis.RedisError, OSError, TimeoutError):
+            return None
+        value = config.get(b"maxmemory-policy") or config.get("maxmemory-policy")
+        return value.decode() if isinstance(value, bytes) else value
+
     async def close(self) -> None:
         await self._redis.aclose()
