@@ -47,6 +47,13 @@ class ExplainSpec:
     alpha: float
     return_path_images: bool
 
+    def path_shape(self, prop: PropertySpec) -> tuple[int, int]:
+        """(paths, images x_1..x_N per path) of one property; a provided path is one
+        path of its own length."""
+        if prop.provided_path is not None:
+            return 1, len(prop.provided_path)
+        return self.samples, self.steps
+
 
 @dataclass(frozen=True)
 class Accepted:

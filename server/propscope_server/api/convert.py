@@ -146,23 +146,7 @@ def explain_spec(request: pb.ExplainRequest, limits: Limits) -> domain.ExplainSp
     properties = tuple(
         _property(i, p, image, samples, limits) for i, p in enumerate(request.properties)
     )
-    path_images = sum(
-        samples * steps if p.editor is not None else len(p.provided_path or ()) for p in properties
-    )
-    if image.shape[0] * image.shape[1] * path_images > limits.max_path_pixels:
-        raise InvalidArgument(
-            f"the request asks for {path_images} path images of {image.shape[1]}x{image.shape[0]} "
-            f"pixels, over the limit of {limits.max_path_pixels} pixels in all; "
-            "use fewer steps, samples or properties, or a smaller image",
-            field="steps",
-        )
-    for index, prop in enumerate(properties):
-        if prop.provided_path is not None:
-            points, field = len(prop.provided_path) + 1, f"properties[{index}].provided_path"
-        else:
-            points, field = steps + 1, "steps"
-        check_reachable(points, permutations, alpha, field)
-    return domain.ExplainSpec(
+    spec = domain.ExplainSpec(
         request_id=request.request_id or uuid.uuid4().hex,
         image=image,
         classifier=_classifier(request.model),
@@ -174,6 +158,19 @@ def explain_spec(request: pb.ExplainRequest, limits: Limits) -> domain.ExplainSp
         alpha=alpha,
         return_path_images=request.return_path_images,
     )
+    shapes = [spec.path_shape(p) for p in properties]
+    path_images = sum(paths * length for paths, length in shapes)
+    if image.shape[0] * image.shape[1] * path_images > limits.max_path_pixels:
+        raise InvalidArgument(
+            f"the request asks for {path_images} path images of {image.shape[1]}x{image.shape[0]} "
+            f"pixels, over the limit of {limits.max_path_pixels} pixels in all; "
+            "use fewer steps, samples or properties, or a smaller image",
+            field="steps",
+        )
+    for index, (prop, (_, length)) in enumerate(zip(properties, shapes, strict=True)):
+        field = "steps" if prop.provided_path is None else f"properties[{index}].provided_path"
+        check_reachable(length + 1, permutations, alpha, field)
+    return spec
 
 
 def _classifier(model: pb.ModelRef) -> domain.ClassifierRef:

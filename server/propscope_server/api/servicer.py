@@ -54,7 +54,7 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
                     yield convert.event_message(spec.request_id, event)
         except PropscopeError as error:
             code = error.code
-            await context.abort_with_status(rpc_status.to_status(convert.error_status(error)))
+            await _abort(context, error)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -80,7 +80,7 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
             return pb.ListModelsResponse(models=models)
         except PropscopeError as error:
             code = error.code
-            await context.abort(error.code, str(error))
+            await _abort(context, error)
         except Exception:
             code = grpc.StatusCode.INTERNAL
             logger.exception("list models failed")
@@ -98,3 +98,8 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
         except Exception:
             logger.warning("cannot describe model %s", entry.name, exc_info=True)
             return None
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: PropscopeError) -> None:
+    """End the call with the error's code, message and any BadRequest detail."""
+    await context.abort_with_status(rpc_status.to_status(convert.error_status(error)))

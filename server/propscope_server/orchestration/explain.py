@@ -159,13 +159,9 @@ class Explainer:
         finishes, then Done. Closing the iterator cancels outstanding work."""
         spec = plan.spec
         started = time.perf_counter()
-        edited = sum(1 for p in spec.properties if p.editor is not None) * spec.samples * spec.steps
-        classified = sum(
-            spec.samples * (spec.steps + 1)
-            if p.editor is not None
-            else len(p.provided_path or ()) + 1
-            for p in spec.properties
-        )
+        shapes = [(p, *spec.path_shape(p)) for p in spec.properties]
+        edited = sum(paths * length for p, paths, length in shapes if p.editor is not None)
+        classified = sum(paths * (length + 1) for _, paths, length in shapes)
         metrics.EDITS_PER_REQUEST.observe(edited)
         yield Accepted(
             property_names=tuple(p.name for p in spec.properties),
