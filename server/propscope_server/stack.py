@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from propscope_server.triton_launcher import TritonPorts, start_triton, wait_until_ready
+from propscope_server.triton_launcher import TritonPorts, start_triton, wait_for, wait_until_ready
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPOSITORY_ROOT / "deploy" / "triton" / "models"
@@ -62,14 +62,17 @@ def start_redis(port: int, log_file: Path) -> subprocess.Popen | None:
     process = subprocess.Popen(
         command, stdout=open(log_file, "ab"), stderr=subprocess.STDOUT, start_new_session=True
     )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def accepting() -> bool:
         with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return process
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"redis-server did not start on port {port}; see {log_file}")
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        wait_for(accepting, process, f"redis-server on port {port} (log {log_file})", 10.0, 0.1)
+    except (RuntimeError, TimeoutError):
+        process.kill()
+        raise
+    return process
 
 
 def start_gateway(env: dict[str, str], log_file: Path) -> subprocess.Popen:
@@ -84,18 +87,17 @@ def start_gateway(env: dict[str, str], log_file: Path) -> subprocess.Popen:
 
 def wait_for_gateway(target: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
     """Until the gateway answers its health check (SERVING or NOT_SERVING)."""
-    deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"the gateway exited with code {process.returncode}")
+
+        def answers() -> bool:
             try:
                 stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                return
+                return True
             except grpc.RpcError:
-                time.sleep(0.2)
-    raise TimeoutError(f"the gateway at {target} did not come up in {timeout_s:.0f} s")
+                return False
+
+        wait_for(answers, process, f"the gateway at {target}", timeout_s, 0.2)
 
 
 def up(

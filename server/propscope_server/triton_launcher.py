@@ -13,6 +13,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,22 +102,37 @@ def start_triton(
     )
 
 
+def wait_for(
+    ready: Callable[[], bool],
+    process: subprocess.Popen | None,
+    what: str,
+    timeout_s: float,
+    interval_s: float = 0.5,
+) -> None:
+    """Poll `ready` until it holds, failing fast if `process` exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode}")
+        if ready():
+            return
+        time.sleep(interval_s)
+    raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
+
+
 def wait_until_ready(
     grpc_url: str, process: subprocess.Popen | None = None, timeout_s: float = 180.0
 ) -> None:
     """Block until Triton reports ready, failing fast if the process died."""
-    deadline = time.monotonic() + timeout_s
     client = grpcclient.InferenceServerClient(grpc_url)
+
+    def ready() -> bool:
+        try:
+            return bool(client.is_server_ready(client_timeout=2.0))
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
+
     try:
-        while time.monotonic() < deadline:
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with code {process.returncode}")
-            try:
-                if client.is_server_ready(client_timeout=2.0):
-                    return
-            except Exception:  # noqa: BLE001 - not up yet
-                pass
-            time.sleep(0.5)
+        wait_for(ready, process, f"Triton at {grpc_url}", timeout_s)
     finally:
         client.close()
-    raise TimeoutError(f"Triton at {grpc_url} not ready after {timeout_s:.0f} s")

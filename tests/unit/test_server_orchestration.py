@@ -4,6 +4,7 @@ Triton path is covered by tests/integration)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from propscope_server.domain import (
     PropertySpec,
 )
 from propscope_server.editor_contract import EditorSchema
-from propscope_server.errors import BackendError
+from propscope_server.errors import BackendError, FailedPrecondition
 from propscope_server.orchestration.explain import Explainer
 
 CLASSIFIER = ModelDescription(
@@ -129,3 +130,13 @@ async def test_a_failed_sample_cancels_its_siblings_editor_calls():
     assert isinstance(outcome.error, BackendError)
     assert backend.edits_started == 3
     assert backend.edits_cancelled == 2
+
+
+async def test_a_classifier_without_batching_is_refused_before_any_work():
+    backend = FakeBackend()
+    unbatched = dataclasses.replace(CLASSIFIER, max_batch_size=0)
+    backend.describe = lambda name, version="": asyncio.sleep(0, unbatched)
+    explainer = Explainer(backend, InMemoryPathCache(10_000_000), Settings())
+    with pytest.raises(FailedPrecondition, match="max_batch_size 0"):
+        await explainer.plan(spec())
+    assert backend.edits_started == 0

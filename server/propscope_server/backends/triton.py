@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferRequestedOutput
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from propscope_server import metrics
 from propscope_server.editor_contract import (
@@ -150,21 +150,13 @@ class TritonBackend:
     async def classify(
         self, model: ModelDescription, batch: np.ndarray, output: str, timeout_s: float | None
     ) -> np.ndarray:
-        """Run a batch through the classifier in chunks of its max_batch_size."""
-        if model.max_batch_size == 0:
-            raise FailedPrecondition(
-                f"model {model.name!r} has max_batch_size 0; propscope needs a batching classifier"
-            )
+        """Run a batch through the classifier in chunks of its max_batch_size (> 0)."""
         chunks = []
         for start in range(0, len(batch), model.max_batch_size):
             chunk = batch[start : start + model.max_batch_size]
             inputs = [_input(model.inputs[0].name, chunk)]
             chunks.append(await self._infer(model, inputs, output, timeout_s, kind="classify"))
         return np.concatenate(chunks)
-
-    async def inference_count(self, name: str) -> int:
-        stats = await self._client.get_inference_statistics(name, as_json=True, client_timeout=5.0)
-        return sum(int(s.get("inference_count", 0)) for s in stats.get("model_stats", []))
 
     async def _infer(
         self,
@@ -195,14 +187,7 @@ class TritonBackend:
 
 
 def _input(name: str, array: np.ndarray) -> InferInput:
-    datatype = {
-        np.dtype(np.uint8): "UINT8",
-        np.dtype(np.float32): "FP32",
-        np.dtype(np.float16): "FP16",
-        np.dtype(np.int64): "INT64",
-        np.dtype(np.object_): "BYTES",
-    }[array.dtype]
-    tensor = InferInput(name, list(array.shape), datatype)
+    tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
     tensor.set_data_from_numpy(array)
     return tensor
 

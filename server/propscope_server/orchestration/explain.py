@@ -40,7 +40,12 @@ from propscope_server.domain import (
     StageTimes,
 )
 from propscope_server.editor_contract import InvalidParameters, canonical_parameters
-from propscope_server.errors import BackendError, InvalidArgument, PropscopeError
+from propscope_server.errors import (
+    BackendError,
+    FailedPrecondition,
+    InvalidArgument,
+    PropscopeError,
+)
 from propscope_server.scoring.property_gradient import score_property
 
 logger = logging.getLogger(__name__)
@@ -98,6 +103,10 @@ class Explainer:
         classifier = await self._backend.describe(spec.classifier.name, spec.classifier.version)
         if classifier.role == "editor":
             raise InvalidArgument(f"model {classifier.name!r} is an editor, not a classifier")
+        if classifier.max_batch_size == 0:
+            raise FailedPrecondition(
+                f"model {classifier.name!r} has max_batch_size 0; propscope needs a batching classifier"
+            )
         if len(classifier.inputs) != 1:
             raise InvalidArgument(
                 f"model {classifier.name!r} takes {len(classifier.inputs)} inputs; "
