@@ -5,6 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 STUBS := client/propscope/v1/explain_pb2.py
+# Tiny random diffusion pipelines for the CPU editors (generated, never committed).
+PIPELINES := deploy/triton/pipelines
+TINY_PIPELINES := $(PIPELINES)/tiny-ip2p/propscope_tiny.json $(PIPELINES)/tiny-sd/propscope_tiny.json
 RUN_DIR := .run
 SAMPLE := docs/sample.png
 DEMO_PROPERTIES := \
@@ -12,9 +15,9 @@ DEMO_PROPERTIES := \
 	--property "patch=procedural:operation=blend" \
 	--property "background_brightness=procedural:operation=brightness,region=background,amount=0.2"
 
-.PHONY: setup test lint demo up down bench weights stubs clean
+.PHONY: setup test lint demo up down bench weights stubs pipelines clean
 
-setup: $(INSTALLED) $(STUBS)
+setup: $(INSTALLED) $(STUBS) $(TINY_PIPELINES)
 
 $(INSTALLED): requirements.txt client/pyproject.toml server/pyproject.toml deploy/scripts/install-system-deps.sh
 	deploy/scripts/install-system-deps.sh
@@ -28,6 +31,11 @@ $(STUBS): protos/propscope/v1/*.proto | $(INSTALLED)
 	$(PY) client/generate_stubs.py
 
 stubs: $(STUBS)
+
+$(TINY_PIPELINES) &: | $(INSTALLED)
+	$(PY) -m propscope_server.triton_models.editors.diffusion.tiny_pipelines $(PIPELINES)
+
+pipelines: $(TINY_PIPELINES)
 
 test: setup
 	$(PY) -m pytest

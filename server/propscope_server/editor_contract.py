@@ -6,8 +6,8 @@ edited images in one call:
     IMAGE       UINT8 [H, W, 3]
     STRENGTHS   FP32  [N]      edit strength of each image of the path, in [0, 1]
     PARAMETERS  BYTES [1]      JSON object of string parameters
-    SEED        INT64 [1]
-    ->  PATH    UINT8 [N, H, W, 3]
+    SEED        INT64 [S]      one seed per sample: S paths in one call
+    ->  PATH    UINT8 [S, N, H, W, 3]
 
 The model's config.pbtxt declares its parameters (parameter "propscope.parameters",
 a JSON list of {name, description, type, default, choices}); the gateway checks a
@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
 
 ROLE_PARAMETER = "propscope.role"
 SCHEMA_PARAMETER = "propscope.parameters"
@@ -32,6 +35,50 @@ PATH_OUTPUT = "PATH"
 
 class InvalidParameters(ValueError):
     """A request's editor parameters do not match the editor's declaration."""
+
+
+class EditCancelled(Exception):
+    """The caller gave up; raised by a checkpoint so that an editor stops working."""
+
+
+# Called by an editor between units of work (denoising steps): raises
+# EditCancelled once the request is cancelled.
+Checkpoint = Callable[[], None]
+# (image [H, W, 3], strengths [N], resolved parameters, seeds [S], checkpoint) -> [S, N, H, W, 3]
+PathEditor = Callable[
+    [np.ndarray, np.ndarray, Mapping[str, str], list[int], Checkpoint], np.ndarray
+]
+# An editor that makes one path for one seed: (image, strengths, parameters, seed) -> [N, H, W, 3]
+SinglePathEditor = Callable[[np.ndarray, np.ndarray, Mapping[str, str], int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """What an editor is built from inside Triton: its config.pbtxt parameters,
+    its folder in the model repository and the device of its instance."""
+
+    parameters: Mapping[str, str]
+    model_dir: Path
+    device: str  # "cpu" or "cuda:N"
+
+
+def seed_by_seed(edit_path: SinglePathEditor) -> PathEditor:
+    """A PathEditor from an editor that is cheap enough to run one seed at a time."""
+
+    def edit(
+        image: np.ndarray,
+        strengths: np.ndarray,
+        parameters: Mapping[str, str],
+        seeds: list[int],
+        checkpoint: Checkpoint,
+    ) -> np.ndarray:
+        paths = []
+        for seed in seeds:
+            checkpoint()
+            paths.append(edit_path(image, strengths, parameters, seed))
+        return np.stack(paths)
+
+    return edit
 
 
 @dataclass(frozen=True)

@@ -54,9 +54,19 @@ def _copy_if_changed(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+def _own_libpython_dir() -> tuple[str, ...]:
+    """The running interpreter's libpython, when it is a shared build: the stub
+    then runs the same patch release as the standard library it imports (a
+    mismatch breaks extension modules such as _ssl). Otherwise the stub falls
+    back to the system libpython."""
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    name = f"libpython{sys.version_info.major}.{sys.version_info.minor}.so.1.0"
+    return (libdir,) if (Path(libdir) / name).exists() else ()
+
+
 def triton_environment() -> dict[str, str]:
-    """The stub runs the system libpython: point it at our site-packages (for
-    torch) and at the propscope_server sources (for the model code)."""
+    """The stub runs libpython: point it at our site-packages (for torch) and at
+    the propscope_server sources (for the model code)."""
     site_packages = sysconfig.get_paths()["purelib"]
     server_sources = str(Path(propscope_server.__file__).parent.parent)
     env = dict(os.environ)
@@ -64,7 +74,7 @@ def triton_environment() -> dict[str, str]:
         p for p in (server_sources, site_packages, env.get("PYTHONPATH", "")) if p
     )
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
-        p for p in (str(WHEEL_LIBS_DIR), env.get("LD_LIBRARY_PATH", "")) if p
+        p for p in (*_own_libpython_dir(), str(WHEEL_LIBS_DIR), env.get("LD_LIBRARY_PATH", "")) if p
     )
     env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
     env.setdefault("OMP_NUM_THREADS", "1")

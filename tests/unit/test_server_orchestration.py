@@ -22,7 +22,7 @@ from propscope_server.domain import (
 )
 from propscope_server.editor_contract import EditorSchema
 from propscope_server.errors import BackendError, FailedPrecondition
-from propscope_server.orchestration.explain import Explainer
+from propscope_server.orchestration.explain import Explainer, sample_seed
 
 CLASSIFIER = ModelDescription(
     name="clf",
@@ -51,23 +51,17 @@ class FakeBackend:
     def __init__(self, classify_error: Exception | None = None, nan: bool = False) -> None:
         self.classify_error = classify_error
         self.nan = nan
-        self.edits_started = 0
-        self.edits_cancelled = 0
+        self.edit_calls: list[list[int]] = []  # the seeds of each editor call
 
     async def describe(self, name: str, version: str = "") -> ModelDescription:
         return {"clf": CLASSIFIER, "ed": EDITOR}[name]
 
-    async def edit(self, editor, image, strengths, parameters, seed, timeout_s):
-        self.edits_started += 1
-        if seed != 0:  # every sample but the first waits, then the first fails
-            try:
-                await asyncio.sleep(30)
-            except asyncio.CancelledError:
-                self.edits_cancelled += 1
-                raise
+    async def edit(self, editor, image, strengths, parameters, seeds, timeout_s):
+        self.edit_calls.append(list(seeds))
         if '"fail"' in parameters:
             raise BackendError("editor broke")
-        return np.stack([np.clip(image + int(255 * s), 0, 255).astype(np.uint8) for s in strengths])
+        path = np.stack([np.clip(image + int(255 * s), 0, 255).astype(np.uint8) for s in strengths])
+        return np.stack([path] * len(seeds))
 
     async def classify(self, model, batch, output, timeout_s):
         if self.classify_error:
@@ -123,13 +117,33 @@ async def test_non_finite_classifier_outputs_fail_the_property():
     assert "non-finite" in str(outcome.error)
 
 
-async def test_a_failed_sample_cancels_its_siblings_editor_calls():
+async def test_all_samples_of_a_property_are_edited_in_one_call():
+    backend = FakeBackend()
+    events = await run(backend, spec(samples=3, properties=2))
+    outcomes = [e for e in events if isinstance(e, PropertyOutcome)]
+    assert all(o.error is None and o.cache_misses == 3 for o in outcomes)
+    assert [len(seeds) for seeds in backend.edit_calls] == [3, 3]
+    assert len({tuple(seeds) for seeds in backend.edit_calls}) == 1  # same sample seeds
+
+
+async def test_only_the_samples_the_cache_lacks_are_edited():
+    backend = FakeBackend()
+    explainer = Explainer(backend, InMemoryPathCache(10_000_000), Settings())
+    fewer = await explainer.plan(spec(samples=2))
+    [event async for event in explainer.run(fewer)]
+    more = await explainer.plan(spec(samples=5))
+    events = [event async for event in explainer.run(more)]
+    (outcome,) = [e for e in events if isinstance(e, PropertyOutcome)]
+    assert (outcome.cache_hits, outcome.cache_misses) == (2, 3)
+    assert backend.edit_calls[1] == [sample_seed(0, s) for s in (2, 3, 4)]
+
+
+async def test_a_failed_editor_call_fails_the_property():
     backend = FakeBackend()
     events = await asyncio.wait_for(run(backend, spec(samples=3, mode="fail")), 5)
     (outcome,) = [e for e in events if isinstance(e, PropertyOutcome)]
     assert isinstance(outcome.error, BackendError)
-    assert backend.edits_started == 3
-    assert backend.edits_cancelled == 2
+    assert len(backend.edit_calls) == 1
 
 
 async def test_a_classifier_without_batching_is_refused_before_any_work():
@@ -139,4 +153,4 @@ async def test_a_classifier_without_batching_is_refused_before_any_work():
     explainer = Explainer(backend, InMemoryPathCache(10_000_000), Settings())
     with pytest.raises(FailedPrecondition, match="max_batch_size 0"):
         await explainer.plan(spec())
-    assert backend.edits_started == 0
+    assert backend.edit_calls == []

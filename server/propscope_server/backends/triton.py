@@ -128,18 +128,18 @@ class TritonBackend:
         image: np.ndarray,
         strengths: np.ndarray,
         parameters: str,
-        seed: int,
+        seeds: list[int],
         timeout_s: float | None,
     ) -> np.ndarray:
-        """One editor call: the whole path [N, H, W, 3] uint8."""
+        """One editor call for all samples: the paths [S, N, H, W, 3] uint8."""
         inputs = [
             _input(IMAGE_INPUT, np.ascontiguousarray(image, dtype=np.uint8)),
             _input(STRENGTHS_INPUT, np.asarray(strengths, dtype=np.float32)),
             _input(PARAMETERS_INPUT, np.array([parameters.encode()], dtype=np.object_)),
-            _input(SEED_INPUT, np.array([seed % 2**63], dtype=np.int64)),
+            _input(SEED_INPUT, np.array([seed % 2**63 for seed in seeds], dtype=np.int64)),
         ]
         result = await self._infer(editor, inputs, PATH_OUTPUT, timeout_s, kind="edit")
-        expected = (len(strengths), *image.shape)
+        expected = (len(seeds), len(strengths), *image.shape)
         if result.shape != expected or result.dtype != np.uint8:
             raise BackendError(
                 f"editor {editor.name!r} returned {result.dtype}{list(result.shape)}; "

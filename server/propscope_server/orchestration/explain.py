@@ -270,17 +270,15 @@ class Explainer:
     async def _paths(
         self, plan: Plan, prop: PropertySpec, emit: Callable[[Event], None], times: StageTimes
     ) -> tuple[list[np.ndarray], list[bool]]:
-        """[x_0, x_1..x_N] per sample, and whether each came from the cache."""
+        """[x_0, x_1..x_N] per sample, and whether each came from the cache. The
+        samples the cache lacks are edited in one editor call."""
         original = plan.spec.image[None]
         if prop.provided_path is not None:
             return [np.concatenate([original, np.stack(prop.provided_path)])], []
         editor = plan.editors[prop.name]
-        completed = 0
-
-        async def one_sample(sample: int) -> tuple[np.ndarray, bool]:
-            nonlocal completed
-            seed = sample_seed(plan.spec.seed, sample)
-            key = path_key(
+        seeds = [sample_seed(plan.spec.seed, s) for s in range(plan.spec.samples)]
+        keys = [
+            path_key(
                 plan.image_digest,
                 editor.description.name,
                 editor.description.version,
@@ -288,33 +286,36 @@ class Explainer:
                 plan.strengths,
                 seed,
             )
-            with _timed(times, "cache_s"):
-                path = await self._cache.get(key)
-            hit = path is not None and path.shape == (plan.spec.steps, *plan.spec.image.shape)
+            for seed in seeds
+        ]
+        with _timed(times, "cache_s"):
+            paths = list(await asyncio.gather(*(self._cache.get(key) for key in keys)))
+        expected = (plan.spec.steps, *plan.spec.image.shape)
+        hits = [path is not None and path.shape == expected for path in paths]
+        for hit in hits:
             metrics.CACHE_LOOKUPS.labels(result="hit" if hit else "miss").inc()
-            if not hit:
-                with _timed(times, "edit_s"):
-                    path = await self._backend.edit(
-                        editor.description,
-                        plan.spec.image,
-                        plan.strengths,
-                        editor.parameters,
-                        seed,
-                        plan.timeout_s(),
+        missing = [s for s, hit in enumerate(hits) if not hit]
+        if missing:
+            with _timed(times, "edit_s"):
+                edited = await self._backend.edit(
+                    editor.description,
+                    plan.spec.image,
+                    plan.strengths,
+                    editor.parameters,
+                    [seeds[s] for s in missing],
+                    plan.timeout_s(),
+                )
+            with _timed(times, "cache_s"):
+                await asyncio.gather(
+                    *(
+                        self._cache.put(keys[s], path)
+                        for s, path in zip(missing, edited, strict=True)
                     )
-                with _timed(times, "cache_s"):
-                    await self._cache.put(key, path)
-            completed += 1
-            emit(Progress("edit", prop.name, completed, plan.spec.samples))
-            return np.concatenate([original, path]), hit
-
-        tasks = [asyncio.create_task(one_sample(s)) for s in range(plan.spec.samples)]
-        try:
-            results = await asyncio.gather(*tasks)
-        finally:  # one failed sample stops its siblings' editor calls
-            for task in tasks:
-                task.cancel()
-        return [path for path, _ in results], [hit for _, hit in results]
+                )
+            for s, path in zip(missing, edited, strict=True):
+                paths[s] = path
+        emit(Progress("edit", prop.name, plan.spec.samples, plan.spec.samples))
+        return [np.concatenate([original, path]) for path in paths], hits
 
     async def _classify(self, plan: Plan, images: np.ndarray) -> np.ndarray:
         batch = await asyncio.to_thread(to_model_input, images, plan.layout, plan.preprocessing)
