@@ -60,6 +60,7 @@ def up(
     typer.echo(f"Triton (gRPC)      {info.triton_grpc}")
     typer.echo(f"path cache         {info.redis_url or 'in-process (redis-server not installed)'}")
     typer.echo(f"metrics            {info.metrics_url}")
+    typer.echo(f"Triton metrics     {info.triton_metrics_url}")
     typer.echo(f"logs               {run_dir}/*.log; stop with `make down`")
 
 

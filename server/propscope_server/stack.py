@@ -31,6 +31,7 @@ class StackInfo:
     redis_url: str | None
     metrics_url: str | None
     pids: dict[str, int]
+    triton_metrics_url: str | None = None
 
 
 def free_port() -> int:
@@ -150,7 +151,12 @@ def up(
         _terminate(pids)
         raise
     info = StackInfo(
-        target, triton_url, redis_url, f"http://127.0.0.1:{metrics_port}/metrics", pids
+        target,
+        triton_url,
+        redis_url,
+        f"http://127.0.0.1:{metrics_port}/metrics",
+        pids,
+        f"http://127.0.0.1:{ports.metrics}/metrics",
     )
     (run_dir / "stack.json").write_text(json.dumps(asdict(info), indent=2))
     return info

@@ -64,7 +64,7 @@ def load_pipeline(pipeline_class: type[DiffusionPipeline], runtime: Runtime) -> 
     pipeline = pipeline_class.from_pretrained(
         runtime.weights,
         local_files_only=True,
-        torch_dtype=runtime.dtype,
+        dtype=runtime.dtype,
         safety_checker=None,
         requires_safety_checker=False,
     )
@@ -94,9 +94,7 @@ def to_tensor(image: np.ndarray, size: tuple[int, int], runtime: Runtime) -> tor
     """uint8 [H, W, 3] -> [1, 3, h, w] in [-1, 1] at the working size."""
     if image.shape[:2] != size:
         image = np.asarray(Image.fromarray(image).resize(size[::-1], Image.Resampling.BICUBIC))
-    tensor = (
-        torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
-    )
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
     return tensor.to(device=runtime.device, dtype=runtime.dtype)
 
 

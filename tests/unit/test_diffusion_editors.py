@@ -1,0 +1,242 @@
+"""The diffusion editors on tiny random pipelines (built offline): each path equals
+what the diffusers pipeline makes edit by edit, the shared work is done once,
+and chunking, seeds and sizes behave."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, EulerDiscreteScheduler
+from PIL import Image
+
+from propscope_server.editor_contract import EditCancelled, InvalidParameters
+from propscope_server.synthetic.world import Scene, render
+from propscope_server.triton_models.editors.diffusion.ip2p import InstructPix2PixEditor
+from propscope_server.triton_models.editors.diffusion.ledits import LeditsEditor
+from propscope_server.triton_models.editors.diffusion.pipelines import Runtime, working_size
+from propscope_server.triton_models.editors.diffusion.sdedit import SDEditEditor
+from propscope_server.triton_models.editors.diffusion.tiny_pipelines import build
+
+IMAGE = render(Scene(0, 10.0, 13.0, 0.5, False, (32.0, 32.0)))
+STRENGTHS = np.array([0.25, 0.5, 0.75, 1.0], np.float32)
+IP2P = dict(
+    instruction="make it blue",
+    negative_prompt="",
+    min_text_guidance="1.01",
+    max_text_guidance="12.5",
+    image_guidance="2.5",
+    num_inference_steps="4",
+    scheduler="euler",
+)
+SDEDIT = dict(
+    source_prompt="a red circle",
+    target_prompt="a blue square",
+    negative_prompt="",
+    noise_strength="0.6",
+    guidance_scale="7.5",
+    num_inference_steps="6",
+    scheduler="ddim",
+)
+LEDITS = dict(
+    editing_prompt="snow",
+    reverse_direction="false",
+    max_edit_guidance="10",
+    edit_threshold="0.9",
+    edit_warmup_steps="0",
+    source_prompt="",
+    source_guidance_scale="3.5",
+    num_inversion_steps="5",
+    skip="0.15",
+    scheduler="dpmsolver++",
+)
+
+
+def no_cancel() -> None:
+    return None
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build(tmp_path_factory.mktemp("pipelines"))
+
+
+@pytest.fixture(scope="module")
+def ip2p(pipelines) -> InstructPix2PixEditor:
+    return InstructPix2PixEditor(Runtime(pipelines["tiny-ip2p"], resolution=64))
+
+
+@pytest.fixture(scope="module")
+def sdedit(pipelines) -> SDEditEditor:
+    return SDEditEditor(Runtime(pipelines["tiny-sd"], resolution=64))
+
+
+@pytest.fixture(scope="module")
+def ledits(pipelines) -> LeditsEditor:
+    return LeditsEditor(Runtime(pipelines["tiny-sd"], resolution=64))
+
+
+def as_uint8(images: np.ndarray) -> np.ndarray:
+    return (images * 255).round().astype(np.uint8)
+
+
+def max_difference(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def test_ip2p_path_equals_the_pipeline_edit_by_edit(ip2p):
+    path = ip2p(IMAGE, STRENGTHS, IP2P, [7], no_cancel)
+    pipe = ip2p.pipeline
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    for step, strength in enumerate(STRENGTHS):
+        reference = pipe(
+            "make it blue",
+            image=Image.fromarray(IMAGE),
+            num_inference_steps=4,
+            guidance_scale=float(1.01 + strength * (12.5 - 1.01)),
+            image_guidance_scale=2.5,
+            generator=torch.Generator("cpu").manual_seed(7),
+            output_type="np",
+        ).images[0]
+        assert max_difference(path[0, step], as_uint8(reference)) <= 1
+    assert max_difference(path[0, 0], path[0, -1]) > 10  # the guidance sweep changes the image
+
+
+def test_sdedit_path_equals_img2img_with_interpolated_prompt_embeddings(sdedit):
+    path = sdedit(IMAGE, STRENGTHS, SDEDIT, [5], no_cancel)
+    pipe = sdedit.pipeline
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    prompts, negatives = pipe.encode_prompt(["a red circle", "a blue square"], "cpu", 1, True)
+    for step, strength in enumerate(STRENGTHS):
+        reference = pipe(
+            prompt_embeds=torch.lerp(prompts[:1], prompts[1:], float(strength)),
+            negative_prompt_embeds=negatives[:1],
+            image=Image.fromarray(IMAGE),
+            strength=0.6,
+            guidance_scale=7.5,
+            num_inference_steps=6,
+            generator=torch.Generator("cpu").manual_seed(5),
+            output_type="np",
+        ).images[0]
+        assert max_difference(path[0, step], as_uint8(reference)) <= 1
+
+
+def test_ledits_path_equals_the_pipeline_with_one_inversion(ledits):
+    path = ledits(IMAGE, STRENGTHS, LEDITS, [3], no_cancel)
+    pipe = ledits.pipeline
+    for step, strength in enumerate(STRENGTHS):
+        pipe.invert(
+            image=Image.fromarray(IMAGE),
+            num_inversion_steps=5,
+            skip=0.15,
+            generator=torch.Generator("cpu").manual_seed(3),
+        )
+        reference = pipe(
+            editing_prompt=["snow"],
+            edit_guidance_scale=float(strength * 10),
+            edit_threshold=0.9,
+            use_cross_attn_mask=False,
+            use_intersect_mask=False,
+            output_type="np",
+        ).images[0]
+        assert max_difference(path[0, step], as_uint8(reference)) <= 1
+
+
+def unet_rows(editor, call) -> int:
+    """Rows (images) through the UNet while `call` runs."""
+    rows = []
+    hook = editor.pipeline.unet.register_forward_hook(
+        lambda m, args, out: rows.append(len(args[0]))
+    )
+    try:
+        call()
+    finally:
+        hook.remove()
+    return sum(rows)
+
+
+@pytest.mark.parametrize(
+    ("editor", "parameters", "branches", "shared_branches", "steps"),
+    [("ip2p", IP2P, 3, 3, 4), ("sdedit", SDEDIT, 2, 1, 3)],
+)
+def test_path_wide_branches_run_once_per_seed_at_the_first_step(
+    request, editor, parameters, branches, shared_branches, steps
+):
+    model = request.getfixturevalue(editor)
+    seeds, items = [1, 2], 2 * len(STRENGTHS)
+    rows = unet_rows(model, lambda: model(IMAGE, STRENGTHS, parameters, seeds, no_cancel))
+    first_step = shared_branches * len(seeds) + (branches - shared_branches) * items
+    assert rows == first_step + (steps - 1) * branches * items
+    assert rows < steps * branches * items  # what a plain batched pipeline call runs
+
+
+def test_chunking_the_batch_does_not_change_the_path(pipelines):
+    whole = InstructPix2PixEditor(Runtime(pipelines["tiny-ip2p"], resolution=64))
+    chunked = InstructPix2PixEditor(
+        Runtime(pipelines["tiny-ip2p"], resolution=64, max_unet_batch=4)
+    )
+    a = whole(IMAGE, STRENGTHS, IP2P, [9, 10], no_cancel)
+    b = chunked(IMAGE, STRENGTHS, IP2P, [9, 10], no_cancel)
+    assert max_difference(a, b) <= 1
+
+
+@pytest.mark.parametrize(
+    ("editor", "parameters"), [("ip2p", IP2P), ("sdedit", SDEDIT), ("ledits", LEDITS)]
+)
+def test_each_seed_gives_the_path_it_gives_alone(request, editor, parameters):
+    model = request.getfixturevalue(editor)
+    together = model(IMAGE, STRENGTHS, parameters, [11, 12], no_cancel)
+    alone = model(IMAGE, STRENGTHS, parameters, [12], no_cancel)
+    assert together.shape == (2, len(STRENGTHS), *IMAGE.shape)
+    assert max_difference(together[1], alone[0]) <= 1
+    assert max_difference(together[0], together[1]) > 0  # another seed, another path
+
+
+def test_an_image_of_another_size_comes_back_at_its_size(sdedit):
+    image = np.asarray(Image.fromarray(IMAGE).resize((56, 40)))
+    path = sdedit(image, STRENGTHS[:2], SDEDIT, [0], no_cancel)
+    assert path.shape == (1, 2, 40, 56, 3) and path.dtype == np.uint8
+
+
+def test_working_size_keeps_the_aspect_and_the_multiple():
+    assert working_size(64, 64, 64, 64) == (64, 64)
+    assert working_size(480, 640, 512, 64) == (384, 512)
+    assert working_size(10, 1000, 512, 64) == (64, 512)
+
+
+def test_a_cancelled_edit_stops_between_denoising_steps(ip2p):
+    calls = []
+
+    def checkpoint() -> None:
+        calls.append(1)
+        if len(calls) == 4:
+            raise EditCancelled
+
+    def edit() -> None:
+        with pytest.raises(EditCancelled):
+            ip2p(IMAGE, STRENGTHS, {**IP2P, "num_inference_steps": "50"}, [0], checkpoint)
+
+    rows = unet_rows(ip2p, edit)
+    # checkpoints: before the shared first step, before step 0 (all reused), before
+    # step 1, before step 2 (cancelled): 48 of the 50 steps never ran
+    assert len(calls) == 4
+    assert rows == 3 + 3 * len(STRENGTHS)
+
+
+def test_an_unknown_scheduler_is_refused(ip2p, ledits):
+    with pytest.raises(InvalidParameters, match="scheduler"):
+        ip2p(IMAGE, STRENGTHS, {**IP2P, "scheduler": "euler_ancestral"}, [0], no_cancel)
+    with pytest.raises(InvalidParameters, match="scheduler"):
+        ledits(IMAGE, STRENGTHS, {**LEDITS, "scheduler": "pndm"}, [0], no_cancel)
+
+
+def test_sdedit_refuses_a_noise_depth_with_no_denoising_step(sdedit):
+    with pytest.raises(InvalidParameters, match="noise_strength"):
+        sdedit(IMAGE, STRENGTHS, {**SDEDIT, "noise_strength": "0.05"}, [0], no_cancel)
+
+
+def test_a_missing_weights_folder_says_how_to_get_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make pipelines"):
+        SDEditEditor(Runtime(tmp_path / "nothing"))
