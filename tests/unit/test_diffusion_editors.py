@@ -229,7 +229,7 @@ def test_an_unknown_scheduler_is_refused(ip2p, ledits):
     with pytest.raises(InvalidParameters, match="scheduler"):
         ip2p(IMAGE, STRENGTHS, {**IP2P, "scheduler": "euler_ancestral"}, [0], no_cancel)
     with pytest.raises(InvalidParameters, match="scheduler"):
-        ledits(IMAGE, STRENGTHS, {**LEDITS, "scheduler": "pndm"}, [0], no_cancel)
+        ledits(IMAGE, STRENGTHS, {**LEDITS, "scheduler": "ddim"}, [0], no_cancel)
 
 
 def test_sdedit_refuses_a_noise_depth_with_no_denoising_step(sdedit):

@@ -13,18 +13,19 @@ import copy
 from collections.abc import Mapping
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LEditsPPPipelineStableDiffusion
+from diffusers import DPMSolverMultistepScheduler, LEditsPPPipelineStableDiffusion
 
 from propscope_server.editor_contract import InvalidParameters
 from propscope_server.triton_models.editors.diffusion.base import DiffusionEditor, per_item
 from propscope_server.triton_models.editors.diffusion.denoise import Branch, DenoiseJob
 from propscope_server.triton_models.editors.diffusion.pipelines import floats, generator
 
+# LEDITS++'s own default. diffusers 0.42's inversion fails with DDIM (it indexes
+# alphas_cumprod with a float tensor), so DDIM is not offered.
 INVERSION_SCHEDULERS = {
     "dpmsolver++": lambda config: DPMSolverMultistepScheduler.from_config(
         config, algorithm_type="sde-dpmsolver++", solver_order=2
     ),
-    "ddim": lambda config: DDIMScheduler.from_config(config),
 }
 
 

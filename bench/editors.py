@@ -1,0 +1,222 @@
+"""Diffusion editors, measured side by side in one run on the tiny pipelines:
+
+1. edits/s of propscope's batched path vs the reference way (one diffusers
+   pipeline call per edit, pipeline already loaded), in process, N = 10 and 50;
+2. one explanation through the gateway vs the editor's own raw call on Triton
+   (the gateway's overhead: classification, scoring, cache, gRPC);
+3. cold vs warm cache for a second classifier.
+
+    make bench        # or: .venv/bin/python bench/editors.py --repeats 3
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import tritonclient.grpc as triton_grpc
+import typer
+from PIL import Image
+
+import propscope
+from propscope_server import stack
+from propscope_server.editor_contract import EditorSchema, canonical_parameters
+from propscope_server.synthetic.world import Scene, render
+from propscope_server.triton_models.editors.diffusion.ip2p import InstructPix2PixEditor
+from propscope_server.triton_models.editors.diffusion.ledits import (
+    INVERSION_SCHEDULERS,
+    LeditsEditor,
+)
+from propscope_server.triton_models.editors.diffusion.pipelines import Runtime, scheduler
+from propscope_server.triton_models.editors.diffusion.sdedit import SDEditEditor
+from propscope_server.triton_models.editors.diffusion.tiny_pipelines import build
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+IMAGE = render(Scene(0, 10.0, 13.0, 0.5, False, (32.0, 32.0)))
+DENOISING_STEPS = 10
+PARAMETERS = {
+    "ip2p": {"instruction": "make it blue", "num_inference_steps": str(DENOISING_STEPS)},
+    "sdedit": {
+        "source_prompt": "a red circle",
+        "target_prompt": "a blue circle in snow",
+        "num_inference_steps": str(DENOISING_STEPS),
+    },
+    "ledits": {"editing_prompt": "snow", "num_inversion_steps": str(DENOISING_STEPS)},
+}
+EDITORS = {"ip2p": InstructPix2PixEditor, "sdedit": SDEditEditor, "ledits": LeditsEditor}
+
+
+def resolved(editor: str) -> dict[str, str]:
+    """The editor's parameters with the CPU config's defaults filled in."""
+    config = (REPOSITORY / f"deploy/triton/models/{editor}/config.pbtxt").read_text()
+    line = next(line for line in config.splitlines() if '"propscope.parameters"' in line)
+    schema_text = json.loads(line.split("string_value: ", 1)[1].rsplit(" }", 2)[0])
+    return EditorSchema.from_json(schema_text).resolve(PARAMETERS[editor])
+
+
+def reference_edit(name: str, editor, parameters: dict[str, str], strength: float, seed: int):
+    """One diffusers pipeline call for one edit: the paper's loop, pipeline loaded."""
+    pipe, image = editor.pipeline, Image.fromarray(IMAGE)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    steps = int(parameters.get("num_inference_steps", DENOISING_STEPS))
+    if name == "ip2p":
+        low, high = float(parameters["min_text_guidance"]), float(parameters["max_text_guidance"])
+        pipe.scheduler = scheduler(parameters["scheduler"], pipe.scheduler.config)
+        return pipe(
+            parameters["instruction"],
+            image=image,
+            num_inference_steps=steps,
+            guidance_scale=low + strength * (high - low),
+            image_guidance_scale=float(parameters["image_guidance"]),
+            generator=generator,
+        ).images[0]
+    if name == "sdedit":
+        pipe.scheduler = scheduler(parameters["scheduler"], pipe.scheduler.config)
+        prompts, negatives = pipe.encode_prompt(
+            [parameters["source_prompt"], parameters["target_prompt"]], "cpu", 1, True
+        )
+        return pipe(
+            prompt_embeds=torch.lerp(prompts[:1], prompts[1:], strength),
+            negative_prompt_embeds=negatives[:1],
+            image=image,
+            strength=float(parameters["noise_strength"]),
+            guidance_scale=float(parameters["guidance_scale"]),
+            num_inference_steps=steps,
+            generator=generator,
+        ).images[0]
+    pipe.scheduler = INVERSION_SCHEDULERS[parameters["scheduler"]](pipe.scheduler.config)
+    pipe.invert(
+        image=image,
+        num_inversion_steps=int(parameters["num_inversion_steps"]),
+        skip=float(parameters["skip"]),
+        generator=generator,
+    )
+    return pipe(
+        editing_prompt=[parameters["editing_prompt"]],
+        edit_guidance_scale=strength * float(parameters["max_edit_guidance"]),
+        edit_threshold=float(parameters["edit_threshold"]),
+        use_cross_attn_mask=False,
+        use_intersect_mask=False,
+    ).images[0]
+
+
+def best_of(repeats: int, run) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def in_process(repeats: int, pipelines: dict[str, Path]) -> None:
+    print(
+        f"\n1. edits/s in process, tiny pipelines 64x64, {DENOISING_STEPS} denoising steps, 1 thread"
+    )
+    print(
+        f"{'editor':8} {'N':>4} {'per-edit loop s':>16} {'batched path s':>15} {'loop edits/s':>13} {'ours edits/s':>13} {'speed-up':>9}"
+    )
+    for name, editor_class in EDITORS.items():
+        folder = pipelines["tiny-ip2p" if name == "ip2p" else "tiny-sd"]
+        editor = editor_class(Runtime(folder, resolution=64))
+        parameters = resolved(name)
+        for n in (10, 50):
+            strengths = np.arange(1, n + 1, dtype=np.float32) / n
+            loop = best_of(
+                1,
+                lambda: [reference_edit(name, editor, parameters, float(s), 0) for s in strengths],
+            )
+            ours = best_of(repeats, lambda: editor(IMAGE, strengths, parameters, [0], lambda: None))
+            print(
+                f"{name:8} {n:>4} {loop:>16.2f} {ours:>15.2f} {n / loop:>13.1f} {n / ours:>13.1f} {loop / ours:>8.2f}x"
+            )
+
+
+def timed_explain(client: propscope.Client, model: str, prop: str, steps: int, seed: int):
+    started = time.perf_counter()
+    events = list(client.explain(IMAGE, model, [prop], steps=steps, seed=seed))
+    elapsed = time.perf_counter() - started
+    (result,) = [e for e in events if isinstance(e, propscope.PropertyResult)]
+    assert result.ok, result.error
+    return elapsed, result.cache_hits
+
+
+def raw_editor_call(
+    triton: triton_grpc.InferenceServerClient, editor: str, steps: int, seed: int
+) -> float:
+    strengths = np.arange(1, steps + 1, dtype=np.float32) / steps
+    tensors = {
+        "IMAGE": IMAGE,
+        "STRENGTHS": strengths,
+        "PARAMETERS": np.array([canonical_parameters(resolved(editor)).encode()], dtype=np.object_),
+        "SEED": np.array([seed], dtype=np.int64),
+    }
+    inputs = []
+    for name, array in tensors.items():
+        tensor = triton_grpc.InferInput(
+            name,
+            list(array.shape),
+            {"uint8": "UINT8", "float32": "FP32", "object": "BYTES", "int64": "INT64"}[
+                array.dtype.name
+            ],
+        )
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    started = time.perf_counter()
+    triton.infer(editor, inputs)
+    return time.perf_counter() - started
+
+
+def through_the_gateway(repeats: int, steps: int) -> None:
+    print(
+        f"\n2./3. through the stack (Triton CPU, Redis, gateway), path of {steps} edits, median of {repeats}"
+    )
+    print(
+        f"{'editor':8} {'raw editor ms':>14} {'explain cold ms':>16} {'overhead':>9} {'explain warm ms':>16} {'cold/warm':>10}"
+    )
+    with tempfile.TemporaryDirectory() as run_dir:
+        info = stack.up(Path(run_dir), gateway_port=stack.free_port())
+        triton = triton_grpc.InferenceServerClient(info.triton_grpc)
+        try:
+            with propscope.Client(info.gateway, timeout=600) as client:
+                for editor in EDITORS:
+                    prop = f"edit={editor}:" + ",".join(
+                        f"{k}={v}" for k, v in PARAMETERS[editor].items()
+                    )
+                    timed_explain(client, "synth_unbiased", prop, steps, seed=10_000)  # warm-up
+                    raw, cold, warm = [], [], []
+                    for repeat in range(repeats):
+                        raw.append(raw_editor_call(triton, editor, steps, seed=20_000 + repeat))
+                        cold_s, hits = timed_explain(client, "synth_hue", prop, steps, seed=repeat)
+                        assert hits == 0
+                        warm_s, hits = timed_explain(
+                            client, "synth_patch", prop, steps, seed=repeat
+                        )
+                        assert hits == 1
+                        cold.append(cold_s)
+                        warm.append(warm_s)
+                    raw_ms, cold_ms, warm_ms = (
+                        statistics.median(x) * 1e3 for x in (raw, cold, warm)
+                    )
+                    print(
+                        f"{editor:8} {raw_ms:>14.1f} {cold_ms:>16.1f} {cold_ms / raw_ms:>8.3f}x {warm_ms:>16.1f} {cold_ms / warm_ms:>9.1f}x"
+                    )
+        finally:
+            triton.close()
+            stack.down(Path(run_dir))
+
+
+def main(repeats: int = 3, steps: int = 10) -> None:
+    torch.set_num_threads(1)  # as inside Triton (OMP_NUM_THREADS=1)
+    with tempfile.TemporaryDirectory() as folder:
+        in_process(repeats, build(Path(folder)))
+    through_the_gateway(repeats, steps)
+
+
+if __name__ == "__main__":
+    typer.run(main)
