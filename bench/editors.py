@@ -105,13 +105,18 @@ def reference_edit(name: str, editor, parameters: dict[str, str], strength: floa
     ).images[0]
 
 
-def best_of(repeats: int, run) -> float:
+def best_of(repeats: int, run, *args) -> float:
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        run()
+        run(*args)
         times.append(time.perf_counter() - started)
     return min(times)
+
+
+def reference_path(name: str, editor, parameters: dict[str, str], strengths: np.ndarray) -> None:
+    for strength in strengths:
+        reference_edit(name, editor, parameters, float(strength), 0)
 
 
 def in_process(repeats: int, pipelines: dict[str, Path]) -> None:
@@ -127,11 +132,8 @@ def in_process(repeats: int, pipelines: dict[str, Path]) -> None:
         parameters = resolved(name)
         for n in (10, 50):
             strengths = np.arange(1, n + 1, dtype=np.float32) / n
-            loop = best_of(
-                1,
-                lambda: [reference_edit(name, editor, parameters, float(s), 0) for s in strengths],
-            )
-            ours = best_of(repeats, lambda: editor(IMAGE, strengths, parameters, [0], lambda: None))
+            loop = best_of(1, reference_path, name, editor, parameters, strengths)
+            ours = best_of(repeats, editor, IMAGE, strengths, parameters, [0], lambda: None)
             print(
                 f"{name:8} {n:>4} {loop:>16.2f} {ours:>15.2f} {n / loop:>13.1f} {n / ours:>13.1f} {loop / ours:>8.2f}x"
             )
