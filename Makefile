@@ -57,6 +57,7 @@ demo: up
 bench: setup
 	$(PY) bench/permutation_test.py
 	$(PY) bench/explain_cold_warm.py
+	$(PY) bench/editors.py
 
 # Retrain the synthetic classifiers (deterministic; the committed weights came from this).
 weights: setup

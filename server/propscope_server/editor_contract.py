@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -44,12 +45,29 @@ class EditCancelled(Exception):
 # Called by an editor between units of work (denoising steps): raises
 # EditCancelled once the request is cancelled.
 Checkpoint = Callable[[], None]
-# (image [H, W, 3], strengths [N], resolved parameters, seeds [S], checkpoint) -> [S, N, H, W, 3]
-PathEditor = Callable[
-    [np.ndarray, np.ndarray, Mapping[str, str], list[int], Checkpoint], np.ndarray
-]
 # An editor that makes one path for one seed: (image, strengths, parameters, seed) -> [N, H, W, 3]
 SinglePathEditor = Callable[[np.ndarray, np.ndarray, Mapping[str, str], int], np.ndarray]
+
+
+def never_cancelled() -> None:
+    """The checkpoint of an edit nobody can cancel."""
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One request of the editor contract, decoded."""
+
+    image: np.ndarray  # uint8 [H, W, 3]
+    strengths: np.ndarray  # float32 [N]
+    parameters: Mapping[str, str]  # resolved against the editor's schema
+    seeds: list[int]  # [S]
+    checkpoint: Checkpoint = never_cancelled
+
+
+class PathEditor(Protocol):
+    def edit_many(self, requests: list[EditRequest]) -> list[np.ndarray | Exception]:
+        """Each request's paths [S, N, H, W, 3] uint8, or the exception that failed it;
+        requests handed over together may be computed together."""
 
 
 @dataclass(frozen=True)
@@ -62,23 +80,26 @@ class ModelContext:
     device: str  # "cpu" or "cuda:N"
 
 
-def seed_by_seed(edit_path: SinglePathEditor) -> PathEditor:
-    """A PathEditor from an editor that is cheap enough to run one seed at a time."""
+@dataclass(frozen=True)
+class SeedBySeed:
+    """A PathEditor from an editor cheap enough to run one seed at a time."""
 
-    def edit(
-        image: np.ndarray,
-        strengths: np.ndarray,
-        parameters: Mapping[str, str],
-        seeds: list[int],
-        checkpoint: Checkpoint,
-    ) -> np.ndarray:
+    edit_path: SinglePathEditor
+
+    def edit_many(self, requests: list[EditRequest]) -> list[np.ndarray | Exception]:
+        return [self._edit(request) for request in requests]
+
+    def _edit(self, request: EditRequest) -> np.ndarray | Exception:
         paths = []
-        for seed in seeds:
-            checkpoint()
-            paths.append(edit_path(image, strengths, parameters, seed))
+        try:
+            for seed in request.seeds:
+                request.checkpoint()
+                paths.append(
+                    self.edit_path(request.image, request.strengths, request.parameters, seed)
+                )
+        except (EditCancelled, InvalidParameters, ValueError) as error:
+            return error
         return np.stack(paths)
-
-    return edit
 
 
 @dataclass(frozen=True)

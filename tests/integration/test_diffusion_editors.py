@@ -3,13 +3,19 @@ pipelines on CPU) -> Redis."""
 
 from __future__ import annotations
 
+import io
 import re
 import time
 import urllib.request
 
+import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
+from PIL import Image
+from tritonclient.utils import np_to_triton_dtype
 
 from propscope import Accepted, PropertyResult
+from propscope_server.editor_contract import SCHEMA_PARAMETER, EditorSchema, canonical_parameters
 from tests.integration.conftest import inference_count, scene_png
 
 PROPERTIES = {
@@ -91,3 +97,52 @@ def test_a_cancelled_explanation_stops_the_diffusion_editor(live_stack, client):
         list(client.explain(scene_png(hue_deg=300.0), "synth_hue", [PROPERTIES["ip2p"]], steps=5))
     )
     assert after[0].ok  # and the editor serves the next request
+
+
+def raw_edit(triton, editor: str, image: bytes, parameters: dict[str, str], steps: int, seed: int):
+    """The editor's own answer for one path, called alone (batch of one, no cache)."""
+    config = triton.get_model_config(editor, as_json=True)["config"]
+    schema = EditorSchema.from_json(config["parameters"][SCHEMA_PARAMETER]["string_value"])
+    pixels = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+    tensors = {
+        "IMAGE": pixels[None],
+        "STRENGTHS": (np.arange(1, steps + 1, dtype=np.float32) / steps)[None],
+        "PARAMETERS": np.array(
+            [[canonical_parameters(schema.resolve(parameters)).encode()]], dtype=np.object_
+        ),
+        "SEED": np.array([[seed]], dtype=np.int64),
+    }
+    inputs = []
+    for name, array in tensors.items():
+        tensor = triton_grpc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return triton.infer(editor, inputs).as_numpy("PATH")[0, 0]
+
+
+def test_concurrent_edits_batched_by_triton_equal_the_editor_alone(client, triton):
+    image = scene_png(hue_deg=120.0, radius_px=13.0)
+    instructions = {"blue": "make it blue", "snow": "add snow", "dark": "make it darker"}
+    properties = [
+        f"{name}=ip2p:instruction={text},num_inference_steps=3"
+        for name, text in instructions.items()
+    ]
+    events = list(
+        client.explain(
+            image, "synth_unbiased", properties, steps=5, seed=21, return_path_images=True
+        )
+    )
+    by_name = {r.property_name: r for r in results(events)}
+    assert all(r.ok for r in by_name.values())
+    seed = by_name["blue"].samples[0].seed
+    for name, text in instructions.items():
+        served = np.stack(
+            [
+                np.asarray(Image.open(io.BytesIO(png)))
+                for png in by_name[name].samples[0].path_images[1:]
+            ]
+        )
+        alone = raw_edit(
+            triton, "ip2p", image, {"instruction": text, "num_inference_steps": "3"}, 5, seed
+        )
+        assert np.abs(served.astype(int) - alone.astype(int)).max() <= 1

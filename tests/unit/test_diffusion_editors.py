@@ -12,7 +12,7 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 from PIL import Image
 
-from propscope_server.editor_contract import EditCancelled, InvalidParameters
+from propscope_server.editor_contract import EditCancelled, EditRequest, InvalidParameters
 from propscope_server.synthetic.world import Scene, render
 from propscope_server.triton_models.editors.diffusion.ip2p import InstructPix2PixEditor
 from propscope_server.triton_models.editors.diffusion.ledits import LeditsEditor
@@ -54,10 +54,6 @@ LEDITS = dict(
 )
 
 
-def no_cancel() -> None:
-    return None
-
-
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build(tmp_path_factory.mktemp("pipelines"))
@@ -87,7 +83,7 @@ def max_difference(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def test_ip2p_path_equals_the_pipeline_edit_by_edit(ip2p):
-    path = ip2p(IMAGE, STRENGTHS, IP2P, [7], no_cancel)
+    path = ip2p.edit(IMAGE, STRENGTHS, IP2P, [7])
     pipe = ip2p.pipeline
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     for step, strength in enumerate(STRENGTHS):
@@ -105,7 +101,7 @@ def test_ip2p_path_equals_the_pipeline_edit_by_edit(ip2p):
 
 
 def test_sdedit_path_equals_img2img_with_interpolated_prompt_embeddings(sdedit):
-    path = sdedit(IMAGE, STRENGTHS, SDEDIT, [5], no_cancel)
+    path = sdedit.edit(IMAGE, STRENGTHS, SDEDIT, [5])
     pipe = sdedit.pipeline
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     prompts, negatives = pipe.encode_prompt(["a red circle", "a blue square"], "cpu", 1, True)
@@ -124,7 +120,7 @@ def test_sdedit_path_equals_img2img_with_interpolated_prompt_embeddings(sdedit):
 
 
 def test_ledits_path_equals_the_pipeline_with_one_inversion(ledits):
-    path = ledits(IMAGE, STRENGTHS, LEDITS, [3], no_cancel)
+    path = ledits.edit(IMAGE, STRENGTHS, LEDITS, [3])
     pipe = ledits.pipeline
     for step, strength in enumerate(STRENGTHS):
         pipe.invert(
@@ -166,7 +162,7 @@ def test_path_wide_branches_run_once_per_seed_at_the_first_step(
 ):
     model = request.getfixturevalue(editor)
     seeds, items = [1, 2], 2 * len(STRENGTHS)
-    rows = unet_rows(model, lambda: model(IMAGE, STRENGTHS, parameters, seeds, no_cancel))
+    rows = unet_rows(model, lambda: model.edit(IMAGE, STRENGTHS, parameters, seeds))
     first_step = shared_branches * len(seeds) + (branches - shared_branches) * items
     assert rows == first_step + (steps - 1) * branches * items
     assert rows < steps * branches * items  # what a plain batched pipeline call runs
@@ -177,8 +173,8 @@ def test_chunking_the_batch_does_not_change_the_path(pipelines):
     chunked = InstructPix2PixEditor(
         Runtime(pipelines["tiny-ip2p"], resolution=64, max_unet_batch=4)
     )
-    a = whole(IMAGE, STRENGTHS, IP2P, [9, 10], no_cancel)
-    b = chunked(IMAGE, STRENGTHS, IP2P, [9, 10], no_cancel)
+    a = whole.edit(IMAGE, STRENGTHS, IP2P, [9, 10])
+    b = chunked.edit(IMAGE, STRENGTHS, IP2P, [9, 10])
     assert max_difference(a, b) <= 1
 
 
@@ -187,8 +183,8 @@ def test_chunking_the_batch_does_not_change_the_path(pipelines):
 )
 def test_each_seed_gives_the_path_it_gives_alone(request, editor, parameters):
     model = request.getfixturevalue(editor)
-    together = model(IMAGE, STRENGTHS, parameters, [11, 12], no_cancel)
-    alone = model(IMAGE, STRENGTHS, parameters, [12], no_cancel)
+    together = model.edit(IMAGE, STRENGTHS, parameters, [11, 12])
+    alone = model.edit(IMAGE, STRENGTHS, parameters, [12])
     assert together.shape == (2, len(STRENGTHS), *IMAGE.shape)
     assert max_difference(together[1], alone[0]) <= 1
     assert max_difference(together[0], together[1]) > 0  # another seed, another path
@@ -196,7 +192,7 @@ def test_each_seed_gives_the_path_it_gives_alone(request, editor, parameters):
 
 def test_an_image_of_another_size_comes_back_at_its_size(sdedit):
     image = np.asarray(Image.fromarray(IMAGE).resize((56, 40)))
-    path = sdedit(image, STRENGTHS[:2], SDEDIT, [0], no_cancel)
+    path = sdedit.edit(image, STRENGTHS[:2], SDEDIT, [0])
     assert path.shape == (1, 2, 40, 56, 3) and path.dtype == np.uint8
 
 
@@ -216,7 +212,7 @@ def test_a_cancelled_edit_stops_between_denoising_steps(ip2p):
 
     def edit() -> None:
         with pytest.raises(EditCancelled):
-            ip2p(IMAGE, STRENGTHS, {**IP2P, "num_inference_steps": "50"}, [0], checkpoint)
+            ip2p.edit(IMAGE, STRENGTHS, {**IP2P, "num_inference_steps": "50"}, [0], checkpoint)
 
     rows = unet_rows(ip2p, edit)
     # checkpoints: before the shared first step, before step 0 (all reused), before
@@ -227,16 +223,67 @@ def test_a_cancelled_edit_stops_between_denoising_steps(ip2p):
 
 def test_an_unknown_scheduler_is_refused(ip2p, ledits):
     with pytest.raises(InvalidParameters, match="scheduler"):
-        ip2p(IMAGE, STRENGTHS, {**IP2P, "scheduler": "euler_ancestral"}, [0], no_cancel)
+        ip2p.edit(IMAGE, STRENGTHS, {**IP2P, "scheduler": "euler_ancestral"}, [0])
     with pytest.raises(InvalidParameters, match="scheduler"):
-        ledits(IMAGE, STRENGTHS, {**LEDITS, "scheduler": "ddim"}, [0], no_cancel)
+        ledits.edit(IMAGE, STRENGTHS, {**LEDITS, "scheduler": "ddim"}, [0])
 
 
 def test_sdedit_refuses_a_noise_depth_with_no_denoising_step(sdedit):
     with pytest.raises(InvalidParameters, match="noise_strength"):
-        sdedit(IMAGE, STRENGTHS, {**SDEDIT, "noise_strength": "0.05"}, [0], no_cancel)
+        sdedit.edit(IMAGE, STRENGTHS, {**SDEDIT, "noise_strength": "0.05"}, [0])
 
 
 def test_a_missing_weights_folder_says_how_to_get_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="make pipelines"):
         SDEditEditor(Runtime(tmp_path / "nothing"))
+
+
+def unet_calls(editor, call) -> int:
+    calls = []
+    hook = editor.pipeline.unet.register_forward_hook(lambda m, args, out: calls.append(1))
+    try:
+        call()
+    finally:
+        hook.remove()
+    return len(calls)
+
+
+def test_requests_handed_over_together_denoise_in_lockstep(ip2p):
+    other_image = render(Scene(1, 200.0, 10.0, 0.3, True, (30.0, 34.0)))
+    requests = [
+        EditRequest(IMAGE, STRENGTHS, IP2P, [1]),
+        EditRequest(other_image, STRENGTHS[:2], {**IP2P, "instruction": "add snow"}, [2, 3]),
+    ]
+    together = []
+    calls = unet_calls(ip2p, lambda: together.extend(ip2p.edit_many(requests)))
+    assert calls == int(IP2P["num_inference_steps"])  # one UNet pass per step for both
+    for request, result in zip(requests, together, strict=True):
+        alone = ip2p.edit(request.image, request.strengths, request.parameters, request.seeds)
+        assert result.shape == alone.shape
+        assert max_difference(result, alone) <= 1
+
+
+def test_requests_with_other_timesteps_are_denoised_apart(sdedit):
+    deeper = {**SDEDIT, "noise_strength": "0.9"}
+    results = sdedit.edit_many(
+        [EditRequest(IMAGE, STRENGTHS, SDEDIT, [4]), EditRequest(IMAGE, STRENGTHS, deeper, [4])]
+    )
+    assert max_difference(results[0], sdedit.edit(IMAGE, STRENGTHS, SDEDIT, [4])) <= 1
+    assert max_difference(results[1], sdedit.edit(IMAGE, STRENGTHS, deeper, [4])) <= 1
+
+
+def test_a_cancelled_request_leaves_its_batch_mates_alone(ip2p):
+    def cancelled() -> None:
+        raise EditCancelled
+
+    bad = {**IP2P, "scheduler": "nope"}
+    results = ip2p.edit_many(
+        [
+            EditRequest(IMAGE, STRENGTHS, IP2P, [5], cancelled),
+            EditRequest(IMAGE, STRENGTHS, bad, [5]),
+            EditRequest(IMAGE, STRENGTHS, IP2P, [5]),
+        ]
+    )
+    assert isinstance(results[0], EditCancelled)
+    assert isinstance(results[1], InvalidParameters)
+    assert max_difference(results[2], ip2p.edit(IMAGE, STRENGTHS, IP2P, [5])) <= 1

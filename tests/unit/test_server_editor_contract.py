@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
@@ -12,8 +13,10 @@ from tritonclient.grpc import model_config_pb2
 from propscope_server.editor_contract import (
     SCHEMA_PARAMETER,
     EditorSchema,
+    EditRequest,
     InvalidParameters,
     ParameterSpec,
+    SeedBySeed,
     canonical_parameters,
 )
 
@@ -125,3 +128,67 @@ def test_procedural_config_schema_resolves():
         schema.resolve({"operation": "rotate"})
     with pytest.raises(InvalidParameters, match="'operation' is required"):
         schema.resolve({})
+
+
+MODELS = PROCEDURAL_CONFIG.parents[1]
+DIFFUSION_EDITORS = ("ip2p", "sdedit", "ledits")
+
+
+def model_config(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+@pytest.mark.parametrize("editor", DIFFUSION_EDITORS)
+def test_gpu_variant_differs_from_the_cpu_one_only_in_where_and_how_it_runs(editor):
+    cpu = model_config(MODELS / editor / "config.pbtxt")
+    gpu = model_config(MODELS / editor / "configs" / "gpu.pbtxt")
+    assert cpu.name == gpu.name == editor
+    assert cpu.input == gpu.input and cpu.output == gpu.output
+    assert [g.kind for g in cpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
+    assert [g.kind for g in gpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
+    assert (cpu.parameters["dtype"].string_value, gpu.parameters["dtype"].string_value) == (
+        "fp32",
+        "fp16",
+    )
+    assert cpu.parameters["weights"].string_value.startswith("../../pipelines/tiny-")
+    assert Path(gpu.parameters["weights"].string_value).is_absolute()
+    schemas = [
+        EditorSchema.from_json(c.parameters[SCHEMA_PARAMETER].string_value) for c in (cpu, gpu)
+    ]
+    assert [p.name for p in schemas[0].parameters] == [p.name for p in schemas[1].parameters]
+
+
+@pytest.mark.parametrize(
+    ("editor", "required"),
+    [("ip2p", "instruction"), ("sdedit", "target_prompt"), ("ledits", "editing_prompt")],
+)
+def test_diffusion_editor_schemas_need_their_prompt_and_default_the_rest(editor, required):
+    config = model_config(MODELS / editor / "config.pbtxt")
+    schema = EditorSchema.from_json(config.parameters[SCHEMA_PARAMETER].string_value)
+    with pytest.raises(InvalidParameters, match=f"'{required}' is required"):
+        schema.resolve({})
+    resolved = schema.resolve({required: "a snowy background"})
+    assert resolved[required] == "a snowy background"
+    assert int(resolved.get("num_inference_steps", resolved.get("num_inversion_steps"))) >= 1
+
+
+def test_seed_by_seed_stacks_one_path_per_seed_and_checks_in_between():
+    checks = []
+
+    def edit_path(image, strengths, parameters, seed):
+        if parameters.get("broken"):
+            raise InvalidParameters("broken")
+        return np.stack([image + seed for _ in strengths])
+
+    editor = SeedBySeed(edit_path)
+    image, strengths = np.zeros((2, 2, 3), np.uint8), np.ones(4, np.float32)
+    paths, broken = editor.edit_many(
+        [
+            EditRequest(image, strengths, {}, [1, 5], lambda: checks.append(1)),
+            EditRequest(image, strengths, {"broken": "yes"}, [1]),
+        ]
+    )
+    assert paths.shape == (2, 4, 2, 2, 3)
+    assert paths[0].max() == 1 and paths[1].max() == 5
+    assert len(checks) == 2
+    assert isinstance(broken, InvalidParameters)

@@ -131,14 +131,18 @@ class TritonBackend:
         seeds: list[int],
         timeout_s: float | None,
     ) -> np.ndarray:
-        """One editor call for all samples: the paths [S, N, H, W, 3] uint8."""
-        inputs = [
-            _input(IMAGE_INPUT, np.ascontiguousarray(image, dtype=np.uint8)),
-            _input(STRENGTHS_INPUT, np.asarray(strengths, dtype=np.float32)),
-            _input(PARAMETERS_INPUT, np.array([parameters.encode()], dtype=np.object_)),
-            _input(SEED_INPUT, np.array([seed % 2**63 for seed in seeds], dtype=np.int64)),
-        ]
+        """One editor call for all samples: the paths [S, N, H, W, 3] uint8. An editor
+        with dynamic batching takes it as a batch of one."""
+        tensors = {
+            IMAGE_INPUT: np.ascontiguousarray(image, dtype=np.uint8),
+            STRENGTHS_INPUT: np.asarray(strengths, dtype=np.float32),
+            PARAMETERS_INPUT: np.array([parameters.encode()], dtype=np.object_),
+            SEED_INPUT: np.array([seed % 2**63 for seed in seeds], dtype=np.int64),
+        }
+        batch = editor.max_batch_size > 0
+        inputs = [_input(name, array[None] if batch else array) for name, array in tensors.items()]
         result = await self._infer(editor, inputs, PATH_OUTPUT, timeout_s, kind="edit")
+        result = result[0] if batch and len(result) == 1 else result
         expected = (len(seeds), len(strengths), *image.shape)
         if result.shape != expected or result.dtype != np.uint8:
             raise BackendError(

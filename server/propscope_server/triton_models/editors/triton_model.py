@@ -3,7 +3,9 @@
 `editor_model(load)` wraps a PathEditor, built once per model instance by
 `load(ModelContext)`, in the editor contract (editor_contract.py): one response
 per request, errors returned as responses, cancellation checked between the
-editor's units of work.
+editor's units of work. With dynamic batching (max_batch_size > 0) every request
+carries one path request in a leading batch dimension of 1, and the requests
+Triton hands over together reach the editor together.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from propscope_server.editor_contract import (
     STRENGTHS_INPUT,
     EditCancelled,
     EditorSchema,
+    EditRequest,
     InvalidParameters,
     ModelContext,
     PathEditor,
@@ -37,15 +40,16 @@ def editor_model(load: Callable[[ModelContext], PathEditor]) -> type:
             config = json.loads(args["model_config"])
             parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
             self.schema = EditorSchema.from_json(parameters[SCHEMA_PARAMETER])
+            self.batched = int(config.get("max_batch_size", 0)) > 0
             on_gpu = args.get("model_instance_kind") == "GPU"
             device = f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu"
-            self.edit = load(ModelContext(parameters, Path(args["model_repository"]), device))
+            self.editor = load(ModelContext(parameters, Path(args["model_repository"]), device))
             labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
             # The families must outlive their metrics, so the model keeps both.
             self.metric_families = (
                 pb_utils.MetricFamily(
                     name="propscope_editor_work_units_total",
-                    description="Units of editor work done (a denoising step of a batch, or one seed's path)",
+                    description="Units of editor work done (a denoising step of a request, or one seed's path)",
                     kind=pb_utils.MetricFamily.COUNTER,
                 ),
                 pb_utils.MetricFamily(
@@ -59,47 +63,62 @@ def editor_model(load: Callable[[ModelContext], PathEditor]) -> type:
             )
 
         def execute(self, requests: list) -> list:
-            return [self._edit(request) for request in requests]
+            decoded: list[EditRequest | Exception] = [self._decode(r) for r in requests]
+            valid = [d for d in decoded if isinstance(d, EditRequest)]
+            try:
+                edited = iter(self.editor.edit_many(valid))
+            except Exception as error:  # noqa: BLE001 - one failed batch must not take the model down
+                pb_utils.Logger.log_error(f"edit failed: {error!r}")
+                edited = iter([RuntimeError(f"edit failed: {error}")] * len(valid))
+            return [
+                self._respond(next(edited) if isinstance(d, EditRequest) else d) for d in decoded
+            ]
 
-        def _edit(self, request: Any) -> Any:
+        def _decode(self, request: Any) -> EditRequest | Exception:
+            def tensor(name: str) -> np.ndarray:
+                array = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+                if not self.batched:
+                    return array
+                if array.shape[0] != 1:
+                    raise InvalidParameters(
+                        f"send one path request per request; {name} has a batch of {array.shape[0]}"
+                    )
+                return array[0]
+
             def checkpoint() -> None:
                 if request.is_cancelled():
                     raise EditCancelled
                 self.work_units.increment(1)
 
             try:
-                image = pb_utils.get_input_tensor_by_name(request, IMAGE_INPUT).as_numpy()
-                strengths = pb_utils.get_input_tensor_by_name(request, STRENGTHS_INPUT).as_numpy()
-                raw = pb_utils.get_input_tensor_by_name(request, PARAMETERS_INPUT).as_numpy()
-                seeds = pb_utils.get_input_tensor_by_name(request, SEED_INPUT).as_numpy()
-                parameters = self.schema.resolve(json.loads(raw.reshape(-1)[0]))
+                image = tensor(IMAGE_INPUT)
+                seeds = tensor(SEED_INPUT)
+                parameters = self.schema.resolve(
+                    json.loads(tensor(PARAMETERS_INPUT).reshape(-1)[0])
+                )
                 if image.ndim != 3 or image.shape[-1] != 3:
                     raise InvalidParameters(f"IMAGE must be [H, W, 3]; got {list(image.shape)}")
                 if seeds.ndim != 1 or len(seeds) == 0:
                     raise InvalidParameters(
                         f"SEED must be [S] with S >= 1; got {list(seeds.shape)}"
                     )
-                checkpoint()
-                path = self.edit(
-                    image,
-                    strengths.astype(np.float32),
-                    parameters,
-                    [int(s) for s in seeds],
-                    checkpoint,
+                strengths = tensor(STRENGTHS_INPUT).astype(np.float32)
+                return EditRequest(
+                    image, strengths, parameters, [int(s) for s in seeds], checkpoint
                 )
-            except EditCancelled:
+            except (InvalidParameters, ValueError, KeyError) as error:
+                return error
+
+        def _respond(self, result: np.ndarray | Exception) -> Any:
+            if isinstance(result, EditCancelled):
                 self.cancelled.increment(1)
                 error = pb_utils.TritonError(
                     "the edit was cancelled", pb_utils.TritonError.CANCELLED
                 )
                 return pb_utils.InferenceResponse(error=error)
-            except (InvalidParameters, ValueError, KeyError) as error:
-                return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
-            except Exception as error:  # noqa: BLE001 - one failed edit must not take the model down
-                pb_utils.Logger.log_error(f"edit failed: {error!r}")
-                return pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"edit failed: {error}")
-                )
+            if isinstance(result, Exception):
+                return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result)))
+            path = result[None] if self.batched else result
             return pb_utils.InferenceResponse([pb_utils.Tensor(PATH_OUTPUT, path)])
 
     return TritonPythonModel

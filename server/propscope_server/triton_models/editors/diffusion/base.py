@@ -1,5 +1,6 @@
-"""The editor contract for diffusion pipelines: one call edits a whole path
-(S seeds x N strengths) as one batch, encoding what the path shares once."""
+"""The editor contract for diffusion pipelines: the paths of a request (S seeds x
+N strengths) are one batch, what the path shares is encoded once, and requests
+handed over together denoise in lockstep."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
-from propscope_server.editor_contract import Checkpoint, ModelContext
+from propscope_server.editor_contract import (
+    Checkpoint,
+    EditCancelled,
+    EditRequest,
+    InvalidParameters,
+    ModelContext,
+    never_cancelled,
+)
 from propscope_server.triton_models.editors.diffusion.denoise import DenoiseJob, denoise
 from propscope_server.triton_models.editors.diffusion.pipelines import (
     Runtime,
@@ -35,26 +43,53 @@ class DiffusionEditor(ABC):
         return cls(runtime_from_config(context.parameters, context.model_dir, context.device))
 
     @torch.inference_mode()
-    def __call__(
+    def edit_many(self, requests: list[EditRequest]) -> list[np.ndarray | Exception]:
+        results: list[np.ndarray | Exception] = [EditCancelled()] * len(requests)
+        jobs: dict[int, DenoiseJob] = {}
+        for index, request in enumerate(requests):
+            try:
+                request.checkpoint()
+                jobs[index] = self._job(request)
+            except (EditCancelled, InvalidParameters, ValueError) as error:
+                results[index] = error
+        finished = denoise(self.pipeline.unet, list(jobs.values()), self.runtime.max_unet_batch)
+        for index, latents in zip(jobs, finished, strict=True):
+            request = requests[index]
+            if isinstance(latents, EditCancelled):
+                results[index] = latents
+                continue
+            edited = decode(self.pipeline, latents, self.runtime, request.image.shape[:2])
+            results[index] = edited.reshape(
+                len(request.seeds), len(request.strengths), *request.image.shape
+            )
+        return results
+
+    def edit(
         self,
         image: np.ndarray,
         strengths: np.ndarray,
         parameters: Mapping[str, str],
         seeds: list[int],
-        checkpoint: Checkpoint,
+        checkpoint: Checkpoint = never_cancelled,
     ) -> np.ndarray:
-        """uint8 [H, W, 3] -> uint8 [S, N, H, W, 3]."""
-        size = working_size(*image.shape[:2], self.runtime.resolution, self.size_multiple)
-        pixels = to_tensor(image, size, self.runtime)
-        seed_of_item = torch.arange(len(seeds)).repeat_interleave(len(strengths))
-        per_item = torch.from_numpy(np.tile(strengths.astype(np.float32), len(seeds)))
-        job = self.prepare(
-            pixels, per_item.to(self.runtime.device), seeds, seed_of_item, parameters
+        """One request: uint8 [H, W, 3] -> uint8 [S, N, H, W, 3]; raises what failed it."""
+        (result,) = self.edit_many([EditRequest(image, strengths, parameters, seeds, checkpoint)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _job(self, request: EditRequest) -> DenoiseJob:
+        size = working_size(*request.image.shape[:2], self.runtime.resolution, self.size_multiple)
+        seed_of_item = torch.arange(len(request.seeds)).repeat_interleave(len(request.strengths))
+        strengths = np.tile(request.strengths.astype(np.float32), len(request.seeds))
+        return self.prepare(
+            to_tensor(request.image, size, self.runtime),
+            torch.from_numpy(strengths).to(self.runtime.device),
+            request.seeds,
+            seed_of_item,
+            request.parameters,
+            request.checkpoint,
         )
-        latents = denoise(self.pipeline.unet, job, self.runtime.max_unet_batch, checkpoint)
-        checkpoint()
-        edited = decode(self.pipeline, latents, self.runtime, image.shape[:2])
-        return edited.reshape(len(seeds), len(strengths), *image.shape)
 
     @abstractmethod
     def prepare(
@@ -64,8 +99,10 @@ class DiffusionEditor(ABC):
         seeds: list[int],
         seed_of_item: torch.Tensor,
         parameters: Mapping[str, str],
+        checkpoint: Checkpoint,
     ) -> DenoiseJob:
-        """Encode what the path shares once; say how each item's guidance is formed."""
+        """Encode what the path shares once; say how each item's guidance is formed.
+        `strengths` and `seed_of_item` have one entry per item (seed-major)."""
 
 
 def per_item(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:

@@ -1,22 +1,24 @@
 """One batched, guided denoising loop for every diffusion editor.
 
-A path is S seeds x N strengths = n items. Items of one seed start from the same
-latents, so at the first denoising step a UNet branch whose conditioning is the
-same for the whole path (the unconditional branch, the image branch, a fixed
-instruction) gives the same output for all of them: it is computed once per
-seed and only the guidance that combines the branches differs per item. Later
-steps run every item, in chunks that bound the UNet batch.
+A job is one request's paths: S seeds x N strengths = n items. Items of one seed
+start from the same latents, so at the first denoising step a UNet branch whose
+conditioning is the same for the whole path (the unconditional branch, the image
+branch, a fixed instruction) gives the same output for all of them: it runs once
+per seed, and only the guidance that combines the branches differs per item.
+
+Jobs that share their timesteps and latent shape (requests that Triton's dynamic
+batcher handed over together) step in lockstep: every step is one UNet pass over
+all their rows, split only to bound the UNet batch.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from propscope_server.editor_contract import Checkpoint
+from propscope_server.editor_contract import Checkpoint, EditCancelled
 
 
 @dataclass(frozen=True)
@@ -31,115 +33,130 @@ class Branch:
     def shared(self) -> bool:
         return self.text.shape[0] == 1 and (self.image is None or self.image.shape[0] == 1)
 
-    def take(self, items: torch.Tensor) -> Branch:
-        """This branch's conditioning for `items`, one row each."""
+    def rows(self, count: int) -> Branch:
+        """A path-wide branch repeated for `count` rows (a per-item one as it is)."""
 
-        def rows(tensor: torch.Tensor) -> torch.Tensor:
-            return (
-                tensor.expand(len(items), *tensor.shape[1:])
-                if tensor.shape[0] == 1
-                else tensor[items]
-            )
+        def expand(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.expand(count, *tensor.shape[1:]) if tensor.shape[0] == 1 else tensor
 
-        return Branch(rows(self.text), None if self.image is None else rows(self.image))
+        return Branch(expand(self.text), None if self.image is None else expand(self.image))
 
 
-# combine(branch outputs for the items, step index, item indices) -> noise prediction
-Combine = Callable[[list[torch.Tensor], int, torch.Tensor], torch.Tensor]
-# step_options(step index, t, item indices) -> extra keyword arguments of scheduler.step
-StepOptions = Callable[[int, torch.Tensor, torch.Tensor], dict]
+# combine(one output per branch, each [n, c, h, w]; step index) -> noise prediction [n, c, h, w]
+Combine = Callable[[list[torch.Tensor], int], torch.Tensor]
+# step_options(step index, t) -> extra keyword arguments of scheduler.step for the job's items
+StepOptions = Callable[[int, torch.Tensor], dict]
 
 
 @dataclass
 class DenoiseJob:
     initial: torch.Tensor  # [S, c, h, w]: the starting latents of each seed
     seed_of_item: torch.Tensor  # [n] long: which seed each item belongs to
-    scheduler: object  # set up for `timesteps`; copied per chunk
+    scheduler: object  # set up for `timesteps`; this job's own instance
     timesteps: torch.Tensor
     branches: list[Branch]
     combine: Combine
+    checkpoint: Checkpoint
     step_options: StepOptions | None = None
 
 
+@dataclass
+class _Segment:
+    """Rows one job needs from one UNet pass for one branch."""
+
+    job: int
+    branch: int
+    latents: torch.Tensor
+    conditioning: Branch
+    gather: torch.Tensor | None  # per-seed rows -> items
+
+
 def denoise(
-    unet: torch.nn.Module, job: DenoiseJob, max_unet_batch: int, checkpoint: Checkpoint
-) -> torch.Tensor:
-    """The final latents of every item, [n, c, h, w]."""
-    first_step = _shared_first_step(unet, job, max_unet_batch, checkpoint)
-    chunk = max(1, max_unet_batch // len(job.branches))
-    items = torch.arange(len(job.seed_of_item))
-    finished = []
-    for start in range(0, len(items), chunk):
-        finished.append(
-            _denoise_items(
-                unet, job, items[start : start + chunk], first_step, max_unet_batch, checkpoint
+    unet: torch.nn.Module, jobs: list[DenoiseJob], max_unet_batch: int
+) -> list[torch.Tensor | EditCancelled]:
+    """Each job's final latents [n, c, h, w], or EditCancelled for a job whose
+    caller gave up (the other jobs go on)."""
+    results: list[torch.Tensor | EditCancelled] = [EditCancelled()] * len(jobs)
+    groups: dict[tuple, list[int]] = {}
+    for index, job in enumerate(jobs):
+        key = (tuple(job.timesteps.tolist()), tuple(job.initial.shape[1:]))
+        groups.setdefault(key, []).append(index)
+    for members in groups.values():
+        finished = _lockstep(unet, [jobs[i] for i in members], max_unet_batch)
+        for index, latents in zip(members, finished, strict=True):
+            results[index] = latents
+    return results
+
+
+def _lockstep(
+    unet: torch.nn.Module, jobs: list[DenoiseJob], max_unet_batch: int
+) -> list[torch.Tensor | EditCancelled]:
+    latents = [job.initial[job.seed_of_item] for job in jobs]
+    active = set(range(len(jobs)))
+    results: list[torch.Tensor | EditCancelled] = [EditCancelled()] * len(jobs)
+    for step, t in enumerate(jobs[0].timesteps):
+        for j in sorted(active):
+            try:
+                jobs[j].checkpoint()
+            except EditCancelled as cancelled:
+                results[j] = cancelled
+                active.discard(j)
+        if not active:
+            break
+        segments = [
+            segment
+            for j in sorted(active)
+            for segment in _segments(
+                j, jobs[j], jobs[j].scheduler.scale_model_input(latents[j], t), step
             )
-        )
-    return torch.cat(finished)
+        ]
+        outputs = _unet(unet, segments, t, max_unet_batch)
+        for j in sorted(active):
+            job = jobs[j]
+            branches = [None] * len(job.branches)
+            for segment, output in zip(segments, outputs, strict=True):
+                if segment.job == j:
+                    branches[segment.branch] = (
+                        output if segment.gather is None else output[segment.gather]
+                    )
+            noise = job.combine(branches, step)
+            options = job.step_options(step, t) if job.step_options else {}
+            latents[j] = job.scheduler.step(noise, t, latents[j], **options).prev_sample
+    for j in active:
+        results[j] = latents[j]
+    return results
 
 
-def _shared_first_step(
-    unet: torch.nn.Module, job: DenoiseJob, max_unet_batch: int, checkpoint: Checkpoint
-) -> dict[int, torch.Tensor]:
-    """UNet output at the first step for each path-wide branch, one row per seed."""
-    scheduler = copy.deepcopy(job.scheduler)
-    t = job.timesteps[0]
-    scaled = scheduler.scale_model_input(job.initial, t)
-    seeds = torch.arange(len(job.initial))
-    shared = [b for b, branch in enumerate(job.branches) if branch.shared]
-    if not shared:
-        return {}
-    checkpoint()
-    outputs = _unet(unet, scaled, t, [job.branches[b].take(seeds) for b in shared], max_unet_batch)
-    return dict(zip(shared, outputs, strict=True))
-
-
-def _denoise_items(
-    unet: torch.nn.Module,
-    job: DenoiseJob,
-    items: torch.Tensor,
-    first_step: dict[int, torch.Tensor],
-    max_unet_batch: int,
-    checkpoint: Checkpoint,
-) -> torch.Tensor:
-    scheduler = copy.deepcopy(job.scheduler)
-    seeds = job.seed_of_item[items]
-    latents = job.initial[seeds]
-    branches = [branch.take(items) for branch in job.branches]
-    for step, t in enumerate(job.timesteps):
-        checkpoint()
-        scaled = scheduler.scale_model_input(latents, t)
-        reuse = first_step if step == 0 else {}
-        todo = [b for b in range(len(branches)) if b not in reuse]
-        computed = dict(
-            zip(
-                todo,
-                _unet(unet, scaled, t, [branches[b] for b in todo], max_unet_batch),
-                strict=True,
+def _segments(index: int, job: DenoiseJob, scaled: torch.Tensor, step: int) -> list[_Segment]:
+    """At the first step a path-wide branch needs one row per seed; otherwise one per item."""
+    segments = []
+    for b, branch in enumerate(job.branches):
+        if step == 0 and branch.shared:
+            first_items = _first_item_of_each_seed(job.seed_of_item)
+            segments.append(
+                _Segment(
+                    index, b, scaled[first_items], branch.rows(len(first_items)), job.seed_of_item
+                )
             )
-        )
-        outputs = [reuse[b][seeds] if b in reuse else computed[b] for b in range(len(branches))]
-        noise = job.combine(outputs, step, items)
-        options = job.step_options(step, t, items) if job.step_options else {}
-        latents = scheduler.step(noise, t, latents, **options).prev_sample
-    return latents
+        else:
+            segments.append(_Segment(index, b, scaled, branch.rows(len(scaled)), None))
+    return segments
+
+
+def _first_item_of_each_seed(seed_of_item: torch.Tensor) -> torch.Tensor:
+    seeds = int(seed_of_item.max()) + 1
+    return torch.stack([torch.nonzero(seed_of_item == s)[0, 0] for s in range(seeds)])
 
 
 def _unet(
-    unet: torch.nn.Module,
-    scaled: torch.Tensor,
-    t: torch.Tensor,
-    branches: list[Branch],
-    max_unet_batch: int,
+    unet: torch.nn.Module, segments: list[_Segment], t: torch.Tensor, max_unet_batch: int
 ) -> list[torch.Tensor]:
-    """Each branch's noise prediction for `scaled`, all branches in one batch
-    (split when it exceeds max_unet_batch)."""
-    if not branches:
-        return []
-    latents = torch.cat([scaled] * len(branches))
-    if branches[0].image is not None:
-        latents = torch.cat([latents, torch.cat([b.image for b in branches])], dim=1)
-    text = torch.cat([b.text for b in branches])
+    """Every segment's noise prediction from one UNet pass over all their rows,
+    split into forward calls of at most max_unet_batch rows."""
+    latents = torch.cat([s.latents for s in segments])
+    if segments[0].conditioning.image is not None:
+        latents = torch.cat([latents, torch.cat([s.conditioning.image for s in segments])], dim=1)
+    text = torch.cat([s.conditioning.text for s in segments])
     predictions = torch.cat(
         [
             unet(
@@ -150,4 +167,4 @@ def _unet(
             for i in range(0, len(latents), max_unet_batch)
         ]
     )
-    return list(predictions.chunk(len(branches)))
+    return list(predictions.split([len(s.latents) for s in segments]))

@@ -9,6 +9,7 @@ import torch
 from diffusers import StableDiffusionInstructPix2PixPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
+from propscope_server.editor_contract import Checkpoint
 from propscope_server.triton_models.editors.diffusion.base import DiffusionEditor, per_item
 from propscope_server.triton_models.editors.diffusion.denoise import Branch, DenoiseJob
 from propscope_server.triton_models.editors.diffusion.pipelines import floats, generator, scheduler
@@ -24,6 +25,7 @@ class InstructPix2PixEditor(DiffusionEditor):
         seeds: list[int],
         seed_of_item: torch.Tensor,
         parameters: Mapping[str, str],
+        checkpoint: Checkpoint,
     ) -> DenoiseJob:
         pipe, runtime = self.pipeline, self.runtime
         low, high, image_guidance = floats(
@@ -56,11 +58,11 @@ class InstructPix2PixEditor(DiffusionEditor):
         )
         text_guidance = per_item(low + strengths * (high - low), runtime)
 
-        def combine(outputs: list[torch.Tensor], step: int, items: torch.Tensor) -> torch.Tensor:
+        def combine(outputs: list[torch.Tensor], step: int) -> torch.Tensor:
             with_text, with_image, unconditional = outputs
             return (
                 unconditional
-                + text_guidance[items] * (with_text - with_image)
+                + text_guidance * (with_text - with_image)
                 + image_guidance * (with_image - unconditional)
             )
 
@@ -75,4 +77,5 @@ class InstructPix2PixEditor(DiffusionEditor):
                 Branch(uncond, torch.zeros_like(image)),
             ],
             combine=combine,
+            checkpoint=checkpoint,
         )

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 from diffusers import DPMSolverMultistepScheduler, LEditsPPPipelineStableDiffusion
 
-from propscope_server.editor_contract import InvalidParameters
+from propscope_server.editor_contract import Checkpoint, InvalidParameters
 from propscope_server.triton_models.editors.diffusion.base import DiffusionEditor, per_item
 from propscope_server.triton_models.editors.diffusion.denoise import Branch, DenoiseJob
 from propscope_server.triton_models.editors.diffusion.pipelines import floats, generator
@@ -39,6 +39,7 @@ class LeditsEditor(DiffusionEditor):
         seeds: list[int],
         seed_of_item: torch.Tensor,
         parameters: Mapping[str, str],
+        checkpoint: Checkpoint,
     ) -> DenoiseJob:
         pipe, runtime = self.pipeline, self.runtime
         max_guidance, threshold, source_guidance, skip = floats(
@@ -78,21 +79,21 @@ class LeditsEditor(DiffusionEditor):
         direction = -1.0 if parameters["reverse_direction"] == "true" else 1.0
         scales = per_item(strengths * max_guidance * direction, runtime)
 
-        def combine(outputs: list[torch.Tensor], step: int, items: torch.Tensor) -> torch.Tensor:
+        def combine(outputs: list[torch.Tensor], step: int) -> torch.Tensor:
             unconditional, edited = outputs
             if step < warmup:
                 return unconditional
-            guidance = (edited - unconditional) * scales[items]
+            guidance = (edited - unconditional) * scales
             magnitude = guidance.abs().sum(dim=1, keepdim=True).expand_as(guidance)
             cut = torch.quantile(magnitude.flatten(start_dim=2).float(), threshold, dim=2).to(
                 guidance.dtype
             )
             return unconditional + torch.where(magnitude >= cut[:, :, None, None], guidance, 0)
 
-        def step_options(step: int, t: torch.Tensor, items: torch.Tensor) -> dict:
+        def step_options(step: int, t: torch.Tensor) -> dict:
             return {
                 **step_kwargs,
-                "variance_noise": noise_maps[seed_of_item[items], index_of[int(t)]],
+                "variance_noise": noise_maps[seed_of_item, index_of[int(t)]],
             }
 
         return DenoiseJob(
@@ -102,5 +103,6 @@ class LeditsEditor(DiffusionEditor):
             timesteps=timesteps,
             branches=[Branch(unconditional_text), Branch(concept)],
             combine=combine,
+            checkpoint=checkpoint,
             step_options=step_options,
         )

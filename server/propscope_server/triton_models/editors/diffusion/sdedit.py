@@ -10,7 +10,7 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from propscope_server.editor_contract import InvalidParameters
+from propscope_server.editor_contract import Checkpoint, InvalidParameters
 from propscope_server.triton_models.editors.diffusion.base import DiffusionEditor
 from propscope_server.triton_models.editors.diffusion.denoise import Branch, DenoiseJob
 from propscope_server.triton_models.editors.diffusion.pipelines import floats, generator, scheduler
@@ -26,6 +26,7 @@ class SDEditEditor(DiffusionEditor):
         seeds: list[int],
         seed_of_item: torch.Tensor,
         parameters: Mapping[str, str],
+        checkpoint: Checkpoint,
     ) -> DenoiseJob:
         pipe, runtime = self.pipeline, self.runtime
         noise_strength, guidance = floats(parameters, "noise_strength", "guidance_scale")
@@ -61,7 +62,7 @@ class SDEditEditor(DiffusionEditor):
             )
             initial.append(steps.add_noise(clean, noise, timesteps[:1]))
 
-        def combine(outputs: list[torch.Tensor], step: int, items: torch.Tensor) -> torch.Tensor:
+        def combine(outputs: list[torch.Tensor], step: int) -> torch.Tensor:
             unconditional, conditional = outputs
             return unconditional + guidance * (conditional - unconditional)
 
@@ -72,4 +73,5 @@ class SDEditEditor(DiffusionEditor):
             timesteps=timesteps,
             branches=[Branch(negatives[:1]), Branch(moving)],
             combine=combine,
+            checkpoint=checkpoint,
         )
