@@ -134,7 +134,7 @@ def in_process(repeats: int, pipelines: dict[str, Path]) -> None:
         for n in (10, 50):
             strengths = np.arange(1, n + 1, dtype=np.float32) / n
             loop = best_of(1, reference_path, name, editor, parameters, strengths)
-            ours = best_of(repeats, editor, IMAGE, strengths, parameters, [0], lambda: None)
+            ours = best_of(repeats, editor.edit, IMAGE, strengths, parameters, [0])
             print(
                 f"{name:8} {n:>4} {loop:>16.2f} {ours:>15.2f} {n / loop:>13.1f} {n / ours:>13.1f} {loop / ours:>8.2f}x"
             )

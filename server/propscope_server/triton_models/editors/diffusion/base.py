@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,6 +29,18 @@ from propscope_server.triton_models.editors.diffusion.pipelines import (
     to_tensor,
     working_size,
 )
+
+
+@dataclass(frozen=True)
+class PathInputs:
+    """One request, ready for an editor's `prepare`; items are seed-major."""
+
+    pixels: torch.Tensor  # [1, 3, h, w] in [-1, 1], at the working size
+    strengths: torch.Tensor  # [n]: each item's strength
+    seeds: list[int]  # [S]
+    seed_of_item: torch.Tensor  # [n] long
+    parameters: Mapping[str, str]
+    checkpoint: Checkpoint
 
 
 class DiffusionEditor(ABC):
@@ -83,26 +96,19 @@ class DiffusionEditor(ABC):
         seed_of_item = torch.arange(len(request.seeds)).repeat_interleave(len(request.strengths))
         strengths = np.tile(request.strengths.astype(np.float32), len(request.seeds))
         return self.prepare(
-            to_tensor(request.image, size, self.runtime),
-            torch.from_numpy(strengths).to(self.runtime.device),
-            request.seeds,
-            seed_of_item,
-            request.parameters,
-            request.checkpoint,
+            PathInputs(
+                pixels=to_tensor(request.image, size, self.runtime),
+                strengths=torch.from_numpy(strengths).to(self.runtime.device),
+                seeds=request.seeds,
+                seed_of_item=seed_of_item,
+                parameters=request.parameters,
+                checkpoint=request.checkpoint,
+            )
         )
 
     @abstractmethod
-    def prepare(
-        self,
-        pixels: torch.Tensor,
-        strengths: torch.Tensor,
-        seeds: list[int],
-        seed_of_item: torch.Tensor,
-        parameters: Mapping[str, str],
-        checkpoint: Checkpoint,
-    ) -> DenoiseJob:
-        """Encode what the path shares once; say how each item's guidance is formed.
-        `strengths` and `seed_of_item` have one entry per item (seed-major)."""
+    def prepare(self, path: PathInputs) -> DenoiseJob:
+        """Encode what the path shares once; say how each item's guidance is formed."""
 
 
 def per_item(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:

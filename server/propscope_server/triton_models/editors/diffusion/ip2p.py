@@ -3,14 +3,15 @@ path: 1.01 -> 12.5, image guidance 2.5), every item from the seed's noise."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from diffusers import StableDiffusionInstructPix2PixPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from propscope_server.editor_contract import Checkpoint
-from propscope_server.triton_models.editors.diffusion.base import DiffusionEditor, per_item
+from propscope_server.triton_models.editors.diffusion.base import (
+    DiffusionEditor,
+    PathInputs,
+    per_item,
+)
 from propscope_server.triton_models.editors.diffusion.denoise import Branch, DenoiseJob
 from propscope_server.triton_models.editors.diffusion.pipelines import floats, generator, scheduler
 
@@ -18,15 +19,8 @@ from propscope_server.triton_models.editors.diffusion.pipelines import floats, g
 class InstructPix2PixEditor(DiffusionEditor):
     pipeline_class = StableDiffusionInstructPix2PixPipeline
 
-    def prepare(
-        self,
-        pixels: torch.Tensor,
-        strengths: torch.Tensor,
-        seeds: list[int],
-        seed_of_item: torch.Tensor,
-        parameters: Mapping[str, str],
-        checkpoint: Checkpoint,
-    ) -> DenoiseJob:
+    def prepare(self, path: PathInputs) -> DenoiseJob:
+        parameters = path.parameters
         pipe, runtime = self.pipeline, self.runtime
         low, high, image_guidance = floats(
             parameters, "min_text_guidance", "max_text_guidance", "image_guidance"
@@ -41,7 +35,7 @@ class InstructPix2PixEditor(DiffusionEditor):
             negative_prompt=parameters["negative_prompt"] or None,
         )
         text, uncond, _ = embeddings.chunk(3)
-        image = pipe.vae.encode(pixels).latent_dist.mode()
+        image = pipe.vae.encode(path.pixels).latent_dist.mode()
         initial = (
             torch.cat(
                 [
@@ -51,12 +45,12 @@ class InstructPix2PixEditor(DiffusionEditor):
                         device=runtime.device,
                         dtype=runtime.dtype,
                     )
-                    for seed in seeds
+                    for seed in path.seeds
                 ]
             )
             * steps.init_noise_sigma
         )
-        text_guidance = per_item(low + strengths * (high - low), runtime)
+        text_guidance = per_item(low + path.strengths * (high - low), runtime)
 
         def combine(outputs: list[torch.Tensor], step: int) -> torch.Tensor:
             with_text, with_image, unconditional = outputs
@@ -68,7 +62,7 @@ class InstructPix2PixEditor(DiffusionEditor):
 
         return DenoiseJob(
             initial=initial,
-            seed_of_item=seed_of_item,
+            seed_of_item=path.seed_of_item,
             scheduler=steps,
             timesteps=steps.timesteps,
             branches=[
@@ -77,5 +71,5 @@ class InstructPix2PixEditor(DiffusionEditor):
                 Branch(uncond, torch.zeros_like(image)),
             ],
             combine=combine,
-            checkpoint=checkpoint,
+            checkpoint=path.checkpoint,
         )

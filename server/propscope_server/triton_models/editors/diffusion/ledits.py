@@ -10,13 +10,16 @@ cross-attention and intersection masks are not applied (diffusers'
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, LEditsPPPipelineStableDiffusion
 
-from propscope_server.editor_contract import Checkpoint, InvalidParameters
-from propscope_server.triton_models.editors.diffusion.base import DiffusionEditor, per_item
+from propscope_server.editor_contract import InvalidParameters
+from propscope_server.triton_models.editors.diffusion.base import (
+    DiffusionEditor,
+    PathInputs,
+    per_item,
+)
 from propscope_server.triton_models.editors.diffusion.denoise import Branch, DenoiseJob
 from propscope_server.triton_models.editors.diffusion.pipelines import floats, generator
 
@@ -32,15 +35,8 @@ INVERSION_SCHEDULERS = {
 class LeditsEditor(DiffusionEditor):
     pipeline_class = LEditsPPPipelineStableDiffusion
 
-    def prepare(
-        self,
-        pixels: torch.Tensor,
-        strengths: torch.Tensor,
-        seeds: list[int],
-        seed_of_item: torch.Tensor,
-        parameters: Mapping[str, str],
-        checkpoint: Checkpoint,
-    ) -> DenoiseJob:
+    def prepare(self, path: PathInputs) -> DenoiseJob:
+        parameters = path.parameters
         pipe, runtime = self.pipeline, self.runtime
         max_guidance, threshold, source_guidance, skip = floats(
             parameters, "max_edit_guidance", "edit_threshold", "source_guidance_scale", "skip"
@@ -53,9 +49,9 @@ class LeditsEditor(DiffusionEditor):
                 f"scheduler must be one of {', '.join(INVERSION_SCHEDULERS)}; got {parameters['scheduler']!r}"
             ) from None
         initial, noise_maps = [], []
-        for seed in seeds:
+        for seed in path.seeds:
             pipe.invert(
-                image=(pixels + 1) / 2,
+                image=(path.pixels + 1) / 2,
                 source_prompt=parameters["source_prompt"],
                 source_guidance_scale=source_guidance,
                 num_inversion_steps=int(parameters["num_inversion_steps"]),
@@ -77,7 +73,7 @@ class LeditsEditor(DiffusionEditor):
             editing_prompt=[parameters["editing_prompt"]],
         )
         direction = -1.0 if parameters["reverse_direction"] == "true" else 1.0
-        scales = per_item(strengths * max_guidance * direction, runtime)
+        scales = per_item(path.strengths * max_guidance * direction, runtime)
 
         def combine(outputs: list[torch.Tensor], step: int) -> torch.Tensor:
             unconditional, edited = outputs
@@ -93,16 +89,16 @@ class LeditsEditor(DiffusionEditor):
         def step_options(step: int, t: torch.Tensor) -> dict:
             return {
                 **step_kwargs,
-                "variance_noise": noise_maps[seed_of_item, index_of[int(t)]],
+                "variance_noise": noise_maps[path.seed_of_item, index_of[int(t)]],
             }
 
         return DenoiseJob(
             initial=torch.cat(initial),
-            seed_of_item=seed_of_item,
+            seed_of_item=path.seed_of_item,
             scheduler=steps,
             timesteps=timesteps,
             branches=[Branch(unconditional_text), Branch(concept)],
             combine=combine,
-            checkpoint=checkpoint,
+            checkpoint=path.checkpoint,
             step_options=step_options,
         )

@@ -4,14 +4,12 @@ edit strength (torch.lerp of the two encodings)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from propscope_server.editor_contract import Checkpoint, InvalidParameters
-from propscope_server.triton_models.editors.diffusion.base import DiffusionEditor
+from propscope_server.editor_contract import InvalidParameters
+from propscope_server.triton_models.editors.diffusion.base import DiffusionEditor, PathInputs
 from propscope_server.triton_models.editors.diffusion.denoise import Branch, DenoiseJob
 from propscope_server.triton_models.editors.diffusion.pipelines import floats, generator, scheduler
 
@@ -19,15 +17,8 @@ from propscope_server.triton_models.editors.diffusion.pipelines import floats, g
 class SDEditEditor(DiffusionEditor):
     pipeline_class = StableDiffusionImg2ImgPipeline
 
-    def prepare(
-        self,
-        pixels: torch.Tensor,
-        strengths: torch.Tensor,
-        seeds: list[int],
-        seed_of_item: torch.Tensor,
-        parameters: Mapping[str, str],
-        checkpoint: Checkpoint,
-    ) -> DenoiseJob:
+    def prepare(self, path: PathInputs) -> DenoiseJob:
+        parameters = path.parameters
         pipe, runtime = self.pipeline, self.runtime
         noise_strength, guidance = floats(parameters, "noise_strength", "guidance_scale")
         steps = scheduler(parameters["scheduler"], pipe.scheduler.config)
@@ -48,13 +39,13 @@ class SDEditEditor(DiffusionEditor):
             negative_prompt=[negative, negative] if negative else None,
         )
         source, target = prompts.chunk(2)
-        weights = strengths.to(runtime.dtype)[:, None, None]
+        weights = path.strengths.to(runtime.dtype)[:, None, None]
         moving = torch.lerp(
             source.expand(len(weights), -1, -1), target.expand(len(weights), -1, -1), weights
         )
-        encoded = pipe.vae.encode(pixels).latent_dist
+        encoded = pipe.vae.encode(path.pixels).latent_dist
         initial = []
-        for seed in seeds:  # as the img2img pipeline draws them: latent sample, then noise
+        for seed in path.seeds:  # as the img2img pipeline draws them: latent sample, then noise
             drawn = generator(seed)
             clean = encoded.sample(drawn) * pipe.vae.config.scaling_factor
             noise = randn_tensor(
@@ -68,10 +59,10 @@ class SDEditEditor(DiffusionEditor):
 
         return DenoiseJob(
             initial=torch.cat(initial),
-            seed_of_item=seed_of_item,
+            seed_of_item=path.seed_of_item,
             scheduler=steps,
             timesteps=timesteps,
             branches=[Branch(negatives[:1]), Branch(moving)],
             combine=combine,
-            checkpoint=checkpoint,
+            checkpoint=path.checkpoint,
         )
