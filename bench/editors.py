@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -21,12 +20,18 @@ import numpy as np
 import torch
 import tritonclient.grpc as triton_grpc
 import typer
+from google.protobuf import text_format
 from PIL import Image
+from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import np_to_triton_dtype
 
 import propscope
 from propscope_server import stack
-from propscope_server.editor_contract import EditorSchema, canonical_parameters
+from propscope_server.editor_contract import (
+    SCHEMA_PARAMETER,
+    EditorSchema,
+    canonical_parameters,
+)
 from propscope_server.synthetic.world import Scene, render
 from propscope_server.triton_models.editors.diffusion.ip2p import InstructPix2PixEditor
 from propscope_server.triton_models.editors.diffusion.ledits import (
@@ -52,12 +57,17 @@ PARAMETERS = {
 EDITORS = {"ip2p": InstructPix2PixEditor, "sdedit": SDEditEditor, "ledits": LeditsEditor}
 
 
+def cpu_config(editor: str) -> dict[str, str]:
+    """The parameters of the editor's CPU config.pbtxt, the one the stack serves."""
+    path = REPOSITORY / f"deploy/triton/models/{editor}/config.pbtxt"
+    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
 def resolved(editor: str) -> dict[str, str]:
     """The editor's parameters with the CPU config's defaults filled in."""
-    config = (REPOSITORY / f"deploy/triton/models/{editor}/config.pbtxt").read_text()
-    line = next(line for line in config.splitlines() if '"propscope.parameters"' in line)
-    schema_text = json.loads(line.split("string_value: ", 1)[1].rsplit(" }", 2)[0])
-    return EditorSchema.from_json(schema_text).resolve(PARAMETERS[editor])
+    schema = EditorSchema.from_json(cpu_config(editor)[SCHEMA_PARAMETER])
+    return schema.resolve(PARAMETERS[editor])
 
 
 def reference_edit(name: str, editor, parameters: dict[str, str], strength: float, seed: int):
@@ -122,14 +132,20 @@ def reference_path(name: str, editor, parameters: dict[str, str], strengths: np.
 
 def in_process(repeats: int, pipelines: dict[str, Path]) -> None:
     print(
-        f"\n1. edits/s in process, tiny pipelines 64x64, {DENOISING_STEPS} denoising steps, 1 thread"
+        f"\n1. edits/s in process, tiny pipelines 64x64, {DENOISING_STEPS} denoising steps, 1 thread, CPU config (max_unet_batch)"
     )
     print(
         f"{'editor':8} {'N':>4} {'per-edit loop s':>16} {'batched path s':>15} {'loop edits/s':>13} {'ours edits/s':>13} {'speed-up':>9}"
     )
     for name, editor_class in EDITORS.items():
         folder = pipelines["tiny-ip2p" if name == "ip2p" else "tiny-sd"]
-        editor = editor_class(Runtime(folder, resolution=64))
+        config = cpu_config(name)
+        runtime = Runtime(
+            folder,
+            resolution=int(config["resolution"]),
+            max_unet_batch=int(config["max_unet_batch"]),
+        )
+        editor = editor_class(runtime)
         parameters = resolved(name)
         for n in (10, 50):
             strengths = np.arange(1, n + 1, dtype=np.float32) / n

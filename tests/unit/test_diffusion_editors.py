@@ -9,14 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler
 from PIL import Image
 
 from propscope_server.editor_contract import EditCancelled, EditRequest, InvalidParameters
 from propscope_server.synthetic.world import Scene, render
 from propscope_server.triton_models.editors.diffusion.ip2p import InstructPix2PixEditor
 from propscope_server.triton_models.editors.diffusion.ledits import LeditsEditor
-from propscope_server.triton_models.editors.diffusion.pipelines import Runtime, working_size
+from propscope_server.triton_models.editors.diffusion.pipelines import (
+    SCHEDULERS,
+    Runtime,
+    scheduler,
+    working_size,
+)
 from propscope_server.triton_models.editors.diffusion.sdedit import SDEditEditor
 from propscope_server.triton_models.editors.diffusion.tiny_pipelines import build
 
@@ -82,10 +86,11 @@ def max_difference(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a.astype(int) - b.astype(int)).max())
 
 
-def test_ip2p_path_equals_the_pipeline_edit_by_edit(ip2p):
-    path = ip2p.edit(IMAGE, STRENGTHS, IP2P, [7])
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_ip2p_path_equals_the_pipeline_edit_by_edit(ip2p, name):
+    path = ip2p.edit(IMAGE, STRENGTHS, {**IP2P, "scheduler": name}, [7])
     pipe = ip2p.pipeline
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = scheduler(name, pipe.scheduler.config)
     for step, strength in enumerate(STRENGTHS):
         reference = pipe(
             "make it blue",
@@ -103,7 +108,7 @@ def test_ip2p_path_equals_the_pipeline_edit_by_edit(ip2p):
 def test_sdedit_path_equals_img2img_with_interpolated_prompt_embeddings(sdedit):
     path = sdedit.edit(IMAGE, STRENGTHS, SDEDIT, [5])
     pipe = sdedit.pipeline
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = scheduler("ddim", pipe.scheduler.config)
     prompts, negatives = pipe.encode_prompt(["a red circle", "a blue square"], "cpu", 1, True)
     for step, strength in enumerate(STRENGTHS):
         reference = pipe(
