@@ -70,9 +70,11 @@ def resolved(editor: str) -> dict[str, str]:
     return schema.resolve(PARAMETERS[editor])
 
 
-def reference_edit(name: str, editor, parameters: dict[str, str], strength: float, seed: int):
+def reference_edit(
+    name: str, editor, image: np.ndarray, parameters: dict[str, str], strength: float, seed: int
+):
     """One diffusers pipeline call for one edit: the paper's loop, pipeline loaded."""
-    pipe, image = editor.pipeline, Image.fromarray(IMAGE)
+    pipe, image = editor.pipeline, Image.fromarray(image)
     generator = torch.Generator("cpu").manual_seed(seed)
     steps = int(parameters.get("num_inference_steps", DENOISING_STEPS))
     if name == "ip2p":
@@ -125,14 +127,21 @@ def best_of(repeats: int, run, *args) -> float:
     return min(times)
 
 
-def reference_path(name: str, editor, parameters: dict[str, str], strengths: np.ndarray) -> None:
+def reference_path(name: str, editor, image, parameters: dict[str, str], strengths) -> None:
     for strength in strengths:
-        reference_edit(name, editor, parameters, float(strength), 0)
+        reference_edit(name, editor, image, parameters, float(strength), 0)
 
 
-def in_process(repeats: int, pipelines: dict[str, Path]) -> None:
+def in_process(
+    repeats: int, pipelines: dict[str, Path], device: str, resolution: int, sizes: list[int]
+) -> None:
+    image = np.asarray(
+        Image.fromarray(IMAGE).resize((resolution, resolution), Image.Resampling.BICUBIC)
+    )
     print(
-        f"\n1. edits/s in process, tiny pipelines 64x64, {DENOISING_STEPS} denoising steps, 1 thread, CPU config (max_unet_batch)"
+        f"\n1. edits/s in process on {device}, tiny pipelines {resolution}x{resolution}, "
+        f"{DENOISING_STEPS} denoising steps, torch threads {torch.get_num_threads()}, "
+        "max_unet_batch of the CPU config"
     )
     print(
         f"{'editor':8} {'N':>4} {'per-edit loop s':>16} {'batched path s':>15} {'loop edits/s':>13} {'ours edits/s':>13} {'speed-up':>9}"
@@ -142,15 +151,16 @@ def in_process(repeats: int, pipelines: dict[str, Path]) -> None:
         config = cpu_config(name)
         runtime = Runtime(
             folder,
-            resolution=int(config["resolution"]),
+            device=device,
+            resolution=resolution,
             max_unet_batch=int(config["max_unet_batch"]),
         )
         editor = editor_class(runtime)
         parameters = resolved(name)
-        for n in (10, 50):
+        for n in sizes:
             strengths = np.arange(1, n + 1, dtype=np.float32) / n
-            loop = best_of(1, reference_path, name, editor, parameters, strengths)
-            ours = best_of(repeats, editor.edit, IMAGE, strengths, parameters, [0])
+            loop = best_of(1, reference_path, name, editor, image, parameters, strengths)
+            ours = best_of(repeats, editor.edit, image, strengths, parameters, [0])
             print(
                 f"{name:8} {n:>4} {loop:>16.2f} {ours:>15.2f} {n / loop:>13.1f} {n / ours:>13.1f} {loop / ours:>8.2f}x"
             )
@@ -255,12 +265,20 @@ def through_the_gateway(repeats: int, steps: int) -> None:
             stack.down(Path(run_dir))
 
 
-def main(repeats: int = 3, steps: int = 10, in_process_part: bool = True) -> None:
-    torch.set_num_threads(1)  # as inside Triton (OMP_NUM_THREADS=1)
+def main(
+    repeats: int = 3,
+    steps: int = 10,
+    sizes: list[int] = typer.Option([10, 50], help="path lengths N of the in-process part"),
+    device: str = typer.Option("cpu", help="in-process part: cpu, or cuda on a GPU machine"),
+    resolution: int = typer.Option(64, help="in-process part: image size (GPU runs: 256)"),
+    gateway: bool = typer.Option(True, help="also measure through the local CPU stack"),
+) -> None:
+    if device == "cpu":
+        torch.set_num_threads(1)  # as inside Triton (OMP_NUM_THREADS=1)
     with tempfile.TemporaryDirectory() as folder:
-        if in_process_part:
-            in_process(repeats, build(Path(folder)))
-    through_the_gateway(repeats, steps)
+        in_process(repeats, build(Path(folder)), device, resolution, sizes)
+    if gateway:
+        through_the_gateway(repeats, steps)
 
 
 if __name__ == "__main__":
