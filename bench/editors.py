@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +227,35 @@ def batched_properties(client: propscope.Client, triton, repeats: int, steps: in
     print(f"   Triton: {requests} editor requests in {executions} executions (dynamic batching)")
 
 
+def triton_metric(url: str, name: str, model: str) -> float:
+    body = urllib.request.urlopen(url, timeout=5).read().decode()
+    pattern = rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$'
+    return sum(float(value) for value in re.findall(pattern, body, re.MULTILINE))
+
+
+def cancellation(client: propscope.Client, metrics_url: str, repeats: int, steps: int) -> None:
+    """From the client closing its stream to the editor reporting the edit cancelled."""
+    units, cancelled = "propscope_editor_work_units_total", "propscope_editor_cancelled_total"
+    long_edit = "blue=ip2p:instruction=make it blue,num_inference_steps=400"
+    latencies = []
+    for repeat in range(repeats):
+        before = triton_metric(metrics_url, cancelled, "ip2p")
+        started_units = triton_metric(metrics_url, units, "ip2p")
+        events = client.explain(IMAGE, "synth_hue", [long_edit], steps=steps, seed=50_000 + repeat)
+        next(events)
+        while triton_metric(metrics_url, units, "ip2p") < started_units + 5:
+            time.sleep(0.05)
+        closed = time.perf_counter()
+        events.close()
+        while triton_metric(metrics_url, cancelled, "ip2p") < before + 1:
+            time.sleep(0.01)
+        latencies.append(time.perf_counter() - closed)
+    print(f"\n5. cancellation: client closes the stream -> the editor stops (ip2p, {steps} edits)")
+    print(
+        f"   {', '.join(f'{x * 1e3:.0f}' for x in latencies)} ms (one denoising step of the path, plus polling)"
+    )
+
+
 def through_the_gateway(repeats: int, steps: int) -> None:
     print(
         f"\n2./3. through the stack (Triton CPU, Redis, gateway), path of {steps} edits, median of {repeats}"
@@ -260,6 +291,7 @@ def through_the_gateway(repeats: int, steps: int) -> None:
                         f"{editor:8} {raw_ms:>14.1f} {cold_ms:>16.1f} {cold_ms / raw_ms:>8.3f}x {warm_ms:>16.1f} {cold_ms / warm_ms:>9.1f}x"
                     )
                 batched_properties(client, triton, repeats, steps)
+                cancellation(client, info.triton_metrics_url, repeats, steps)
         finally:
             triton.close()
             stack.down(Path(run_dir))
