@@ -93,7 +93,7 @@ def reference_edit(
     if name == "sdedit":
         pipe.scheduler = scheduler(parameters["scheduler"], pipe.scheduler.config)
         prompts, negatives = pipe.encode_prompt(
-            [parameters["source_prompt"], parameters["target_prompt"]], "cpu", 1, True
+            [parameters["source_prompt"], parameters["target_prompt"]], pipe.device, 1, True
         )
         return pipe(
             prompt_embeds=torch.lerp(prompts[:1], prompts[1:], strength),
@@ -238,16 +238,19 @@ def cancellation(client: propscope.Client, metrics_url: str, repeats: int, steps
     units, cancelled = "propscope_editor_work_units_total", "propscope_editor_cancelled_total"
     long_edit = "blue=ip2p:instruction=make it blue,num_inference_steps=400"
     latencies = []
+    deadline = time.monotonic() + 600  # a hang guard for the polling below
     for repeat in range(repeats):
         before = triton_metric(metrics_url, cancelled, "ip2p")
         started_units = triton_metric(metrics_url, units, "ip2p")
         events = client.explain(IMAGE, "synth_hue", [long_edit], steps=steps, seed=50_000 + repeat)
         next(events)
         while triton_metric(metrics_url, units, "ip2p") < started_units + 5:
+            assert time.monotonic() < deadline, "the editor never started"
             time.sleep(0.05)
         closed = time.perf_counter()
         events.close()
         while triton_metric(metrics_url, cancelled, "ip2p") < before + 1:
+            assert time.monotonic() < deadline, "the editor never saw the cancellation"
             time.sleep(0.01)
         latencies.append(time.perf_counter() - closed)
     print(f"\n5. cancellation: client closes the stream -> the editor stops (ip2p, {steps} edits)")

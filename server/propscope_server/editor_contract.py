@@ -9,6 +9,9 @@ edited images in one call:
     SEED        INT64 [S]      one seed per sample: S paths in one call
     ->  PATH    UINT8 [S, N, H, W, 3]
 
+An editor with dynamic batching (max_batch_size > 0) takes each of these with a
+leading batch dimension of 1: one path request per Triton request.
+
 The model's config.pbtxt declares its parameters (parameter "propscope.parameters",
 a JSON list of {name, description, type, default, choices}); the gateway checks a
 request against it before any work, and the editor applies the same check.

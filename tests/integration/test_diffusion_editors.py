@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 from PIL import Image
-from tritonclient.utils import np_to_triton_dtype
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from propscope import Accepted, PropertyResult
 from propscope_server.editor_contract import SCHEMA_PARAMETER, EditorSchema, canonical_parameters
@@ -99,6 +99,15 @@ def test_a_cancelled_explanation_stops_the_diffusion_editor(live_stack, client):
     assert after[0].ok  # and the editor serves the next request
 
 
+def infer_editor(triton, editor: str, tensors: dict[str, np.ndarray]) -> np.ndarray:
+    inputs = []
+    for name, array in tensors.items():
+        tensor = triton_grpc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return triton.infer(editor, inputs).as_numpy("PATH")
+
+
 def raw_edit(triton, editor: str, image: bytes, parameters: dict[str, str], steps: int, seed: int):
     """The editor's own answer for one path, called alone (batch of one, no cache)."""
     config = triton.get_model_config(editor, as_json=True)["config"]
@@ -112,12 +121,7 @@ def raw_edit(triton, editor: str, image: bytes, parameters: dict[str, str], step
         ),
         "SEED": np.array([[seed]], dtype=np.int64),
     }
-    inputs = []
-    for name, array in tensors.items():
-        tensor = triton_grpc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return triton.infer(editor, inputs).as_numpy("PATH")[0, 0]
+    return infer_editor(triton, editor, tensors)[0, 0]
 
 
 def test_concurrent_edits_batched_by_triton_equal_the_editor_alone(client, triton):
@@ -146,3 +150,18 @@ def test_concurrent_edits_batched_by_triton_equal_the_editor_alone(client, trito
             triton, "ip2p", image, {"instruction": text, "num_inference_steps": "3"}, 5, seed
         )
         assert np.abs(served.astype(int) - alone.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("strengths", "message"),
+    [(np.array([0.5, 1.5], np.float32), "in \\[0, 1\\]"), (np.zeros(0, np.float32), "N >= 1")],
+)
+def test_the_editor_refuses_strengths_outside_the_contract(triton, strengths, message):
+    tensors = {
+        "IMAGE": np.zeros((1, 64, 64, 3), np.uint8),
+        "STRENGTHS": strengths[None],
+        "PARAMETERS": np.array([[b'{"instruction": "x"}']], dtype=np.object_),
+        "SEED": np.array([[0]], dtype=np.int64),
+    }
+    with pytest.raises(InferenceServerException, match=message):
+        infer_editor(triton, "ip2p", tensors)

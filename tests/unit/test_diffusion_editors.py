@@ -292,3 +292,42 @@ def test_a_cancelled_request_leaves_its_batch_mates_alone(ip2p):
     assert isinstance(results[0], EditCancelled)
     assert isinstance(results[1], InvalidParameters)
     assert max_difference(results[2], ip2p.edit(IMAGE, STRENGTHS, IP2P, [5])) <= 1
+
+
+def test_an_error_in_one_request_fails_that_request_only(sdedit):
+    def broken() -> None:
+        raise RuntimeError("out of memory")
+
+    failed, fine = sdedit.edit_many(
+        [
+            EditRequest(IMAGE, STRENGTHS, SDEDIT, [1], broken),
+            EditRequest(IMAGE, STRENGTHS, SDEDIT, [1]),
+        ]
+    )
+    assert isinstance(failed, RuntimeError)
+    assert fine.shape == (1, len(STRENGTHS), *IMAGE.shape)
+
+
+def test_ledits_keeps_the_unets_attention_after_inverting(ledits):
+    before = {name: type(p) for name, p in ledits.pipeline.unet.attn_processors.items()}
+    ledits.edit(IMAGE, STRENGTHS[:1], LEDITS, [0])
+    after = {name: type(p) for name, p in ledits.pipeline.unet.attn_processors.items()}
+    assert after == before
+
+
+def test_ledits_checks_for_cancellation_before_each_inversion(ledits, monkeypatch):
+    calls = []
+
+    def checkpoint() -> None:
+        calls.append(1)
+        if len(calls) == 3:  # the request starts, seed 1 inverts, then seed 2 is stopped
+            raise EditCancelled
+
+    inversions = []
+    invert = ledits.pipeline.invert
+    monkeypatch.setattr(
+        ledits.pipeline, "invert", lambda **kwargs: inversions.append(1) or invert(**kwargs)
+    )
+    with pytest.raises(EditCancelled):
+        ledits.edit(IMAGE, STRENGTHS, LEDITS, [1, 2], checkpoint)
+    assert len(inversions) == 1

@@ -142,7 +142,7 @@ class TritonBackend:
         batch = editor.max_batch_size > 0
         inputs = [_input(name, array[None] if batch else array) for name, array in tensors.items()]
         result = await self._infer(editor, inputs, PATH_OUTPUT, timeout_s, kind="edit")
-        result = result[0] if batch and len(result) == 1 else result
+        result = result[0] if batch else result
         expected = (len(seeds), len(strengths), *image.shape)
         if result.shape != expected or result.dtype != np.uint8:
             raise BackendError(

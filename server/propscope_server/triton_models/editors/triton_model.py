@@ -49,7 +49,7 @@ def editor_model(load: Callable[[ModelContext], PathEditor]) -> type:
             self.metric_families = (
                 pb_utils.MetricFamily(
                     name="propscope_editor_work_units_total",
-                    description="Units of editor work done (a denoising step of a request, or one seed's path)",
+                    description="Checkpoints an edit passed: when it starts, then one per denoising step (diffusion) or per seed (procedural)",
                     kind=pb_utils.MetricFamily.COUNTER,
                 ),
                 pb_utils.MetricFamily(
@@ -103,6 +103,16 @@ def editor_model(load: Callable[[ModelContext], PathEditor]) -> type:
                         f"SEED must be [S] with S >= 1; got {list(seeds.shape)}"
                     )
                 strengths = tensor(STRENGTHS_INPUT).astype(np.float32)
+                if strengths.ndim != 1 or len(strengths) == 0:
+                    raise InvalidParameters(
+                        f"STRENGTHS must be [N] with N >= 1; got {list(strengths.shape)}"
+                    )
+                if not (
+                    np.isfinite(strengths).all()
+                    and (0 <= strengths).all()
+                    and (strengths <= 1).all()
+                ):
+                    raise InvalidParameters("STRENGTHS must lie in [0, 1]")
                 return EditRequest(
                     image, strengths, parameters, [int(s) for s in seeds], checkpoint
                 )

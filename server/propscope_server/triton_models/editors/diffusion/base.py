@@ -14,9 +14,7 @@ from diffusers import DiffusionPipeline
 
 from propscope_server.editor_contract import (
     Checkpoint,
-    EditCancelled,
     EditRequest,
-    InvalidParameters,
     ModelContext,
     never_cancelled,
 )
@@ -57,25 +55,33 @@ class DiffusionEditor(ABC):
 
     @torch.inference_mode()
     def edit_many(self, requests: list[EditRequest]) -> list[np.ndarray | Exception]:
-        results: list[np.ndarray | Exception] = [EditCancelled()] * len(requests)
+        """A failure (bad parameters, cancellation, an error of the model) fails its
+        own request only."""
+        results: list[np.ndarray | Exception | None] = [None] * len(requests)
         jobs: dict[int, DenoiseJob] = {}
         for index, request in enumerate(requests):
             try:
                 request.checkpoint()
                 jobs[index] = self._job(request)
-            except (EditCancelled, InvalidParameters, ValueError) as error:
+            except Exception as error:  # noqa: BLE001 - reported in that request's response
                 results[index] = error
         finished = denoise(self.pipeline.unet, list(jobs.values()), self.runtime.max_unet_batch)
         for index, latents in zip(jobs, finished, strict=True):
-            request = requests[index]
-            if isinstance(latents, EditCancelled):
-                results[index] = latents
-                continue
-            edited = decode(self.pipeline, latents, self.runtime, request.image.shape[:2])
-            results[index] = edited.reshape(
-                len(request.seeds), len(request.strengths), *request.image.shape
+            results[index] = (
+                latents
+                if isinstance(latents, Exception)
+                else self._pixels(requests[index], latents)
             )
+        assert all(result is not None for result in results)
         return results
+
+    def _pixels(self, request: EditRequest, latents: torch.Tensor) -> np.ndarray | Exception:
+        try:
+            request.checkpoint()
+            edited = decode(self.pipeline, latents, self.runtime, request.image.shape[:2])
+        except Exception as error:  # noqa: BLE001 - reported in that request's response
+            return error
+        return edited.reshape(len(request.seeds), len(request.strengths), *request.image.shape)
 
     def edit(
         self,

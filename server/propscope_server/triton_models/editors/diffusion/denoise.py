@@ -73,27 +73,31 @@ class _Segment:
 
 def denoise(
     unet: torch.nn.Module, jobs: list[DenoiseJob], max_unet_batch: int
-) -> list[torch.Tensor | EditCancelled]:
-    """Each job's final latents [n, c, h, w], or EditCancelled for a job whose
-    caller gave up (the other jobs go on)."""
-    results: list[torch.Tensor | EditCancelled] = [EditCancelled()] * len(jobs)
+) -> list[torch.Tensor | Exception]:
+    """Each job's final latents [n, c, h, w], or what stopped it: EditCancelled for a
+    job whose caller gave up (the others go on), or the error of its lockstep group."""
+    results: list[torch.Tensor | Exception | None] = [None] * len(jobs)
     groups: dict[tuple, list[int]] = {}
     for index, job in enumerate(jobs):
         key = (tuple(job.timesteps.tolist()), tuple(job.initial.shape[1:]))
         groups.setdefault(key, []).append(index)
     for members in groups.values():
-        finished = _lockstep(unet, [jobs[i] for i in members], max_unet_batch)
+        try:
+            finished = _lockstep(unet, [jobs[i] for i in members], max_unet_batch)
+        except Exception as error:  # noqa: BLE001 - fails this group's requests only
+            finished = [error] * len(members)
         for index, latents in zip(members, finished, strict=True):
             results[index] = latents
+    assert all(result is not None for result in results)
     return results
 
 
 def _lockstep(
     unet: torch.nn.Module, jobs: list[DenoiseJob], max_unet_batch: int
-) -> list[torch.Tensor | EditCancelled]:
+) -> list[torch.Tensor | EditCancelled | None]:
     latents = [job.initial[job.seed_of_item] for job in jobs]
     active = set(range(len(jobs)))
-    results: list[torch.Tensor | EditCancelled] = [EditCancelled()] * len(jobs)
+    results: list[torch.Tensor | EditCancelled | None] = [None] * len(jobs)
     for step, t in enumerate(jobs[0].timesteps):
         for j in sorted(active):
             try:

@@ -14,14 +14,13 @@ import copy
 import torch
 from diffusers import DPMSolverMultistepScheduler, LEditsPPPipelineStableDiffusion
 
-from propscope_server.editor_contract import InvalidParameters
 from propscope_server.triton_models.editors.diffusion.base import (
     DiffusionEditor,
     PathInputs,
     per_item,
 )
 from propscope_server.triton_models.editors.diffusion.denoise import Branch, DenoiseJob
-from propscope_server.triton_models.editors.diffusion.pipelines import floats, generator
+from propscope_server.triton_models.editors.diffusion.pipelines import floats, generator, scheduler
 
 # LEDITS++'s own default. diffusers 0.42's inversion fails with DDIM (it indexes
 # alphas_cumprod with a float tensor), so DDIM is not offered.
@@ -42,24 +41,28 @@ class LeditsEditor(DiffusionEditor):
             parameters, "max_edit_guidance", "edit_threshold", "source_guidance_scale", "skip"
         )
         warmup = int(parameters["edit_warmup_steps"])
-        try:
-            pipe.scheduler = INVERSION_SCHEDULERS[parameters["scheduler"]](pipe.scheduler.config)
-        except KeyError:
-            raise InvalidParameters(
-                f"scheduler must be one of {', '.join(INVERSION_SCHEDULERS)}; got {parameters['scheduler']!r}"
-            ) from None
+        pipe.scheduler = scheduler(
+            parameters["scheduler"], pipe.scheduler.config, INVERSION_SCHEDULERS
+        )
+        # diffusers' invert() switches the UNet to the plain attention processor; the
+        # editor keeps its own (scaled-dot-product attention: less memory on a GPU).
+        attention = pipe.unet.attn_processors
         initial, noise_maps = [], []
-        for seed in path.seeds:
-            pipe.invert(
-                image=(path.pixels + 1) / 2,
-                source_prompt=parameters["source_prompt"],
-                source_guidance_scale=source_guidance,
-                num_inversion_steps=int(parameters["num_inversion_steps"]),
-                skip=skip,
-                generator=generator(seed),
-            )
-            initial.append(pipe.init_latents[:1] * pipe.scheduler.init_noise_sigma)
-            noise_maps.append(pipe.zs[:, 0])
+        try:
+            for seed in path.seeds:
+                path.checkpoint()
+                pipe.invert(
+                    image=(path.pixels + 1) / 2,
+                    source_prompt=parameters["source_prompt"],
+                    source_guidance_scale=source_guidance,
+                    num_inversion_steps=int(parameters["num_inversion_steps"]),
+                    skip=skip,
+                    generator=generator(seed),
+                )
+                initial.append(pipe.init_latents[:1] * pipe.scheduler.init_noise_sigma)
+                noise_maps.append(pipe.zs[:, 0])
+        finally:
+            pipe.unet.set_attn_processor(attention)
         noise_maps = torch.stack(noise_maps)  # [S, steps, c, h, w]
         timesteps = pipe.inversion_steps
         index_of = {int(t): i for i, t in enumerate(timesteps[-noise_maps.shape[1] :])}

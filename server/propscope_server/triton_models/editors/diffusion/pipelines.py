@@ -73,12 +73,13 @@ def load_pipeline(pipeline_class: type[DiffusionPipeline], runtime: Runtime) -> 
     return pipeline
 
 
-def scheduler(name: str, config: Mapping) -> object:
+def scheduler(name: str, config: Mapping, offered: Mapping = SCHEDULERS) -> object:
+    """The scheduler `name` of those `offered`, configured like the pipeline's own."""
     try:
-        return SCHEDULERS[name](config)
+        return offered[name](config)
     except KeyError:
         raise InvalidParameters(
-            f"scheduler must be one of {', '.join(SCHEDULERS)}; got {name!r}"
+            f"scheduler must be one of {', '.join(offered)}; got {name!r}"
         ) from None
 
 
