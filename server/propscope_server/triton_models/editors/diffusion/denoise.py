@@ -62,10 +62,8 @@ class DenoiseJob:
 
 @dataclass
 class _Segment:
-    """Rows one job needs from one UNet pass for one branch."""
+    """The rows one branch of one job needs from a UNet pass."""
 
-    job: int
-    branch: int
     latents: torch.Tensor
     conditioning: Branch
     gather: torch.Tensor | None  # per-seed rows -> items
@@ -107,22 +105,19 @@ def _lockstep(
                 active.discard(j)
         if not active:
             break
-        segments = [
-            segment
+        wanted = {
+            j: _segments(jobs[j], jobs[j].scheduler.scale_model_input(latents[j], t), step)
             for j in sorted(active)
-            for segment in _segments(
-                j, jobs[j], jobs[j].scheduler.scale_model_input(latents[j], t), step
-            )
-        ]
-        outputs = _unet(unet, segments, t, max_unet_batch)
-        for j in sorted(active):
-            job = jobs[j]
-            branches = [None] * len(job.branches)
-            for segment, output in zip(segments, outputs, strict=True):
-                if segment.job == j:
-                    branches[segment.branch] = (
-                        output if segment.gather is None else output[segment.gather]
-                    )
+        }
+        outputs = _unet(
+            unet, [s for segments in wanted.values() for s in segments], t, max_unet_batch
+        )
+        for j, segments in wanted.items():
+            job, mine, outputs = jobs[j], outputs[: len(segments)], outputs[len(segments) :]
+            branches = [
+                output if segment.gather is None else output[segment.gather]
+                for segment, output in zip(segments, mine, strict=True)
+            ]
             noise = job.combine(branches, step)
             options = job.step_options(step, t) if job.step_options else {}
             latents[j] = job.scheduler.step(noise, t, latents[j], **options).prev_sample
@@ -131,19 +126,17 @@ def _lockstep(
     return results
 
 
-def _segments(index: int, job: DenoiseJob, scaled: torch.Tensor, step: int) -> list[_Segment]:
-    """At the first step a path-wide branch needs one row per seed; otherwise one per item."""
+def _segments(job: DenoiseJob, scaled: torch.Tensor, step: int) -> list[_Segment]:
+    """One per branch, in branch order. At the first step a path-wide branch needs
+    one row per seed; otherwise a branch needs one per item."""
+    first_items = _first_item_of_each_seed(job.seed_of_item) if step == 0 else None
     segments = []
-    for b, branch in enumerate(job.branches):
-        if step == 0 and branch.shared:
-            first_items = _first_item_of_each_seed(job.seed_of_item)
-            segments.append(
-                _Segment(
-                    index, b, scaled[first_items], branch.rows(len(first_items)), job.seed_of_item
-                )
-            )
+    for branch in job.branches:
+        if first_items is not None and branch.shared:
+            rows = branch.rows(len(first_items))
+            segments.append(_Segment(scaled[first_items], rows, job.seed_of_item))
         else:
-            segments.append(_Segment(index, b, scaled, branch.rows(len(scaled)), None))
+            segments.append(_Segment(scaled, branch.rows(len(scaled)), None))
     return segments
 
 

@@ -93,9 +93,9 @@ def working_size(height: int, width: int, resolution: int, multiple: int) -> tup
 
 def to_tensor(image: np.ndarray, size: tuple[int, int], runtime: Runtime) -> torch.Tensor:
     """uint8 [H, W, 3] -> [1, 3, h, w] in [-1, 1] at the working size."""
-    if image.shape[:2] != size:
-        image = np.asarray(Image.fromarray(image).resize(size[::-1], Image.Resampling.BICUBIC))
-    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    tensor = (
+        torch.from_numpy(np.array(_resized(image, size))).permute(2, 0, 1)[None].float() / 127.5 - 1
+    )
     return tensor.to(device=runtime.device, dtype=runtime.dtype)
 
 
@@ -111,15 +111,14 @@ def decode(
         ).sample
         scaled = ((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         pixels.append(scaled.permute(0, 2, 3, 1).cpu().numpy())
-    images = np.concatenate(pixels)
-    if images.shape[1:3] == size:
-        return images
-    return np.stack(
-        [
-            np.asarray(Image.fromarray(i).resize(size[::-1], Image.Resampling.BICUBIC))
-            for i in images
-        ]
-    )
+    return np.stack([_resized(image, size) for image in np.concatenate(pixels)])
+
+
+def _resized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [H, W, 3] at (height, width) `size`, bicubic; unchanged when it already is."""
+    if image.shape[:2] == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize(size[::-1], Image.Resampling.BICUBIC))
 
 
 def generator(seed: int) -> torch.Generator:
