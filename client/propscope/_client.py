@@ -68,6 +68,7 @@ class Client:
         seed: int = 0,
         permutations: int = 0,
         alpha: float = 0.0,
+        min_probability_change: float | None = None,
         return_path_images: bool = False,
         target_class: int | None = None,
         model_version: str = "",
@@ -81,7 +82,8 @@ class Client:
         ``image``: encoded PNG/JPEG bytes, a path, an RGB uint8 HxWx3 array or a PIL image.
         ``properties``: ``Property`` objects or ``parse_property`` strings. 0 for ``steps``,
         ``samples``, ``permutations`` and ``alpha`` means the server's default;
-        ``target_class=None`` follows the class the model predicts for the original image.
+        ``target_class=None`` follows the class the model predicts for the original image;
+        ``min_probability_change=None`` takes the server's default effect size for ``relevant``.
 
         The arguments are checked and the call started before this returns (``ValueError``,
         ``TypeError`` or ``OSError`` for bad arguments); the returned iterator yields
@@ -99,6 +101,7 @@ class Client:
             seed=seed,
             permutations=permutations,
             alpha=alpha,
+            min_probability_change=min_probability_change,
             return_path_images=return_path_images,
             target_class=target_class,
             model_version=model_version,

@@ -83,6 +83,7 @@ class Accepted:
     model_version: str
     planned_edits: int
     planned_classifications: int
+    min_probability_change: float
 
     @classmethod
     def from_proto(cls, msg: explain_pb2.Accepted, request_id: str = "") -> Accepted:
@@ -172,7 +173,10 @@ class SampleResult:
 @dataclass(frozen=True)
 class PropertyResult:
     """One property's result. ``ok`` is False when the property failed (``status_code`` is not
-    OK); ``error`` then holds the server's message and the scores are meaningless."""
+    OK); ``error`` then holds the server's message and the scores are meaningless.
+    ``significant`` says p changes in an orderly way along the path, however little;
+    ``relevant`` adds that it changes by at least the request's ``min_probability_change``.
+    ``pearson_correlation`` and ``mutual_information`` are None where undefined."""
 
     request_id: str
     property_name: str
@@ -187,6 +191,10 @@ class PropertyResult:
     prediction_flipped: bool
     flip_rate: float
     mean_signed_gradient: float
+    probability_change: float
+    relevant: bool
+    pearson_correlation: float | None
+    mutual_information: float | None
     target_class: int
     samples: tuple[SampleResult, ...]
     cache_hits: int
@@ -215,6 +223,14 @@ class PropertyResult:
             prediction_flipped=msg.prediction_flipped,
             flip_rate=msg.flip_rate,
             mean_signed_gradient=msg.mean_signed_gradient,
+            probability_change=msg.probability_change,
+            relevant=msg.relevant,
+            pearson_correlation=(
+                msg.pearson_correlation if msg.HasField("pearson_correlation") else None
+            ),
+            mutual_information=(
+                msg.mutual_information if msg.HasField("mutual_information") else None
+            ),
             target_class=msg.target_class,
             samples=tuple(SampleResult.from_proto(s) for s in msg.samples),
             cache_hits=msg.cache_hits,

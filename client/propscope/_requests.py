@@ -88,13 +88,15 @@ def build_explain_request(
     seed: int = 0,
     permutations: int = 0,
     alpha: float = 0.0,
+    min_probability_change: float | None = None,
     return_path_images: bool = False,
     target_class: int | None = None,
     model_version: str = "",
     model_output: str = "",
     request_id: str = "",
 ) -> explain_pb2.ExplainRequest:
-    """The ``ExplainRequest`` for ``Client.explain``'s arguments (0 means the server default)."""
+    """The ``ExplainRequest`` for ``Client.explain``'s arguments (0 means the server default;
+    ``min_probability_change=None`` too)."""
     if not model:
         raise ValueError("model must be a non-empty Triton model name")
     property_messages = [prop.to_proto() for prop in normalize_properties(properties)]
@@ -108,6 +110,8 @@ def build_explain_request(
             raise ValueError(f"{name} must be >= 0, got {value}")
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
+    if min_probability_change is not None and not 0.0 <= min_probability_change <= 1.0:
+        raise ValueError(f"min_probability_change must be in [0, 1], got {min_probability_change}")
     model_ref = explain_pb2.ModelRef(name=model, version=model_version, output=model_output)
     if target_class is None:
         model_ref.predicted_class = True
@@ -125,6 +129,7 @@ def build_explain_request(
         seed=seed,
         permutations=permutations,
         alpha=alpha,
+        min_probability_change=min_probability_change,
         return_path_images=return_path_images,
     )
 

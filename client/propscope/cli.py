@@ -121,6 +121,15 @@ def explain(
     alpha: Annotated[
         float, typer.Option(min=0.0, help="Significance level (0: server default).")
     ] = 0.0,
+    min_probability_change: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Smallest change of the target probability that makes a significant "
+            "property relevant (default: the server's, 0.05).",
+        ),
+    ] = None,
     target_class: Annotated[
         int | None,
         typer.Option(min=0, help="Class whose probability to follow (default: predicted class)."),
@@ -146,6 +155,7 @@ def explain(
         "seed": seed,
         "permutations": permutations,
         "alpha": alpha,
+        "min_probability_change": min_probability_change,
         "target_class": target_class,
     }
     try:
@@ -275,6 +285,8 @@ class _ExplainView:
             "score/unit strength",
             "p-value",
             "significant",
+            "p change",
+            "relevant",
             "flipped",
             "target class",
             "cache (hits/misses)",
@@ -289,16 +301,19 @@ class _ExplainView:
 
 def _result_cells(result: PropertyResult | None) -> list[str | Text]:
     if result is None or not result.ok:
-        return [""] * 7
+        return [""] * 9
     flipped = "yes" if result.prediction_flipped else "no"
     if result.prediction_flipped and len(result.samples) > 1:
         flipped = f"yes ({result.flip_rate:.0%})"
     significant = Text("yes", style="bold green") if result.significant else Text("no", style="dim")
+    relevant = Text("yes", style="bold green") if result.relevant else Text("no", style="dim")
     return [
         f"{result.score:.4g}",
         f"{result.score_per_unit_strength:.4g}",
         f"{result.p_value:.3g}",
         significant,
+        f"{result.probability_change:.3g}",
+        relevant,
         flipped,
         str(result.target_class),
         f"{result.cache_hits}/{result.cache_misses}",

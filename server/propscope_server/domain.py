@@ -45,6 +45,7 @@ class ExplainSpec:
     seed: int
     permutations: int
     alpha: float
+    min_probability_change: float
     return_path_images: bool
 
     def path_shape(self, prop: PropertySpec) -> tuple[int, int]:
@@ -65,6 +66,7 @@ class Accepted:
     model_version: str
     planned_edits: int
     planned_classifications: int
+    min_probability_change: float
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ def test_accepted_from_proto():
             model_version="3",
             planned_edits=40,
             planned_classifications=44,
+            min_probability_change=0.05,
         ),
     )
     event = event_from_proto(msg)
@@ -53,6 +54,7 @@ def test_accepted_from_proto():
         model_version="3",
         planned_edits=40,
         planned_classifications=44,
+        min_probability_change=0.05,
     )
     assert event.to_dict()["property_names"] == ["hue", "blur"]
 

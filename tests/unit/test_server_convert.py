@@ -174,6 +174,10 @@ SCORE = PropertyScore(
     prediction_flipped=True,
     flip_rate=0.5,
     mean_signed_gradient=-0.1,
+    probability_change=0.5,
+    relevant=True,
+    pearson_correlation=None,
+    mutual_information=0.25,
     sample_scores=(0.1,),
     sample_p_values=(0.002,),
 )
@@ -232,6 +236,9 @@ def test_successful_property_carries_the_numbers():
     assert (result.score_ci_low, result.score_ci_high, result.p_value) == (0.05, 0.15, 0.002)
     assert result.significant and result.prediction_flipped
     assert (result.flip_rate, result.mean_signed_gradient) == (0.5, -0.1)
+    assert (result.probability_change, result.relevant) == (0.5, True)
+    assert not result.HasField("pearson_correlation")
+    assert result.HasField("mutual_information") and result.mutual_information == 0.25
     assert (result.target_class, result.cache_hits, result.cache_misses) == (1, 1, 2)
     (s,) = result.samples
     assert (s.seed, s.score, s.p_value, s.cache_hit) == (9, 0.1, 0.002, True)

@@ -85,6 +85,7 @@ def spec(samples: int = 1, mode: str = "ok", properties: int = 1) -> ExplainSpec
         seed=0,
         permutations=500,
         alpha=0.01,
+        min_probability_change=0.05,
         return_path_images=False,
     )
 

@@ -18,6 +18,7 @@ from propscope_server import domain
 from propscope_server.backends.triton import ModelDescription, RepositoryEntry
 from propscope_server.config import Limits, PreprocessingConfig
 from propscope_server.errors import InvalidArgument, PropscopeError
+from propscope_server.scoring.property_gradient import DEFAULT_MIN_PROBABILITY_CHANGE
 
 DEFAULT_STEPS = 10
 DEFAULT_SAMPLES = 1
@@ -136,6 +137,17 @@ def explain_spec(request: pb.ExplainRequest, limits: Limits) -> domain.ExplainSp
         raise InvalidArgument(
             f"alpha must be in (0, 0.5] (0 for the default 0.01); got {alpha}", field="alpha"
         )
+    min_probability_change = (
+        request.min_probability_change
+        if request.HasField("min_probability_change")
+        else DEFAULT_MIN_PROBABILITY_CHANGE
+    )
+    if not 0.0 <= min_probability_change <= 1.0:
+        raise InvalidArgument(
+            "min_probability_change must be in [0, 1] (unset for the default "
+            f"{DEFAULT_MIN_PROBABILITY_CHANGE}); got {min_probability_change}",
+            field="min_probability_change",
+        )
     image = decode_image(request.image, limits)
     names = [p.name for p in request.properties]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -156,6 +168,7 @@ def explain_spec(request: pb.ExplainRequest, limits: Limits) -> domain.ExplainSp
         seed=request.seed,
         permutations=permutations,
         alpha=alpha,
+        min_probability_change=min_probability_change,
         return_path_images=request.return_path_images,
     )
     shapes = [spec.path_shape(p) for p in properties]
@@ -261,6 +274,7 @@ def event_message(request_id: str, event: domain.Event) -> pb.ExplainEvent:
                 model_version=event.model_version,
                 planned_edits=event.planned_edits,
                 planned_classifications=event.planned_classifications,
+                min_probability_change=event.min_probability_change,
             )
         )
     elif isinstance(event, domain.Progress):
@@ -330,6 +344,10 @@ def property_result(outcome: domain.PropertyOutcome) -> pb.PropertyResult:
         prediction_flipped=score.prediction_flipped,
         flip_rate=score.flip_rate,
         mean_signed_gradient=score.mean_signed_gradient,
+        probability_change=score.probability_change,
+        relevant=score.relevant,
+        pearson_correlation=score.pearson_correlation,
+        mutual_information=score.mutual_information,
         target_class=outcome.target_class,
         cache_hits=outcome.cache_hits,
         cache_misses=outcome.cache_misses,

@@ -181,6 +181,7 @@ class Explainer:
             model_version=plan.classifier.version,
             planned_edits=edited,
             planned_classifications=classified,
+            min_probability_change=spec.min_probability_change,
         )
         queue: asyncio.Queue[Event] = asyncio.Queue()
         times = StageTimes()
@@ -242,7 +243,13 @@ class Explainer:
             seed = (plan.spec.seed, zlib.crc32(prop.name.encode()))
             with _timed(times, "score_s"):
                 score = await asyncio.to_thread(
-                    score_property, curves, predicted, plan.spec.permutations, plan.spec.alpha, seed
+                    score_property,
+                    curves,
+                    predicted,
+                    plan.spec.permutations,
+                    plan.spec.alpha,
+                    seed,
+                    plan.spec.min_probability_change,
                 )
         except (TimeoutError, PropscopeError) as error:
             return PropertyOutcome(property_name=prop.name, error=error)

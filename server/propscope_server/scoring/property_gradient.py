@@ -4,6 +4,11 @@
 `p` is the target class's probability along the path [x_0, x_1, ..., x_N].
 Deliberate deviation from the paper: p-values are (b + 1) / (K + 1), so a
 p-value is never exactly 0 with finitely many permutations.
+
+Significance says that p changes in an *orderly* way along the path, not that
+it changes *much*: a background edit that moves p by 1e-5 in small steps is
+significant too. `relevant` adds an effect size, the change of p along the
+path (max - min), so that a caller can act on the decision.
 """
 
 from __future__ import annotations
@@ -14,10 +19,19 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from propscope_server.scoring.curve_statistics import (
+    mean_defined,
+    mutual_information,
+    pearson_correlation,
+)
+
 # Elements per permutation chunk: bounds memory for large K x S x (N + 1).
 CHUNK_ELEMENTS = 4_000_000
 BOOTSTRAP_RESAMPLES = 2_000
 TIE_TOLERANCE = 1e-12
+# The default minimal relevant change of the target probability along the path;
+# docs/results/bias_table.md shows how it separates shortcut from untouched properties.
+DEFAULT_MIN_PROBABILITY_CHANGE = 0.05
 
 
 @dataclass(frozen=True)
@@ -31,6 +45,10 @@ class PropertyScore:
     prediction_flipped: bool
     flip_rate: float
     mean_signed_gradient: float
+    probability_change: float
+    relevant: bool
+    pearson_correlation: float | None
+    mutual_information: float | None
     sample_scores: tuple[float, ...]
     sample_p_values: tuple[float, ...]
 
@@ -97,13 +115,16 @@ def score_property(
     permutations: int,
     alpha: float,
     seed: int | Sequence[int],
+    min_probability_change: float = DEFAULT_MIN_PROBABILITY_CHANGE,
 ) -> PropertyScore:
     """Score one property from its S sampled paths.
 
     curves: [S, N + 1] target-class probability along each path.
     predicted_classes: [S, N + 1] argmax class along each path.
     The pooled p-value tests the distinct curves only: identical samples (a
-    deterministic editor) must not narrow the null distribution.
+    deterministic editor) must not narrow the null distribution. The property
+    is relevant when it is significant and p changes along the paths by at
+    least `min_probability_change` on average.
     """
     curves = np.atleast_2d(np.asarray(curves, dtype=np.float64))
     predicted_classes = np.atleast_2d(predicted_classes)
@@ -118,16 +139,22 @@ def score_property(
     flipped = np.any(predicted_classes != predicted_classes[:, :1], axis=1)
     steps = curves.shape[-1] - 1
     score = float(sample_scores.mean())
+    significant = p_value < alpha
+    probability_change = float(np.ptp(curves, axis=-1).mean())
     return PropertyScore(
         score=score,
         score_per_unit_strength=score * steps,
         ci_low=ci_low,
         ci_high=ci_high,
         p_value=p_value,
-        significant=p_value < alpha,
+        significant=significant,
         prediction_flipped=bool(flipped.any()),
         flip_rate=float(flipped.mean()),
         mean_signed_gradient=float(np.gradient(curves, axis=-1).mean()),
+        probability_change=probability_change,
+        relevant=significant and probability_change >= min_probability_change,
+        pearson_correlation=mean_defined([pearson_correlation(c) for c in curves]),
+        mutual_information=mean_defined([mutual_information(c) for c in curves]),
         sample_scores=tuple(float(s) for s in sample_scores),
         sample_p_values=tuple(float(p) for p in sample_p_values),
     )
