@@ -18,7 +18,7 @@ DEFAULTS = {
     "patch_y": "3",
     "patch_size": "14",
 }
-OPERATIONS = ["hue", "brightness", "saturation", "blur", "blend"]
+OPERATIONS = ["hue", "brightness", "saturation", "blur", "blend", "scale"]
 
 
 def scene_image(shape: int = 0, hue: float = 0.0, patch: bool = True) -> np.ndarray:
@@ -152,3 +152,25 @@ def test_fixed_patch_is_clamped_inside_the_image():
 def test_hue_rotation_by_a_full_turn_returns_the_image():
     image = scene_image(hue=90.0)
     np.testing.assert_array_equal(edit(image, [1.0], operation="hue", amount="360")[0], image)
+
+
+@pytest.mark.parametrize("shape", [0, 1])
+@pytest.mark.parametrize("amount", [0.4, -0.5])
+def test_scale_resizes_the_object_about_its_centre(shape, amount):
+    image = scene_image(shape, hue=0.0, patch=False)
+    (scaled,) = edit(image, [1.0], operation="scale", amount=str(amount))
+    before, after = object_mask(image), object_mask(scaled)
+    # Area goes with the square of the factor, up to the pixel grid.
+    assert after.sum() / before.sum() == pytest.approx((1 + amount) ** 2, rel=0.1)
+    np.testing.assert_allclose(np.argwhere(after).mean(0), np.argwhere(before).mean(0), atol=0.5)
+    # The object keeps its colour; what it left is background.
+    assert set(map(tuple, scaled[after].tolist())) == set(map(tuple, image[before].tolist()))
+    assert (scaled[~after] == image[0, 0]).all()
+
+
+def test_scale_grows_monotonically_with_the_strength():
+    image = scene_image(patch=False)
+    areas = [
+        object_mask(frame).sum() for frame in edit(image, [0.25, 0.5, 0.75, 1.0], operation="scale")
+    ]
+    assert areas == sorted(areas) and areas[0] > object_mask(image).sum()

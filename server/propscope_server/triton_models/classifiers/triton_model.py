@@ -1,8 +1,8 @@
 """The one TritonPythonModel behind every synthetic classifier entry.
 
 Each model folder's `1/model.py` re-exports this class; the differences between
-entries (weights, input name, input format) live in config.pbtxt parameters so
-that adding a classifier needs no Python.
+entries (architecture, weights, input name, input format) live in config.pbtxt
+parameters so that adding a classifier needs no Python.
 """
 
 from __future__ import annotations
@@ -15,14 +15,19 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from propscope_server.triton_models.classifiers.cnn import load_classifier, normalise_uint8_hwc
+from propscope_server.triton_models.classifiers.probe import CornerProbe
 
 INPUT_FORMATS = ("uint8_hwc", "fp32_nchw")
+# small_cnn loads trained weights; corner_probe is fixed and has none.
+ARCHITECTURES = ("small_cnn", "corner_probe")
 
 
-def _parameter(config: dict, key: str) -> str:
+def _parameter(config: dict, key: str, default: str | None = None) -> str:
     try:
         return config["parameters"][key]["string_value"]
     except KeyError as exc:
+        if default is not None:
+            return default
         raise ValueError(f"model config lacks parameter {key!r}") from exc
 
 
@@ -46,15 +51,25 @@ class TritonPythonModel:
         # Batched tensors carry a leading batch dimension in front of the config dims.
         self.sample_shape = tuple(int(d) for d in model_input["dims"])
         self.dtype = np.uint8 if self.input_format == "uint8_hwc" else np.float32
-        # args["model_repository"] is this model's own folder (<repository>/<name>),
-        # so the weights path in the config is relative to it.
-        weights = Path(args["model_repository"]) / _parameter(config, "weights")
-        if not weights.is_file():
-            raise FileNotFoundError(f"{self.model_name}: no weights at {weights.resolve()}")
         # One intra-op thread per instance: Triton scales with instances, and
         # more threads per instance just oversubscribe the cores.
         torch.set_num_threads(1)
-        self.model = load_classifier(weights)
+        self.model = self._build(config, Path(args["model_repository"]))
+
+    def _build(self, config: dict, model_folder: Path) -> torch.nn.Module:
+        architecture = _parameter(config, "architecture", default="small_cnn")
+        if architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"{self.model_name}: architecture {architecture!r} not in {ARCHITECTURES}"
+            )
+        if architecture == "corner_probe":
+            return CornerProbe().eval()
+        # args["model_repository"] is this model's own folder (<repository>/<name>),
+        # so the weights path in the config is relative to it.
+        weights = model_folder / _parameter(config, "weights")
+        if not weights.is_file():
+            raise FileNotFoundError(f"{self.model_name}: no weights at {weights.resolve()}")
+        return load_classifier(weights)
 
     def execute(self, requests: list) -> list:
         responses = []

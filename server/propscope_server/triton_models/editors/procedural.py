@@ -2,8 +2,9 @@
 
 Each edit is a function of the strength s in [0, 1] (s = 0 is the original):
 hue rotation, brightness shift, saturation scaling, Gaussian blur, optionally
-restricted to the object or the background, and alpha-blending a colorful patch
-(the paper's skin-lesion sticker intervention, strength = alpha).
+restricted to the object or the background; alpha-blending a colorful patch
+(the paper's skin-lesion sticker intervention, strength = alpha); and scaling
+the object about its centre (its size).
 """
 
 from __future__ import annotations
@@ -20,14 +21,19 @@ from propscope_server.synthetic.world import colorful_patch
 OBJECT_THRESHOLD = 24
 
 
+def border_colour(image: np.ndarray) -> np.ndarray:
+    """The median colour of the image's outermost pixels: the background's colour."""
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    return np.median(border, axis=0)
+
+
 def object_mask(image: np.ndarray) -> np.ndarray:
     """The largest connected region that differs from the border colour.
 
     Exact on the synthetic world (plain background); on photographs it is a
     rough foreground estimate, good enough to restrict an edit.
     """
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    background = np.median(border, axis=0)
+    background = border_colour(image)
     differs = np.abs(image.astype(np.int16) - background).max(axis=-1) > OBJECT_THRESHOLD
     labels, count = ndimage.label(differs)
     if count == 0:
@@ -107,6 +113,25 @@ def _blend_patch(image: np.ndarray, alpha: float, box: tuple[int, int, int]) -> 
     return out.round().astype(np.uint8)
 
 
+def _scale_object(image: np.ndarray, factor: float) -> np.ndarray:
+    """The object resized by `factor` about its centroid, nearest-neighbour so that
+    factor 1 is the identity; where it no longer covers, the border colour shows."""
+    mask = object_mask(image)
+    if not mask.any():
+        return image.copy()
+    centre_y, centre_x = np.argwhere(mask).mean(axis=0) + 0.5
+    ys, xs = np.mgrid[0 : image.shape[0], 0 : image.shape[1]].astype(np.float64) + 0.5
+    source = [centre_y + (ys - centre_y) / factor - 0.5, centre_x + (xs - centre_x) / factor - 0.5]
+    scaled_mask = ndimage.map_coordinates(mask.astype(np.uint8), source, order=0) > 0
+    scaled = np.stack(
+        [ndimage.map_coordinates(image[..., c], source, order=0) for c in range(3)], axis=-1
+    )
+    out = image.copy()
+    out[mask] = np.round(border_colour(image)).astype(np.uint8)
+    out[scaled_mask] = scaled[scaled_mask]
+    return out
+
+
 def _patch_box(image: np.ndarray, parameters: Mapping[str, str], seed: int) -> tuple[int, int, int]:
     height, width = image.shape[:2]
     side = int(parameters["patch_size"])
@@ -122,7 +147,9 @@ def _patch_box(image: np.ndarray, parameters: Mapping[str, str], seed: int) -> t
 
 
 # What amount means at strength 1 when the request leaves it empty.
-DEFAULT_AMOUNT = {"hue": 180.0, "brightness": 0.3, "saturation": -1.0, "blur": 3.0}
+DEFAULT_AMOUNT = {"hue": 180.0, "brightness": 0.3, "saturation": -1.0, "blur": 3.0, "scale": 0.4}
+# Scale factors below this would make the object vanish.
+MIN_SCALE = 0.05
 
 EDITS = {
     "hue": lambda image, s, amount: _rotate_hue(image, s * amount),
@@ -140,11 +167,14 @@ def edit_path(
     `parameters` must already be resolved against the editor's schema.
     """
     operation = parameters["operation"]
+    amount = float(parameters["amount"]) if parameters["amount"] else DEFAULT_AMOUNT.get(operation)
     if operation == "blend":
         box = _patch_box(image, parameters, seed)
         return np.stack([_blend_patch(image, float(s), box) for s in strengths])
+    if operation == "scale":
+        factors = [max(MIN_SCALE, 1.0 + float(s) * amount) for s in strengths]
+        return np.stack([_scale_object(image, factor) for factor in factors])
 
-    amount = float(parameters["amount"]) if parameters["amount"] else DEFAULT_AMOUNT[operation]
     edit = EDITS[operation]
     mask = None
     if parameters["region"] != "all":

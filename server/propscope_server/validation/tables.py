@@ -1,0 +1,73 @@
+"""Shared pieces of the result tables: summaries, pass/fail checks and output files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+
+@dataclass(frozen=True)
+class Check:
+    """One expectation of the paper's pattern, and whether the measurement met it."""
+
+    name: str
+    requirement: str
+    measured: str
+    passed: bool
+
+
+def mean_interval(
+    values: Sequence[float], seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """(mean, low, high): percentile bootstrap over images."""
+    array = np.asarray(values, dtype=np.float64)
+    mean = float(array.mean())
+    if array.size < 2 or np.ptp(array) == 0.0:
+        return mean, mean, mean
+    result = stats.bootstrap(
+        (array,),
+        np.mean,
+        confidence_level=confidence,
+        n_resamples=2000,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    interval = result.confidence_interval
+    return mean, float(interval.low), float(interval.high)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def checks_markdown(checks: Sequence[Check]) -> str:
+    rows = [(c.name, c.requirement, c.measured, "pass" if c.passed else "**FAIL**") for c in checks]
+    return markdown_table(("check", "requirement", "measured", "result"), rows)
+
+
+def write_results(out: Path, stem: str, markdown: str, data: dict) -> None:
+    """docs/results/<stem>.md and .json (JSON with every number)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(markdown.rstrip() + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=2, default=_plain) + "\n")
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, Check):
+        return asdict(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def percent(fraction: float) -> str:
+    return f"{100 * fraction:.0f}%"
