@@ -19,45 +19,17 @@ import typer
 
 import propscope
 from propscope_server.validation import downstream, saliency
-from propscope_server.validation.runner import SHORTCUTS, TEST_SET_SEED, explain_all, test_set
+from propscope_server.validation.runner import (
+    PROPERTIES,
+    SHORTCUTS,
+    TEST_SET_SEED,
+    explain_all,
+    held_out_images,
+)
 from propscope_server.validation.tables import markdown_table, write_results
 
 app = typer.Typer(add_completion=False)
 logger = logging.getLogger("validate_downstream")
-
-
-def accuracies(runs, images: np.ndarray, model_name: str, seconds: dict[str, float]) -> dict:
-    """Best-threshold accuracy of every predictor for one model's pairs."""
-    runs = [r for r in runs if r.model == model_name]
-    labels = [downstream.output_changed(r) for r in runs]
-    result = {
-        downstream.OURS: downstream.best_threshold_accuracy([r.score for r in runs], labels),
-        "positive rate": float(np.mean(labels)),
-    }
-    model = saliency.served_classifier(model_name)
-    originals = sorted({r.image_index for r in runs})
-    targets = {r.image_index: int(r.predicted_classes[0]) for r in runs}
-    with torch.inference_mode():
-        logits = model(saliency.normalise_uint8_hwc(images[originals]))
-    served = {r.image_index: r.curve[0] for r in runs}
-    in_process = torch.softmax(logits, dim=1).numpy()
-    result["max |p_torch - p_service|"] = float(
-        max(abs(in_process[i, targets[o]] - served[o]) for i, o in enumerate(originals))
-    )
-    edited = np.stack([r.last_image for r in runs])
-    for method in saliency.METHODS:
-        started = time.perf_counter()
-        before = saliency.attribution_maps(
-            method, model, images[originals], np.array([targets[o] for o in originals])
-        )
-        after = saliency.attribution_maps(
-            method, model, edited, np.array([targets[r.image_index] for r in runs])
-        )
-        seconds[method] = seconds.get(method, 0.0) + time.perf_counter() - started
-        row = {o: i for i, o in enumerate(originals)}
-        change = saliency.map_change(before[[row[r.image_index] for r in runs]], after)
-        result[method] = downstream.best_threshold_accuracy(change, labels)
-    return result
 
 
 @app.command()
@@ -77,7 +49,7 @@ def main(
     seconds: dict[str, float] = {}
     with propscope.Client(target, timeout=600) as client:
         for seed in range(seeds):
-            images, labels = test_set(per_class, TEST_SET_SEED + 1 + seed)
+            images, labels = held_out_images(per_class, TEST_SET_SEED + 1 + seed)
             runs = explain_all(
                 client,
                 images,
@@ -89,7 +61,9 @@ def main(
                 keep_last_image=True,
             )
             for model in SHORTCUTS:
-                per_seed[model].append(accuracies(runs, images, model, seconds))
+                per_seed[model].append(
+                    downstream.predictor_accuracies(runs, images, model, seconds=seconds)
+                )
                 logger.info("seed %d, %s: %s", seed, model, per_seed[model][-1])
     total = time.monotonic() - started
     predictors = [downstream.OURS, *saliency.METHODS]
@@ -119,14 +93,14 @@ def main(
             *(f"{100 * (1 - summary[m]['positive rate'][0]):.1f}" for m in SHORTCUTS),
         )
     )
-    pairs = 2 * per_class * len(downstream_properties())
+    pairs = 2 * per_class * len(PROPERTIES)
     text = "\n\n".join(
         [
             "# Downstream table (the paper's Table 2), synthetic world",
             f"Task: does the intervention (x_N, the strongest edit) change the model's output? "
             f"Changed = the predicted class differs from the original's, or the target "
             f"probability moves by >= {downstream.CHANGE_THRESHOLD}. Per model and seed: "
-            f"{2 * per_class} held-out images x {len(downstream_properties())} properties = "
+            f"{2 * per_class} held-out images x {len(PROPERTIES)} properties = "
             f"{pairs} pairs; {seeds} seeds, each with its own images. Predictors: E|∇X| from the "
             f"service (N = {steps}) and, per baseline, the mean squared difference of its "
             "attribution maps of x_0 and x_N for the original's predicted class. Each predictor "
@@ -153,12 +127,6 @@ def main(
     }
     write_results(out, "downstream_table", text, data)
     print(text)
-
-
-def downstream_properties() -> list[str]:
-    from propscope_server.validation.runner import PROPERTIES
-
-    return list(PROPERTIES)
 
 
 if __name__ == "__main__":

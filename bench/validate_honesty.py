@@ -30,8 +30,8 @@ from propscope_server.validation.runner import (  # noqa: E402
     TEST_SET_SEED,
     UNTOUCHED,
     explain_all,
+    held_out_images,
     select,
-    test_set,
 )
 from propscope_server.validation.tables import (  # noqa: E402
     Check,
@@ -69,7 +69,7 @@ def plot_p_values(calibrations: dict[int, np.ndarray], path: Path) -> None:
 
 
 def calibration_section(client, paths: int, invariant_per_class: int, out: Path, workers: int):
-    images, labels = test_set(invariant_per_class, TEST_SET_SEED + 100)
+    images, labels = held_out_images(invariant_per_class, TEST_SET_SEED + 100)
     p_values = {
         steps: honesty.exchangeable_p_values(
             client, images, paths, steps, seed=steps, workers=workers
@@ -141,7 +141,7 @@ def calibration_section(client, paths: int, invariant_per_class: int, out: Path,
 
 
 def determinism_section(client, seed: int):
-    image = test_set(1, TEST_SET_SEED + 200)[0][0]
+    image = held_out_images(1, TEST_SET_SEED + 200)[0][0]
     cold, warm = honesty.cold_and_warm(
         client, image, "synth_hue", DETERMINISM_PROPERTIES, steps=5, samples=2, seed=seed
     )
@@ -176,7 +176,7 @@ def determinism_section(client, seed: int):
 
 
 def path_length_section(client, per_class: int, step_counts: list[int], workers: int):
-    images, labels = test_set(per_class, TEST_SET_SEED)
+    images, labels = held_out_images(per_class, TEST_SET_SEED)
     runs = {
         steps: explain_all(client, images, labels, SHORTCUTS, steps=steps, workers=workers)
         for steps in step_counts

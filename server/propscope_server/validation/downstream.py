@@ -10,10 +10,14 @@ table compares how well each one *ranks* the pairs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 
 import numpy as np
+import torch
 
+from propscope_server.triton_models.classifiers.cnn import normalise_uint8_hwc
+from propscope_server.validation import saliency
 from propscope_server.validation.runner import PropertyRun
 
 CHANGE_THRESHOLD = 0.1
@@ -33,3 +37,43 @@ def best_threshold_accuracy(values: Sequence[float], labels: Sequence[bool]) -> 
     thresholds = np.concatenate([[-np.inf], np.unique(values)])
     predictions = values[None, :] > thresholds[:, None]
     return float((predictions == labels[None, :]).mean(axis=1).max())
+
+
+def predictor_accuracies(
+    runs: Sequence[PropertyRun],
+    images: np.ndarray,
+    model_name: str,
+    methods: Iterable[str] = saliency.METHODS,
+    seconds: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """Best-threshold accuracy of ours and of each saliency method on one model's
+    (image, property) pairs; also the positive rate, and the largest gap between
+    the in-process model and the service (a check that both are the same model).
+    `runs` must carry x_N (explained with keep_last_image)."""
+    runs = [r for r in runs if r.model == model_name]
+    labels = [output_changed(r) for r in runs]
+    result = {
+        OURS: best_threshold_accuracy([r.score for r in runs], labels),
+        "positive rate": float(np.mean(labels)),
+    }
+    model = saliency.served_classifier(model_name)
+    originals = sorted({r.image_index for r in runs})
+    row = {index: i for i, index in enumerate(originals)}
+    targets = {r.image_index: int(r.predicted_classes[0]) for r in runs}
+    original_targets = np.array([targets[index] for index in originals])
+    with torch.inference_mode():
+        logits = model(normalise_uint8_hwc(images[originals]))
+    in_process = torch.softmax(logits, dim=1).numpy()[np.arange(len(originals)), original_targets]
+    served = np.array([next(r.curve[0] for r in runs if r.image_index == i) for i in originals])
+    result["max |p_torch - p_service|"] = float(np.abs(in_process - served).max())
+    edited = np.stack([r.last_image for r in runs])
+    edited_targets = np.array([targets[r.image_index] for r in runs])
+    for method in methods:
+        started = time.perf_counter()
+        before = saliency.attribution_maps(method, model, images[originals], original_targets)
+        after = saliency.attribution_maps(method, model, edited, edited_targets)
+        if seconds is not None:
+            seconds[method] = seconds.get(method, 0.0) + time.perf_counter() - started
+        change = saliency.map_change(before[[row[r.image_index] for r in runs]], after)
+        result[method] = best_threshold_accuracy(change, labels)
+    return result

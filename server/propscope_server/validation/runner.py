@@ -9,12 +9,13 @@ import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 from PIL import Image
 
 import propscope
-from propscope_server.synthetic.world import make_split, render
+from propscope_server.synthetic.world import BIASED_HUES, make_split, render
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +61,24 @@ class PropertyRun:
     last_image: np.ndarray | None  # x_N, when the path images were asked for
 
 
-def test_set(per_class: int, seed: int = TEST_SET_SEED) -> tuple[np.ndarray, np.ndarray]:
+def held_out_images(
+    per_class: int, seed: int = TEST_SET_SEED, hues: Literal["trained", "uniform"] = "trained"
+) -> tuple[np.ndarray, np.ndarray]:
     """Held-out images of the unbiased world without the patch, so that pasting the
-    patch always changes the image: (images [2 * per_class, 64, 64, 3], labels)."""
+    patch always changes the image: (images [2 * per_class, 64, 64, 3], labels).
+
+    With hues="trained" the hue is drawn from the two ranges the hue-biased model
+    was trained on, independently of the class: every image lies where all three
+    models saw data, and the hue no longer predicts the class. "uniform" draws hues
+    the hue-biased model never saw (see docs/results/bias_table.md)."""
     _, labels, scenes = make_split("none", 2 * per_class, seed)
+    rng = np.random.default_rng([seed, 1])
+    if hues == "trained":
+        ranges = [BIASED_HUES[i] for i in rng.integers(0, len(BIASED_HUES), len(scenes))]
+        scenes = [
+            replace(scene, hue_deg=float(rng.uniform(low, high)) % 360.0)
+            for scene, (low, high) in zip(scenes, ranges, strict=True)
+        ]
     images = np.stack([render(replace(scene, patch=False)) for scene in scenes])
     return images, labels
 

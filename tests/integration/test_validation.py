@@ -1,0 +1,109 @@
+"""A small `make validate` through the real stack: the paper's two tables and the
+test's calibration on a few images, asserting the qualitative pattern."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from propscope_server.validation import bias_table, downstream, honesty
+from propscope_server.validation.runner import (
+    SHORTCUTS,
+    TEST_SET_SEED,
+    explain_all,
+    held_out_images,
+    select,
+)
+
+FAST_METHODS = ["Grad-CAM", "Integrated Gradients", "DeepLift", "Occlusion"]
+
+
+@pytest.fixture(scope="module")
+def bias_runs(client):
+    images, labels = held_out_images(3)
+    return explain_all(client, images, labels, SHORTCUTS, steps=50)
+
+
+def test_bias_table_shows_the_pattern(bias_runs):
+    table = bias_table.cells(bias_runs, list(SHORTCUTS))
+    assert len(table) == 3 * 4 and all(cell.images == 6 for cell in table)
+    failed = [c for c in bias_table.expected_pattern(table) if not c.passed]
+    assert not failed, failed
+
+
+def test_relevance_separates_where_significance_does_not(bias_runs):
+    background = [r for r in bias_runs if r.property_name == "background_brightness"]
+    # The paper's finding: tiny, orderly background effects are mostly significant ...
+    assert np.mean([r.significant for r in background]) > 0.5
+    assert max(r.probability_change for r in background) < 0.01
+    # ... and the effect size keeps them from being called relevant.
+    assert not any(r.relevant for r in background)
+    for model, shortcut in SHORTCUTS.items():
+        if shortcut is not None:
+            assert all(r.relevant for r in select(bias_runs, model, shortcut))
+
+
+def test_statistics_beside_the_score(bias_runs):
+    (hue,) = [r for r in select(bias_runs, "synth_hue", "object_hue") if r.image_index == 0]
+    assert hue.pearson_correlation is not None and abs(hue.pearson_correlation) > 0.5
+    assert hue.mutual_information is not None and hue.mutual_information > 0.1
+    assert hue.score_per_unit_strength == pytest.approx(hue.score * 50)
+
+
+def test_ours_predicts_output_changes_at_least_as_well_as_saliency(client):
+    images, labels = held_out_images(3, TEST_SET_SEED + 1)
+    models = ["synth_hue", "synth_patch"]
+    runs = explain_all(client, images, labels, models, keep_last_image=True)
+    for model in models:
+        accuracies = downstream.predictor_accuracies(runs, images, model, FAST_METHODS)
+        assert accuracies["max |p_torch - p_service|"] < 1e-5
+        assert 0 < accuracies["positive rate"] < 1  # a real task, not a constant label
+        assert accuracies[downstream.OURS] >= 0.9
+        assert accuracies[downstream.OURS] >= max(accuracies[m] for m in FAST_METHODS)
+
+
+def test_p_values_are_calibrated_under_an_exchangeable_null(client):
+    images, _ = held_out_images(2, TEST_SET_SEED + 100)
+    p_values = honesty.exchangeable_p_values(client, images, paths=200, steps=10, seed=1)
+    result = honesty.calibration(p_values, steps=10)
+    assert result.false_positive_rate <= 0.02
+    assert result.ks_p_value > 0.01, result
+
+
+def test_an_invisible_edit_is_never_significant(client):
+    images, labels = held_out_images(3, TEST_SET_SEED + 100)
+    runs = honesty.invariant_runs(client, images, labels, steps=10)
+    assert len(runs) == 12
+    assert all(np.ptp(r.curve) == 0.0 and not r.significant and r.p_value == 1.0 for r in runs)
+
+
+def test_cold_and_warm_cache_give_bit_identical_results(client):
+    image = held_out_images(1, TEST_SET_SEED + 200)[0][0]
+    properties = [
+        "hue=procedural:operation=hue,region=object",
+        "patch=procedural:operation=blend,position=random",
+        "ip2p=ip2p:instruction=make it red",
+    ]
+    cold, warm = honesty.cold_and_warm(
+        client, image, "synth_hue", properties, steps=5, samples=2, seed=424242
+    )
+    assert sum(r.cache_misses for r in cold) == 6 and sum(r.cache_hits for r in warm) == 6
+    for first, second in zip(cold, warm, strict=True):
+        assert honesty.comparable(first) == honesty.comparable(second)
+
+
+def test_the_length_independent_score_holds_across_path_lengths(client):
+    images, labels = held_out_images(1)
+    runs = {
+        steps: select(
+            explain_all(client, images, labels, ["synth_hue"], steps=steps),
+            "synth_hue",
+            "object_hue",
+        )
+        for steps in (10, 50)
+    }
+    for short, long in zip(runs[10], runs[50], strict=True):
+        assert short.score / long.score == pytest.approx(5, rel=0.25)
+        assert long.score_per_unit_strength == pytest.approx(
+            short.score_per_unit_strength, rel=0.25
+        )
