@@ -24,6 +24,17 @@ def test_ksg_matches_the_gaussian_closed_form(rho):
     assert ksg_mutual_information(x, y) == pytest.approx(expected, abs=0.03)
 
 
+@pytest.mark.parametrize("points", [11, 51, 400])
+def test_ksg_agrees_with_scikit_learn(points):
+    from sklearn.feature_selection import mutual_info_regression
+
+    rng = np.random.default_rng(points)
+    x = np.linspace(0, 1, points)
+    y = np.clip(np.sin(3 * x) + 0.3 * rng.standard_normal(points), 0, None)  # with ties at 0
+    expected = mutual_info_regression(x[:, None], y, n_neighbors=5, random_state=0)[0]
+    assert ksg_mutual_information(x, y) == pytest.approx(expected, abs=1e-9)
+
+
 def test_ksg_is_invariant_to_monotone_rescaling():
     rng = np.random.default_rng(3)
     x = rng.standard_normal(500)
