@@ -57,6 +57,7 @@ demo: up
 bench: setup
 	$(PY) bench/permutation_test.py
 	$(PY) bench/explain_cold_warm.py
+	$(PY) bench/curve_statistics.py
 	$(PY) bench/editors.py
 
 # The paper's Tables 1 and 2 and the test's calibration, through the stack that `make up`

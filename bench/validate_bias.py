@@ -16,8 +16,15 @@ from pathlib import Path
 import typer
 
 import propscope
+from propscope_server.scoring.property_gradient import DEFAULT_MIN_PROBABILITY_CHANGE
 from propscope_server.validation import bias_table
-from propscope_server.validation.runner import SHORTCUTS, explain_all, held_out_images
+from propscope_server.validation.runner import (
+    ALPHA,
+    PERMUTATIONS,
+    SHORTCUTS,
+    explain_all,
+    held_out_images,
+)
 from propscope_server.validation.tables import checks_markdown, write_results
 
 app = typer.Typer(add_completion=False)
@@ -50,8 +57,9 @@ def main(
             f"{2 * per_class} held-out images ({per_class} circles, {per_class} squares; no patch, "
             "so that pasting it always changes the image; hues from the two ranges the "
             "hue-biased model was trained on, drawn independently of the class), "
-            f"N = {steps} steps, K = 10 000 permutations, alpha = 0.01, relevant = significant "
-            "and the target probability changes by >= 0.05. "
+            f"N = {steps} steps, K = {PERMUTATIONS} permutations, alpha = {ALPHA}, relevant = "
+            f"significant and the target probability changes by >= "
+            f"{DEFAULT_MIN_PROBABILITY_CHANGE} (the default). "
             f"Written by `bench/validate_bias.py` in {seconds:.0f} s.",
             bias_table.markdown(tables["trained"]),
             "## Expected pattern",
@@ -63,7 +71,7 @@ def main(
             "(the relevant and flipped columns of its background and patch rows). The "
             "relevance decision reports this sensitivity; it is the model's, not the test's.",
             bias_table.markdown(tables["uniform"]),
-            checks_markdown(uniform_checks),
+            checks_markdown(uniform_checks, informational=True),
         ]
     )
     data = {

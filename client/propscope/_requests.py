@@ -95,8 +95,8 @@ def build_explain_request(
     model_output: str = "",
     request_id: str = "",
 ) -> explain_pb2.ExplainRequest:
-    """The ``ExplainRequest`` for ``Client.explain``'s arguments (0 means the server default;
-    ``min_probability_change=None`` too)."""
+    """The ``ExplainRequest`` for ``Client.explain``'s arguments: 0 means the server default,
+    except for ``min_probability_change``, where None does (0 makes relevant = significant)."""
     if not model:
         raise ValueError("model must be a non-empty Triton model name")
     property_messages = [prop.to_proto() for prop in normalize_properties(properties)]

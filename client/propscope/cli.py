@@ -285,7 +285,7 @@ class _ExplainView:
             "score/unit strength",
             "p-value",
             "significant",
-            "p change",
+            "Δp (max−min)",
             "relevant",
             "flipped",
             "target class",

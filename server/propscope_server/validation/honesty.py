@@ -19,7 +19,7 @@ from scipy import stats
 
 import propscope
 from propscope_server.triton_models.classifiers.probe import CORNER
-from propscope_server.validation.runner import PropertyRun, explain_all
+from propscope_server.validation.runner import ALPHA, PERMUTATIONS, PropertyRun, explain_all
 
 PROBE = "calibration_probe"
 # Edits that never reach the probe's corner in the synthetic world.
@@ -53,7 +53,9 @@ def exchangeable_p_values(
         path = [with_noise_corner(base, rng) for _ in range(steps)]
         encoded = [propscope.encode_image(image) for image in path]
         prop = propscope.Property("corner_texture", provided_path=encoded)
-        events = client.explain(original, PROBE, [prop], seed=seed + index)
+        events = client.explain(
+            original, PROBE, [prop], seed=seed + index, permutations=PERMUTATIONS, alpha=ALPHA
+        )
         (result,) = [e for e in events if isinstance(e, propscope.PropertyResult)]
         if not result.ok:
             raise RuntimeError(f"path {index}: {result.error}")
@@ -73,7 +75,7 @@ class Calibration:
     ks_p_value: float
 
 
-def calibration(p_values: np.ndarray, steps: int, alpha: float = 0.01) -> Calibration:
+def calibration(p_values: np.ndarray, steps: int, alpha: float = ALPHA) -> Calibration:
     ks = stats.kstest(p_values, "uniform")
     return Calibration(
         paths=len(p_values),

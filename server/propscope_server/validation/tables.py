@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
+
+from propscope_server.scoring.property_gradient import bootstrap_interval
 
 
 @dataclass(frozen=True)
@@ -22,24 +23,10 @@ class Check:
     passed: bool
 
 
-def mean_interval(
-    values: Sequence[float], seed: int = 0, confidence: float = 0.95
-) -> tuple[float, float, float]:
-    """(mean, low, high): percentile bootstrap over images."""
-    array = np.asarray(values, dtype=np.float64)
-    mean = float(array.mean())
-    if array.size < 2 or np.ptp(array) == 0.0:
-        return mean, mean, mean
-    result = stats.bootstrap(
-        (array,),
-        np.mean,
-        confidence_level=confidence,
-        n_resamples=2000,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
-    interval = result.confidence_interval
-    return mean, float(interval.low), float(interval.high)
+def mean_interval(values: Sequence[float], seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean over images and its 95% percentile bootstrap interval."""
+    low, high = bootstrap_interval(np.asarray(values), np.random.default_rng(seed))
+    return float(np.mean(values)), low, high
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -167,10 +167,10 @@ def edit_path(
     `parameters` must already be resolved against the editor's schema.
     """
     operation = parameters["operation"]
-    amount = float(parameters["amount"]) if parameters["amount"] else DEFAULT_AMOUNT.get(operation)
     if operation == "blend":
         box = _patch_box(image, parameters, seed)
         return np.stack([_blend_patch(image, float(s), box) for s in strengths])
+    amount = float(parameters["amount"]) if parameters["amount"] else DEFAULT_AMOUNT[operation]
     if operation == "scale":
         factors = [max(MIN_SCALE, 1.0 + float(s) * amount) for s in strengths]
         return np.stack([_scale_object(image, factor) for factor in factors])
