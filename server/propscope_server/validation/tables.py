@@ -36,8 +36,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join([line(headers), "|" + "---|" * len(headers), *map(line, rows)])
 
 
-def checks_markdown(checks: Sequence[Check]) -> str:
-    rows = [(c.name, c.requirement, c.measured, "pass" if c.passed else "**FAIL**") for c in checks]
+def checks_markdown(checks: Sequence[Check], informational: bool = False) -> str:
+    """The checks as a table; informational checks say "met" / "not met" instead of pass/FAIL."""
+    verdicts = ("met", "not met") if informational else ("pass", "**FAIL**")
+    rows = [(c.name, c.requirement, c.measured, verdicts[not c.passed]) for c in checks]
     return markdown_table(("check", "requirement", "measured", "result"), rows)
 
 
