@@ -42,10 +42,10 @@ def ksg_mutual_information(x: np.ndarray, y: np.ndarray, neighbours: int = KSG_N
     for two 1-D samples, clipped at 0.
 
     The estimator of scikit-learn's `mutual_info_regression` (checked against it
-    in the tests), which costs 15-25 ms per call on an 11-point curve (joblib and
-    validation overhead); this costs well under a millisecond. Unlike it, the
-    samples are centred before scaling, so that the tie-breaking jitter stays at
-    1e-10 standard deviations even for a tiny curve near p = 1.
+    in the tests) with one change: the samples are centred before scaling, so that
+    its 1e-10 tie-breaking jitter stays at 1e-10 standard deviations even for a
+    tiny curve near p = 1 (uncentred, the jitter swamps it). Also 3-7x faster
+    (`bench/curve_statistics.py`).
     """
     rng = np.random.RandomState(KSG_JITTER_SEED)  # the legacy generator scikit-learn jitters with
     x, y = (_scaled(np.asarray(v, dtype=np.float64), rng) for v in (x, y))
