@@ -110,3 +110,21 @@ def test_the_length_independent_score_holds_across_path_lengths(client):
         assert long.score_per_unit_strength == pytest.approx(
             short.score_per_unit_strength, rel=0.25
         )
+
+
+@pytest.mark.parametrize(("minimum", "expected"), [(None, True), (0.0, True), (1.0, False)])
+def test_the_minimal_relevant_change_is_per_request(client, minimum, expected):
+    image = held_out_images(1)[0][0]
+    events = list(
+        client.explain(
+            image,
+            "synth_hue",
+            ["hue=procedural:operation=hue,region=object"],
+            steps=10,
+            min_probability_change=minimum,
+        )
+    )
+    accepted, result = events[0], events[-2]
+    assert accepted.min_probability_change == (0.05 if minimum is None else minimum)
+    assert result.significant and result.probability_change > 0.9
+    assert result.relevant is expected

@@ -88,6 +88,9 @@ def test_explain_spec_defaults():
     spec = explain_spec(request(seed=5), Limits())
     assert (spec.steps, spec.samples, spec.permutations, spec.alpha) == (10, 1, 10_000, 0.01)
     assert spec.seed == 5 and spec.request_id and not spec.return_path_images
+    assert spec.min_probability_change == 0.05
+    # Presence, not value, selects the default: 0 means "relevant = significant".
+    assert explain_spec(request(min_probability_change=0.0), Limits()).min_probability_change == 0
     np.testing.assert_array_equal(spec.image, PIXELS)
     assert spec.classifier == domain.ClassifierRef(name="cnn")
     assert spec.properties == (
@@ -149,6 +152,16 @@ PROVIDED = [pb.Property(name="p", provided_path=pb.ProvidedPath(images=[PNG]))]
         (dict(samples=33), "samples must be in 1..32", "samples"),
         (dict(permutations=99), "permutations must be in 100..100000", "permutations"),
         (dict(alpha=0.6), "alpha must be in (0, 0.5]", "alpha"),
+        (
+            dict(min_probability_change=1.5),
+            "min_probability_change must be in [0, 1]",
+            "min_probability_change",
+        ),
+        (
+            dict(min_probability_change=float("nan")),
+            "min_probability_change must be in [0, 1]",
+            "min_probability_change",
+        ),
         (dict(model=pb.ModelRef()), "model.name is required", "model.name"),
         (dict(properties=[]), "properties is empty", "properties"),
         (dict(properties=[editor_property()] * 2), "repeated: hue", "properties"),
