@@ -52,12 +52,11 @@ def main(
     per_seed: dict[str, list[downstream.Accuracies]] = {model: [] for model in SHORTCUTS}
     with propscope.Client(target, timeout=600) as client:
         for seed in range(seeds):
-            images, labels = held_out_images(per_class, TEST_SET_SEED + 1 + seed)
+            images, _ = held_out_images(per_class, TEST_SET_SEED + 1 + seed)
             interventions = downstream.random_interventions(len(images), seed)
             runs = explain_all(
                 client,
                 images,
-                labels,
                 SHORTCUTS,
                 interventions.__getitem__,
                 steps=steps,

@@ -73,7 +73,7 @@ def plot_p_values(calibrations: dict[int, np.ndarray], path: Path) -> None:
 
 
 def calibration_section(client, paths: int, invariant_per_class: int, out: Path, workers: int):
-    images, labels = held_out_images(invariant_per_class, TEST_SET_SEED + 100)
+    images, _ = held_out_images(invariant_per_class, TEST_SET_SEED + 100)
     p_values = {
         steps: honesty.exchangeable_p_values(
             client, images, paths, steps, seed=steps, workers=workers
@@ -82,7 +82,7 @@ def calibration_section(client, paths: int, invariant_per_class: int, out: Path,
     }
     results = [honesty.calibration(p, steps, ALPHA) for steps, p in p_values.items()]
     plot_p_values(p_values, out / "calibration_p_values.png")
-    invariant = honesty.invariant_runs(client, images, labels, steps=10, workers=workers)
+    invariant = honesty.invariant_runs(client, images, steps=10, workers=workers)
     constant = sum(float(np.ptp(run.curve)) == 0.0 for run in invariant)
     significant = sum(run.significant for run in invariant)
     checks = [
@@ -215,9 +215,9 @@ def movement_summary(rows: list[dict], step_counts: list[int]) -> str:
 
 
 def path_length_section(client, per_class: int, step_counts: list[int], workers: int):
-    images, labels = held_out_images(per_class, TEST_SET_SEED)
+    images, _ = held_out_images(per_class, TEST_SET_SEED)
     runs = {
-        steps: explain_all(client, images, labels, SHORTCUTS, steps=steps, workers=workers)
+        steps: explain_all(client, images, SHORTCUTS, steps=steps, workers=workers)
         for steps in step_counts
     }
     rows, data = [], []

@@ -20,8 +20,8 @@ FAST_METHODS = ["Grad-CAM", "Integrated Gradients", "DeepLift", "Occlusion"]
 
 @pytest.fixture(scope="module")
 def bias_runs(client):
-    images, labels = held_out_images(3)
-    return explain_all(client, images, labels, SHORTCUTS, steps=50)
+    images, _ = held_out_images(3)
+    return explain_all(client, images, SHORTCUTS, steps=50)
 
 
 def test_bias_table_shows_the_pattern(bias_runs):
@@ -51,12 +51,10 @@ def test_statistics_beside_the_score(bias_runs):
 
 
 def test_ours_predicts_output_changes_at_least_as_well_as_saliency(client):
-    images, labels = held_out_images(4, TEST_SET_SEED + 1)
+    images, _ = held_out_images(4, TEST_SET_SEED + 1)
     interventions = downstream.random_interventions(len(images), seed=0)
     models = ["synth_hue", "synth_patch"]
-    runs = explain_all(
-        client, images, labels, models, interventions.__getitem__, keep_last_image=True
-    )
+    runs = explain_all(client, images, models, interventions.__getitem__, keep_last_image=True)
     for model in models:
         result = downstream.predictor_accuracies(runs, images, model, FAST_METHODS)
         assert result.max_probability_gap < 1e-5  # the baselines explain the served model
@@ -74,8 +72,8 @@ def test_p_values_are_calibrated_under_an_exchangeable_null(client):
 
 
 def test_an_invisible_edit_is_never_significant(client):
-    images, labels = held_out_images(3, TEST_SET_SEED + 100)
-    runs = honesty.invariant_runs(client, images, labels, steps=10)
+    images, _ = held_out_images(3, TEST_SET_SEED + 100)
+    runs = honesty.invariant_runs(client, images, steps=10)
     assert len(runs) == 12
     assert all(np.ptp(r.curve) == 0.0 and not r.significant and r.p_value == 1.0 for r in runs)
 
@@ -96,10 +94,10 @@ def test_cold_and_warm_cache_give_bit_identical_results(client):
 
 
 def test_the_length_independent_score_holds_across_path_lengths(client):
-    images, labels = held_out_images(1)
+    images, _ = held_out_images(1)
     runs = {
         steps: select(
-            explain_all(client, images, labels, ["synth_hue"], steps=steps),
+            explain_all(client, images, ["synth_hue"], steps=steps),
             "synth_hue",
             "object_hue",
         )

@@ -52,7 +52,6 @@ def _run(model: str, prop: str, curve, classes=None, score=0.1, significant=True
     return PropertyRun(
         model=model,
         image_index=0,
-        label=0,
         property_name=prop,
         score=score,
         score_per_unit_strength=score * (len(curve) - 1),
@@ -65,7 +64,6 @@ def _run(model: str, prop: str, curve, classes=None, score=0.1, significant=True
         mutual_information=0.1,
         curve=curve,
         predicted_classes=np.asarray(classes if classes is not None else [0] * len(curve)),
-        cache_hits=0,
         last_image=None,
     )
 

@@ -81,16 +81,18 @@ def predictor_accuracies(
     runs = [r for r in runs if r.model == model_name]
     labels = [output_changed(r) for r in runs]
     model = saliency.served_classifier(model_name)
-    originals = sorted({r.image_index for r in runs})
+    # Every property of an image shares x_0: any of its runs knows x_0's class and p.
+    original_runs = {r.image_index: r for r in runs}
+    originals = sorted(original_runs)
     row = {index: i for i, index in enumerate(originals)}
-    targets = {r.image_index: int(r.predicted_classes[0]) for r in runs}
-    original_targets = np.array([targets[index] for index in originals])
+    original_targets = np.array([original_runs[i].predicted_classes[0] for i in originals])
     with torch.inference_mode():
         logits = model(normalise_uint8_hwc(images[originals]))
     in_process = torch.softmax(logits, dim=1).numpy()[np.arange(len(originals)), original_targets]
-    served = np.array([next(r.curve[0] for r in runs if r.image_index == i) for i in originals])
+    served = np.array([original_runs[i].curve[0] for i in originals])
     edited = np.stack([r.last_image for r in runs])
-    edited_targets = np.array([targets[r.image_index] for r in runs])
+    original_of_run = [row[r.image_index] for r in runs]
+    edited_targets = original_targets[original_of_run]
     by_predictor = {OURS: best_threshold_accuracy([r.score for r in runs], labels)}
     seconds = {}
     for method in methods:
@@ -99,7 +101,7 @@ def predictor_accuracies(
         before = saliency.attribution_maps(method, model, images[originals], original_targets)
         after = saliency.attribution_maps(method, model, edited, edited_targets)
         seconds[method] = time.perf_counter() - started
-        change = saliency.map_change(before[[row[r.image_index] for r in runs]], after)
+        change = saliency.map_change(before[original_of_run], after)
         by_predictor[method] = best_threshold_accuracy(change, labels)
     return Accuracies(
         by_predictor=by_predictor,

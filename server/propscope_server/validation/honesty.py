@@ -88,11 +88,9 @@ def calibration(p_values: np.ndarray, steps: int, alpha: float = ALPHA) -> Calib
 
 
 def invariant_runs(
-    client: propscope.Client, images: np.ndarray, labels: np.ndarray, steps: int, workers: int = 4
+    client: propscope.Client, images: np.ndarray, steps: int, workers: int = 4
 ) -> list[PropertyRun]:
-    return explain_all(
-        client, images, labels, [PROBE], INVISIBLE_TO_PROBE, steps=steps, workers=workers
-    )
+    return explain_all(client, images, [PROBE], INVISIBLE_TO_PROBE, steps=steps, workers=workers)
 
 
 def comparable(result: propscope.PropertyResult) -> dict:

@@ -47,7 +47,6 @@ class PropertyRun:
 
     model: str
     image_index: int
-    label: int
     property_name: str
     score: float
     score_per_unit_strength: float
@@ -60,7 +59,6 @@ class PropertyRun:
     mutual_information: float | None
     curve: np.ndarray  # target probability x_0..x_N
     predicted_classes: np.ndarray
-    cache_hits: int
     last_image: np.ndarray | None  # x_N, when the path images were asked for
 
 
@@ -89,7 +87,6 @@ def held_out_images(
 def explain_all(
     client: propscope.Client,
     images: np.ndarray,
-    labels: np.ndarray,
     models: Iterable[str],
     properties: Mapping[str, str] | Callable[[int], Mapping[str, str]] = PROPERTIES,
     *,
@@ -119,7 +116,7 @@ def explain_all(
             return_path_images=keep_last_image,
         )
         results = [e for e in events if isinstance(e, propscope.PropertyResult)]
-        return [_run(model, index, int(labels[index]), result) for result in results]
+        return [_run(model, index, result) for result in results]
 
     runs: list[PropertyRun] = []
     with ThreadPoolExecutor(workers) as pool:
@@ -132,7 +129,7 @@ def explain_all(
     return runs
 
 
-def _run(model: str, index: int, label: int, result: propscope.PropertyResult) -> PropertyRun:
+def _run(model: str, index: int, result: propscope.PropertyResult) -> PropertyRun:
     if not result.ok:
         raise RuntimeError(f"{model}, image {index}, {result.property_name}: {result.error}")
     (sample,) = result.samples
@@ -142,7 +139,6 @@ def _run(model: str, index: int, label: int, result: propscope.PropertyResult) -
     return PropertyRun(
         model=model,
         image_index=index,
-        label=label,
         property_name=result.property_name,
         score=result.score,
         score_per_unit_strength=result.score_per_unit_strength,
@@ -155,7 +151,6 @@ def _run(model: str, index: int, label: int, result: propscope.PropertyResult) -
         mutual_information=result.mutual_information,
         curve=np.asarray(sample.prediction_curve),
         predicted_classes=np.asarray(sample.predicted_classes),
-        cache_hits=result.cache_hits,
         last_image=last,
     )
 
