@@ -15,7 +15,7 @@ DEMO_PROPERTIES := \
 	--property "patch=procedural:operation=blend" \
 	--property "background_brightness=procedural:operation=brightness,region=background,amount=0.2"
 
-.PHONY: setup test lint demo up down bench validate weights stubs pipelines clean
+.PHONY: setup test lint demo up down bench soak validate weights stubs pipelines clean
 
 setup: $(INSTALLED) $(STUBS) $(TINY_PIPELINES)
 
@@ -59,6 +59,11 @@ bench: setup
 	$(PY) bench/explain_cold_warm.py
 	$(PY) bench/curve_statistics.py
 	$(PY) bench/editors.py
+
+# Load: 32 concurrent Explain streams for 150 s against a stack of its own; writes
+# docs/results/soak.md and fails on an unexpected error or a stream rejected once accepted.
+soak: setup
+	$(PY) bench/soak.py
 
 # The paper's Tables 1 and 2 and the test's calibration, through the stack that `make up`
 # starts; writes docs/results/ and fails when an expected pattern does not hold.

@@ -29,6 +29,38 @@ class Limits(BaseModel):
     max_samples: int = 32
     min_permutations: int = 100
     max_permutations: int = 100_000
+    # Edited images of one request (samples x steps x edited properties): the cost guard.
+    max_edits: int = 20_000
+    # Admission control: an Explain stream beyond these is refused, never queued.
+    max_streams_total: int = 64
+    max_streams_per_tenant: int = 32
+    # Per-tenant overrides of max_streams_per_tenant, by tenant name.
+    tenant_max_streams: dict[str, int] = {}
+
+
+class AuthSettings(BaseModel):
+    """Bearer tokens, each mapped to a tenant. No tokens: auth is off and every
+    caller is tenant "default"."""
+
+    tokens: dict[str, str] = {}
+    # A JSON file {"<token>": "<tenant>", ...}, read at start (a mounted Secret).
+    tokens_file: Path | None = None
+    health_open: bool = True
+    reflection_open: bool = False
+
+    def token_tenants(self) -> dict[str, str]:
+        tokens = dict(self.tokens)
+        if self.tokens_file is not None:
+            tokens.update(json.loads(self.tokens_file.read_text()))
+        return tokens
+
+
+class TlsSettings(BaseModel):
+    """PEM files. A client CA turns on mutual TLS: clients must present a certificate."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
 
 
 class Settings(BaseSettings):
@@ -40,16 +72,27 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, validation_alias="REDIS_URL")
     cache_ttl_s: int = 24 * 3600
     cache_timeout_s: float = 0.5
+    # True: every tenant shares one cache namespace (hits across tenants).
+    cache_shared_namespace: bool = False
     memory_cache_bytes: int = 256 * 1024 * 1024
     metrics_port: int = 0
+    metrics_address: str = "127.0.0.1"
+    log_format: str = Field("json", pattern="^(json|text)$")
     # Properties of one request explained at the same time.
     property_concurrency: int = 4
     # Bound on every Triton call when the caller sets no deadline.
     triton_timeout_s: float = 300.0
+    # Retries of a Triton call that failed with UNAVAILABLE, with doubling backoff.
+    triton_retries: int = 2
+    triton_retry_backoff_s: float = 0.1
     health_poll_s: float = 2.0
+    # On SIGTERM: health goes NOT_SERVING, new calls are refused, streams get this long.
+    shutdown_grace_s: float = 10.0
     # JSON file mapping classifier name -> PreprocessingConfig.
     preprocessing_file: Path | None = None
     limits: Limits = Limits()
+    auth: AuthSettings = AuthSettings()
+    tls: TlsSettings = TlsSettings()
 
     @cached_property
     def preprocessing(self) -> dict[str, PreprocessingConfig]:

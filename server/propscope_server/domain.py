@@ -47,6 +47,7 @@ class ExplainSpec:
     alpha: float
     min_probability_change: float
     return_path_images: bool
+    tenant: str = "default"  # who asked: the cache namespace and the admission bucket
 
     def path_shape(self, prop: PropertySpec) -> tuple[int, int]:
         """(paths, images x_1..x_N per path) of one property; a provided path is one

@@ -41,3 +41,9 @@ class BackendError(PropscopeError):
     """A backend model failed while serving a request."""
 
     code = grpc.StatusCode.INTERNAL
+
+
+class ResourceExhausted(PropscopeError):
+    """A concurrency limit is reached: retry later, with backoff."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -7,7 +7,9 @@ import logging
 import signal
 from pathlib import Path
 
+import grpc
 import typer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from propscope_server import stack
 from propscope_server.api.server import serve as serve_gateway
@@ -33,18 +35,42 @@ def triton(
     grpc_port: int = 8001,
     http_port: int = 8000,
     metrics_port: int = 8002,
+    address: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0 in a container)"),
     cache_dir: Path = typer.Option(
         RUN_DIR / "triton-cache", help="where the backend folder is laid out"
     ),
 ) -> None:
     """Run tritonserver from the nvidia-pytriton wheel in the foreground."""
     process = start_triton(
-        model_repository, TritonPorts(http_port, grpc_port, metrics_port), cache_dir
+        model_repository,
+        TritonPorts(http_port, grpc_port, metrics_port),
+        cache_dir,
+        address=address,
     )
     signal.signal(signal.SIGTERM, lambda *_: process.terminate())
     wait_until_ready(f"127.0.0.1:{grpc_port}", process)
     typer.echo(f"Triton ready: grpc 127.0.0.1:{grpc_port}, http 127.0.0.1:{http_port}")
     raise typer.Exit(process.wait())
+
+
+@app.command()
+def health(
+    target: str = typer.Argument("127.0.0.1:50051", help="gateway address"),
+    service: str = typer.Option("", help="health service name; empty: the whole gateway"),
+    timeout_s: float = 3.0,
+) -> None:
+    """Exit 0 when the gateway reports SERVING (a container health check)."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
+        except grpc.RpcError as error:
+            typer.echo(f"{target}: {error.code().name} {error.details()}", err=True)
+            raise typer.Exit(1) from None
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    typer.echo(f"{target}: {status}")
+    raise typer.Exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
 
 
 @app.command()

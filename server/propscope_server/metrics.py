@@ -1,28 +1,58 @@
-"""Prometheus metrics, served on their own HTTP port (PROPSCOPE_METRICS_PORT)."""
+"""Prometheus metrics, served on their own HTTP port (PROPSCOPE_METRICS_PORT).
+
+docs/operations.md lists them with what each is for; deploy/grafana plots them."""
 
 from prometheus_client import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 RPC_TOTAL = Counter("propscope_rpc_total", "RPCs handled", ["method", "code"])
-RPC_SECONDS = Histogram("propscope_rpc_seconds", "RPC latency", ["method"], buckets=LATENCY_BUCKETS)
+RPC_SECONDS = Histogram(
+    "propscope_rpc_seconds", "RPC latency", ["method", "code"], buckets=LATENCY_BUCKETS
+)
+INFLIGHT_STREAMS = Gauge("propscope_inflight_streams", "Explain streams in progress")
+ADMISSION_REJECTIONS = Counter(
+    "propscope_admission_rejections_total",
+    "Explain calls refused up front because a concurrency limit was reached",
+    ["limit"],
+)
+AUTH_FAILURES = Counter(
+    "propscope_auth_failures_total", "Calls refused for a missing or unknown token", ["reason"]
+)
 STAGE_SECONDS = Histogram(
     "propscope_stage_seconds", "Time per stage of one property", ["stage"], buckets=LATENCY_BUCKETS
 )
-CACHE_LOOKUPS = Counter("propscope_cache_lookups_total", "Path cache lookups", ["result"])
-CACHE_BYTES_WRITTEN = Counter(
-    "propscope_cache_bytes_written_total", "Bytes stored in the path cache"
-)
-CACHE_ERRORS = Counter("propscope_cache_errors_total", "Path cache calls that failed or timed out")
 EDITS_PER_REQUEST = Histogram(
     "propscope_edits_per_request",
     "Edited images per request",
     buckets=(1, 10, 50, 100, 500, 1000, 5000),
 )
-INFLIGHT_STREAMS = Gauge("propscope_inflight_streams", "Explain streams in progress")
+CACHE_LOOKUPS = Counter("propscope_cache_lookups_total", "Path cache lookups", ["result"])
+CACHE_BYTES_READ = Counter("propscope_cache_bytes_read_total", "Bytes read from the path cache")
+CACHE_BYTES_WRITTEN = Counter(
+    "propscope_cache_bytes_written_total", "Bytes stored in the path cache"
+)
+CACHE_ERRORS = Counter(
+    "propscope_cache_errors_total",
+    "Path cache calls that failed or timed out (the request went on without the cache)",
+    ["operation"],
+)
+CACHE_REJECTED_VALUES = Counter(
+    "propscope_cache_rejected_values_total",
+    "Cached values that failed their content hash or belong to another key; served as misses",
+)
+DEPENDENCY_UP = Gauge(
+    "propscope_dependency_up", "1 when the dependency answered its last health poll", ["dependency"]
+)
 TRITON_SECONDS = Histogram(
     "propscope_triton_seconds",
     "Triton call latency",
     ["model", "kind", "outcome"],
     buckets=LATENCY_BUCKETS,
+)
+TRITON_ERRORS = Counter(
+    "propscope_triton_errors_total", "Triton calls that failed", ["model", "kind", "code"]
+)
+TRITON_RETRIES = Counter(
+    "propscope_triton_retries_total", "Triton calls retried after a transient error", ["kind"]
 )

@@ -88,6 +88,7 @@ def start_triton(
     log_file: Path | None = None,
     extra_args: tuple[str, ...] = (),
     new_session: bool = False,
+    address: str = "127.0.0.1",
 ) -> subprocess.Popen:
     backend_dir = assemble_backend_dir(cache_dir)
     command = [
@@ -97,8 +98,8 @@ def start_triton(
         f"--http-port={ports.http}",
         f"--grpc-port={ports.grpc}",
         f"--metrics-port={ports.metrics}",
-        "--http-address=127.0.0.1",
-        "--grpc-address=127.0.0.1",
+        f"--http-address={address}",
+        f"--grpc-address={address}",
         "--log-verbose=0",
         *extra_args,
     ]

@@ -71,7 +71,7 @@ def big_noise_png(side: int) -> bytes:
         (
             {"image": big_noise_png(400)},
             grpc.StatusCode.INVALID_ARGUMENT,
-            "the limit is 300000 bytes",
+            "the limit max_image_bytes is 300000",
         ),
         ({"steps": 1}, grpc.StatusCode.INVALID_ARGUMENT, "steps must be in 2..256"),
         ({"steps": 10_000}, grpc.StatusCode.INVALID_ARGUMENT, "steps must be in 2..256"),

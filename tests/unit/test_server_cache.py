@@ -1,4 +1,5 @@
-"""Path cache: integrity-checked values, keys, the in-memory LRU, Redis degrading to misses."""
+"""Path cache: integrity-checked values bound to their key, tenant-namespaced keys,
+the in-memory LRU, Redis degrading to misses and coming back."""
 
 from __future__ import annotations
 
@@ -26,33 +27,41 @@ def random_path(seed: int, size: int = 2000) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
 
 
+def keyed_digest(key: str, payload: bytes) -> bytes:
+    return hashlib.sha256(key.encode() + b"\0" + payload).digest()
+
+
 def test_round_trip():
-    decoded = decode_path(encode_path(PATH))
+    decoded = decode_path("k", encode_path("k", PATH))
     assert decoded.dtype == np.uint8
     np.testing.assert_array_equal(decoded, PATH)
 
 
 @pytest.mark.parametrize("where", [0, DIGEST_BYTES, DIGEST_BYTES + 40, -1])
 def test_flipped_byte_is_a_miss(where):
-    value = bytearray(encode_path(PATH))
+    value = bytearray(encode_path("k", PATH))
     value[where] ^= 0x01
-    assert decode_path(bytes(value)) is None
+    assert decode_path("k", bytes(value)) is None
 
 
 @pytest.mark.parametrize("keep", [0, 10, DIGEST_BYTES, DIGEST_BYTES + 10, -1])
 def test_truncated_value_is_a_miss(keep):
-    value = encode_path(PATH)
-    assert decode_path(value[:keep]) is None
+    value = encode_path("k", PATH)
+    assert decode_path("k", value[:keep]) is None
 
 
 def test_digest_matching_garbage_is_a_miss():
-    import hashlib
-
     payload = b"not an npz archive"
-    assert decode_path(hashlib.sha256(payload).digest() + payload) is None
+    assert decode_path("k", keyed_digest("k", payload) + payload) is None
+
+
+def test_a_value_copied_to_another_key_is_a_miss():
+    """An intact value under the wrong key (another tenant's, a swapped entry)."""
+    assert decode_path("other", encode_path("k", PATH)) is None
 
 
 BASE = dict(
+    namespace="team-a",
     image_digest="abc",
     editor="procedural",
     editor_version="1",
@@ -64,13 +73,14 @@ BASE = dict(
 
 def test_key_is_stable_for_equal_inputs():
     key = path_key(**BASE)
-    assert key.startswith(KEY_PREFIX) and len(key) == len(KEY_PREFIX) + 64
+    assert key.startswith(KEY_PREFIX + "team-a:") and len(key) == len(KEY_PREFIX) + 7 + 64
     assert path_key(**{**BASE, "strengths": [0.5, 1.0]}) == key
 
 
 @pytest.mark.parametrize(
     ("field", "value"),
     [
+        ("namespace", "team-b"),
         ("image_digest", "abd"),
         ("editor", "diffusion"),
         ("editor_version", "2"),
@@ -91,7 +101,7 @@ def test_key_parts_do_not_run_together():
 
 
 def sizes(*paths: np.ndarray) -> list[int]:
-    return [len(encode_path(p)) for p in paths]
+    return [len(encode_path("k", p)) for p in paths]
 
 
 async def test_memory_cache_get_put():
@@ -176,6 +186,9 @@ class FakeRedis:
     async def set(self, key: str, value: bytes, ex: int) -> None:
         self.store[key], self.expiry[key] = value, ex
 
+    async def ping(self) -> bool:
+        return True
+
     async def config_get(self, name: str) -> dict[bytes, bytes]:
         return {name.encode(): b"allkeys-lru"}
 
@@ -193,9 +206,26 @@ class HangingRedis:
     get = set = ping = _hang
 
 
+async def test_after_a_failure_redis_is_skipped_until_a_ping_answers():
+    """An outage must not cost every lookup a timeout; the health poll's ping ends it."""
+    cache = RedisPathCache(UNREACHABLE, ttl_s=60, timeout_s=0.05, retry_after_s=3600)
+    hanging = HangingRedis()
+    cache._redis = hanging
+    assert await cache.get("k") is None
+    assert not cache.available
+    fake = FakeRedis()
+    cache._redis = fake
+    await cache.put("k", PATH)
+    assert fake.store == {}  # skipped, not tried
+    assert await cache.ping()
+    assert cache.available
+    await cache.put("k", PATH)
+    np.testing.assert_array_equal(await cache.get("k"), PATH)
+
+
 async def test_slow_redis_is_bounded_by_the_timeout():
     """Each call would hang for 30 s; the cache's own timeout must answer first."""
-    cache = RedisPathCache(UNREACHABLE, ttl_s=60, timeout_s=0.05)
+    cache = RedisPathCache(UNREACHABLE, ttl_s=60, timeout_s=0.05, retry_after_s=0)
     cache._redis = HangingRedis()
 
     async def calls() -> tuple:
@@ -220,4 +250,4 @@ def test_a_value_with_a_valid_digest_that_is_no_npz_is_a_miss():
     buffer = io.BytesIO()
     np.save(buffer, np.zeros(3))
     payload = buffer.getvalue()
-    assert decode_path(hashlib.sha256(payload).digest() + payload) is None
+    assert decode_path("k", keyed_digest("k", payload) + payload) is None

@@ -13,7 +13,7 @@ from propscope.v1 import explain_pb2 as pb
 from propscope_server import domain
 from propscope_server.api.convert import decode_image, event_message, explain_spec, property_result
 from propscope_server.config import Limits
-from propscope_server.errors import InvalidArgument, NotFound
+from propscope_server.errors import DeadlineExceeded, InvalidArgument, NotFound
 from propscope_server.scoring.property_gradient import PropertyScore
 
 PIXELS = np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)
@@ -37,8 +37,8 @@ PNG = encode(PIXELS, "PNG")
         (PNG[: len(PNG) // 2], Limits(), "could not be decoded"),
         (encode(PIXELS, "GIF"), Limits(), "image is GIF; send PNG or JPEG"),
         (encode(PIXELS, "BMP"), Limits(), "image is BMP; send PNG or JPEG"),
-        (PNG, Limits(max_image_bytes=len(PNG) - 1), f"the limit is {len(PNG) - 1} bytes"),
-        (PNG, Limits(max_image_pixels=119), "image is 10x12 pixels; the limit is 119 pixels"),
+        (PNG, Limits(max_image_bytes=len(PNG) - 1), f"the limit max_image_bytes is {len(PNG) - 1}"),
+        (PNG, Limits(max_image_pixels=119), "image is 10x12 pixels; the limit max_image_pixels is 119"),
     ],
 )
 def test_decode_image_refusals(data, limits, needle):
@@ -149,6 +149,7 @@ PROVIDED = [pb.Property(name="p", provided_path=pb.ProvidedPath(images=[PNG]))]
     [
         (dict(samples=2, properties=PROVIDED), "'p': a provided path needs samples = 1", None),
         (dict(steps=1), "steps must be in 2..256", "steps"),
+        (dict(steps=300), "the limit max_steps is 256", "steps"),
         (dict(samples=33), "samples must be in 1..32", "samples"),
         (dict(permutations=99), "permutations must be in 100..100000", "permutations"),
         (dict(alpha=0.6), "alpha must be in (0, 0.5]", "alpha"),
@@ -177,6 +178,29 @@ def test_explain_spec_refusals(fields, needle, field):
         assert info.value.field == field
 
 
+@pytest.mark.parametrize(
+    ("limits", "needle"),
+    [
+        (Limits(max_properties=1), "the limit max_properties is 1"),
+        (Limits(max_edits=2 * 10 * 2 - 1), "needs 40 edited images"),
+        (Limits(max_edits=2 * 10 * 2 - 1), "the limit max_edits is 39"),
+    ],
+)
+def test_request_size_limits_are_named(limits, needle):
+    """Two edited properties, 2 samples, 10 steps: 40 edits."""
+    fields = dict(properties=[editor_property("a"), editor_property("b")], samples=2, steps=10)
+    explain_spec(request(**fields), Limits())
+    with pytest.raises(InvalidArgument) as info:
+        explain_spec(request(**fields), limits)
+    assert needle in str(info.value)
+
+
+def test_provided_paths_do_not_count_as_edits():
+    path = pb.ProvidedPath(images=[PNG] * 6)
+    provided = [pb.Property(name="p", provided_path=path)]
+    explain_spec(request(properties=provided, steps=10), Limits(max_edits=0))
+
+
 SCORE = PropertyScore(
     score=0.1,
     score_per_unit_strength=1.0,
@@ -201,7 +225,11 @@ SCORE = PropertyScore(
     [
         (InvalidArgument("bad parameter 'x'"), code_pb2.INVALID_ARGUMENT, "bad parameter 'x'"),
         (NotFound("no model 'm'"), code_pb2.NOT_FOUND, "no model 'm'"),
-        (TimeoutError(), code_pb2.DEADLINE_EXCEEDED, "the deadline passed"),
+        (
+            DeadlineExceeded("the deadline passed"),
+            code_pb2.DEADLINE_EXCEEDED,
+            "the deadline passed",
+        ),
         (RuntimeError("secret detail"), code_pb2.INTERNAL, "internal error"),
         (None, code_pb2.INTERNAL, "internal error"),  # no score and no error
     ],

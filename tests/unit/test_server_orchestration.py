@@ -53,17 +53,17 @@ class FakeBackend:
         self.nan = nan
         self.edit_calls: list[list[int]] = []  # the seeds of each editor call
 
-    async def describe(self, name: str, version: str = "") -> ModelDescription:
+    async def describe(self, name: str, version: str = "", deadline=None) -> ModelDescription:
         return {"clf": CLASSIFIER, "ed": EDITOR}[name]
 
-    async def edit(self, editor, image, strengths, parameters, seeds, timeout_s):
+    async def edit(self, editor, image, strengths, parameters, seeds, deadline):
         self.edit_calls.append(list(seeds))
         if '"fail"' in parameters:
             raise BackendError("editor broke")
         path = np.stack([np.clip(image + int(255 * s), 0, 255).astype(np.uint8) for s in strengths])
         return np.stack([path] * len(seeds))
 
-    async def classify(self, model, batch, output, timeout_s):
+    async def classify(self, model, batch, output, deadline):
         if self.classify_error:
             raise self.classify_error
         brightness = batch.reshape(len(batch), -1).mean(axis=1) / 255.0

@@ -57,7 +57,7 @@ def decode_image(
         raise InvalidArgument(f"{what} is empty; send PNG or JPEG bytes", field=field)
     if len(data) > limits.max_image_bytes:
         raise InvalidArgument(
-            f"{what} is {len(data)} bytes; the limit is {limits.max_image_bytes} bytes",
+            f"{what} is {len(data)} bytes; the limit max_image_bytes is {limits.max_image_bytes}",
             field=field,
         )
     try:
@@ -82,8 +82,8 @@ def decode_image(
                     )
                 if width * height > limits.max_image_pixels:
                     raise InvalidArgument(
-                        f"{what} is {width}x{height} pixels; the limit is "
-                        f"{limits.max_image_pixels} pixels",
+                        f"{what} is {width}x{height} pixels; the limit max_image_pixels is "
+                        f"{limits.max_image_pixels}",
                         field=field,
                     )
                 return np.asarray(image.convert("RGB"), dtype=np.uint8)
@@ -100,17 +100,21 @@ def decode_image(
         ) from None
 
 
-def _bounded(value: int, default: int, low: int, high: int, field: str) -> int:
+def _bounded(value: int, default: int, low: int, high: int, field: str, limit: str) -> int:
     value = value or default
     if not low <= value <= high:
         raise InvalidArgument(
-            f"{field} must be in {low}..{high} (0 for the default {default}); got {value}",
+            f"{field} must be in {low}..{high} (0 for the default {default}; the limit {limit} "
+            f"is {high}); got {value}",
             field=field,
         )
     return value
 
 
-def explain_spec(request: pb.ExplainRequest, limits: Limits) -> domain.ExplainSpec:
+def explain_spec(
+    request: pb.ExplainRequest, limits: Limits, tenant: str = "default"
+) -> domain.ExplainSpec:
+    """Every refusal of a configured limit names it (Limits, PROPSCOPE_LIMITS__*)."""
     if not request.model.name:
         raise InvalidArgument(
             "model.name is required: the Triton name of the classifier", field="model.name"
@@ -121,16 +125,21 @@ def explain_spec(request: pb.ExplainRequest, limits: Limits) -> domain.ExplainSp
         )
     if len(request.properties) > limits.max_properties:
         raise InvalidArgument(
-            f"{len(request.properties)} properties; the limit is {limits.max_properties} per request"
+            f"{len(request.properties)} properties; the limit max_properties is "
+            f"{limits.max_properties} per request",
+            field="properties",
         )
-    steps = _bounded(request.steps, DEFAULT_STEPS, 2, limits.max_steps, "steps")
-    samples = _bounded(request.samples, DEFAULT_SAMPLES, 1, limits.max_samples, "samples")
+    steps = _bounded(request.steps, DEFAULT_STEPS, 2, limits.max_steps, "steps", "max_steps")
+    samples = _bounded(
+        request.samples, DEFAULT_SAMPLES, 1, limits.max_samples, "samples", "max_samples"
+    )
     permutations = _bounded(
         request.permutations,
         DEFAULT_PERMUTATIONS,
         limits.min_permutations,
         limits.max_permutations,
         "permutations",
+        "max_permutations",
     )
     alpha = request.alpha or DEFAULT_ALPHA
     if not 0.0 < alpha <= 0.5:
@@ -170,13 +179,21 @@ def explain_spec(request: pb.ExplainRequest, limits: Limits) -> domain.ExplainSp
         alpha=alpha,
         min_probability_change=min_probability_change,
         return_path_images=request.return_path_images,
+        tenant=tenant,
     )
+    edits = sum(samples * steps for p in properties if p.provided_path is None)
+    if edits > limits.max_edits:
+        raise InvalidArgument(
+            f"the request needs {edits} edited images (samples x steps x edited properties); "
+            f"the limit max_edits is {limits.max_edits}; use fewer steps, samples or properties",
+            field="steps",
+        )
     shapes = [spec.path_shape(p) for p in properties]
     path_images = sum(paths * length for paths, length in shapes)
     if image.shape[0] * image.shape[1] * path_images > limits.max_path_pixels:
         raise InvalidArgument(
             f"the request asks for {path_images} path images of {image.shape[1]}x{image.shape[0]} "
-            f"pixels, over the limit of {limits.max_path_pixels} pixels in all; "
+            f"pixels, over the limit max_path_pixels of {limits.max_path_pixels} pixels; "
             "use fewer steps, samples or properties, or a smaller image",
             field="steps",
         )
@@ -237,7 +254,8 @@ def _property(
         images = prop.provided_path.images
         if not 1 <= len(images) <= limits.max_steps:
             raise InvalidArgument(
-                f"property {prop.name!r}: provided_path needs 1..{limits.max_steps} images; got {len(images)}"
+                f"property {prop.name!r}: provided_path needs 1..{limits.max_steps} images "
+                f"(the limit max_steps); got {len(images)}"
             )
         if samples != 1:
             raise InvalidArgument(f"property {prop.name!r}: a provided path needs samples = 1")
@@ -320,8 +338,6 @@ def error_status(error: Exception) -> status_pb2.Status:
             )
             status.details.append(detail)
         return status
-    if isinstance(error, TimeoutError):
-        return status_pb2.Status(code=code_pb2.DEADLINE_EXCEEDED, message="the deadline passed")
     return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
 
 

@@ -3,13 +3,15 @@ over tritonclient's gRPC aio client. Triton errors become domain errors here."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
 from dataclasses import dataclass, field
 
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, InferInput, InferRequestedOutput, InferResult
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from propscope_server import metrics
@@ -33,6 +35,21 @@ from propscope_server.errors import (
 
 # How long a model's metadata and config are trusted before asking Triton again.
 DESCRIPTION_TTL_S = 30.0
+# Bound on metadata calls: they answer in milliseconds when Triton is healthy.
+METADATA_TIMEOUT_S = 5.0
+# A restarted Triton is reconnected to within about a second, not gRPC's default two
+# minutes of reconnect backoff.
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -61,27 +78,72 @@ class RepositoryEntry:
     name: str
     version: str
     state: str
+    reason: str = ""
+
+
+def _status_name(error: InferenceServerException) -> str:
+    return (error.status() or "UNKNOWN").removeprefix("StatusCode.")
 
 
 def _translate(error: InferenceServerException, model: str) -> Exception:
-    status = error.status() or ""
+    status = _status_name(error)
     message = error.message() or str(error)
-    if "DEADLINE_EXCEEDED" in status:
+    if status == "DEADLINE_EXCEEDED":
         return DeadlineExceeded(f"Triton did not answer for model {model!r} in time")
-    if "unknown model" in message or "NOT_FOUND" in status:
+    if "unknown model" in message or status == "NOT_FOUND":
         return NotFound(f"model {model!r} is not served by Triton (ListModels shows what is)")
     if "not ready" in message:
         return FailedPrecondition(f"model {model!r} is not ready on Triton: {message}")
-    if "UNAVAILABLE" in status:
+    if status == "UNAVAILABLE":
         return Unavailable(f"Triton is unreachable: {message}")
     return BackendError(f"model {model!r} failed: {message}")
 
 
+def timeout_until(deadline: float | None, default_s: float) -> float:
+    """Seconds left before `deadline` (a time.monotonic() value), at most `default_s`."""
+    if deadline is None:
+        return default_s
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise DeadlineExceeded("the call's deadline passed before Triton was asked")
+    return min(remaining, default_s)
+
+
 class TritonBackend:
-    def __init__(self, url: str, default_timeout_s: float) -> None:
-        self._client = triton_aio.InferenceServerClient(url)
+    """Every call is bounded by the caller's deadline, and a call that finds Triton
+    unreachable is retried `retries` times with doubling backoff, within it."""
+
+    def __init__(
+        self, url: str, default_timeout_s: float, retries: int = 2, retry_backoff_s: float = 0.1
+    ) -> None:
+        self._client = triton_aio.InferenceServerClient(url, channel_args=CHANNEL_OPTIONS)
         self._default_timeout_s = default_timeout_s
+        self._retries = retries
+        self._retry_backoff_s = retry_backoff_s
         self._descriptions: dict[tuple[str, str], tuple[float, ModelDescription]] = {}
+
+    async def _with_retries(
+        self,
+        call: Callable[[float], Awaitable[T]],
+        model: str,
+        kind: str,
+        deadline: float | None,
+        timeout_s: float,
+    ) -> T:
+        """`call(timeout)`, retried while Triton is unreachable and time is left."""
+        for attempt in range(self._retries + 1):
+            try:
+                return await call(timeout_until(deadline, timeout_s))
+            except InferenceServerException as error:
+                metrics.TRITON_ERRORS.labels(model=model, kind=kind, code=_status_name(error)).inc()
+                translated = _translate(error, model)
+                backoff = self._retry_backoff_s * 2**attempt
+                out_of_time = deadline is not None and time.monotonic() + backoff >= deadline
+                if not isinstance(translated, Unavailable) or attempt == self._retries or out_of_time:
+                    raise translated from None
+            metrics.TRITON_RETRIES.labels(kind=kind).inc()
+            await asyncio.sleep(backoff)
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         await self._client.close()
@@ -92,35 +154,58 @@ class TritonBackend:
         except InferenceServerException:
             return False
 
-    async def repository(self) -> list[RepositoryEntry]:
-        try:
-            index = await self._client.get_model_repository_index(as_json=True, client_timeout=10.0)
-        except InferenceServerException as error:
-            raise _translate(error, "*") from None
+    async def repository(self, deadline: float | None = None) -> list[RepositoryEntry]:
+        async def call(timeout: float) -> dict:
+            return await self._client.get_model_repository_index(
+                as_json=True, client_timeout=timeout
+            )
+
+        index = await self._with_retries(call, "*", "metadata", deadline, METADATA_TIMEOUT_S)
         return [
-            RepositoryEntry(m["name"], m.get("version", ""), m.get("state", "UNKNOWN"))
+            RepositoryEntry(
+                m["name"], m.get("version", ""), m.get("state", "UNKNOWN"), m.get("reason", "")
+            )
             for m in index.get("models", [])
         ]
 
-    async def describe(self, name: str, version: str = "") -> ModelDescription:
-        """The model's metadata and config, resolved to one version."""
+    async def describe(
+        self, name: str, version: str = "", deadline: float | None = None
+    ) -> ModelDescription:
+        """The model's metadata and config, resolved to one version. A model Triton
+        knows but has not loaded is FAILED_PRECONDITION, not NOT_FOUND."""
         cached = self._descriptions.get((name, version))
         if cached and time.monotonic() - cached[0] < DESCRIPTION_TTL_S:
             return cached[1]
-        try:
+
+        async def call(timeout: float) -> tuple[dict, dict]:
             metadata = await self._client.get_model_metadata(
-                name, version, as_json=True, client_timeout=10.0
+                name, version, as_json=True, client_timeout=timeout
             )
-            config = (
-                await self._client.get_model_config(
-                    name, version, as_json=True, client_timeout=10.0
-                )
-            )["config"]
-        except InferenceServerException as error:
-            raise _translate(error, name) from None
+            config = await self._client.get_model_config(
+                name, version, as_json=True, client_timeout=timeout
+            )
+            return metadata, config["config"]
+
+        try:
+            metadata, config = await self._with_retries(
+                call, name, "metadata", deadline, METADATA_TIMEOUT_S
+            )
+        except NotFound:
+            await self._raise_if_not_ready(name, deadline)
+            raise
         description = _description(metadata, config, version)
         self._descriptions[(name, version)] = (time.monotonic(), description)
         return description
+
+    async def _raise_if_not_ready(self, name: str, deadline: float | None) -> None:
+        entries = [e for e in await self.repository(deadline) if e.name == name]
+        if entries and all(e.state != "READY" for e in entries):
+            entry = entries[0]
+            reason = f": {entry.reason}" if entry.reason else ""
+            raise FailedPrecondition(
+                f"model {name!r} is in Triton's repository but {entry.state}{reason}; "
+                "it serves once loaded"
+            )
 
     async def edit(
         self,
@@ -129,7 +214,7 @@ class TritonBackend:
         strengths: np.ndarray,
         parameters: str,
         seeds: list[int],
-        timeout_s: float | None,
+        deadline: float | None,
     ) -> np.ndarray:
         """One editor call for all samples: the paths [S, N, H, W, 3] uint8. An editor
         with dynamic batching takes it as a batch of one."""
@@ -141,7 +226,7 @@ class TritonBackend:
         }
         batch = editor.max_batch_size > 0
         inputs = [_input(name, array[None] if batch else array) for name, array in tensors.items()]
-        result = await self._infer(editor, inputs, PATH_OUTPUT, timeout_s, kind="edit")
+        result = await self._infer(editor, inputs, PATH_OUTPUT, deadline, kind="edit")
         result = result[0] if batch else result
         expected = (len(seeds), len(strengths), *image.shape)
         if result.shape != expected or result.dtype != np.uint8:
@@ -152,14 +237,14 @@ class TritonBackend:
         return result
 
     async def classify(
-        self, model: ModelDescription, batch: np.ndarray, output: str, timeout_s: float | None
+        self, model: ModelDescription, batch: np.ndarray, output: str, deadline: float | None
     ) -> np.ndarray:
         """Run a batch through the classifier in chunks of its max_batch_size (> 0)."""
         chunks = []
         for start in range(0, len(batch), model.max_batch_size):
             chunk = batch[start : start + model.max_batch_size]
             inputs = [_input(model.inputs[0].name, chunk)]
-            chunks.append(await self._infer(model, inputs, output, timeout_s, kind="classify"))
+            chunks.append(await self._infer(model, inputs, output, deadline, kind="classify"))
         return np.concatenate(chunks)
 
     async def _infer(
@@ -167,22 +252,31 @@ class TritonBackend:
         model: ModelDescription,
         inputs: list[InferInput],
         output: str,
-        timeout_s: float | None,
+        deadline: float | None,
         kind: str,
     ) -> np.ndarray:
-        started = time.perf_counter()
-        outcome = "ok"
-        try:
-            result = await self._client.infer(
+        """Inference is idempotent, so retrying it is safe. Cancelling the awaiting task
+        cancels the gRPC call, which Triton sees as a cancelled request."""
+
+        async def call(timeout: float) -> InferResult:
+            return await self._client.infer(
                 model.name,
                 inputs,
                 model_version=model.version,
                 outputs=[InferRequestedOutput(output)],
-                client_timeout=timeout_s if timeout_s is not None else self._default_timeout_s,
+                client_timeout=timeout,
             )
-        except InferenceServerException as error:
-            outcome = "error"
-            raise _translate(error, model.name) from None
+
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            result = await self._with_retries(
+                call, model.name, kind, deadline, self._default_timeout_s
+            )
+            outcome = "ok"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
         finally:
             metrics.TRITON_SECONDS.labels(model=model.name, kind=kind, outcome=outcome).observe(
                 time.perf_counter() - started

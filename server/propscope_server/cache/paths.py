@@ -1,8 +1,10 @@
-"""Edited paths keyed by everything that determines them.
+"""Edited paths keyed by everything that determines them, in one namespace per
+tenant so that no tenant can learn whether another sent the same image.
 
-A value is the path as a compressed npz, prefixed with the SHA-256 of that
-payload: a value that fails the check (corrupted, truncated) is a miss.
-Cache failures never fail a request: they count as misses and are logged.
+A value is the path as a compressed npz, prefixed with the SHA-256 of its key
+and that payload: a value that fails the check (corrupted, truncated, or copied
+from another key) is a miss. Cache failures never fail a request: they count as
+misses and are logged.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import hashlib
 import io
 import logging
+import time
 from collections import OrderedDict
 from typing import Protocol
 
@@ -26,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 def path_key(
+    namespace: str,
     image_digest: str,
     editor: str,
     editor_version: str,
@@ -40,20 +44,24 @@ def path_key(
         hasher.update(part.encode())
         hasher.update(b"\0")
     hasher.update(np.asarray(strengths, dtype=np.float32).tobytes())
-    return KEY_PREFIX + hasher.hexdigest()
+    return f"{KEY_PREFIX}{namespace}:{hasher.hexdigest()}"
 
 
-def encode_path(path: np.ndarray) -> bytes:
+def _value_digest(key: str, payload: bytes) -> bytes:
+    return hashlib.sha256(key.encode() + b"\0" + payload).digest()
+
+
+def encode_path(key: str, path: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, path=path)
     payload = buffer.getvalue()
-    return hashlib.sha256(payload).digest() + payload
+    return _value_digest(key, payload) + payload
 
 
-def decode_path(value: bytes) -> np.ndarray | None:
-    """The path, or None when the value is not one we wrote intact."""
+def decode_path(key: str, value: bytes) -> np.ndarray | None:
+    """The path, or None when the value is not one we wrote intact under `key`."""
     digest, payload = value[:DIGEST_BYTES], value[DIGEST_BYTES:]
-    if hashlib.sha256(payload).digest() != digest:
+    if _value_digest(key, payload) != digest:
         return None
     try:
         archive = np.load(io.BytesIO(payload), allow_pickle=False)
@@ -92,10 +100,10 @@ class InMemoryPathCache:
         if value is None:
             return None
         self._entries.move_to_end(key)
-        return decode_path(value)
+        return _checked(key, value)
 
     async def put(self, key: str, path: np.ndarray) -> None:
-        value = encode_path(path)
+        value = encode_path(key, path)
         if len(value) > self._max_bytes:
             return
         if key in self._entries:
@@ -114,48 +122,83 @@ class InMemoryPathCache:
         self._entries.clear()
 
 
+def _checked(key: str, value: bytes) -> np.ndarray | None:
+    metrics.CACHE_BYTES_READ.inc(len(value))
+    path = decode_path(key, value)
+    if path is None:
+        metrics.CACHE_REJECTED_VALUES.inc()
+        logger.warning("cache value for %s failed its integrity check; treating as a miss", key)
+    return path
+
+
+REDIS_ERRORS = (aioredis.RedisError, OSError, TimeoutError)
+
+
 class RedisPathCache:
     """Shared mode. Every call is bounded by `timeout_s`; a slow or absent Redis
-    degrades to misses instead of failing the request."""
+    degrades to misses instead of failing the request. After a failure the cache
+    is skipped for `retry_after_s` (or until a ping succeeds), so an outage costs
+    each request nothing rather than a timeout per lookup."""
 
     name = "redis"
 
-    def __init__(self, url: str, ttl_s: int, timeout_s: float) -> None:
+    def __init__(self, url: str, ttl_s: int, timeout_s: float, retry_after_s: float = 2.0) -> None:
         self._redis = aioredis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
         )
         self._ttl_s = ttl_s
         self._timeout_s = timeout_s
+        self._retry_after_s = retry_after_s
+        self._skip_until = 0.0
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._skip_until
+
+    def _failed(self, operation: str, error: Exception) -> None:
+        metrics.CACHE_ERRORS.labels(operation=operation).inc()
+        if self.available:
+            logger.warning(
+                "cache %s failed (%s: %s); going on without the cache for %.0f s",
+                operation,
+                type(error).__name__,
+                error,
+                self._retry_after_s,
+            )
+        self._skip_until = time.monotonic() + self._retry_after_s
 
     async def get(self, key: str) -> np.ndarray | None:
+        if not self.available:
+            return None
         try:
             value = await asyncio.wait_for(self._redis.get(key), self._timeout_s)
-        except (aioredis.RedisError, OSError, TimeoutError) as error:
-            metrics.CACHE_ERRORS.inc()
-            logger.warning("cache read failed, treating as a miss: %s", error)
+        except REDIS_ERRORS as error:
+            self._failed("get", error)
             return None
-        if value is None:
-            return None
-        path = decode_path(value)
-        if path is None:
-            logger.warning("cache value for %s failed its integrity check; treating as a miss", key)
-        return path
+        return None if value is None else _checked(key, value)
 
     async def put(self, key: str, path: np.ndarray) -> None:
-        value = await asyncio.to_thread(encode_path, path)
+        if not self.available:
+            return
+        value = await asyncio.to_thread(encode_path, key, path)
         try:
             await asyncio.wait_for(self._redis.set(key, value, ex=self._ttl_s), self._timeout_s)
-        except (aioredis.RedisError, OSError, TimeoutError) as error:
-            metrics.CACHE_ERRORS.inc()
-            logger.warning("cache write failed, path not cached: %s", error)
+        except REDIS_ERRORS as error:
+            self._failed("put", error)
             return
         metrics.CACHE_BYTES_WRITTEN.inc(len(value))
 
     async def ping(self) -> bool:
+        """Always asks Redis, so the health poll is what ends an outage early."""
         try:
-            return bool(await asyncio.wait_for(self._redis.ping(), self._timeout_s))
-        except (aioredis.RedisError, OSError, TimeoutError):
+            answered = bool(await asyncio.wait_for(self._redis.ping(), self._timeout_s))
+        except REDIS_ERRORS as error:
+            self._failed("ping", error)
             return False
+        if answered and not self.available:
+            logger.info("cache reachable again; caching resumes")
+            self._skip_until = 0.0
+        return answered
 
     async def eviction_policy(self) -> str | None:
         """Redis's maxmemory-policy, or None when it cannot be read (managed Redis often
@@ -164,7 +207,7 @@ class RedisPathCache:
             config = await asyncio.wait_for(
                 self._redis.config_get("maxmemory-policy"), self._timeout_s
             )
-        except (aioredis.RedisError, OSError, TimeoutError):
+        except REDIS_ERRORS:
             return None
         value = config.get(b"maxmemory-policy") or config.get("maxmemory-policy")
         return value.decode() if isinstance(value, bytes) else value

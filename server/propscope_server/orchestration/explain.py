@@ -50,6 +50,8 @@ from propscope_server.scoring.property_gradient import score_property
 
 logger = logging.getLogger(__name__)
 
+# The cache namespace of every tenant when PROPSCOPE_CACHE_SHARED_NAMESPACE is set.
+SHARED_NAMESPACE = "shared"
 # Spreads sample indices over the seed space so sample seeds never collide.
 SAMPLE_SEED_STRIDE = 0x9E3779B97F4A7C15
 
@@ -70,15 +72,7 @@ class Plan:
     editors: dict[str, PlannedEditor]  # by property name
     image_digest: str
     strengths: np.ndarray
-    deadline: float | None  # time.monotonic() value
-
-    def timeout_s(self) -> float | None:
-        if self.deadline is None:
-            return None
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        return remaining
+    deadline: float | None  # time.monotonic() value: bounds every backend call
 
 
 def sample_seed(seed: int, sample: int) -> int:
@@ -100,7 +94,9 @@ class Explainer:
         self._settings = settings
 
     async def plan(self, spec: ExplainSpec, deadline: float | None = None) -> Plan:
-        classifier = await self._backend.describe(spec.classifier.name, spec.classifier.version)
+        classifier = await self._backend.describe(
+            spec.classifier.name, spec.classifier.version, deadline
+        )
         if classifier.role == "editor":
             raise InvalidArgument(f"model {classifier.name!r} is an editor, not a classifier")
         if classifier.max_batch_size == 0:
@@ -129,7 +125,7 @@ class Explainer:
         editors = {}
         for prop in spec.properties:
             if prop.editor is not None:
-                editors[prop.name] = await self._plan_editor(prop)
+                editors[prop.name] = await self._plan_editor(prop, deadline)
         preprocessing = (
             spec.classifier.preprocessing
             or self._settings.preprocessing.get(classifier.name)
@@ -147,9 +143,9 @@ class Explainer:
             deadline=deadline,
         )
 
-    async def _plan_editor(self, prop: PropertySpec) -> PlannedEditor:
+    async def _plan_editor(self, prop: PropertySpec, deadline: float | None) -> PlannedEditor:
         assert prop.editor is not None
-        editor = await self._backend.describe(prop.editor.model, prop.editor.version)
+        editor = await self._backend.describe(prop.editor.model, prop.editor.version, deadline)
         if editor.role != "editor" or editor.editor_schema is None:
             raise InvalidArgument(
                 f"property {prop.name!r}: model {editor.name!r} is not an editor "
@@ -251,7 +247,7 @@ class Explainer:
                     seed,
                     plan.spec.min_probability_change,
                 )
-        except (TimeoutError, PropscopeError) as error:
+        except PropscopeError as error:
             return PropertyOutcome(property_name=prop.name, error=error)
         samples = tuple(
             SampleOutcome(
@@ -284,8 +280,10 @@ class Explainer:
             return [np.concatenate([original, np.stack(prop.provided_path)])], []
         editor = plan.editors[prop.name]
         seeds = [sample_seed(plan.spec.seed, s) for s in range(plan.spec.samples)]
+        namespace = SHARED_NAMESPACE if self._settings.cache_shared_namespace else plan.spec.tenant
         keys = [
             path_key(
+                namespace,
                 plan.image_digest,
                 editor.description.name,
                 editor.description.version,
@@ -310,7 +308,7 @@ class Explainer:
                     plan.strengths,
                     editor.parameters,
                     [seeds[s] for s in missing],
-                    plan.timeout_s(),
+                    plan.deadline,
                 )
             with _timed(times, "cache_s"):
                 await asyncio.gather(
@@ -327,7 +325,7 @@ class Explainer:
     async def _classify(self, plan: Plan, images: np.ndarray) -> np.ndarray:
         batch = await asyncio.to_thread(to_model_input, images, plan.layout, plan.preprocessing)
         outputs = await self._backend.classify(
-            plan.classifier, batch, plan.output, plan.timeout_s()
+            plan.classifier, batch, plan.output, plan.deadline
         )
         return to_probabilities(outputs, plan.preprocessing.output_kind)
 

@@ -1,0 +1,19 @@
+"""The short soak of `make test`: 32 concurrent Explain streams for 15 s (`make soak` runs
+the same driver for 150 s on a stack of its own)."""
+
+from __future__ import annotations
+
+from propscope_server.soak import run_soak
+
+# The admission limit per tenant, so that no call needs to be rejected.
+STREAMS = 32
+DURATION_S = 15.0
+
+
+def test_concurrent_streams_complete_or_are_rejected_up_front(live_stack):
+    report = run_soak(live_stack.gateway, STREAMS, DURATION_S, live_stack.pids["gateway"])
+    print(report.to_markdown())  # the figures, with -s
+    assert report.unexpected == 0, report.errors
+    assert report.rejected_after_acceptance == 0, report.errors
+    assert min(report.completed_per_worker) >= 1, report.completed_per_worker
+    assert report.healthy_after
