@@ -150,7 +150,7 @@ async def test_a_failed_editor_call_fails_the_property():
 async def test_a_classifier_without_batching_is_refused_before_any_work():
     backend = FakeBackend()
     unbatched = dataclasses.replace(CLASSIFIER, max_batch_size=0)
-    backend.describe = lambda name, version="": asyncio.sleep(0, unbatched)
+    backend.describe = lambda name, version="", deadline=None: asyncio.sleep(0, unbatched)
     explainer = Explainer(backend, InMemoryPathCache(10_000_000), Settings())
     with pytest.raises(FailedPrecondition, match="max_batch_size 0"):
         await explainer.plan(spec())
