@@ -86,7 +86,10 @@ class Settings(BaseSettings):
     triton_retries: int = 2
     triton_retry_backoff_s: float = 0.1
     health_poll_s: float = 2.0
-    # On SIGTERM: health goes NOT_SERVING, new calls are refused, streams get this long.
+    # On SIGTERM: health goes NOT_SERVING at once; new calls are still served for
+    # shutdown_drain_s (while load balancers notice), then refused; streams in flight
+    # get shutdown_grace_s more to finish.
+    shutdown_drain_s: float = 1.0
     shutdown_grace_s: float = 10.0
     # JSON file mapping classifier name -> PreprocessingConfig.
     preprocessing_file: Path | None = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import grpc
 import typer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from propscope_server import stack
+from propscope_server import logs, stack
 from propscope_server.api.server import serve as serve_gateway
 from propscope_server.config import Settings
 from propscope_server.triton_launcher import TritonPorts, start_triton, wait_until_ready
@@ -23,8 +22,9 @@ RUN_DIR = Path(".run")
 @app.command()
 def serve() -> None:
     """Run the gateway in the foreground (configuration: PROPSCOPE_* variables, REDIS_URL)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(serve_gateway(Settings()))
+    settings = Settings()
+    logs.configure(settings.log_format)
+    asyncio.run(serve_gateway(settings))
 
 
 @app.command()
@@ -35,7 +35,9 @@ def triton(
     grpc_port: int = 8001,
     http_port: int = 8000,
     metrics_port: int = 8002,
-    address: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0 in a container)"),
+    address: str = typer.Option(
+        "127.0.0.1", help="interface to listen on (0.0.0.0 in a container)"
+    ),
     cache_dir: Path = typer.Option(
         RUN_DIR / "triton-cache", help="where the backend folder is laid out"
     ),

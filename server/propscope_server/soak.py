@@ -99,6 +99,7 @@ class MemoryFigures:
     end_mib: float
     first_quarter_mean_mib: float
     last_quarter_mean_mib: float
+    per_tenth_mib: tuple[float, ...]  # mean of each tenth of the run: the curve's shape
     samples: int
 
     @property
@@ -190,11 +191,15 @@ class SoakReport:
                 f"({memory.growth_mib:+.1f} MiB)",
             ),
             ("gateway RSS at end", f"{memory.end_mib:.1f} MiB ({memory.samples} samples)"),
+            (
+                "gateway RSS mean by tenth of the run",
+                " → ".join(f"{value:.0f}" for value in memory.per_tenth_mib) + " MiB",
+            ),
             ("health after the load", "SERVING" if self.healthy_after else "**not SERVING**"),
             ("verdict", "pass" if self.passed else "**FAIL**"),
         ]
         parts = [
-            markdown_table(("", ""), rows),
+            markdown_table(("figure", "value"), rows),
             "",
             f"Request mix: {MIX_DESCRIPTION}",
         ]
@@ -301,6 +306,7 @@ def summarize_memory(samples: Sequence[tuple[float, float]], hwm_mib: float) -> 
         end_mib=float(rss[-1]),
         first_quarter_mean_mib=float(rss[times <= times[0] + quarter].mean()),
         last_quarter_mean_mib=float(rss[times >= times[-1] - quarter].mean()),
+        per_tenth_mib=tuple(float(part.mean()) for part in np.array_split(rss, 10) if len(part)),
         samples=len(samples),
     )
 

@@ -38,7 +38,11 @@ PNG = encode(PIXELS, "PNG")
         (encode(PIXELS, "GIF"), Limits(), "image is GIF; send PNG or JPEG"),
         (encode(PIXELS, "BMP"), Limits(), "image is BMP; send PNG or JPEG"),
         (PNG, Limits(max_image_bytes=len(PNG) - 1), f"the limit max_image_bytes is {len(PNG) - 1}"),
-        (PNG, Limits(max_image_pixels=119), "image is 10x12 pixels; the limit max_image_pixels is 119"),
+        (
+            PNG,
+            Limits(max_image_pixels=119),
+            "image is 10x12 pixels; the limit max_image_pixels is 119",
+        ),
     ],
 )
 def test_decode_image_refusals(data, limits, needle):

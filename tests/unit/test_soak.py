@@ -123,3 +123,4 @@ def test_memory_figures():
     assert (figures.start_mib, figures.peak_mib, figures.end_mib) == (100.0, 108.0, 108.0)
     assert figures.first_quarter_mean_mib == 101.0 and figures.last_quarter_mean_mib == 107.0
     assert figures.growth_mib == 6.0 and figures.hwm_mib == 200.0 and figures.samples == 9
+    assert figures.per_tenth_mib == tuple(100.0 + t for t in range(9))

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -14,14 +13,28 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from propscope.v1 import explain_pb2, explain_pb2_grpc
+from propscope_server import metrics
+from propscope_server.api.admission import Admission
+from propscope_server.api.auth import Authenticator, BearerTokenInterceptor
 from propscope_server.api.servicer import ExplainServicer
 from propscope_server.backends.triton import TritonBackend
 from propscope_server.cache import InMemoryPathCache, PathCache, RedisPathCache
-from propscope_server.config import Settings
+from propscope_server.config import Settings, TlsSettings
 from propscope_server.orchestration.explain import Explainer
 
 SERVICE_NAME = explain_pb2.DESCRIPTOR.services_by_name["ExplainService"].full_name
-SHUTDOWN_GRACE_S = 10.0
+# A health service of its own: the cache being down degrades the gateway (slower,
+# uncached) but does not stop it serving, so it must not flip the overall status.
+CACHE_HEALTH_SERVICE = "propscope.cache"
+HEALTH_METHODS = frozenset(
+    f"/{health.SERVICE_NAME}/{method}" for method in ("Check", "Watch", "List")
+)
+REFLECTION_METHODS = frozenset(
+    f"/{service}/ServerReflectionInfo"
+    for service in (reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection")
+)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 logger = logging.getLogger(__name__)
 
@@ -35,36 +48,43 @@ class Gateway:
     health: health.aio.HealthServicer
     settings: Settings
     _health_task: asyncio.Task | None = None
+    _healthy: dict[str, bool] = field(default_factory=dict)
 
     async def start(self) -> None:
         await self.server.start()
         await self._update_health()
         self._health_task = asyncio.create_task(self._poll_health())
 
-    async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
-        """Health goes NOT_SERVING first, then in-flight streams get `grace_s`."""
-        await self.health.enter_graceful_shutdown()
+    async def stop(self) -> None:
+        """Health goes NOT_SERVING first; after `shutdown_drain_s`, while load balancers
+        stop sending, new calls are refused and in-flight streams get `shutdown_grace_s`."""
         if self._health_task:
             self._health_task.cancel()
-        await self.server.stop(grace_s)
+        await self.health.enter_graceful_shutdown()
+        await asyncio.sleep(self.settings.shutdown_drain_s)
+        await self.server.stop(self.settings.shutdown_grace_s)
         await self.backend.close()
         await self.cache.close()
 
     async def _update_health(self) -> None:
         triton_ok, cache_ok = await asyncio.gather(self.backend.is_ready(), self.cache.ping())
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if triton_ok and cache_ok
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        for dependency, ok in (("triton", triton_ok), ("cache", cache_ok)):
+            metrics.DEPENDENCY_UP.labels(dependency=dependency).set(ok)
+            if self._healthy.get(dependency, True) != ok:
+                log = logger.info if ok else logger.warning
+                log("%s is %s", dependency, "reachable again" if ok else "unreachable")
+            self._healthy[dependency] = ok
         for service in ("", SERVICE_NAME):
-            await self.health.set(service, status)
+            await self.health.set(service, SERVING if triton_ok else NOT_SERVING)
+        await self.health.set(CACHE_HEALTH_SERVICE, SERVING if cache_ok else NOT_SERVING)
 
     async def _poll_health(self) -> None:
         while True:
             await asyncio.sleep(self.settings.health_poll_s)
-            with contextlib.suppress(Exception):
+            try:
                 await self._update_health()
+            except Exception:  # the poll must outlive any one failure
+                logger.exception("health poll failed")
 
 
 def make_cache(settings: Settings) -> PathCache:
@@ -73,32 +93,73 @@ def make_cache(settings: Settings) -> PathCache:
     return InMemoryPathCache(settings.memory_cache_bytes)
 
 
+def interceptors(settings: Settings, authenticator: Authenticator) -> list:
+    if not authenticator.enabled:
+        return []
+    open_methods = frozenset()
+    if settings.auth.health_open:
+        open_methods |= HEALTH_METHODS
+    if settings.auth.reflection_open:
+        open_methods |= REFLECTION_METHODS
+    return [BearerTokenInterceptor(authenticator, open_methods)]
+
+
+def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
+    """None without a certificate; a client CA makes client certificates mandatory."""
+    if tls.cert_file is None and tls.key_file is None:
+        return None
+    if tls.cert_file is None or tls.key_file is None:
+        raise ValueError("TLS needs both PROPSCOPE_TLS__CERT_FILE and PROPSCOPE_TLS__KEY_FILE")
+    client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 def build_gateway(settings: Settings) -> Gateway:
     """A gateway bound to its port but not started; port 0 picks a free one."""
-    backend = TritonBackend(settings.triton_url, settings.triton_timeout_s)
+    backend = TritonBackend(
+        settings.triton_url,
+        settings.triton_timeout_s,
+        settings.triton_retries,
+        settings.triton_retry_backoff_s,
+    )
     cache = make_cache(settings)
     explainer = Explainer(backend, cache, settings)
+    authenticator = Authenticator(settings.auth.token_tenants())
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", settings.limits.max_request_bytes)]
+        interceptors=interceptors(settings, authenticator),
+        options=[("grpc.max_receive_message_length", settings.limits.max_request_bytes)],
     )
     explain_pb2_grpc.add_ExplainServiceServicer_to_server(
-        ExplainServicer(explainer, backend, settings.limits), server
+        ExplainServicer(
+            explainer, backend, settings.limits, authenticator, Admission(settings.limits)
+        ),
+        server,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(settings.listen_address)
+    credentials = server_credentials(settings.tls)
+    if credentials is None:
+        port = server.add_insecure_port(settings.listen_address)
+    else:
+        port = server.add_secure_port(settings.listen_address, credentials)
     if port == 0:
         raise RuntimeError(f"could not listen on {settings.listen_address}")
+    if not authenticator.enabled and not settings.listen_address.startswith("127.0.0.1"):
+        logger.warning("no tokens configured: any caller that reaches the port is served")
     return Gateway(server, port, backend, cache, health_servicer, settings)
 
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="127.0.0.1")
+        start_http_server(settings.metrics_port, addr=settings.metrics_address)
     gateway = build_gateway(settings)
     await gateway.start()
     if isinstance(gateway.cache, RedisPathCache):
@@ -110,8 +171,10 @@ async def serve(settings: Settings) -> None:
                 policy,
             )
     logger.info(
-        "propscope gateway listening on port %d (triton %s, cache %s)",
+        "propscope gateway listening on port %d (%s, auth %s; triton %s, cache %s)",
         gateway.port,
+        "TLS" if settings.tls.cert_file else "plaintext",
+        "on" if settings.auth.token_tenants() else "off",
         settings.triton_url,
         gateway.cache.name,
     )
@@ -120,5 +183,10 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    logger.info("shutting down")
+    logger.info(
+        "shutting down: NOT_SERVING now, refusing new calls in %.1f s, streams get %.1f s more",
+        settings.shutdown_drain_s,
+        settings.shutdown_grace_s,
+    )
     await gateway.stop()
+    logger.info("stopped")

@@ -7,14 +7,17 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import grpc
 from grpc_status import rpc_status
 
 from propscope.v1 import explain_pb2 as pb
 from propscope.v1 import explain_pb2_grpc
-from propscope_server import metrics
+from propscope_server import logs, metrics
 from propscope_server.api import convert
+from propscope_server.api.admission import Admission
+from propscope_server.api.auth import Authenticator
 from propscope_server.backends.triton import ModelDescription, RepositoryEntry, TritonBackend
 from propscope_server.config import Limits
 from propscope_server.domain import PropertyOutcome
@@ -25,69 +28,62 @@ logger = logging.getLogger(__name__)
 
 
 class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
-    def __init__(self, explainer: Explainer, backend: TritonBackend, limits: Limits) -> None:
+    def __init__(
+        self,
+        explainer: Explainer,
+        backend: TritonBackend,
+        limits: Limits,
+        authenticator: Authenticator,
+        admission: Admission,
+    ) -> None:
         self._explainer = explainer
         self._backend = backend
         self._limits = limits
+        self._authenticator = authenticator
+        self._admission = admission
 
     async def Explain(  # noqa: N802 - gRPC method name
         self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ExplainEvent]:
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        metrics.INFLIGHT_STREAMS.inc()
-        try:
-            spec = await asyncio.to_thread(convert.explain_spec, request, self._limits)
-            remaining = context.time_remaining()
-            deadline = time.monotonic() + remaining if remaining is not None else None
-            plan = await self._explainer.plan(spec, deadline)
-            logger.info(
-                "explain %s: model %s, %d properties",
-                spec.request_id,
-                spec.classifier.name,
-                len(spec.properties),
-            )
-            async for event in self._explainer.run(plan):
-                if spec.return_path_images and isinstance(event, PropertyOutcome):
-                    yield await asyncio.to_thread(convert.event_message, spec.request_id, event)
-                else:
-                    yield convert.event_message(spec.request_id, event)
-        except PropscopeError as error:
-            code = error.code
-            await _abort(context, error)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            logger.exception("explain failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
-        finally:
-            metrics.INFLIGHT_STREAMS.dec()
-            metrics.RPC_TOTAL.labels(method="Explain", code=code.name).inc()
-            metrics.RPC_SECONDS.labels(method="Explain").observe(time.perf_counter() - started)
+        tenant = self._tenant(context, request.request_id)
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        async with _observed("Explain", context, deadline):
+            with self._admission.admit(tenant), metrics.INFLIGHT_STREAMS.track_inprogress():
+                spec = await asyncio.to_thread(convert.explain_spec, request, self._limits, tenant)
+                logs.bind_request(spec.request_id, tenant)
+                plan = await self._explainer.plan(spec, deadline)
+                logger.info(
+                    "explain: model %s, %d properties, %d samples x %d steps",
+                    spec.classifier.name,
+                    len(spec.properties),
+                    spec.samples,
+                    spec.steps,
+                )
+                async for event in self._explainer.run(plan):
+                    if spec.return_path_images and isinstance(event, PropertyOutcome):
+                        yield await asyncio.to_thread(convert.event_message, spec.request_id, event)
+                    else:
+                        yield convert.event_message(spec.request_id, event)
 
     async def ListModels(  # noqa: N802 - gRPC method name
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
+        self._tenant(context, "-")
+        async with _observed("ListModels", context, None):
             entries = await self._backend.repository()
             models = [
                 convert.model_info(entry, await self._describe_listed(entry)) for entry in entries
             ]
             return pb.ListModelsResponse(models=models)
-        except PropscopeError as error:
-            code = error.code
-            await _abort(context, error)
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            logger.exception("list models failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
-        finally:
-            metrics.RPC_TOTAL.labels(method="ListModels", code=code.name).inc()
-            metrics.RPC_SECONDS.labels(method="ListModels").observe(time.perf_counter() - started)
+
+    def _tenant(self, context: grpc.aio.ServicerContext, request_id: str) -> str:
+        """The interceptor has refused unknown tokens already; this names the tenant."""
+        tenant = self._authenticator.tenant(context.invocation_metadata())
+        if tenant is None:
+            raise RuntimeError("a call without a known token reached the servicer")
+        logs.bind_request(request_id or "-", tenant)
+        return tenant
 
     async def _describe_listed(self, entry: RepositoryEntry) -> ModelDescription | None:
         """One model that cannot be described is listed bare, not a failed listing."""
@@ -100,6 +96,30 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
             return None
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: PropscopeError) -> None:
-    """End the call with the error's code, message and any BadRequest detail."""
-    await context.abort_with_status(rpc_status.to_status(convert.error_status(error)))
+@asynccontextmanager
+async def _observed(
+    method: str, context: grpc.aio.ServicerContext, deadline: float | None
+) -> AsyncIterator[None]:
+    """Maps domain errors to statuses, hides unexpected ones, and records the call's
+    status and latency in the metrics and the log."""
+    started = time.perf_counter()
+    code = grpc.StatusCode.OK
+    try:
+        yield
+    except PropscopeError as error:
+        code = error.code
+        logger.info("%s refused: %s %s", method, code.name, error)
+        await context.abort_with_status(rpc_status.to_status(convert.error_status(error)))
+    except asyncio.CancelledError:
+        late = deadline is not None and time.monotonic() >= deadline
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
+        raise
+    except Exception:
+        code = grpc.StatusCode.INTERNAL
+        logger.exception("%s failed", method)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+    finally:
+        elapsed = time.perf_counter() - started
+        metrics.RPC_TOTAL.labels(method=method, code=code.name).inc()
+        metrics.RPC_SECONDS.labels(method=method, code=code.name).observe(elapsed)
+        logger.info("%s finished: %s in %.3f s", method, code.name, elapsed)

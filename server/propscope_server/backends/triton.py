@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
@@ -139,7 +139,11 @@ class TritonBackend:
                 translated = _translate(error, model)
                 backoff = self._retry_backoff_s * 2**attempt
                 out_of_time = deadline is not None and time.monotonic() + backoff >= deadline
-                if not isinstance(translated, Unavailable) or attempt == self._retries or out_of_time:
+                if (
+                    not isinstance(translated, Unavailable)
+                    or attempt == self._retries
+                    or out_of_time
+                ):
                     raise translated from None
             metrics.TRITON_RETRIES.labels(kind=kind).inc()
             await asyncio.sleep(backoff)

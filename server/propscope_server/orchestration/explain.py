@@ -324,9 +324,7 @@ class Explainer:
 
     async def _classify(self, plan: Plan, images: np.ndarray) -> np.ndarray:
         batch = await asyncio.to_thread(to_model_input, images, plan.layout, plan.preprocessing)
-        outputs = await self._backend.classify(
-            plan.classifier, batch, plan.output, plan.deadline
-        )
+        outputs = await self._backend.classify(plan.classifier, batch, plan.output, plan.deadline)
         return to_probabilities(outputs, plan.preprocessing.output_kind)
 
 

@@ -1,0 +1,483 @@
+"""The deployment files, checked offline (no Docker engine, no cluster here):
+docker-compose.yml against the Compose Specification schema (as vendored by check-jsonschema),
+deploy/k8s against the Kubernetes schemas (kubernetes-validate, strict: unknown fields fail),
+and how they fit together and with the gateway (its metrics, settings and commands)."""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import prometheus_client
+import pytest
+import typer.main
+import yaml
+from pydantic import BaseModel
+
+from propscope_server import metrics
+from propscope_server.config import Settings
+from propscope_server.main import app
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+PROMETHEUS_FILE = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+GRAFANA = ROOT / "deploy" / "grafana"
+DASHBOARD_FILE = GRAFANA / "dashboards" / "propscope.json"
+K8S = ROOT / "deploy" / "k8s"
+K8S_VERSION = "1.31"
+NAMESPACE = "propscope"
+
+
+# --- docker-compose.yml ---------------------------------------------------------------------
+
+
+@cache
+def compose_schema() -> dict:
+    vendor = resources.files("check_jsonschema.builtin_schemas.vendor")
+    return json.loads((vendor / "compose-spec.json").read_text())
+
+
+def compose_schema_errors(document: dict) -> list[str]:
+    validator = jsonschema.Draft202012Validator(compose_schema())
+    return [
+        f"{'/'.join(map(str, error.absolute_path))}: {error.message}"
+        for error in validator.iter_errors(document)
+    ]
+
+
+def load_compose() -> dict:
+    # YAML merge keys (`<<: *gateway`) are resolved here, as Compose resolves them.
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load_compose()
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict) -> dict:
+    return compose["services"]
+
+
+def test_compose_file_matches_the_compose_specification(compose: dict):
+    assert compose_schema()["title"] == "Compose Specification"
+    assert compose_schema_errors(compose) == []
+
+
+def test_the_schema_check_catches_a_misspelled_key():
+    document = load_compose()
+    gateway = document["services"]["gateway"]
+    gateway["healthchek"] = gateway.pop("healthcheck")
+    assert any("healthchek" in error for error in compose_schema_errors(document))
+
+
+def test_long_running_services_have_healthchecks(services: dict):
+    # A one-shot service (restart: "no") would have nothing to check once it has finished.
+    unchecked = [
+        name
+        for name, service in services.items()
+        if service.get("restart") != "no" and "healthcheck" not in service
+    ]
+    assert unchecked == []
+
+
+def test_dependencies_exist_in_the_same_profiles(services: dict):
+    """A service may depend only on services that are active whenever it is."""
+    for name, service in services.items():
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+            needed = set(services[dependency].get("profiles", []))
+            assert not needed or needed & set(service.get("profiles", [])), (
+                f"{name} depends on {dependency}, which only runs with profiles {sorted(needed)}"
+            )
+
+
+@pytest.mark.parametrize(
+    ("gateway", "triton"), [("gateway", "triton"), ("gateway-cpu", "triton-cpu")]
+)
+def test_gateways_wait_for_healthy_triton_and_redis(services: dict, gateway: str, triton: str):
+    service = services[gateway]
+    assert service["depends_on"] == {
+        triton: {"condition": "service_healthy"},
+        "redis": {"condition": "service_healthy"},
+    }
+    environment = service["environment"]
+    assert environment["PROPSCOPE_TRITON_URL"] == f"{triton}:8001"
+    assert environment["REDIS_URL"] == "redis://redis:6379/0"
+    assert "8001" in exposed_ports(services[triton])
+    assert duration_s(service["stop_grace_period"]) > float(
+        environment["PROPSCOPE_SHUTDOWN_GRACE_S"]
+    )
+    assert service["healthcheck"]["test"][:3] == ["CMD", "propscope-server", "health"]
+
+
+def test_the_cpu_profile_has_its_own_gateway_and_triton(services: dict):
+    assert {name for name, s in services.items() if "cpu" in s.get("profiles", [])} == {
+        "gateway-cpu",
+        "triton-cpu",
+    }
+    # The default stack is the GPU one.
+    gpu = services["triton"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert "--model-config-name=gpu" in services["triton"]["command"]
+
+
+def test_compose_commands_exist_in_propscope_server(services: dict):
+    commands = typer.main.get_command(app).commands
+    assert "health" in commands
+    triton_options = {option for p in commands["triton"].params for option in p.opts}
+    command = services["triton-cpu"]["command"]
+    assert command[:2] == ["propscope-server", "triton"]
+    assert {argument.split("=")[0] for argument in command[2:]} <= triton_options
+
+
+def test_gateway_environment_names_real_settings(services: dict):
+    for name in ("gateway", "gateway-cpu"):
+        assert [v for v in services[name]["environment"] if not is_setting(v)] == []
+
+
+def test_redis_is_a_bounded_lru_cache(services: dict):
+    command = services["redis"]["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    assert "--maxmemory" in command
+
+
+def test_compose_files_it_refers_to_exist(compose: dict, services: dict):
+    for name, service in services.items():
+        if "build" in service:
+            assert (ROOT / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+    # The tokens file is created by whoever runs the stack and must never be committed.
+    tokens = compose["secrets"]["propscope_tokens"]["file"]
+    assert "/" + tokens.removeprefix("./") in (ROOT / ".gitignore").read_text().splitlines()
+    example = json.loads((ROOT / "deploy" / "secrets" / "tokens.example.json").read_text())
+    assert example and all(isinstance(v, str) for v in example.values())
+
+
+def test_images_are_pinned(services: dict):
+    images = [s["image"] for s in services.values() if "image" in s] + [
+        container["image"] for container in k8s_containers()
+    ]
+    assert images
+    for image in images:
+        assert re.fullmatch(r"[\w./-]+:[\w.-]+", image) and not image.endswith(":latest"), image
+
+
+# --- Prometheus and Grafana -----------------------------------------------------------------
+
+
+def stacks(services: dict) -> dict[str, set[str]]:
+    """The services of each stack: the default (GPU) one, and one per profile, in which
+    `<name>-<profile>` stands in for `<name>` (gateway-cpu for gateway)."""
+    default = {name for name, service in services.items() if not service.get("profiles")}
+    result = {"default": default}
+    for profile in {p for service in services.values() for p in service.get("profiles", [])}:
+        own = {name for name, s in services.items() if profile in s.get("profiles", [])}
+        result[profile] = own | {name for name in default if f"{name}-{profile}" not in own}
+    return result
+
+
+def test_prometheus_scrapes_services_that_expose_those_ports(services: dict):
+    config = yaml.safe_load(PROMETHEUS_FILE.read_text())
+    targets = [
+        target
+        for job in config["scrape_configs"]
+        for static in job["static_configs"]
+        for target in static["targets"]
+    ]
+    assert {"gateway:9100", "triton:8002"} <= set(targets)
+    for stack, names in stacks(services).items():
+        for target in targets:
+            host, port = target.split(":")
+            answering = [n for n in names if host in network_names(n, services[n])]
+            assert len(answering) == 1, f"{stack} stack: {answering} answer to {host}"
+            assert port in exposed_ports(services[answering[0]]), f"{answering[0]}: no {port}"
+    assert mounted_at(services["prometheus"], "/etc/prometheus/prometheus.yml") == (
+        "./deploy/prometheus/prometheus.yml"
+    )
+
+
+def test_grafana_provisioning_fits_compose(services: dict):
+    datasources = yaml.safe_load(
+        (GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )["datasources"]
+    assert [(d["uid"], d["url"]) for d in datasources] == [("prometheus", "http://prometheus:9090")]
+    assert "9090" in exposed_ports(services["prometheus"])
+    providers = yaml.safe_load(
+        (GRAFANA / "provisioning" / "dashboards" / "propscope.yml").read_text()
+    )["providers"]
+    grafana = services["grafana"]
+    assert mounted_at(grafana, providers[0]["options"]["path"]) == "./deploy/grafana/dashboards"
+    assert mounted_at(grafana, "/etc/grafana/provisioning") == "./deploy/grafana/provisioning"
+
+
+def gateway_metrics() -> dict[str, set[str]]:
+    """Every sample name the gateway exposes, with its metric's label names."""
+    names = {}
+    for collector in vars(metrics).values():
+        if not isinstance(collector, prometheus_client.metrics.MetricWrapperBase):
+            continue
+        labels = set(collector._labelnames)
+        for family in collector.describe():
+            suffixes = {
+                "counter": ["_total"],
+                "gauge": [""],
+                "histogram": ["_bucket", "_sum", "_count"],
+            }[family.type]
+            for suffix in suffixes:
+                names[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    return names
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD_FILE.read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+
+
+def test_dashboard_queries_only_metrics_the_gateway_exposes():
+    exposed = gateway_metrics()
+    assert "propscope_rpc_total" in exposed and "propscope_rpc_seconds_bucket" in exposed
+    for expr in dashboard_queries():
+        queried = set(re.findall(r"\bpropscope_\w+", expr))
+        assert queried <= set(exposed), f"{expr}: unknown {sorted(queried - set(exposed))}"
+        if not queried or "nv_" in expr:
+            continue
+        labels = set().union(*(exposed[name] for name in queried))
+        used = set(re.findall(r"\b(\w+)\s*!?[=~]+\s*\"", expr))
+        for grouping in re.findall(r"\bby \(([^)]*)\)", expr):
+            used |= {label.strip() for label in grouping.split(",")}
+        assert used <= labels, f"{expr}: unknown labels {sorted(used - labels)}"
+
+
+def test_dashboard_plots_every_gateway_metric():
+    def family(sample: str) -> str:
+        return re.sub(r"_(total|bucket|sum|count)$", "", sample)
+
+    queried = {name for expr in dashboard_queries() for name in re.findall(r"propscope_\w+", expr)}
+    plotted = {family(name) for name in queried}
+    assert {family(name) for name in gateway_metrics()} - plotted == set()
+
+
+def test_dashboard_uses_the_provisioned_datasource():
+    dashboard = json.loads(DASHBOARD_FILE.read_text())
+    panels = [panel for panel in dashboard["panels"] if panel["type"] != "row"]
+    assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "prometheus"}
+        assert all(target["datasource"] == panel["datasource"] for target in panel["targets"])
+        assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+    assert "${DS_" not in DASHBOARD_FILE.read_text()
+
+
+# --- Kubernetes -----------------------------------------------------------------------------
+
+
+def k8s_files() -> list[Path]:
+    return sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+@cache
+def k8s_resources() -> tuple[dict, ...]:
+    return tuple(
+        document
+        for path in k8s_files()
+        for document in yaml.safe_load_all(path.read_text())
+        if document
+    )
+
+
+def k8s_resource(kind: str, name: str) -> dict:
+    (found,) = [r for r in k8s_resources() if (r["kind"], r["metadata"]["name"]) == (kind, name)]
+    return found
+
+
+def k8s_containers() -> list[dict]:
+    return [
+        container
+        for r in k8s_resources()
+        if r["kind"] == "Deployment"
+        for container in r["spec"]["template"]["spec"]["containers"]
+    ]
+
+
+def k8s_schema_errors(resource: dict) -> str | None:
+    try:
+        kubernetes_validate.validate(resource, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        return f"{'.'.join(map(str, error.path))}: {error.message}"
+    return None
+
+
+@pytest.mark.parametrize(
+    "resource", k8s_resources(), ids=lambda r: f"{r['kind']}/{r['metadata']['name']}"
+)
+def test_k8s_manifest_matches_the_kubernetes_schema(resource: dict):
+    assert k8s_schema_errors(resource) is None
+    if resource["kind"] != "Namespace":
+        assert resource["metadata"]["namespace"] == NAMESPACE
+
+
+def test_the_k8s_schema_check_catches_an_unknown_field():
+    deployment = json.loads(json.dumps(k8s_resource("Deployment", "propscope-gateway")))
+    deployment["spec"]["template"]["spec"]["containers"][0]["envFrm"] = []
+    assert "envFrm" in k8s_schema_errors(deployment)
+
+
+def test_kustomization_lists_every_manifest():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert kustomization["namespace"] == NAMESPACE
+    assert sorted(kustomization["resources"]) == [p.name for p in k8s_files()]
+    images = {image["name"] for image in kustomization["images"]}
+    built = {c["image"].split(":")[0] for c in k8s_containers()} - {"redis"}
+    assert built == images
+
+
+def gateway_pod() -> dict:
+    return k8s_resource("Deployment", "propscope-gateway")["spec"]["template"]["spec"]
+
+
+def gateway_environment() -> dict[str, str]:
+    (container,) = gateway_pod()["containers"]
+    environment = {}
+    for source in container["envFrom"]:
+        environment |= k8s_resource("ConfigMap", source["configMapRef"]["name"])["data"]
+    return environment
+
+
+def test_k8s_gateway_drains_before_it_is_killed():
+    (container,) = gateway_pod()["containers"]
+    pause = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pause[0] == "sleep"
+    grace = float(gateway_environment()["PROPSCOPE_SHUTDOWN_GRACE_S"])
+    assert gateway_pod()["terminationGracePeriodSeconds"] > grace + float(pause[1])
+
+
+def test_k8s_gateway_settings_and_mounted_files():
+    environment = gateway_environment()
+    assert [name for name in environment if not is_setting(name)] == []
+    pod = gateway_pod()
+    (container,) = pod["containers"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    mounts = {mount["mountPath"]: volumes[mount["name"]] for mount in container["volumeMounts"]}
+    files = [value for name, value in environment.items() if name.endswith("_FILE")]
+    assert len(files) == 4  # tokens, TLS certificate, key and client CA
+    for file in files:
+        path = Path(file)
+        secret = k8s_resource("Secret", mounts[str(path.parent)]["secret"]["secretName"])
+        assert path.name in secret.get("stringData", {}) | secret.get("data", {}), file
+
+
+def test_k8s_urls_name_services_and_their_ports():
+    environment = gateway_environment()
+    for url in (environment["PROPSCOPE_TRITON_URL"], environment["REDIS_URL"]):
+        host, port = re.fullmatch(r"(?:redis://)?([\w-]+):(\d+)(?:/\d+)?", url).groups()
+        ports = [p["port"] for p in k8s_resource("Service", host)["spec"]["ports"]]
+        assert int(port) in ports, url
+
+
+def test_k8s_services_select_pods_and_their_named_ports():
+    for service in [r for r in k8s_resources() if r["kind"] == "Service"]:
+        selector = service["spec"]["selector"]
+        pods = [
+            r["spec"]["template"]
+            for r in k8s_resources()
+            if r["kind"] == "Deployment"
+            and selector.items() <= r["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert len(pods) == 1, service["metadata"]["name"]
+        names = {p["name"] for c in pods[0]["spec"]["containers"] for p in c["ports"]}
+        assert {p["targetPort"] for p in service["spec"]["ports"]} <= names
+
+
+def test_k8s_gateway_scaling_and_disruption_budget():
+    deployment = k8s_resource("Deployment", "propscope-gateway")
+    autoscaler = k8s_resource("HorizontalPodAutoscaler", "propscope-gateway")
+    assert autoscaler["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    # Utilization is relative to the request: without one the autoscaler does nothing.
+    assert all("cpu" in c["resources"]["requests"] for c in gateway_pod()["containers"])
+    budget = k8s_resource("PodDisruptionBudget", "propscope-gateway")
+    assert budget["spec"]["selector"] == deployment["spec"]["selector"]
+    assert budget["spec"]["minAvailable"] < autoscaler["spec"]["minReplicas"]
+    assert gateway_pod()["securityContext"]["runAsNonRoot"] is True
+
+
+def test_k8s_triton_gets_a_gpu():
+    pod = k8s_resource("Deployment", "triton")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert "--model-config-name=gpu" in container["args"]
+
+
+def test_k8s_redis_is_a_bounded_lru_cache_within_its_memory_limit():
+    settings = dict(
+        line.split(None, 1)
+        for line in k8s_resource("ConfigMap", "redis")["data"]["redis.conf"].splitlines()
+        if line and not line.startswith("#")
+    )
+    assert settings["maxmemory-policy"] == "allkeys-lru"
+    pod = k8s_resource("Deployment", "redis")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert byte_size(settings["maxmemory"]) < byte_size(container["resources"]["limits"]["memory"])
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def is_setting(variable: str) -> bool:
+    """Whether the gateway reads this environment variable (config.Settings)."""
+    if variable == "REDIS_URL":
+        return True
+    if not variable.startswith("PROPSCOPE_"):
+        return False
+    model = Settings
+    for part in variable.removeprefix("PROPSCOPE_").lower().split("__"):
+        is_model = isinstance(model, type) and issubclass(model, BaseModel)
+        field = model.model_fields.get(part) if is_model else None
+        if field is None:
+            return False
+        model = field.annotation
+    return True
+
+
+def exposed_ports(service: dict) -> set[str]:
+    """Container ports a compose service publishes or exposes."""
+    published = {str(port).split(":")[-1] for port in service.get("ports", [])}
+    return published | {str(port) for port in service.get("expose", [])}
+
+
+def network_names(name: str, service: dict) -> set[str]:
+    aliases = service.get("networks", {}).get("default", {}).get("aliases", [])
+    return {name, *aliases}
+
+
+def mounted_at(service: dict, target: str) -> str | None:
+    for volume in service.get("volumes", []):
+        source, mount, *_ = volume.split(":")
+        if mount == target:
+            return source
+    return None
+
+
+def duration_s(text: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    assert "".join(number + unit for number, unit in parts) == text, text
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def byte_size(text: str) -> int:
+    """Redis (2gb) and Kubernetes (2560Mi, 2G) sizes."""
+    number, unit = re.fullmatch(r"(\d+)\s*([A-Za-z]*)", text).groups()
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "kb": 2**10, "mb": 2**20, "gb": 2**30}
+    scale |= {"ki": 2**10, "mi": 2**20, "gi": 2**30}
+    return int(number) * scale[unit.lower()]
