@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 class Client:
     """A connection to a propscope gateway.
 
-    ``target`` is ``host:port``. Without ``credentials`` the channel is insecure. ``metadata`` is
+    ``target`` is ``host:port``. Without ``credentials`` the channel is insecure. ``token`` is
+    the gateway's bearer token (sent as ``authorization: Bearer <token>``). ``metadata`` is
     sent with every call (a call's own ``metadata`` is appended), ``timeout`` (seconds) is the
     default deadline of every call (for ``explain``, of the whole stream). ``options`` are extra
     gRPC channel options. Every failed call raises ``PropscopeError``. Use as a context manager or
@@ -42,12 +43,15 @@ class Client:
         target: str,
         *,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
         metadata: Metadata = (),
         timeout: float | None = None,
         options: Iterable[tuple[str, Any]] = (),
     ) -> None:
         self.target = target
         self._metadata = tuple(metadata)
+        if token:
+            self._metadata += (("authorization", f"Bearer {token}"),)
         self._timeout = timeout
         merged_options = channel_options(options)
         if credentials is None:

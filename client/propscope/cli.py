@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import grpc
 import typer
 from rich.console import Console
 from rich.live import Live
@@ -68,13 +69,55 @@ TimeoutOption = Annotated[
 ]
 
 
+@dataclass(frozen=True)
+class Connection:
+    """How to reach a gateway that requires a token or TLS (options before the command)."""
+
+    token: str | None = None
+    ca_cert: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    def client(self, target: str, timeout: float | None) -> Client:
+        credentials = None
+        if self.ca_cert or self.client_cert:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=self.ca_cert.read_bytes() if self.ca_cert else None,
+                private_key=self.client_key.read_bytes() if self.client_key else None,
+                certificate_chain=self.client_cert.read_bytes() if self.client_cert else None,
+            )
+        return Client(target, credentials=credentials, token=self.token, timeout=timeout)
+
+
 @app.callback()
 def main(
+    context: typer.Context,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log the SDK's debug messages to stderr.")
     ] = False,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="PROPSCOPE_TOKEN",
+            help="Bearer token of the gateway (default: $PROPSCOPE_TOKEN).",
+            show_default=False,
+        ),
+    ] = None,
+    ca_cert: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="CA certificate (PEM): connect with TLS."),
+    ] = None,
+    client_cert: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="Client certificate (PEM) for mutual TLS."),
+    ] = None,
+    client_key: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="Client private key (PEM) for mutual TLS."),
+    ] = None,
 ) -> None:
     """Explain image classifiers by gradual interventions."""
+    context.obj = Connection(token, ca_cert, client_cert, client_key)
     if verbose:
         logging.basicConfig(
             level=logging.DEBUG, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
@@ -83,6 +126,7 @@ def main(
 
 @app.command()
 def explain(
+    context: typer.Context,
     image: Annotated[
         Path,
         typer.Argument(
@@ -159,7 +203,7 @@ def explain(
         "target_class": target_class,
     }
     try:
-        with Client(target, timeout=timeout) as client:
+        with context.obj.client(target, timeout) as client:
             if as_json:
                 _explain_json(client, image_bytes, unique_models, properties, options)
             else:
@@ -174,13 +218,14 @@ def explain(
 
 @app.command()
 def models(
+    context: typer.Context,
     target: TargetOption = DEFAULT_TARGET,
     as_json: JsonOption = False,
     timeout: TimeoutOption = None,
 ) -> None:
     """List the classifiers and editors the gateway serves."""
     try:
-        with Client(target, timeout=timeout) as client:
+        with context.obj.client(target, timeout) as client:
             infos = client.list_models()
     except PropscopeError as error:
         _fail(f"{target}: {error}")

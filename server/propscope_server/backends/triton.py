@@ -278,6 +278,10 @@ class TritonBackend:
                 call, model.name, kind, deadline, self._default_timeout_s
             )
             outcome = "ok"
+        except NotFound:  # unloaded since it was described
+            self._descriptions = {k: v for k, v in self._descriptions.items() if k[0] != model.name}
+            await self._raise_if_not_ready(model.name, deadline)
+            raise
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
