@@ -40,6 +40,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_accepts(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    wait_for(lambda: port_accepts(port), process, f"port {port}", timeout_s, 0.1)
+
+
 def start_redis(port: int, log_file: Path) -> subprocess.Popen | None:
     """A private redis-server with an LRU policy, or None when none is installed."""
     binary = shutil.which("redis-server")
@@ -63,13 +72,14 @@ def start_redis(port: int, log_file: Path) -> subprocess.Popen | None:
     process = subprocess.Popen(
         command, stdout=open(log_file, "ab"), stderr=subprocess.STDOUT, start_new_session=True
     )
-
-    def accepting() -> bool:
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", port)) == 0
-
     try:
-        wait_for(accepting, process, f"redis-server on port {port} (log {log_file})", 10.0, 0.1)
+        wait_for(
+            lambda: port_accepts(port),
+            process,
+            f"redis-server on port {port} (log {log_file})",
+            10.0,
+            0.1,
+        )
     except (RuntimeError, TimeoutError):
         process.kill()
         raise
