@@ -23,20 +23,21 @@ class Admission:
 
     @contextmanager
     def admit(self, tenant: str) -> Iterator[None]:
-        """Holds one stream slot of `tenant` for the duration of the block."""
-        total = sum(self._streams.values())
-        if total >= self._limits.max_streams_total:
-            metrics.ADMISSION_REJECTIONS.labels(limit="max_streams_total").inc()
-            raise ResourceExhausted(
-                f"the gateway is at its limit max_streams_total of {self._limits.max_streams_total} "
-                "concurrent Explain streams; retry with backoff"
-            )
+        """Holds one stream slot of `tenant` for the duration of the block. The tenant's
+        own limit is checked first: it is the one the caller can act on."""
         limit = self.tenant_limit(tenant)
         if self._streams[tenant] >= limit:
             metrics.ADMISSION_REJECTIONS.labels(limit="max_streams_per_tenant").inc()
             raise ResourceExhausted(
                 f"tenant {tenant!r} is at its limit max_streams_per_tenant of {limit} "
                 "concurrent Explain streams; retry when one finishes"
+            )
+        total = sum(self._streams.values())
+        if total >= self._limits.max_streams_total:
+            metrics.ADMISSION_REJECTIONS.labels(limit="max_streams_total").inc()
+            raise ResourceExhausted(
+                f"the gateway is at its limit max_streams_total of {self._limits.max_streams_total} "
+                "concurrent Explain streams; retry with backoff"
             )
         self._streams[tenant] += 1
         try:
