@@ -21,7 +21,7 @@ from propscope_server.domain import (
     PropertySpec,
 )
 from propscope_server.editor_contract import EditorSchema
-from propscope_server.errors import BackendError, FailedPrecondition
+from propscope_server.errors import BackendError, FailedPrecondition, Unavailable
 from propscope_server.orchestration.explain import Explainer, sample_seed
 
 CLASSIFIER = ModelDescription(
@@ -52,9 +52,13 @@ class FakeBackend:
         self.classify_error = classify_error
         self.nan = nan
         self.edit_calls: list[list[int]] = []  # the seeds of each editor call
+        self.readiness_checked: list[str] = []
 
     async def describe(self, name: str, version: str = "", deadline=None) -> ModelDescription:
         return {"clf": CLASSIFIER, "ed": EDITOR}[name]
+
+    async def require_ready(self, model, deadline) -> None:
+        self.readiness_checked.append(model.name)
 
     async def edit(self, editor, image, strengths, parameters, seeds, deadline):
         self.edit_calls.append(list(seeds))
@@ -97,10 +101,14 @@ async def run(backend: FakeBackend, request: ExplainSpec) -> list:
 
 
 async def test_a_brightening_path_is_significant():
-    events = await run(FakeBackend(), spec())
-    (outcome,) = [e for e in events if isinstance(e, PropertyOutcome)]
-    assert outcome.error is None
-    assert outcome.score.significant and outcome.score.prediction_flipped
+    backend = FakeBackend()
+    events = await run(backend, spec(properties=2))
+    assert sorted(backend.readiness_checked) == ["clf", "ed"]  # each model once
+    outcomes = [e for e in events if isinstance(e, PropertyOutcome)]
+    assert len(outcomes) == 2
+    for outcome in outcomes:
+        assert outcome.error is None
+        assert outcome.score.significant and outcome.score.prediction_flipped
 
 
 @pytest.mark.parametrize("error", [RuntimeError("a bug"), ValueError("odd shape")])
@@ -155,3 +163,9 @@ async def test_a_classifier_without_batching_is_refused_before_any_work():
     with pytest.raises(FailedPrecondition, match="max_batch_size 0"):
         await explainer.plan(spec())
     assert backend.edit_calls == []
+
+
+async def test_triton_unreachable_fails_the_call_not_one_property():
+    backend = FakeBackend(classify_error=Unavailable("Triton is unreachable"))
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(run(backend, spec(properties=3)), 5)

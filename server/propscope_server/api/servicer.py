@@ -48,7 +48,7 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
         tenant = self._tenant(context, request.request_id)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        async with _observed("Explain", context, deadline):
+        async with _observed("Explain", context):
             with self._admission.admit(tenant), metrics.INFLIGHT_STREAMS.track_inprogress():
                 spec = await asyncio.to_thread(convert.explain_spec, request, self._limits, tenant)
                 logs.bind_request(spec.request_id, tenant)
@@ -70,7 +70,7 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         self._tenant(context, "-")
-        async with _observed("ListModels", context, None):
+        async with _observed("ListModels", context):
             entries = await self._backend.repository()
             models = [
                 convert.model_info(entry, await self._describe_listed(entry)) for entry in entries
@@ -97,9 +97,7 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
 
 
 @asynccontextmanager
-async def _observed(
-    method: str, context: grpc.aio.ServicerContext, deadline: float | None
-) -> AsyncIterator[None]:
+async def _observed(method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     """Maps domain errors to statuses, hides unexpected ones, and records the call's
     status and latency in the metrics and the log."""
     started = time.perf_counter()
@@ -111,7 +109,8 @@ async def _observed(
         logger.info("%s refused: %s %s", method, code.name, error)
         await context.abort_with_status(rpc_status.to_status(convert.error_status(error)))
     except asyncio.CancelledError:
-        late = deadline is not None and time.monotonic() >= deadline
+        remaining = context.time_remaining()
+        late = remaining is not None and remaining <= 0.01
         code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
         raise
     except Exception:

@@ -201,6 +201,26 @@ class TritonBackend:
         self._descriptions[(name, version)] = (time.monotonic(), description)
         return description
 
+    async def require_ready(self, model: ModelDescription, deadline: float | None) -> None:
+        """Descriptions are cached; readiness is asked per request, so a model unloaded
+        since is refused before any work instead of failing every property."""
+
+        async def call(timeout: float) -> bool:
+            return await self._client.is_model_ready(
+                model.name, model.version, client_timeout=timeout
+            )
+
+        if await self._with_retries(call, model.name, "metadata", deadline, METADATA_TIMEOUT_S):
+            return
+        self._forget(model.name)
+        await self._raise_if_not_ready(model.name, deadline)
+        raise FailedPrecondition(
+            f"model {model.name!r} version {model.version} is not ready on Triton"
+        )
+
+    def _forget(self, name: str) -> None:
+        self._descriptions = {k: v for k, v in self._descriptions.items() if k[0] != name}
+
     async def _raise_if_not_ready(self, name: str, deadline: float | None) -> None:
         entries = [e for e in await self.repository(deadline) if e.name == name]
         if entries and all(e.state != "READY" for e in entries):
@@ -279,7 +299,7 @@ class TritonBackend:
             )
             outcome = "ok"
         except NotFound:  # unloaded since it was described
-            self._descriptions = {k: v for k, v in self._descriptions.items() if k[0] != model.name}
+            self._forget(model.name)
             await self._raise_if_not_ready(model.name, deadline)
             raise
         except asyncio.CancelledError:

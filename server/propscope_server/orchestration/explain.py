@@ -42,14 +42,18 @@ from propscope_server.domain import (
 from propscope_server.editor_contract import InvalidParameters, canonical_parameters
 from propscope_server.errors import (
     BackendError,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     PropscopeError,
+    Unavailable,
 )
 from propscope_server.scoring.property_gradient import score_property
 
 logger = logging.getLogger(__name__)
 
+# Triton unreachable, or the caller's deadline passed.
+CALL_ERRORS = (Unavailable, DeadlineExceeded)
 # The cache namespace of every tenant when PROPSCOPE_CACHE_SHARED_NAMESPACE is set.
 SHARED_NAMESPACE = "shared"
 # Spreads sample indices over the seed space so sample seeds never collide.
@@ -126,6 +130,10 @@ class Explainer:
         for prop in spec.properties:
             if prop.editor is not None:
                 editors[prop.name] = await self._plan_editor(prop, deadline)
+        used = {
+            (m.name, m.version): m for m in (classifier, *(e.description for e in editors.values()))
+        }
+        await asyncio.gather(*(self._backend.require_ready(m, deadline) for m in used.values()))
         preprocessing = (
             spec.classifier.preprocessing
             or self._settings.preprocessing.get(classifier.name)
@@ -161,7 +169,8 @@ class Explainer:
 
     async def run(self, plan: Plan) -> AsyncIterator[Event]:
         """Accepted, then Progress and one PropertyOutcome per property as each
-        finishes, then Done. Closing the iterator cancels outstanding work."""
+        finishes, then Done. Closing the iterator cancels outstanding work.
+        CALL_ERRORS end the whole call: they would fail every property alike."""
         spec = plan.spec
         started = time.perf_counter()
         shapes = [(p, *spec.path_shape(p)) for p in spec.properties]
@@ -199,6 +208,8 @@ class Explainer:
             while remaining:
                 event = await queue.get()
                 if isinstance(event, PropertyOutcome):
+                    if isinstance(event.error, CALL_ERRORS):
+                        raise event.error
                     remaining -= 1
                     failed += event.error is not None
                 yield event
