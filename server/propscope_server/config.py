@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PROPSCOPE_", env_nested_delimiter="__")
 
     listen_address: str = "127.0.0.1:50051"
+    # A plaintext port serving only gRPC health, for probes that cannot speak (m)TLS
+    # (the kubelet's gRPC probes). Unset: health is served on listen_address only.
+    health_listen_address: str | None = None
     triton_url: str = "127.0.0.1:8001"
     # Without a Redis URL the gateway keeps paths in an in-process LRU cache.
     redis_url: str | None = Field(None, validation_alias="REDIS_URL")

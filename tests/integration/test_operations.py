@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import propscope
 from propscope.v1 import explain_pb2 as pb
 from propscope.v1 import explain_pb2_grpc
+from propscope_server import stack
 from tests.integration.conftest import ExtraGateway, extra_gateway, scene_png
 
 TOKENS = json.dumps({"token-a": "team-a", "token-b": "team-b", "token-c": "team-c"})
@@ -304,16 +305,27 @@ def list_models_over(target: str, credentials: grpc.ChannelCredentials | None) -
     return grpc.StatusCode.OK
 
 
-def test_tls_serves_encrypted_calls_only(live_stack, tmp_path, pki):
+def test_tls_serves_encrypted_calls_only_and_probes_get_a_plaintext_health_port(
+    live_stack, tmp_path, pki
+):
+    health_port = stack.free_port()
     with extra_gateway(
         live_stack,
         tmp_path,
         PROPSCOPE_TLS__CERT_FILE=str(pki["server"]),
         PROPSCOPE_TLS__KEY_FILE=str(pki["server_key"]),
+        PROPSCOPE_HEALTH_LISTEN_ADDRESS=f"127.0.0.1:{health_port}",
     ) as gateway:
         trusted = grpc.ssl_channel_credentials(root_certificates=pki["ca"].read_bytes())
         assert list_models_over(gateway.target, trusted) == grpc.StatusCode.OK
         assert list_models_over(gateway.target, None) == grpc.StatusCode.UNAVAILABLE
+        probe_port = f"127.0.0.1:{health_port}"
+        with grpc.insecure_channel(probe_port) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert list_models_over(probe_port, None) == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_mutual_tls_needs_a_client_certificate_from_the_trusted_ca(live_stack, tmp_path, pki):

@@ -321,3 +321,64 @@ def test_sixteen_bit_images_are_refused_not_clipped():
     Image.fromarray(np.full((4, 4), 30000, np.uint16)).save(buffer, format="PNG")
     with pytest.raises(InvalidArgument, match="send 8 bits per channel"):
         decode_image(buffer.getvalue(), Limits())
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle", "field"),
+    [
+        (dict(model=pb.ModelRef(name="cnn", version="x")), "positive integer", "model.version"),
+        (dict(model=pb.ModelRef(name="cnn", version="-1")), "positive integer", "model.version"),
+        (dict(model=pb.ModelRef(name="cnn", version="9" * 20)), "positive integer", None),
+        (dict(model=pb.ModelRef(name="m" * 20_000)), "20000 characters; at most 256", None),
+        (dict(model=pb.ModelRef(name="cnn", output="o" * 300)), "at most 256", "model.output"),
+        (dict(request_id="r" * 300), "at most 256", "request_id"),
+        (
+            dict(
+                properties=[
+                    pb.Property(
+                        name="p",
+                        editor=pb.EditorIntervention(model="procedural", version="0"),
+                    )
+                ]
+            ),
+            "positive integer",
+            "properties[0].editor.version",
+        ),
+        (
+            dict(
+                properties=[
+                    pb.Property(
+                        name="p",
+                        editor=pb.EditorIntervention(
+                            model="procedural", parameters={"amount": "1" * 2000}
+                        ),
+                    )
+                ]
+            ),
+            "at most 1024",
+            "properties[0].editor.parameters['amount']",
+        ),
+        (
+            dict(model=pb.ModelRef(name="cnn", preprocessing=pb.Preprocessing(std=[1e-38] * 3))),
+            "std must be in [0.0001, 10000]",
+            "model.preprocessing",
+        ),
+        (
+            dict(model=pb.ModelRef(name="cnn", preprocessing=pb.Preprocessing(mean=[1e9] * 3))),
+            "|mean| at most 10000",
+            "model.preprocessing",
+        ),
+    ],
+)
+def test_names_versions_and_preprocessing_are_bounded(fields, needle, field):
+    """Found by the fuzz test: each of these once reached Triton and came back INTERNAL."""
+    with pytest.raises(InvalidArgument) as info:
+        explain_spec(request(**fields), Limits())
+    assert needle in str(info.value) and len(str(info.value)) < 400
+    if field is not None:
+        assert info.value.field == field
+
+
+@pytest.mark.parametrize("steps", [170, 200, 256])
+def test_long_paths_are_reachable_not_an_overflow(steps):
+    assert explain_spec(request(steps=steps), Limits()).steps == steps

@@ -174,3 +174,12 @@ def test_scale_grows_monotonically_with_the_strength():
         object_mask(frame).sum() for frame in edit(image, [0.25, 0.5, 0.75, 1.0], operation="scale")
     ]
     assert areas == sorted(areas) and areas[0] > object_mask(image).sum()
+
+
+@pytest.mark.parametrize("shape", [(1, 40, 3), (40, 1, 3), (1, 1, 3)])
+@pytest.mark.parametrize("position", ["fixed", "random"])
+def test_a_patch_fits_an_image_thinner_than_two_pixels(shape, position):
+    """Found by the fuzz test: the patch side was at least 2 even on a 1-pixel image."""
+    image = np.zeros(shape, np.uint8)
+    path = edit(image, [0.5, 1.0], operation="blend", position=position)
+    assert path.shape == (2, *shape)

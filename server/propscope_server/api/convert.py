@@ -25,6 +25,14 @@ DEFAULT_SAMPLES = 1
 DEFAULT_PERMUTATIONS = 10_000
 DEFAULT_ALPHA = 0.01
 EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr")
+# Names (models, outputs, properties, request ids) and editor parameters: long enough
+# for any real one, short enough that echoing one in an error stays small.
+MAX_NAME_CHARS = 256
+MAX_PARAMETER_CHARS = 1024
+# Preprocessing on the [0, 1] pixel scale: anything outside overflows float32 models.
+PREPROCESSING_RANGE = (1e-4, 1e4)
+# A status message longer than this is cut: backends may echo whole inputs.
+MAX_MESSAGE_CHARS = 2048
 
 
 def check_reachable(points: int, permutations: int, alpha: float, field: str) -> None:
@@ -36,7 +44,8 @@ def check_reachable(points: int, permutations: int, alpha: float, field: str) ->
             f"not below alpha {alpha}; raise permutations",
             field="permutations",
         )
-    if 2.0 / math.factorial(points) >= alpha:
+    # Beyond 20 points, 2 / points! < 1e-18: always below an alpha the test can reach.
+    if points < 20 and 2.0 / math.factorial(points) >= alpha:
         needed = next(n for n in range(points, 64) if 2.0 / math.factorial(n) < alpha)
         raise InvalidArgument(
             f"a path of {points} images can never be significant at alpha {alpha} "
@@ -115,6 +124,7 @@ def explain_spec(
     request: pb.ExplainRequest, limits: Limits, tenant: str = "default"
 ) -> domain.ExplainSpec:
     """Every refusal of a configured limit names it (Limits, PROPSCOPE_LIMITS__*)."""
+    checked_name(request.request_id, "request_id")
     if not request.model.name:
         raise InvalidArgument(
             "model.name is required: the Triton name of the classifier", field="model.name"
@@ -203,7 +213,28 @@ def explain_spec(
     return spec
 
 
+def checked_name(value: str, field: str, limit: int = MAX_NAME_CHARS) -> str:
+    if len(value) > limit:
+        raise InvalidArgument(
+            f"{field} is {len(value)} characters; at most {limit}: {value[:40]!r}...", field=field
+        )
+    return value
+
+
+def checked_version(value: str, field: str) -> str:
+    """Triton versions are positive 64-bit integers; empty means the latest."""
+    if value and not (value.isascii() and value.isdigit() and 0 < int(value) < 2**63):
+        raise InvalidArgument(
+            f"{field} must be a positive integer or empty (latest); got {value[:40]!r}",
+            field=field,
+        )
+    return value
+
+
 def _classifier(model: pb.ModelRef) -> domain.ClassifierRef:
+    checked_name(model.name, "model.name")
+    checked_name(model.output, "model.output")
+    checked_version(model.version, "model.version")
     preprocessing = None
     if model.HasField("preprocessing"):
         p = model.preprocessing
@@ -212,9 +243,11 @@ def _classifier(model: pb.ModelRef) -> domain.ClassifierRef:
                 raise InvalidArgument(
                     f"model.preprocessing.{field} needs 3 values (one per channel) or none"
                 )
-        if not all(math.isfinite(v) for v in (*p.mean, *p.std)) or any(s == 0 for s in p.std):
+        low, high = PREPROCESSING_RANGE
+        if not all(low <= s <= high for s in p.std) or not all(abs(m) <= high for m in p.mean):
             raise InvalidArgument(
-                "model.preprocessing mean and std must be finite and std non-zero",
+                f"model.preprocessing std must be in [{low:g}, {high:g}] and |mean| at most "
+                f"{high:g} (the pixel scale is [0, 1]); got mean {list(p.mean)}, std {list(p.std)}",
                 field="model.preprocessing",
             )
         preprocessing = PreprocessingConfig(
@@ -238,10 +271,17 @@ def _property(
 ) -> domain.PropertySpec:
     if not prop.name:
         raise InvalidArgument("every property needs a name")
+    checked_name(prop.name, f"properties[{index}].name")
     source = prop.WhichOneof("source")
     if source == "editor":
         if not prop.editor.model:
             raise InvalidArgument(f"property {prop.name!r}: editor.model is required")
+        field = f"properties[{index}].editor"
+        checked_name(prop.editor.model, f"{field}.model")
+        checked_version(prop.editor.version, f"{field}.version")
+        for key, value in prop.editor.parameters.items():
+            checked_name(key, f"{field}.parameters key")
+            checked_name(value, f"{field}.parameters[{key!r}]", MAX_PARAMETER_CHARS)
         return domain.PropertySpec(
             name=prop.name,
             editor=domain.EditorRef(
@@ -324,14 +364,14 @@ def event_message(request_id: str, event: domain.Event) -> pb.ExplainEvent:
 def error_status(error: Exception) -> status_pb2.Status:
     """A google.rpc.Status; refusals naming a field carry a BadRequest detail."""
     if isinstance(error, PropscopeError):
-        status = status_pb2.Status(code=error.code.value[0], message=str(error))
+        status = status_pb2.Status(code=error.code.value[0], message=str(error)[:MAX_MESSAGE_CHARS])
         if error.field:
             detail = any_pb2.Any()
             detail.Pack(
                 error_details_pb2.BadRequest(
                     field_violations=[
                         error_details_pb2.BadRequest.FieldViolation(
-                            field=error.field, description=str(error)
+                            field=error.field, description=status.message
                         )
                     ]
                 )

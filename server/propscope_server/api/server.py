@@ -16,6 +16,7 @@ from propscope.v1 import explain_pb2, explain_pb2_grpc
 from propscope_server import metrics
 from propscope_server.api.admission import Admission
 from propscope_server.api.auth import Authenticator, BearerTokenInterceptor
+from propscope_server.api.parsing import ParseRequestsInterceptor
 from propscope_server.api.servicer import ExplainServicer
 from propscope_server.backends.triton import TritonBackend
 from propscope_server.cache import InMemoryPathCache, PathCache, RedisPathCache
@@ -47,11 +48,14 @@ class Gateway:
     cache: PathCache
     health: health.aio.HealthServicer
     settings: Settings
+    health_server: grpc.aio.Server | None = None
     _health_task: asyncio.Task | None = None
     _healthy: dict[str, bool] = field(default_factory=dict)
 
     async def start(self) -> None:
         await self.server.start()
+        if self.health_server:
+            await self.health_server.start()
         await self._update_health()
         self._health_task = asyncio.create_task(self._poll_health())
 
@@ -63,6 +67,8 @@ class Gateway:
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(self.settings.shutdown_drain_s)
         await self.server.stop(self.settings.shutdown_grace_s)
+        if self.health_server:
+            await self.health_server.stop(0)
         await self.backend.close()
         await self.cache.close()
 
@@ -94,14 +100,16 @@ def make_cache(settings: Settings) -> PathCache:
 
 
 def interceptors(settings: Settings, authenticator: Authenticator) -> list:
+    """Authentication first: an unauthenticated caller learns nothing, not even
+    whether its message parses."""
     if not authenticator.enabled:
-        return []
+        return [ParseRequestsInterceptor()]
     open_methods = frozenset()
     if settings.auth.health_open:
         open_methods |= HEALTH_METHODS
     if settings.auth.reflection_open:
         open_methods |= REFLECTION_METHODS
-    return [BearerTokenInterceptor(authenticator, open_methods)]
+    return [BearerTokenInterceptor(authenticator, open_methods), ParseRequestsInterceptor()]
 
 
 def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
@@ -153,7 +161,13 @@ def build_gateway(settings: Settings) -> Gateway:
         raise RuntimeError(f"could not listen on {settings.listen_address}")
     if not authenticator.enabled and not settings.listen_address.startswith("127.0.0.1"):
         logger.warning("no tokens configured: any caller that reaches the port is served")
-    return Gateway(server, port, backend, cache, health_servicer, settings)
+    health_server = None
+    if settings.health_listen_address:
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        if health_server.add_insecure_port(settings.health_listen_address) == 0:
+            raise RuntimeError(f"could not listen on {settings.health_listen_address}")
+    return Gateway(server, port, backend, cache, health_servicer, settings, health_server)
 
 
 async def serve(settings: Settings) -> None:

@@ -135,7 +135,7 @@ def _scale_object(image: np.ndarray, factor: float) -> np.ndarray:
 def _patch_box(image: np.ndarray, parameters: Mapping[str, str], seed: int) -> tuple[int, int, int]:
     height, width = image.shape[:2]
     side = int(parameters["patch_size"])
-    side = max(2, min(side, height, width))
+    side = min(max(2, side), height, width)
     if parameters["position"] == "random":
         rng = np.random.default_rng(seed)
         return int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1)), side
