@@ -380,3 +380,16 @@ def test_sigterm_goes_not_serving_then_refuses_and_lets_streams_finish(live_stac
         assert rest[-1].HasField("done") and rest[-1].done.properties_failed == 0
         assert sum(e.HasField("property_result") for e in rest) == 8
         assert gateway.process.wait(30) == 0
+
+
+def test_a_request_over_max_request_bytes_is_refused_by_size(live_stack, tmp_path):
+    """gRPC itself refuses the message before it is parsed; its message names both sizes."""
+    with extra_gateway(
+        live_stack, tmp_path, PROPSCOPE_LIMITS__MAX_REQUEST_BYTES="100000"
+    ) as gateway:
+        with grpc.insecure_channel(gateway.target) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                explain(channel, explain_request(image=b"\0" * 150_000))
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "vs. 100000" in caught.value.details()
+            assert explain(channel, explain_request())[-1].HasField("done")

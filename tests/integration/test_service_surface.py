@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from propscope_server import stack
-from tests.integration.conftest import SAMPLE
+from tests.integration.conftest import SAMPLE, extra_gateway
 
 
 def test_health_is_serving_with_triton_and_redis_up(channel):
@@ -47,23 +47,18 @@ def test_metrics_are_exported(client, live_stack):
     assert "propscope_cache_lookups_total" in body
 
 
-def test_health_is_not_serving_when_the_cache_is_unreachable(live_stack, tmp_path):
-    port = stack.free_port()
-    gateway = stack.start_gateway(
-        {
-            "PROPSCOPE_LISTEN_ADDRESS": f"127.0.0.1:{port}",
-            "PROPSCOPE_TRITON_URL": live_stack.triton_grpc,
-            "REDIS_URL": f"redis://127.0.0.1:{stack.free_port()}/0",
-        },
-        tmp_path / "gateway.log",
-    )
-    try:
-        stack.wait_for_gateway(f"127.0.0.1:{port}", gateway)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="propscope.v1.ExplainService"), timeout=5
-            )
-        assert response.status == health_pb2.HealthCheckResponse.NOT_SERVING
-    finally:
-        gateway.terminate()
-        gateway.wait(10)
+def test_an_unreachable_cache_degrades_health_without_stopping_service(live_stack, tmp_path):
+    """The gateway serves uncached; the cache's own health service tells operators."""
+    with extra_gateway(
+        live_stack, tmp_path, REDIS_URL=f"redis://127.0.0.1:{stack.free_port()}/0"
+    ) as gateway:
+        with grpc.insecure_channel(gateway.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            def status(service: str) -> int:
+                request = health_pb2.HealthCheckRequest(service=service)
+                return stub.Check(request, timeout=5).status
+
+            assert status("propscope.cache") == health_pb2.HealthCheckResponse.NOT_SERVING
+            for service in ("", "propscope.v1.ExplainService"):
+                assert status(service) == health_pb2.HealthCheckResponse.SERVING
