@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, validation_alias="REDIS_URL")
     cache_ttl_s: int = 24 * 3600
     cache_timeout_s: float = 0.5
+    # After a failed cache call the cache is skipped this long (or until a health ping).
+    cache_retry_after_s: float = 2.0
     # True: every tenant shares one cache namespace (hits across tenants).
     cache_shared_namespace: bool = False
     memory_cache_bytes: int = 256 * 1024 * 1024

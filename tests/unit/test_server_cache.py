@@ -165,7 +165,7 @@ UNREACHABLE = "redis://127.0.0.1:1/0"
 
 
 async def test_unreachable_redis_degrades_to_misses():
-    cache = RedisPathCache(UNREACHABLE, ttl_s=60, timeout_s=0.2)
+    cache = RedisPathCache(UNREACHABLE, ttl_s=60, timeout_s=0.2, retry_after_s=0)
     try:
         assert await cache.get("k") is None
         await cache.put("k", PATH)  # must not raise
@@ -194,7 +194,7 @@ class FakeRedis:
 
 
 async def test_eviction_policy_is_read_from_redis():
-    cache = RedisPathCache(UNREACHABLE, ttl_s=60, timeout_s=0.2)
+    cache = RedisPathCache(UNREACHABLE, ttl_s=60, timeout_s=0.2, retry_after_s=0)
     cache._redis = FakeRedis()
     assert await cache.eviction_policy() == "allkeys-lru"
 
@@ -235,7 +235,7 @@ async def test_slow_redis_is_bounded_by_the_timeout():
 
 
 async def test_redis_cache_checks_integrity_and_sets_ttl():
-    cache = RedisPathCache(UNREACHABLE, ttl_s=60, timeout_s=0.2)
+    cache = RedisPathCache(UNREACHABLE, ttl_s=60, timeout_s=0.2, retry_after_s=0)
     fake = FakeRedis()
     cache._redis = fake
     await cache.put("k", PATH)

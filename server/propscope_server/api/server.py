@@ -95,7 +95,12 @@ class Gateway:
 
 def make_cache(settings: Settings) -> PathCache:
     if settings.redis_url:
-        return RedisPathCache(settings.redis_url, settings.cache_ttl_s, settings.cache_timeout_s)
+        return RedisPathCache(
+            settings.redis_url,
+            settings.cache_ttl_s,
+            settings.cache_timeout_s,
+            settings.cache_retry_after_s,
+        )
     return InMemoryPathCache(settings.memory_cache_bytes)
 
 

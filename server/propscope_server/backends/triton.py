@@ -135,7 +135,9 @@ class TritonBackend:
             try:
                 return await call(timeout_until(deadline, timeout_s))
             except InferenceServerException as error:
-                metrics.TRITON_ERRORS.labels(model=model, kind=kind, code=_status_name(error)).inc()
+                # Metadata calls may name any model a caller typed: no label per name.
+                label = "*" if kind == "metadata" else model
+                metrics.TRITON_ERRORS.labels(model=label, kind=kind, code=_status_name(error)).inc()
                 translated = _translate(error, model)
                 backoff = self._retry_backoff_s * 2**attempt
                 out_of_time = deadline is not None and time.monotonic() + backoff >= deadline

@@ -142,7 +142,7 @@ class RedisPathCache:
 
     name = "redis"
 
-    def __init__(self, url: str, ttl_s: int, timeout_s: float, retry_after_s: float = 2.0) -> None:
+    def __init__(self, url: str, ttl_s: int, timeout_s: float, retry_after_s: float) -> None:
         self._redis = aioredis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
         )
