@@ -149,9 +149,14 @@ def big_noise_png(side: int) -> bytes:
             "raise permutations",
         ),
         (
-            {"steps": 256, "samples": 32},
+            {"steps": 100, "samples": 30},
             grpc.StatusCode.INVALID_ARGUMENT,
-            "pixels in all",
+            "the limit max_edits is 2000",
+        ),
+        (
+            {"image": png(np.zeros((128, 128, 3), np.uint8)), "steps": 256, "samples": 2},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "the limit max_path_pixels",
         ),
         (
             {"properties": [pb.Property(name="nothing")]},
