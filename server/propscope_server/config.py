@@ -6,7 +6,7 @@ import json
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,8 +22,10 @@ class Limits(BaseModel):
     max_request_bytes: int = 64 * 1024 * 1024
     max_image_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
-    # All images of all paths of one request together (the edit budget in pixels).
-    max_path_pixels: int = 256 * 1024 * 1024
+    # All images of all paths of one request together, in pixels: the gateway's memory
+    # per request peaks near 20 bytes per path pixel (uint8 paths, their copies, and the
+    # float32 model input), so about 1.3 GB at this limit.
+    max_path_pixels: int = 64 * 1024 * 1024
     max_properties: int = 32
     max_steps: int = 256
     max_samples: int = 32
@@ -36,6 +38,8 @@ class Limits(BaseModel):
     max_streams_per_tenant: int = 32
     # Per-tenant overrides of max_streams_per_tenant, by tenant name.
     tenant_max_streams: dict[str, int] = {}
+    # The deadline of a call that sets none: a stream never holds its slot forever.
+    max_call_s: float = Field(3600.0, gt=0)
 
 
 class AuthSettings(BaseModel):
@@ -45,14 +49,23 @@ class AuthSettings(BaseModel):
     tokens: dict[str, str] = {}
     # A JSON file {"<token>": "<tenant>", ...}, read at start (a mounted Secret).
     tokens_file: Path | None = None
+    # True: refuse to start without tokens, so a missing Secret cannot turn auth off.
+    required: bool = False
     health_open: bool = True
     reflection_open: bool = False
 
     def token_tenants(self) -> dict[str, str]:
         tokens = dict(self.tokens)
         if self.tokens_file is not None:
-            tokens.update(json.loads(self.tokens_file.read_text()))
+            tokens.update(TOKEN_FILE.validate_json(self.tokens_file.read_bytes()))
+        if any(not token.strip() or not tenant.strip() for token, tenant in tokens.items()):
+            raise ValueError("auth tokens and tenant names must not be empty")
+        if self.required and not tokens:
+            raise ValueError("PROPSCOPE_AUTH__REQUIRED is set but no tokens are configured")
         return tokens
+
+
+TOKEN_FILE = TypeAdapter(dict[str, str])
 
 
 class TlsSettings(BaseModel):
@@ -74,7 +87,7 @@ class Settings(BaseSettings):
     # Without a Redis URL the gateway keeps paths in an in-process LRU cache.
     redis_url: str | None = Field(None, validation_alias="REDIS_URL")
     cache_ttl_s: int = 24 * 3600
-    cache_timeout_s: float = 0.5
+    cache_timeout_s: float = Field(0.5, gt=0)
     # After a failed cache call the cache is skipped this long (or until a health ping).
     cache_retry_after_s: float = 2.0
     # True: every tenant shares one cache namespace (hits across tenants).
@@ -84,13 +97,14 @@ class Settings(BaseSettings):
     metrics_address: str = "127.0.0.1"
     log_format: str = Field("json", pattern="^(json|text)$")
     # Properties of one request explained at the same time.
-    property_concurrency: int = 4
-    # Bound on every Triton call when the caller sets no deadline.
-    triton_timeout_s: float = 300.0
+    property_concurrency: int = Field(4, ge=1)
+    # Bound on each Triton call within the call's deadline: a guard against a hung model
+    # (a call that hits it fails its property).
+    triton_timeout_s: float = Field(300.0, gt=0)
     # Retries of a Triton call that failed with UNAVAILABLE, with doubling backoff.
-    triton_retries: int = 2
+    triton_retries: int = Field(2, ge=0)
     triton_retry_backoff_s: float = 0.1
-    health_poll_s: float = 2.0
+    health_poll_s: float = Field(2.0, gt=0)
     # On SIGTERM: health goes NOT_SERVING at once; new calls are still served for
     # shutdown_drain_s (while load balancers notice), then refused; streams in flight
     # get shutdown_grace_s more to finish.

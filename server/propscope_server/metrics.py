@@ -24,8 +24,8 @@ STAGE_SECONDS = Histogram(
 )
 EDITS_PER_REQUEST = Histogram(
     "propscope_edits_per_request",
-    "Edited images per request",
-    buckets=(1, 10, 50, 100, 500, 1000, 5000),
+    "Edited images a request plans (samples x steps x edited properties; cache hits included)",
+    buckets=(1, 10, 50, 100, 500, 1000, 5000, 10_000, 20_000, 50_000),
 )
 CACHE_LOOKUPS = Counter("propscope_cache_lookups_total", "Path cache lookups", ["result"])
 CACHE_BYTES_READ = Counter("propscope_cache_bytes_read_total", "Bytes read from the path cache")

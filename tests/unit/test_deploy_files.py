@@ -11,6 +11,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+import grpc
 import jsonschema
 import kubernetes_validate
 import prometheus_client
@@ -20,11 +21,13 @@ import yaml
 from pydantic import BaseModel
 
 from propscope_server import metrics
-from propscope_server.config import Settings
+from propscope_server.api.server import LIVENESS_SERVICE
+from propscope_server.config import Limits, Settings
 from propscope_server.main import app
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 PROMETHEUS_FILE = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD_FILE = GRAFANA / "dashboards" / "propscope.json"
@@ -101,11 +104,15 @@ def test_dependencies_exist_in_the_same_profiles(services: dict):
 @pytest.mark.parametrize(
     ("gateway", "triton"), [("gateway", "triton"), ("gateway-cpu", "triton-cpu")]
 )
-def test_gateways_wait_for_healthy_triton_and_redis(services: dict, gateway: str, triton: str):
+def test_gateways_wait_for_healthy_triton_and_started_redis(
+    services: dict, gateway: str, triton: str
+):
     service = services[gateway]
+    # Without Redis the gateway serves uncached: waiting for it to be healthy would only
+    # keep the gateway down.
     assert service["depends_on"] == {
         triton: {"condition": "service_healthy"},
-        "redis": {"condition": "service_healthy"},
+        "redis": {"condition": "service_started"},
     }
     environment = service["environment"]
     assert environment["PROPSCOPE_TRITON_URL"] == f"{triton}:8001"
@@ -114,7 +121,35 @@ def test_gateways_wait_for_healthy_triton_and_redis(services: dict, gateway: str
     assert duration_s(service["stop_grace_period"]) > float(
         environment["PROPSCOPE_SHUTDOWN_GRACE_S"]
     )
-    assert service["healthcheck"]["test"][:3] == ["CMD", "propscope-server", "health"]
+    assert environment["PROPSCOPE_AUTH__REQUIRED"] == "true"
+
+
+@pytest.mark.parametrize("gateway", ["gateway", "gateway-cpu"])
+def test_gateway_healthcheck_asks_the_plaintext_health_port(services: dict, gateway: str):
+    """Not the serving port: once that speaks TLS, a plaintext check there would fail."""
+    environment = services[gateway]["environment"]
+    health_port = environment["PROPSCOPE_HEALTH_LISTEN_ADDRESS"].rsplit(":", 1)[1]
+    assert health_port != environment["PROPSCOPE_LISTEN_ADDRESS"].rsplit(":", 1)[1]
+    test = services[gateway]["healthcheck"]["test"]
+    assert test == ["CMD", "propscope-server", "health", f"127.0.0.1:{health_port}"]
+
+
+def test_compose_publishes_ports_on_localhost_only(services: dict):
+    published = {name: s["ports"] for name, s in services.items() if "ports" in s}
+    # Triton and Redis take unauthenticated calls: only the Compose network reaches them.
+    assert set(published) == {"gateway", "gateway-cpu", "prometheus", "grafana"}
+    for name, ports in published.items():
+        for port in ports:
+            assert re.fullmatch(r"127\.0\.0\.1:(\d+):\1", str(port)), f"{name}: {port}"
+
+
+def test_grafana_has_no_default_admin_password(services: dict):
+    environment = services["grafana"].get("environment", {})
+    if "GF_SECURITY_ADMIN_PASSWORD__FILE" in environment:
+        return
+    # ${VAR:?message}: Compose refuses to start unless VAR is set and not empty.
+    password = environment.get("GF_SECURITY_ADMIN_PASSWORD", "")
+    assert re.fullmatch(r"\$\{\w+:\?[^}]+\}", password), password
 
 
 def test_the_cpu_profile_has_its_own_gateway_and_triton(services: dict):
@@ -170,6 +205,23 @@ def test_images_are_pinned(services: dict):
     assert images
     for image in images:
         assert re.fullmatch(r"[\w./-]+:[\w.-]+", image) and not image.endswith(":latest"), image
+
+
+def dockerfile_instructions(name: str) -> list[str]:
+    lines = DOCKERFILE.read_text().splitlines()
+    return [line.split(None, 1)[1] for line in lines if line.split(None, 1)[:1] == [name]]
+
+
+def test_gateway_image_base_is_pinned_and_runs_as_non_root():
+    (base,) = dockerfile_instructions("FROM")
+    # A patch release, not a moving tag such as python:3.11-slim.
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", base), base
+    user = dockerfile_instructions("USER")[-1]
+    uid, _, gid = user.partition(":")
+    # Numeric, so that Kubernetes' runAsNonRoot can check it; and the uid the manifest uses.
+    assert uid.isdigit() and int(uid) != 0, user
+    assert gateway_pod()["securityContext"]["runAsUser"] == int(uid)
+    assert not gid or gateway_pod()["securityContext"]["runAsGroup"] == int(gid)
 
 
 # --- Prometheus and Grafana -----------------------------------------------------------------
@@ -267,6 +319,20 @@ def test_dashboard_plots_every_gateway_metric():
     assert {family(name) for name in gateway_metrics()} - plotted == set()
 
 
+SERVER_CODES = {"INTERNAL", "UNKNOWN", "UNAVAILABLE", "DEADLINE_EXCEEDED", "DATA_LOSS"}
+
+
+def test_dashboard_error_ratio_counts_server_side_codes_only():
+    dashboard = json.loads(DASHBOARD_FILE.read_text())
+    (panel,) = [p for p in dashboard["panels"] if "error ratio" in p["title"].lower()]
+    (target,) = panel["targets"]
+    numerator, _ = target["expr"].split(" / ")
+    (codes,) = re.findall(r'code=~"([^"]*)"', numerator)
+    assert set(codes.split("|")) == SERVER_CODES
+    assert SERVER_CODES <= {code.name for code in grpc.StatusCode}
+    assert all(code in panel["description"] for code in SERVER_CODES)
+
+
 def test_dashboard_uses_the_provisioned_datasource():
     dashboard = json.loads(DASHBOARD_FILE.read_text())
     panels = [panel for panel in dashboard["panels"] if panel["type"] != "row"]
@@ -281,18 +347,31 @@ def test_dashboard_uses_the_provisioned_datasource():
 # --- Kubernetes -----------------------------------------------------------------------------
 
 
-def k8s_files() -> list[Path]:
-    return sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+def k8s_files(examples: bool = False) -> list[Path]:
+    """The manifests `kubectl apply -k` applies, or (examples=True) the examples of what is
+    created out of band (Secrets), which are validated but never applied."""
+    return sorted(
+        p
+        for p in K8S.glob("*.yaml")
+        if p.name != "kustomization.yaml" and p.name.endswith(".example.yaml") == examples
+    )
+
+
+def load_k8s(paths: list[Path]) -> tuple[dict, ...]:
+    return tuple(
+        document for path in paths for document in yaml.safe_load_all(path.read_text()) if document
+    )
 
 
 @cache
 def k8s_resources() -> tuple[dict, ...]:
-    return tuple(
-        document
-        for path in k8s_files()
-        for document in yaml.safe_load_all(path.read_text())
-        if document
-    )
+    """The applied manifests, then the examples."""
+    return load_k8s(k8s_files()) + k8s_example_resources()
+
+
+@cache
+def k8s_example_resources() -> tuple[dict, ...]:
+    return load_k8s(k8s_files(examples=True))
 
 
 def k8s_resource(kind: str, name: str) -> dict:
@@ -336,6 +415,10 @@ def test_kustomization_lists_every_manifest():
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert kustomization["namespace"] == NAMESPACE
     assert sorted(kustomization["resources"]) == [p.name for p in k8s_files()]
+    # Applying a placeholder Secret would overwrite the real one (and make the placeholder
+    # token valid): Secrets are created out of band, shaped as in the examples.
+    assert [r for r in load_k8s(k8s_files()) if r["kind"] == "Secret"] == []
+    assert {r["kind"] for r in k8s_example_resources()} == {"Secret"}
     images = {image["name"] for image in kustomization["images"]}
     built = {c["image"].split(":")[0] for c in k8s_containers()} - {"redis"}
     assert built == images
@@ -345,12 +428,48 @@ def gateway_pod() -> dict:
     return k8s_resource("Deployment", "propscope-gateway")["spec"]["template"]["spec"]
 
 
+def secret_value(reference: dict) -> str:
+    """A secretKeyRef's value in the example Secrets."""
+    secret = k8s_resource("Secret", reference["name"])
+    return (secret.get("stringData", {}) | secret.get("data", {}))[reference["key"]]
+
+
+def container_environment(container: dict) -> dict[str, str]:
+    """Its environment, with Secrets' values taken from the examples."""
+    environment = {}
+    for source in container.get("envFrom", []):
+        environment |= k8s_resource("ConfigMap", source["configMapRef"]["name"])["data"]
+    for variable in container.get("env", []):
+        if "value" in variable:
+            environment[variable["name"]] = variable["value"]
+        else:
+            environment[variable["name"]] = secret_value(variable["valueFrom"]["secretKeyRef"])
+    return environment
+
+
 def gateway_environment() -> dict[str, str]:
     (container,) = gateway_pod()["containers"]
-    environment = {}
-    for source in container["envFrom"]:
-        environment |= k8s_resource("ConfigMap", source["configMapRef"]["name"])["data"]
-    return environment
+    return container_environment(container)
+
+
+def deployment_pods() -> dict[str, dict]:
+    return {
+        r["metadata"]["name"]: r["spec"]["template"]
+        for r in k8s_resources()
+        if r["kind"] == "Deployment"
+    }
+
+
+def test_k8s_secrets_the_pods_use_have_examples():
+    for name, pod in deployment_pods().items():
+        for volume in pod["spec"].get("volumes", []):
+            if "secret" in volume:
+                k8s_resource("Secret", volume["secret"]["secretName"])
+        for container in pod["spec"]["containers"]:
+            for variable in container.get("env", []):
+                reference = variable.get("valueFrom", {}).get("secretKeyRef")
+                assert reference is None or secret_value(reference), (name, variable["name"])
+        assert pod["spec"]["automountServiceAccountToken"] is False, name
 
 
 def test_k8s_gateway_drains_before_it_is_killed():
@@ -364,6 +483,15 @@ def test_k8s_gateway_drains_before_it_is_killed():
 def test_k8s_gateway_settings_and_mounted_files():
     environment = gateway_environment()
     assert [name for name in environment if not is_setting(name)] == []
+    assert environment["PROPSCOPE_AUTH__REQUIRED"] == "true"
+    # The Redis URL carries its password: from a Secret, never from the ConfigMap.
+    (container,) = gateway_pod()["containers"]
+    (redis_url,) = [v for v in container["env"] if v["name"] == "REDIS_URL"]
+    assert redis_url["valueFrom"]["secretKeyRef"]["name"] == "propscope-redis"
+    assert all(
+        "REDIS_URL" not in k8s_resource("ConfigMap", source["configMapRef"]["name"])["data"]
+        for source in container["envFrom"]
+    )
     pod = gateway_pod()
     (container,) = pod["containers"]
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
@@ -379,9 +507,24 @@ def test_k8s_gateway_settings_and_mounted_files():
 def test_k8s_urls_name_services_and_their_ports():
     environment = gateway_environment()
     for url in (environment["PROPSCOPE_TRITON_URL"], environment["REDIS_URL"]):
-        host, port = re.fullmatch(r"(?:redis://)?([\w-]+):(\d+)(?:/\d+)?", url).groups()
+        host, port = re.fullmatch(
+            r"(?:redis://(?::[^@/]+@)?)?([\w-]+):(\d+)(?:/\d+)?", url
+        ).groups()
         ports = [p["port"] for p in k8s_resource("Service", host)["spec"]["ports"]]
         assert int(port) in ports, url
+
+
+def test_k8s_redis_requires_the_password_the_gateway_sends():
+    (container,) = deployment_pods()["redis"]["spec"]["containers"]
+    environment = container_environment(container)
+    arguments = container["args"]
+    variable = re.fullmatch(r"\$\((\w+)\)", arguments[arguments.index("--requirepass") + 1])[1]
+    password = environment[variable]
+    assert password and environment.get("REDISCLI_AUTH") == password
+    assert re.fullmatch(r"redis://:([^@/]+)@.*", gateway_environment()["REDIS_URL"])[1] == password
+    # redis-cli exits 0 on an error reply (NOAUTH): the probe must look for PONG itself.
+    probe = " ".join(container["readinessProbe"]["exec"]["command"])
+    assert "PONG" in probe
 
 
 def test_k8s_services_select_pods_and_their_named_ports():
@@ -402,12 +545,36 @@ def test_k8s_gateway_scaling_and_disruption_budget():
     deployment = k8s_resource("Deployment", "propscope-gateway")
     autoscaler = k8s_resource("HorizontalPodAutoscaler", "propscope-gateway")
     assert autoscaler["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    # The autoscaler owns the count: `replicas` here would reset it at every apply.
+    assert "replicas" not in deployment["spec"]
     # Utilization is relative to the request: without one the autoscaler does nothing.
     assert all("cpu" in c["resources"]["requests"] for c in gateway_pod()["containers"])
     budget = k8s_resource("PodDisruptionBudget", "propscope-gateway")
     assert budget["spec"]["selector"] == deployment["spec"]["selector"]
     assert budget["spec"]["minAvailable"] < autoscaler["spec"]["minReplicas"]
+    # During a Triton outage every gateway is unready; drains must still evict them.
+    assert budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     assert gateway_pod()["securityContext"]["runAsNonRoot"] is True
+
+
+def test_k8s_gateway_probes_ask_the_plaintext_health_port():
+    (container,) = gateway_pod()["containers"]
+    health_port = int(gateway_environment()["PROPSCOPE_HEALTH_LISTEN_ADDRESS"].rsplit(":", 1)[1])
+    assert health_port in {port["containerPort"] for port in container["ports"]}
+    # Ready: the whole gateway (service "") is SERVING, i.e. Triton answers.
+    assert container["readinessProbe"]["grpc"] == {"port": health_port}
+    # Live: the event loop runs, whatever Triton does, so a Triton outage restarts nothing.
+    for probe in ("livenessProbe", "startupProbe"):
+        assert container[probe]["grpc"] == {"port": health_port, "service": LIVENESS_SERVICE}
+
+
+def test_k8s_gateway_memory_fits_requests_at_the_path_pixel_limit():
+    (container,) = gateway_pod()["containers"]
+    resources = container["resources"]
+    # config.py: a request peaks near 20 bytes per path pixel; leave room for three.
+    peak = 20 * Limits().max_path_pixels
+    assert byte_size(resources["limits"]["memory"]) >= 3 * peak
+    assert byte_size(resources["requests"]["memory"]) <= byte_size(resources["limits"]["memory"])
 
 
 def test_k8s_triton_gets_a_gpu():
@@ -428,6 +595,48 @@ def test_k8s_redis_is_a_bounded_lru_cache_within_its_memory_limit():
     pod = k8s_resource("Deployment", "redis")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert byte_size(settings["maxmemory"]) < byte_size(container["resources"]["limits"]["memory"])
+
+
+def ingress_sources(pod: dict, port: int) -> list[dict | None] | None:
+    """Who the NetworkPolicies let reach this port of the pod: a list of `from` peers (None:
+    from anywhere), or None when no policy selects the pod (everything is allowed)."""
+    labels = pod["metadata"]["labels"]
+    names = {p["name"]: p["containerPort"] for c in pod["spec"]["containers"] for p in c["ports"]}
+    policies = [
+        r["spec"]
+        for r in k8s_resources()
+        if r["kind"] == "NetworkPolicy"
+        and r["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
+        and "Ingress" in r["spec"]["policyTypes"]
+    ]
+    if not policies:
+        return None
+    sources = []
+    for policy in policies:
+        for rule in policy.get("ingress", []):
+            ports = [names.get(p["port"], p["port"]) for p in rule.get("ports", [])]
+            if not ports or port in ports:
+                sources += rule.get("from") or [None]
+    return sources
+
+
+GATEWAY_PEER = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "propscope-gateway"}}}
+
+
+def test_k8s_network_policies_admit_only_the_gateway_to_redis_and_triton():
+    pods = deployment_pods()
+    assert ingress_sources(pods["redis"], 6379) == [GATEWAY_PEER]
+    assert ingress_sources(pods["triton"], 8001) == [GATEWAY_PEER]
+    assert ingress_sources(pods["triton"], 8000) == [GATEWAY_PEER]
+    # Metrics: any pod of the namespace (Prometheus), nothing from outside it.
+    metrics_sources = ingress_sources(pods["triton"], 8002)
+    assert metrics_sources and all(set(peer) == {"podSelector"} for peer in metrics_sources)
+    # A port nobody is admitted to.
+    assert ingress_sources(pods["redis"], 6380) == []
+    # The gateway's own ports are open to all.
+    (gateway,) = pods["propscope-gateway"]["spec"]["containers"]
+    for port in gateway["ports"]:
+        assert None in ingress_sources(pods["propscope-gateway"], port["containerPort"]), port
 
 
 # --- helpers --------------------------------------------------------------------------------

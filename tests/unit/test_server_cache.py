@@ -9,6 +9,7 @@ import io
 
 import numpy as np
 import pytest
+import redis.exceptions as redis_errors
 
 from propscope_server.cache.paths import (
     DIGEST_BYTES,
@@ -251,3 +252,16 @@ def test_a_value_with_a_valid_digest_that_is_no_npz_is_a_miss():
     np.save(buffer, np.zeros(3))
     payload = buffer.getvalue()
     assert decode_path("k", keyed_digest("k", payload) + payload) is None
+
+
+class RefusingRedis(FakeRedis):
+    async def set(self, key: str, value: bytes, ex: int) -> None:
+        raise redis_errors.ResponseError("OOM command not allowed when used memory > 'maxmemory'")
+
+
+async def test_a_refused_value_does_not_turn_the_cache_off():
+    """One value Redis will not take (too big, out of memory) is not an outage."""
+    cache = RedisPathCache(UNREACHABLE, ttl_s=60, timeout_s=0.2, retry_after_s=3600)
+    cache._redis = RefusingRedis()
+    await cache.put("k", PATH)
+    assert cache.available

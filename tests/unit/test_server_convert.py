@@ -382,3 +382,11 @@ def test_names_versions_and_preprocessing_are_bounded(fields, needle, field):
 @pytest.mark.parametrize("steps", [170, 200, 256])
 def test_long_paths_are_reachable_not_an_overflow(steps):
     assert explain_spec(request(steps=steps), Limits()).steps == steps
+
+
+def test_the_budget_is_checked_before_any_provided_image_is_decoded():
+    """A few kB of PNG can decode to gigabytes: refuse by counts first."""
+    path = pb.ProvidedPath(images=[b"never decoded"] * 50)
+    provided = [pb.Property(name="p", provided_path=path)]
+    with pytest.raises(InvalidArgument, match="the limit max_path_pixels"):
+        explain_spec(request(properties=provided), Limits(max_path_pixels=120 * 49))

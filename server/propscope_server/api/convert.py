@@ -7,6 +7,7 @@ import io
 import math
 import uuid
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from google.protobuf import any_pb2
@@ -174,6 +175,7 @@ def explain_spec(
         raise InvalidArgument(
             f"property names must be unique; repeated: {', '.join(duplicates)}", field="properties"
         )
+    check_budget(request.properties, image.shape, steps, samples, limits)
     properties = tuple(
         _property(i, p, image, samples, limits) for i, p in enumerate(request.properties)
     )
@@ -191,26 +193,42 @@ def explain_spec(
         return_path_images=request.return_path_images,
         tenant=tenant,
     )
-    edits = sum(samples * steps for p in properties if p.provided_path is None)
+    for index, prop in enumerate(properties):
+        length = spec.path_shape(prop)[1]
+        field = "steps" if prop.provided_path is None else f"properties[{index}].provided_path"
+        check_reachable(length + 1, permutations, alpha, field)
+    return spec
+
+
+def check_budget(
+    properties: Sequence[pb.Property],
+    image_shape: tuple[int, ...],
+    steps: int,
+    samples: int,
+    limits: Limits,
+) -> None:
+    """The edit budget and the memory of all paths, from the counts alone: checked before
+    any provided path image is decoded."""
+    edited = sum(1 for p in properties if p.WhichOneof("source") == "editor")
+    edits = edited * samples * steps
     if edits > limits.max_edits:
         raise InvalidArgument(
             f"the request needs {edits} edited images (samples x steps x edited properties); "
             f"the limit max_edits is {limits.max_edits}; use fewer steps, samples or properties",
             field="steps",
         )
-    shapes = [spec.path_shape(p) for p in properties]
-    path_images = sum(paths * length for paths, length in shapes)
-    if image.shape[0] * image.shape[1] * path_images > limits.max_path_pixels:
+    provided = sum(
+        len(p.provided_path.images) for p in properties if p.WhichOneof("source") == "provided_path"
+    )
+    path_images = edits + provided
+    height, width = image_shape[:2]
+    if height * width * path_images > limits.max_path_pixels:
         raise InvalidArgument(
-            f"the request asks for {path_images} path images of {image.shape[1]}x{image.shape[0]} "
+            f"the request asks for {path_images} path images of {width}x{height} "
             f"pixels, over the limit max_path_pixels of {limits.max_path_pixels} pixels; "
             "use fewer steps, samples or properties, or a smaller image",
             field="steps",
         )
-    for index, (prop, (_, length)) in enumerate(zip(properties, shapes, strict=True)):
-        field = "steps" if prop.provided_path is None else f"properties[{index}].provided_path"
-        check_reachable(length + 1, permutations, alpha, field)
-    return spec
 
 
 def checked_name(value: str, field: str, limit: int = MAX_NAME_CHARS) -> str:
@@ -222,19 +240,22 @@ def checked_name(value: str, field: str, limit: int = MAX_NAME_CHARS) -> str:
 
 
 def checked_version(value: str, field: str) -> str:
-    """Triton versions are positive 64-bit integers; empty means the latest."""
-    if value and not (value.isascii() and value.isdigit() and 0 < int(value) < 2**63):
+    """Triton versions are positive 64-bit integers; empty means the latest. Returned in
+    one spelling ("01" is "1"), so one version is one cache key and one description."""
+    if not value:
+        return value
+    if not (value.isascii() and value.isdigit() and 0 < int(value) < 2**63):
         raise InvalidArgument(
             f"{field} must be a positive integer or empty (latest); got {value[:40]!r}",
             field=field,
         )
-    return value
+    return str(int(value))
 
 
 def _classifier(model: pb.ModelRef) -> domain.ClassifierRef:
     checked_name(model.name, "model.name")
     checked_name(model.output, "model.output")
-    checked_version(model.version, "model.version")
+    version = checked_version(model.version, "model.version")
     preprocessing = None
     if model.HasField("preprocessing"):
         p = model.preprocessing
@@ -259,7 +280,7 @@ def _classifier(model: pb.ModelRef) -> domain.ClassifierRef:
         )
     return domain.ClassifierRef(
         name=model.name,
-        version=model.version,
+        version=version,
         output=model.output,
         target_class=model.target_class if model.WhichOneof("target") == "target_class" else None,
         preprocessing=preprocessing,
@@ -278,7 +299,7 @@ def _property(
             raise InvalidArgument(f"property {prop.name!r}: editor.model is required")
         field = f"properties[{index}].editor"
         checked_name(prop.editor.model, f"{field}.model")
-        checked_version(prop.editor.version, f"{field}.version")
+        version = checked_version(prop.editor.version, f"{field}.version")
         for key, value in prop.editor.parameters.items():
             checked_name(key, f"{field}.parameters key")
             checked_name(value, f"{field}.parameters[{key!r}]", MAX_PARAMETER_CHARS)
@@ -286,7 +307,7 @@ def _property(
             name=prop.name,
             editor=domain.EditorRef(
                 model=prop.editor.model,
-                version=prop.editor.version,
+                version=version,
                 parameters=dict(prop.editor.parameters),
             ),
         )

@@ -4,7 +4,7 @@ service's messages are parsed here instead of by gRPC."""
 
 from __future__ import annotations
 
-import inspect
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -13,6 +13,8 @@ from google.protobuf.message import DecodeError
 from propscope_server import metrics
 
 OWN_SERVICE_PREFIX = "/propscope."
+
+logger = logging.getLogger(__name__)
 
 
 class ParseRequestsInterceptor(grpc.aio.ServerInterceptor):
@@ -36,12 +38,13 @@ class ParseRequestsInterceptor(grpc.aio.ServerInterceptor):
                 return parse(raw)
             except DecodeError as error:
                 metrics.RPC_TOTAL.labels(method=method, code="INVALID_ARGUMENT").inc()
+                logger.info("%s refused: the request does not parse: %s", method, error)
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"the request is not a valid protobuf message for {details.method}: {error}",
                 )
 
-        if handler.response_streaming and inspect.isasyncgenfunction(handler.unary_stream):
+        if handler.response_streaming:  # our streaming methods are async generators
 
             async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator:
                 async for response in handler.unary_stream(await parsed(raw, context), context):

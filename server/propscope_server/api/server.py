@@ -27,6 +27,9 @@ SERVICE_NAME = explain_pb2.DESCRIPTOR.services_by_name["ExplainService"].full_na
 # A health service of its own: the cache being down degrades the gateway (slower,
 # uncached) but does not stop it serving, so it must not flip the overall status.
 CACHE_HEALTH_SERVICE = "propscope.cache"
+# SERVING while the event loop answers, whatever the dependencies: for liveness probes,
+# which must not restart a gateway because Triton is down.
+LIVENESS_SERVICE = "propscope.liveness"
 HEALTH_METHODS = frozenset(
     f"/{health.SERVICE_NAME}/{method}" for method in ("Check", "Watch", "List")
 )
@@ -53,10 +56,12 @@ class Gateway:
     _healthy: dict[str, bool] = field(default_factory=dict)
 
     async def start(self) -> None:
+        """Health is known before the first caller or probe can ask."""
+        await self.health.set(LIVENESS_SERVICE, SERVING)
+        await self._update_health()
         await self.server.start()
         if self.health_server:
             await self.health_server.start()
-        await self._update_health()
         self._health_task = asyncio.create_task(self._poll_health())
 
     async def stop(self) -> None:
@@ -73,7 +78,7 @@ class Gateway:
         await self.cache.close()
 
     async def _update_health(self) -> None:
-        triton_ok, cache_ok = await asyncio.gather(self.backend.is_ready(), self.cache.ping())
+        triton_ok, cache_ok = await asyncio.gather(self.backend.is_live(), self.cache.ping())
         for dependency, ok in (("triton", triton_ok), ("cache", cache_ok)):
             metrics.DEPENDENCY_UP.labels(dependency=dependency).set(ok)
             if self._healthy.get(dependency, True) != ok:
@@ -119,10 +124,13 @@ def interceptors(settings: Settings, authenticator: Authenticator) -> list:
 
 def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
     """None without a certificate; a client CA makes client certificates mandatory."""
-    if tls.cert_file is None and tls.key_file is None:
+    if tls.cert_file is None and tls.key_file is None and tls.client_ca_file is None:
         return None
     if tls.cert_file is None or tls.key_file is None:
-        raise ValueError("TLS needs both PROPSCOPE_TLS__CERT_FILE and PROPSCOPE_TLS__KEY_FILE")
+        raise ValueError(
+            "TLS needs both PROPSCOPE_TLS__CERT_FILE and PROPSCOPE_TLS__KEY_FILE "
+            "(a client CA alone would silently leave the port in plaintext)"
+        )
     client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
     return grpc.ssl_server_credentials(
         [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
@@ -164,7 +172,8 @@ def build_gateway(settings: Settings) -> Gateway:
         port = server.add_secure_port(settings.listen_address, credentials)
     if port == 0:
         raise RuntimeError(f"could not listen on {settings.listen_address}")
-    if not authenticator.enabled and not settings.listen_address.startswith("127.0.0.1"):
+    host = settings.listen_address.rsplit(":", 1)[0]
+    if not authenticator.enabled and host not in ("127.0.0.1", "localhost", "[::1]"):
         logger.warning("no tokens configured: any caller that reaches the port is served")
     health_server = None
     if settings.health_listen_address:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 
 import grpc
 from grpc_status import rpc_status
@@ -45,10 +45,11 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
     async def Explain(  # noqa: N802 - gRPC method name
         self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ExplainEvent]:
-        tenant = self._tenant(context, request.request_id)
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
         async with _observed("Explain", context):
+            tenant = self._tenant(context)
+            # A call without a deadline still ends: slots and Triton work are bounded.
+            remaining = context.time_remaining() or self._limits.max_call_s
+            deadline = time.monotonic() + remaining
             with self._admission.admit(tenant), metrics.INFLIGHT_STREAMS.track_inprogress():
                 spec = await asyncio.to_thread(convert.explain_spec, request, self._limits, tenant)
                 logs.bind_request(spec.request_id, tenant)
@@ -60,29 +61,33 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
                     spec.samples,
                     spec.steps,
                 )
-                async for event in self._explainer.run(plan):
-                    if spec.return_path_images and isinstance(event, PropertyOutcome):
-                        yield await asyncio.to_thread(convert.event_message, spec.request_id, event)
-                    else:
-                        yield convert.event_message(spec.request_id, event)
+                async with aclosing(self._explainer.run(plan)) as events:
+                    async for event in events:
+                        if spec.return_path_images and isinstance(event, PropertyOutcome):
+                            yield await asyncio.to_thread(
+                                convert.event_message, spec.request_id, event
+                            )
+                        else:
+                            yield convert.event_message(spec.request_id, event)
 
     async def ListModels(  # noqa: N802 - gRPC method name
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        self._tenant(context, "-")
         async with _observed("ListModels", context):
+            self._tenant(context)
             entries = await self._backend.repository()
             models = [
                 convert.model_info(entry, await self._describe_listed(entry)) for entry in entries
             ]
             return pb.ListModelsResponse(models=models)
 
-    def _tenant(self, context: grpc.aio.ServicerContext, request_id: str) -> str:
-        """The interceptor has refused unknown tokens already; this names the tenant."""
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        """The interceptor has refused unknown tokens already; this names the tenant. The
+        request id is bound once the request is validated: never an unchecked string."""
         tenant = self._authenticator.tenant(context.invocation_metadata())
         if tenant is None:
             raise RuntimeError("a call without a known token reached the servicer")
-        logs.bind_request(request_id or "-", tenant)
+        logs.bind_request("-", tenant)
         return tenant
 
     async def _describe_listed(self, entry: RepositoryEntry) -> ModelDescription | None:
@@ -108,6 +113,9 @@ async def _observed(method: str, context: grpc.aio.ServicerContext) -> AsyncIter
         code = error.code
         logger.info("%s refused: %s %s", method, code.name, error)
         await context.abort_with_status(rpc_status.to_status(convert.error_status(error)))
+    except GeneratorExit:  # the stream was closed while it waited to send
+        code = grpc.StatusCode.CANCELLED
+        raise
     except asyncio.CancelledError:
         remaining = context.time_remaining()
         late = remaining is not None and remaining <= 0.01

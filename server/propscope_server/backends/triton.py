@@ -4,6 +4,8 @@ over tritonclient's gRPC aio client. Triton errors become domain errors here."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -50,6 +52,7 @@ CHANNEL_OPTIONS = [
 ]
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,8 @@ def _translate(error: InferenceServerException, model: str) -> Exception:
     if "not ready" in message:
         return FailedPrecondition(f"model {model!r} is not ready on Triton: {message}")
     if status == "UNAVAILABLE":
-        return Unavailable(f"Triton is unreachable: {message}")
+        logger.warning("Triton unavailable for model %s: %s", model, message)
+        return Unavailable("Triton is unreachable or overloaded; retry with backoff")
     return BackendError(f"model {model!r} failed: {message}")
 
 
@@ -132,14 +136,23 @@ class TritonBackend:
     ) -> T:
         """`call(timeout)`, retried while Triton is unreachable and time is left."""
         for attempt in range(self._retries + 1):
+            timeout = timeout_until(deadline, timeout_s)
             try:
-                return await call(timeout_until(deadline, timeout_s))
+                return await call(timeout)
             except InferenceServerException as error:
                 # Metadata calls may name any model a caller typed: no label per name.
                 label = "*" if kind == "metadata" else model
                 metrics.TRITON_ERRORS.labels(model=label, kind=kind, code=_status_name(error)).inc()
                 translated = _translate(error, model)
-                backoff = self._retry_backoff_s * 2**attempt
+                if isinstance(translated, DeadlineExceeded) and timeout < timeout_s:
+                    raise translated from None
+                if isinstance(translated, DeadlineExceeded):  # our cap, not the caller's deadline
+                    raise BackendError(
+                        f"model {model!r} did not answer within {timeout_s:.0f} s "
+                        "(PROPSCOPE_TRITON_TIMEOUT_S)"
+                    ) from None
+                # Jittered, so that streams failing together do not retry in lockstep.
+                backoff = self._retry_backoff_s * 2**attempt * random.uniform(0.5, 1.5)
                 out_of_time = deadline is not None and time.monotonic() + backoff >= deadline
                 if (
                     not isinstance(translated, Unavailable)
@@ -154,9 +167,11 @@ class TritonBackend:
     async def close(self) -> None:
         await self._client.close()
 
-    async def is_ready(self) -> bool:
+    async def is_live(self) -> bool:
+        """Live, not ready: Triton's strict readiness is false while any one model fails
+        to load, which must not take every gateway out of service; requests ask per model."""
         try:
-            return bool(await self._client.is_server_ready(client_timeout=2.0))
+            return bool(await self._client.is_server_live(client_timeout=2.0))
         except InferenceServerException:
             return False
 
@@ -184,11 +199,11 @@ class TritonBackend:
             return cached[1]
 
         async def call(timeout: float) -> tuple[dict, dict]:
-            metadata = await self._client.get_model_metadata(
-                name, version, as_json=True, client_timeout=timeout
-            )
-            config = await self._client.get_model_config(
-                name, version, as_json=True, client_timeout=timeout
+            metadata, config = await asyncio.gather(
+                self._client.get_model_metadata(
+                    name, version, as_json=True, client_timeout=timeout
+                ),
+                self._client.get_model_config(name, version, as_json=True, client_timeout=timeout),
             )
             return metadata, config["config"]
 

@@ -100,10 +100,10 @@ class InMemoryPathCache:
         if value is None:
             return None
         self._entries.move_to_end(key)
-        return _checked(key, value)
+        return await asyncio.to_thread(_checked, key, value)
 
     async def put(self, key: str, path: np.ndarray) -> None:
-        value = encode_path(key, path)
+        value = await asyncio.to_thread(encode_path, key, path)
         if len(value) > self._max_bytes:
             return
         if key in self._entries:
@@ -131,7 +131,12 @@ def _checked(key: str, value: bytes) -> np.ndarray | None:
     return path
 
 
-REDIS_ERRORS = (aioredis.RedisError, OSError, TimeoutError)
+# What says Redis is down or slow. A ResponseError (one command refused, e.g. out of
+# memory) is about that value only and does not turn the cache off.
+OUTAGE_ERRORS = (aioredis.ConnectionError, aioredis.TimeoutError, OSError, TimeoutError)
+# A larger value is not cached: it could not be written within the cache timeout, and
+# one slow write must not look like an outage.
+MAX_VALUE_BYTES = 32 * 1024 * 1024
 
 
 class RedisPathCache:
@@ -150,6 +155,7 @@ class RedisPathCache:
         self._timeout_s = timeout_s
         self._retry_after_s = retry_after_s
         self._skip_until = 0.0
+        self._outage = False  # logged once when it starts and once when it ends
 
     @property
     def available(self) -> bool:
@@ -157,14 +163,17 @@ class RedisPathCache:
 
     def _failed(self, operation: str, error: Exception) -> None:
         metrics.CACHE_ERRORS.labels(operation=operation).inc()
-        if self.available:
+        if isinstance(error, aioredis.ResponseError):
+            logger.warning("cache %s refused (%s); this value goes uncached", operation, error)
+            return
+        if not self._outage:
             logger.warning(
-                "cache %s failed (%s: %s); going on without the cache for %.0f s",
+                "cache %s failed (%s: %s); going on without the cache until it answers",
                 operation,
                 type(error).__name__,
                 error,
-                self._retry_after_s,
             )
+            self._outage = True
         self._skip_until = time.monotonic() + self._retry_after_s
 
     async def get(self, key: str) -> np.ndarray | None:
@@ -172,18 +181,20 @@ class RedisPathCache:
             return None
         try:
             value = await asyncio.wait_for(self._redis.get(key), self._timeout_s)
-        except REDIS_ERRORS as error:
+        except (aioredis.RedisError, *OUTAGE_ERRORS) as error:
             self._failed("get", error)
             return None
-        return None if value is None else _checked(key, value)
+        return None if value is None else await asyncio.to_thread(_checked, key, value)
 
     async def put(self, key: str, path: np.ndarray) -> None:
         if not self.available:
             return
         value = await asyncio.to_thread(encode_path, key, path)
+        if len(value) > MAX_VALUE_BYTES:
+            return
         try:
             await asyncio.wait_for(self._redis.set(key, value, ex=self._ttl_s), self._timeout_s)
-        except REDIS_ERRORS as error:
+        except (aioredis.RedisError, *OUTAGE_ERRORS) as error:
             self._failed("put", error)
             return
         metrics.CACHE_BYTES_WRITTEN.inc(len(value))
@@ -192,11 +203,12 @@ class RedisPathCache:
         """Always asks Redis, so the health poll is what ends an outage early."""
         try:
             answered = bool(await asyncio.wait_for(self._redis.ping(), self._timeout_s))
-        except REDIS_ERRORS as error:
+        except (aioredis.RedisError, *OUTAGE_ERRORS) as error:
             self._failed("ping", error)
             return False
-        if answered and not self.available:
+        if answered and self._outage:
             logger.info("cache reachable again; caching resumes")
+            self._outage = False
             self._skip_until = 0.0
         return answered
 
@@ -207,7 +219,7 @@ class RedisPathCache:
             config = await asyncio.wait_for(
                 self._redis.config_get("maxmemory-policy"), self._timeout_s
             )
-        except REDIS_ERRORS:
+        except (aioredis.RedisError, *OUTAGE_ERRORS):
             return None
         value = config.get(b"maxmemory-policy") or config.get("maxmemory-policy")
         return value.decode() if isinstance(value, bytes) else value

@@ -54,7 +54,8 @@ logger = logging.getLogger(__name__)
 
 # Triton unreachable, or the caller's deadline passed.
 CALL_ERRORS = (Unavailable, DeadlineExceeded)
-# The cache namespace of every tenant when PROPSCOPE_CACHE_SHARED_NAMESPACE is set.
+# The cache namespace of every tenant when PROPSCOPE_CACHE_SHARED_NAMESPACE is set; a
+# tenant's own is "tenant.<name>", so no tenant name can reach it.
 SHARED_NAMESPACE = "shared"
 # Spreads sample indices over the seed space so sample seeds never collide.
 SAMPLE_SEED_STRIDE = 0x9E3779B97F4A7C15
@@ -291,7 +292,11 @@ class Explainer:
             return [np.concatenate([original, np.stack(prop.provided_path)])], []
         editor = plan.editors[prop.name]
         seeds = [sample_seed(plan.spec.seed, s) for s in range(plan.spec.samples)]
-        namespace = SHARED_NAMESPACE if self._settings.cache_shared_namespace else plan.spec.tenant
+        namespace = (
+            SHARED_NAMESPACE
+            if self._settings.cache_shared_namespace
+            else f"tenant.{plan.spec.tenant}"
+        )
         keys = [
             path_key(
                 namespace,
