@@ -6,9 +6,8 @@ import asyncio
 import signal
 from pathlib import Path
 
-import grpc
 import typer
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from propscope_server import logs, stack
 from propscope_server.api.server import serve as serve_gateway
@@ -62,17 +61,12 @@ def health(
     timeout_s: float = 3.0,
 ) -> None:
     """Exit 0 when the gateway reports SERVING (a container health check)."""
-    with grpc.insecure_channel(target) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
-            )
-        except grpc.RpcError as error:
-            typer.echo(f"{target}: {error.code().name} {error.details()}", err=True)
-            raise typer.Exit(1) from None
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    typer.echo(f"{target}: {status}")
-    raise typer.Exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
+    status = stack.health_status(target, service, timeout_s)
+    name = (
+        "no answer" if status is None else health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    )
+    typer.echo(f"{target} {service or '(gateway)'}: {name}")
+    raise typer.Exit(0 if status == health_pb2.HealthCheckResponse.SERVING else 1)
 
 
 @app.command()

@@ -18,9 +18,10 @@ from typing import Any
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 import propscope
+from propscope_server.stack import health_status
 from propscope_server.synthetic.world import make_split, render, sample_scene
 from propscope_server.validation.tables import markdown_table
 
@@ -373,18 +374,11 @@ def build_report(
 def wait_serving(target: str, timeout_s: float) -> bool:
     """Whether the gateway's standard health check says SERVING within `timeout_s`."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                response = stub.Check(health_pb2.HealthCheckRequest(), timeout=5.0)
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return True
-            except grpc.RpcError:
-                pass
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.5)
+    while health_status(target) != health_pb2.HealthCheckResponse.SERVING:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def run_soak(

@@ -96,19 +96,25 @@ def start_gateway(env: dict[str, str], log_file: Path) -> subprocess.Popen:
     )
 
 
+def health_status(target: str, service: str = "", timeout_s: float = 5.0) -> int | None:
+    """The gateway's plaintext gRPC health status of `service`; None when it does not answer."""
+    with grpc.insecure_channel(target) as channel:
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            return health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout_s).status
+        except grpc.RpcError:
+            return None
+
+
 def wait_for_gateway(target: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
     """Until the gateway answers its health check (SERVING or NOT_SERVING)."""
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-
-        def answers() -> bool:
-            try:
-                stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                return True
-            except grpc.RpcError:
-                return False
-
-        wait_for(answers, process, f"the gateway at {target}", timeout_s, 0.2)
+    wait_for(
+        lambda: health_status(target, timeout_s=1.0) is not None,
+        process,
+        f"the gateway at {target}",
+        timeout_s,
+        0.2,
+    )
 
 
 def up(

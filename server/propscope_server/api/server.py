@@ -37,6 +37,15 @@ REFLECTION_METHODS = frozenset(
     f"/{service}/ServerReflectionInfo"
     for service in (reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection")
 )
+# Pings find dead peers, whose streams would otherwise hold their admission slots; aged
+# connections are closed gracefully so that clients re-resolve and reach new replicas.
+CONNECTION_OPTIONS = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.max_connection_age_ms", 30 * 60_000),
+    ("grpc.max_connection_age_grace_ms", 60 * 60_000),
+]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -152,7 +161,10 @@ def build_gateway(settings: Settings) -> Gateway:
     authenticator = Authenticator(settings.auth.token_tenants())
     server = grpc.aio.server(
         interceptors=interceptors(settings, authenticator),
-        options=[("grpc.max_receive_message_length", settings.limits.max_request_bytes)],
+        options=[
+            ("grpc.max_receive_message_length", settings.limits.max_request_bytes),
+            *CONNECTION_OPTIONS,
+        ],
     )
     explain_pb2_grpc.add_ExplainServiceServicer_to_server(
         ExplainServicer(
