@@ -52,6 +52,9 @@ class Client:
         self._metadata = tuple(metadata)
         if token:
             self._metadata += (("authorization", f"Bearer {token}"),)
+            host = target.rsplit(":", 1)[0]
+            if credentials is None and host not in ("127.0.0.1", "localhost", "[::1]"):
+                logger.warning("sending a bearer token to %s over a plaintext channel", target)
         self._timeout = timeout
         merged_options = channel_options(options)
         if credentials is None:
