@@ -23,6 +23,7 @@ from propscope_server.config import Limits
 from propscope_server.domain import PropertyOutcome
 from propscope_server.errors import PropscopeError
 from propscope_server.orchestration.explain import Explainer
+from propscope_server.threads import in_thread
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
             remaining = context.time_remaining() or self._limits.max_call_s
             deadline = time.monotonic() + remaining
             with self._admission.admit(tenant), metrics.INFLIGHT_STREAMS.track_inprogress():
-                spec = await asyncio.to_thread(convert.explain_spec, request, self._limits, tenant)
+                spec = await in_thread(convert.explain_spec, request, self._limits, tenant)
                 logs.bind_request(spec.request_id, tenant)
                 plan = await self._explainer.plan(spec, deadline)
                 logger.info(
@@ -64,9 +65,7 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
                 async with aclosing(self._explainer.run(plan)) as events:
                     async for event in events:
                         if spec.return_path_images and isinstance(event, PropertyOutcome):
-                            yield await asyncio.to_thread(
-                                convert.event_message, spec.request_id, event
-                            )
+                            yield await in_thread(convert.event_message, spec.request_id, event)
                         else:
                             yield convert.event_message(spec.request_id, event)
 
@@ -75,11 +74,18 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
     ) -> pb.ListModelsResponse:
         async with _observed("ListModels", context):
             self._tenant(context)
-            entries = await self._backend.repository()
-            models = [
-                convert.model_info(entry, await self._describe_listed(entry)) for entry in entries
-            ]
-            return pb.ListModelsResponse(models=models)
+            remaining = context.time_remaining()
+            deadline = time.monotonic() + remaining if remaining is not None else None
+            entries = await self._backend.repository(deadline)
+            descriptions = await asyncio.gather(
+                *(self._describe_listed(entry, deadline) for entry in entries)
+            )
+            return pb.ListModelsResponse(
+                models=[
+                    convert.model_info(entry, description)
+                    for entry, description in zip(entries, descriptions, strict=True)
+                ]
+            )
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         """The interceptor has refused unknown tokens already; this names the tenant. The
@@ -90,12 +96,14 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
         logs.bind_request("-", tenant)
         return tenant
 
-    async def _describe_listed(self, entry: RepositoryEntry) -> ModelDescription | None:
+    async def _describe_listed(
+        self, entry: RepositoryEntry, deadline: float | None
+    ) -> ModelDescription | None:
         """One model that cannot be described is listed bare, not a failed listing."""
         if entry.state != "READY":
             return None
         try:
-            return await self._backend.describe(entry.name, entry.version)
+            return await self._backend.describe(entry.name, entry.version, deadline)
         except Exception:
             logger.warning("cannot describe model %s", entry.name, exc_info=True)
             return None

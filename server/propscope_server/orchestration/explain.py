@@ -49,6 +49,7 @@ from propscope_server.errors import (
     Unavailable,
 )
 from propscope_server.scoring.property_gradient import score_property
+from propscope_server.threads import in_thread
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ class Explainer:
                 )
             seed = (plan.spec.seed, zlib.crc32(prop.name.encode()))
             with _timed(times, "score_s"):
-                score = await asyncio.to_thread(
+                score = await in_thread(
                     score_property,
                     curves,
                     predicted,
@@ -339,7 +340,7 @@ class Explainer:
         return [np.concatenate([original, path]) for path in paths], hits
 
     async def _classify(self, plan: Plan, images: np.ndarray) -> np.ndarray:
-        batch = await asyncio.to_thread(to_model_input, images, plan.layout, plan.preprocessing)
+        batch = await in_thread(to_model_input, images, plan.layout, plan.preprocessing)
         outputs = await self._backend.classify(plan.classifier, batch, plan.output, plan.deadline)
         return to_probabilities(outputs, plan.preprocessing.output_kind)
 
