@@ -10,6 +10,9 @@ import numpy as np
 from propscope_server.config import PreprocessingConfig
 from propscope_server.scoring.property_gradient import PropertyScore
 
+# The tenant of every caller when the gateway has no tokens configured.
+DEFAULT_TENANT = "default"
+
 
 @dataclass(frozen=True)
 class ClassifierRef:
@@ -47,7 +50,7 @@ class ExplainSpec:
     alpha: float
     min_probability_change: float
     return_path_images: bool
-    tenant: str = "default"  # who asked: the cache namespace and the admission bucket
+    tenant: str = DEFAULT_TENANT  # who asked: the cache namespace and the admission bucket
 
     def path_shape(self, prop: PropertySpec) -> tuple[int, int]:
         """(paths, images x_1..x_N per path) of one property; a provided path is one

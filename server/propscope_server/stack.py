@@ -45,8 +45,10 @@ def port_accepts(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    wait_for(lambda: port_accepts(port), process, f"port {port}", timeout_s, 0.1)
+def wait_for_port(
+    port: int, process: subprocess.Popen, timeout_s: float = 60.0, what: str = ""
+) -> None:
+    wait_for(lambda: port_accepts(port), process, what or f"port {port}", timeout_s, 0.1)
 
 
 def start_redis(port: int, log_file: Path) -> subprocess.Popen | None:
@@ -73,13 +75,7 @@ def start_redis(port: int, log_file: Path) -> subprocess.Popen | None:
         command, stdout=open(log_file, "ab"), stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
-        wait_for(
-            lambda: port_accepts(port),
-            process,
-            f"redis-server on port {port} (log {log_file})",
-            10.0,
-            0.1,
-        )
+        wait_for_port(port, process, 10.0, f"redis-server on port {port} (log {log_file})")
     except (RuntimeError, TimeoutError):
         process.kill()
         raise

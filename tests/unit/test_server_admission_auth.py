@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from propscope_server.api.admission import Admission
-from propscope_server.api.auth import DEFAULT_TENANT, Authenticator, bearer_token
+from propscope_server.api.auth import Authenticator, bearer_token
 from propscope_server.config import Limits
+from propscope_server.domain import DEFAULT_TENANT
 from propscope_server.errors import ResourceExhausted
 
 LIMITS = Limits(max_streams_total=3, max_streams_per_tenant=2, tenant_max_streams={"big": 3})

@@ -9,9 +9,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 import grpc
 
 from propscope_server import metrics
-
-# The tenant of every caller when no tokens are configured.
-DEFAULT_TENANT = "default"
+from propscope_server.domain import DEFAULT_TENANT
 
 
 def _digest(token: str) -> bytes:

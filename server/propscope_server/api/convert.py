@@ -122,10 +122,10 @@ def _bounded(value: int, default: int, low: int, high: int, field: str, limit: s
 
 
 def explain_spec(
-    request: pb.ExplainRequest, limits: Limits, tenant: str = "default"
+    request: pb.ExplainRequest, limits: Limits, tenant: str = domain.DEFAULT_TENANT
 ) -> domain.ExplainSpec:
     """Every refusal of a configured limit names it (Limits, PROPSCOPE_LIMITS__*)."""
-    checked_name(request.request_id, "request_id")
+    check_name(request.request_id, "request_id")
     if not request.model.name:
         raise InvalidArgument(
             "model.name is required: the Triton name of the classifier", field="model.name"
@@ -231,12 +231,11 @@ def check_budget(
         )
 
 
-def checked_name(value: str, field: str, limit: int = MAX_NAME_CHARS) -> str:
+def check_name(value: str, field: str, limit: int = MAX_NAME_CHARS) -> None:
     if len(value) > limit:
         raise InvalidArgument(
             f"{field} is {len(value)} characters; at most {limit}: {value[:40]!r}...", field=field
         )
-    return value
 
 
 def checked_version(value: str, field: str) -> str:
@@ -253,8 +252,8 @@ def checked_version(value: str, field: str) -> str:
 
 
 def _classifier(model: pb.ModelRef) -> domain.ClassifierRef:
-    checked_name(model.name, "model.name")
-    checked_name(model.output, "model.output")
+    check_name(model.name, "model.name")
+    check_name(model.output, "model.output")
     version = checked_version(model.version, "model.version")
     preprocessing = None
     if model.HasField("preprocessing"):
@@ -292,17 +291,17 @@ def _property(
 ) -> domain.PropertySpec:
     if not prop.name:
         raise InvalidArgument("every property needs a name")
-    checked_name(prop.name, f"properties[{index}].name")
+    check_name(prop.name, f"properties[{index}].name")
     source = prop.WhichOneof("source")
     if source == "editor":
         if not prop.editor.model:
             raise InvalidArgument(f"property {prop.name!r}: editor.model is required")
         field = f"properties[{index}].editor"
-        checked_name(prop.editor.model, f"{field}.model")
+        check_name(prop.editor.model, f"{field}.model")
         version = checked_version(prop.editor.version, f"{field}.version")
         for key, value in prop.editor.parameters.items():
-            checked_name(key, f"{field}.parameters key")
-            checked_name(value, f"{field}.parameters[{key!r}]", MAX_PARAMETER_CHARS)
+            check_name(key, f"{field}.parameters key")
+            check_name(value, f"{field}.parameters[{key!r}]", MAX_PARAMETER_CHARS)
         return domain.PropertySpec(
             name=prop.name,
             editor=domain.EditorRef(

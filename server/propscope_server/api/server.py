@@ -60,6 +60,7 @@ class Gateway:
     cache: PathCache
     health: health.aio.HealthServicer
     settings: Settings
+    authenticated: bool
     health_server: grpc.aio.Server | None = None
     _health_task: asyncio.Task | None = None
     _healthy: dict[str, bool] = field(default_factory=dict)
@@ -193,7 +194,16 @@ def build_gateway(settings: Settings) -> Gateway:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
         if health_server.add_insecure_port(settings.health_listen_address) == 0:
             raise RuntimeError(f"could not listen on {settings.health_listen_address}")
-    return Gateway(server, port, backend, cache, health_servicer, settings, health_server)
+    return Gateway(
+        server,
+        port,
+        backend,
+        cache,
+        health_servicer,
+        settings,
+        authenticator.enabled,
+        health_server,
+    )
 
 
 async def serve(settings: Settings) -> None:
@@ -214,7 +224,7 @@ async def serve(settings: Settings) -> None:
         "propscope gateway listening on port %d (%s, auth %s; triton %s, cache %s)",
         gateway.port,
         "TLS" if settings.tls.cert_file else "plaintext",
-        "on" if settings.auth.token_tenants() else "off",
+        "on" if gateway.authenticated else "off",
         settings.triton_url,
         gateway.cache.name,
     )

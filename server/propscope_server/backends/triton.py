@@ -144,10 +144,8 @@ class TritonBackend:
                 label = "*" if kind == "metadata" else model
                 metrics.TRITON_ERRORS.labels(model=label, kind=kind, code=_status_name(error)).inc()
                 translated = _translate(error, model)
-                if isinstance(translated, DeadlineExceeded) and timeout < timeout_s:
-                    raise translated from None
-                if isinstance(translated, DeadlineExceeded):  # our cap, not the caller's deadline
-                    raise BackendError(
+                if isinstance(translated, DeadlineExceeded) and timeout >= timeout_s:
+                    raise BackendError(  # our cap ran out, not the caller's deadline
                         f"model {model!r} did not answer within {timeout_s:.0f} s "
                         "(PROPSCOPE_TRITON_TIMEOUT_S)"
                     ) from None
@@ -212,7 +210,7 @@ class TritonBackend:
                 call, name, "metadata", deadline, METADATA_TIMEOUT_S
             )
         except NotFound:
-            await self._raise_if_not_ready(name, deadline)
+            await self._raise_if_unloaded(name, deadline)
             raise
         description = _description(metadata, config, version)
         self._descriptions[(name, version)] = (time.monotonic(), description)
@@ -229,16 +227,15 @@ class TritonBackend:
 
         if await self._with_retries(call, model.name, "metadata", deadline, METADATA_TIMEOUT_S):
             return
-        self._forget(model.name)
-        await self._raise_if_not_ready(model.name, deadline)
+        await self._raise_if_unloaded(model.name, deadline)
         raise FailedPrecondition(
             f"model {model.name!r} version {model.version} is not ready on Triton"
         )
 
-    def _forget(self, name: str) -> None:
+    async def _raise_if_unloaded(self, name: str, deadline: float | None) -> None:
+        """Forgets the model's cached description, and raises FailedPrecondition when
+        Triton's repository holds the model but has no version of it loaded."""
         self._descriptions = {k: v for k, v in self._descriptions.items() if k[0] != name}
-
-    async def _raise_if_not_ready(self, name: str, deadline: float | None) -> None:
         entries = [e for e in await self.repository(deadline) if e.name == name]
         if entries and all(e.state != "READY" for e in entries):
             entry = entries[0]
@@ -316,8 +313,7 @@ class TritonBackend:
             )
             outcome = "ok"
         except NotFound:  # unloaded since it was described
-            self._forget(model.name)
-            await self._raise_if_not_ready(model.name, deadline)
+            await self._raise_if_unloaded(model.name, deadline)
             raise
         except asyncio.CancelledError:
             outcome = "cancelled"

@@ -77,6 +77,7 @@ class Plan:
     preprocessing: PreprocessingConfig
     editors: dict[str, PlannedEditor]  # by property name
     image_digest: str
+    cache_namespace: str
     strengths: np.ndarray
     deadline: float | None  # time.monotonic() value: bounds every backend call
 
@@ -149,6 +150,11 @@ class Explainer:
             preprocessing=preprocessing,
             editors=editors,
             image_digest=image_digest(spec.image),
+            cache_namespace=(
+                SHARED_NAMESPACE
+                if self._settings.cache_shared_namespace
+                else f"tenant.{spec.tenant}"
+            ),
             strengths=(np.arange(1, spec.steps + 1, dtype=np.float32) / spec.steps),
             deadline=deadline,
         )
@@ -293,14 +299,9 @@ class Explainer:
             return [np.concatenate([original, np.stack(prop.provided_path)])], []
         editor = plan.editors[prop.name]
         seeds = [sample_seed(plan.spec.seed, s) for s in range(plan.spec.samples)]
-        namespace = (
-            SHARED_NAMESPACE
-            if self._settings.cache_shared_namespace
-            else f"tenant.{plan.spec.tenant}"
-        )
         keys = [
             path_key(
-                namespace,
+                plan.cache_namespace,
                 plan.image_digest,
                 editor.description.name,
                 editor.description.version,
