@@ -1,8 +1,10 @@
-"""The ``propscope`` command line: ``propscope explain`` and ``propscope models``.
+"""The ``propscope`` command line: ``propscope explain``, ``propscope models`` and
+``propscope review``.
 
 Exit codes: 0 success, 2 an error the user can fix (unreachable or failing server, unreadable
-image, malformed --property, bad option), 130 interrupted. 1 is reserved. A property that fails
-on the server is reported in its row (or its JSON event) and is not an error of the command.
+image, malformed --property or review spec, bad option), 130 interrupted. 1 only from
+``review``: a rule failed. A property that fails on the server is reported in its row (or its
+JSON event) of ``explain`` and is not an error of the command; in ``review`` it is (exit 2).
 
 ``--json`` writes one JSON object per line and event: the event's ``to_dict()`` plus ``"event"``
 (the class name: Accepted, Progress, PropertyResult, Done) and ``"model"``; ``models --json``
@@ -13,8 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -23,6 +27,14 @@ import grpc
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as ProgressBar
 from rich.table import Table
 from rich.text import Text
 
@@ -30,13 +42,14 @@ from propscope._client import Client
 from propscope._errors import PropscopeError
 from propscope._events import Accepted, Done, Event, ModelInfo, Progress, PropertyResult
 from propscope._images import encode_image
-from propscope._properties import PROPERTY_SYNTAX, Property, parse_property
+from propscope._properties import PROPERTY_SYNTAX, parse_property
 from propscope._requests import normalize_properties
 
 __all__ = ["app"]
 
 logger = logging.getLogger(__name__)
 
+EXIT_RULE_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 DEFAULT_TARGET = "localhost:50051"
@@ -179,6 +192,14 @@ def explain(
         typer.Option(min=0, help="Class whose probability to follow (default: predicted class)."),
     ] = None,
     as_json: JsonOption = False,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            dir_okay=False,
+            help="Also write an HTML report (curves, path images) to this file.",
+            show_default=False,
+        ),
+    ] = None,
     timeout: TimeoutOption = None,
 ) -> None:
     """Explain IMAGE's prediction by each --model for each --property."""
@@ -201,19 +222,29 @@ def explain(
         "alpha": alpha,
         "min_probability_change": min_probability_change,
         "target_class": target_class,
+        "return_path_images": report is not None,
     }
+    recorded: dict[str, list[Event]] = {model: [] for model in unique_models}
     try:
         with context.obj.client(target, timeout) as client:
+
+            def events(model: str) -> Iterator[Event]:
+                for event in client.explain(image_bytes, model, properties, **options):
+                    recorded[model].append(event)
+                    yield event
+
             if as_json:
-                _explain_json(client, image_bytes, unique_models, properties, options)
+                _explain_json(events, unique_models)
             else:
-                _explain_table(client, image_bytes, unique_models, properties, options)
+                _explain_table(events, unique_models, [prop.name for prop in properties])
     except PropscopeError as error:
         _fail(f"{target}: {error}")
     except ValueError as error:  # arguments the SDK rejects
         _fail(str(error))
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    if report is not None:
+        _write_explain_report(report, str(image), target, seed, target_class, recorded)
 
 
 @app.command()
@@ -238,6 +269,150 @@ def models(
     Console().print(_models_table(infos))
 
 
+@app.command()
+def review(
+    context: typer.Context,
+    spec_file: Annotated[
+        Path, typer.Argument(metavar="SPEC", help="The review spec (YAML), see docs/review.md.")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", file_okay=False, help="Folder for review.{md,html,json} and junit.xml."
+        ),
+    ] = Path("propscope-review"),
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--target",
+            metavar="HOST:PORT",
+            envvar=TARGET_ENVVAR,
+            help=f"Gateway address (default: ${TARGET_ENVVAR}, else the spec's service.target).",
+            show_default=False,
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(min=1, max=64, help="Explanations in flight (default: the spec's)."),
+    ] = None,
+    progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="A progress bar (default: on a terminal outside CI; log lines otherwise).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Check a candidate model (against a baseline) by the rules of SPEC over its image set.
+
+    Exit code 0: every rule passed; 1: a rule failed; 2: the review could not run."""
+    review_package = _review_package()
+    try:
+        spec, images = review_package.load_spec(spec_file)
+    except review_package.SpecError as error:
+        _fail(str(error))
+    if concurrency is not None:
+        spec = spec.model_copy(update={"concurrency": concurrency})
+    address = target or spec.service.target
+    show_bar = (
+        progress if progress is not None else sys.stderr.isatty() and not os.environ.get("CI")
+    )
+    typer.echo(
+        f"propscope review: {len(images)} images, {len(spec.properties)} properties, "
+        f"{1 + (spec.baseline is not None)} models, {address}",
+        err=True,
+    )
+    try:
+        with context.obj.client(address, None) as client, _review_progress(show_bar) as report:
+            result = review_package.run_review(spec, images, client, on_progress=report)
+    except review_package.ReviewError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    paths = review_package.write_reports(result, out)
+    sys.stdout.write(paths["markdown"].read_text(encoding="utf-8"))
+    typer.echo(
+        f"propscope review: {'passed' if result.passed else 'FAILED'} in {result.seconds:.0f} s; "
+        f"reports in {out}/ ({', '.join(path.name for path in paths.values())})",
+        err=True,
+    )
+    if not result.passed:
+        raise typer.Exit(EXIT_RULE_FAILED)
+
+
+def _review_package() -> Any:
+    """The review modules, imported on use: they need the ``review`` extra (matplotlib, ...)."""
+    try:
+        import propscope.review as review_package
+    except ImportError as error:
+        _fail(f"this command needs the review extra: pip install 'propscope[review]' ({error})")
+    return review_package
+
+
+@contextmanager
+def _review_progress(show_bar: bool) -> Iterator[Callable[[Any], None]]:
+    """A progress callback: a rich bar on a terminal, else a log line per tenth of the work."""
+    if show_bar:
+        with ProgressBar(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        ) as bar:
+            task = bar.add_task("explaining", total=None)
+
+            def advance(update: Any) -> None:
+                bar.update(task, completed=update.completed, total=update.total)
+
+            yield advance
+        return
+
+    def log_line(update: Any) -> None:
+        step = max(1, update.total // 10)
+        if update.completed % step == 0 or update.completed == update.total:
+            typer.echo(
+                f"propscope review: {update.completed}/{update.total} explanations "
+                f"(last: {update.image}, {update.model})",
+                err=True,
+            )
+
+    yield log_line
+
+
+def _write_explain_report(
+    report: Path,
+    image: str,
+    target: str,
+    seed: int,
+    target_class: int | None,
+    recorded: dict[str, list[Event]],
+) -> None:
+    review_package = _review_package()
+    accepted = {
+        model: event
+        for model, events in recorded.items()
+        for event in events
+        if isinstance(event, Accepted)
+    }
+    results = {
+        model: [event for event in events if isinstance(event, PropertyResult)]
+        for model, events in recorded.items()
+    }
+    if not accepted:
+        _fail("no explanation to report")
+    result = review_package.explanation_result(
+        image, target, seed=seed, target_class=target_class, accepted=accepted, results=results
+    )
+    try:
+        report.write_text(review_package.render_html(result), encoding="utf-8")
+    except OSError as error:
+        _fail(f"cannot write the report {str(report)!r}: {error.strerror or error}")
+    typer.echo(f"propscope: report written to {report}", err=True)
+
+
 def _fail(message: str) -> NoReturn:
     """One line on stderr, exit code 2."""
     one_line = " ".join(message.split())
@@ -250,30 +425,21 @@ def _write_json(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _explain_json(
-    client: Client,
-    image: bytes,
-    models: Sequence[str],
-    properties: Sequence[Property],
-    options: dict[str, Any],
-) -> None:
+EventSource = Callable[[str], Iterator[Event]]
+
+
+def _explain_json(events: EventSource, models: Sequence[str]) -> None:
     for model in models:
-        for event in client.explain(image, model, properties, **options):
+        for event in events(model):
             _write_json({"event": type(event).__name__, "model": model, **event.to_dict()})
 
 
-def _explain_table(
-    client: Client,
-    image: bytes,
-    models: Sequence[str],
-    properties: Sequence[Property],
-    options: dict[str, Any],
-) -> None:
-    view = _ExplainView(models, [prop.name for prop in properties])
+def _explain_table(events: EventSource, models: Sequence[str], property_names: list[str]) -> None:
+    view = _ExplainView(models, property_names)
     console = Console()
     with Live(view, console=console, refresh_per_second=8) as live:
         for model in models:
-            for event in client.explain(image, model, properties, **options):
+            for event in events(model):
                 view.update(model, event)
                 if isinstance(event, Done):
                     live.console.print(_timings_line(model, event))

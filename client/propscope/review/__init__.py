@@ -1,0 +1,43 @@
+"""``propscope review``: a yes/no gate for a candidate classifier, with reports people read.
+
+A YAML spec names the candidate (and a baseline), an image set, the properties to intervene on
+and the rules; ``run_review`` explains every image through the service, checks the rules and
+returns a ``ReviewResult``; ``write_reports`` writes it as Markdown, JUnit XML, JSON and HTML.
+Needs the ``review`` extra (PyYAML, pydantic, SciPy, matplotlib, Jinja2).
+"""
+
+from propscope.review.explanation import explanation_result
+from propscope.review.report import render_html, write_reports
+from propscope.review.results import (
+    CacheStats,
+    ModelEntry,
+    Observation,
+    PathStrip,
+    ReviewResult,
+    RuleOutcome,
+    Settings,
+)
+from propscope.review.rules import evaluate_rules
+from propscope.review.runner import ReviewError, ReviewProgress, run_review
+from propscope.review.spec import ImageEntry, ReviewSpec, SpecError, load_spec
+
+__all__ = [
+    "CacheStats",
+    "ImageEntry",
+    "ModelEntry",
+    "Observation",
+    "PathStrip",
+    "ReviewError",
+    "ReviewProgress",
+    "ReviewResult",
+    "ReviewSpec",
+    "RuleOutcome",
+    "Settings",
+    "SpecError",
+    "evaluate_rules",
+    "explanation_result",
+    "load_spec",
+    "render_html",
+    "run_review",
+    "write_reports",
+]

@@ -49,6 +49,8 @@ class ModelEntry:
     role: Role
     name: str
     version: str = ""
+    # The output tensor to read; empty means the model's first.
+    output: str = ""
 
     @property
     def label(self) -> str:
@@ -147,7 +149,8 @@ class Settings:
     permutations: int
     alpha: float
     min_probability_change: float | None
-    # "label" (each image's labelled class) or "predicted" (each model's own prediction).
+    # Whose probability the curves follow: "label" (each image's labelled class), "predicted"
+    # (each model's own prediction on the original) or "class N".
     target_class: str
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,147 @@
+"""The review rules: pure functions from the candidate's (and baseline's) per-image numbers to
+one pass/fail outcome per rule and property.
+
+``no_regression`` tests the paired differences d_i = c_i − ((1 + tolerance)·b_i + margin) over
+images with a one-sided Wilcoxon signed-rank test: scores are skewed and bounded at zero, so a
+t-test's normality would be a poor assumption, and pairing removes the spread between images
+that the two models share. The rule fails only when the mean difference is positive *and*
+significant at the rule's alpha: a candidate that is worse by noise alone passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import stats
+
+from propscope.review.results import ReviewResult, RuleOutcome
+from propscope.review.spec import (
+    MaxFlipRateRule,
+    MaxScoreRule,
+    NoRegressionRule,
+    NotSignificantRule,
+    Rule,
+)
+
+__all__ = ["evaluate_rules", "paired_regression_p_value"]
+
+
+def evaluate_rules(rules: Sequence[Rule], result: ReviewResult) -> list[RuleOutcome]:
+    """One outcome per rule and property, in spec order."""
+    outcomes = []
+    for rule in rules:
+        for property_name in rule.properties or result.properties:
+            outcomes.append(_evaluate(rule, result, property_name))
+    return outcomes
+
+
+def paired_regression_p_value(differences: np.ndarray) -> float:
+    """One-sided p-value that the paired differences are centred above zero (1.0 when every
+    difference is zero: no evidence either way)."""
+    if differences.size == 0 or not np.any(differences):
+        return 1.0
+    return float(stats.wilcoxon(differences, alternative="greater").pvalue)
+
+
+def _evaluate(rule: Rule, result: ReviewResult, property_name: str) -> RuleOutcome:
+    candidate = result.model("candidate")
+    assert candidate is not None, "a review always has a candidate"
+    if isinstance(rule, NotSignificantRule):
+        return _not_significant(rule, result, candidate.label, property_name)
+    if isinstance(rule, MaxScoreRule):
+        return _max_score(rule, result, candidate.label, property_name)
+    if isinstance(rule, NoRegressionRule):
+        return _no_regression(rule, result, candidate.label, property_name)
+    return _max_flip_rate(rule, result, candidate.label, property_name)
+
+
+def _not_significant(
+    rule: NotSignificantRule, result: ReviewResult, model: str, property_name: str
+) -> RuleOutcome:
+    flags = result.values(model, property_name, rule.decision)
+    count = int(flags.sum())
+    fraction = count / flags.size
+    passed = fraction <= rule.max_fraction
+    return RuleOutcome(
+        rule=rule.rule,
+        property_name=property_name,
+        passed=passed,
+        message=(
+            f"{rule.decision} on {count} of {flags.size} images ({fraction:.0%}); "
+            f"allowed at most {rule.max_fraction:.0%}"
+        ),
+        details={
+            "decision": rule.decision,
+            "count": count,
+            "images": int(flags.size),
+            "fraction": fraction,
+            "max_fraction": rule.max_fraction,
+        },
+    )
+
+
+def _max_score(
+    rule: MaxScoreRule, result: ReviewResult, model: str, property_name: str
+) -> RuleOutcome:
+    mean = float(result.values(model, property_name, rule.metric).mean())
+    return RuleOutcome(
+        rule=rule.rule,
+        property_name=property_name,
+        passed=mean <= rule.max,
+        message=f"mean {rule.metric} {mean:.4g}; allowed at most {rule.max:.4g}",
+        details={"metric": rule.metric, "mean": mean, "max": rule.max},
+    )
+
+
+def _no_regression(
+    rule: NoRegressionRule, result: ReviewResult, model: str, property_name: str
+) -> RuleOutcome:
+    baseline = result.model("baseline")
+    assert baseline is not None, "the spec checks that no_regression has a baseline"
+    candidate_values = result.values(model, property_name, rule.metric)
+    baseline_values = result.values(baseline.label, property_name, rule.metric)
+    allowed = (1 + rule.tolerance) * baseline_values + rule.margin
+    differences = candidate_values - allowed
+    p_value = paired_regression_p_value(differences)
+    regressed = bool(differences.mean() > 0 and p_value < rule.alpha)
+    candidate_mean, baseline_mean = float(candidate_values.mean()), float(baseline_values.mean())
+    allowed_mean = float(allowed.mean())
+    verdict = "regressed" if regressed else "no significant regression"
+    return RuleOutcome(
+        rule=rule.rule,
+        property_name=property_name,
+        passed=not regressed,
+        message=(
+            f"{verdict}: mean {rule.metric} {candidate_mean:.4g} vs allowed {allowed_mean:.4g} "
+            f"(baseline {baseline_mean:.4g} × {1 + rule.tolerance:g}"
+            + (f" + {rule.margin:g}" if rule.margin else "")
+            + f"); paired Wilcoxon p = {p_value:.3g}, alpha {rule.alpha:g}, "
+            f"{candidate_values.size} images"
+        ),
+        details={
+            "metric": rule.metric,
+            "candidate_mean": candidate_mean,
+            "baseline_mean": baseline_mean,
+            "allowed_mean": allowed_mean,
+            "tolerance": rule.tolerance,
+            "margin": rule.margin,
+            "p_value": p_value,
+            "alpha": rule.alpha,
+            "images": int(candidate_values.size),
+            "test": "one-sided Wilcoxon signed-rank on candidate - allowed",
+        },
+    )
+
+
+def _max_flip_rate(
+    rule: MaxFlipRateRule, result: ReviewResult, model: str, property_name: str
+) -> RuleOutcome:
+    flip_rate = float(result.values(model, property_name, "flip_rate").mean())
+    return RuleOutcome(
+        rule=rule.rule,
+        property_name=property_name,
+        passed=flip_rate <= rule.max,
+        message=f"prediction flips on {flip_rate:.0%} of paths; allowed at most {rule.max:.0%}",
+        details={"flip_rate": flip_rate, "max": rule.max},
+    )

@@ -1,0 +1,339 @@
+"""Runs a review through the service: every image explained by the candidate and then the
+baseline, a bounded number of images at a time, then the rules and the path strips.
+
+Each image's baseline call starts after its candidate call has finished, so the baseline finds
+every edited path in the gateway's cache and costs only classifier calls; the result's cache
+statistics show whether it did.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+import numpy as np
+
+from propscope._client import Client
+from propscope._errors import PropscopeError
+from propscope._events import Accepted, ModelInfo, ModelRole, PropertyResult
+from propscope._images import encode_image
+from propscope._properties import Property
+from propscope.review.results import (
+    ModelEntry,
+    Observation,
+    PathStrip,
+    ReviewResult,
+    Settings,
+)
+from propscope.review.rules import evaluate_rules
+from propscope.review.spec import ImageEntry, ReviewSpec
+
+__all__ = [
+    "ReviewError",
+    "ReviewProgress",
+    "observation_from_result",
+    "run_review",
+    "settings_from_accepted",
+]
+
+logger = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+Output = TypeVar("Output")
+
+
+class ReviewError(Exception):
+    """The review could not run (exit code 2): the message says where and why."""
+
+
+@dataclass(frozen=True)
+class ReviewProgress:
+    """One explanation call finished."""
+
+    completed: int
+    total: int
+    image: str
+    model: str
+
+
+ProgressCallback = Callable[[ReviewProgress], None]
+
+
+def run_review(
+    spec: ReviewSpec,
+    images: Sequence[ImageEntry],
+    client: Client,
+    *,
+    on_progress: ProgressCallback | None = None,
+) -> ReviewResult:
+    """Explains every image with every model of ``spec``, checks the rules and fetches the path
+    strips; raises ``ReviewError`` when any call or property fails."""
+    started = time.monotonic()
+    models = _model_entries(spec)
+    properties = spec.property_list()
+    _check_served(client, models, properties)
+    follow_label = (spec.target_class or _default_target(images)) == "label"
+    run = _Run(spec, client, properties, follow_label)
+    total = len(images) * len(models)
+    completed = 0
+    counting = threading.Lock()
+
+    def explain_image(image: ImageEntry) -> list[Observation]:
+        nonlocal completed
+        encoded = _read_image(image)
+        observations = []
+        for model in models:
+            results = run.explain(image, encoded, model, properties, with_paths=False)
+            observations += [observation_from_result(image.id, model.label, r) for r in results]
+            with counting:
+                completed += 1
+                progress = ReviewProgress(completed, total, image.id, model.label)
+            if on_progress is not None:
+                on_progress(progress)
+        return observations
+
+    found = _map_or_raise(explain_image, images, spec.concurrency)
+    if run.settings is None:
+        raise ReviewError("the service accepted no explanation")
+    result = ReviewResult(
+        title=spec.title,
+        settings=run.settings,
+        models=tuple(models),
+        properties=tuple(prop.name for prop in properties),
+        images={image.id: image.label for image in images},
+        observations=tuple(obs for observations in found for obs in observations),
+    )
+    outcomes = evaluate_rules(spec.rules, result)
+    strips = _strips(spec, images, result, run, models, properties)
+    return replace(
+        result,
+        outcomes=tuple(outcomes),
+        strips=tuple(strips),
+        seconds=time.monotonic() - started,
+    )
+
+
+def observation_from_result(image: str, model: str, result: PropertyResult) -> Observation:
+    """One property's result as the review keeps it (curves averaged over samples)."""
+    curves = np.array([sample.prediction_curve for sample in result.samples], dtype=np.float64)
+    first_classes = result.samples[0].predicted_classes if result.samples else ()
+    return Observation(
+        image=image,
+        model=model,
+        property_name=result.property_name,
+        score=result.score,
+        score_per_unit_strength=result.score_per_unit_strength,
+        p_value=result.p_value,
+        significant=result.significant,
+        relevant=result.relevant,
+        flip_rate=result.flip_rate,
+        probability_change=result.probability_change,
+        target_class=result.target_class,
+        original_class=int(first_classes[0]) if len(first_classes) else -1,
+        curve=tuple(float(value) for value in curves.mean(axis=0)) if curves.size else (),
+        cache_hits=result.cache_hits,
+        cache_misses=result.cache_misses,
+    )
+
+
+def settings_from_accepted(
+    target: str, accepted: Accepted, *, seed: int, target_class: str
+) -> Settings:
+    """The settings the server resolved (its defaults filled in), as the reports state them."""
+    return Settings(
+        target=target,
+        steps=accepted.steps,
+        samples=accepted.samples,
+        seed=seed,
+        permutations=accepted.permutations,
+        alpha=accepted.alpha,
+        min_probability_change=accepted.min_probability_change,
+        target_class=target_class,
+    )
+
+
+class _Run:
+    """The explanation calls of one review, and the settings the first one resolved."""
+
+    def __init__(
+        self, spec: ReviewSpec, client: Client, properties: list[Property], follow_label: bool
+    ) -> None:
+        self._spec = spec
+        self._client = client
+        self._follow_label = follow_label
+        self.settings: Settings | None = None
+
+    def explain(
+        self,
+        image: ImageEntry,
+        encoded: bytes,
+        model: ModelEntry,
+        properties: Sequence[Property],
+        *,
+        with_paths: bool,
+    ) -> list[PropertyResult]:
+        options = self._spec.explain
+        where = f"{image.id}, {model.label}"
+        results = []
+        try:
+            for event in self._client.explain(
+                encoded,
+                model.name,
+                properties,
+                model_version=model.version,
+                model_output=model.output,
+                target_class=image.label if self._follow_label else None,
+                steps=options.steps,
+                samples=options.samples,
+                seed=options.seed,
+                permutations=options.permutations,
+                alpha=options.alpha,
+                min_probability_change=options.min_probability_change,
+                return_path_images=with_paths,
+                timeout=self._spec.service.timeout_s,
+            ):
+                if isinstance(event, Accepted) and self.settings is None:
+                    self.settings = settings_from_accepted(
+                        self._client.target,
+                        event,
+                        seed=options.seed,
+                        target_class="label" if self._follow_label else "predicted",
+                    )
+                elif isinstance(event, PropertyResult):
+                    if not event.ok:
+                        raise ReviewError(
+                            f"{where}: property {event.property_name!r} failed: "
+                            f"{event.status_code.name}: {event.error}"
+                        )
+                    results.append(event)
+        except PropscopeError as error:
+            raise ReviewError(f"{where}: {error}") from None
+        return results
+
+
+def _model_entries(spec: ReviewSpec) -> list[ModelEntry]:
+    models = [
+        ModelEntry("candidate", spec.candidate.name, spec.candidate.version, spec.candidate.output)
+    ]
+    if spec.baseline is not None:
+        models.append(
+            ModelEntry("baseline", spec.baseline.name, spec.baseline.version, spec.baseline.output)
+        )
+    return models
+
+
+def _default_target(images: Sequence[ImageEntry]) -> str:
+    return "label" if all(image.label is not None for image in images) else "predicted"
+
+
+def _check_served(
+    client: Client, models: Sequence[ModelEntry], properties: Sequence[Property]
+) -> None:
+    """Names a model or editor the service does not serve before any work starts."""
+    try:
+        served = {info.name: info for info in client.list_models()}
+    except PropscopeError as error:
+        raise ReviewError(f"cannot reach the service at {client.target}: {error}") from None
+    classifiers = sorted(n for n, i in served.items() if i.role == ModelRole.CLASSIFIER)
+    for model in models:
+        _check_model(
+            served.get(model.name),
+            model.name,
+            model.version,
+            ModelRole.CLASSIFIER,
+            f"{model.role} model",
+            classifiers,
+        )
+    editors = sorted(n for n, i in served.items() if i.role == ModelRole.EDITOR)
+    for prop in properties:
+        _check_model(
+            served.get(prop.editor or ""),
+            prop.editor or "",
+            prop.editor_version,
+            ModelRole.EDITOR,
+            f"editor of property {prop.name!r}",
+            editors,
+        )
+
+
+def _check_model(
+    info: ModelInfo | None, name: str, version: str, role: ModelRole, what: str, known: list[str]
+) -> None:
+    if info is None or info.role != role:
+        raise ReviewError(
+            f"the {what} {name!r} is not served; served: {', '.join(known) or 'none'}"
+        )
+    if version and version not in info.versions:
+        raise ReviewError(
+            f"the {what} {name!r} has no version {version!r}; versions: {', '.join(info.versions)}"
+        )
+    if info.state != "READY":
+        raise ReviewError(f"the {what} {name!r} is {info.state}, not READY")
+
+
+def _read_image(image: ImageEntry) -> bytes:
+    try:
+        return encode_image(image.path)
+    except OSError as error:
+        raise ReviewError(
+            f"cannot read image {str(image.path)!r}: {error.strerror or error}"
+        ) from None
+    except ValueError as error:
+        raise ReviewError(f"cannot use image {str(image.path)!r}: {error}") from None
+
+
+def _map_or_raise(
+    work: Callable[[Item], Output], items: Sequence[Item], workers: int
+) -> list[Output]:
+    """``work`` over ``items`` on ``workers`` threads, results in item order; the first error
+    cancels what has not started and is raised."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="propscope-review")
+    futures: dict[Future[Output], int] = {
+        pool.submit(work, item): i for i, item in enumerate(items)
+    }
+    results: list[Output | None] = [None] * len(items)
+    try:
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return [result for result in results if result is not None]
+
+
+def _strips(
+    spec: ReviewSpec,
+    images: Sequence[ImageEntry],
+    result: ReviewResult,
+    run: _Run,
+    models: Sequence[ModelEntry],
+    properties: Sequence[Property],
+) -> list[PathStrip]:
+    """The path images of the images the candidate's score ranks highest, per property; their
+    paths come from the cache, so this costs classifier calls only."""
+    by_id = {image.id: image for image in images}
+    candidate = models[0]
+    jobs = []
+    for prop in properties:
+        ranked = sorted(result.select(candidate.label, prop.name), key=lambda obs: -obs.score)
+        jobs += [(by_id[obs.image], prop) for obs in ranked[: spec.strips]]
+
+    def fetch(job: tuple[ImageEntry, Property]) -> PathStrip:
+        image, prop = job
+        encoded = _read_image(image)
+        curves: dict[str, tuple[float, ...]] = {}
+        path_images: tuple[bytes, ...] = ()
+        for model in models:
+            (found,) = run.explain(image, encoded, model, [prop], with_paths=True)
+            first = found.samples[0]
+            curves[model.label] = tuple(float(p) for p in first.prediction_curve)
+            path_images = path_images or first.path_images
+        return PathStrip(image.id, prop.name, path_images, curves)
+
+    return _map_or_raise(fetch, jobs, spec.concurrency)

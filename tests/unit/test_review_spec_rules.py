@@ -1,0 +1,259 @@
+"""The review spec's validation and the rules' decisions, on hand-made numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from propscope.review.results import ModelEntry, Observation, ReviewResult, Settings
+from propscope.review.rules import evaluate_rules, paired_regression_p_value
+from propscope.review.spec import ReviewSpec, SpecError, load_spec
+
+MINIMAL = """
+candidate: {name: new}
+baseline: {name: old}
+images: {manifest: manifest.csv}
+properties:
+  hue: "procedural:operation=hue"
+"""
+
+
+def write_set(folder: Path, labels: list[str]) -> None:
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = ["image,label"]
+    for index, label in enumerate(labels):
+        Image.new("RGB", (8, 8), (index * 10, 0, 0)).save(folder / "images" / f"{index}.png")
+        rows.append(f"images/{index}.png,{label}")
+    (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
+
+
+def spec_file(folder: Path, text: str) -> Path:
+    path = folder / "review.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_minimal_spec_loads_with_its_images_and_labels(tmp_path):
+    write_set(tmp_path, ["0", "1", ""])
+    spec, images = load_spec(spec_file(tmp_path, MINIMAL))
+    assert [image.label for image in images] == [0, 1, None]
+    assert images[0].path == tmp_path / "images" / "0.png"
+    assert spec.property_list()[0].parameters == {"operation": "hue"}
+    assert spec.explain.steps == 10 and spec.concurrency == 4
+
+
+def test_a_folder_image_set_is_every_image_under_it_sorted(tmp_path):
+    write_set(tmp_path, ["0", "1"])
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    text = MINIMAL.replace("{manifest: manifest.csv}", "{folder: images}")
+    _, images = load_spec(spec_file(tmp_path, text))
+    assert [image.id for image in images] == ["0.png", "1.png"]
+    assert all(image.label is None for image in images)
+
+
+def test_structured_editor_parameters_become_strings(tmp_path):
+    write_set(tmp_path, ["0"])
+    text = MINIMAL.replace(
+        '"procedural:operation=hue"',
+        "{editor: procedural, parameters: {operation: brightness, amount: 0.2, invert: true}}",
+    )
+    spec, _ = load_spec(spec_file(tmp_path, text))
+    assert dict(spec.property_list()[0].parameters) == {
+        "operation": "brightness",
+        "amount": "0.2",
+        "invert": "true",
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t + "colour: red\n", "colour: Extra inputs are not permitted"),
+        (lambda t: t.replace("candidate: {name: new}\n", ""), "candidate: Field required"),
+        (lambda t: t + "rules: [{rule: no_such_rule}]\n", "rules.0"),
+        (lambda t: t + "rules: [{rule: max_score, max: -1}]\n", "max_score.max"),
+        (
+            lambda t: t + "rules: [{rule: max_score, max: 1, properties: [size]}]\n",
+            "unknown properties ['size']",
+        ),
+        (
+            lambda t: t.replace("baseline: {name: old}\n", "") + "rules: [{rule: no_regression}]\n",
+            "no_regression needs a baseline",
+        ),
+        (lambda t: t.replace("old", "new"), "baseline and candidate are the same model"),
+        (lambda t: t.replace('"procedural:operation=hue"', '"procedural:operation"'), "key=value"),
+        (lambda t: t + "target_class: label\n", "some images have no label"),
+        (lambda t: t + "  - just a list item\n", "not valid YAML"),
+        (lambda t: "- a list\n", "must be a YAML mapping"),
+    ],
+)
+def test_spec_errors_name_the_problem(tmp_path, change, message):
+    write_set(tmp_path, ["0", ""])
+    with pytest.raises(SpecError, match="review.yaml") as raised:
+        load_spec(spec_file(tmp_path, change(MINIMAL)))
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        ("image,label\nimages/0.png,cat\n", "label 'cat' is not a class index"),
+        ("image,label\nimages/0.png,0\nimages/0.png,1\n", "listed twice"),
+        ("image,label\nimages/missing.png,0\n", "no image at"),
+        ("path,label\nimages/0.png,0\n", "needs an 'image' column"),
+        ("image,label\n", "the image set is empty"),
+    ],
+)
+def test_manifest_errors_name_the_line(tmp_path, manifest, message):
+    write_set(tmp_path, ["0"])
+    (tmp_path / "manifest.csv").write_text(manifest)
+    with pytest.raises(SpecError, match=message):
+        load_spec(spec_file(tmp_path, MINIMAL))
+
+
+def test_a_missing_spec_file_is_a_spec_error(tmp_path):
+    with pytest.raises(SpecError, match="cannot read the spec"):
+        load_spec(tmp_path / "absent.yaml")
+
+
+def result_with(
+    candidate: dict[str, list[float]], baseline: dict[str, list[float]]
+) -> ReviewResult:
+    """A two-model result for property "hue" whose per-image fields are given as lists."""
+    count = len(candidate["score"])
+    images = {f"{index}.png": 0 for index in range(count)}
+
+    def observations(model: str, values: dict[str, list[float]]) -> list[Observation]:
+        defaults = {"significant": [0] * count, "relevant": [0] * count, "flip_rate": [0] * count}
+        merged = {**defaults, **values}
+        return [
+            Observation(
+                image=image,
+                model=model,
+                property_name="hue",
+                score=merged["score"][index],
+                score_per_unit_strength=merged["score"][index] * 10,
+                p_value=0.5,
+                significant=bool(merged["significant"][index]),
+                relevant=bool(merged["relevant"][index]),
+                flip_rate=merged["flip_rate"][index],
+                probability_change=0.0,
+                target_class=0,
+                original_class=0,
+                curve=(0.5, 0.5),
+                cache_hits=0,
+                cache_misses=1,
+            )
+            for index, image in enumerate(images)
+        ]
+
+    return ReviewResult(
+        title="t",
+        settings=Settings("x:1", 10, 1, 0, 100, 0.01, 0.05, "label"),
+        models=(ModelEntry("candidate", "new"), ModelEntry("baseline", "old")),
+        properties=("hue",),
+        images=images,
+        observations=tuple(observations("new", candidate) + observations("old", baseline)),
+    )
+
+
+def rules_of(text: str) -> list:
+    return ReviewSpec.model_validate(
+        {
+            "candidate": {"name": "new"},
+            "baseline": {"name": "old"},
+            "images": {"folder": "."},
+            "properties": {"hue": "procedural"},
+            "rules": text,
+        }
+    ).rules
+
+
+def test_no_regression_fails_when_the_candidate_is_consistently_higher():
+    rng = np.random.default_rng(0)
+    baseline = rng.uniform(0.01, 0.02, 20)
+    result = result_with({"score": list(baseline * 2)}, {"score": list(baseline)})
+    (outcome,) = evaluate_rules(rules_of([{"rule": "no_regression", "tolerance": 0.1}]), result)
+    assert not outcome.passed
+    assert outcome.details["p_value"] < 1e-4
+    assert outcome.details["candidate_mean"] == pytest.approx(2 * baseline.mean())
+    assert outcome.name == "no_regression[hue]"
+
+
+def test_no_regression_passes_within_the_tolerance_and_the_margin():
+    baseline = np.linspace(0.01, 0.02, 20)
+    within = {"score": list(baseline * 1.05)}
+    (outcome,) = evaluate_rules(
+        rules_of([{"rule": "no_regression", "tolerance": 0.1}]),
+        result_with(within, {"score": list(baseline)}),
+    )
+    assert outcome.passed
+    tiny = result_with({"score": [2e-4] * 20}, {"score": [1e-5] * 20})
+    strict, lenient = evaluate_rules(
+        rules_of([{"rule": "no_regression"}, {"rule": "no_regression", "margin": 0.001}]), tiny
+    )
+    assert not strict.passed and lenient.passed
+
+
+def test_no_regression_needs_more_than_a_higher_mean():
+    # One image far higher, the others lower: the mean is above the allowance, the paired test
+    # sees no consistent regression.
+    baseline = [0.010] * 12
+    candidate = [0.2] + [0.008] * 11
+    (outcome,) = evaluate_rules(
+        rules_of([{"rule": "no_regression"}]),
+        result_with({"score": candidate}, {"score": baseline}),
+    )
+    assert outcome.details["candidate_mean"] > outcome.details["allowed_mean"]
+    assert outcome.passed
+    assert outcome.details["p_value"] > 0.05
+
+
+def test_the_paired_p_value_is_one_without_differences_and_small_for_consistent_ones():
+    assert paired_regression_p_value(np.zeros(10)) == 1.0
+    assert paired_regression_p_value(np.array([])) == 1.0
+    assert paired_regression_p_value(np.full(10, 0.1)) < 0.01
+    assert paired_regression_p_value(np.full(10, -0.1)) > 0.99
+
+
+def test_not_significant_counts_the_chosen_decision():
+    result = result_with(
+        {"score": [0.1] * 10, "significant": [1] * 3 + [0] * 7, "relevant": [1] + [0] * 9},
+        {"score": [0.1] * 10},
+    )
+    significant, relevant = evaluate_rules(
+        rules_of(
+            [
+                {"rule": "not_significant", "max_fraction": 0.2},
+                {"rule": "not_significant", "max_fraction": 0.2, "decision": "relevant"},
+            ]
+        ),
+        result,
+    )
+    assert not significant.passed and significant.details["fraction"] == pytest.approx(0.3)
+    assert relevant.passed and relevant.details["count"] == 1
+
+
+def test_max_score_and_max_flip_rate_compare_the_candidates_means():
+    result = result_with({"score": [0.01, 0.03], "flip_rate": [0.0, 1.0]}, {"score": [9.0, 9.0]})
+    low, high, flips = evaluate_rules(
+        rules_of(
+            [
+                {"rule": "max_score", "max": 0.019},
+                {"rule": "max_score", "max": 0.02},
+                {"rule": "max_flip_rate", "max": 0.4},
+            ]
+        ),
+        result,
+    )
+    assert not low.passed and high.passed
+    assert not flips.passed and flips.details["flip_rate"] == pytest.approx(0.5)
+
+
+def test_a_rule_without_properties_checks_every_property():
+    result = result_with({"score": [0.1]}, {"score": [0.1]})
+    outcomes = evaluate_rules(rules_of([{"rule": "max_score", "max": 1}]), result)
+    assert [outcome.property_name for outcome in outcomes] == ["hue"]
