@@ -74,10 +74,18 @@ def up(
     port: int = typer.Option(50051, help="gateway port"),
     run_dir: Path = RUN_DIR,
     redis: bool = typer.Option(True, help="use redis-server when installed"),
+    model_repository: list[Path] = typer.Option(
+        [],
+        exists=True,
+        file_okay=False,
+        help="another Triton model repository to serve (your own classifiers); repeatable",
+    ),
 ) -> None:
     """Start Triton, Redis and the gateway in the background."""
     stack.down(run_dir)
-    info = stack.up(run_dir, gateway_port=port, use_redis=redis)
+    info = stack.up(
+        run_dir, gateway_port=port, use_redis=redis, model_repositories=tuple(model_repository)
+    )
     typer.echo(f"propscope gateway  {info.gateway}")
     typer.echo(f"Triton (gRPC)      {info.triton_grpc}")
     typer.echo(f"path cache         {info.redis_url or 'in-process (redis-server not installed)'}")

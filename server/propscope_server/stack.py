@@ -118,9 +118,11 @@ def up(
     gateway_port: int = 50051,
     use_redis: bool = True,
     gateway_env: dict[str, str] | None = None,
+    model_repositories: tuple[Path, ...] = (),
 ) -> StackInfo:
     """Start Triton, Redis (when installed) and the gateway in the background;
-    `gateway_env` adds PROPSCOPE_* settings for the gateway."""
+    `gateway_env` adds PROPSCOPE_* settings for the gateway, `model_repositories`
+    serve the caller's own models beside propscope's (a model review's candidates)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     ports = TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port())
     triton = start_triton(
@@ -128,6 +130,7 @@ def up(
         ports,
         run_dir / "triton-cache",
         run_dir / "triton.log",
+        extra_args=tuple(f"--model-repository={path.resolve()}" for path in model_repositories),
         new_session=True,
     )
     pids = {"triton": triton.pid}

@@ -1,0 +1,184 @@
+"""`propscope review` and `propscope explain --report` against the running service."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+
+from propscope_server import stack
+from tests.integration.conftest import SAMPLE
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "review"
+HUE_REVIEW = EXAMPLES / "hue-shortcut.yaml"
+HUE = "object_hue=procedural:operation=hue,region=object"
+BACKGROUND = "background=procedural:operation=brightness,region=background,amount=0.2"
+
+
+def propscope_cli(*arguments: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "propscope", *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def review(spec: Path, target: str, out: Path) -> subprocess.CompletedProcess:
+    return propscope_cli("review", str(spec), "--target", target, "--out", str(out))
+
+
+@pytest.fixture(scope="module")
+def hue_review(live_stack, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hue-review")
+    return review(HUE_REVIEW, live_stack.gateway, out), out
+
+
+def test_the_hue_biased_candidate_fails_no_regression_on_hue_only(hue_review):
+    finished, out = hue_review
+    assert finished.returncode == 1, finished.stderr
+    suite = ElementTree.parse(out / "junit.xml").getroot().find("testsuite")
+    cases = {case.get("name"): case for case in suite.iter("testcase")}
+    failed = {name for name, case in cases.items() if case.find("failure") is not None}
+    assert failed == {"no_regression[object_hue]", "max_flip_rate[object_hue]"}
+    assert "no_regression[background_brightness]" in cases
+    assert int(suite.get("tests")) == len(cases) == 6
+    assert int(suite.get("failures")) == 2
+    failure = cases["no_regression[object_hue]"].find("failure")
+    assert "Wilcoxon" in failure.get("message")
+
+
+def test_the_review_json_holds_every_number_and_the_baseline_reuses_every_path(hue_review):
+    _, out = hue_review
+    data = json.loads((out / "review.json").read_text())
+    assert data["passed"] is False
+    assert len(data["images"]) == 24
+    assert len(data["observations"]) == 24 * 3 * 2
+    models = {model["role"]: model for model in data["models"]}
+    assert models["baseline"]["cache"]["hit_rate"] == 1.0
+    assert models["baseline"]["cache"]["misses"] == 0
+    # The hue-biased model follows hue, which the test set draws independently of the class.
+    assert models["candidate"]["accuracy"] < models["baseline"]["accuracy"]
+    rules = {rule["name"]: rule for rule in data["rules"]}
+    hue_rule = rules["no_regression[object_hue]"]["details"]
+    assert hue_rule["candidate_mean"] > 10 * hue_rule["baseline_mean"]
+    assert hue_rule["p_value"] < 0.001
+    assert data["settings"]["steps"] == 20 and data["settings"]["target_class"] == "label"
+    assert len(data["strips"]) == 3 * 3
+
+
+def test_the_review_prints_its_markdown_summary_and_writes_the_html(hue_review):
+    finished, out = hue_review
+    assert finished.stdout == (out / "review.md").read_text()
+    assert "no_regression" in finished.stdout and "object_hue" in finished.stdout
+    assert "FAILED" in finished.stderr
+    html = (out / "review.html").read_text()
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    # Two plots per property, and 3 strips of 21 path images per property.
+    assert len(embedded) >= 3 * (2 + 3 * 21)
+    assert all(base64.b64decode(image).startswith(b"\x89PNG") for image in embedded)
+
+
+def test_the_reverse_review_passes_with_exit_code_0(live_stack, tmp_path):
+    text = HUE_REVIEW.read_text()
+    text = text.replace("name: synth_hue", "name: CANDIDATE").replace(
+        "name: synth_unbiased", "name: synth_hue"
+    )
+    text = text.replace("name: CANDIDATE", "name: synth_unbiased")
+    text = text.replace("manifest: manifest.csv", f"manifest: {EXAMPLES / 'manifest.csv'}")
+    text = re.sub(r"  - rule: max_flip_rate\n(    .*\n)+?(?=  - rule)", "", text)
+    spec = tmp_path / "reverse.yaml"
+    spec.write_text(text)
+    finished = review(spec, live_stack.gateway, tmp_path / "out")
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    suite = ElementTree.parse(tmp_path / "out" / "junit.xml").getroot().find("testsuite")
+    assert int(suite.get("failures")) == 0 and int(suite.get("tests")) == 5
+
+
+def test_a_spec_error_exits_2_naming_the_key(live_stack, tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(HUE_REVIEW.read_text() + "treshold: 3\n")
+    finished = review(spec, live_stack.gateway, tmp_path / "out")
+    assert finished.returncode == 2
+    assert "treshold: Extra inputs are not permitted" in finished.stderr
+    assert "Traceback" not in finished.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_service_exits_2(tmp_path):
+    finished = review(HUE_REVIEW, f"127.0.0.1:{stack.free_port()}", tmp_path / "out")
+    assert finished.returncode == 2
+    assert "cannot reach the service" in finished.stderr
+    assert "UNAVAILABLE" in finished.stderr
+    assert "Traceback" not in finished.stderr
+
+
+def test_an_unknown_candidate_exits_2_listing_the_served_classifiers(live_stack, tmp_path):
+    spec = tmp_path / "unknown.yaml"
+    text = HUE_REVIEW.read_text().replace("name: synth_hue", "name: synth_typo")
+    spec.write_text(
+        text.replace("manifest: manifest.csv", f"manifest: {EXAMPLES / 'manifest.csv'}")
+    )
+    finished = review(spec, live_stack.gateway, tmp_path / "out")
+    assert finished.returncode == 2
+    assert "candidate model 'synth_typo' is not served" in finished.stderr
+    assert "synth_hue" in finished.stderr
+
+
+def test_explain_writes_the_same_html_report_for_one_image(live_stack, tmp_path):
+    report = tmp_path / "one.html"
+    finished = propscope_cli(
+        "explain", str(SAMPLE), "--target", live_stack.gateway,
+        "--model", "synth_hue", "--model", "synth_unbiased",
+        "--property", HUE, "--property", BACKGROUND, "--steps", "8",
+        "--report", str(report),
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr
+    html = report.read_text()
+    assert "synth_hue" in html and "synth_unbiased" in html
+    assert html.count('id="curves-') == 2
+    embedded = re.findall(r'src="data:image/png;base64,', html)
+    # One curve plot and one strip of 9 path images per property.
+    assert len(embedded) == 2 * (1 + 9)
+
+
+def test_a_stack_serving_the_callers_model_repository_reviews_their_model(tmp_path):
+    """The CI recipe of docs/review.md: `propscope-server up --model-repository` serves the
+    team's own classifier beside propscope's editors, and the review runs against it."""
+    models = Path(stack.DEFAULT_MODEL_REPOSITORY)
+    weights = (models.parent / "weights").resolve()
+    candidate = tmp_path / "models" / "team_classifier"
+    (candidate / "1").mkdir(parents=True)
+    config = (models / "synth_hue" / "config.pbtxt").read_text()
+    config = config.replace('name: "synth_hue"', 'name: "team_classifier"')
+    (candidate / "config.pbtxt").write_text(config.replace("../../weights/", f"{weights}/"))
+    shutil.copy(models / "synth_hue" / "1" / "model.py", candidate / "1" / "model.py")
+    server = str(Path(sys.executable).parent / "propscope-server")
+    port = stack.free_port()
+    run_dir = tmp_path / "stack"
+    started = subprocess.run(
+        [server, "up", "--port", str(port), "--run-dir", str(run_dir), "--no-redis",
+         "--model-repository", str(tmp_path / "models")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        spec = tmp_path / "team.yaml"
+        text = HUE_REVIEW.read_text().replace("name: synth_unbiased", "name: synth_hue", 1)
+        text = text.replace("name: synth_hue", "name: team_classifier", 1)
+        spec.write_text(
+            text.replace("manifest: manifest.csv", f"manifest: {EXAMPLES / 'manifest.csv'}")
+        )
+        finished = review(spec, f"127.0.0.1:{port}", tmp_path / "out")
+        data = json.loads((tmp_path / "out" / "review.json").read_text())
+    finally:
+        subprocess.run([server, "down", "--run-dir", str(run_dir)], timeout=60)
+    # The same weights as the baseline: no regression, but the hue flips stay.
+    rules = {rule["name"]: rule["passed"] for rule in data["rules"]}
+    assert rules["no_regression[object_hue]"] is True
+    assert rules["max_flip_rate[object_hue]"] is False
+    assert finished.returncode == 1
+    assert [model["name"] for model in data["models"]] == ["team_classifier", "synth_hue"]
