@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# System packages the stack needs: redis-server (the path cache) and the
-# shared libpython that Triton's python-backend stub links. Installed through
+# System packages the stack needs: redis-server (the path cache), the shared
+# libpython that Triton's python-backend stub links, and headless chromium (the
+# browser test of the review report renders it). Installed through
 # apt when missing and we are root; otherwise say what is missing and go on
 # (the gateway falls back to its in-process cache without redis-server).
 set -euo pipefail
@@ -9,6 +10,7 @@ pyver="$(python3 -c 'import sys; print(f"{sys.version_info.major}.{sys.version_i
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 ldconfig -p | grep -q "libpython${pyver}.so.1.0" || missing+=("libpython${pyver}")
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -200,7 +200,7 @@ class ReviewResult:
     def curves(self, model: str, property_name: str) -> np.ndarray:
         """[images, N + 1] target probabilities along the path."""
         rows = [obs.curve for obs in self.select(model, property_name)]
-        return np.array(rows, dtype=np.float64).reshape(len(rows), -1)
+        return np.array(rows, dtype=np.float64).reshape(len(rows), self.settings.steps + 1)
 
     def cache(self, model: str | None = None) -> CacheStats:
         chosen = [obs for obs in self.observations if model is None or obs.model == model]

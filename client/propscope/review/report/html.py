@@ -1,0 +1,103 @@
+"""The review as one self-contained HTML page: CI keeps it as an artefact that opens offline,
+so every plot and path image is inlined as a data URI and the page needs no script."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from dataclasses import dataclass
+
+import jinja2
+from PIL import Image
+
+from propscope.review.report.common import (
+    ModelSummary,
+    format_number,
+    format_percent,
+    summarize,
+)
+from propscope.review.report.plots import curves_png, distributions_png, model_colors
+from propscope.review.results import PathStrip, ReviewResult
+
+__all__ = ["render_html"]
+
+
+# Path images wider than this are shrunk: a strip of 50 full-size photos would make the page
+# tens of megabytes, and the page shows them 80 px wide.
+THUMBNAIL_PX = 160
+
+
+def _png_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _thumbnail_uri(png: bytes) -> str:
+    with Image.open(io.BytesIO(png)) as image:
+        if image.width <= THUMBNAIL_PX:
+            return _png_uri(png)
+        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+    return _png_uri(buffer.getvalue())
+
+
+_ENVIRONMENT = jinja2.Environment(
+    loader=jinja2.PackageLoader("propscope.review.report"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_ENVIRONMENT.filters.update(
+    number=format_number, percent=format_percent, png_uri=_png_uri, thumbnail_uri=_thumbnail_uri
+)
+
+
+@dataclass(frozen=True)
+class _PropertySection:
+    name: str
+    # Safe for an HTML id whatever the property is called.
+    anchor: str
+    summaries: list[ModelSummary]
+    curves_png: bytes
+    distributions_png: bytes | None
+    strips: list[PathStrip]
+
+
+def render_html(result: ReviewResult) -> str:
+    """The full report: settings, models, rules, then per property the means, plots and paths."""
+    anchors = _anchors(result.properties)
+    sections = [
+        _PropertySection(
+            name=name,
+            anchor=anchors[name],
+            summaries=[
+                summary
+                for model in result.models
+                if (summary := summarize(result, model, name)) is not None
+            ],
+            curves_png=curves_png(result, name),
+            distributions_png=distributions_png(result, name),
+            strips=[strip for strip in result.strips if strip.property_name == name],
+        )
+        for name in result.properties
+    ]
+    return _ENVIRONMENT.get_template("report.html.j2").render(
+        result=result,
+        sections=sections,
+        colors=model_colors(result.models),
+        has_labels=any(label is not None for label in result.images.values()),
+    )
+
+
+def _anchors(names: tuple[str, ...]) -> dict[str, str]:
+    """Property name -> a distinct id made of letters, digits, '-' and '_'."""
+    anchors: dict[str, str] = {}
+    for name in names:
+        base = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "property"
+        anchor, suffix = base, 2
+        while anchor in anchors.values():
+            anchor, suffix = f"{base}-{suffix}", suffix + 1
+        anchors[name] = anchor
+    return anchors

@@ -1,0 +1,190 @@
+"""PNG plots of a review, one pair per property: the prediction along the path, and the scores.
+
+Each plot is its own ``Figure`` (no pyplot state), so reports can be rendered from several
+threads at once.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from propscope.review.results import ModelEntry, ReviewResult
+
+__all__ = [
+    "BASELINE_COLOR",
+    "CANDIDATE_COLOR",
+    "OTHER_COLORS",
+    "curves_png",
+    "distributions_png",
+    "model_colors",
+]
+
+CANDIDATE_COLOR = "#d62728"
+BASELINE_COLOR = "#1f77b4"
+# The rest of matplotlib's tab10, for models without a candidate or baseline role.
+OTHER_COLORS = (
+    "#ff7f0e",
+    "#2ca02c",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+_ROLE_COLORS = {"candidate": CANDIDATE_COLOR, "baseline": BASELINE_COLOR}
+_DPI = 100
+_WIDTH_IN = 6.5
+_TITLE_SIZE = 11
+_LABEL_SIZE = 10
+_TICK_SIZE = 9
+_LEGEND_SIZE = 8
+
+
+def model_colors(models: Sequence[ModelEntry]) -> dict[str, str]:
+    """Model label -> color: fixed per role, so candidate and baseline read alike everywhere."""
+    others = itertools.cycle(OTHER_COLORS)
+    return {model.label: _ROLE_COLORS.get(model.role) or next(others) for model in models}
+
+
+def curves_png(result: ReviewResult, property_name: str) -> bytes:
+    """Target probability against strength t = k/N per model: the mean over images as a line
+    and, with several images, the 10th-90th percentile across images as a band."""
+    figure = Figure(figsize=(_WIDTH_IN, 3.8), dpi=_DPI, layout="tight")
+    axes = figure.add_subplot()
+    colors = model_colors(result.models)
+    handles = []
+    for model in result.models:
+        curves = result.curves(model.label, property_name)
+        if not curves.size:
+            continue
+        strength = np.linspace(0.0, 1.0, curves.shape[1])
+        color = colors[model.label]
+        label = f"{model.label} ({model.role})"
+        if curves.shape[0] > 1:
+            label += f", mean of {curves.shape[0]} images"
+            low, high = np.percentile(curves, [10, 90], axis=0)
+            axes.fill_between(strength, low, high, color=color, alpha=0.2, linewidth=0)
+        handles += axes.plot(strength, curves.mean(axis=0), color=color, linewidth=2.5, label=label)
+    if len(result.images) > 1:
+        handles.append(
+            Patch(color="gray", alpha=0.3, label="band: 10th–90th percentile across images")
+        )
+    axes.set_xlim(0.0, 1.0)
+    axes.set_ylim(-0.02, 1.02)
+    _label(axes, f"{property_name}: prediction along the path", "strength t = k/N", "target p")
+    if handles:
+        axes.legend(handles=handles, fontsize=_LEGEND_SIZE, loc="best")
+    return _png(figure)
+
+
+def distributions_png(result: ReviewResult, property_name: str) -> bytes | None:
+    """Per-image scores of every model and, with a candidate and a baseline, the two paired per
+    image. None for a single image, where a distribution says nothing."""
+    if len(result.images) < 2:
+        return None
+    candidate, baseline = result.model("candidate"), result.model("baseline")
+    paired = candidate is not None and baseline is not None
+    figure = Figure(figsize=(_WIDTH_IN, 4.0), dpi=_DPI, layout="constrained")
+    _score_boxes(figure.add_subplot(1, 2 if paired else 1, 1), result, property_name)
+    if paired:
+        _paired_scores(figure.add_subplot(1, 2, 2), result, property_name, candidate, baseline)
+    return _png(figure)
+
+
+def _score_boxes(axes: Axes, result: ReviewResult, property_name: str) -> None:
+    _label(axes, "score per image", "", "score E|∇p|")
+    colors = model_colors(result.models)
+    models = [model for model in result.models if result.select(model.label, property_name)]
+    if not models:
+        return
+    scores = [result.values(model.label, property_name, "score") for model in models]
+    boxes = axes.boxplot(
+        scores, showfliers=False, patch_artist=True, widths=0.5, medianprops={"color": "k"}
+    )["boxes"]
+    # Jittered so that equal scores stay visible; seeded so that reports are reproducible.
+    jitter = np.random.default_rng(0)
+    for position, (model, values, box) in enumerate(zip(models, scores, boxes, strict=True), 1):
+        color = colors[model.label]
+        box.set(facecolor=color, alpha=0.25, edgecolor=color)
+        offsets = jitter.uniform(-0.12, 0.12, values.size)
+        axes.scatter(position + offsets, values, s=16, color=color, zorder=3)
+    axes.set_xticks(range(1, len(models) + 1), [model.label for model in models])
+
+
+def _paired_scores(
+    axes: Axes,
+    result: ReviewResult,
+    property_name: str,
+    candidate: ModelEntry,
+    baseline: ModelEntry,
+) -> None:
+    """The candidate's metric against the baseline's per image, with the no_regression
+    allowance when a rule checks this property (the paired test's view of the data)."""
+    rule = _regression_rule(result, property_name)
+    metric = str(rule.get("metric", "score"))
+    candidate_values = {
+        o.image: getattr(o, metric) for o in result.select(candidate.label, property_name)
+    }
+    baseline_values = {
+        o.image: getattr(o, metric) for o in result.select(baseline.label, property_name)
+    }
+    images = [image for image in baseline_values if image in candidate_values]
+    x = np.array([baseline_values[image] for image in images], dtype=np.float64)
+    y = np.array([candidate_values[image] for image in images], dtype=np.float64)
+    limit = 1.05 * max(x.max(initial=0.0), y.max(initial=0.0)) or 1.0
+    diagonal = np.array([0.0, limit])
+    axes.plot(diagonal, diagonal, color="gray", linewidth=1, label="y = x")
+    if rule:
+        tolerance = float(rule.get("tolerance") or 0)
+        margin = float(rule.get("margin") or 0)
+        axes.plot(
+            diagonal,
+            (1 + tolerance) * diagonal + margin,
+            color="black",
+            linewidth=1,
+            linestyle="--",
+            label=f"no_regression allows y = {1 + tolerance:g}·x"
+            + (f" + {margin:g}" if margin else ""),
+        )
+    axes.scatter(x, y, s=18, color=CANDIDATE_COLOR, zorder=3, label="one image")
+    axes.set_xlim(0.0, limit)
+    axes.set_ylim(0.0, limit)
+    _label(
+        axes,
+        f"{metric} per image, paired",
+        f"{baseline.label} (baseline)",
+        f"{candidate.label} (candidate)",
+    )
+    # Below the plot: the points of a regression gather in the upper left, where a legend would go.
+    axes.figure.legend(fontsize=_LEGEND_SIZE, loc="outside lower right", ncols=3)
+
+
+def _regression_rule(
+    result: ReviewResult, property_name: str
+) -> dict[str, float | int | str | None]:
+    """The details of the no_regression outcome of this property; empty when there is none."""
+    for outcome in result.outcomes:
+        if outcome.rule == "no_regression" and outcome.property_name == property_name:
+            return outcome.details
+    return {}
+
+
+def _label(axes: Axes, title: str, x_label: str, y_label: str) -> None:
+    axes.set_title(title, fontsize=_TITLE_SIZE)
+    axes.set_xlabel(x_label, fontsize=_LABEL_SIZE)
+    axes.set_ylabel(y_label, fontsize=_LABEL_SIZE)
+    axes.tick_params(labelsize=_TICK_SIZE)
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=_DPI)
+    return buffer.getvalue()
