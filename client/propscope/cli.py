@@ -324,7 +324,10 @@ def review(
         err=True,
     )
     try:
-        with context.obj.client(address, None) as client, _review_progress(show_bar) as report:
+        with (
+            context.obj.client(address, spec.service.timeout_s) as client,
+            _review_progress(show_bar) as report,
+        ):
             result = review_package.run_review(spec, images, client, on_progress=report)
     except review_package.ReviewError as error:
         _fail(str(error))
