@@ -166,7 +166,7 @@ def test_curves_plot_draws_the_role_colors():
     result = sample_review()
     image = decode_png(curves_png(result, "object_hue"))
 
-    assert 600 <= image.width <= 700 and 300 <= image.height <= 450
+    assert 900 <= image.width <= 1000 and 300 <= image.height <= 450
     assert color_pixels(image, CANDIDATE_COLOR) > 300
     assert color_pixels(image, BASELINE_COLOR) > 300
 

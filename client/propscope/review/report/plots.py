@@ -55,12 +55,14 @@ def model_colors(models: Sequence[ModelEntry]) -> dict[str, str]:
 
 
 def curves_png(result: ReviewResult, property_name: str) -> bytes:
-    """Target probability against strength t = k/N per model: the mean over images as a line
-    and, with several images, the 10th-90th percentile across images as a band."""
-    figure = Figure(figsize=(_WIDTH_IN, 3.8), dpi=_DPI, layout="tight")
-    axes = figure.add_subplot()
+    """Per model, against strength t = k/N: the target probability (each image thin, the mean
+    thick) and how far it has moved from the original, |p_t - p_0|. With several images, bands
+    show the 10th-90th percentile across images. The second panel is the one to read when
+    images move in opposite directions (a flip up and a flip down average to a flat mean)."""
+    figure = Figure(figsize=(_WIDTH_IN * 1.45, 3.8), dpi=_DPI, layout="constrained")
+    probability, moved = figure.subplots(1, 2)
     colors = model_colors(result.models)
-    handles = []
+    several = len(result.images) > 1
     for model in result.models:
         curves = result.curves(model.label, property_name)
         if not curves.size:
@@ -68,20 +70,27 @@ def curves_png(result: ReviewResult, property_name: str) -> bytes:
         strength = np.linspace(0.0, 1.0, curves.shape[1])
         color = colors[model.label]
         label = f"{model.label} ({model.role})"
-        if curves.shape[0] > 1:
+        if several:
             label += f", mean of {curves.shape[0]} images"
-            low, high = np.percentile(curves, [10, 90], axis=0)
-            axes.fill_between(strength, low, high, color=color, alpha=0.2, linewidth=0)
-        handles += axes.plot(strength, curves.mean(axis=0), color=color, linewidth=2.5, label=label)
-    if len(result.images) > 1:
-        handles.append(
-            Patch(color="gray", alpha=0.3, label="band: 10th–90th percentile across images")
-        )
-    axes.set_xlim(0.0, 1.0)
-    axes.set_ylim(-0.02, 1.02)
-    _label(axes, f"{property_name}: prediction along the path", "strength t = k/N", "target p")
+            probability.plot(strength, curves.T, color=color, linewidth=0.6, alpha=0.25)
+        for axes, values in ((probability, curves), (moved, np.abs(curves - curves[:, :1]))):
+            if several:
+                low, high = np.percentile(values, [10, 90], axis=0)
+                axes.fill_between(strength, low, high, color=color, alpha=0.2, linewidth=0)
+            axes.plot(strength, values.mean(axis=0), color=color, linewidth=2.5, label=label)
+    for axes in (probability, moved):
+        axes.set_xlim(0.0, 1.0)
+        axes.set_ylim(-0.02, 1.02)
+    _label(
+        probability, f"{property_name}: prediction along the path", "strength t = k/N", "target p"
+    )
+    _label(moved, "change from the original", "strength t = k/N", "|p_t − p_0|")
+    handles, labels = moved.get_legend_handles_labels()
+    if several:
+        handles.append(Patch(color="gray", alpha=0.3))
+        labels.append("band: 10th–90th percentile across images; thin lines: single images")
     if handles:
-        axes.legend(handles=handles, fontsize=_LEGEND_SIZE, loc="best")
+        figure.legend(handles, labels, fontsize=_LEGEND_SIZE, loc="outside lower center", ncols=2)
     return _png(figure)
 
 
