@@ -9,15 +9,22 @@ STUBS := client/propscope/v1/explain_pb2.py
 PIPELINES := deploy/triton/pipelines
 TINY_PIPELINES := $(PIPELINES)/tiny-ip2p/propscope_tiny.json $(PIPELINES)/tiny-sd/propscope_tiny.json
 RUN_DIR := .run
+# The Node client: npm ci again only when the lock changes, the build again when a source or
+# the contract does.
+NODE_CLIENT := client/node
+NODE_INSTALLED := $(NODE_CLIENT)/node_modules/.installed
+NODE_BUILT := $(NODE_CLIENT)/dist/src/index.js
+NODE_SOURCES := $(NODE_CLIENT)/tsconfig.json \
+	$(shell find $(NODE_CLIENT)/src $(NODE_CLIENT)/examples $(NODE_CLIENT)/test -name '*.ts' -not -path '*/generated/*')
 SAMPLE := docs/sample.png
 DEMO_PROPERTIES := \
 	--property "object_hue=procedural:operation=hue,region=object" \
 	--property "patch=procedural:operation=blend" \
 	--property "background_brightness=procedural:operation=brightness,region=background,amount=0.2"
 
-.PHONY: setup test lint demo up down bench soak validate weights stubs pipelines clean
+.PHONY: setup test lint demo up down bench soak validate weights stubs pipelines node-client clean
 
-setup: $(INSTALLED) $(STUBS) $(TINY_PIPELINES)
+setup: $(INSTALLED) $(STUBS) $(TINY_PIPELINES) node-client
 
 $(INSTALLED): requirements.txt client/pyproject.toml server/pyproject.toml deploy/scripts/install-system-deps.sh
 	deploy/scripts/install-system-deps.sh
@@ -36,6 +43,15 @@ $(TINY_PIPELINES) &: | $(INSTALLED)
 	$(PY) -m propscope_server.triton_models.editors.diffusion.tiny_pipelines $(PIPELINES)
 
 pipelines: $(TINY_PIPELINES)
+
+$(NODE_INSTALLED): $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json | $(INSTALLED)
+	cd $(NODE_CLIENT) && npm ci --no-audit --no-fund
+	touch $@
+
+$(NODE_BUILT): $(NODE_INSTALLED) $(NODE_SOURCES) protos/propscope/v1/*.proto
+	cd $(NODE_CLIENT) && npm run build
+
+node-client: $(NODE_BUILT)
 
 test: setup
 	$(PY) -m pytest
@@ -78,3 +94,4 @@ weights: setup
 
 clean: down
 	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .ruff_cache
+	rm -rf $(NODE_CLIENT)/node_modules $(NODE_CLIENT)/dist $(NODE_CLIENT)/src/generated

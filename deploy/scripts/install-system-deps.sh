@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System packages the stack needs: redis-server (the path cache), the shared
-# libpython that Triton's python-backend stub links, and headless chromium (the
-# browser test of the review report renders it). Installed through
+# libpython that Triton's python-backend stub links, headless chromium (the
+# browser test of the review report renders it) and, where Node is missing,
+# Debian's nodejs and npm for the Node client (our machines bring Node 20). Installed through
 # apt when missing and we are root; otherwise say what is missing and go on
 # (the gateway falls back to its in-process cache without redis-server).
 set -euo pipefail
@@ -11,6 +12,7 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 ldconfig -p | grep -q "libpython${pyver}.so.1.0" || missing+=("libpython${pyver}")
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -1,0 +1,206 @@
+/**
+ * A typed client of the propscope gateway (`propscope.v1.ExplainService`) over @grpc/grpc-js.
+ *
+ * The contract is read at run time from the repository's `protos/` (never copied), and the
+ * `google/rpc/status.proto` it imports from the google-proto-files package; `npm run build`
+ * generates the types in `./generated` from the same files with the same options.
+ */
+
+import path from "node:path";
+
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+import { getProtoPath, loadSync } from "google-proto-files";
+
+import type { ProtoGrpcType } from "./generated/explain";
+import type { Accepted__Output } from "./generated/propscope/v1/Accepted";
+import type { Done__Output } from "./generated/propscope/v1/Done";
+import type { ExplainRequest } from "./generated/propscope/v1/ExplainRequest";
+import type { ExplainServiceClient } from "./generated/propscope/v1/ExplainService";
+import type { ModelInfo__Output } from "./generated/propscope/v1/ModelInfo";
+import type { Progress__Output } from "./generated/propscope/v1/Progress";
+import type { PropertyResult__Output } from "./generated/propscope/v1/PropertyResult";
+
+export { PROPERTY_SYNTAX, parseProperty } from "./properties";
+export type { ExplainRequest } from "./generated/propscope/v1/ExplainRequest";
+export type { Property } from "./generated/propscope/v1/Property";
+
+/** The repository's protos/, found from this file (dist/src/index.js) so that any cwd works. */
+const PROTO_DIR = path.resolve(__dirname, "..", "..", "..", "..", "protos");
+
+// The options of proto-loader-gen-types in package.json's build script, so that the generated
+// types describe what arrives: camelCase field names (propertyResult, pValue), uint64 seeds as
+// decimal strings (no precision lost), enums by name, unset fields as their defaults, and
+// `event` naming the member of the oneof that is set.
+const LOADER_OPTIONS: protoLoader.Options = {
+  keepCase: false,
+  longs: String,
+  enums: String,
+  defaults: true,
+  oneofs: true,
+  includeDirs: [PROTO_DIR, path.dirname(getProtoPath())],
+};
+// Results with returnPathImages hold many PNGs (the Python SDK allows the same).
+const MAX_RECEIVE_MESSAGE_BYTES = 256 * 1024 * 1024;
+const LOOPBACK_HOSTS = new Set(["127.0.0.1", "localhost", "[::1]"]);
+// The trailer in which the gateway sends the rich google.rpc.Status of a refusal.
+const STATUS_DETAILS_KEY = "grpc-status-details-bin";
+const BAD_REQUEST_TYPE_URL = "type.googleapis.com/google.rpc.BadRequest";
+
+export type Accepted = Accepted__Output;
+export type Progress = Progress__Output;
+export type PropertyResult = PropertyResult__Output;
+export type Done = Done__Output;
+export type ModelInfo = ModelInfo__Output;
+
+/** One event of an Explain stream: Accepted first, Progress and PropertyResult, Done last. */
+export type ExplainEvent = { requestId: string } & (
+  | { event: "accepted"; accepted: Accepted }
+  | { event: "progress"; progress: Progress }
+  | { event: "propertyResult"; propertyResult: PropertyResult }
+  | { event: "done"; done: Done }
+);
+
+export interface ClientOptions {
+  /** The gateway's bearer token, sent as `authorization: Bearer <token>`. */
+  token?: string;
+  /** TLS credentials (`grpc.credentials.createSsl(...)`); without them the channel is plaintext. */
+  credentials?: grpc.ChannelCredentials;
+  /** Sent with every call. */
+  metadata?: Record<string, string>;
+}
+
+export interface CallOptions {
+  /** When the call (for explain, the whole stream) is cancelled: a Date or epoch milliseconds. */
+  deadline?: grpc.Deadline;
+}
+
+export interface FieldViolation {
+  field: string;
+  description: string;
+}
+
+/** A failed call: the gRPC status and, for a refused request, the fields to change. */
+export class PropscopeError extends Error {
+  constructor(
+    readonly code: grpc.status,
+    readonly details: string,
+    readonly fieldViolations: FieldViolation[],
+  ) {
+    super(`${grpc.status[code] ?? "UNKNOWN"}: ${details}`);
+    this.name = "PropscopeError";
+  }
+
+  /** The status code's name, e.g. "NOT_FOUND". */
+  get codeName(): string {
+    return grpc.status[this.code] ?? "UNKNOWN";
+  }
+}
+
+export interface PropscopeClient {
+  /**
+   * Streams the explanation of `request.model`'s prediction on `request.image`. Breaking out of
+   * the loop cancels the call; a failed call throws a PropscopeError, also midway.
+   */
+  explain(request: ExplainRequest, options?: CallOptions): AsyncIterable<ExplainEvent>;
+  /** The classifiers and editors the gateway's Triton server serves. */
+  listModels(options?: CallOptions): Promise<ModelInfo[]>;
+  /** Closes the channel; calls in flight are cancelled. */
+  close(): void;
+}
+
+/** A client of the gateway at `target` (`host:port`). */
+export function createClient(target: string, options: ClientOptions = {}): PropscopeClient {
+  const host = target.slice(0, target.lastIndexOf(":"));
+  if (options.token && !options.credentials && !LOOPBACK_HOSTS.has(host)) {
+    process.emitWarning(`sending a bearer token to ${target} over a plaintext channel`);
+  }
+  const stub = new (explainService())(
+    target,
+    options.credentials ?? grpc.credentials.createInsecure(),
+    { "grpc.max_receive_message_length": MAX_RECEIVE_MESSAGE_BYTES },
+  );
+  const metadata = (): grpc.Metadata => {
+    const sent = new grpc.Metadata();
+    for (const [key, value] of Object.entries(options.metadata ?? {})) sent.add(key, value);
+    if (options.token) sent.add("authorization", `Bearer ${options.token}`);
+    return sent;
+  };
+  return {
+    async *explain(request, { deadline } = {}) {
+      const call = stub.Explain(request, metadata(), { deadline });
+      try {
+        for await (const message of call) {
+          // An event kind this proto does not know yet (a newer server) is skipped.
+          if (message.event) yield message as ExplainEvent;
+        }
+      } catch (error) {
+        throw asPropscopeError(error);
+      } finally {
+        call.cancel();
+      }
+    },
+    listModels({ deadline } = {}) {
+      return new Promise((resolve, reject) => {
+        stub.ListModels({}, metadata(), { deadline }, (error, response) => {
+          if (error || !response) reject(asPropscopeError(error));
+          else resolve(response.models);
+        });
+      });
+    },
+    close() {
+      stub.close();
+    },
+  };
+}
+
+let loadedService: ProtoGrpcType["propscope"]["v1"]["ExplainService"] | undefined;
+
+/** The service's client class, loaded once and only when a client is made. */
+function explainService(): ProtoGrpcType["propscope"]["v1"]["ExplainService"] {
+  if (!loadedService) {
+    const definition = protoLoader.loadSync("propscope/v1/explain.proto", LOADER_OPTIONS);
+    const proto = grpc.loadPackageDefinition(definition) as unknown as ProtoGrpcType;
+    loadedService = proto.propscope.v1.ExplainService;
+  }
+  return loadedService;
+}
+
+function asPropscopeError(error: unknown): unknown {
+  const failed = error as Partial<grpc.ServiceError> | null;
+  if (typeof failed?.code !== "number") return error;
+  return new PropscopeError(
+    failed.code,
+    failed.details ?? "",
+    fieldViolations(failed.metadata?.get(STATUS_DETAILS_KEY)[0]),
+  );
+}
+
+// Field names as in the .proto files (keepCase): protobufjs's own google.protobuf.Any has them so.
+interface DecodedStatus {
+  details: { type_url: string; value: Uint8Array }[];
+}
+
+interface DecodedBadRequest {
+  field_violations: FieldViolation[];
+}
+
+/** The google.rpc.BadRequest field violations of a rich status trailer, if any. */
+function fieldViolations(statusDetails: grpc.MetadataValue | undefined): FieldViolation[] {
+  if (!Buffer.isBuffer(statusDetails)) return [];
+  try {
+    const root = loadSync(getProtoPath("rpc", "error_details.proto"), { keepCase: true });
+    root.loadSync(getProtoPath("rpc", "status.proto"), { keepCase: true });
+    const status = root.lookupType("google.rpc.Status").decode(statusDetails) as unknown;
+    const badRequest = root.lookupType("google.rpc.BadRequest");
+    return (status as DecodedStatus).details
+      .filter((detail) => detail.type_url === BAD_REQUEST_TYPE_URL)
+      .flatMap((detail) => {
+        const decoded = badRequest.decode(detail.value) as unknown;
+        return (decoded as DecodedBadRequest).field_violations;
+      })
+      .map(({ field, description }) => ({ field, description }));
+  } catch {
+    return []; // an unreadable trailer must not hide the call's own error
+  }
+}

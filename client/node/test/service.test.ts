@@ -1,0 +1,128 @@
+/**
+ * The client and the example against the real running gateway at $PROPSCOPE_TARGET (`make test`
+ * runs them through tests/integration/test_node_client.py on its own stack).
+ */
+
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { readFileSync } from "node:fs";
+import path from "node:path";
+import { after, test } from "node:test";
+import { promisify } from "node:util";
+
+import * as grpc from "@grpc/grpc-js";
+
+import {
+  createClient,
+  parseProperty,
+  PropscopeError,
+  type ExplainEvent,
+  type ExplainRequest,
+} from "../src";
+
+const target = process.env.PROPSCOPE_TARGET;
+if (!target) {
+  throw new Error(
+    "PROPSCOPE_TARGET is not set: these tests need a running gateway, e.g. " +
+      "`make up`, then `PROPSCOPE_TARGET=127.0.0.1:50051 npm test`",
+  );
+}
+
+// dist/test/ -> the package root -> the repository.
+const PACKAGE_ROOT = path.resolve(__dirname, "..", "..");
+const SAMPLE = path.resolve(PACKAGE_ROOT, "..", "..", "docs", "sample.png");
+const EXAMPLE = path.join(PACKAGE_ROOT, "dist", "examples", "explain.js");
+const HUE = "object_hue=procedural:operation=hue,region=object";
+const TIMEOUT_MS = 120_000;
+
+const client = createClient(target);
+after(() => client.close());
+
+function request(overrides: Partial<ExplainRequest> = {}): ExplainRequest {
+  return {
+    image: readFileSync(SAMPLE),
+    model: { name: "synth_hue", predictedClass: true },
+    properties: [parseProperty(HUE)],
+    steps: 6,
+    seed: "7",
+    ...overrides,
+  };
+}
+
+async function explain(message: ExplainRequest): Promise<ExplainEvent[]> {
+  const events: ExplainEvent[] = [];
+  for await (const event of client.explain(message, { deadline: Date.now() + TIMEOUT_MS })) {
+    events.push(event);
+  }
+  return events;
+}
+
+function refusedWith(code: grpc.status, words: string, field?: string) {
+  return (error: unknown) => {
+    assert.ok(error instanceof PropscopeError, String(error));
+    assert.equal(error.codeName, grpc.status[code]);
+    assert.ok(error.details.includes(words), error.details);
+    if (field) assert.deepEqual(error.fieldViolations.map((v) => v.field), [field]);
+    return true;
+  };
+}
+
+test("ListModels lists synth_hue as a classifier and procedural as an editor", async () => {
+  const models = await client.listModels({ deadline: Date.now() + TIMEOUT_MS });
+  const roles = new Map(models.map((model) => [model.name, model.role]));
+  assert.equal(roles.get("synth_hue"), "ROLE_CLASSIFIER");
+  assert.equal(roles.get("procedural"), "ROLE_EDITOR");
+});
+
+test("Explain streams Accepted first, an OK result per property, Done last", async () => {
+  const events = await explain(request());
+  const first = events[0];
+  const last = events[events.length - 1];
+  assert.equal(first.event, "accepted");
+  assert.deepEqual(first.accepted.propertyNames, ["object_hue"]);
+  assert.equal(first.accepted.steps, 6);
+  assert.equal(last.event, "done");
+  assert.equal(last.done.propertiesFailed, 0);
+  assert.equal(new Set(events.map((event) => event.requestId)).size, 1);
+
+  const results = events.flatMap((event) =>
+    event.event === "propertyResult" ? [event.propertyResult] : [],
+  );
+  assert.equal(results.length, 1);
+  const [result] = results;
+  assert.equal(result.propertyName, "object_hue");
+  assert.equal(result.status?.code, 0);
+  assert.ok(Number.isFinite(result.score) && result.score > 0, `score ${result.score}`);
+  assert.equal(result.relevant, true); // the hue-biased model follows the object's hue
+  const [sample] = result.samples;
+  assert.equal(sample.seed, "7"); // uint64 as a decimal string
+  assert.equal(sample.predictionCurve.length, 6 + 1);
+  const curve = sample.predictionCurve;
+  assert.ok(curve.every((p) => p >= 0 && p <= 1), String(curve));
+});
+
+test("an unknown model is NOT_FOUND", async () => {
+  await assert.rejects(
+    explain(request({ model: { name: "no_such_model" } })),
+    refusedWith(grpc.status.NOT_FOUND, "'no_such_model'"),
+  );
+});
+
+test("a request without properties is INVALID_ARGUMENT naming the field", async () => {
+  await assert.rejects(
+    explain(request({ properties: [] })),
+    refusedWith(grpc.status.INVALID_ARGUMENT, "properties is empty", "properties"),
+  );
+});
+
+test("the example prints a line per property and the timings", async () => {
+  const options = ["--model", "synth_hue", "--property", HUE, "--steps", "6", "--target", target];
+  const { stdout } = await promisify(execFile)(process.execPath, [EXAMPLE, SAMPLE, ...options], {
+    timeout: TIMEOUT_MS,
+  });
+  assert.match(
+    stdout,
+    /^object_hue: score [\d.e+-]+, p-value [\d.e+-]+, significant yes, relevant yes, flipped yes$/m,
+  );
+  assert.match(stdout, /^done: total \d+ ms, edit \d+ ms, classify \d+ ms, .*, 0 failed$/m);
+});
