@@ -333,7 +333,10 @@ def review(
         _fail(str(error))
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    paths = review_package.write_reports(result, out)
+    try:
+        paths = review_package.write_reports(result, out)
+    except OSError as error:
+        _fail(f"cannot write the reports to {str(out)!r}: {error.strerror or error}")
     sys.stdout.write(paths["markdown"].read_text(encoding="utf-8"))
     typer.echo(
         f"propscope review: {'passed' if result.passed else 'FAILED'} in {result.seconds:.0f} s; "

@@ -182,3 +182,12 @@ def test_a_stack_serving_the_callers_model_repository_reviews_their_model(tmp_pa
     assert rules["max_flip_rate[object_hue]"] is False
     assert finished.returncode == 1
     assert [model["name"] for model in data["models"]] == ["team_classifier", "synth_hue"]
+
+
+def test_reports_that_cannot_be_written_exit_2(live_stack, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    finished = review(HUE_REVIEW, live_stack.gateway, blocker / "out")
+    assert finished.returncode == 2
+    assert "cannot write the reports" in finished.stderr
+    assert "Traceback" not in finished.stderr
