@@ -8,7 +8,6 @@ statistics show whether it did.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -40,8 +39,6 @@ __all__ = [
     "run_review",
     "settings_from_accepted",
 ]
-
-logger = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 Output = TypeVar("Output")
@@ -78,7 +75,7 @@ def run_review(
     properties = spec.property_list()
     _check_served(client, models, properties)
     follow_label = (spec.target_class or _default_target(images)) == "label"
-    run = _Run(spec, client, properties, follow_label)
+    run = _Run(spec, client, follow_label)
     total = len(images) * len(models)
     completed = 0
     counting = threading.Lock()
@@ -160,9 +157,7 @@ def settings_from_accepted(
 class _Run:
     """The explanation calls of one review, and the settings the first one resolved."""
 
-    def __init__(
-        self, spec: ReviewSpec, client: Client, properties: list[Property], follow_label: bool
-    ) -> None:
+    def __init__(self, spec: ReviewSpec, client: Client, follow_label: bool) -> None:
         self._spec = spec
         self._client = client
         self._follow_label = follow_label
