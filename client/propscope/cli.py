@@ -307,6 +307,27 @@ def review(
     """Check a candidate model (against a baseline) by the rules of SPEC over its image set.
 
     Exit code 0: every rule passed; 1: a rule failed; 2: the review could not run."""
+    try:
+        passed = _run_review(context.obj, spec_file, out, target, concurrency, progress)
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except Exception as error:
+        # Exit code 1 means "a rule failed": a bug must not pass for a verdict on the model.
+        logger.debug("the review failed", exc_info=True)
+        _fail(f"the review failed unexpectedly: {type(error).__name__}: {error} (-v shows where)")
+    if not passed:
+        raise typer.Exit(EXIT_RULE_FAILED)
+
+
+def _run_review(
+    connection: Connection,
+    spec_file: Path,
+    out: Path,
+    target: str | None,
+    concurrency: int | None,
+    progress: bool | None,
+) -> bool:
+    """Runs the review and writes its reports; whether every rule passed."""
     review_package = _review_package()
     try:
         spec, images = review_package.load_spec(spec_file)
@@ -325,7 +346,7 @@ def review(
     )
     try:
         with (
-            context.obj.client(address, spec.service.timeout_s) as client,
+            connection.client(address, spec.service.timeout_s) as client,
             _review_progress(show_bar) as report,
         ):
             result = review_package.run_review(spec, images, client, on_progress=report)
@@ -343,8 +364,7 @@ def review(
         f"reports in {out}/ ({', '.join(path.name for path in paths.values())})",
         err=True,
     )
-    if not result.passed:
-        raise typer.Exit(EXIT_RULE_FAILED)
+    return result.passed
 
 
 def _review_package() -> Any:

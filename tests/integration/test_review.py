@@ -116,6 +116,30 @@ def test_an_unreachable_service_exits_2(tmp_path):
     assert "Traceback" not in finished.stderr
 
 
+def test_an_unreadable_image_exits_2_naming_it(live_stack, tmp_path):
+    (tmp_path / "broken.png").write_text("not a PNG")
+    manifest = (EXAMPLES / "manifest.csv").read_text().replace("images/", f"{EXAMPLES}/images/")
+    (tmp_path / "manifest.csv").write_text(manifest + "broken.png,0\n")
+    spec = tmp_path / "broken.yaml"
+    spec.write_text(HUE_REVIEW.read_text())
+    finished = review(spec, live_stack.gateway, tmp_path / "out")
+    assert finished.returncode == 2
+    assert "cannot use image" in finished.stderr and "broken.png" in finished.stderr
+    assert "Traceback" not in finished.stderr
+
+
+def test_a_request_the_service_refuses_exits_2_with_its_status(live_stack, tmp_path):
+    spec = tmp_path / "refused.yaml"
+    text = HUE_REVIEW.read_text().replace("operation=blend", "operation=melt")
+    spec.write_text(
+        text.replace("manifest: manifest.csv", f"manifest: {EXAMPLES / 'manifest.csv'}")
+    )
+    finished = review(spec, live_stack.gateway, tmp_path / "out")
+    assert finished.returncode == 2
+    assert "INVALID_ARGUMENT" in finished.stderr and "melt" in finished.stderr
+    assert "Traceback" not in finished.stderr
+
+
 def test_an_unknown_candidate_exits_2_listing_the_served_classifiers(live_stack, tmp_path):
     spec = tmp_path / "unknown.yaml"
     text = HUE_REVIEW.read_text().replace("name: synth_hue", "name: synth_typo")
@@ -173,14 +197,14 @@ def test_a_stack_serving_the_callers_model_repository_reviews_their_model(tmp_pa
             text.replace("manifest: manifest.csv", f"manifest: {EXAMPLES / 'manifest.csv'}")
         )
         finished = review(spec, f"127.0.0.1:{port}", tmp_path / "out")
-        data = json.loads((tmp_path / "out" / "review.json").read_text())
     finally:
         subprocess.run([server, "down", "--run-dir", str(run_dir)], timeout=60)
+    assert finished.returncode == 1, finished.stderr
     # The same weights as the baseline: no regression, but the hue flips stay.
+    data = json.loads((tmp_path / "out" / "review.json").read_text())
     rules = {rule["name"]: rule["passed"] for rule in data["rules"]}
     assert rules["no_regression[object_hue]"] is True
     assert rules["max_flip_rate[object_hue]"] is False
-    assert finished.returncode == 1
     assert [model["name"] for model in data["models"]] == ["team_classifier", "synth_hue"]
 
 

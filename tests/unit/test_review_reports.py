@@ -93,16 +93,34 @@ def test_write_reports_writes_strict_json_that_keeps_every_number(tmp_path):
 
 def test_json_writes_non_finite_numbers_as_null(tmp_path):
     result = sample_review()
-    data = json.loads(
-        write_reports(replace(result, seconds=math.nan), tmp_path)["json"].read_text()
+    original = result.observations[0]
+    first = replace(original, p_value=math.inf, curve=(math.nan, *original.curve[1:]))
+    outcome = replace(result.outcomes[0], details={"p_value": math.nan})
+    broken = replace(
+        result,
+        seconds=math.nan,
+        observations=(first, *result.observations[1:]),
+        outcomes=(outcome, *result.outcomes[1:]),
     )
+    data = json.loads(write_reports(broken, tmp_path)["json"].read_text())
     assert data["seconds"] is None
+    assert data["observations"][0]["p_value"] is None
+    assert data["observations"][0]["curve"] == [None, *original.curve[1:]]
+    assert data["rules"][0]["details"]["p_value"] is None
+
+
+def test_junit_stays_valid_xml_with_control_characters_in_text():
+    result = sample_review()
+    outcome = replace(result.outcomes[0], message="bad \x1b[31mred\x00")
+    text = render_junit(replace(result, title="t\x07", outcomes=(outcome, *result.outcomes[1:])))
+    failure = ET.fromstring(text.encode()).find("testsuite/testcase/failure")
+    assert failure.get("message") == "bad \ufffd[31mred\ufffd"
 
 
 def test_markdown_leads_with_the_verdict_and_names_the_failed_rule():
     text = render_markdown(sample_review())
 
-    assert "❌ **1 of 3 rules failed**" in text
+    assert "❌ **1 of 3 rule checks failed**" in text
     assert "| no_regression | object_hue | ❌ failed | mean score 0.05 > 1.1 × 0.004 |" in text
     # A '|' inside a cell is escaped, so the table keeps its four columns.
     assert "flip rate 0% ≤ 10% \\| no flips" in text
@@ -115,7 +133,7 @@ def test_markdown_of_a_passing_review():
     result = sample_review(properties=("patch", "object_hue"))
     # The regression is on the first property; drop the failed outcome.
     passing = replace(result, outcomes=result.outcomes[1:])
-    assert "✅ **passed**: all 2 rules hold." in render_markdown(passing)
+    assert "✅ **passed**: all 2 rule checks hold." in render_markdown(passing)
 
 
 def test_html_embeds_every_plot_as_a_decodable_png_and_nothing_external():
@@ -137,7 +155,7 @@ def test_html_embeds_every_plot_as_a_decodable_png_and_nothing_external():
     assert decode_png(base64.b64decode(strip_images[0])).size == (8, 8)
     assert "image-rendering: pixelated" in html
     assert f"p {result.strips[0].curves[BASELINE.label][10]:.3f}" in html
-    assert "Failed: 1 of 3 rules failed." in html
+    assert "Failed: 1 of 3 rule checks failed." in html
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html)
     assert "<script" not in html and "<link" not in html
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,12 @@ def test_structured_editor_parameters_become_strings(tmp_path):
         (lambda t: t + "target_class: label\n", "some images have no label"),
         (lambda t: t + "  - just a list item\n", "not valid YAML"),
         (lambda t: "- a list\n", "must be a YAML mapping"),
+        (lambda t: t + "rules: []\nrules: []\n", "key 'rules' given twice"),
+        (lambda t: t.replace('  hue: "', '  "hue ": "'), "surrounding blanks"),
+        (
+            lambda t: t.replace("baseline: {name: old}", "baseline: {name: new, output: probs}"),
+            "same model and version",
+        ),
     ],
 )
 def test_spec_errors_name_the_problem(tmp_path, change, message):
@@ -105,13 +112,46 @@ def test_spec_errors_name_the_problem(tmp_path, change, message):
         ("image,label\nimages/missing.png,0\n", "no image at"),
         ("path,label\nimages/0.png,0\n", "needs an 'image' column"),
         ("image,label\n", "the image set is empty"),
+        ("image,label\nimages/0.png,\u00b2\n", "is not a class index"),
+        (b"image,label\nimages/0.png,\xff\n", "not a UTF-8 CSV file"),
     ],
 )
 def test_manifest_errors_name_the_line(tmp_path, manifest, message):
     write_set(tmp_path, ["0"])
-    (tmp_path / "manifest.csv").write_text(manifest)
+    target = tmp_path / "manifest.csv"
+    target.write_bytes(manifest) if isinstance(manifest, bytes) else target.write_text(manifest)
     with pytest.raises(SpecError, match=message):
         load_spec(spec_file(tmp_path, MINIMAL))
+
+
+def test_a_spec_that_is_not_utf8_is_a_spec_error(tmp_path):
+    write_set(tmp_path, ["0"])
+    path = tmp_path / "review.yaml"
+    path.write_bytes(MINIMAL.encode() + b"title: caf\xe9\n")
+    with pytest.raises(SpecError, match="not UTF-8"):
+        load_spec(path)
+
+
+def test_integer_versions_and_spreadsheet_manifests_are_read(tmp_path):
+    write_set(tmp_path, ["0", "1"])
+    manifest = (tmp_path / "manifest.csv").read_text().replace("image,label", "image, label")
+    (tmp_path / "manifest.csv").write_bytes(b"\xef\xbb\xbf" + manifest.encode())
+    spec, images = load_spec(
+        spec_file(tmp_path, MINIMAL.replace("{name: new}", "{name: new, version: 2}"))
+    )
+    assert spec.candidate.version == "2"
+    assert [image.label for image in images] == [0, 1]
+
+
+def test_no_regression_refuses_a_set_too_small_to_ever_fail(tmp_path):
+    write_set(tmp_path, ["0"] * 4)
+    rules = "rules: [{rule: no_regression, alpha: 0.05}]\n"
+    with pytest.raises(
+        SpecError, match="needs at least 5 images to be able to fail; the set has 4"
+    ):
+        load_spec(spec_file(tmp_path, MINIMAL + rules))
+    write_set(tmp_path, ["0"] * 5)
+    load_spec(spec_file(tmp_path, MINIMAL + rules))
 
 
 def test_a_missing_spec_file_is_a_spec_error(tmp_path):
@@ -254,6 +294,17 @@ def test_max_score_and_max_flip_rate_compare_the_candidates_means():
 
 
 def test_a_rule_without_properties_checks_every_property():
-    result = result_with({"score": [0.1]}, {"score": [0.1]})
-    outcomes = evaluate_rules(rules_of([{"rule": "max_score", "max": 1}]), result)
-    assert [outcome.property_name for outcome in outcomes] == ["hue"]
+    one = result_with({"score": [0.1]}, {"score": [0.1]})
+    renamed = [replace(obs, property_name="size") for obs in one.observations]
+    both = replace(one, properties=("hue", "size"), observations=one.observations + tuple(renamed))
+    outcomes = evaluate_rules(rules_of([{"rule": "max_score", "max": 1}]), both)
+    assert [outcome.property_name for outcome in outcomes] == ["hue", "size"]
+
+
+def test_rules_refuse_missing_or_non_finite_numbers():
+    result = result_with({"score": [0.1, float("nan")]}, {"score": [0.1, 0.1]})
+    with pytest.raises(ValueError, match="non-finite score"):
+        evaluate_rules(rules_of([{"rule": "no_regression"}]), result)
+    empty = replace(result, observations=())
+    with pytest.raises(ValueError, match="no observation of property 'hue'"):
+        evaluate_rules(rules_of([{"rule": "max_score", "max": 1}]), empty)

@@ -51,6 +51,9 @@ class ModelEntry:
     version: str = ""
     # The output tensor to read; empty means the model's first.
     output: str = ""
+    # The version the service resolved and explained (the latest ready one when ``version`` is
+    # empty): what the review actually looked at.
+    served_version: str = ""
 
     @property
     def label(self) -> str:
@@ -81,10 +84,6 @@ class Observation:
     curve: tuple[float, ...]
     cache_hits: int
     cache_misses: int
-
-    @property
-    def flipped(self) -> bool:
-        return self.flip_rate > 0
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)

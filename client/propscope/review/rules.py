@@ -47,6 +47,8 @@ def paired_regression_p_value(differences: np.ndarray) -> float:
 def _evaluate(rule: Rule, result: ReviewResult, property_name: str) -> RuleOutcome:
     candidate = result.model("candidate")
     assert candidate is not None, "a review always has a candidate"
+    if not result.select(candidate.label, property_name):
+        raise ValueError(f"no observation of property {property_name!r} to check {rule.rule} on")
     if isinstance(rule, NotSignificantRule):
         return _not_significant(rule, result, candidate.label, property_name)
     if isinstance(rule, MaxScoreRule):
@@ -103,6 +105,10 @@ def _no_regression(
     baseline_values = result.values(baseline.label, property_name, rule.metric)
     allowed = (1 + rule.tolerance) * baseline_values + rule.margin
     differences = candidate_values - allowed
+    if not np.all(np.isfinite(differences)):
+        raise ValueError(
+            f"{property_name}: non-finite {rule.metric} values; the test needs numbers"
+        )
     p_value = paired_regression_p_value(differences)
     regressed = bool(differences.mean() > 0 and p_value < rule.alpha)
     candidate_mean, baseline_mean = float(candidate_values.mean()), float(baseline_values.mean())

@@ -89,9 +89,8 @@ def run_review(
             observations += [observation_from_result(image.id, model.label, r) for r in results]
             with counting:
                 completed += 1
-                progress = ReviewProgress(completed, total, image.id, model.label)
-            if on_progress is not None:
-                on_progress(progress)
+                if on_progress is not None:
+                    on_progress(ReviewProgress(completed, total, image.id, model.label))
         return observations
 
     found = _map_or_raise(explain_image, images, spec.concurrency)
@@ -100,7 +99,10 @@ def run_review(
     result = ReviewResult(
         title=spec.title,
         settings=run.settings,
-        models=tuple(models),
+        models=tuple(
+            replace(model, served_version=run.served_versions.get(model.label, ""))
+            for model in models
+        ),
         properties=tuple(prop.name for prop in properties),
         images={image.id: image.label for image in images},
         observations=tuple(obs for observations in found for obs in observations),
@@ -162,6 +164,8 @@ class _Run:
         self._client = client
         self._follow_label = follow_label
         self.settings: Settings | None = None
+        # Model label -> the version the service resolved for it.
+        self.served_versions: dict[str, str] = {}
 
     def explain(
         self,
@@ -192,8 +196,9 @@ class _Run:
                 return_path_images=with_paths,
                 timeout=self._spec.service.timeout_s,
             ):
-                if isinstance(event, Accepted) and self.settings is None:
-                    self.settings = settings_from_accepted(
+                if isinstance(event, Accepted):
+                    self.served_versions[model.label] = event.model_version
+                    self.settings = self.settings or settings_from_accepted(
                         self._client.target,
                         event,
                         seed=options.seed,

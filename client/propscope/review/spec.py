@@ -7,6 +7,7 @@ typo never silently drops a rule. See docs/review.md for the format with an exam
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -38,6 +39,9 @@ class ServiceSpec(_Strict):
 
 
 class ModelSpec(_Strict):
+    # Triton versions are numbers; `version: 2` means "2".
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+
     name: str = Field(min_length=1)
     version: str = ""
     output: str = ""
@@ -58,6 +62,8 @@ class ImagesSpec(_Strict):
 
 
 class EditorSpec(_Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+
     editor: str = Field(min_length=1)
     version: str = ""
     parameters: dict[str, str | int | float | bool] = {}
@@ -148,13 +154,18 @@ class ReviewSpec(_Strict):
     @classmethod
     def _properties_parse(cls, value: dict[str, str | EditorSpec]) -> dict[str, str | EditorSpec]:
         for name, source in value.items():
+            if name != name.strip() or not name:
+                raise ValueError(f"property name {name!r} is empty or has surrounding blanks")
             _to_property(name, source)
         return value
 
     @model_validator(mode="after")
     def _consistent(self) -> ReviewSpec:
-        if self.baseline is not None and self.baseline == self.candidate:
-            raise ValueError("baseline and candidate are the same model")
+        if self.baseline is not None and (self.baseline.name, self.baseline.version) == (
+            self.candidate.name,
+            self.candidate.version,
+        ):
+            raise ValueError("baseline and candidate are the same model and version")
         for index, rule in enumerate(self.rules):
             unknown = sorted(set(rule.properties or ()) - set(self.properties))
             if unknown:
@@ -194,12 +205,28 @@ class ImageEntry:
     label: int | None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice: PyYAML would keep the last silently, and a second
+    ``rules:`` block would drop the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        for index, key in enumerate(keys):
+            if key in keys[:index]:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice", node.value[index][0].start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_spec(path: Path) -> tuple[ReviewSpec, list[ImageEntry]]:
     """The validated spec and its images; ``SpecError`` names what is wrong."""
     try:
-        raw: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw: Any = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except OSError as error:
         raise SpecError(f"cannot read the spec {str(path)!r}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise SpecError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except yaml.YAMLError as error:
         raise SpecError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
@@ -211,6 +238,15 @@ def load_spec(path: Path) -> tuple[ReviewSpec, list[ImageEntry]]:
     images = _image_entries(spec.images, path.parent)
     if spec.target_class == "label" and any(image.label is None for image in images):
         raise SpecError(f"{path}: target_class is 'label' but some images have no label")
+    for index, rule in enumerate(spec.rules):
+        if isinstance(rule, NoRegressionRule) and 0.5 ** len(images) >= rule.alpha:
+            # The one-sided signed-rank test's smallest p-value is 1/2^n: below that, the rule
+            # could never fail, and a gate that cannot fail is worse than none.
+            needed = math.floor(math.log2(1 / rule.alpha)) + 1
+            raise SpecError(
+                f"{path}: rules[{index}]: no_regression at alpha {rule.alpha:g} needs at least "
+                f"{needed} images to be able to fail; the set has {len(images)}"
+            )
     return spec, images
 
 
@@ -238,13 +274,16 @@ def _image_entries(images: ImagesSpec, base: Path) -> list[ImageEntry]:
 
 def _manifest_entries(manifest: Path) -> list[ImageEntry]:
     try:
-        with manifest.open(newline="", encoding="utf-8") as file:
-            rows = list(csv.DictReader(file))
+        # utf-8-sig: spreadsheets start their CSV files with a byte-order mark.
+        with manifest.open(newline="", encoding="utf-8-sig") as file:
+            rows = list(csv.DictReader(file, skipinitialspace=True))
             columns = set(rows[0]) if rows else set()
     except OSError as error:
         raise SpecError(
             f"cannot read images.manifest {str(manifest)!r}: {error.strerror}"
         ) from None
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise SpecError(f"{manifest}: not a UTF-8 CSV file: {error}") from None
     if rows and "image" not in columns:
         raise SpecError(f"{manifest}: the manifest needs an 'image' column")
     entries = []
@@ -257,7 +296,7 @@ def _manifest_entries(manifest: Path) -> list[ImageEntry]:
         if image in seen:
             raise SpecError(f"{manifest}:{line}: {image!r} is listed twice")
         seen.add(image)
-        if label_text and not label_text.isdigit():
+        if label_text and not (label_text.isascii() and label_text.isdigit()):
             raise SpecError(f"{manifest}:{line}: label {label_text!r} is not a class index")
         path = manifest.parent / image
         if not path.is_file():

@@ -31,6 +31,7 @@ class ModelSummary:
     # Fractions of the images, in [0, 1].
     significant: float
     relevant: float
+    # The mean over images of each image's fraction of paths whose prediction flips.
     flip_rate: float
     probability_change: float
 

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import math
+import re
 import xml.etree.ElementTree as ET
 
 from propscope.review.results import ReviewResult
 
 __all__ = ["render_junit"]
+
+# Characters XML 1.0 cannot hold, even escaped; ElementTree would write them and break the file.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _xml_text(text: str) -> str:
+    return _NOT_XML.sub("\ufffd", text)
 
 
 def render_junit(result: ReviewResult) -> str:
@@ -19,19 +27,27 @@ def render_junit(result: ReviewResult) -> str:
         "time": f"{result.seconds if math.isfinite(result.seconds) else 0.0:.3f}",
     }
     suites = ET.Element("testsuites", name="propscope review", **counts)
-    suite = ET.SubElement(suites, "testsuite", name=f"propscope review: {result.title}", **counts)
+    suite = ET.SubElement(
+        suites, "testsuite", name=_xml_text(f"propscope review: {result.title}"), **counts
+    )
     for outcome in result.outcomes:
         case = ET.SubElement(
             suite,
             "testcase",
-            classname=f"propscope.review.{outcome.property_name}",
-            name=outcome.name,
+            classname=_xml_text(f"propscope.review.{outcome.property_name}"),
+            name=_xml_text(outcome.name),
             time="0",
         )
         if not outcome.passed:
-            failure = ET.SubElement(case, "failure", message=outcome.message, type=outcome.rule)
-            failure.text = "\n".join(
-                [outcome.message, *(f"{key}: {value}" for key, value in outcome.details.items())]
+            message = _xml_text(outcome.message)
+            failure = ET.SubElement(case, "failure", message=message, type=outcome.rule)
+            failure.text = _xml_text(
+                "\n".join(
+                    [
+                        outcome.message,
+                        *(f"{key}: {value}" for key, value in outcome.details.items()),
+                    ]
+                )
             )
     ET.indent(suites)
     return ET.tostring(suites, encoding="utf-8", xml_declaration=True).decode("utf-8") + "\n"

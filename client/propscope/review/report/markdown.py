@@ -54,8 +54,8 @@ def _headline(result: ReviewResult) -> str:
     if not total:
         return "No rules were checked."
     if result.passed:
-        return f"✅ **passed**: all {total} rules hold."
-    return f"❌ **{len(result.failures)} of {total} rules failed**."
+        return f"✅ **passed**: all {total} rule checks hold."
+    return f"❌ **{len(result.failures)} of {total} rule checks failed**."
 
 
 def _cache_line(result: ReviewResult) -> str:
