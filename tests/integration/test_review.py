@@ -27,6 +27,18 @@ def propscope_cli(*arguments: str, timeout: float = 300) -> subprocess.Completed
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
+def example_variant(path: Path, *replacements: tuple[str, str]) -> Path:
+    """The example spec with each (old, new) replaced once, written to ``path`` with its
+    manifest still the example's."""
+    text = HUE_REVIEW.read_text()
+    for old, new in replacements:
+        text = text.replace(old, new, 1)
+    path.write_text(
+        text.replace("manifest: manifest.csv", f"manifest: {EXAMPLES / 'manifest.csv'}")
+    )
+    return path
+
+
 def review(spec: Path, target: str, out: Path) -> subprocess.CompletedProcess:
     return propscope_cli("review", str(spec), "--target", target, "--out", str(out))
 
@@ -83,15 +95,12 @@ def test_the_review_prints_its_markdown_summary_and_writes_the_html(hue_review):
 
 
 def test_the_reverse_review_passes_with_exit_code_0(live_stack, tmp_path):
-    text = HUE_REVIEW.read_text()
-    text = text.replace("name: synth_hue", "name: CANDIDATE").replace(
-        "name: synth_unbiased", "name: synth_hue"
+    spec = example_variant(
+        tmp_path / "reverse.yaml",
+        ("name: synth_unbiased", "name: synth_hue"),
+        ("name: synth_hue", "name: synth_unbiased"),
+        ("  - rule: max_flip_rate\n    properties: [object_hue]\n    max: 0.25\n", ""),
     )
-    text = text.replace("name: CANDIDATE", "name: synth_unbiased")
-    text = text.replace("manifest: manifest.csv", f"manifest: {EXAMPLES / 'manifest.csv'}")
-    text = re.sub(r"  - rule: max_flip_rate\n(    .*\n)+?(?=  - rule)", "", text)
-    spec = tmp_path / "reverse.yaml"
-    spec.write_text(text)
     finished = review(spec, live_stack.gateway, tmp_path / "out")
     assert finished.returncode == 0, finished.stdout + finished.stderr
     suite = ElementTree.parse(tmp_path / "out" / "junit.xml").getroot().find("testsuite")
@@ -129,11 +138,7 @@ def test_an_unreadable_image_exits_2_naming_it(live_stack, tmp_path):
 
 
 def test_a_request_the_service_refuses_exits_2_with_its_status(live_stack, tmp_path):
-    spec = tmp_path / "refused.yaml"
-    text = HUE_REVIEW.read_text().replace("operation=blend", "operation=melt")
-    spec.write_text(
-        text.replace("manifest: manifest.csv", f"manifest: {EXAMPLES / 'manifest.csv'}")
-    )
+    spec = example_variant(tmp_path / "refused.yaml", ("operation=blend", "operation=melt"))
     finished = review(spec, live_stack.gateway, tmp_path / "out")
     assert finished.returncode == 2
     assert "INVALID_ARGUMENT" in finished.stderr and "melt" in finished.stderr
@@ -141,11 +146,7 @@ def test_a_request_the_service_refuses_exits_2_with_its_status(live_stack, tmp_p
 
 
 def test_an_unknown_candidate_exits_2_listing_the_served_classifiers(live_stack, tmp_path):
-    spec = tmp_path / "unknown.yaml"
-    text = HUE_REVIEW.read_text().replace("name: synth_hue", "name: synth_typo")
-    spec.write_text(
-        text.replace("manifest: manifest.csv", f"manifest: {EXAMPLES / 'manifest.csv'}")
-    )
+    spec = example_variant(tmp_path / "unknown.yaml", ("name: synth_hue", "name: synth_typo"))
     finished = review(spec, live_stack.gateway, tmp_path / "out")
     assert finished.returncode == 2
     assert "candidate model 'synth_typo' is not served" in finished.stderr
@@ -190,11 +191,10 @@ def test_a_stack_serving_the_callers_model_repository_reviews_their_model(tmp_pa
     )  # fmt: skip
     try:
         assert started.returncode == 0, started.stdout + started.stderr
-        spec = tmp_path / "team.yaml"
-        text = HUE_REVIEW.read_text().replace("name: synth_unbiased", "name: synth_hue", 1)
-        text = text.replace("name: synth_hue", "name: team_classifier", 1)
-        spec.write_text(
-            text.replace("manifest: manifest.csv", f"manifest: {EXAMPLES / 'manifest.csv'}")
+        spec = example_variant(
+            tmp_path / "team.yaml",
+            ("name: synth_unbiased", "name: synth_hue"),
+            ("name: synth_hue", "name: team_classifier"),
         )
         finished = review(spec, f"127.0.0.1:{port}", tmp_path / "out")
     finally:
