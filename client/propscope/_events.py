@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import enum
-import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from propscope._errors import status_code_from_int
+from propscope._json import dataclass_dict, finite_or_none
 from propscope.v1 import explain_pb2
 
 __all__ = [
@@ -35,27 +35,6 @@ __all__ = [
     "TensorInfo",
     "event_from_proto",
 ]
-
-
-def _number(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def _plain(value: Any) -> Any:
-    """A JSON-ready copy of one dataclass field value."""
-    if isinstance(value, float):
-        return _number(value)
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, tuple):
-        return [_plain(item) for item in value]
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    return value
-
-
-def _to_dict(obj: Any) -> dict[str, Any]:
-    return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)}
 
 
 def _readonly(array: np.ndarray) -> np.ndarray:
@@ -90,7 +69,7 @@ class Accepted:
         return _copy_fields(cls, msg, request_id)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
+        return dataclass_dict(self)
 
 
 @dataclass(frozen=True)
@@ -108,7 +87,7 @@ class Progress:
         return _copy_fields(cls, msg, request_id)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
+        return dataclass_dict(self)
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,11 +133,12 @@ class SampleResult:
     def to_dict(self) -> dict[str, Any]:
         result: dict[str, Any] = {
             "seed": self.seed,
-            "score": _number(self.score),
-            "p_value": _number(self.p_value),
+            "score": finite_or_none(self.score),
+            "p_value": finite_or_none(self.p_value),
             # float32 on the wire: spell each value as the float32 it was.
             "prediction_curve": [
-                _number(float(str(value))) for value in self.prediction_curve.astype(np.float32)
+                finite_or_none(float(str(value)))
+                for value in self.prediction_curve.astype(np.float32)
             ],
             "predicted_classes": self.predicted_classes.tolist(),
             "cache_hit": self.cache_hit,
@@ -238,7 +218,7 @@ class PropertyResult:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        result = _to_dict(self)
+        result = dataclass_dict(self)
         result["status_code"] = self.status_code.name
         result["ok"] = self.ok
         return result
@@ -261,7 +241,7 @@ class Done:
         return _copy_fields(cls, msg, request_id)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
+        return dataclass_dict(self)
 
 
 Event = Accepted | Progress | PropertyResult | Done
@@ -312,7 +292,7 @@ class TensorInfo:
         return cls(name=msg.name, datatype=msg.datatype, shape=tuple(msg.shape))
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
+        return dataclass_dict(self)
 
 
 @dataclass(frozen=True)
@@ -334,7 +314,7 @@ class EditorParameter:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
+        return dataclass_dict(self)
 
 
 @dataclass(frozen=True)
@@ -366,4 +346,4 @@ class ModelInfo:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
+        return dataclass_dict(self)

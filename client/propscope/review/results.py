@@ -8,10 +8,12 @@ every number the Markdown, JUnit and HTML reports show.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+
+from propscope._json import dataclass_dict, plain
 
 __all__ = [
     "CacheStats",
@@ -24,22 +26,6 @@ __all__ = [
 ]
 
 Role = Literal["candidate", "baseline", "model"]
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, tuple | list):
-        return [_plain(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    return value
-
-
-def _to_dict(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj) if f.name not in skip}
 
 
 @dataclass(frozen=True)
@@ -60,7 +46,7 @@ class ModelEntry:
         return f"{self.name}:{self.version}" if self.version else self.name
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
+        return dataclass_dict(self)
 
 
 @dataclass(frozen=True)
@@ -86,7 +72,7 @@ class Observation:
     cache_misses: int
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
+        return dataclass_dict(self)
 
 
 @dataclass(frozen=True)
@@ -101,7 +87,7 @@ class PathStrip:
     curves: dict[str, tuple[float, ...]]
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self, skip=("images",))
+        return dataclass_dict(self, skip=("images",))
 
 
 @dataclass(frozen=True)
@@ -120,7 +106,7 @@ class RuleOutcome:
         return f"{self.rule}[{self.property_name}]"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **_to_dict(self)}
+        return {"name": self.name, **dataclass_dict(self)}
 
 
 @dataclass(frozen=True)
@@ -134,7 +120,7 @@ class CacheStats:
         return self.hits / total if total else math.nan
 
     def to_dict(self) -> dict[str, Any]:
-        return {"hits": self.hits, "misses": self.misses, "hit_rate": _plain(self.hit_rate)}
+        return {"hits": self.hits, "misses": self.misses, "hit_rate": plain(self.hit_rate)}
 
 
 @dataclass(frozen=True)
@@ -153,7 +139,7 @@ class Settings:
     target_class: str
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
+        return dataclass_dict(self)
 
 
 @dataclass(frozen=True)
@@ -222,12 +208,12 @@ class ReviewResult:
         return {
             "title": self.title,
             "passed": self.passed,
-            "seconds": _plain(self.seconds),
+            "seconds": plain(self.seconds),
             "settings": self.settings.to_dict(),
             "models": [
                 {
                     **entry.to_dict(),
-                    "accuracy": _plain(self.accuracy(entry.label)),
+                    "accuracy": plain(self.accuracy(entry.label)),
                     "cache": self.cache(entry.label).to_dict(),
                 }
                 for entry in self.models
