@@ -5,6 +5,9 @@ hue rotation, brightness shift, saturation scaling, Gaussian blur, optionally
 restricted to the object or the background; alpha-blending a colorful patch
 (the paper's skin-lesion sticker intervention, strength = alpha); and scaling
 the object about its centre (its size).
+
+The object is `regions.object_mask`: exact on a plain background, unreliable on
+photographs (the gateway says so; a caller's own region is the reliable way there).
 """
 
 from __future__ import annotations
@@ -15,31 +18,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 from scipy import ndimage
 
+from propscope_server.regions import border_colour, object_mask
 from propscope_server.synthetic.world import colorful_patch
-
-# A pixel belongs to the object when it differs from the border's median colour by more.
-OBJECT_THRESHOLD = 24
-
-
-def border_colour(image: np.ndarray) -> np.ndarray:
-    """The median colour of the image's outermost pixels: the background's colour."""
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    return np.median(border, axis=0)
-
-
-def object_mask(image: np.ndarray) -> np.ndarray:
-    """The largest connected region that differs from the border colour.
-
-    Exact on the synthetic world (plain background); on photographs it is a
-    rough foreground estimate, good enough to restrict an edit.
-    """
-    background = border_colour(image)
-    differs = np.abs(image.astype(np.int16) - background).max(axis=-1) > OBJECT_THRESHOLD
-    labels, count = ndimage.label(differs)
-    if count == 0:
-        return differs
-    sizes = ndimage.sum_labels(differs, labels, index=np.arange(1, count + 1))
-    return labels == (int(np.argmax(sizes)) + 1)
 
 
 def _rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
@@ -113,10 +93,11 @@ def _blend_patch(image: np.ndarray, alpha: float, box: tuple[int, int, int]) -> 
     return out.round().astype(np.uint8)
 
 
-def _scale_object(image: np.ndarray, factor: float) -> np.ndarray:
-    """The object resized by `factor` about its centroid, nearest-neighbour so that
-    factor 1 is the identity; where it no longer covers, the border colour shows."""
-    mask = object_mask(image)
+def _scale_object(
+    image: np.ndarray, factor: float, mask: np.ndarray, background: np.ndarray
+) -> np.ndarray:
+    """The object (`mask`) resized by `factor` about its centroid, nearest-neighbour so
+    that factor 1 is the identity; where it no longer covers, `background` shows."""
     if not mask.any():
         return image.copy()
     centre_y, centre_x = np.argwhere(mask).mean(axis=0) + 0.5
@@ -126,22 +107,49 @@ def _scale_object(image: np.ndarray, factor: float) -> np.ndarray:
     scaled = np.stack(
         [ndimage.map_coordinates(image[..., c], source, order=0) for c in range(3)], axis=-1
     )
-    out = image.copy()
-    out[mask] = np.round(border_colour(image)).astype(np.uint8)
+    out = background.copy()
     out[scaled_mask] = scaled[scaled_mask]
     return out
 
 
+def _fill_background(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """`image` with the `hole` pixels painted from the nearest pixels outside it, then
+    smoothed within the hole: on a plain background exactly its colour, on a textured
+    one a blurred continuation of the surroundings rather than a flat blob."""
+    if hole.all():
+        out = image.copy()
+        out[hole] = np.round(border_colour(image)).astype(np.uint8)
+        return out
+    nearest = ndimage.distance_transform_edt(hole, return_distances=False, return_indices=True)
+    filled = image[nearest[0], nearest[1]].astype(np.float64)
+    # Smooth over hole pixels only (normalised convolution), so that a constant fill stays
+    # exactly constant; the blur grows with the hole so that streaks fade.
+    sigma = max(1.0, 0.05 * float(np.sqrt(hole.sum())))
+    weight = ndimage.gaussian_filter(hole.astype(np.float64), sigma)
+    for channel in range(3):
+        blurred = ndimage.gaussian_filter(filled[..., channel] * hole, sigma)
+        filled[..., channel] = np.where(hole, blurred / np.maximum(weight, 1e-12), 0.0)
+    out = image.copy()
+    out[hole] = np.clip(np.rint(filled[hole]), 0, 255).astype(np.uint8)
+    return out
+
+
+def _length(value: str, size: int) -> int:
+    """A patch parameter in pixels: below 1 a fraction of `size`, otherwise pixels."""
+    number = float(value)
+    return int(np.rint(number * size if number < 1 else number))
+
+
 def _patch_box(image: np.ndarray, parameters: Mapping[str, str], seed: int) -> tuple[int, int, int]:
     height, width = image.shape[:2]
-    side = int(parameters["patch_size"])
+    side = _length(parameters["patch_size"], min(height, width))
     side = min(max(2, side), height, width)
     if parameters["position"] == "random":
         rng = np.random.default_rng(seed)
         return int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1)), side
     return (
-        min(int(parameters["patch_x"]), width - side),
-        min(int(parameters["patch_y"]), height - side),
+        min(_length(parameters["patch_x"], width), width - side),
+        min(_length(parameters["patch_y"], height), height - side),
         side,
     )
 
@@ -173,7 +181,9 @@ def edit_path(
     amount = float(parameters["amount"]) if parameters["amount"] else DEFAULT_AMOUNT[operation]
     if operation == "scale":
         factors = [max(MIN_SCALE, 1.0 + float(s) * amount) for s in strengths]
-        return np.stack([_scale_object(image, factor) for factor in factors])
+        mask = object_mask(image)
+        background = _fill_background(image, mask)
+        return np.stack([_scale_object(image, factor, mask, background) for factor in factors])
 
     edit = EDITS[operation]
     mask = None
