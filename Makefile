@@ -8,6 +8,11 @@ STUBS := client/propscope/v1/explain_pb2.py
 # Tiny random diffusion pipelines for the CPU editors (generated, never committed).
 PIPELINES := deploy/triton/pipelines
 TINY_PIPELINES := $(PIPELINES)/tiny-ip2p/propscope_tiny.json $(PIPELINES)/tiny-sd/propscope_tiny.json
+# The example team classifiers' files (examples/own-models; generated, never committed).
+OWN_REPOSITORY := examples/own-models/repository
+OWN_MODELS := $(OWN_REPOSITORY)/own_onnx/1/model.onnx $(OWN_REPOSITORY)/own_torchscript/1/model.pt \
+	$(OWN_REPOSITORY)/own_state_dict/1/weights.pt $(OWN_REPOSITORY)/own_probabilities/1/model.pt \
+	$(OWN_REPOSITORY)/own_probabilities_undeclared/1/model.onnx
 RUN_DIR := .run
 # The Node client: npm ci again only when the lock changes, the build again when a source or
 # the contract does.
@@ -22,9 +27,9 @@ DEMO_PROPERTIES := \
 	--property "patch=procedural:operation=blend" \
 	--property "background_brightness=procedural:operation=brightness,region=background,amount=0.2"
 
-.PHONY: setup test lint demo up down bench soak validate weights stubs pipelines node-client clean
+.PHONY: setup test lint demo up down bench soak validate weights stubs pipelines own-models node-client clean
 
-setup: $(INSTALLED) $(STUBS) $(TINY_PIPELINES) node-client
+setup: $(INSTALLED) $(STUBS) $(TINY_PIPELINES) $(OWN_MODELS) node-client
 
 $(INSTALLED): requirements.txt client/pyproject.toml server/pyproject.toml deploy/scripts/install-system-deps.sh
 	deploy/scripts/install-system-deps.sh
@@ -43,6 +48,12 @@ $(TINY_PIPELINES) &: | $(INSTALLED)
 	$(PY) -m propscope_server.triton_models.editors.diffusion.tiny_pipelines $(PIPELINES)
 
 pipelines: $(TINY_PIPELINES)
+
+$(OWN_MODELS) &: examples/own-models/build.py $(OWN_REPOSITORY)/own_state_dict/own_network.py \
+		deploy/triton/weights/hue_biased.pt | $(INSTALLED)
+	$(PY) examples/own-models/build.py
+
+own-models: $(OWN_MODELS)
 
 $(NODE_INSTALLED): $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json | $(INSTALLED)
 	cd $(NODE_CLIENT) && npm ci --no-audit --no-fund
