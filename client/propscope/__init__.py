@@ -13,6 +13,7 @@ from propscope._client import Client
 from propscope._errors import PropscopeError
 from propscope._events import (
     Accepted,
+    Decision,
     Done,
     EditorParameter,
     Event,
@@ -24,18 +25,23 @@ from propscope._events import (
     TensorInfo,
     event_from_proto,
 )
-from propscope._images import ImageLike, encode_image
-from propscope._properties import Property, parse_property
+from propscope._images import ImageLike, encode_image, encode_mask
+from propscope._preprocessing import Preprocessing
+from propscope._properties import Box, Mask, Property, parse_property, split_property
 
 __all__ = [
     "Accepted",
+    "Box",
     "Client",
+    "Decision",
     "Done",
     "EditorParameter",
     "Event",
     "ImageLike",
+    "Mask",
     "ModelInfo",
     "ModelRole",
+    "Preprocessing",
     "Progress",
     "Property",
     "PropertyResult",
@@ -43,8 +49,10 @@ __all__ = [
     "SampleResult",
     "TensorInfo",
     "encode_image",
+    "encode_mask",
     "event_from_proto",
     "parse_property",
+    "split_property",
 ]
 
 # A library logs but never configures logging.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -12,6 +12,7 @@ import grpc
 from propscope._errors import PropscopeError
 from propscope._events import Event, ModelInfo, event_from_proto
 from propscope._images import ImageLike
+from propscope._preprocessing import PathMode, Preprocessing
 from propscope._properties import Property
 from propscope._requests import (
     Metadata,
@@ -81,6 +82,10 @@ class Client:
         model_version: str = "",
         model_output: str = "",
         request_id: str = "",
+        preprocessing: Preprocessing | None = None,
+        class_labels: Sequence[str] = (),
+        path_mode: PathMode | None = None,
+        max_steps: int = 0,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> Iterator[Event]:
@@ -91,6 +96,10 @@ class Client:
         ``samples``, ``permutations`` and ``alpha`` means the server's default;
         ``target_class=None`` follows the class the model predicts for the original image;
         ``min_probability_change=None`` takes the server's default effect size for ``relevant``.
+        ``preprocessing`` overrides, field by field, what the model declares (mean, std, output
+        kind, resize mode); ``class_labels`` names the classes by index (default: the model's).
+        ``path_mode`` is "adaptive" (the server's default: a path the test cannot decide is
+        lengthened up to ``max_steps``, 0 meaning the server's limit) or "fixed".
 
         The arguments are checked and the call started before this returns (``ValueError``,
         ``TypeError`` or ``OSError`` for bad arguments); the returned iterator yields
@@ -114,6 +123,10 @@ class Client:
             model_version=model_version,
             model_output=model_output,
             request_id=request_id,
+            preprocessing=preprocessing,
+            class_labels=class_labels,
+            path_mode=path_mode,
+            max_steps=max_steps,
         )
         logger.debug(
             "Explain %s: model %s, %d properties, request_id %r",

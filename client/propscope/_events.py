@@ -20,10 +20,12 @@ import numpy.typing as npt
 
 from propscope._errors import status_code_from_int
 from propscope._json import dataclass_dict, finite_or_none
+from propscope._preprocessing import PathMode, Preprocessing, path_mode_from_proto
 from propscope.v1 import explain_pb2
 
 __all__ = [
     "Accepted",
+    "Decision",
     "Done",
     "EditorParameter",
     "Event",
@@ -63,10 +65,41 @@ class Accepted:
     planned_edits: int
     planned_classifications: int
     min_probability_change: float
+    # "adaptive" or "fixed", and the longest path an adaptive property may grow to.
+    path_mode: PathMode = "adaptive"
+    max_steps: int = 0
+    # The preprocessing applied (every field resolved), where each field came from, e.g.
+    # "mean: model config", and what the service could not be sure of, in words.
+    preprocessing: Preprocessing = Preprocessing()
+    preprocessing_sources: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    # The class names in use (empty when the model declares none).
+    class_labels: tuple[str, ...] = ()
 
     @classmethod
     def from_proto(cls, msg: explain_pb2.Accepted, request_id: str = "") -> Accepted:
-        return _copy_fields(cls, msg, request_id)
+        return cls(
+            request_id=request_id,
+            property_names=tuple(msg.property_names),
+            samples=msg.samples,
+            steps=msg.steps,
+            permutations=msg.permutations,
+            alpha=msg.alpha,
+            model_version=msg.model_version,
+            planned_edits=msg.planned_edits,
+            planned_classifications=msg.planned_classifications,
+            min_probability_change=msg.min_probability_change,
+            path_mode=path_mode_from_proto(msg.path_mode),
+            max_steps=msg.max_steps,
+            preprocessing=Preprocessing.from_proto(msg.preprocessing),
+            preprocessing_sources=tuple(msg.preprocessing_sources),
+            warnings=tuple(msg.warnings),
+            class_labels=tuple(msg.class_labels),
+        )
+
+    def class_name(self, index: int) -> str | None:
+        """The name of class ``index``, when labels are known."""
+        return self.class_labels[index] if 0 <= index < len(self.class_labels) else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclass_dict(self)
@@ -150,13 +183,41 @@ class SampleResult:
         return result
 
 
+class Decision(enum.Enum):
+    """Why a property is or is not relevant."""
+
+    UNSPECIFIED = "unspecified"
+    # Significant, and p changes by at least min_probability_change.
+    RELEVANT = "relevant"
+    # p changes enough, but not in an orderly way along the path (p_value >= alpha).
+    NOT_SIGNIFICANT = "not_significant"
+    # p changes by less than min_probability_change.
+    CHANGE_TOO_SMALL = "change_too_small"
+    # p changes enough, but no ordering of these values could reach alpha at this N: the test
+    # could not decide (a longer path may).
+    CANNOT_REACH_ALPHA = "cannot_reach_alpha"
+
+    @classmethod
+    def from_proto(cls, value: int) -> Decision:
+        names = {
+            explain_pb2.DECISION_RELEVANT: cls.RELEVANT,
+            explain_pb2.DECISION_NOT_SIGNIFICANT: cls.NOT_SIGNIFICANT,
+            explain_pb2.DECISION_CHANGE_TOO_SMALL: cls.CHANGE_TOO_SMALL,
+            explain_pb2.DECISION_CANNOT_REACH_ALPHA: cls.CANNOT_REACH_ALPHA,
+        }
+        return names.get(value, cls.UNSPECIFIED)
+
+
 @dataclass(frozen=True)
 class PropertyResult:
     """One property's result. ``ok`` is False when the property failed (``status_code`` is not
     OK); ``error`` then holds the server's message and the scores are meaningless.
     ``significant`` says p changes in an orderly way along the path, however little;
     ``relevant`` adds that it changes by at least the request's ``min_probability_change``.
-    ``pearson_correlation`` and ``mutual_information`` are None where undefined."""
+    ``pearson_correlation`` and ``mutual_information`` are None where undefined. ``decision``
+    says why the property is or is not relevant (``decision_detail`` in words, with numbers);
+    ``steps`` is the path length it was decided on (adaptive paths may be longer than the
+    request's) and ``edits`` the edited images it cost, every length tried included."""
 
     request_id: str
     property_name: str
@@ -179,6 +240,13 @@ class PropertyResult:
     samples: tuple[SampleResult, ...]
     cache_hits: int
     cache_misses: int
+    steps: int = 0
+    decision: Decision = Decision.UNSPECIFIED
+    decision_detail: str = ""
+    warnings: tuple[str, ...] = ()
+    # The target class's name, when class labels are known.
+    target_label: str = ""
+    edits: int = 0
 
     @property
     def ok(self) -> bool:
@@ -215,6 +283,12 @@ class PropertyResult:
             samples=tuple(SampleResult.from_proto(s) for s in msg.samples),
             cache_hits=msg.cache_hits,
             cache_misses=msg.cache_misses,
+            steps=msg.steps,
+            decision=Decision.from_proto(msg.decision),
+            decision_detail=msg.decision_detail,
+            warnings=tuple(msg.warnings),
+            target_label=msg.target_label,
+            edits=msg.edits,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -330,6 +404,16 @@ class ModelInfo:
     max_batch_size: int
     editor_parameters: tuple[EditorParameter, ...]
     description: str
+    # Why the model is not READY, in Triton's words.
+    state_reason: str = ""
+    # Classifiers: the preprocessing and class names their config.pbtxt declares.
+    preprocessing: Preprocessing = Preprocessing()
+    class_labels: tuple[str, ...] = ()
+
+    @property
+    def is_classifier(self) -> bool:
+        """Any model that is not an editor is a classifier (``propscope.role`` is optional)."""
+        return self.role != ModelRole.EDITOR
 
     @classmethod
     def from_proto(cls, msg: explain_pb2.ModelInfo) -> ModelInfo:
@@ -343,6 +427,9 @@ class ModelInfo:
             max_batch_size=msg.max_batch_size,
             editor_parameters=tuple(EditorParameter.from_proto(p) for p in msg.editor_parameters),
             description=msg.description,
+            state_reason=msg.state_reason,
+            preprocessing=Preprocessing.from_proto(msg.preprocessing),
+            class_labels=tuple(msg.class_labels),
         )
 
     def to_dict(self) -> dict[str, Any]:

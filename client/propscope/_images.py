@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import io
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageLike", "encode_image"]
+__all__ = [
+    "FOLDER_IMAGE_SUFFIXES",
+    "ImageLike",
+    "encode_image",
+    "encode_mask",
+    "folder_images",
+    "natural_key",
+]
 
 ImageLike = bytes | bytearray | memoryview | str | os.PathLike | np.ndarray | Image.Image
 """Encoded PNG/JPEG bytes, a path to an image file, an RGB uint8 HxWx3 array or a PIL image."""
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
+# The files a provided-path folder contributes; other files in it are left out.
+FOLDER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def encode_image(image: ImageLike) -> bytes:
@@ -42,14 +53,16 @@ def encode_image(image: ImageLike) -> bytes:
     )
 
 
-def _ensure_png_or_jpeg(data: bytes, what: str) -> bytes:
+def _ensure_png_or_jpeg(
+    data: bytes, what: str, convert: Callable[[Image.Image], bytes] | None = None
+) -> bytes:
     if data.startswith(_PNG_MAGIC) or data.startswith(_JPEG_MAGIC):
         return data
     if not data:
         raise ValueError(f"{what} is empty")
     try:
         with Image.open(io.BytesIO(data)) as decoded:
-            return _png_from_pil(decoded)
+            return (convert or _png_from_pil)(decoded)
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{what} is not an image Pillow can read") from error
 
@@ -68,3 +81,71 @@ def _png_from_pil(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def encode_mask(mask: ImageLike) -> bytes:
+    """The PNG or JPEG bytes to send for a region mask.
+
+    PNG and JPEG bytes (given directly or read from a file) are sent unchanged; other formats
+    Pillow can read are converted to PNG keeping their alpha channel (the service reads the
+    alpha channel when there is one, else the grey level). Arrays must be uint8 or bool HxW
+    (bool: True takes the edit); PIL images keep their alpha channel, else become grey. Raises
+    like ``encode_image``.
+    """
+    if isinstance(mask, bytes | bytearray | memoryview):
+        return _ensure_png_or_jpeg(bytes(mask), "mask bytes", _png_from_mask)
+    if isinstance(mask, str | os.PathLike):
+        path = Path(mask)
+        return _ensure_png_or_jpeg(path.read_bytes(), f"mask {str(path)!r}", _png_from_mask)
+    if isinstance(mask, np.ndarray):
+        if mask.dtype == np.bool_:
+            mask = mask.astype(np.uint8) * 255
+        if mask.dtype != np.uint8 or mask.ndim != 2 or 0 in mask.shape:
+            raise ValueError(
+                f"mask array must be a non-empty uint8 or bool HxW array, "
+                f"got {mask.dtype} {mask.shape}"
+            )
+        return _png_from_mask(Image.fromarray(np.ascontiguousarray(mask), mode="L"))
+    if isinstance(mask, Image.Image):
+        return _png_from_mask(mask)
+    raise TypeError(
+        "mask must be encoded bytes, a path, a uint8 or bool HxW numpy array or a PIL image, "
+        f"not {type(mask).__name__}"
+    )
+
+
+def _png_from_mask(image: Image.Image) -> bytes:
+    has_alpha = "A" in image.getbands() or "transparency" in image.info
+    buffer = io.BytesIO()
+    image.convert("RGBA" if has_alpha else "L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def natural_key(name: str) -> tuple[tuple[int, str], ...]:
+    """Sort key that orders ``x_2.png`` before ``x_10.png``: digit runs compare as numbers,
+    other text case-insensitively (the Node client sorts with the same rule)."""
+    return tuple(
+        (1, part) if not part.isdigit() else (0, f"{int(part):0>20}")
+        for part in re.split(r"(\d+)", name.lower())
+        if part
+    )
+
+
+def folder_images(folder: str | os.PathLike) -> list[Path]:
+    """The image files directly in ``folder`` (``FOLDER_IMAGE_SUFFIXES``, hidden files left
+    out) in natural order: a provided path's x_1..x_N. ``ValueError`` when there is none."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"{str(path)!r} is not a folder")
+    found = [
+        file
+        for file in path.iterdir()
+        if file.is_file()
+        and not file.name.startswith(".")
+        and file.suffix.lower() in FOLDER_IMAGE_SUFFIXES
+    ]
+    if not found:
+        raise ValueError(
+            f"folder {str(path)!r} holds no image ({', '.join(FOLDER_IMAGE_SUFFIXES)})"
+        )
+    return sorted(found, key=lambda file: (natural_key(file.name), file.name))

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from propscope._images import ImageLike, encode_image
+from propscope._preprocessing import PathMode, Preprocessing, path_mode_to_proto
 from propscope._properties import Property, parse_property
 from propscope.v1 import explain_pb2
 
@@ -94,9 +95,15 @@ def build_explain_request(
     model_version: str = "",
     model_output: str = "",
     request_id: str = "",
+    preprocessing: Preprocessing | None = None,
+    class_labels: Sequence[str] = (),
+    path_mode: PathMode | None = None,
+    max_steps: int = 0,
 ) -> explain_pb2.ExplainRequest:
     """The ``ExplainRequest`` for ``Client.explain``'s arguments: 0 means the server default,
-    except for ``min_probability_change``, where None does (0 makes relevant = significant)."""
+    except for ``min_probability_change``, where None does (0 makes relevant = significant);
+    ``preprocessing`` None, ``class_labels`` empty and ``path_mode`` None leave them to the
+    model and the server."""
     if not model:
         raise ValueError("model must be a non-empty Triton model name")
     property_messages = [prop.to_proto() for prop in normalize_properties(properties)]
@@ -105,6 +112,7 @@ def build_explain_request(
         ("samples", samples),
         ("seed", seed),
         ("permutations", permutations),
+        ("max_steps", max_steps),
     ):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
@@ -112,7 +120,23 @@ def build_explain_request(
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     if min_probability_change is not None and not 0.0 <= min_probability_change <= 1.0:
         raise ValueError(f"min_probability_change must be in [0, 1], got {min_probability_change}")
-    model_ref = explain_pb2.ModelRef(name=model, version=model_version, output=model_output)
+    if preprocessing is not None and not isinstance(preprocessing, Preprocessing):
+        raise TypeError(
+            f"preprocessing must be a Preprocessing, not {type(preprocessing).__name__}"
+        )
+    if isinstance(class_labels, str) or not all(isinstance(c, str) for c in class_labels):
+        raise TypeError("class_labels must be a sequence of str (one name per class index)")
+    if path_mode == "fixed" and max_steps:
+        raise ValueError("max_steps only applies to adaptive paths, not to path_mode 'fixed'")
+    if max_steps and steps and max_steps < steps:
+        raise ValueError(f"max_steps ({max_steps}) must be at least steps ({steps})")
+    model_ref = explain_pb2.ModelRef(
+        name=model,
+        version=model_version,
+        output=model_output,
+        class_labels=list(class_labels),
+        preprocessing=preprocessing.to_proto() if preprocessing is not None else None,
+    )
     if target_class is None:
         model_ref.predicted_class = True
     elif target_class < 0:
@@ -131,6 +155,8 @@ def build_explain_request(
         alpha=alpha,
         min_probability_change=min_probability_change,
         return_path_images=return_path_images,
+        path_mode=path_mode_to_proto(path_mode),
+        max_steps=max_steps,
     )
 
 
