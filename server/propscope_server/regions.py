@@ -134,17 +134,16 @@ def decode_mask(
         with Image.open(io.BytesIO(data), formats=MASK_FORMATS) as image:
             size = image.size
             values = _mask_values(image) if size[0] * size[1] <= max_pixels else None
-    except Image.DecompressionBombError:
-        size, values = (0, 0), None
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"the mask is too large ({error}); give a smaller mask") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(
             f"the mask is not a readable PNG or JPEG image ({error}); give a PNG "
             "(alpha channel, or grey level: 0 keeps the original, 255 takes the edit)"
         ) from None
     if values is None:
-        shown = f"is {size[0]}x{size[1]} pixels" if size[0] else "declares more pixels"
         raise ValueError(
-            f"the mask {shown}, more than the {max_pixels} pixels allowed; "
+            f"the mask is {size[0]}x{size[1]} pixels, more than the {max_pixels} allowed; "
             "give a smaller mask (it is scaled to the image)"
         )
     if not values.any():
@@ -155,11 +154,6 @@ def decode_mask(
     if values.shape != (height, width):
         scaled = Image.fromarray(values).resize((width, height), Image.BILINEAR)
         values = np.clip(np.asarray(scaled, dtype=np.float32), 0.0, 1.0)
-        if not values.any():
-            raise ValueError(
-                f"the mask covers no pixel once scaled to the image's {width}x{height}; "
-                "give a larger region or a mask of the image's size"
-            )
     return values
 
 
