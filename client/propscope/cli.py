@@ -25,7 +25,8 @@ from typing import Annotated, Any, NoReturn
 
 import grpc
 import typer
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import (
     BarColumn,
@@ -40,9 +41,18 @@ from rich.text import Text
 
 from propscope._client import Client
 from propscope._errors import PropscopeError
-from propscope._events import Accepted, Done, Event, ModelInfo, Progress, PropertyResult
+from propscope._events import (
+    Accepted,
+    Decision,
+    Done,
+    Event,
+    ModelInfo,
+    Progress,
+    PropertyResult,
+)
 from propscope._images import encode_image
-from propscope._properties import PROPERTY_SYNTAX, parse_property
+from propscope._preprocessing import OUTPUT_KINDS, RESIZE_MODES, Preprocessing, parse_triple
+from propscope._properties import PROPERTY_HELP, parse_property
 from propscope._requests import normalize_properties
 
 __all__ = ["app"]
@@ -162,7 +172,7 @@ def explain(
             "--property",
             "-p",
             metavar="SPEC",
-            help=f"Property to intervene on, {PROPERTY_SYNTAX}; repeatable.",
+            help=PROPERTY_HELP,
             show_default=False,
         ),
     ],
@@ -191,6 +201,64 @@ def explain(
         int | None,
         typer.Option(min=0, help="Class whose probability to follow (default: predicted class)."),
     ] = None,
+    fixed_steps: Annotated[
+        bool,
+        typer.Option(
+            "--fixed-steps",
+            help="Exactly --steps edited images per path. Default: adaptive paths, which the "
+            "service lengthens (up to --max-steps) while the test cannot decide.",
+        ),
+    ] = False,
+    max_steps: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Adaptive paths: the longest path, steps x a power of two (0: the server's).",
+        ),
+    ] = 0,
+    mean: Annotated[
+        str | None,
+        typer.Option(
+            metavar="R,G,B",
+            help="Per-channel mean the model subtracts after scaling to [0, 1], e.g. "
+            "0.485,0.456,0.406 (default: the model's config, then the gateway's).",
+            show_default=False,
+        ),
+    ] = None,
+    std: Annotated[
+        str | None,
+        typer.Option(
+            metavar="R,G,B",
+            help="Per-channel std the model divides by, e.g. 0.229,0.224,0.225 (positive).",
+            show_default=False,
+        ),
+    ] = None,
+    output_kind: Annotated[
+        str | None,
+        typer.Option(
+            metavar="|".join(OUTPUT_KINDS),
+            help="What the model outputs (default: declared by the model, else detected).",
+            show_default=False,
+        ),
+    ] = None,
+    resize: Annotated[
+        str | None,
+        typer.Option(
+            metavar="|".join(RESIZE_MODES),
+            help="How an image of another size becomes the model's input (default: the "
+            "model's, else squash).",
+            show_default=False,
+        ),
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            metavar="FILE|A,B,...",
+            help="Class names by index: a file (a JSON list, or one name per line) or a "
+            "comma-separated list (default: the model's propscope.class_labels).",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOption = False,
     report: Annotated[
         Path | None,
@@ -202,11 +270,19 @@ def explain(
     ] = None,
     timeout: TimeoutOption = None,
 ) -> None:
-    """Explain IMAGE's prediction by each --model for each --property."""
+    """Explain IMAGE's prediction by each --model for each --property.
+
+    Examples: propscope explain cat.png -m resnet50 -p 'hue=procedural:operation=hue;box=0.2,0.1,0.8,0.9'
+    --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --labels labels.txt
+    """
     try:
         properties = normalize_properties([parse_property(spec) for spec in property_specs])
+        preprocessing = _preprocessing_option(mean, std, output_kind, resize)
+        class_labels = _labels_option(labels)
     except ValueError as error:
         _fail(str(error))
+    if fixed_steps and max_steps:
+        _fail("--max-steps applies to adaptive paths; leave out --fixed-steps or --max-steps")
     try:
         image_bytes = encode_image(image)
     except OSError as error:
@@ -223,6 +299,10 @@ def explain(
         "min_probability_change": min_probability_change,
         "target_class": target_class,
         "return_path_images": report is not None,
+        "preprocessing": preprocessing,
+        "class_labels": class_labels,
+        "path_mode": "fixed" if fixed_steps else None,
+        "max_steps": max_steps,
     }
     recorded: dict[str, list[Event]] = {model: [] for model in unique_models}
     try:
@@ -266,7 +346,10 @@ def models(
         for info in infos:
             _write_json(info.to_dict())
         return
-    Console().print(_models_table(infos))
+    console = Console()
+    console.print(_models_table(infos))
+    for note in _models_notes(infos):
+        console.print(note)
 
 
 @app.command()
@@ -439,6 +522,52 @@ def _write_explain_report(
     typer.echo(f"propscope: report written to {report}", err=True)
 
 
+def _preprocessing_option(
+    mean: str | None, std: str | None, output_kind: str | None, resize: str | None
+) -> Preprocessing | None:
+    """The --mean/--std/--output-kind/--resize override, or None when none is given."""
+    if output_kind is not None and output_kind not in OUTPUT_KINDS:
+        raise ValueError(f"--output-kind must be one of {', '.join(OUTPUT_KINDS)}")
+    if resize is not None and resize not in RESIZE_MODES:
+        raise ValueError(f"--resize must be one of {', '.join(RESIZE_MODES)}")
+    try:
+        preprocessing = Preprocessing(
+            mean=parse_triple(mean, "--mean") if mean is not None else None,
+            std=parse_triple(std, "--std") if std is not None else None,
+            output_kind=output_kind,  # type: ignore[arg-type]
+            resize=resize,  # type: ignore[arg-type]
+        )
+    except ValueError as error:
+        raise ValueError(str(error).replace("preprocessing ", "--")) from None
+    return None if preprocessing.empty else preprocessing
+
+
+def _labels_option(labels: str | None) -> tuple[str, ...]:
+    """--labels: a file (a JSON list of names, or one per line) or a comma-separated list."""
+    if labels is None:
+        return ()
+    path = Path(labels)
+    if not path.is_file():
+        names = [name.strip() for name in labels.split(",")]
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"cannot read --labels {labels!r}: {error}") from None
+        if text.lstrip().startswith("["):
+            try:
+                names = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--labels {labels!r} is not a JSON list: {error}") from None
+            if not all(isinstance(name, str) for name in names):
+                raise ValueError(f"--labels {labels!r}: the JSON list must hold strings")
+        else:
+            names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names or not all(names):
+        raise ValueError(f"--labels {labels!r}: empty class name")
+    return tuple(names)
+
+
 def _fail(message: str) -> NoReturn:
     """One line on stderr, exit code 2."""
     one_line = " ".join(message.split())
@@ -468,8 +597,20 @@ def _explain_table(events: EventSource, models: Sequence[str], property_names: l
             for event in events(model):
                 view.update(model, event)
                 if isinstance(event, Done):
-                    live.console.print(_timings_line(model, event))
+                    live.console.print(_timings_line(model, event, view.cache(model)))
                 live.refresh()
+    # Under the table, whole: reasons, warnings and errors never fit a cell.
+    for note in view.notes():
+        console.print(note)
+
+
+# The table's words for each decision: short enough for 80 columns; the notes say the rest.
+_DECISION_CELLS = {
+    Decision.RELEVANT: ("relevant", "bold green"),
+    Decision.NOT_SIGNIFICANT: ("not signif.", "yellow"),
+    Decision.CHANGE_TOO_SMALL: ("Δp too small", "dim"),
+    Decision.CANNOT_REACH_ALPHA: ("undecided", "yellow"),
+}
 
 
 @dataclass
@@ -481,15 +622,20 @@ class _Row:
 
 
 class _ExplainView:
-    """The live table: one row per (model, property), filled in as events arrive."""
+    """The live table: one row per (model, property), filled in as events arrive; a model
+    column only when several models are explained. ``notes`` are the lines for under it."""
 
     def __init__(self, models: Sequence[str], property_names: Sequence[str]) -> None:
+        self._models = list(models)
+        self._several_models = len(models) > 1
         self._rows = {
             (model, name): _Row(model, name) for model in models for name in property_names
         }
+        self._accepted: dict[str, Accepted] = {}
 
     def update(self, model: str, event: Event) -> None:
         if isinstance(event, Accepted):
+            self._accepted[model] = event
             for name in event.property_names:
                 self._row(model, name).status = "accepted"
         elif isinstance(event, Progress):
@@ -499,11 +645,7 @@ class _ExplainView:
         elif isinstance(event, PropertyResult):
             row = self._row(model, event.property_name)
             row.result = event
-            row.status = (
-                Text("ok", style="green")
-                if event.ok
-                else Text(f"failed: {event.status_code.name}: {event.error}", style="red")
-            )
+            row.status = "" if event.ok else Text("failed (below)", style="red")
         elif isinstance(event, Done):
             for (row_model, _), row in self._rows.items():
                 if row_model == model and row.result is None:
@@ -513,54 +655,111 @@ class _ExplainView:
         # A property the server names but the request did not (should not happen) gets a row too.
         return self._rows.setdefault((model, property_name), _Row(model, property_name))
 
-    def __rich__(self) -> Table:
-        table = Table(title="propscope explain")
-        for header in (
-            "model",
-            "property",
-            "score (E|dp|)",
-            "score/unit strength",
-            "p-value",
-            "significant",
-            "Δp (max−min)",
-            "relevant",
-            "flipped",
-            "target class",
-            "cache (hits/misses)",
-            "status",
-        ):
-            justify = "left" if header in ("model", "property", "status") else "right"
-            table.add_column(header, justify=justify)
-        for row in self._rows.values():
-            table.add_row(row.model, row.property_name, *_result_cells(row.result), row.status)
+    def __rich__(self) -> Group:
+        # One table per model (its name the title): a model column would not fit 80 columns.
+        return Group(*(self._table(model) for model in self._models))
+
+    def _table(self, model: str) -> Table:
+        accepted = self._accepted.get(model)
+        title = f"propscope explain: {model}"
+        if accepted is not None and accepted.model_version:
+            title += f" (version {accepted.model_version})"
+        table = Table(
+            title=title,
+            box=box.SIMPLE_HEAD,
+            title_justify="left",
+            pad_edge=False,
+            collapse_padding=True,
+        )
+        rows = [row for (row_model, _), row in self._rows.items() if row_model == model]
+        # Names and decisions keep their width; numbers are short anyway.
+        widths = {
+            "property": min(21, max(len(row.property_name) for row in rows)),
+            "decision": 12,
+            "target": 8,
+        }
+        for header in ("property", "score", "p-value", "Δp", "N", "decision", "flip", "target"):
+            justify = "right" if header in ("score", "p-value", "Δp", "N") else "left"
+            table.add_column(header, justify=justify, overflow="fold", min_width=widths.get(header))
+        for row in rows:
+            table.add_row(row.property_name, *self._cells(row))
         return table
 
+    def _cells(self, row: _Row) -> list[str | Text]:
+        result = row.result
+        if result is None or not result.ok:
+            return ["", "", "", "", row.status, "", ""]
+        word, style = _DECISION_CELLS.get(
+            result.decision,
+            ("relevant", "bold green") if result.relevant else ("not relevant", "dim"),
+        )
+        flips = "yes" if result.prediction_flipped else "no"
+        if result.prediction_flipped and len(result.samples) > 1:
+            flips = f"{result.flip_rate:.0%}"
+        return [
+            f"{result.score:.3g}",
+            f"{result.p_value:.2g}",
+            f"{result.probability_change:.2f}",
+            str(result.steps or ""),
+            Text(word, style=style),
+            flips,
+            self._class(row.model, result.target_class, result.target_label),
+        ]
 
-def _result_cells(result: PropertyResult | None) -> list[str | Text]:
-    if result is None or not result.ok:
-        return [""] * 9
-    flipped = "yes" if result.prediction_flipped else "no"
-    if result.prediction_flipped and len(result.samples) > 1:
-        flipped = f"yes ({result.flip_rate:.0%})"
-    significant = Text("yes", style="bold green") if result.significant else Text("no", style="dim")
-    relevant = Text("yes", style="bold green") if result.relevant else Text("no", style="dim")
-    return [
-        f"{result.score:.4g}",
-        f"{result.score_per_unit_strength:.4g}",
-        f"{result.p_value:.3g}",
-        significant,
-        f"{result.probability_change:.3g}",
-        relevant,
-        flipped,
-        str(result.target_class),
-        f"{result.cache_hits}/{result.cache_misses}",
-    ]
+    def _class(self, model: str, index: int, label: str) -> str:
+        accepted = self._accepted.get(model)
+        name = label or (accepted.class_name(index) if accepted is not None else None)
+        return f"{index} {name}" if name else str(index)
+
+    def cache(self, model: str) -> tuple[int, int]:
+        """Path cache hits and misses over the model's properties."""
+        results = [
+            row.result
+            for (row_model, _), row in self._rows.items()
+            if row_model == model and row.result is not None
+        ]
+        return sum(r.cache_hits for r in results), sum(r.cache_misses for r in results)
+
+    def notes(self) -> list[Text]:
+        """Per model, its Accepted warnings; per row, its decision in words, its warnings and
+        its error: one line each, wrapped by the terminal rather than cut."""
+        lines: list[Text] = []
+        for model, accepted in self._accepted.items():
+            for warning in accepted.warnings:
+                lines.append(_note(f"{model}: ", "warning: ", warning, "yellow"))
+        for row in self._rows.values():
+            where = (
+                f"{row.model}, {row.property_name}: "
+                if self._several_models
+                else (f"{row.property_name}: ")
+            )
+            result = row.result
+            if result is None:
+                continue
+            if not result.ok:
+                lines.append(
+                    _note(where, "failed: ", f"{result.status_code.name}: {result.error}", "red")
+                )
+                continue
+            if result.decision_detail:
+                lines.append(_note(where, "", result.decision_detail, ""))
+            for warning in result.warnings:
+                lines.append(_note(where, "warning: ", warning, "yellow"))
+        return lines
 
 
-def _timings_line(model: str, done: Done) -> Text:
+def _note(where: str, kind: str, message: str, style: str) -> Text:
+    text = Text(where, style="bold")
+    text.append(kind, style=style)
+    text.append(message)
+    return text
+
+
+def _timings_line(model: str, done: Done, cache: tuple[int, int] = (0, 0)) -> Text:
     text = Text(
         f"{model}: total {done.total_ms:.0f} ms, edit {done.edit_ms:.0f} ms, "
-        f"classify {done.classify_ms:.0f} ms, score {done.score_ms:.0f} ms"
+        f"classify {done.classify_ms:.0f} ms, score {done.score_ms:.0f} ms; "
+        f"path cache {cache[0]} hits, {cache[1]} misses"
     )
     if done.request_id:
         text.append(f" (request {done.request_id})", style="dim")
@@ -571,23 +770,43 @@ def _timings_line(model: str, done: Done) -> Text:
 
 def _models_table(infos: Sequence[ModelInfo]) -> Table:
     table = Table(title="propscope models")
-    for header in ("name", "role", "versions", "state", "inputs", "editor parameters"):
+    for header in ("name", "role", "versions", "state", "inputs", "parameters / preprocessing"):
         table.add_column(header)
     for info in infos:
         inputs = "\n".join(
             f"{t.name} {t.datatype}[{','.join(str(d) for d in t.shape)}]" for t in info.inputs
         )
-        parameters = "\n".join(
-            f"{p.name}={p.default_value}" + (f" ({'|'.join(p.choices)})" if p.choices else "")
-            for p in info.editor_parameters
-        )
+        if info.is_classifier:
+            details = [] if info.preprocessing.empty else [info.preprocessing.describe()]
+            if info.class_labels:
+                details.append(_labels_summary(info.class_labels))
+        else:
+            details = [
+                f"{p.name}={p.default_value}" + (f" ({'|'.join(p.choices)})" if p.choices else "")
+                for p in info.editor_parameters
+            ]
         state_style = "green" if info.state == "READY" else "yellow"
         table.add_row(
             info.name,
-            info.role.value,
+            info.role.value if info.role.value != "unspecified" else "classifier",
             ", ".join(info.versions),
             Text(info.state, style=state_style),
             inputs,
-            parameters,
+            "\n".join(details),
         )
     return table
+
+
+def _labels_summary(labels: Sequence[str], shown: int = 4) -> str:
+    head = ", ".join(labels[:shown])
+    more = f", ... ({len(labels)} classes)" if len(labels) > shown else ""
+    return f"labels: {head}{more}"
+
+
+def _models_notes(infos: Sequence[ModelInfo]) -> list[Text]:
+    """Why each model that is not READY is not, whole, under the table."""
+    return [
+        _note(f"{info.name}: ", f"{info.state}: ", info.state_reason, "yellow")
+        for info in infos
+        if info.state != "READY" and info.state_reason
+    ]
