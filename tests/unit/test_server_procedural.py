@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from propscope_server.synthetic.world import PATCH_BOX, Scene, colorful_patch, render
+from propscope_server.regions import border_colour
+from propscope_server.synthetic.world import PATCH_BOX, Scene, colorful_patch, make_split, render
 from propscope_server.triton_models.editors.procedural import edit_path, object_mask
+from tests.photos import photo_scene
 
 CENTER = (40.0, 42.0)
 RADIUS = 12.0
@@ -14,9 +16,9 @@ DEFAULTS = {
     "region": "all",
     "amount": "",
     "position": "fixed",
-    "patch_x": "3",
-    "patch_y": "3",
-    "patch_size": "14",
+    "patch_x": "0.05",
+    "patch_y": "0.05",
+    "patch_size": "0.22",
 }
 OPERATIONS = ["hue", "brightness", "saturation", "blur", "blend", "scale"]
 
@@ -183,3 +185,89 @@ def test_a_patch_fits_an_image_thinner_than_two_pixels(shape, position):
     image = np.zeros(shape, np.uint8)
     path = edit(image, [0.5, 1.0], operation="blend", position=position)
     assert path.shape == (2, *shape)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "box"),
+    [
+        (64, 64, (3, 3, 14)),  # PATCH_BOX: the synthetic world's patch
+        (768, 1024, (51, 38, 169)),  # 0.05 * 1024, 0.05 * 768, 0.22 * 768
+        (500, 333, (17, 25, 73)),  # 0.05 * 333, 0.05 * 500, 0.22 * 333
+    ],
+)
+def test_the_default_patch_is_a_fraction_of_the_image(height, width, box):
+    image = np.full((height, width, 3), 128, np.uint8)
+    out = edit(image, [1.0], operation="blend")[0]
+    x, y, side = box
+    assert changed_box(image, out) == (x, y, x + side, y + side)
+    if height == 64:
+        assert box == PATCH_BOX
+
+
+@pytest.mark.parametrize(
+    ("given", "pixels"),
+    [
+        ({"patch_size": "0.5"}, {"patch_size": "32"}),
+        ({"patch_x": "0.25", "patch_y": "0.125"}, {"patch_x": "16", "patch_y": "8"}),
+        ({"patch_size": "14.4"}, {"patch_size": "14"}),  # pixels, rounded
+        ({"patch_size": "1"}, {"patch_size": "2"}),  # 1 means one pixel, raised to 2
+    ],
+)
+def test_fractions_below_one_pixels_from_one(given, pixels):
+    image = scene_image(patch=False)
+    np.testing.assert_array_equal(
+        edit(image, [1.0], operation="blend", **given),
+        edit(image, [1.0], operation="blend", **pixels),
+    )
+
+
+def test_the_old_pixel_defaults_give_the_same_synthetic_paths():
+    images, _, _ = make_split("patch", 20, seed=3)
+    old = {"patch_x": "3", "patch_y": "3", "patch_size": "14"}
+    for seed, image in enumerate(images):
+        for position in ("fixed", "random"):
+            np.testing.assert_array_equal(
+                edit(image, [0.5, 1.0], seed, operation="blend", position=position),
+                edit(image, [0.5, 1.0], seed, operation="blend", position=position, **old),
+            )
+
+
+def test_scale_uncovers_exactly_the_plain_background_on_rendered_scenes():
+    """The fill from the surroundings is the border colour on a plain background,
+    patches included: the synthetic world's scale paths are what they were."""
+    images, _, scenes = make_split("none", 60, seed=5)
+    assert sum(scene.patch for scene in scenes) > 10
+    for image in images:
+        before = object_mask(image)
+        (scaled,) = edit(image, [1.0], operation="scale", amount="-0.5")
+        np.testing.assert_array_equal(scaled[~before], image[~before])
+        background = np.round(border_colour(image)).astype(np.uint8)
+        is_background = (scaled[before] == background).all(axis=-1)
+        assert 0.5 < is_background.mean() < 0.9  # about 1 - 0.5**2 of the object uncovered
+        object_colours = {tuple(c) for c in image[before].tolist()}
+        assert {tuple(c) for c in scaled[before][~is_background].tolist()} <= object_colours
+
+
+def test_scale_continues_a_textured_background_instead_of_a_flat_blob():
+    ys, xs = np.mgrid[0:128, 0:128]
+    background = 100 + 40 * xs / 127 + 6 * np.sin(ys / 3.0)  # within 24 levels of its median
+    image = np.repeat(background[..., None], 3, axis=-1).round().astype(np.uint8)
+    disc = (xs - 63.5) ** 2 + (ys - 63.5) ** 2 <= 30**2
+    image[disc] = [210, 40, 40]
+    (scaled,) = edit(image, [1.0], operation="scale", amount="-0.5")
+    uncovered = disc & ~object_mask(scaled)
+    trend = (100 + 40 * xs / 127)[uncovered]  # the texture is not predictable; the trend is
+    filled = scaled[uncovered][:, 0].astype(float)
+    flat = np.round(border_colour(image))[0]
+    error, flat_error = np.abs(filled - trend).mean(), np.abs(flat - trend).mean()
+    assert error < 0.75 * flat_error, (error, flat_error)
+    assert np.corrcoef(filled, xs[uncovered])[0, 1] > 0.9  # it follows the gradient
+    assert (scaled[~disc] == image[~disc]).all()
+
+
+def test_scale_on_a_photo_like_image_leaves_no_flat_blob():
+    photo = photo_scene(240, 320, 0)
+    (scaled,) = edit(photo.image, [1.0], operation="scale", amount="-0.5")
+    uncovered = object_mask(photo.image) & ~object_mask(scaled)
+    colours = np.unique(scaled[uncovered].reshape(-1, 3), axis=0)
+    assert len(colours) > 100  # the old fill was one colour
