@@ -11,17 +11,36 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from propscope_server.triton_launcher import TritonPorts, start_triton, wait_for, wait_until_ready
+from propscope_server.triton_launcher import (
+    TritonPorts,
+    UnsupportedModel,
+    failure_cause,
+    start_triton,
+    unsupported_models,
+    wait_for,
+    wait_for_models,
+)
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPOSITORY_ROOT / "deploy" / "triton" / "models"
 DEFAULT_PREPROCESSING = REPOSITORY_ROOT / "deploy" / "gateway" / "preprocessing.json"
+DEFAULT_GATEWAY_PORT = 50051
+# Seconds a whole start (Triton's models, Redis, the gateway) may take; a loaded
+# 2-core machine needs minutes, not seconds.
+DEFAULT_START_TIMEOUT_S = 300.0
+START_TIMEOUT_VARIABLE = "PROPSCOPE_START_TIMEOUT_S"
+
+
+class StackStartError(RuntimeError):
+    """The stack did not start; the message is one line naming the cause."""
 
 
 @dataclass
@@ -32,6 +51,11 @@ class StackInfo:
     metrics_url: str | None
     pids: dict[str, int]
     triton_metrics_url: str | None = None
+    # Models Triton could not load -> its reason; the rest of the stack serves.
+    unavailable: dict[str, str] = field(default_factory=dict)
+    # What the caller asked for (see `start_request`): a running stack is reused
+    # only for the same request.
+    request: dict[str, Any] = field(default_factory=dict)
 
 
 def free_port() -> int:
@@ -82,14 +106,85 @@ def start_redis(port: int, log_file: Path) -> subprocess.Popen | None:
     return process
 
 
-def start_gateway(env: dict[str, str], log_file: Path) -> subprocess.Popen:
+def start_gateway(
+    env: Mapping[str, str], log_file: Path, defaults: Mapping[str, str] | None = None
+) -> subprocess.Popen:
+    """The gateway process. `env` wins over the caller's environment, which wins
+    over `defaults` (values that only fill gaps)."""
     return subprocess.Popen(
         [sys.executable, "-m", "propscope_server.main", "serve"],
-        env={**os.environ, **env},
+        env=gateway_environment(os.environ, env, defaults or {}),
         stdout=open(log_file, "ab"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def gateway_environment(
+    caller: Mapping[str, str], env: Mapping[str, str], defaults: Mapping[str, str]
+) -> dict[str, str]:
+    """`env` over `caller` over `defaults`. A default is dropped when the caller set
+    the same variable in any case (the gateway's settings ignore case), so a
+    caller's `propscope_metrics_port` is not shadowed by ours either."""
+    set_by_caller = {name.upper() for name in (*caller, *env)}
+    return {
+        **{k: v for k, v in defaults.items() if k.upper() not in set_by_caller},
+        **caller,
+        **env,
+    }
+
+
+def caller_settings(caller: Mapping[str, str]) -> dict[str, str]:
+    """The caller's PROPSCOPE_* variables and REDIS_URL: what configures the gateway."""
+    return {
+        name: value
+        for name, value in caller.items()
+        if name.upper().startswith("PROPSCOPE_") or name.upper() == "REDIS_URL"
+    }
+
+
+def _setting(caller: Mapping[str, str], name: str) -> str | None:
+    """A variable the caller set, whatever its case (as the gateway reads it)."""
+    for key, value in caller.items():
+        if key.upper() == name:
+            return value
+    return None
+
+
+def _local_target(address: str) -> str:
+    """Where a local client reaches a gateway listening on `address`."""
+    host, _, port = address.rpartition(":")
+    return f"127.0.0.1:{port}" if host in ("", "0.0.0.0", "[::]", "::") else address
+
+
+def start_timeout_s(caller: Mapping[str, str] = os.environ) -> float:
+    """PROPSCOPE_START_TIMEOUT_S when set, else the default."""
+    value = caller.get(START_TIMEOUT_VARIABLE)
+    return float(value) if value else DEFAULT_START_TIMEOUT_S
+
+
+def start_request(
+    gateway_port: int | None,
+    use_redis: bool,
+    gateway_env: Mapping[str, str] | None,
+    model_repositories: tuple[Path, ...],
+    caller: Mapping[str, str],
+) -> dict[str, Any]:
+    """What a start depends on, as stored in stack.json: a running stack started for
+    the same request is reused instead of restarted."""
+    return {
+        "gateway_port": gateway_port,
+        "use_redis": use_redis,
+        "gateway_env": dict(gateway_env or {}),
+        "model_repositories": [str(Path(p).resolve()) for p in model_repositories],
+        "settings": caller_settings(caller),
+    }
+
+
+def check_models(model_repositories: tuple[Path, ...] = ()) -> list[UnsupportedModel]:
+    """The models of propscope's repository and `model_repositories` that this
+    Triton cannot load (a backend it lacks), found before starting anything."""
+    return unsupported_models((DEFAULT_MODEL_REPOSITORY, *model_repositories))
 
 
 def health_status(target: str, service: str = "", timeout_s: float = 5.0) -> int | None:
@@ -115,73 +210,144 @@ def wait_for_gateway(target: str, process: subprocess.Popen, timeout_s: float = 
 
 def up(
     run_dir: Path,
-    gateway_port: int = 50051,
+    gateway_port: int | None = None,
     use_redis: bool = True,
     gateway_env: dict[str, str] | None = None,
     model_repositories: tuple[Path, ...] = (),
+    timeout_s: float | None = None,
 ) -> StackInfo:
-    """Start Triton, Redis (when installed) and the gateway in the background;
-    `gateway_env` adds PROPSCOPE_* settings for the gateway, `model_repositories`
-    serve the caller's own models beside propscope's (a model review's candidates)."""
+    """Start Triton, Redis (when installed) and the gateway in the background.
+
+    The gateway's settings, strongest first: `gateway_env`, then `gateway_port`,
+    then the caller's PROPSCOPE_* variables and REDIS_URL, then up's own defaults
+    (port 50051, a free metrics port, deploy/gateway/preprocessing.json). The
+    Triton URL is always the Triton started here; a caller's REDIS_URL means no
+    Redis is started. `model_repositories` serve the caller's own models beside
+    propscope's; a model that fails to load is listed in `unavailable` while
+    the rest serves. Raises StackStartError (one line: the cause) after
+    `timeout_s` (default: PROPSCOPE_START_TIMEOUT_S or 300 s) or when a process
+    exits, and leaves nothing running then."""
+    caller = dict(os.environ)
+    timeout_s = start_timeout_s(caller) if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
     run_dir.mkdir(parents=True, exist_ok=True)
+    request = start_request(gateway_port, use_redis, gateway_env, model_repositories, caller)
     ports = TritonPorts(http=free_port(), grpc=free_port(), metrics=free_port())
+    triton_log = run_dir / "triton.log"
     triton = start_triton(
         DEFAULT_MODEL_REPOSITORY,
         ports,
         run_dir / "triton-cache",
-        run_dir / "triton.log",
+        triton_log,
         extra_args=tuple(f"--model-repository={path.resolve()}" for path in model_repositories),
         new_session=True,
     )
     pids = {"triton": triton.pid}
     triton_url = f"127.0.0.1:{ports.grpc}"
-    redis_url = None
+    redis_url = _setting({**caller, **(gateway_env or {})}, "REDIS_URL")
     try:
-        if use_redis:
+        if use_redis and redis_url is None:
             redis_port = free_port()
             redis = start_redis(redis_port, run_dir / "redis.log")
             if redis is not None:
                 pids["redis"] = redis.pid
                 redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        wait_until_ready(triton_url, triton)
-    except Exception:
+        models = wait_for_models(
+            f"http://127.0.0.1:{ports.http}", triton, _left(deadline, "Triton", triton_log)
+        )
+    except (RuntimeError, TimeoutError) as error:
         _terminate(pids)
-        raise
-    metrics_port = free_port()
-    env = {
-        "PROPSCOPE_LISTEN_ADDRESS": f"127.0.0.1:{gateway_port}",
-        "PROPSCOPE_TRITON_URL": triton_url,
-        "PROPSCOPE_METRICS_PORT": str(metrics_port),
+        raise StackStartError(_cause("Triton", error, triton_log)) from None
+    defaults = {
+        "PROPSCOPE_LISTEN_ADDRESS": f"127.0.0.1:{DEFAULT_GATEWAY_PORT}",
+        "PROPSCOPE_METRICS_PORT": str(free_port()),
         "PROPSCOPE_PREPROCESSING_FILE": str(DEFAULT_PREPROCESSING),
     }
-    if redis_url:
-        env["REDIS_URL"] = redis_url
-    env.update(gateway_env or {})
-    gateway = start_gateway(env, run_dir / "gateway.log")
+    wiring = {"PROPSCOPE_TRITON_URL": triton_url}
+    if gateway_port is not None:
+        host = (_setting(caller, "PROPSCOPE_LISTEN_ADDRESS") or "127.0.0.1:").rpartition(":")[0]
+        wiring["PROPSCOPE_LISTEN_ADDRESS"] = f"{host or '127.0.0.1'}:{gateway_port}"
+    if redis_url and "redis" in pids:
+        wiring["REDIS_URL"] = redis_url
+    env = {**wiring, **(gateway_env or {})}
+    effective = gateway_environment(caller, env, defaults)
+    gateway_log = run_dir / "gateway.log"
+    gateway = start_gateway(env, gateway_log, defaults)
     pids["gateway"] = gateway.pid
-    target = f"127.0.0.1:{gateway_port}"
+    target = _local_target(_setting(effective, "PROPSCOPE_LISTEN_ADDRESS") or "")
     try:
-        wait_for_gateway(target, gateway)
-    except Exception:
+        wait_for_gateway(target, gateway, _left(deadline, "the gateway", gateway_log))
+    except (RuntimeError, TimeoutError) as error:
         _terminate(pids)
-        raise
+        raise StackStartError(_cause("the gateway", error, gateway_log)) from None
+    metrics_port = int(_setting(effective, "PROPSCOPE_METRICS_PORT") or 0)
+    metrics_host = _setting(effective, "PROPSCOPE_METRICS_ADDRESS") or "127.0.0.1"
     info = StackInfo(
         target,
         triton_url,
-        redis_url,
-        f"http://127.0.0.1:{metrics_port}/metrics",
+        _setting(effective, "REDIS_URL"),
+        f"http://{metrics_host}:{metrics_port}/metrics" if metrics_port else None,
         pids,
         f"http://127.0.0.1:{ports.metrics}/metrics",
+        unavailable={m.name: m.reason for m in models if m.state != "READY"},
+        request=request,
     )
     (run_dir / "stack.json").write_text(json.dumps(asdict(info), indent=2))
     return info
+
+
+def _left(deadline: float, what: str, log_file: Path) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError(f"{what} not ready in time (log {log_file})")
+    return left
+
+
+def _cause(what: str, error: Exception, log_file: Path) -> str:
+    """One line: what failed, why (from its log when it says), where to read more."""
+    try:
+        text = log_file.read_text(errors="replace")
+    except OSError:
+        text = ""
+    cause = failure_cause(text) if what == "Triton" else _last_error(text)
+    detail = f"{error}: {cause}" if cause else str(error)
+    hint = f"; more time: --timeout or {START_TIMEOUT_VARIABLE}"
+    return f"{detail} (log {log_file}{hint if isinstance(error, TimeoutError) else ''})"
+
+
+def _last_error(text: str) -> str | None:
+    """The gateway's last logged error or exception line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "error" in line.lower() or "exception" in line.lower():
+            return line[:400]
+    return lines[-1][:400] if lines else None
+
+
+def running(run_dir: Path) -> StackInfo | None:
+    """The stack recorded in `run_dir` when all its processes are alive and its
+    gateway answers health checks; None otherwise."""
+    state = run_dir / "stack.json"
+    if not state.exists():
+        return None
+    try:
+        info = StackInfo(**json.loads(state.read_text()))
+    except (ValueError, TypeError):
+        return None
+    if not all(_is_ours(name, pid) and _alive(pid) for name, pid in info.pids.items()):
+        return None
+    return info if health_status(info.gateway, timeout_s=2.0) is not None else None
 
 
 def down(run_dir: Path) -> StackInfo | None:
     state = run_dir / "stack.json"
     if not state.exists():
         return None
-    info = StackInfo(**json.loads(state.read_text()))
+    try:
+        info = StackInfo(**json.loads(state.read_text()))
+    except (ValueError, TypeError):
+        state.unlink()
+        return None
     _terminate(info.pids)
     state.unlink()
     return info

@@ -1,6 +1,9 @@
-"""InstructPix2Pix editor on a diffusers pipeline; weights and runtime from config.pbtxt."""
+"""InstructPix2Pix editor on a diffusers pipeline; weights, runtime and when the pipeline loads
+(parameter `load`: start or first_request) from config.pbtxt."""
 
-from propscope_server.triton_models.editors.diffusion.ip2p import InstructPix2PixEditor
+from propscope_server.triton_models.editors.diffusion.loading import diffusion_editor
 from propscope_server.triton_models.editors.triton_model import editor_model
 
-TritonPythonModel = editor_model(InstructPix2PixEditor.from_context)
+TritonPythonModel = editor_model(
+    diffusion_editor("propscope_server.triton_models.editors.diffusion.ip2p:InstructPix2PixEditor")
+)
