@@ -71,8 +71,11 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Reuses a healthy stack already running from $(RUN_DIR) with the same settings;
+# `make up UP_FLAGS=--restart` starts it again.
+UP_FLAGS ?=
 up: setup
-	$(VENV)/bin/propscope-server up --run-dir $(RUN_DIR)
+	$(VENV)/bin/propscope-server up --run-dir $(RUN_DIR) $(UP_FLAGS)
 
 down:
 	@if [ -x $(VENV)/bin/propscope-server ]; then $(VENV)/bin/propscope-server down --run-dir $(RUN_DIR); fi
