@@ -42,7 +42,7 @@ def test_a_minimal_spec_loads_with_its_images_and_labels(tmp_path):
     spec, images = load_spec(spec_file(tmp_path, MINIMAL))
     assert [image.label for image in images] == [0, 1, None]
     assert images[0].path == tmp_path / "images" / "0.png"
-    assert spec.property_list()[0].parameters == {"operation": "hue"}
+    assert list(spec.editor_properties().values())[0].parameters == {"operation": "hue"}
     assert spec.explain.steps == 10 and spec.concurrency == 4
 
 
@@ -62,7 +62,7 @@ def test_structured_editor_parameters_become_strings(tmp_path):
         "{editor: procedural, parameters: {operation: brightness, amount: 0.2, invert: true}}",
     )
     spec, _ = load_spec(spec_file(tmp_path, text))
-    assert dict(spec.property_list()[0].parameters) == {
+    assert dict(list(spec.editor_properties().values())[0].parameters) == {
         "operation": "brightness",
         "amount": "0.2",
         "invert": "true",

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import numpy as np
 
 from propscope._json import dataclass_dict, plain
+from propscope._preprocessing import Preprocessing
 
 __all__ = [
     "CacheStats",
@@ -40,6 +41,15 @@ class ModelEntry:
     # The version the service resolved and explained (the latest ready one when ``version`` is
     # empty): what the review actually looked at.
     served_version: str = ""
+    # The spec's preprocessing override and class labels (None / empty: the model's own).
+    preprocessing: Preprocessing | None = None
+    class_labels: tuple[str, ...] = ()
+    # What the service applied (every field resolved), where each field came from, the class
+    # names in use and what it could not be sure of, over every explanation of this model.
+    applied_preprocessing: Preprocessing | None = None
+    preprocessing_sources: tuple[str, ...] = ()
+    served_class_labels: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -70,6 +80,14 @@ class Observation:
     curve: tuple[float, ...]
     cache_hits: int
     cache_misses: int
+    # N, the path length the result was decided on (adaptive paths may be longer than the
+    # spec's steps), why it is or is not relevant, and what the service was unsure of.
+    steps: int = 0
+    decision: str = ""
+    decision_detail: str = ""
+    warnings: tuple[str, ...] = ()
+    target_label: str = ""
+    edits: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclass_dict(self)
@@ -137,6 +155,9 @@ class Settings:
     # Whose probability the curves follow: "label" (each image's labelled class), "predicted"
     # (each model's own prediction on the original) or "class N".
     target_class: str
+    path_mode: str = "fixed"
+    # The longest path an adaptive property could be extended to.
+    max_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclass_dict(self)
@@ -176,16 +197,42 @@ class ReviewResult:
         return [found[image] for image in self.images if image in found]
 
     def values(self, model: str, property_name: str, name: str) -> np.ndarray:
-        """One numeric field of ``select(...)`` as an array, in image order."""
+        """One numeric field of ``select(...)`` as an array, in image order. ``score`` is
+        stated at the settings' N: E|dp| scales with 1/N, so a result an adaptive path decided
+        at a longer N counts as score_per_unit_strength / N (equal to its score at N when the
+        path was not extended), and images and models compare at one N."""
+        observations = self.select(model, property_name)
+        if name == "score":
+            return np.array([self.score_at_n(obs) for obs in observations], dtype=np.float64)
+        return np.array([float(getattr(obs, name)) for obs in observations], dtype=np.float64)
+
+    def score_at_n(self, obs: Observation) -> float:
+        """The observation's score at the settings' N (see ``values``)."""
+        if obs.steps and self.settings.steps and obs.steps != self.settings.steps:
+            return obs.score_per_unit_strength / self.settings.steps
+        return obs.score
+
+    def curves(self, model: str, property_name: str) -> np.ndarray:
+        """[images, M + 1] target probabilities along the path at strengths t = k/M, M the
+        longest path among them: a shorter path's curve is interpolated linearly in t (adaptive
+        paths double N, so a shorter path's strengths are among the longest's)."""
+        rows = [obs.curve for obs in self.select(model, property_name) if obs.curve]
+        if not rows:
+            return np.zeros((0, self.settings.steps + 1), dtype=np.float64)
+        points = max(len(row) for row in rows)
+        grid = np.linspace(0.0, 1.0, points)
         return np.array(
-            [float(getattr(obs, name)) for obs in self.select(model, property_name)],
+            [np.interp(grid, np.linspace(0.0, 1.0, len(row)), row) for row in rows],
             dtype=np.float64,
         )
 
-    def curves(self, model: str, property_name: str) -> np.ndarray:
-        """[images, N + 1] target probabilities along the path."""
-        rows = [obs.curve for obs in self.select(model, property_name)]
-        return np.array(rows, dtype=np.float64).reshape(len(rows), self.settings.steps + 1)
+    def decisions(self, model: str, property_name: str) -> dict[str, int]:
+        """How many images got each decision (e.g. {"relevant": 3, "change_too_small": 9})."""
+        counts: dict[str, int] = {}
+        for obs in self.select(model, property_name):
+            key = obs.decision or ("relevant" if obs.relevant else "not relevant")
+            counts[key] = counts.get(key, 0) + 1
+        return counts
 
     def cache(self, model: str | None = None) -> CacheStats:
         chosen = [obs for obs in self.observations if model is None or obs.model == model]

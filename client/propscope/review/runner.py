@@ -19,7 +19,7 @@ import numpy as np
 
 from propscope._client import Client
 from propscope._errors import PropscopeError
-from propscope._events import Accepted, ModelInfo, ModelRole, PropertyResult
+from propscope._events import Accepted, Decision, ModelInfo, PropertyResult
 from propscope._images import encode_image
 from propscope._properties import Property
 from propscope.review.results import (
@@ -27,10 +27,11 @@ from propscope.review.results import (
     Observation,
     PathStrip,
     ReviewResult,
+    Role,
     Settings,
 )
 from propscope.review.rules import evaluate_rules
-from propscope.review.spec import ImageEntry, ReviewSpec
+from propscope.review.spec import ImageEntry, ModelSpec, ReviewSpec, SpecError
 
 __all__ = [
     "ReviewError",
@@ -72,8 +73,7 @@ def run_review(
     strips; raises ``ReviewError`` when any call or property fails."""
     started = time.monotonic()
     models = _model_entries(spec)
-    properties = spec.property_list()
-    _check_served(client, models, properties)
+    _check_served(client, models, list(spec.editor_properties().values()))
     follow_label = (spec.target_class or _default_target(images)) == "label"
     run = _Run(spec, client, follow_label)
     total = len(images) * len(models)
@@ -83,6 +83,7 @@ def run_review(
     def explain_image(image: ImageEntry) -> list[Observation]:
         nonlocal completed
         encoded = _read_image(image)
+        properties = _properties_for(spec, image)
         observations = []
         for model in models:
             results = run.explain(image, encoded, model, properties, with_paths=False)
@@ -99,16 +100,13 @@ def run_review(
     result = ReviewResult(
         title=spec.title,
         settings=run.settings,
-        models=tuple(
-            replace(model, served_version=run.served_versions.get(model.label, ""))
-            for model in models
-        ),
-        properties=tuple(prop.name for prop in properties),
+        models=tuple(run.served(model) for model in models),
+        properties=tuple(spec.property_names),
         images={image.id: image.label for image in images},
         observations=tuple(obs for observations in found for obs in observations),
     )
     outcomes = evaluate_rules(spec.rules, result)
-    strips = _strips(spec, images, result, run, models, properties)
+    strips = _strips(spec, images, result, run, models)
     return replace(
         result,
         outcomes=tuple(outcomes),
@@ -137,6 +135,13 @@ def observation_from_result(image: str, model: str, result: PropertyResult) -> O
         curve=tuple(float(value) for value in curves.mean(axis=0)) if curves.size else (),
         cache_hits=result.cache_hits,
         cache_misses=result.cache_misses,
+        # An older server sends no steps: the curve's length says it.
+        steps=result.steps or (curves.shape[1] - 1 if curves.size else 0),
+        decision=result.decision.value if result.decision != Decision.UNSPECIFIED else "",
+        decision_detail=result.decision_detail,
+        warnings=result.warnings,
+        target_label=result.target_label,
+        edits=result.edits,
     )
 
 
@@ -153,6 +158,8 @@ def settings_from_accepted(
         alpha=accepted.alpha,
         min_probability_change=accepted.min_probability_change,
         target_class=target_class,
+        path_mode=accepted.path_mode,
+        max_steps=accepted.max_steps,
     )
 
 
@@ -164,8 +171,25 @@ class _Run:
         self._client = client
         self._follow_label = follow_label
         self.settings: Settings | None = None
-        # Model label -> the version the service resolved for it.
-        self.served_versions: dict[str, str] = {}
+        # Model label -> the first Accepted event of its explanations, and the warnings of all
+        # of them (in order, once each).
+        self._accepted: dict[str, Accepted] = {}
+        self._warnings: dict[str, dict[str, None]] = {}
+        self._lock = threading.Lock()
+
+    def served(self, model: ModelEntry) -> ModelEntry:
+        """``model`` with what the service said it applied to it."""
+        accepted = self._accepted.get(model.label)
+        if accepted is None:
+            return model
+        return replace(
+            model,
+            served_version=accepted.model_version,
+            applied_preprocessing=accepted.preprocessing,
+            preprocessing_sources=accepted.preprocessing_sources,
+            served_class_labels=accepted.class_labels,
+            warnings=tuple(self._warnings.get(model.label, {})),
+        )
 
     def explain(
         self,
@@ -186,6 +210,10 @@ class _Run:
                 properties,
                 model_version=model.version,
                 model_output=model.output,
+                preprocessing=model.preprocessing,
+                class_labels=model.class_labels,
+                path_mode=options.path_mode,
+                max_steps=options.max_steps,
                 target_class=image.label if self._follow_label else None,
                 steps=options.steps,
                 samples=options.samples,
@@ -197,7 +225,10 @@ class _Run:
                 timeout=self._spec.service.timeout_s,
             ):
                 if isinstance(event, Accepted):
-                    self.served_versions[model.label] = event.model_version
+                    with self._lock:
+                        self._accepted.setdefault(model.label, event)
+                        seen = self._warnings.setdefault(model.label, {})
+                        seen.update(dict.fromkeys(event.warnings))
                     self.settings = self.settings or settings_from_accepted(
                         self._client.target,
                         event,
@@ -217,14 +248,29 @@ class _Run:
 
 
 def _model_entries(spec: ReviewSpec) -> list[ModelEntry]:
-    models = [
-        ModelEntry("candidate", spec.candidate.name, spec.candidate.version, spec.candidate.output)
+    roles: list[tuple[Role, ModelSpec | None]] = [
+        ("candidate", spec.candidate),
+        ("baseline", spec.baseline),
     ]
-    if spec.baseline is not None:
-        models.append(
-            ModelEntry("baseline", spec.baseline.name, spec.baseline.version, spec.baseline.output)
+    return [
+        ModelEntry(
+            role,
+            model.name,
+            model.version,
+            model.output,
+            preprocessing=model.preprocessing_override(),
+            class_labels=spec.class_labels_of(model),
         )
-    return models
+        for role, model in roles
+        if model is not None
+    ]
+
+
+def _properties_for(spec: ReviewSpec, image: ImageEntry) -> list[Property]:
+    try:
+        return spec.properties_for(image)
+    except SpecError as error:
+        raise ReviewError(str(error)) from None
 
 
 def _default_target(images: Sequence[ImageEntry]) -> str:
@@ -239,41 +285,46 @@ def _check_served(
         served = {info.name: info for info in client.list_models()}
     except PropscopeError as error:
         raise ReviewError(f"cannot reach the service at {client.target}: {error}") from None
-    classifiers = sorted(n for n, i in served.items() if i.role == ModelRole.CLASSIFIER)
+    # Any model that is not an editor is a classifier: propscope.role is optional.
+    classifiers = sorted(n for n, i in served.items() if i.is_classifier)
     for model in models:
         _check_model(
             served.get(model.name),
             model.name,
             model.version,
-            ModelRole.CLASSIFIER,
+            True,
             f"{model.role} model",
             classifiers,
         )
-    editors = sorted(n for n, i in served.items() if i.role == ModelRole.EDITOR)
+    editors = sorted(n for n, i in served.items() if not i.is_classifier)
     for prop in properties:
         _check_model(
             served.get(prop.editor or ""),
             prop.editor or "",
             prop.editor_version,
-            ModelRole.EDITOR,
+            False,
             f"editor of property {prop.name!r}",
             editors,
         )
 
 
 def _check_model(
-    info: ModelInfo | None, name: str, version: str, role: ModelRole, what: str, known: list[str]
+    info: ModelInfo | None, name: str, version: str, classifier: bool, what: str, known: list[str]
 ) -> None:
-    if info is None or info.role != role:
+    if info is None:
         raise ReviewError(
             f"the {what} {name!r} is not served; served: {', '.join(known) or 'none'}"
         )
+    if info.is_classifier != classifier:
+        kind = "an editor" if classifier else "a classifier"
+        raise ReviewError(f"the {what} {name!r} is {kind}; served: {', '.join(known) or 'none'}")
+    if info.state != "READY":
+        reason = f": {info.state_reason}" if info.state_reason else ""
+        raise ReviewError(f"the {what} {name!r} is {info.state or 'not loaded'}{reason}")
     if version and version not in info.versions:
         raise ReviewError(
             f"the {what} {name!r} has no version {version!r}; versions: {', '.join(info.versions)}"
         )
-    if info.state != "READY":
-        raise ReviewError(f"the {what} {name!r} is {info.state}, not READY")
 
 
 def _read_image(image: ImageEntry) -> bytes:
@@ -313,19 +364,21 @@ def _strips(
     result: ReviewResult,
     run: _Run,
     models: Sequence[ModelEntry],
-    properties: Sequence[Property],
 ) -> list[PathStrip]:
     """The path images of the images the candidate's score ranks highest, per property; their
     paths come from the cache, so this costs classifier calls only."""
     by_id = {image.id: image for image in images}
     candidate = models[0]
     jobs = []
-    for prop in properties:
-        ranked = sorted(result.select(candidate.label, prop.name), key=lambda obs: -obs.score)
-        jobs += [(by_id[obs.image], prop) for obs in ranked[: spec.strips]]
+    for name in spec.property_names:
+        ranked = sorted(
+            result.select(candidate.label, name), key=lambda obs: -result.score_at_n(obs)
+        )
+        jobs += [(by_id[obs.image], name) for obs in ranked[: spec.strips]]
 
-    def fetch(job: tuple[ImageEntry, Property]) -> PathStrip:
-        image, prop = job
+    def fetch(job: tuple[ImageEntry, str]) -> PathStrip:
+        image, name = job
+        (prop,) = [p for p in _properties_for(spec, image) if p.name == name]
         encoded = _read_image(image)
         curves: dict[str, tuple[float, ...]] = {}
         path_images: tuple[bytes, ...] = ()

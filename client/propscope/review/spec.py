@@ -13,10 +13,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from propscope._properties import Property, parse_property
-from propscope._requests import normalize_properties
+from propscope._images import folder_images
+from propscope._preprocessing import Preprocessing
+from propscope._properties import Property, parse_property, region_from, split_property
 
 __all__ = ["ImageEntry", "ReviewSpec", "SpecError", "load_spec"]
 
@@ -38,6 +47,22 @@ class ServiceSpec(_Strict):
     timeout_s: float = Field(600.0, gt=0)
 
 
+class PreprocessingSpec(_Strict):
+    """A model's preprocessing override; unset fields stay the model's own."""
+
+    mean: list[float] | None = Field(None, min_length=3, max_length=3)
+    std: list[float] | None = Field(None, min_length=3, max_length=3)
+    output_kind: Literal["logits", "probabilities"] | None = None
+    resize: Literal["squash", "center_crop", "letterbox"] | None = None
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and min(value) <= 0:
+            raise ValueError("std must be positive")
+        return value
+
+
 class ModelSpec(_Strict):
     # Triton versions are numbers; `version: 2` means "2".
     model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
@@ -45,6 +70,22 @@ class ModelSpec(_Strict):
     name: str = Field(min_length=1)
     version: str = ""
     output: str = ""
+    # Overrides, field by field, the preprocessing the model declares in its config.pbtxt.
+    preprocessing: PreprocessingSpec | None = None
+    # Class names by index, or a file (relative to the spec: a JSON list or one name per line);
+    # unset: the model's own propscope.class_labels.
+    class_labels: list[str] | str | None = None
+
+    def preprocessing_override(self) -> Preprocessing | None:
+        if self.preprocessing is None:
+            return None
+        spec = self.preprocessing
+        return Preprocessing(
+            mean=tuple(spec.mean) if spec.mean is not None else None,  # type: ignore[arg-type]
+            std=tuple(spec.std) if spec.std is not None else None,  # type: ignore[arg-type]
+            output_kind=spec.output_kind,
+            resize=spec.resize,
+        )
 
 
 class ImagesSpec(_Strict):
@@ -61,12 +102,62 @@ class ImagesSpec(_Strict):
         return self
 
 
+class RegionSpec(_Strict):
+    """Where the edit may change pixels: one of a mask file (relative to the spec), a box in
+    fractions of the image, or a box in pixels."""
+
+    mask: str | None = None
+    box: list[float] | None = Field(None, min_length=4, max_length=4)
+    box_px: list[float] | None = Field(None, min_length=4, max_length=4)
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> RegionSpec:
+        given = {key: value for key, value in self.model_dump().items() if value is not None}
+        if len(given) != 1:
+            raise ValueError("give exactly one of mask, box or box_px")
+        if self.mask is None:
+            region_from(given)  # the box's own checks
+        return self
+
+
 class EditorSpec(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
     editor: str = Field(min_length=1)
     version: str = ""
     parameters: dict[str, str | int | float | bool] = {}
+    region: RegionSpec | None = None
+
+
+class ProvidedFolderSpec(_Strict):
+    # Each image's own folder, relative to the spec: {stem} is the image's file name without
+    # its suffix, {image} its id (its path in the set) without the suffix.
+    folder: str = Field(min_length=1)
+
+    @field_validator("folder")
+    @classmethod
+    def _per_image(cls, value: str) -> str:
+        if "{stem}" not in value and "{image}" not in value:
+            raise ValueError(
+                "the folder must name each image's own path with {stem} or {image}, "
+                "e.g. paths/{stem}/"
+            )
+        try:
+            value.format(stem="x", image="x")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(
+                f"only {{stem}} and {{image}} may be used in braces ({error})"
+            ) from None
+        return value
+
+
+class ProvidedSpec(_Strict):
+    """The caller's own paths: per image, a folder whose images in natural order are x_1..x_N."""
+
+    provided: ProvidedFolderSpec
+
+
+PropertySource = str | EditorSpec | ProvidedSpec
 
 
 class ExplainSpec(_Strict):
@@ -78,6 +169,18 @@ class ExplainSpec(_Strict):
     permutations: int = Field(0, ge=0)
     alpha: float = Field(0.0, ge=0, lt=1)
     min_probability_change: float | None = Field(None, ge=0, le=1)
+    # adaptive: the service lengthens a path the test cannot decide, up to max_steps (0: the
+    # server's limit); fixed: exactly steps. Scores at another N are compared at steps N.
+    path_mode: Literal["adaptive", "fixed"] = "adaptive"
+    max_steps: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _max_steps(self) -> ExplainSpec:
+        if self.path_mode == "fixed" and self.max_steps:
+            raise ValueError("max_steps applies to adaptive paths, not to path_mode fixed")
+        if self.max_steps and self.steps and self.max_steps < self.steps:
+            raise ValueError(f"max_steps ({self.max_steps}) must be at least steps")
+        return self
 
 
 Metric = Literal["score", "score_per_unit_strength", "probability_change"]
@@ -141,7 +244,7 @@ class ReviewSpec(_Strict):
     # models; needs labels) or each model's own prediction on the original image. Unset: "label"
     # when every image has a label, else "predicted".
     target_class: Literal["label", "predicted"] | None = None
-    properties: dict[str, str | EditorSpec] = Field(min_length=1)
+    properties: dict[str, PropertySource] = Field(min_length=1)
     explain: ExplainSpec = ExplainSpec()
     # Explain calls in flight; each image runs its candidate and then its baseline, so that the
     # baseline finds the candidate's edited paths in the cache.
@@ -149,14 +252,20 @@ class ReviewSpec(_Strict):
     # Per property, how many of the most affected images the HTML report shows as path strips.
     strips: int = Field(3, ge=0, le=20)
     rules: list[Rule] = []
+    # The spec file's folder: what mask files and provided-path folders are relative to.
+    _base: Path = PrivateAttr(default_factory=Path)
+    _editor_properties: dict[str, Property] | None = PrivateAttr(default=None)
 
     @field_validator("properties")
     @classmethod
-    def _properties_parse(cls, value: dict[str, str | EditorSpec]) -> dict[str, str | EditorSpec]:
+    def _properties_parse(cls, value: dict[str, PropertySource]) -> dict[str, PropertySource]:
         for name, source in value.items():
             if name != name.strip() or not name:
                 raise ValueError(f"property name {name!r} is empty or has surrounding blanks")
-            _to_property(name, source)
+            if isinstance(source, str):
+                text = split_property(f"{name}={source}")
+                if text.folder is not None:
+                    ProvidedFolderSpec._per_image(text.folder)
         return value
 
     @model_validator(mode="after")
@@ -172,22 +281,109 @@ class ReviewSpec(_Strict):
                 raise ValueError(f"rules[{index}] ({rule.rule}) names unknown properties {unknown}")
             if isinstance(rule, NoRegressionRule) and self.baseline is None:
                 raise ValueError(f"rules[{index}]: no_regression needs a baseline model")
+        if self.provided_folders() and self.explain.samples > 1:
+            raise ValueError("explain.samples must be 1 with provided paths (they are one path)")
         return self
 
-    def property_list(self) -> list[Property]:
-        return normalize_properties(
-            [_to_property(name, source) for name, source in self.properties.items()]
-        )
+    @property
+    def property_names(self) -> list[str]:
+        return list(self.properties)
+
+    def provided_folders(self) -> dict[str, str]:
+        """Property name -> its per-image folder pattern, for the provided paths."""
+        folders = {}
+        for name, source in self.properties.items():
+            if isinstance(source, ProvidedSpec):
+                folders[name] = source.provided.folder
+            elif isinstance(source, str) and (folder := split_property(f"{name}={source}").folder):
+                folders[name] = folder
+        return folders
+
+    def with_base(self, base: Path) -> ReviewSpec:
+        """This spec with its files read relative to ``base``; ``SpecError`` when a mask cannot
+        be read."""
+        spec = self.model_copy()
+        spec._base = base
+        spec._editor_properties = None
+        spec.editor_properties()
+        return spec
+
+    def editor_properties(self) -> dict[str, Property]:
+        """The editor properties, their mask files read (once)."""
+        if self._editor_properties is None:
+            provided = self.provided_folders()
+            try:
+                self._editor_properties = {
+                    name: _editor_property(name, source, self._base)
+                    for name, source in self.properties.items()
+                    if name not in provided
+                }
+            except ValueError as error:
+                raise SpecError(f"properties: {error}") from None
+        return self._editor_properties
+
+    def provided_folder(self, name: str, image: ImageEntry) -> Path:
+        pattern = self.provided_folders()[name]
+        image_id = str(Path(image.id).with_suffix(""))
+        return self._base / pattern.format(stem=image.path.stem, image=image_id)
+
+    def properties_for(self, image: ImageEntry) -> list[Property]:
+        """Every property of the spec for one image, in spec order (provided paths read from
+        the image's own folder)."""
+        editors = self.editor_properties()
+        properties = []
+        for name in self.properties:
+            if name in editors:
+                properties.append(editors[name])
+                continue
+            try:
+                properties.append(Property.from_folder(name, self.provided_folder(name, image)))
+            except ValueError as error:
+                raise SpecError(f"property {name!r}, image {image.id!r}: {error}") from None
+        return properties
+
+    def class_labels_of(self, model: ModelSpec) -> tuple[str, ...]:
+        """The model's class labels as given in the spec (a list, or a file's names)."""
+        if model.class_labels is None:
+            return ()
+        if isinstance(model.class_labels, list):
+            names = model.class_labels
+        else:
+            path = self._base / model.class_labels
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as error:
+                raise SpecError(f"cannot read class_labels {str(path)!r}: {error}") from None
+            if text.lstrip().startswith("["):
+                try:
+                    names = yaml.safe_load(text)
+                except yaml.YAMLError as error:
+                    raise SpecError(f"class_labels {str(path)!r}: {error}") from None
+            else:
+                names = [line.strip() for line in text.splitlines() if line.strip()]
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise SpecError(f"class_labels of {model.name!r} must be non-empty names")
+        return tuple(names)
 
 
-def _to_property(name: str, source: str | EditorSpec) -> Property:
+def _editor_property(name: str, source: PropertySource, base: Path) -> Property:
     if isinstance(source, str):
-        return parse_property(f"{name}={source}")
+        return parse_property(f"{name}={source}", base=base)
+    assert isinstance(source, EditorSpec)
+    region = None
+    if source.region is not None:
+        if source.region.mask is not None:
+            # parse_property's reading of mask files, errors included.
+            region = parse_property(f"{name}=x;mask={source.region.mask}", base=base).region
+        else:
+            shape = {k: v for k, v in source.region.model_dump().items() if v is not None}
+            region = region_from(shape)
     return Property(
         name=name,
         editor=source.editor,
         editor_version=source.version,
         parameters={key: _parameter_text(value) for key, value in source.parameters.items()},
+        region=region,
     )
 
 
@@ -236,6 +432,20 @@ def load_spec(path: Path) -> tuple[ReviewSpec, list[ImageEntry]]:
     except ValidationError as error:
         raise SpecError(f"{path}: {_describe(error)}") from None
     images = _image_entries(spec.images, path.parent)
+    try:
+        spec = spec.with_base(path.parent)
+        for model in (spec.candidate, spec.baseline):
+            if model is not None:
+                spec.class_labels_of(model)
+    except SpecError as error:
+        raise SpecError(f"{path}: {error}") from None
+    for name in spec.provided_folders():
+        for image in images:
+            folder = spec.provided_folder(name, image)
+            try:
+                folder_images(folder)
+            except ValueError as error:
+                raise SpecError(f"{path}: property {name!r}, image {image.id!r}: {error}") from None
     if spec.target_class == "label" and any(image.label is None for image in images):
         raise SpecError(f"{path}: target_class is 'label' but some images have no label")
     for index, rule in enumerate(spec.rules):

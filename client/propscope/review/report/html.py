@@ -13,8 +13,11 @@ from PIL import Image
 
 from propscope.review.report.common import (
     ModelSummary,
+    decisions_text,
     format_number,
     format_percent,
+    strip_probability,
+    strip_steps,
     summarize,
 )
 from propscope.review.report.plots import curves_png, distributions_png, model_colors
@@ -51,6 +54,9 @@ _ENVIRONMENT = jinja2.Environment(
 )
 _ENVIRONMENT.filters.update(
     number=format_number, percent=format_percent, png_uri=_png_uri, thumbnail_uri=_thumbnail_uri
+)
+_ENVIRONMENT.globals.update(
+    decisions_text=decisions_text, strip_probability=strip_probability, strip_steps=strip_steps
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from propscope.review.report.common import (
     FILE_NAMES,
+    decisions_text,
     format_number,
     format_percent,
     summarize,
@@ -12,6 +13,8 @@ from propscope.review.report.common import (
 from propscope.review.results import ReviewResult
 
 __all__ = ["render_markdown"]
+
+WARNINGS_SHOWN = 5
 
 
 def render_markdown(result: ReviewResult) -> str:
@@ -26,7 +29,7 @@ def render_markdown(result: ReviewResult) -> str:
             ],
         )
     lines += _table(
-        ["property", "model", "images", "mean score", "significant", "flip rate"],
+        ["property", "model", "images", "mean score", "significant", "flip rate", "decisions"],
         [
             [
                 name,
@@ -35,18 +38,47 @@ def render_markdown(result: ReviewResult) -> str:
                 format_number(summary.score),
                 format_percent(summary.significant),
                 format_percent(summary.flip_rate),
+                decisions_text(result.decisions(model.label, name)),
             ]
             for name in result.properties
             for model in result.models
             if (summary := summarize(result, model, name)) is not None
         ],
     )
+    lines += _warnings(result)
     lines += [_cache_line(result), "", _settings_line(result), ""]
     lines.append(
         f"Plots and path images: `{FILE_NAMES['html']}`; every number: `{FILE_NAMES['json']}`; "
         f"one test case per rule: `{FILE_NAMES['junit']}` (in this job's artefacts)."
     )
     return "\n".join(lines) + "\n"
+
+
+def _warnings(result: ReviewResult) -> list[str]:
+    """What the service could not be sure of: each model's warnings, then each property's
+    (per image, at most ``WARNINGS_SHOWN`` per model and property; the JSON has them all)."""
+    lines = [
+        f"- **{model.label}** ({model.role}): {_cell(warning)}"
+        for model in result.models
+        for warning in model.warnings
+    ]
+    for name in result.properties:
+        for model in result.models:
+            found = [
+                (obs.image, warning)
+                for obs in result.select(model.label, name)
+                for warning in obs.warnings
+            ]
+            lines += [
+                f"- **{name}**, {model.label}, `{image}`: {_cell(warning)}"
+                for image, warning in found[:WARNINGS_SHOWN]
+            ]
+            if len(found) > WARNINGS_SHOWN:
+                lines.append(
+                    f"- **{name}**, {model.label}: {len(found) - WARNINGS_SHOWN} more warnings "
+                    f"in `{FILE_NAMES['json']}`"
+                )
+    return ["**Warnings**", "", *lines, ""] if lines else []
 
 
 def _headline(result: ReviewResult) -> str:
@@ -76,8 +108,11 @@ def _cache_line(result: ReviewResult) -> str:
 
 def _settings_line(result: ReviewResult) -> str:
     s = result.settings
+    paths = f"steps N = {s.steps}"
+    if s.path_mode == "adaptive":
+        paths += f" (adaptive paths up to {s.max_steps}; scores stated at N = {s.steps})"
     return (
-        f"Settings: target `{s.target}`, steps N = {s.steps}, samples {s.samples}, seed {s.seed}, "
+        f"Settings: target `{s.target}`, {paths}, samples {s.samples}, seed {s.seed}, "
         f"permutations {s.permutations}, alpha {format_number(s.alpha)}, minimum Δp "
         f"{format_number(s.min_probability_change)}, target class: {s.target_class}; "
         f"{len(result.images)} images, {format_number(result.seconds)} s."

@@ -15,7 +15,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from propscope.review.results import ModelEntry, ReviewResult
+from propscope.review.results import ModelEntry, Observation, ReviewResult
 
 __all__ = [
     "BASELINE_COLOR",
@@ -139,12 +139,12 @@ def _paired_scores(
     allowance when a rule checks this property (the paired test's view of the data)."""
     rule = _regression_rule(result, property_name)
     metric = str(rule.get("metric", "score"))
-    candidate_values = {
-        o.image: getattr(o, metric) for o in result.select(candidate.label, property_name)
-    }
-    baseline_values = {
-        o.image: getattr(o, metric) for o in result.select(baseline.label, property_name)
-    }
+
+    def value(obs: Observation) -> float:
+        return result.score_at_n(obs) if metric == "score" else float(getattr(obs, metric))
+
+    candidate_values = {o.image: value(o) for o in result.select(candidate.label, property_name)}
+    baseline_values = {o.image: value(o) for o in result.select(baseline.label, property_name)}
     images = [image for image in baseline_values if image in candidate_values]
     x = np.array([baseline_values[image] for image in images], dtype=np.float64)
     y = np.array([candidate_values[image] for image in images], dtype=np.float64)
