@@ -9,13 +9,20 @@ from pathlib import Path
 from pydantic import BaseModel, Field, TypeAdapter
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+OUTPUT_KINDS = ("logits", "probabilities")
+RESIZE_MODES = ("squash", "center_crop", "letterbox")
+
 
 class PreprocessingConfig(BaseModel):
-    """What a classifier's owners did to pixels: scale to [0, 1], then (x - mean) / std."""
+    """What a classifier's owners did to pixels (scale to [0, 1], then (x - mean) / std,
+    after resizing) and what its output holds. None: not declared at this level."""
+
+    model_config = {"extra": "forbid"}
 
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
-    output_kind: str = Field("logits", pattern="^(logits|probabilities)$")
+    output_kind: str | None = Field(None, pattern="^(logits|probabilities)$")
+    resize: str | None = Field(None, pattern="^(squash|center_crop|letterbox)$")
 
 
 class Limits(BaseModel):

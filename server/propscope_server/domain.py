@@ -20,7 +20,8 @@ class ClassifierRef:
     version: str = ""
     output: str = ""
     target_class: int | None = None  # None: the class predicted for the original
-    preprocessing: PreprocessingConfig | None = None  # None: the gateway's configuration
+    preprocessing: PreprocessingConfig | None = None  # None: the model's or the gateway's
+    class_labels: tuple[str, ...] = ()  # empty: the model's own
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class PropertySpec:
     name: str
     editor: EditorRef | None = None
     provided_path: tuple[np.ndarray, ...] | None = None  # x_1..x_N, uint8 HWC
+    # Editors only: [H, W] float32 weights in [0, 1]; outside (0) the original is kept.
+    region: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,10 @@ class ExplainSpec:
     min_probability_change: float
     return_path_images: bool
     tenant: str = DEFAULT_TENANT  # who asked: the cache namespace and the admission bucket
+    # Adaptive: a property whose test cannot reach alpha at N gets a path of 2N, up to
+    # max_steps (= steps when fixed, or when 0).
+    adaptive: bool = False
+    max_steps: int = 0
 
     def path_shape(self, prop: PropertySpec) -> tuple[int, int]:
         """(paths, images x_1..x_N per path) of one property; a provided path is one
@@ -71,6 +78,12 @@ class Accepted:
     planned_edits: int
     planned_classifications: int
     min_probability_change: float
+    adaptive: bool
+    max_steps: int
+    preprocessing: PreprocessingConfig
+    preprocessing_sources: tuple[str, ...]
+    warnings: tuple[str, ...]
+    class_labels: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,10 @@ class PropertyOutcome:
     cache_hits: int = 0
     cache_misses: int = 0
     error: Exception | None = None
+    steps: int = 0  # N of the path the result was decided on
+    edits: int = 0  # edited images over every path length tried, cache hits included
+    warnings: tuple[str, ...] = ()
+    target_label: str = ""
 
 
 @dataclass

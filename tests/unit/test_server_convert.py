@@ -14,7 +14,7 @@ from propscope_server import domain
 from propscope_server.api.convert import decode_image, event_message, explain_spec, property_result
 from propscope_server.config import Limits
 from propscope_server.errors import DeadlineExceeded, InvalidArgument, NotFound
-from propscope_server.scoring.property_gradient import PropertyScore
+from propscope_server.scoring.property_gradient import Decision, PropertyScore
 
 PIXELS = np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)
 
@@ -186,7 +186,7 @@ def test_explain_spec_refusals(fields, needle, field):
     ("limits", "needle"),
     [
         (Limits(max_properties=1), "the limit max_properties is 1"),
-        (Limits(max_edits=2 * 10 * 2 - 1), "needs 40 edited images"),
+        (Limits(max_edits=2 * 10 * 2 - 1), "needs up to 40 edited images"),
         (Limits(max_edits=2 * 10 * 2 - 1), "the limit max_edits is 39"),
     ],
 )
@@ -221,6 +221,8 @@ SCORE = PropertyScore(
     mutual_information=0.25,
     sample_scores=(0.1,),
     sample_p_values=(0.002,),
+    decision=Decision.RELEVANT,
+    decision_detail="significant and large",
 )
 
 

@@ -120,9 +120,9 @@ def test_procedural_config_schema_resolves():
         "region": "all",
         "amount": "",
         "position": "fixed",
-        "patch_x": "3",
-        "patch_y": "3",
-        "patch_size": "14",
+        "patch_x": "0.05",
+        "patch_y": "0.05",
+        "patch_size": "0.22",
     }
     with pytest.raises(InvalidParameters, match="'operation' must be one of"):
         schema.resolve({"operation": "rotate"})

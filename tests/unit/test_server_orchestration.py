@@ -11,7 +11,7 @@ import pytest
 
 from propscope_server.backends.triton import ModelDescription, Tensor
 from propscope_server.cache import InMemoryPathCache
-from propscope_server.config import Settings
+from propscope_server.config import PreprocessingConfig, Settings
 from propscope_server.domain import (
     ClassifierRef,
     Done,
@@ -32,6 +32,7 @@ CLASSIFIER = ModelDescription(
     inputs=(Tensor("IMAGE", "UINT8", [8, 8, 3]),),
     outputs=(Tensor("LOGITS", "FP32", [2]),),
     max_batch_size=64,
+    preprocessing=PreprocessingConfig(output_kind="logits"),
 )
 EDITOR = ModelDescription(
     name="ed",

@@ -19,12 +19,15 @@ from propscope_server import domain
 from propscope_server.backends.triton import ModelDescription, RepositoryEntry
 from propscope_server.config import Limits, PreprocessingConfig
 from propscope_server.errors import InvalidArgument, PropscopeError
-from propscope_server.scoring.property_gradient import DEFAULT_MIN_PROBABILITY_CHANGE
+from propscope_server.regions import box_mask, decode_mask
+from propscope_server.scoring.property_gradient import DEFAULT_MIN_PROBABILITY_CHANGE, Decision
 
 DEFAULT_STEPS = 10
 DEFAULT_SAMPLES = 1
 DEFAULT_PERMUTATIONS = 10_000
 DEFAULT_ALPHA = 0.01
+# Adaptive paths double N at most this many times by default (10 -> 80).
+DEFAULT_DOUBLINGS = 3
 EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr")
 # Names (models, outputs, properties, request ids) and editor parameters: long enough
 # for any real one, short enough that echoing one in an error stays small.
@@ -175,7 +178,9 @@ def explain_spec(
         raise InvalidArgument(
             f"property names must be unique; repeated: {', '.join(duplicates)}", field="properties"
         )
-    check_budget(request.properties, image.shape, steps, samples, limits)
+    adaptive = request.path_mode != pb.PATH_MODE_FIXED
+    max_steps = resolve_max_steps(request, image.shape, steps, samples, adaptive, limits)
+    check_budget(request.properties, image.shape, steps, samples, limits, max_steps)
     properties = tuple(
         _property(i, p, image, samples, limits) for i, p in enumerate(request.properties)
     )
@@ -192,6 +197,8 @@ def explain_spec(
         min_probability_change=min_probability_change,
         return_path_images=request.return_path_images,
         tenant=tenant,
+        adaptive=adaptive,
+        max_steps=max_steps,
     )
     for index, prop in enumerate(properties):
         length = spec.path_shape(prop)[1]
@@ -200,34 +207,95 @@ def explain_spec(
     return spec
 
 
+def resolve_max_steps(
+    request: pb.ExplainRequest,
+    image_shape: tuple[int, ...],
+    steps: int,
+    samples: int,
+    adaptive: bool,
+    limits: Limits,
+) -> int:
+    """The longest path of an adaptive property: steps x 2^k up to the request's
+    max_steps, or by default the longest of steps x 1, 2, 4, 8 that fits every limit."""
+    if not adaptive:
+        if request.max_steps not in (0, steps):
+            raise InvalidArgument(
+                "max_steps applies to adaptive paths; a fixed path has exactly steps images "
+                "(leave max_steps 0, or use path_mode PATH_MODE_ADAPTIVE)",
+                field="max_steps",
+            )
+        return steps
+    if request.max_steps:
+        if not steps <= request.max_steps <= limits.max_steps:
+            raise InvalidArgument(
+                f"max_steps must be in {steps}..{limits.max_steps} (at least steps; the limit "
+                f"max_steps is {limits.max_steps}), or 0 for the default; got {request.max_steps}",
+                field="max_steps",
+            )
+        longest = steps
+        while longest * 2 <= request.max_steps:
+            longest *= 2
+        return longest
+    longest = steps
+    for _ in range(DEFAULT_DOUBLINGS):
+        longer = longest * 2
+        if longer > limits.max_steps or _over_budget(
+            request.properties, image_shape, steps, samples, limits, longer
+        ):
+            break
+        longest = longer
+    return longest
+
+
+def _over_budget(
+    properties: Sequence[pb.Property],
+    image_shape: tuple[int, ...],
+    steps: int,
+    samples: int,
+    limits: Limits,
+    max_steps: int,
+) -> bool:
+    try:
+        check_budget(properties, image_shape, steps, samples, limits, max_steps)
+    except InvalidArgument:
+        return True
+    return False
+
+
 def check_budget(
     properties: Sequence[pb.Property],
     image_shape: tuple[int, ...],
     steps: int,
     samples: int,
     limits: Limits,
+    max_steps: int | None = None,
 ) -> None:
     """The edit budget and the memory of all paths, from the counts alone: checked before
-    any provided path image is decoded."""
+    any provided path image is decoded. An adaptive path may edit steps, 2 steps, ...,
+    max_steps images (2 max_steps - steps in all) and holds one length at a time."""
+    max_steps = max_steps or steps
     edited = sum(1 for p in properties if p.WhichOneof("source") == "editor")
-    edits = edited * samples * steps
+    edits = edited * samples * (2 * max_steps - steps)
+    field = "steps" if max_steps == steps else "max_steps"
     if edits > limits.max_edits:
         raise InvalidArgument(
-            f"the request needs {edits} edited images (samples x steps x edited properties); "
-            f"the limit max_edits is {limits.max_edits}; use fewer steps, samples or properties",
-            field="steps",
+            f"the request needs up to {edits} edited images (samples x steps x edited "
+            "properties, every path length of an adaptive path included); the limit "
+            f"max_edits is {limits.max_edits}; use fewer steps, samples or properties, "
+            "a smaller max_steps, or path_mode PATH_MODE_FIXED",
+            field=field,
         )
     provided = sum(
         len(p.provided_path.images) for p in properties if p.WhichOneof("source") == "provided_path"
     )
-    path_images = edits + provided
+    path_images = edited * samples * max_steps + provided
     height, width = image_shape[:2]
     if height * width * path_images > limits.max_path_pixels:
         raise InvalidArgument(
             f"the request asks for {path_images} path images of {width}x{height} "
             f"pixels, over the limit max_path_pixels of {limits.max_path_pixels} pixels; "
             "use fewer steps, samples or properties, or a smaller image",
-            field="steps",
+            field=field,
         )
 
 
@@ -273,17 +341,66 @@ def _classifier(model: pb.ModelRef) -> domain.ClassifierRef:
         preprocessing = PreprocessingConfig(
             mean=tuple(p.mean) or None,
             std=tuple(p.std) or None,
-            output_kind="probabilities"
-            if p.output_kind == pb.Preprocessing.OUTPUT_KIND_PROBABILITIES
-            else "logits",
+            output_kind=OUTPUT_KIND_NAMES.get(p.output_kind),
+            resize=RESIZE_NAMES.get(p.resize),
         )
+    for index, label in enumerate(model.class_labels):
+        check_name(label, f"model.class_labels[{index}]")
     return domain.ClassifierRef(
         name=model.name,
         version=version,
         output=model.output,
         target_class=model.target_class if model.WhichOneof("target") == "target_class" else None,
         preprocessing=preprocessing,
+        class_labels=tuple(model.class_labels),
     )
+
+
+OUTPUT_KIND_NAMES = {
+    pb.Preprocessing.OUTPUT_KIND_LOGITS: "logits",
+    pb.Preprocessing.OUTPUT_KIND_PROBABILITIES: "probabilities",
+}
+RESIZE_NAMES = {
+    pb.Preprocessing.RESIZE_MODE_SQUASH: "squash",
+    pb.Preprocessing.RESIZE_MODE_CENTER_CROP: "center_crop",
+    pb.Preprocessing.RESIZE_MODE_LETTERBOX: "letterbox",
+}
+
+
+def preprocessing_message(config: PreprocessingConfig) -> pb.Preprocessing:
+    message = pb.Preprocessing(mean=config.mean or (), std=config.std or ())
+    by_name = {name: value for value, name in OUTPUT_KIND_NAMES.items()}
+    message.output_kind = by_name.get(config.output_kind or "", 0)
+    by_name = {name: value for value, name in RESIZE_NAMES.items()}
+    message.resize = by_name.get(config.resize or "", 0)
+    return message
+
+
+def _region(index: int, prop: pb.Property, image: np.ndarray, limits: Limits) -> np.ndarray | None:
+    """The property's region as [H, W] weights, or None when it has none."""
+    shape = prop.region.WhichOneof("shape")
+    if shape is None:
+        return None
+    field = f"properties[{index}].region.{shape}"
+    if prop.WhichOneof("source") != "editor":
+        raise InvalidArgument(
+            f"property {prop.name!r}: a region applies to editor properties only; a provided "
+            "path already holds the images to classify",
+            field=f"properties[{index}].region",
+        )
+    height, width = image.shape[:2]
+    try:
+        if shape == "mask":
+            if len(prop.region.mask) > limits.max_image_bytes:
+                raise ValueError(
+                    f"the mask is {len(prop.region.mask)} bytes; the limit max_image_bytes is "
+                    f"{limits.max_image_bytes}"
+                )
+            return decode_mask(prop.region.mask, height, width, limits.max_image_pixels)
+        box = prop.region.box
+        return box_mask(box.left, box.top, box.right, box.bottom, box.pixels, height, width)
+    except ValueError as error:
+        raise InvalidArgument(f"property {prop.name!r}: {field}: {error}", field=field) from None
 
 
 def _property(
@@ -309,6 +426,7 @@ def _property(
                 version=version,
                 parameters=dict(prop.editor.parameters),
             ),
+            region=_region(index, prop, image, limits),
         )
     if source == "provided_path":
         images = prop.provided_path.images
@@ -319,6 +437,7 @@ def _property(
             )
         if samples != 1:
             raise InvalidArgument(f"property {prop.name!r}: a provided path needs samples = 1")
+        _region(index, prop, image, limits)
         frames = tuple(
             decode_image(
                 data,
@@ -353,6 +472,12 @@ def event_message(request_id: str, event: domain.Event) -> pb.ExplainEvent:
                 planned_edits=event.planned_edits,
                 planned_classifications=event.planned_classifications,
                 min_probability_change=event.min_probability_change,
+                path_mode=pb.PATH_MODE_ADAPTIVE if event.adaptive else pb.PATH_MODE_FIXED,
+                max_steps=event.max_steps,
+                preprocessing=preprocessing_message(event.preprocessing),
+                preprocessing_sources=list(event.preprocessing_sources),
+                warnings=list(event.warnings),
+                class_labels=list(event.class_labels),
             )
         )
     elif isinstance(event, domain.Progress):
@@ -401,11 +526,20 @@ def error_status(error: Exception) -> status_pb2.Status:
     return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
 
 
+DECISIONS = {
+    Decision.RELEVANT: pb.DECISION_RELEVANT,
+    Decision.NOT_SIGNIFICANT: pb.DECISION_NOT_SIGNIFICANT,
+    Decision.CHANGE_TOO_SMALL: pb.DECISION_CHANGE_TOO_SMALL,
+    Decision.CANNOT_REACH_ALPHA: pb.DECISION_CANNOT_REACH_ALPHA,
+}
+
+
 def property_result(outcome: domain.PropertyOutcome) -> pb.PropertyResult:
     if outcome.error is not None or outcome.score is None:
         return pb.PropertyResult(
             property_name=outcome.property_name,
             status=error_status(outcome.error or RuntimeError()),
+            warnings=list(outcome.warnings),
         )
     score = outcome.score
     return pb.PropertyResult(
@@ -427,6 +561,12 @@ def property_result(outcome: domain.PropertyOutcome) -> pb.PropertyResult:
         target_class=outcome.target_class,
         cache_hits=outcome.cache_hits,
         cache_misses=outcome.cache_misses,
+        steps=outcome.steps,
+        decision=DECISIONS[score.decision],
+        decision_detail=score.decision_detail,
+        warnings=list(outcome.warnings),
+        target_label=outcome.target_label,
+        edits=outcome.edits,
         samples=[
             pb.SampleResult(
                 seed=s.seed,
@@ -443,14 +583,16 @@ def property_result(outcome: domain.PropertyOutcome) -> pb.PropertyResult:
 
 
 def model_info(entry: RepositoryEntry, description: ModelDescription | None) -> pb.ModelInfo:
-    info = pb.ModelInfo(name=entry.name, state=entry.state)
+    info = pb.ModelInfo(name=entry.name, state=entry.state, state_reason=entry.reason)
     if description is None:
         return info
     info.versions.extend(description.versions)
-    info.role = {
-        "classifier": pb.ModelInfo.ROLE_CLASSIFIER,
-        "editor": pb.ModelInfo.ROLE_EDITOR,
-    }.get(description.role, pb.ModelInfo.ROLE_UNSPECIFIED)
+    info.role = (
+        pb.ModelInfo.ROLE_EDITOR if description.role == "editor" else pb.ModelInfo.ROLE_CLASSIFIER
+    )
+    if description.role != "editor":
+        info.preprocessing.CopyFrom(preprocessing_message(description.preprocessing))
+        info.class_labels.extend(description.class_labels)
     info.max_batch_size = description.max_batch_size
     info.description = description.description
     for tensors, target in ((description.inputs, info.inputs), (description.outputs, info.outputs)):

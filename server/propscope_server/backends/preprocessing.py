@@ -12,6 +12,9 @@ from scipy.special import softmax
 from propscope_server.config import PreprocessingConfig
 from propscope_server.errors import FailedPrecondition
 
+# Rows of an output that sum to 1 within this are taken for probabilities.
+PROBABILITY_SUM_TOLERANCE = 1e-3
+
 
 @dataclass(frozen=True)
 class InputLayout:
@@ -46,25 +49,42 @@ def input_layout(name: str, datatype: str, dims: list[int], model: str) -> Input
     )
 
 
-def resize(images: np.ndarray, height: int | None, width: int | None) -> np.ndarray:
-    if (height is None or images.shape[1] == height) and (
-        width is None or images.shape[2] == width
-    ):
+def resize(
+    images: np.ndarray, height: int | None, width: int | None, mode: str = "squash"
+) -> np.ndarray:
+    """[B, H, W, 3] uint8 to the model's size: squash (aspect ratio not kept), the
+    shorter side scaled then the centre cropped, or the longer side scaled then
+    padded with black (letterbox)."""
+    source_height, source_width = images.shape[1:3]
+    height, width = height or source_height, width or source_width
+    if (source_height, source_width) == (height, width):
         return images
-    size = (width or images.shape[2], height or images.shape[1])
-    return np.stack(
-        [
-            np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
-            for image in images
-        ]
-    )
+    return np.stack([_resize_one(image, height, width, mode) for image in images])
+
+
+def _resize_one(image: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
+    picture = Image.fromarray(image)
+    if mode == "squash":
+        return np.asarray(picture.resize((width, height), Image.Resampling.BILINEAR))
+    scale_of = max if mode == "center_crop" else min
+    scale = scale_of(height / image.shape[0], width / image.shape[1])
+    scaled_width = max(1, round(image.shape[1] * scale))
+    scaled_height = max(1, round(image.shape[0] * scale))
+    scaled = np.asarray(picture.resize((scaled_width, scaled_height), Image.Resampling.BILINEAR))
+    if mode == "center_crop":
+        top, left = (scaled_height - height) // 2, (scaled_width - width) // 2
+        return scaled[top : top + height, left : left + width]
+    canvas = np.zeros((height, width, 3), dtype=np.uint8)
+    top, left = (height - scaled_height) // 2, (width - scaled_width) // 2
+    canvas[top : top + scaled_height, left : left + scaled_width] = scaled
+    return canvas
 
 
 def to_model_input(
     images: np.ndarray, layout: InputLayout, preprocessing: PreprocessingConfig
 ) -> np.ndarray:
     """images: [B, H, W, 3] uint8 -> the model's input tensor with batch dimension."""
-    images = resize(images, layout.height, layout.width)
+    images = resize(images, layout.height, layout.width, preprocessing.resize or "squash")
     if layout.datatype == "UINT8":
         batch = images
     else:
@@ -83,3 +103,72 @@ def to_probabilities(outputs: np.ndarray, output_kind: str) -> np.ndarray:
     """[B, C] logits or probabilities -> probabilities (float64)."""
     outputs = np.asarray(outputs, dtype=np.float64).reshape(outputs.shape[0], -1)
     return outputs if output_kind == "probabilities" else softmax(outputs, axis=1)
+
+
+def looks_like_probabilities(outputs: np.ndarray) -> bool:
+    """Rows that are non-negative and sum to 1 +- PROBABILITY_SUM_TOLERANCE."""
+    outputs = np.asarray(outputs, dtype=np.float64).reshape(outputs.shape[0], -1)
+    return bool(
+        outputs.shape[1] > 1
+        and np.all(outputs >= 0.0)
+        and np.all(np.abs(outputs.sum(axis=1) - 1.0) <= PROBABILITY_SUM_TOLERANCE)
+    )
+
+
+@dataclass(frozen=True)
+class ResolvedPreprocessing:
+    """The preprocessing to apply, where each field came from, and what the caller
+    should know (an FP32 model with no declared normalisation)."""
+
+    config: PreprocessingConfig
+    sources: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+
+FIELDS = ("mean", "std", "resize", "output_kind")
+
+
+def resolve(
+    model: str, datatype: str, layers: list[tuple[str, PreprocessingConfig | None]]
+) -> ResolvedPreprocessing:
+    """Field by field, the first layer that declares a field wins (the request, then
+    the model's config.pbtxt, then the gateway's file). output_kind may stay None:
+    it is then detected from the outputs."""
+    values: dict[str, object] = {}
+    sources = []
+    for field_name in FIELDS:
+        for source, layer in layers:
+            value = getattr(layer, field_name) if layer is not None else None
+            if value is not None:
+                values[field_name] = value
+                sources.append(f"{field_name}: {source}")
+                break
+    if "resize" not in values:
+        values["resize"] = "squash"
+        sources.append("resize: default (squash)")
+    warnings = []
+    if datatype != "UINT8" and "mean" not in values and "std" not in values:
+        warnings.append(
+            f"model {model!r} takes {datatype} input and declares no normalisation: pixels are "
+            "scaled to [0, 1] with no mean or std; if it was trained otherwise, declare "
+            "propscope.mean and propscope.std in its config.pbtxt or pass model.preprocessing"
+        )
+    if datatype == "UINT8" and ("mean" in values or "std" in values):
+        warnings.append(
+            f"model {model!r} takes UINT8 input: the declared mean and std are not applied "
+            "(the model normalises its own pixels)"
+        )
+    return ResolvedPreprocessing(PreprocessingConfig(**values), tuple(sources), tuple(warnings))
+
+
+def detection_warning(model: str, output_kind: str) -> str:
+    return (
+        f"model {model!r} declares no output kind; its outputs on the original image were "
+        + (
+            "non-negative rows summing to 1, so they are used as probabilities"
+            if output_kind == "probabilities"
+            else "not probabilities (negative or not summing to 1), so softmax is applied"
+        )
+        + "; declare propscope.output_kind in its config.pbtxt or pass "
+        "model.preprocessing.output_kind to be sure"
+    )

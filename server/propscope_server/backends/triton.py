@@ -4,6 +4,7 @@ over tritonclient's gRPC aio client. Triton errors become domain errors here."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -17,6 +18,7 @@ from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, InferInput, InferRequestedO
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from propscope_server import metrics
+from propscope_server.config import OUTPUT_KINDS, RESIZE_MODES, PreprocessingConfig
 from propscope_server.editor_contract import (
     IMAGE_INPUT,
     PARAMETERS_INPUT,
@@ -67,13 +69,18 @@ class ModelDescription:
     name: str
     version: str
     versions: tuple[str, ...]
-    role: str  # "classifier", "editor" or "" when the config does not say
+    role: str  # "editor" when its config says so; every other model is a "classifier"
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
     max_batch_size: int
     description: str = ""
     parameters: Mapping[str, str] = field(default_factory=dict)
     editor_schema: EditorSchema | None = None
+    # What the model's owners declare in its config.pbtxt (propscope.mean, ...).
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    class_labels: tuple[str, ...] = ()
+    # Why the declarations above could not be read, naming the parameter; "" when fine.
+    config_problem: str = ""
 
 
 @dataclass(frozen=True)
@@ -344,6 +351,11 @@ def _description(metadata: dict, config: dict, requested_version: str) -> ModelD
             Tensor(t["name"], t["datatype"], [int(d) for d in t.get("shape", [])]) for t in items
         )
 
+    preprocessing, class_labels, problem = PreprocessingConfig(), (), ""
+    try:
+        preprocessing, class_labels = declared_preprocessing(parameters)
+    except ValueError as error:
+        problem = str(error)
     max_batch_size = int(config.get("max_batch_size", 0))
     inputs, outputs = tensors(metadata.get("inputs", [])), tensors(metadata.get("outputs", []))
     if max_batch_size > 0:  # metadata shapes include the batch dimension as -1
@@ -353,11 +365,67 @@ def _description(metadata: dict, config: dict, requested_version: str) -> ModelD
         name=metadata["name"],
         version=version,
         versions=versions,
-        role=parameters.get(ROLE_PARAMETER, ""),
+        role="editor" if parameters.get(ROLE_PARAMETER) == "editor" else "classifier",
         inputs=inputs,
         outputs=outputs,
         max_batch_size=max_batch_size,
         description=parameters.get("description", ""),
         parameters=parameters,
         editor_schema=EditorSchema.from_json(schema_text) if schema_text else None,
+        preprocessing=preprocessing,
+        class_labels=class_labels,
+        config_problem=problem,
     )
+
+
+# config.pbtxt parameters in which a classifier's owners declare its preprocessing.
+MEAN_PARAMETER = "propscope.mean"
+STD_PARAMETER = "propscope.std"
+RESIZE_PARAMETER = "propscope.resize"
+OUTPUT_KIND_PARAMETER = "propscope.output_kind"
+CLASS_LABELS_PARAMETER = "propscope.class_labels"
+
+
+def declared_preprocessing(
+    parameters: Mapping[str, str],
+) -> tuple[PreprocessingConfig, tuple[str, ...]]:
+    """The preprocessing and class labels a model's config.pbtxt declares; ValueError
+    naming the parameter and the expected format when one cannot be read."""
+    values: dict[str, object] = {}
+    for key, name in ((MEAN_PARAMETER, "mean"), (STD_PARAMETER, "std")):
+        if parameters.get(key, "").strip():
+            try:
+                numbers = tuple(float(v) for v in parameters[key].split(","))
+            except ValueError:
+                numbers = ()
+            if len(numbers) != 3:
+                raise ValueError(
+                    f"config parameter {key} is {parameters[key]!r}; it needs three "
+                    'comma-separated numbers, e.g. "0.485,0.456,0.406"'
+                )
+            values[name] = numbers
+    for key, name, choices in (
+        (RESIZE_PARAMETER, "resize", RESIZE_MODES),
+        (OUTPUT_KIND_PARAMETER, "output_kind", OUTPUT_KINDS),
+    ):
+        value = parameters.get(key, "").strip()
+        if value and value not in choices:
+            raise ValueError(f"config parameter {key} is {value!r}; one of {', '.join(choices)}")
+        if value:
+            values[name] = value
+    preprocessing = PreprocessingConfig(**values)
+    if preprocessing.std is not None and min(preprocessing.std) <= 0:
+        raise ValueError(f"config parameter {STD_PARAMETER} must be positive")
+    labels: tuple[str, ...] = ()
+    if parameters.get(CLASS_LABELS_PARAMETER, "").strip():
+        try:
+            parsed = json.loads(parameters[CLASS_LABELS_PARAMETER])
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
+            raise ValueError(
+                f"config parameter {CLASS_LABELS_PARAMETER} needs a JSON list of strings, "
+                'e.g. "[\\"cat\\", \\"dog\\"]"'
+            )
+        labels = tuple(parsed)
+    return preprocessing, labels

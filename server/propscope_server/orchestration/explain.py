@@ -8,7 +8,9 @@ bad request fails with one clear error and never half-streams.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import json
 import logging
 import time
 import zlib
@@ -21,7 +23,10 @@ import numpy as np
 from propscope_server import metrics
 from propscope_server.backends.preprocessing import (
     InputLayout,
+    detection_warning,
     input_layout,
+    looks_like_probabilities,
+    resolve,
     to_model_input,
     to_probabilities,
 )
@@ -48,7 +53,8 @@ from propscope_server.errors import (
     PropscopeError,
     Unavailable,
 )
-from propscope_server.scoring.property_gradient import score_property
+from propscope_server.regions import composite, object_mask_reliability
+from propscope_server.scoring.property_gradient import Decision, score_property
 from propscope_server.threads import in_thread
 
 logger = logging.getLogger(__name__)
@@ -74,11 +80,13 @@ class Plan:
     classifier: ModelDescription
     layout: InputLayout
     output: str
-    preprocessing: PreprocessingConfig
+    preprocessing: PreprocessingConfig  # every field resolved, output_kind included
+    preprocessing_sources: tuple[str, ...]
+    warnings: tuple[str, ...]
+    class_labels: tuple[str, ...]
     editors: dict[str, PlannedEditor]  # by property name
     image_digest: str
     cache_namespace: str
-    strengths: np.ndarray
     deadline: float | None  # time.monotonic() value: bounds every backend call
 
 
@@ -106,6 +114,11 @@ class Explainer:
         )
         if classifier.role == "editor":
             raise InvalidArgument(f"model {classifier.name!r} is an editor, not a classifier")
+        if classifier.config_problem:
+            raise FailedPrecondition(
+                f"model {classifier.name!r}: {classifier.config_problem}; fix its config.pbtxt "
+                "or pass model.preprocessing in the request"
+            )
         if classifier.max_batch_size == 0:
             raise FailedPrecondition(
                 f"model {classifier.name!r} has max_batch_size 0; propscope needs a batching classifier"
@@ -137,17 +150,40 @@ class Explainer:
             (m.name, m.version): m for m in (classifier, *(e.description for e in editors.values()))
         }
         await asyncio.gather(*(self._backend.require_ready(m, deadline) for m in used.values()))
-        preprocessing = (
-            spec.classifier.preprocessing
-            or self._settings.preprocessing.get(classifier.name)
-            or PreprocessingConfig()
+        resolved = resolve(
+            classifier.name,
+            layout.datatype,
+            [
+                ("request", spec.classifier.preprocessing),
+                ("model config", classifier.preprocessing),
+                ("gateway file", self._settings.preprocessing.get(classifier.name)),
+            ],
         )
+        warnings = list(resolved.warnings)
+        labels = _class_labels(spec, classifier, classes, warnings)
+        preprocessing, sources = resolved.config, resolved.sources
+        if preprocessing.output_kind is None:
+            outputs = await self._backend.classify(
+                classifier,
+                await in_thread(to_model_input, spec.image[None], layout, preprocessing),
+                output,
+                deadline,
+            )
+            kind = "probabilities" if looks_like_probabilities(outputs) else "logits"
+            preprocessing = preprocessing.model_copy(update={"output_kind": kind})
+            sources = (*sources, "output_kind: detected from the outputs")
+            warnings.append(detection_warning(classifier.name, kind))
+        for warning in warnings:
+            logger.warning("%s", warning)
         return Plan(
             spec=spec,
             classifier=classifier,
             layout=layout,
             output=output,
             preprocessing=preprocessing,
+            preprocessing_sources=tuple(sources),
+            warnings=tuple(warnings),
+            class_labels=labels,
             editors=editors,
             image_digest=image_digest(spec.image),
             cache_namespace=(
@@ -155,7 +191,6 @@ class Explainer:
                 if self._settings.cache_shared_namespace
                 else f"tenant.{spec.tenant}"
             ),
-            strengths=(np.arange(1, spec.steps + 1, dtype=np.float32) / spec.steps),
             deadline=deadline,
         )
 
@@ -195,6 +230,12 @@ class Explainer:
             planned_edits=edited,
             planned_classifications=classified,
             min_probability_change=spec.min_probability_change,
+            adaptive=spec.adaptive,
+            max_steps=spec.max_steps or spec.steps,
+            preprocessing=plan.preprocessing,
+            preprocessing_sources=plan.preprocessing_sources,
+            warnings=plan.warnings,
+            class_labels=plan.class_labels,
         )
         queue: asyncio.Queue[Event] = asyncio.Queue()
         times = StageTimes()
@@ -234,40 +275,86 @@ class Explainer:
         emit: Callable[[Event], None],
         times: StageTimes,
     ) -> PropertyOutcome:
+        """Adaptive paths: while the test cannot reach alpha for the curve's values, the
+        path is edited again with twice the steps, up to max_steps."""
+        spec = plan.spec
+        steps = spec.path_shape(prop)[1]
+        edits = 0
         try:
-            paths, hits = await self._paths(plan, prop, emit, times)
-            stacked = np.stack(paths)  # [S, N + 1, H, W, 3]
-            with _timed(times, "classify_s"):
-                probabilities = await self._classify(plan, stacked.reshape(-1, *stacked.shape[2:]))
-            emit(Progress("classify", prop.name, len(paths), len(paths)))
-            probabilities = probabilities.reshape(len(paths), stacked.shape[1], -1)
-            predicted = probabilities.argmax(axis=-1)
-            target = plan.spec.classifier.target_class
-            if target is None:
-                target = int(predicted[0, 0])
-            if target >= probabilities.shape[-1]:
-                raise InvalidArgument(
-                    f"target_class {target} is out of range: the model has "
-                    f"{probabilities.shape[-1]} classes"
+            warnings = ()
+            if _uses_automatic_region(plan.editors.get(prop.name)):
+                warnings = await in_thread(_region_warnings, spec.image)
+            while True:
+                paths, hits = await self._paths(plan, prop, steps, emit, times)
+                if prop.editor is not None:
+                    edits += len(paths) * steps
+                stacked = np.stack(paths)  # [S, N + 1, H, W, 3]
+                if prop.editor is not None and np.all(stacked == stacked[:, :1]):
+                    raise FailedPrecondition(
+                        f"property {prop.name!r}: the edit left every image of the path equal "
+                        "to the original (e.g. a hue edit on a grey image, or a region outside "
+                        "what the edit changes), so there is nothing to measure; choose an edit "
+                        "that changes this image"
+                    )
+                outcome = await self._score(plan, prop, stacked, hits, emit, times)
+                assert outcome.score is not None
+                longer = steps * 2
+                if not (
+                    spec.adaptive
+                    and prop.editor is not None
+                    and outcome.score.decision is Decision.CANNOT_REACH_ALPHA
+                    and longer <= spec.max_steps
+                ):
+                    break
+                logger.info(
+                    "property %r: the test cannot reach alpha at N = %d; extending to N = %d",
+                    prop.name,
+                    steps,
+                    longer,
                 )
-            curves = probabilities[..., target]
-            if not np.isfinite(curves).all():
-                raise BackendError(
-                    f"model {plan.classifier.name!r} returned non-finite outputs along the path"
-                )
-            seed = (plan.spec.seed, zlib.crc32(prop.name.encode()))
-            with _timed(times, "score_s"):
-                score = await in_thread(
-                    score_property,
-                    curves,
-                    predicted,
-                    plan.spec.permutations,
-                    plan.spec.alpha,
-                    seed,
-                    plan.spec.min_probability_change,
-                )
+                steps = longer
         except PropscopeError as error:
             return PropertyOutcome(property_name=prop.name, error=error)
+        return dataclasses.replace(outcome, steps=steps, edits=edits, warnings=warnings)
+
+    async def _score(
+        self,
+        plan: Plan,
+        prop: PropertySpec,
+        stacked: np.ndarray,
+        hits: list[bool],
+        emit: Callable[[Event], None],
+        times: StageTimes,
+    ) -> PropertyOutcome:
+        with _timed(times, "classify_s"):
+            probabilities = await self._classify(plan, stacked.reshape(-1, *stacked.shape[2:]))
+        emit(Progress("classify", prop.name, len(stacked), len(stacked)))
+        probabilities = probabilities.reshape(len(stacked), stacked.shape[1], -1)
+        predicted = probabilities.argmax(axis=-1)
+        target = plan.spec.classifier.target_class
+        if target is None:
+            target = int(predicted[0, 0])
+        if target >= probabilities.shape[-1]:
+            raise InvalidArgument(
+                f"target_class {target} is out of range: the model has "
+                f"{probabilities.shape[-1]} classes"
+            )
+        curves = probabilities[..., target]
+        if not np.isfinite(curves).all():
+            raise BackendError(
+                f"model {plan.classifier.name!r} returned non-finite outputs along the path"
+            )
+        seed = (plan.spec.seed, zlib.crc32(prop.name.encode()))
+        with _timed(times, "score_s"):
+            score = await in_thread(
+                score_property,
+                curves,
+                predicted,
+                plan.spec.permutations,
+                plan.spec.alpha,
+                seed,
+                plan.spec.min_probability_change,
+            )
         samples = tuple(
             SampleOutcome(
                 seed=sample_seed(plan.spec.seed, s),
@@ -278,7 +365,7 @@ class Explainer:
                 cache_hit=bool(hits) and hits[s],
                 path=stacked[s] if plan.spec.return_path_images else None,
             )
-            for s in range(len(paths))
+            for s in range(len(stacked))
         )
         return PropertyOutcome(
             property_name=prop.name,
@@ -287,17 +374,25 @@ class Explainer:
             samples=samples,
             cache_hits=sum(hits),
             cache_misses=len(hits) - sum(hits),
+            target_label=plan.class_labels[target] if target < len(plan.class_labels) else "",
         )
 
     async def _paths(
-        self, plan: Plan, prop: PropertySpec, emit: Callable[[Event], None], times: StageTimes
+        self,
+        plan: Plan,
+        prop: PropertySpec,
+        steps: int,
+        emit: Callable[[Event], None],
+        times: StageTimes,
     ) -> tuple[list[np.ndarray], list[bool]]:
         """[x_0, x_1..x_N] per sample, and whether each came from the cache. The
-        samples the cache lacks are edited in one editor call."""
+        samples the cache lacks are edited in one editor call. The cache holds what the
+        editor returned; a region is applied after, so every region shares it."""
         original = plan.spec.image[None]
         if prop.provided_path is not None:
             return [np.concatenate([original, np.stack(prop.provided_path)])], []
         editor = plan.editors[prop.name]
+        strengths = np.arange(1, steps + 1, dtype=np.float32) / steps
         seeds = [sample_seed(plan.spec.seed, s) for s in range(plan.spec.samples)]
         keys = [
             path_key(
@@ -306,14 +401,14 @@ class Explainer:
                 editor.description.name,
                 editor.description.version,
                 editor.parameters,
-                plan.strengths,
+                strengths,
                 seed,
             )
             for seed in seeds
         ]
         with _timed(times, "cache_s"):
             paths = list(await asyncio.gather(*(self._cache.get(key) for key in keys)))
-        expected = (plan.spec.steps, *plan.spec.image.shape)
+        expected = (steps, *plan.spec.image.shape)
         hits = [path is not None and path.shape == expected for path in paths]
         for hit in hits:
             metrics.CACHE_LOOKUPS.labels(result="hit" if hit else "miss").inc()
@@ -323,7 +418,7 @@ class Explainer:
                 edited = await self._backend.edit(
                     editor.description,
                     plan.spec.image,
-                    plan.strengths,
+                    strengths,
                     editor.parameters,
                     [seeds[s] for s in missing],
                     plan.deadline,
@@ -338,6 +433,10 @@ class Explainer:
             for s, path in zip(missing, edited, strict=True):
                 paths[s] = path
         emit(Progress("edit", prop.name, plan.spec.samples, plan.spec.samples))
+        if prop.region is not None:
+            paths = [
+                await in_thread(composite, path, plan.spec.image, prop.region) for path in paths
+            ]
         return [np.concatenate([original, path]) for path in paths], hits
 
     async def _classify(self, plan: Plan, images: np.ndarray) -> np.ndarray:
@@ -355,3 +454,49 @@ def _timed(times: StageTimes, stage: str):  # noqa: ANN202 - a context manager
         elapsed = time.perf_counter() - started
         setattr(times, stage, getattr(times, stage) + elapsed)
         metrics.STAGE_SECONDS.labels(stage=stage.removesuffix("_s")).observe(elapsed)
+
+
+# Procedural parameters under which the editor estimates the object itself.
+AUTOMATIC_REGIONS = ("object", "background")
+
+
+def _uses_automatic_region(editor: PlannedEditor | None) -> bool:
+    """Whether the edit relies on the editor's own object/background split."""
+    if editor is None:
+        return False
+    parameters = json.loads(editor.parameters)
+    return parameters.get("region") in AUTOMATIC_REGIONS or parameters.get("operation") == "scale"
+
+
+def _region_warnings(image: np.ndarray) -> tuple[str, ...]:
+    """A warning when the automatic object/background split is unreliable on this
+    image (a photograph, not the synthetic world)."""
+    problem = object_mask_reliability(image)
+    if problem is None:
+        return ()
+    return (
+        f"the automatic object/background split is unreliable on this image ({problem}); "
+        "give the region as a mask or a box (Property.region) to edit what you mean",
+    )
+
+
+def _class_labels(
+    spec: ExplainSpec, classifier: ModelDescription, classes: int, warnings: list[str]
+) -> tuple[str, ...]:
+    """The request's labels, else the model's; a count that does not match the model's
+    classes is refused (request) or dropped with a warning (config)."""
+    if spec.classifier.class_labels:
+        if classes > 0 and len(spec.classifier.class_labels) != classes:
+            raise InvalidArgument(
+                f"model.class_labels has {len(spec.classifier.class_labels)} names; model "
+                f"{classifier.name!r} has {classes} classes",
+                field="model.class_labels",
+            )
+        return spec.classifier.class_labels
+    if classes > 0 and classifier.class_labels and len(classifier.class_labels) != classes:
+        warnings.append(
+            f"model {classifier.name!r} declares {len(classifier.class_labels)} class labels "
+            f"for {classes} classes; they are not shown"
+        )
+        return ()
+    return classifier.class_labels

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 from scipy import stats
@@ -34,6 +35,15 @@ TIE_TOLERANCE = 1e-12
 DEFAULT_MIN_PROBABILITY_CHANGE = 0.05
 
 
+class Decision(Enum):
+    """Why a property is or is not relevant."""
+
+    RELEVANT = "relevant"
+    NOT_SIGNIFICANT = "not significant"
+    CHANGE_TOO_SMALL = "change too small"
+    CANNOT_REACH_ALPHA = "cannot reach alpha"
+
+
 @dataclass(frozen=True)
 class PropertyScore:
     score: float
@@ -51,6 +61,11 @@ class PropertyScore:
     mutual_information: float | None
     sample_scores: tuple[float, ...]
     sample_p_values: tuple[float, ...]
+    decision: Decision
+    decision_detail: str
+    # The p-value of the curves' values in their most ordered arrangement (each
+    # curve sorted): the best this test could give these values at this N.
+    best_p_value: float | None = None
 
 
 def gradient_magnitude(curves: np.ndarray) -> np.ndarray:
@@ -141,6 +156,9 @@ def score_property(
     score = float(sample_scores.mean())
     significant = p_value < alpha
     probability_change = float(np.ptp(curves, axis=-1).mean())
+    decision, detail, best_p_value = decide(
+        distinct, p_value, probability_change, permutations, alpha, min_probability_change, rng
+    )
     return PropertyScore(
         score=score,
         score_per_unit_strength=score * steps,
@@ -157,4 +175,60 @@ def score_property(
         mutual_information=mean_defined([mutual_information(c) for c in curves]),
         sample_scores=tuple(float(s) for s in sample_scores),
         sample_p_values=tuple(float(p) for p in sample_p_values),
+        decision=decision,
+        decision_detail=detail,
+        best_p_value=best_p_value,
+    )
+
+
+def best_p_value(curves: np.ndarray, permutations: int, rng: np.random.Generator) -> float:
+    """The pooled p-value of the curves' values in their most ordered arrangement.
+
+    A function of each curve's multiset of values only, never of their order: under
+    an exchangeable null it carries no information about the observed p-value, so a
+    path length chosen from it (adaptive paths) leaves the final test calibrated.
+    """
+    return permutation_p_values(np.sort(curves, axis=-1), permutations, rng)[1]
+
+
+def decide(
+    distinct_curves: np.ndarray,
+    p_value: float,
+    probability_change: float,
+    permutations: int,
+    alpha: float,
+    min_probability_change: float,
+    rng: np.random.Generator,
+) -> tuple[Decision, str, float | None]:
+    """The decision, its reason in words, and the best achievable p-value when it
+    was needed (a large change that is not significant)."""
+    steps = distinct_curves.shape[-1] - 1
+    change = f"p changes by {probability_change:.3g}"
+    if probability_change == 0.0 or probability_change < min_probability_change:
+        return (
+            Decision.CHANGE_TOO_SMALL,
+            f"{change}, less than min_probability_change {min_probability_change:g}",
+            None,
+        )
+    if p_value < alpha:
+        return (
+            Decision.RELEVANT,
+            f"significant (p = {p_value:.3g} < alpha {alpha:g}) and {change} "
+            f"(>= {min_probability_change:g})",
+            None,
+        )
+    best = best_p_value(distinct_curves, permutations, rng)
+    if best < alpha:
+        return (
+            Decision.NOT_SIGNIFICANT,
+            f"{change}, but not in an orderly way along the path (p = {p_value:.3g} >= alpha "
+            f"{alpha:g}; sorted, these values would give p = {best:.3g})",
+            best,
+        )
+    return (
+        Decision.CANNOT_REACH_ALPHA,
+        f"{change}, but at N = {steps} no ordering of these values could reach alpha "
+        f"{alpha:g} (most ordered: p = {best:.3g}), e.g. a single jump in the last steps; "
+        "a longer path (max_steps, adaptive paths) can decide",
+        best,
     )
