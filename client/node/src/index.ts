@@ -21,9 +21,28 @@ import type { ModelInfo__Output } from "./generated/propscope/v1/ModelInfo";
 import type { Progress__Output } from "./generated/propscope/v1/Progress";
 import type { PropertyResult__Output } from "./generated/propscope/v1/PropertyResult";
 
-export { PROPERTY_SYNTAX, parseProperty } from "./properties";
+export {
+  PROPERTY_SYNTAX,
+  REGION_SYNTAX,
+  naturalCompare,
+  parseProperty,
+  splitProperty,
+  type ParseOptions,
+  type PropertyText,
+  type RegionText,
+} from "./properties";
+export {
+  buildExplainRequest,
+  type ExplainOptions,
+  type OutputKind,
+  type PathMode,
+  type PreprocessingOptions,
+  type ResizeMode,
+} from "./request";
 export type { ExplainRequest } from "./generated/propscope/v1/ExplainRequest";
 export type { Property } from "./generated/propscope/v1/Property";
+export type { Decision__Output as Decision } from "./generated/propscope/v1/Decision";
+export type { Preprocessing__Output as Preprocessing } from "./generated/propscope/v1/Preprocessing";
 
 /** The repository's protos/, found from this file (dist/src/index.js) so that any cwd works. */
 const PROTO_DIR = path.resolve(__dirname, "..", "..", "..", "..", "protos");

@@ -1,61 +1,120 @@
-/** The property syntax, case for case as the Python SDK's tests/unit/test_client_properties.py. */
+/**
+ * The property syntax, case for case as the Python SDK (both read property-syntax-cases.json,
+ * tests/unit/test_client_properties.py the same file), then what only Node does: reading the
+ * files a property names, and building requests. None of these needs a gateway.
+ */
 
 import assert from "node:assert/strict";
+import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
 import { test } from "node:test";
 
-import { parseProperty } from "../src";
+import { buildExplainRequest, naturalCompare, parseProperty, splitProperty } from "../src";
 
-const editor = (model: string, parameters: Record<string, string> = {}, version = "") => ({
-  model,
-  version,
-  parameters,
-});
+// dist/test/ -> the package root.
+const CASES = path.resolve(__dirname, "..", "..", "test", "property-syntax-cases.json");
+const cases = JSON.parse(readFileSync(CASES, "utf-8")) as {
+  valid: [string, unknown][];
+  invalid: [string, string][];
+};
+const PNG = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 1, 2, 3]);
 
-test("valid specs parse as the Python CLI parses them", () => {
-  const cases: [string, string, ReturnType<typeof editor>][] = [
-    [
-      "object_hue=procedural:operation=hue,region=object,degrees=180",
-      "object_hue",
-      editor("procedural", { operation: "hue", region: "object", degrees: "180" }),
-    ],
-    ["blur=gaussian", "blur", editor("gaussian")],
-    [" blur = gaussian @ 2 ", "blur", editor("gaussian", {}, "2")],
-    ["b=ed@1:sigma=2", "b", editor("ed", { sigma: "2" }, "1")],
-    ["b=ed: sigma = 2 , k=v", "b", editor("ed", { sigma: " 2 ", k: "v" })],
-    // Values keep '=', ':' and commas that are not followed by key=.
-    ["u=ed:url=http://x/y?a=b", "u", editor("ed", { url: "http://x/y?a=b" })],
-    [
-      "p=diffusion:prompt=a red car, at night,steps=4",
-      "p",
-      editor("diffusion", { prompt: "a red car, at night", steps: "4" }),
-    ],
-    ["c=ed:constructor=1", "c", editor("ed", { constructor: "1" })],
-  ];
-  for (const [text, name, expected] of cases) {
-    assert.deepEqual(parseProperty(text), { name, editor: expected }, text);
+test("valid specs split as the Python SDK splits them", () => {
+  for (const [text, expected] of cases.valid) {
+    assert.deepEqual(splitProperty(text), expected, text);
   }
 });
 
-test("malformed specs are refused with a message naming the problem", () => {
-  const cases: [string, string][] = [
-    ["object_hue", "missing '='"],
-    ["", "missing '='"],
-    ["=procedural", "empty name"],
-    ["hue=", "empty editor"],
-    ["hue=:a=b", "empty editor"],
-    ["hue=ed@", "empty editor version"],
-    ["hue=ed:", "no parameters"],
-    ["hue=ed:operation", "'operation' is not key=value"],
-    ["hue=ed:=hue", "is not key=value"],
-    ["hue=ed:a=1,a=2", "'a' given twice"],
-    ["hue=ed:a=1,", "empty parameter"],
-    ["hue=ed:a=1,,b=2", "empty parameter"],
-  ];
-  for (const [text, words] of cases) {
-    assert.throws(() => parseProperty(text), (error: Error) => {
+test("malformed specs are refused with the Python SDK's words", () => {
+  for (const [text, words] of cases.invalid) {
+    assert.throws(() => splitProperty(text), (error: Error) => {
       assert.match(error.message, /^invalid property/);
       assert.ok(error.message.includes(words), `${text}: ${error.message}`);
       return true;
     });
+  }
+});
+
+test("editor properties become Property messages with their region", () => {
+  assert.deepEqual(parseProperty("b=ed@1:sigma=2"), {
+    name: "b",
+    editor: { model: "ed", version: "1", parameters: { sigma: "2" } },
+  });
+  assert.deepEqual(parseProperty("h=procedural;box_px=1,2,30,40").region, {
+    box: { left: 1, top: 2, right: 30, bottom: 40, pixels: true },
+  });
+  assert.deepEqual(parseProperty("h=procedural;box=0.1,0.2,0.6,0.9").region, {
+    box: { left: 0.1, top: 0.2, right: 0.6, bottom: 0.9, pixels: false },
+  });
+});
+
+test("masks and provided-path folders are read relative to baseDir, folders in natural order", () => {
+  const base = mkdtempSync(path.join(tmpdir(), "propscope-node-"));
+  writeFileSync(path.join(base, "mask.png"), PNG);
+  writeFileSync(path.join(base, "notes.txt"), "not a PNG");
+  mkdirSync(path.join(base, "path"));
+  for (const [name, byte] of [["x_10.png", 10], ["x_2.png", 2], ["x_1.png", 1], [".hidden.png", 0]]) {
+    writeFileSync(path.join(base, "path", name as string), Buffer.concat([PNG, Buffer.from([byte as number])]));
+  }
+  writeFileSync(path.join(base, "path", "readme.md"), "left out");
+  const masked = parseProperty("h=procedural;mask=mask.png", { baseDir: base });
+  assert.deepEqual(masked.region, { mask: PNG });
+  const provided = parseProperty("real=@path/", { baseDir: base });
+  const images = provided.providedPath?.images as Buffer[];
+  assert.deepEqual(images.map((image) => image[image.length - 1]), [1, 2, 10]);
+  assert.throws(() => parseProperty("h=ed;mask=missing.png", { baseDir: base }), /cannot read mask/);
+  assert.throws(() => parseProperty("h=ed;mask=notes.txt", { baseDir: base }), /not PNG or JPEG/);
+  assert.throws(() => parseProperty("r=@nowhere/", { baseDir: base }), /is not a folder/);
+  mkdirSync(path.join(base, "empty"));
+  assert.throws(() => parseProperty("r=@empty", { baseDir: base }), /holds no image/);
+});
+
+test("natural order matches the Python SDK's", () => {
+  const names = ["x_10.png", "x_2.png", "X_1.png", "a.png", "x_02.png"];
+  assert.deepEqual(names.sort(naturalCompare), ["a.png", "X_1.png", "x_02.png", "x_2.png", "x_10.png"]);
+});
+
+test("buildExplainRequest sets preprocessing, labels and path options", () => {
+  const request = buildExplainRequest({
+    image: PNG,
+    model: "resnet",
+    properties: ["hue=procedural:operation=hue;box=0,0,0.5,0.5"],
+    steps: 10,
+    maxSteps: 40,
+    preprocessing: { mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225], outputKind: "probabilities", resize: "center_crop" },
+    classLabels: ["cat", "dog"],
+  });
+  assert.deepEqual(request.model?.preprocessing, {
+    mean: [0.485, 0.456, 0.406],
+    std: [0.229, 0.224, 0.225],
+    outputKind: "OUTPUT_KIND_PROBABILITIES",
+    resize: "RESIZE_MODE_CENTER_CROP",
+  });
+  assert.deepEqual(request.model?.classLabels, ["cat", "dog"]);
+  assert.equal(request.model?.predictedClass, true);
+  assert.equal(request.pathMode, "PATH_MODE_UNSPECIFIED");
+  assert.equal(request.maxSteps, 40);
+  const fixed = buildExplainRequest({ image: PNG, model: "m", properties: ["a=ed"], pathMode: "fixed", targetClass: 3 });
+  assert.equal(fixed.pathMode, "PATH_MODE_FIXED");
+  assert.equal(fixed.model?.targetClass, 3);
+});
+
+test("buildExplainRequest refuses bad options naming them", () => {
+  const base = { image: PNG, model: "m", properties: ["a=ed"] };
+  const cases: [object, RegExp][] = [
+    [{ preprocessing: { mean: [0.5, 0.5] } }, /mean must be 3 numbers/],
+    [{ preprocessing: { std: [0.2, 0, 0.2] } }, /std must be positive/],
+    [{ preprocessing: { outputKind: "softmax" } }, /outputKind must be logits or probabilities/],
+    [{ preprocessing: { resize: "crop" } }, /resize must be squash/],
+    [{ pathMode: "fixed", maxSteps: 40 }, /maxSteps applies to adaptive paths/],
+    [{ steps: 20, maxSteps: 10 }, /must be at least steps/],
+    [{ steps: -1 }, /steps must be an integer >= 0/],
+    [{ properties: ["a=ed", "a=ed2"] }, /given twice/],
+    [{ model: "" }, /model must be a non-empty/],
+    [{ classLabels: ["cat", ""] }, /classLabels must be non-empty/],
+  ];
+  for (const [overrides, message] of cases) {
+    assert.throws(() => buildExplainRequest({ ...base, ...overrides } as never), message);
   }
 });
