@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
+
 from propscope._json import dataclass_dict
 from propscope.v1 import explain_pb2
 
@@ -110,8 +112,10 @@ class Preprocessing:
         server are kept out rather than refused."""
         kinds = {number: name for name, number in _OUTPUT_KIND_PROTO.items()}
         resizes = {number: name for name, number in _RESIZE_PROTO.items()}
-        mean = tuple(msg.mean) if len(msg.mean) == 3 and all(map(math.isfinite, msg.mean)) else None
-        std = tuple(msg.std) if len(msg.std) == 3 and all(v > 0 for v in msg.std) else None
+        mean = _float32s(msg.mean) if len(msg.mean) == 3 else None
+        std = _float32s(msg.std) if len(msg.std) == 3 and min(msg.std) > 0 else None
+        if mean is not None and not all(map(math.isfinite, mean)):
+            mean = None
         return cls(
             mean=mean,  # type: ignore[arg-type]
             std=std,  # type: ignore[arg-type]
@@ -131,6 +135,11 @@ class Preprocessing:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclass_dict(self)
+
+
+def _float32s(values: Sequence[float]) -> tuple[float, ...]:
+    """float32 on the wire: each value as the float32 it was (0.485, not 0.48500001...)."""
+    return tuple(float(str(np.float32(value))) for value in values)
 
 
 def parse_triple(text: str, what: str) -> tuple[float, float, float]:

@@ -599,6 +599,8 @@ def _explain_table(events: EventSource, models: Sequence[str], property_names: l
                 if isinstance(event, Done):
                     live.console.print(_timings_line(model, event, view.cache(model)))
                 live.refresh()
+    if not console.is_terminal:
+        console.line()  # Live ends its last frame with a newline on terminals only
     # Under the table, whole: reasons, warnings and errors never fit a cell.
     for note in view.notes():
         console.print(note)

@@ -10,9 +10,23 @@ import pytest
 from google.rpc import status_pb2
 from typer.testing import CliRunner
 
-from propscope import Accepted, Client, Done, Progress, PropertyResult, PropscopeError
+from propscope import (
+    Accepted,
+    Client,
+    Done,
+    Preprocessing,
+    Progress,
+    PropertyResult,
+    PropscopeError,
+)
 from propscope.cli import app
 from propscope.v1 import explain_pb2, explain_pb2_grpc
+
+LONG_WARNING = (
+    "resnet declares no normalisation for its FP32 input: pixel values are scaled to [0, 1]; "
+    "declare propscope.mean and propscope.std in its config.pbtxt if it was trained otherwise"
+)
+DETAIL = "Δp 0.80 ≥ 0.05, but no ordering of these 17 values reaches alpha 0.01 (N = 16 of 32)"
 
 
 class FakeService(explain_pb2_grpc.ExplainServiceServicer):
@@ -33,7 +47,19 @@ class FakeService(explain_pb2_grpc.ExplainServiceServicer):
         names = [p.name for p in request.properties]
         yield explain_pb2.ExplainEvent(
             request_id=rid,
-            accepted=explain_pb2.Accepted(property_names=names, samples=1, steps=4),
+            accepted=explain_pb2.Accepted(
+                property_names=names,
+                samples=1,
+                steps=4,
+                path_mode=explain_pb2.PATH_MODE_ADAPTIVE,
+                max_steps=32,
+                warnings=[LONG_WARNING],
+                class_labels=["c0", "c1", "c2", "c3", "tabby cat"],
+                preprocessing=explain_pb2.Preprocessing(
+                    output_kind=explain_pb2.Preprocessing.OUTPUT_KIND_PROBABILITIES
+                ),
+                preprocessing_sources=["output_kind: detected from the outputs"],
+            ),
         )
         if request.model.name == "fail-midway":
             context.abort(grpc.StatusCode.UNAVAILABLE, "triton went away")
@@ -71,6 +97,11 @@ class FakeService(explain_pb2_grpc.ExplainServiceServicer):
                         )
                     ],
                     cache_misses=0 if failed else 1,
+                    steps=0 if failed else 16,
+                    decision=0 if failed else explain_pb2.DECISION_CANNOT_REACH_ALPHA,
+                    decision_detail="" if failed else f"{name}: {DETAIL}",
+                    warnings=[] if failed else ["the object mask touches 3 borders"],
+                    edits=0 if failed else 28,
                 ),
             )
         yield explain_pb2.ExplainEvent(
@@ -97,6 +128,21 @@ class FakeService(explain_pb2_grpc.ExplainServiceServicer):
                     inputs=[
                         explain_pb2.TensorInfo(name="INPUT", datatype="FP32", shape=[3, 224, 224])
                     ],
+                ),
+                explain_pb2.ModelInfo(
+                    name="onnx_model",
+                    state="UNAVAILABLE",
+                    state_reason="unable to find backend library for backend 'onnxruntime'",
+                ),
+                explain_pb2.ModelInfo(
+                    name="labelled",
+                    state="READY",
+                    preprocessing=explain_pb2.Preprocessing(
+                        mean=[0.485, 0.456, 0.406],
+                        std=[0.229, 0.224, 0.225],
+                        resize=explain_pb2.Preprocessing.RESIZE_MODE_CENTER_CROP,
+                    ),
+                    class_labels=["cat", "dog", "fox", "owl", "emu"],
                 ),
                 explain_pb2.ModelInfo(
                     name="procedural",
@@ -194,8 +240,15 @@ def test_unreachable_server_raises_propscope_error():
 def test_list_models(service):
     with Client(service.target) as client:
         models = client.list_models()
-        assert [m.name for m in models] == ["resnet", "procedural"]
-        assert models[1].editor_parameters[0].choices == ("hue", "blur")
+        assert [m.name for m in models] == ["resnet", "onnx_model", "labelled", "procedural"]
+        assert models[3].editor_parameters[0].choices == ("hue", "blur")
+        # Any model that is not an editor is a classifier, its role declared or not.
+        assert [m.is_classifier for m in models] == [True, True, True, False]
+        assert models[1].state_reason.endswith("backend 'onnxruntime'")
+        assert models[2].preprocessing == Preprocessing(
+            mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), resize="center_crop"
+        )
+        assert models[2].class_labels == ("cat", "dog", "fox", "owl", "emu")
         with pytest.raises(PropscopeError) as info:
             client.list_models(metadata=[("x-fail", "1")])
         assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
@@ -264,7 +317,7 @@ def test_cli_explain_json(service, image_file):
 
 def test_cli_explain_table(service, image_file, monkeypatch):
     monkeypatch.setenv("PROPSCOPE_TARGET", service.target)
-    monkeypatch.setenv("COLUMNS", "250")
+    monkeypatch.setenv("COLUMNS", "80")
     result = runner.invoke(
         app,
         [
@@ -273,7 +326,7 @@ def test_cli_explain_table(service, image_file, monkeypatch):
             "-m",
             "resnet",
             "-p",
-            "hue=procedural",
+            "background_brightness=procedural",
             "-p",
             "bad=x",
             "--target-class",
@@ -282,9 +335,56 @@ def test_cli_explain_table(service, image_file, monkeypatch):
     )
     assert result.exit_code == 0, result.output
     out = result.stdout
-    assert "hue" in out and "ok" in out and "failed: INVALID_ARGUMENT: unknown editor" in out
-    assert "resnet: total 12 ms, edit 5 ms, classify 4 ms, score 1 ms" in out
+    lines = out.splitlines()
+    # Readable at 80 columns: no line wider, every header and the whole property name shown.
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    header = next(line for line in lines if "property" in line)
+    for word in ("score", "p-value", "Δp", "N", "decision", "flip", "target"):
+        assert word in header
+    row = next(line for line in lines if line.startswith(" background_brightness "))
+    assert "undecided" in row and " 16 " in row and "4 tabby" in row  # "cat" may fold below
+    assert "failed (below)" in out
+    # Warnings, reasons and errors come whole (wrapped, never cut) under the table.
+    flat = " ".join(out.split())
+    assert f"resnet: warning: {LONG_WARNING}" in flat
+    assert f"background_brightness: background_brightness: {DETAIL}" in flat
+    assert "background_brightness: warning: the object mask touches 3 borders" in flat
+    assert "bad: failed: INVALID_ARGUMENT: unknown editor" in flat
+    assert "resnet: total 12 ms, edit 5 ms, classify 4 ms, score 1 ms" in flat
     assert service.requests[0].model.target_class == 4
+
+
+def test_cli_sends_preprocessing_labels_and_path_options(service, image_file, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\n\n")
+    arguments = ["explain", str(image_file), "-m", "resnet", "-p", "a=ed", "--json"]
+    arguments += ["--target", service.target, "--mean", "0.485,0.456,0.406"]
+    arguments += ["--std", "0.229, 0.224, 0.225", "--output-kind", "logits"]
+    arguments += ["--resize", "letterbox", "--labels", str(labels), "--fixed-steps"]
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    model = service.requests[-1].model
+    assert list(model.preprocessing.mean) == pytest.approx([0.485, 0.456, 0.406])
+    assert list(model.preprocessing.std) == pytest.approx([0.229, 0.224, 0.225])
+    assert model.preprocessing.output_kind == explain_pb2.Preprocessing.OUTPUT_KIND_LOGITS
+    assert model.preprocessing.resize == explain_pb2.Preprocessing.RESIZE_MODE_LETTERBOX
+    assert list(model.class_labels) == ["cat", "dog"]
+    assert service.requests[-1].path_mode == explain_pb2.PATH_MODE_FIXED
+    result = runner.invoke(app, [*arguments[:9], "--labels", "a, b ,c", "--max-steps", "64"])
+    assert result.exit_code == 0, result.output
+    assert list(service.requests[-1].model.class_labels) == ["a", "b", "c"]
+    assert service.requests[-1].path_mode == explain_pb2.PATH_MODE_UNSPECIFIED
+    assert service.requests[-1].max_steps == 64
+    assert not service.requests[-1].model.HasField("preprocessing")
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    accepted = next(e for e in events if e["event"] == "Accepted")
+    assert accepted["path_mode"] == "adaptive" and accepted["max_steps"] == 32
+    assert accepted["warnings"] == [LONG_WARNING]
+    assert accepted["preprocessing"]["output_kind"] == "probabilities"
+    assert accepted["preprocessing_sources"] == ["output_kind: detected from the outputs"]
+    found = next(e for e in events if e["event"] == "PropertyResult")
+    assert found["decision"] == "cannot_reach_alpha" and found["steps"] == 16
+    assert found["edits"] == 28 and found["decision_detail"] == f"a: {DETAIL}"
 
 
 def test_cli_explain_error_midway_exits_2(service, image_file):
@@ -314,11 +414,21 @@ def test_cli_models(service):
     models = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(m["name"], m["role"]) for m in models] == [
         ("resnet", "classifier"),
+        ("onnx_model", "unspecified"),
+        ("labelled", "unspecified"),
         ("procedural", "editor"),
     ]
+    assert models[1]["state_reason"].startswith("unable to find backend library")
+    assert models[2]["class_labels"][:2] == ["cat", "dog"]
+    assert models[2]["preprocessing"]["resize"] == "center_crop"
     result = runner.invoke(app, ["models", "--target", service.target], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "procedural" in result.stdout and "operation=hue (hue|blur)" in result.stdout
+    assert "center_crop" in result.stdout and "labels: cat, dog, fox, owl, ... (5" in result.stdout
+    flat = " ".join(result.stdout.split())
+    assert (
+        "onnx_model: UNAVAILABLE: unable to find backend library for backend 'onnxruntime'" in flat
+    )
 
 
 def test_cli_unreachable_server_exits_2():
