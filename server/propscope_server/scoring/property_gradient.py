@@ -227,8 +227,8 @@ def decide(
         )
     return (
         Decision.CANNOT_REACH_ALPHA,
-        f"{change}, but at N = {steps} no ordering of these values could reach alpha "
-        f"{alpha:g} (most ordered: p = {best:.3g}), e.g. a single jump in the last steps; "
-        "a longer path (max_steps, adaptive paths) can decide",
+        f"{change}, but the test cannot reach alpha {alpha:g} at N = {steps} for this "
+        f"curve: even sorted into a monotone path its values give p = {best:.3g} (e.g. a "
+        "single jump in the last steps); a longer path (adaptive paths, max_steps) can decide",
         best,
     )
