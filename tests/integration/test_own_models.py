@@ -8,6 +8,7 @@ give their logits twin's probability change."""
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import sys
 import zlib
@@ -30,6 +31,8 @@ from propscope_server.scoring.property_gradient import PropertyScore, score_prop
 from propscope_server.triton_models.editors.procedural import edit_path
 from tests.integration.conftest import SAMPLE, scene_png
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "own-models"
 # What the example configs declare.
 MEAN = np.asarray((0.485, 0.456, 0.406), dtype=np.float32)
@@ -50,6 +53,7 @@ CASES = {
     "orange_circle": (scene_png(shape=0, hue_deg=60.0), {**HUE, "amount": "40"}),
 }
 # model -> (file in 1/, how this module runs it)
+BROKEN = "own_missing_file"
 FILES = {
     "own_onnx": ("model.onnx", "onnx"),
     "own_torchscript": ("model.pt", "torchscript"),
@@ -62,6 +66,12 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("own-models") / "repository"
     subprocess.run(
         [sys.executable, str(EXAMPLE / "build.py"), "--out", str(out)], check=True, timeout=300
+    )
+    # A team's typo: the config names a file the version folder lacks.
+    shutil.copytree(out / "own_onnx", out / BROKEN)
+    config = (out / BROKEN / "config.pbtxt").read_text()
+    (out / BROKEN / "config.pbtxt").write_text(
+        config.replace('"own_onnx"', f'"{BROKEN}"').replace('"model.onnx"', '"modle.onnx"')
     )
     return out
 
@@ -216,3 +226,17 @@ def test_probabilities_model_gives_its_logits_twins_change(
     np.testing.assert_allclose(
         result.samples[0].prediction_curve, twin.samples[0].prediction_curve, rtol=0, atol=1e-6
     )
+
+
+def test_a_config_mistake_names_the_model_the_parameter_and_the_file(service) -> None:
+    """The model does not load; the rest of the stack serves, and both ListModels and an
+    Explain naming it say why."""
+    models = {m.name: m for m in service.ListModels(explain_pb2.ListModelsRequest()).models}
+    broken = models[BROKEN]
+    assert broken.state != "READY"
+    assert f"{BROKEN}: propscope.file: no file at" in broken.state_reason
+    assert "modle.onnx" in broken.state_reason
+    with pytest.raises(grpc.RpcError) as error:
+        explain(service, BROKEN, CASES["sample"][0])
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "propscope.file: no file at" in error.value.details()

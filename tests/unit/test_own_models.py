@@ -306,31 +306,38 @@ def test_a_lossy_cast_into_the_model_is_refused(tmp_path: Path) -> None:
         load(tmp_path, config_text("bytes", "onnx", "m.onnx"))
 
 
-def test_triton_wrapper_answers_each_request_on_its_own(
-    repository: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A bad request gets its own error response; the others in the call are served."""
+class FakeTensor:
+    def __init__(self, name: str, array: np.ndarray) -> None:
+        self.name, self.array = name, array
+
+    def as_numpy(self) -> np.ndarray:
+        return self.array
+
+
+class FakeResponse:
+    def __init__(self, output_tensors: list | None = None, error: object = None) -> None:
+        self.output_tensors, self.error = output_tensors, error
+
+
+@pytest.fixture
+def fake_pb_utils(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The part of Triton's triton_python_backend_utils a classifier uses; requests are
+    dicts of input name -> FakeTensor."""
     fake = types.ModuleType("triton_python_backend_utils")
-
-    class Tensor:
-        def __init__(self, name: str, array: np.ndarray) -> None:
-            self.name, self.array = name, array
-
-        def as_numpy(self) -> np.ndarray:
-            return self.array
-
-    class InferenceResponse:
-        def __init__(self, output_tensors: list | None = None, error: object = None) -> None:
-            self.output_tensors, self.error = output_tensors, error
-
-    fake.Tensor = Tensor
-    fake.InferenceResponse = InferenceResponse
+    fake.Tensor = FakeTensor
+    fake.InferenceResponse = FakeResponse
     fake.TritonError = str
     fake.get_input_tensor_by_name = lambda request, name: request.get(name)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
     monkeypatch.delitem(
         sys.modules, "propscope_server.triton_models.classifiers.own_triton_model", raising=False
     )
+
+
+def test_triton_wrapper_answers_each_request_on_its_own(
+    repository: Path, fake_pb_utils: None
+) -> None:
+    """A bad request gets its own error response; the others in the call are served."""
     from propscope_server.triton_models.classifiers.own_triton_model import TritonPythonModel
 
     model = TritonPythonModel()
@@ -342,10 +349,40 @@ def test_triton_wrapper_answers_each_request_on_its_own(
             "model_version": "1",
         }
     )
-    good = {"INPUT": Tensor("INPUT", np.zeros((2, 3, 64, 64), np.float32))}
-    wrong = {"INPUT": Tensor("INPUT", np.zeros((2, 3, 64, 64), np.float64))}
+    good = {"INPUT": FakeTensor("INPUT", np.zeros((2, 3, 64, 64), np.float32))}
+    wrong = {"INPUT": FakeTensor("INPUT", np.zeros((2, 3, 64, 64), np.float64))}
     first, second, third = model.execute([good, wrong, {}])
     assert first.error is None and first.output_tensors[0].name == "LOGITS"
     assert first.output_tensors[0].array.shape == (2, 2)
     assert second.error == "own_onnx: input 'INPUT' must be float32, got float64"
     assert third.error == "own_onnx: missing input 'INPUT'"
+
+
+def test_the_docs_model_py_template_runs(tmp_path: Path, fake_pb_utils: None) -> None:
+    docs = (ROOT / "docs" / "own-models.md").read_text()
+    section = docs[docs.index("## Write your own model.py") :]
+    source = section.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "model.py").write_text(source)
+    weights = np.array([[1.0, -1.0], [0.0, 0.0], [-1.0, 1.0]])
+    np.save(tmp_path / "1" / "weights.npy", weights)
+    spec = importlib.util.spec_from_file_location(
+        "docs_template_model", tmp_path / "1" / "model.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    config = config_text("mine", "unused", "unused", dims="3, 4, 4")
+    model.initialize(
+        {
+            "model_config": json.dumps(triton_config(config)),
+            "model_repository": str(tmp_path),
+            "model_version": "1",
+        }
+    )
+    batch = np.random.default_rng(5).random((2, 3, 4, 4)).astype(np.float32)
+    good, bad = model.execute([{"PIXELS": FakeTensor("PIXELS", batch)}, {}])
+    (scores,) = good.output_tensors
+    assert scores.name == "SCORES" and scores.array.dtype == np.float32
+    np.testing.assert_allclose(scores.array, batch.mean(axis=(2, 3)) @ weights, rtol=1e-6)
+    assert bad.error and not bad.output_tensors
