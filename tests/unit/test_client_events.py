@@ -13,9 +13,11 @@ from PIL import Image
 
 from propscope import (
     Accepted,
+    Decision,
     Done,
     ModelInfo,
     ModelRole,
+    Preprocessing,
     Progress,
     PropertyResult,
     PropscopeError,
@@ -336,3 +338,73 @@ def test_error_from_bare_rpc_error():
     error = PropscopeError.from_rpc_error(grpc.RpcError())
     assert error.code == grpc.StatusCode.UNKNOWN
     assert error.message == "UNKNOWN"
+
+
+def test_accepted_carries_paths_preprocessing_warnings_and_labels():
+    msg = explain_pb2.ExplainEvent(
+        accepted=explain_pb2.Accepted(
+            steps=10,
+            path_mode=explain_pb2.PATH_MODE_FIXED,
+            max_steps=10,
+            preprocessing=explain_pb2.Preprocessing(
+                mean=[0.5, 0.5, 0.5],
+                std=[0.25, 0.25, 0.25],
+                output_kind=explain_pb2.Preprocessing.OUTPUT_KIND_PROBABILITIES,
+                resize=explain_pb2.Preprocessing.RESIZE_MODE_LETTERBOX,
+            ),
+            preprocessing_sources=["mean: model config", "output_kind: detected"],
+            warnings=["detected probabilities"],
+            class_labels=["cat", "dog"],
+        )
+    )
+    event = event_from_proto(msg)
+    assert (event.path_mode, event.max_steps) == ("fixed", 10)
+    assert event.preprocessing == Preprocessing(
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        output_kind="probabilities",
+        resize="letterbox",
+    )
+    assert event.class_name(1) == "dog" and event.class_name(2) is None
+    data = json.loads(json.dumps(event.to_dict()))
+    assert data["preprocessing"] == {
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "output_kind": "probabilities",
+        "resize": "letterbox",
+    }
+    assert data["preprocessing_sources"] == ["mean: model config", "output_kind: detected"]
+    assert data["warnings"] == ["detected probabilities"] and data["class_labels"] == ["cat", "dog"]
+    # Unset in the message: adaptive (the contract's default) and nothing declared.
+    bare = event_from_proto(explain_pb2.ExplainEvent(accepted=explain_pb2.Accepted()))
+    assert bare.path_mode == "adaptive" and bare.preprocessing == Preprocessing()
+
+
+@pytest.mark.parametrize(
+    ("decision", "expected"),
+    [
+        (explain_pb2.DECISION_RELEVANT, Decision.RELEVANT),
+        (explain_pb2.DECISION_NOT_SIGNIFICANT, Decision.NOT_SIGNIFICANT),
+        (explain_pb2.DECISION_CHANGE_TOO_SMALL, Decision.CHANGE_TOO_SMALL),
+        (explain_pb2.DECISION_CANNOT_REACH_ALPHA, Decision.CANNOT_REACH_ALPHA),
+        (explain_pb2.DECISION_UNSPECIFIED, Decision.UNSPECIFIED),
+    ],
+)
+def test_property_result_decision_steps_warnings_and_label(decision, expected):
+    msg = explain_pb2.ExplainEvent(
+        property_result=explain_pb2.PropertyResult(
+            property_name="hue",
+            steps=40,
+            decision=decision,
+            decision_detail="why, with numbers",
+            warnings=["the object mask touches 3 borders"],
+            target_label="cat",
+            edits=70,
+        )
+    )
+    event = event_from_proto(msg)
+    assert (event.steps, event.decision, event.edits) == (40, expected, 70)
+    assert event.warnings == ("the object mask touches 3 borders",)
+    data = event.to_dict()
+    assert data["decision"] == expected.value and data["target_label"] == "cat"
+    assert data["decision_detail"] == "why, with numbers"

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -14,11 +16,29 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from propscope._events import Accepted, ModelInfo, ModelRole, PropertyResult, SampleResult
+from propscope._events import (
+    Accepted,
+    Decision,
+    ModelInfo,
+    ModelRole,
+    PropertyResult,
+    SampleResult,
+)
+from propscope._preprocessing import Preprocessing
+from propscope.review.report import render_html, render_markdown
 from propscope.review.runner import ReviewError, observation_from_result, run_review
-from propscope.review.spec import ImageEntry, ReviewSpec
+from propscope.review.spec import ImageEntry, ReviewSpec, load_spec
 
 STEPS = 4
+
+
+def _tiny_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+TINY_PNG = _tiny_png()
 
 
 def sample(curve: list[float], classes: list[int], images: tuple[bytes, ...] = ()) -> SampleResult:
@@ -71,13 +91,23 @@ class FakeClient:
 
     target = "fake:1"
 
-    def __init__(self, fail_on: str | None = None) -> None:
+    def __init__(
+        self,
+        fail_on: str | None = None,
+        models: list[ModelInfo] | None = None,
+        steps: dict[str, int] | None = None,
+    ) -> None:
         self.calls: list[tuple[str, str, bool]] = []
+        self.options: list[dict] = []
+        self.properties: list[tuple[str, list]] = []
         self._lock = threading.Lock()
         self._fail_on = fail_on
+        self._models = models
+        # Model -> the N its (adaptive) results were decided on; STEPS by default.
+        self._steps = steps or {}
 
     def list_models(self) -> list[ModelInfo]:
-        return [
+        return self._models or [
             model_info("new", ModelRole.CLASSIFIER),
             model_info("old", ModelRole.CLASSIFIER),
             model_info("procedural", ModelRole.EDITOR),
@@ -87,16 +117,38 @@ class FakeClient:
         index = Image.open(io.BytesIO(image)).getpixel((0, 0))[0]
         with self._lock:
             self.calls.append((f"{index}.png", model, options["return_path_images"]))
+            self.options.append({"model": model, **options})
+            self.properties.append((f"{index}.png", list(properties)))
         time.sleep(random.uniform(0, 0.01))
         yield Accepted(
-            "", tuple(p.name for p in properties), 1, STEPS, 100, 0.01, "7", 10, 10, 0.05
+            "",
+            tuple(p.name for p in properties),
+            1,
+            STEPS,
+            100,
+            0.01,
+            "7",
+            10,
+            10,
+            0.05,
+            path_mode="adaptive",
+            max_steps=4 * STEPS,
+            warnings=(f"{model}: no normalisation declared",),
         )
+        steps = self._steps.get(model, STEPS)
         for prop in properties:
             ok = f"{index}.png" != self._fail_on
-            curve = [0.9, 0.8, 0.5, 0.2, 0.1] if model == "new" else [0.9] * 5
-            path = (b"png",) * (STEPS + 1) if options["return_path_images"] else ()
-            yield property_result(
-                prop.name, index / 100, sample(curve, [0, 0, 1, 1, 1], path), ok=ok
+            base = [0.9, 0.8, 0.5, 0.2, 0.1] if model == "new" else [0.9] * 5
+            curve = list(np.interp(np.linspace(0, 1, steps + 1), np.linspace(0, 1, 5), base))
+            classes = [0] * (steps // 2) + [1] * (steps + 1 - steps // 2)
+            path = (TINY_PNG,) * (steps + 1) if options["return_path_images"] else ()
+            found = property_result(prop.name, index / 100, sample(curve, classes, path), ok=ok)
+            yield replace(
+                found,
+                score=found.score * STEPS / steps,
+                steps=steps,
+                decision=Decision.CANNOT_REACH_ALPHA if steps > STEPS else Decision.RELEVANT,
+                warnings=(f"mask of {index}.png is unreliable",) if index == 1 else (),
             )
 
 
@@ -180,3 +232,134 @@ def test_an_observation_averages_its_samples_curves():
     observation = observation_from_result("a.png", "new", result)
     assert observation.curve == (0.5, 0.0)
     assert observation.original_class == 0
+
+
+def test_a_classifier_without_a_declared_role_is_reviewed(tmp_path):
+    """propscope.role is optional: any model that is not an editor is a classifier."""
+    client = FakeClient(
+        models=[
+            model_info("new", ModelRole.UNSPECIFIED),
+            model_info("old", ModelRole.CLASSIFIER),
+            model_info("procedural", ModelRole.EDITOR),
+        ]
+    )
+    result = run_review(spec(), make_images(tmp_path, 3), client)
+    assert [model.name for model in result.models] == ["new", "old"]
+    assert len(result.select("new", "hue")) == 3
+
+
+@pytest.mark.parametrize(
+    ("models", "message"),
+    [
+        (
+            [
+                ModelInfo(
+                    "new", (), ModelRole.UNSPECIFIED, "UNAVAILABLE", (), (), 0, (), "",
+                    state_reason="unable to find backend library for backend 'onnxruntime'",
+                ),
+                model_info("old", ModelRole.CLASSIFIER),
+                model_info("procedural", ModelRole.EDITOR),
+            ],
+            "the candidate model 'new' is UNAVAILABLE: unable to find backend library for "
+            "backend 'onnxruntime'",
+        ),
+        (
+            [
+                model_info("new", ModelRole.EDITOR),
+                model_info("old", ModelRole.CLASSIFIER),
+                model_info("procedural", ModelRole.EDITOR),
+            ],
+            "the candidate model 'new' is an editor; served: old",
+        ),
+        (
+            [
+                model_info("new", ModelRole.CLASSIFIER),
+                model_info("old", ModelRole.CLASSIFIER),
+                model_info("procedural", ModelRole.UNSPECIFIED),
+            ],
+            "the editor of property 'hue' 'procedural' is a classifier; served: none",
+        ),
+    ],
+)  # fmt: skip
+def test_a_model_that_cannot_serve_is_named_with_its_state_and_reason(tmp_path, models, message):
+    client = FakeClient(models=models)
+    with pytest.raises(ReviewError, match=re.escape(message)):
+        run_review(spec(), make_images(tmp_path, 2), client)
+    assert client.calls == []
+
+
+def test_models_preprocessing_labels_and_path_options_reach_every_request(tmp_path):
+    client = FakeClient()
+    changed = spec(
+        candidate={
+            "name": "new",
+            "preprocessing": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+            "class_labels": ["circle", "square"],
+        },
+        baseline={"name": "old", "preprocessing": {"output_kind": "probabilities"}},
+        explain={"steps": STEPS, "max_steps": 4 * STEPS},
+    )
+    result = run_review(changed, make_images(tmp_path, 3), client)
+    by_model = {options["model"]: options for options in client.options}
+    assert by_model["new"]["preprocessing"] == Preprocessing(
+        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)
+    )
+    assert by_model["new"]["class_labels"] == ("circle", "square")
+    assert by_model["old"]["preprocessing"] == Preprocessing(output_kind="probabilities")
+    assert by_model["old"]["class_labels"] == ()
+    assert {(o["path_mode"], o["max_steps"]) for o in client.options} == {("adaptive", 16)}
+    assert result.models[0].warnings == ("new: no normalisation declared",)
+    assert (result.settings.path_mode, result.settings.max_steps) == ("adaptive", 16)
+
+
+def test_paths_of_different_lengths_compare_at_the_specs_n_and_render(tmp_path):
+    """The candidate's adaptive paths grew to 4N: its scores are stated at N, its curves
+    interpolated onto one grid, its strips show every model's p where it was measured."""
+    client = FakeClient(steps={"new": 4 * STEPS})
+    result = run_review(spec(), make_images(tmp_path, 4), client)
+    new = result.select("new", "hue")
+    assert [obs.steps for obs in new] == [4 * STEPS] * 4
+    assert [obs.decision for obs in new] == ["cannot_reach_alpha"] * 4
+    # score_per_unit_strength is the same at any N, so the score at N is what fixed N gives.
+    assert result.values("new", "hue", "score") == pytest.approx([i / 100 for i in range(4)])
+    assert result.curves("new", "hue").shape == (4, 4 * STEPS + 1)
+    assert result.curves("old", "hue").shape == (4, STEPS + 1)
+    assert result.decisions("new", "hue") == {"cannot_reach_alpha": 4}
+    strip = result.strips[0]
+    assert len(strip.images) == 4 * STEPS + 1 and len(strip.curves["old"]) == STEPS + 1
+    markdown = render_markdown(result)
+    assert "undecidable at N 4" in markdown and "relevant 4" in markdown
+    assert "`1.png`: mask of 1.png is unreliable" in markdown
+    assert "**new** (candidate): new: no normalisation declared" in markdown
+    assert "adaptive paths up to 16; scores stated at N = 4" in markdown
+    html = render_html(result)
+    assert "mask of 1.png is unreliable" in html and "undecidable at N 4" in html
+    # The baseline's p shows at the 5 strengths it measured of the candidate's 17.
+    assert html.count('<br><span style="color: #1f77b4">p ') == (STEPS + 1) * len(result.strips)
+
+
+def test_provided_paths_come_from_each_images_own_folder(tmp_path):
+    (tmp_path / "images").mkdir()
+    images = make_images(tmp_path / "images", 2)
+    for image in images:
+        folder = tmp_path / "paths" / Path(image.id).stem
+        folder.mkdir(parents=True)
+        for step in (1, 2, 10):
+            Image.new("RGB", (4, 4), (step, 0, 0)).save(folder / f"x_{step}.png")
+    spec_file = tmp_path / "review.yaml"
+    spec_file.write_text(
+        "candidate: {name: new}\nimages: {folder: images}\nexplain: {steps: 4}\n"
+        "properties:\n  real: '@paths/{stem}/'\n"
+        "  other: {provided: {folder: 'paths/{stem}'}}\n"
+        "  hue: 'procedural:operation=hue;box=0,0,0.5,0.5'\n"
+    )
+    loaded, entries = load_spec(spec_file)
+    client = FakeClient()
+    run_review(loaded, entries, client)
+    sent = {}
+    for image, properties in client.properties:
+        sent.setdefault(image, properties)  # the review's calls, not the strips' later ones
+    real = next(p for p in sent["0.png"] if p.name == "real")
+    colors = [Image.open(io.BytesIO(png)).getpixel((0, 0))[0] for png in real.provided_path]
+    assert colors == [1, 2, 10]
+    assert next(p for p in sent["1.png"] if p.name == "hue").region is not None

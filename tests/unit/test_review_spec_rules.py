@@ -104,6 +104,72 @@ def test_spec_errors_name_the_problem(tmp_path, change, message):
     assert message in str(raised.value)
 
 
+def test_models_take_preprocessing_and_labels_and_properties_take_regions(tmp_path):
+    write_set(tmp_path, ["0"])
+    Image.new("L", (4, 4), 255).save(tmp_path / "mask.png")
+    (tmp_path / "labels.txt").write_text("circle\nsquare\n")
+    text = MINIMAL.replace(
+        "candidate: {name: new}",
+        "candidate: {name: new, class_labels: labels.txt, preprocessing: "
+        "{mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25], resize: center_crop}}",
+    ).replace('"procedural:operation=hue"', '"procedural:operation=hue;mask=mask.png"')
+    text += (
+        "  boxed: {editor: procedural, parameters: {operation: blur}, "
+        "region: {box_px: [0, 0, 4, 2]}}\n"
+        "  masked: {editor: procedural, region: {mask: mask.png}}\n"
+        "explain: {path_mode: fixed}\n"
+    )
+    spec, _ = load_spec(spec_file(tmp_path, text))
+    properties = spec.editor_properties()
+    assert properties["hue"].region.image == (tmp_path / "mask.png").read_bytes()
+    assert properties["masked"].region == properties["hue"].region
+    assert properties["boxed"].region.pixels and properties["boxed"].region.right == 4
+    assert spec.class_labels_of(spec.candidate) == ("circle", "square")
+    override = spec.candidate.preprocessing_override()
+    assert override.std == (0.25, 0.25, 0.25) and override.resize == "center_crop"
+    assert spec.baseline.preprocessing_override() is None
+    assert spec.explain.path_mode == "fixed"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda t: t.replace("{name: new}", "{name: new, preprocessing: {std: [1, 0, 1]}}"),
+            "std must be positive",
+        ),
+        (
+            lambda t: t.replace("{name: new}", "{name: new, preprocessing: {mean: [1, 1]}}"),
+            "candidate.preprocessing.mean",
+        ),
+        (
+            lambda t: t.replace("{name: new}", "{name: new, class_labels: missing.txt}"),
+            "cannot read class_labels",
+        ),
+        (lambda t: t + "explain: {path_mode: fixed, max_steps: 40}\n", "max_steps applies to"),
+        (lambda t: t + "explain: {steps: 20, max_steps: 10}\n", "must be at least steps"),
+        (lambda t: t.replace('hue"', 'hue;mask=missing.png"'), "cannot read mask"),
+        (lambda t: t.replace('hue"', 'hue;box=0,0,2,1"'), "fractions in [0, 1]"),
+        (
+            lambda t: t + "  b: {editor: procedural, region: {box: [0, 0, 1, 1], mask: m.png}}\n",
+            "give exactly one of mask, box or box_px",
+        ),
+        (lambda t: t + "  real: '@paths/'\n", "with {stem} or {image}"),
+        (lambda t: t + "  real: {provided: {folder: 'paths/{stem}{name}/'}}\n", "only {stem} and"),
+        (lambda t: t + "  real: '@paths/{stem}/'\n", "property 'real', image 'images/0.png'"),
+        (
+            lambda t: t + "  r2: '@x/{stem}'\nexplain: {samples: 2}\n",
+            "samples must be 1 with provided paths",
+        ),
+    ],
+)
+def test_preprocessing_region_and_provided_path_errors_name_the_key(tmp_path, change, message):
+    write_set(tmp_path, ["0"])
+    with pytest.raises(SpecError, match="review.yaml") as raised:
+        load_spec(spec_file(tmp_path, change(MINIMAL)))
+    assert message in str(raised.value)
+
+
 @pytest.mark.parametrize(
     ("manifest", "message"),
     [
