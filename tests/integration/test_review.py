@@ -172,13 +172,19 @@ def test_explain_writes_the_same_html_report_for_one_image(live_stack, tmp_path)
 
 def test_a_stack_serving_the_callers_model_repository_reviews_their_model(tmp_path):
     """The CI recipe of docs/review.md: `propscope-server up --model-repository` serves the
-    team's own classifier beside propscope's editors, and the review runs against it."""
+    team's own classifier beside propscope's editors, and the review runs against it. The
+    team's config declares no `propscope.role`: any model that is not an editor is a
+    classifier, for the review as for explain."""
     models = Path(stack.DEFAULT_MODEL_REPOSITORY)
     weights = (models.parent / "weights").resolve()
     candidate = tmp_path / "models" / "team_classifier"
     (candidate / "1").mkdir(parents=True)
     config = (models / "synth_hue" / "config.pbtxt").read_text()
     config = config.replace('name: "synth_hue"', 'name: "team_classifier"')
+    config = "".join(
+        line for line in config.splitlines(keepends=True) if "propscope.role" not in line
+    )
+    assert "propscope.role" not in config and "weights" in config
     (candidate / "config.pbtxt").write_text(config.replace("../../weights/", f"{weights}/"))
     shutil.copy(models / "synth_hue" / "1" / "model.py", candidate / "1" / "model.py")
     server = str(Path(sys.executable).parent / "propscope-server")
