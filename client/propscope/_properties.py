@@ -1,7 +1,7 @@
 """The properties to intervene on, their regions, and the text syntax the CLI, the review spec
 and the Node client share.
 
-The syntax (``PROPERTY_HELP`` says it with examples)::
+The syntax (``propscope explain --help`` shows it with examples)::
 
     NAME=EDITOR[@VERSION][:key=value,key=value...][;REGION]
     NAME=@FOLDER            a provided path: FOLDER's images in natural order are x_1..x_N
@@ -25,7 +25,6 @@ from propscope._images import encode_image, encode_mask, folder_images
 from propscope.v1 import explain_pb2
 
 __all__ = [
-    "PROPERTY_HELP",
     "PROPERTY_SYNTAX",
     "Box",
     "Mask",
@@ -40,16 +39,6 @@ __all__ = [
 PROPERTY_SYNTAX = "NAME=EDITOR[@VERSION][:key=value,...][;REGION] or NAME=@FOLDER"
 REGION_SYNTAX = (
     "mask=FILE (or mask=@FILE), box=LEFT,TOP,RIGHT,BOTTOM (fractions 0-1) or box_px=... (pixels)"
-)
-PROPERTY_HELP = (
-    f"Property to intervene on, {PROPERTY_SYNTAX}; repeatable. REGION limits an editor's "
-    f"edit to {REGION_SYNTAX}. NAME=@FOLDER sends your own path: the folder's images in "
-    "natural order (x_2 before x_10) are x_1..x_N. Examples: "
-    "'hue=procedural:operation=hue,degrees=90'; "
-    "'hue=procedural:operation=hue;mask=cat-mask.png'; "
-    "'hue=procedural:operation=hue;box=0.1,0.2,0.6,0.9'; "
-    "'patch=procedural:operation=blend;box_px=10,10,74,74'; "
-    "'rain=@paths/rain/'."
 )
 
 # A comma only separates parameters when the next item looks like ``key=``, so values such as

@@ -52,7 +52,7 @@ from propscope._events import (
 )
 from propscope._images import encode_image
 from propscope._preprocessing import OUTPUT_KINDS, RESIZE_MODES, Preprocessing, parse_triple
-from propscope._properties import PROPERTY_HELP, parse_property
+from propscope._properties import parse_property
 from propscope._requests import normalize_properties
 
 __all__ = ["app"]
@@ -172,7 +172,7 @@ def explain(
             "--property",
             "-p",
             metavar="SPEC",
-            help=PROPERTY_HELP,
+            help="Property to intervene on (syntax and examples above); repeatable.",
             show_default=False,
         ),
     ],
@@ -272,8 +272,23 @@ def explain(
 ) -> None:
     """Explain IMAGE's prediction by each --model for each --property.
 
-    Examples: propscope explain cat.png -m resnet50 -p 'hue=procedural:operation=hue;box=0.2,0.1,0.8,0.9'
-    --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --labels labels.txt
+    --property: NAME=EDITOR\\[@VERSION]\\[:key=value,...]\\[;REGION]
+    or NAME=@FOLDER: your own path, the folder's images in natural order
+    (x_2 before x_10) as x_1..x_N.
+
+    REGION limits an editor's edit to mask=FILE (PNG/JPEG, any size; its alpha,
+    else its grey level: 0 keeps, 255 edits), box=LEFT,TOP,RIGHT,BOTTOM
+    (fractions of the image) or box_px=LEFT,TOP,RIGHT,BOTTOM (pixels):
+
+    -p 'hue=procedural:operation=hue,degrees=90'
+    -p 'hue=procedural:operation=hue;mask=cat-mask.png'
+    -p 'hue=procedural:operation=hue;box=0.1,0.2,0.6,0.9'
+    -p 'patch=procedural:operation=blend;box_px=10,10,74,74'
+    -p 'rain=@paths/rain/'
+
+    Preprocessing overrides the model's own declaration, field by field:
+    --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --output-kind logits
+    --resize center_crop --labels labels.txt
     """
     try:
         properties = normalize_properties([parse_property(spec) for spec in property_specs])
