@@ -48,6 +48,8 @@ MAX_FALSE_POSITIVE_RATE = 0.02
 # Uniformity is rejected only at this level: under a calibrated test the KS p-value
 # is itself uniform, so the check fails by chance once in a hundred seeds.
 MIN_KS_P_VALUE = 0.01
+# Seeds of the adaptive null's requests, apart from every other section's.
+ADAPTIVE_SEED = 9_000_000
 DETERMINISM_PROPERTIES = [
     "object_hue=procedural:operation=hue,region=object",
     "patch=procedural:operation=blend,position=random",
@@ -152,6 +154,105 @@ def calibration_section(client, paths: int, invariant_per_class: int, out: Path,
         "significant": significant,
     }
     return text, data, checks
+
+
+def adaptive_section(client, requests: int, workers: int):
+    """The exchangeable null through adaptive paths (calibration_noise), both flavours
+    at the service's default settings, and the tied one at a fixed N = 10 beside it."""
+    images, _ = held_out_images(10, TEST_SET_SEED + 100)
+    settings = [("continuous", "adaptive"), ("tied", "adaptive"), ("tied", "fixed")]
+    results = []
+    for index, (flavour, mode) in enumerate(settings):
+        runs = honesty.noise_null_runs(
+            client,
+            images,
+            requests,
+            flavour,
+            seed=ADAPTIVE_SEED + index * requests,
+            path_mode=mode,
+            workers=workers,
+        )
+        results.append(honesty.null_calibration(runs, flavour, mode, ALPHA))
+    checks = []
+    for c in results:
+        where = f"(a) {c.flavour} null, {c.path_mode} paths"
+        checks.append(
+            Check(
+                f"{where}: false positives at alpha {ALPHA}",
+                f"<= {percent(MAX_FALSE_POSITIVE_RATE)} of {c.decided} scored requests",
+                f"{100 * c.false_positive_rate:.1f}%",
+                c.false_positive_rate <= MAX_FALSE_POSITIVE_RATE,
+            )
+        )
+        if c.flavour == "continuous":
+            checks.append(
+                Check(
+                    f"{where}: p-values uniform",
+                    f"KS p-value >= {MIN_KS_P_VALUE}",
+                    f"{c.ks_p_value:.2f} (KS statistic {c.ks_statistic:.3f})",
+                    c.ks_p_value >= MIN_KS_P_VALUE,
+                )
+            )
+        else:
+            checks.append(
+                Check(
+                    f"{where}: no excess of small p-values",
+                    f"one-sided KS p-value >= {MIN_KS_P_VALUE}",
+                    f"{c.ks_greater_p_value:.2f} (two-sided: {c.ks_p_value:.2g})",
+                    c.ks_greater_p_value >= MIN_KS_P_VALUE,
+                )
+            )
+    rows = [
+        (
+            c.flavour,
+            c.path_mode,
+            c.requests,
+            c.decided,
+            f"{100 * c.false_positive_rate:.1f}%",
+            f"{c.ks_p_value:.2g}",
+            f"{c.ks_greater_p_value:.2f}",
+            ", ".join(f"{n}: {count}" for n, count in c.steps_used.items()),
+            f"{c.mean_edits:.1f} (max {c.max_edits})",
+            ", ".join(f"{d}: {count}" for d, count in c.decisions.items()),
+        )
+        for c in results
+    ]
+    text = "\n\n".join(
+        [
+            "## Calibration of adaptive paths",
+            "(a) through adaptive paths: the `calibration_noise` editor redraws the probe's "
+            "corner inside the service, for every strength i.i.d. from the request's seed and "
+            "the strength, and the original's corner is drawn by the same rule, so the path is "
+            "an exchangeable null at whatever length the service gives it. Default settings "
+            f"(steps 10, path_mode unspecified = adaptive, max_steps 80); {requests} requests "
+            "per row, each its own seed. *continuous*: every corner fresh noise (distinct "
+            "values). *tied*: one of two textures per image, the second with probability "
+            "0.1, so that most curves hold a few equal values: the test often cannot reach "
+            "alpha at N = 10 and the path is extended (the N column). A tied path whose every "
+            "image equals the original (about 0.9^11 of them) is refused by the service (a "
+            "no-op edit) and has no p-value; rates are over the scored requests. With ties "
+            "the permutation p-value is discrete and conservative, so exact uniformity is "
+            "impossible for any valid test (the two-sided KS rejects it at a fixed N too, "
+            "last row); the tied rows are checked for what calibration means there, no excess "
+            "of small p-values (one-sided KS, H0: P(p <= t) <= t).",
+            markdown_table(
+                (
+                    "flavour",
+                    "path mode",
+                    "requests",
+                    "scored",
+                    f"false positives at {ALPHA}",
+                    "KS p (two-sided)",
+                    "KS p (one-sided)",
+                    "N used: requests",
+                    "edits per request",
+                    "decisions",
+                ),
+                rows,
+            ),
+        ]
+    )
+    return text, {"adaptive_null": results}, checks
 
 
 def determinism_section(client, seed: int):
@@ -276,6 +377,9 @@ def path_length_section(client, per_class: int, step_counts: list[int], workers:
 def main(
     target: str = typer.Option("localhost:50051", help="The gateway."),
     paths: int = typer.Option(1000, help="Exchangeable null paths per path length."),
+    adaptive_requests: int = typer.Option(
+        1000, help="Exchangeable null requests per flavour through adaptive paths."
+    ),
     invariant_per_class: int = typer.Option(100, help="Images per class for null case (b)."),
     length_per_class: int = typer.Option(10, help="Images per class for the path-length table."),
     workers: int = typer.Option(4, help="Requests in flight."),
@@ -288,6 +392,10 @@ def main(
         calibration_text, calibration_data, checks = calibration_section(
             client, paths, invariant_per_class, out, workers
         )
+        adaptive_text, adaptive_data, more_checks = adaptive_section(
+            client, adaptive_requests, workers
+        )
+        checks += more_checks
         fresh_seed = int.from_bytes(os.urandom(7), "big")
         determinism_text, determinism_data, more_checks = determinism_section(client, fresh_seed)
         checks += more_checks
@@ -301,6 +409,7 @@ def main(
             f"K = {PERMUTATIONS} permutations, alpha = {ALPHA}. Written by `bench/validate_honesty.py` "
             f"in {seconds:.0f} s.",
             calibration_text,
+            adaptive_text,
             determinism_text,
             length_text,
             "## Checks",
@@ -310,6 +419,7 @@ def main(
     data = {
         "seconds": seconds,
         "calibration": calibration_data,
+        "adaptive_calibration": adaptive_data,
         "determinism": determinism_data,
         "path_length": length_data,
         "checks": checks,

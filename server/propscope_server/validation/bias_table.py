@@ -161,3 +161,151 @@ def markdown(table: Sequence[Cell]) -> str:
         "MI (nats)",
     )
     return markdown_table(headers, rows)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """One model x property: how often an adaptive path's decision matches the fixed
+    reference path's on the same image, and what each cost."""
+
+    model: str
+    property_name: str
+    images: int
+    relevant_agreement: float  # fractions of images
+    decision_agreement: float
+    mean_edits_reference: float
+    mean_edits_adaptive: float
+    steps_used: dict[int, int]  # adaptive N -> images decided there
+
+
+@dataclass(frozen=True)
+class Disagreement:
+    """One image whose adaptive decision differs from the reference's."""
+
+    model: str
+    property_name: str
+    image_index: int
+    reference_decision: str
+    adaptive_decision: str
+    reference_p_value: float
+    adaptive_p_value: float
+    adaptive_steps: int
+    reference_probability_change: float
+    adaptive_probability_change: float
+
+
+def _paired(
+    reference: Sequence[PropertyRun], adaptive: Sequence[PropertyRun]
+) -> list[tuple[PropertyRun, PropertyRun]]:
+    by_key = {(r.model, r.property_name, r.image_index): r for r in adaptive}
+    pairs = [(r, by_key[(r.model, r.property_name, r.image_index)]) for r in reference]
+    if len(pairs) != len(adaptive):
+        raise ValueError("the adaptive runs are not the reference's images and properties")
+    return pairs
+
+
+def agreement(
+    reference: Sequence[PropertyRun], adaptive: Sequence[PropertyRun], models: Sequence[str]
+) -> list[Agreement]:
+    """Per model x property, the adaptive runs against the reference runs of the same
+    images (both must cover the same images and properties)."""
+    pairs = _paired(reference, adaptive)
+    table = []
+    for model in models:
+        for name in PROPERTIES:
+            found = [(r, a) for r, a in pairs if r.model == model and r.property_name == name]
+            if not found:
+                continue
+            steps: dict[int, int] = {}
+            for _, a in found:
+                steps[a.steps] = steps.get(a.steps, 0) + 1
+            table.append(
+                Agreement(
+                    model=model,
+                    property_name=name,
+                    images=len(found),
+                    relevant_agreement=float(np.mean([r.relevant == a.relevant for r, a in found])),
+                    decision_agreement=float(np.mean([r.decision == a.decision for r, a in found])),
+                    mean_edits_reference=float(np.mean([r.edits for r, _ in found])),
+                    mean_edits_adaptive=float(np.mean([a.edits for _, a in found])),
+                    steps_used=dict(sorted(steps.items())),
+                )
+            )
+    return table
+
+
+def disagreements(
+    reference: Sequence[PropertyRun], adaptive: Sequence[PropertyRun]
+) -> list[Disagreement]:
+    """Every image whose adaptive decision differs from the reference's."""
+    return [
+        Disagreement(
+            model=r.model,
+            property_name=r.property_name,
+            image_index=r.image_index,
+            reference_decision=r.decision,
+            adaptive_decision=a.decision,
+            reference_p_value=r.p_value,
+            adaptive_p_value=a.p_value,
+            adaptive_steps=a.steps,
+            reference_probability_change=r.probability_change,
+            adaptive_probability_change=a.probability_change,
+        )
+        for r, a in _paired(reference, adaptive)
+        if r.decision != a.decision
+    ]
+
+
+@dataclass(frozen=True)
+class AgreementSummary:
+    """Over every image and property: the share of matching decisions and the edits saved."""
+
+    images: int
+    relevant_agreement: float
+    decision_agreement: float
+    mean_edits_reference: float
+    mean_edits_adaptive: float
+    edit_ratio: float  # reference edits / adaptive edits
+
+
+def summarise(
+    reference: Sequence[PropertyRun], adaptive: Sequence[PropertyRun]
+) -> AgreementSummary:
+    pairs = _paired(reference, adaptive)
+    reference_edits = float(np.mean([r.edits for r, _ in pairs]))
+    adaptive_edits = float(np.mean([a.edits for _, a in pairs]))
+    return AgreementSummary(
+        images=len(pairs),
+        relevant_agreement=float(np.mean([r.relevant == a.relevant for r, a in pairs])),
+        decision_agreement=float(np.mean([r.decision == a.decision for r, a in pairs])),
+        mean_edits_reference=reference_edits,
+        mean_edits_adaptive=adaptive_edits,
+        edit_ratio=reference_edits / adaptive_edits if adaptive_edits else float("inf"),
+    )
+
+
+def agreement_markdown(table: Sequence[Agreement]) -> str:
+    rows = [
+        (
+            a.model,
+            a.property_name,
+            a.images,
+            percent(a.relevant_agreement),
+            percent(a.decision_agreement),
+            f"{a.mean_edits_reference:.0f}",
+            f"{a.mean_edits_adaptive:.1f}",
+            ", ".join(f"{n}: {count}" for n, count in a.steps_used.items()),
+        )
+        for a in table
+    ]
+    headers = (
+        "model",
+        "property",
+        "images",
+        "relevant agrees",
+        "decision agrees",
+        "edits (fixed)",
+        "edits (adaptive)",
+        "adaptive N: images",
+    )
+    return markdown_table(headers, rows)

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Literal
 
+import grpc
 import numpy as np
 from PIL import Image
 
@@ -60,6 +61,9 @@ class PropertyRun:
     curve: np.ndarray  # target probability x_0..x_N
     predicted_classes: np.ndarray
     last_image: np.ndarray | None  # x_N, when the path images were asked for
+    steps: int = 0  # the N decided on (an adaptive path may be longer than asked)
+    decision: str = ""  # propscope.Decision's value
+    edits: int = 0  # edited images, every path length tried included
 
 
 def held_out_images(
@@ -94,10 +98,17 @@ def explain_all(
     seed: int = 0,
     workers: int = 4,
     keep_last_image: bool = False,
+    path_mode: Literal["adaptive", "fixed"] = "fixed",
+    max_steps: int = 0,
+    no_op_unchanged: bool = False,
 ) -> list[PropertyRun]:
     """Every (model, image) explained for all `properties` (the same for every
     image, or per image index) in one request each, `workers` requests at a time;
-    a failed property raises."""
+    a failed property raises. Paths are fixed at `steps` unless `path_mode` is
+    "adaptive" (then up to `max_steps`, 0: the service's default).
+
+    With `no_op_unchanged`, an edit too small to change a pixel (which the service
+    refuses to score) counts as a constant path of the original: score 0, p = 1."""
     properties_of = properties if callable(properties) else lambda _: properties
     jobs = [(model, index) for model in models for index in range(len(images))]
     started = time.monotonic()
@@ -114,9 +125,21 @@ def explain_all(
             permutations=PERMUTATIONS,
             alpha=ALPHA,
             return_path_images=keep_last_image,
+            path_mode=path_mode,
+            max_steps=max_steps,
         )
         results = [e for e in events if isinstance(e, propscope.PropertyResult)]
-        return [_run(model, index, result) for result in results]
+        if not no_op_unchanged:
+            return [_run(model, index, result) for result in results]
+        scored = [_run(model, index, r) for r in results if not _is_no_op(r)]
+        if not scored:
+            raise RuntimeError(f"{model}, image {index}: every edit left the image unchanged")
+        return [
+            _no_op_run(r.property_name, scored[0], images[index], steps, keep_last_image)
+            if _is_no_op(r)
+            else _run(model, index, r)
+            for r in results
+        ]
 
     runs: list[PropertyRun] = []
     with ThreadPoolExecutor(workers) as pool:
@@ -152,6 +175,39 @@ def _run(model: str, index: int, result: propscope.PropertyResult) -> PropertyRu
         curve=np.asarray(sample.prediction_curve),
         predicted_classes=np.asarray(sample.predicted_classes),
         last_image=last,
+        steps=result.steps,
+        decision=result.decision.value,
+        edits=result.edits,
+    )
+
+
+def _is_no_op(result: propscope.PropertyResult) -> bool:
+    return result.status_code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _no_op_run(
+    name: str, sibling: PropertyRun, original: np.ndarray, steps: int, keep_last_image: bool
+) -> PropertyRun:
+    """A property whose every path image equals the original (read from a sibling
+    property of the same request, which shares x_0)."""
+    return replace(
+        sibling,
+        property_name=name,
+        score=0.0,
+        score_per_unit_strength=0.0,
+        p_value=1.0,
+        significant=False,
+        relevant=False,
+        flipped=False,
+        probability_change=0.0,
+        pearson_correlation=None,
+        mutual_information=None,
+        curve=np.full(steps + 1, sibling.curve[0]),
+        predicted_classes=np.full(steps + 1, sibling.predicted_classes[0]),
+        last_image=original.copy() if keep_last_image else None,
+        steps=steps,
+        decision="no-op",
+        edits=steps,
     )
 
 
