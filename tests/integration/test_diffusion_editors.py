@@ -66,9 +66,13 @@ def test_a_property_is_explained_through_each_diffusion_editor(client, triton, e
 def test_a_second_classifier_makes_no_diffusion_call(client, triton):
     image = scene_png(hue_deg=200.0, radius_px=12.0)
     prop = PROPERTIES["ip2p"]
-    first = results(list(client.explain(image, "synth_hue", [prop], steps=5, seed=4, path_mode="fixed")))[0]
+    first = results(
+        list(client.explain(image, "synth_hue", [prop], steps=5, seed=4, path_mode="fixed"))
+    )[0]
     calls = inference_count(triton, "ip2p")
-    second = results(list(client.explain(image, "synth_patch", [prop], steps=5, seed=4, path_mode="fixed")))[0]
+    second = results(
+        list(client.explain(image, "synth_patch", [prop], steps=5, seed=4, path_mode="fixed"))
+    )[0]
     assert first.ok and second.ok
     assert (first.cache_misses, second.cache_hits, second.cache_misses) == (1, 1, 0)
     assert inference_count(triton, "ip2p") == calls
