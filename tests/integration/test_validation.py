@@ -50,12 +50,37 @@ def test_statistics_beside_the_score(bias_runs):
     assert hue.score_per_unit_strength == pytest.approx(hue.score * 50)
 
 
+def test_adaptive_paths_decide_the_shortcuts_as_fixed_paths_do_for_fewer_edits(client, bias_runs):
+    images, _ = held_out_images(3)
+    adaptive = explain_all(client, images, SHORTCUTS, steps=10, path_mode="adaptive")
+    assert {r.steps for r in adaptive} <= {10, 20, 40, 80}
+    assert all(r.edits == 10 * (2 * r.steps // 10 - 1) for r in adaptive)
+    summary = bias_table.summarise(bias_runs, adaptive)
+    assert summary.relevant_agreement == 1.0 and summary.edit_ratio >= 2.0, summary
+    failed = [
+        c
+        for c in bias_table.expected_pattern(bias_table.cells(adaptive, list(SHORTCUTS)))
+        if not c.passed
+    ]
+    assert not failed, failed
+
+
 def test_ours_predicts_output_changes_at_least_as_well_as_saliency(client):
+    calibration_images, _ = held_out_images(1, TEST_SET_SEED + 300)
     images, _ = held_out_images(4, TEST_SET_SEED + 1)
-    interventions = downstream.random_interventions(len(images), seed=0)
     models = ["synth_hue", "synth_patch"]
-    runs = explain_all(client, images, models, interventions.__getitem__, keep_last_image=True)
     for model in models:
+        ranges = downstream.size_ranges(downstream.calibrate(client, calibration_images, model))
+        assert any(r.included for r in ranges.values())
+        interventions = downstream.random_interventions(len(images), 0, ranges)
+        runs = explain_all(
+            client,
+            images,
+            [model],
+            interventions.__getitem__,
+            keep_last_image=True,
+            no_op_unchanged=True,
+        )
         result = downstream.predictor_accuracies(runs, images, model, FAST_METHODS)
         assert result.max_probability_gap < 1e-5  # the baselines explain the served model
         assert 0 < result.positive_rate < 1  # a real task, not a constant label
@@ -69,6 +94,21 @@ def test_p_values_are_calibrated_under_an_exchangeable_null(client):
     result = honesty.calibration(p_values, steps=10)
     assert result.false_positive_rate <= 0.02
     assert result.ks_p_value > 0.01, result
+
+
+def test_adaptive_paths_under_an_exchangeable_null(client):
+    """The tied flavour of calibration_noise: curves of few values, which adaptive
+    paths extend; every request completes with a p-value or as a no-op."""
+    images, _ = held_out_images(2, TEST_SET_SEED + 100)
+    runs = honesty.noise_null_runs(client, images, 20, "tied", seed=31_000)
+    scored = [r for r in runs if r.p_value is not None]
+    assert len(scored) >= 10
+    assert all(0 < r.p_value <= 1 for r in scored)
+    assert {r.steps for r in runs} <= {10, 20, 40, 80}
+    assert max(r.steps for r in scored) > 10  # the rule really extends
+    assert all(r.edits == 10 * (2 * r.steps // 10 - 1) for r in scored)
+    continuous = honesty.noise_null_runs(client, images, 10, "continuous", seed=32_000)
+    assert all(r.p_value is not None and 0 < r.p_value <= 1 for r in continuous)
 
 
 def test_an_invisible_edit_is_never_significant(client):

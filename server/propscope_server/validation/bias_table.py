@@ -198,10 +198,10 @@ def _paired(
     reference: Sequence[PropertyRun], adaptive: Sequence[PropertyRun]
 ) -> list[tuple[PropertyRun, PropertyRun]]:
     by_key = {(r.model, r.property_name, r.image_index): r for r in adaptive}
-    pairs = [(r, by_key[(r.model, r.property_name, r.image_index)]) for r in reference]
-    if len(pairs) != len(adaptive):
+    keys = [(r.model, r.property_name, r.image_index) for r in reference]
+    if sorted(keys) != sorted(by_key) or len(by_key) != len(adaptive):
         raise ValueError("the adaptive runs are not the reference's images and properties")
-    return pairs
+    return [(r, by_key[key]) for r, key in zip(reference, keys, strict=True)]
 
 
 def agreement(

@@ -230,7 +230,7 @@ def common_level(bounds: dict[str, tuple[float, float]], target: float) -> dict[
 def random_interventions(
     count: int, seed: int, ranges: dict[str, SizeRange] | None = None
 ) -> list[dict[str, str]]:
-    """Per image, the properties (those `ranges` includes; all four without it) with
+    """Per image, the properties (those `ranges` has and includes; all four without it) with
     sizes drawn uniformly within each range (the whole axis without `ranges`), the
     sign of a signed axis at random."""
     rng = np.random.default_rng([seed, 2])
@@ -238,10 +238,10 @@ def random_interventions(
     for _ in range(count):
         drawn = {}
         for name, axis in AXES.items():
-            chosen = ranges[name] if ranges else None
-            if chosen is not None and not chosen.included:
+            chosen = ranges.get(name) if ranges is not None else None
+            if ranges is not None and (chosen is None or not chosen.included):
                 continue
-            low, high = (chosen.smallest, chosen.largest) if chosen else (0.0, 1.0)
+            low, high = (chosen.smallest, chosen.largest) if chosen is not None else (0.0, 1.0)
             size = float(rng.uniform(low, high))
             negative = axis.signed and bool(rng.integers(0, 2))
             drawn[name] = axis.spec(size, negative)
