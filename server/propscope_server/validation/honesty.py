@@ -237,10 +237,19 @@ def cold_and_warm(
     samples: int,
     seed: int,
 ) -> tuple[list[propscope.PropertyResult], list[propscope.PropertyResult]]:
-    """The same request twice: the first edits (cold cache), the second reads the cache."""
+    """The same request twice: the first edits (cold cache), the second reads the cache.
+    Fixed paths, so that the cache holds exactly samples x properties paths."""
 
     def results() -> list[propscope.PropertyResult]:
-        events = client.explain(image, model, properties, steps=steps, samples=samples, seed=seed)
+        events = client.explain(
+            image,
+            model,
+            properties,
+            steps=steps,
+            samples=samples,
+            seed=seed,
+            path_mode="fixed",
+        )
         return sorted(
             (e for e in events if isinstance(e, propscope.PropertyResult)),
             key=lambda r: r.property_name,
