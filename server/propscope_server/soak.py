@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2
 
 import propscope
 from propscope_server.stack import health_status
-from propscope_server.synthetic.world import make_split, render, sample_scene
+from propscope_server.synthetic.world import Scene, make_split, render, sample_scene
 from propscope_server.validation.tables import markdown_table
 
 # The demo's interventions (Makefile DEMO_PROPERTIES): cheap procedural edits, so that the
@@ -223,8 +223,15 @@ MIX_DESCRIPTION = (
 
 def repeated_images(count: int = REPEATED_IMAGES, seed: int = 0) -> list[np.ndarray]:
     """The fixed pool of images that calls come back to."""
-    images, _, _ = make_split("none", count, seed)
-    return list(images)
+    _, _, scenes = make_split("none", count, seed)
+    return [render(_without_patch(scene)) for scene in scenes]
+
+
+def _without_patch(scene: Scene) -> Scene:
+    """The blend property pastes the world's patch where a scene's own patch sits: on a
+    scene that has one, that edit changes nothing, which the service refuses
+    (FAILED_PRECONDITION) rather than scoring 0."""
+    return replace(scene, patch=False)
 
 
 def plan_call(rng: np.random.Generator, repeated: Sequence[np.ndarray]) -> CallSpec:
@@ -232,7 +239,8 @@ def plan_call(rng: np.random.Generator, repeated: Sequence[np.ndarray]) -> CallS
     if rng.random() < REPEATED_FRACTION:
         image = repeated[int(rng.integers(len(repeated)))]
     else:
-        image = render(sample_scene(int(rng.integers(2)), "none", rng, shape_agreement=1.0))
+        scene = sample_scene(int(rng.integers(2)), "none", rng, shape_agreement=1.0)
+        image = render(_without_patch(scene))
     count = int(rng.integers(1, len(PROPERTIES) + 1))
     chosen = sorted(rng.choice(len(PROPERTIES), size=count, replace=False))
     return CallSpec(
@@ -279,8 +287,11 @@ def classify_call(
                 Outcome.UNEXPECTED,
                 f"property {result.property_name}: {len(result.samples)} samples, asked {spec.samples}",
             )
-        images = spec.steps + 1 if spec.return_path_images else 0
-        if any(len(sample.path_images) != images for sample in result.samples):
+        # An adaptive path may have been lengthened: the result says to which N.
+        images = result.steps + 1 if spec.return_path_images else 0
+        if result.steps < spec.steps or any(
+            len(sample.path_images) != images for sample in result.samples
+        ):
             return Outcome.UNEXPECTED, f"property {result.property_name}: not {images} path images"
     return Outcome.COMPLETED, ""
 

@@ -90,12 +90,14 @@ def test_background_brightness_stays_small_for_every_model(client):
 def test_second_classifier_reuses_the_cached_path(client, triton):
     image = scene_png(hue_deg=77.0, radius_px=12.0)
     editor_calls = inference_count(triton, "procedural")
-    first = results(explain(client, image, "synth_unbiased", [HUE], steps=6, samples=2))[
-        "object_hue"
-    ]
+    first = results(
+        explain(client, image, "synth_unbiased", [HUE], steps=6, samples=2, path_mode="fixed")
+    )["object_hue"]
     assert (first.cache_hits, first.cache_misses) == (0, 2)
     assert inference_count(triton, "procedural") == editor_calls + 1  # both samples, one call
-    second = results(explain(client, image, "synth_hue", [HUE], steps=6, samples=2))["object_hue"]
+    second = results(
+        explain(client, image, "synth_hue", [HUE], steps=6, samples=2, path_mode="fixed")
+    )["object_hue"]
     assert (second.cache_hits, second.cache_misses) == (2, 0)
     assert all(s.cache_hit for s in second.samples)
     assert inference_count(triton, "procedural") == editor_calls + 1
@@ -103,8 +105,12 @@ def test_second_classifier_reuses_the_cached_path(client, triton):
 
 def test_uint8_hwc_and_fp32_nchw_deployments_score_alike(client):
     image = scene_png(hue_deg=20.0)
-    uint8 = results(explain(client, image, "synth_hue", [HUE, BACKGROUND], steps=10))
-    fp32 = results(explain(client, image, "synth_hue_fp32", [HUE, BACKGROUND], steps=10))
+    uint8 = results(
+        explain(client, image, "synth_hue", [HUE, BACKGROUND], steps=10, path_mode="fixed")
+    )
+    fp32 = results(
+        explain(client, image, "synth_hue_fp32", [HUE, BACKGROUND], steps=10, path_mode="fixed")
+    )
     for name in uint8:
         np.testing.assert_allclose(
             uint8[name].samples[0].prediction_curve,
@@ -142,9 +148,11 @@ def test_samples_report_a_confidence_interval(client):
 
 def test_path_images_come_back_when_asked(client):
     image = SAMPLE.read_bytes()
-    result = results(explain(client, image, "synth_hue", [HUE], steps=5, return_path_images=True))[
-        "object_hue"
-    ]
+    result = results(
+        explain(
+            client, image, "synth_hue", [HUE], steps=5, return_path_images=True, path_mode="fixed"
+        )
+    )["object_hue"]
     frames = [np.asarray(Image.open(io.BytesIO(data))) for data in result.samples[0].path_images]
     assert len(frames) == 6
     np.testing.assert_array_equal(frames[0], np.asarray(Image.open(SAMPLE).convert("RGB")))

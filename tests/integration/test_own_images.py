@@ -130,18 +130,20 @@ def test_accepted_says_which_preprocessing_applies_and_where_it_came_from(stub):
     )[0].accepted
     assert list(from_request.preprocessing.std) == pytest.approx([0.3] * 3)
     assert "std: request" in from_request.preprocessing_sources
-    detected = explain(stub, sample, prop, model=pb.ModelRef(name="synth_hue"))[0].accepted
-    assert "output_kind: detected from the outputs" in detected.preprocessing_sources
-    assert any("declares no output kind" in w for w in detected.warnings)
+    declared = explain(stub, sample, prop, model=pb.ModelRef(name="synth_hue"))[0].accepted
+    assert "output_kind: model config" in declared.preprocessing_sources
+    assert list(declared.warnings) == []
 
 
 def test_class_labels_name_the_target(stub):
-    model = pb.ModelRef(name="synth_hue", class_labels=["circle", "square"])
-    events = explain(
-        stub, SAMPLE.read_bytes(), [pb.Property(name="hue", editor=hue())], model=model
-    )
-    assert list(events[0].accepted.class_labels) == ["circle", "square"]
-    assert result_of(events).target_label == "circle"
+    prop = [pb.Property(name="hue", editor=hue())]
+    declared = explain(stub, SAMPLE.read_bytes(), prop, model=pb.ModelRef(name="synth_hue"))
+    assert list(declared[0].accepted.class_labels) == ["circle", "square"]  # its config.pbtxt
+    assert result_of(declared).target_label == "circle"
+    model = pb.ModelRef(name="synth_hue", class_labels=["round", "angular"])
+    events = explain(stub, SAMPLE.read_bytes(), prop, model=model)
+    assert list(events[0].accepted.class_labels) == ["round", "angular"]
+    assert result_of(events).target_label == "round"
     wrong = pb.ModelRef(name="synth_hue", class_labels=["only one"])
     with pytest.raises(grpc.RpcError) as info:
         explain(stub, SAMPLE.read_bytes(), [pb.Property(name="hue", editor=hue())], model=wrong)

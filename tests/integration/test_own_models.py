@@ -221,6 +221,7 @@ def test_probabilities_model_gives_its_logits_twins_change(
     assert accepted.preprocessing.output_kind == explain_pb2.Preprocessing.OUTPUT_KIND_PROBABILITIES
     (kind_source,) = [s for s in accepted.preprocessing_sources if s.startswith("output_kind")]
     assert source in kind_source
+    assert any("declares no output kind" in w for w in accepted.warnings) == (source == "detected")
     assert result.probability_change == pytest.approx(twin.probability_change, abs=1e-6)
     assert result.score == pytest.approx(twin.score, abs=1e-6)
     np.testing.assert_allclose(

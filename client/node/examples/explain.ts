@@ -102,7 +102,8 @@ function resultLine(result: PropertyResult, accepted?: Accepted): string {
   const lines = [
     `${result.propertyName}: score ${result.score.toPrecision(4)}, ` +
       `p-value ${result.pValue.toPrecision(3)}, significant ${yesNo(result.significant)}, ` +
-      `relevant ${yesNo(result.relevant)} (${decision}), N ${result.steps}, ` +
+      `relevant ${yesNo(result.relevant)}${result.relevant ? "" : ` (${decision})`}, ` +
+      `N ${result.steps}, ` +
       `flipped ${yesNo(result.predictionFlipped)}, ` +
       `target ${result.targetClass}${label ? ` (${label})` : ""}`,
   ];

@@ -122,7 +122,7 @@ test("the example prints a line per property and the timings", async () => {
   });
   assert.match(
     stdout,
-    /^object_hue: score [\d.e+-]+, p-value [\d.e+-]+, significant yes, relevant yes, flipped yes$/m,
+    /^object_hue: score [\d.e+-]+, p-value [\d.e+-]+, significant yes, relevant yes, N \d+, flipped yes, target 0 \(circle\)$/m,
   );
   assert.match(stdout, /^done: total \d+ ms, edit \d+ ms, classify \d+ ms, .*, 0 failed$/m);
 });
