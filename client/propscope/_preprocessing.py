@@ -3,9 +3,11 @@ holds. Unset fields take the model's own declaration (its config.pbtxt), then th
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -165,3 +167,22 @@ def path_mode_to_proto(mode: PathMode | None) -> int:
 def path_mode_from_proto(mode: int) -> PathMode:
     """Unspecified means adaptive, as the contract says."""
     return "fixed" if mode == explain_pb2.PATH_MODE_FIXED else "adaptive"
+
+
+def read_class_labels(path: Path) -> tuple[str, ...]:
+    """Class names from a file: a JSON list of strings, or one name per line. ValueError
+    saying what is wrong with the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read class labels from {str(path)!r}: {error}") from None
+    if text.lstrip().startswith("["):
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"class labels {str(path)!r} are not a JSON list: {error}") from None
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"class labels {str(path)!r} must be a non-empty list of non-empty names")
+    return tuple(names)

@@ -51,7 +51,13 @@ from propscope._events import (
     PropertyResult,
 )
 from propscope._images import encode_image
-from propscope._preprocessing import OUTPUT_KINDS, RESIZE_MODES, Preprocessing, parse_triple
+from propscope._preprocessing import (
+    OUTPUT_KINDS,
+    RESIZE_MODES,
+    Preprocessing,
+    parse_triple,
+    read_class_labels,
+)
 from propscope._properties import parse_property
 from propscope._requests import normalize_properties
 
@@ -561,26 +567,12 @@ def _labels_option(labels: str | None) -> tuple[str, ...]:
     """--labels: a file (a JSON list of names, or one per line) or a comma-separated list."""
     if labels is None:
         return ()
-    path = Path(labels)
-    if not path.is_file():
-        names = [name.strip() for name in labels.split(",")]
-    else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise ValueError(f"cannot read --labels {labels!r}: {error}") from None
-        if text.lstrip().startswith("["):
-            try:
-                names = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"--labels {labels!r} is not a JSON list: {error}") from None
-            if not all(isinstance(name, str) for name in names):
-                raise ValueError(f"--labels {labels!r}: the JSON list must hold strings")
-        else:
-            names = [line.strip() for line in text.splitlines() if line.strip()]
-    if not names or not all(names):
+    if Path(labels).is_file():
+        return read_class_labels(Path(labels))
+    names = tuple(name.strip() for name in labels.split(","))
+    if not all(names):
         raise ValueError(f"--labels {labels!r}: empty class name")
-    return tuple(names)
+    return names
 
 
 def _fail(message: str) -> NoReturn:

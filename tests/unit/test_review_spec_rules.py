@@ -144,7 +144,7 @@ def test_models_take_preprocessing_and_labels_and_properties_take_regions(tmp_pa
         ),
         (
             lambda t: t.replace("{name: new}", "{name: new, class_labels: missing.txt}"),
-            "cannot read class_labels",
+            "cannot read class labels",
         ),
         (lambda t: t + "explain: {path_mode: fixed, max_steps: 40}\n", "max_steps applies to"),
         (lambda t: t + "explain: {steps: 20, max_steps: 10}\n", "must be at least steps"),

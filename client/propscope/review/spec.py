@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from propscope._images import folder_images
-from propscope._preprocessing import Preprocessing
+from propscope._preprocessing import Preprocessing, read_class_labels
 from propscope._properties import Property, parse_property, region_from, split_property
 
 __all__ = ["ImageEntry", "ReviewSpec", "SpecError", "load_spec"]
@@ -347,23 +347,13 @@ class ReviewSpec(_Strict):
         if model.class_labels is None:
             return ()
         if isinstance(model.class_labels, list):
-            names = model.class_labels
-        else:
-            path = self._base / model.class_labels
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as error:
-                raise SpecError(f"cannot read class_labels {str(path)!r}: {error}") from None
-            if text.lstrip().startswith("["):
-                try:
-                    names = yaml.safe_load(text)
-                except yaml.YAMLError as error:
-                    raise SpecError(f"class_labels {str(path)!r}: {error}") from None
-            else:
-                names = [line.strip() for line in text.splitlines() if line.strip()]
-        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-            raise SpecError(f"class_labels of {model.name!r} must be non-empty names")
-        return tuple(names)
+            if not all(isinstance(n, str) and n for n in model.class_labels):
+                raise SpecError(f"class_labels of {model.name!r} must be non-empty names")
+            return tuple(model.class_labels)
+        try:
+            return read_class_labels(self._base / model.class_labels)
+        except ValueError as error:
+            raise SpecError(str(error)) from None
 
 
 def _editor_property(name: str, source: PropertySource, base: Path) -> Property:
