@@ -324,15 +324,22 @@ def _last_error(text: str) -> str | None:
     return lines[-1][:400] if lines else None
 
 
-def running(run_dir: Path) -> StackInfo | None:
-    """The stack recorded in `run_dir` when all its processes are alive and its
-    gateway answers health checks; None otherwise."""
+def _recorded(run_dir: Path) -> StackInfo | None:
+    """The stack `up` recorded in `run_dir`; None when there is none or it is unreadable."""
     state = run_dir / "stack.json"
     if not state.exists():
         return None
     try:
-        info = StackInfo(**json.loads(state.read_text()))
+        return StackInfo(**json.loads(state.read_text()))
     except (ValueError, TypeError):
+        return None
+
+
+def running(run_dir: Path) -> StackInfo | None:
+    """The stack recorded in `run_dir` when all its processes are alive and its
+    gateway answers health checks; None otherwise."""
+    info = _recorded(run_dir)
+    if info is None:
         return None
     if not all(_is_ours(name, pid) and _alive(pid) for name, pid in info.pids.items()):
         return None
@@ -340,16 +347,10 @@ def running(run_dir: Path) -> StackInfo | None:
 
 
 def down(run_dir: Path) -> StackInfo | None:
-    state = run_dir / "stack.json"
-    if not state.exists():
-        return None
-    try:
-        info = StackInfo(**json.loads(state.read_text()))
-    except (ValueError, TypeError):
-        state.unlink()
-        return None
-    _terminate(info.pids)
-    state.unlink()
+    info = _recorded(run_dir)
+    if info is not None:
+        _terminate(info.pids)
+    (run_dir / "stack.json").unlink(missing_ok=True)
     return info
 
 
