@@ -17,18 +17,15 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import tritonclient.grpc as triton_grpc
 import typer
 from google.protobuf import text_format
 from PIL import Image
 from tritonclient.grpc import model_config_pb2
-from tritonclient.utils import np_to_triton_dtype
 
-import propscope
-from propscope_server import stack
 from propscope_server.editor_contract import (
     SCHEMA_PARAMETER,
     EditorSchema,
@@ -43,6 +40,12 @@ from propscope_server.triton_models.editors.diffusion.ledits import (
 from propscope_server.triton_models.editors.diffusion.pipelines import Runtime, scheduler
 from propscope_server.triton_models.editors.diffusion.sdedit import SDEditEditor
 from propscope_server.triton_models.editors.diffusion.tiny_pipelines import build
+
+if TYPE_CHECKING:  # the gateway parts import these lazily: the in-process part runs on a
+    # GPU machine that has torch and diffusers but no propscope client or Triton wheel
+    import tritonclient.grpc as triton_grpc
+
+    import propscope
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 IMAGE = render(Scene(0, 10.0, 13.0, 0.5, False, (32.0, 32.0)))
@@ -169,8 +172,11 @@ def in_process(
 
 
 def timed_explain(client: propscope.Client, model: str, prop: str, steps: int, seed: int):
+    import propscope
+
     started = time.perf_counter()
-    events = list(client.explain(IMAGE, model, [prop], steps=steps, seed=seed))
+    # Fixed paths: the editor's raw call below edits exactly `steps` images.
+    events = list(client.explain(IMAGE, model, [prop], steps=steps, seed=seed, path_mode="fixed"))
     elapsed = time.perf_counter() - started
     (result,) = [e for e in events if isinstance(e, propscope.PropertyResult)]
     assert result.ok, result.error
@@ -181,6 +187,9 @@ def raw_editor_call(
     triton: triton_grpc.InferenceServerClient, editor: str, steps: int, seed: int
 ) -> float:
     """The editor's own call for one path (a batch of one), timed from the client."""
+    import tritonclient.grpc as triton_grpc
+    from tritonclient.utils import np_to_triton_dtype
+
     strengths = np.arange(1, steps + 1, dtype=np.float32) / steps
     tensors = {
         "IMAGE": IMAGE,
@@ -210,11 +219,19 @@ def batched_properties(client: propscope.Client, triton, repeats: int, steps: in
     before = triton.get_inference_statistics("ip2p", as_json=True)["model_stats"][0]
     for repeat in range(repeats):
         started = time.perf_counter()
-        list(client.explain(IMAGE, "synth_hue", properties, steps=steps, seed=30_000 + repeat))
+        list(
+            client.explain(
+                IMAGE, "synth_hue", properties, steps=steps, seed=30_000 + repeat, path_mode="fixed"
+            )
+        )
         together.append(time.perf_counter() - started)
         started = time.perf_counter()
         for prop in properties:
-            list(client.explain(IMAGE, "synth_hue", [prop], steps=steps, seed=40_000 + repeat))
+            list(
+                client.explain(
+                    IMAGE, "synth_hue", [prop], steps=steps, seed=40_000 + repeat, path_mode="fixed"
+                )
+            )
         apart.append(time.perf_counter() - started)
     after = triton.get_inference_statistics("ip2p", as_json=True)["model_stats"][0]
     requests = int(after["inference_count"]) - int(before["inference_count"])
@@ -242,7 +259,9 @@ def cancellation(client: propscope.Client, metrics_url: str, repeats: int, steps
     for repeat in range(repeats):
         before = triton_metric(metrics_url, cancelled, "ip2p")
         started_units = triton_metric(metrics_url, units, "ip2p")
-        events = client.explain(IMAGE, "synth_hue", [long_edit], steps=steps, seed=50_000 + repeat)
+        events = client.explain(
+            IMAGE, "synth_hue", [long_edit], steps=steps, seed=50_000 + repeat, path_mode="fixed"
+        )
         next(events)
         while triton_metric(metrics_url, units, "ip2p") < started_units + 5:
             assert time.monotonic() < deadline, "the editor never started"
@@ -260,6 +279,11 @@ def cancellation(client: propscope.Client, metrics_url: str, repeats: int, steps
 
 
 def through_the_gateway(repeats: int, steps: int) -> None:
+    import tritonclient.grpc as triton_grpc
+
+    import propscope
+    from propscope_server import stack
+
     print(
         f"\n2./3. through the stack (Triton CPU, Redis, gateway), path of {steps} edits, median of {repeats}"
     )
