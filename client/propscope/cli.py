@@ -614,6 +614,9 @@ def _explain_table(events: EventSource, models: Sequence[str], property_names: l
 
 
 # The table's words for each decision: short enough for 80 columns; the notes say the rest.
+# Decisions whose reason is printed under the table: the ones a caller acts on (a longer
+# path, or a look at the curve). The others' reasons are in --json.
+_EXPLAINED_DECISIONS = (Decision.NOT_SIGNIFICANT, Decision.CANNOT_REACH_ALPHA)
 _DECISION_CELLS = {
     Decision.RELEVANT: ("relevant", "bold green"),
     Decision.NOT_SIGNIFICANT: ("not signif.", "yellow"),
@@ -708,7 +711,7 @@ class _ExplainView:
         return [
             f"{result.score:.3g}",
             f"{result.p_value:.2g}",
-            f"{result.probability_change:.2f}",
+            _change(result.probability_change),
             str(result.steps or ""),
             Text(word, style=style),
             flips,
@@ -716,9 +719,10 @@ class _ExplainView:
         ]
 
     def _class(self, model: str, index: int, label: str) -> str:
+        """The class name when the model has labels (its index is in --json), else the index."""
         accepted = self._accepted.get(model)
         name = label or (accepted.class_name(index) if accepted is not None else None)
-        return f"{index} {name}" if name else str(index)
+        return name or str(index)
 
     def cache(self, model: str) -> tuple[int, int]:
         """Path cache hits and misses over the model's properties."""
@@ -750,11 +754,16 @@ class _ExplainView:
                     _note(where, "failed: ", f"{result.status_code.name}: {result.error}", "red")
                 )
                 continue
-            if result.decision_detail:
+            if result.decision in _EXPLAINED_DECISIONS:
                 lines.append(_note(where, "", result.decision_detail, ""))
             for warning in result.warnings:
                 lines.append(_note(where, "warning: ", warning, "yellow"))
         return lines
+
+
+def _change(value: float) -> str:
+    """Δp in the table: two decimals, and "<0.01" rather than a misleading 0.00."""
+    return "<0.01" if 0 < value < 0.005 else f"{value:.2f}"
 
 
 def _note(where: str, kind: str, message: str, style: str) -> Text:
