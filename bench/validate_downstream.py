@@ -44,7 +44,7 @@ def main(
     per_class: int = typer.Option(16, help="Test images per class and seed."),
     seeds: int = typer.Option(3, help="Seeds: each draws its own test images and edit sizes."),
     calibration_per_class: int = typer.Option(
-        16, help="Images per class (apart from the test images) that set the size ranges."
+        32, help="Images per class (apart from the test images) that set the size ranges."
     ),
     steps: int = typer.Option(10, help="Edited images per path (N)."),
     workers: int = typer.Option(4, help="Requests in flight."),
@@ -147,10 +147,10 @@ def main(
             f"probability moves by >= {downstream.CHANGE_THRESHOLD}. The edit sizes are drawn "
             "so that about half of each model's pairs change its output: first, on "
             f"{2 * calibration_per_class} calibration images apart from the test images, the "
-            f"service measures for each model, property and size ({downstream.GRID} sizes per "
-            "axis and side) how often the output changes; then each model x property gets the "
-            "range of sizes (drawn uniformly, signed axes either way) whose change rate is "
-            "nearest its aim, the aims being one common level clipped to what each property "
+            "service measures for each model, property and size (the middles of "
+            f"{downstream.GRID} equal cells per axis and side) how often the output "
+            "changes; then each model x property gets the range of sizes (drawn uniformly, "
+            "signed axes either way) whose change rate is nearest its aim, the aims being one common level clipped to what each property "
             f"can reach, with mean {downstream.TARGET_CHANGE_RATE:.0%}. A property that "
             f"changes a model's output less than {downstream.MIN_POSSIBLE_RATE:.0%} of the time "
             "at every size is left out of that model's pairs (it would only pad 'unchanged', "

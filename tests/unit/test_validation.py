@@ -310,19 +310,19 @@ def test_signed_axes_draw_both_ways_and_every_axis_has_a_probe():
         "object_size-",
     }
     assert set(singles) == {f"patch@{k}" for k in range(1, 5)}
-    assert singles["patch@4"].endswith("patch_size=64")
+    assert singles["patch@4"].endswith("patch_size=56")  # the middle of (52.5, 64]
 
 
-def test_change_by_size_reads_every_point_of_a_path_and_every_single_size():
-    hue = dataclasses.replace(
-        _run("m", "object_hue+", [0.9, 0.9, 0.5, 0.1, 0.1], [0, 0, 0, 1, 1]), image_index=0
-    )
+def test_change_by_size_reads_each_cells_middle_on_a_path_and_every_single_size():
+    # 2 x 4 steps: x_1, x_3, x_5, x_7 are the middles of the 4 cells.
+    curve = [0.9, 0.9, 0.9, 0.5, 0.5, 0.1, 0.1, 0.9, 0.9]
+    hue = _run("m", "object_hue+", curve, [0, 0, 0, 0, 0, 1, 1, 0, 0])
     patches = [
         dataclasses.replace(_run("m", f"patch@{k}", [0.9, curve_end]), image_index=0)
         for k, curve_end in ((1, 0.9), (2, 0.9), (3, 0.2), (4, 0.1))
     ]
     changes = downstream.change_by_size([hue], patches, grid=4)
-    assert changes["object_hue"].tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert changes["object_hue"].tolist() == [0.0, 1.0, 1.0, 0.0]
     assert changes["patch"].tolist() == [0.0, 0.0, 1.0, 1.0]
 
 

@@ -88,12 +88,15 @@ SINGLE_STEPS = 5
 
 
 def grid_sizes(grid: int = GRID) -> np.ndarray:
-    return np.arange(1, grid + 1) / grid
+    """The middle of each cell ((k - 1) / grid, k / grid]: a size drawn in a range of
+    cells changes the output about as often as their middles do."""
+    return (np.arange(1, grid + 1) - 0.5) / grid
 
 
 def calibration_properties(grid: int = GRID) -> tuple[dict[str, str], dict[str, str]]:
-    """The probes of every axis: (path properties, explained with `grid` steps, whose
-    k-th image is size k / grid; one property per size, explained with SINGLE_STEPS steps, read at x_N).
+    """The probes of every axis at the middle of each of its `grid` cells: (path
+    properties, explained with 2 x grid steps, whose (2k - 1)-th image is cell k's
+    middle; one property per size, explained with SINGLE_STEPS steps, read at x_N).
     Names are "<property>+" / "<property>-" (sides) and "<property>@<k>" (sizes)."""
     paths, singles = {}, {}
     for name, axis in AXES.items():
@@ -116,7 +119,7 @@ def change_by_size(
     for run in path_runs:
         name = run.property_name.rstrip("+-")
         changes[name].append(
-            np.array([output_changed(run, end=k) for k in range(1, grid + 1)], dtype=float)
+            np.array([output_changed(run, end=2 * k - 1) for k in range(1, grid + 1)], dtype=float)
         )
     by_image: dict[tuple[str, int], np.ndarray] = {}
     for run in single_runs:
@@ -138,14 +141,14 @@ def calibrate(
     """`change_by_size` for `model` on `images` (kept apart from the test images),
     through the service."""
     paths, singles = calibration_properties(grid)
-    path_runs = explain_all(client, images, [model], paths, steps=grid, workers=workers)
+    path_runs = explain_all(client, images, [model], paths, steps=2 * grid, workers=workers)
     single_runs = explain_all(client, images, [model], singles, steps=SINGLE_STEPS, workers=workers)
     return change_by_size(path_runs, single_runs, grid)
 
 
 def interval_rate(changes: np.ndarray, first: int, last: int) -> float:
     """P(change) for a size drawn uniformly over grid cells first..last (1-based: cell k
-    is sizes ((k - 1) / grid, k / grid]), from the change share at each cell's end."""
+    is sizes ((k - 1) / grid, k / grid]), from the change share at each cell's middle."""
     return float(np.mean(changes[first - 1 : last]))
 
 
