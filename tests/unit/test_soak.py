@@ -40,9 +40,12 @@ def accepted() -> propscope.Event:
     )
 
 
-def result(name: str, samples: int = 2, images: int = 0, code: int = 0) -> propscope.Event:
+def result(
+    name: str, samples: int = 2, images: int = 0, code: int = 0, steps: int = 8
+) -> propscope.Event:
     message = explain_pb2.PropertyResult(
         property_name=name,
+        steps=steps,
         samples=[
             explain_pb2.SampleResult(seed=i, path_images=[b"png"] * images) for i in range(samples)
         ],
@@ -101,6 +104,11 @@ def test_path_images_are_checked_when_asked():
     assert classify_call(full, None, spec)[0] is Outcome.COMPLETED
     short = [accepted(), result("object_hue", images=9), result("patch", images=8), done()]
     assert classify_call(short, None, spec)[0] is Outcome.UNEXPECTED
+    # An adaptive path lengthened to 16 steps brings 17 images.
+    longer = [accepted(), result("object_hue", images=17, steps=16), result("patch", images=9)]
+    assert classify_call([*longer, done()], None, spec)[0] is Outcome.COMPLETED
+    shorter = [accepted(), result("object_hue", images=5, steps=4), result("patch", images=9)]
+    assert classify_call([*shorter, done()], None, spec)[0] is Outcome.UNEXPECTED
 
 
 def test_the_mix_repeats_images_and_draws_fresh_ones():
