@@ -170,8 +170,9 @@ def main(
             ),
             "## Adaptive paths against fixed N = " + str(reference_steps),
             f"The same images and properties again at the service's default: adaptive paths "
-            f"starting at N = {adaptive_steps}, doubled while no ordering of the curve's values "
-            "could reach alpha, up to max_steps (default 80). A result agrees when its decision "
+            f"starting at N = {adaptive_steps}, doubled while the curve's values, even sorted "
+            "into a monotone path, could not reach alpha, up to max_steps (default 80). A result "
+            "agrees when its decision "
             f"(relevant / not significant / change too small / cannot reach alpha) is the "
             f"fixed N = {reference_steps} path's; edits are edited images per result, every "
             "length tried included.",
