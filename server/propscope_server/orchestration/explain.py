@@ -53,7 +53,7 @@ from propscope_server.errors import (
     PropscopeError,
     Unavailable,
 )
-from propscope_server.regions import composite, object_mask_reliability
+from propscope_server.regions import composite, object_mask_reliability, unchanged
 from propscope_server.scoring.property_gradient import Decision, score_property
 from propscope_server.threads import in_thread
 
@@ -281,15 +281,16 @@ class Explainer:
         steps = spec.path_shape(prop)[1]
         edits = 0
         try:
-            warnings = ()
+            warnings: tuple[str, ...] = ()
             if _uses_automatic_region(plan.editors.get(prop.name)):
-                warnings = await in_thread(_region_warnings, spec.image)
+                warning = await in_thread(object_mask_reliability, spec.image)
+                warnings = (warning,) if warning else ()
             while True:
                 paths, hits = await self._paths(plan, prop, steps, emit, times)
                 if prop.editor is not None:
                     edits += len(paths) * steps
                 stacked = np.stack(paths)  # [S, N + 1, H, W, 3]
-                if prop.editor is not None and np.all(stacked == stacked[:, :1]):
+                if prop.editor is not None and unchanged(stacked[:, 1:], spec.image):
                     raise FailedPrecondition(
                         f"property {prop.name!r}: the edit left every image of the path equal "
                         "to the original (e.g. a hue edit on a grey image, or a region outside "
@@ -466,18 +467,6 @@ def _uses_automatic_region(editor: PlannedEditor | None) -> bool:
         return False
     parameters = json.loads(editor.parameters)
     return parameters.get("region") in AUTOMATIC_REGIONS or parameters.get("operation") == "scale"
-
-
-def _region_warnings(image: np.ndarray) -> tuple[str, ...]:
-    """A warning when the automatic object/background split is unreliable on this
-    image (a photograph, not the synthetic world)."""
-    problem = object_mask_reliability(image)
-    if problem is None:
-        return ()
-    return (
-        f"the automatic object/background split is unreliable on this image ({problem}); "
-        "give the region as a mask or a box (Property.region) to edit what you mean",
-    )
 
 
 def _class_labels(
