@@ -789,7 +789,7 @@ def _timings_line(model: str, done: Done, cache: tuple[int, int] = (0, 0)) -> Te
 def _models_table(infos: Sequence[ModelInfo]) -> Table:
     table = Table(title="propscope models")
     for header in ("name", "role", "versions", "state", "inputs", "parameters / preprocessing"):
-        table.add_column(header)
+        table.add_column(header, overflow="fold")  # never cut a name with an ellipsis
     for info in infos:
         inputs = "\n".join(
             f"{t.name} {t.datatype}[{','.join(str(d) for d in t.shape)}]" for t in info.inputs
