@@ -1,15 +1,11 @@
-"""Domain errors. The API layer maps each to one gRPC status code; nothing
-below the API layer knows about gRPC."""
+"""Domain errors. Nothing below the API layer knows about gRPC: `api/status.py`
+maps each class to one status code."""
 
 from __future__ import annotations
 
-import grpc
-
 
 class PropscopeError(Exception):
-    """Base class: carries the status code the caller sees."""
-
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    """Base class of every refusal or failure a caller is told about."""
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
@@ -18,32 +14,29 @@ class PropscopeError(Exception):
 
 
 class InvalidArgument(PropscopeError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    """The request itself is wrong: a field to change."""
 
 
 class NotFound(PropscopeError):
-    code = grpc.StatusCode.NOT_FOUND
+    """A named model does not exist."""
 
 
 class FailedPrecondition(PropscopeError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    """The request is valid but the system's state (a model's config or readiness, the
+    image's content) does not allow it."""
 
 
 class Unavailable(PropscopeError):
-    code = grpc.StatusCode.UNAVAILABLE
+    """A backend is unreachable: retry with backoff."""
 
 
 class DeadlineExceeded(PropscopeError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    """The caller's deadline passed."""
 
 
 class BackendError(PropscopeError):
     """A backend model failed while serving a request."""
 
-    code = grpc.StatusCode.INTERNAL
-
 
 class ResourceExhausted(PropscopeError):
-    """A concurrency limit is reached: retry later, with backoff."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    """A concurrency limit or a request budget is reached."""

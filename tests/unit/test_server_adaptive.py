@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy as np
 
-from propscope_server.cache import InMemoryPathCache
+from propscope_server.cache import InMemoryArtefactCache
 from propscope_server.config import PreprocessingConfig, Settings
 from propscope_server.domain import Accepted, PropertyOutcome
 from propscope_server.errors import FailedPrecondition
@@ -29,7 +29,7 @@ class LateJumpBackend(FakeBackend):
         self.strengths_asked.append(len(strengths))
         return await super().edit(editor, image, strengths, parameters, seeds, deadline)
 
-    async def classify(self, model, batch, output, deadline):
+    async def classify(self, model, batch):
         brightness = batch.reshape(len(batch), -1).mean(axis=1) / 255.0
         logit = 60.0 * (brightness - 0.95)
         logits = np.stack([np.zeros_like(logit), logit], axis=1)
@@ -44,7 +44,7 @@ async def explain(backend, request, classifier=CLASSIFIER) -> list:
         return classifier if name == "clf" else await FakeBackend.describe(backend, name)
 
     backend.describe = describe
-    explainer = Explainer(backend, InMemoryPathCache(100_000_000), Settings())
+    explainer = Explainer(backend, InMemoryArtefactCache(100_000_000), Settings())
     plan = await explainer.plan(request)
     return [event async for event in explainer.run(plan)]
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import redis.exceptions as redis_errors
 
-from propscope_server.cache.paths import (
+from propscope_server.cache.artefacts import (
     DIGEST_BYTES,
     KEY_PREFIX,
-    InMemoryPathCache,
-    RedisPathCache,
-    decode_path,
-    encode_path,
+    InMemoryArtefactCache,
+    RedisArtefactCache,
+    decode_array,
+    encode_array,
     path_key,
 )
 
@@ -33,32 +33,32 @@ def keyed_digest(key: str, payload: bytes) -> bytes:
 
 
 def test_round_trip():
-    decoded = decode_path("k", encode_path("k", PATH))
+    decoded = decode_array("k", encode_array("k", PATH))
     assert decoded.dtype == np.uint8
     np.testing.assert_array_equal(decoded, PATH)
 
 
 @pytest.mark.parametrize("where", [0, DIGEST_BYTES, DIGEST_BYTES + 40, -1])
 def test_flipped_byte_is_a_miss(where):
-    value = bytearray(encode_path("k", PATH))
+    value = bytearray(encode_array("k", PATH))
     value[where] ^= 0x01
-    assert decode_path("k", bytes(value)) is None
+    assert decode_array("k", bytes(value)) is None
 
 
 @pytest.mark.parametrize("keep", [0, 10, DIGEST_BYTES, DIGEST_BYTES + 10, -1])
 def test_truncated_value_is_a_miss(keep):
-    value = encode_path("k", PATH)
-    assert decode_path("k", value[:keep]) is None
+    value = encode_array("k", PATH)
+    assert decode_array("k", value[:keep]) is None
 
 
 def test_digest_matching_garbage_is_a_miss():
     payload = b"not an npz archive"
-    assert decode_path("k", keyed_digest("k", payload) + payload) is None
+    assert decode_array("k", keyed_digest("k", payload) + payload) is None
 
 
 def test_a_value_copied_to_another_key_is_a_miss():
     """An intact value under the wrong key (another tenant's, a swapped entry)."""
-    assert decode_path("other", encode_path("k", PATH)) is None
+    assert decode_array("other", encode_array("k", PATH)) is None
 
 
 BASE = dict(
@@ -102,11 +102,11 @@ def test_key_parts_do_not_run_together():
 
 
 def sizes(*paths: np.ndarray) -> list[int]:
-    return [len(encode_path("k", p)) for p in paths]
+    return [len(encode_array("k", p)) for p in paths]
 
 
 async def test_memory_cache_get_put():
-    cache = InMemoryPathCache(max_bytes=1 << 20)
+    cache = InMemoryArtefactCache(max_bytes=1 << 20)
     assert await cache.get("k") is None
     await cache.put("k", PATH)
     np.testing.assert_array_equal(await cache.get("k"), PATH)
@@ -116,12 +116,12 @@ async def test_memory_cache_get_put():
 
 
 @pytest.fixture
-def abc() -> tuple[InMemoryPathCache, list[np.ndarray]]:
+def abc() -> tuple[InMemoryArtefactCache, list[np.ndarray]]:
     paths = [random_path(i) for i in range(3)]
     lengths = sizes(*paths)
     budget = 2 * max(lengths)
     assert budget < 3 * min(lengths)  # two fit, three do not
-    return InMemoryPathCache(max_bytes=budget), paths
+    return InMemoryArtefactCache(max_bytes=budget), paths
 
 
 async def test_lru_evicts_the_oldest(abc):
@@ -155,7 +155,7 @@ async def test_replacing_a_key_is_not_counted_twice(abc):
 
 async def test_value_over_budget_is_not_stored():
     small = random_path(0, 100)
-    cache = InMemoryPathCache(max_bytes=sizes(small)[0] + 50)
+    cache = InMemoryArtefactCache(max_bytes=sizes(small)[0] + 50)
     await cache.put("small", small)
     await cache.put("big", random_path(1, 5000))
     assert await cache.get("big") is None
@@ -166,7 +166,7 @@ UNREACHABLE = "redis://127.0.0.1:1/0"
 
 
 async def test_unreachable_redis_degrades_to_misses():
-    cache = RedisPathCache(UNREACHABLE, ttl_s=60, timeout_s=0.2, retry_after_s=0)
+    cache = RedisArtefactCache(UNREACHABLE, ttl_s=60, timeout_s=0.2, retry_after_s=0)
     try:
         assert await cache.get("k") is None
         await cache.put("k", PATH)  # must not raise
@@ -195,7 +195,7 @@ class FakeRedis:
 
 
 async def test_eviction_policy_is_read_from_redis():
-    cache = RedisPathCache(UNREACHABLE, ttl_s=60, timeout_s=0.2, retry_after_s=0)
+    cache = RedisArtefactCache(UNREACHABLE, ttl_s=60, timeout_s=0.2, retry_after_s=0)
     cache._redis = FakeRedis()
     assert await cache.eviction_policy() == "allkeys-lru"
 
@@ -209,7 +209,7 @@ class HangingRedis:
 
 async def test_after_a_failure_redis_is_skipped_until_a_ping_answers():
     """An outage must not cost every lookup a timeout; the health poll's ping ends it."""
-    cache = RedisPathCache(UNREACHABLE, ttl_s=60, timeout_s=0.05, retry_after_s=3600)
+    cache = RedisArtefactCache(UNREACHABLE, ttl_s=60, timeout_s=0.05, retry_after_s=3600)
     hanging = HangingRedis()
     cache._redis = hanging
     assert await cache.get("k") is None
@@ -226,7 +226,7 @@ async def test_after_a_failure_redis_is_skipped_until_a_ping_answers():
 
 async def test_slow_redis_is_bounded_by_the_timeout():
     """Each call would hang for 30 s; the cache's own timeout must answer first."""
-    cache = RedisPathCache(UNREACHABLE, ttl_s=60, timeout_s=0.05, retry_after_s=0)
+    cache = RedisArtefactCache(UNREACHABLE, ttl_s=60, timeout_s=0.05, retry_after_s=0)
     cache._redis = HangingRedis()
 
     async def calls() -> tuple:
@@ -236,7 +236,7 @@ async def test_slow_redis_is_bounded_by_the_timeout():
 
 
 async def test_redis_cache_checks_integrity_and_sets_ttl():
-    cache = RedisPathCache(UNREACHABLE, ttl_s=60, timeout_s=0.2, retry_after_s=0)
+    cache = RedisArtefactCache(UNREACHABLE, ttl_s=60, timeout_s=0.2, retry_after_s=0)
     fake = FakeRedis()
     cache._redis = fake
     await cache.put("k", PATH)
@@ -251,7 +251,7 @@ def test_a_value_with_a_valid_digest_that_is_no_npz_is_a_miss():
     buffer = io.BytesIO()
     np.save(buffer, np.zeros(3))
     payload = buffer.getvalue()
-    assert decode_path("k", keyed_digest("k", payload) + payload) is None
+    assert decode_array("k", keyed_digest("k", payload) + payload) is None
 
 
 class RefusingRedis(FakeRedis):
@@ -261,7 +261,7 @@ class RefusingRedis(FakeRedis):
 
 async def test_a_refused_value_does_not_turn_the_cache_off():
     """One value Redis will not take (too big, out of memory) is not an outage."""
-    cache = RedisPathCache(UNREACHABLE, ttl_s=60, timeout_s=0.2, retry_after_s=3600)
+    cache = RedisArtefactCache(UNREACHABLE, ttl_s=60, timeout_s=0.2, retry_after_s=3600)
     cache._redis = RefusingRedis()
     await cache.put("k", PATH)
     assert cache.available

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from propscope_server.backends.triton import ModelDescription, Tensor
-from propscope_server.cache import InMemoryPathCache
+from propscope_server.cache import InMemoryArtefactCache
 from propscope_server.config import PreprocessingConfig, Settings
 from propscope_server.domain import (
     ClassifierRef,
@@ -68,7 +68,10 @@ class FakeBackend:
         path = np.stack([np.clip(image + int(255 * s), 0, 255).astype(np.uint8) for s in strengths])
         return np.stack([path] * len(seeds))
 
-    async def classify(self, model, batch, output, deadline):
+    async def infer(self, model, inputs, outputs, deadline):
+        return {outputs[0]: await self.classify(model, inputs[model.inputs[0].name])}
+
+    async def classify(self, model, batch):
         if self.classify_error:
             raise self.classify_error
         brightness = batch.reshape(len(batch), -1).mean(axis=1) / 255.0
@@ -96,7 +99,7 @@ def spec(samples: int = 1, mode: str = "ok", properties: int = 1) -> ExplainSpec
 
 
 async def run(backend: FakeBackend, request: ExplainSpec) -> list:
-    explainer = Explainer(backend, InMemoryPathCache(10_000_000), Settings())
+    explainer = Explainer(backend, InMemoryArtefactCache(10_000_000), Settings())
     plan = await explainer.plan(request)
     return [event async for event in explainer.run(plan)]
 
@@ -138,7 +141,7 @@ async def test_all_samples_of_a_property_are_edited_in_one_call():
 
 async def test_only_the_samples_the_cache_lacks_are_edited():
     backend = FakeBackend()
-    explainer = Explainer(backend, InMemoryPathCache(10_000_000), Settings())
+    explainer = Explainer(backend, InMemoryArtefactCache(10_000_000), Settings())
     fewer = await explainer.plan(spec(samples=2))
     [event async for event in explainer.run(fewer)]
     more = await explainer.plan(spec(samples=5))
@@ -160,7 +163,7 @@ async def test_a_classifier_without_batching_is_refused_before_any_work():
     backend = FakeBackend()
     unbatched = dataclasses.replace(CLASSIFIER, max_batch_size=0)
     backend.describe = lambda name, version="", deadline=None: asyncio.sleep(0, unbatched)
-    explainer = Explainer(backend, InMemoryPathCache(10_000_000), Settings())
+    explainer = Explainer(backend, InMemoryArtefactCache(10_000_000), Settings())
     with pytest.raises(FailedPrecondition, match="max_batch_size 0"):
         await explainer.plan(spec())
     assert backend.edit_calls == []

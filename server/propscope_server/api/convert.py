@@ -16,7 +16,8 @@ from PIL import Image
 
 from propscope.v1 import explain_pb2 as pb
 from propscope_server import domain
-from propscope_server.backends.triton import ModelDescription, RepositoryEntry
+from propscope_server.api.status import status_code
+from propscope_server.inference import ModelDescription, RepositoryEntry
 from propscope_server.config import Limits, PreprocessingConfig
 from propscope_server.errors import InvalidArgument, PropscopeError
 from propscope_server.regions import box_mask, decode_mask
@@ -509,7 +510,9 @@ def event_message(request_id: str, event: domain.Event) -> pb.ExplainEvent:
 def error_status(error: Exception) -> status_pb2.Status:
     """A google.rpc.Status; refusals naming a field carry a BadRequest detail."""
     if isinstance(error, PropscopeError):
-        status = status_pb2.Status(code=error.code.value[0], message=str(error)[:MAX_MESSAGE_CHARS])
+        status = status_pb2.Status(
+            code=status_code(error).value[0], message=str(error)[:MAX_MESSAGE_CHARS]
+        )
         if error.field:
             detail = any_pb2.Any()
             detail.Pack(

@@ -19,7 +19,7 @@ from propscope_server.api.auth import Authenticator, BearerTokenInterceptor
 from propscope_server.api.parsing import ParseRequestsInterceptor
 from propscope_server.api.servicer import ExplainServicer
 from propscope_server.backends.triton import TritonBackend
-from propscope_server.cache import InMemoryPathCache, PathCache, RedisPathCache
+from propscope_server.cache import ArtefactCache, InMemoryArtefactCache, RedisArtefactCache
 from propscope_server.config import Settings, TlsSettings
 from propscope_server.orchestration.explain import Explainer
 
@@ -57,7 +57,7 @@ class Gateway:
     server: grpc.aio.Server
     port: int
     backend: TritonBackend
-    cache: PathCache
+    cache: ArtefactCache
     health: health.aio.HealthServicer
     settings: Settings
     authenticated: bool
@@ -108,15 +108,15 @@ class Gateway:
                 logger.exception("health poll failed")
 
 
-def make_cache(settings: Settings) -> PathCache:
+def make_cache(settings: Settings) -> ArtefactCache:
     if settings.redis_url:
-        return RedisPathCache(
+        return RedisArtefactCache(
             settings.redis_url,
             settings.cache_ttl_s,
             settings.cache_timeout_s,
             settings.cache_retry_after_s,
         )
-    return InMemoryPathCache(settings.memory_cache_bytes)
+    return InMemoryArtefactCache(settings.memory_cache_bytes)
 
 
 def interceptors(settings: Settings, authenticator: Authenticator) -> list:
@@ -212,7 +212,7 @@ async def serve(settings: Settings) -> None:
         start_http_server(settings.metrics_port, addr=settings.metrics_address)
     gateway = build_gateway(settings)
     await gateway.start()
-    if isinstance(gateway.cache, RedisPathCache):
+    if isinstance(gateway.cache, RedisArtefactCache):
         policy = await gateway.cache.eviction_policy()
         if policy is not None and policy != "allkeys-lru":
             logger.warning(

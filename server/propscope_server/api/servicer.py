@@ -18,6 +18,7 @@ from propscope_server import logs, metrics
 from propscope_server.api import convert
 from propscope_server.api.admission import Admission
 from propscope_server.api.auth import Authenticator
+from propscope_server.api.status import status_code
 from propscope_server.backends.triton import ModelDescription, RepositoryEntry, TritonBackend
 from propscope_server.config import Limits
 from propscope_server.domain import PropertyOutcome
@@ -118,7 +119,7 @@ async def _observed(method: str, context: grpc.aio.ServicerContext) -> AsyncIter
     try:
         yield
     except PropscopeError as error:
-        code = error.code
+        code = status_code(error)
         logger.info("%s refused: %s %s", method, code.name, error)
         await context.abort_with_status(rpc_status.to_status(convert.error_status(error)))
     except GeneratorExit:  # the stream was closed while it waited to send

@@ -85,10 +85,23 @@ def to_model_input(
 ) -> np.ndarray:
     """images: [B, H, W, 3] uint8 -> the model's input tensor with batch dimension."""
     images = resize(images, layout.height, layout.width, preprocessing.resize or "squash")
+    return normalise(images, layout, preprocessing)
+
+
+def normalise(
+    pixels: np.ndarray, layout: InputLayout, preprocessing: PreprocessingConfig
+) -> np.ndarray:
+    """[B, h, w, 3] RGB values in [0, 255] (uint8, or float from a perturbation) already
+    at the model's size -> its input tensor: rounded for a UINT8 model, scaled to [0, 1]
+    and normalised for a float one."""
     if layout.datatype == "UINT8":
-        batch = images
+        batch = (
+            np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+            if pixels.dtype != np.uint8
+            else pixels
+        )
     else:
-        batch = images.astype(np.float32) / 255.0
+        batch = pixels.astype(np.float32) / 255.0
         if preprocessing.mean is not None:
             batch = batch - np.asarray(preprocessing.mean, dtype=np.float32)
         if preprocessing.std is not None:

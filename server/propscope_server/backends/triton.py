@@ -8,8 +8,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -36,6 +35,7 @@ from propscope_server.errors import (
     NotFound,
     Unavailable,
 )
+from propscope_server.inference import ModelDescription, RepositoryEntry, Tensor
 
 # How long a model's metadata and config are trusted before asking Triton again.
 DESCRIPTION_TTL_S = 30.0
@@ -55,40 +55,6 @@ CHANNEL_OPTIONS = [
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Tensor:
-    name: str
-    datatype: str
-    shape: list[int]
-
-
-@dataclass(frozen=True)
-class ModelDescription:
-    name: str
-    version: str
-    versions: tuple[str, ...]
-    role: str  # "editor" when its config says so; every other model is a "classifier"
-    inputs: tuple[Tensor, ...]
-    outputs: tuple[Tensor, ...]
-    max_batch_size: int
-    description: str = ""
-    parameters: Mapping[str, str] = field(default_factory=dict)
-    editor_schema: EditorSchema | None = None
-    # What the model's owners declare in its config.pbtxt (propscope.mean, ...).
-    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
-    class_labels: tuple[str, ...] = ()
-    # Why the declarations above could not be read, naming the parameter; "" when fine.
-    config_problem: str = ""
-
-
-@dataclass(frozen=True)
-class RepositoryEntry:
-    name: str
-    version: str
-    state: str
-    reason: str = ""
 
 
 def _status_name(error: InferenceServerException) -> str:
@@ -271,7 +237,9 @@ class TritonBackend:
         }
         batch = editor.max_batch_size > 0
         inputs = [_input(name, array[None] if batch else array) for name, array in tensors.items()]
-        result = await self._infer(editor, inputs, PATH_OUTPUT, deadline, kind="edit")
+        result = (await self._infer(editor, inputs, [PATH_OUTPUT], deadline, kind="edit"))[
+            PATH_OUTPUT
+        ]
         result = result[0] if batch else result
         expected = (len(seeds), len(strengths), *image.shape)
         if result.shape != expected or result.dtype != np.uint8:
@@ -281,25 +249,33 @@ class TritonBackend:
             )
         return result
 
-    async def classify(
-        self, model: ModelDescription, batch: np.ndarray, output: str, deadline: float | None
-    ) -> np.ndarray:
-        """Run a batch through the classifier in chunks of its max_batch_size (> 0)."""
-        chunks = []
-        for start in range(0, len(batch), model.max_batch_size):
-            chunk = batch[start : start + model.max_batch_size]
-            inputs = [_input(model.inputs[0].name, chunk)]
-            chunks.append(await self._infer(model, inputs, output, deadline, kind="classify"))
-        return np.concatenate(chunks)
+    async def infer(
+        self,
+        model: ModelDescription,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        deadline: float | None,
+    ) -> dict[str, np.ndarray]:
+        """Named batched inputs -> named outputs, in chunks of the model's max_batch_size
+        (> 0): a batch of any size never exceeds what the model accepts at once."""
+        size = len(next(iter(inputs.values())))
+        chunks: list[dict[str, np.ndarray]] = []
+        for start in range(0, size, model.max_batch_size):
+            tensors = [
+                _input(name, array[start : start + model.max_batch_size])
+                for name, array in inputs.items()
+            ]
+            chunks.append(await self._infer(model, tensors, outputs, deadline, kind="classify"))
+        return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in outputs}
 
     async def _infer(
         self,
         model: ModelDescription,
         inputs: list[InferInput],
-        output: str,
+        outputs: Sequence[str],
         deadline: float | None,
         kind: str,
-    ) -> np.ndarray:
+    ) -> dict[str, np.ndarray]:
         """Inference is idempotent, so retrying it is safe. Cancelling the awaiting task
         cancels the gRPC call, which Triton sees as a cancelled request."""
 
@@ -308,7 +284,7 @@ class TritonBackend:
                 model.name,
                 inputs,
                 model_version=model.version,
-                outputs=[InferRequestedOutput(output)],
+                outputs=[InferRequestedOutput(name) for name in outputs],
                 client_timeout=timeout,
             )
 
@@ -329,7 +305,7 @@ class TritonBackend:
             metrics.TRITON_SECONDS.labels(model=model.name, kind=kind, outcome=outcome).observe(
                 time.perf_counter() - started
             )
-        return result.as_numpy(output)
+        return {name: result.as_numpy(name) for name in outputs}
 
 
 def _input(name: str, array: np.ndarray) -> InferInput:

@@ -1,19 +1,22 @@
-"""The cache of edited paths: Redis when configured, else an in-process LRU."""
+"""The artefact cache (edited paths, attribution maps): Redis when configured, else an
+in-process LRU."""
 
-from propscope_server.cache.paths import (
-    InMemoryPathCache,
-    PathCache,
-    RedisPathCache,
-    decode_path,
-    encode_path,
+from propscope_server.cache.artefacts import (
+    ArtefactCache,
+    InMemoryArtefactCache,
+    RedisArtefactCache,
+    artefact_key,
+    decode_array,
+    encode_array,
     path_key,
 )
 
 __all__ = [
-    "InMemoryPathCache",
-    "PathCache",
-    "RedisPathCache",
-    "decode_path",
-    "encode_path",
+    "ArtefactCache",
+    "InMemoryArtefactCache",
+    "RedisArtefactCache",
+    "artefact_key",
+    "decode_array",
+    "encode_array",
     "path_key",
 ]

@@ -21,18 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from propscope_server import metrics
-from propscope_server.backends.preprocessing import (
-    InputLayout,
-    detection_warning,
-    input_layout,
-    looks_like_probabilities,
-    resolve,
-    to_model_input,
-    to_probabilities,
-)
-from propscope_server.backends.triton import ModelDescription, TritonBackend
-from propscope_server.cache import PathCache, path_key
-from propscope_server.config import PreprocessingConfig, Settings
+from propscope_server.cache import ArtefactCache, path_key
+from propscope_server.config import Settings
 from propscope_server.domain import (
     Accepted,
     Done,
@@ -53,6 +43,13 @@ from propscope_server.errors import (
     PropscopeError,
     Unavailable,
 )
+from propscope_server.inference import Inference, ModelDescription
+from propscope_server.orchestration.classifier import (
+    PlannedClassifier,
+    outputs,
+    plan_classifier,
+)
+from propscope_server.orchestration.classifier import probabilities as classifier_probabilities
 from propscope_server.regions import composite, object_mask_reliability, unchanged
 from propscope_server.scoring.property_gradient import Decision, score_property
 from propscope_server.threads import in_thread
@@ -77,13 +74,7 @@ class PlannedEditor:
 @dataclass(frozen=True)
 class Plan:
     spec: ExplainSpec
-    classifier: ModelDescription
-    layout: InputLayout
-    output: str
-    preprocessing: PreprocessingConfig  # every field resolved, output_kind included
-    preprocessing_sources: tuple[str, ...]
-    warnings: tuple[str, ...]
-    class_labels: tuple[str, ...]
+    classifier: PlannedClassifier
     editors: dict[str, PlannedEditor]  # by property name
     image_digest: str
     cache_namespace: str
@@ -92,6 +83,10 @@ class Plan:
 
 def sample_seed(seed: int, sample: int) -> int:
     return (seed + sample * SAMPLE_SEED_STRIDE) % 2**63
+
+
+def cache_namespace(settings: Settings, tenant: str) -> str:
+    return SHARED_NAMESPACE if settings.cache_shared_namespace else f"tenant.{tenant}"
 
 
 def image_digest(image: np.ndarray) -> str:
@@ -103,94 +98,29 @@ def image_digest(image: np.ndarray) -> str:
 class Explainer:
     """Property-gradient explanations over a Triton backend and a path cache."""
 
-    def __init__(self, backend: TritonBackend, cache: PathCache, settings: Settings) -> None:
+    def __init__(self, backend: Inference, cache: ArtefactCache, settings: Settings) -> None:
         self._backend = backend
         self._cache = cache
         self._settings = settings
 
     async def plan(self, spec: ExplainSpec, deadline: float | None = None) -> Plan:
-        classifier = await self._backend.describe(
-            spec.classifier.name, spec.classifier.version, deadline
+        classifier = await plan_classifier(
+            self._backend, spec.classifier, spec.image, self._settings, deadline
         )
-        if classifier.role == "editor":
-            raise InvalidArgument(f"model {classifier.name!r} is an editor, not a classifier")
-        if classifier.config_problem:
-            raise FailedPrecondition(
-                f"model {classifier.name!r}: {classifier.config_problem}; fix its config.pbtxt "
-                "or pass model.preprocessing in the request"
-            )
-        if classifier.max_batch_size == 0:
-            raise FailedPrecondition(
-                f"model {classifier.name!r} has max_batch_size 0; propscope needs a batching classifier"
-            )
-        if len(classifier.inputs) != 1:
-            raise InvalidArgument(
-                f"model {classifier.name!r} takes {len(classifier.inputs)} inputs; "
-                "propscope explains single-image classifiers"
-            )
-        tensor = classifier.inputs[0]
-        layout = input_layout(tensor.name, tensor.datatype, tensor.shape, classifier.name)
-        output = spec.classifier.output or classifier.outputs[0].name
-        outputs = {t.name: t for t in classifier.outputs}
-        if output not in outputs:
-            raise InvalidArgument(
-                f"model {classifier.name!r} has no output {output!r}; it has {', '.join(outputs)}"
-            )
-        classes = int(np.prod(outputs[output].shape)) if outputs[output].shape else 0
-        target = spec.classifier.target_class
-        if target is not None and classes > 0 and target >= classes:
-            raise InvalidArgument(
-                f"target_class {target} is out of range: model {classifier.name!r} has {classes} classes"
-            )
         editors = {}
         for prop in spec.properties:
             if prop.editor is not None:
                 editors[prop.name] = await self._plan_editor(prop, deadline)
         used = {
-            (m.name, m.version): m for m in (classifier, *(e.description for e in editors.values()))
+            (e.description.name, e.description.version): e.description for e in editors.values()
         }
         await asyncio.gather(*(self._backend.require_ready(m, deadline) for m in used.values()))
-        resolved = resolve(
-            classifier.name,
-            layout.datatype,
-            [
-                ("request", spec.classifier.preprocessing),
-                ("model config", classifier.preprocessing),
-                ("gateway file", self._settings.preprocessing.get(classifier.name)),
-            ],
-        )
-        warnings = list(resolved.warnings)
-        labels = _class_labels(spec, classifier, classes, warnings)
-        preprocessing, sources = resolved.config, resolved.sources
-        if preprocessing.output_kind is None:
-            outputs = await self._backend.classify(
-                classifier,
-                await in_thread(to_model_input, spec.image[None], layout, preprocessing),
-                output,
-                deadline,
-            )
-            kind = "probabilities" if looks_like_probabilities(outputs) else "logits"
-            preprocessing = preprocessing.model_copy(update={"output_kind": kind})
-            sources = (*sources, "output_kind: detected from the outputs")
-            warnings.append(detection_warning(classifier.name, kind))
-        for warning in warnings:
-            logger.warning("%s", warning)
         return Plan(
             spec=spec,
             classifier=classifier,
-            layout=layout,
-            output=output,
-            preprocessing=preprocessing,
-            preprocessing_sources=tuple(sources),
-            warnings=tuple(warnings),
-            class_labels=labels,
             editors=editors,
             image_digest=image_digest(spec.image),
-            cache_namespace=(
-                SHARED_NAMESPACE
-                if self._settings.cache_shared_namespace
-                else f"tenant.{spec.tenant}"
-            ),
+            cache_namespace=cache_namespace(self._settings, spec.tenant),
             deadline=deadline,
         )
 
@@ -226,16 +156,16 @@ class Explainer:
             steps=spec.steps,
             permutations=spec.permutations,
             alpha=spec.alpha,
-            model_version=plan.classifier.version,
+            model_version=plan.classifier.model.version,
             planned_edits=edited,
             planned_classifications=classified,
             min_probability_change=spec.min_probability_change,
             adaptive=spec.adaptive,
             max_steps=spec.max_steps or spec.steps,
-            preprocessing=plan.preprocessing,
-            preprocessing_sources=plan.preprocessing_sources,
-            warnings=plan.warnings,
-            class_labels=plan.class_labels,
+            preprocessing=plan.classifier.preprocessing,
+            preprocessing_sources=plan.classifier.preprocessing_sources,
+            warnings=plan.classifier.warnings,
+            class_labels=plan.classifier.class_labels,
         )
         queue: asyncio.Queue[Event] = asyncio.Queue()
         times = StageTimes()
@@ -328,7 +258,13 @@ class Explainer:
         times: StageTimes,
     ) -> PropertyOutcome:
         with _timed(times, "classify_s"):
-            probabilities = await self._classify(plan, stacked.reshape(-1, *stacked.shape[2:]))
+            raw = await outputs(
+                self._backend,
+                plan.classifier,
+                stacked.reshape(-1, *stacked.shape[2:]),
+                plan.deadline,
+            )
+            probabilities = classifier_probabilities(plan.classifier, raw)
         emit(Progress("classify", prop.name, len(stacked), len(stacked)))
         probabilities = probabilities.reshape(len(stacked), stacked.shape[1], -1)
         predicted = probabilities.argmax(axis=-1)
@@ -343,7 +279,7 @@ class Explainer:
         curves = probabilities[..., target]
         if not np.isfinite(curves).all():
             raise BackendError(
-                f"model {plan.classifier.name!r} returned non-finite outputs along the path"
+                f"model {plan.classifier.model.name!r} returned non-finite outputs along the path"
             )
         seed = (plan.spec.seed, zlib.crc32(prop.name.encode()))
         with _timed(times, "score_s"):
@@ -375,7 +311,7 @@ class Explainer:
             samples=samples,
             cache_hits=sum(hits),
             cache_misses=len(hits) - sum(hits),
-            target_label=plan.class_labels[target] if target < len(plan.class_labels) else "",
+            target_label=plan.classifier.label(target),
         )
 
     async def _paths(
@@ -440,11 +376,6 @@ class Explainer:
             ]
         return [np.concatenate([original, path]) for path in paths], hits
 
-    async def _classify(self, plan: Plan, images: np.ndarray) -> np.ndarray:
-        batch = await in_thread(to_model_input, images, plan.layout, plan.preprocessing)
-        outputs = await self._backend.classify(plan.classifier, batch, plan.output, plan.deadline)
-        return to_probabilities(outputs, plan.preprocessing.output_kind)
-
 
 @contextmanager
 def _timed(times: StageTimes, stage: str):  # noqa: ANN202 - a context manager
@@ -467,25 +398,3 @@ def _uses_automatic_region(editor: PlannedEditor | None) -> bool:
         return False
     parameters = json.loads(editor.parameters)
     return parameters.get("region") in AUTOMATIC_REGIONS or parameters.get("operation") == "scale"
-
-
-def _class_labels(
-    spec: ExplainSpec, classifier: ModelDescription, classes: int, warnings: list[str]
-) -> tuple[str, ...]:
-    """The request's labels, else the model's; a count that does not match the model's
-    classes is refused (request) or dropped with a warning (config)."""
-    if spec.classifier.class_labels:
-        if classes > 0 and len(spec.classifier.class_labels) != classes:
-            raise InvalidArgument(
-                f"model.class_labels has {len(spec.classifier.class_labels)} names; model "
-                f"{classifier.name!r} has {classes} classes",
-                field="model.class_labels",
-            )
-        return spec.classifier.class_labels
-    if classes > 0 and classifier.class_labels and len(classifier.class_labels) != classes:
-        warnings.append(
-            f"model {classifier.name!r} declares {len(classifier.class_labels)} class labels "
-            f"for {classes} classes; they are not shown"
-        )
-        return ()
-    return classifier.class_labels

@@ -1,7 +1,8 @@
-"""Edited paths keyed by everything that determines them, in one namespace per
-tenant so that no tenant can learn whether another sent the same image.
+"""Artefacts that are deterministic given their inputs (edited paths, attribution
+maps) keyed by everything that determines them, in one namespace per tenant so that
+no tenant can learn whether another sent the same image.
 
-A value is the path as a compressed npz, prefixed with the SHA-256 of its key
+A value is the array as a compressed npz, prefixed with the SHA-256 of its key
 and that payload: a value that fails the check (corrupted, truncated, or copied
 from another key) is a miss. Cache failures never fail a request: they count as
 misses and are logged.
@@ -15,6 +16,7 @@ import io
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -22,10 +24,20 @@ import redis.asyncio as aioredis
 
 from propscope_server import metrics
 
+# Every key is "propscope:<kind>:v1:<namespace>:<sha256>"; the path kind's prefix:
 KEY_PREFIX = "propscope:path:v1:"
 DIGEST_BYTES = 32
 
 logger = logging.getLogger(__name__)
+
+
+def artefact_key(kind: str, namespace: str, parts: Sequence[str | bytes]) -> str:
+    """The key of one artefact of `kind` determined by `parts` (in order)."""
+    hasher = hashlib.sha256()
+    for part in parts:
+        hasher.update(part.encode() if isinstance(part, str) else part)
+        hasher.update(b"\0")
+    return f"propscope:{kind}:v1:{namespace}:{hasher.hexdigest()}"
 
 
 def path_key(
@@ -39,27 +51,33 @@ def path_key(
 ) -> str:
     """The key of one edited path. `image_digest` hashes the decoded pixels, so the
     same picture re-encoded still hits."""
-    hasher = hashlib.sha256()
-    for part in (image_digest, editor, editor_version, parameters, str(seed)):
-        hasher.update(part.encode())
-        hasher.update(b"\0")
-    hasher.update(np.asarray(strengths, dtype=np.float32).tobytes())
-    return f"{KEY_PREFIX}{namespace}:{hasher.hexdigest()}"
+    return artefact_key(
+        "path",
+        namespace,
+        (
+            image_digest,
+            editor,
+            editor_version,
+            parameters,
+            str(seed),
+            np.asarray(strengths, dtype=np.float32).tobytes(),
+        ),
+    )
 
 
 def _value_digest(key: str, payload: bytes) -> bytes:
     return hashlib.sha256(key.encode() + b"\0" + payload).digest()
 
 
-def encode_path(key: str, path: np.ndarray) -> bytes:
+def encode_array(key: str, array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, path=path)
+    np.savez_compressed(buffer, path=array)  # "path": the name values were first written under
     payload = buffer.getvalue()
     return _value_digest(key, payload) + payload
 
 
-def decode_path(key: str, value: bytes) -> np.ndarray | None:
-    """The path, or None when the value is not one we wrote intact under `key`."""
+def decode_array(key: str, value: bytes) -> np.ndarray | None:
+    """The array, or None when the value is not one we wrote intact under `key`."""
     digest, payload = value[:DIGEST_BYTES], value[DIGEST_BYTES:]
     if _value_digest(key, payload) != digest:
         return None
@@ -73,19 +91,19 @@ def decode_path(key: str, value: bytes) -> np.ndarray | None:
         return archive["path"] if "path" in archive.files else None
 
 
-class PathCache(Protocol):
+class ArtefactCache(Protocol):
     name: str
 
     async def get(self, key: str) -> np.ndarray | None: ...
 
-    async def put(self, key: str, path: np.ndarray) -> None: ...
+    async def put(self, key: str, array: np.ndarray) -> None: ...
 
     async def ping(self) -> bool: ...
 
     async def close(self) -> None: ...
 
 
-class InMemoryPathCache:
+class InMemoryArtefactCache:
     """Single-node mode: an LRU bounded by the bytes of its encoded values."""
 
     name = "memory"
@@ -102,8 +120,8 @@ class InMemoryPathCache:
         self._entries.move_to_end(key)
         return await asyncio.to_thread(_checked, key, value)
 
-    async def put(self, key: str, path: np.ndarray) -> None:
-        value = await asyncio.to_thread(encode_path, key, path)
+    async def put(self, key: str, array: np.ndarray) -> None:
+        value = await asyncio.to_thread(encode_array, key, array)
         if len(value) > self._max_bytes:
             return
         if key in self._entries:
@@ -124,7 +142,7 @@ class InMemoryPathCache:
 
 def _checked(key: str, value: bytes) -> np.ndarray | None:
     metrics.CACHE_BYTES_READ.inc(len(value))
-    path = decode_path(key, value)
+    path = decode_array(key, value)
     if path is None:
         metrics.CACHE_REJECTED_VALUES.inc()
         logger.warning("cache value for %s failed its integrity check; treating as a miss", key)
@@ -139,7 +157,7 @@ OUTAGE_ERRORS = (aioredis.ConnectionError, aioredis.TimeoutError, OSError, Timeo
 MAX_VALUE_BYTES = 32 * 1024 * 1024
 
 
-class RedisPathCache:
+class RedisArtefactCache:
     """Shared mode. Every call is bounded by `timeout_s`; a slow or absent Redis
     degrades to misses instead of failing the request. After a failure the cache
     is skipped for `retry_after_s` (or until a ping succeeds), so an outage costs
@@ -186,10 +204,10 @@ class RedisPathCache:
             return None
         return None if value is None else await asyncio.to_thread(_checked, key, value)
 
-    async def put(self, key: str, path: np.ndarray) -> None:
+    async def put(self, key: str, array: np.ndarray) -> None:
         if not self.available:
             return
-        value = await asyncio.to_thread(encode_path, key, path)
+        value = await asyncio.to_thread(encode_array, key, array)
         if len(value) > MAX_VALUE_BYTES:
             return
         try:

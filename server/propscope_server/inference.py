@@ -1,0 +1,83 @@
+"""The inference protocol the core works against: model discovery, named inputs to
+named outputs, and the editor contract. `backends/triton.py` implements it over
+Triton; unit tests implement it with fakes. Nothing here imports a transport."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from propscope_server.config import PreprocessingConfig
+from propscope_server.editor_contract import EditorSchema
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    name: str
+    version: str
+    versions: tuple[str, ...]
+    role: str  # "editor" when its config says so; every other model is a "classifier"
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    max_batch_size: int
+    description: str = ""
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    editor_schema: EditorSchema | None = None
+    # What the model's owners declare in its config.pbtxt (propscope.mean, ...).
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    class_labels: tuple[str, ...] = ()
+    # Why the declarations above could not be read, naming the parameter; "" when fine.
+    config_problem: str = ""
+
+
+@dataclass(frozen=True)
+class RepositoryEntry:
+    name: str
+    version: str
+    state: str
+    reason: str = ""
+
+
+class Inference(Protocol):
+    """What every explanation method may ask of the model server. Every call is
+    bounded by `deadline` (a time.monotonic() value, None: the backend's default) and
+    raises domain errors (errors.py)."""
+
+    async def describe(
+        self, name: str, version: str = "", deadline: float | None = None
+    ) -> ModelDescription: ...
+
+    async def require_ready(self, model: ModelDescription, deadline: float | None) -> None: ...
+
+    async def infer(
+        self,
+        model: ModelDescription,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        deadline: float | None,
+    ) -> dict[str, np.ndarray]:
+        """Batched inputs by name (first dimension = batch, any size) -> the named
+        outputs, batch first."""
+        ...
+
+    async def edit(
+        self,
+        editor: ModelDescription,
+        image: np.ndarray,
+        strengths: np.ndarray,
+        parameters: str,
+        seeds: list[int],
+        deadline: float | None,
+    ) -> np.ndarray:
+        """The editor contract (editor_contract.py): paths [S, N, H, W, 3] uint8."""
+        ...
