@@ -19,6 +19,7 @@ RUN_DIR := .run
 NODE_CLIENT := client/node
 NODE_INSTALLED := $(NODE_CLIENT)/node_modules/.installed
 NODE_BUILT := $(NODE_CLIENT)/dist/src/index.js
+BUF := $(NODE_CLIENT)/node_modules/.bin/buf
 NODE_SOURCES := $(NODE_CLIENT)/tsconfig.json \
 	$(shell find $(NODE_CLIENT)/src $(NODE_CLIENT)/examples $(NODE_CLIENT)/test -name '*.ts' -not -path '*/generated/*')
 SAMPLE := docs/sample.png
@@ -27,7 +28,7 @@ DEMO_PROPERTIES := \
 	--property "patch=procedural:operation=blend" \
 	--property "background_brightness=procedural:operation=brightness,region=background,amount=0.2"
 
-.PHONY: setup test lint demo up down bench soak validate weights stubs pipelines own-models node-client clean
+.PHONY: setup test lint contract demo up down bench soak validate weights stubs pipelines own-models node-client clean
 
 setup: $(INSTALLED) $(STUBS) $(TINY_PIPELINES) $(OWN_MODELS) node-client
 
@@ -70,6 +71,12 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The contract alone (`make test` runs the same in tests/unit/test_contract.py): buf lint, and
+# buf breaking against the released contract in protos/released/ (buf.yaml says why each setting).
+contract: $(NODE_INSTALLED)
+	$(BUF) lint
+	$(BUF) breaking --against . --against-config protos/released/buf.yaml
 
 # Reuses a healthy stack already running from $(RUN_DIR) with the same settings;
 # `make up UP_FLAGS=--restart` starts it again.

@@ -5,20 +5,24 @@ from pathlib import Path
 
 CLIENT_DIR = Path(__file__).resolve().parent
 PROTOS_DIR = CLIENT_DIR.parent / "protos"
+# google/rpc/status.proto, vendored so that a build needs only grpcio-tools (see buf.yaml).
+VENDORED_PROTOS_DIR = PROTOS_DIR / "vendor"
 
 
 def generate() -> None:
     from grpc_tools import protoc
 
     google_protos = resources.files("grpc_tools") / "_proto"
-    sources = sorted(str(p.relative_to(PROTOS_DIR)) for p in PROTOS_DIR.rglob("*.proto"))
-    includes = [f"-I{PROTOS_DIR}", f"-I{google_protos}"]
-    common_protos = _googleapis_protos_dir()
-    if common_protos:
-        includes.append(f"-I{common_protos}")
+    # Only the contract: protos/released/ (breaking-check baselines) and protos/vendor/ are not
+    # ours to generate.
+    sources = sorted(
+        str(p.relative_to(PROTOS_DIR)) for p in (PROTOS_DIR / "propscope").rglob("*.proto")
+    )
     args = [
         "protoc",
-        *includes,
+        f"-I{PROTOS_DIR}",
+        f"-I{VENDORED_PROTOS_DIR}",
+        f"-I{google_protos}",
         f"--python_out={CLIENT_DIR}",
         f"--pyi_out={CLIENT_DIR}",
         f"--grpc_python_out={CLIENT_DIR}",
@@ -26,16 +30,6 @@ def generate() -> None:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
-
-
-def _googleapis_protos_dir() -> str | None:
-    """googleapis-common-protos ships google/rpc/status.proto next to its modules."""
-    try:
-        import google.rpc
-
-        return str(Path(google.rpc.__path__[0]).parent.parent)
-    except ImportError:
-        return None
 
 
 if __name__ == "__main__":
