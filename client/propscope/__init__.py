@@ -9,6 +9,15 @@
 
 import logging
 
+from propscope._attribution import (
+    Attribution,
+    AttributionProgress,
+    Evaluation,
+    MetricResult,
+    PerturbationSettings,
+    RiseOptions,
+    SobolOptions,
+)
 from propscope._client import Client
 from propscope._errors import PropscopeError
 from propscope._events import (
@@ -31,21 +40,28 @@ from propscope._properties import Box, Mask, Property, parse_property, split_pro
 
 __all__ = [
     "Accepted",
+    "Attribution",
+    "AttributionProgress",
     "Box",
     "Client",
     "Decision",
     "Done",
     "EditorParameter",
+    "Evaluation",
     "Event",
     "ImageLike",
     "Mask",
+    "MetricResult",
     "ModelInfo",
     "ModelRole",
+    "PerturbationSettings",
     "Preprocessing",
     "Progress",
     "Property",
     "PropertyResult",
     "PropscopeError",
+    "RiseOptions",
+    "SobolOptions",
     "SampleResult",
     "TensorInfo",
     "encode_image",

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import grpc
+import numpy.typing as npt
 
+from propscope._attribution import (
+    Attribution,
+    AttributionProgress,
+    Evaluation,
+    MetricResult,
+)
 from propscope._errors import PropscopeError
 from propscope._events import Event, ModelInfo, event_from_proto
 from propscope._images import ImageLike
@@ -16,16 +23,20 @@ from propscope._preprocessing import PathMode, Preprocessing
 from propscope._properties import Property
 from propscope._requests import (
     Metadata,
+    build_attribute_request,
+    build_evaluate_request,
     build_explain_request,
     build_list_models_request,
     call_options,
     channel_options,
 )
-from propscope.v1 import explain_pb2, explain_pb2_grpc
+from propscope.v1 import attribution_pb2_grpc, explain_pb2, explain_pb2_grpc
 
-__all__ = ["Client"]
+__all__ = ["Client", "ProgressCallback"]
 
 logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[AttributionProgress], None]
 
 
 class Client:
@@ -63,6 +74,7 @@ class Client:
         else:
             self._channel = grpc.secure_channel(target, credentials, options=merged_options)
         self._stub = explain_pb2_grpc.ExplainServiceStub(self._channel)
+        self._attribution = attribution_pb2_grpc.AttributionServiceStub(self._channel)
         self._closed = False
 
     def explain(
@@ -138,6 +150,187 @@ class Client:
         call = self._stub.Explain(request, **self._call_options(timeout, metadata))
         return _events(call)
 
+    def attribute(
+        self,
+        image: ImageLike,
+        model: str,
+        *,
+        method: str = "sobol",
+        grid_size: int = 0,
+        nb_design: int = 0,
+        estimator: str = "jansen",
+        per_channel: bool = False,
+        nb_samples: int = 0,
+        preservation_probability: float | None = None,
+        target_class: int | None = None,
+        target_score: str = "probability",
+        perturbation: str = "inpainting",
+        baseline: str = "input_zero",
+        blur_sigma: float = 0.0,
+        seed: int = 0,
+        model_version: str = "",
+        model_output: str = "",
+        request_id: str = "",
+        preprocessing: Preprocessing | None = None,
+        class_labels: Sequence[str] = (),
+        on_progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> Attribution:
+        """Where ``model`` looks on ``image``: one attribution map, computed black-box.
+
+        ``method`` "sobol" (``grid_size`` g, ``nb_design`` N a power of two, ``estimator``
+        jansen|homma|janon|glen_isaacs|saltelli, ``per_channel``: N (g² + 2) forward passes) or
+        "rise" (``grid_size``, ``nb_samples`` masks, ``preservation_probability``); 0 and None
+        mean the server's defaults. ``target_score`` "probability" or "logit" of
+        ``target_class`` (None: the predicted class). Masked pixels are replaced by
+        ``perturbation`` (inpainting|blur|amplitude) toward ``baseline``
+        (input_zero|black|mean_colour|blur, ``blur_sigma`` pixels). ``on_progress`` is called
+        with an ``AttributionProgress`` as forward passes complete. Blocks until the map is
+        done; raises ``PropscopeError`` when the call fails and ``ValueError``/``TypeError``/
+        ``OSError`` for bad arguments, before anything is sent.
+        """
+        self._check_open()
+        request = build_attribute_request(
+            image,
+            model,
+            method=method,
+            grid_size=grid_size,
+            nb_design=nb_design,
+            estimator=estimator,
+            per_channel=per_channel,
+            nb_samples=nb_samples,
+            preservation_probability=preservation_probability,
+            target_class=target_class,
+            target_score=target_score,
+            perturbation=perturbation,
+            baseline=baseline,
+            blur_sigma=blur_sigma,
+            seed=seed,
+            model_version=model_version,
+            model_output=model_output,
+            request_id=request_id,
+            preprocessing=preprocessing,
+            class_labels=class_labels,
+        )
+        logger.debug("Attribute %s: model %s, method %s", self.target, model, method)
+        call = self._attribution.Attribute(request, **self._call_options(timeout, metadata))
+        accepted = result = None
+        rid = request_id
+        for message in _messages(call):
+            rid = message.request_id or rid
+            kind = message.WhichOneof("event")
+            if kind == "accepted":
+                accepted = message.accepted
+            elif kind == "progress" and on_progress is not None:
+                on_progress(AttributionProgress.from_proto(message.progress, rid))
+            elif kind == "result":
+                result = message.result
+        if accepted is None or result is None:
+            raise _incomplete("Attribute", "the plan and the map")
+        try:
+            return Attribution.from_events(rid, accepted, result)
+        except ValueError as error:
+            raise PropscopeError(grpc.StatusCode.INTERNAL, str(error)) from None
+
+    def evaluate_attribution(
+        self,
+        image: ImageLike,
+        model: str,
+        explanation: npt.ArrayLike | Attribution | None = None,
+        *,
+        metrics: Sequence[str] = ("deletion", "insertion", "mu_fidelity"),
+        steps: int = 0,
+        max_percentage_perturbed: float | None = None,
+        baseline: str = "input_zero",
+        grid_size: int = 0,
+        subset_percent: float | None = None,
+        nb_samples: int = 0,
+        radius: float | None = None,
+        stability_samples: int = 0,
+        stability_method: str = "sobol",
+        stability_options: Mapping[str, Any] | None = None,
+        perturbation: str = "inpainting",
+        perturbation_baseline: str = "input_zero",
+        blur_sigma: float = 0.0,
+        target_class: int | None = None,
+        target_score: str = "probability",
+        seed: int = 0,
+        model_version: str = "",
+        model_output: str = "",
+        request_id: str = "",
+        preprocessing: Preprocessing | None = None,
+        class_labels: Sequence[str] = (),
+        on_progress: ProgressCallback | None = None,
+        on_metric: Callable[[MetricResult], None] | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> Evaluation:
+        """How faithful an attribution map of ``model`` on ``image`` is.
+
+        ``explanation``: the map, a 2-D array at the image's size (e.g. from Captum), or an
+        ``Attribution``; required unless ``metrics`` is only "stability" (which recomputes maps
+        with ``stability_method`` and ``stability_options``, e.g. ``{"grid_size": 8}``).
+        ``metrics``: some of deletion, insertion, mu_fidelity, stability. Deletion and
+        Insertion take ``steps``, ``max_percentage_perturbed`` and ``baseline``; MuFidelity
+        ``grid_size``, ``subset_percent``, ``nb_samples`` and ``baseline``; stability
+        ``radius`` and ``stability_samples`` (0 and None: the server's defaults).
+        ``on_metric`` is called with each ``MetricResult`` as it arrives. Raises like
+        ``attribute``.
+        """
+        self._check_open()
+        request = build_evaluate_request(
+            image,
+            model,
+            explanation,
+            metrics=metrics,
+            steps=steps,
+            max_percentage_perturbed=max_percentage_perturbed,
+            baseline=baseline,
+            grid_size=grid_size,
+            subset_percent=subset_percent,
+            nb_samples=nb_samples,
+            radius=radius,
+            stability_samples=stability_samples,
+            stability_method=stability_method,
+            stability_options=stability_options,
+            perturbation=perturbation,
+            perturbation_baseline=perturbation_baseline,
+            blur_sigma=blur_sigma,
+            target_class=target_class,
+            target_score=target_score,
+            seed=seed,
+            model_version=model_version,
+            model_output=model_output,
+            request_id=request_id,
+            preprocessing=preprocessing,
+            class_labels=class_labels,
+        )
+        logger.debug("EvaluateAttribution %s: model %s, %s", self.target, model, metrics)
+        call = self._attribution.EvaluateAttribution(
+            request, **self._call_options(timeout, metadata)
+        )
+        accepted = None
+        results: list[MetricResult] = []
+        rid = request_id
+        for message in _messages(call):
+            rid = message.request_id or rid
+            kind = message.WhichOneof("event")
+            if kind == "accepted":
+                accepted = message.accepted
+            elif kind == "progress" and on_progress is not None:
+                on_progress(AttributionProgress.from_proto(message.progress, rid))
+            elif kind == "metric":
+                results.append(MetricResult.from_proto(message.metric))
+                if on_metric is not None:
+                    on_metric(results[-1])
+        if accepted is None:
+            raise _incomplete("EvaluateAttribution", "the plan")
+        missing = [name for name in accepted.metrics if name not in {r.metric for r in results}]
+        if missing:
+            raise _incomplete("EvaluateAttribution", f"the results of {', '.join(missing)}")
+        return Evaluation.from_events(rid, accepted, results)
+
     def list_models(
         self, *, timeout: float | None = None, metadata: Metadata | None = None
     ) -> list[ModelInfo]:
@@ -182,6 +375,24 @@ class Client:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("the client is closed")
+
+
+def _messages(call: Any) -> Iterator[Any]:
+    """The messages of a started stream; ``PropscopeError`` when it fails, cancelled when
+    left early (an exception in a progress callback included)."""
+    try:
+        yield from call
+    except grpc.RpcError as error:
+        raise PropscopeError.from_rpc_error(error) from error
+    finally:
+        call.cancel()
+
+
+def _incomplete(rpc: str, what: str) -> PropscopeError:
+    """A stream that ended OK without what the contract promises: a server fault."""
+    return PropscopeError(
+        grpc.StatusCode.INTERNAL, f"the {rpc} stream ended without {what} (a server fault)"
+    )
 
 
 def _events(call: Any) -> Iterator[Event]:

@@ -6,18 +6,29 @@ messages and gRPC call keywords, and validate what the server could only report 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from propscope._attribution import (
+    METRICS,
+    baseline_to_proto,
+    estimator_to_proto,
+    map_to_proto,
+    perturbation_to_proto,
+    target_score_to_proto,
+)
 from propscope._images import ImageLike, encode_image
 from propscope._preprocessing import PathMode, Preprocessing, path_mode_to_proto
 from propscope._properties import Property, parse_property
-from propscope.v1 import explain_pb2
+from propscope.v1 import attribution_pb2, explain_pb2
 
 __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
     "Metadata",
+    "build_attribute_request",
+    "build_evaluate_request",
     "build_explain_request",
+    "build_model_ref",
     "build_list_models_request",
     "call_options",
     "channel_options",
@@ -120,29 +131,18 @@ def build_explain_request(
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     if min_probability_change is not None and not 0.0 <= min_probability_change <= 1.0:
         raise ValueError(f"min_probability_change must be in [0, 1], got {min_probability_change}")
-    if preprocessing is not None and not isinstance(preprocessing, Preprocessing):
-        raise TypeError(
-            f"preprocessing must be a Preprocessing, not {type(preprocessing).__name__}"
-        )
-    if isinstance(class_labels, str) or not all(isinstance(c, str) for c in class_labels):
-        raise TypeError("class_labels must be a sequence of str (one name per class index)")
     if path_mode == "fixed" and max_steps:
         raise ValueError("max_steps only applies to adaptive paths, not to path_mode 'fixed'")
     if max_steps and steps and max_steps < steps:
         raise ValueError(f"max_steps ({max_steps}) must be at least steps ({steps})")
-    model_ref = explain_pb2.ModelRef(
-        name=model,
-        version=model_version,
-        output=model_output,
-        class_labels=list(class_labels),
-        preprocessing=preprocessing.to_proto() if preprocessing is not None else None,
+    model_ref = build_model_ref(
+        model,
+        target_class=target_class,
+        model_version=model_version,
+        model_output=model_output,
+        preprocessing=preprocessing,
+        class_labels=class_labels,
     )
-    if target_class is None:
-        model_ref.predicted_class = True
-    elif target_class < 0:
-        raise ValueError(f"target_class must be >= 0, got {target_class}")
-    else:
-        model_ref.target_class = target_class
     return explain_pb2.ExplainRequest(
         request_id=request_id,
         image=encode_image(image),
@@ -158,6 +158,251 @@ def build_explain_request(
         path_mode=path_mode_to_proto(path_mode),
         max_steps=max_steps,
     )
+
+
+def build_model_ref(
+    model: str,
+    *,
+    target_class: int | None = None,
+    model_version: str = "",
+    model_output: str = "",
+    preprocessing: Preprocessing | None = None,
+    class_labels: Sequence[str] = (),
+) -> explain_pb2.ModelRef:
+    """The ``ModelRef`` every RPC shares: ``target_class`` None follows the predicted class."""
+    if not model:
+        raise ValueError("model must be a non-empty Triton model name")
+    if preprocessing is not None and not isinstance(preprocessing, Preprocessing):
+        raise TypeError(
+            f"preprocessing must be a Preprocessing, not {type(preprocessing).__name__}"
+        )
+    if isinstance(class_labels, str) or not all(isinstance(c, str) for c in class_labels):
+        raise TypeError("class_labels must be a sequence of str (one name per class index)")
+    model_ref = explain_pb2.ModelRef(
+        name=model,
+        version=model_version,
+        output=model_output,
+        class_labels=list(class_labels),
+        preprocessing=preprocessing.to_proto() if preprocessing is not None else None,
+    )
+    if target_class is None:
+        model_ref.predicted_class = True
+    elif target_class < 0:
+        raise ValueError(f"target_class must be >= 0, got {target_class}")
+    else:
+        model_ref.target_class = target_class
+    return model_ref
+
+
+def _non_negative(**values: int | float) -> None:
+    for name, value in values.items():
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0 (0: the server's default), got {value}")
+
+
+def _fraction(name: str, value: float | None, *, closed_right: bool) -> None:
+    """None (the server's default) or a number in (0, 1) / (0, 1]."""
+    if value is None:
+        return
+    if not (0 < value < 1 or (closed_right and value == 1)):
+        interval = "(0, 1]" if closed_right else "(0, 1)"
+        raise ValueError(f"{name} must be in {interval} (None: the server's default), got {value}")
+
+
+def method_options(
+    method: str,
+    *,
+    grid_size: int = 0,
+    nb_design: int = 0,
+    estimator: str = "jansen",
+    per_channel: bool = False,
+    nb_samples: int = 0,
+    preservation_probability: float | None = None,
+) -> dict[str, Any]:
+    """``{"sobol": SobolOptions}`` or ``{"rise": RiseOptions}``: the ``method`` oneof's keyword
+    for AttributeRequest and StabilityOptions. Options of the other method must stay unset."""
+    _non_negative(grid_size=grid_size, nb_design=nb_design, nb_samples=nb_samples)
+    if method == "sobol":
+        if nb_samples or preservation_probability is not None:
+            raise ValueError("nb_samples and preservation_probability are RISE options")
+        if nb_design and nb_design & (nb_design - 1):
+            raise ValueError(f"nb_design must be a power of two, got {nb_design}")
+        return {
+            "sobol": attribution_pb2.SobolOptions(
+                grid_size=grid_size,
+                nb_design=nb_design,
+                estimator=estimator_to_proto(estimator),
+                per_channel=per_channel,
+            )
+        }
+    if method == "rise":
+        if nb_design or per_channel or estimator != "jansen":
+            raise ValueError("nb_design, estimator and per_channel are Sobol options")
+        _fraction("preservation_probability", preservation_probability, closed_right=False)
+        return {
+            "rise": attribution_pb2.RiseOptions(
+                grid_size=grid_size,
+                nb_samples=nb_samples,
+                preservation_probability=preservation_probability,
+            )
+        }
+    raise ValueError(f"method must be sobol or rise, got {method!r}")
+
+
+def build_attribute_request(
+    image: ImageLike,
+    model: str,
+    *,
+    method: str = "sobol",
+    grid_size: int = 0,
+    nb_design: int = 0,
+    estimator: str = "jansen",
+    per_channel: bool = False,
+    nb_samples: int = 0,
+    preservation_probability: float | None = None,
+    target_class: int | None = None,
+    target_score: str = "probability",
+    perturbation: str = "inpainting",
+    baseline: str = "input_zero",
+    blur_sigma: float = 0.0,
+    seed: int = 0,
+    model_version: str = "",
+    model_output: str = "",
+    request_id: str = "",
+    preprocessing: Preprocessing | None = None,
+    class_labels: Sequence[str] = (),
+) -> attribution_pb2.AttributeRequest:
+    """The ``AttributeRequest`` for ``Client.attribute``'s arguments (0: the server's default)."""
+    model_ref = build_model_ref(
+        model,
+        target_class=target_class,
+        model_version=model_version,
+        model_output=model_output,
+        preprocessing=preprocessing,
+        class_labels=class_labels,
+    )
+    _non_negative(seed=seed)
+    options = method_options(
+        method,
+        grid_size=grid_size,
+        nb_design=nb_design,
+        estimator=estimator,
+        per_channel=per_channel,
+        nb_samples=nb_samples,
+        preservation_probability=preservation_probability,
+    )
+    return attribution_pb2.AttributeRequest(
+        request_id=request_id,
+        image=encode_image(image),
+        model=model_ref,
+        target_score=target_score_to_proto(target_score),
+        perturbation=perturbation_to_proto(perturbation, baseline, blur_sigma),
+        seed=seed,
+        **options,
+    )
+
+
+def build_evaluate_request(
+    image: ImageLike,
+    model: str,
+    explanation: Any = None,
+    *,
+    metrics: Sequence[str] = ("deletion", "insertion", "mu_fidelity"),
+    steps: int = 0,
+    max_percentage_perturbed: float | None = None,
+    baseline: str = "input_zero",
+    grid_size: int = 0,
+    subset_percent: float | None = None,
+    nb_samples: int = 0,
+    radius: float | None = None,
+    stability_samples: int = 0,
+    stability_method: str = "sobol",
+    stability_options: Mapping[str, Any] | None = None,
+    perturbation: str = "inpainting",
+    perturbation_baseline: str = "input_zero",
+    blur_sigma: float = 0.0,
+    target_class: int | None = None,
+    target_score: str = "probability",
+    seed: int = 0,
+    model_version: str = "",
+    model_output: str = "",
+    request_id: str = "",
+    preprocessing: Preprocessing | None = None,
+    class_labels: Sequence[str] = (),
+) -> attribution_pb2.EvaluateAttributionRequest:
+    """The ``EvaluateAttributionRequest`` for ``Client.evaluate_attribution``'s arguments.
+
+    ``explanation``: a 2-D array (or anything with a 2-D ``map``, e.g. an ``Attribution``),
+    required unless ``metrics`` is only stability. ``steps``, ``max_percentage_perturbed`` and
+    ``baseline`` set Deletion and Insertion (``baseline`` MuFidelity's too); ``grid_size``,
+    ``subset_percent`` and ``nb_samples`` MuFidelity; ``radius``, ``stability_samples``,
+    ``stability_method`` with its ``stability_options`` (``method_options`` keywords) and the
+    ``perturbation`` keywords set stability's recomputed maps.
+    """
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    chosen = list(dict.fromkeys(metrics))
+    unknown = [name for name in chosen if name not in METRICS]
+    if unknown or not chosen:
+        raise ValueError(f"metrics must be some of {', '.join(METRICS)}, got {list(metrics)}")
+    model_ref = build_model_ref(
+        model,
+        target_class=target_class,
+        model_version=model_version,
+        model_output=model_output,
+        preprocessing=preprocessing,
+        class_labels=class_labels,
+    )
+    _non_negative(
+        steps=steps,
+        grid_size=grid_size,
+        nb_samples=nb_samples,
+        stability_samples=stability_samples,
+        seed=seed,
+    )
+    _fraction("max_percentage_perturbed", max_percentage_perturbed, closed_right=True)
+    _fraction("subset_percent", subset_percent, closed_right=False)
+    _fraction("radius", radius, closed_right=True)
+    if explanation is not None and hasattr(explanation, "map"):
+        explanation = explanation.map
+    if explanation is None and chosen != ["stability"]:
+        raise ValueError(f"explanation (the map to score) is required for {', '.join(chosen)}")
+    request = attribution_pb2.EvaluateAttributionRequest(
+        request_id=request_id,
+        image=encode_image(image),
+        model=model_ref,
+        explanation=map_to_proto(explanation) if explanation is not None else None,
+        target_score=target_score_to_proto(target_score),
+        seed=seed,
+    )
+    curve = attribution_pb2.DeletionOptions(
+        steps=steps,
+        max_percentage_perturbed=max_percentage_perturbed,
+        baseline=baseline_to_proto(baseline),
+    )
+    if "deletion" in chosen:
+        request.deletion.CopyFrom(curve)
+    if "insertion" in chosen:
+        request.insertion.CopyFrom(curve)
+    if "mu_fidelity" in chosen:
+        request.mu_fidelity.CopyFrom(
+            attribution_pb2.MuFidelityOptions(
+                grid_size=grid_size,
+                subset_percent=subset_percent,
+                nb_samples=nb_samples,
+                baseline=baseline_to_proto(baseline),
+            )
+        )
+    if "stability" in chosen:
+        request.stability.CopyFrom(
+            attribution_pb2.StabilityOptions(
+                radius=radius,
+                nb_samples=stability_samples,
+                perturbation=perturbation_to_proto(perturbation, perturbation_baseline, blur_sigma),
+                **method_options(stability_method, **dict(stability_options or {})),
+            )
+        )
+    return request
 
 
 def build_list_models_request() -> explain_pb2.ListModelsRequest:

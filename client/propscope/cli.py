@@ -1,5 +1,5 @@
-"""The ``propscope`` command line: ``propscope explain``, ``propscope models`` and
-``propscope review``.
+"""The ``propscope`` command line: ``propscope explain``, ``propscope attribute``, ``propscope
+evaluate``, ``propscope models`` and ``propscope review``.
 
 Exit codes: 0 success, 2 an error the user can fix (unreachable or failing server, unreadable
 image, malformed --property or review spec, bad option), 130 interrupted. 1 only from
@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +40,17 @@ from rich.progress import Progress as ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from propscope._attribution import (
+    BASELINES,
+    ESTIMATORS,
+    METHODS,
+    METRICS,
+    PERTURBATIONS,
+    TARGET_SCORES,
+    Attribution,
+    AttributionProgress,
+    Evaluation,
+)
 from propscope._client import Client
 from propscope._errors import PropscopeError
 from propscope._events import (
@@ -51,6 +63,7 @@ from propscope._events import (
     PropertyResult,
 )
 from propscope._images import encode_image
+from propscope._maps import DEFAULT_ALPHA, DEFAULT_COLORMAP, read_map, write_attribution
 from propscope._preprocessing import (
     OUTPUT_KINDS,
     RESIZE_MODES,
@@ -61,7 +74,7 @@ from propscope._preprocessing import (
 from propscope._properties import parse_property
 from propscope._requests import normalize_properties
 
-__all__ = ["app"]
+__all__ = ["app", "evaluation_table", "run_attribute", "run_evaluate"]
 
 logger = logging.getLogger(__name__)
 
@@ -346,6 +359,444 @@ def explain(
         raise typer.Exit(EXIT_INTERRUPTED) from None
     if report is not None:
         _write_explain_report(report, str(image), target, seed, target_class, recorded)
+
+
+def _choice(value: str, choices: Sequence[str], option: str) -> str:
+    if value not in choices:
+        raise typer.BadParameter(f"must be one of {', '.join(choices)}", param_hint=option)
+    return value
+
+
+@app.command()
+def attribute(
+    context: typer.Context,
+    image: Annotated[
+        Path,
+        typer.Argument(metavar="IMAGE", help="The image: PNG or JPEG (others become PNG)."),
+    ],
+    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="The classifier.")],
+    method: Annotated[str, typer.Option(metavar="|".join(METHODS), help="The method.")] = "sobol",
+    target: TargetOption = DEFAULT_TARGET,
+    grid_size: Annotated[
+        int, typer.Option(min=0, help="Cells per side (0: default, Sobol 8, RISE 7).")
+    ] = 0,
+    nb_design: Annotated[
+        int, typer.Option(min=0, help="Sobol: N, a power of two (0: 32); N(g²+2) passes.")
+    ] = 0,
+    estimator: Annotated[
+        str, typer.Option(metavar="|".join(ESTIMATORS), help="Sobol's total-order estimator.")
+    ] = "jansen",
+    per_channel: Annotated[
+        bool, typer.Option("--per-channel", help="Sobol: one factor per cell and channel.")
+    ] = False,
+    samples: Annotated[
+        int, typer.Option(min=0, help="RISE: the number of masks (0: default, 4000).")
+    ] = 0,
+    preservation_probability: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="RISE: probability a cell is kept (default 0.5)."),
+    ] = None,
+    target_class: Annotated[
+        int | None, typer.Option(min=0, help="Class to explain (default: the predicted one).")
+    ] = None,
+    target_score: Annotated[
+        str, typer.Option(metavar="|".join(TARGET_SCORES), help="What is attributed.")
+    ] = "probability",
+    perturbation: Annotated[
+        str, typer.Option(metavar="|".join(PERTURBATIONS), help="How masked pixels change.")
+    ] = "inpainting",
+    baseline: Annotated[
+        str, typer.Option(metavar="|".join(BASELINES), help="What masked pixels become.")
+    ] = "input_zero",
+    blur_sigma: Annotated[
+        float, typer.Option(min=0.0, help="Blur radius in input pixels (0: 2% of the side).")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(min=0, help="Seeds RISE's masks.")] = 0,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", file_okay=False, help="Folder for the PNG and JSON.")
+    ] = Path("."),
+    alpha: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Opacity of the heat map over the image.")
+    ] = DEFAULT_ALPHA,
+    colormap: Annotated[str, typer.Option(help="matplotlib colormap.")] = DEFAULT_COLORMAP,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            metavar="FILE|A,B,...",
+            help="Class names by index (as for explain).",
+            show_default=False,
+        ),
+    ] = None,
+    progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="A progress bar (default: on a terminal outside CI; lines otherwise).",
+            show_default=False,
+        ),
+    ] = None,
+    timeout: TimeoutOption = None,
+) -> None:
+    """Compute where --model looks on IMAGE: an attribution map, black-box.
+
+    Writes OUT/<stem>.<method>.png (the heat map over the image) and
+    OUT/<stem>.<method>.json (the map, its grid, the plan and the figures;
+    `propscope evaluate --map` reads it).
+    """
+    _choice(method, METHODS, "--method")
+    _choice(estimator, ESTIMATORS, "--estimator")
+    _choice(target_score, TARGET_SCORES, "--target-score")
+    _choice(perturbation, PERTURBATIONS, "--perturbation")
+    _choice(baseline, BASELINES, "--baseline")
+    try:
+        class_labels = _labels_option(labels)
+    except ValueError as error:
+        _fail(str(error))
+    image_bytes = _read_image_option(image)
+    options: dict[str, Any] = {
+        "method": method,
+        "grid_size": grid_size,
+        "target_class": target_class,
+        "target_score": target_score,
+        "perturbation": perturbation,
+        "baseline": baseline,
+        "blur_sigma": blur_sigma,
+        "seed": seed,
+        "class_labels": class_labels,
+    }
+    if method == "sobol":
+        options.update(nb_design=nb_design, estimator=estimator, per_channel=per_channel)
+    else:
+        options.update(nb_samples=samples, preservation_probability=preservation_probability)
+    try:
+        with context.obj.client(target, timeout) as client:
+            png_path, json_path, found = run_attribute(
+                client,
+                image_bytes,
+                model,
+                out,
+                image.stem,
+                show_bar=_show_bar(progress),
+                alpha=alpha,
+                colormap=colormap,
+                image_name=str(image),
+                **options,
+            )
+    except PropscopeError as error:
+        _fail(f"{target}: {error}")
+    except (ValueError, ImportError) as error:
+        _fail(str(error))
+    except OSError as error:
+        _fail(f"cannot write to {str(out)!r}: {error.strerror or error}")
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    console = Console()
+    for line in _attribution_summary(model, found, png_path, json_path):
+        console.print(line, soft_wrap=True)  # paths whole, wrapped by the terminal
+
+
+def run_attribute(
+    client: Client,
+    image: bytes,
+    model: str,
+    out: Path,
+    stem: str,
+    *,
+    show_bar: bool = False,
+    alpha: float = DEFAULT_ALPHA,
+    colormap: str = DEFAULT_COLORMAP,
+    image_name: str = "",
+    **options: Any,
+) -> tuple[Path, Path, Attribution]:
+    """``propscope attribute`` without the command line: computes the map (``options`` are
+    ``Client.attribute``'s), with progress on stderr, and writes the PNG and JSON files."""
+    with _attribution_progress(show_bar, f"{options.get('method', 'sobol')} passes") as report:
+        found = client.attribute(image, model, on_progress=report, **options)
+    png_path, json_path = write_attribution(
+        found,
+        image,
+        out,
+        stem,
+        alpha=alpha,
+        colormap=colormap,
+        extra={"image": image_name or stem, "model": model},
+    )
+    return png_path, json_path, found
+
+
+def _attribution_summary(
+    model: str, found: Attribution, png_path: Path, json_path: Path
+) -> list[Text]:
+    label = f" ({found.target_label})" if found.target_label else ""
+    version = f" version {found.model_version}" if found.model_version else ""
+    cache = "from the cache" if found.cache_hit else f"{found.forward_passes} forward passes"
+    lines = [
+        Text(
+            f"propscope attribute: {model}{version}, {found.method} ({found.options.describe()})",
+            style="bold",
+        ),
+        Text(
+            f"target class {found.target_class}{label}, {found.target_score} "
+            f"{found.original_score:.4g}; {cache}, {found.total_ms:.0f} ms"
+        ),
+        Text(f"perturbation: {found.perturbation_description or found.perturbation.kind}"),
+    ]
+    lines += [_note("", "warning: ", warning, "yellow") for warning in found.warnings]
+    lines += [Text(f"wrote {png_path}"), Text(f"wrote {json_path}")]
+    return lines
+
+
+@app.command()
+def evaluate(
+    context: typer.Context,
+    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="The image the map explains.")],
+    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="The classifier.")],
+    map_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--map",
+            dir_okay=False,
+            metavar="FILE",
+            help="The map: a .npy HxW array or the JSON `propscope attribute` writes.",
+            show_default=False,
+        ),
+    ] = None,
+    metrics: Annotated[
+        str, typer.Option(metavar="A,B,...", help=f"Some of {','.join(METRICS)}.")
+    ] = "deletion,insertion,mu_fidelity",
+    target: TargetOption = DEFAULT_TARGET,
+    steps: Annotated[int, typer.Option(min=0, help="Deletion/insertion steps (0: 10).")] = 0,
+    max_fraction: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Deletion/insertion: fraction perturbed at the end."),
+    ] = None,
+    baseline: Annotated[
+        str, typer.Option(metavar="|".join(BASELINES), help="What removed pixels become.")
+    ] = "input_zero",
+    grid_size: Annotated[int, typer.Option(min=0, help="MuFidelity cells per side (0: 9).")] = 0,
+    subset_percent: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="MuFidelity subset fraction (0.2).")
+    ] = None,
+    samples: Annotated[int, typer.Option(min=0, help="MuFidelity subsets (0: 200).")] = 0,
+    radius: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="Stability noise radius (0.1).")
+    ] = None,
+    stability_samples: Annotated[
+        int, typer.Option(min=0, help="Stability: noisy images (0: 20).")
+    ] = 0,
+    stability_method: Annotated[
+        str, typer.Option(metavar="|".join(METHODS), help="Stability: the method it reruns.")
+    ] = "sobol",
+    target_class: Annotated[
+        int | None,
+        typer.Option(min=0, help="Class to score (default: the map file's, else predicted)."),
+    ] = None,
+    target_score: Annotated[
+        str, typer.Option(metavar="|".join(TARGET_SCORES), help="Probability or logit.")
+    ] = "probability",
+    seed: Annotated[int, typer.Option(min=0, help="Seeds the random subsets and noise.")] = 0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Write the evaluation as one JSON object.")
+    ] = False,
+    progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="A progress bar (default: on a terminal outside CI; lines otherwise).",
+            show_default=False,
+        ),
+    ] = None,
+    timeout: TimeoutOption = None,
+) -> None:
+    """Score an attribution map of --model on IMAGE with fidelity metrics.
+
+    Lower deletion and higher insertion and mu_fidelity mean a more faithful
+    map; lower stability a more stable method. stability needs no --map.
+    """
+    chosen = [name.strip() for name in metrics.split(",") if name.strip()]
+    for name in chosen:
+        _choice(name, METRICS, "--metrics")
+    _choice(baseline, BASELINES, "--baseline")
+    _choice(target_score, TARGET_SCORES, "--target-score")
+    _choice(stability_method, METHODS, "--stability-method")
+    explanation = None
+    if map_file is not None:
+        try:
+            explanation, stored = read_map(map_file)
+        except OSError as error:
+            _fail(f"cannot read the map {str(map_file)!r}: {error.strerror or error}")
+        except ValueError as error:
+            _fail(str(error))
+        if target_class is None and isinstance(stored.get("target_class"), int):
+            target_class = stored["target_class"]  # the class the map was computed for
+    elif chosen != ["stability"]:
+        _fail(f"--map is required for {', '.join(name for name in chosen if name != 'stability')}")
+    image_bytes = _read_image_option(image)
+    try:
+        with context.obj.client(target, timeout) as client:
+            found = run_evaluate(
+                client,
+                image_bytes,
+                model,
+                explanation,
+                show_bar=_show_bar(progress) and not as_json,
+                metrics=chosen,
+                steps=steps,
+                max_percentage_perturbed=max_fraction,
+                baseline=baseline,
+                grid_size=grid_size,
+                subset_percent=subset_percent,
+                nb_samples=samples,
+                radius=radius,
+                stability_samples=stability_samples,
+                stability_method=stability_method,
+                target_class=target_class,
+                target_score=target_score,
+                seed=seed,
+            )
+    except PropscopeError as error:
+        _fail(f"{target}: {error}")
+    except ValueError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if as_json:
+        _write_json({"model": model, "image": str(image), **found.to_dict()})
+        return
+    console = Console()
+    console.print(evaluation_table(model, found))
+    for warning in found.warnings:
+        console.print(_note("", "warning: ", warning, "yellow"))
+
+
+def run_evaluate(
+    client: Client,
+    image: bytes,
+    model: str,
+    explanation: Any,
+    *,
+    show_bar: bool = False,
+    **options: Any,
+) -> Evaluation:
+    """``propscope evaluate`` without the command line: ``options`` are
+    ``Client.evaluate_attribution``'s; progress on stderr."""
+    with _attribution_progress(show_bar, "metric passes") as report:
+        return client.evaluate_attribution(image, model, explanation, on_progress=report, **options)
+
+
+# Whether a higher value of a metric means a better map (or method), for the table's last column.
+_BETTER = {
+    "deletion": "lower",
+    "insertion": "higher",
+    "mu_fidelity": "higher",
+    "stability": "lower",
+}
+
+
+def evaluation_table(model: str, found: Evaluation) -> Table:
+    """The evaluation as a table that fits 80 columns: numbers never cut (their columns do not
+    wrap), the settings folded onto more lines instead."""
+    label = f" ({found.target_label})" if found.target_label else ""
+    version = f" version {found.model_version}" if found.model_version else ""
+    table = Table(
+        title=f"propscope evaluate: {model}{version}, class {found.target_class}{label}, "
+        f"{found.target_score}",
+        box=box.SIMPLE_HEAD,
+        title_justify="left",
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    rows = [
+        (
+            result.metric,
+            _metric_value(result.value),
+            _BETTER.get(result.metric, ""),
+            str(result.forward_passes),
+            result.settings,
+        )
+        for result in found.results
+    ]
+    for header, justify in (
+        ("metric", "left"),
+        ("value", "right"),
+        ("better", "left"),
+        ("passes", "right"),
+    ):
+        width = max([len(header)] + [len(row[len(table.columns)]) for row in rows])
+        table.add_column(header, justify=justify, no_wrap=True, min_width=width)  # type: ignore[arg-type]
+    table.add_column("settings", overflow="fold", ratio=1)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _metric_value(value: float) -> str:
+    """Four significant digits, whole: 0.1234, -0.5, 1.235e-05; "n/a" when undefined."""
+    return f"{value:.4g}" if value == value and abs(value) != float("inf") else "n/a"
+
+
+def _show_bar(progress: bool | None) -> bool:
+    """--progress/--no-progress, else a bar on a terminal outside CI."""
+    if progress is not None:
+        return progress
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def _read_image_option(image: Path) -> bytes:
+    try:
+        return encode_image(image)
+    except OSError as error:
+        _fail(f"cannot read image {str(image)!r}: {error.strerror or error}")
+    except ValueError as error:
+        _fail(f"cannot use image {str(image)!r}: {error}")
+
+
+@contextmanager
+def _attribution_progress(
+    show_bar: bool, description: str
+) -> Iterator[Callable[[AttributionProgress], None]]:
+    """A progress callback for forward passes: a rich bar (passes done / total, elapsed, ETA;
+    narrow enough for 80 columns) on a terminal, else a line on stderr per tenth of the work
+    with its ETA, for CI logs."""
+    if show_bar:
+        with ProgressBar(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        ) as bar:
+            task = bar.add_task(description, total=None)
+
+            def advance(update: AttributionProgress) -> None:
+                bar.update(task, completed=update.done, total=update.total or None)
+
+            yield advance
+        return
+    started = time.monotonic()
+    reported = -1
+
+    def log_line(update: AttributionProgress) -> None:
+        nonlocal reported
+        if not update.total:
+            return
+        tenth = 10 * update.done // update.total
+        if tenth == reported:
+            return
+        reported = tenth
+        elapsed = time.monotonic() - started
+        eta = ""
+        if 0 < update.done < update.total:
+            eta = f", ETA {elapsed * (update.total - update.done) / update.done:.0f} s"
+        typer.echo(
+            f"propscope: {update.done}/{update.total} {description} "
+            f"({update.done / update.total:.0%}, {elapsed:.0f} s{eta})",
+            err=True,
+        )
+
+    yield log_line
 
 
 @app.command()
