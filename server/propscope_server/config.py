@@ -40,6 +40,9 @@ class Limits(BaseModel):
     max_permutations: int = 100_000
     # Edited images of one request (samples x steps x edited properties): the cost guard.
     max_edits: int = 20_000
+    # Forward passes of one Attribute or EvaluateAttribution request (Sobol grid 8,
+    # N 32: 2,112; stability multiplies its method's by its samples + 1).
+    max_forward_passes: int = 200_000
     # Admission control: an Explain stream beyond these is refused, never queued.
     max_streams_total: int = 64
     max_streams_per_tenant: int = 32
@@ -105,6 +108,9 @@ class Settings(BaseSettings):
     log_format: str = Field("json", pattern="^(json|text)$")
     # Properties of one request explained at the same time.
     property_concurrency: int = Field(4, ge=1)
+    # Batches of one attribution in flight at once: Triton overlaps them while the
+    # gateway perturbs the next (memory: this x max_batch_size perturbed inputs).
+    attribution_concurrency: int = Field(3, ge=1)
     # Bound on each Triton call within the call's deadline: a guard against a hung model
     # (a call that hits it fails its property).
     triton_timeout_s: float = Field(300.0, gt=0)

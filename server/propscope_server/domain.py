@@ -136,3 +136,164 @@ class Done:
 
 
 Event = Accepted | Progress | PropertyOutcome | Done
+
+
+# --- Attribution maps and their fidelity (AttributionService) ---
+
+
+@dataclass(frozen=True)
+class SobolSpec:
+    grid: int = 8
+    nb_design: int = 32
+    estimator: str = "jansen"
+    per_channel: bool = False
+
+    @property
+    def dimension(self) -> int:
+        return self.grid * self.grid * (3 if self.per_channel else 1)
+
+    @property
+    def forward_passes(self) -> int:
+        """N (D + 2): the replicated design's rows."""
+        return self.nb_design * (self.dimension + 2)
+
+
+@dataclass(frozen=True)
+class RiseSpec:
+    grid: int = 7
+    nb_samples: int = 4000
+    preservation: float = 0.5
+
+    @property
+    def forward_passes(self) -> int:
+        return self.nb_samples
+
+
+AttributionMethod = SobolSpec | RiseSpec
+
+
+def method_name(method: AttributionMethod) -> str:
+    return "sobol" if isinstance(method, SobolSpec) else "rise"
+
+
+@dataclass(frozen=True)
+class PerturbationSpec:
+    kind: str = "inpainting"  # inpainting | blur | amplitude
+    baseline: str = "input_zero"  # input_zero | black | mean_colour | blur
+    blur_sigma: float = 0.0  # 0: 2% of the model input's longer side
+
+
+@dataclass(frozen=True)
+class AttributeSpec:
+    request_id: str
+    image: np.ndarray  # uint8 [H, W, 3]
+    classifier: ClassifierRef
+    method: AttributionMethod
+    target_score: str  # probability | logit
+    perturbation: PerturbationSpec
+    seed: int
+    tenant: str = DEFAULT_TENANT
+
+
+@dataclass(frozen=True)
+class DeletionSpec:
+    steps: int = 10
+    max_percentage: float = 1.0
+    baseline: str = "input_zero"
+
+
+@dataclass(frozen=True)
+class MuFidelitySpec:
+    grid: int = 9
+    subset_percent: float = 0.2
+    nb_samples: int = 200
+    baseline: str = "input_zero"
+
+
+@dataclass(frozen=True)
+class StabilitySpec:
+    radius: float = 0.1
+    nb_samples: int = 20
+    method: AttributionMethod = field(default_factory=SobolSpec)
+    perturbation: PerturbationSpec = field(default_factory=PerturbationSpec)
+
+
+MetricSpec = tuple[str, DeletionSpec | MuFidelitySpec | StabilitySpec]
+
+
+@dataclass(frozen=True)
+class EvaluateSpec:
+    request_id: str
+    image: np.ndarray  # uint8 [H, W, 3]
+    classifier: ClassifierRef
+    explanation: np.ndarray | None  # float32 [H, W]
+    metrics: tuple[
+        MetricSpec, ...
+    ]  # ("deletion" | "insertion" | "mu_fidelity" | "stability", options)
+    target_score: str
+    seed: int
+    tenant: str = DEFAULT_TENANT
+
+
+@dataclass(frozen=True)
+class ClassifierPlanned:
+    """What every attribution and evaluation plan tells the caller first."""
+
+    model_version: str
+    target_class: int
+    target_label: str
+    target_score: str
+    preprocessing: PreprocessingConfig
+    preprocessing_sources: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AttributionAccepted:
+    method: AttributionMethod
+    perturbation: PerturbationSpec
+    classifier: ClassifierPlanned
+    planned_forward_passes: int
+    planned_forward_passes_total: int
+    perturbation_description: str
+
+
+@dataclass(frozen=True)
+class PassesProgress:
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class AttributionOutcome:
+    map: np.ndarray  # float32 [H, W] over the image
+    grid: np.ndarray  # float32 [g, g]
+    channel_grid: np.ndarray | None  # float32 [g, g, 3] for per-channel Sobol
+    forward_passes: int
+    cache_hit: bool
+    original_score: float
+    target_class: int
+    target_label: str
+    target_score: str
+    total_s: float
+
+
+@dataclass(frozen=True)
+class EvaluationAccepted:
+    metrics: tuple[str, ...]
+    classifier: ClassifierPlanned
+    planned_forward_passes: int
+
+
+@dataclass(frozen=True)
+class MetricOutcome:
+    metric: str
+    value: float
+    settings: str
+    target_score: str
+    forward_passes: int
+    fractions: tuple[float, ...] = ()
+    scores: tuple[float, ...] = ()
+    attribution_sums: tuple[float, ...] = ()
+    score_drops: tuple[float, ...] = ()
+    distances: tuple[float, ...] = ()

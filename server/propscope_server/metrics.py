@@ -56,3 +56,17 @@ TRITON_ERRORS = Counter(
 TRITON_RETRIES = Counter(
     "propscope_triton_retries_total", "Triton calls retried after a transient error", ["kind"]
 )
+METHOD_RUNS = Counter(
+    "propscope_method_runs_total", "Explanation method runs by outcome", ["method", "outcome"]
+)
+METHOD_SECONDS = Histogram(
+    "propscope_method_seconds",
+    "Wall time of one explanation method run (plan and work)",
+    ["method"],
+    buckets=LATENCY_BUCKETS,
+)
+FORWARD_PASSES = Counter(
+    "propscope_forward_passes_total",
+    "Forward passes the attribution and evaluation methods ran (cache hits run none)",
+    ["method"],
+)

@@ -15,11 +15,11 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from PIL import Image
 
 from propscope.v1 import explain_pb2 as pb
-from propscope_server import domain
+from propscope_server import domain, methods
 from propscope_server.api.status import status_code
-from propscope_server.inference import ModelDescription, RepositoryEntry
 from propscope_server.config import Limits, PreprocessingConfig
 from propscope_server.errors import InvalidArgument, PropscopeError
+from propscope_server.inference import ModelDescription, RepositoryEntry
 from propscope_server.regions import box_mask, decode_mask
 from propscope_server.scoring.property_gradient import DEFAULT_MIN_PROBABILITY_CHANGE, Decision
 
@@ -114,7 +114,7 @@ def decode_image(
         ) from None
 
 
-def _bounded(value: int, default: int, low: int, high: int, field: str, limit: str) -> int:
+def bounded(value: int, default: int, low: int, high: int, field: str, limit: str) -> int:
     value = value or default
     if not low <= value <= high:
         raise InvalidArgument(
@@ -144,11 +144,11 @@ def explain_spec(
             f"{limits.max_properties} per request",
             field="properties",
         )
-    steps = _bounded(request.steps, DEFAULT_STEPS, 2, limits.max_steps, "steps", "max_steps")
-    samples = _bounded(
+    steps = bounded(request.steps, DEFAULT_STEPS, 2, limits.max_steps, "steps", "max_steps")
+    samples = bounded(
         request.samples, DEFAULT_SAMPLES, 1, limits.max_samples, "samples", "max_samples"
     )
-    permutations = _bounded(
+    permutations = bounded(
         request.permutations,
         DEFAULT_PERMUTATIONS,
         limits.min_permutations,
@@ -188,7 +188,7 @@ def explain_spec(
     spec = domain.ExplainSpec(
         request_id=request.request_id or uuid.uuid4().hex,
         image=image,
-        classifier=_classifier(request.model),
+        classifier=classifier_ref(request.model),
         properties=properties,
         steps=steps,
         samples=samples,
@@ -320,7 +320,7 @@ def checked_version(value: str, field: str) -> str:
     return str(int(value))
 
 
-def _classifier(model: pb.ModelRef) -> domain.ClassifierRef:
+def classifier_ref(model: pb.ModelRef) -> domain.ClassifierRef:
     check_name(model.name, "model.name")
     check_name(model.output, "model.output")
     version = checked_version(model.version, "model.version")
@@ -596,6 +596,7 @@ def model_info(entry: RepositoryEntry, description: ModelDescription | None) -> 
     if description.role != "editor":
         info.preprocessing.CopyFrom(preprocessing_message(description.preprocessing))
         info.class_labels.extend(description.class_labels)
+        info.methods.extend(methods.supported(description))
     info.max_batch_size = description.max_batch_size
     info.description = description.description
     for tensors, target in ((description.inputs, info.inputs), (description.outputs, info.outputs)):

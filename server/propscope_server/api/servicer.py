@@ -1,80 +1,120 @@
-"""The ExplainService servicer: converts protobuf to domain calls and domain
-errors to gRPC status codes, nothing else."""
+"""The servicers: protobuf to domain calls, domain errors to gRPC status codes
+(api/status.py), and the same admission, deadlines and runner for every method."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
+from functools import partial
+from typing import Any
 
 import grpc
 from grpc_status import rpc_status
 
+from propscope.v1 import attribution_pb2 as apb
+from propscope.v1 import attribution_pb2_grpc, explain_pb2_grpc
 from propscope.v1 import explain_pb2 as pb
-from propscope.v1 import explain_pb2_grpc
 from propscope_server import logs, metrics
-from propscope_server.api import convert
+from propscope_server.api import convert, convert_attribution
 from propscope_server.api.admission import Admission
 from propscope_server.api.auth import Authenticator
 from propscope_server.api.status import status_code
-from propscope_server.backends.triton import ModelDescription, RepositoryEntry, TritonBackend
 from propscope_server.config import Limits
-from propscope_server.domain import PropertyOutcome
+from propscope_server.domain import (
+    AttributeSpec,
+    AttributionOutcome,
+    EvaluateSpec,
+    Event,
+    ExplainSpec,
+    PropertyOutcome,
+    method_name,
+)
 from propscope_server.errors import PropscopeError
+from propscope_server.inference import Inference, ModelDescription, RepositoryEntry
+from propscope_server.methods.attribution import Attribution
+from propscope_server.methods.base import ExplanationMethod
+from propscope_server.methods.evaluation import Evaluation
 from propscope_server.orchestration.explain import Explainer
+from propscope_server.orchestration.runner import run_method
 from propscope_server.threads import in_thread
 
 logger = logging.getLogger(__name__)
 
 
-class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
-    def __init__(
-        self,
-        explainer: Explainer,
-        backend: TritonBackend,
-        limits: Limits,
-        authenticator: Authenticator,
-        admission: Admission,
-    ) -> None:
-        self._explainer = explainer
-        self._backend = backend
-        self._limits = limits
+class MethodStreams:
+    """What every method's RPC shares: the tenant, the same admission (a stream slot of
+    the tenant and of the gateway), a deadline (a call without one still ends: slots
+    and Triton work are bounded), validation in a thread, the runner, and event
+    conversion."""
+
+    def __init__(self, limits: Limits, authenticator: Authenticator, admission: Admission) -> None:
+        self.limits = limits
         self._authenticator = authenticator
         self._admission = admission
+
+    def tenant(self, context: grpc.aio.ServicerContext) -> str:
+        """The interceptor has refused unknown tokens already; this names the tenant. The
+        request id is bound once the request is validated: never an unchecked string."""
+        tenant = self._authenticator.tenant(context.invocation_metadata())
+        if tenant is None:
+            raise RuntimeError("a call without a known token reached the servicer")
+        logs.bind_request("-", tenant)
+        return tenant
+
+    async def stream(
+        self,
+        rpc: str,
+        context: grpc.aio.ServicerContext,
+        to_spec: Callable[[str], Any],
+        method: ExplanationMethod,
+        method_name: Callable[[Any], str],
+        to_message: Callable[[Any, Any], Awaitable[Any]],
+    ) -> AsyncIterator[Any]:
+        async with _observed(rpc, context):
+            tenant = self.tenant(context)
+            remaining = context.time_remaining() or self.limits.max_call_s
+            deadline = time.monotonic() + remaining
+            with self._admission.admit(tenant), metrics.INFLIGHT_STREAMS.track_inprogress():
+                spec = await in_thread(to_spec, tenant)
+                logs.bind_request(spec.request_id, tenant)
+                events = run_method(method, method_name(spec), spec, deadline)
+                async with aclosing(events) as events:
+                    async for event in events:
+                        yield await to_message(spec, event)
+
+
+class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
+    def __init__(self, explainer: Explainer, backend: Inference, streams: MethodStreams) -> None:
+        self._explainer = explainer
+        self._backend = backend
+        self._streams = streams
 
     async def Explain(  # noqa: N802 - gRPC method name
         self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ExplainEvent]:
-        async with _observed("Explain", context):
-            tenant = self._tenant(context)
-            # A call without a deadline still ends: slots and Triton work are bounded.
-            remaining = context.time_remaining() or self._limits.max_call_s
-            deadline = time.monotonic() + remaining
-            with self._admission.admit(tenant), metrics.INFLIGHT_STREAMS.track_inprogress():
-                spec = await in_thread(convert.explain_spec, request, self._limits, tenant)
-                logs.bind_request(spec.request_id, tenant)
-                plan = await self._explainer.plan(spec, deadline)
-                logger.info(
-                    "explain: model %s, %d properties, %d samples x %d steps",
-                    spec.classifier.name,
-                    len(spec.properties),
-                    spec.samples,
-                    spec.steps,
-                )
-                async with aclosing(self._explainer.run(plan)) as events:
-                    async for event in events:
-                        if spec.return_path_images and isinstance(event, PropertyOutcome):
-                            yield await in_thread(convert.event_message, spec.request_id, event)
-                        else:
-                            yield convert.event_message(spec.request_id, event)
+        async def to_message(spec: ExplainSpec, event: Event) -> pb.ExplainEvent:
+            if spec.return_path_images and isinstance(event, PropertyOutcome):
+                return await in_thread(convert.event_message, spec.request_id, event)
+            return convert.event_message(spec.request_id, event)
+
+        async for message in self._streams.stream(
+            "Explain",
+            context,
+            partial(convert.explain_spec, request, self._streams.limits),
+            self._explainer,
+            lambda _: "propgrad",
+            to_message,
+        ):
+            yield message
 
     async def ListModels(  # noqa: N802 - gRPC method name
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         async with _observed("ListModels", context):
-            self._tenant(context)
+            self._streams.tenant(context)
             remaining = context.time_remaining()
             deadline = time.monotonic() + remaining if remaining is not None else None
             entries = await self._backend.repository(deadline)
@@ -87,15 +127,6 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
                     for entry, description in zip(entries, descriptions, strict=True)
                 ]
             )
-
-    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
-        """The interceptor has refused unknown tokens already; this names the tenant. The
-        request id is bound once the request is validated: never an unchecked string."""
-        tenant = self._authenticator.tenant(context.invocation_metadata())
-        if tenant is None:
-            raise RuntimeError("a call without a known token reached the servicer")
-        logs.bind_request("-", tenant)
-        return tenant
 
     async def _describe_listed(
         self, entry: RepositoryEntry, deadline: float | None
@@ -139,3 +170,46 @@ async def _observed(method: str, context: grpc.aio.ServicerContext) -> AsyncIter
         metrics.RPC_TOTAL.labels(method=method, code=code.name).inc()
         metrics.RPC_SECONDS.labels(method=method, code=code.name).observe(elapsed)
         logger.info("%s finished: %s in %.3f s", method, code.name, elapsed)
+
+
+class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
+    def __init__(
+        self, attribution: Attribution, evaluation: Evaluation, streams: MethodStreams
+    ) -> None:
+        self._attribution = attribution
+        self._evaluation = evaluation
+        self._streams = streams
+
+    async def Attribute(  # noqa: N802 - gRPC method name
+        self, request: apb.AttributeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[apb.AttributeEvent]:
+        async def to_message(spec: AttributeSpec, event: object) -> apb.AttributeEvent:
+            if isinstance(event, AttributionOutcome):  # a large map is encoded off the loop
+                return await in_thread(convert_attribution.attribute_event, spec.request_id, event)
+            return convert_attribution.attribute_event(spec.request_id, event)
+
+        async for message in self._streams.stream(
+            "Attribute",
+            context,
+            partial(convert_attribution.attribute_spec, request, self._streams.limits),
+            self._attribution,
+            lambda spec: method_name(spec.method),
+            to_message,
+        ):
+            yield message
+
+    async def EvaluateAttribution(  # noqa: N802 - gRPC method name
+        self, request: apb.EvaluateAttributionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[apb.EvaluateAttributionEvent]:
+        async def to_message(spec: EvaluateSpec, event: object) -> apb.EvaluateAttributionEvent:
+            return convert_attribution.evaluate_event(spec.request_id, event)
+
+        async for message in self._streams.stream(
+            "EvaluateAttribution",
+            context,
+            partial(convert_attribution.evaluate_spec, request, self._streams.limits),
+            self._evaluation,
+            lambda _: "evaluation",
+            to_message,
+        ):
+            yield message

@@ -185,3 +185,69 @@ def detection_warning(model: str, output_kind: str) -> str:
         + "; declare propscope.output_kind in its config.pbtxt or pass "
         "model.preprocessing.output_kind to be sure"
     )
+
+
+def resize_values(
+    values: np.ndarray, height: int, width: int, resample: str = "bicubic"
+) -> np.ndarray:
+    """A 2-D float map resized (PIL, float32): bicubic for maps shown over an image,
+    bilinear where the image's own resize is mirrored."""
+    if values.shape == (height, width):
+        return values.astype(np.float32)
+    method = Image.Resampling.BICUBIC if resample == "bicubic" else Image.Resampling.BILINEAR
+    picture = Image.fromarray(np.ascontiguousarray(values, dtype=np.float32), mode="F")
+    return np.asarray(picture.resize((width, height), method), dtype=np.float32)
+
+
+def _scaled_box(source: tuple[int, int], target: tuple[int, int], mode: str) -> tuple[int, int]:
+    """The (height, width) the source is scaled to by center_crop or letterbox, as
+    `_resize_one` does."""
+    scale_of = max if mode == "center_crop" else min
+    scale = scale_of(target[0] / source[0], target[1] / source[1])
+    return max(1, round(source[0] * scale)), max(1, round(source[1] * scale))
+
+
+def map_to_view(values: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
+    """A map over the image [H, W] -> over the model's input [height, width], with the
+    geometry the image itself goes through (`resize`)."""
+    if mode == "squash" or values.shape == (height, width):
+        return resize_values(values, height, width, "bilinear")
+    scaled_height, scaled_width = _scaled_box(values.shape, (height, width), mode)
+    scaled = resize_values(values, scaled_height, scaled_width, "bilinear")
+    if mode == "center_crop":
+        top, left = (scaled_height - height) // 2, (scaled_width - width) // 2
+        return scaled[top : top + height, left : left + width]
+    canvas = np.zeros((height, width), dtype=np.float32)
+    top, left = (height - scaled_height) // 2, (width - scaled_width) // 2
+    canvas[top : top + scaled_height, left : left + scaled_width] = scaled
+    return canvas
+
+
+def map_to_image(values: np.ndarray, image_height: int, image_width: int, mode: str) -> np.ndarray:
+    """A map over the model's input [h, w] -> over the image [H, W], bicubic: the
+    inverse of `resize`'s geometry. Center crop: the image outside what the model sees
+    gets 0; letterbox: the padding is dropped."""
+    height, width = values.shape
+    if mode == "squash" or (height, width) == (image_height, image_width):
+        return resize_values(values, image_height, image_width)
+    scaled_height, scaled_width = _scaled_box((image_height, image_width), (height, width), mode)
+    if mode == "center_crop":
+        # The view is the centre of the image scaled to (scaled_height, scaled_width).
+        top, left = (scaled_height - height) // 2, (scaled_width - width) // 2
+        canvas = np.zeros((scaled_height, scaled_width), dtype=np.float32)
+        canvas[top : top + height, left : left + width] = values
+        full = resize_values(canvas, image_height, image_width)
+        inside = resize_values(
+            np.pad(
+                np.ones((height, width), np.float32),
+                ((top, scaled_height - height - top), (left, scaled_width - width - left)),
+            ),
+            image_height,
+            image_width,
+            "bilinear",
+        )
+        return np.where(inside > 0.5, full, 0.0).astype(np.float32)
+    top, left = (height - scaled_height) // 2, (width - scaled_width) // 2
+    return resize_values(
+        values[top : top + scaled_height, left : left + scaled_width], image_height, image_width
+    )

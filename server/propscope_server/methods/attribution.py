@@ -1,0 +1,400 @@
+"""Black-box attribution maps: Sobol total-order indices (Fel et al. 2021) and RISE
+(Petsiuk et al. 2018), on any classifier that serves forward passes.
+
+Both work on the image as the model sees it (the *view*: resized by the model's
+resize mode, RGB values before its normalisation), perturb it in batches of the
+model's max_batch_size (a few in flight at once, so Triton works while the gateway
+perturbs the next), and map the result back onto the image. Scores land in fixed
+slots and are reduced in order, so a map is bit-identical whatever order Triton
+answers in, and is cached like a path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from propscope_server import metrics
+from propscope_server.backends.preprocessing import map_to_image, resize, resize_values
+from propscope_server.cache import ArtefactCache, artefact_key
+from propscope_server.config import Settings
+from propscope_server.domain import (
+    AttributeSpec,
+    AttributionAccepted,
+    AttributionMethod,
+    AttributionOutcome,
+    ClassifierPlanned,
+    ClassifierRef,
+    PassesProgress,
+    PerturbationSpec,
+    RiseSpec,
+    SobolSpec,
+    method_name,
+)
+from propscope_server.errors import InvalidArgument
+from propscope_server.inference import Inference
+from propscope_server.methods import require
+from propscope_server.orchestration.classifier import (
+    PlannedClassifier,
+    Target,
+    check_target_score,
+    outputs_of_pixels,
+    plan_classifier,
+    target_scores,
+)
+from propscope_server.orchestration.explain import cache_namespace, image_digest
+from propscope_server.orchestration.runner import Finished, with_progress
+from propscope_server.scoring import perturbation, rise, sobol
+from propscope_server.threads import in_thread
+
+# Default blur of the BLUR baseline and kind: this fraction of the view's longer side.
+DEFAULT_BLUR_FRACTION = 0.02
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """The classifier, the view of the image and the target, resolved once; shared by
+    Attribute and EvaluateAttribution."""
+
+    classifier: PlannedClassifier
+    view: np.ndarray  # float32 [h, w, 3], RGB values 0..255 as the model sees them
+    target: Target
+    original_score: float
+    passes: int  # forward passes planning ran (the original, a detection)
+    deadline: float | None
+
+    def planned(self) -> ClassifierPlanned:
+        return ClassifierPlanned(
+            model_version=self.classifier.model.version,
+            target_class=self.target.class_index,
+            target_label=self.classifier.label(self.target.class_index),
+            target_score=self.target.score,
+            preprocessing=self.classifier.preprocessing,
+            preprocessing_sources=self.classifier.preprocessing_sources,
+            warnings=self.classifier.warnings,
+        )
+
+
+async def plan_target(
+    inference: Inference,
+    ref: ClassifierRef,
+    image: np.ndarray,
+    target_score: str,
+    method: str,
+    settings: Settings,
+    deadline: float | None,
+    grids: tuple[tuple[int, str], ...] = (),
+) -> TargetPlan:
+    """Resolves the classifier, checks it supports `method` and that each (grid,
+    field) fits the model's input, then runs the original once: its score, and its
+    predicted class when no target class is given."""
+    detection = ref.preprocessing is None or ref.preprocessing.output_kind is None
+    classifier = await plan_classifier(inference, ref, image, settings, deadline)
+    require(method, classifier.model)
+    check_target_score(classifier, target_score)
+    layout = classifier.layout
+    view = await in_thread(
+        resize,
+        image[None],
+        layout.height,
+        layout.width,
+        classifier.preprocessing.resize or "squash",
+    )
+    view = view[0].astype(np.float32)
+    for grid, field in grids:
+        check_grid(grid, view.shape, field)
+    raw = await outputs_of_pixels(inference, classifier, view[None], deadline)
+    target_class = ref.target_class if ref.target_class is not None else int(raw[0].argmax())
+    target = Target(target_class, target_score)
+    detected = detection and any(
+        s == "output_kind: detected from the outputs" for s in classifier.preprocessing_sources
+    )
+    return TargetPlan(
+        classifier=classifier,
+        view=view,
+        target=target,
+        original_score=float(target_scores(classifier, raw, target)[0]),
+        passes=1 + int(detected),
+        deadline=deadline,
+    )
+
+
+def baseline_image(
+    view: np.ndarray, baseline: str, sigma: float, classifier: PlannedClassifier
+) -> np.ndarray:
+    """The pixels a removed region becomes, [h, w, 3] float32."""
+    if baseline == "black":
+        return np.zeros_like(view)
+    if baseline == "mean_colour":
+        return np.broadcast_to(view.mean(axis=(0, 1)), view.shape).astype(np.float32)
+    if baseline == "blur":
+        return perturbation.gaussian_blur(view, blur_sigma(view, sigma))
+    # input_zero: the pixel value the model's normalisation maps to 0.
+    mean = classifier.preprocessing.mean
+    if classifier.layout.datatype == "UINT8" or mean is None:
+        return np.zeros_like(view)
+    return np.broadcast_to(np.asarray(mean, np.float32) * 255.0, view.shape).astype(np.float32)
+
+
+def blur_sigma(view: np.ndarray, sigma: float) -> float:
+    return sigma if sigma > 0 else DEFAULT_BLUR_FRACTION * max(view.shape[:2])
+
+
+BASELINE_WORDS = {
+    "input_zero": "the model's input zero",
+    "black": "black (RGB 0,0,0)",
+    "mean_colour": "the image's mean colour",
+    "blur": "the image blurred",
+}
+
+
+def describe_perturbation(
+    spec: PerturbationSpec, view: np.ndarray, classifier: PlannedClassifier
+) -> str:
+    """The perturbation in words, as the result must state it."""
+    height, width = view.shape[:2]
+    sigma = blur_sigma(view, spec.blur_sigma)
+    if spec.kind == "blur":
+        what = f"blurring (sigma {sigma:.3g} px)"
+    else:
+        baseline = BASELINE_WORDS[spec.baseline]
+        if spec.baseline == "input_zero":
+            mean = classifier.preprocessing.mean
+            if classifier.layout.datatype == "UINT8" or mean is None:
+                baseline += ": black, as the model takes unnormalised pixels"
+            else:
+                baseline += f": the normalisation mean {tuple(round(m, 4) for m in mean)}"
+        elif spec.baseline == "blur":
+            baseline += f" (sigma {sigma:.3g} px)"
+        what = f"{spec.kind} toward {baseline}"
+    rounding = (
+        "rounded to whole pixel values for its UINT8 input"
+        if classifier.layout.datatype == "UINT8"
+        else f"not rounded ({classifier.layout.datatype} input)"
+    )
+    return f"{what}, at the model's {height}x{width} input before its normalisation; {rounding}"
+
+
+async def view_attribution(
+    inference: Inference,
+    plan: TargetPlan,
+    view: np.ndarray,
+    method: AttributionMethod,
+    spec: PerturbationSpec,
+    seed: int,
+    settings: Settings,
+    progress: Callable[[int], None],
+) -> tuple[np.ndarray, np.ndarray]:
+    """(grid values [g, g] or [g, g, 3], map over the view [h, w]) of `method` on
+    `view` (the original's view, or a noisy one for stability)."""
+    height, width = view.shape[:2]
+    baseline = baseline_image(
+        view, "blur" if spec.kind == "blur" else spec.baseline, spec.blur_sigma, plan.classifier
+    )
+    kind = "inpainting" if spec.kind == "blur" else spec.kind
+    batch = plan.classifier.model.max_batch_size
+    passes = method.forward_passes
+    scores = np.empty(passes, dtype=np.float64)
+    if isinstance(method, SobolSpec):
+        channels = 3 if method.per_channel else 1
+        design = await in_thread(sobol.sobol_design, method.nb_design, method.dimension)
+
+        def masks_of(start: int, stop: int) -> np.ndarray:
+            return sobol.upsample_masks(design[start:stop], method.grid, height, width, channels)
+    else:
+
+        def masks_of(start: int, stop: int) -> np.ndarray:
+            rng = np.random.default_rng([seed, start])
+            return rise.rise_masks(
+                stop - start, method.grid, method.preservation, height, width, rng
+            )
+
+    def perturbed(start: int, stop: int) -> np.ndarray:
+        return perturbation.perturb(view, masks_of(start, stop), kind, baseline)
+
+    limit = asyncio.Semaphore(settings.attribution_concurrency)
+
+    async def one_batch(start: int) -> None:
+        stop = min(start + batch, passes)
+        async with limit:
+            pixels = await in_thread(perturbed, start, stop)
+            raw = await outputs_of_pixels(inference, plan.classifier, pixels, plan.deadline)
+        scores[start:stop] = target_scores(plan.classifier, raw, plan.target)
+        progress(stop - start)
+
+    async with asyncio.TaskGroup() as group:
+        for start in range(0, passes, batch):
+            group.create_task(one_batch(start))
+    if isinstance(method, SobolSpec):
+        indices = await in_thread(
+            sobol.total_order, scores, method.nb_design, method.dimension, method.estimator
+        )
+        grid = indices.reshape(method.grid, method.grid, -1).astype(np.float32)
+        cells = grid.sum(axis=-1)
+        view_map = resize_values(cells, height, width)
+        return (grid if method.per_channel else cells), view_map
+
+    def rise_map() -> np.ndarray:
+        accumulator = rise.RiseAccumulator(height, width, method.preservation)
+        for start in range(0, passes, batch):
+            stop = min(start + batch, passes)
+            accumulator.add(masks_of(start, stop), scores[start:stop])
+        return accumulator.result().astype(np.float32)
+
+    view_map = await in_thread(rise_map)
+    grid = resize_values(view_map, method.grid, method.grid, "bilinear")
+    return grid, view_map
+
+
+@dataclass(frozen=True)
+class AttributionPlan:
+    spec: AttributeSpec
+    target: TargetPlan
+    description: str
+    cache_key: str
+
+
+class Attribution:
+    """The Attribute RPC's method (sobol or rise, by the spec)."""
+
+    def __init__(self, inference: Inference, cache: ArtefactCache, settings: Settings) -> None:
+        self._inference = inference
+        self._cache = cache
+        self._settings = settings
+
+    async def plan(self, spec: AttributeSpec, deadline: float | None) -> AttributionPlan:
+        name = method_name(spec.method)
+        target = await plan_target(
+            self._inference,
+            spec.classifier,
+            spec.image,
+            spec.target_score,
+            name,
+            self._settings,
+            deadline,
+            grids=((spec.method.grid, f"{name}.grid_size"),),
+        )
+        classifier = target.classifier
+        key = artefact_key(
+            "attribution",
+            cache_namespace(self._settings, spec.tenant),
+            (
+                image_digest(spec.image),
+                classifier.model.name,
+                classifier.model.version,
+                classifier.output,
+                classifier.preprocessing.model_dump_json(),
+                json.dumps(
+                    {
+                        "method": name,
+                        **asdict(spec.method),
+                        **asdict(spec.perturbation),
+                        "target": asdict(target.target),
+                        "seed": spec.seed if isinstance(spec.method, RiseSpec) else 0,
+                    },
+                    sort_keys=True,
+                ),
+            ),
+        )
+        return AttributionPlan(
+            spec=spec,
+            target=target,
+            description=describe_perturbation(spec.perturbation, target.view, classifier),
+            cache_key=key,
+        )
+
+    async def run(self, plan: AttributionPlan) -> AsyncIterator[object]:
+        started = time.perf_counter()
+        spec, target = plan.spec, plan.target
+        passes = spec.method.forward_passes
+        yield AttributionAccepted(
+            method=spec.method,
+            perturbation=spec.perturbation,
+            classifier=target.planned(),
+            planned_forward_passes=passes,
+            planned_forward_passes_total=passes + target.passes,
+            perturbation_description=plan.description,
+        )
+        cached = await self._cache.get(plan.cache_key)
+        metrics.CACHE_LOOKUPS.labels(result="hit" if cached is not None else "miss").inc()
+        if cached is not None:
+            grid, view_map = _unpack(cached, spec.method, target.view.shape[:2])
+            ran = 0
+        else:
+            done = 0
+
+            async def work(emit: Callable[[object], None]) -> tuple[np.ndarray, np.ndarray]:
+                def progress(count: int) -> None:
+                    nonlocal done
+                    done += count
+                    emit(PassesProgress(done, passes))
+
+                return await view_attribution(
+                    self._inference,
+                    target,
+                    target.view,
+                    spec.method,
+                    spec.perturbation,
+                    spec.seed,
+                    self._settings,
+                    progress,
+                )
+
+            async with aclosing(with_progress(work)) as events:
+                async for event in events:
+                    if isinstance(event, Finished):
+                        grid, view_map = event.value
+                    else:
+                        yield event
+            await self._cache.put(plan.cache_key, _pack(grid, view_map))
+            ran = passes
+        metrics.FORWARD_PASSES.labels(method=method_name(spec.method)).inc(ran)
+        image_map = await in_thread(
+            map_to_image,
+            view_map,
+            spec.image.shape[0],
+            spec.image.shape[1],
+            target.classifier.preprocessing.resize or "squash",
+        )
+        yield AttributionOutcome(
+            map=image_map,
+            grid=grid if grid.ndim == 2 else grid.sum(axis=-1),
+            channel_grid=grid if grid.ndim == 3 else None,
+            forward_passes=ran,
+            cache_hit=cached is not None,
+            original_score=target.original_score,
+            target_class=target.target.class_index,
+            target_label=target.classifier.label(target.target.class_index),
+            target_score=target.target.score,
+            total_s=time.perf_counter() - started,
+        )
+
+
+def check_grid(grid: int, shape: tuple[int, ...], field: str) -> None:
+    """A grid finer than the image or the model's input has cells without pixels."""
+    smallest = min(shape[:2])
+    if grid > smallest:
+        raise InvalidArgument(
+            f"{field} {grid} is larger than the image or the model's input (shorter side "
+            f"{smallest} px); use at most {smallest}",
+            field=field,
+        )
+
+
+def _pack(grid: np.ndarray, view_map: np.ndarray) -> np.ndarray:
+    """One float32 array for the cache: the grid's values, then the view's map."""
+    return np.concatenate([grid.ravel(), view_map.ravel()]).astype(np.float32)
+
+
+def _unpack(
+    packed: np.ndarray, method: AttributionMethod, view_shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    channels = 3 if isinstance(method, SobolSpec) and method.per_channel else 1
+    cells = method.grid * method.grid * channels
+    grid = packed[:cells].reshape(method.grid, method.grid, channels)
+    return (grid if channels == 3 else grid[..., 0]), packed[cells:].reshape(view_shape)

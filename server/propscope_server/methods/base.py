@@ -1,0 +1,58 @@
+"""The contract every explanation method implements, and what a method may need of a
+model (capabilities). Methods differ in what they compute; the runner
+(orchestration/runner.py) gives them all the same deadlines, cancellation, progress,
+metrics and logs, and the API layer the same admission and error mapping."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from propscope_server.inference import ModelDescription
+
+# config.pbtxt parameter in which a model declares what it exposes beyond forward
+# passes, comma-separated: "activations,interventions,gradients".
+CAPABILITIES_PARAMETER = "propscope.capabilities"
+
+
+class Capability(enum.Flag):
+    """What a method needs of a model; a black-box classifier offers FORWARD only."""
+
+    FORWARD = enum.auto()  # batched forward passes
+    EDITORS = enum.auto()  # editor models on the same server (or caller-provided paths)
+    ACTIVATIONS = enum.auto()  # hidden-layer activations as outputs
+    INTERVENTIONS = enum.auto()  # activations set from outside
+    GRADIENTS = enum.auto()  # gradients of outputs with respect to the input
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str  # as in ModelInfo.methods, metrics labels and logs
+    rpc: str  # the RPC that serves it
+    needs: Capability
+    summary: str
+
+
+class ExplanationMethod(Protocol):
+    """plan() refuses everything that can be refused before any work and returns the
+    method's plan; run(plan) yields the method's events (its first is what was
+    accepted, its last the result). Closing run()'s iterator cancels its work. The
+    registry (methods/__init__.py) holds each method's MethodInfo."""
+
+    async def plan(self, spec: Any, deadline: float | None) -> Any: ...
+
+    def run(self, plan: Any) -> AsyncIterator[Any]: ...
+
+
+def model_capabilities(model: ModelDescription) -> Capability:
+    """FORWARD for every classifier, plus what its config declares."""
+    if model.role == "editor":
+        return Capability(0)
+    capabilities = Capability.FORWARD
+    declared = model.parameters.get(CAPABILITIES_PARAMETER, "")
+    for name in filter(None, (part.strip().upper() for part in declared.split(","))):
+        if name in Capability.__members__:
+            capabilities |= Capability[name]
+    return capabilities

@@ -1,0 +1,248 @@
+"""Fidelity metrics of an attribution map (EvaluateAttribution): Deletion and
+Insertion (Petsiuk et al.), MuFidelity and average stability (Bhatt et al. 2020), with
+Xplique's definitions (scoring/fidelity.py).
+
+A given map is brought onto the model's view with the image's own geometry, and
+every metric perturbs the view, so a map computed elsewhere (Captum on the original
+image) and one computed here are judged on the same pixels the model sees."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+
+import numpy as np
+
+from propscope_server import metrics
+from propscope_server.backends.preprocessing import map_to_view
+from propscope_server.config import Settings
+from propscope_server.domain import (
+    DeletionSpec,
+    EvaluateSpec,
+    EvaluationAccepted,
+    MetricOutcome,
+    MuFidelitySpec,
+    PassesProgress,
+    StabilitySpec,
+    method_name,
+)
+from propscope_server.inference import Inference
+from propscope_server.methods.attribution import (
+    TargetPlan,
+    baseline_image,
+    plan_target,
+    view_attribution,
+)
+from propscope_server.orchestration.classifier import outputs_of_pixels, target_scores
+from propscope_server.orchestration.runner import Finished, with_progress
+from propscope_server.scoring import fidelity
+from propscope_server.threads import in_thread
+
+
+def metric_passes(name: str, options: DeletionSpec | MuFidelitySpec | StabilitySpec) -> int:
+    """Forward passes one metric runs."""
+    if isinstance(options, DeletionSpec):
+        return options.steps + 1
+    if isinstance(options, MuFidelitySpec):
+        return options.nb_samples
+    return (options.nb_samples + 1) * options.method.forward_passes
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    spec: EvaluateSpec
+    target: TargetPlan
+    view_map: np.ndarray | None  # the given map over the view [h, w]
+    passes: int
+
+
+class Evaluation:
+    """The EvaluateAttribution RPC's method: one MetricOutcome per requested metric."""
+
+    def __init__(self, inference: Inference, settings: Settings) -> None:
+        self._inference = inference
+        self._settings = settings
+
+    async def plan(self, spec: EvaluateSpec, deadline: float | None) -> EvaluationPlan:
+        grids = []
+        for name, options in spec.metrics:
+            if isinstance(options, StabilitySpec):
+                method = method_name(options.method)
+                grids.append((options.method.grid, f"stability.{method}.grid_size"))
+            if isinstance(options, MuFidelitySpec):
+                grids.append((options.grid, f"{name}.grid_size"))
+        target = await plan_target(
+            self._inference,
+            spec.classifier,
+            spec.image,
+            spec.target_score,
+            spec.metrics[0][0],
+            self._settings,
+            deadline,
+            grids=tuple(grids),
+        )
+        view_map = None
+        if spec.explanation is not None:
+            height, width = target.view.shape[:2]
+            view_map = await in_thread(
+                map_to_view,
+                spec.explanation,
+                height,
+                width,
+                target.classifier.preprocessing.resize or "squash",
+            )
+        return EvaluationPlan(
+            spec=spec,
+            target=target,
+            view_map=view_map,
+            passes=sum(metric_passes(name, options) for name, options in spec.metrics),
+        )
+
+    async def run(self, plan: EvaluationPlan) -> AsyncIterator[object]:
+        spec = plan.spec
+        yield EvaluationAccepted(
+            metrics=tuple(name for name, _ in spec.metrics),
+            classifier=plan.target.planned(),
+            planned_forward_passes=plan.passes,
+        )
+        done = 0
+        for name, options in spec.metrics:
+            started = time.perf_counter()
+
+            async def work(
+                emit: Callable[[object], None], name: str = name, options: object = options
+            ) -> MetricOutcome:
+                def count(passes: int) -> None:
+                    nonlocal done
+                    done += passes
+                    emit(PassesProgress(done, plan.passes))
+
+                return await self._metric(plan, name, options, count)
+
+            async with aclosing(with_progress(work)) as events:
+                async for event in events:
+                    if isinstance(event, Finished):
+                        outcome = event.value
+                    else:
+                        yield event
+            metrics.FORWARD_PASSES.labels(method=name).inc(outcome.forward_passes)
+            metrics.METHOD_SECONDS.labels(method=name).observe(time.perf_counter() - started)
+            yield outcome
+
+    async def _metric(
+        self,
+        plan: EvaluationPlan,
+        name: str,
+        options: DeletionSpec | MuFidelitySpec | StabilitySpec,
+        count: Callable[[int], None],
+    ) -> MetricOutcome:
+        target = plan.target
+        view = target.view
+        score_word = target.target.score
+        if isinstance(options, StabilitySpec):
+            return await self._stability(plan, options, count)
+        assert plan.view_map is not None
+        baseline = baseline_image(view, options.baseline, 0.0, target.classifier)
+        if isinstance(options, DeletionSpec):
+            insertion = name == "insertion"
+            fractions, images = await in_thread(
+                fidelity.deletion_images,
+                view,
+                plan.view_map,
+                options.steps,
+                options.max_percentage,
+                baseline,
+                insertion,
+            )
+            scores = await self._scores(target, images)
+            count(len(images))
+            return MetricOutcome(
+                metric=name,
+                value=float(fidelity.curve_area(fractions, scores)),
+                settings=(
+                    f"steps {options.steps}, max fraction {options.max_percentage:g}, "
+                    f"baseline {options.baseline}, target {score_word}"
+                ),
+                target_score=score_word,
+                forward_passes=len(images),
+                fractions=tuple(float(f) for f in fractions),
+                scores=tuple(float(s) for s in scores),
+            )
+        rng = np.random.default_rng([plan.spec.seed, 1])
+        subsets = fidelity.mufidelity_subsets(
+            options.grid, options.subset_percent, options.nb_samples, rng
+        )
+        height, width = view.shape[:2]
+        batch = target.classifier.model.max_batch_size
+        drops: list[np.ndarray] = []
+        sums: list[np.ndarray] = []
+        for start in range(0, len(subsets), batch):
+
+            def perturbed(start: int = start) -> tuple[np.ndarray, np.ndarray]:
+                masks = fidelity.subset_pixel_masks(subsets[start : start + batch], height, width)
+                images = np.where(masks[..., None], baseline[None], view[None]).astype(np.float32)
+                return images, (plan.view_map[None] * masks).sum(axis=(1, 2))
+
+            images, attribution = await in_thread(perturbed)
+            scores = await self._scores(target, images)
+            drops.append(target.original_score - scores)
+            sums.append(attribution)
+            count(len(images))
+        score_drops, attribution_sums = np.concatenate(drops), np.concatenate(sums)
+        return MetricOutcome(
+            metric=name,
+            value=float(
+                fidelity.mu_fidelity(
+                    target.original_score, target.original_score - score_drops, attribution_sums
+                )
+            ),
+            settings=(
+                f"grid {options.grid}, subset {options.subset_percent:g}, samples "
+                f"{options.nb_samples}, baseline {options.baseline}, target {score_word}"
+            ),
+            target_score=score_word,
+            forward_passes=len(subsets),
+            attribution_sums=tuple(float(a) for a in attribution_sums),
+            score_drops=tuple(float(d) for d in score_drops),
+        )
+
+    async def _stability(
+        self, plan: EvaluationPlan, options: StabilitySpec, count: Callable[[int], None]
+    ) -> MetricOutcome:
+        target = plan.target
+        rng = np.random.default_rng([plan.spec.seed, 2])
+        noisy = await in_thread(
+            fidelity.stability_noise, target.view, options.radius, options.nb_samples, rng
+        )
+        maps = []
+        for view in (target.view, *noisy):
+            _, view_map = await view_attribution(
+                self._inference,
+                target,
+                view.astype(np.float32),
+                options.method,
+                options.perturbation,
+                plan.spec.seed,
+                self._settings,
+                count,
+            )
+            maps.append(view_map)
+        value, distances = fidelity.average_stability(maps[0], np.stack(maps[1:]))
+        method = method_name(options.method)
+        return MetricOutcome(
+            metric="stability",
+            value=float(value),
+            settings=(
+                f"radius {options.radius:g}, samples {options.nb_samples}, method {method}, "
+                f"target {target.target.score}"
+            ),
+            target_score=target.target.score,
+            forward_passes=(options.nb_samples + 1) * options.method.forward_passes,
+            distances=tuple(float(d) for d in distances),
+        )
+
+    async def _scores(self, target: TargetPlan, images: np.ndarray) -> np.ndarray:
+        raw = await outputs_of_pixels(self._inference, target.classifier, images, target.deadline)
+        return target_scores(target.classifier, raw, target.target)
