@@ -1,5 +1,6 @@
 /**
- * A typed client of the propscope gateway (`propscope.v1.ExplainService`) over @grpc/grpc-js.
+ * A typed client of the propscope gateway (`propscope.v1.ExplainService` and
+ * `AttributionService`) over @grpc/grpc-js.
  *
  * The contract is read at run time from the repository's `protos/` (never copied), and the
  * `google/rpc/status.proto` it imports from the google-proto-files package; `npm run build`
@@ -12,7 +13,22 @@ import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { getProtoPath, loadSync } from "google-proto-files";
 
+import {
+  attributionFrom,
+  buildAttributeRequest,
+  buildEvaluateAttributionRequest,
+  type Attribution,
+  type AttributeOptions,
+  type EvaluateOptions,
+  type Evaluation,
+} from "./attribution";
+import type { ProtoGrpcType as AttributionProtoGrpcType } from "./generated/attribution";
 import type { ProtoGrpcType } from "./generated/explain";
+import type { AttributeAccepted__Output } from "./generated/propscope/v1/AttributeAccepted";
+import type { AttributeProgress__Output } from "./generated/propscope/v1/AttributeProgress";
+import type { AttributionResult__Output } from "./generated/propscope/v1/AttributionResult";
+import type { EvaluationAccepted__Output } from "./generated/propscope/v1/EvaluationAccepted";
+import type { MetricResult__Output } from "./generated/propscope/v1/MetricResult";
 import type { Accepted__Output } from "./generated/propscope/v1/Accepted";
 import type { Done__Output } from "./generated/propscope/v1/Done";
 import type { ExplainRequest } from "./generated/propscope/v1/ExplainRequest";
@@ -21,6 +37,28 @@ import type { ModelInfo__Output } from "./generated/propscope/v1/ModelInfo";
 import type { Progress__Output } from "./generated/propscope/v1/Progress";
 import type { PropertyResult__Output } from "./generated/propscope/v1/PropertyResult";
 
+export {
+  METRICS,
+  attributionFrom,
+  buildAttributeRequest,
+  buildEvaluateAttributionRequest,
+  mapArray,
+  mapMessage,
+  type Attribution,
+  type AttributeOptions,
+  type Baseline,
+  type Estimator,
+  type EvaluateOptions,
+  type Evaluation,
+  type MapArray,
+  type Method,
+  type MethodOptions,
+  type Metric,
+  type ModelOptions,
+  type PerturbationKind,
+  type PerturbationOptions,
+  type TargetScore,
+} from "./attribution";
 export {
   PROPERTY_SYNTAX,
   REGION_SYNTAX,
@@ -71,6 +109,10 @@ export type Progress = Progress__Output;
 export type PropertyResult = PropertyResult__Output;
 export type Done = Done__Output;
 export type ModelInfo = ModelInfo__Output;
+export type AttributeAccepted = AttributeAccepted__Output;
+export type AttributeProgress = AttributeProgress__Output;
+export type EvaluationAccepted = EvaluationAccepted__Output;
+export type MetricResult = MetricResult__Output;
 
 /** One event of an Explain stream: Accepted first, Progress and PropertyResult, Done last. */
 export type ExplainEvent = { requestId: string } & (
@@ -92,6 +134,11 @@ export interface ClientOptions {
 export interface CallOptions {
   /** When the call (for explain, the whole stream) is cancelled: a Date or epoch milliseconds. */
   deadline?: grpc.Deadline;
+}
+
+export interface AttributionCallOptions extends CallOptions {
+  /** Called as forward passes complete (done of total). */
+  onProgress?: (progress: AttributeProgress) => void;
 }
 
 export interface FieldViolation {
@@ -122,6 +169,20 @@ export interface PropscopeClient {
    * the loop cancels the call; a failed call throws a PropscopeError, also midway.
    */
   explain(request: ExplainRequest, options?: CallOptions): AsyncIterable<ExplainEvent>;
+  /**
+   * One attribution map of `options.model` on `options.image` (Sobol by default, or RISE),
+   * computed black-box; resolves when the map is done. Bad options throw before anything is
+   * sent; a failed call rejects with a PropscopeError.
+   */
+  attribute(options: AttributeOptions, callOptions?: AttributionCallOptions): Promise<Attribution>;
+  /**
+   * Scores a map (`options.explanation`, e.g. `attribution.map`) with fidelity metrics:
+   * deletion, insertion, mu_fidelity and stability. Errors as for attribute.
+   */
+  evaluateAttribution(
+    options: EvaluateOptions,
+    callOptions?: AttributionCallOptions & { onMetric?: (metric: MetricResult) => void },
+  ): Promise<Evaluation>;
   /** The classifiers and editors the gateway's Triton server serves. */
   listModels(options?: CallOptions): Promise<ModelInfo[]>;
   /** Closes the channel; calls in flight are cancelled. */
@@ -134,11 +195,13 @@ export function createClient(target: string, options: ClientOptions = {}): Props
   if (options.token && !options.credentials && !LOOPBACK_HOSTS.has(host)) {
     process.emitWarning(`sending a bearer token to ${target} over a plaintext channel`);
   }
-  const stub = new (explainService())(
-    target,
-    options.credentials ?? grpc.credentials.createInsecure(),
-    { "grpc.max_receive_message_length": MAX_RECEIVE_MESSAGE_BYTES },
-  );
+  const credentials = options.credentials ?? grpc.credentials.createInsecure();
+  const channelOptions = { "grpc.max_receive_message_length": MAX_RECEIVE_MESSAGE_BYTES };
+  const stub = new (services().explain)(target, credentials, channelOptions);
+  // The second stub shares the first one's channel.
+  const attributionStub = new (services().attribution)(target, credentials, {
+    channelOverride: stub.getChannel(),
+  });
   const metadata = (): grpc.Metadata => {
     const sent = new grpc.Metadata();
     for (const [key, value] of Object.entries(options.metadata ?? {})) sent.add(key, value);
@@ -159,6 +222,59 @@ export function createClient(target: string, options: ClientOptions = {}): Props
         call.cancel();
       }
     },
+    async attribute(attributeOptions, { deadline, onProgress } = {}) {
+      const request = buildAttributeRequest(attributeOptions);
+      const call = attributionStub.Attribute(request, metadata(), { deadline });
+      let requestId = request.requestId ?? "";
+      let accepted: AttributeAccepted | undefined;
+      let result: AttributionResult__Output | undefined;
+      try {
+        for await (const message of call) {
+          requestId = message.requestId || requestId;
+          if (message.accepted) accepted = message.accepted;
+          if (message.progress) onProgress?.(message.progress);
+          if (message.result) result = message.result;
+        }
+      } catch (error) {
+        throw asPropscopeError(error);
+      } finally {
+        call.cancel();
+      }
+      if (!accepted || !result) throw incomplete("Attribute", "the plan and the map");
+      try {
+        return attributionFrom(requestId, accepted, result);
+      } catch (error) {
+        throw new PropscopeError(grpc.status.INTERNAL, (error as Error).message, []);
+      }
+    },
+    async evaluateAttribution(evaluateOptions, { deadline, onProgress, onMetric } = {}) {
+      const request = buildEvaluateAttributionRequest(evaluateOptions);
+      const call = attributionStub.EvaluateAttribution(request, metadata(), { deadline });
+      let requestId = request.requestId ?? "";
+      let accepted: EvaluationAccepted | undefined;
+      const results: MetricResult[] = [];
+      try {
+        for await (const message of call) {
+          requestId = message.requestId || requestId;
+          if (message.accepted) accepted = message.accepted;
+          if (message.progress) onProgress?.(message.progress);
+          if (message.metric) {
+            results.push(message.metric);
+            onMetric?.(message.metric);
+          }
+        }
+      } catch (error) {
+        throw asPropscopeError(error);
+      } finally {
+        call.cancel();
+      }
+      if (!accepted) throw incomplete("EvaluateAttribution", "the plan");
+      const missing = accepted.metrics.filter((name) => !results.some((r) => r.metric === name));
+      if (missing.length) {
+        throw incomplete("EvaluateAttribution", `the results of ${missing.join(", ")}`);
+      }
+      return { requestId, accepted, results };
+    },
     listModels({ deadline } = {}) {
       return new Promise((resolve, reject) => {
         stub.ListModels({}, metadata(), { deadline }, (error, response) => {
@@ -168,21 +284,43 @@ export function createClient(target: string, options: ClientOptions = {}): Props
       });
     },
     close() {
+      attributionStub.close();
       stub.close();
     },
   };
 }
 
-let loadedService: ProtoGrpcType["propscope"]["v1"]["ExplainService"] | undefined;
+interface Services {
+  explain: ProtoGrpcType["propscope"]["v1"]["ExplainService"];
+  attribution: AttributionProtoGrpcType["propscope"]["v1"]["AttributionService"];
+}
 
-/** The service's client class, loaded once and only when a client is made. */
-function explainService(): ProtoGrpcType["propscope"]["v1"]["ExplainService"] {
-  if (!loadedService) {
-    const definition = protoLoader.loadSync("propscope/v1/explain.proto", LOADER_OPTIONS);
-    const proto = grpc.loadPackageDefinition(definition) as unknown as ProtoGrpcType;
-    loadedService = proto.propscope.v1.ExplainService;
+let loadedServices: Services | undefined;
+
+/** The services' client classes, loaded once and only when a client is made. */
+function services(): Services {
+  if (!loadedServices) {
+    const definition = protoLoader.loadSync(
+      ["propscope/v1/explain.proto", "propscope/v1/attribution.proto"],
+      LOADER_OPTIONS,
+    );
+    const proto = grpc.loadPackageDefinition(definition) as unknown as ProtoGrpcType &
+      AttributionProtoGrpcType;
+    loadedServices = {
+      explain: proto.propscope.v1.ExplainService,
+      attribution: proto.propscope.v1.AttributionService,
+    };
   }
-  return loadedService;
+  return loadedServices;
+}
+
+/** A stream that ended OK without what the contract promises: a server fault. */
+function incomplete(rpc: string, what: string): PropscopeError {
+  return new PropscopeError(
+    grpc.status.INTERNAL,
+    `the ${rpc} stream ended without ${what} (a server fault)`,
+    [],
+  );
 }
 
 function asPropscopeError(error: unknown): unknown {

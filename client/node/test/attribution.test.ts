@@ -1,0 +1,280 @@
+/**
+ * attribute and evaluateAttribution against an in-process fake AttributionService (pure client
+ * logic: request building, maps as rows, errors); the real gateway's answers are checked by the
+ * integration tests.
+ */
+
+import assert from "node:assert/strict";
+import path from "node:path";
+import { after, before, test } from "node:test";
+
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+import { getProtoPath, loadSync } from "google-proto-files";
+
+import {
+  buildAttributeRequest,
+  buildEvaluateAttributionRequest,
+  createClient,
+  PropscopeError,
+  type AttributeProgress,
+  type PropscopeClient,
+} from "../src";
+import type { ProtoGrpcType } from "../src/generated/attribution";
+import type { AttributeEvent } from "../src/generated/propscope/v1/AttributeEvent";
+import type { AttributeRequest__Output } from "../src/generated/propscope/v1/AttributeRequest";
+import type { EvaluateAttributionEvent } from "../src/generated/propscope/v1/EvaluateAttributionEvent";
+import type { EvaluateAttributionRequest__Output } from "../src/generated/propscope/v1/EvaluateAttributionRequest";
+
+// dist/test/ -> the package root -> the repository's protos/.
+const PROTO_DIR = path.resolve(__dirname, "..", "..", "..", "..", "protos");
+const HEIGHT = 2;
+const WIDTH = 3;
+/** Row r, column c holds r + c / 100: swapped rows and columns cannot pass. */
+const MAP = [
+  [0, 0.01, 0.02],
+  [1, 1.01, 1.02],
+];
+const IMAGE = Buffer.from("not decoded by the fake");
+
+const received: { attribute: AttributeRequest__Output[]; evaluate: EvaluateAttributionRequest__Output[] } =
+  { attribute: [], evaluate: [] };
+
+/** The trailer of a refusal naming `field`, as the gateway sends it. */
+function badRequestMetadata(field: string, description: string): grpc.Metadata {
+  const root = loadSync(getProtoPath("rpc", "error_details.proto"), { keepCase: true });
+  root.loadSync(getProtoPath("rpc", "status.proto"), { keepCase: true });
+  const badRequest = root.lookupType("google.rpc.BadRequest");
+  const status = root.lookupType("google.rpc.Status");
+  const detail = badRequest.encode({ field_violations: [{ field, description }] }).finish();
+  const bytes = status
+    .encode({
+      code: grpc.status.INVALID_ARGUMENT,
+      message: `${field} is wrong`,
+      details: [{ type_url: "type.googleapis.com/google.rpc.BadRequest", value: detail }],
+    })
+    .finish();
+  const metadata = new grpc.Metadata();
+  metadata.set("grpc-status-details-bin", Buffer.from(bytes));
+  return metadata;
+}
+
+function attribute(call: grpc.ServerWritableStream<AttributeRequest__Output, AttributeEvent>) {
+  const request = call.request;
+  received.attribute.push(request);
+  if (request.model?.name === "refused") {
+    call.emit("error", {
+      code: grpc.status.INVALID_ARGUMENT,
+      details: "sobol.nb_design is wrong",
+      metadata: badRequestMetadata("sobol.nb_design", "use a power of two"),
+    });
+    return;
+  }
+  const rise = request.method === "rise";
+  const grid = (rise ? request.rise?.gridSize : request.sobol?.gridSize) || 2;
+  const passes = rise ? 100 : 32 * (grid * grid + 2);
+  call.write({
+    requestId: request.requestId || "server-made",
+    accepted: {
+      method: rise ? "rise" : "sobol",
+      modelVersion: "1",
+      plannedForwardPasses: passes,
+      sobol: rise ? null : { gridSize: grid, nbDesign: 32, estimator: "SOBOL_ESTIMATOR_JANSEN" },
+      perturbationDescription: "inpainting toward black",
+      targetLabel: "circle",
+    },
+  });
+  call.write({ progress: { forwardPassesDone: passes / 2, forwardPassesTotal: passes } });
+  call.write({ progress: { forwardPassesDone: passes, forwardPassesTotal: passes } });
+  if (request.model?.name === "no-result") {
+    call.end();
+    return;
+  }
+  call.write({
+    result: {
+      map: { height: HEIGHT, width: WIDTH, values: MAP.flat() },
+      grid: { height: grid, width: grid, values: Array.from({ length: grid * grid }, (_, i) => i) },
+      channelGrid: request.sobol?.perChannel
+        ? Array.from({ length: grid * grid * 3 }, (_, i) => i)
+        : [],
+      forwardPasses: passes,
+      originalScore: 0.75,
+      targetClass: 0,
+      targetScore: "TARGET_SCORE_PROBABILITY",
+      totalMs: 5,
+    },
+  });
+  call.end();
+}
+
+function evaluate(
+  call: grpc.ServerWritableStream<EvaluateAttributionRequest__Output, EvaluateAttributionEvent>,
+) {
+  const request = call.request;
+  received.evaluate.push(request);
+  const metrics = (["deletion", "insertion", "muFidelity", "stability"] as const)
+    .filter((key) => request[key])
+    .map((key) => (key === "muFidelity" ? "mu_fidelity" : key));
+  call.write({ accepted: { metrics, plannedForwardPasses: 10 } });
+  const values = request.explanation?.values ?? [];
+  const firstRow = values.slice(0, request.explanation?.width ?? 0).reduce((a, b) => a + b, 0);
+  for (const metric of metrics) {
+    if (request.model?.name === "missing-metric" && metric === "insertion") continue;
+    call.write({
+      metric: {
+        metric,
+        value: metric === "mu_fidelity" ? firstRow : 0.25,
+        fractions: [0, 1],
+        scores: [0.9, 0.1],
+        settings: `${metric} settings`,
+      },
+    });
+  }
+  call.end();
+}
+
+let server: grpc.Server;
+let client: PropscopeClient;
+
+before(async () => {
+  const definition = protoLoader.loadSync("propscope/v1/attribution.proto", {
+    keepCase: false,
+    longs: String,
+    enums: String,
+    defaults: true,
+    oneofs: true,
+    includeDirs: [PROTO_DIR, path.dirname(getProtoPath())],
+  });
+  const proto = grpc.loadPackageDefinition(definition) as unknown as ProtoGrpcType;
+  server = new grpc.Server();
+  server.addService(proto.propscope.v1.AttributionService.service, {
+    Attribute: attribute,
+    EvaluateAttribution: evaluate,
+  });
+  const port = await new Promise<number>((resolve, reject) =>
+    server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, bound) =>
+      error ? reject(error) : resolve(bound),
+    ),
+  );
+  client = createClient(`127.0.0.1:${port}`);
+});
+
+after(() => {
+  client.close();
+  server.forceShutdown();
+});
+
+test("attribute sends the options and returns the map as row-major float32", async () => {
+  const progress: AttributeProgress[] = [];
+  const found = await client.attribute(
+    { image: IMAGE, model: "m", gridSize: 4, nbDesign: 16, estimator: "homma", targetClass: 3 },
+    { onProgress: (update) => progress.push(update) },
+  );
+  const request = received.attribute.at(-1)!;
+  assert.equal(request.method, "sobol");
+  assert.equal(request.sobol?.gridSize, 4);
+  assert.equal(request.sobol?.nbDesign, 16);
+  assert.equal(request.sobol?.estimator, "SOBOL_ESTIMATOR_HOMMA");
+  assert.equal(request.model?.targetClass, 3);
+
+  assert.equal(found.method, "sobol");
+  assert.deepEqual([found.map.height, found.map.width], [HEIGHT, WIDTH]);
+  assert.ok(found.map.values instanceof Float32Array);
+  // values[row * width + col]
+  assert.equal(found.map.values[1 * WIDTH + 2], Math.fround(1.02));
+  assert.equal(found.grid.values.length, 16);
+  assert.equal(found.channelGrid, null);
+  assert.equal(found.forwardPasses, 32 * 18);
+  assert.equal(found.targetLabel, "circle");
+  assert.equal(found.accepted.perturbationDescription, "inpainting toward black");
+  assert.deepEqual(
+    progress.map((p) => [p.forwardPassesDone, p.forwardPassesTotal]),
+    [
+      [288, 576],
+      [576, 576],
+    ],
+  );
+});
+
+test("attribute with RISE, and per-channel Sobol's channel grid", async () => {
+  const rise = await client.attribute({
+    image: IMAGE,
+    model: "m",
+    method: "rise",
+    nbSamples: 100,
+    preservationProbability: 0.25,
+  });
+  const request = received.attribute.at(-1)!;
+  assert.equal(request.method, "rise");
+  assert.equal(request.rise?.nbSamples, 100);
+  assert.equal(request.rise?.preservationProbability, 0.25);
+  assert.equal(rise.method, "rise");
+  const perChannel = await client.attribute({ image: IMAGE, model: "m", perChannel: true });
+  assert.equal(perChannel.channelGrid?.length, 2 * 2 * 3);
+});
+
+test("bad options throw before anything is sent", () => {
+  const base = { image: IMAGE, model: "m" };
+  assert.throws(() => buildAttributeRequest({ ...base, nbDesign: 24 }), /power of two/);
+  assert.throws(() => buildAttributeRequest({ ...base, method: "rise", nbDesign: 8 }), /Sobol options/);
+  assert.throws(
+    () => buildAttributeRequest({ ...base, baseline: "grey" as never }),
+    /baseline must be one of/,
+  );
+  assert.throws(
+    () => buildAttributeRequest({ ...base, method: "rise", preservationProbability: 1 }),
+    /preservationProbability must be in \(0, 1\)/,
+  );
+  assert.throws(() => buildEvaluateAttributionRequest(base), /explanation .* is required/);
+  assert.throws(
+    () => buildEvaluateAttributionRequest({ ...base, explanation: [[1, 2], [3]] }),
+    /rows of equal length/,
+  );
+  assert.throws(
+    () => buildEvaluateAttributionRequest({ ...base, explanation: [[1, NaN]] }),
+    /NaN or infinite/,
+  );
+  assert.doesNotThrow(() => buildEvaluateAttributionRequest({ ...base, metrics: ["stability"] }));
+});
+
+test("a refusal is a PropscopeError with the field to fix", async () => {
+  await assert.rejects(client.attribute({ image: IMAGE, model: "refused" }), (error: unknown) => {
+    assert.ok(error instanceof PropscopeError, String(error));
+    assert.equal(error.codeName, "INVALID_ARGUMENT");
+    assert.deepEqual(error.fieldViolations, [
+      { field: "sobol.nb_design", description: "use a power of two" },
+    ]);
+    return true;
+  });
+  await assert.rejects(
+    client.attribute({ image: IMAGE, model: "no-result" }),
+    (error: unknown) => error instanceof PropscopeError && error.codeName === "INTERNAL",
+  );
+});
+
+test("evaluateAttribution sends the map row-major and returns each metric", async () => {
+  const seen: string[] = [];
+  const found = await client.evaluateAttribution(
+    { image: IMAGE, model: "m", explanation: MAP, steps: 5, maxPercentagePerturbed: 0.5 },
+    { onMetric: (metric) => seen.push(metric.metric) },
+  );
+  const request = received.evaluate.at(-1)!;
+  assert.deepEqual([request.explanation?.height, request.explanation?.width], [HEIGHT, WIDTH]);
+  assert.equal(request.deletion?.steps, 5);
+  assert.equal(request.insertion?.maxPercentagePerturbed, 0.5);
+  assert.equal(request.stability, null);
+  assert.deepEqual(found.accepted.metrics, ["deletion", "insertion", "mu_fidelity"]);
+  assert.deepEqual(seen, found.accepted.metrics);
+  // The fake sums the first row it received.
+  const muFidelity = found.results.find((r) => r.metric === "mu_fidelity")!;
+  assert.ok(Math.abs(muFidelity.value - 0.03) < 1e-6, String(muFidelity.value));
+
+  const attribution = await client.attribute({ image: IMAGE, model: "m" });
+  await client.evaluateAttribution({ image: IMAGE, model: "m", explanation: attribution.map });
+  assert.deepEqual(received.evaluate.at(-1)!.explanation?.values, Array.from(attribution.map.values));
+
+  await assert.rejects(
+    client.evaluateAttribution({ image: IMAGE, model: "missing-metric", explanation: MAP }),
+    /results of insertion/,
+  );
+});
