@@ -15,11 +15,11 @@ from propscope_server.cache.artefacts import (
     DIGEST_BYTES,
     KEY_PREFIX,
     InMemoryArtefactCache,
-    RedisArtefactCache,
     decode_array,
     encode_array,
     path_key,
 )
+from propscope_server.cache.redis_cache import RedisArtefactCache
 
 PATH = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
 

@@ -19,7 +19,8 @@ from propscope_server.api.auth import Authenticator, BearerTokenInterceptor
 from propscope_server.api.parsing import ParseRequestsInterceptor
 from propscope_server.api.servicer import AttributionServicer, ExplainServicer, MethodStreams
 from propscope_server.backends.triton import TritonBackend
-from propscope_server.cache import ArtefactCache, InMemoryArtefactCache, RedisArtefactCache
+from propscope_server.cache import ArtefactCache, InMemoryArtefactCache
+from propscope_server.cache.redis_cache import RedisArtefactCache
 from propscope_server.config import Settings, TlsSettings
 from propscope_server.methods.attribution import Attribution
 from propscope_server.methods.evaluation import Evaluation

@@ -1,10 +1,9 @@
-"""The artefact cache (edited paths, attribution maps): Redis when configured, else an
-in-process LRU."""
+"""The artefact cache (edited paths, attribution maps): the interface and keys the
+core uses, and the in-process LRU; the Redis adapter is `cache.redis_cache`."""
 
 from propscope_server.cache.artefacts import (
     ArtefactCache,
     InMemoryArtefactCache,
-    RedisArtefactCache,
     artefact_key,
     decode_array,
     encode_array,
@@ -14,7 +13,6 @@ from propscope_server.cache.artefacts import (
 __all__ = [
     "ArtefactCache",
     "InMemoryArtefactCache",
-    "RedisArtefactCache",
     "artefact_key",
     "decode_array",
     "encode_array",
