@@ -409,6 +409,9 @@ class ModelInfo:
     # Classifiers: the preprocessing and class names their config.pbtxt declares.
     preprocessing: Preprocessing = Preprocessing()
     class_labels: tuple[str, ...] = ()
+    # Classifiers: the explanation methods the gateway can run on them (e.g. "propgrad",
+    # "sobol", "rise"); empty from a gateway older than the attribution methods.
+    methods: tuple[str, ...] = ()
 
     @property
     def is_classifier(self) -> bool:
@@ -430,6 +433,7 @@ class ModelInfo:
             state_reason=msg.state_reason,
             preprocessing=Preprocessing.from_proto(msg.preprocessing),
             class_labels=tuple(msg.class_labels),
+            methods=tuple(msg.methods),
         )
 
     def to_dict(self) -> dict[str, Any]:

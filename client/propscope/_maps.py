@@ -41,11 +41,13 @@ def overlay_png(
     alpha: float = DEFAULT_ALPHA,
     colormap: str = DEFAULT_COLORMAP,
     box: Sequence[float] | None = None,
+    max_side: int | None = None,
 ) -> bytes:
     """The image with the map blended over it: ``alpha`` of the colormap's colour of each
     pixel's value, scaled from the map's minimum (0) to its maximum (1); a constant map shows
     the colormap's low end. ``box`` (left, top, right, bottom fractions) is outlined in white.
-    A map of another size than the image is resized to it (bilinear)."""
+    A map of another size than the image is resized to it (bilinear); ``max_side`` shrinks the
+    result to a thumbnail (before the box is drawn, so that its outline stays visible)."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     colors = _colormap(colormap)
@@ -63,6 +65,8 @@ def overlay_png(
     heat = colors(scaled)[..., :3] * 255.0
     blended = (1 - alpha) * np.asarray(rgb, dtype=np.float32) + alpha * heat
     result = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), mode="RGB")
+    if max_side is not None:
+        result.thumbnail((max_side, max_side))
     if box is not None:
         left, top, right, bottom = box
         width, height = result.size

@@ -931,6 +931,10 @@ def _review_package() -> Any:
     return review_package
 
 
+# What the review's progress counts, per stage of ``ReviewProgress``.
+_REVIEW_STAGES = {"explain": "explanations", "attribute": "attribution maps"}
+
+
 @contextmanager
 def _review_progress(show_bar: bool) -> Iterator[Callable[[Any], None]]:
     """A progress callback: a rich bar on a terminal, else a log line per tenth of the work."""
@@ -943,10 +947,13 @@ def _review_progress(show_bar: bool) -> Iterator[Callable[[Any], None]]:
             TimeRemainingColumn(),
             console=Console(stderr=True),
         ) as bar:
-            task = bar.add_task("explaining", total=None)
+            task = bar.add_task("explanations", total=None)
 
             def advance(update: Any) -> None:
-                bar.update(task, completed=update.completed, total=update.total)
+                description = _REVIEW_STAGES.get(update.stage, update.stage)
+                bar.update(
+                    task, completed=update.completed, total=update.total, description=description
+                )
 
             yield advance
         return
@@ -955,7 +962,8 @@ def _review_progress(show_bar: bool) -> Iterator[Callable[[Any], None]]:
         step = max(1, update.total // 10)
         if update.completed % step == 0 or update.completed == update.total:
             typer.echo(
-                f"propscope review: {update.completed}/{update.total} explanations "
+                f"propscope review: {update.completed}/{update.total} "
+                f"{_REVIEW_STAGES.get(update.stage, update.stage)} "
                 f"(last: {update.image}, {update.model})",
                 err=True,
             )

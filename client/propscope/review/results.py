@@ -17,6 +17,7 @@ from propscope._json import dataclass_dict, plain
 from propscope._preprocessing import Preprocessing
 
 __all__ = [
+    "AttributionObservation",
     "CacheStats",
     "ModelEntry",
     "Observation",
@@ -91,6 +92,31 @@ class Observation:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclass_dict(self)
+
+
+@dataclass(frozen=True)
+class AttributionObservation:
+    """The share of one image's attribution mass that a ``max_attribution_share`` rule's region
+    holds, for the model the rule checks."""
+
+    # The rule's name (its region's name in the reports).
+    rule: str
+    image: str
+    model: str
+    # Positive mass inside the region / positive mass of the whole map (0 when the map has
+    # none: the model's score moves with no region).
+    share: float
+    positive_mass: float
+    method: str
+    forward_passes: int
+    cache_hit: bool
+    target_class: int
+    target_label: str = ""
+    # The heat map over the image with the region outlined (a PNG thumbnail), for the HTML.
+    overlay: bytes = b""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclass_dict(self, skip=("overlay",))
 
 
 @dataclass(frozen=True)
@@ -175,6 +201,7 @@ class ReviewResult:
     outcomes: tuple[RuleOutcome, ...] = ()
     strips: tuple[PathStrip, ...] = ()
     seconds: float = math.nan
+    attributions: tuple[AttributionObservation, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -194,6 +221,11 @@ class ReviewResult:
             for obs in self.observations
             if obs.model == model and obs.property_name == property_name
         }
+        return [found[image] for image in self.images if image in found]
+
+    def shares(self, rule: str) -> list[AttributionObservation]:
+        """The attribution observations of one ``max_attribution_share`` rule, in image order."""
+        found = {obs.image: obs for obs in self.attributions if obs.rule == rule}
         return [found[image] for image in self.images if image in found]
 
     def values(self, model: str, property_name: str, name: str) -> np.ndarray:
@@ -271,4 +303,5 @@ class ReviewResult:
             "rules": [outcome.to_dict() for outcome in self.outcomes],
             "observations": [obs.to_dict() for obs in self.observations],
             "strips": [strip.to_dict() for strip in self.strips],
+            "attributions": [obs.to_dict() for obs in self.attributions],
         }

@@ -10,13 +10,16 @@ significant at the rule's alpha: a candidate that is worse by noise alone passes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats
 
+from propscope._properties import Box
 from propscope.review.results import ReviewResult, RuleOutcome
 from propscope.review.spec import (
+    MaxAttributionShareRule,
     MaxFlipRateRule,
     MaxScoreRule,
     NoRegressionRule,
@@ -24,13 +27,16 @@ from propscope.review.spec import (
     Rule,
 )
 
-__all__ = ["evaluate_rules", "paired_regression_p_value"]
+__all__ = ["attribution_share", "box_pixels", "evaluate_rules", "paired_regression_p_value"]
 
 
 def evaluate_rules(rules: Sequence[Rule], result: ReviewResult) -> list[RuleOutcome]:
     """One outcome per rule and property, in spec order."""
     outcomes = []
     for rule in rules:
+        if isinstance(rule, MaxAttributionShareRule):
+            outcomes.append(_max_attribution_share(rule, result))
+            continue
         for property_name in rule.properties or result.properties:
             outcomes.append(_evaluate(rule, result, property_name))
     return outcomes
@@ -42,6 +48,74 @@ def paired_regression_p_value(differences: np.ndarray) -> float:
     if differences.size == 0 or not np.any(differences):
         return 1.0
     return float(stats.wilcoxon(differences, alternative="greater").pvalue)
+
+
+def box_pixels(box: Box, height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) rows and columns of ``box`` on a height x width map: every
+    pixel the box touches, at least one, clipped to the map."""
+    if box.pixels:
+        left, top, right, bottom = box.left, box.top, box.right, box.bottom
+    else:
+        left, right = box.left * width, box.right * width
+        top, bottom = box.top * height, box.bottom * height
+    row0 = min(max(0, math.floor(top)), height - 1)
+    col0 = min(max(0, math.floor(left)), width - 1)
+    row1 = min(height, max(row0 + 1, math.ceil(bottom)))
+    col1 = min(width, max(col0 + 1, math.ceil(right)))
+    return row0, row1, col0, col1
+
+
+def attribution_share(values: np.ndarray, box: Box) -> tuple[float, float]:
+    """The share of the map's positive mass inside ``box``, and that mass: negative values
+    (evidence against the class) are left out of both, so that they cannot cancel evidence
+    for it. A map with no positive mass has share 0."""
+    positive = np.clip(np.asarray(values, dtype=np.float64), 0.0, None)
+    total = float(positive.sum())
+    if total <= 0:
+        return 0.0, 0.0
+    row0, row1, col0, col1 = box_pixels(box, *positive.shape)
+    return float(positive[row0:row1, col0:col1].sum()) / total, total
+
+
+def _max_attribution_share(rule: MaxAttributionShareRule, result: ReviewResult) -> RuleOutcome:
+    observations = result.shares(rule.name)
+    if not observations:
+        raise ValueError(f"no attribution map to check max_attribution_share[{rule.name}] on")
+    shares = np.array([obs.share for obs in observations], dtype=np.float64)
+    over = int((shares > rule.max).sum())
+    worst = observations[int(np.argmax(shares))]
+    mean = float(shares.mean())
+    if rule.over == "mean":
+        passed = mean <= rule.max
+        verdict = f"mean share {mean:.1%} of the attribution mass in {rule.name}"
+    else:
+        passed = over == 0
+        verdict = f"{over} of {shares.size} images put more than {rule.max:.1%} in {rule.name}"
+    settings = rule.attribution
+    return RuleOutcome(
+        rule=rule.rule,
+        property_name=rule.name,
+        passed=passed,
+        message=(
+            f"{verdict}; allowed at most {rule.max:.1%}"
+            + (" on average" if rule.over == "mean" else " on every image")
+            + f" (highest {worst.share:.1%} on {worst.image}; {worst.method} maps of "
+            f"{shares.size} images)"
+        ),
+        details={
+            "region": rule.name,
+            "over": rule.over,
+            "mean_share": mean,
+            "max_share": float(shares.max()),
+            "max": rule.max,
+            "images_over_max": over,
+            "images": int(shares.size),
+            "worst_image": worst.image,
+            "method": settings.method,
+            "target_score": settings.target_score,
+            "images_without_positive_mass": sum(obs.positive_mass == 0 for obs in observations),
+        },
+    )
 
 
 def _evaluate(rule: Rule, result: ReviewResult, property_name: str) -> RuleOutcome:

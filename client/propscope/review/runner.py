@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import numpy as np
 
+from propscope._attribution import Attribution
 from propscope._client import Client
 from propscope._errors import PropscopeError
 from propscope._events import Accepted, Decision, ModelInfo, PropertyResult
 from propscope._images import encode_image
+from propscope._maps import overlay_png
 from propscope._properties import Property
 from propscope.review.results import (
+    AttributionObservation,
     ModelEntry,
     Observation,
     PathStrip,
@@ -30,8 +33,15 @@ from propscope.review.results import (
     Role,
     Settings,
 )
-from propscope.review.rules import evaluate_rules
-from propscope.review.spec import ImageEntry, ModelSpec, ReviewSpec, SpecError
+from propscope.review.rules import attribution_share, box_pixels, evaluate_rules
+from propscope.review.spec import (
+    AttributionSpec,
+    ImageEntry,
+    MaxAttributionShareRule,
+    ModelSpec,
+    ReviewSpec,
+    SpecError,
+)
 
 __all__ = [
     "ReviewError",
@@ -51,12 +61,14 @@ class ReviewError(Exception):
 
 @dataclass(frozen=True)
 class ReviewProgress:
-    """One explanation call finished."""
+    """One call finished: an explanation (``stage`` "explain") or an attribution map
+    ("attribute", for ``max_attribution_share``)."""
 
     completed: int
     total: int
     image: str
     model: str
+    stage: str = "explain"
 
 
 ProgressCallback = Callable[[ReviewProgress], None]
@@ -73,7 +85,8 @@ def run_review(
     strips; raises ``ReviewError`` when any call or property fails."""
     started = time.monotonic()
     models = _model_entries(spec)
-    _check_served(client, models, list(spec.editor_properties().values()))
+    methods = {rule.attribution.method for rule in spec.attribution_rules()}
+    _check_served(client, models, list(spec.editor_properties().values()), methods)
     follow_label = (spec.target_class or _default_target(images)) == "label"
     run = _Run(spec, client, follow_label)
     total = len(images) * len(models)
@@ -105,6 +118,10 @@ def run_review(
         images={image.id: image.label for image in images},
         observations=tuple(obs for observations in found for obs in observations),
     )
+    attributions = _attributions(
+        spec, images, client, models[0], follow_label, on_progress=on_progress
+    )
+    result = replace(result, attributions=tuple(attributions))
     outcomes = evaluate_rules(spec.rules, result)
     strips = _strips(spec, images, result, run, models)
     return replace(
@@ -278,9 +295,13 @@ def _default_target(images: Sequence[ImageEntry]) -> str:
 
 
 def _check_served(
-    client: Client, models: Sequence[ModelEntry], properties: Sequence[Property]
+    client: Client,
+    models: Sequence[ModelEntry],
+    properties: Sequence[Property],
+    methods: Set[str] = frozenset(),
 ) -> None:
-    """Names a model or editor the service does not serve before any work starts."""
+    """Names a model or editor the service does not serve, or an attribution method it cannot
+    run on the candidate, before any work starts."""
     try:
         served = {info.name: info for info in client.list_models()}
     except PropscopeError as error:
@@ -295,6 +316,14 @@ def _check_served(
             True,
             f"{model.role} model",
             classifiers,
+        )
+    candidate = served[models[0].name]
+    # A gateway that lists no methods predates them: the call itself will say.
+    missing = sorted(methods - set(candidate.methods)) if candidate.methods else []
+    if missing:
+        raise ReviewError(
+            f"max_attribution_share: the service cannot run {', '.join(missing)} on "
+            f"{models[0].name!r}; its methods: {', '.join(candidate.methods)}"
         )
     editors = sorted(n for n, i in served.items() if not i.is_classifier)
     for prop in properties:
@@ -356,6 +385,97 @@ def _map_or_raise(
         raise
     pool.shutdown()
     return [result for result in results if result is not None]
+
+
+# The longest side of the overlay thumbnails the HTML report shows.
+OVERLAY_PX = 160
+
+
+def _attributions(
+    spec: ReviewSpec,
+    images: Sequence[ImageEntry],
+    client: Client,
+    candidate: ModelEntry,
+    follow_label: bool,
+    *,
+    on_progress: ProgressCallback | None = None,
+) -> list[AttributionObservation]:
+    """The candidate's attribution map of every image, once per distinct ``attribution``
+    setting of the ``max_attribution_share`` rules, and each rule's share of it."""
+    rules = spec.attribution_rules()
+    settings: list[AttributionSpec] = []
+    for rule in rules:
+        if rule.attribution not in settings:
+            settings.append(rule.attribution)
+    jobs = [(image, setting) for setting in settings for image in images]
+    completed = 0
+    counting = threading.Lock()
+
+    def attribute(job: tuple[ImageEntry, AttributionSpec]) -> list[AttributionObservation]:
+        nonlocal completed
+        image, setting = job
+        encoded = _read_image(image)
+        try:
+            found = client.attribute(
+                encoded,
+                candidate.name,
+                model_version=candidate.version,
+                model_output=candidate.output,
+                preprocessing=candidate.preprocessing,
+                class_labels=candidate.class_labels,
+                target_class=image.label if follow_label else None,
+                timeout=spec.service.timeout_s,
+                **setting.client_options(),
+            )
+        except PropscopeError as error:
+            raise ReviewError(f"{image.id}, {candidate.label}, attribution map: {error}") from None
+        with counting:
+            completed += 1
+            if on_progress is not None:
+                on_progress(
+                    ReviewProgress(completed, len(jobs), image.id, candidate.label, "attribute")
+                )
+        return [
+            _share_observation(rule, image, candidate, encoded, found)
+            for rule in rules
+            if rule.attribution == setting
+        ]
+
+    found = _map_or_raise(attribute, jobs, spec.concurrency)
+    return [obs for observations in found for obs in observations]
+
+
+def _share_observation(
+    rule: MaxAttributionShareRule,
+    image: ImageEntry,
+    model: ModelEntry,
+    encoded: bytes,
+    found: Attribution,
+) -> AttributionObservation:
+    box = rule.region.to_box()
+    share, mass = attribution_share(found.map, box)
+    height, width = found.map.shape
+    row0, row1, col0, col1 = box_pixels(box, height, width)
+    return AttributionObservation(
+        rule=rule.name,
+        image=image.id,
+        model=model.label,
+        share=share,
+        positive_mass=mass,
+        method=found.method,
+        forward_passes=found.forward_passes,
+        cache_hit=found.cache_hit,
+        target_class=found.target_class,
+        target_label=found.target_label,
+        overlay=_overlay_thumbnail(
+            encoded, found, (col0 / width, row0 / height, col1 / width, row1 / height)
+        ),
+    )
+
+
+def _overlay_thumbnail(encoded: bytes, found: Attribution, box: tuple[float, ...]) -> bytes:
+    """The heat map over the image, the region outlined, at most ``OVERLAY_PX`` a side."""
+    return overlay_png(encoded, found.map, box=box, max_side=OVERLAY_PX)
 
 
 def _strips(

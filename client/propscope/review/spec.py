@@ -25,7 +25,7 @@ from pydantic import (
 
 from propscope._images import folder_images
 from propscope._preprocessing import Preprocessing, read_class_labels
-from propscope._properties import Property, parse_property, region_from, split_property
+from propscope._properties import Box, Property, parse_property, region_from, split_property
 
 __all__ = ["ImageEntry", "ReviewSpec", "SpecError", "load_spec"]
 
@@ -228,8 +228,110 @@ class MaxFlipRateRule(_Rule):
     max: float = Field(ge=0, le=1)
 
 
+class AttributionSpec(_Strict):
+    """How the attribution maps of ``max_attribution_share`` are computed (``Client.attribute``'s
+    options). Unset sizes are Sobol's paper defaults, grid 8 and N 32 (2112 forward passes per
+    image), or the server's RISE defaults."""
+
+    method: Literal["sobol", "rise"] = "sobol"
+    grid_size: int | None = Field(None, ge=2, le=64)
+    # Sobol: N, a power of two.
+    nb_design: int | None = Field(None, ge=2, le=1024)
+    estimator: Literal["jansen", "homma", "janon", "glen_isaacs", "saltelli"] = "jansen"
+    per_channel: bool = False
+    # RISE: masks, and the probability a cell is kept.
+    nb_samples: int | None = Field(None, ge=1)
+    preservation_probability: float | None = Field(None, gt=0, lt=1)
+    target_score: Literal["probability", "logit"] = "probability"
+    perturbation: Literal["inpainting", "blur", "amplitude"] = "inpainting"
+    baseline: Literal["input_zero", "black", "mean_colour", "blur"] = "input_zero"
+    blur_sigma: float = Field(0.0, ge=0)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _method_options(self) -> AttributionSpec:
+        if self.method == "sobol":
+            if self.nb_samples is not None or self.preservation_probability is not None:
+                raise ValueError("nb_samples and preservation_probability are RISE options")
+            if self.nb_design is not None and self.nb_design & (self.nb_design - 1):
+                raise ValueError(f"nb_design must be a power of two, got {self.nb_design}")
+        elif self.nb_design is not None or self.per_channel or self.estimator != "jansen":
+            raise ValueError("nb_design, estimator and per_channel are Sobol options")
+        return self
+
+    def client_options(self) -> dict[str, Any]:
+        """The keywords of ``Client.attribute``."""
+        options: dict[str, Any] = {
+            "method": self.method,
+            "target_score": self.target_score,
+            "perturbation": self.perturbation,
+            "baseline": self.baseline,
+            "blur_sigma": self.blur_sigma,
+            "seed": self.seed,
+        }
+        if self.method == "sobol":
+            options.update(
+                grid_size=self.grid_size or 8,
+                nb_design=self.nb_design or 32,
+                estimator=self.estimator,
+                per_channel=self.per_channel,
+            )
+        else:
+            options.update(
+                grid_size=self.grid_size or 0,
+                nb_samples=self.nb_samples or 0,
+                preservation_probability=self.preservation_probability,
+            )
+        return options
+
+
+class ShareRegionSpec(_Strict):
+    """The region whose share of the attribution mass is bounded: a box in fractions of the
+    image or in pixels, [left, right) x [top, bottom)."""
+
+    box: list[float] | None = Field(None, min_length=4, max_length=4)
+    box_px: list[float] | None = Field(None, min_length=4, max_length=4)
+
+    @model_validator(mode="after")
+    def _one_box(self) -> ShareRegionSpec:
+        given = {key: value for key, value in self.model_dump().items() if value is not None}
+        if len(given) != 1:
+            raise ValueError("give exactly one of box or box_px")
+        region_from(given)  # the box's own checks
+        return self
+
+    def to_box(self) -> Box:
+        shape = {key: value for key, value in self.model_dump().items() if value is not None}
+        box = region_from(shape)
+        assert isinstance(box, Box)
+        return box
+
+
+class MaxAttributionShareRule(_Strict):
+    """The candidate puts at most ``max`` of its attribution mass (the sum of the map's
+    positive values) inside ``region``, e.g. a watermark corner: over the images on average
+    (``over: mean``) or on every image (``over: every_image``)."""
+
+    rule: Literal["max_attribution_share"]
+    # The region's name in the reports (where the other rules name their property).
+    name: str = Field("region", min_length=1)
+    region: ShareRegionSpec
+    max: float = Field(ge=0, le=1)
+    over: Literal["mean", "every_image"] = "mean"
+    attribution: AttributionSpec = AttributionSpec()
+
+    @property
+    def properties(self) -> None:
+        """Checks no property: it reads the candidate's attribution maps."""
+        return None
+
+
 Rule = Annotated[
-    NotSignificantRule | MaxScoreRule | NoRegressionRule | MaxFlipRateRule,
+    NotSignificantRule
+    | MaxScoreRule
+    | NoRegressionRule
+    | MaxFlipRateRule
+    | MaxAttributionShareRule,
     Field(discriminator="rule"),
 ]
 
@@ -281,9 +383,19 @@ class ReviewSpec(_Strict):
                 raise ValueError(f"rules[{index}] ({rule.rule}) names unknown properties {unknown}")
             if isinstance(rule, NoRegressionRule) and self.baseline is None:
                 raise ValueError(f"rules[{index}]: no_regression needs a baseline model")
+        share_rules = self.attribution_rules()
+        names = [rule.name for rule in share_rules]
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"max_attribution_share rules need distinct names, got {names} "
+                "(name: the region's name in the reports)"
+            )
         if self.provided_folders() and self.explain.samples > 1:
             raise ValueError("explain.samples must be 1 with provided paths (they are one path)")
         return self
+
+    def attribution_rules(self) -> list[MaxAttributionShareRule]:
+        return [rule for rule in self.rules if isinstance(rule, MaxAttributionShareRule)]
 
     @property
     def property_names(self) -> list[str]:

@@ -21,10 +21,13 @@ from propscope.review.report.common import (
     summarize,
 )
 from propscope.review.report.plots import curves_png, distributions_png, model_colors
-from propscope.review.results import PathStrip, ReviewResult
+from propscope.review.results import AttributionObservation, PathStrip, ReviewResult
 
 __all__ = ["render_html"]
 
+
+# Per max_attribution_share rule, the overlays of the images with the highest shares.
+ATTRIBUTION_OVERLAYS = 8
 
 # Path images wider than this are shrunk: a strip of 50 full-size photos would make the page
 # tens of megabytes, and the page shows them 80 px wide.
@@ -71,6 +74,36 @@ class _PropertySection:
     strips: list[PathStrip]
 
 
+@dataclass(frozen=True)
+class _AttributionSection:
+    """A ``max_attribution_share`` rule: its images with the highest shares, overlays shown."""
+
+    name: str
+    anchor: str
+    images: int
+    mean_share: float
+    shown: list[AttributionObservation]
+
+
+def _attribution_sections(result: ReviewResult) -> list[_AttributionSection]:
+    names = list(dict.fromkeys(obs.rule for obs in result.attributions))
+    anchors = _anchors(tuple(names))
+    sections = []
+    for name in names:
+        observations = result.shares(name)
+        ranked = sorted(observations, key=lambda obs: -obs.share)
+        sections.append(
+            _AttributionSection(
+                name=name,
+                anchor=anchors[name],
+                images=len(observations),
+                mean_share=sum(obs.share for obs in observations) / len(observations),
+                shown=ranked[:ATTRIBUTION_OVERLAYS],
+            )
+        )
+    return sections
+
+
 def render_html(result: ReviewResult) -> str:
     """The full report: settings, models, rules, then per property the means, plots and paths."""
     anchors = _anchors(result.properties)
@@ -92,6 +125,7 @@ def render_html(result: ReviewResult) -> str:
     return _ENVIRONMENT.get_template("report.html.j2").render(
         result=result,
         sections=sections,
+        attribution_sections=_attribution_sections(result),
         colors=model_colors(result.models),
         has_labels=any(label is not None for label in result.images.values()),
     )
