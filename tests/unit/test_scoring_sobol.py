@@ -85,6 +85,36 @@ def test_design_is_xplique_scipy_replicated_design():
     np.testing.assert_array_equal(a[1], 0.5)
 
 
+def test_scrambled_design_keeps_the_structure_and_is_deterministic():
+    design = sobol_design(16, 6, scramble_seed=3)
+    np.testing.assert_array_equal(design, sobol_design(16, 6, scramble_seed=3))
+    assert not np.array_equal(design, sobol_design(16, 6, scramble_seed=4))
+    assert not np.array_equal(design, sobol_design(16, 6))
+    a, b = design[:16], design[16:32]
+    for i in range(6):
+        block = design[16 * (2 + i) : 16 * (3 + i)]
+        np.testing.assert_array_equal(block[:, i], b[:, i])
+        np.testing.assert_array_equal(np.delete(block, i, axis=1), np.delete(a, i, axis=1))
+    assert np.all((design >= 0) & (design < 1))
+
+
+def test_default_grid_scale_of_indices_with_and_without_scrambling():
+    # Additive model over the 64 cells of the default grid, N = 32: each S_T = 1/64, so
+    # the indices sum to 1. Xplique's unscrambled design sums to about 0.15 (var(A) is
+    # inflated by the origin) and under-weights cells 9 and 42 (about 0.2-0.25 of the
+    # median); the other cells stay within 0.76-1.01 of it.
+    weights = np.ones(64)
+    design = sobol_design(32, 64).astype(np.float64)
+    indices = total_order(design @ weights, 32, 64)
+    assert indices.sum() < 0.3
+    ratio = indices / np.median(indices)
+    assert np.flatnonzero(ratio < 0.6).tolist() == [9, 42]
+    assert np.delete(ratio, [9, 42]).min() > 0.7 and ratio.max() < 1.1
+    scrambled = sobol_design(32, 64, scramble_seed=1).astype(np.float64)
+    indices = total_order(scrambled @ weights, 32, 64)
+    assert 0.6 < indices.sum() < 1.5
+
+
 @pytest.mark.parametrize("nb_design", [0, 3, 24, 33])
 def test_design_rejects_a_number_of_designs_that_is_not_a_power_of_two(nb_design):
     with pytest.raises(ValueError, match="nb_design must be a power of two"):

@@ -28,7 +28,11 @@ The issue also says Spearman; Pearson (Bhatt et al.'s definition) is offered wit
 `correlation="pearson"`. Caveat of the Bernoulli subsets: a constant map's sums are
 proportional to |S|, so its MuFidelity is the correlation of the drop with |S|, high
 for a model whose score falls with the area removed; `exact_size=True` (fixed |S|)
-removes that.
+removes that when the grid divides the image (equal cell areas; otherwise the sums
+still vary with the areas of the chosen cells). Measured on a model that reads only
+an 8 x 8 corner (like `calibration_probe`), 20 images, grid 9, 200 samples: constant
+map 0.10-0.26 on average (|.| up to 0.45) with Bernoulli subsets, -0.11-0.08 (up to
+0.23) with fixed |S| on 32/64/224 px; the oracle map 0.996-1.0 either way.
 
 AverageStability (Xplique's `AverageStability`; defaults radius 0.1, nb_samples
 200, distance "l2"): the mean over neighbours of the distance between the map of a
@@ -135,9 +139,9 @@ def mufidelity_subsets(
 
     Default: each cell independently with probability subset_percent (Xplique's code).
     `exact_size=True`: exactly round(subset_percent * grid^2) cells per sample (Bhatt
-    et al.'s |S| fixed, and what Xplique's comment promises); then a constant map has
-    constant attribution sums and a MuFidelity of 0, whereas with Bernoulli subsets it
-    measures how the score drops with |S|."""
+    et al.'s |S| fixed, and what Xplique's comment promises); then, if the grid
+    divides the image, a constant map has constant attribution sums and a MuFidelity
+    of 0, whereas with Bernoulli subsets it measures how the score drops with |S|."""
     if not 0.0 <= subset_percent <= 1.0:
         raise ValueError(f"subset_percent must be in [0, 1], got {subset_percent}")
     if exact_size:
