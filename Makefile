@@ -5,6 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 STUBS := client/propscope/v1/explain_pb2.py
+# Wheels of what ./client and ./server declare and of their build backends, pinned by
+# requirements.txt: tests/integration/test_install.py installs ./server into a clean venv from
+# these alone, with no network.
+WHEELHOUSE := build/wheelhouse
 # Tiny random diffusion pipelines for the CPU editors (generated, never committed).
 PIPELINES := deploy/triton/pipelines
 TINY_PIPELINES := $(PIPELINES)/tiny-ip2p/propscope_tiny.json $(PIPELINES)/tiny-sd/propscope_tiny.json
@@ -30,7 +34,7 @@ DEMO_PROPERTIES := \
 
 .PHONY: setup test lint contract demo up down bench soak validate weights stubs pipelines own-models node-client clean
 
-setup: $(INSTALLED) $(STUBS) $(TINY_PIPELINES) $(OWN_MODELS) node-client
+setup: $(INSTALLED) $(STUBS) $(TINY_PIPELINES) $(OWN_MODELS) node-client $(WHEELHOUSE)/.complete
 
 $(INSTALLED): requirements.txt client/pyproject.toml server/pyproject.toml deploy/scripts/install-system-deps.sh
 	deploy/scripts/install-system-deps.sh
@@ -44,6 +48,12 @@ $(STUBS): protos/propscope/v1/*.proto | $(INSTALLED)
 	$(PY) client/generate_stubs.py
 
 stubs: $(STUBS)
+
+$(WHEELHOUSE)/.complete: requirements.txt client/pyproject.toml server/pyproject.toml | $(INSTALLED)
+	rm -rf $(WHEELHOUSE)
+	$(PY) -m pip download --quiet --disable-pip-version-check --dest $(WHEELHOUSE) \
+		--constraint requirements.txt "setuptools>=68" grpcio-tools==1.81.1 ./client ./server
+	touch $@
 
 $(TINY_PIPELINES) &: | $(INSTALLED)
 	$(PY) -m propscope_server.triton_models.editors.diffusion.tiny_pipelines $(PIPELINES)
@@ -114,5 +124,5 @@ weights: setup
 	$(PY) -m propscope_server.synthetic.train --out deploy/triton/weights
 
 clean: down
-	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(RUN_DIR) $(WHEELHOUSE) .pytest_cache .ruff_cache
 	rm -rf $(NODE_CLIENT)/node_modules $(NODE_CLIENT)/dist $(NODE_CLIENT)/src/generated

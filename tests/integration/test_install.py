@@ -1,0 +1,131 @@
+"""`pip install ./server` in a clean venv starts the gateway: what the server distribution declares
+is all it needs. The venv is new and empty; pip may use only build/wheelhouse (the wheels of the
+declared dependencies and build backends that `make setup` downloads) and the local distributions
+built here from the working tree, so nothing comes from the network and a dependency missing from
+server/pyproject.toml makes the install or the start fail."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from grpc_health.v1 import health_pb2
+
+from propscope_server import stack
+from propscope_server.api.server import LIVENESS_SERVICE
+
+ROOT = Path(__file__).resolve().parents[2]
+WHEELHOUSE = ROOT / "build" / "wheelhouse"
+# Distributions the server may need beside its own: built from the working tree, as an index
+# would serve them.
+LOCAL_DISTRIBUTIONS = ("client",)
+START_DEADLINE_S = 60.0
+IGNORED = shutil.ignore_patterns(
+    "node", "__pycache__", "*.egg-info", "build", "*_pb2.py", "*_pb2_grpc.py", "*_pb2.pyi"
+)
+
+
+def _run(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [str(a) for a in args], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+    assert result.returncode == 0, f"{args}: {result.stdout}{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def clean_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str]]]:
+    """A new venv with ./server installed from copies of the working tree."""
+    assert (WHEELHOUSE / ".complete").exists(), f"{WHEELHOUSE} is missing: run `make setup`"
+    work = tmp_path_factory.mktemp("install")
+    for part in ("server", "protos", *LOCAL_DISTRIBUTIONS):
+        shutil.copytree(ROOT / part, work / part, ignore=IGNORED)
+    # Only the wheelhouse and the local wheels: this machine's pip.conf and PIP_* variables (its
+    # find-links and extra indexes) play no part, and no cache either.
+    local = work / "local-wheels"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV"))}
+    env |= {
+        "PIP_CONFIG_FILE": os.devnull,
+        "PIP_NO_INDEX": "1",
+        "PIP_FIND_LINKS": f"{WHEELHOUSE} {local}",
+        "PIP_NO_CACHE_DIR": "1",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    }
+    venv = work / "venv"
+    _run(sys.executable, "-m", "venv", venv, env=env)
+    pip = venv / "bin" / "pip"
+    for part in LOCAL_DISTRIBUTIONS:
+        _run(pip, "wheel", "--no-deps", "--wheel-dir", local, work / part, env=env)
+    _run(pip, "install", work / "server", env=env)
+    yield venv, env
+
+
+def test_the_gateway_imports_and_has_its_commands(clean_venv: tuple[Path, dict[str, str]]) -> None:
+    venv, env = clean_venv
+    _run(
+        venv / "bin" / "python",
+        "-c",
+        "import propscope_server.main, propscope_server.api.server",
+        env=env,
+    )
+    usage = _run(venv / "bin" / "propscope-server", "--help", env=env).stdout
+    for command in ("serve", "health", "up", "down", "triton"):
+        assert f" {command} " in usage
+
+
+def test_the_triton_and_validation_extras_stay_out(clean_venv: tuple[Path, dict[str, str]]) -> None:
+    venv, env = clean_venv
+    installed = _run(venv / "bin" / "pip", "list", "--format=json", env=env).stdout
+    names = {package["name"].lower() for package in json.loads(installed)}
+    assert "propscope-server" in names
+    assert not names & {"torch", "diffusers", "transformers", "onnxruntime", "captum"}
+
+
+def test_the_gateway_starts_and_answers_health(clean_venv: tuple[Path, dict[str, str]]) -> None:
+    """No Triton listens at the gateway's Triton address: the gateway is live and says it cannot
+    serve, in JSON logs (python-json-logger, the dependency that was once undeclared)."""
+    venv, env = clean_venv
+    port = stack.free_port()
+    target = f"127.0.0.1:{port}"
+    env = env | {
+        "PROPSCOPE_LISTEN_ADDRESS": target,
+        "PROPSCOPE_TRITON_URL": f"127.0.0.1:{stack.free_port()}",
+        "PROPSCOPE_SHUTDOWN_DRAIN_S": "0",
+    }
+    gateway = subprocess.Popen(
+        [venv / "bin" / "propscope-server", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + START_DEADLINE_S
+        while stack.health_status(target, LIVENESS_SERVICE, 1.0) is None:
+            assert gateway.poll() is None, gateway.communicate()[0]
+            assert time.monotonic() < deadline, f"no health answer on {target}"
+            time.sleep(0.2)
+        health = subprocess.run(
+            [venv / "bin" / "propscope-server", "health", target, "--service", LIVENESS_SERVICE],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert health.returncode == 0, health.stdout + health.stderr
+        assert stack.health_status(target) == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        gateway.terminate()
+        output = gateway.communicate(timeout=60)[0]
+    assert gateway.returncode == 0, output
+    messages = [json.loads(line)["message"] for line in output.splitlines()]
+    assert any(m.startswith(f"propscope gateway listening on port {port}") for m in messages)
+    assert "triton is unreachable" in messages
