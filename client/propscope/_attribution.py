@@ -145,6 +145,8 @@ class SobolOptions:
     nb_design: int
     estimator: str
     per_channel: bool
+    # An Owen-scrambled design seeded by the request's seed (default: Xplique's unscrambled one).
+    scrambled: bool = False
 
     @classmethod
     def from_proto(cls, msg: Any) -> SobolOptions:
@@ -153,12 +155,14 @@ class SobolOptions:
             nb_design=msg.nb_design,
             estimator=_from_proto(_ESTIMATOR, msg.estimator, "jansen"),
             per_channel=msg.per_channel,
+            scrambled=msg.scrambled,
         )
 
     def describe(self) -> str:
         """E.g. "grid 8, N 32, jansen": how the CLI and reports state the options."""
         text = f"grid {self.grid_size}, N {self.nb_design}, {self.estimator}"
-        return text + (", per channel" if self.per_channel else "")
+        text += ", per channel" if self.per_channel else ""
+        return text + (", scrambled" if self.scrambled else "")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclass_dict(self)

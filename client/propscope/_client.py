@@ -160,6 +160,7 @@ class Client:
         nb_design: int = 0,
         estimator: str = "jansen",
         per_channel: bool = False,
+        scrambled: bool = False,
         nb_samples: int = 0,
         preservation_probability: float | None = None,
         target_class: int | None = None,
@@ -180,7 +181,8 @@ class Client:
         """Where ``model`` looks on ``image``: one attribution map, computed black-box.
 
         ``method`` "sobol" (``grid_size`` g, ``nb_design`` N a power of two, ``estimator``
-        jansen|homma|janon|glen_isaacs|saltelli, ``per_channel``: N (g² + 2) forward passes) or
+        jansen|homma|janon|glen_isaacs|saltelli, ``per_channel``, ``scrambled``: an Owen-scrambled
+        design seeded by ``seed``; N (g² + 2) forward passes) or
         "rise" (``grid_size``, ``nb_samples`` masks, ``preservation_probability``); 0 and None
         mean the server's defaults. ``target_score`` "probability" or "logit" of
         ``target_class`` (None: the predicted class). Masked pixels are replaced by
@@ -199,6 +201,7 @@ class Client:
             nb_design=nb_design,
             estimator=estimator,
             per_channel=per_channel,
+            scrambled=scrambled,
             nb_samples=nb_samples,
             preservation_probability=preservation_probability,
             target_class=target_class,

@@ -216,6 +216,7 @@ def method_options(
     nb_design: int = 0,
     estimator: str = "jansen",
     per_channel: bool = False,
+    scrambled: bool = False,
     nb_samples: int = 0,
     preservation_probability: float | None = None,
 ) -> dict[str, Any]:
@@ -233,11 +234,12 @@ def method_options(
                 nb_design=nb_design,
                 estimator=estimator_to_proto(estimator),
                 per_channel=per_channel,
+                scrambled=scrambled,
             )
         }
     if method == "rise":
-        if nb_design or per_channel or estimator != "jansen":
-            raise ValueError("nb_design, estimator and per_channel are Sobol options")
+        if nb_design or per_channel or scrambled or estimator != "jansen":
+            raise ValueError("nb_design, estimator, per_channel and scrambled are Sobol options")
         _fraction("preservation_probability", preservation_probability, closed_right=False)
         return {
             "rise": attribution_pb2.RiseOptions(
@@ -258,6 +260,7 @@ def build_attribute_request(
     nb_design: int = 0,
     estimator: str = "jansen",
     per_channel: bool = False,
+    scrambled: bool = False,
     nb_samples: int = 0,
     preservation_probability: float | None = None,
     target_class: int | None = None,
@@ -288,6 +291,7 @@ def build_attribute_request(
         nb_design=nb_design,
         estimator=estimator,
         per_channel=per_channel,
+        scrambled=scrambled,
         nb_samples=nb_samples,
         preservation_probability=preservation_probability,
     )

@@ -389,6 +389,9 @@ def attribute(
     per_channel: Annotated[
         bool, typer.Option("--per-channel", help="Sobol: one factor per cell and channel.")
     ] = False,
+    scrambled: Annotated[
+        bool, typer.Option("--scrambled", help="Sobol: Owen-scrambled design seeded by --seed.")
+    ] = False,
     samples: Annotated[
         int, typer.Option(min=0, help="RISE: the number of masks (0: default, 4000).")
     ] = 0,
@@ -411,7 +414,9 @@ def attribute(
     blur_sigma: Annotated[
         float, typer.Option(min=0.0, help="Blur radius in input pixels (0: 2% of the side).")
     ] = 0.0,
-    seed: Annotated[int, typer.Option(min=0, help="Seeds RISE's masks.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seeds RISE's masks and a scrambled design.")
+    ] = 0,
     out: Annotated[
         Path, typer.Option("--out", "-o", file_okay=False, help="Folder for the PNG and JSON.")
     ] = Path("."),
@@ -465,7 +470,9 @@ def attribute(
         "class_labels": class_labels,
     }
     if method == "sobol":
-        options.update(nb_design=nb_design, estimator=estimator, per_channel=per_channel)
+        options.update(
+            nb_design=nb_design, estimator=estimator, per_channel=per_channel, scrambled=scrambled
+        )
     else:
         options.update(nb_samples=samples, preservation_probability=preservation_probability)
     try:

@@ -50,7 +50,7 @@ def test_spec_reads_the_rule_with_sobol_paper_defaults(tmp_path):
         "    region: {box_px: [0, 0, 2, 2]}\n"
         "    max: 0.25\n"
         "    over: every_image\n"
-        "    attribution: {estimator: janon, baseline: black}\n"
+        "    attribution: {estimator: janon, baseline: black, scrambled: true}\n"
     )
     loaded, _ = load_spec(path)
     (rule,) = loaded.attribution_rules()
@@ -59,7 +59,7 @@ def test_spec_reads_the_rule_with_sobol_paper_defaults(tmp_path):
     options = rule.attribution.client_options()
     assert (options["grid_size"], options["nb_design"]) == (8, 32)
     assert options["estimator"] == "janon" and options["baseline"] == "black"
-    assert options["method"] == "sobol"
+    assert options["method"] == "sobol" and options["scrambled"] is True
 
 
 @pytest.mark.parametrize(
@@ -71,6 +71,7 @@ def test_spec_reads_the_rule_with_sobol_paper_defaults(tmp_path):
         ({"attribution": {"nb_design": 24}}, "power of two"),
         ({"attribution": {"method": "rise", "nb_design": 32}}, "are Sobol options"),
         ({"attribution": {"nb_samples": 100}}, "are RISE options"),
+        ({"attribution": {"method": "rise", "scrambled": True}}, "are Sobol options"),
         ({"properties": ["hue"]}, "Extra inputs are not permitted"),
         ({"over": "median"}, "'mean' or 'every_image'"),
     ],

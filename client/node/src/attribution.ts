@@ -38,6 +38,8 @@ export interface MethodOptions {
   estimator?: Estimator;
   /** Sobol: one factor per cell and colour channel. */
   perChannel?: boolean;
+  /** Sobol: an Owen-scrambled design seeded by `seed` (default: Xplique's unscrambled one). */
+  scrambled?: boolean;
   /** RISE: the number of masks (4000). */
   nbSamples?: number;
   /** RISE: the probability a cell is kept, in (0, 1) (0.5). */
@@ -192,12 +194,18 @@ function methodMessage(options: MethodOptions): { sobol: SobolOptions } | { rise
         estimator: (word(ESTIMATORS, options.estimator, "estimator") ??
           "SOBOL_ESTIMATOR_UNSPECIFIED") as SobolOptions["estimator"],
         perChannel: options.perChannel ?? false,
+        scrambled: options.scrambled ?? false,
       },
     };
   }
   if (method === "rise") {
-    if (options.nbDesign || options.estimator !== undefined || options.perChannel) {
-      throw new Error("nbDesign, estimator and perChannel are Sobol options");
+    if (
+      options.nbDesign ||
+      options.estimator !== undefined ||
+      options.perChannel ||
+      options.scrambled
+    ) {
+      throw new Error("nbDesign, estimator, perChannel and scrambled are Sobol options");
     }
     fraction("preservationProbability", options.preservationProbability, false);
     return {

@@ -167,7 +167,16 @@ after(() => {
 test("attribute sends the options and returns the map as row-major float32", async () => {
   const progress: AttributeProgress[] = [];
   const found = await client.attribute(
-    { image: IMAGE, model: "m", gridSize: 4, nbDesign: 16, estimator: "homma", targetClass: 3 },
+    {
+      image: IMAGE,
+      model: "m",
+      gridSize: 4,
+      nbDesign: 16,
+      estimator: "homma",
+      scrambled: true,
+      seed: 5,
+      targetClass: 3,
+    },
     { onProgress: (update) => progress.push(update) },
   );
   const request = received.attribute.at(-1)!;
@@ -175,6 +184,8 @@ test("attribute sends the options and returns the map as row-major float32", asy
   assert.equal(request.sobol?.gridSize, 4);
   assert.equal(request.sobol?.nbDesign, 16);
   assert.equal(request.sobol?.estimator, "SOBOL_ESTIMATOR_HOMMA");
+  assert.equal(request.sobol?.scrambled, true);
+  assert.equal(request.seed, "5");
   assert.equal(request.model?.targetClass, 3);
 
   assert.equal(found.method, "sobol");
@@ -217,6 +228,10 @@ test("bad options throw before anything is sent", () => {
   const base = { image: IMAGE, model: "m" };
   assert.throws(() => buildAttributeRequest({ ...base, nbDesign: 24 }), /power of two/);
   assert.throws(() => buildAttributeRequest({ ...base, method: "rise", nbDesign: 8 }), /Sobol options/);
+  assert.throws(
+    () => buildAttributeRequest({ ...base, method: "rise", scrambled: true }),
+    /Sobol options/,
+  );
   assert.throws(
     () => buildAttributeRequest({ ...base, baseline: "grey" as never }),
     /baseline must be one of/,

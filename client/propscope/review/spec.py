@@ -239,6 +239,8 @@ class AttributionSpec(_Strict):
     nb_design: int | None = Field(None, ge=2, le=1024)
     estimator: Literal["jansen", "homma", "janon", "glen_isaacs", "saltelli"] = "jansen"
     per_channel: bool = False
+    # Sobol: an Owen-scrambled design seeded by ``seed`` (default: Xplique's unscrambled one).
+    scrambled: bool = False
     # RISE: masks, and the probability a cell is kept.
     nb_samples: int | None = Field(None, ge=1)
     preservation_probability: float | None = Field(None, gt=0, lt=1)
@@ -255,8 +257,13 @@ class AttributionSpec(_Strict):
                 raise ValueError("nb_samples and preservation_probability are RISE options")
             if self.nb_design is not None and self.nb_design & (self.nb_design - 1):
                 raise ValueError(f"nb_design must be a power of two, got {self.nb_design}")
-        elif self.nb_design is not None or self.per_channel or self.estimator != "jansen":
-            raise ValueError("nb_design, estimator and per_channel are Sobol options")
+        elif (
+            self.nb_design is not None
+            or self.per_channel
+            or self.scrambled
+            or self.estimator != "jansen"
+        ):
+            raise ValueError("nb_design, estimator, per_channel and scrambled are Sobol options")
         return self
 
     def client_options(self) -> dict[str, Any]:
@@ -275,6 +282,7 @@ class AttributionSpec(_Strict):
                 nb_design=self.nb_design or 32,
                 estimator=self.estimator,
                 per_channel=self.per_channel,
+                scrambled=self.scrambled,
             )
         else:
             options.update(
