@@ -147,6 +147,7 @@ class SobolSpec:
     nb_design: int = 32
     estimator: str = "jansen"
     per_channel: bool = False
+    scrambled: bool = False  # Owen-scrambled with the request's seed; else Xplique's design
 
     @property
     def dimension(self) -> int:

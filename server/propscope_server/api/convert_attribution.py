@@ -72,7 +72,7 @@ def sobol_spec(options: apb.SobolOptions, field: str) -> domain.SobolSpec:
         )
     estimator = _enum(options.estimator, ESTIMATOR_NAMES, f"{field}.estimator")
     assert estimator in ESTIMATORS
-    return domain.SobolSpec(grid, nb_design, estimator, options.per_channel)
+    return domain.SobolSpec(grid, nb_design, estimator, options.per_channel, options.scrambled)
 
 
 def rise_spec(options: apb.RiseOptions, field: str) -> domain.RiseSpec:
@@ -298,6 +298,7 @@ def _method_messages(
                 nb_design=method.nb_design,
                 estimator=_names(ESTIMATOR_NAMES, method.estimator),
                 per_channel=method.per_channel,
+                scrambled=method.scrambled,
             )
         }
     return {
