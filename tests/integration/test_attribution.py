@@ -4,12 +4,17 @@ determinism cold and warm, fidelity metrics' sanity, cancellation, and refusals.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import grpc
 import numpy as np
 import pytest
 import redis
+from PIL import Image
 
 from propscope.v1 import attribution_pb2 as apb
 from propscope.v1 import attribution_pb2_grpc, explain_pb2_grpc
@@ -231,3 +236,33 @@ def test_list_models_says_which_methods_each_model_supports(channel):
     by_name = {m.name: m for m in models.models}
     assert {"propgrad", "sobol", "rise", "deletion", "mu_fidelity"} <= set(by_name[PROBE].methods)
     assert list(by_name["procedural"].methods) == []
+
+
+def test_the_cli_writes_an_overlay_and_a_map_then_scores_it_in_80_columns(live_stack, tmp_path):
+    """What a user runs: `propscope attribute` then `propscope evaluate` on its JSON, as
+    a CI log would show it (no terminal, 80 columns)."""
+    image = tmp_path / "probe.png"
+    image.write_bytes(png(noise_image(9, 96, 128)))
+    environment = {**os.environ, "COLUMNS": "80", "CI": "true"}
+    common = ["--target", live_stack.gateway, "--model", PROBE]
+    attributed = subprocess.run(
+        [sys.executable, "-m", "propscope", "attribute", str(image), *common,
+         "--grid-size", "4", "--nb-design", "16", "--out", str(tmp_path)],  # fmt: skip
+        capture_output=True, text=True, timeout=300, env=environment,
+    )  # fmt: skip
+    assert attributed.returncode == 0, attributed.stderr
+    overlay = Image.open(tmp_path / "probe.sobol.png")
+    assert overlay.size == (128, 96)
+    written = json.loads((tmp_path / "probe.sobol.json").read_text())
+    assert (written["map"]["height"], written["map"]["width"]) == (96, 128)
+    assert written["forward_passes"] == 16 * (16 + 2)
+    assert "passes" in attributed.stderr  # progress lines in a CI log
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "propscope", "evaluate", str(image), *common,
+         "--map", str(tmp_path / "probe.sobol.json"), "--metrics", "deletion,insertion"],
+        capture_output=True, text=True, timeout=300, env=environment,
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    lines = evaluated.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in evaluated.stdout
+    assert any(line.lstrip().startswith("deletion") for line in lines)
