@@ -126,3 +126,23 @@ test("the example prints a line per property and the timings", async () => {
   );
   assert.match(stdout, /^done: total \d+ ms, edit \d+ ms, classify \d+ ms, .*, 0 failed$/m);
 });
+
+test("attribute and evaluateAttribution against the live service", async () => {
+  const progress: number[] = [];
+  const found = await client.attribute(
+    { image: readFileSync(SAMPLE), model: "synth_patch", gridSize: 4, nbDesign: 8 },
+    { deadline: Date.now() + TIMEOUT_MS, onProgress: (update) => progress.push(update.forwardPassesDone) },
+  );
+  assert.equal(found.method, "sobol");
+  assert.equal(found.forwardPasses, 8 * (16 + 2));
+  assert.equal(found.map.values.length, found.map.height * found.map.width);
+  assert.equal(found.grid.height, 4);
+  assert.ok(progress.length > 0 && progress.at(-1) === found.forwardPasses);
+  const scored = await client.evaluateAttribution(
+    { image: readFileSync(SAMPLE), model: "synth_patch", explanation: found.map, metrics: ["deletion"] },
+    { deadline: Date.now() + TIMEOUT_MS },
+  );
+  assert.equal(scored.results.length, 1);
+  assert.equal(scored.results[0].metric, "deletion");
+  assert.ok(Number.isFinite(scored.results[0].value));
+});
