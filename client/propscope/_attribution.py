@@ -47,7 +47,7 @@ Metric = Literal["deletion", "insertion", "mu_fidelity", "stability"]
 METHODS: tuple[str, ...] = ("sobol", "rise")
 METRICS: tuple[str, ...] = ("deletion", "insertion", "mu_fidelity", "stability")
 ESTIMATORS: tuple[str, ...] = ("jansen", "homma", "janon", "glen_isaacs", "saltelli")
-TARGET_SCORES: tuple[str, ...] = ("probability", "logit")
+TARGET_SCORES: tuple[str, ...] = ("auto", "probability", "logit")
 PERTURBATIONS: tuple[str, ...] = ("inpainting", "blur", "amplitude")
 BASELINES: tuple[str, ...] = ("input_zero", "black", "mean_colour", "blur")
 
@@ -83,6 +83,10 @@ def estimator_to_proto(value: str) -> int:
 
 
 def target_score_to_proto(value: str) -> int:
+    """ "auto" (UNSPECIFIED): the server explains the logit of a logits model, else the
+    probability, and says which it chose."""
+    if value == "auto":
+        return attribution_pb2.TARGET_SCORE_UNSPECIFIED
     return _to_proto(_TARGET_SCORE, value, "target_score")
 
 
@@ -305,7 +309,7 @@ class Attribution:
             model_version=accepted.model_version,
             preprocessing=Preprocessing.from_proto(accepted.preprocessing),
             preprocessing_sources=tuple(accepted.preprocessing_sources),
-            warnings=tuple(accepted.warnings),
+            warnings=(*accepted.warnings, *result.warnings),
         )
 
     def plan_dict(self) -> dict[str, Any]:

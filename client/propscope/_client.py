@@ -164,7 +164,7 @@ class Client:
         nb_samples: int = 0,
         preservation_probability: float | None = None,
         target_class: int | None = None,
-        target_score: str = "probability",
+        target_score: str = "auto",
         perturbation: str = "inpainting",
         baseline: str = "input_zero",
         blur_sigma: float = 0.0,
@@ -184,7 +184,8 @@ class Client:
         jansen|homma|janon|glen_isaacs|saltelli, ``per_channel``, ``scrambled``: an Owen-scrambled
         design seeded by ``seed``; N (g² + 2) forward passes) or
         "rise" (``grid_size``, ``nb_samples`` masks, ``preservation_probability``); 0 and None
-        mean the server's defaults. ``target_score`` "probability" or "logit" of
+        mean the server's defaults. ``target_score`` "auto" (the logit of a logits model,
+        else the probability; the result says which), "probability" or "logit" of
         ``target_class`` (None: the predicted class). Masked pixels are replaced by
         ``perturbation`` (inpainting|blur|amplitude) toward ``baseline``
         (input_zero|black|mean_colour|blur, ``blur_sigma`` pixels). ``on_progress`` is called
@@ -257,7 +258,7 @@ class Client:
         perturbation_baseline: str = "input_zero",
         blur_sigma: float = 0.0,
         target_class: int | None = None,
-        target_score: str = "probability",
+        target_score: str = "auto",
         seed: int = 0,
         model_version: str = "",
         model_output: str = "",

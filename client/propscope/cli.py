@@ -403,8 +403,12 @@ def attribute(
         int | None, typer.Option(min=0, help="Class to explain (default: the predicted one).")
     ] = None,
     target_score: Annotated[
-        str, typer.Option(metavar="|".join(TARGET_SCORES), help="What is attributed.")
-    ] = "probability",
+        str,
+        typer.Option(
+            metavar="|".join(TARGET_SCORES),
+            help="What is attributed (auto: the logit of a logits model, else the probability).",
+        ),
+    ] = "auto",
     perturbation: Annotated[
         str, typer.Option(metavar="|".join(PERTURBATIONS), help="How masked pixels change.")
     ] = "inpainting",
@@ -599,8 +603,12 @@ def evaluate(
         typer.Option(min=0, help="Class to score (default: the map file's, else predicted)."),
     ] = None,
     target_score: Annotated[
-        str, typer.Option(metavar="|".join(TARGET_SCORES), help="Probability or logit.")
-    ] = "probability",
+        str,
+        typer.Option(
+            metavar="|".join(TARGET_SCORES),
+            help="auto (the logit of a logits model, else the probability), probability, logit.",
+        ),
+    ] = "auto",
     seed: Annotated[int, typer.Option(min=0, help="Seeds the random subsets and noise.")] = 0,
     as_json: Annotated[
         bool, typer.Option("--json", help="Write the evaluation as one JSON object.")

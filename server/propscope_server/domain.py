@@ -190,7 +190,7 @@ class AttributeSpec:
     image: np.ndarray  # uint8 [H, W, 3]
     classifier: ClassifierRef
     method: AttributionMethod
-    target_score: str  # probability | logit
+    target_score: str  # auto | probability | logit (auto: logit for a logits model)
     perturbation: PerturbationSpec
     seed: int
     tenant: str = DEFAULT_TENANT
@@ -277,6 +277,7 @@ class AttributionOutcome:
     target_label: str
     target_score: str
     total_s: float
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

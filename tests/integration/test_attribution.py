@@ -47,7 +47,12 @@ def attribution(channel) -> attribution_pb2_grpc.AttributionServiceStub:
 
 
 def attribute(stub, image: np.ndarray, model: str = PROBE, **fields) -> list:
-    request = apb.AttributeRequest(image=png(image), model=pb.ModelRef(name=model), **fields)
+    """The probe's class 1 (its logit, 10 x the corner's mean, is what moves; class 0's is
+    constant by construction)."""
+    reference = (
+        pb.ModelRef(name=model, target_class=1) if model == PROBE else pb.ModelRef(name=model)
+    )
+    request = apb.AttributeRequest(image=png(image), model=reference, **fields)
     return list(stub.Attribute(request, timeout=300))
 
 
@@ -80,6 +85,7 @@ def test_sobol_counts_its_passes_and_gives_unseen_cells_exactly_zero(attribution
     assert np.all(grid[unseen] == 0.0), grid
     assert (result.map.height, result.map.width) == (64, 64)
     assert "black" in accepted.perturbation_description  # a UINT8 model: input zero is black
+    assert accepted.target_score == apb.TARGET_SCORE_LOGIT  # the probe returns logits
     # The default (Xplique's unscrambled) design at N 32 < 64 factors: said, naming cells.
     assert any("9 (row 1, column 1) x0.20" in w for w in accepted.warnings), accepted.warnings
 
@@ -168,6 +174,19 @@ def test_stability_recomputes_the_method_on_noisy_images(attribution, triton):
     assert len(stability.distances) == 2 and stability.value >= 0
     assert stability.forward_passes == 3 * 4 * (16 + 2)
     assert settled_count(triton) - before == stability.forward_passes + 1
+
+
+def test_a_map_of_a_score_that_never_moves_says_so_and_is_not_cached(attribution):
+    """Class 0's logit of the probe is 0 whatever the image: the map is meaningless."""
+    request = apb.AttributeRequest(
+        image=png(noise_image(10)),
+        model=pb.ModelRef(name=PROBE, target_class=0),
+        rise=apb.RiseOptions(nb_samples=64, grid_size=4),
+    )
+    first = result_of(list(attribution.Attribute(request, timeout=300)))
+    again = result_of(list(attribution.Attribute(request, timeout=300)))
+    assert any("carries no information" in w for w in first.warnings), first.warnings
+    assert (first.cache_hit, again.cache_hit) == (False, False)
 
 
 def test_cancelling_stops_triton_work_within_a_second(attribution, triton):

@@ -45,7 +45,7 @@ BASELINE_NAMES = {
     apb.Perturbation.BASELINE_BLUR: "blur",
 }
 TARGET_SCORE_NAMES = {
-    apb.TARGET_SCORE_UNSPECIFIED: "probability",
+    apb.TARGET_SCORE_UNSPECIFIED: "auto",
     apb.TARGET_SCORE_PROBABILITY: "probability",
     apb.TARGET_SCORE_LOGIT: "logit",
 }
@@ -350,6 +350,7 @@ def attribute_event(request_id: str, event: object) -> apb.AttributeEvent:
             target_label=event.target_label,
             target_score=_names(TARGET_SCORE_NAMES, event.target_score),
             total_ms=event.total_s * 1000.0,
+            warnings=event.warnings,
             channel_grid=(
                 event.channel_grid.astype(np.float32).ravel()
                 if event.channel_grid is not None

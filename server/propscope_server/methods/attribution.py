@@ -97,6 +97,9 @@ async def plan_target(
     detection = ref.preprocessing is None or ref.preprocessing.output_kind is None
     classifier = await plan_classifier(inference, ref, image, settings, deadline)
     require(method, classifier.model)
+    if target_score == "auto":
+        logits = classifier.preprocessing.output_kind == "logits"
+        target_score = "logit" if logits else "probability"
     check_target_score(classifier, target_score)
     layout = classifier.layout
     view = await in_thread(
@@ -191,8 +194,8 @@ async def view_attribution(
     settings: Settings,
     progress: Callable[[int], None],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(grid values [g, g] or [g, g, 3], map over the view [h, w]) of `method` on
-    `view` (the original's view, or a noisy one for stability)."""
+    """(grid values [g, g] or [g, g, 3], map over the view [h, w], warnings) of `method`
+    on `view` (the original's view, or a noisy one for stability)."""
     height, width = view.shape[:2]
     baseline = baseline_image(
         view, "blur" if spec.kind == "blur" else spec.baseline, spec.blur_sigma, plan.classifier
@@ -235,7 +238,7 @@ async def view_attribution(
         grid = indices.reshape(method.grid, method.grid, -1).astype(np.float32)
         cells = grid.sum(axis=-1)
         view_map = resize_values(cells, height, width)
-        return (grid if method.per_channel else cells), view_map
+        return (grid if method.per_channel else cells), view_map, flat_scores(scores, plan)
 
     def rise_map() -> np.ndarray:
         accumulator = rise.RiseAccumulator(height, width, method.preservation)
@@ -246,7 +249,30 @@ async def view_attribution(
 
     view_map = await in_thread(rise_map)
     grid = resize_values(view_map, method.grid, method.grid, "bilinear")
-    return grid, view_map
+    return grid, view_map, flat_scores(scores, plan)
+
+
+# Scores whose spread over the masks is below this are indistinguishable from constant
+# (float32 outputs): the map then shows noise, or nothing.
+FLAT_SPREAD = 1e-6
+
+
+def flat_scores(scores: np.ndarray, plan: TargetPlan) -> tuple[str, ...]:
+    """A warning when the target score hardly moved over the masks."""
+    spread = float(scores.max() - scores.min())
+    if spread > FLAT_SPREAD * max(1.0, float(np.abs(scores).max())):
+        return ()
+    advice = (
+        "ask for TARGET_SCORE_LOGIT: a saturated probability hides what moves the model"
+        if plan.target.score == "probability"
+        and plan.classifier.preprocessing.output_kind == "logits"
+        else "the model ignores what the masks removed, or another perturbation is needed"
+    )
+    return (
+        f"the target {plan.target.score} varied by only {spread:.3g} over the masks "
+        f"(from {scores.min():.6g} to {scores.max():.6g}): the map carries no information; "
+        + advice,
+    )
 
 
 @dataclass(frozen=True)
@@ -330,11 +356,13 @@ class Attribution:
         metrics.CACHE_LOOKUPS.labels(result="hit" if cached is not None else "miss").inc()
         if cached is not None:
             grid, view_map = _unpack(cached, spec.method, target.view.shape[:2])
-            ran = 0
+            ran, warnings = 0, ()
         else:
             done = 0
 
-            async def work(emit: Callable[[object], None]) -> tuple[np.ndarray, np.ndarray]:
+            async def work(
+                emit: Callable[[object], None],
+            ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
                 def progress(count: int) -> None:
                     nonlocal done
                     done += count
@@ -354,10 +382,11 @@ class Attribution:
             async with aclosing(with_progress(work)) as events:
                 async for event in events:
                     if isinstance(event, Finished):
-                        grid, view_map = event.value
+                        grid, view_map, warnings = event.value
                     else:
                         yield event
-            await self._cache.put(plan.cache_key, _pack(grid, view_map))
+            if not warnings:  # a map that carries no information is not kept
+                await self._cache.put(plan.cache_key, _pack(grid, view_map))
             ran = passes
         metrics.FORWARD_PASSES.labels(method=method_name(spec.method)).inc(ran)
         image_map = await in_thread(
@@ -378,6 +407,7 @@ class Attribution:
             target_label=target.classifier.label(target.target.class_index),
             target_score=target.target.score,
             total_s=time.perf_counter() - started,
+            warnings=warnings,
         )
 
 

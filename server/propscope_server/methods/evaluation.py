@@ -218,7 +218,7 @@ class Evaluation:
         )
         maps = []
         for view in (target.view, *noisy):
-            _, view_map = await view_attribution(
+            _, view_map, _ = await view_attribution(
                 self._inference,
                 target,
                 view.astype(np.float32),
