@@ -221,3 +221,36 @@ def test_reports_that_cannot_be_written_exit_2(live_stack, tmp_path):
     assert finished.returncode == 2
     assert "cannot write the reports" in finished.stderr
     assert "Traceback" not in finished.stderr
+
+
+def test_max_attribution_share_fails_a_model_that_looks_at_the_object(live_stack, tmp_path):
+    """The hue-biased candidate's Sobol mass sits on the object in the middle of each image:
+    a rule that allows at most 5% there fails (exit 1), one that allows 95% passes."""
+    rules = (
+        "rules:\n"
+        "  - rule: max_attribution_share\n"
+        "    name: centre\n"
+        "    region: {box: [0.25, 0.25, 0.75, 0.75]}\n"
+        "    max: 0.05\n"
+        "    attribution: {grid_size: 4, nb_design: 8}\n"
+        "  - rule: max_attribution_share\n"
+        "    name: centre_loose\n"
+        "    region: {box: [0.25, 0.25, 0.75, 0.75]}\n"
+        "    max: 0.95\n"
+        "    attribution: {grid_size: 4, nb_design: 8}\n"
+    )
+    text = HUE_REVIEW.read_text()
+    spec = example_variant(
+        tmp_path / "attribution.yaml",
+        (text[text.index("rules:") :], rules),
+        ("steps: 20", "steps: 8"),
+    )
+    out = tmp_path / "out"
+    finished = review(spec, live_stack.gateway, out)
+    assert finished.returncode == 1, finished.stdout + finished.stderr
+    suite = ElementTree.parse(out / "junit.xml").getroot().find("testsuite")
+    cases = {case.get("name"): case for case in suite.iter("testcase")}
+    assert cases["max_attribution_share[centre]"].find("failure") is not None
+    assert cases["max_attribution_share[centre_loose]"].find("failure") is None
+    shares = json.loads((out / "review.json").read_text())["attributions"]
+    assert shares, "review.json keeps every image's share"
