@@ -72,11 +72,11 @@ def positive_share(values: np.ndarray, cells: np.ndarray) -> float:
     return float(positive[cells].sum() / total) if total > 0 else 0.0
 
 
-def patch_images(count: int, seed: int = ATTRIBUTION_SEED) -> np.ndarray:
-    """`count` scenes of the unbiased world (balanced shapes, any hue), each with the patch:
-    [count, 64, 64, 3] uint8."""
+def patch_images(count: int, seed: int = ATTRIBUTION_SEED, patch: bool = True) -> np.ndarray:
+    """`count` scenes of the unbiased world (balanced shapes, any hue), each with the patch
+    (or the same scenes without it): [count, 64, 64, 3] uint8."""
     _, _, scenes = make_split("none", count, seed)
-    return np.stack([render(replace(scene, patch=True)) for scene in scenes])
+    return np.stack([render(replace(scene, patch=patch)) for scene in scenes])
 
 
 def probe_images(count: int, seed: int = ATTRIBUTION_SEED + 1) -> np.ndarray:
