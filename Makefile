@@ -106,6 +106,7 @@ bench: setup
 	$(PY) bench/explain_cold_warm.py
 	$(PY) bench/curve_statistics.py
 	$(PY) bench/editors.py
+	$(PY) bench/attribution.py
 
 # Load: 32 concurrent Explain streams for 150 s against a stack of its own; writes
 # docs/results/soak.md and fails on an unexpected error or a stream rejected once accepted.
@@ -118,6 +119,7 @@ validate: up
 	$(PY) bench/validate_bias.py
 	$(PY) bench/validate_downstream.py
 	$(PY) bench/validate_honesty.py
+	$(PY) bench/validate_attribution.py
 
 # Retrain the synthetic classifiers (deterministic; the committed weights came from this).
 weights: setup

@@ -189,8 +189,8 @@ def localisation_section(
             "image).",
             "Two inpainting baselines. *Input zero* is the service's default and the paper's "
             "code's, but on these UINT8 deployments input zero is **black**, far from anything "
-            "the classifiers saw in training (Xplique's zero is the normalised input's zero, "
-            "i.e. the normalisation mean, mid grey here). *Mean colour* (the image's mean) "
+            "the classifiers saw in training (for a model fed normalised inputs, as in the "
+            "paper's code, Xplique's zero is the normalisation mean: mid grey here). *Mean colour* (the image's mean) "
             "is close to what the paper's baseline means; the checks use it. On synth_patch "
             "a black region reads as evidence for *square* (the deletion curve of a black "
             "baseline stays at p = 1, next section), which spreads the black-baseline maps. "

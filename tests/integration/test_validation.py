@@ -3,6 +3,11 @@ test's calibration on a few images, asserting the qualitative pattern."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -166,3 +171,41 @@ def test_the_minimal_relevant_change_is_per_request(client, minimum, expected):
     assert accepted.min_probability_change == (0.05 if minimum is None else minimum)
     assert result.significant and result.probability_change > 0.9
     assert result.relevant is expected
+
+
+def test_the_attribution_table_on_a_few_images(live_stack, tmp_path):
+    """bench/validate_attribution.py --quick (3 images) against the test stack."""
+    script = Path(__file__).resolve().parents[2] / "bench" / "validate_attribution.py"
+    command = [sys.executable, str(script), "--quick", "--target", live_stack.gateway]
+    command += ["--redis-url", live_stack.redis_url, "--out", str(tmp_path)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    data = json.loads((tmp_path / "attribution.json").read_text())
+    assert "## Checks" in (tmp_path / "attribution.md").read_text()
+    # The exit code says whether every check held, whatever three images gave.
+    assert finished.returncode == (0 if all(c["passed"] for c in data["checks"]) else 1), (
+        finished.stderr[-2000:]
+    )
+    truth = data["ground_truth"]["ground_truth"]
+    assert truth["exact_zero_images"] == truth["images"] == 3 and truth["largest_unseen"] == 0
+    assert truth["forward_passes"] == [2112] * 3
+    (mean_colour,) = [
+        row
+        for row in data["localisation"]["localisation"]
+        if (row["baseline"], row["target_score"]) == ("mean_colour", "probability")
+    ]
+    shares = {m["model"]: m["shares"] for m in mean_colour["models"]}
+    assert min(shares["synth_patch"]) >= 0.5
+    assert np.mean(shares["synth_patch"]) > np.mean(shares["synth_unbiased"])
+    assert data["comparison"]["passes"] == {"Sobol (grid 8, N 32)": 2112, "RISE (2048 masks)": 2048}
+    comparisons = data["comparison"]["comparisons"]
+    assert sorted(comparisons) == ["10", "100"]
+    assert all(0 < c["p_value"] <= 1 for found in comparisons.values() for c in found)
+    metrics = data["metrics"]
+    assert min(metrics["oracle"]["mu_fidelity"]) >= 0.9
+    deletions = zip(metrics["oracle"]["deletion"], metrics["random"]["deletion"], strict=True)
+    assert all(oracle < random for oracle, random in deletions)
+    assert max(metrics["constant"]["mu_fidelity"]) < min(metrics["oracle"]["mu_fidelity"]) - 0.5
+    determinism = data["determinism"]["determinism"]
+    assert determinism["cold_passes"] == determinism["flushed_passes"] == 2112
+    assert determinism["warm_cache_hit"]
+    assert determinism["identical_warm"] and determinism["identical_flushed"]
