@@ -169,7 +169,8 @@ def resolve(
     if datatype == "UINT8" and ("mean" in values or "std" in values):
         warnings.append(
             f"model {model!r} takes UINT8 input: the declared mean and std are not applied "
-            "(the model normalises its own pixels)"
+            "(the model normalises its own pixels); the mean is where attribution methods' "
+            "input-zero baseline lies"
         )
     return ResolvedPreprocessing(PreprocessingConfig(**values), tuple(sources), tuple(warnings))
 

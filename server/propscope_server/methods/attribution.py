@@ -138,9 +138,10 @@ def baseline_image(
         return np.broadcast_to(view.mean(axis=(0, 1)), view.shape).astype(np.float32)
     if baseline == "blur":
         return perturbation.gaussian_blur(view, blur_sigma(view, sigma))
-    # input_zero: the pixel value the model's normalisation maps to 0.
+    # input_zero: the pixel value the model's normalisation maps to 0 (a UINT8 model
+    # normalises inside; the mean it declares is where its zero is).
     mean = classifier.preprocessing.mean
-    if classifier.layout.datatype == "UINT8" or mean is None:
+    if mean is None:
         return np.zeros_like(view)
     return np.broadcast_to(np.asarray(mean, np.float32) * 255.0, view.shape).astype(np.float32)
 
@@ -169,8 +170,8 @@ def describe_perturbation(
         baseline = BASELINE_WORDS[spec.baseline]
         if spec.baseline == "input_zero":
             mean = classifier.preprocessing.mean
-            if classifier.layout.datatype == "UINT8" or mean is None:
-                baseline += ": black, as the model takes unnormalised pixels"
+            if mean is None:
+                baseline += ": black, as the model declares no normalisation mean (propscope.mean)"
             else:
                 baseline += f": the normalisation mean {tuple(round(m, 4) for m in mean)}"
         elif spec.baseline == "blur":
