@@ -4,8 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
-STUBS := client/propscope/v1/explain_pb2.py
-# Wheels of what ./client and ./server declare and of their build backends, pinned by
+# The stubs (propscope.v1, distribution propscope-api in protos/python): installed, not editable,
+# again whenever the contract changes.
+STUBS := $(VENV)/.stubs-installed
+# Wheels of what ./protos/python and ./server declare and of their build backends, pinned by
 # requirements.txt: tests/integration/test_install.py installs ./server into a clean venv from
 # these alone, with no network.
 WHEELHOUSE := build/wheelhouse
@@ -36,23 +38,29 @@ DEMO_PROPERTIES := \
 
 setup: $(INSTALLED) $(STUBS) $(TINY_PIPELINES) $(OWN_MODELS) node-client $(WHEELHOUSE)/.complete
 
-$(INSTALLED): requirements.txt client/pyproject.toml server/pyproject.toml deploy/scripts/install-system-deps.sh
+# The client in compat mode (a path entry): its propscope package then extends its __path__
+# to the stubs' namespace portion in site-packages.
+$(INSTALLED): requirements.txt client/pyproject.toml server/pyproject.toml tools/pyproject.toml \
+		deploy/scripts/install-system-deps.sh
 	deploy/scripts/install-system-deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
-	$(PY) client/generate_stubs.py
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e client -e server
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+		--config-settings editable_mode=compat -e client -e server -e tools
 	touch $@
 
-$(STUBS): protos/propscope/v1/*.proto | $(INSTALLED)
-	$(PY) client/generate_stubs.py
+$(STUBS): protos/propscope/v1/*.proto protos/python/pyproject.toml protos/python/setup.py \
+		protos/python/generate_stubs.py | $(INSTALLED)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+		--force-reinstall ./protos/python
+	touch $@
 
 stubs: $(STUBS)
 
-$(WHEELHOUSE)/.complete: requirements.txt client/pyproject.toml server/pyproject.toml | $(INSTALLED)
+$(WHEELHOUSE)/.complete: requirements.txt protos/python/pyproject.toml server/pyproject.toml | $(INSTALLED)
 	rm -rf $(WHEELHOUSE)
 	$(PY) -m pip download --quiet --disable-pip-version-check --dest $(WHEELHOUSE) \
-		--constraint requirements.txt "setuptools>=68" grpcio-tools==1.81.1 ./client ./server
+		--constraint requirements.txt "setuptools>=68" grpcio-tools==1.81.1 ./protos/python ./server
 	touch $@
 
 $(TINY_PIPELINES) &: | $(INSTALLED)
@@ -92,10 +100,10 @@ contract: $(NODE_INSTALLED)
 # `make up UP_FLAGS=--restart` starts it again.
 UP_FLAGS ?=
 up: setup
-	$(VENV)/bin/propscope-server up --run-dir $(RUN_DIR) $(UP_FLAGS)
+	$(VENV)/bin/propscope-dev up --run-dir $(RUN_DIR) $(UP_FLAGS)
 
 down:
-	@if [ -x $(VENV)/bin/propscope-server ]; then $(VENV)/bin/propscope-server down --run-dir $(RUN_DIR); fi
+	@if [ -x $(VENV)/bin/propscope-dev ]; then $(VENV)/bin/propscope-dev down --run-dir $(RUN_DIR); fi
 
 demo: up
 	$(VENV)/bin/propscope explain $(SAMPLE) --model synth_unbiased --model synth_hue --model synth_patch \
@@ -123,7 +131,7 @@ validate: up
 
 # Retrain the synthetic classifiers (deterministic; the committed weights came from this).
 weights: setup
-	$(PY) -m propscope_server.synthetic.train --out deploy/triton/weights
+	$(PY) -m propscope_dev.train --out deploy/triton/weights
 
 clean: down
 	rm -rf $(VENV) $(RUN_DIR) $(WHEELHOUSE) .pytest_cache .ruff_cache

@@ -23,10 +23,10 @@ import tritonclient.grpc as triton_grpc
 import typer
 
 import propscope
-from propscope_server import stack
+from propscope_dev import stack
+from propscope_dev.validation.attribution import patch_images
 from propscope_server.scoring import perturbation, sobol
 from propscope_server.triton_models.classifiers.cnn import load_classifier, normalise_uint8_hwc
-from propscope_server.validation.attribution import patch_images
 
 MODEL = "synth_patch"
 WEIGHTS = Path(__file__).resolve().parents[1] / "deploy" / "triton" / "weights" / "patch_biased.pt"

@@ -282,7 +282,7 @@ def through_the_gateway(repeats: int, steps: int) -> None:
     import tritonclient.grpc as triton_grpc
 
     import propscope
-    from propscope_server import stack
+    from propscope_dev import stack
 
     print(
         f"\n2./3. through the stack (Triton CPU, Redis, gateway), path of {steps} edits, median of {repeats}"

@@ -15,7 +15,7 @@ from pathlib import Path
 import typer
 
 import propscope
-from propscope_server import stack
+from propscope_dev import stack
 from propscope_server.synthetic.world import Scene, render
 
 PROPERTIES = [

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import typer
 
-from propscope_server import stack
-from propscope_server.soak import run_soak
-from propscope_server.validation.tables import write_results
+from propscope_dev import stack
+from propscope_dev.soak import run_soak
+from propscope_dev.validation.tables import write_results
 
 
 def main(

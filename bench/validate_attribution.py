@@ -24,15 +24,15 @@ import torch
 import typer
 
 import propscope
-from propscope_server.triton_models.classifiers.cnn import load_classifier, normalise_uint8_hwc
-from propscope_server.validation import attribution as va
-from propscope_server.validation.tables import (
+from propscope_dev.validation import attribution as va
+from propscope_dev.validation.tables import (
     Check,
     checks_markdown,
     markdown_table,
     percent,
     write_results,
 )
+from propscope_server.triton_models.classifiers.cnn import load_classifier, normalise_uint8_hwc
 
 app = typer.Typer(add_completion=False)
 logger = logging.getLogger(__name__)

@@ -19,22 +19,22 @@ from pathlib import Path
 import typer
 
 import propscope
-from propscope_server.scoring.property_gradient import DEFAULT_MIN_PROBABILITY_CHANGE
-from propscope_server.validation import bias_table
-from propscope_server.validation.runner import (
+from propscope_dev.validation import bias_table
+from propscope_dev.validation.runner import (
     ALPHA,
     PERMUTATIONS,
     SHORTCUTS,
     explain_all,
     held_out_images,
 )
-from propscope_server.validation.tables import (
+from propscope_dev.validation.tables import (
     Check,
     checks_markdown,
     markdown_table,
     percent,
     write_results,
 )
+from propscope_server.scoring.property_gradient import DEFAULT_MIN_PROBABILITY_CHANGE
 
 app = typer.Typer(add_completion=False)
 # The targets for adaptive paths against the fixed reference.

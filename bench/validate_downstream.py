@@ -19,14 +19,14 @@ import torch
 import typer
 
 import propscope
-from propscope_server.validation import downstream, saliency
-from propscope_server.validation.runner import (
+from propscope_dev.validation import downstream, saliency
+from propscope_dev.validation.runner import (
     SHORTCUTS,
     TEST_SET_SEED,
     explain_all,
     held_out_images,
 )
-from propscope_server.validation.tables import markdown_table, write_results
+from propscope_dev.validation.tables import markdown_table, write_results
 
 app = typer.Typer(add_completion=False)
 logger = logging.getLogger("validate_downstream")

@@ -23,8 +23,8 @@ import numpy as np  # noqa: E402
 import typer  # noqa: E402
 
 import propscope  # noqa: E402
-from propscope_server.validation import honesty  # noqa: E402
-from propscope_server.validation.runner import (  # noqa: E402
+from propscope_dev.validation import honesty  # noqa: E402
+from propscope_dev.validation.runner import (  # noqa: E402
     ALPHA,
     PERMUTATIONS,
     PROPERTIES,
@@ -35,7 +35,7 @@ from propscope_server.validation.runner import (  # noqa: E402
     held_out_images,
     select,
 )
-from propscope_server.validation.tables import (  # noqa: E402
+from propscope_dev.validation.tables import (  # noqa: E402
     Check,
     checks_markdown,
     markdown_table,

@@ -8,6 +8,11 @@
 """
 
 import logging
+import pkgutil
+
+# The stubs (propscope.v1) come from the propscope-api distribution, installed beside this
+# package as a namespace portion.
+__path__ = pkgutil.extend_path(__path__, __name__)
 
 from propscope._attribution import (
     Attribution,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from propscope_dev.validation.runner import held_out_images
 from propscope_server.synthetic.world import CLASS_NAMES
-from propscope_server.validation.runner import held_out_images
 
 HERE = Path(__file__).parent
 PER_CLASS = 12

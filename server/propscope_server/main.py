@@ -1,27 +1,19 @@
-"""`propscope-server`: run the gateway, Triton, or the whole local stack."""
+"""`propscope-server`: run the gateway, or probe one's health (the container health check).
+The local stack (`up`, `down`, `triton`) is `propscope-dev`'s (tools/)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-from pathlib import Path
 
 import typer
 from grpc_health.v1 import health_pb2
 
-from propscope_server import logs, stack
+from propscope_server import logs
 from propscope_server.api.server import serve as serve_gateway
 from propscope_server.config import Settings
-from propscope_server.triton_launcher import (
-    TritonPorts,
-    start_triton,
-    unsupported_models,
-    wait_for_models,
-)
+from propscope_server.health import health_status
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
-RUN_DIR = Path(".run")
 
 
 @app.command()
@@ -33,129 +25,18 @@ def serve() -> None:
 
 
 @app.command()
-def triton(
-    model_repository: Path = typer.Option(
-        stack.DEFAULT_MODEL_REPOSITORY, help="Triton model repository"
-    ),
-    grpc_port: int = 8001,
-    http_port: int = 8000,
-    metrics_port: int = 8002,
-    address: str = typer.Option(
-        "127.0.0.1", help="interface to listen on (0.0.0.0 in a container)"
-    ),
-    cache_dir: Path = typer.Option(
-        RUN_DIR / "triton-cache", help="where the backend folder is laid out"
-    ),
-) -> None:
-    """Run tritonserver from the nvidia-pytriton wheel in the foreground."""
-    for problem in unsupported_models([model_repository]):
-        typer.echo(f"warning: {problem.warning()}", err=True)
-    process = start_triton(
-        model_repository,
-        TritonPorts(http_port, grpc_port, metrics_port),
-        cache_dir,
-        address=address,
-    )
-    signal.signal(signal.SIGTERM, lambda *_: process.terminate())
-    try:
-        models = wait_for_models(
-            f"http://127.0.0.1:{http_port}", process, stack.start_timeout_s(os.environ)
-        )
-    except (RuntimeError, TimeoutError) as error:
-        process.terminate()
-        typer.echo(f"propscope-server triton: {error}", err=True)
-        raise typer.Exit(1) from None
-    typer.echo(f"Triton ready: grpc 127.0.0.1:{grpc_port}, http 127.0.0.1:{http_port}")
-    _report_unavailable({m.name: m.reason for m in models if m.state != "READY"})
-    raise typer.Exit(process.wait())
-
-
-@app.command()
 def health(
     target: str = typer.Argument("127.0.0.1:50051", help="gateway address"),
     service: str = typer.Option("", help="health service name; empty: the whole gateway"),
     timeout_s: float = 3.0,
 ) -> None:
     """Exit 0 when the gateway reports SERVING (a container health check)."""
-    status = stack.health_status(target, service, timeout_s)
+    status = health_status(target, service, timeout_s)
     name = (
         "no answer" if status is None else health_pb2.HealthCheckResponse.ServingStatus.Name(status)
     )
     typer.echo(f"{target} {service or '(gateway)'}: {name}")
     raise typer.Exit(0 if status == health_pb2.HealthCheckResponse.SERVING else 1)
-
-
-@app.command()
-def up(
-    port: int | None = typer.Option(
-        None, help="gateway port (unset: PROPSCOPE_LISTEN_ADDRESS's, else 50051)"
-    ),
-    run_dir: Path = RUN_DIR,
-    redis: bool = typer.Option(True, help="use redis-server when installed"),
-    model_repository: list[Path] = typer.Option(
-        [],
-        exists=True,
-        file_okay=False,
-        help="another Triton model repository to serve (your own classifiers); repeatable",
-    ),
-    timeout: float | None = typer.Option(
-        None,
-        envvar=stack.START_TIMEOUT_VARIABLE,
-        help=f"seconds the whole start may take (unset: {stack.DEFAULT_START_TIMEOUT_S:.0f})",
-    ),
-    restart: bool = typer.Option(False, help="restart a stack that is already running"),
-) -> None:
-    """Start Triton, Redis and the gateway in the background, or reuse the healthy
-    stack already running from `run_dir` for the same settings. The caller's
-    PROPSCOPE_* variables and REDIS_URL configure the gateway; up's own values only
-    fill gaps."""
-    repositories = tuple(model_repository)
-    for problem in stack.check_models(repositories):
-        typer.echo(f"warning: {problem.warning()}", err=True)
-    request = stack.start_request(port, redis, None, repositories, os.environ)
-    running = None if restart else stack.running(run_dir)
-    if running is not None and running.request == request:
-        typer.echo("already running (`--restart` starts it again; stop: make down)")
-        _report(running, run_dir)
-        return
-    if running is not None:
-        typer.echo("restarting: the running stack was started with other settings")
-    stack.down(run_dir)
-    try:
-        info = stack.up(
-            run_dir,
-            gateway_port=port,
-            use_redis=redis,
-            model_repositories=repositories,
-            timeout_s=timeout,
-        )
-    except stack.StackStartError as error:
-        typer.echo(f"propscope-server up: {error}", err=True)
-        raise typer.Exit(1) from None
-    _report(info, run_dir)
-
-
-def _report(info: stack.StackInfo, run_dir: Path) -> None:
-    typer.echo(f"propscope gateway  {info.gateway}")
-    typer.echo(f"Triton (gRPC)      {info.triton_grpc}")
-    typer.echo(f"path cache         {info.redis_url or 'in-process (redis-server not installed)'}")
-    typer.echo(f"metrics            {info.metrics_url or 'off (PROPSCOPE_METRICS_PORT=0)'}")
-    typer.echo(f"Triton metrics     {info.triton_metrics_url}")
-    typer.echo(f"logs               {run_dir}/*.log; stop with `make down`")
-    _report_unavailable(info.unavailable)
-
-
-def _report_unavailable(unavailable: dict[str, str]) -> None:
-    """Models Triton could not load, with its reason; the rest serves."""
-    for name, reason in sorted(unavailable.items()):
-        typer.echo(f"model {name} UNAVAILABLE: {reason or 'no reason given'}")
-
-
-@app.command()
-def down(run_dir: Path = RUN_DIR) -> None:
-    """Stop what `up` started."""
-    info = stack.down(run_dir)
-    typer.echo("stack stopped" if info else "no stack running")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import tritonclient.grpc as triton_grpc
 from PIL import Image
 
 import propscope
-from propscope_server import stack
+from propscope_dev import stack
 from propscope_server.synthetic.world import Scene, render
 
 # Small enough that the limit tests need no huge payloads.

@@ -12,7 +12,7 @@ from PIL import Image
 import propscope
 from propscope.v1 import explain_pb2 as pb
 from propscope.v1 import explain_pb2_grpc
-from propscope_server import stack
+from propscope_dev import stack
 from tests.integration.conftest import SAMPLE, png
 
 HUE = {"operation": "hue", "region": "object"}

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 import propscope
-from propscope_server import stack
+from propscope_dev import stack
 from tests.integration.conftest import SAMPLE, inference_count, scene_png
 
 HUE = "object_hue=procedural:operation=hue,region=object"

@@ -21,8 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from propscope.v1 import explain_pb2 as pb
 from propscope.v1 import explain_pb2_grpc
-from propscope_server import stack
-from propscope_server.triton_launcher import TritonPorts, start_triton, wait_until_ready
+from propscope_dev import stack
+from propscope_dev.triton_launcher import TritonPorts, start_triton, wait_until_ready
 from tests.integration.conftest import inference_count
 from tests.integration.test_operations import (
     cache_hits,

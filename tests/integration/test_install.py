@@ -1,5 +1,5 @@
 """`pip install ./server` in a clean venv starts the gateway: what the server distribution declares
-is all it needs. The venv is new and empty; pip may use only build/wheelhouse (the wheels of the
+is all it needs, and that is not the client SDK (only the stubs, propscope-api). The venv is new and empty; pip may use only build/wheelhouse (the wheels of the
 declared dependencies and build backends that `make setup` downloads) and the local distributions
 built here from the working tree, so nothing comes from the network and a dependency missing from
 server/pyproject.toml makes the install or the start fail."""
@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 from grpc_health.v1 import health_pb2
 
-from propscope_server import stack
+from propscope_dev import stack
 from propscope_server.api.server import LIVENESS_SERVICE
 
 ROOT = Path(__file__).resolve().parents[2]
 WHEELHOUSE = ROOT / "build" / "wheelhouse"
 # Distributions the server may need beside its own: built from the working tree, as an index
-# would serve them.
-LOCAL_DISTRIBUTIONS = ("client",)
+# would serve them (the stubs, propscope-api).
+LOCAL_DISTRIBUTIONS = ("protos/python",)
 START_DEADLINE_S = 60.0
 IGNORED = shutil.ignore_patterns(
     "node", "__pycache__", "*.egg-info", "build", "*_pb2.py", "*_pb2_grpc.py", "*_pb2.pyi"
@@ -45,7 +45,7 @@ def clean_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
     """A new venv with ./server installed from copies of the working tree."""
     assert (WHEELHOUSE / ".complete").exists(), f"{WHEELHOUSE} is missing: run `make setup`"
     work = tmp_path_factory.mktemp("install")
-    for part in ("server", "protos", *LOCAL_DISTRIBUTIONS):
+    for part in ("server", "protos"):
         shutil.copytree(ROOT / part, work / part, ignore=IGNORED)
     # Only the wheelhouse and the local wheels: this machine's pip.conf and PIP_* variables (its
     # find-links and extra indexes) play no part, and no cache either.
@@ -76,16 +76,25 @@ def test_the_gateway_imports_and_has_its_commands(clean_venv: tuple[Path, dict[s
         env=env,
     )
     usage = _run(venv / "bin" / "propscope-server", "--help", env=env).stdout
-    for command in ("serve", "health", "up", "down", "triton"):
+    for command in ("serve", "health"):
         assert f" {command} " in usage
+    # The local stack is the dev tooling's (propscope-dev), not the gateway's.
+    for command in ("up", "down", "triton"):
+        assert f" {command} " not in usage
 
 
-def test_the_triton_and_validation_extras_stay_out(clean_venv: tuple[Path, dict[str, str]]) -> None:
+def test_the_triton_extra_the_client_and_the_dev_tooling_stay_out(
+    clean_venv: tuple[Path, dict[str, str]],
+) -> None:
     venv, env = clean_venv
     installed = _run(venv / "bin" / "pip", "list", "--format=json", env=env).stdout
     names = {package["name"].lower() for package in json.loads(installed)}
-    assert "propscope-server" in names
-    assert not names & {"torch", "diffusers", "transformers", "onnxruntime", "captum"}
+    assert {"propscope-server", "propscope-api"} <= names
+    assert not names & {"propscope", "propscope-dev", "nvidia-pytriton", "torch", "captum"}
+    assert not names & {"diffusers", "transformers", "onnxruntime"}
+    # The stubs load; the SDK (propscope.Client) is not there.
+    probe = "import propscope, propscope.v1.explain_pb2; print(hasattr(propscope, 'Client'))"
+    assert _run(venv / "bin" / "python", "-c", probe, env=env).stdout.strip() == "False"
 
 
 def test_the_gateway_starts_and_answers_health(clean_venv: tuple[Path, dict[str, str]]) -> None:

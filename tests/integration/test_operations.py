@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import propscope
 from propscope.v1 import explain_pb2 as pb
 from propscope.v1 import explain_pb2_grpc
-from propscope_server import stack
+from propscope_dev import stack
 from tests.integration.conftest import ExtraGateway, extra_gateway, scene_png
 
 TOKENS = json.dumps({"token-a": "team-a", "token-b": "team-b", "token-c": "team-c"})

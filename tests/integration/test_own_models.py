@@ -24,7 +24,7 @@ from PIL import Image
 from scipy.special import softmax
 
 from propscope.v1 import explain_pb2, explain_pb2_grpc
-from propscope_server import stack
+from propscope_dev import stack
 from propscope_server.editor_contract import SCHEMA_PARAMETER, EditorSchema
 from propscope_server.orchestration.explain import sample_seed
 from propscope_server.scoring.property_gradient import PropertyScore, score_property

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from propscope_server import stack
+from propscope_dev import stack
 from tests.integration.conftest import SAMPLE
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "review"
@@ -171,7 +171,7 @@ def test_explain_writes_the_same_html_report_for_one_image(live_stack, tmp_path)
 
 
 def test_a_stack_serving_the_callers_model_repository_reviews_their_model(tmp_path):
-    """The CI recipe of docs/review.md: `propscope-server up --model-repository` serves the
+    """The CI recipe of docs/review.md: `propscope-dev up --model-repository` serves the
     team's own classifier beside propscope's editors, and the review runs against it. The
     team's config declares no `propscope.role`: any model that is not an editor is a
     classifier, for the review as for explain."""
@@ -187,7 +187,7 @@ def test_a_stack_serving_the_callers_model_repository_reviews_their_model(tmp_pa
     assert "propscope.role" not in config and "weights" in config
     (candidate / "config.pbtxt").write_text(config.replace("../../weights/", f"{weights}/"))
     shutil.copy(models / "synth_hue" / "1" / "model.py", candidate / "1" / "model.py")
-    server = str(Path(sys.executable).parent / "propscope-server")
+    server = str(Path(sys.executable).parent / "propscope-dev")
     port = stack.free_port()
     run_dir = tmp_path / "stack"
     started = subprocess.run(

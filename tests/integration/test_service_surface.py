@@ -8,7 +8,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from propscope_server import stack
+from propscope_dev import stack
 from tests.integration.conftest import SAMPLE, extra_gateway
 
 

@@ -3,7 +3,7 @@ the same driver for 150 s on a stack of its own)."""
 
 from __future__ import annotations
 
-from propscope_server.soak import run_soak
+from propscope_dev.soak import run_soak
 
 # The admission limit per tenant: every call fits, none needs to be rejected.
 STREAMS = 32

@@ -1,4 +1,4 @@
-"""`propscope-server up` as a team runs it: with its own model repository holding a
+"""`propscope-dev up` as a team runs it: with its own model repository holding a
 model whose backend this Triton lacks, and its own PROPSCOPE_* settings. One stack
 serves every test here (each start costs minutes on two cores)."""
 
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 import propscope
-from propscope_server import stack
+from propscope_dev import stack
 from tests.integration.conftest import SAMPLE
 
-UP = [sys.executable, "-m", "propscope_server.main", "up"]
+UP = [sys.executable, "-m", "propscope_dev.main", "up"]
 ONNX_CONFIG = """name: "own_onnx"
 backend: "onnxruntime"
 max_batch_size: 8
@@ -76,7 +76,7 @@ def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Started]:
 
 def test_a_model_this_triton_cannot_load_is_named_and_the_rest_serves(started):
     assert started.output.returncode == 0, started.output.stderr
-    print(f"propscope-server up took {started.seconds:.1f} s")
+    print(f"propscope-dev up took {started.seconds:.1f} s")
     warnings = [line for line in started.output.stderr.splitlines() if "own_onnx" in line]
     assert len(warnings) == 1
     assert "'onnxruntime'" in warnings[0] and "docs/own-models.md" in warnings[0]
@@ -138,8 +138,6 @@ def test_a_start_that_runs_out_of_time_says_so_in_one_line(tmp_path):
     assert failed.returncode == 1
     lines = failed.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in failed.stderr
-    assert (
-        lines[0].startswith("propscope-server up: Triton at ") and "not ready after 1 s" in lines[0]
-    )
+    assert lines[0].startswith("propscope-dev up: Triton at ") and "not ready after 1 s" in lines[0]
     assert "--timeout" in lines[0] and "triton.log" in lines[0]
     assert not (run_dir / "stack.json").exists()

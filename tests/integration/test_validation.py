@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from propscope_server.validation import bias_table, downstream, honesty
-from propscope_server.validation.runner import (
+from propscope_dev.validation import bias_table, downstream, honesty
+from propscope_dev.validation.runner import (
     SHORTCUTS,
     TEST_SET_SEED,
     explain_all,

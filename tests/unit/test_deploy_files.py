@@ -20,6 +20,7 @@ import typer.main
 import yaml
 from pydantic import BaseModel
 
+from propscope_dev.main import app as dev_app
 from propscope_server import metrics
 from propscope_server.api.server import LIVENESS_SERVICE
 from propscope_server.config import Limits, Settings
@@ -163,12 +164,14 @@ def test_the_cpu_profile_has_its_own_gateway_and_triton(services: dict):
     assert "--model-config-name=gpu" in services["triton"]["command"]
 
 
-def test_compose_commands_exist_in_propscope_server(services: dict):
-    commands = typer.main.get_command(app).commands
-    assert "health" in commands
+def test_compose_commands_exist_in_their_distributions(services: dict):
+    """The gateway's health check is propscope-server's; the CPU Triton is started by the dev
+    tooling's launcher (propscope-dev)."""
+    assert "health" in typer.main.get_command(app).commands
+    commands = typer.main.get_command(dev_app).commands
     triton_options = {option for p in commands["triton"].params for option in p.opts}
     command = services["triton-cpu"]["command"]
-    assert command[:2] == ["propscope-server", "triton"]
+    assert command[:2] == ["propscope-dev", "triton"]
     assert {argument.split("=")[0] for argument in command[2:]} <= triton_options
 
 

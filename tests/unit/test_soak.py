@@ -11,7 +11,7 @@ import pytest
 
 import propscope
 from propscope.v1 import explain_pb2
-from propscope_server.soak import (
+from propscope_dev.soak import (
     MODELS,
     PROPERTIES,
     CallSpec,

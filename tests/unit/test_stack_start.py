@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from propscope_server import stack
-from propscope_server.triton_launcher import (
+from propscope_dev import stack
+from propscope_dev.triton_launcher import (
     ModelState,
     config_fields,
     failure_cause,

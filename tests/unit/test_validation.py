@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from propscope_dev.validation import bias_table, downstream, honesty, saliency
+from propscope_dev.validation.runner import PropertyRun, _no_op_run, held_out_images
+from propscope_dev.validation.tables import markdown_table, mean_interval
 from propscope_server.editor_contract import SCHEMA_PARAMETER, EditorSchema
 from propscope_server.triton_models.classifiers.cnn import normalise_uint8_hwc
 from propscope_server.triton_models.classifiers.probe import CORNER, CornerProbe
 from propscope_server.triton_models.editors import calibration_noise
-from propscope_server.validation import bias_table, downstream, honesty, saliency
-from propscope_server.validation.runner import PropertyRun, _no_op_run, held_out_images
-from propscope_server.validation.tables import markdown_table, mean_interval
 
 NOISE_CONFIG = (
     Path(__file__).parents[2]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from propscope_dev.validation import attribution as va
 from propscope_server.synthetic.world import PATCH_BOX, PATCH_COLORS
-from propscope_server.validation import attribution as va
 
 
 def test_the_patch_owns_the_top_left_two_by_two_cells_of_an_8x8_grid():

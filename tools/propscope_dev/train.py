@@ -1,6 +1,6 @@
 """Train the synthetic-world classifiers that propscope explains in its tests.
 
-    python -m propscope_server.synthetic.train --out deploy/triton/weights
+    python -m propscope_dev.train --out deploy/triton/weights
 
 Three SmallCNNs: one on unbiased data and two on splits where a shortcut
 (the object's hue, or a colorful corner patch) predicts the label better than

@@ -9,15 +9,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from propscope_server.scoring.curve_statistics import mean_defined
-from propscope_server.validation.runner import (
+from propscope_dev.validation.runner import (
     PROPERTIES,
     SHORTCUTS,
     UNTOUCHED,
     PropertyRun,
     select,
 )
-from propscope_server.validation.tables import Check, markdown_table, mean_interval, percent
+from propscope_dev.validation.tables import Check, markdown_table, mean_interval, percent
+from propscope_server.scoring.curve_statistics import mean_defined
 
 # What "the biased property is significant with a large score and frequent
 # flips" means in numbers, fixed before the first run.

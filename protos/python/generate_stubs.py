@@ -3,8 +3,8 @@
 from importlib import resources
 from pathlib import Path
 
-CLIENT_DIR = Path(__file__).resolve().parent
-PROTOS_DIR = CLIENT_DIR.parent / "protos"
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROTOS_DIR = PACKAGE_DIR.parent
 # google/rpc/status.proto, vendored so that a build needs only grpcio-tools (see buf.yaml).
 VENDORED_PROTOS_DIR = PROTOS_DIR / "vendor"
 
@@ -23,9 +23,9 @@ def generate() -> None:
         f"-I{PROTOS_DIR}",
         f"-I{VENDORED_PROTOS_DIR}",
         f"-I{google_protos}",
-        f"--python_out={CLIENT_DIR}",
-        f"--pyi_out={CLIENT_DIR}",
-        f"--grpc_python_out={CLIENT_DIR}",
+        f"--python_out={PACKAGE_DIR}",
+        f"--pyi_out={PACKAGE_DIR}",
+        f"--grpc_python_out={PACKAGE_DIR}",
         *sources,
     ]
     if protoc.main(args) != 0:

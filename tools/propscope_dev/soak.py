@@ -21,9 +21,9 @@ import numpy as np
 from grpc_health.v1 import health_pb2
 
 import propscope
-from propscope_server.stack import health_status
+from propscope_dev.stack import health_status
+from propscope_dev.validation.tables import markdown_table
 from propscope_server.synthetic.world import Scene, make_split, render, sample_scene
-from propscope_server.validation.tables import markdown_table
 
 # The demo's interventions (Makefile DEMO_PROPERTIES): cheap procedural edits, so that the
 # load is on the gateway and Triton's scheduling rather than on diffusion.

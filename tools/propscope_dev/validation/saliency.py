@@ -26,7 +26,7 @@ from captum.attr import (
 )
 from torch import nn
 
-from propscope_server.stack import DEFAULT_MODEL_REPOSITORY
+from propscope_dev.stack import DEFAULT_MODEL_REPOSITORY
 from propscope_server.triton_models.classifiers.cnn import (
     SmallCNN,
     load_classifier,

@@ -16,10 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from propscope_server.triton_launcher import (
+from propscope_dev.triton_launcher import (
     TritonPorts,
     UnsupportedModel,
     failure_cause,
@@ -28,6 +25,7 @@ from propscope_server.triton_launcher import (
     wait_for,
     wait_for_models,
 )
+from propscope_server.health import health_status
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPOSITORY_ROOT / "deploy" / "triton" / "models"
@@ -185,16 +183,6 @@ def check_models(model_repositories: tuple[Path, ...] = ()) -> list[UnsupportedM
     """The models of propscope's repository and `model_repositories` that this
     Triton cannot load (a backend it lacks), found before starting anything."""
     return unsupported_models((DEFAULT_MODEL_REPOSITORY, *model_repositories))
-
-
-def health_status(target: str, service: str = "", timeout_s: float = 5.0) -> int | None:
-    """The gateway's plaintext gRPC health status of `service`; None when it does not answer."""
-    with grpc.insecure_channel(target) as channel:
-        request = health_pb2.HealthCheckRequest(service=service)
-        try:
-            return health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout_s).status
-        except grpc.RpcError:
-            return None
 
 
 def wait_for_gateway(target: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:

@@ -1,4 +1,4 @@
-"""Generates the gRPC stubs from ../protos whenever the package is built."""
+"""Generates the gRPC stubs from ../ (the contract) whenever the package is built."""
 
 import sys
 from pathlib import Path

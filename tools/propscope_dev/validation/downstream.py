@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 import propscope
+from propscope_dev.validation import saliency
+from propscope_dev.validation.runner import PropertyRun, explain_all
 from propscope_server.triton_models.classifiers.cnn import normalise_uint8_hwc
-from propscope_server.validation import saliency
-from propscope_server.validation.runner import PropertyRun, explain_all
 
 CHANGE_THRESHOLD = 0.1
 OURS = "E|∇X| (ours)"

@@ -23,12 +23,12 @@ import numpy as np
 from scipy import stats
 
 import propscope
+from propscope_dev.validation.runner import ALPHA, PERMUTATIONS, PropertyRun, explain_all
 from propscope_server.triton_models.editors.calibration_noise import (
     CORNER,
     DEFAULT_MINORITY,
     null_original,
 )
-from propscope_server.validation.runner import ALPHA, PERMUTATIONS, PropertyRun, explain_all
 
 PROBE = "calibration_probe"
 NOISE_EDITOR = "calibration_noise"

@@ -1,0 +1,1 @@
+"""propscope's development tooling: the local stack, soak, validation and training."""
