@@ -310,14 +310,25 @@ def _method_messages(
     }
 
 
+def _planned_fields(planned: domain.ClassifierPlanned) -> dict[str, object]:
+    """The fields AttributeAccepted and EvaluationAccepted share, one definition."""
+    return {
+        "model_version": planned.model_version,
+        "target_class": planned.target_class,
+        "target_label": planned.target_label,
+        "target_score": _names(TARGET_SCORE_NAMES, planned.target_score),
+        "preprocessing": preprocessing_message(planned.preprocessing),
+        "preprocessing_sources": planned.preprocessing_sources,
+        "warnings": planned.warnings,
+    }
+
+
 def attribute_event(request_id: str, event: object) -> apb.AttributeEvent:
     if isinstance(event, domain.AttributionAccepted):
-        planned = event.classifier
         return apb.AttributeEvent(
             request_id=request_id,
             accepted=apb.AttributeAccepted(
                 method=domain.method_name(event.method),
-                model_version=planned.model_version,
                 planned_forward_passes=event.planned_forward_passes,
                 planned_forward_passes_total=event.planned_forward_passes_total,
                 perturbation=apb.Perturbation(
@@ -325,12 +336,7 @@ def attribute_event(request_id: str, event: object) -> apb.AttributeEvent:
                     baseline=_names(BASELINE_NAMES, event.perturbation.baseline),
                     blur_sigma=event.perturbation.blur_sigma,
                 ),
-                target_score=_names(TARGET_SCORE_NAMES, planned.target_score),
-                target_class=planned.target_class,
-                target_label=planned.target_label,
-                preprocessing=preprocessing_message(planned.preprocessing),
-                preprocessing_sources=planned.preprocessing_sources,
-                warnings=planned.warnings,
+                **_planned_fields(event.classifier),
                 perturbation_description=event.perturbation_description,
                 **_method_messages(event.method),
             ),
@@ -366,19 +372,12 @@ def _progress(event: domain.PassesProgress) -> apb.AttributeProgress:
 
 def evaluate_event(request_id: str, event: object) -> apb.EvaluateAttributionEvent:
     if isinstance(event, domain.EvaluationAccepted):
-        planned = event.classifier
         return apb.EvaluateAttributionEvent(
             request_id=request_id,
             accepted=apb.EvaluationAccepted(
                 metrics=event.metrics,
-                model_version=planned.model_version,
                 planned_forward_passes=event.planned_forward_passes,
-                target_class=planned.target_class,
-                target_label=planned.target_label,
-                target_score=_names(TARGET_SCORE_NAMES, planned.target_score),
-                preprocessing=preprocessing_message(planned.preprocessing),
-                preprocessing_sources=planned.preprocessing_sources,
-                warnings=planned.warnings,
+                **_planned_fields(event.classifier),
             ),
         )
     if isinstance(event, domain.PassesProgress):
