@@ -29,6 +29,8 @@ BUF := $(NODE_CLIENT)/node_modules/.bin/buf
 NODE_SOURCES := $(NODE_CLIENT)/tsconfig.json \
 	$(shell find $(NODE_CLIENT)/src $(NODE_CLIENT)/examples $(NODE_CLIENT)/test -name '*.ts' -not -path '*/generated/*')
 SAMPLE := docs/sample.png
+# The same world with the colourful patch: where the patch-biased classifier looks.
+PATCH_SAMPLE := docs/sample-patch.png
 DEMO_PROPERTIES := \
 	--property "object_hue=procedural:operation=hue,region=object" \
 	--property "patch=procedural:operation=blend" \
@@ -108,6 +110,7 @@ down:
 demo: up
 	$(VENV)/bin/propscope explain $(SAMPLE) --model synth_unbiased --model synth_hue --model synth_patch \
 		$(DEMO_PROPERTIES) --steps 10 --seed 0
+	$(VENV)/bin/propscope attribute $(PATCH_SAMPLE) --model synth_patch --out $(RUN_DIR)/demo
 
 bench: setup
 	$(PY) bench/permutation_test.py

@@ -1272,6 +1272,8 @@ def _models_table(infos: Sequence[ModelInfo]) -> Table:
             details = [] if info.preprocessing.empty else [info.preprocessing.describe()]
             if info.class_labels:
                 details.append(_labels_summary(info.class_labels))
+            if info.methods:
+                details.append(f"methods: {', '.join(info.methods)}")
         else:
             details = [
                 f"{p.name}={p.default_value}" + (f" ({'|'.join(p.choices)})" if p.choices else "")

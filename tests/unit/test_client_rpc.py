@@ -128,6 +128,7 @@ class FakeService(explain_pb2_grpc.ExplainServiceServicer):
                     inputs=[
                         explain_pb2.TensorInfo(name="INPUT", datatype="FP32", shape=[3, 224, 224])
                     ],
+                    methods=["propgrad", "sobol", "rise"],
                 ),
                 explain_pb2.ModelInfo(
                     name="onnx_model",
@@ -426,6 +427,7 @@ def test_cli_models(service):
     assert "procedural" in result.stdout and "operation=hue (hue|blur)" in result.stdout
     assert "center_crop" in result.stdout and "labels: cat, dog, fox, owl, ... (5" in result.stdout
     flat = " ".join(result.stdout.split())
+    assert "methods: propgrad, sobol, rise" in flat
     assert (
         "onnx_model: UNAVAILABLE: unable to find backend library for backend 'onnxruntime'" in flat
     )
