@@ -146,6 +146,17 @@ def baseline_image(
     return np.broadcast_to(np.asarray(mean, np.float32) * 255.0, view.shape).astype(np.float32)
 
 
+# Pixels of perturbed images one batch may hold: a model with a variable input size sees
+# the image at its own size, and max_batch_size copies of a large image would not fit.
+PERTURBATION_BATCH_PIXELS = 4 * 1024 * 1024
+
+
+def perturbation_batch(classifier: PlannedClassifier, view: np.ndarray) -> int:
+    """Images per batch: the model's max_batch_size, fewer when the view is large."""
+    pixels = view.shape[0] * view.shape[1]
+    return max(1, min(classifier.model.max_batch_size, PERTURBATION_BATCH_PIXELS // pixels))
+
+
 def blur_sigma(view: np.ndarray, sigma: float) -> float:
     return sigma if sigma > 0 else DEFAULT_BLUR_FRACTION * max(view.shape[:2])
 
@@ -202,7 +213,7 @@ async def view_attribution(
         view, "blur" if spec.kind == "blur" else spec.baseline, spec.blur_sigma, plan.classifier
     )
     kind = "inpainting" if spec.kind == "blur" else spec.kind
-    batch = plan.classifier.model.max_batch_size
+    batch = perturbation_batch(plan.classifier, view)
     passes = method.forward_passes
     scores = np.empty(passes, dtype=np.float64)
     if isinstance(method, SobolSpec):

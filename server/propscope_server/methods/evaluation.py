@@ -32,6 +32,7 @@ from propscope_server.inference import Inference
 from propscope_server.methods.attribution import (
     TargetPlan,
     baseline_image,
+    perturbation_batch,
     plan_target,
     view_attribution,
 )
@@ -175,7 +176,7 @@ class Evaluation:
             options.grid, options.subset_percent, options.nb_samples, rng
         )
         height, width = view.shape[:2]
-        batch = target.classifier.model.max_batch_size
+        batch = perturbation_batch(target.classifier, view)
         drops: list[np.ndarray] = []
         sums: list[np.ndarray] = []
         for start in range(0, len(subsets), batch):
