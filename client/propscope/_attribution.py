@@ -47,7 +47,7 @@ Metric = Literal["deletion", "insertion", "mu_fidelity", "stability"]
 METHODS: tuple[str, ...] = ("sobol", "rise")
 METRICS: tuple[str, ...] = ("deletion", "insertion", "mu_fidelity", "stability")
 ESTIMATORS: tuple[str, ...] = ("jansen", "homma", "janon", "glen_isaacs", "saltelli")
-TARGET_SCORES: tuple[str, ...] = ("auto", "probability", "logit")
+TARGET_SCORES: tuple[str, ...] = ("auto", "probability", "logit", "log_odds")
 PERTURBATIONS: tuple[str, ...] = ("inpainting", "blur", "amplitude")
 BASELINES: tuple[str, ...] = ("input_zero", "black", "mean_colour", "blur")
 
@@ -374,6 +374,8 @@ class MetricResult:
     attribution_sums: npt.NDArray[np.float64] = field(default_factory=lambda: _doubles(()))
     score_drops: npt.NDArray[np.float64] = field(default_factory=lambda: _doubles(()))
     distances: npt.NDArray[np.float64] = field(default_factory=lambda: _doubles(()))
+    # What makes the value hard to read (a constant map, an undefined correlation).
+    warnings: tuple[str, ...] = ()
 
     _ARRAYS = ("fractions", "scores", "attribution_sums", "score_drops", "distances")
 
@@ -385,6 +387,7 @@ class MetricResult:
             settings=msg.settings,
             target_score=target_score_from_proto(msg.target_score),
             forward_passes=msg.forward_passes,
+            warnings=tuple(msg.warnings),
             **{name: _doubles(getattr(msg, name)) for name in cls._ARRAYS},
         )
 

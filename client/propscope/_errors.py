@@ -60,8 +60,12 @@ class PropscopeError(Exception):
     def __str__(self) -> str:
         text = f"{self.code.name}: {self.message}"
         if self.field_violations:
-            violations = "; ".join(f"{name}: {why}" for name, why in self.field_violations)
-            text = f"{text} ({violations})"
+            # A violation that only repeats the message adds its field, not the text again.
+            parts = [
+                f"field {name}" if why == self.message else f"{name}: {why}"
+                for name, why in self.field_violations
+            ]
+            text = f"{text} ({'; '.join(parts)})"
         return text
 
     def __repr__(self) -> str:

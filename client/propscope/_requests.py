@@ -225,9 +225,15 @@ def method_options(
     _non_negative(grid_size=grid_size, nb_design=nb_design, nb_samples=nb_samples)
     if method == "sobol":
         if nb_samples or preservation_probability is not None:
-            raise ValueError("nb_samples and preservation_probability are RISE options")
+            raise ValueError(
+                "nb_samples (--samples) and preservation_probability are RISE options; "
+                "choose method rise (--method rise) or leave them out"
+            )
         if nb_design and nb_design & (nb_design - 1):
-            raise ValueError(f"nb_design must be a power of two, got {nb_design}")
+            raise ValueError(
+                f"nb_design (--nb-design) must be a power of two (2..1024, e.g. 32), got "
+                f"{nb_design}"
+            )
         return {
             "sobol": attribution_pb2.SobolOptions(
                 grid_size=grid_size,
@@ -239,7 +245,10 @@ def method_options(
         }
     if method == "rise":
         if nb_design or per_channel or scrambled or estimator != "jansen":
-            raise ValueError("nb_design, estimator, per_channel and scrambled are Sobol options")
+            raise ValueError(
+                "nb_design, estimator, per_channel and scrambled are Sobol options; choose "
+                "method sobol (--method sobol) or leave them out"
+            )
         _fraction("preservation_probability", preservation_probability, closed_right=False)
         return {
             "rise": attribution_pb2.RiseOptions(

@@ -110,6 +110,43 @@ TimeoutOption = Annotated[
     typer.Option("--timeout", min=0.0, help="Deadline of each call in seconds (default: none)."),
 ]
 
+# The preprocessing override of explain, attribute and evaluate: field by field over the
+# model's own declaration.
+MeanOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="R,G,B",
+        help="Per-channel mean the model subtracts after scaling to [0, 1], e.g. "
+        "0.485,0.456,0.406 (default: the model's config, then the gateway's).",
+        show_default=False,
+    ),
+]
+StdOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="R,G,B",
+        help="Per-channel std the model divides by, e.g. 0.229,0.224,0.225 (positive).",
+        show_default=False,
+    ),
+]
+OutputKindOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="|".join(OUTPUT_KINDS),
+        help="What the model outputs (default: declared by the model, else detected).",
+        show_default=False,
+    ),
+]
+ResizeOption = Annotated[
+    str | None,
+    typer.Option(
+        metavar="|".join(RESIZE_MODES),
+        help="How an image of another size becomes the model's input (default: the "
+        "model's, else squash).",
+        show_default=False,
+    ),
+]
+
 
 @dataclass(frozen=True)
 class Connection:
@@ -235,40 +272,10 @@ def explain(
             help="Adaptive paths: the longest path, steps x a power of two (0: the server's).",
         ),
     ] = 0,
-    mean: Annotated[
-        str | None,
-        typer.Option(
-            metavar="R,G,B",
-            help="Per-channel mean the model subtracts after scaling to [0, 1], e.g. "
-            "0.485,0.456,0.406 (default: the model's config, then the gateway's).",
-            show_default=False,
-        ),
-    ] = None,
-    std: Annotated[
-        str | None,
-        typer.Option(
-            metavar="R,G,B",
-            help="Per-channel std the model divides by, e.g. 0.229,0.224,0.225 (positive).",
-            show_default=False,
-        ),
-    ] = None,
-    output_kind: Annotated[
-        str | None,
-        typer.Option(
-            metavar="|".join(OUTPUT_KINDS),
-            help="What the model outputs (default: declared by the model, else detected).",
-            show_default=False,
-        ),
-    ] = None,
-    resize: Annotated[
-        str | None,
-        typer.Option(
-            metavar="|".join(RESIZE_MODES),
-            help="How an image of another size becomes the model's input (default: the "
-            "model's, else squash).",
-            show_default=False,
-        ),
-    ] = None,
+    mean: MeanOption = None,
+    std: StdOption = None,
+    output_kind: OutputKindOption = None,
+    resize: ResizeOption = None,
     labels: Annotated[
         str | None,
         typer.Option(
@@ -444,6 +451,10 @@ def attribute(
             show_default=False,
         ),
     ] = None,
+    mean: MeanOption = None,
+    std: StdOption = None,
+    output_kind: OutputKindOption = None,
+    resize: ResizeOption = None,
     timeout: TimeoutOption = None,
 ) -> None:
     """Compute where --model looks on IMAGE: an attribution map, black-box.
@@ -459,12 +470,14 @@ def attribute(
     _choice(baseline, BASELINES, "--baseline")
     try:
         class_labels = _labels_option(labels)
+        preprocessing = _preprocessing_option(mean, std, output_kind, resize)
     except ValueError as error:
         _fail(str(error))
     image_bytes = _read_image_option(image)
     options: dict[str, Any] = {
         "method": method,
         "grid_size": grid_size,
+        "preprocessing": preprocessing,
         "target_class": target_class,
         "target_score": target_score,
         "perturbation": perturbation,
@@ -473,12 +486,15 @@ def attribute(
         "seed": seed,
         "class_labels": class_labels,
     }
-    if method == "sobol":
-        options.update(
-            nb_design=nb_design, estimator=estimator, per_channel=per_channel, scrambled=scrambled
-        )
-    else:
-        options.update(nb_samples=samples, preservation_probability=preservation_probability)
+    # Every option goes to the SDK, which refuses one of the other method (exit 2).
+    options.update(
+        nb_design=nb_design,
+        estimator=estimator,
+        per_channel=per_channel,
+        scrambled=scrambled,
+        nb_samples=samples,
+        preservation_probability=preservation_probability,
+    )
     try:
         with context.obj.client(target, timeout) as client:
             png_path, json_path, found = run_attribute(
@@ -621,6 +637,10 @@ def evaluate(
             show_default=False,
         ),
     ] = None,
+    mean: MeanOption = None,
+    std: StdOption = None,
+    output_kind: OutputKindOption = None,
+    resize: ResizeOption = None,
     timeout: TimeoutOption = None,
 ) -> None:
     """Score an attribution map of --model on IMAGE with fidelity metrics.
@@ -646,6 +666,10 @@ def evaluate(
             target_class = stored["target_class"]  # the class the map was computed for
     elif chosen != ["stability"]:
         _fail(f"--map is required for {', '.join(name for name in chosen if name != 'stability')}")
+    try:
+        preprocessing = _preprocessing_option(mean, std, output_kind, resize)
+    except ValueError as error:
+        _fail(str(error))
     image_bytes = _read_image_option(image)
     try:
         with context.obj.client(target, timeout) as client:
@@ -668,6 +692,7 @@ def evaluate(
                 target_class=target_class,
                 target_score=target_score,
                 seed=seed,
+                preprocessing=preprocessing,
             )
     except PropscopeError as error:
         _fail(f"{target}: {error}")
@@ -682,6 +707,9 @@ def evaluate(
     console.print(evaluation_table(model, found))
     for warning in found.warnings:
         console.print(_note("", "warning: ", warning, "yellow"))
+    for result in found.results:
+        for warning in result.warnings:
+            console.print(_note(f"{result.metric}: ", "warning: ", warning, "yellow"))
 
 
 def run_evaluate(

@@ -190,7 +190,7 @@ class AttributeSpec:
     image: np.ndarray  # uint8 [H, W, 3]
     classifier: ClassifierRef
     method: AttributionMethod
-    target_score: str  # auto | probability | logit (auto: logit for a logits model)
+    target_score: str  # auto | probability | logit | log_odds (auto: logit, else log_odds)
     perturbation: PerturbationSpec
     seed: int
     tenant: str = DEFAULT_TENANT
@@ -299,3 +299,4 @@ class MetricOutcome:
     attribution_sums: tuple[float, ...] = ()
     score_drops: tuple[float, ...] = ()
     distances: tuple[float, ...] = ()
+    warnings: tuple[str, ...] = ()

@@ -158,6 +158,8 @@ def test_the_oracle_map_of_the_probe_beats_random_maps(attribution):
     # grows with the subset's size (and so does the chance of hiding the corner): far
     # below the oracle, but not 0 (docs/results/attribution.md records the figure).
     assert constant["mu_fidelity"].value < oracle["mu_fidelity"].value - 0.5
+    assert any("map is constant" in w for w in constant["mu_fidelity"].warnings)
+    assert not oracle["mu_fidelity"].warnings
 
 
 def test_stability_recomputes_the_method_on_noisy_images(attribution, triton):

@@ -5,12 +5,15 @@ tests/integration/test_attribution.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from propscope_server.backends.preprocessing import InputLayout, map_to_image, map_to_view
 from propscope_server.config import PreprocessingConfig
 from propscope_server.domain import RiseSpec, SobolSpec
+from propscope_server.errors import FailedPrecondition
 from propscope_server.inference import ModelDescription, Tensor
 from propscope_server.methods.attribution import (
     baseline_image,
@@ -18,7 +21,12 @@ from propscope_server.methods.attribution import (
     perturbation_batch,
     rise_masks,
 )
-from propscope_server.orchestration.classifier import PlannedClassifier
+from propscope_server.orchestration.classifier import (
+    PlannedClassifier,
+    Target,
+    check_target_score,
+    target_scores,
+)
 
 
 def classifier(datatype: str = "UINT8", mean=None, size=(64, 64)) -> PlannedClassifier:
@@ -104,3 +112,21 @@ def test_input_zero_is_the_declared_mean_even_for_a_model_that_normalises_inside
     assert np.allclose(baseline_image(view, "input_zero", 0.0, declared)[0, 0], [127.5, 63.75, 0])
     assert np.allclose(baseline_image(view, "mean_colour", 0.0, declared), 100)
     assert np.all(baseline_image(view, "black", 0.0, declared) == 0)
+
+
+def test_log_odds_is_the_unsaturated_margin_of_softmax_outputs():
+    """From float32-like probabilities where p_t rounds to 1, log-odds still recovers
+    z_t - log sum_{j != t} exp(z_j) from the other classes' tiny probabilities."""
+    logits = np.array([[30.0, 1.0, -2.0], [0.0, 0.5, 0.2]])
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    planned = dataclasses.replace(
+        classifier(), preprocessing=PreprocessingConfig(output_kind="probabilities")
+    )
+    found = target_scores(planned, probabilities, Target(0, "log_odds"))
+    expected = logits[:, 0] - np.log(np.exp(logits[:, 1:]).sum(axis=1))
+    assert np.allclose(found, expected, rtol=1e-9)
+    assert np.isfinite(
+        target_scores(planned, np.array([[1.0, 0.0, 0.0]]), Target(0, "log_odds"))
+    ).all()
+    with pytest.raises(FailedPrecondition, match="LOG_ODDS"):
+        check_target_score(planned, "logit")

@@ -19,7 +19,8 @@ import type { SobolOptions } from "./generated/propscope/v1/SobolOptions";
 
 export type Method = "sobol" | "rise";
 export type Estimator = "jansen" | "homma" | "janon" | "glen_isaacs" | "saltelli";
-export type TargetScore = "probability" | "logit";
+/** Unset: the logit of a logits model, else the log-odds (the result says which). */
+export type TargetScore = "probability" | "logit" | "log_odds";
 export type PerturbationKind = "inpainting" | "blur" | "amplitude";
 export type Baseline = "input_zero" | "black" | "mean_colour" | "blur";
 export type Metric = "deletion" | "insertion" | "mu_fidelity" | "stability";
@@ -122,6 +123,7 @@ const ESTIMATORS: Record<Estimator, string> = {
 const TARGET_SCORES: Record<TargetScore, string> = {
   probability: "TARGET_SCORE_PROBABILITY",
   logit: "TARGET_SCORE_LOGIT",
+  log_odds: "TARGET_SCORE_LOG_ODDS",
 };
 const KINDS: Record<PerturbationKind, string> = {
   inpainting: "KIND_INPAINTING",

@@ -244,7 +244,7 @@ class AttributionSpec(_Strict):
     # RISE: masks, and the probability a cell is kept.
     nb_samples: int | None = Field(None, ge=1)
     preservation_probability: float | None = Field(None, gt=0, lt=1)
-    target_score: Literal["auto", "probability", "logit"] = "auto"
+    target_score: Literal["auto", "probability", "logit", "log_odds"] = "auto"
     perturbation: Literal["inpainting", "blur", "amplitude"] = "inpainting"
     baseline: Literal["input_zero", "black", "mean_colour", "blur"] = "input_zero"
     blur_sigma: float = Field(0.0, ge=0)

@@ -48,6 +48,7 @@ TARGET_SCORE_NAMES = {
     apb.TARGET_SCORE_UNSPECIFIED: "auto",
     apb.TARGET_SCORE_PROBABILITY: "probability",
     apb.TARGET_SCORE_LOGIT: "logit",
+    apb.TARGET_SCORE_LOG_ODDS: "log_odds",
 }
 MAX_SOBOL_GRID = 32
 MAX_NB_DESIGN = 1024
@@ -396,5 +397,6 @@ def evaluate_event(request_id: str, event: object) -> apb.EvaluateAttributionEve
             settings=event.settings,
             target_score=_names(TARGET_SCORE_NAMES, event.target_score),
             forward_passes=event.forward_passes,
+            warnings=event.warnings,
         ),
     )

@@ -99,7 +99,7 @@ async def plan_target(
     require(method, classifier.model)
     if target_score == "auto":
         logits = classifier.preprocessing.output_kind == "logits"
-        target_score = "logit" if logits else "probability"
+        target_score = "logit" if logits else "log_odds"
     check_target_score(classifier, target_score)
     layout = classifier.layout
     view = await in_thread(
@@ -250,7 +250,8 @@ async def view_attribution(
         grid = indices.reshape(method.grid, method.grid, -1).astype(np.float32)
         cells = grid.sum(axis=-1)
         view_map = resize_values(cells, height, width)
-        return (grid if method.per_channel else cells), view_map, flat_scores(scores, plan)
+        warnings = flat_scores(scores, plan) or constant_map(cells)
+        return (grid if method.per_channel else cells), view_map, warnings
 
     def rise_map() -> np.ndarray:
         accumulator = rise.RiseAccumulator(height, width, method.preservation)
@@ -261,7 +262,18 @@ async def view_attribution(
 
     view_map = await in_thread(rise_map)
     grid = resize_values(view_map, method.grid, method.grid, "bilinear")
-    return grid, view_map, flat_scores(scores, plan)
+    return grid, view_map, flat_scores(scores, plan) or constant_map(view_map)
+
+
+def constant_map(values: np.ndarray) -> tuple[str, ...]:
+    """A warning when every cell has the same value: no region is told from another
+    (e.g. the score moved on masks whose differences the estimator cannot see)."""
+    if np.ptp(values) > 0:
+        return ()
+    return (
+        f"the map is constant (every value {float(values.flat[0]):.6g}): it tells no region from "
+        "another; try another target score (log_odds or logit), perturbation, or more designs",
+    )
 
 
 # Scores whose spread over the masks is below this are indistinguishable from constant
@@ -275,9 +287,8 @@ def flat_scores(scores: np.ndarray, plan: TargetPlan) -> tuple[str, ...]:
     if spread > FLAT_SPREAD * max(1.0, float(np.abs(scores).max())):
         return ()
     advice = (
-        "ask for TARGET_SCORE_LOGIT: a saturated probability hides what moves the model"
+        "ask for target score logit or log_odds: a saturated probability hides what moves the model"
         if plan.target.score == "probability"
-        and plan.classifier.preprocessing.output_kind == "logits"
         else "the model ignores what the masks removed, or another perturbation is needed"
     )
     return (
@@ -485,12 +496,13 @@ def design_warning(method: AttributionMethod, seed: int) -> str:
     more = f" and {len(biased) - 8} more" if len(biased) > 8 else ""
     design = "Owen-scrambled" if method.scrambled else "unscrambled (Xplique's)"
     return (
-        f"the {design} Sobol design with N {n} for {d} factors scales the index of "
-        f"{len(biased)} by more than {DESIGN_BIAS_FACTOR:g}x (cell, factor): {cells}{more}; "
+        f"the {design} Sobol design with N {n} for {d} factors scales the indices of "
+        f"{len(biased)} cells by more than {DESIGN_BIAS_FACTOR:g}x (cell, factor): {cells}{more}; "
         "their values are biased. "
         + (
-            "Set sobol.scrambled: no cell is singled out, every index instead varies by "
-            f"about {1.18 / np.sqrt(n):.0%} at this N"
+            "Set sobol.scrambled (CLI --scrambled): no cell is singled out by the sequence "
+            f"itself, every index instead varies by about {1.18 / np.sqrt(n):.0%} at this N "
+            "(and a seed may still hit one cell)"
             if not method.scrambled
             else "Use another seed or a larger nb_design"
         )

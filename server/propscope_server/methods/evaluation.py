@@ -42,6 +42,13 @@ from propscope_server.scoring import fidelity
 from propscope_server.threads import in_thread
 
 
+def constant_explanation(view_map: np.ndarray) -> tuple[str, ...]:
+    """A constant map orders pixels by position only: say so beside the value."""
+    if np.ptp(view_map) > 0:
+        return ()
+    return ("the map is constant: the order in which it removes pixels is arbitrary (by position)",)
+
+
 def metric_passes(name: str, options: DeletionSpec | MuFidelitySpec | StabilitySpec) -> int:
     """Forward passes one metric runs."""
     if isinstance(options, DeletionSpec):
@@ -159,6 +166,9 @@ class Evaluation:
             )
             scores = await self._scores(target, images)
             count(len(images))
+            warnings = constant_explanation(plan.view_map)
+            if np.ptp(scores) == 0:
+                warnings += (f"the target {score_word} did not move along the curve",)
             return MetricOutcome(
                 metric=name,
                 value=float(fidelity.curve_area(fractions, scores)),
@@ -170,6 +180,7 @@ class Evaluation:
                 forward_passes=len(images),
                 fractions=tuple(float(f) for f in fractions),
                 scores=tuple(float(s) for s in scores),
+                warnings=warnings,
             )
         rng = np.random.default_rng([plan.spec.seed, 1])
         subsets = fidelity.mufidelity_subsets(
@@ -192,6 +203,13 @@ class Evaluation:
             sums.append(attribution)
             count(len(images))
         score_drops, attribution_sums = np.concatenate(drops), np.concatenate(sums)
+        warnings = constant_explanation(plan.view_map)
+        if np.ptp(score_drops) == 0 or np.ptp(attribution_sums) == 0:
+            varied = "score drops" if np.ptp(score_drops) == 0 else "attribution sums"
+            warnings += (
+                f"the {varied} are the same for every subset: the correlation is undefined and "
+                "reported as 0, as Xplique does, not measured",
+            )
         return MetricOutcome(
             metric=name,
             value=float(
@@ -207,6 +225,7 @@ class Evaluation:
             forward_passes=len(subsets),
             attribution_sums=tuple(float(a) for a in attribution_sums),
             score_drops=tuple(float(d) for d in score_drops),
+            warnings=warnings,
         )
 
     async def _stability(

@@ -31,7 +31,9 @@ from propscope_server.threads import in_thread
 
 logger = logging.getLogger(__name__)
 
-TARGET_SCORES = ("probability", "logit")
+TARGET_SCORES = ("probability", "logit", "log_odds")
+# Probabilities below this count as this in log-odds: a float32 model's exact 0 or 1.
+LOG_ODDS_FLOOR = 1e-300
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,8 @@ def check_target_score(classifier: PlannedClassifier, score: str) -> None:
         )
         raise FailedPrecondition(
             f"target_score LOGIT: model {classifier.model.name!r} returns probabilities "
-            f"({source}); ask for TARGET_SCORE_PROBABILITY",
+            f"({source}), from which no logit can be recovered; ask for LOG_ODDS (the "
+            "unsaturated margin, the default for such a model) or PROBABILITY",
             field="target_score",
         )
 
@@ -197,7 +200,12 @@ def target_scores(classifier: PlannedClassifier, raw: np.ndarray, target: Target
         )
     if target.score == "logit":
         return raw[:, target.class_index]
-    return probabilities(classifier, raw)[:, target.class_index]
+    values = probabilities(classifier, raw)
+    if target.score == "log_odds":
+        others = np.delete(values, target.class_index, axis=1).sum(axis=1)
+        inside = np.maximum(values[:, target.class_index], LOG_ODDS_FLOOR)
+        return np.log(inside) - np.log(np.maximum(others, LOG_ODDS_FLOOR))
+    return values[:, target.class_index]
 
 
 def _class_labels(
