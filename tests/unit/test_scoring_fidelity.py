@@ -296,3 +296,17 @@ def test_a_smooth_deterministic_explainer_is_stable():
     unstable, _ = average_stability(erratic(image), np.stack([erratic(n) for n in neighbours]))
     assert stable < 0.02 * np.sum(smooth(image) ** 2)
     assert stable < 0.05 * unstable
+
+
+def test_deletion_images_in_batches_are_the_whole_curve_in_pieces():
+    rng = np.random.default_rng(3)
+    image = rng.uniform(0, 255, (9, 13, 3)).astype(np.float32)
+    explanation = rng.random((9, 13))
+    baseline = np.zeros_like(image)
+    fractions, whole = deletion_images(image, explanation, 10, 1.0, baseline, False)
+    pieces = [
+        deletion_images(image, explanation, 10, 1.0, baseline, False, slice(s, s + 4))
+        for s in range(0, 11, 4)
+    ]
+    assert all(np.array_equal(fractions, f) for f, _ in pieces)
+    assert np.array_equal(whole, np.concatenate([images for _, images in pieces]))

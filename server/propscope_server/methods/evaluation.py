@@ -155,17 +155,22 @@ class Evaluation:
         baseline = baseline_image(view, options.baseline, 0.0, target.classifier)
         if isinstance(options, DeletionSpec):
             insertion = name == "insertion"
-            fractions, images = await in_thread(
-                fidelity.deletion_images,
-                view,
-                plan.view_map,
-                options.steps,
-                options.max_percentage,
-                baseline,
-                insertion,
-            )
-            scores = await self._scores(target, images)
-            count(len(images))
+            batch = perturbation_batch(target.classifier, view)
+            parts = []
+            for start in range(0, options.steps + 1, batch):
+                fractions, images = await in_thread(
+                    fidelity.deletion_images,
+                    view,
+                    plan.view_map,
+                    options.steps,
+                    options.max_percentage,
+                    baseline,
+                    insertion,
+                    slice(start, start + batch),
+                )
+                parts.append(await self._scores(target, images))
+                count(len(images))
+            scores = np.concatenate(parts)
             warnings = constant_explanation(plan.view_map)
             if np.ptp(scores) == 0:
                 warnings += (f"the target {score_word} did not move along the curve",)
@@ -177,7 +182,7 @@ class Evaluation:
                     f"baseline {options.baseline}, target {score_word}"
                 ),
                 target_score=score_word,
-                forward_passes=len(images),
+                forward_passes=len(scores),
                 fractions=tuple(float(f) for f in fractions),
                 scores=tuple(float(s) for s in scores),
                 warnings=warnings,

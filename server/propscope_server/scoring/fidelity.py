@@ -95,8 +95,10 @@ def deletion_images(
     max_percentage: float,
     baseline: np.ndarray,
     insertion: bool,
+    only: slice = slice(None),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(fractions [steps + 1] of pixels moved, images [steps + 1, H, W, 3] float32)."""
+    """(fractions [steps + 1] of pixels moved, images [steps + 1, H, W, 3] float32); `only`
+    selects the steps whose images are made, so large images can be made in batches."""
     pixels = np.asarray(image, dtype=np.float32)
     reference = np.broadcast_to(np.asarray(baseline, dtype=np.float32), pixels.shape)
     if pixels.ndim != 3:
@@ -106,7 +108,7 @@ def deletion_images(
     counts = perturbed_counts(height * width, steps, max_percentage)
     rank = np.empty(height * width, dtype=np.int64)
     rank[perturbation_order(explanation)] = np.arange(height * width)
-    moved = (rank[None, :] < counts[:, None]).reshape(-1, height, width, 1)
+    moved = (rank[None, :] < counts[only, None]).reshape(-1, height, width, 1)
     start, end = (reference, pixels) if insertion else (pixels, reference)
     images = np.where(moved, end[None], start[None]).astype(np.float32)
     return counts / (height * width), images
