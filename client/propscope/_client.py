@@ -185,7 +185,7 @@ class Client:
         design seeded by ``seed``; N (g² + 2) forward passes) or
         "rise" (``grid_size``, ``nb_samples`` masks, ``preservation_probability``); 0 and None
         mean the server's defaults. ``target_score`` "auto" (the logit of a logits model,
-        else the probability; the result says which), "probability" or "logit" of
+        else the log-odds; the result says which), "probability", "logit" or "log_odds" of
         ``target_class`` (None: the predicted class). Masked pixels are replaced by
         ``perturbation`` (inpainting|blur|amplitude) toward ``baseline``
         (input_zero|black|mean_colour|blur, ``blur_sigma`` pixels). ``on_progress`` is called

@@ -413,7 +413,7 @@ def attribute(
         str,
         typer.Option(
             metavar="|".join(TARGET_SCORES),
-            help="What is attributed (auto: the logit of a logits model, else the probability).",
+            help="What is attributed (auto: the logit of a logits model, else the log-odds).",
         ),
     ] = "auto",
     perturbation: Annotated[
@@ -622,7 +622,7 @@ def evaluate(
         str,
         typer.Option(
             metavar="|".join(TARGET_SCORES),
-            help="auto (the logit of a logits model, else the probability), probability, logit.",
+            help="auto (the logit of a logits model, else the log-odds), probability, logit, log_odds.",
         ),
     ] = "auto",
     seed: Annotated[int, typer.Option(min=0, help="Seeds the random subsets and noise.")] = 0,

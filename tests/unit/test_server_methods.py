@@ -11,12 +11,18 @@ from contextlib import aclosing
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
 from propscope_server import errors, methods
 from propscope_server.api.status import STATUS_CODES, status_code
+from propscope_server.backends.preprocessing import InputLayout
+from propscope_server.config import PreprocessingConfig, Settings
+from propscope_server.domain import PerturbationSpec, RiseSpec
 from propscope_server.inference import ModelDescription, Tensor
+from propscope_server.methods.attribution import TargetPlan, view_attribution
 from propscope_server.methods.base import Capability, MethodInfo, model_capabilities
+from propscope_server.orchestration.classifier import PlannedClassifier, Target
 from propscope_server.orchestration.runner import Finished, run_method, with_progress
 
 PACKAGE = Path(__file__).resolve().parents[2] / "server" / "propscope_server"
@@ -200,3 +206,39 @@ async def test_with_progress_raises_the_works_error():
 
     with pytest.raises(errors.BackendError, match="model broke"):
         [event async for event in with_progress(work)]
+
+
+async def test_a_failing_batch_reaches_the_caller_as_its_own_domain_error():
+    """view_attribution runs batches in a TaskGroup: the API must see the batch's
+    Unavailable (a retryable status), not an ExceptionGroup that reads as INTERNAL."""
+
+    class Failing:
+        calls = 0
+
+        async def infer(self, model, inputs, outputs, deadline):
+            Failing.calls += 1
+            await asyncio.sleep(0.01 * Failing.calls)
+            raise errors.Unavailable("Triton is unreachable")
+
+    planned = PlannedClassifier(
+        model=CLASSIFIER,
+        layout=InputLayout("IMAGE", "UINT8", False, 8, 8),
+        output="LOGITS",
+        classes=2,
+        preprocessing=PreprocessingConfig(output_kind="logits"),
+        preprocessing_sources=(),
+        warnings=(),
+        class_labels=(),
+    )
+    target = TargetPlan(planned, np.zeros((8, 8, 3), np.float32), Target(1, "logit"), 0.0, 1, None)
+    with pytest.raises(errors.Unavailable):
+        await view_attribution(
+            Failing(),
+            target,
+            target.view,
+            RiseSpec(grid=2, nb_samples=40),
+            PerturbationSpec(),
+            0,
+            Settings(),
+            lambda done: None,
+        )

@@ -53,6 +53,9 @@ from propscope_server.orchestration.runner import Finished, with_progress
 from propscope_server.scoring import perturbation, rise, sobol
 from propscope_server.threads import in_thread
 
+# Part of every map's cache key: bump it when a change to the code changes maps (a
+# default, the design, an estimator), so that no cached map of the old code is served.
+MAP_ALGORITHM_VERSION = 1
 # Default blur of the BLUR baseline and kind: this fraction of the view's longer side.
 DEFAULT_BLUR_FRACTION = 0.02
 
@@ -240,9 +243,14 @@ async def view_attribution(
         scores[start:stop] = target_scores(plan.classifier, raw, plan.target)
         progress(stop - start)
 
-    async with asyncio.TaskGroup() as group:
-        for start in range(0, passes, batch):
-            group.create_task(one_batch(start))
+    try:
+        async with asyncio.TaskGroup() as group:
+            for start in range(0, passes, batch):
+                group.create_task(one_batch(start))
+    except ExceptionGroup as failed:
+        # The first batch's error, as it would have come from one call: the API maps a
+        # domain error to its status (an ExceptionGroup would read as INTERNAL).
+        raise failed.exceptions[0] from None
     if isinstance(method, SobolSpec):
         indices = await in_thread(
             sobol.total_order, scores, method.nb_design, method.dimension, method.estimator
@@ -338,6 +346,7 @@ class Attribution:
                 classifier.preprocessing.model_dump_json(),
                 json.dumps(
                     {
+                        "algorithm": MAP_ALGORITHM_VERSION,
                         "method": name,
                         **asdict(spec.method),
                         **asdict(spec.perturbation),
@@ -369,7 +378,9 @@ class Attribution:
         passes = spec.method.forward_passes
         yield AttributionAccepted(
             method=spec.method,
-            perturbation=spec.perturbation,
+            perturbation=dataclasses.replace(
+                spec.perturbation, blur_sigma=blur_sigma(target.view, spec.perturbation.blur_sigma)
+            ),
             classifier=target.planned(),
             planned_forward_passes=passes,
             planned_forward_passes_total=passes + target.passes,

@@ -237,13 +237,15 @@ class Evaluation:
         self, plan: EvaluationPlan, options: StabilitySpec, count: Callable[[int], None]
     ) -> MetricOutcome:
         target = plan.target
-        rng = np.random.default_rng([plan.spec.seed, 2])
-        noisy = await in_thread(
-            fidelity.stability_noise, target.view, options.radius, options.nb_samples, rng
-        )
-        maps = []
-        for view in (target.view, *noisy):
-            _, view_map, _ = await view_attribution(
+        maps, warnings = [], set()
+        for sample in range(options.nb_samples + 1):
+            view = target.view
+            if sample:  # one noisy view at a time: a large view's copies need not all fit
+                rng = np.random.default_rng([plan.spec.seed, 2, sample])
+                view = (
+                    await in_thread(fidelity.stability_noise, target.view, options.radius, 1, rng)
+                )[0]
+            _, view_map, found = await view_attribution(
                 self._inference,
                 target,
                 view.astype(np.float32),
@@ -254,6 +256,7 @@ class Evaluation:
                 count,
             )
             maps.append(view_map)
+            warnings.update(found)  # a flat or constant map reads as "perfectly stable"
         value, distances = fidelity.average_stability(maps[0], np.stack(maps[1:]))
         method = method_name(options.method)
         return MetricOutcome(
@@ -266,6 +269,7 @@ class Evaluation:
             target_score=target.target.score,
             forward_passes=(options.nb_samples + 1) * options.method.forward_passes,
             distances=tuple(float(d) for d in distances),
+            warnings=tuple(sorted(warnings)),
         )
 
     async def _scores(self, target: TargetPlan, images: np.ndarray) -> np.ndarray:

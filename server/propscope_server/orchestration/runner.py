@@ -59,6 +59,7 @@ async def with_progress(
     result). Closing the iterator cancels the work."""
     queue: asyncio.Queue[Any] = asyncio.Queue()
     task = asyncio.create_task(work(queue.put_nowait))
+    getter: asyncio.Future[Any] | None = None
     try:
         while True:
             getter = asyncio.ensure_future(queue.get())
@@ -72,5 +73,7 @@ async def with_progress(
             yield Finished(task.result())
             return
     finally:
+        if getter is not None:
+            getter.cancel()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
