@@ -14,6 +14,8 @@ from scipy.stats import qmc
 
 from propscope_server.scoring.sobol import (
     ESTIMATORS,
+    design_points,
+    design_rows,
     forward_passes,
     nearest_indices,
     resize_map,
@@ -275,3 +277,14 @@ def test_resize_map_is_opencv_bicubic():
     np.testing.assert_allclose(resize_map(np.full((8, 8), 0.3), 50, 70), 0.3, atol=1e-6)
     values = np.random.default_rng(0).random((8, 8))
     np.testing.assert_allclose(resize_map(values, 8, 8), values, atol=1e-6)
+
+
+def test_design_rows_in_batches_are_the_design_in_pieces():
+    a, b = design_points(8, 5)
+    design = sobol_design(8, 5)
+    pieces = [design_rows(a, b, start, min(start + 7, len(design))) for start in range(0, 56, 7)]
+    np.testing.assert_array_equal(np.concatenate(pieces), design)
+    # Row N (D + 2) - 1 is C_D's last: A's last point with column D from B's last.
+    expected = a[-1].copy()
+    expected[-1] = b[-1, -1]
+    np.testing.assert_array_equal(design[-1], expected)

@@ -41,6 +41,7 @@ from propscope_server.errors import InvalidArgument
 from propscope_server.inference import Inference
 from propscope_server.methods import require
 from propscope_server.orchestration.classifier import (
+    DETECTED_SOURCE,
     PlannedClassifier,
     Target,
     check_target_score,
@@ -97,7 +98,6 @@ async def plan_target(
     """Resolves the classifier, checks it supports `method` and that each (grid,
     field) fits the model's input, then runs the original once: its score, and its
     predicted class when no target class is given."""
-    detection = ref.preprocessing is None or ref.preprocessing.output_kind is None
     classifier = await plan_classifier(inference, ref, image, settings, deadline)
     require(method, classifier.model)
     if target_score == "auto":
@@ -118,15 +118,12 @@ async def plan_target(
     raw = await outputs_of_pixels(inference, classifier, view[None], deadline)
     target_class = ref.target_class if ref.target_class is not None else int(raw[0].argmax())
     target = Target(target_class, target_score)
-    detected = detection and any(
-        s == "output_kind: detected from the outputs" for s in classifier.preprocessing_sources
-    )
     return TargetPlan(
         classifier=classifier,
         view=view,
         target=target,
         original_score=float(target_scores(classifier, raw, target)[0]),
-        passes=1 + int(detected),
+        passes=1 + int(DETECTED_SOURCE in classifier.preprocessing_sources),
         deadline=deadline,
     )
 
@@ -208,7 +205,7 @@ async def view_attribution(
     seed: int,
     settings: Settings,
     progress: Callable[[int], None],
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """(grid values [g, g] or [g, g, 3], map over the view [h, w], warnings) of `method`
     on `view` (the original's view, or a noisy one for stability)."""
     height, width = view.shape[:2]
@@ -221,10 +218,11 @@ async def view_attribution(
     scores = np.empty(passes, dtype=np.float64)
     if isinstance(method, SobolSpec):
         channels = 3 if method.per_channel else 1
-        design = await in_thread(design_of, method, seed)
+        a, b = await in_thread(design_of, method, seed)
 
         def masks_of(start: int, stop: int) -> np.ndarray:
-            return sobol.upsample_masks(design[start:stop], method.grid, height, width, channels)
+            rows = sobol.design_rows(a, b, start, stop)
+            return sobol.upsample_masks(rows, method.grid, height, width, channels)
     else:
 
         def masks_of(start: int, stop: int) -> np.ndarray:
@@ -474,10 +472,10 @@ def _seeded(method: AttributionMethod) -> bool:
     return isinstance(method, RiseSpec) or method.scrambled
 
 
-def design_of(method: SobolSpec, seed: int) -> np.ndarray:
-    """The replicated design: Xplique's unscrambled sequence, or Owen-scrambled."""
+def design_of(method: SobolSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A and B of the design: Xplique's unscrambled sequence, or Owen-scrambled."""
     scramble_seed = seed % 2**32 if method.scrambled else None
-    return sobol.sobol_design(method.nb_design, method.dimension, scramble_seed)
+    return sobol.design_points(method.nb_design, method.dimension, scramble_seed)
 
 
 # A factor whose design pairs (A_i, B_i) have a mean squared difference more than this
@@ -492,9 +490,9 @@ def design_warning(method: AttributionMethod, seed: int) -> str:
     mean (a_i - b_i)^2 against 1/6 is the factor's bias, exactly."""
     if not isinstance(method, SobolSpec):
         return ""
-    design = design_of(method, seed)
+    a, b = design_of(method, seed)
     n, d = method.nb_design, method.dimension
-    spread = ((design[:n] - design[n : 2 * n]) ** 2).mean(axis=0) * 6.0
+    spread = ((a - b) ** 2).mean(axis=0) * 6.0
     biased = np.flatnonzero((spread < 1.0 / DESIGN_BIAS_FACTOR) | (spread > DESIGN_BIAS_FACTOR))
     if not len(biased):
         return ""

@@ -31,7 +31,8 @@ from propscope_server.threads import in_thread
 
 logger = logging.getLogger(__name__)
 
-TARGET_SCORES = ("probability", "logit", "log_odds")
+# Where the output kind came from when no source declared it (one forward pass decided).
+DETECTED_SOURCE = "output_kind: detected from the outputs"
 # Probabilities below this count as this in log-odds: a float32 model's exact 0 or 1.
 LOG_ODDS_FLOOR = 1e-300
 
@@ -117,7 +118,7 @@ async def plan_classifier(
         raw = (await inference.infer(model, {layout.name: batch}, [output], deadline))[output]
         kind = "probabilities" if looks_like_probabilities(raw) else "logits"
         preprocessing = preprocessing.model_copy(update={"output_kind": kind})
-        sources = (*sources, "output_kind: detected from the outputs")
+        sources = (*sources, DETECTED_SOURCE)
         warnings.append(detection_warning(model.name, kind))
     for warning in warnings:
         logger.warning("%s", warning)

@@ -74,16 +74,34 @@ def sobol_design(nb_design: int, dimension: int, scramble_seed: int | None = Non
 
     `scramble_seed` None: Xplique's unscrambled sequence. An integer: scipy's Owen
     scrambling with that seed (still deterministic); see the module docstring."""
+    a, b = design_points(nb_design, dimension, scramble_seed)
+    return design_rows(a, b, 0, forward_passes(nb_design, dimension))
+
+
+def design_points(
+    nb_design: int, dimension: int, scramble_seed: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A and B [N, D] float32: the two halves of one 2D-dimensional Sobol sequence, all
+    the design holds (`design_rows` builds any of its rows from them)."""
     _check_power_of_two(nb_design)
     if dimension < 1:
         raise ValueError(f"dimension must be >= 1, got {dimension}")
     sampler = qmc.Sobol(2 * dimension, scramble=scramble_seed is not None, seed=scramble_seed)
     points = sampler.random(nb_design).astype(np.float32)
-    a, b = points[:, :dimension], points[:, dimension:]
-    replicated = np.repeat(a[None], dimension, axis=0)  # [D, N, D]
-    factors = np.arange(dimension)
-    replicated[factors, :, factors] = b.T
-    return np.concatenate([a, b, replicated.reshape(-1, dimension)], axis=0)
+    return points[:, :dimension], points[:, dimension:]
+
+
+def design_rows(a: np.ndarray, b: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows start..stop-1 of the replicated design of A and B, without building the whole
+    [N (D + 2), D] design (N D^2 values: gigabytes at a per-channel grid of 32)."""
+    nb_design = len(a)
+    rows = np.arange(start, stop)
+    block, point = rows // nb_design, rows % nb_design
+    out = np.where((block == 1)[:, None], b[point], a[point])
+    swapped = np.flatnonzero(block >= 2)
+    factors = block[swapped] - 2
+    out[swapped, factors] = b[point[swapped], factors]
+    return out
 
 
 def total_order(
