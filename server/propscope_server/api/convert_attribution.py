@@ -242,7 +242,7 @@ def evaluate_spec(
         if isinstance(options, domain.StabilitySpec):
             method = domain.method_name(options.method)
             check_grid(options.method.grid, image.shape[:2], f"stability.{method}.grid_size")
-    passes = sum(metric_passes(name, options) for name, options in metrics)
+    passes = sum(metric_passes(options) for _, options in metrics)
     _check_passes(passes, limits, "these metrics", "the metrics' samples or steps")
     return domain.EvaluateSpec(
         request_id=request.request_id or uuid.uuid4().hex,

@@ -49,7 +49,7 @@ def constant_explanation(view_map: np.ndarray) -> tuple[str, ...]:
     return ("the map is constant: the order in which it removes pixels is arbitrary (by position)",)
 
 
-def metric_passes(name: str, options: DeletionSpec | MuFidelitySpec | StabilitySpec) -> int:
+def metric_passes(options: DeletionSpec | MuFidelitySpec | StabilitySpec) -> int:
     """Forward passes one metric runs."""
     if isinstance(options, DeletionSpec):
         return options.steps + 1
@@ -105,7 +105,7 @@ class Evaluation:
             spec=spec,
             target=target,
             view_map=view_map,
-            passes=sum(metric_passes(name, options) for name, options in spec.metrics),
+            passes=sum(metric_passes(options) for _, options in spec.metrics),
         )
 
     async def run(self, plan: EvaluationPlan) -> AsyncIterator[object]:
@@ -153,24 +153,25 @@ class Evaluation:
             return await self._stability(plan, options, count)
         assert plan.view_map is not None
         baseline = baseline_image(view, options.baseline, 0.0, target.classifier)
+        height, width = view.shape[:2]
         if isinstance(options, DeletionSpec):
             insertion = name == "insertion"
-            batch = perturbation_batch(target.classifier, view)
-            parts = []
-            for start in range(0, options.steps + 1, batch):
-                fractions, images = await in_thread(
-                    fidelity.deletion_images,
+            fractions = fidelity.perturbed_counts(
+                height * width, options.steps, options.max_percentage
+            ) / (height * width)
+
+            def curve_images(start: int, stop: int) -> np.ndarray:
+                return fidelity.deletion_images(
                     view,
                     plan.view_map,
                     options.steps,
                     options.max_percentage,
                     baseline,
                     insertion,
-                    slice(start, start + batch),
-                )
-                parts.append(await self._scores(target, images))
-                count(len(images))
-            scores = np.concatenate(parts)
+                    slice(start, stop),
+                )[1]
+
+            scores = await self._batched_scores(target, options.steps + 1, curve_images, count)
             warnings = constant_explanation(plan.view_map)
             if np.ptp(scores) == 0:
                 warnings += (f"the target {score_word} did not move along the curve",)
@@ -191,23 +192,17 @@ class Evaluation:
         subsets = fidelity.mufidelity_subsets(
             options.grid, options.subset_percent, options.nb_samples, rng
         )
-        height, width = view.shape[:2]
-        batch = perturbation_batch(target.classifier, view)
-        drops: list[np.ndarray] = []
         sums: list[np.ndarray] = []
-        for start in range(0, len(subsets), batch):
 
-            def perturbed(start: int = start) -> tuple[np.ndarray, np.ndarray]:
-                masks = fidelity.subset_pixel_masks(subsets[start : start + batch], height, width)
-                images = np.where(masks[..., None], baseline[None], view[None]).astype(np.float32)
-                return images, (plan.view_map[None] * masks).sum(axis=(1, 2))
+        def subset_images(start: int, stop: int) -> np.ndarray:
+            """The views with each subset at the baseline; their attribution sums, kept
+            in order, come from the same masks."""
+            masks = fidelity.subset_pixel_masks(subsets[start:stop], height, width)
+            sums.append(fidelity.subset_attribution_sums(plan.view_map, masks))
+            return np.where(masks[..., None], baseline[None], view[None]).astype(np.float32)
 
-            images, attribution = await in_thread(perturbed)
-            scores = await self._scores(target, images)
-            drops.append(target.original_score - scores)
-            sums.append(attribution)
-            count(len(images))
-        score_drops, attribution_sums = np.concatenate(drops), np.concatenate(sums)
+        perturbed = await self._batched_scores(target, len(subsets), subset_images, count)
+        score_drops, attribution_sums = target.original_score - perturbed, np.concatenate(sums)
         warnings = constant_explanation(plan.view_map)
         if np.ptp(score_drops) == 0 or np.ptp(attribution_sums) == 0:
             varied = "score drops" if np.ptp(score_drops) == 0 else "attribution sums"
@@ -217,11 +212,7 @@ class Evaluation:
             )
         return MetricOutcome(
             metric=name,
-            value=float(
-                fidelity.mu_fidelity(
-                    target.original_score, target.original_score - score_drops, attribution_sums
-                )
-            ),
+            value=float(fidelity.mu_fidelity(target.original_score, perturbed, attribution_sums)),
             settings=(
                 f"grid {options.grid}, subset {options.subset_percent:g}, samples "
                 f"{options.nb_samples}, baseline {options.baseline}, target {score_word}"
@@ -232,6 +223,23 @@ class Evaluation:
             score_drops=tuple(float(d) for d in score_drops),
             warnings=warnings,
         )
+
+    async def _batched_scores(
+        self,
+        target: TargetPlan,
+        total: int,
+        make_images: Callable[[int, int], np.ndarray],
+        count: Callable[[int], None],
+    ) -> np.ndarray:
+        """The target scores of `total` perturbed views, made `make_images(start, stop)`
+        one bounded batch at a time (in a thread) and classified in order."""
+        batch = perturbation_batch(target.classifier, target.view)
+        parts = []
+        for start in range(0, total, batch):
+            images = await in_thread(make_images, start, min(start + batch, total))
+            parts.append(await self._scores(target, images))
+            count(len(images))
+        return np.concatenate(parts)
 
     async def _stability(
         self, plan: EvaluationPlan, options: StabilitySpec, count: Callable[[int], None]
