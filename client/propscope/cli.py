@@ -110,6 +110,15 @@ TimeoutOption = Annotated[
     typer.Option("--timeout", min=0.0, help="Deadline of each call in seconds (default: none)."),
 ]
 
+# --progress: a bar; --no-progress: log lines; unset: a bar on a terminal outside CI.
+ProgressOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--progress/--no-progress",
+        help="A progress bar (default: on a terminal outside CI; log lines otherwise).",
+        show_default=False,
+    ),
+]
 # The preprocessing override of explain, attribute and evaluate: field by field over the
 # model's own declaration.
 MeanOption = Annotated[
@@ -443,14 +452,7 @@ def attribute(
             show_default=False,
         ),
     ] = None,
-    progress: Annotated[
-        bool | None,
-        typer.Option(
-            "--progress/--no-progress",
-            help="A progress bar (default: on a terminal outside CI; lines otherwise).",
-            show_default=False,
-        ),
-    ] = None,
+    progress: ProgressOption = None,
     mean: MeanOption = None,
     std: StdOption = None,
     output_kind: OutputKindOption = None,
@@ -629,14 +631,7 @@ def evaluate(
     as_json: Annotated[
         bool, typer.Option("--json", help="Write the evaluation as one JSON object.")
     ] = False,
-    progress: Annotated[
-        bool | None,
-        typer.Option(
-            "--progress/--no-progress",
-            help="A progress bar (default: on a terminal outside CI; lines otherwise).",
-            show_default=False,
-        ),
-    ] = None,
+    progress: ProgressOption = None,
     mean: MeanOption = None,
     std: StdOption = None,
     output_kind: OutputKindOption = None,
@@ -893,14 +888,7 @@ def review(
         int | None,
         typer.Option(min=1, max=64, help="Explanations in flight (default: the spec's)."),
     ] = None,
-    progress: Annotated[
-        bool | None,
-        typer.Option(
-            "--progress/--no-progress",
-            help="A progress bar (default: on a terminal outside CI; log lines otherwise).",
-            show_default=False,
-        ),
-    ] = None,
+    progress: ProgressOption = None,
 ) -> None:
     """Check a candidate model (against a baseline) by the rules of SPEC over its image set.
 
@@ -934,9 +922,7 @@ def _run_review(
     if concurrency is not None:
         spec = spec.model_copy(update={"concurrency": concurrency})
     address = target or spec.service.target
-    show_bar = (
-        progress if progress is not None else sys.stderr.isatty() and not os.environ.get("CI")
-    )
+    show_bar = _show_bar(progress)
     typer.echo(
         f"propscope review: {len(images)} images, {len(spec.properties)} properties, "
         f"{1 + (spec.baseline is not None)} models, {address}",
