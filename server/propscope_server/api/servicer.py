@@ -70,7 +70,7 @@ class MethodStreams:
         context: grpc.aio.ServicerContext,
         to_spec: Callable[[str], Any],
         method: ExplanationMethod,
-        method_name: Callable[[Any], str],
+        name_of: Callable[[Any], str],
         to_message: Callable[[Any, Any], Awaitable[Any]],
     ) -> AsyncIterator[Any]:
         async with _observed(rpc, context):
@@ -80,7 +80,7 @@ class MethodStreams:
             with self._admission.admit(tenant), metrics.INFLIGHT_STREAMS.track_inprogress():
                 spec = await in_thread(to_spec, tenant)
                 logs.bind_request(spec.request_id, tenant)
-                events = run_method(method, method_name(spec), spec, deadline)
+                events = run_method(method, name_of(spec), spec, deadline)
                 async with aclosing(events) as events:
                     async for event in events:
                         yield await to_message(spec, event)
