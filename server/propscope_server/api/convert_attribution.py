@@ -93,10 +93,13 @@ def rise_spec(options: apb.RiseOptions, field: str) -> domain.RiseSpec:
     return domain.RiseSpec(grid, samples, float(preservation))
 
 
-def _method(message: apb.AttributeRequest | apb.StabilityOptions) -> domain.AttributionMethod:
+def _method(
+    message: apb.AttributeRequest | apb.StabilityOptions, prefix: str = ""
+) -> domain.AttributionMethod:
+    """The `method` oneof: RISE when set, else Sobol (its defaults when unset)."""
     if message.WhichOneof("method") == "rise":
-        return rise_spec(message.rise, "rise")
-    return sobol_spec(message.sobol, "sobol")
+        return rise_spec(message.rise, f"{prefix}rise")
+    return sobol_spec(message.sobol, f"{prefix}sobol")
 
 
 def perturbation_spec(message: apb.Perturbation, field: str) -> domain.PerturbationSpec:
@@ -191,15 +194,10 @@ def _stability(options: apb.StabilityOptions) -> domain.StabilitySpec:
             field="stability.radius",
         )
     samples = bounded(options.nb_samples, 20, 1, 100, "stability.nb_samples", "nb_samples")
-    method = (
-        rise_spec(options.rise, "stability.rise")
-        if options.WhichOneof("method") == "rise"
-        else sobol_spec(options.sobol, "stability.sobol")
-    )
     return domain.StabilitySpec(
         float(radius),
         samples,
-        method,
+        _method(options, "stability."),
         perturbation_spec(options.perturbation, "stability.perturbation"),
     )
 
