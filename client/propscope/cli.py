@@ -521,7 +521,8 @@ def attribute(
         raise typer.Exit(EXIT_INTERRUPTED) from None
     console = Console()
     for line in _attribution_summary(model, found, png_path, json_path):
-        console.print(line, soft_wrap=True)  # paths whole, wrapped by the terminal
+        # Words wrap at the console's width; the written paths stay whole on one line.
+        console.print(line, soft_wrap=line.plain.startswith("wrote "))
 
 
 def run_attribute(
