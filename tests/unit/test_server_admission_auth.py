@@ -4,41 +4,102 @@ from __future__ import annotations
 
 import pytest
 
-from propscope_server.api.admission import Admission
+from propscope_server.api.admission import Admission, Caller
 from propscope_server.api.auth import Authenticator, bearer_token
 from propscope_server.config import Limits
 from propscope_server.domain import DEFAULT_TENANT
 from propscope_server.errors import ResourceExhausted
 
-LIMITS = Limits(max_streams_total=3, max_streams_per_tenant=2, tenant_max_streams={"big": 3})
+LIMITS = Limits(
+    max_streams_total=3,
+    max_streams_per_tenant=2,
+    max_streams_per_peer=3,
+    max_streams_per_connection=3,
+    tenant_max_streams={"big": 3},
+)
+
+
+def caller(tenant: str | None, port: int = 1000, host: str = "10.0.0.1") -> Caller:
+    return Caller.of(f"ipv4:{host}:{port}", tenant)
 
 
 def test_a_tenant_over_its_limit_is_refused_and_others_are_not():
     admission = Admission(LIMITS)
-    with admission.admit("a"), admission.admit("a"):
+    with admission.admit(caller("a")), admission.admit(caller("a")):
         with pytest.raises(ResourceExhausted, match="max_streams_per_tenant of 2"):
-            with admission.admit("a"):
+            with admission.admit(caller("a")):
                 pass
-        with admission.admit("b"):
+        with admission.admit(caller("b")):
             with pytest.raises(ResourceExhausted, match="max_streams_total of 3"):
-                with admission.admit("c"):
+                with admission.admit(caller("c", host="10.0.0.2")):
                     pass
 
 
 def test_slots_are_released_even_when_the_stream_fails():
     admission = Admission(LIMITS)
     for _ in range(5):
-        with pytest.raises(RuntimeError), admission.admit("a"):
+        with pytest.raises(RuntimeError), admission.admit(caller("a")):
             raise RuntimeError("stream failed")
-    with admission.admit("a"), admission.admit("a"):
+    with admission.admit(caller("a")), admission.admit(caller("a")):
         pass
 
 
 def test_a_tenant_override_raises_its_limit():
     admission = Admission(LIMITS)
     assert admission.tenant_limit("big") == 3 and admission.tenant_limit("a") == 2
-    with admission.admit("big"), admission.admit("big"), admission.admit("big"):
-        pass
+    with admission.admit(caller("big")), admission.admit(caller("big")):
+        with admission.admit(caller("big")):
+            pass
+
+
+def test_one_connection_fills_only_its_share_and_other_connections_are_served():
+    admission = Admission(Limits(max_streams_total=8, max_streams_per_connection=2))
+    greedy = caller(None, port=1)
+    with admission.admit(greedy), admission.admit(greedy):
+        with pytest.raises(
+            ResourceExhausted, match="this connection .* max_streams_per_connection"
+        ):
+            with admission.admit(greedy):
+                pass
+        with admission.admit(caller(None, port=2)), admission.admit(caller(None, port=3)):
+            pass
+
+
+def test_with_auth_off_the_peer_takes_the_tenants_place():
+    """Every caller is tenant "default" with auth off: one address may not fill the
+    tenant's share, while other addresses are still served."""
+    limits = Limits(max_streams_total=8, max_streams_per_peer=2, max_streams_per_tenant=2)
+    admission = Admission(limits)
+    with admission.admit(caller(None, port=1)), admission.admit(caller(None, port=2)):
+        with pytest.raises(ResourceExhausted, match="peer ipv4:10.0.0.1 .* max_streams_per_peer"):
+            with admission.admit(caller(None, port=3)):
+                pass
+        with admission.admit(caller(None, host="10.0.0.2")):
+            with admission.admit(caller(None, host="10.0.0.3")):
+                pass
+
+
+def test_a_refused_stream_holds_no_slot_of_any_kind():
+    admission = Admission(Limits(max_streams_total=1))
+    with admission.admit(caller("a")):
+        with pytest.raises(ResourceExhausted):
+            with admission.admit(caller("b", host="10.0.0.9")):
+                pass
+    for _ in range(3):
+        with admission.admit(caller("b", host="10.0.0.9")):
+            pass
+
+
+@pytest.mark.parametrize(
+    ("peer", "address"),
+    [
+        ("ipv4:10.0.0.7:51234", "ipv4:10.0.0.7"),
+        ("ipv6:[::1]:51234", "ipv6:[::1]"),
+        ("unix:/tmp/propscope.sock", "unix:/tmp/propscope.sock"),
+    ],
+)
+def test_a_peer_is_its_address_without_the_port(peer, address):
+    assert Caller.of(peer, None).peer == address
 
 
 @pytest.mark.parametrize(

@@ -71,20 +71,17 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that only aborts."""
+    """A handler that only aborts, and never reads the request: as a request-streaming
+    handler nothing is received before the refusal beyond HTTP/2's flow-control window,
+    so a caller without a token cannot make the gateway hold a large message."""
 
-    async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
+    async def refuse(requests: object, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    make = kinds[(handler.request_streaming, handler.response_streaming)]
-    return make(
-        refuse,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(
+            refuse, response_serializer=handler.response_serializer
+        )
+    return grpc.stream_unary_rpc_method_handler(
+        refuse, response_serializer=handler.response_serializer
     )

@@ -5,7 +5,7 @@ service's messages are parsed here instead of by gRPC."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -44,11 +44,10 @@ class ParseRequestsInterceptor(grpc.aio.ServerInterceptor):
                     f"the request is not a valid protobuf message for {details.method}: {error}",
                 )
 
-        if handler.response_streaming:  # our streaming methods are async generators
+        if handler.response_streaming:  # our streaming methods write through the context
 
-            async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator:
-                async for response in handler.unary_stream(await parsed(raw, context), context):
-                    yield response
+            async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> None:
+                await handler.unary_stream(await parsed(raw, context), context)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, response_serializer=handler.response_serializer

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
@@ -19,7 +20,7 @@ from propscope.v1 import attribution_pb2_grpc, explain_pb2_grpc
 from propscope.v1 import explain_pb2 as pb
 from propscope_server import logs, metrics
 from propscope_server.api import convert, convert_attribution
-from propscope_server.api.admission import Admission
+from propscope_server.api.admission import Admission, Caller
 from propscope_server.api.auth import Authenticator
 from propscope_server.api.status import status_code
 from propscope_server.config import Limits
@@ -32,7 +33,7 @@ from propscope_server.domain import (
     PropertyOutcome,
     method_name,
 )
-from propscope_server.errors import PropscopeError
+from propscope_server.errors import DeadlineExceeded, PropscopeError, ResourceExhausted
 from propscope_server.inference import Inference, ModelDescription, RepositoryEntry
 from propscope_server.methods.attribution import Attribution
 from propscope_server.methods.base import ExplanationMethod
@@ -42,6 +43,10 @@ from propscope_server.orchestration.runner import run_method
 from propscope_server.threads import in_thread
 
 logger = logging.getLogger(__name__)
+
+
+class StreamStalled(ResourceExhausted):
+    """The client stopped reading: the stream's send buffer is full."""
 
 
 class MethodStreams:
@@ -72,18 +77,50 @@ class MethodStreams:
         method: ExplanationMethod,
         name_of: Callable[[Any], str],
         to_message: Callable[[Any, Any], Awaitable[Any]],
-    ) -> AsyncIterator[Any]:
+    ) -> None:
+        """Runs `method` and writes its events. The stream's life is capped by
+        max_call_s whatever the client's deadline, and a write that waits send_timeout_s
+        for the client to read ends the stream: a slow reader cannot hold its slot."""
         async with _observed(rpc, context):
             tenant = self.tenant(context)
-            remaining = context.time_remaining() or self.limits.max_call_s
+            caller = Caller.of(context.peer(), tenant if self._authenticator.enabled else None)
+            client_remaining = context.time_remaining()
+            remaining = min(
+                math.inf if client_remaining is None else client_remaining,
+                self.limits.max_call_s,
+            )
             deadline = time.monotonic() + remaining
-            with self._admission.admit(tenant), metrics.INFLIGHT_STREAMS.track_inprogress():
-                spec = await in_thread(to_spec, tenant)
-                logs.bind_request(spec.request_id, tenant)
-                events = run_method(method, name_of(spec), spec, deadline)
-                async with aclosing(events) as events:
-                    async for event in events:
-                        yield await to_message(spec, event)
+            with self._admission.admit(caller), metrics.INFLIGHT_STREAMS.track_inprogress():
+                async with self._capped(remaining):
+                    spec = await in_thread(to_spec, tenant)
+                    logs.bind_request(spec.request_id, tenant)
+                    events = run_method(method, name_of(spec), spec, deadline)
+                    async with aclosing(events) as events:
+                        async for event in events:
+                            await self._write(context, await to_message(spec, event))
+
+    @asynccontextmanager
+    async def _capped(self, remaining: float) -> AsyncIterator[None]:
+        """Ends the block at the stream's deadline: the client's own deadline cancels
+        the call anyway, the gateway's cap max_call_s only through this."""
+        try:
+            async with asyncio.timeout(remaining):
+                yield
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the stream reached the gateway's cap max_call_s ({self.limits.max_call_s:g} s); "
+                "split the request (fewer properties, steps or samples)"
+            ) from None
+
+    async def _write(self, context: grpc.aio.ServicerContext, message: Any) -> None:
+        try:
+            await asyncio.wait_for(context.write(message), self.limits.send_timeout_s)
+        except TimeoutError:
+            metrics.STALLED_STREAMS.inc()
+            raise StreamStalled(
+                f"the client read nothing for send_timeout_s ({self.limits.send_timeout_s:g} s): "
+                "the stream is ended and its work stopped; read a stream as it arrives"
+            ) from None
 
 
 class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
@@ -94,21 +131,20 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
 
     async def Explain(  # noqa: N802 - gRPC method name
         self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ExplainEvent]:
+    ) -> None:
         async def to_message(spec: ExplainSpec, event: Event) -> pb.ExplainEvent:
             if spec.return_path_images and isinstance(event, PropertyOutcome):
                 return await in_thread(convert.event_message, spec.request_id, event)
             return convert.event_message(spec.request_id, event)
 
-        async for message in self._streams.stream(
+        await self._streams.stream(
             "Explain",
             context,
             partial(convert.explain_spec, request, self._streams.limits),
             self._explainer,
             lambda _: "propgrad",
             to_message,
-        ):
-            yield message
+        )
 
     async def ListModels(  # noqa: N802 - gRPC method name
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -149,13 +185,15 @@ async def _observed(method: str, context: grpc.aio.ServicerContext) -> AsyncIter
     code = grpc.StatusCode.OK
     try:
         yield
+    except StreamStalled as error:  # abort would wait for the client to read
+        code = status_code(error)
+        logger.warning("%s ended: %s", method, error)
+        context.set_code(code)
+        context.set_details(str(error))
     except PropscopeError as error:
         code = status_code(error)
         logger.info("%s refused: %s %s", method, code.name, error)
         await context.abort_with_status(rpc_status.to_status(convert.error_status(error)))
-    except GeneratorExit:  # the stream was closed while it waited to send
-        code = grpc.StatusCode.CANCELLED
-        raise
     except asyncio.CancelledError:
         remaining = context.time_remaining()
         late = remaining is not None and remaining <= 0.01
@@ -182,34 +220,32 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
 
     async def Attribute(  # noqa: N802 - gRPC method name
         self, request: apb.AttributeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[apb.AttributeEvent]:
+    ) -> None:
         async def to_message(spec: AttributeSpec, event: object) -> apb.AttributeEvent:
             if isinstance(event, AttributionOutcome):  # a large map is encoded off the loop
                 return await in_thread(convert_attribution.attribute_event, spec.request_id, event)
             return convert_attribution.attribute_event(spec.request_id, event)
 
-        async for message in self._streams.stream(
+        await self._streams.stream(
             "Attribute",
             context,
             partial(convert_attribution.attribute_spec, request, self._streams.limits),
             self._attribution,
             lambda spec: method_name(spec.method),
             to_message,
-        ):
-            yield message
+        )
 
     async def EvaluateAttribution(  # noqa: N802 - gRPC method name
         self, request: apb.EvaluateAttributionRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[apb.EvaluateAttributionEvent]:
+    ) -> None:
         async def to_message(spec: EvaluateSpec, event: object) -> apb.EvaluateAttributionEvent:
             return convert_attribution.evaluate_event(spec.request_id, event)
 
-        async for message in self._streams.stream(
+        await self._streams.stream(
             "EvaluateAttribution",
             context,
             partial(convert_attribution.evaluate_spec, request, self._streams.limits),
             self._evaluation,
             lambda _: "evaluation",
             to_message,
-        ):
-            yield message
+        )
