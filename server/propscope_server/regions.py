@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin
 from scipy import ndimage
 
 # A pixel belongs to the object when it differs from the border's median colour by more.
@@ -28,6 +29,10 @@ MAX_BORDER_SPREAD = 0.1
 # Masks larger than this are refused before they are decoded (a decompression bomb).
 MAX_MASK_PIXELS = 64 * 1024 * 1024
 MASK_FORMATS = ("PNG", "JPEG")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+UNREADABLE_MASK_FIX = (
+    "; give a PNG (alpha channel, or grey level: 0 keeps the original, 255 takes the edit)"
+)
 
 
 def border_colour(image: np.ndarray) -> np.ndarray:
@@ -131,15 +136,25 @@ def decode_mask(
     if not data:
         raise ValueError("the mask is empty; give a PNG or JPEG image")
     try:
-        with Image.open(io.BytesIO(data), formats=MASK_FORMATS) as image:
-            size = image.size
-            values = _mask_values(image) if size[0] * size[1] <= max_pixels else None
-    except Image.DecompressionBombError as error:
-        raise ValueError(f"the mask is too large ({error}); give a smaller mask") from None
-    except (OSError, SyntaxError, ValueError) as error:
+        with warnings.catch_warnings():
+            # Pillow warns about damaged files (the caller hears of it, not the operator)
+            # and about sizes over its own threshold (max_pixels decides here). Only
+            # Pillow's: the filter is process-wide while it lasts.
+            warnings.filterwarnings("ignore", module="PIL")
+            with open_image(data, MASK_FORMATS) as image:
+                size = image.size
+                values = _mask_values(image) if size[0] * size[1] <= max_pixels else None
+    except Image.UnidentifiedImageError:  # its text names the BytesIO, not the problem
         raise ValueError(
-            f"the mask is not a readable PNG or JPEG image ({error}); give a PNG "
-            "(alpha channel, or grey level: 0 keeps the original, 255 takes the edit)"
+            "the mask is not a readable PNG or JPEG image (no PNG or JPEG signature, or a "
+            f"damaged header){UNREADABLE_MASK_FIX}"
+        ) from None
+    # Pillow reports damaged data with whatever its parser trips over (SyntaxError,
+    # struct.error, IndexError, AssertionError...), so every exception here is the mask's.
+    except Exception as error:
+        raise ValueError(
+            "the mask is not a readable PNG or JPEG image "
+            f"({str(error) or 'inconsistent data'}){UNREADABLE_MASK_FIX}"
         ) from None
     if values is None:
         raise ValueError(
@@ -155,6 +170,18 @@ def decode_mask(
         scaled = Image.fromarray(values).resize((width, height), Image.BILINEAR)
         values = np.clip(np.asarray(scaled, dtype=np.float32), 0.0, 1.0)
     return values
+
+
+def open_image(data: bytes, formats: tuple[str, ...] | None = None) -> ImageFile.ImageFile:
+    """`Image.open` of a caller's bytes (headers only), except that a PNG or JPEG over
+    Pillow's own size threshold (about 179 Mpx) is opened too, by its format's parser, so
+    that the caller's pixel limit refuses it naming its size, not Pillow's threshold."""
+    try:
+        return Image.open(io.BytesIO(data), formats=formats)
+    except Image.DecompressionBombError:
+        png = data.startswith(PNG_SIGNATURE)
+        parser = PngImagePlugin.PngImageFile if png else JpegImagePlugin.JpegImageFile
+        return parser(io.BytesIO(data))
 
 
 def _mask_values(image: Image.Image) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from propscope_server.api.status import status_code
 from propscope_server.config import Limits, PreprocessingConfig
 from propscope_server.errors import InvalidArgument, PropscopeError
 from propscope_server.inference import ModelDescription, RepositoryEntry
-from propscope_server.regions import box_mask, decode_mask
+from propscope_server.regions import PNG_SIGNATURE, box_mask, decode_mask, open_image
 from propscope_server.scoring.property_gradient import DEFAULT_MIN_PROBABILITY_CHANGE, Decision
 
 DEFAULT_STEPS = 10
@@ -30,6 +31,13 @@ DEFAULT_ALPHA = 0.01
 # Adaptive paths double N at most this many times by default (10 -> 80).
 DEFAULT_DOUBLINGS = 3
 EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr")
+# Pillow cuts 16-bit colour PNGs to 8 bits without a word (and reads 16-bit grey as 32-bit
+# integers), so 16-bit PNGs are refused from their IHDR before decoding.
+SIXTEEN_BITS = 16
+# A PNG chunk: 4 bytes of length, 4 of type, the data, 4 of CRC; IHDR's bit depth follows
+# the chunk's length and type, then width and height (4 bytes each).
+CHUNK_OVERHEAD = 12
+IHDR_BIT_DEPTH_OFFSET = 16
 # Names (models, outputs, properties, request ids) and editor parameters: long enough
 # for any real one, short enough that echoing one in an error stays small.
 MAX_NAME_CHARS = 256
@@ -66,7 +74,9 @@ def decode_image(
     field: str = "image",
     expected_size: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 [H, W, 3], refusing oversized and bomb-like inputs."""
+    """PNG/JPEG bytes -> uint8 [H, W, 3], refusing oversized and bomb-like inputs.
+
+    Every way the bytes can be wrong is an InvalidArgument naming `field`."""
     if not data:
         raise InvalidArgument(f"{what} is empty; send PNG or JPEG bytes", field=field)
     if len(data) > limits.max_image_bytes:
@@ -74,10 +84,19 @@ def decode_image(
             f"{what} is {len(data)} bytes; the limit max_image_bytes is {limits.max_image_bytes}",
             field=field,
         )
+    if SIXTEEN_BITS in png_bit_depths(data):
+        raise InvalidArgument(
+            f"{what} is a PNG with 16 bits per channel; send 8 bits per channel "
+            "(RGB, RGBA or grey)",
+            field=field,
+        )
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            # Pillow warns about damaged files (the caller hears of it, not the operator)
+            # and about sizes over its own threshold (max_image_pixels decides here). Only
+            # Pillow's: the filter is process-wide while it lasts.
+            warnings.filterwarnings("ignore", module="PIL")
+            with open_image(data) as image:
                 if image.format not in ("PNG", "JPEG"):
                     raise InvalidArgument(
                         f"{what} is {image.format}; send PNG or JPEG", field=field
@@ -103,15 +122,38 @@ def decode_image(
                 return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except PropscopeError:
         raise
-    except (
-        OSError,
-        ValueError,
-        Image.DecompressionBombWarning,
-        Image.DecompressionBombError,
-    ) as error:
+    except Image.UnidentifiedImageError:  # its text names the BytesIO, not the problem
         raise InvalidArgument(
-            f"{what} could not be decoded as PNG or JPEG: {error}", field=field
+            f"{what} could not be decoded: it is no PNG or JPEG image, or its header is "
+            "damaged; send PNG or JPEG bytes",
+            field=field,
         ) from None
+    # Pillow reports damaged data with whatever its parser trips over (SyntaxError,
+    # struct.error, IndexError, AssertionError, ...), so every exception here is the image's.
+    except Exception as error:
+        raise InvalidArgument(
+            f"{what} could not be decoded as PNG or JPEG ({str(error) or 'inconsistent data'}); "
+            "send an intact PNG or JPEG",
+            field=field,
+        ) from None
+
+
+def png_bit_depths(data: bytes) -> set[int]:
+    """The bit depths a PNG's IHDR chunks declare before its image data (empty when
+    `data` is no PNG). IHDR comes first in a well-formed file (bit depth at byte 24),
+    but Pillow takes one anywhere before the first IDAT."""
+    depths: set[int] = set()
+    if not data.startswith(PNG_SIGNATURE):
+        return depths
+    offset = len(PNG_SIGNATURE)
+    while offset + IHDR_BIT_DEPTH_OFFSET < len(data):
+        length, kind = struct.unpack_from(">I4s", data, offset)
+        if kind == b"IDAT":
+            break
+        if kind == b"IHDR":
+            depths.add(data[offset + IHDR_BIT_DEPTH_OFFSET])
+        offset += CHUNK_OVERHEAD + length
+    return depths
 
 
 def bounded(value: int, default: int, low: int, high: int, field: str, limit: str) -> int:
