@@ -123,6 +123,7 @@ bench: setup
 # docs/results/soak.md and fails on an unexpected error or a stream rejected once accepted.
 soak: setup
 	$(PY) bench/soak.py
+	PROPSCOPE_FUZZ_IMAGES=200000 $(PY) -m pytest tests/unit/test_image_decoding_fuzz.py -q -s -k every_mutated
 
 # The paper's Tables 1 and 2 and the test's calibration, through the stack that `make up`
 # starts; writes docs/results/ and fails when an expected pattern does not hold.

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from propscope.v1 import explain_pb2 as pb
+from tests.image_mutation import broken_second_idat_png, mutant
 from tests.integration.conftest import png, scene_png
 
 METHOD = "/propscope.v1.ExplainService/Explain"
@@ -783,3 +784,66 @@ def test_fuzzing_findings_end_in_a_proper_status(fuzz_channel, live_stack, data)
 
 def test_the_service_still_serves_after_fuzzing(channel, live_stack):
     assert_still_serving(channel, live_stack)
+
+
+def _main_image_sized_like(frame: bytes) -> bytes:
+    """A plain image of the size `frame` declares (16 x 16 when it declares none or a large
+    one), so that a mutated path image is decoded rather than refused for its size."""
+    try:
+        with Image.open(io.BytesIO(frame)) as image:
+            width, height = image.size
+    except Exception:  # a damaged header: any size will do
+        width, height = 16, 16
+    if not (1 <= width <= 64 and 1 <= height <= 64):
+        width, height = 16, 16
+    return encode(np.full((height, width, 3), 128, dtype=np.uint8))
+
+
+def test_mutated_images_end_in_invalid_argument_or_a_result(fuzz_channel, live_stack):
+    """Issue 15: structure-aware PNG/JPEG mutants (tests/image_mutation.py) as the image and,
+    one in four, as a provided path's images: never INTERNAL or UNKNOWN. Valid mutants stay
+    cheap (2 steps, a fixed path, one property, procedural editor, synthetic classifier)."""
+
+    def request(image: bytes, path: list[bytes] | None = None) -> bytes:
+        prop = pb.Property(name="hue")
+        if path is None:
+            prop.editor.CopyFrom(
+                pb.EditorIntervention(model="procedural", parameters={"operation": "hue"})
+            )
+        else:
+            prop.provided_path.images.extend(path)
+        message = pb.ExplainRequest(
+            image=image,
+            model=pb.ModelRef(name="synth_hue", predicted_class=True),
+            properties=[prop],
+            steps=2,
+            permutations=100,
+            alpha=0.5,
+            path_mode=pb.PATH_MODE_FIXED,
+        )
+        return message.SerializeToString()
+
+    codes: dict[str, int] = {}
+    for index in range(200):
+        data = mutant(index)
+        as_path = index % 4 == 3
+        sent = request(_main_image_sized_like(data), [data, data]) if as_path else request(data)
+        code, details, events = explain_raw(fuzz_channel, sent)
+        try:
+            check_outcome(code, details, events, properties=1)
+        except AssertionError as failure:
+            where = "path images" if as_path else "image"
+            raise AssertionError(f"mutant({index}) as the {where}: {failure}") from None
+        codes[code.name] = codes.get(code.name, 0) + 1
+    print(f"\n200 mutated images through the gateway: {codes}")
+
+    broken = broken_second_idat_png()  # Pillow's SyntaxError, once INTERNAL
+    code, details, _ = explain_raw(fuzz_channel, request(broken))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, f"{code.name}: {details}"
+    assert details.startswith("image could not be decoded"), details
+    code, details, _ = explain_raw(
+        fuzz_channel, request(encode(np.zeros((16, 16, 3), np.uint8)), [broken] * 2)
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, f"{code.name}: {details}"
+    assert "provided_path image 0 could not be decoded" in details, details
+    assert_still_serving(fuzz_channel, live_stack)
