@@ -172,14 +172,25 @@ def test_unauthenticated_large_messages_are_refused_before_they_are_held(live_st
 
 
 def test_a_client_hanging_up_mid_stream_is_logged_without_a_traceback(live_stack, tmp_path):
+    """Hang-ups at three points: right after the plan, while properties stream their
+    results (with path images), and by dropping the whole connection."""
     with extra_gateway(live_stack, tmp_path) as gateway:
-        with grpc.insecure_channel(gateway.target) as channel:
+        for events_read, drop_connection in ((1, False), (3, False), (2, True)):
+            channel = grpc.insecure_channel(gateway.target)
             stub = explain_pb2_grpc.ExplainServiceStub(channel)
-            call = stub.Explain(heavy_request(seed=606), timeout=120)
-            assert next(call).HasField("accepted")
-            call.cancel()
+            request = heavy_request(seed=606 + events_read)
+            request.return_path_images = True
+            call = stub.Explain(request, timeout=120)
+            for _ in range(events_read):
+                next(call)
+            if drop_connection:
+                channel.close()
+            else:
+                call.cancel()
+                channel.close()
             wait_until(lambda: metric(gateway.metrics_url, "propscope_inflight_streams") == 0)
+        with grpc.insecure_channel(gateway.target) as channel:
             assert explain(channel, explain_request())[-1].HasField("done")
         log = gateway.log_file.read_text()
-    assert "Explain finished: CANCELLED" in log
+    assert log.count("Explain finished: CANCELLED") == 3, log[-3000:]
     assert "Traceback" not in log and '"level": "ERROR"' not in log, log[-3000:]

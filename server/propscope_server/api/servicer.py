@@ -13,6 +13,7 @@ from functools import partial
 from typing import Any
 
 import grpc
+from grpc._cython import cygrpc
 from grpc_status import rpc_status
 
 from propscope.v1 import attribution_pb2 as apb
@@ -121,6 +122,10 @@ class MethodStreams:
                 f"the client read nothing for send_timeout_s ({self.limits.send_timeout_s:g} s): "
                 "the stream is ended and its work stopped; read a stream as it arrives"
             ) from None
+        except cygrpc.ExecuteBatchError:
+            # The only way gRPC reports that the client hung up while a message was on
+            # its way (its cancellation arrives after): a cancelled call, not a failure.
+            raise asyncio.CancelledError from None
 
 
 class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
