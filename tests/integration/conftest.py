@@ -5,10 +5,6 @@ launcher as `make up`."""
 from __future__ import annotations
 
 import io
-import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -19,6 +15,7 @@ from PIL import Image
 
 import propscope
 from propscope_dev import stack
+from propscope_dev.stack import ExtraGateway, extra_gateway  # noqa: F401 - used by tests
 from propscope_server.synthetic.world import Scene, render
 
 # Small enough that the limit tests need no huge payloads.
@@ -60,46 +57,6 @@ def triton(live_stack):
 def channel(live_stack):
     with grpc.insecure_channel(live_stack.gateway) as grpc_channel:
         yield grpc_channel
-
-
-@dataclass(frozen=True)
-class ExtraGateway:
-    target: str
-    process: subprocess.Popen
-    metrics_url: str
-    log_file: Path
-
-
-@contextmanager
-def extra_gateway(
-    live_stack: stack.StackInfo, log_dir: Path, **settings: str
-) -> Iterator[ExtraGateway]:
-    """A second gateway process on the session's Triton and Redis, configured by
-    `settings` (PROPSCOPE_* variables). Waits for health to answer, or only for the
-    port when the gateway speaks TLS."""
-    port, metrics_port = stack.free_port(), stack.free_port()
-    env = {
-        "PROPSCOPE_LISTEN_ADDRESS": f"127.0.0.1:{port}",
-        "PROPSCOPE_TRITON_URL": live_stack.triton_grpc,
-        "PROPSCOPE_PREPROCESSING_FILE": str(stack.DEFAULT_PREPROCESSING),
-        "PROPSCOPE_METRICS_PORT": str(metrics_port),
-        "PROPSCOPE_HEALTH_POLL_S": "0.5",
-        **({"REDIS_URL": live_stack.redis_url} if live_stack.redis_url else {}),
-        **settings,
-    }
-    log_file = log_dir / f"gateway-{port}.log"
-    process = stack.start_gateway(env, log_file)
-    target = f"127.0.0.1:{port}"
-    try:
-        if "PROPSCOPE_TLS__CERT_FILE" in settings:
-            stack.wait_for_port(port, process)
-        else:
-            stack.wait_for_gateway(target, process)
-        yield ExtraGateway(target, process, f"http://127.0.0.1:{metrics_port}/metrics", log_file)
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(30)
 
 
 def png(image: np.ndarray) -> bytes:

@@ -11,7 +11,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,7 +215,27 @@ def up(
     propscope's; a model that fails to load is listed in `unavailable` while
     the rest serves. Raises StackStartError (one line: the cause) after
     `timeout_s` (default: PROPSCOPE_START_TIMEOUT_S or 300 s) or when a process
-    exits, and leaves nothing running then."""
+    exits; however it fails (Ctrl-C included), nothing it started is left running."""
+    started: list[subprocess.Popen] = []
+    try:
+        return _start(
+            run_dir, gateway_port, use_redis, gateway_env, model_repositories, timeout_s, started
+        )
+    except BaseException:
+        _stop_groups([process.pid for process in started])
+        raise
+
+
+def _start(
+    run_dir: Path,
+    gateway_port: int | None,
+    use_redis: bool,
+    gateway_env: dict[str, str] | None,
+    model_repositories: tuple[Path, ...],
+    timeout_s: float | None,
+    started: list[subprocess.Popen],
+) -> StackInfo:
+    """`up`'s work; each process is added to `started` as it starts."""
     caller = dict(os.environ)
     timeout_s = start_timeout_s(caller) if timeout_s is None else timeout_s
     deadline = time.monotonic() + timeout_s
@@ -230,6 +251,7 @@ def up(
         extra_args=tuple(f"--model-repository={path.resolve()}" for path in model_repositories),
         new_session=True,
     )
+    started.append(triton)
     pids = {"triton": triton.pid}
     triton_url = f"127.0.0.1:{ports.grpc}"
     redis_url = _setting({**caller, **(gateway_env or {})}, "REDIS_URL")
@@ -238,13 +260,13 @@ def up(
             redis_port = free_port()
             redis = start_redis(redis_port, run_dir / "redis.log")
             if redis is not None:
+                started.append(redis)
                 pids["redis"] = redis.pid
                 redis_url = f"redis://127.0.0.1:{redis_port}/0"
         models = wait_for_models(
             f"http://127.0.0.1:{ports.http}", triton, _left(deadline, "Triton", triton_log)
         )
     except (RuntimeError, TimeoutError) as error:
-        _terminate(pids)
         raise StackStartError(_cause("Triton", error, triton_log)) from None
     defaults = {
         "PROPSCOPE_LISTEN_ADDRESS": f"127.0.0.1:{DEFAULT_GATEWAY_PORT}",
@@ -261,12 +283,12 @@ def up(
     effective = gateway_environment(caller, env, defaults)
     gateway_log = run_dir / "gateway.log"
     gateway = start_gateway(env, gateway_log, defaults)
+    started.append(gateway)
     pids["gateway"] = gateway.pid
     target = _local_target(_setting(effective, "PROPSCOPE_LISTEN_ADDRESS") or "")
     try:
         wait_for_gateway(target, gateway, _left(deadline, "the gateway", gateway_log))
     except (RuntimeError, TimeoutError) as error:
-        _terminate(pids)
         raise StackStartError(_cause("the gateway", error, gateway_log)) from None
     metrics_port = int(_setting(effective, "PROPSCOPE_METRICS_PORT") or 0)
     metrics_host = _setting(effective, "PROPSCOPE_METRICS_ADDRESS") or "127.0.0.1"
@@ -356,21 +378,43 @@ def _is_ours(name: str, pid: int) -> bool:
 
 
 def _terminate(pids: dict[str, int], timeout_s: float = 15.0) -> None:
-    pids = {name: pid for name, pid in pids.items() if _is_ours(name, pid)}
-    for pid in pids.values():
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
+    _stop_groups([pid for name, pid in pids.items() if _is_ours(name, pid)], timeout_s)
+
+
+def _stop_groups(leaders: list[int], timeout_s: float = 15.0) -> None:
+    """SIGTERM to the process group of each leader (each started in a session of its
+    own: Triton's Python stubs are in Triton's group), then SIGKILL to whatever of a
+    group is left after `timeout_s`: a stub can outlive its Triton."""
+    for leader in leaders:
+        _signal_group(leader, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    for pid in pids.values():
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.1)
-        if _alive(pid):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    while time.monotonic() < deadline and any(_group_members(leader) for leader in leaders):
+        time.sleep(0.1)
+    for leader in leaders:
+        _signal_group(leader, signal.SIGKILL)
+        _alive(leader)  # reaps it when it is our child
+
+
+def _signal_group(leader: int, signal_number: int) -> None:
+    try:
+        os.killpg(leader, signal_number)
+    except ProcessLookupError:
+        pass
+
+
+def _group_members(group: int) -> list[int]:
+    """The live (not zombie) processes of a process group, reaping its leader when it
+    is our child."""
+    _alive(group)
+    members = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit() and fields[0] != "Z" and int(fields[2]) == group:
+            members.append(int(entry.name))
+    return members
 
 
 def _alive(pid: int) -> bool:
@@ -383,3 +427,41 @@ def _alive(pid: int) -> bool:
         return finished == 0
     except ChildProcessError:
         return True
+
+
+@dataclass(frozen=True)
+class ExtraGateway:
+    target: str
+    process: subprocess.Popen
+    metrics_url: str
+    log_file: Path
+
+
+@contextmanager
+def extra_gateway(live_stack: StackInfo, log_dir: Path, **settings: str) -> Iterator[ExtraGateway]:
+    """A second gateway process on a running stack's Triton and Redis, configured by
+    `settings` (PROPSCOPE_* variables). Waits for health to answer, or only for the
+    port when the gateway speaks TLS."""
+    port, metrics_port = free_port(), free_port()
+    env = {
+        "PROPSCOPE_LISTEN_ADDRESS": f"127.0.0.1:{port}",
+        "PROPSCOPE_TRITON_URL": live_stack.triton_grpc,
+        "PROPSCOPE_PREPROCESSING_FILE": str(DEFAULT_PREPROCESSING),
+        "PROPSCOPE_METRICS_PORT": str(metrics_port),
+        "PROPSCOPE_HEALTH_POLL_S": "0.5",
+        **({"REDIS_URL": live_stack.redis_url} if live_stack.redis_url else {}),
+        **settings,
+    }
+    log_file = log_dir / f"gateway-{port}.log"
+    process = start_gateway(env, log_file)
+    target = f"127.0.0.1:{port}"
+    try:
+        if "PROPSCOPE_TLS__CERT_FILE" in settings:
+            wait_for_port(port, process)
+        else:
+            wait_for_gateway(target, process)
+        yield ExtraGateway(target, process, f"http://127.0.0.1:{metrics_port}/metrics", log_file)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(30)
