@@ -117,6 +117,13 @@ class Settings(BaseSettings):
     # Retries of a Triton call that failed with UNAVAILABLE, with doubling backoff.
     triton_retries: int = Field(2, ge=0)
     triton_retry_backoff_s: float = 0.1
+    # Bound on each metadata, readiness and repository call (milliseconds when healthy):
+    # a hung Triton is UNAVAILABLE after this, not after triton_timeout_s.
+    triton_metadata_timeout_s: float = Field(5.0, gt=0)
+    # A sick model (its worker died) is reloaded at once, then again after this,
+    # doubling up to model_heal_backoff_max_s, until a probe inference answers.
+    model_heal_backoff_s: float = Field(1.0, gt=0)
+    model_heal_backoff_max_s: float = Field(60.0, gt=0)
     health_poll_s: float = Field(2.0, gt=0)
     # On SIGTERM: health goes NOT_SERVING at once; new calls are still served for
     # shutdown_drain_s (while load balancers notice), then refused; streams in flight

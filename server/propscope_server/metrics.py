@@ -53,6 +53,11 @@ TRITON_SECONDS = Histogram(
 TRITON_ERRORS = Counter(
     "propscope_triton_errors_total", "Triton calls that failed", ["model", "kind", "code"]
 )
+MODEL_HEALTHY = Gauge(
+    "propscope_model_healthy",
+    "0 while a model is sick (its worker died; its requests are refused while it is reloaded)",
+    ["model"],
+)
 TRITON_RETRIES = Counter(
     "propscope_triton_retries_total", "Triton calls retried after a transient error", ["kind"]
 )

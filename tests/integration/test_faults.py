@@ -61,14 +61,14 @@ class FaultStack:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start_triton(self) -> None:
-        """Explicit model control, so a test can unload a model."""
+        """Only the models these tests use (explicit model control: a test can unload one)."""
         self.triton = start_triton(
             stack.DEFAULT_MODEL_REPOSITORY,
             self.triton_ports,
             self.run_dir / "triton-cache",
             self.run_dir / "triton.log",
-            extra_args=("--model-control-mode=explicit", *(f"--load-model={m}" for m in MODELS)),
             new_session=True,
+            models=MODELS,
         )
         wait_until_ready(self.triton_url, self.triton)
 
@@ -279,3 +279,176 @@ def test_a_passed_deadline_stops_triton_work_within_a_second(faults, channel):
         ),
         timeout_s=120,  # a hang guard: the call is counted once its thread work has ended
     )
+
+
+def processes_mentioning(text: str) -> dict[int, str]:
+    """pid -> command line of every live process whose command line contains `text`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit() and text in command:
+            found[int(entry.name)] = command
+    return found
+
+
+def kill_workers(faults: FaultStack, model: str) -> list[int]:
+    """SIGKILL to the Python-backend stub processes of `model` on this stack's Triton
+    (their command line names the stub in the run folder and the model's file)."""
+    stubs = processes_mentioning(str(faults.run_dir / "triton-cache"))
+    pids = [pid for pid, command in stubs.items() if f"/models/{model}/" in command]
+    assert pids, f"no stub process of {model} found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+class Watcher:
+    """Polls a model's health service and healthy gauge in the background."""
+
+    def __init__(self, faults: FaultStack, channel: grpc.Channel, model: str) -> None:
+        self.seen: set[tuple[str, int | float]] = set()
+        self._stop = threading.Event()
+
+        def watch() -> None:
+            gauge = f'propscope_model_healthy{{model="{model}"}}'
+            while not self._stop.is_set():
+                self.seen.add(("health", health(channel, f"propscope.model.{model}")))
+                self.seen.add(("gauge", metric(faults.metrics_url, gauge)))
+                time.sleep(0.05)
+
+        self._thread = threading.Thread(target=watch, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def complete(events: list) -> bool:
+    return events[-1].HasField("done") and events[-1].done.properties_failed == 0
+
+
+def kill_mid_request_and_time_recovery(
+    faults: FaultStack, channel: grpc.Channel, model: str, first_seed: int
+) -> float:
+    """Kills `model`'s workers while a heavy Explain runs, then sends an Explain (a new
+    image each time: never served from the cache) every 0.2 s until one completes.
+    Checks what callers, the health service, the metric and the log saw; returns the
+    seconds from the kill to the first complete answer."""
+    explain(channel, explain_request(seed=first_seed))  # described: health SERVING
+    assert health(channel, f"propscope.model.{model}") == SERVING
+    stream = explain_pb2_grpc.ExplainServiceStub(channel).Explain(
+        heavy_request(seed=first_seed + 1), timeout=120
+    )
+    assert next(stream).HasField("accepted")
+    watcher = Watcher(faults, channel, model)
+    time.sleep(0.5)  # editing and classifying under way
+    kill_workers(faults, model)
+    killed = time.monotonic()
+    with pytest.raises(grpc.RpcError) as in_flight:
+        list(stream)
+    failures, seed = [], first_seed + 2
+    while True:
+        try:
+            if complete(explain(channel, explain_request(seed=seed), timeout=60)):
+                break
+        except grpc.RpcError as error:
+            failures.append((error.code(), error.details()))
+        assert time.monotonic() - killed < 120, f"{model} never recovered: {failures[-3:]}"
+        seed += 1
+        time.sleep(0.2)
+    recovered_s = time.monotonic() - killed
+    wait_until(lambda: health(channel, f"propscope.model.{model}") == SERVING, timeout_s=5)
+    watcher.stop()
+    print(
+        f"\n{model} workers killed mid-request: in-flight call {in_flight.value.code().name} "
+        f"({in_flight.value.details()}); {len(failures)} calls refused; first complete answer "
+        f"{recovered_s:.2f} s after the kill; health and gauge seen: {sorted(watcher.seen)}"
+    )
+    assert in_flight.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"model '{model}' is being restored" in in_flight.value.details()
+    for code, details in failures:
+        assert code == grpc.StatusCode.UNAVAILABLE and f"model '{model}'" in details, details
+    assert {("health", NOT_SERVING), ("health", SERVING), ("gauge", 0), ("gauge", 1)} <= (
+        watcher.seen
+    )
+    assert metric(faults.metrics_url, f'propscope_model_healthy{{model="{model}"}}') == 1
+    errors = [
+        line
+        for line in (faults.run_dir / "gateway.log").read_text().splitlines()
+        if '"level": "ERROR"' in line and f"model {model} is sick" in line
+    ]
+    assert len(errors) == 1, errors  # once per sickness
+    return recovered_s
+
+
+def test_a_killed_editor_worker_is_restored_without_help(faults, channel):
+    assert kill_mid_request_and_time_recovery(faults, channel, "procedural", 1000) <= 30
+
+
+def test_a_killed_classifier_worker_is_restored_without_help(faults, channel):
+    assert kill_mid_request_and_time_recovery(faults, channel, "synth_hue", 2000) <= 30
+
+
+def test_a_hung_triton_is_unavailable_after_the_metadata_timeout_then_recovers(faults, channel):
+    """SIGSTOP freezes Triton with its port open: calls wait for the gateway's bound
+    (PROPSCOPE_TRITON_METADATA_TIMEOUT_S, default 5 s), never for the 300 s inference one."""
+    explain(channel, explain_request(seed=3000))
+    stub = explain_pb2_grpc.ExplainServiceStub(channel)
+    os.kill(faults.triton.pid, signal.SIGSTOP)
+    try:
+        for name, call in (
+            ("Explain", lambda: explain(channel, explain_request(seed=3001), timeout=120)),
+            ("ListModels", lambda: stub.ListModels(pb.ListModelsRequest(), timeout=120)),
+        ):
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            elapsed = time.monotonic() - started
+            print(f"\ntriton hung: {name} {caught.value.code().name} after {elapsed:.2f} s")
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+            assert "PROPSCOPE_TRITON_METADATA_TIMEOUT_S" in caught.value.details()
+            assert elapsed < 60
+        wait_until(lambda: health(channel) == NOT_SERVING, timeout_s=15)
+    finally:
+        os.kill(faults.triton.pid, signal.SIGCONT)
+    resumed = time.monotonic()
+    wait_until(lambda: answers(lambda: explain(channel, explain_request(seed=3002))), 30)
+    print(f"triton resumed: explanations served {time.monotonic() - resumed:.2f} s later")
+    wait_until(lambda: health(channel) == SERVING, timeout_s=15)
+
+
+def test_a_missing_model_version_is_not_found_naming_the_served_ones(faults, channel):
+    request = explain_request(seed=4000, model=pb.ModelRef(name="synth_hue", version="7"))
+    with pytest.raises(grpc.RpcError) as caught:
+        explain(channel, request)
+    print(f"\nmissing version: {caught.value.code().name}: {caught.value.details()}")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "model 'synth_hue' has no version 7" in caught.value.details()
+    assert "version(s) 1" in caught.value.details()
+
+
+def test_a_failed_up_leaves_no_process_behind(tmp_path, monkeypatch):
+    """The gateway refuses a bad setting after Triton (and its Python stubs) and Redis
+    started: `up` fails and every process it started is gone."""
+    started: list[subprocess.Popen] = []
+    for name in ("start_redis", "start_gateway"):
+
+        def spy(*args, _start=getattr(stack, name), **kwargs):
+            process = _start(*args, **kwargs)
+            started.append(process)
+            return process
+
+        monkeypatch.setattr(stack, name, spy)
+    run_dir = tmp_path / "run"
+    with pytest.raises(stack.StackStartError) as caught:
+        stack.up(run_dir, stack.free_port(), gateway_env={"PROPSCOPE_LOG_FORMAT": "yaml"})
+    print(f"\nfailed up: {caught.value}")
+    assert "the gateway" in str(caught.value) and "exited" in str(caught.value)
+    assert len(started) == 2  # redis and the gateway; Triton's processes name the run folder
+    left = processes_mentioning(str(run_dir))
+    left.update({p.pid: str(p.args) for p in started if p.poll() is None})
+    assert not left, f"processes left by a failed up: {left}"

@@ -102,10 +102,12 @@ def start_triton(
     extra_args: tuple[str, ...] = (),
     new_session: bool = False,
     address: str = "127.0.0.1",
+    models: tuple[str, ...] = ("*",),
 ) -> subprocess.Popen:
-    """Triton on `ports`; a model that fails to load leaves the others serving
-    (`--exit-on-error=false`) and readiness does not wait for it
-    (`--strict-readiness=false`)."""
+    """Triton on `ports`, loading `models` (every one by default); a model that fails
+    to load leaves the others serving (`--exit-on-error=false`) and readiness does not
+    wait for it (`--strict-readiness=false`). Explicit model control lets the gateway
+    reload a model whose worker process died (Triton skips no model at the start)."""
     backend_dir = assemble_backend_dir(cache_dir)
     command = [
         str(PYTRITON_DIR / "bin" / "tritonserver"),
@@ -118,6 +120,8 @@ def start_triton(
         f"--grpc-address={address}",
         "--exit-on-error=false",
         "--strict-readiness=false",
+        "--model-control-mode=explicit",
+        *(f"--load-model={model}" for model in models),
         f"--model-load-thread-count={MODEL_LOAD_THREADS}",
         "--log-verbose=0",
         *extra_args,

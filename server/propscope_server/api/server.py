@@ -18,6 +18,7 @@ from propscope_server.api.admission import Admission
 from propscope_server.api.auth import Authenticator, BearerTokenInterceptor
 from propscope_server.api.parsing import ParseRequestsInterceptor
 from propscope_server.api.servicer import AttributionServicer, ExplainServicer, MethodStreams
+from propscope_server.backends.model_health import health_service
 from propscope_server.backends.triton import TritonBackend
 from propscope_server.cache import ArtefactCache, InMemoryArtefactCache
 from propscope_server.cache.redis_cache import RedisArtefactCache
@@ -162,6 +163,9 @@ def build_gateway(settings: Settings) -> Gateway:
         settings.triton_timeout_s,
         settings.triton_retries,
         settings.triton_retry_backoff_s,
+        settings.triton_metadata_timeout_s,
+        settings.model_heal_backoff_s,
+        settings.model_heal_backoff_max_s,
     )
     cache = make_cache(settings)
     explainer = Explainer(backend, cache, settings)
@@ -185,6 +189,9 @@ def build_gateway(settings: Settings) -> Gateway:
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    backend.model_health.listen(  # propscope.model.<name>: NOT_SERVING while it is sick
+        lambda model, ok: health_servicer.set(health_service(model), SERVING if ok else NOT_SERVING)
+    )
     reflection.enable_server_reflection(
         (SERVICE_NAME, ATTRIBUTION_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
         server,

@@ -9,14 +9,16 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, InferInput, InferRequestedOutput, InferResult
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
 from propscope_server import metrics
+from propscope_server.backends.model_health import ModelHealth, is_worker_failure
 from propscope_server.config import OUTPUT_KINDS, RESIZE_MODES, PreprocessingConfig
 from propscope_server.editor_contract import (
     IMAGE_INPUT,
@@ -39,8 +41,11 @@ from propscope_server.inference import ModelDescription, RepositoryEntry, Tensor
 
 # How long a model's metadata and config are trusted before asking Triton again.
 DESCRIPTION_TTL_S = 30.0
-# Bound on metadata calls: they answer in milliseconds when Triton is healthy.
-METADATA_TIMEOUT_S = 5.0
+# The settings that bound metadata calls and inference calls, named when one runs out.
+METADATA_TIMEOUT_SETTING = "PROPSCOPE_TRITON_METADATA_TIMEOUT_S"
+INFER_TIMEOUT_SETTING = "PROPSCOPE_TRITON_TIMEOUT_S"
+# A parameter set to the time of each reload of a sick model (see TritonBackend._reload).
+RESTORED_PARAMETER = "propscope.restored"
 # A restarted Triton is reconnected to within about a second, not gRPC's default two
 # minutes of reconnect backoff.
 CHANNEL_OPTIONS = [
@@ -87,17 +92,36 @@ def timeout_until(deadline: float | None, default_s: float) -> float:
 
 
 class TritonBackend:
-    """Every call is bounded by the caller's deadline, and a call that finds Triton
-    unreachable is retried `retries` times with doubling backoff, within it."""
+    """Every call is bounded by the caller's deadline and by a setting (metadata calls
+    by `metadata_timeout_s`, inference by `default_timeout_s`); a call that finds Triton
+    unreachable is retried `retries` times with doubling backoff, within them. A model
+    whose worker died is refused and restored by `model_health`."""
 
     def __init__(
-        self, url: str, default_timeout_s: float, retries: int = 2, retry_backoff_s: float = 0.1
+        self,
+        url: str,
+        default_timeout_s: float,
+        retries: int = 2,
+        retry_backoff_s: float = 0.1,
+        metadata_timeout_s: float = 5.0,
+        heal_backoff_s: float = 1.0,
+        heal_backoff_max_s: float = 60.0,
     ) -> None:
         self._client = triton_aio.InferenceServerClient(url, channel_args=CHANNEL_OPTIONS)
         self._default_timeout_s = default_timeout_s
+        self._metadata_timeout_s = metadata_timeout_s
         self._retries = retries
         self._retry_backoff_s = retry_backoff_s
         self._descriptions: dict[tuple[str, str], tuple[float, ModelDescription]] = {}
+        self.model_health = ModelHealth(
+            self._reload, self._probe, heal_backoff_s, heal_backoff_max_s
+        )
+
+    def _bound(self, kind: str) -> tuple[float, str]:
+        """The bound on one call of `kind`, and the setting that sets it."""
+        if kind == "metadata":
+            return self._metadata_timeout_s, METADATA_TIMEOUT_SETTING
+        return self._default_timeout_s, INFER_TIMEOUT_SETTING
 
     async def _with_retries(
         self,
@@ -105,22 +129,27 @@ class TritonBackend:
         model: str,
         kind: str,
         deadline: float | None,
-        timeout_s: float,
     ) -> T:
         """`call(timeout)`, retried while Triton is unreachable and time is left."""
+        timeout_s, setting = self._bound(kind)
         for attempt in range(self._retries + 1):
             timeout = timeout_until(deadline, timeout_s)
+            started = time.monotonic()
             try:
                 return await call(timeout)
             except InferenceServerException as error:
                 # Metadata calls may name any model a caller typed: no label per name.
                 label = "*" if kind == "metadata" else model
                 metrics.TRITON_ERRORS.labels(model=label, kind=kind, code=_status_name(error)).inc()
+                message = error.message() or str(error)
+                if is_worker_failure(message):
+                    raise await self.model_health.worker_failed(model, message, started) from None
                 translated = _translate(error, model)
                 if isinstance(translated, DeadlineExceeded) and timeout >= timeout_s:
-                    raise BackendError(  # our cap ran out, not the caller's deadline
-                        f"model {model!r} did not answer within {timeout_s:.0f} s "
-                        "(PROPSCOPE_TRITON_TIMEOUT_S)"
+                    asked = "its repository index" if model == "*" else f"model {model!r}"
+                    raise Unavailable(  # our bound ran out, not the caller's deadline
+                        f"Triton did not answer for {asked} within {timeout_s:g} s ({setting}): "
+                        "hung or overloaded; retry with backoff"
                     ) from None
                 # Jittered, so that streams failing together do not retry in lockstep.
                 backoff = self._retry_backoff_s * 2**attempt * random.uniform(0.5, 1.5)
@@ -136,13 +165,14 @@ class TritonBackend:
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
+        await self.model_health.close()
         await self._client.close()
 
     async def is_live(self) -> bool:
         """Live, not ready: Triton's strict readiness is false while any one model fails
         to load, which must not take every gateway out of service; requests ask per model."""
         try:
-            return bool(await self._client.is_server_live(client_timeout=2.0))
+            return bool(await self._client.is_server_live(client_timeout=self._metadata_timeout_s))
         except InferenceServerException:
             return False
 
@@ -152,7 +182,7 @@ class TritonBackend:
                 as_json=True, client_timeout=timeout
             )
 
-        index = await self._with_retries(call, "*", "metadata", deadline, METADATA_TIMEOUT_S)
+        index = await self._with_retries(call, "*", "metadata", deadline)
         return [
             RepositoryEntry(
                 m["name"], m.get("version", ""), m.get("state", "UNKNOWN"), m.get("reason", "")
@@ -179,44 +209,88 @@ class TritonBackend:
             return metadata, config["config"]
 
         try:
-            metadata, config = await self._with_retries(
-                call, name, "metadata", deadline, METADATA_TIMEOUT_S
-            )
+            metadata, config = await self._with_retries(call, name, "metadata", deadline)
         except NotFound:
-            await self._raise_if_unloaded(name, deadline)
+            await self._raise_why_missing(name, version, deadline)
             raise
         description = _description(metadata, config, version)
         self._descriptions[(name, version)] = (time.monotonic(), description)
+        await self.model_health.track(description.name)
         return description
 
     async def require_ready(self, model: ModelDescription, deadline: float | None) -> None:
         """Descriptions are cached; readiness is asked per request, so a model unloaded
-        since is refused before any work instead of failing every property."""
+        since, or sick, is refused before any work instead of failing every property."""
+        self.model_health.refuse_if_sick(model.name)
 
         async def call(timeout: float) -> bool:
             return await self._client.is_model_ready(
                 model.name, model.version, client_timeout=timeout
             )
 
-        if await self._with_retries(call, model.name, "metadata", deadline, METADATA_TIMEOUT_S):
+        if await self._with_retries(call, model.name, "metadata", deadline):
             return
-        await self._raise_if_unloaded(model.name, deadline)
+        await self._raise_why_missing(model.name, model.version, deadline)
         raise FailedPrecondition(
             f"model {model.name!r} version {model.version} is not ready on Triton"
         )
 
-    async def _raise_if_unloaded(self, name: str, deadline: float | None) -> None:
-        """Forgets the model's cached description, and raises FailedPrecondition when
-        Triton's repository holds the model but has no version of it loaded."""
-        self._descriptions = {k: v for k, v in self._descriptions.items() if k[0] != name}
+    async def _raise_why_missing(self, name: str, version: str, deadline: float | None) -> None:
+        """Forgets the model's cached descriptions; raises FailedPrecondition when Triton's
+        repository holds the model but has no version of it loaded, and NotFound naming
+        the served versions when `version` is not one of them."""
+        self._forget(name)
         entries = [e for e in await self.repository(deadline) if e.name == name]
-        if entries and all(e.state != "READY" for e in entries):
+        served = sorted({e.version for e in entries if e.state == "READY"}, key=_version_order)
+        if entries and not served:
             entry = entries[0]
             reason = f": {entry.reason}" if entry.reason else ""
             raise FailedPrecondition(
                 f"model {name!r} is in Triton's repository but {entry.state}{reason}; "
                 "it serves once loaded"
             )
+        if served and version and version not in served:
+            raise NotFound(
+                f"model {name!r} has no version {version} served; Triton serves version(s) "
+                f"{', '.join(served)} (an empty version asks for the latest)"
+            )
+
+    def _forget(self, name: str) -> None:
+        self._descriptions = {k: v for k, v in self._descriptions.items() if k[0] != name}
+
+    async def _reload(self, name: str) -> None:
+        """Loads the model again, with its own config plus a changed marker parameter:
+        Triton skips a load whose files and config did not change, and a changed config
+        loads new instances while the old ones stay (the model never disappears, as it
+        would between an unload and a load). Needs --model-control-mode=explicit."""
+        response = await self._client.get_model_config(
+            name, as_json=True, client_timeout=self._metadata_timeout_s
+        )
+        config = response["config"]
+        marker = {"string_value": datetime.now(UTC).isoformat()}
+        config.setdefault("parameters", {})[RESTORED_PARAMETER] = marker
+        await self._client.load_model(
+            name, config=json.dumps(config), client_timeout=self._default_timeout_s
+        )
+        self._forget(name)
+
+    async def _probe(self, name: str) -> None:
+        """A real inference of tiny zero inputs of the model's declared types and ranks.
+        Its success, or the model's own error about those inputs (INTERNAL, not a worker
+        failure), shows that its worker answers; anything else raises."""
+        model = await self.describe(name)
+        batch = (1,) if model.max_batch_size > 0 else ()
+        inputs = [
+            _input(t.name, _zeros(t.datatype, (*batch, *(max(d, 1) for d in t.shape))))
+            for t in model.inputs
+        ]
+        try:
+            await self._client.infer(
+                name, inputs, model_version=model.version, client_timeout=self._default_timeout_s
+            )
+        except InferenceServerException as error:
+            if _status_name(error) != "INTERNAL" or is_worker_failure(error.message() or ""):
+                raise
 
     async def edit(
         self,
@@ -288,15 +362,14 @@ class TritonBackend:
                 client_timeout=timeout,
             )
 
+        self.model_health.refuse_if_sick(model.name)
         started = time.perf_counter()
         outcome = "error"
         try:
-            result = await self._with_retries(
-                call, model.name, kind, deadline, self._default_timeout_s
-            )
+            result = await self._with_retries(call, model.name, kind, deadline)
             outcome = "ok"
         except NotFound:  # unloaded since it was described
-            await self._raise_if_unloaded(model.name, deadline)
+            await self._raise_why_missing(model.name, model.version, deadline)
             raise
         except asyncio.CancelledError:
             outcome = "cancelled"
@@ -314,10 +387,19 @@ def _input(name: str, array: np.ndarray) -> InferInput:
     return tensor
 
 
+def _zeros(datatype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Zeros of a Triton datatype; empty byte strings for BYTES."""
+    if datatype == "BYTES":
+        return np.full(shape, b"", dtype=np.object_)
+    return np.zeros(shape, dtype=triton_to_np_dtype(datatype))
+
+
+def _version_order(version: str) -> int:
+    return int(version) if version.isdigit() else 0
+
+
 def _description(metadata: dict, config: dict, requested_version: str) -> ModelDescription:
-    versions = tuple(
-        sorted(metadata.get("versions", []), key=lambda v: int(v) if v.isdigit() else 0)
-    )
+    versions = tuple(sorted(metadata.get("versions", []), key=_version_order))
     version = requested_version or (versions[-1] if versions else "")
     parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
     schema_text = parameters.get(SCHEMA_PARAMETER)

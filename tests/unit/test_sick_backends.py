@@ -1,0 +1,310 @@
+"""Sick and hung backends without a Triton: the sick-model state machine with fake
+reload and probe, the Triton adapter's error mapping with a fake client, and `up`'s
+clean-up of a process group. The real stack's versions are in
+tests/integration/test_faults.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from propscope_dev import stack
+from propscope_server import metrics
+from propscope_server.backends.model_health import ModelHealth, is_worker_failure
+from propscope_server.backends.triton import RESTORED_PARAMETER, TritonBackend
+from propscope_server.errors import DeadlineExceeded, NotFound, Unavailable
+
+# What Triton 2.51 answered once the stubs of `procedural` were killed.
+DEAD_WORKER = "Stub process 'procedural_0_1' is not healthy."
+
+
+def gauge(model: str) -> float:
+    return metrics.MODEL_HEALTHY.labels(model=model)._value.get()
+
+
+@pytest.mark.parametrize(
+    ("message", "dead"),
+    [
+        (DEAD_WORKER, True),
+        ("Stub process is not healthy.", True),
+        (
+            f"Failed to process the request(s) for model instance 'x_0', message: {DEAD_WORKER}",
+            True,
+        ),
+        # The model's own exceptions, with and without the older backends' prefix.
+        ("Expecting value: line 1 column 1 (char 0)", False),
+        ("Failed to process the request(s) for model instance 'x_0', message: ValueError", False),
+        ("Request for unknown model: 'x' is not found", False),
+    ],
+)
+def test_only_a_dead_stub_is_a_worker_failure(message, dead):
+    assert is_worker_failure(message) is dead
+
+
+class FakeTriton:
+    """A model's reload and probe: the probe fails until `heals_after` reloads."""
+
+    def __init__(self, heals_after: int = 1) -> None:
+        self.heals_after = heals_after
+        self.reloads = 0
+        self.probes = 0
+
+    async def reload(self, model: str) -> None:
+        self.reloads += 1
+
+    async def probe(self, model: str) -> None:
+        self.probes += 1
+        if self.reloads < self.heals_after:
+            raise RuntimeError(DEAD_WORKER)
+
+
+def sick_model_health(fake: FakeTriton, backoff_s: float = 0.01, backoff_max_s: float = 0.04):
+    health = ModelHealth(fake.reload, fake.probe, backoff_s, backoff_max_s)
+    changes: list[tuple[str, bool]] = []
+
+    async def listener(model: str, healthy: bool) -> None:
+        changes.append((model, healthy))
+
+    health.listen(listener)
+    return health, changes
+
+
+async def until_healthy(health: ModelHealth, model: str) -> None:
+    async with asyncio.timeout(10):
+        while health.is_sick(model):
+            await asyncio.sleep(0.005)
+
+
+async def test_a_dead_worker_makes_the_model_sick_until_a_reload_answers(caplog):
+    fake = FakeTriton(heals_after=1)
+    health, changes = sick_model_health(fake)
+    await health.track("editor_a")
+    assert changes == [("editor_a", True)] and gauge("editor_a") == 1
+
+    with caplog.at_level(logging.INFO, "propscope_server.backends.model_health"):
+        error = await health.worker_failed("editor_a", DEAD_WORKER, time.monotonic())
+        again = await health.worker_failed("editor_a", DEAD_WORKER, time.monotonic())
+        assert isinstance(error, Unavailable) and isinstance(again, Unavailable)
+        assert "'editor_a' is being restored" in str(error) and DEAD_WORKER in str(error)
+        assert health.is_sick("editor_a") and gauge("editor_a") == 0
+        with pytest.raises(Unavailable, match="'editor_a' is being restored"):
+            health.refuse_if_sick("editor_a")
+        await until_healthy(health, "editor_a")
+
+    health.refuse_if_sick("editor_a")  # serves again
+    assert gauge("editor_a") == 1
+    assert changes == [("editor_a", True), ("editor_a", False), ("editor_a", True)]
+    assert fake.reloads == 1 and fake.probes == 2  # probed before and after the reload
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "editor_a" in errors[0].getMessage()  # once per sickness
+    assert any("restored" in r.getMessage() for r in caplog.records)
+
+
+async def test_failed_reloads_back_off_doubling_up_to_the_maximum(caplog):
+    fake = FakeTriton(heals_after=5)
+    health, _ = sick_model_health(fake, backoff_s=0.01, backoff_max_s=0.04)
+    await health.track("classifier_b")
+    with caplog.at_level(logging.WARNING, "propscope_server.backends.model_health"):
+        await health.worker_failed("classifier_b", DEAD_WORKER, time.monotonic())
+        await until_healthy(health, "classifier_b")
+    waits = [r.args[1] for r in caplog.records if "next reload in" in r.msg]
+    assert waits == [0.01, 0.02, 0.04, 0.04]
+    assert fake.reloads == 5
+
+
+async def test_a_model_another_gateway_restored_is_not_reloaded_again():
+    fake = FakeTriton(heals_after=0)
+    health, changes = sick_model_health(fake)
+    await health.track("shared")
+    await health.worker_failed("shared", DEAD_WORKER, time.monotonic())
+    await until_healthy(health, "shared")
+    assert fake.reloads == 0 and changes[-1] == ("shared", True)
+
+
+async def test_a_failure_of_a_call_sent_before_the_restore_is_old_news():
+    fake = FakeTriton(heals_after=1)
+    health, changes = sick_model_health(fake)
+    await health.track("editor_c")
+    sent = time.monotonic()
+    await health.worker_failed("editor_c", DEAD_WORKER, sent)
+    await until_healthy(health, "editor_c")
+    error = await health.worker_failed("editor_c", DEAD_WORKER, sent)
+    assert "has been restored since" in str(error)
+    assert not health.is_sick("editor_c") and fake.reloads == 1
+
+
+async def test_closing_stops_the_healing():
+    fake = FakeTriton(heals_after=10**6)
+    health, _ = sick_model_health(fake, backoff_s=10, backoff_max_s=10)
+    await health.track("stuck")
+    await health.worker_failed("stuck", DEAD_WORKER, time.monotonic())
+    await asyncio.sleep(0.05)
+    await health.close()
+    assert fake.reloads == 1 and health.is_sick("stuck")
+
+
+def triton_error(status: str, message: str) -> InferenceServerException:
+    return InferenceServerException(message, status=f"StatusCode.{status}")
+
+
+class FakeClient:
+    """tritonclient's aio client for one model `m` with versions 1 and 2: each call
+    answers what `answers` holds for it (an exception is raised), else a healthy answer."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, object] = {}
+        self.calls: list[tuple[str, dict]] = []
+
+    def _answer(self, name: str, healthy: object, **kwargs) -> object:
+        self.calls.append((name, kwargs))
+        answer = self.answers.get(name, healthy)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def get_model_metadata(self, name, version="", **kwargs):
+        metadata = {
+            "name": name,
+            "versions": ["1", "2"],
+            "inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": ["-1", "4", "4", "3"]}],
+            "outputs": [{"name": "LOGITS", "datatype": "FP32", "shape": ["-1", "2"]}],
+        }
+        return self._answer("get_model_metadata", metadata, version=version, **kwargs)
+
+    async def get_model_config(self, name, version="", **kwargs):
+        config = {"config": {"name": name, "max_batch_size": 8, "backend": "python"}}
+        return self._answer("get_model_config", config, **kwargs)
+
+    async def is_model_ready(self, name, version="", **kwargs):
+        return self._answer("is_model_ready", True, **kwargs)
+
+    async def get_model_repository_index(self, **kwargs):
+        index = {"models": [{"name": "m", "version": v, "state": "READY"} for v in ("1", "2")]}
+        return self._answer("get_model_repository_index", index, **kwargs)
+
+    async def infer(self, name, inputs, **kwargs):
+        return self._answer("infer", Result(), inputs=inputs, **kwargs)
+
+    async def load_model(self, name, **kwargs):
+        return self._answer("load_model", None, **kwargs)
+
+    async def close(self):
+        pass
+
+
+class Result:
+    def as_numpy(self, name: str) -> np.ndarray:
+        return np.zeros((1, 2), np.float32)
+
+
+@pytest.fixture
+async def backend():
+    triton = TritonBackend(
+        "127.0.0.1:1", 300.0, retries=0, metadata_timeout_s=5.0, heal_backoff_s=0.01
+    )
+    triton._client = FakeClient()
+    yield triton
+    await triton.close()
+
+
+async def test_a_metadata_call_our_bound_cut_short_is_unavailable_naming_the_setting(backend):
+    backend._client.answers["get_model_metadata"] = triton_error("DEADLINE_EXCEEDED", "Deadline")
+    with pytest.raises(Unavailable) as caught:
+        await backend.describe("m")
+    assert "'m'" in str(caught.value) and "PROPSCOPE_TRITON_METADATA_TIMEOUT_S" in str(caught.value)
+    timeouts = [kwargs["client_timeout"] for name, kwargs in backend._client.calls]
+    assert set(timeouts) == {5.0}  # metadata and config
+    backend._client.answers["get_model_repository_index"] = triton_error("DEADLINE_EXCEEDED", "")
+    with pytest.raises(Unavailable, match="repository index within 5 s"):
+        await backend.repository()
+
+
+async def test_an_inference_our_bound_cut_short_names_the_inference_setting(backend):
+    model = await backend.describe("m")
+    backend._client.answers["infer"] = triton_error("DEADLINE_EXCEEDED", "Deadline Exceeded")
+    with pytest.raises(Unavailable, match="within 300 s \\(PROPSCOPE_TRITON_TIMEOUT_S\\)"):
+        await backend.infer(model, {"IMAGE": np.zeros((1, 4, 4, 3), np.uint8)}, ["LOGITS"], None)
+
+
+async def test_a_call_the_callers_deadline_cut_short_is_deadline_exceeded(backend):
+    backend._client.answers["get_model_metadata"] = triton_error("DEADLINE_EXCEEDED", "Deadline")
+    with pytest.raises(DeadlineExceeded):
+        await backend.describe("m", deadline=time.monotonic() + 1.0)
+    assert backend._client.calls[0][1]["client_timeout"] < 5.0
+
+
+async def test_a_missing_version_names_the_model_the_version_and_the_served_ones(backend):
+    unknown = "Request for unknown model: 'm' version 7 is not found"
+    backend._client.answers["get_model_metadata"] = triton_error("NOT_FOUND", unknown)
+    with pytest.raises(NotFound) as caught:
+        await backend.describe("m", "7")
+    assert str(caught.value).startswith("model 'm' has no version 7 served")
+    assert "version(s) 1, 2" in str(caught.value)
+
+
+async def test_a_dead_worker_is_refused_fast_then_reloaded_and_probed(backend):
+    model = await backend.describe("m")
+    inputs = {"IMAGE": np.zeros((1, 4, 4, 3), np.uint8)}
+    backend._client.answers["infer"] = triton_error("INTERNAL", DEAD_WORKER)
+    with pytest.raises(Unavailable, match="'m' is being restored"):
+        await backend.infer(model, inputs, ["LOGITS"], None)
+    # Healed once a reload's probe gets the model's own answer (here: its error about
+    # the zero inputs, which only a live worker gives).
+    backend._client.answers["load_model"] = None
+    reloaded = asyncio.Event()
+
+    async def load_model(name, **kwargs):
+        backend._client.calls.append(("load_model", kwargs))
+        backend._client.answers["infer"] = triton_error("INTERNAL", "ValueError: zeros")
+        reloaded.set()
+
+    backend._client.load_model = load_model
+    with pytest.raises(Unavailable, match="'m' is being restored"):
+        await backend.require_ready(model, None)
+    await asyncio.wait_for(reloaded.wait(), 10)
+    await until_healthy(backend.model_health, "m")
+    config = json.loads(next(k["config"] for n, k in backend._client.calls if n == "load_model"))
+    assert RESTORED_PARAMETER in config["parameters"] and config["max_batch_size"] == 8
+    probe = [k["inputs"] for n, k in backend._client.calls if n == "infer"][-1]
+    assert [(t.name(), t.shape(), t.datatype()) for t in probe] == [
+        ("IMAGE", [1, 4, 4, 3], "UINT8")
+    ]
+    backend._client.answers.pop("infer")
+    assert (await backend.infer(model, inputs, ["LOGITS"], None))["LOGITS"].shape == (1, 2)
+
+
+def live_members(group: int) -> list[int]:
+    return stack._group_members(group)
+
+
+def test_a_failed_start_stops_the_whole_group_even_a_child_that_outlives_its_leader():
+    """Like Triton and its Python stubs: the leader exits on SIGTERM, its child ignores it."""
+    child = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('up', flush=True); time.sleep(300)"
+    )
+    leader_code = (
+        "import subprocess, sys, time; "
+        f"c = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=sys.stdout); "
+        "time.sleep(300)"
+    )
+    leader = subprocess.Popen(
+        [sys.executable, "-c", leader_code], stdout=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        assert leader.stdout is not None and leader.stdout.readline() == b"up\n"
+        assert len(live_members(leader.pid)) == 2
+        stack._stop_groups([leader.pid], timeout_s=1.0)
+        assert live_members(leader.pid) == []
+        assert leader.poll() is not None
+    finally:
+        stack._signal_group(leader.pid, 9)
+        leader.wait(10)
