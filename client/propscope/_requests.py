@@ -41,6 +41,9 @@ Metadata = Sequence[tuple[str, str]]
 # the server's own max_receive_message_length.
 DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    # Each Client on a connection of its own: the gateway admits max_streams_per_connection
+    # streams per connection, and gRPC would otherwise share one among a process's Clients.
+    ("grpc.use_local_subchannel_pool", 1),
 )
 
 

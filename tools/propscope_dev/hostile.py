@@ -160,18 +160,25 @@ class SlowReaderReport:
 
 
 def slow_reader_attack(
-    target: str, streams: int, idle_calls: int, loaded_calls: int, settle_s: float
+    target: str,
+    streams: int,
+    idle_calls: int,
+    loaded_calls: int,
+    settle_s: float,
+    read_after_s: float = 0.0,
 ) -> SlowReaderReport:
     """Idle latencies of a well-behaved caller, then `streams` never-reading streams on
     one connection, then the caller's latencies again (after `settle_s`, when the
-    admitted streams have done their work and stalled); finally the streams are read
-    to learn how each ended."""
+    admitted streams have done their work and stalled); finally, no earlier than
+    `read_after_s` after they were opened, the streams are read to learn how each ended."""
     idle = timed_explains(target, range(1000, 1000 + idle_calls))
     with grpc.insecure_channel(target, options=NEVER_READING_OPTIONS) as greedy:
         stub = explain_pb2_grpc.ExplainServiceStub(greedy)
+        opened = time.monotonic()
         calls = [stub.Explain(never_reading_request(i), timeout=600) for i in range(streams)]
         time.sleep(settle_s)
         loaded = timed_explains(target, range(2000, 2000 + loaded_calls))
+        time.sleep(max(0.0, opened + read_after_s - time.monotonic()))
         outcomes: dict[str, int] = {}
         for call in calls:
             end = _how_it_ended(call)
