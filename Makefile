@@ -119,11 +119,13 @@ bench: setup
 	$(PY) bench/editors.py
 	$(PY) bench/attribution.py
 
-# Load: 32 concurrent Explain streams for 150 s against a stack of its own; writes
-# docs/results/soak.md and fails on an unexpected error or a stream rejected once accepted.
+# Load: 32 concurrent Explain streams for 150 s against a stack of its own, then the hostile
+# clients at full size; writes docs/results/soak.md (and image_fuzz.md: 200,000 damaged
+# images) and fails on an unexpected error or a stream rejected once accepted.
 soak: setup
 	$(PY) bench/soak.py
-	PROPSCOPE_FUZZ_IMAGES=200000 $(PY) -m pytest tests/unit/test_image_decoding_fuzz.py -q -s -k every_mutated
+	PROPSCOPE_FUZZ_IMAGES=200000 PROPSCOPE_FUZZ_RESULTS=docs/results/image_fuzz.md \
+		$(PY) -m pytest tests/unit/test_image_decoding_fuzz.py -q -s -k every_mutated
 
 # The paper's Tables 1 and 2 and the test's calibration, through the stack that `make up`
 # starts; writes docs/results/ and fails when an expected pattern does not hold.

@@ -14,6 +14,7 @@ import struct
 import time
 import zlib
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,8 @@ from propscope_server.regions import MAX_MASK_PIXELS, decode_mask
 from tests.image_mutation import PNG_SIGNATURE, broken_second_idat_png, mutant, png_chunk
 
 FUZZ_IMAGES = int(os.environ.get("PROPSCOPE_FUZZ_IMAGES", "10000"))
+# Where to write the run's figures (make soak: docs/results/image_fuzz.md); unset: nowhere.
+FUZZ_RESULTS = os.environ.get("PROPSCOPE_FUZZ_RESULTS")
 # One mutant in this many also goes through decode_mask.
 MASK_SHARE = 10
 LIMITS = Limits()
@@ -89,11 +92,14 @@ def test_every_mutated_image_decodes_or_is_refused_naming_its_field():
             except Exception as error:
                 failures.append((index, f"mask {type(error).__name__}", str(error)))
     seconds = time.perf_counter() - started
-    print(
-        f"\n{FUZZ_IMAGES} mutated images: {outcomes['decoded']} decoded, "
+    summary = (
+        f"{FUZZ_IMAGES} mutated images: {outcomes['decoded']} decoded, "
         f"{outcomes['refused']} refused (InvalidArgument), {outcomes['masks']} also as masks, "
         f"{len(failures)} failures, {seconds:.1f} s"
     )
+    print("\n" + summary)
+    if FUZZ_RESULTS:  # make soak records its run
+        Path(FUZZ_RESULTS).write_text(f"# Image decoding fuzz (`make soak`)\n\n{summary}.\n")
     assert not failures, "mutant(index), kind, message:\n" + "\n".join(
         f"{index}: {kind}: {message[:200]}" for index, kind, message in failures[:20]
     )
