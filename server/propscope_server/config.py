@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from functools import cached_property
 from pathlib import Path
 
@@ -11,6 +12,38 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 OUTPUT_KINDS = ("logits", "probabilities")
 RESIZE_MODES = ("squash", "center_crop", "letterbox")
+# The share of the container's memory limit that requests' estimates may reserve; the
+# rest absorbs what the estimates leave out (the allocator's free lists, messages being
+# received before admission, Triton calls' gRPC buffers, thread stacks).
+MEMORY_BUDGET_FRACTION = 0.6
+# The gateway's own memory: 140 MiB RSS idle, about 200 MiB once it has served requests
+# (imports done, thread pool started); measured by tests/integration/test_memory_admission.py.
+GATEWAY_BASELINE_BYTES = 256 * 1024 * 1024
+# cgroup v2, then v1: the container's memory limit ("max" or a huge number: none).
+CGROUP_MEMORY_LIMITS = (
+    Path("/sys/fs/cgroup/memory.max"),
+    Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+)
+
+
+def container_memory_bytes() -> int:
+    """The container's memory limit, else the machine's physical memory."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in CGROUP_MEMORY_LIMITS:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            return min(int(text), physical)
+    return physical
+
+
+def derived_memory_budget(limit_bytes: int, cache_bytes: int = 0) -> int:
+    """The memory requests may reserve under a memory limit: its MEMORY_BUDGET_FRACTION,
+    less the gateway's baseline and its in-process cache (none with Redis)."""
+    budget = int(limit_bytes * MEMORY_BUDGET_FRACTION) - GATEWAY_BASELINE_BYTES - cache_bytes
+    return max(0, budget)
 
 
 class PreprocessingConfig(BaseModel):
@@ -103,6 +136,10 @@ class Settings(BaseSettings):
     # True: every tenant shares one cache namespace (hits across tenants).
     cache_shared_namespace: bool = False
     memory_cache_bytes: int = 256 * 1024 * 1024
+    # Memory the running requests' estimates may reserve (api/memory.py); a request that
+    # does not fit is refused with RESOURCE_EXHAUSTED. Unset: derived_memory_budget of
+    # the container's memory limit (or the machine's memory).
+    memory_budget_bytes: int | None = Field(None, ge=0)
     metrics_port: int = 0
     metrics_address: str = "127.0.0.1"
     log_format: str = Field("json", pattern="^(json|text)$")
@@ -135,6 +172,13 @@ class Settings(BaseSettings):
     limits: Limits = Limits()
     auth: AuthSettings = AuthSettings()
     tls: TlsSettings = TlsSettings()
+
+    def memory_budget(self) -> int:
+        """memory_budget_bytes, or the budget the container's memory limit allows."""
+        if self.memory_budget_bytes is not None:
+            return self.memory_budget_bytes
+        cache = 0 if self.redis_url else self.memory_cache_bytes
+        return derived_memory_budget(container_memory_bytes(), cache)
 
     @cached_property
     def preprocessing(self) -> dict[str, PreprocessingConfig]:

@@ -16,6 +16,12 @@ ADMISSION_REJECTIONS = Counter(
     "Explain calls refused up front because a concurrency limit was reached",
     ["limit"],
 )
+MEMORY_BUDGET_BYTES = Gauge(
+    "propscope_memory_budget_bytes", "Gateway memory for requests (memory_budget_bytes)"
+)
+MEMORY_RESERVED_BYTES = Gauge(
+    "propscope_memory_reserved_bytes", "Memory the running requests' estimates reserve"
+)
 AUTH_FAILURES = Counter(
     "propscope_auth_failures_total", "Calls refused for a missing or unknown token", ["reason"]
 )

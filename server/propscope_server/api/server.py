@@ -16,6 +16,7 @@ from propscope.v1 import attribution_pb2, attribution_pb2_grpc, explain_pb2, exp
 from propscope_server import metrics
 from propscope_server.api.admission import Admission
 from propscope_server.api.auth import Authenticator, BearerTokenInterceptor
+from propscope_server.api.memory import MemoryAdmission, MemoryBudget
 from propscope_server.api.parsing import ParseRequestsInterceptor
 from propscope_server.api.servicer import AttributionServicer, ExplainServicer, MethodStreams
 from propscope_server.backends.model_health import health_service
@@ -177,7 +178,14 @@ def build_gateway(settings: Settings) -> Gateway:
             *CONNECTION_OPTIONS,
         ],
     )
-    streams = MethodStreams(settings.limits, authenticator, Admission(settings.limits))
+    budget = MemoryBudget(settings.memory_budget())
+    logger.info("memory budget for requests: %d MiB", budget.budget_bytes // 2**20)
+    streams = MethodStreams(
+        settings.limits,
+        authenticator,
+        Admission(settings.limits),
+        MemoryAdmission(budget, settings, backend),
+    )
     explain_pb2_grpc.add_ExplainServiceServicer_to_server(
         ExplainServicer(explainer, backend, streams), server
     )

@@ -23,6 +23,7 @@ from propscope_server import logs, metrics
 from propscope_server.api import convert, convert_attribution
 from propscope_server.api.admission import Admission, Caller
 from propscope_server.api.auth import Authenticator
+from propscope_server.api.memory import MemoryAdmission
 from propscope_server.api.status import status_code
 from propscope_server.config import Limits
 from propscope_server.domain import (
@@ -56,10 +57,17 @@ class MethodStreams:
     and Triton work are bounded), validation in a thread, the runner, and event
     conversion."""
 
-    def __init__(self, limits: Limits, authenticator: Authenticator, admission: Admission) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        authenticator: Authenticator,
+        admission: Admission,
+        memory: MemoryAdmission,
+    ) -> None:
         self.limits = limits
         self._authenticator = authenticator
         self._admission = admission
+        self._memory = memory
 
     def tenant(self, context: grpc.aio.ServicerContext) -> str:
         """The interceptor has refused unknown tokens already; this names the tenant. The
@@ -74,6 +82,7 @@ class MethodStreams:
         self,
         rpc: str,
         context: grpc.aio.ServicerContext,
+        request: Any,
         to_spec: Callable[[str], Any],
         method: ExplanationMethod,
         name_of: Callable[[Any], str],
@@ -81,7 +90,8 @@ class MethodStreams:
     ) -> None:
         """Runs `method` and writes its events. The stream's life is capped by
         max_call_s whatever the client's deadline, and a write that waits send_timeout_s
-        for the client to read ends the stream: a slow reader cannot hold its slot."""
+        for the client to read ends the stream: a slow reader cannot hold its slot. The
+        request's memory estimate is reserved before it is decoded (api/memory.py)."""
         async with _observed(rpc, context):
             tenant = self.tenant(context)
             caller = Caller.of(context.peer(), tenant if self._authenticator.enabled else None)
@@ -92,7 +102,7 @@ class MethodStreams:
             )
             deadline = time.monotonic() + remaining
             with self._admission.admit(caller), metrics.INFLIGHT_STREAMS.track_inprogress():
-                async with self._capped(remaining):
+                async with self._capped(remaining), self._memory.admit(request, deadline):
                     spec = await in_thread(to_spec, tenant)
                     logs.bind_request(spec.request_id, tenant)
                     events = run_method(method, name_of(spec), spec, deadline)
@@ -145,6 +155,7 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
         await self._streams.stream(
             "Explain",
             context,
+            request,
             partial(convert.explain_spec, request, self._streams.limits),
             self._explainer,
             lambda _: "propgrad",
@@ -234,6 +245,7 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
         await self._streams.stream(
             "Attribute",
             context,
+            request,
             partial(convert_attribution.attribute_spec, request, self._streams.limits),
             self._attribution,
             lambda spec: method_name(spec.method),
@@ -249,6 +261,7 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
         await self._streams.stream(
             "EvaluateAttribution",
             context,
+            request,
             partial(convert_attribution.evaluate_spec, request, self._streams.limits),
             self._evaluation,
             lambda _: "evaluation",

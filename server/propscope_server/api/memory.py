@@ -1,0 +1,371 @@
+"""Memory admission: each request's peak memory is estimated from its declared sizes
+(image headers, counts, the classifier's input) before anything is decoded, and admitted
+against one gateway-wide budget. A 49 KB PNG can declare 4096 x 4096 pixels: counting
+streams alone let a few such requests take the gateway past its container limit.
+
+The factors below are bytes per pixel, measured (tests/unit/test_server_memory.py runs
+the real orchestration with a fake Triton under tracemalloc) and rounded up, plus the
+copies tracemalloc cannot see (Pillow's image cores, protobuf and gRPC buffers of the
+Triton calls and of the reply), taken from the gateway's RSS (tests/integration/
+test_memory_admission.py). An estimate is an upper bound of the request's own peak, not
+of the process: the budget leaves the rest of the container to the gateway itself."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+
+from PIL import Image
+
+from propscope.v1 import attribution_pb2 as apb
+from propscope.v1 import explain_pb2 as pb
+from propscope_server import metrics
+from propscope_server.api.convert import DEFAULT_SAMPLES, DEFAULT_STEPS, resolve_max_steps
+from propscope_server.backends.preprocessing import input_layout
+from propscope_server.config import Limits, Settings
+from propscope_server.errors import PropscopeError, ResourceExhausted
+from propscope_server.inference import Inference, ModelDescription
+from propscope_server.methods.attribution import PERTURBATION_BATCH_PIXELS, RISE_BLOCK
+from propscope_server.orchestration.explain import AUTOMATIC_REGIONS
+
+logger = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+# Messages, events and Python objects of any request, whatever its size.
+REQUEST_OVERHEAD_BYTES = MIB
+# The request as received, and its parsed copy.
+REQUEST_COPIES = 2
+# Decoding one image: Pillow's 4-byte core, its RGB conversion and the uint8 array.
+DECODE_BYTES_PER_PIXEL = 11
+# A decoded image (or provided path image, or explanation map), held for the call.
+IMAGE_BYTES_PER_PIXEL = 3
+# Explain, per pixel of a property's path images (samples x (steps + 1)): the editor's
+# answer as received (gRPC, protobuf, array), the path with its original, the stacked
+# paths, the unchanged-image check and the cache's encoding.
+PATH_BYTES_PER_PIXEL = 20
+# A provided path, per pixel of its images with the original: concatenated, stacked.
+PROVIDED_PATH_BYTES_PER_PIXEL = 10
+# return_path_images: each image's PNG in the reply and its serialisation (an
+# incompressible image's PNG is as large as its pixels).
+RETURNED_PATH_BYTES_PER_PIXEL = 20
+# A region: float64 compositing of one sample's edited images.
+REGION_BYTES_PER_PIXEL = 60
+# A region's float32 mask, held with the request.
+MASK_BYTES_PER_PIXEL = 4
+# The editor's automatic object/background split, checked on the image (float64 maps).
+OBJECT_MASK_BYTES_PER_PIXEL = 56
+# Resizing one image to a fixed-size model's input: Pillow's cores of the image and of
+# its resampling passes.
+RESIZE_BYTES_PER_PIXEL = 8
+# Explain's classifier input per pixel of its view, beyond the images themselves: a
+# UINT8 model's resized copy; a float model's normalisation (two arrays at a time).
+INPUT_BYTES_PER_VIEW_PIXEL = {"UINT8": 6, "FP16": 30, "FP32": 30}
+# Copies of one Triton call's input tensor: tritonclient's bytes, the protobuf request,
+# its serialisation and gRPC's send buffer.
+TRANSPORT_COPIES = 4
+ELEMENT_BYTES = {"UINT8": 1, "FP16": 2, "FP32": 4}
+# Attribute and EvaluateAttribution: the model's view as uint8 and float32, the
+# baseline (blurred through float32 copies), the map and its resizing.
+VIEW_BYTES_PER_PIXEL = 48
+# Per pixel of the perturbed images in flight (a batch waiting for Triton, or being
+# made): masks, the float32 blend and its temporaries; the model's input and its
+# transport come on top.
+BATCH_BYTES_PER_PIXEL = 40
+# RISE draws its masks in blocks of RISE_BLOCK (float64, then float32) per batch.
+RISE_BYTES_PER_BLOCK_PIXEL = 16
+# Attribute's map brought back to the image (Pillow's float cores, the array, the
+# message and its serialisation).
+IMAGE_MAP_BYTES_PER_PIXEL = 32
+# EvaluateAttribution's explanation: its values as float32, then over the view.
+MAP_BYTES_PER_VALUE = 8
+# Deletion and Insertion: the pixels' order (argsort, ranks) over the view.
+ORDER_BYTES_PER_PIXEL = 32
+# Stability: a noisy view (float64 noise, float32 result) and each map it keeps.
+NOISY_VIEW_BYTES_PER_PIXEL = 48
+KEPT_MAP_BYTES_PER_PIXEL = 20
+# The options' defaults (api/convert_attribution.py), for the forward passes in flight.
+SOBOL_DEFAULTS = (8, 32)  # grid_size, nb_design
+RISE_DEFAULT_SAMPLES = 4000
+DELETION_DEFAULT_STEPS = 10
+MU_FIDELITY_DEFAULT_SAMPLES = 200
+STABILITY_DEFAULT_SAMPLES = 20
+# An estimate is rounded up by this much: what a measured request may vary by.
+MARGIN = 1.1
+
+
+@dataclass(frozen=True)
+class ClassifierInput:
+    """What the classifier takes, as far as memory goes: its view's pixels (None: the
+    image's own size, a variable-size model), its datatype and its batch."""
+
+    pixels: int | None
+    datatype: str
+    max_batch_size: int
+
+    def view(self, image_pixels: int) -> int:
+        return self.pixels if self.pixels is not None else image_pixels
+
+
+# When the classifier cannot be described: the costliest one the gateway accepts, a
+# float32 model that sees the image at its own size, batching freely.
+ANY_CLASSIFIER = ClassifierInput(None, "FP32", 1 << 30)
+
+
+def classifier_input(model: ModelDescription | None) -> ClassifierInput:
+    """The model's input as ClassifierInput; ANY_CLASSIFIER when it cannot be read (the
+    plan refuses such a model with its own error)."""
+    if model is None or len(model.inputs) != 1 or model.max_batch_size <= 0:
+        return ANY_CLASSIFIER
+    tensor = model.inputs[0]
+    try:
+        layout = input_layout(tensor.name, tensor.datatype, tensor.shape, model.name)
+    except PropscopeError:
+        return ANY_CLASSIFIER
+    pixels = layout.height * layout.width if layout.height and layout.width else None
+    return ClassifierInput(pixels, layout.datatype, model.max_batch_size)
+
+
+def declared_pixels(data: bytes, limits: Limits) -> int:
+    """The pixels an image's header declares, read without decoding. 0 for what the
+    decoder refuses before it allocates (empty, too many bytes or pixels, not PNG or
+    JPEG, an unreadable header): that request is refused, not admitted."""
+    if not data or len(data) > limits.max_image_bytes:
+        return 0
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if image.format not in ("PNG", "JPEG"):
+                return 0
+    except Exception:  # any header Pillow cannot read: the decoder says why
+        return 0
+    pixels = width * height
+    return pixels if 0 < pixels <= limits.max_image_pixels else 0
+
+
+def estimate_bytes(
+    request: pb.ExplainRequest | apb.AttributeRequest | apb.EvaluateAttributionRequest,
+    settings: Settings,
+    classifier: ModelDescription | None = None,
+) -> int:
+    """An upper bound of the memory the gateway needs to serve `request`, from the
+    request's declared sizes and the classifier's input (None: the costliest model)."""
+    limits = settings.limits
+    pixels = declared_pixels(request.image, limits)
+    held = REQUEST_COPIES * request.ByteSize() + REQUEST_OVERHEAD_BYTES
+    if pixels == 0:
+        return held
+    model = classifier_input(classifier)
+    working = (DECODE_BYTES_PER_PIXEL + IMAGE_BYTES_PER_PIXEL) * pixels
+    if isinstance(request, pb.ExplainRequest):
+        working += _explain(request, settings, pixels, model)
+    elif isinstance(request, apb.AttributeRequest):
+        working += _attribute(request, settings, pixels, model)
+    else:
+        working += _evaluate(request, settings, pixels, model)
+    return held + int(MARGIN * working)
+
+
+def _classified(images: int, pixels: int, model: ClassifierInput) -> int:
+    """`images` images of `pixels` pixels classified in one call (Explain's)."""
+    view = model.view(pixels)
+    element = ELEMENT_BYTES[model.datatype]
+    resize = RESIZE_BYTES_PER_PIXEL * pixels if view != pixels else 0
+    chunk = min(images, model.max_batch_size) * view
+    return (
+        images * view * INPUT_BYTES_PER_VIEW_PIXEL[model.datatype]
+        + chunk * 3 * element * TRANSPORT_COPIES
+        + resize
+    )
+
+
+def _explain(
+    request: pb.ExplainRequest, settings: Settings, pixels: int, model: ClassifierInput
+) -> int:
+    """The decoded provided paths and masks, held; then the properties that run at once
+    (property_concurrency), the costliest first."""
+    limits = settings.limits
+    properties = request.properties[: limits.max_properties]
+    steps = min(max(request.steps or DEFAULT_STEPS, 2), limits.max_steps)
+    samples = min(request.samples or DEFAULT_SAMPLES, limits.max_samples)
+    adaptive = request.path_mode != pb.PATH_MODE_FIXED
+    try:
+        longest = resolve_max_steps(request, (pixels, 1), steps, samples, adaptive, limits)
+    except PropscopeError:  # refused by the validation that decodes
+        longest = steps
+    held, costs = 0, []
+    for prop in properties:
+        provided = prop.WhichOneof("source") == "provided_path"
+        images = len(prop.provided_path.images) + 1 if provided else samples * (longest + 1)
+        per_pixel = PROVIDED_PATH_BYTES_PER_PIXEL if provided else PATH_BYTES_PER_PIXEL
+        cost = per_pixel * images * pixels + _classified(images, pixels, model)
+        if request.return_path_images:
+            cost += RETURNED_PATH_BYTES_PER_PIXEL * images * pixels
+        if provided:
+            held += IMAGE_BYTES_PER_PIXEL * pixels * (images - 1)
+        if prop.region.WhichOneof("shape") is not None:
+            held += MASK_BYTES_PER_PIXEL * pixels + _mask_decoding(prop.region, limits)
+            cost += REGION_BYTES_PER_PIXEL * longest * pixels
+        parameters = prop.editor.parameters
+        if parameters.get("region") in AUTOMATIC_REGIONS or parameters.get("operation") == "scale":
+            cost += OBJECT_MASK_BYTES_PER_PIXEL * pixels
+        costs.append(cost)
+    running = sorted(costs, reverse=True)[: settings.property_concurrency]
+    return held + sum(running)
+
+
+def _mask_decoding(region: pb.Region, limits: Limits) -> int:
+    """A mask image is decoded at its own size, then scaled to the image."""
+    if region.WhichOneof("shape") != "mask":
+        return 0
+    return DECODE_BYTES_PER_PIXEL * declared_pixels(region.mask, limits)
+
+
+def _view(pixels: int, model: ClassifierInput) -> int:
+    """The model's view and the arrays around it, for the attribution methods."""
+    view = model.view(pixels)
+    resize = RESIZE_BYTES_PER_PIXEL * pixels if view != pixels else 0
+    return VIEW_BYTES_PER_PIXEL * view + resize
+
+
+def _perturbed(
+    view: int, model: ClassifierInput, passes: int, in_flight: int, rise: bool = False
+) -> int:
+    """`passes` perturbed views, made and classified in batches bounded to
+    PERTURBATION_BATCH_PIXELS (one image at least), `in_flight` batches at once;
+    RISE's mask blocks beside each batch."""
+    images = max(1, min(model.max_batch_size, PERTURBATION_BATCH_PIXELS // view))
+    in_flight = min(in_flight, -(-passes // images))
+    element = ELEMENT_BYTES[model.datatype]
+    per_pixel = BATCH_BYTES_PER_PIXEL + 3 * element * TRANSPORT_COPIES
+    blocks = RISE_BYTES_PER_BLOCK_PIXEL * RISE_BLOCK * view * in_flight if rise else 0
+    return min(passes, in_flight * images) * view * per_pixel + blocks
+
+
+def _method_passes(message: apb.AttributeRequest | apb.StabilityOptions) -> tuple[int, bool]:
+    """(forward passes, whether RISE) of the `method` oneof, defaults filled in."""
+    if message.WhichOneof("method") == "rise":
+        return message.rise.nb_samples or RISE_DEFAULT_SAMPLES, True
+    grid, designs = SOBOL_DEFAULTS
+    sobol = message.sobol
+    channels = 3 if sobol.per_channel else 1
+    return (sobol.nb_design or designs) * ((sobol.grid_size or grid) ** 2 * channels + 2), False
+
+
+def _attribute(
+    request: apb.AttributeRequest, settings: Settings, pixels: int, model: ClassifierInput
+) -> int:
+    view = model.view(pixels)
+    passes, rise = _method_passes(request)
+    perturbed = _perturbed(view, model, passes, settings.attribution_concurrency, rise)
+    return _view(pixels, model) + perturbed + IMAGE_MAP_BYTES_PER_PIXEL * pixels
+
+
+def _evaluate(
+    request: apb.EvaluateAttributionRequest,
+    settings: Settings,
+    pixels: int,
+    model: ClassifierInput,
+) -> int:
+    """The map, then the costliest metric: they run one after another, Deletion,
+    Insertion and MuFidelity one batch at a time, Stability as an attribution per view."""
+    view = model.view(pixels)
+    values = len(request.explanation.values)
+    held = _view(pixels, model) + MAP_BYTES_PER_VALUE * (values + view)
+    named = [request.HasField(name) for name in ("deletion", "insertion", "mu_fidelity")]
+    passes = 0
+    if not any(named) and not request.HasField("stability"):
+        named = [True, True, True]
+    if named[0] or named[1]:
+        steps = max(request.deletion.steps, request.insertion.steps) or DELETION_DEFAULT_STEPS
+        passes = steps + 1
+    if named[2]:
+        passes = max(passes, request.mu_fidelity.nb_samples or MU_FIDELITY_DEFAULT_SAMPLES)
+    metric = _perturbed(view, model, passes, 1) + ORDER_BYTES_PER_PIXEL * view if passes else 0
+    if request.HasField("stability"):
+        stability = request.stability
+        method_passes, rise = _method_passes(stability)
+        samples = stability.nb_samples or STABILITY_DEFAULT_SAMPLES
+        attribution = _perturbed(view, model, method_passes, settings.attribution_concurrency, rise)
+        maps = (samples + 1) * KEPT_MAP_BYTES_PER_PIXEL * view
+        metric = max(metric, NOISY_VIEW_BYTES_PER_PIXEL * view + maps + attribution)
+    return held + metric
+
+
+class MemoryBudget:
+    """The gateway's memory for requests: a request is admitted when its estimate fits
+    beside those running, and refused at once otherwise (never queued: a queue would
+    turn a burst of large images into timeouts)."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._reserved = 0
+        metrics.MEMORY_BUDGET_BYTES.set(budget_bytes)
+
+    @property
+    def reserved(self) -> int:
+        return self._reserved
+
+    @contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        """Holds `nbytes` of the budget for the block. A request larger than the whole
+        budget can never run here: refused with what to lower; one that does not fit
+        beside the others is told to retry."""
+        if nbytes > self.budget_bytes:
+            metrics.ADMISSION_REJECTIONS.labels(limit="memory_budget_bytes").inc()
+            raise ResourceExhausted(
+                f"this request needs about {_mib(nbytes)} of gateway memory (estimated from "
+                f"its declared image size, path images, samples, steps and properties), "
+                f"more than the gateway's whole memory_budget_bytes of "
+                f"{_mib(self.budget_bytes)}: it can never run here; send a smaller image "
+                "or fewer steps, samples, properties or returned path images"
+            )
+        if self._reserved + nbytes > self.budget_bytes:
+            metrics.ADMISSION_REJECTIONS.labels(limit="memory_budget_bytes").inc()
+            raise ResourceExhausted(
+                f"the gateway's memory_budget_bytes of {_mib(self.budget_bytes)} is in use "
+                f"({_mib(self._reserved)} reserved) and this request needs about "
+                f"{_mib(nbytes)}; retry with backoff, or send a smaller image"
+            )
+        self._reserved += nbytes
+        metrics.MEMORY_RESERVED_BYTES.set(self._reserved)
+        try:
+            yield
+        finally:
+            self._reserved -= nbytes
+            metrics.MEMORY_RESERVED_BYTES.set(self._reserved)
+
+
+class MemoryAdmission:
+    """Estimates a request with its classifier's input (asked of the backend, which
+    caches descriptions; the plan asks again anyway) and reserves it in the budget."""
+
+    def __init__(self, budget: MemoryBudget, settings: Settings, inference: Inference) -> None:
+        self.budget = budget
+        self._settings = settings
+        self._inference = inference
+
+    @asynccontextmanager
+    async def admit(
+        self,
+        request: pb.ExplainRequest | apb.AttributeRequest | apb.EvaluateAttributionRequest,
+        deadline: float | None,
+    ) -> AsyncIterator[None]:
+        classifier = None
+        if request.model.name:
+            try:
+                classifier = await self._inference.describe(
+                    request.model.name, request.model.version, deadline
+                )
+            except PropscopeError:  # the plan reports it in its turn; estimate the worst
+                classifier = None
+        nbytes = estimate_bytes(request, self._settings, classifier)
+        logger.debug("memory estimate %d bytes", nbytes)
+        with self.budget.reserve(nbytes):
+            yield
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / MIB:,.0f} MiB"
