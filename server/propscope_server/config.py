@@ -76,13 +76,22 @@ class Limits(BaseModel):
     # Forward passes of one Attribute or EvaluateAttribution request (Sobol grid 8,
     # N 32: 2,112; stability multiplies its method's by its samples + 1).
     max_forward_passes: int = 200_000
-    # Admission control: an Explain stream beyond these is refused, never queued.
-    max_streams_total: int = 64
-    max_streams_per_tenant: int = 32
+    # Admission control: a stream beyond these is refused, never queued. A connection
+    # and a peer (client address) each get a share, so one greedy caller leaves room
+    # for the others; with auth off the peer's share stands in for the tenant's.
+    max_streams_total: int = Field(64, ge=1)
+    max_streams_per_tenant: int = Field(32, ge=1)
+    max_streams_per_peer: int = Field(32, ge=1)
+    max_streams_per_connection: int = Field(16, ge=1)
     # Per-tenant overrides of max_streams_per_tenant, by tenant name.
     tenant_max_streams: dict[str, int] = {}
-    # The deadline of a call that sets none: a stream never holds its slot forever.
-    max_call_s: float = Field(3600.0, gt=0)
+    # The longest a stream may live, whatever deadline its client sets (a call without
+    # one gets this): a stream never holds its slot and its Triton work forever.
+    max_call_s: float = Field(900.0, gt=0)
+    # A stream whose next message waits this long for its client to read is cancelled:
+    # its slot and its Triton work are freed (a client that answers pings but never
+    # reads would otherwise hold them until max_call_s).
+    send_timeout_s: float = Field(30.0, gt=0)
 
 
 class AuthSettings(BaseModel):

@@ -22,6 +22,10 @@ MEMORY_BUDGET_BYTES = Gauge(
 MEMORY_RESERVED_BYTES = Gauge(
     "propscope_memory_reserved_bytes", "Memory the running requests' estimates reserve"
 )
+STALLED_STREAMS = Counter(
+    "propscope_stalled_streams_total",
+    "Streams ended because their client read nothing for send_timeout_s",
+)
 AUTH_FAILURES = Counter(
     "propscope_auth_failures_total", "Calls refused for a missing or unknown token", ["reason"]
 )
