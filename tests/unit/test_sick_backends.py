@@ -55,15 +55,37 @@ class FakeTriton:
     def __init__(self, heals_after: int = 1) -> None:
         self.heals_after = heals_after
         self.reloads = 0
+        self.reload_times: list[float] = []
         self.probes = 0
 
     async def reload(self, model: str) -> None:
         self.reloads += 1
+        self.reload_times.append(time.monotonic())
 
     async def probe(self, model: str) -> None:
         self.probes += 1
         if self.reloads < self.heals_after:
             raise RuntimeError(DEAD_WORKER)
+
+    def kill(self) -> None:
+        """The model's worker dies again: the probe fails until the next reload."""
+        self.heals_after = self.reloads + 1
+
+
+class TritonWithoutModelControl(FakeTriton):
+    """Every reload is refused; the model answers again once an operator restarts Triton."""
+
+    def __init__(self) -> None:
+        super().__init__(heals_after=10**6)
+        self.restarted = False
+
+    async def reload(self, model: str) -> None:
+        await super().reload(model)
+        raise RuntimeError("explicit model load / unload is not allowed")
+
+    async def probe(self, model: str) -> None:
+        if not self.restarted:
+            await super().probe(model)
 
 
 def sick_model_health(fake: FakeTriton, backoff_s: float = 0.01, backoff_max_s: float = 0.04):
@@ -77,8 +99,8 @@ def sick_model_health(fake: FakeTriton, backoff_s: float = 0.01, backoff_max_s: 
     return health, changes
 
 
-async def until_healthy(health: ModelHealth, model: str) -> None:
-    async with asyncio.timeout(10):
+async def until_healthy(health: ModelHealth, model: str, timeout_s: float = 10) -> None:
+    async with asyncio.timeout(timeout_s):
         while health.is_sick(model):
             await asyncio.sleep(0.005)
 
@@ -139,6 +161,98 @@ async def test_a_failure_of_a_call_sent_before_the_restore_is_old_news():
     error = await health.worker_failed("editor_c", DEAD_WORKER, sent)
     assert "has been restored since" in str(error)
     assert not health.is_sick("editor_c") and fake.reloads == 1
+
+
+async def test_a_model_triton_cannot_reload_heals_once_triton_answers_again():
+    """Without explicit model control every reload fails: each round probes first, so a
+    Triton an operator restarted is noticed."""
+    fake = TritonWithoutModelControl()
+    health, changes = sick_model_health(fake, backoff_s=0.01, backoff_max_s=0.02)
+    await health.track("editor_d")
+    await health.worker_failed("editor_d", DEAD_WORKER, time.monotonic())
+    async with asyncio.timeout(10):
+        while fake.reloads < 3:
+            await asyncio.sleep(0.005)
+    assert health.is_sick("editor_d")
+    fake.restarted = True
+    await until_healthy(health, "editor_d", timeout_s=2)
+    assert changes[-1] == ("editor_d", True)
+    await health.close()
+
+
+async def test_a_listener_that_fails_neither_stops_the_healing_nor_reaches_the_caller(caplog):
+    fake = FakeTriton(heals_after=1)
+    health, changes = sick_model_health(fake)
+
+    async def broken(model: str, healthy: bool) -> None:
+        raise RuntimeError("listener broke")
+
+    health.listen(broken)
+    with caplog.at_level(logging.ERROR, "propscope_server.backends.model_health"):
+        await health.track("editor_e")
+        error = await health.worker_failed("editor_e", DEAD_WORKER, time.monotonic())
+        assert isinstance(error, Unavailable)
+        await until_healthy(health, "editor_e", timeout_s=2)
+    assert changes == [("editor_e", True), ("editor_e", False), ("editor_e", True)]
+    assert fake.reloads == 1
+    broke = [r for r in caplog.records if r.exc_info and "listener broke" in str(r.exc_info[1])]
+    assert len(broke) == 3  # healthy, sick, healthy: each logged
+
+
+async def test_a_caller_cancelled_while_listeners_are_told_leaves_the_model_healing():
+    fake = FakeTriton(heals_after=1)
+    health, _ = sick_model_health(fake)
+    told, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(model: str, healthy: bool) -> None:
+        if not healthy:
+            told.set()
+            await release.wait()
+
+    health.listen(slow)
+    await health.track("editor_f")
+    call = asyncio.create_task(health.worker_failed("editor_f", DEAD_WORKER, time.monotonic()))
+    await asyncio.wait_for(told.wait(), 2)
+    call.cancel()
+    await asyncio.gather(call, return_exceptions=True)
+    release.set()
+    await until_healthy(health, "editor_f", timeout_s=2)
+    assert fake.reloads == 1
+
+
+async def test_a_model_that_keeps_dying_is_reloaded_ever_more_slowly(caplog):
+    """Sick again soon after its restore (say its worker is killed by every real request):
+    each episode waits twice as long before its first reload; the first reloads at once."""
+    fake = FakeTriton(heals_after=1)
+    health, _ = sick_model_health(fake, backoff_s=0.2, backoff_max_s=5)
+    await health.track("editor_g")
+    sick_at = []
+    with caplog.at_level(logging.ERROR, "propscope_server.backends.model_health"):
+        for _ in range(3):
+            fake.kill()
+            sick_at.append(time.monotonic())
+            await health.worker_failed("editor_g", DEAD_WORKER, time.monotonic())
+            await until_healthy(health, "editor_g")
+    waits = [reload - sick for reload, sick in zip(fake.reload_times, sick_at, strict=True)]
+    print(f"\nwaits before each episode's first reload: {[round(w, 3) for w in waits]}")
+    assert waits[1] >= 0.2 and waits[2] >= 0.4
+    sick_lines = [r for r in caplog.records if "is sick" in r.getMessage()]
+    assert [(r.args[2], r.args[3]) for r in sick_lines] == [(1, 0), (2, 0.2), (3, 0.4)]
+
+
+async def test_a_model_sick_again_long_after_its_restore_is_reloaded_at_once(caplog):
+    fake = FakeTriton(heals_after=1)
+    health, _ = sick_model_health(fake, backoff_s=0.2, backoff_max_s=0.3)
+    await health.track("editor_h")
+    with caplog.at_level(logging.ERROR, "propscope_server.backends.model_health"):
+        for _ in range(2):
+            fake.kill()
+            await health.worker_failed("editor_h", DEAD_WORKER, time.monotonic())
+            await until_healthy(health, "editor_h")
+            await asyncio.sleep(0.4)  # healthy for longer than backoff_max_s
+    sick_lines = [r for r in caplog.records if "is sick" in r.getMessage()]
+    assert [(r.args[2], r.args[3]) for r in sick_lines] == [(1, 0), (1, 0)]
+    assert fake.reloads == 2
 
 
 async def test_closing_stops_the_healing():

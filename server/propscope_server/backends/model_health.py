@@ -3,7 +3,9 @@ still calls the model READY but answers every request for it with "Stub process
 '<instance>' is not healthy." until the model is reloaded. The gateway marks such a
 model sick: its requests are refused at once with UNAVAILABLE, the sickness is reported
 (one ERROR line, the propscope_model_healthy gauge, the model's own health service) and
-the model is restored (reloaded, then probed with a real inference) with back-off."""
+the model is restored (probed, else reloaded and probed) with back-off. A model that
+falls sick again soon after its restore carries its back-off over: one whose worker is
+killed by every real request is reloaded ever more rarely, not every few seconds."""
 
 from __future__ import annotations
 
@@ -43,14 +45,20 @@ def health_service(model: str) -> str:
 class Sickness:
     reason: str  # Triton's message
     since: float  # time.monotonic()
+    # Sicknesses in a row, each within backoff_max_s of the last one's restore.
+    episode: int = 1
+    # The wait before the next reload: 0 for the first of a first episode.
+    delay: float = 0.0
     healing: asyncio.Task | None = None
 
 
 class ModelHealth:
     """Which served models are healthy, and the healing of the sick ones: `probe(model)`
-    raises unless the model answers a real inference; `restore(model)` reloads it. A sick
-    model is probed first (another gateway may have restored it), then restored and
-    probed, again after `backoff_s`, doubling up to `backoff_max_s`, until it answers."""
+    raises unless the model answers a real inference; `restore(model)` reloads it. Each
+    round a sick model is probed first (another gateway, or a restarted Triton, may have
+    restored it), then restored and probed; rounds repeat after `backoff_s`, doubling up
+    to `backoff_max_s`, until it answers. A model sick again within `backoff_max_s` of its
+    restore waits before its first reload, twice as long as the last episode's wait."""
 
     def __init__(
         self,
@@ -67,6 +75,8 @@ class ModelHealth:
         self._sick: dict[str, Sickness] = {}
         # When each model was last restored: a failure of a call sent before then is old news.
         self._restored_at: dict[str, float] = {}
+        # Each model's last sickness, once restored: where a relapse's back-off starts.
+        self._last_sickness: dict[str, Sickness] = {}
 
     def listen(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -78,7 +88,8 @@ class ModelHealth:
         """A model the gateway serves: reported healthy from its first use on."""
         if model not in self._restored_at and model not in self._sick:
             self._restored_at[model] = float("-inf")
-            await self._report(model, True)
+            metrics.MODEL_HEALTHY.labels(model=model).set(1)
+            await self._tell_listeners(model, True)
 
     def refuse_if_sick(self, model: str) -> None:
         sickness = self._sick.get(model)
@@ -94,15 +105,19 @@ class ModelHealth:
                 "has been restored since: retry"
             )
         if model not in self._sick:
-            sickness = Sickness(reason, time.monotonic())
+            # Nothing awaited before the healing starts: a caller cancelled here, or a
+            # listener that fails, must not leave a sick model that nothing heals.
+            sickness = self._sickness(model, reason)
             self._sick[model] = sickness
+            metrics.MODEL_HEALTHY.labels(model=model).set(0)
             logger.error(
                 "model %s is sick: its worker process died (%s); refusing its requests with "
-                "UNAVAILABLE and reloading it",
+                "UNAVAILABLE and reloading it (episode %d, first reload in %g s)",
                 model,
                 reason,
+                sickness.episode,
+                sickness.delay,
             )
-            await self._report(model, False)
             # Its own context: the healing's log lines belong to no one request.
             healing = self._heal(model, sickness)
             sickness.healing = asyncio.create_task(healing, context=contextvars.Context())
@@ -122,25 +137,41 @@ class ModelHealth:
             "retry with backoff"
         )
 
+    def _sickness(self, model: str, reason: str) -> Sickness:
+        """A new sickness; a relapse soon after the last restore continues its back-off."""
+        now = time.monotonic()
+        last = self._last_sickness.get(model)
+        if last is None or now - self._restored_at[model] >= self._backoff_max_s:
+            return Sickness(reason, now)
+        return Sickness(reason, now, last.episode + 1, self._next_delay(last.delay))
+
+    def _next_delay(self, delay: float) -> float:
+        return min(max(delay * 2, self._backoff_s), self._backoff_max_s)
+
     async def _heal(self, model: str, sickness: Sickness) -> None:
-        delay, reloads = self._backoff_s, 0
-        if not await self._answers(model):  # unless another gateway restored it already
-            while True:
-                reloads += 1
-                if await self._reloaded(model, reloads):
-                    break
-                logger.warning("model %s: still sick; next reload in %.1f s", model, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._backoff_max_s)
+        await self._tell_listeners(model, False)
+        reloads = 0
+        while True:
+            await asyncio.sleep(sickness.delay)
+            if await self._answers(model):  # restored elsewhere, or Triton restarted
+                break
+            reloads += 1
+            if await self._reloaded(model, reloads):
+                break
+            sickness.delay = self._next_delay(sickness.delay)
+            logger.warning("model %s: still sick; next reload in %g s", model, sickness.delay)
         del self._sick[model]
         self._restored_at[model] = time.monotonic()
+        self._last_sickness[model] = sickness
+        metrics.MODEL_HEALTHY.labels(model=model).set(1)
         logger.info(
-            "model %s restored %.1f s after its worker failed (%d reloads)",
+            "model %s restored %.1f s after its worker failed (%d reloads, episode %d)",
             model,
             time.monotonic() - sickness.since,
             reloads,
+            sickness.episode,
         )
-        await self._report(model, True)
+        await self._tell_listeners(model, True)
 
     async def _reloaded(self, model: str, reloads: int) -> bool:
         try:
@@ -158,7 +189,9 @@ class ModelHealth:
             return False
         return True
 
-    async def _report(self, model: str, healthy: bool) -> None:
-        metrics.MODEL_HEALTHY.labels(model=model).set(int(healthy))
+    async def _tell_listeners(self, model: str, healthy: bool) -> None:
         for listener in self._listeners:
-            await listener(model, healthy)
+            try:
+                await listener(model, healthy)
+            except Exception:  # one listener's failure is no reason to stop the others
+                logger.exception("model %s: a health listener failed (healthy=%s)", model, healthy)
