@@ -11,6 +11,7 @@ import logging
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -397,6 +398,24 @@ async def test_a_dead_worker_is_refused_fast_then_reloaded_and_probed(backend):
 
 def live_members(group: int) -> list[int]:
     return stack._group_members(group)
+
+
+def test_a_leader_killed_at_the_end_is_reaped_not_left_a_zombie():
+    """A leader that ignores SIGTERM is only gone after the SIGKILL: waited for, briefly."""
+    ignores_term = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('up', flush=True); time.sleep(300)"
+    )
+    leader = subprocess.Popen(
+        [sys.executable, "-c", ignores_term], stdout=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        assert leader.stdout is not None and leader.stdout.readline() == b"up\n"
+        stack._stop_groups([leader.pid], timeout_s=0.2)
+        assert not Path(f"/proc/{leader.pid}").exists()  # reaped, not left a zombie
+    finally:
+        stack._signal_group(leader.pid, 9)
+        leader.wait(10)
 
 
 def test_a_failed_start_stops_the_whole_group_even_a_child_that_outlives_its_leader():

@@ -381,10 +381,12 @@ def _terminate(pids: dict[str, int], timeout_s: float = 15.0) -> None:
     _stop_groups([pid for name, pid in pids.items() if _is_ours(name, pid)], timeout_s)
 
 
-def _stop_groups(leaders: list[int], timeout_s: float = 15.0) -> None:
+def _stop_groups(leaders: list[int], timeout_s: float = 15.0, reap_timeout_s: float = 5.0) -> None:
     """SIGTERM to the process group of each leader (each started in a session of its
     own: Triton's Python stubs are in Triton's group), then SIGKILL to whatever of a
-    group is left after `timeout_s`: a stub can outlive its Triton."""
+    group is left after `timeout_s`: a stub can outlive its Triton. A killed leader is
+    waited for (up to `reap_timeout_s`; it takes milliseconds) and reaped when it is our
+    child: else it stays a zombie for as long as we run (a long pytest)."""
     for leader in leaders:
         _signal_group(leader, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
@@ -392,7 +394,10 @@ def _stop_groups(leaders: list[int], timeout_s: float = 15.0) -> None:
         time.sleep(0.1)
     for leader in leaders:
         _signal_group(leader, signal.SIGKILL)
-        _alive(leader)  # reaps it when it is our child
+    reap_deadline = time.monotonic() + reap_timeout_s
+    for leader in leaders:
+        while _alive(leader) and time.monotonic() < reap_deadline:
+            time.sleep(0.01)
 
 
 def _signal_group(leader: int, signal_number: int) -> None:
