@@ -24,7 +24,7 @@ MEMORY_RESERVED_BYTES = Gauge(
 )
 STALLED_STREAMS = Counter(
     "propscope_stalled_streams_total",
-    "Streams ended because their client read nothing for send_timeout_s",
+    "Streams ended because their client took no message for send_timeout_s",
 )
 AUTH_FAILURES = Counter(
     "propscope_auth_failures_total", "Calls refused for a missing or unknown token", ["reason"]

@@ -11,11 +11,15 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin
 from scipy import ndimage
+
+from propscope_server.errors import PropscopeError
 
 # A pixel belongs to the object when it differs from the border's median colour by more.
 OBJECT_THRESHOLD = 24
@@ -136,25 +140,12 @@ def decode_mask(
     if not data:
         raise ValueError("the mask is empty; give a PNG or JPEG image")
     try:
-        with warnings.catch_warnings():
-            # Pillow warns about damaged files (the caller hears of it, not the operator)
-            # and about sizes over its own threshold (max_pixels decides here). Only
-            # Pillow's: the filter is process-wide while it lasts.
-            warnings.filterwarnings("ignore", module="PIL")
-            with open_image(data, MASK_FORMATS) as image:
-                size = image.size
-                values = _mask_values(image) if size[0] * size[1] <= max_pixels else None
-    except Image.UnidentifiedImageError:  # its text names the BytesIO, not the problem
+        with caller_image(data, MASK_FORMATS) as image:
+            size = image.size
+            values = _mask_values(image) if size[0] * size[1] <= max_pixels else None
+    except UnreadableImage as error:
         raise ValueError(
-            "the mask is not a readable PNG or JPEG image (no PNG or JPEG signature, or a "
-            f"damaged header){UNREADABLE_MASK_FIX}"
-        ) from None
-    # Pillow reports damaged data with whatever its parser trips over (SyntaxError,
-    # struct.error, IndexError, AssertionError...), so every exception here is the mask's.
-    except Exception as error:
-        raise ValueError(
-            "the mask is not a readable PNG or JPEG image "
-            f"({str(error) or 'inconsistent data'}){UNREADABLE_MASK_FIX}"
+            f"the mask is not a readable PNG or JPEG image ({error}){UNREADABLE_MASK_FIX}"
         ) from None
     if values is None:
         raise ValueError(
@@ -172,16 +163,41 @@ def decode_mask(
     return values
 
 
-def open_image(data: bytes, formats: tuple[str, ...] | None = None) -> ImageFile.ImageFile:
-    """`Image.open` of a caller's bytes (headers only), except that a PNG or JPEG over
-    Pillow's own size threshold (about 179 Mpx) is opened too, by its format's parser, so
-    that the caller's pixel limit refuses it naming its size, not Pillow's threshold."""
-    try:
-        return Image.open(io.BytesIO(data), formats=formats)
-    except Image.DecompressionBombError:
-        png = data.startswith(PNG_SIGNATURE)
-        parser = PngImagePlugin.PngImageFile if png else JpegImagePlugin.JpegImageFile
-        return parser(io.BytesIO(data))
+class UnreadableImage(ValueError):
+    """A caller's bytes are no intact PNG or JPEG; the message says why, in our words."""
+
+
+@contextmanager
+def caller_image(
+    data: bytes, formats: tuple[str, ...] | None = None
+) -> Iterator[ImageFile.ImageFile]:
+    """A caller's image opened lazily (headers only) for the block, which may decode it.
+    Whatever Pillow raises on damaged data, opening or decoding, comes out as
+    UnreadableImage; errors the block raises itself pass through, as does MemoryError
+    (the gateway's trouble, not the image's). A PNG or JPEG over Pillow's own size
+    threshold (about 179 Mpx) is opened too, by its format's parser, so that the
+    caller's pixel limit refuses it naming its size, not Pillow's threshold."""
+    with warnings.catch_warnings():
+        # Pillow warns about damaged files (the caller hears of it, not the operator) and
+        # about sizes over its threshold. Only Pillow's: the filter is process-wide.
+        warnings.filterwarnings("ignore", module="PIL")
+        try:
+            try:
+                image = Image.open(io.BytesIO(data), formats=formats)
+            except Image.DecompressionBombError:
+                png = data.startswith(PNG_SIGNATURE)
+                parser = PngImagePlugin.PngImageFile if png else JpegImagePlugin.JpegImageFile
+                image = parser(io.BytesIO(data))
+            with image:
+                yield image
+        except Image.UnidentifiedImageError:  # its text names the BytesIO, not the problem
+            raise UnreadableImage("no PNG or JPEG signature, or a damaged header") from None
+        except (MemoryError, PropscopeError):
+            raise
+        # Pillow reports damaged data with whatever its parser trips over (SyntaxError,
+        # struct.error, IndexError, AssertionError, ...): every other exception is the data's.
+        except Exception as error:
+            raise UnreadableImage(str(error) or "inconsistent data") from None
 
 
 def _mask_values(image: Image.Image) -> np.ndarray:

@@ -205,3 +205,16 @@ def test_eight_bit_pngs_of_every_colour_type_still_decode():
         row = b"\0" + bytes(range(4 * channels))
         image = decode_image(png_of(4, 3, 8, colour, row * 3), LIMITS)
         assert image.dtype == np.uint8 and image.shape == (3, 4, 3)
+
+
+def test_the_gateway_running_out_of_memory_is_not_blamed_on_the_image(monkeypatch):
+    """MemoryError is the gateway's trouble: it must not become "image could not be decoded"."""
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    data = png_of(4, 4, 8, 0, (b"\0" + b"\x80" * 4) * 4)
+    assert decode_image(data, LIMITS).shape == (4, 4, 3)
+    monkeypatch.setattr(Image.Image, "convert", exhausted)
+    with pytest.raises(MemoryError):
+        decode_image(data, LIMITS)

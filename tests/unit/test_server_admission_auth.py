@@ -94,12 +94,29 @@ def test_a_refused_stream_holds_no_slot_of_any_kind():
     ("peer", "address"),
     [
         ("ipv4:10.0.0.7:51234", "ipv4:10.0.0.7"),
-        ("ipv6:[::1]:51234", "ipv6:[::1]"),
-        ("unix:/tmp/propscope.sock", "unix:/tmp/propscope.sock"),
+        ("ipv6:%5B::1%5D:51234", "ipv6:%5B::1%5D"),  # as grpc 1.85 reports [::1]
+        ("ipv6:[2001:db8::7]:443", "ipv6:[2001:db8::7]"),
+        ("unix:", None),  # every Unix-socket caller: no address to share by
+        ("unix:/tmp/propscope.sock", None),
+        ("", None),
     ],
 )
 def test_a_peer_is_its_address_without_the_port(peer, address):
-    assert Caller.of(peer, None).peer == address
+    caller = Caller.of(peer, None)
+    assert caller.peer == address
+    assert caller.connection == (peer if address else None)
+
+
+def test_callers_without_an_address_share_only_the_tenant_and_gateway_limits():
+    admission = Admission(Limits(max_streams_total=6, max_streams_per_connection=1))
+    with admission.admit(caller(None, port=1)):
+        for _ in range(3):  # one "unix:" caller after another, beyond the connection share
+            with admission.admit(Caller.of("unix:", None)):
+                pass
+        with pytest.raises(ResourceExhausted, match="max_streams_per_tenant of 1"):
+            limited = Admission(Limits(max_streams_per_tenant=1))
+            with limited.admit(Caller.of("unix:", "a")), limited.admit(Caller.of("unix:", "a")):
+                pass
 
 
 @pytest.mark.parametrize(

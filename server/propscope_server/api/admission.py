@@ -23,17 +23,20 @@ from propscope_server.errors import ResourceExhausted
 @dataclass(frozen=True)
 class Caller:
     """Who holds a stream. `connection` is the peer with its port (one HTTP/2
-    connection); `peer` its address alone; `tenant` None when auth is off."""
+    connection), `peer` its address alone: None for a caller without an address
+    (gRPC names every Unix-socket caller "unix:"). `tenant` is None when auth is off."""
 
-    connection: str
-    peer: str
+    connection: str | None
+    peer: str | None
     tenant: str | None
 
     @classmethod
     def of(cls, grpc_peer: str, tenant: str | None) -> Caller:
-        """From gRPC's peer string: "ipv4:10.0.0.7:51234", "ipv6:[::1]:51234", "unix:..."."""
+        """From gRPC's peer string: "ipv4:10.0.0.7:51234", "ipv6:%5B::1%5D:51234"."""
         kind, _, address = grpc_peer.partition(":")
-        host = address.rsplit(":", 1)[0] if kind in ("ipv4", "ipv6") else address
+        host, _, port = address.rpartition(":")
+        if kind not in ("ipv4", "ipv6") or not host or not port:
+            return cls(connection=None, peer=None, tenant=tenant)
         return cls(connection=grpc_peer, peer=f"{kind}:{host}", tenant=tenant)
 
 
@@ -69,18 +72,16 @@ class Admission:
                 f"peer {caller.peer}",
                 "retry when one finishes",
             ),
+            (
+                self._tenants,
+                caller.tenant,
+                self.tenant_limit(caller.tenant or ""),
+                "max_streams_per_tenant",
+                f"tenant {caller.tenant!r}",
+                "retry when one finishes",
+            ),
         ]
-        if caller.tenant is not None:
-            checks.append(
-                (
-                    self._tenants,
-                    caller.tenant,
-                    self.tenant_limit(caller.tenant),
-                    "max_streams_per_tenant",
-                    f"tenant {caller.tenant!r}",
-                    "retry when one finishes",
-                )
-            )
+        checks = [check for check in checks if check[1] is not None]  # shares that apply
         for counter, key, limit, name, who, advice in checks:
             if counter[key] >= limit:
                 metrics.ADMISSION_REJECTIONS.labels(limit=name).inc()

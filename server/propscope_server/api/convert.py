@@ -7,7 +7,6 @@ import io
 import math
 import struct
 import uuid
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,7 +20,13 @@ from propscope_server.api.status import status_code
 from propscope_server.config import Limits, PreprocessingConfig
 from propscope_server.errors import InvalidArgument, PropscopeError
 from propscope_server.inference import ModelDescription, RepositoryEntry
-from propscope_server.regions import PNG_SIGNATURE, box_mask, decode_mask, open_image
+from propscope_server.regions import (
+    PNG_SIGNATURE,
+    UnreadableImage,
+    box_mask,
+    caller_image,
+    decode_mask,
+)
 from propscope_server.scoring.property_gradient import DEFAULT_MIN_PROBABILITY_CHANGE, Decision
 
 DEFAULT_STEPS = 10
@@ -91,49 +96,31 @@ def decode_image(
             field=field,
         )
     try:
-        with warnings.catch_warnings():
-            # Pillow warns about damaged files (the caller hears of it, not the operator)
-            # and about sizes over its own threshold (max_image_pixels decides here). Only
-            # Pillow's: the filter is process-wide while it lasts.
-            warnings.filterwarnings("ignore", module="PIL")
-            with open_image(data) as image:
-                if image.format not in ("PNG", "JPEG"):
-                    raise InvalidArgument(
-                        f"{what} is {image.format}; send PNG or JPEG", field=field
-                    )
-                if image.mode not in EIGHT_BIT_MODES:
-                    raise InvalidArgument(
-                        f"{what} has mode {image.mode}; send 8 bits per channel (RGB, RGBA or grey)",
-                        field=field,
-                    )
-                width, height = image.size
-                if expected_size is not None and image.size != expected_size:
-                    raise InvalidArgument(
-                        f"{what} is {width}x{height} pixels; path images must have the "
-                        f"image's size {expected_size[0]}x{expected_size[1]}",
-                        field=field,
-                    )
-                if width * height > limits.max_image_pixels:
-                    raise InvalidArgument(
-                        f"{what} is {width}x{height} pixels; the limit max_image_pixels is "
-                        f"{limits.max_image_pixels}",
-                        field=field,
-                    )
-                return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except PropscopeError:
-        raise
-    except Image.UnidentifiedImageError:  # its text names the BytesIO, not the problem
+        with caller_image(data) as image:
+            if image.format not in ("PNG", "JPEG"):
+                raise InvalidArgument(f"{what} is {image.format}; send PNG or JPEG", field=field)
+            if image.mode not in EIGHT_BIT_MODES:
+                raise InvalidArgument(
+                    f"{what} has mode {image.mode}; send 8 bits per channel (RGB, RGBA or grey)",
+                    field=field,
+                )
+            width, height = image.size
+            if expected_size is not None and image.size != expected_size:
+                raise InvalidArgument(
+                    f"{what} is {width}x{height} pixels; path images must have the "
+                    f"image's size {expected_size[0]}x{expected_size[1]}",
+                    field=field,
+                )
+            if width * height > limits.max_image_pixels:
+                raise InvalidArgument(
+                    f"{what} is {width}x{height} pixels; the limit max_image_pixels is "
+                    f"{limits.max_image_pixels}",
+                    field=field,
+                )
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except UnreadableImage as error:
         raise InvalidArgument(
-            f"{what} could not be decoded: it is no PNG or JPEG image, or its header is "
-            "damaged; send PNG or JPEG bytes",
-            field=field,
-        ) from None
-    # Pillow reports damaged data with whatever its parser trips over (SyntaxError,
-    # struct.error, IndexError, AssertionError, ...), so every exception here is the image's.
-    except Exception as error:
-        raise InvalidArgument(
-            f"{what} could not be decoded as PNG or JPEG ({str(error) or 'inconsistent data'}); "
-            "send an intact PNG or JPEG",
+            f"{what} could not be decoded as PNG or JPEG ({error}); send an intact PNG or JPEG",
             field=field,
         ) from None
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
@@ -53,9 +52,9 @@ class StreamStalled(ResourceExhausted):
 
 class MethodStreams:
     """What every method's RPC shares: the tenant, the same admission (a stream slot of
-    the tenant and of the gateway), a deadline (a call without one still ends: slots
-    and Triton work are bounded), validation in a thread, the runner, and event
-    conversion."""
+    the connection, the peer, the tenant and the gateway, and the request's memory), a
+    deadline capped by max_call_s, validation in a thread, the runner, and writes that
+    end the stream when the client stops taking them."""
 
     def __init__(
         self,
@@ -89,20 +88,19 @@ class MethodStreams:
         to_message: Callable[[Any, Any], Awaitable[Any]],
     ) -> None:
         """Runs `method` and writes its events. The stream's life is capped by
-        max_call_s whatever the client's deadline, and a write that waits send_timeout_s
-        for the client to read ends the stream: a slow reader cannot hold its slot. The
+        max_call_s whatever the client's deadline, and a message the client does not take
+        within send_timeout_s ends the stream: a slow reader cannot hold its slot. The
         request's memory estimate is reserved before it is decoded (api/memory.py)."""
         async with _observed(rpc, context):
             tenant = self.tenant(context)
             caller = Caller.of(context.peer(), tenant if self._authenticator.enabled else None)
             client_remaining = context.time_remaining()
-            remaining = min(
-                math.inf if client_remaining is None else client_remaining,
-                self.limits.max_call_s,
-            )
+            capped = client_remaining is None or client_remaining > self.limits.max_call_s
+            remaining = self.limits.max_call_s if capped else client_remaining
             deadline = time.monotonic() + remaining
             with self._admission.admit(caller), metrics.INFLIGHT_STREAMS.track_inprogress():
-                async with self._capped(remaining), self._memory.admit(request, deadline):
+                cap = remaining if capped else None
+                async with self._capped(cap), self._memory.admit(request, deadline):
                     spec = await in_thread(to_spec, tenant)
                     logs.bind_request(spec.request_id, tenant)
                     events = run_method(method, name_of(spec), spec, deadline)
@@ -111,9 +109,9 @@ class MethodStreams:
                             await self._write(context, await to_message(spec, event))
 
     @asynccontextmanager
-    async def _capped(self, remaining: float) -> AsyncIterator[None]:
-        """Ends the block at the stream's deadline: the client's own deadline cancels
-        the call anyway, the gateway's cap max_call_s only through this."""
+    async def _capped(self, remaining: float | None) -> AsyncIterator[None]:
+        """Ends the block after `remaining` s (None: never) where the gateway's cap
+        max_call_s binds; a client's own shorter deadline cancels the call by itself."""
         try:
             async with asyncio.timeout(remaining):
                 yield
@@ -129,7 +127,7 @@ class MethodStreams:
         except TimeoutError:
             metrics.STALLED_STREAMS.inc()
             raise StreamStalled(
-                f"the client read nothing for send_timeout_s ({self.limits.send_timeout_s:g} s): "
+                f"the client took no message for send_timeout_s ({self.limits.send_timeout_s:g} s): "
                 "the stream is ended and its work stopped; read a stream as it arrives"
             ) from None
         except cygrpc.ExecuteBatchError:
