@@ -65,6 +65,14 @@ def test_one_connection_fills_only_its_share_and_other_connections_are_served():
             pass
 
 
+def test_with_auth_on_tenants_behind_one_address_do_not_share_a_peer_limit():
+    """Behind a proxy or NAT every tenant has the same address: their own shares apply."""
+    admission = Admission(Limits(max_streams_total=8, max_streams_per_peer=1))
+    with admission.admit(caller("a", port=1)), admission.admit(caller("b", port=2)):
+        with admission.admit(caller("a", port=3)):
+            pass
+
+
 def test_with_auth_off_the_peer_takes_the_tenants_place():
     """Every caller is tenant "default" with auth off: one address may not fill the
     tenant's share, while other addresses are still served."""

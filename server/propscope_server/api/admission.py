@@ -2,11 +2,11 @@
 RESOURCE_EXHAUSTED, never queued. Explanations cost hundreds of edits; a queue
 would only turn overload into timeouts.
 
-A stream is counted against its connection, its peer (the client's address), its
-tenant and the gateway. The narrower limits keep room for everyone else: one
-connection or one address that fills its share leaves the rest of the gateway to
-other callers. With auth off every caller is the same tenant, so the peer takes the
-tenant's place."""
+A stream is counted against its connection, its tenant and the gateway. The narrower
+limits keep room for everyone else: one connection or one tenant that fills its share
+leaves the rest of the gateway to other callers. With auth off every caller is the same
+tenant, so the peer (the client's address) takes the tenant's place; with auth on the
+address says nothing about who calls (tenants behind one proxy share it)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class Admission:
             ),
             (
                 self._peers,
-                caller.peer,
+                caller.peer if caller.tenant is None else None,  # the tenant's stand-in
                 self._limits.max_streams_per_peer,
                 "max_streams_per_peer",
                 f"peer {caller.peer}",
