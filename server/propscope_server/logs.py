@@ -22,6 +22,20 @@ class RequestContextFilter(logging.Filter):
         return True
 
 
+class ClientGoneFilter(logging.Filter):
+    """gRPC's core logs an ERROR with a traceback when it cannot send a call's status
+    because the client has left: after a stream the gateway ended for not being read,
+    the client hanging up is the expected end, not a gateway failure. Logged at INFO,
+    without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("ExecuteBatchError raised in core"):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "the client left before the call's status was sent", ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def configure(log_format: str, level: int = logging.INFO) -> None:
     """`json` for log pipelines (the default), `text` for a terminal."""
     handler = logging.StreamHandler(sys.stderr)
@@ -36,6 +50,7 @@ def configure(log_format: str, level: int = logging.INFO) -> None:
     handler.setFormatter(formatter)
     handler.addFilter(RequestContextFilter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.getLogger("grpc._cython.cygrpc").addFilter(ClientGoneFilter())
 
 
 def bind_request(request_id: str, tenant: str) -> None:

@@ -12,7 +12,12 @@ import grpc
 import pytest
 
 from propscope.v1 import explain_pb2_grpc
-from propscope_dev.hostile import slow_reader_attack, unauthenticated_flood
+from propscope_dev.hostile import (
+    NEVER_READING_OPTIONS,
+    never_reading_request,
+    slow_reader_attack,
+    unauthenticated_flood,
+)
 from tests.integration.conftest import extra_gateway
 from tests.integration.test_operations import (
     TOKENS,
@@ -73,9 +78,10 @@ def test_unauthenticated_large_messages_are_refused_before_they_are_held(live_st
 
 
 def test_a_client_hanging_up_mid_stream_is_logged_without_a_traceback(live_stack, tmp_path):
-    """Hang-ups at three points: right after the plan, while properties stream their
-    results (with path images), and by dropping the whole connection."""
-    with extra_gateway(live_stack, tmp_path) as gateway:
+    """Hang-ups at four points: right after the plan, while properties stream their
+    results (with path images), by dropping the whole connection, and after the gateway
+    ended a stream its client did not read (its status still waiting to be sent)."""
+    with extra_gateway(live_stack, tmp_path, PROPSCOPE_LIMITS__SEND_TIMEOUT_S="2") as gateway:
         for events_read, drop_connection in ((1, False), (3, False), (2, True)):
             channel = grpc.insecure_channel(gateway.target)
             stub = explain_pb2_grpc.ExplainServiceStub(channel)
@@ -88,8 +94,14 @@ def test_a_client_hanging_up_mid_stream_is_logged_without_a_traceback(live_stack
                 call.cancel()
             channel.close()
             wait_until(lambda: metric(gateway.metrics_url, "propscope_inflight_streams") == 0)
+        with grpc.insecure_channel(gateway.target, options=NEVER_READING_OPTIONS) as channel:
+            stub = explain_pb2_grpc.ExplainServiceStub(channel)
+            call = stub.Explain(never_reading_request(1), timeout=120)
+            wait_until(lambda: metric(gateway.metrics_url, "propscope_stalled_streams_total") == 1)
+        time.sleep(1.0)  # the hang-up reaches the gateway
         with grpc.insecure_channel(gateway.target) as channel:
             assert explain(channel, explain_request())[-1].HasField("done")
         log = gateway.log_file.read_text()
     assert log.count("Explain finished: CANCELLED") == 3, log[-3000:]
+    assert log.count("Explain finished: RESOURCE_EXHAUSTED") == 1, log[-3000:]
     assert "Traceback" not in log and '"level": "ERROR"' not in log, log[-3000:]
