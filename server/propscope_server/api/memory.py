@@ -38,19 +38,20 @@ MIB = 1024 * 1024
 REQUEST_OVERHEAD_BYTES = MIB
 # The request as received, and its parsed copy.
 REQUEST_COPIES = 2
-# Decoding one image: Pillow's 4-byte core, its RGB conversion and the uint8 array.
+# Decoding one image: Pillow's 4-byte core, its RGB conversion and the uint8 array
+# (then freed: the estimate counts the larger of decoding and the method's work).
 DECODE_BYTES_PER_PIXEL = 11
 # A decoded image (or provided path image, or explanation map), held for the call.
 IMAGE_BYTES_PER_PIXEL = 3
 # Explain, per pixel of a property's path images (samples x (steps + 1)): the editor's
 # answer as received (gRPC, protobuf, array), the path with its original, the stacked
 # paths, the unchanged-image check and the cache's encoding.
-PATH_BYTES_PER_PIXEL = 20
+PATH_BYTES_PER_PIXEL = 16
 # A provided path, per pixel of its images with the original: concatenated, stacked.
 PROVIDED_PATH_BYTES_PER_PIXEL = 10
 # return_path_images: each image's PNG in the reply and its serialisation (an
 # incompressible image's PNG is as large as its pixels).
-RETURNED_PATH_BYTES_PER_PIXEL = 20
+RETURNED_PATH_BYTES_PER_PIXEL = 15
 # A region: float64 compositing of one sample's edited images.
 REGION_BYTES_PER_PIXEL = 60
 # A region's float32 mask, held with the request.
@@ -78,7 +79,7 @@ BATCH_BYTES_PER_PIXEL = 40
 RISE_BYTES_PER_BLOCK_PIXEL = 16
 # Attribute's map brought back to the image (Pillow's float cores, the array, the
 # message and its serialisation).
-IMAGE_MAP_BYTES_PER_PIXEL = 32
+IMAGE_MAP_BYTES_PER_PIXEL = 20
 # EvaluateAttribution's explanation: its values as float32, then over the view.
 MAP_BYTES_PER_VALUE = 8
 # Deletion and Insertion: the pixels' order (argsort, ranks) over the view.
@@ -158,13 +159,14 @@ def estimate_bytes(
     if pixels == 0:
         return held
     model = classifier_input(classifier)
-    working = (DECODE_BYTES_PER_PIXEL + IMAGE_BYTES_PER_PIXEL) * pixels
     if isinstance(request, pb.ExplainRequest):
-        working += _explain(request, settings, pixels, model)
+        method = _explain(request, settings, pixels, model)
     elif isinstance(request, apb.AttributeRequest):
-        working += _attribute(request, settings, pixels, model)
+        method = _attribute(request, settings, pixels, model)
     else:
-        working += _evaluate(request, settings, pixels, model)
+        method = _evaluate(request, settings, pixels, model)
+    # Decoding's buffers are gone before the method runs; the image stays.
+    working = IMAGE_BYTES_PER_PIXEL * pixels + max(DECODE_BYTES_PER_PIXEL * pixels, method)
     return held + int(MARGIN * working)
 
 
