@@ -43,7 +43,7 @@ from propscope_server.cache.artefacts import encode_array
 from propscope_server.config import Limits, PreprocessingConfig, Settings
 from propscope_server.domain import AttributionOutcome, PropertyOutcome
 from propscope_server.editor_contract import IMAGE_INPUT, PATH_OUTPUT, EditorSchema
-from propscope_server.errors import NotFound, ResourceExhausted
+from propscope_server.errors import NotFound, ResourceExhausted, Unavailable
 from propscope_server.inference import ModelDescription, Tensor
 from propscope_server.methods.attribution import Attribution
 from propscope_server.methods.evaluation import Evaluation
@@ -448,6 +448,15 @@ async def test_admission_estimates_with_the_classifiers_input_or_the_costliest()
     async with fixed.admit(request, None):
         assert fixed.budget.reserved == estimate_bytes(request, settings, None) > known
     assert fixed.budget.reserved == 0
+
+    class Unreachable(FakeTriton):
+        async def describe(self, name: str, version: str = "", deadline=None):
+            raise Unavailable("Triton is unreachable or overloaded; retry with backoff")
+
+    down = MemoryAdmission(MemoryBudget(1 << 40), settings, Unreachable(FIXED))
+    with pytest.raises(Unavailable):  # the plan would wait for the same answer again
+        async with down.admit(request, None):
+            pass
 
 
 def test_the_budget_is_derived_from_the_containers_limit(tmp_path, monkeypatch):

@@ -26,7 +26,12 @@ from propscope_server import metrics
 from propscope_server.api.convert import DEFAULT_SAMPLES, DEFAULT_STEPS, resolve_max_steps
 from propscope_server.backends.preprocessing import input_layout
 from propscope_server.config import Limits, Settings
-from propscope_server.errors import PropscopeError, ResourceExhausted
+from propscope_server.errors import (
+    DeadlineExceeded,
+    PropscopeError,
+    ResourceExhausted,
+    Unavailable,
+)
 from propscope_server.inference import Inference, ModelDescription
 from propscope_server.methods.attribution import PERTURBATION_BATCH_PIXELS, RISE_BLOCK
 from propscope_server.orchestration.explain import AUTOMATIC_REGIONS
@@ -342,7 +347,9 @@ class MemoryBudget:
 
 class MemoryAdmission:
     """Estimates a request with its classifier's input (asked of the backend, which
-    caches descriptions; the plan asks again anyway) and reserves it in the budget."""
+    caches descriptions; the plan asks again anyway) and reserves it in the budget. A
+    model that cannot be described is estimated at the costliest input, and the plan
+    refuses it in its turn; an unreachable Triton fails the call at once."""
 
     def __init__(self, budget: MemoryBudget, settings: Settings, inference: Inference) -> None:
         self.budget = budget
@@ -361,6 +368,8 @@ class MemoryAdmission:
                 classifier = await self._inference.describe(
                     request.model.name, request.model.version, deadline
                 )
+            except (Unavailable, DeadlineExceeded):
+                raise  # the plan would wait for the same answer again
             except PropscopeError:  # the plan reports it in its turn; estimate the worst
                 classifier = None
         nbytes = estimate_bytes(request, self._settings, classifier)
