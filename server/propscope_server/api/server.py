@@ -54,6 +54,9 @@ CONNECTION_OPTIONS = [
     ("grpc.max_connection_age_ms", 30 * 60_000),
     ("grpc.max_connection_age_grace_ms", 60 * 60_000),
 ]
+# HTTP/2 streams of one connection, open in any state (admitted, refused, or ended by
+# the gateway but not yet read by a client that stopped reading); more wait client-side.
+MAX_HTTP2_STREAMS_PER_CONNECTION = 100
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -175,6 +178,9 @@ def build_gateway(settings: Settings) -> Gateway:
         interceptors=interceptors(settings, authenticator),
         options=[
             ("grpc.max_receive_message_length", settings.limits.max_request_bytes),
+            # HTTP/2 streams per connection, whatever their state: a stream that admission
+            # has let go but whose client never reads stays open until the client reads.
+            ("grpc.max_concurrent_streams", MAX_HTTP2_STREAMS_PER_CONNECTION),
             *CONNECTION_OPTIONS,
         ],
     )
