@@ -12,18 +12,20 @@ of the process: the budget leaves the rest of the container to the gateway itsel
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
-from PIL import Image
-
 from propscope.v1 import attribution_pb2 as apb
 from propscope.v1 import explain_pb2 as pb
 from propscope_server import metrics
-from propscope_server.api.convert import DEFAULT_SAMPLES, DEFAULT_STEPS, resolve_max_steps
+from propscope_server.api.convert import (
+    DEFAULT_SAMPLES,
+    DEFAULT_STEPS,
+    classifier_ref,
+    resolve_max_steps,
+)
 from propscope_server.backends.preprocessing import input_layout
 from propscope_server.config import Limits, Settings
 from propscope_server.errors import (
@@ -35,6 +37,7 @@ from propscope_server.errors import (
 from propscope_server.inference import Inference, ModelDescription
 from propscope_server.methods.attribution import PERTURBATION_BATCH_PIXELS, RISE_BLOCK
 from propscope_server.orchestration.explain import AUTOMATIC_REGIONS
+from propscope_server.regions import UnreadableImage, caller_image
 
 logger = logging.getLogger(__name__)
 
@@ -141,11 +144,11 @@ def declared_pixels(data: bytes, limits: Limits) -> int:
     if not data or len(data) > limits.max_image_bytes:
         return 0
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with caller_image(data) as image:  # as the decoder opens it
             width, height = image.size
             if image.format not in ("PNG", "JPEG"):
                 return 0
-    except Exception:  # any header Pillow cannot read: the decoder says why
+    except UnreadableImage:  # the decoder says why
         return 0
     pixels = width * height
     return pixels if 0 < pixels <= limits.max_image_pixels else 0
@@ -365,9 +368,8 @@ class MemoryAdmission:
         classifier = None
         if request.model.name:
             try:
-                classifier = await self._inference.describe(
-                    request.model.name, request.model.version, deadline
-                )
+                model = classifier_ref(request.model)  # no unchecked name reaches Triton
+                classifier = await self._inference.describe(model.name, model.version, deadline)
             except (Unavailable, DeadlineExceeded):
                 raise  # the plan would wait for the same answer again
             except PropscopeError:  # the plan reports it in its turn; estimate the worst

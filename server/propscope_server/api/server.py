@@ -57,6 +57,8 @@ CONNECTION_OPTIONS = [
 # HTTP/2 streams of one connection, open in any state (admitted, refused, or ended by
 # the gateway but not yet read by a client that stopped reading); more wait client-side.
 MAX_HTTP2_STREAMS_PER_CONNECTION = 100
+# Below this memory budget no real request fits (a small image's Explain needs tens of MiB).
+SMALL_REQUEST_BYTES = 64 * 2**20
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -186,6 +188,12 @@ def build_gateway(settings: Settings) -> Gateway:
     )
     budget = MemoryBudget(settings.memory_budget())
     logger.info("memory budget for requests: %d MiB", budget.budget_bytes // 2**20)
+    if budget.budget_bytes < SMALL_REQUEST_BYTES:
+        logger.warning(
+            "memory budget of %d MiB leaves no room for a request: every one will be refused; "
+            "raise the container's memory limit or set PROPSCOPE_MEMORY_BUDGET_BYTES",
+            budget.budget_bytes // 2**20,
+        )
     streams = MethodStreams(
         settings.limits,
         authenticator,
