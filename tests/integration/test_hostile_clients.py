@@ -14,9 +14,9 @@ import pytest
 from propscope.v1 import explain_pb2_grpc
 from propscope_dev.hostile import (
     NEVER_READING_OPTIONS,
+    large_message_flood,
     never_reading_request,
     slow_reader_attack,
-    unauthenticated_flood,
 )
 from tests.integration.conftest import extra_gateway
 from tests.integration.test_operations import (
@@ -67,7 +67,7 @@ def test_unauthenticated_large_messages_are_refused_before_they_are_held(live_st
     """16 callers without a token send 63 MiB each at once: each is refused before its
     message is received (before the fix: +1187 MiB at peak)."""
     with extra_gateway(live_stack, tmp_path, PROPSCOPE_AUTH__TOKENS=TOKENS) as gateway:
-        codes, added_mib = unauthenticated_flood(
+        codes, added_mib = large_message_flood(
             gateway.target, gateway.process.pid, callers=16, mib=63
         )
         assert codes == ["UNAUTHENTICATED"] * 16
@@ -75,6 +75,31 @@ def test_unauthenticated_large_messages_are_refused_before_they_are_held(live_st
             assert explain(channel, explain_request(), "token-a")[-1].HasField("done")
     print(f"\n16 concurrent unauthenticated 63 MiB calls added {added_mib:.0f} MiB at peak")
     assert added_mib < 128, "the refused messages were held in memory"
+
+
+def test_large_messages_of_admitted_callers_are_received_within_the_memory_budget(
+    live_stack, tmp_path
+):
+    """16 callers with a token (auth off is the same) send 63 MiB each at once: a message
+    is received only once its stream is admitted and the memory it may take is
+    reserved, so the gateway stays within its budget (before: +3,457 MiB)."""
+    budget_mib = 768
+    settings = dict(
+        PROPSCOPE_AUTH__TOKENS=TOKENS, PROPSCOPE_MEMORY_BUDGET_BYTES=str(budget_mib << 20)
+    )
+    with extra_gateway(live_stack, tmp_path, **settings) as gateway:
+        codes, added_mib = large_message_flood(
+            gateway.target, gateway.process.pid, callers=16, mib=63, token="token-a"
+        )
+        with grpc.insecure_channel(gateway.target) as channel:
+            assert explain(channel, explain_request(), "token-a")[-1].HasField("done")
+    print(
+        f"\n16 concurrent authenticated 63 MiB calls: {sorted(set(codes))}, "
+        f"+{added_mib:.0f} MiB at peak (budget {budget_mib} MiB)"
+    )
+    assert set(codes) <= {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"} and len(codes) == 16
+    assert "RESOURCE_EXHAUSTED" in codes  # the budget refused some before receiving them
+    assert added_mib < budget_mib
 
 
 def test_a_client_hanging_up_mid_stream_is_logged_without_a_traceback(live_stack, tmp_path):

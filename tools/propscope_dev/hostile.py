@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,12 +82,14 @@ class PeakRss:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.before = self.peak = rss_bytes(pid)
+        self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         while not self._stop.wait(0.02):
             self.peak = max(self.peak, rss_bytes(self.pid))
+            self.samples += 1
 
     def __enter__(self) -> PeakRss:
         self._thread.start()
@@ -199,16 +202,19 @@ def _how_it_ended(call: grpc.Call) -> str:
     return "completed"
 
 
-def unauthenticated_flood(target: str, pid: int, callers: int, mib: int) -> tuple[list[str], float]:
-    """`callers` concurrent calls without a token, each sending `mib` MiB: their
-    status codes and the MiB they added to process `pid`'s peak memory."""
+def large_message_flood(
+    target: str, pid: int, callers: int, mib: int, token: str | None = None
+) -> tuple[list[str], float]:
+    """`callers` concurrent calls, each sending `mib` MiB (with `token`, or without
+    one): their status codes and the MiB they added to process `pid`'s peak memory."""
     payload = pb.ExplainRequest(image=b"\0" * (mib * 2**20)).SerializeToString()
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
     codes: list[str] = []
 
     def call() -> None:
         with grpc.insecure_channel(target, options=OWN_CONNECTION) as channel:
             try:
-                list(channel.unary_stream(EXPLAIN)(payload, timeout=120))
+                list(channel.unary_stream(EXPLAIN)(payload, timeout=120, metadata=metadata))
                 codes.append("OK")
             except grpc.RpcError as error:
                 codes.append(error.code().name)
@@ -220,3 +226,69 @@ def unauthenticated_flood(target: str, pid: int, callers: int, mib: int) -> tupl
         for thread in threads:
             thread.join()
     return codes, rss.added_mib
+
+
+def compressible_png(side: int) -> bytes:
+    """side x side of flat colour blocks: a message of tens of KB, a large decoded image."""
+    pixels = np.full((side, side, 3), 128, np.uint8)
+    pixels[side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = (200, 40, 40)
+    return _png(pixels)
+
+
+def large_image_request(image: bytes, seed: int) -> pb.ExplainRequest:
+    """The cheapest explanation of `image`: what it costs is the image's size."""
+    return pb.ExplainRequest(
+        image=image,
+        model=pb.ModelRef(name="synth_unbiased"),
+        properties=[
+            pb.Property(
+                name="brightness",
+                editor=pb.EditorIntervention(
+                    model="procedural", parameters={"operation": "brightness"}
+                ),
+            )
+        ],
+        steps=2,
+        samples=1,
+        path_mode=pb.PATH_MODE_FIXED,
+        permutations=100,
+        alpha=0.5,
+        seed=seed,
+    )
+
+
+@dataclass
+class CallOutcome:
+    code: str  # a status code's name, or "FAILED" for a stream that ended with failures
+    details: str
+    seconds: float
+
+
+def explain_once(target: str, request: pb.ExplainRequest, token: str | None = None) -> CallOutcome:
+    """One Explain on a connection of its own (with `token`, or without one)."""
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    started = time.perf_counter()
+    with grpc.insecure_channel(target, options=OWN_CONNECTION) as channel:
+        stub = explain_pb2_grpc.ExplainServiceStub(channel)
+        try:
+            events = list(stub.Explain(request, timeout=300, metadata=metadata))
+        except grpc.RpcError as error:
+            return CallOutcome(
+                error.code().name, error.details() or "", time.perf_counter() - started
+            )
+    done = events[-1].HasField("done") and not events[-1].done.properties_failed
+    return CallOutcome("OK" if done else "FAILED", "", time.perf_counter() - started)
+
+
+def large_image_flood(
+    target: str, pid: int, image: bytes, calls: int, token: str | None = None
+) -> tuple[list[CallOutcome], PeakRss]:
+    """`calls` concurrent explanations of `image`, each on its own connection: their
+    outcomes and process `pid`'s memory meanwhile."""
+
+    def call(seed: int) -> CallOutcome:
+        return explain_once(target, large_image_request(image, seed), token)
+
+    with PeakRss(pid) as rss, ThreadPoolExecutor(calls) as pool:
+        outcomes = list(pool.map(call, range(calls)))
+    return outcomes, rss

@@ -8,7 +8,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
-from functools import partial
 from typing import Any
 
 import grpc
@@ -23,6 +22,7 @@ from propscope_server.api import convert, convert_attribution
 from propscope_server.api.admission import Admission, Caller
 from propscope_server.api.auth import Authenticator
 from propscope_server.api.memory import MemoryAdmission
+from propscope_server.api.parsing import PendingRequest
 from propscope_server.api.status import status_code
 from propscope_server.config import Limits
 from propscope_server.domain import (
@@ -77,12 +77,18 @@ class MethodStreams:
         logs.bind_request("-", tenant)
         return tenant
 
+    def spec_with_limits(
+        self, to_spec: Callable[[Any, Limits, str], Any]
+    ) -> Callable[[Any, str], Any]:
+        """`to_spec(request, limits, tenant)` as `(request, tenant)` with this gateway's limits."""
+        return lambda request, tenant: to_spec(request, self.limits, tenant)
+
     async def stream(
         self,
         rpc: str,
         context: grpc.aio.ServicerContext,
-        request: Any,
-        to_spec: Callable[[str], Any],
+        pending: PendingRequest,
+        to_spec: Callable[[Any, str], Any],
         method: ExplanationMethod,
         name_of: Callable[[Any], str],
         to_message: Callable[[Any, Any], Awaitable[Any]],
@@ -100,13 +106,16 @@ class MethodStreams:
             deadline = time.monotonic() + remaining
             with self._admission.admit(caller), metrics.INFLIGHT_STREAMS.track_inprogress():
                 cap = remaining if capped else None
-                async with self._capped(cap), self._memory.admit(request, deadline):
-                    spec = await in_thread(to_spec, tenant)
-                    logs.bind_request(spec.request_id, tenant)
-                    events = run_method(method, name_of(spec), spec, deadline)
-                    async with aclosing(events) as events:
-                        async for event in events:
-                            await self._write(context, await to_message(spec, event))
+                async with self._capped(cap):
+                    with self._memory.receiving():
+                        request = await pending.read()
+                    async with self._memory.admit(request, deadline):
+                        spec = await in_thread(to_spec, request, tenant)
+                        logs.bind_request(spec.request_id, tenant)
+                        events = run_method(method, name_of(spec), spec, deadline)
+                        async with aclosing(events) as events:
+                            async for event in events:
+                                await self._write(context, await to_message(spec, event))
 
     @asynccontextmanager
     async def _capped(self, remaining: float | None) -> AsyncIterator[None]:
@@ -143,7 +152,7 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
         self._streams = streams
 
     async def Explain(  # noqa: N802 - gRPC method name
-        self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
+        self, request: PendingRequest, context: grpc.aio.ServicerContext
     ) -> None:
         async def to_message(spec: ExplainSpec, event: Event) -> pb.ExplainEvent:
             if spec.return_path_images and isinstance(event, PropertyOutcome):
@@ -154,7 +163,7 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
             "Explain",
             context,
             request,
-            partial(convert.explain_spec, request, self._streams.limits),
+            self._streams.spec_with_limits(convert.explain_spec),
             self._explainer,
             lambda _: "propgrad",
             to_message,
@@ -233,7 +242,7 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
         self._streams = streams
 
     async def Attribute(  # noqa: N802 - gRPC method name
-        self, request: apb.AttributeRequest, context: grpc.aio.ServicerContext
+        self, request: PendingRequest, context: grpc.aio.ServicerContext
     ) -> None:
         async def to_message(spec: AttributeSpec, event: object) -> apb.AttributeEvent:
             if isinstance(event, AttributionOutcome):  # a large map is encoded off the loop
@@ -244,14 +253,14 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
             "Attribute",
             context,
             request,
-            partial(convert_attribution.attribute_spec, request, self._streams.limits),
+            self._streams.spec_with_limits(convert_attribution.attribute_spec),
             self._attribution,
             lambda spec: method_name(spec.method),
             to_message,
         )
 
     async def EvaluateAttribution(  # noqa: N802 - gRPC method name
-        self, request: apb.EvaluateAttributionRequest, context: grpc.aio.ServicerContext
+        self, request: PendingRequest, context: grpc.aio.ServicerContext
     ) -> None:
         async def to_message(spec: EvaluateSpec, event: object) -> apb.EvaluateAttributionEvent:
             return convert_attribution.evaluate_event(spec.request_id, event)
@@ -260,7 +269,7 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
             "EvaluateAttribution",
             context,
             request,
-            partial(convert_attribution.evaluate_spec, request, self._streams.limits),
+            self._streams.spec_with_limits(convert_attribution.evaluate_spec),
             self._evaluation,
             lambda _: "evaluation",
             to_message,
