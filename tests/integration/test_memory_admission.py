@@ -6,6 +6,8 @@ others are refused at once naming it. Prints what it measured (`pytest -s`)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from propscope.v1 import explain_pb2 as pb
 from propscope_dev.hostile import (
     compressible_png,
@@ -16,22 +18,15 @@ from propscope_dev.hostile import (
 )
 from propscope_server.api.memory import MIB, estimate_bytes
 from propscope_server.config import Settings
-from propscope_server.inference import ModelDescription, Tensor
 from tests.integration.conftest import extra_gateway, scene_png
 from tests.integration.test_operations import metric, wait_until
+from tests.unit.test_server_memory import FIXED
 
 SIDE = 4096
 CALLS = 16
-# synth_unbiased as its config.pbtxt declares it: what the gateway estimates with.
-SYNTH_UNBIASED = ModelDescription(
-    name="synth_unbiased",
-    version="1",
-    versions=("1",),
-    role="classifier",
-    inputs=(Tensor("IMAGE", "UINT8", [64, 64, 3]),),
-    outputs=(Tensor("LOGITS", "FP32", [2]),),
-    max_batch_size=64,
-)
+# synth_unbiased as its config.pbtxt declares it (a fixed 64 x 64 UINT8 input): what the
+# gateway estimates with.
+SYNTH_UNBIASED = replace(FIXED, name="synth_unbiased")
 
 
 def test_large_compressible_pngs_never_take_the_gateway_past_its_budget(live_stack, tmp_path):

@@ -124,11 +124,15 @@ class MethodStreams:
         try:
             async with asyncio.timeout(remaining):
                 yield
-        except TimeoutError:
+        except (TimeoutError, DeadlineExceeded) as error:
+            # Where the cap binds it is the deadline of every Triton call too, so a call
+            # that ran out of time ran out of the cap.
+            if remaining is None:
+                raise
             raise DeadlineExceeded(
                 f"the stream reached the gateway's cap max_call_s ({self.limits.max_call_s:g} s); "
                 "split the request (fewer properties, steps or samples)"
-            ) from None
+            ) from error
 
     async def _write(self, context: grpc.aio.ServicerContext, message: Any) -> None:
         try:
