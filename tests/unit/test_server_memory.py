@@ -435,6 +435,20 @@ def test_the_budget_refuses_at_once_what_does_not_fit_and_frees_what_ends():
         pass
 
 
+def test_a_message_is_received_only_within_the_budget_and_the_refusal_says_so():
+    """Receiving reserves what the largest message may take: 4 x max_request_bytes."""
+    settings = Settings(limits=Limits(max_request_bytes=10 * MIB))
+    budget = MemoryBudget(100 * MIB)
+    admission = MemoryAdmission(budget, settings, FakeTriton(FIXED))
+    with admission.receiving():
+        assert budget.reserved == 40 * MIB
+        with admission.receiving():
+            with pytest.raises(ResourceExhausted, match="receiving a request message may take"):
+                with admission.receiving():
+                    pass
+    assert budget.reserved == 0
+
+
 async def test_admission_estimates_with_the_classifiers_input_or_the_costliest():
     settings = Settings(memory_budget_bytes=1 << 40)
     admission = MemoryAdmission(MemoryBudget(1 << 40), settings, FakeTriton(VARIABLE))

@@ -323,7 +323,7 @@ class MemoryBudget:
         return self._reserved
 
     @contextmanager
-    def reserve(self, nbytes: int) -> Iterator[None]:
+    def reserve(self, nbytes: int, need: str = "this request needs about") -> Iterator[None]:
         """Holds `nbytes` of the budget for the block. A request larger than the whole
         budget can never run here: refused with what to lower; one that does not fit
         beside the others is told to retry."""
@@ -340,8 +340,8 @@ class MemoryBudget:
             metrics.ADMISSION_REJECTIONS.labels(limit="memory_budget_bytes").inc()
             raise ResourceExhausted(
                 f"the gateway's memory_budget_bytes of {_mib(self.budget_bytes)} is in use "
-                f"({_mib(self._reserved)} reserved) and this request needs about "
-                f"{_mib(nbytes)}; retry with backoff, or send a smaller image"
+                f"({_mib(self._reserved)} reserved) and {need} {_mib(nbytes)}; retry with "
+                "backoff, or send a smaller image"
             )
         self._reserved += nbytes
         metrics.MEMORY_RESERVED_BYTES.set(self._reserved)
@@ -369,7 +369,8 @@ class MemoryAdmission:
         size is known only then): max_request_bytes, RECEIVE_COPIES times. Unread
         messages wait in HTTP/2 flow control, not in the gateway."""
         largest = RECEIVE_COPIES * self._settings.limits.max_request_bytes
-        with self.budget.reserve(min(largest, self.budget.budget_bytes)):
+        need = "receiving a request message may take up to"
+        with self.budget.reserve(min(largest, self.budget.budget_bytes), need):
             yield
 
     @asynccontextmanager
