@@ -13,7 +13,7 @@ import math
 import os
 import tracemalloc
 from collections.abc import Iterator
-from contextlib import aclosing
+from contextlib import ExitStack, aclosing
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -449,28 +449,37 @@ def test_a_message_is_received_only_within_the_budget_and_the_refusal_says_so():
     assert budget.reserved == 0
 
 
+class Received:
+    """A PendingRequest whose message has arrived."""
+
+    def __init__(self, request) -> None:
+        self.request = request
+
+    async def read(self):
+        return self.request
+
+
 async def test_admission_estimates_with_the_classifiers_input_or_the_costliest():
     settings = Settings(memory_budget_bytes=1 << 40)
     admission = MemoryAdmission(MemoryBudget(1 << 40), settings, FakeTriton(VARIABLE))
     request = attribute(512)
-    async with admission.admit(request, None):
+    with ExitStack() as held:
+        assert await admission.receive(Received(request), None, held) is request
         assert admission.budget.reserved == estimate_bytes(request, settings, VARIABLE)
+    assert admission.budget.reserved == 0
     fixed = MemoryAdmission(MemoryBudget(1 << 40), settings, FakeTriton(FIXED))
-    async with fixed.admit(request, None):
-        known = fixed.budget.reserved
+    known = await fixed.estimate(request, None)
     request.model.name = "unknown"  # describe fails: the plan will say so; the worst is reserved
-    async with fixed.admit(request, None):
-        assert fixed.budget.reserved == estimate_bytes(request, settings, None) > known
-    assert fixed.budget.reserved == 0
+    assert await fixed.estimate(request, None) == estimate_bytes(request, settings, None) > known
 
     class Unreachable(FakeTriton):
         async def describe(self, name: str, version: str = "", deadline=None):
             raise Unavailable("Triton is unreachable or overloaded; retry with backoff")
 
     down = MemoryAdmission(MemoryBudget(1 << 40), settings, Unreachable(FIXED))
-    with pytest.raises(Unavailable):  # the plan would wait for the same answer again
-        async with down.admit(request, None):
-            pass
+    with pytest.raises(Unavailable), ExitStack() as held:  # the plan would wait again
+        await down.receive(Received(request), None, held)
+    assert down.budget.reserved == 0
 
 
 def test_the_budget_is_derived_from_the_containers_limit(tmp_path, monkeypatch):

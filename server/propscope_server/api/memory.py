@@ -13,9 +13,11 @@ of the process: the budget leaves the rest of the container to the gateway itsel
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+
+from google.protobuf.message import Message
 
 from propscope.v1 import attribution_pb2 as apb
 from propscope.v1 import explain_pb2 as pb
@@ -26,6 +28,7 @@ from propscope_server.api.convert import (
     classifier_ref,
     resolve_max_steps,
 )
+from propscope_server.api.parsing import PendingRequest
 from propscope_server.backends.preprocessing import input_layout
 from propscope_server.config import Limits, Settings
 from propscope_server.errors import (
@@ -373,12 +376,23 @@ class MemoryAdmission:
         with self.budget.reserve(min(largest, self.budget.budget_bytes), need):
             yield
 
-    @asynccontextmanager
-    async def admit(
+    async def receive(
+        self, pending: PendingRequest, deadline: float | None, held: ExitStack
+    ) -> Message:
+        """A call's message, received within the budget; its request's estimate is then
+        held in `held`, which the caller closes once the call has ended (its status
+        sent), so that a message is never in memory unaccounted for. The receiving
+        reservation is let go only once the estimate's is held."""
+        with self.receiving():
+            request = await pending.read()
+            held.enter_context(self.budget.reserve(await self.estimate(request, deadline)))
+        return request
+
+    async def estimate(
         self,
         request: pb.ExplainRequest | apb.AttributeRequest | apb.EvaluateAttributionRequest,
         deadline: float | None,
-    ) -> AsyncIterator[None]:
+    ) -> int:
         classifier = None
         if request.model.name:
             try:
@@ -390,8 +404,7 @@ class MemoryAdmission:
                 classifier = None
         nbytes = estimate_bytes(request, self._settings, classifier)
         logger.debug("memory estimate %d bytes", nbytes)
-        with self.budget.reserve(nbytes):
-            yield
+        return nbytes
 
 
 def _mib(nbytes: int) -> str:

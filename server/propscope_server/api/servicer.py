@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing, asynccontextmanager
+from contextlib import ExitStack, aclosing, asynccontextmanager
 from typing import Any
 
 import grpc
@@ -97,19 +97,19 @@ class MethodStreams:
         max_call_s whatever the client's deadline, and a message the client does not take
         within send_timeout_s ends the stream: a slow reader cannot hold its slot. The
         request's memory estimate is reserved before it is decoded (api/memory.py)."""
-        async with _observed(rpc, context):
-            tenant = self.tenant(context)
-            caller = Caller.of(context.peer(), tenant if self._authenticator.enabled else None)
-            client_remaining = context.time_remaining()
-            capped = client_remaining is None or client_remaining > self.limits.max_call_s
-            remaining = self.limits.max_call_s if capped else client_remaining
-            deadline = time.monotonic() + remaining
-            with self._admission.admit(caller), metrics.INFLIGHT_STREAMS.track_inprogress():
-                cap = remaining if capped else None
-                async with self._capped(cap):
-                    with self._memory.receiving():
-                        request = await pending.read()
-                    async with self._memory.admit(request, deadline):
+        # Closed once the call has ended, its status sent: the request's memory stays
+        # reserved as long as the call holds its message.
+        with ExitStack() as held:
+            async with _observed(rpc, context):
+                tenant = self.tenant(context)
+                caller = Caller.of(context.peer(), tenant if self._authenticator.enabled else None)
+                client_remaining = context.time_remaining()
+                capped = client_remaining is None or client_remaining > self.limits.max_call_s
+                remaining = self.limits.max_call_s if capped else client_remaining
+                deadline = time.monotonic() + remaining
+                with self._admission.admit(caller), metrics.INFLIGHT_STREAMS.track_inprogress():
+                    async with self._capped(remaining if capped else None):
+                        request = await self._memory.receive(pending, deadline, held)
                         spec = await in_thread(to_spec, request, tenant)
                         logs.bind_request(spec.request_id, tenant)
                         events = run_method(method, name_of(spec), spec, deadline)
