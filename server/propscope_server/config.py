@@ -63,9 +63,8 @@ class Limits(BaseModel):
     max_request_bytes: int = 64 * 1024 * 1024
     max_image_bytes: int = 8 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
-    # All images of all paths of one request together, in pixels: the gateway's memory
-    # per request peaks near 20 bytes per path pixel (uint8 paths, their copies, and the
-    # float32 model input), so about 1.3 GB at this limit.
+    # All images of all paths of one request together, in pixels. What a request may
+    # take in memory is estimated and admitted against memory_budget_bytes (api/memory.py).
     max_path_pixels: int = 64 * 1024 * 1024
     max_properties: int = 32
     max_steps: int = 256
