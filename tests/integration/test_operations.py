@@ -27,6 +27,7 @@ import propscope
 from propscope.v1 import explain_pb2 as pb
 from propscope.v1 import explain_pb2_grpc
 from propscope_dev import stack
+from propscope_dev.hostile import bearer, hue_request_fields
 from tests.integration.conftest import ExtraGateway, extra_gateway, scene_png
 
 TOKENS = json.dumps({"token-a": "team-a", "token-b": "team-b", "token-c": "team-c"})
@@ -34,20 +35,7 @@ HUE = "hue=procedural:operation=hue"
 
 
 def explain_request(seed: int = 0, **fields: object) -> pb.ExplainRequest:
-    values: dict = dict(
-        image=scene_png(hue_deg=float(seed % 360)),
-        model=pb.ModelRef(name="synth_hue"),
-        properties=[
-            pb.Property(
-                name="hue",
-                editor=pb.EditorIntervention(model="procedural", parameters={"operation": "hue"}),
-            )
-        ],
-        steps=8,
-        permutations=200,
-        alpha=0.05,
-        seed=seed,
-    )
+    values = hue_request_fields(scene_png(hue_deg=float(seed % 360)), seed)
     values.update(fields)
     return pb.ExplainRequest(**values)
 
@@ -66,13 +54,9 @@ def heavy_request(seed: int) -> pb.ExplainRequest:
     return explain_request(seed, properties=properties, samples=4, steps=64, permutations=100)
 
 
-def bearer(token: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),)
-
-
 def explain(channel: grpc.Channel, request: pb.ExplainRequest, token: str | None = None) -> list:
     stub = explain_pb2_grpc.ExplainServiceStub(channel)
-    return list(stub.Explain(request, metadata=bearer(token) if token else None, timeout=120))
+    return list(stub.Explain(request, metadata=bearer(token), timeout=120))
 
 
 def cache_hits(events: list) -> int:
@@ -109,7 +93,7 @@ def channel(authed: ExtraGateway):
 def test_calls_without_a_known_token_are_unauthenticated(authed, channel, token, words):
     before = metric(authed.metrics_url, "propscope_auth_failures_total")
     stub = explain_pb2_grpc.ExplainServiceStub(channel)
-    metadata = bearer(token) if token else None
+    metadata = bearer(token)
     for call in (
         lambda: list(stub.Explain(explain_request(), metadata=metadata, timeout=30)),
         lambda: stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=30),

@@ -33,19 +33,16 @@ def _png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def well_behaved_request(seed: int) -> pb.ExplainRequest:
-    """A cheap explanation of a scene drawn for `seed`: a different image per seed, so
-    that no call is a cache hit and latencies compare."""
-    scene = Scene(
-        shape=seed % 2,
-        hue_deg=float(seed * 37 % 360),
-        radius_px=12.0,
-        background=0.5,
-        patch=False,
-        center=(32.0, 32.0),
-    )
-    return pb.ExplainRequest(
-        image=_png(render(scene)),
+def bearer(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """Call metadata carrying `token`; None without one."""
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+def hue_request_fields(image: bytes, seed: int) -> dict:
+    """The fields of a cheap explanation of `image`: synth_hue, one procedural hue
+    property, 8 steps, 200 permutations (pb.ExplainRequest(**fields), overridable)."""
+    return dict(
+        image=image,
         model=pb.ModelRef(name="synth_hue"),
         properties=[
             pb.Property(
@@ -58,6 +55,20 @@ def well_behaved_request(seed: int) -> pb.ExplainRequest:
         alpha=0.05,
         seed=seed,
     )
+
+
+def well_behaved_request(seed: int) -> pb.ExplainRequest:
+    """A cheap explanation of a scene drawn for `seed`: a different image per seed, so
+    that no call is a cache hit and latencies compare."""
+    scene = Scene(
+        shape=seed % 2,
+        hue_deg=float(seed * 37 % 360),
+        radius_px=12.0,
+        background=0.5,
+        patch=False,
+        center=(32.0, 32.0),
+    )
+    return pb.ExplainRequest(**hue_request_fields(_png(render(scene)), seed))
 
 
 def never_reading_request(seed: int) -> pb.ExplainRequest:
@@ -208,7 +219,7 @@ def large_message_flood(
     """`callers` concurrent calls, each sending `mib` MiB (with `token`, or without
     one): their status codes and the MiB they added to process `pid`'s peak memory."""
     payload = pb.ExplainRequest(image=b"\0" * (mib * 2**20)).SerializeToString()
-    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    metadata = bearer(token)
     codes: list[str] = []
 
     def call() -> None:
@@ -266,7 +277,7 @@ class CallOutcome:
 
 def explain_once(target: str, request: pb.ExplainRequest, token: str | None = None) -> CallOutcome:
     """One Explain on a connection of its own (with `token`, or without one)."""
-    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    metadata = bearer(token)
     started = time.perf_counter()
     with grpc.insecure_channel(target, options=OWN_CONNECTION) as channel:
         stub = explain_pb2_grpc.ExplainServiceStub(channel)
