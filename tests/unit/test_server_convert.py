@@ -11,7 +11,13 @@ from PIL import Image
 
 from propscope.v1 import explain_pb2 as pb
 from propscope_server import domain
-from propscope_server.api.convert import decode_image, event_message, explain_spec, property_result
+from propscope_server.api.convert import (
+    checked_version,
+    decode_image,
+    event_message,
+    explain_spec,
+    property_result,
+)
 from propscope_server.config import Limits
 from propscope_server.errors import DeadlineExceeded, InvalidArgument, NotFound
 from propscope_server.scoring.property_gradient import Decision, PropertyScore
@@ -331,6 +337,8 @@ def test_sixteen_bit_images_are_refused_not_clipped():
         (dict(model=pb.ModelRef(name="cnn", version="x")), "positive integer", "model.version"),
         (dict(model=pb.ModelRef(name="cnn", version="-1")), "positive integer", "model.version"),
         (dict(model=pb.ModelRef(name="cnn", version="9" * 20)), "positive integer", None),
+        (dict(model=pb.ModelRef(name="cnn", version="0" * 5000)), "positive integer", None),
+        (dict(model=pb.ModelRef(name="cnn", version="1" * 5000)), "positive integer", None),
         (dict(model=pb.ModelRef(name="m" * 20_000)), "20000 characters; at most 256", None),
         (dict(model=pb.ModelRef(name="cnn", output="o" * 300)), "at most 256", "model.output"),
         (dict(request_id="r" * 300), "at most 256", "request_id"),
@@ -379,6 +387,12 @@ def test_names_versions_and_preprocessing_are_bounded(fields, needle, field):
     assert needle in str(info.value) and len(str(info.value)) < 400
     if field is not None:
         assert info.value.field == field
+
+
+def test_a_version_has_one_spelling_however_many_leading_zeros():
+    """Found by the fuzz test: a version of over 4,300 digits once made int() raise."""
+    assert checked_version("0" * 5000 + "7", "model.version") == "7"
+    assert checked_version("", "model.version") == ""
 
 
 @pytest.mark.parametrize("steps", [170, 200, 256])

@@ -341,12 +341,15 @@ def checked_version(value: str, field: str) -> str:
     one spelling ("01" is "1"), so one version is one cache key and one description."""
     if not value:
         return value
-    if not (value.isascii() and value.isdigit() and 0 < int(value) < 2**63):
+    digits = value.lstrip("0")  # Python refuses int() of over 4,300 digits
+    if not (
+        value.isascii() and value.isdigit() and len(digits) <= 19 and 0 < int(digits or "0") < 2**63
+    ):
         raise InvalidArgument(
             f"{field} must be a positive integer or empty (latest); got {value[:40]!r}",
             field=field,
         )
-    return str(int(value))
+    return digits
 
 
 def classifier_ref(model: pb.ModelRef) -> domain.ClassifierRef:
