@@ -7,10 +7,12 @@ INSTALLED := $(VENV)/.installed
 # The stubs (propscope.v1, distribution propscope-api in protos/python): installed, not editable,
 # again whenever the contract changes.
 STUBS := $(VENV)/.stubs-installed
-# Wheels of what ./protos/python and ./server declare and of their build backends, pinned by
-# requirements.txt: tests/integration/test_install.py installs ./server into a clean venv from
-# these alone, with no network.
+# Wheels of what ./protos/python, ./server and ./client declare (constrained by requirements.txt),
+# of their build backends (pinned in their pyproject.toml) and of the `build` frontend:
+# tests/integration/test_install.py installs ./server, and builds the SDK and its stubs as sdists
+# and wheels and installs them, in clean venvs from these alone, with no network.
 WHEELHOUSE := build/wheelhouse
+WHEELHOUSE_BUILD_TOOLS := setuptools==84.2.1 grpcio-tools==1.81.1 build==1.6.1
 # Tiny random diffusion pipelines for the CPU editors (generated, never committed).
 PIPELINES := deploy/triton/pipelines
 TINY_PIPELINES := $(PIPELINES)/tiny-ip2p/propscope_tiny.json $(PIPELINES)/tiny-sd/propscope_tiny.json
@@ -59,10 +61,11 @@ $(STUBS): protos/propscope/v1/*.proto protos/python/pyproject.toml protos/python
 
 stubs: $(STUBS)
 
-$(WHEELHOUSE)/.complete: requirements.txt protos/python/pyproject.toml server/pyproject.toml | $(INSTALLED)
+$(WHEELHOUSE)/.complete: requirements.txt protos/python/pyproject.toml server/pyproject.toml \
+		client/pyproject.toml | $(INSTALLED)
 	rm -rf $(WHEELHOUSE)
 	$(PY) -m pip download --quiet --disable-pip-version-check --dest $(WHEELHOUSE) \
-		--constraint requirements.txt "setuptools>=68" grpcio-tools==1.81.1 ./protos/python ./server
+		--constraint requirements.txt $(WHEELHOUSE_BUILD_TOOLS) ./protos/python ./server ./client
 	touch $@
 
 $(TINY_PIPELINES) &: | $(INSTALLED)
