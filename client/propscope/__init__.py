@@ -1,10 +1,12 @@
 """propscope: explain image classifiers by gradual interventions (client SDK).
 
->>> from propscope import Client, PropertyResult
+>>> from propscope import Client
 >>> with Client("localhost:50051") as client:
-...     for event in client.explain("cat.png", "resnet50", ["hue=procedural:operation=hue"]):
-...         if isinstance(event, PropertyResult):
-...             print(event.property_name, event.score, event.p_value)
+...     result = client.explain("cat.png", "resnet50", {"hue": "procedural:operation=hue"}).result()
+...     for found in result.properties:
+...         print(found.property_name, found.score, found.p_value)
+
+``AsyncClient`` makes the same calls on asyncio (grpc.aio).
 """
 
 import logging
@@ -14,6 +16,7 @@ import pkgutil
 # package as a namespace portion.
 __path__ = pkgutil.extend_path(__path__, __name__)
 
+from propscope._async_client import AsyncClient, AsyncExplainStream
 from propscope._attribution import (
     Attribution,
     AttributionProgress,
@@ -23,8 +26,8 @@ from propscope._attribution import (
     RiseOptions,
     SobolOptions,
 )
-from propscope._client import Client
-from propscope._errors import PropscopeError
+from propscope._client import Client, ExplainStream
+from propscope._errors import FieldViolation, PropscopeError
 from propscope._events import (
     Accepted,
     Decision,
@@ -42,9 +45,13 @@ from propscope._events import (
 from propscope._images import ImageLike, encode_image, encode_mask
 from propscope._preprocessing import Preprocessing
 from propscope._properties import Box, Mask, Property, parse_property, split_property
+from propscope._requests import Properties
+from propscope._results import ExplainResult
 
 __all__ = [
     "Accepted",
+    "AsyncClient",
+    "AsyncExplainStream",
     "Attribution",
     "AttributionProgress",
     "Box",
@@ -54,6 +61,9 @@ __all__ = [
     "EditorParameter",
     "Evaluation",
     "Event",
+    "ExplainResult",
+    "ExplainStream",
+    "FieldViolation",
     "ImageLike",
     "Mask",
     "MetricResult",
@@ -62,6 +72,7 @@ __all__ = [
     "PerturbationSettings",
     "Preprocessing",
     "Progress",
+    "Properties",
     "Property",
     "PropertyResult",
     "PropscopeError",

@@ -1,28 +1,29 @@
-"""The synchronous client."""
+"""The clients: one definition of every call (``ClientBase``), and the synchronous ``Client``.
+
+``ClientBase`` checks the arguments, builds the request and starts the call; a subclass only says
+how a started call is read: ``Client`` blocks on grpc's sync stubs, ``AsyncClient``
+(``_async_client.py``) awaits grpc.aio's. Both feed the same collectors (``_results.py``) and map
+errors the same way (``PropscopeError.from_rpc_error``).
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 import numpy.typing as npt
 
-from propscope._attribution import (
-    Attribution,
-    AttributionProgress,
-    Evaluation,
-    MetricResult,
-)
+from propscope._attribution import Attribution, Evaluation
 from propscope._errors import PropscopeError
 from propscope._events import Event, ModelInfo, event_from_proto
 from propscope._images import ImageLike
 from propscope._preprocessing import PathMode, Preprocessing
-from propscope._properties import Property
 from propscope._requests import (
     Metadata,
+    Properties,
     build_attribute_request,
     build_evaluate_request,
     build_explain_request,
@@ -30,24 +31,38 @@ from propscope._requests import (
     call_options,
     channel_options,
 )
+from propscope._results import (
+    AttributeCollector,
+    EvaluateCollector,
+    ExplainCollector,
+    ExplainResult,
+    MetricCallback,
+    ProgressCallback,
+)
 from propscope.v1 import attribution_pb2_grpc, explain_pb2, explain_pb2_grpc
 
-__all__ = ["Client", "ProgressCallback"]
+__all__ = ["Client", "ClientBase", "ExplainStream", "ProgressCallback", "known_event"]
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[AttributionProgress], None]
+# What each call returns: the value itself (Client) or an awaitable of it (AsyncClient).
+ExplainT = TypeVar("ExplainT")
+AttributionT = TypeVar("AttributionT")
+EvaluationT = TypeVar("EvaluationT")
+ModelsT = TypeVar("ModelsT")
+Collector = AttributeCollector | EvaluateCollector
 
 
-class Client:
-    """A connection to a propscope gateway.
+class ClientBase(Generic[ExplainT, AttributionT, EvaluationT, ModelsT]):
+    """A connection to a propscope gateway: every call, for ``Client`` and ``AsyncClient``.
 
     ``target`` is ``host:port``. Without ``credentials`` the channel is insecure. ``token`` is
     the gateway's bearer token (sent as ``authorization: Bearer <token>``). ``metadata`` is
     sent with every call (a call's own ``metadata`` is appended), ``timeout`` (seconds) is the
     default deadline of every call (for ``explain``, of the whole stream). ``options`` are extra
-    gRPC channel options. Every failed call raises ``PropscopeError``. Use as a context manager or
-    call ``close()``.
+    gRPC channel options. Every failed call raises ``PropscopeError``; bad arguments raise
+    ``ValueError``, ``TypeError`` or ``OSError`` when the method is called, before anything is
+    sent (with ``AsyncClient`` too: before the first ``await``).
     """
 
     def __init__(
@@ -68,11 +83,7 @@ class Client:
             if credentials is None and host not in ("127.0.0.1", "localhost", "[::1]"):
                 logger.warning("sending a bearer token to %s over a plaintext channel", target)
         self._timeout = timeout
-        merged_options = channel_options(options)
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=merged_options)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=merged_options)
+        self._channel = self._open_channel(target, credentials, channel_options(options))
         self._stub = explain_pb2_grpc.ExplainServiceStub(self._channel)
         self._attribution = attribution_pb2_grpc.AttributionServiceStub(self._channel)
         self._closed = False
@@ -81,7 +92,7 @@ class Client:
         self,
         image: ImageLike,
         model: str,
-        properties: Property | str | Iterable[Property | str],
+        properties: Properties,
         *,
         steps: int = 0,
         samples: int = 0,
@@ -100,11 +111,13 @@ class Client:
         max_steps: int = 0,
         timeout: float | None = None,
         metadata: Metadata | None = None,
-    ) -> Iterator[Event]:
+    ) -> ExplainT:
         """Explains ``model``'s prediction on ``image`` for each of ``properties``.
 
         ``image``: encoded PNG/JPEG bytes, a path, an RGB uint8 HxWx3 array or a PIL image.
-        ``properties``: ``Property`` objects or ``parse_property`` strings. 0 for ``steps``,
+        ``properties``: ``Property`` objects or ``parse_property`` strings, or a mapping of
+        names to what follows ``NAME=`` in that syntax (or to ``Property`` objects of that name),
+        e.g. ``{"hue": "procedural:operation=hue"}``. 0 for ``steps``,
         ``samples``, ``permutations`` and ``alpha`` means the server's default;
         ``target_class=None`` follows the class the model predicts for the original image;
         ``min_probability_change=None`` takes the server's default effect size for ``relevant``.
@@ -113,11 +126,12 @@ class Client:
         ``path_mode`` is "adaptive" (the server's default: a path the test cannot decide is
         lengthened up to ``max_steps``, 0 meaning the server's limit) or "fixed".
 
-        The arguments are checked and the call started before this returns (``ValueError``,
-        ``TypeError`` or ``OSError`` for bad arguments); the returned iterator yields
+        The arguments are checked and the call started before this returns; the returned
+        stream (``ExplainStream``; ``AsyncExplainStream`` for ``async for``) yields
         ``Accepted``, then ``Progress`` and ``PropertyResult`` events, and ``Done`` last, and
-        raises ``PropscopeError`` when the call fails, also midway. Closing the iterator early
-        (``break``, ``close()``) cancels the call.
+        raises ``PropscopeError`` when the call fails, also midway. Its ``result()`` reads the
+        stream to its end and returns one ``ExplainResult`` (the plan, every property's result,
+        the timings). Closing the stream early (``break``, ``close()``) cancels the call.
         """
         self._check_open()
         request = build_explain_request(
@@ -148,7 +162,7 @@ class Client:
             request_id,
         )
         call = self._stub.Explain(request, **self._call_options(timeout, metadata))
-        return _events(call)
+        return self._explain_stream(call)
 
     def attribute(
         self,
@@ -177,7 +191,7 @@ class Client:
         on_progress: ProgressCallback | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
-    ) -> Attribution:
+    ) -> AttributionT:
         """Where ``model`` looks on ``image``: one attribution map, computed black-box.
 
         ``method`` "sobol" (``grid_size`` g, ``nb_design`` N a power of two, ``estimator``
@@ -189,9 +203,8 @@ class Client:
         ``target_class`` (None: the predicted class). Masked pixels are replaced by
         ``perturbation`` (inpainting|blur|amplitude) toward ``baseline``
         (input_zero|black|mean_colour|blur, ``blur_sigma`` pixels). ``on_progress`` is called
-        with an ``AttributionProgress`` as forward passes complete. Blocks until the map is
-        done; raises ``PropscopeError`` when the call fails and ``ValueError``/``TypeError``/
-        ``OSError`` for bad arguments, before anything is sent.
+        with an ``AttributionProgress`` as forward passes complete. Returns the ``Attribution``
+        once the map is done (``AsyncClient``: an awaitable of it).
         """
         self._check_open()
         request = build_attribute_request(
@@ -219,23 +232,7 @@ class Client:
         )
         logger.debug("Attribute %s: model %s, method %s", self.target, model, method)
         call = self._attribution.Attribute(request, **self._call_options(timeout, metadata))
-        accepted = result = None
-        rid = request_id
-        for message in _messages(call):
-            rid = message.request_id or rid
-            kind = message.WhichOneof("event")
-            if kind == "accepted":
-                accepted = message.accepted
-            elif kind == "progress" and on_progress is not None:
-                on_progress(AttributionProgress.from_proto(message.progress, rid))
-            elif kind == "result":
-                result = message.result
-        if accepted is None or result is None:
-            raise _incomplete("Attribute", "the plan and the map")
-        try:
-            return Attribution.from_events(rid, accepted, result)
-        except ValueError as error:
-            raise PropscopeError(grpc.StatusCode.INTERNAL, str(error)) from None
+        return self._collect(call, AttributeCollector(request_id, on_progress))
 
     def evaluate_attribution(
         self,
@@ -266,10 +263,10 @@ class Client:
         preprocessing: Preprocessing | None = None,
         class_labels: Sequence[str] = (),
         on_progress: ProgressCallback | None = None,
-        on_metric: Callable[[MetricResult], None] | None = None,
+        on_metric: MetricCallback | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
-    ) -> Evaluation:
+    ) -> EvaluationT:
         """How faithful an attribution map of ``model`` on ``image`` is.
 
         ``explanation``: the map, a 2-D array at the image's size (e.g. from Captum), or an
@@ -279,8 +276,8 @@ class Client:
         Insertion take ``steps``, ``max_percentage_perturbed`` and ``baseline``; MuFidelity
         ``grid_size``, ``subset_percent``, ``nb_samples`` and ``baseline``; stability
         ``radius`` and ``stability_samples`` (0 and None: the server's defaults).
-        ``on_metric`` is called with each ``MetricResult`` as it arrives. Raises like
-        ``attribute``.
+        ``on_metric`` is called with each ``MetricResult`` as it arrives. Returns one
+        ``Evaluation`` (``AsyncClient``: an awaitable of it).
         """
         self._check_open()
         request = build_evaluate_request(
@@ -314,39 +311,98 @@ class Client:
         call = self._attribution.EvaluateAttribution(
             request, **self._call_options(timeout, metadata)
         )
-        accepted = None
-        results: list[MetricResult] = []
-        rid = request_id
-        for message in _messages(call):
-            rid = message.request_id or rid
-            kind = message.WhichOneof("event")
-            if kind == "accepted":
-                accepted = message.accepted
-            elif kind == "progress" and on_progress is not None:
-                on_progress(AttributionProgress.from_proto(message.progress, rid))
-            elif kind == "metric":
-                results.append(MetricResult.from_proto(message.metric))
-                if on_metric is not None:
-                    on_metric(results[-1])
-        if accepted is None:
-            raise _incomplete("EvaluateAttribution", "the plan")
-        missing = [name for name in accepted.metrics if name not in {r.metric for r in results}]
-        if missing:
-            raise _incomplete("EvaluateAttribution", f"the results of {', '.join(missing)}")
-        return Evaluation.from_events(rid, accepted, results)
+        return self._collect(call, EvaluateCollector(request_id, on_progress, on_metric))
 
     def list_models(
         self, *, timeout: float | None = None, metadata: Metadata | None = None
-    ) -> list[ModelInfo]:
-        """The classifiers and editors the gateway's Triton server serves."""
+    ) -> ModelsT:
+        """The classifiers and editors the gateway's Triton server serves (``ModelInfo``s)."""
         self._check_open()
+        return self._unary(
+            self._stub.ListModels,
+            build_list_models_request(),
+            self._call_options(timeout, metadata),
+            _models,
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.target!r})"
+
+    # How a channel is opened and a started call read: what Client and AsyncClient define.
+
+    def _open_channel(
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials | None,
+        options: list[tuple[str, Any]],
+    ) -> Any:
+        raise NotImplementedError
+
+    def _explain_stream(self, call: Any) -> ExplainT:
+        raise NotImplementedError
+
+    def _collect(self, call: Any, collector: Collector) -> Any:
+        raise NotImplementedError
+
+    def _unary(
+        self, method: Any, request: Any, options: dict[str, Any], convert: Callable[[Any], Any]
+    ) -> Any:
+        raise NotImplementedError
+
+    def _call_options(self, timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
+        return call_options(
+            default_timeout=self._timeout,
+            default_metadata=self._metadata,
+            timeout=timeout,
+            metadata=metadata,
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("the client is closed")
+
+
+class ExplainStream(Iterator[Event]):
+    """The events of a started Explain call, read as they come, or all at once by ``result()``.
+    Leaving it early (``break``, ``close()``, garbage collection) cancels the call."""
+
+    def __init__(self, call: Any) -> None:
+        self._events = _events(call)
+        self._collector = ExplainCollector()
+        self._closed = False
+
+    def __next__(self) -> Event:
         try:
-            response: explain_pb2.ListModelsResponse = self._stub.ListModels(
-                build_list_models_request(), **self._call_options(timeout, metadata)
-            )
-        except grpc.RpcError as error:
-            raise PropscopeError.from_rpc_error(error) from error
-        return [ModelInfo.from_proto(model) for model in response.models]
+            event = next(self._events)
+        except PropscopeError as error:
+            self._collector.fail(error)
+            raise
+        self._collector.add(event)
+        return event
+
+    def result(self) -> ExplainResult:
+        """Reads the stream to its end into one result (events already read count too);
+        ``PropscopeError`` when the call fails, also when it failed while iterated."""
+        if self._closed:
+            raise ValueError("the stream was closed before its end")
+        for _ in self:
+            pass
+        return self._collector.result()
+
+    def close(self) -> None:
+        """Cancels the call if it is still running."""
+        self._closed = True
+        self._events.close()
+
+
+class Client(ClientBase[ExplainStream, Attribution, Evaluation, list[ModelInfo]]):
+    """A blocking connection to a propscope gateway (arguments and calls: ``ClientBase``); use
+    as a context manager or call ``close()``.
+
+    >>> with Client("localhost:50051") as client:
+    ...     found = client.explain("cat.png", "resnet50", {"hue": "procedural:operation=hue"})
+    ...     print(found.result()["hue"].p_value)
+    """
 
     def close(self) -> None:
         """Closes the channel, cancelling calls in flight; closing twice is harmless."""
@@ -365,20 +421,46 @@ class Client:
     ) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        return f"Client({self.target!r})"
+    def _open_channel(
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials | None,
+        options: list[tuple[str, Any]],
+    ) -> grpc.Channel:
+        if credentials is None:
+            return grpc.insecure_channel(target, options=options)
+        return grpc.secure_channel(target, credentials, options=options)
 
-    def _call_options(self, timeout: float | None, metadata: Metadata | None) -> dict[str, Any]:
-        return call_options(
-            default_timeout=self._timeout,
-            default_metadata=self._metadata,
-            timeout=timeout,
-            metadata=metadata,
-        )
+    def _explain_stream(self, call: Any) -> ExplainStream:
+        return ExplainStream(call)
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ValueError("the client is closed")
+    def _collect(self, call: Any, collector: Collector) -> Any:
+        for message in _messages(call):
+            collector.add(message)
+        return collector.result()
+
+    def _unary(
+        self, method: Any, request: Any, options: dict[str, Any], convert: Callable[[Any], Any]
+    ) -> Any:
+        try:
+            response = method(request, **options)
+        except grpc.RpcError as error:
+            raise PropscopeError.from_rpc_error(error) from error
+        return convert(response)
+
+
+def known_event(message: explain_pb2.ExplainEvent) -> Event | None:
+    """The typed event of a message, or None for an event kind this SDK does not know (one added
+    to the contract after it was built): skipped, not an error."""
+    try:
+        return event_from_proto(message)
+    except ValueError:
+        logger.debug("skipping an event this SDK does not know: %s", message)
+        return None
+
+
+def _models(response: explain_pb2.ListModelsResponse) -> list[ModelInfo]:
+    return [ModelInfo.from_proto(model) for model in response.models]
 
 
 def _messages(call: Any) -> Iterator[Any]:
@@ -392,24 +474,9 @@ def _messages(call: Any) -> Iterator[Any]:
         call.cancel()
 
 
-def _incomplete(rpc: str, what: str) -> PropscopeError:
-    """A stream that ended OK without what the contract promises: a server fault."""
-    return PropscopeError(
-        grpc.StatusCode.INTERNAL, f"the {rpc} stream ended without {what} (a server fault)"
-    )
-
-
 def _events(call: Any) -> Iterator[Event]:
     """The typed events of a started Explain call; cancels the call when closed early."""
-    try:
-        for message in call:
-            try:
-                event = event_from_proto(message)
-            except ValueError:
-                logger.debug("skipping an event this SDK does not know: %s", message)
-                continue
+    for message in _messages(call):
+        event = known_event(message)
+        if event is not None:
             yield event
-    except grpc.RpcError as error:
-        raise PropscopeError.from_rpc_error(error) from error
-    finally:
-        call.cancel()

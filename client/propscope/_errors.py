@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf import any_pb2, message
 from google.rpc import error_details_pb2, status_pb2
 
-__all__ = ["PropscopeError", "status_code_from_int"]
+__all__ = ["FieldViolation", "PropscopeError", "status_code_from_int"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +25,22 @@ def status_code_from_int(code: int) -> grpc.StatusCode:
     return _CODES_BY_INT.get(code, grpc.StatusCode.UNKNOWN)
 
 
+class FieldViolation(NamedTuple):
+    """One ``google.rpc.BadRequest`` field violation: the request field (e.g.
+    ``sobol.nb_design``) and what is wrong with it. A tuple, so ``field, why = violation``
+    works."""
+
+    field: str
+    description: str
+
+
 class PropscopeError(Exception):
     """A failed propscope call.
 
     ``code`` is the gRPC status code and ``message`` the server's message. ``details`` holds the
     ``google.protobuf.Any`` details of the rich ``google.rpc.Status`` when the server sent one, and
-    ``field_violations`` the ``(field, description)`` pairs of its ``google.rpc.BadRequest``.
+    ``field_violations`` the ``FieldViolation`` (field, description) of its
+    ``google.rpc.BadRequest``.
     """
 
     def __init__(
@@ -43,7 +53,7 @@ class PropscopeError(Exception):
         self.code = code
         self.message = message
         self.details: tuple[any_pb2.Any, ...] = tuple(details)
-        self.field_violations: tuple[tuple[str, str], ...] = _field_violations(self.details)
+        self.field_violations: tuple[FieldViolation, ...] = _field_violations(self.details)
         super().__init__(code, message)
 
     @classmethod
@@ -62,8 +72,10 @@ class PropscopeError(Exception):
         if self.field_violations:
             # A violation that only repeats the message adds its field, not the text again.
             parts = [
-                f"field {name}" if why == self.message else f"{name}: {why}"
-                for name, why in self.field_violations
+                f"field {v.field}"
+                if v.description == self.message
+                else f"{v.field}: {v.description}"
+                for v in self.field_violations
             ]
             text = f"{text} ({'; '.join(parts)})"
         return text
@@ -95,11 +107,13 @@ def _rich_status(trailing_metadata: Iterable[tuple[str, Any]]) -> status_pb2.Sta
     return None
 
 
-def _field_violations(details: Iterable[any_pb2.Any]) -> tuple[tuple[str, str], ...]:
-    violations: list[tuple[str, str]] = []
+def _field_violations(details: Iterable[any_pb2.Any]) -> tuple[FieldViolation, ...]:
+    violations: list[FieldViolation] = []
     for detail in details:
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad_request = error_details_pb2.BadRequest()
             detail.Unpack(bad_request)
-            violations.extend((v.field, v.description) for v in bad_request.field_violations)
+            violations.extend(
+                FieldViolation(v.field, v.description) for v in bad_request.field_violations
+            )
     return tuple(violations)

@@ -1,4 +1,4 @@
-"""Request building and per-call options shared by the sync client (and a later aio client).
+"""Request building and per-call options shared by the sync and the aio client.
 
 Nothing here touches a channel: these functions turn the caller's arguments into protobuf
 messages and gRPC call keywords, and validate what the server could only report later.
@@ -25,6 +25,7 @@ from propscope.v1 import attribution_pb2, explain_pb2
 __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
     "Metadata",
+    "Properties",
     "build_attribute_request",
     "build_evaluate_request",
     "build_explain_request",
@@ -36,6 +37,9 @@ __all__ = [
 ]
 
 Metadata = Sequence[tuple[str, str]]
+# Property objects or parse_property strings, one or many, or a mapping of names to what follows
+# "NAME=" in that syntax (or to Property objects of that name).
+Properties = Property | str | Iterable[Property | str] | Mapping[str, Property | str]
 
 # Results with return_path_images hold many PNGs: allow large responses. Requests are bounded by
 # the server's own max_receive_message_length.
@@ -70,19 +74,24 @@ def call_options(
     }
 
 
-def normalize_properties(properties: Property | str | Iterable[Property | str]) -> list[Property]:
-    """``Property`` objects from objects or ``parse_property`` strings; at least one, unique
-    names."""
-    if isinstance(properties, Property | str):
-        properties = [properties]
-    result: list[Property] = []
-    for item in properties:
-        if isinstance(item, Property):
-            result.append(item)
-        elif isinstance(item, str):
-            result.append(parse_property(item))
-        else:
-            raise TypeError(f"properties must be Property or str, not {type(item).__name__}")
+def normalize_properties(properties: Properties) -> list[Property]:
+    """``Property`` objects from ``properties`` (``Properties``); at least one, unique names."""
+    if isinstance(properties, Mapping):
+        result = [_named_property(name, spec) for name, spec in properties.items()]
+    else:
+        if isinstance(properties, Property | str):
+            properties = [properties]
+        result = []
+        for item in properties:
+            if isinstance(item, Property):
+                result.append(item)
+            elif isinstance(item, str):
+                result.append(parse_property(item))
+            else:
+                raise TypeError(
+                    "properties must be Property objects, NAME=SPEC strings or a mapping "
+                    f"{{NAME: SPEC}}, not {type(item).__name__}"
+                )
     if not result:
         raise ValueError("at least one property is required")
     seen: set[str] = set()
@@ -93,10 +102,30 @@ def normalize_properties(properties: Property | str | Iterable[Property | str]) 
     return result
 
 
+def _named_property(name: Any, spec: Any) -> Property:
+    """One entry of a properties mapping: NAME to what follows ``NAME=`` in the property syntax,
+    or to a ``Property`` of that name."""
+    if not isinstance(name, str):
+        raise TypeError(f"property names (the mapping's keys) must be str, got {name!r}")
+    if isinstance(spec, Property):
+        if spec.name != name:
+            raise ValueError(
+                f"properties[{name!r}] is a Property named {spec.name!r}: the key and the name "
+                "must agree"
+            )
+        return spec
+    if isinstance(spec, str):
+        return parse_property(f"{name}={spec}")
+    raise TypeError(
+        f"properties[{name!r}] must be a str (EDITOR[:key=value,...], without the name) or a "
+        f"Property, not {type(spec).__name__}"
+    )
+
+
 def build_explain_request(
     image: ImageLike,
     model: str,
-    properties: Property | str | Iterable[Property | str],
+    properties: Properties,
     *,
     steps: int = 0,
     samples: int = 0,

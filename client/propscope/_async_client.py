@@ -1,0 +1,134 @@
+"""The asyncio client: ``Client``'s calls (one definition, ``ClientBase``) on grpc.aio."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from propscope._attribution import Attribution, Evaluation
+from propscope._client import ClientBase, Collector, known_event
+from propscope._errors import PropscopeError
+from propscope._events import Event, ModelInfo
+from propscope._results import ExplainCollector, ExplainResult
+
+__all__ = ["AsyncClient", "AsyncExplainStream"]
+
+
+class AsyncExplainStream(AsyncIterator[Event]):
+    """The events of a started Explain call for ``async for``, or all at once by
+    ``await result()``. Leaving it early (``aclose()``, cancelling the task) cancels the call."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
+        self._events = _events(call)
+        self._collector = ExplainCollector()
+        self._closed = False
+
+    async def __anext__(self) -> Event:
+        try:
+            event = await anext(self._events)
+        except PropscopeError as error:
+            self._collector.fail(error)
+            raise
+        self._collector.add(event)
+        return event
+
+    async def result(self) -> ExplainResult:
+        """Reads the stream to its end into one result (events already read count too);
+        ``PropscopeError`` when the call fails, also when it failed while iterated."""
+        if self._closed:
+            raise ValueError("the stream was closed before its end")
+        async for _ in self:
+            pass
+        return self._collector.result()
+
+    async def aclose(self) -> None:
+        """Cancels the call if it is still running."""
+        self._closed = True
+        await self._events.aclose()
+
+
+class AsyncClient(
+    ClientBase[
+        AsyncExplainStream,
+        Awaitable[Attribution],
+        Awaitable[Evaluation],
+        Awaitable[list[ModelInfo]],
+    ]
+):
+    """A connection to a propscope gateway for asyncio, with ``Client``'s arguments and calls
+    (``ClientBase``): ``attribute``, ``evaluate_attribution`` and ``list_models`` return
+    awaitables, ``explain`` an ``AsyncExplainStream``. Create it inside a running event loop;
+    use ``async with`` or ``await close()``.
+
+    >>> async with AsyncClient("localhost:50051") as client:
+    ...     found = client.explain("cat.png", "resnet50", {"hue": "procedural:operation=hue"})
+    ...     print((await found.result())["hue"].p_value)
+    """
+
+    async def close(self) -> None:
+        """Closes the channel, cancelling calls in flight; closing twice is harmless."""
+        if not self._closed:
+            self._closed = True
+            await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _open_channel(
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials | None,
+        options: list[tuple[str, Any]],
+    ) -> grpc.aio.Channel:
+        if credentials is None:
+            return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.secure_channel(target, credentials, options=options)
+
+    def _explain_stream(self, call: grpc.aio.UnaryStreamCall) -> AsyncExplainStream:
+        return AsyncExplainStream(call)
+
+    async def _collect(self, call: grpc.aio.UnaryStreamCall, collector: Collector) -> Any:
+        async for message in _messages(call):
+            collector.add(message)
+        return collector.result()
+
+    async def _unary(
+        self, method: Any, request: Any, options: dict[str, Any], convert: Callable[[Any], Any]
+    ) -> Any:
+        try:
+            response = await method(request, **options)
+        except grpc.RpcError as error:  # grpc.aio.AioRpcError
+            raise PropscopeError.from_rpc_error(error) from error
+        return convert(response)
+
+
+async def _messages(call: grpc.aio.UnaryStreamCall) -> AsyncIterator[Any]:
+    """The messages of a started stream; ``PropscopeError`` when it fails, cancelled when left
+    early (an exception in a progress callback or a cancelled task included)."""
+    try:
+        async for message in call:
+            yield message
+    except grpc.RpcError as error:
+        raise PropscopeError.from_rpc_error(error) from error
+    finally:
+        call.cancel()
+
+
+async def _events(call: grpc.aio.UnaryStreamCall) -> AsyncIterator[Event]:
+    """The typed events of a started Explain call; cancels the call when closed early."""
+    async for message in _messages(call):
+        event = known_event(message)
+        if event is not None:
+            yield event
