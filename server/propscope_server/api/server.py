@@ -18,6 +18,7 @@ from propscope_server.api.admission import Admission
 from propscope_server.api.auth import Authenticator, BearerTokenInterceptor
 from propscope_server.api.memory import MemoryAdmission, MemoryBudget
 from propscope_server.api.parsing import ParseRequestsInterceptor
+from propscope_server.api.rpc_metrics import RpcMetricsInterceptor
 from propscope_server.api.servicer import AttributionServicer, ExplainServicer, MethodStreams
 from propscope_server.backends.model_health import health_service
 from propscope_server.backends.triton import TritonBackend
@@ -133,16 +134,20 @@ def make_cache(settings: Settings) -> ArtefactCache:
 
 
 def interceptors(settings: Settings, authenticator: Authenticator) -> list:
-    """Authentication first: an unauthenticated caller learns nothing, not even
-    whether its message parses."""
+    """Metrics around everything (refusals included); then authentication: an
+    unauthenticated caller learns nothing, not even whether its message parses."""
     if not authenticator.enabled:
-        return [ParseRequestsInterceptor()]
+        return [RpcMetricsInterceptor(), ParseRequestsInterceptor()]
     open_methods = frozenset()
     if settings.auth.health_open:
         open_methods |= HEALTH_METHODS
     if settings.auth.reflection_open:
         open_methods |= REFLECTION_METHODS
-    return [BearerTokenInterceptor(authenticator, open_methods), ParseRequestsInterceptor()]
+    return [
+        RpcMetricsInterceptor(),
+        BearerTokenInterceptor(authenticator, open_methods),
+        ParseRequestsInterceptor(),
+    ]
 
 
 def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:

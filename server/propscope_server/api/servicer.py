@@ -23,6 +23,7 @@ from propscope_server.api.admission import Admission, Caller
 from propscope_server.api.auth import Authenticator
 from propscope_server.api.memory import MemoryAdmission
 from propscope_server.api.parsing import PendingRequest
+from propscope_server.api.rpc_metrics import cancelled_code
 from propscope_server.api.status import status_code
 from propscope_server.config import Limits
 from propscope_server.domain import (
@@ -159,6 +160,8 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
         self, request: PendingRequest, context: grpc.aio.ServicerContext
     ) -> None:
         async def to_message(spec: ExplainSpec, event: Event) -> pb.ExplainEvent:
+            if isinstance(event, PropertyOutcome):
+                _count_property_result(spec.classifier.name, event)
             if spec.return_path_images and isinstance(event, PropertyOutcome):
                 return await in_thread(convert.event_message, spec.request_id, event)
             return convert.event_message(spec.request_id, event)
@@ -204,6 +207,24 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
             return None
 
 
+def _count_property_result(model: str, outcome: PropertyOutcome) -> None:
+    """Failed properties inside an OK stream included. `model` is a name Triton serves:
+    property results follow the plan, which described the classifier."""
+    score, error = outcome.score, outcome.error
+    if score is None or error is not None:
+        status = status_code(error).name if isinstance(error, PropscopeError) else "INTERNAL"
+        significant = relevant = flipped = ""
+    else:
+        status = "OK"
+        significant, relevant, flipped = (
+            str(flag).lower()
+            for flag in (score.significant, score.relevant, score.prediction_flipped)
+        )
+    metrics.PROPERTY_RESULTS.labels(
+        model=model, status=status, significant=significant, relevant=relevant, flipped=flipped
+    ).inc()
+
+
 @asynccontextmanager
 async def _observed(method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     """Maps domain errors to statuses, hides unexpected ones, and records the call's
@@ -222,9 +243,7 @@ async def _observed(method: str, context: grpc.aio.ServicerContext) -> AsyncIter
         logger.info("%s refused: %s %s", method, code.name, error)
         await context.abort_with_status(rpc_status.to_status(convert.error_status(error)))
     except asyncio.CancelledError:
-        remaining = context.time_remaining()
-        late = remaining is not None and remaining <= 0.01
-        code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
+        code = cancelled_code(context)
         raise
     except Exception:
         code = grpc.StatusCode.INTERNAL
