@@ -46,7 +46,7 @@ setup: $(INSTALLED) $(STUBS) $(TINY_PIPELINES) $(OWN_MODELS) node-client $(WHEEL
 # to the stubs' namespace portion in site-packages.
 $(INSTALLED): requirements.txt client/pyproject.toml server/pyproject.toml tools/pyproject.toml \
 		deploy/scripts/install-system-deps.sh
-	deploy/scripts/install-system-deps.sh
+	PYTHON=$(PYTHON) deploy/scripts/install-system-deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from functools import cache
 from importlib import resources
 from pathlib import Path
 
-import grpc
 import jsonschema
 import kubernetes_validate
 import prometheus_client
@@ -22,6 +23,7 @@ from pydantic import BaseModel
 
 from propscope_dev.main import app as dev_app
 from propscope_server import metrics
+from propscope_server.api.rpc_metrics import GO_CODE_NAMES
 from propscope_server.api.server import LIVENESS_SERVICE
 from propscope_server.config import Limits, Settings
 from propscope_server.main import app
@@ -32,6 +34,7 @@ DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 PROMETHEUS_FILE = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD_FILE = GRAFANA / "dashboards" / "propscope.json"
+ALERTS_FILE = ROOT / "deploy" / "prometheus" / "alerts.yml"
 K8S = ROOT / "deploy" / "k8s"
 K8S_VERSION = "1.31"
 NAMESPACE = "propscope"
@@ -287,10 +290,22 @@ def gateway_metrics() -> dict[str, set[str]]:
                 "counter": ["_total"],
                 "gauge": [""],
                 "histogram": ["_bucket", "_sum", "_count"],
+                "info": ["_info"],
             }[family.type]
+            if family.type == "info":  # its labels are set with its value
+                (sample,) = collector.collect()[0].samples
+                labels = set(sample.labels)
             for suffix in suffixes:
                 names[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
     return names
+
+
+# Replaced by grpc_server_handled_total and grpc_server_handling_seconds; exported for one
+# release more, and off the dashboard.
+DEPRECATED_FAMILIES = {"propscope_rpc", "propscope_rpc_seconds"}
+# Labels Prometheus attaches to every scraped series.
+TARGET_LABELS = {"instance", "job"}
+GATEWAY_METRIC = re.compile(r"\b(?:propscope|grpc_server)_\w+")
 
 
 def dashboard_queries() -> list[str]:
@@ -298,31 +313,58 @@ def dashboard_queries() -> list[str]:
     return [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
 
 
+def alert_rules() -> list[dict]:
+    groups = yaml.safe_load(ALERTS_FILE.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def unknown_names(expr: str) -> list[str]:
+    """The gateway metrics and labels `expr` names that the gateway does not export."""
+    exposed = gateway_metrics()
+    queried = set(GATEWAY_METRIC.findall(expr))
+    unknown = sorted(queried - set(exposed))
+    if unknown or not queried:
+        return unknown
+    labels = set().union(*(exposed[name] for name in queried)) | TARGET_LABELS
+    used = set(re.findall(r"\b(\w+)\s*!?[=~]+\s*\"", expr))
+    for grouping in re.findall(r"\bby \(([^)]*)\)", expr):
+        used |= {label.strip() for label in grouping.split(",")}
+    return sorted(used - labels)
+
+
+def test_the_name_check_catches_unknown_metrics_and_labels():
+    assert (
+        unknown_names('sum by (grpc_code) (rate(grpc_server_handled_total{grpc_method="X"}[5m]))')
+        == []
+    )
+    assert unknown_names("rate(grpc_server_handled_totl[5m])") == ["grpc_server_handled_totl"]
+    assert unknown_names('sum by (modle) (propscope_property_results_total{status="OK"})') == [
+        "modle"
+    ]
+
+
 def test_dashboard_queries_only_metrics_the_gateway_exposes():
     exposed = gateway_metrics()
-    assert "propscope_rpc_total" in exposed and "propscope_rpc_seconds_bucket" in exposed
+    assert "grpc_server_handled_total" in exposed and "propscope_build_info" in exposed
     for expr in dashboard_queries():
-        queried = set(re.findall(r"\bpropscope_\w+", expr))
-        assert queried <= set(exposed), f"{expr}: unknown {sorted(queried - set(exposed))}"
-        if not queried or "nv_" in expr:
-            continue
-        labels = set().union(*(exposed[name] for name in queried))
-        used = set(re.findall(r"\b(\w+)\s*!?[=~]+\s*\"", expr))
-        for grouping in re.findall(r"\bby \(([^)]*)\)", expr):
-            used |= {label.strip() for label in grouping.split(",")}
-        assert used <= labels, f"{expr}: unknown labels {sorted(used - labels)}"
+        assert unknown_names(expr) == [], expr
 
 
-def test_dashboard_plots_every_gateway_metric():
-    def family(sample: str) -> str:
-        return re.sub(r"_(total|bucket|sum|count)$", "", sample)
+def family(sample: str) -> str:
+    return re.sub(r"_(total|bucket|sum|count)$", "", sample)
 
-    queried = {name for expr in dashboard_queries() for name in re.findall(r"propscope_\w+", expr)}
+
+def test_dashboard_plots_every_gateway_metric_but_the_deprecated():
+    queried = {name for expr in dashboard_queries() for name in GATEWAY_METRIC.findall(expr)}
     plotted = {family(name) for name in queried}
-    assert {family(name) for name in gateway_metrics()} - plotted == set()
+    exported = {family(name) for name in gateway_metrics()}
+    assert DEPRECATED_FAMILIES <= exported
+    assert exported - DEPRECATED_FAMILIES - plotted == set()
+    assert plotted & DEPRECATED_FAMILIES == set()
 
 
-SERVER_CODES = {"INTERNAL", "UNKNOWN", "UNAVAILABLE", "DEADLINE_EXCEEDED", "DATA_LOSS"}
+# go-grpc-prometheus's spelling (api/rpc_metrics.py); the same set as the alert's.
+SERVER_CODES = {"Internal", "Unknown", "Unavailable", "DeadlineExceeded", "DataLoss"}
 
 
 def test_dashboard_error_ratio_counts_server_side_codes_only():
@@ -330,10 +372,81 @@ def test_dashboard_error_ratio_counts_server_side_codes_only():
     (panel,) = [p for p in dashboard["panels"] if "error ratio" in p["title"].lower()]
     (target,) = panel["targets"]
     numerator, _ = target["expr"].split(" / ")
-    (codes,) = re.findall(r'code=~"([^"]*)"', numerator)
+    (codes,) = re.findall(r'grpc_code=~"([^"]*)"', numerator)
     assert set(codes.split("|")) == SERVER_CODES
-    assert SERVER_CODES <= {code.name for code in grpc.StatusCode}
+    assert SERVER_CODES <= set(GO_CODE_NAMES.values())
     assert all(code in panel["description"] for code in SERVER_CODES)
+    (alert,) = [rule for rule in alert_rules() if rule["alert"] == "PropscopeHighErrorRatio"]
+    (alert_codes,) = re.findall(r'grpc_code=~"([^"]*)"', alert["expr"])
+    assert set(alert_codes.split("|")) == SERVER_CODES
+
+
+def test_alerts_query_only_metrics_the_gateway_exports_and_jobs_prometheus_scrapes():
+    jobs = {
+        job["job_name"] for job in yaml.safe_load(PROMETHEUS_FILE.read_text())["scrape_configs"]
+    }
+    rules = alert_rules()
+    assert len(rules) >= 5
+    for rule in rules:
+        expr = rule["expr"]
+        assert unknown_names(expr) == [], rule["alert"]
+        for job in re.findall(r'\bup\{job="([^"]+)"', expr):
+            assert job in jobs, rule["alert"]
+        assert GATEWAY_METRIC.search(expr) or "up{" in expr, rule["alert"]
+        assert rule["labels"]["severity"] in {"critical", "warning", "info"}
+        anchor = rule["alert"].lower()
+        assert rule["annotations"]["runbook_url"].endswith(f"/docs/operations.md#{anchor}")
+
+
+def test_prometheus_loads_the_alert_rules_compose_mounts_beside_its_config(services: dict):
+    config = yaml.safe_load(PROMETHEUS_FILE.read_text())
+    assert config["rule_files"] == [ALERTS_FILE.name]
+    # Relative rule files are read beside the configuration file.
+    assert mounted_at(services["prometheus"], f"/etc/prometheus/{ALERTS_FILE.name}") == (
+        "./deploy/prometheus/alerts.yml"
+    )
+
+
+def promtool(*arguments: str, cwd: Path = PROMETHEUS_FILE.parent) -> subprocess.CompletedProcess:
+    binary = shutil.which("promtool")
+    assert binary, "promtool is missing: deploy/scripts/install-system-deps.sh installs prometheus"
+    return subprocess.run([binary, *arguments], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ("check", "config", PROMETHEUS_FILE.name),
+        ("check", "rules", ALERTS_FILE.name),
+        ("test", "rules", *sorted(p.name for p in PROMETHEUS_FILE.parent.glob("*.test.yml"))),
+    ],
+    ids=["check-config", "check-rules", "test-rules"],
+)
+def test_promtool_accepts_the_config_and_rules_and_their_unit_tests_pass(arguments):
+    result = promtool(*arguments)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_unit_tests_cover_alerts_and_can_fail(tmp_path: Path):
+    tests = [yaml.safe_load(p.read_text()) for p in PROMETHEUS_FILE.parent.glob("*.test.yml")]
+    tested = {
+        case["alertname"]
+        for document in tests
+        for group in document["tests"]
+        for case in group["alert_rule_test"]
+    }
+    assert len(tested) >= 2 and tested <= {rule["alert"] for rule in alert_rules()}
+    # The same tests against alerts that never fire must fail.
+    silent = yaml.safe_load(ALERTS_FILE.read_text())
+    for group in silent["groups"]:
+        for rule in group["rules"]:
+            rule["expr"] = "vector(0) > 1"
+    (tmp_path / ALERTS_FILE.name).write_text(yaml.safe_dump(silent))
+    (tmp_path / "alerts.test.yml").write_text(
+        (PROMETHEUS_FILE.parent / "alerts.test.yml").read_text()
+    )
+    result = promtool("test", "rules", "alerts.test.yml", cwd=tmp_path)
+    assert result.returncode != 0 and "FAILED" in result.stdout + result.stderr
 
 
 def test_dashboard_uses_the_provisioned_datasource():
@@ -345,6 +458,55 @@ def test_dashboard_uses_the_provisioned_datasource():
         assert all(target["datasource"] == panel["datasource"] for target in panel["targets"])
         assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
     assert "${DS_" not in DASHBOARD_FILE.read_text()
+
+
+# --- deploy/scripts/install-system-deps.sh -------------------------------------------------
+
+SYSTEM_DEPS = ROOT / "deploy" / "scripts" / "install-system-deps.sh"
+REVIEW_DOC = ROOT / "docs" / "review.md"
+
+
+def missing_system_packages(tmp_path: Path, libdir_has_libpython: bool) -> list[str]:
+    """What the script would install for a Python 3.97 (no system has its libpython)
+    whose LIBDIR does or does not hold libpython3.97.so.1.0."""
+    libdir = tmp_path / "lib"
+    libdir.mkdir()
+    if libdir_has_libpython:
+        (libdir / "libpython3.97.so.1.0").touch()
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nprintf '3.97\\n{libdir}\\n'\n")
+    python.chmod(0o755)
+    result = subprocess.run(
+        [str(SYSTEM_DEPS), "--dry-run"],
+        env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "PYTHON": str(python)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("missing:")]
+    return line.removeprefix("missing:").split()
+
+
+def test_system_deps_take_libpython_from_the_pythons_own_lib_directory(tmp_path: Path):
+    """As on setup-python and pyenv: no apt package (ubuntu-24.04 has no libpython3.11)."""
+    assert "libpython3.97" not in missing_system_packages(tmp_path, libdir_has_libpython=True)
+
+
+def test_system_deps_ask_apt_for_libpython_only_when_the_python_has_none(tmp_path: Path):
+    assert "libpython3.97" in missing_system_packages(tmp_path, libdir_has_libpython=False)
+
+
+def test_the_ci_example_checks_the_python_that_builds_the_venv():
+    """Under sudo, python3 would be the runner's system Python (3.12 on ubuntu-24.04)."""
+    text = REVIEW_DOC.read_text()
+    (call,) = [
+        line.strip()
+        for line in text.splitlines()
+        if "install-system-deps.sh" in line and "sudo" in line
+    ]
+    assert call.startswith('sudo PYTHON="$(command -v python3)" '), call
+    assert "apt-get install" not in text
 
 
 # --- Kubernetes -----------------------------------------------------------------------------
