@@ -57,7 +57,7 @@ def sample_review(
             RuleOutcome(
                 rule="no_regression",
                 property_name=name,
-                passed=index != 0,
+                verdict="passed" if index else "failed",
                 message=f"mean score {'0.05 > 1.1 × 0.004' if index == 0 else '0.003 ≤ 1.1 × 0.004'}",
                 details={"tolerance": 0.1, "candidate": 0.05, "baseline": 0.004},
             )
@@ -66,7 +66,7 @@ def sample_review(
             RuleOutcome(
                 rule="max_flip_rate",
                 property_name=properties[-1],
-                passed=True,
+                verdict="passed",
                 message="flip rate 0% ≤ 10% | no flips",
                 details={"max": 0.1, "candidate": 0.0},
             ),

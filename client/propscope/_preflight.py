@@ -45,11 +45,13 @@ class PreflightError(ValueError):
 
 @dataclass(frozen=True)
 class Classifier:
-    """A classifier a request names, with the explanation methods it will be asked for."""
+    """A classifier a request names, with the explanation methods it will be asked for and
+    its role in the messages (e.g. "candidate")."""
 
     name: str
     version: str = ""
     methods: tuple[str, ...] = (EXPLAIN_METHOD,)
+    role: str = ""
 
     @classmethod
     def parse(cls, text: str) -> Classifier:
@@ -145,7 +147,8 @@ def _model_problems(
 
 
 def _classifier_problems(classifier: Classifier, models: Mapping[str, ModelInfo]) -> list[str]:
-    problems = _model_problems(classifier.name, classifier.version, "model", True, models)
+    what = f"{classifier.role} model" if classifier.role else "model"
+    problems = _model_problems(classifier.name, classifier.version, what, True, models)
     if problems:
         return problems
     offered = models[classifier.name].methods
@@ -153,7 +156,7 @@ def _classifier_problems(classifier: Classifier, models: Mapping[str, ModelInfo]
     missing = [m for m in classifier.methods if offered and m not in offered]
     if missing:
         return [
-            f"model {classifier.name!r} cannot run {', '.join(missing)}; its methods: "
+            f"{what} {classifier.name!r} cannot run {', '.join(missing)}; its methods: "
             f"{', '.join(offered)}"
         ]
     return []

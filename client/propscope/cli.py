@@ -80,6 +80,8 @@ logger = logging.getLogger(__name__)
 
 EXIT_RULE_FAILED = 1
 EXIT_USAGE = 2
+# review: a rule the image set cannot decide, with the spec's fail_on_inconclusive set.
+EXIT_INCONCLUSIVE = 4
 EXIT_INTERRUPTED = 130
 DEFAULT_TARGET = "localhost:50051"
 TARGET_ENVVAR = "PROPSCOPE_TARGET"
@@ -893,17 +895,19 @@ def review(
 ) -> None:
     """Check a candidate model (against a baseline) by the rules of SPEC over its image set.
 
-    Exit code 0: every rule passed; 1: a rule failed; 2: the review could not run."""
+    Exit code 0: no rule failed (inconclusive ones are reported apart); 1: a rule failed;
+    2: the review could not run; 4: a rule was inconclusive and the spec sets
+    fail_on_inconclusive."""
     try:
-        passed = _run_review(context.obj, spec_file, out, target, concurrency, progress)
+        exit_code = _run_review(context.obj, spec_file, out, target, concurrency, progress)
     except (typer.Exit, KeyboardInterrupt):
         raise
     except Exception as error:
         # Exit code 1 means "a rule failed": a bug must not pass for a verdict on the model.
         logger.debug("the review failed", exc_info=True)
         _fail(f"the review failed unexpectedly: {type(error).__name__}: {error} (-v shows where)")
-    if not passed:
-        raise typer.Exit(EXIT_RULE_FAILED)
+    if exit_code:
+        raise typer.Exit(exit_code)
 
 
 def _run_review(
@@ -913,8 +917,8 @@ def _run_review(
     target: str | None,
     concurrency: int | None,
     progress: bool | None,
-) -> bool:
-    """Runs the review and writes its reports; whether every rule passed."""
+) -> int:
+    """Runs the review and writes its reports; the exit code of its verdict."""
     review_package = _review_package()
     try:
         spec, images = review_package.load_spec(spec_file)
@@ -944,12 +948,15 @@ def _run_review(
     except OSError as error:
         _fail(f"cannot write the reports to {str(out)!r}: {error.strerror or error}")
     sys.stdout.write(paths["markdown"].read_text(encoding="utf-8"))
+    verdict = {"passed": "passed", "failed": "FAILED", "inconclusive": "INCONCLUSIVE"}
     typer.echo(
-        f"propscope review: {'passed' if result.passed else 'FAILED'} in {result.seconds:.0f} s; "
+        f"propscope review: {verdict[result.verdict]} in {result.seconds:.0f} s; "
         f"reports in {out}/ ({', '.join(path.name for path in paths.values())})",
         err=True,
     )
-    return result.passed
+    if result.failures:
+        return EXIT_RULE_FAILED
+    return 0 if result.gate_passed else EXIT_INCONCLUSIVE
 
 
 def _review_package() -> Any:

@@ -72,7 +72,7 @@ def test_spec_reads_the_rule_with_sobol_paper_defaults(tmp_path):
         ({"attribution": {"method": "rise", "nb_design": 32}}, "are Sobol options"),
         ({"attribution": {"nb_samples": 100}}, "are RISE options"),
         ({"attribution": {"method": "rise", "scrambled": True}}, "are Sobol options"),
-        ({"properties": ["hue"]}, "Extra inputs are not permitted"),
+        ({"properties": ["hue"]}, "unknown key 'properties'; allowed keys: rule, name,"),
         ({"over": "median"}, "'mean' or 'every_image'"),
     ],
 )
@@ -247,7 +247,9 @@ def test_reports_show_the_overlays_and_json_keeps_the_shares(tmp_path):
 
 def test_a_method_the_candidate_cannot_run_stops_the_review_before_any_work(tmp_path):
     client = AttributingClient(methods=("propgrad",))
-    with pytest.raises(ReviewError, match="cannot run sobol on 'new'"):
+    with pytest.raises(
+        ReviewError, match="candidate model 'new' cannot run sobol; its methods: propgrad"
+    ):
         run_review(spec(rules=[share_rule()]), make_images(tmp_path, 2), client)
     assert client.calls == [] and client.attribute_calls == []
 

@@ -256,3 +256,58 @@ def test_large_path_images_are_embedded_as_thumbnails():
     }
     assert (160, 120) in sizes
     assert not any(width > 160 for width, _ in sizes)
+
+
+def inconclusive_review(*, fail_on_inconclusive: bool, with_failure: bool):
+    """The sample review with its second rule inconclusive (and its first failed or passed)."""
+    result = sample_review()
+    first, second, third = result.outcomes
+    undecided = replace(second, verdict="inconclusive", message="p = 0.22 above, 0.4 within")
+    first = first if with_failure else replace(first, verdict="passed")
+    return replace(
+        result,
+        outcomes=(first, undecided, third),
+        fail_on_inconclusive=fail_on_inconclusive,
+    )
+
+
+def test_an_inconclusive_rule_is_skipped_in_junit_and_named_in_every_report():
+    result = inconclusive_review(fail_on_inconclusive=False, with_failure=False)
+    assert (result.verdict, result.passed, result.gate_passed) == ("inconclusive", False, True)
+    suite = ET.fromstring(render_junit(result).encode()).find("testsuite")
+    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("3", "0", "1")
+    (skipped,) = suite.iter("skipped")
+    assert skipped.get("message") == "inconclusive: p = 0.22 above, 0.4 within"
+    markdown = render_markdown(result)
+    assert "⚠️ **inconclusive**: 1 of 3 rule checks cannot be decided" in markdown
+    assert "do not fail the gate (`fail_on_inconclusive` is off) but did not pass" in markdown
+    assert "| no_regression | patch | ⚠️ inconclusive | p = 0.22 above, 0.4 within |" in markdown
+    html = render_html(result)
+    assert '<p class="banner inconclusive">' in html
+    assert '<tr class="inconclusive">' in html and "<td>INCONCLUSIVE</td>" in html
+    assert "Passed:" not in html
+
+
+def test_with_fail_on_inconclusive_an_inconclusive_rule_is_a_junit_failure():
+    result = inconclusive_review(fail_on_inconclusive=True, with_failure=False)
+    assert not result.gate_passed
+    suite = ET.fromstring(render_junit(result).encode()).find("testsuite")
+    assert (suite.get("failures"), suite.get("skipped")) == ("1", "0")
+    failure = next(suite.iter("failure"))
+    assert failure.get("type") == "inconclusive"
+    assert "inconclusive rules fail this gate" in render_markdown(result)
+    assert "this fails the gate (fail_on_inconclusive)" in render_html(result)
+
+
+def test_a_failure_leads_the_verdict_and_counts_the_inconclusive_beside_it():
+    result = inconclusive_review(fail_on_inconclusive=True, with_failure=True)
+    assert result.verdict == "failed"
+    assert "❌ **1 of 3 rule checks failed**; 1 inconclusive." in render_markdown(result)
+    assert "Failed: 1 of 3 rule checks failed; 1 inconclusive." in render_html(result)
+    data = result.to_dict()
+    assert (data["verdict"], data["passed"], data["fail_on_inconclusive"]) == (
+        "failed",
+        False,
+        True,
+    )
+    assert [rule["verdict"] for rule in data["rules"]] == ["failed", "inconclusive", "passed"]

@@ -19,6 +19,7 @@ from PIL import Image
 from propscope._events import (
     Accepted,
     Decision,
+    EditorParameter,
     ModelInfo,
     ModelRole,
     PropertyResult,
@@ -82,7 +83,10 @@ def property_result(
 
 
 def model_info(name: str, role: ModelRole) -> ModelInfo:
-    return ModelInfo(name, ("1",), role, "READY", (), (), 8, (), "")
+    parameters = (
+        (EditorParameter("operation", "", "", ("hue", "blur")),) if role == ModelRole.EDITOR else ()
+    )
+    return ModelInfo(name, ("1",), role, "READY", (), (), 8, parameters, "")
 
 
 class FakeClient:
@@ -168,7 +172,8 @@ def spec(**changes: object) -> ReviewSpec:
             "baseline": {"name": "old"},
             "images": {"folder": "."},
             "properties": {"hue": "procedural:operation=hue"},
-            "explain": {"steps": STEPS},
+            # At alpha 0.01 no path of STEPS + 1 = 5 images could be significant (2 / 5! > 0.01).
+            "explain": {"steps": STEPS, "alpha": 0.05},
             "concurrency": 3,
             "strips": 2,
             "rules": [{"rule": "max_score", "max": 0.05}],
@@ -215,9 +220,15 @@ def test_a_failed_property_stops_the_review_and_names_where(tmp_path):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"candidate": {"name": "typo"}}, "candidate model 'typo' is not served; served: new, old"),
+        (
+            {"candidate": {"name": "typo"}},
+            "candidate model 'typo' is not served; served classifiers: new, old",
+        ),
         ({"baseline": {"name": "old", "version": "9"}}, "has no version '9'; versions: 1"),
-        ({"properties": {"hue": "diffusion:prompt=x"}}, "editor of property 'hue' 'diffusion'"),
+        (
+            {"properties": {"hue": "diffusion:prompt=x"}},
+            "property 'hue': editor 'diffusion' is not",
+        ),
     ],
 )
 def test_models_and_editors_the_service_lacks_are_named_before_any_work(tmp_path, changes, message):
@@ -260,7 +271,7 @@ def test_a_classifier_without_a_declared_role_is_reviewed(tmp_path):
                 model_info("old", ModelRole.CLASSIFIER),
                 model_info("procedural", ModelRole.EDITOR),
             ],
-            "the candidate model 'new' is UNAVAILABLE: unable to find backend library for "
+            "candidate model 'new' is UNAVAILABLE: unable to find backend library for "
             "backend 'onnxruntime'",
         ),
         (
@@ -269,7 +280,7 @@ def test_a_classifier_without_a_declared_role_is_reviewed(tmp_path):
                 model_info("old", ModelRole.CLASSIFIER),
                 model_info("procedural", ModelRole.EDITOR),
             ],
-            "the candidate model 'new' is an editor; served: old",
+            "candidate model 'new' is an editor, not a classifier; served classifiers: old",
         ),
         (
             [
@@ -277,7 +288,7 @@ def test_a_classifier_without_a_declared_role_is_reviewed(tmp_path):
                 model_info("old", ModelRole.CLASSIFIER),
                 model_info("procedural", ModelRole.UNSPECIFIED),
             ],
-            "the editor of property 'hue' 'procedural' is a classifier; served: none",
+            "property 'hue': editor 'procedural' is a classifier, not an editor; served editors: none",
         ),
     ],
 )  # fmt: skip
@@ -297,7 +308,7 @@ def test_models_preprocessing_labels_and_path_options_reach_every_request(tmp_pa
             "class_labels": ["circle", "square"],
         },
         baseline={"name": "old", "preprocessing": {"output_kind": "probabilities"}},
-        explain={"steps": STEPS, "max_steps": 4 * STEPS},
+        explain={"steps": STEPS, "alpha": 0.05, "max_steps": 4 * STEPS},
     )
     result = run_review(changed, make_images(tmp_path, 3), client)
     by_model = {options["model"]: options for options in client.options}
@@ -348,7 +359,7 @@ def test_provided_paths_come_from_each_images_own_folder(tmp_path):
             Image.new("RGB", (4, 4), (step, 0, 0)).save(folder / f"x_{step}.png")
     spec_file = tmp_path / "review.yaml"
     spec_file.write_text(
-        "candidate: {name: new}\nimages: {folder: images}\nexplain: {steps: 4}\n"
+        "candidate: {name: new}\nimages: {folder: images}\nexplain: {steps: 4, alpha: 0.1}\n"
         "properties:\n  real: '@paths/{stem}/'\n"
         "  other: {provided: {folder: 'paths/{stem}'}}\n"
         "  hue: 'procedural:operation=hue;box=0,0,0.5,0.5'\n"
@@ -363,3 +374,35 @@ def test_provided_paths_come_from_each_images_own_folder(tmp_path):
     colors = [Image.open(io.BytesIO(png)).getpixel((0, 0))[0] for png in real.provided_path]
     assert colors == [1, 2, 10]
     assert next(p for p in sent["1.png"] if p.name == "hue").region is not None
+
+
+def test_every_problem_the_service_would_refuse_is_named_before_the_first_image(tmp_path):
+    """Editor parameters, their choices and steps were checked only when the first image
+    reached the server; the pre-flight lists them all, with suggestions, before any call."""
+    client = FakeClient()
+    changed = spec(
+        baseline={"name": "odl"},
+        properties={
+            "hue": "procedural:opration=hue",
+            "blur": "procedural:operation=blurr",
+        },
+        explain={"steps": 2},
+    )
+    with pytest.raises(ReviewError) as raised:
+        run_review(changed, make_images(tmp_path, 2), client)
+    assert client.calls == []
+    assert str(raised.value).splitlines() == [
+        "4 problems found before any work started:",
+        "  - baseline model 'odl' is not served (did you mean 'old'?); served classifiers: new, old",
+        "  - property 'hue': editor 'procedural' has no parameter 'opration' (did you mean "
+        "'operation'?); it accepts: operation",
+        "  - property 'blur': parameter 'operation' of 'procedural' is 'blurr' (did you mean "
+        "'blur'?); one of: hue, blur",
+        "  - steps: a path of 3 images can never be significant at alpha 0.01 (smallest p-value "
+        "0.333); use at least 6 images",
+    ]
+
+
+def test_the_result_carries_the_specs_fail_on_inconclusive(tmp_path):
+    result = run_review(spec(fail_on_inconclusive=True), make_images(tmp_path, 2), FakeClient())
+    assert result.fail_on_inconclusive and result.to_dict()["fail_on_inconclusive"] is True

@@ -10,7 +10,11 @@ import pytest
 from PIL import Image
 
 from propscope.review.results import ModelEntry, Observation, ReviewResult, Settings
-from propscope.review.rules import evaluate_rules, paired_regression_p_value
+from propscope.review.rules import (
+    evaluate_rules,
+    paired_accuracy_interval,
+    paired_regression_p_value,
+)
 from propscope.review.spec import ReviewSpec, SpecError, load_spec
 
 MINIMAL = """
@@ -72,9 +76,35 @@ def test_structured_editor_parameters_become_strings(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda t: t + "colour: red\n", "colour: Extra inputs are not permitted"),
+        (lambda t: t + "colour: red\n", "spec: unknown key 'colour'; allowed keys: title, "),
         (lambda t: t.replace("candidate: {name: new}\n", ""), "candidate: Field required"),
-        (lambda t: t + "rules: [{rule: no_such_rule}]\n", "rules.0"),
+        (
+            lambda t: t + "rules: [{rule: max_scor, max: 1}]\n",
+            "rules.0: unknown rule 'max_scor' (did you mean 'max_score'?); rules: not_significant",
+        ),
+        (
+            lambda t: t + "explain: {stpes: 4}\n",
+            "explain: unknown key 'stpes' (did you mean 'steps'?); allowed keys: steps, samples",
+        ),
+        (
+            lambda t: t + "tittle: x\n",
+            "spec: unknown key 'tittle' (did you mean 'title'?); allowed keys: title, service",
+        ),
+        (
+            lambda t: t + "  b: {editor: procedural, paramters: {operation: blur}}\n",
+            "properties.b.editor: unknown key 'paramters' (did you mean 'parameters'?)",
+        ),
+        (
+            lambda t: t + "rules: [{rule: max_score, max: 1, propertes: [hue]}]\n",
+            "rules.0.max_score: unknown key 'propertes' (did you mean 'properties'?)",
+        ),
+        (
+            lambda t: (
+                t.replace("baseline: {name: old}\n", "")
+                + "rules: [{rule: no_accuracy_regression}]\n"
+            ),
+            "no_accuracy_regression needs a baseline",
+        ),
         (lambda t: t + "rules: [{rule: max_score, max: -1}]\n", "max_score.max"),
         (
             lambda t: t + "rules: [{rule: max_score, max: 1, properties: [size]}]\n",
@@ -220,6 +250,16 @@ def test_no_regression_refuses_a_set_too_small_to_ever_fail(tmp_path):
     load_spec(spec_file(tmp_path, MINIMAL + rules))
 
 
+def test_accuracy_rules_need_labelled_images(tmp_path):
+    write_set(tmp_path, ["", ""])
+    rules = "rules: [{rule: min_accuracy, min: 0.9}]\n"
+    with pytest.raises(SpecError, match=r"rules\[0\]: min_accuracy needs labelled images"):
+        load_spec(spec_file(tmp_path, MINIMAL + rules))
+    write_set(tmp_path, ["0", ""])
+    spec, _ = load_spec(spec_file(tmp_path, MINIMAL + rules + "fail_on_inconclusive: true\n"))
+    assert spec.fail_on_inconclusive
+
+
 def test_a_missing_spec_file_is_a_spec_error(tmp_path):
     with pytest.raises(SpecError, match="cannot read the spec"):
         load_spec(tmp_path / "absent.yaml")
@@ -306,7 +346,7 @@ def test_no_regression_passes_within_the_tolerance_and_the_margin():
 
 def test_no_regression_needs_more_than_a_higher_mean():
     # One image far higher, the others lower: the mean is above the allowance, the paired test
-    # sees no consistent regression.
+    # sees no consistent regression, and no consistent absence of one either.
     baseline = [0.010] * 12
     candidate = [0.2] + [0.008] * 11
     (outcome,) = evaluate_rules(
@@ -314,8 +354,39 @@ def test_no_regression_needs_more_than_a_higher_mean():
         result_with({"score": candidate}, {"score": baseline}),
     )
     assert outcome.details["candidate_mean"] > outcome.details["allowed_mean"]
-    assert outcome.passed
     assert outcome.details["p_value"] > 0.05
+    assert outcome.verdict == "inconclusive" and not outcome.passed
+    assert outcome.message.startswith("neither a regression nor its absence is significant")
+
+
+def test_an_underpowered_comparison_is_inconclusive_not_passed():
+    """The issue's case: 4.5 times the allowed score on 6 images, p = 0.22."""
+    baseline = [0.01] * 6
+    # Against the allowed 0.011: three images far above (signed ranks 4, 5, 6), three a little
+    # below (1, 2, 3): W+ = 15, p = P(W+ >= 15) = 14 / 64.
+    candidate = [0.2, 0.05, 0.02, 0.010, 0.009, 0.008]
+    (outcome,) = evaluate_rules(
+        rules_of([{"rule": "no_regression", "margin": 0}]),
+        result_with({"score": candidate}, {"score": baseline}),
+    )
+    details = outcome.details
+    assert details["candidate_mean"] / details["allowed_mean"] == pytest.approx(4.5)
+    assert details["p_value"] == pytest.approx(14 / 64)
+    assert details["p_value_within"] > 0.05
+    assert outcome.verdict == "inconclusive"
+
+
+def test_no_regression_passes_only_when_the_set_shows_the_candidate_within_the_allowance():
+    baseline = np.linspace(0.01, 0.02, 6)
+    (enough,) = evaluate_rules(
+        rules_of([{"rule": "no_regression"}]),
+        result_with({"score": list(baseline)}, {"score": list(baseline)}),
+    )
+    # Every image 10% below the allowance: the one-sided test's smallest p on 6 images is 1/64.
+    assert enough.verdict == "passed" and enough.details["p_value_within"] == 1 / 64
+    identical = result_with({"score": [0.01] * 6}, {"score": [0.01] * 6})
+    (no_room,) = evaluate_rules(rules_of([{"rule": "no_regression", "tolerance": 0}]), identical)
+    assert no_room.verdict == "inconclusive"
 
 
 def test_the_paired_p_value_is_one_without_differences_and_small_for_consistent_ones():
@@ -341,6 +412,116 @@ def test_not_significant_counts_the_chosen_decision():
     )
     assert not significant.passed and significant.details["fraction"] == pytest.approx(0.3)
     assert relevant.passed and relevant.details["count"] == 1
+
+
+def test_not_significant_is_inconclusive_when_undecidable_images_could_tip_it():
+    result = result_with({"score": [0.1] * 10, "significant": [1] + [0] * 9}, {"score": [0.1] * 10})
+    undecided = replace(
+        result,
+        observations=tuple(
+            replace(obs, decision="cannot_reach_alpha") if obs.image in ("1.png", "2.png") else obs
+            for obs in result.observations
+        ),
+    )
+    loose, tight, strict = evaluate_rules(
+        rules_of(
+            [
+                {"rule": "not_significant", "max_fraction": 0.3},
+                {"rule": "not_significant", "max_fraction": 0.2},
+                {"rule": "not_significant", "max_fraction": 0.0},
+            ]
+        ),
+        undecided,
+    )
+    assert loose.verdict == "passed" and loose.details["undecided"] == 2
+    assert tight.verdict == "inconclusive"
+    assert "2 images undecidable at their path length" in tight.message
+    assert strict.verdict == "failed"
+
+
+def with_hits(result: ReviewResult, model: str, hits: list[bool]) -> ReviewResult:
+    """``result`` with ``model``'s originals classified as labelled (0) where ``hits`` says."""
+    by_image = dict(zip(result.images, hits, strict=True))
+    return replace(
+        result,
+        observations=tuple(
+            replace(obs, original_class=0 if by_image[obs.image] else 1)
+            if obs.model == model
+            else obs
+            for obs in result.observations
+        ),
+    )
+
+
+def accuracy_result(candidate: list[bool], baseline: list[bool]) -> ReviewResult:
+    scores = {"score": [0.1] * len(candidate)}
+    return with_hits(with_hits(result_with(scores, scores), "new", candidate), "old", baseline)
+
+
+@pytest.mark.parametrize(
+    ("correct", "minimum", "verdict"),
+    [
+        # The 90% Clopper-Pearson interval of 24 of 24 is [0.05^(1/24), 1] = [0.883, 1].
+        (24, 0.8, "passed"),
+        (24, 0.9, "inconclusive"),
+        # 12 of 24: [0.327, 0.673].
+        (12, 0.8, "failed"),
+        (12, 0.5, "inconclusive"),
+        (12, 0.3, "passed"),
+    ],
+)
+def test_min_accuracy_decides_by_the_exact_interval(correct, minimum, verdict):
+    hits = [True] * correct + [False] * (24 - correct)
+    (outcome,) = evaluate_rules(
+        rules_of([{"rule": "min_accuracy", "min": minimum}]), accuracy_result(hits, hits)
+    )
+    assert outcome.verdict == verdict
+    assert outcome.name == "min_accuracy[new]"
+    assert outcome.details["accuracy"] == correct / 24
+    if correct == 24:
+        assert outcome.details["interval_low"] == pytest.approx(0.05 ** (1 / 24))
+
+
+def test_the_paired_accuracy_interval_matches_newcombes_published_example():
+    # Cavo et al. (2012), as in contingencytables' Newcombe_square_and_add_CI_paired_2x2:
+    # 59 both, 6 first only, 16 second only, 80 neither: -0.0621 (95% CI -0.1186 to -0.0046).
+    first = [True] * 65 + [False] * 96
+    second = [True] * 59 + [False] * 6 + [True] * 16 + [False] * 80
+    difference, low, high = paired_accuracy_interval(first, second, 0.95)
+    assert (difference, low, high) == pytest.approx((-0.0621, -0.1186, -0.0046), abs=5e-5)
+
+
+def test_no_accuracy_regression_fails_the_examples_candidate_and_needs_images_to_pass():
+    half = [True] * 12 + [False] * 12
+    (dropped,) = evaluate_rules(
+        rules_of([{"rule": "no_accuracy_regression"}]), accuracy_result(half, [True] * 24)
+    )
+    assert dropped.verdict == "failed"
+    assert dropped.details["difference"] == -0.5 and dropped.details["interval_high"] < -0.05
+    assert "accuracy 50.0% vs baseline 100.0% on 24 labelled images" in dropped.message
+    # Identical predictions: 24 images leave the difference within +-10%, more than the allowed
+    # 5% drop; 60 images narrow it to +-4.3%.
+    (unsure,) = evaluate_rules(
+        rules_of([{"rule": "no_accuracy_regression"}]), accuracy_result([True] * 24, [True] * 24)
+    )
+    assert unsure.verdict == "inconclusive" and "more images needed" in unsure.message
+    (sure,) = evaluate_rules(
+        rules_of([{"rule": "no_accuracy_regression"}]), accuracy_result([True] * 60, [True] * 60)
+    )
+    assert sure.verdict == "passed"
+
+
+def test_a_result_with_an_inconclusive_rule_is_not_passed_and_fails_the_gate_only_when_asked():
+    result = accuracy_result([True] * 24, [True] * 24)
+    outcomes = tuple(evaluate_rules(rules_of([{"rule": "min_accuracy", "min": 0.9}]), result))
+    inconclusive = replace(result, outcomes=outcomes)
+    assert (inconclusive.verdict, inconclusive.passed, inconclusive.gate_passed) == (
+        "inconclusive",
+        False,
+        True,
+    )
+    assert not replace(inconclusive, fail_on_inconclusive=True).gate_passed
+    assert inconclusive.to_dict()["verdict"] == "inconclusive"
 
 
 def test_max_score_and_max_flip_rate_compare_the_candidates_means():

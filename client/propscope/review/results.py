@@ -25,9 +25,13 @@ __all__ = [
     "ReviewResult",
     "RuleOutcome",
     "Settings",
+    "Verdict",
 ]
 
 Role = Literal["candidate", "baseline", "model"]
+# A rule's verdict: "inconclusive" when the image set cannot decide it either way at the rule's
+# confidence (docs/review.md says how each rule decides).
+Verdict = Literal["passed", "failed", "inconclusive"]
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,7 @@ class RuleOutcome:
 
     rule: str
     property_name: str
-    passed: bool
+    verdict: Verdict
     # One line a reviewer reads: what was measured against what.
     message: str
     details: dict[str, float | int | str | None] = field(default_factory=dict)
@@ -149,8 +153,12 @@ class RuleOutcome:
     def name(self) -> str:
         return f"{self.rule}[{self.property_name}]"
 
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "passed"
+
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **dataclass_dict(self)}
+        return {"name": self.name, "passed": self.passed, **dataclass_dict(self)}
 
 
 @dataclass(frozen=True)
@@ -202,14 +210,34 @@ class ReviewResult:
     strips: tuple[PathStrip, ...] = ()
     seconds: float = math.nan
     attributions: tuple[AttributionObservation, ...] = ()
+    # The spec's fail_on_inconclusive: whether an inconclusive rule fails the gate.
+    fail_on_inconclusive: bool = False
+
+    @property
+    def verdict(self) -> Verdict:
+        """Failed when a rule failed, else inconclusive when a rule was, else passed."""
+        if self.failures:
+            return "failed"
+        return "inconclusive" if self.inconclusive else "passed"
 
     @property
     def passed(self) -> bool:
-        return all(outcome.passed for outcome in self.outcomes)
+        """Every rule passed: an inconclusive rule is never counted as passed."""
+        return self.verdict == "passed"
+
+    @property
+    def gate_passed(self) -> bool:
+        """What the gate's exit code says: no rule failed, and none was inconclusive when the
+        spec's fail_on_inconclusive is set."""
+        return not self.failures and not (self.fail_on_inconclusive and self.inconclusive)
 
     @property
     def failures(self) -> tuple[RuleOutcome, ...]:
-        return tuple(outcome for outcome in self.outcomes if not outcome.passed)
+        return tuple(outcome for outcome in self.outcomes if outcome.verdict == "failed")
+
+    @property
+    def inconclusive(self) -> tuple[RuleOutcome, ...]:
+        return tuple(outcome for outcome in self.outcomes if outcome.verdict == "inconclusive")
 
     def model(self, role: Role) -> ModelEntry | None:
         return next((entry for entry in self.models if entry.role == role), None)
@@ -275,18 +303,24 @@ class ReviewResult:
 
     def accuracy(self, model: str) -> float | None:
         """Fraction of labelled images whose original the model classifies as labelled."""
-        first = self.properties[0] if self.properties else None
-        pairs = [
-            (obs.original_class, self.images[obs.image])
-            for obs in self.select(model, first or "")
-            if self.images.get(obs.image) is not None
-        ]
-        return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
+        correct = self.correct(model)
+        return sum(correct.values()) / len(correct) if correct else None
+
+    def correct(self, model: str) -> dict[str, bool]:
+        """Labelled image -> whether the model classifies its original as labelled."""
+        first = self.properties[0] if self.properties else ""
+        return {
+            obs.image: obs.original_class == label
+            for obs in self.select(model, first)
+            if (label := self.images.get(obs.image)) is not None
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "title": self.title,
+            "verdict": self.verdict,
             "passed": self.passed,
+            "fail_on_inconclusive": self.fail_on_inconclusive,
             "seconds": plain(self.seconds),
             "settings": self.settings.to_dict(),
             "models": [

@@ -1,11 +1,18 @@
 """The review rules: pure functions from the candidate's (and baseline's) per-image numbers to
-one pass/fail outcome per rule and property.
+one verdict per rule and property: passed, failed, or inconclusive when the set cannot decide.
 
 ``no_regression`` tests the paired differences d_i = c_i − ((1 + tolerance)·b_i + margin) over
-images with a one-sided Wilcoxon signed-rank test: scores are skewed and bounded at zero, so a
+images with one-sided Wilcoxon signed-rank tests: scores are skewed and bounded at zero, so a
 t-test's normality would be a poor assumption, and pairing removes the spread between images
-that the two models share. The rule fails only when the mean difference is positive *and*
-significant at the rule's alpha: a candidate that is worse by noise alone passes.
+that the two models share. The rule fails when the mean difference is positive *and* the
+candidate is significantly above the allowance at the rule's alpha, passes when the mean is
+within it and the reverse test says so at alpha, and is inconclusive otherwise: a candidate
+that is worse by noise alone, or on too few images to tell, is not reported as passed.
+
+The accuracy rules decide by confidence intervals at 1 − 2·alpha (a one-sided test at alpha on
+either side): passed when the interval lies on the allowed side of the threshold, failed when
+it lies on the other, inconclusive when it straddles it. ``not_significant`` is inconclusive
+when the images whose test could not reach alpha at their path length could tip it.
 """
 
 from __future__ import annotations
@@ -17,17 +24,29 @@ import numpy as np
 from scipy import stats
 
 from propscope._properties import Box
-from propscope.review.results import ReviewResult, RuleOutcome
+from propscope.review.results import ReviewResult, RuleOutcome, Verdict
 from propscope.review.spec import (
     MaxAttributionShareRule,
     MaxFlipRateRule,
     MaxScoreRule,
+    MinAccuracyRule,
+    NoAccuracyRegressionRule,
     NoRegressionRule,
     NotSignificantRule,
     Rule,
 )
 
-__all__ = ["attribution_share", "box_pixels", "evaluate_rules", "paired_regression_p_value"]
+__all__ = [
+    "accuracy_interval",
+    "attribution_share",
+    "box_pixels",
+    "evaluate_rules",
+    "paired_accuracy_interval",
+    "paired_regression_p_value",
+]
+
+# The decision of an image whose test could not reach alpha at its path length.
+UNDECIDED = "cannot_reach_alpha"
 
 
 def evaluate_rules(rules: Sequence[Rule], result: ReviewResult) -> list[RuleOutcome]:
@@ -36,18 +55,74 @@ def evaluate_rules(rules: Sequence[Rule], result: ReviewResult) -> list[RuleOutc
     for rule in rules:
         if isinstance(rule, MaxAttributionShareRule):
             outcomes.append(_max_attribution_share(rule, result))
-            continue
-        for property_name in rule.properties or result.properties:
-            outcomes.append(_evaluate(rule, result, property_name))
+        elif isinstance(rule, MinAccuracyRule):
+            outcomes.append(_min_accuracy(rule, result))
+        elif isinstance(rule, NoAccuracyRegressionRule):
+            outcomes.append(_no_accuracy_regression(rule, result))
+        else:
+            outcomes += [
+                _evaluate(rule, result, name) for name in rule.properties or result.properties
+            ]
     return outcomes
 
 
-def paired_regression_p_value(differences: np.ndarray) -> float:
-    """One-sided p-value that the paired differences are centred above zero (1.0 when every
-    difference is zero: no evidence either way)."""
+def paired_regression_p_value(differences: np.ndarray, alternative: str = "greater") -> float:
+    """One-sided p-value that the paired differences are centred above zero (``alternative``
+    "less": below zero); 1.0 when every difference is zero: no evidence either way."""
     if differences.size == 0 or not np.any(differences):
         return 1.0
-    return float(stats.wilcoxon(differences, alternative="greater").pvalue)
+    return float(stats.wilcoxon(differences, alternative=alternative).pvalue)
+
+
+def accuracy_interval(correct: int, images: int, confidence: float) -> tuple[float, float]:
+    """The Clopper-Pearson (exact binomial) interval of an accuracy of ``correct`` of
+    ``images``."""
+    interval = stats.binomtest(correct, images).proportion_ci(confidence, method="exact")
+    return float(interval.low), float(interval.high)
+
+
+def paired_accuracy_interval(
+    candidate: Sequence[bool], baseline: Sequence[bool], confidence: float
+) -> tuple[float, float, float]:
+    """The candidate's accuracy minus the baseline's on the same images, with Newcombe's hybrid
+    score interval for paired proportions (Newcombe 1998, method 10): each accuracy's Wilson
+    interval, combined with the correlation of the two models' hits."""
+    hits = np.array(candidate, dtype=bool), np.array(baseline, dtype=bool)
+    n = hits[0].size
+    both = int(np.sum(hits[0] & hits[1]))
+    only_candidate = int(np.sum(hits[0] & ~hits[1]))
+    only_baseline = int(np.sum(~hits[0] & hits[1]))
+    neither = n - both - only_candidate - only_baseline
+    p1, p2 = (both + only_candidate) / n, (both + only_baseline) / n
+    (l1, u1), (l2, u2) = (
+        _wilson(int(k), n, confidence) for k in (both + only_candidate, both + only_baseline)
+    )
+    margins = (
+        (both + only_candidate) * (only_baseline + neither)
+        * (both + only_baseline) * (only_candidate + neither)
+    )  # fmt: skip
+    agreement = both * neither - only_candidate * only_baseline
+    # Newcombe's continuity-corrected phi: positive agreement shrinks by n / 2, never below 0.
+    if margins == 0 or 0 <= agreement <= n / 2:
+        phi = 0.0
+    else:
+        phi = (agreement - n / 2 if agreement > 0 else agreement) / math.sqrt(margins)
+    difference = p1 - p2
+    low = difference - math.sqrt((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2)
+    high = difference + math.sqrt((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2)
+    return difference, max(-1.0, low), min(1.0, high)
+
+
+def _wilson(successes: int, trials: int, confidence: float) -> tuple[float, float]:
+    interval = stats.binomtest(successes, trials).proportion_ci(confidence, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def _interval_verdict(low: float, high: float, threshold: float) -> Verdict:
+    """Passed when the interval lies at or above ``threshold``, failed when below it."""
+    if low >= threshold:
+        return "passed"
+    return "failed" if high < threshold else "inconclusive"
 
 
 def box_pixels(box: Box, height: int, width: int) -> tuple[int, int, int, int]:
@@ -95,7 +170,7 @@ def _max_attribution_share(rule: MaxAttributionShareRule, result: ReviewResult) 
     return RuleOutcome(
         rule=rule.rule,
         property_name=rule.name,
-        passed=passed,
+        verdict=_verdict(passed),
         message=(
             f"{verdict}; allowed at most {rule.max:.1%}"
             + (" on average" if rule.over == "mean" else " on every image")
@@ -135,21 +210,39 @@ def _evaluate(rule: Rule, result: ReviewResult, property_name: str) -> RuleOutco
 def _not_significant(
     rule: NotSignificantRule, result: ReviewResult, model: str, property_name: str
 ) -> RuleOutcome:
-    flags = result.values(model, property_name, rule.decision)
+    flags = result.values(model, property_name, rule.decision).astype(bool)
+    observations = result.select(model, property_name)
+    undecided = int(
+        sum(
+            obs.decision == UNDECIDED and not flag
+            for obs, flag in zip(observations, flags, strict=True)
+        )
+    )
     count = int(flags.sum())
     fraction = count / flags.size
-    passed = fraction <= rule.max_fraction
+    at_most = (count + undecided) / flags.size
+    if fraction > rule.max_fraction:
+        verdict: Verdict = "failed"
+    else:
+        verdict = "passed" if at_most <= rule.max_fraction else "inconclusive"
+    message = (
+        f"{rule.decision} on {count} of {flags.size} images ({fraction:.0%}); "
+        f"allowed at most {rule.max_fraction:.0%}"
+    )
+    if undecided:
+        message += (
+            f"; {undecided} image{'s' if undecided != 1 else ''} undecidable at their path length "
+            f"(the test could not reach alpha) {'could tip it' if verdict == 'inconclusive' else 'cannot tip it'}"
+        )
     return RuleOutcome(
         rule=rule.rule,
         property_name=property_name,
-        passed=passed,
-        message=(
-            f"{rule.decision} on {count} of {flags.size} images ({fraction:.0%}); "
-            f"allowed at most {rule.max_fraction:.0%}"
-        ),
+        verdict=verdict,
+        message=message,
         details={
             "decision": rule.decision,
             "count": count,
+            "undecided": undecided,
             "images": int(flags.size),
             "fraction": fraction,
             "max_fraction": rule.max_fraction,
@@ -164,7 +257,7 @@ def _max_score(
     return RuleOutcome(
         rule=rule.rule,
         property_name=property_name,
-        passed=mean <= rule.max,
+        verdict=_verdict(mean <= rule.max),
         message=f"mean {rule.metric} {mean:.4g}; allowed at most {rule.max:.4g}",
         details={"metric": rule.metric, "mean": mean, "max": rule.max},
     )
@@ -184,20 +277,27 @@ def _no_regression(
             f"{property_name}: non-finite {rule.metric} values; the test needs numbers"
         )
     p_value = paired_regression_p_value(differences)
-    regressed = bool(differences.mean() > 0 and p_value < rule.alpha)
+    p_within = paired_regression_p_value(differences, "less")
+    mean_difference = float(differences.mean())
+    if mean_difference > 0 and p_value < rule.alpha:
+        verdict: Verdict = "failed"
+        words = "regressed"
+    elif mean_difference <= 0 and p_within < rule.alpha:
+        verdict, words = "passed", "within the allowance"
+    else:
+        verdict, words = "inconclusive", "neither a regression nor its absence is significant"
     candidate_mean, baseline_mean = float(candidate_values.mean()), float(baseline_values.mean())
     allowed_mean = float(allowed.mean())
-    verdict = "regressed" if regressed else "no significant regression"
     return RuleOutcome(
         rule=rule.rule,
         property_name=property_name,
-        passed=not regressed,
+        verdict=verdict,
         message=(
-            f"{verdict}: mean {rule.metric} {candidate_mean:.4g} vs allowed {allowed_mean:.4g} "
+            f"{words}: mean {rule.metric} {candidate_mean:.4g} vs allowed {allowed_mean:.4g} "
             f"(baseline {baseline_mean:.4g} × {1 + rule.tolerance:g}"
             + (f" + {rule.margin:g}" if rule.margin else "")
-            + f"); paired Wilcoxon p = {p_value:.3g}, alpha {rule.alpha:g}, "
-            f"{candidate_values.size} images"
+            + f"); paired Wilcoxon p = {p_value:.3g} above, {p_within:.3g} within; "
+            f"alpha {rule.alpha:g}, {candidate_values.size} images"
         ),
         details={
             "metric": rule.metric,
@@ -207,9 +307,10 @@ def _no_regression(
             "tolerance": rule.tolerance,
             "margin": rule.margin,
             "p_value": p_value,
+            "p_value_within": p_within,
             "alpha": rule.alpha,
             "images": int(candidate_values.size),
-            "test": "one-sided Wilcoxon signed-rank on candidate - allowed",
+            "test": "one-sided Wilcoxon signed-rank tests on candidate - allowed",
         },
     )
 
@@ -221,7 +322,83 @@ def _max_flip_rate(
     return RuleOutcome(
         rule=rule.rule,
         property_name=property_name,
-        passed=flip_rate <= rule.max,
+        verdict=_verdict(flip_rate <= rule.max),
         message=f"prediction flips on {flip_rate:.0%} of paths; allowed at most {rule.max:.0%}",
         details={"flip_rate": flip_rate, "max": rule.max},
     )
+
+
+def _min_accuracy(rule: MinAccuracyRule, result: ReviewResult) -> RuleOutcome:
+    candidate = result.model("candidate")
+    assert candidate is not None, "a review always has a candidate"
+    hits = list(result.correct(candidate.label).values())
+    if not hits:
+        raise ValueError("min_accuracy needs labelled images; the set has none")
+    low, high = accuracy_interval(sum(hits), len(hits), 1 - 2 * rule.alpha)
+    verdict = _interval_verdict(low, high, rule.min)
+    accuracy = sum(hits) / len(hits)
+    return RuleOutcome(
+        rule=rule.rule,
+        property_name=candidate.label,
+        verdict=verdict,
+        message=(
+            f"accuracy {accuracy:.1%} ({sum(hits)} of {len(hits)} labelled images), "
+            f"{1 - 2 * rule.alpha:.0%} interval {low:.1%}–{high:.1%}; required at least "
+            f"{rule.min:.1%}" + _straddles(verdict)
+        ),
+        details={
+            "accuracy": accuracy,
+            "correct": sum(hits),
+            "images": len(hits),
+            "interval_low": low,
+            "interval_high": high,
+            "min": rule.min,
+            "alpha": rule.alpha,
+            "interval": "Clopper-Pearson (exact binomial)",
+        },
+    )
+
+
+def _no_accuracy_regression(rule: NoAccuracyRegressionRule, result: ReviewResult) -> RuleOutcome:
+    candidate, baseline = result.model("candidate"), result.model("baseline")
+    assert candidate is not None and baseline is not None, "the spec checks there is a baseline"
+    candidate_hits, baseline_hits = result.correct(candidate.label), result.correct(baseline.label)
+    images = [image for image in candidate_hits if image in baseline_hits]
+    if not images:
+        raise ValueError("no_accuracy_regression needs labelled images; the set has none")
+    difference, low, high = paired_accuracy_interval(
+        [candidate_hits[i] for i in images], [baseline_hits[i] for i in images], 1 - 2 * rule.alpha
+    )
+    verdict = _interval_verdict(low, high, -rule.max_drop)
+    candidate_accuracy = sum(candidate_hits[i] for i in images) / len(images)
+    baseline_accuracy = sum(baseline_hits[i] for i in images) / len(images)
+    return RuleOutcome(
+        rule=rule.rule,
+        property_name=candidate.label,
+        verdict=verdict,
+        message=(
+            f"accuracy {candidate_accuracy:.1%} vs baseline {baseline_accuracy:.1%} on "
+            f"{len(images)} labelled images: difference {difference:+.1%}, "
+            f"{1 - 2 * rule.alpha:.0%} interval {low:+.1%} to {high:+.1%}; allowed drop at most "
+            f"{rule.max_drop:.1%}" + _straddles(verdict)
+        ),
+        details={
+            "candidate_accuracy": candidate_accuracy,
+            "baseline_accuracy": baseline_accuracy,
+            "difference": difference,
+            "interval_low": low,
+            "interval_high": high,
+            "max_drop": rule.max_drop,
+            "alpha": rule.alpha,
+            "images": len(images),
+            "interval": "Newcombe hybrid score, paired (method 10)",
+        },
+    )
+
+
+def _verdict(passed: bool) -> Verdict:
+    return "passed" if passed else "failed"
+
+
+def _straddles(verdict: Verdict) -> str:
+    return " (the interval straddles it: more images needed)" if verdict == "inconclusive" else ""

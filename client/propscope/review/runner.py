@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -20,9 +20,10 @@ import numpy as np
 from propscope._attribution import Attribution
 from propscope._client import Client
 from propscope._errors import PropscopeError
-from propscope._events import Accepted, Decision, ModelInfo, PropertyResult
+from propscope._events import Accepted, Decision, PropertyResult
 from propscope._images import encode_image
 from propscope._maps import overlay_png
+from propscope._preflight import EXPLAIN_METHOD, Classifier, PreflightError, preflight
 from propscope._properties import Property
 from propscope.review.results import (
     AttributionObservation,
@@ -85,8 +86,7 @@ def run_review(
     strips; raises ``ReviewError`` when any call or property fails."""
     started = time.monotonic()
     models = _model_entries(spec)
-    methods = {rule.attribution.method for rule in spec.attribution_rules()}
-    _check_served(client, models, list(spec.editor_properties().values()), methods)
+    _preflight(client, spec, models)
     follow_label = (spec.target_class or _default_target(images)) == "label"
     run = _Run(spec, client, follow_label)
     total = len(images) * len(models)
@@ -129,6 +129,7 @@ def run_review(
         outcomes=tuple(outcomes),
         strips=tuple(strips),
         seconds=time.monotonic() - started,
+        fail_on_inconclusive=spec.fail_on_inconclusive,
     )
 
 
@@ -294,66 +295,40 @@ def _default_target(images: Sequence[ImageEntry]) -> str:
     return "label" if all(image.label is not None for image in images) else "predicted"
 
 
-def _check_served(
-    client: Client,
-    models: Sequence[ModelEntry],
-    properties: Sequence[Property],
-    methods: Set[str] = frozenset(),
-) -> None:
-    """Names a model or editor the service does not serve, or an attribution method it cannot
-    run on the candidate, before any work starts."""
+def _preflight(client: Client, spec: ReviewSpec, models: Sequence[ModelEntry]) -> None:
+    """Every model, editor, editor parameter and setting checked against ``ListModels`` before
+    the first image: one error lists every problem."""
     try:
-        served = {info.name: info for info in client.list_models()}
+        served = client.list_models()
     except PropscopeError as error:
         raise ReviewError(f"cannot reach the service at {client.target}: {error}") from None
-    # Any model that is not an editor is a classifier: propscope.role is optional.
-    classifiers = sorted(n for n, i in served.items() if i.is_classifier)
-    for model in models:
-        _check_model(
-            served.get(model.name),
+    attribution_methods = sorted({rule.attribution.method for rule in spec.attribution_rules()})
+    classifiers = [
+        Classifier(
             model.name,
             model.version,
-            True,
-            f"{model.role} model",
-            classifiers,
+            (EXPLAIN_METHOD, *attribution_methods)
+            if model.role == "candidate"
+            else (EXPLAIN_METHOD,),
+            role=model.role,
         )
-    candidate = served[models[0].name]
-    # A gateway that lists no methods predates them: the call itself will say.
-    missing = sorted(methods - set(candidate.methods)) if candidate.methods else []
-    if missing:
-        raise ReviewError(
-            f"max_attribution_share: the service cannot run {', '.join(missing)} on "
-            f"{models[0].name!r}; its methods: {', '.join(candidate.methods)}"
+        for model in models
+    ]
+    options = spec.explain
+    try:
+        preflight(
+            served,
+            classifiers=classifiers,
+            properties=spec.editor_properties().values(),
+            steps=options.steps,
+            samples=options.samples,
+            permutations=options.permutations,
+            alpha=options.alpha,
+            max_steps=options.max_steps,
+            path_mode=options.path_mode,
         )
-    editors = sorted(n for n, i in served.items() if not i.is_classifier)
-    for prop in properties:
-        _check_model(
-            served.get(prop.editor or ""),
-            prop.editor or "",
-            prop.editor_version,
-            False,
-            f"editor of property {prop.name!r}",
-            editors,
-        )
-
-
-def _check_model(
-    info: ModelInfo | None, name: str, version: str, classifier: bool, what: str, known: list[str]
-) -> None:
-    if info is None:
-        raise ReviewError(
-            f"the {what} {name!r} is not served; served: {', '.join(known) or 'none'}"
-        )
-    if info.is_classifier != classifier:
-        kind = "an editor" if classifier else "a classifier"
-        raise ReviewError(f"the {what} {name!r} is {kind}; served: {', '.join(known) or 'none'}")
-    if info.state != "READY":
-        reason = f": {info.state_reason}" if info.state_reason else ""
-        raise ReviewError(f"the {what} {name!r} is {info.state or 'not loaded'}{reason}")
-    if version and version not in info.versions:
-        raise ReviewError(
-            f"the {what} {name!r} has no version {version!r}; versions: {', '.join(info.versions)}"
-        )
+    except PreflightError as error:
+        raise ReviewError(str(error)) from None
 
 
 def _read_image(image: ImageEntry) -> bytes:

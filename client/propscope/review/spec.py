@@ -16,14 +16,18 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from propscope._images import folder_images
+from propscope._preflight import did_you_mean
 from propscope._preprocessing import Preprocessing, read_class_labels
 from propscope._properties import Box, Property, parse_property, region_from, split_property
 
@@ -38,6 +42,25 @@ class SpecError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        """An unknown key is named with the closest allowed one and every allowed one (pydantic
+        would say "Extra inputs are not permitted" and nothing more)."""
+        if isinstance(data, dict):
+            allowed = list(cls.model_fields)
+            unknown = [key for key in data if key not in cls.model_fields]
+            if unknown:
+                named = "; ".join(
+                    f"unknown key {key!r}{did_you_mean(str(key), allowed)}" for key in unknown
+                )
+                raise PydanticCustomError(
+                    "unknown_key",
+                    "{named}; allowed keys: {allowed}",
+                    {"named": named, "allowed": ", ".join(allowed)},
+                )
+        return data
 
 
 class ServiceSpec(_Strict):
@@ -157,7 +180,19 @@ class ProvidedSpec(_Strict):
     provided: ProvidedFolderSpec
 
 
-PropertySource = str | EditorSpec | ProvidedSpec
+def _property_kind(value: Any) -> str:
+    """Which form a property takes, so that an error names that form's keys only."""
+    if isinstance(value, dict):
+        return "provided" if "provided" in value else "editor"
+    return "text"
+
+
+PropertySource = Annotated[
+    Annotated[str, Tag("text")]
+    | Annotated[EditorSpec, Tag("editor")]
+    | Annotated[ProvidedSpec, Tag("provided")],
+    Discriminator(_property_kind),
+]
 
 
 class ExplainSpec(_Strict):
@@ -226,6 +261,39 @@ class MaxFlipRateRule(_Rule):
 
     rule: Literal["max_flip_rate"]
     max: float = Field(ge=0, le=1)
+
+
+class MinAccuracyRule(_Strict):
+    """The candidate classifies at least ``min`` of the labelled originals as labelled: passed
+    when the (1 - 2 alpha) Clopper-Pearson interval of its accuracy lies at or above ``min``,
+    failed when it lies below, inconclusive when it straddles ``min``."""
+
+    rule: Literal["min_accuracy"]
+    min: float = Field(ge=0, le=1)
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+
+    @property
+    def properties(self) -> None:
+        """Checks no property: it reads the originals' predictions."""
+        return None
+
+
+class NoAccuracyRegressionRule(_Strict):
+    """The candidate's accuracy is at most ``max_drop`` below the baseline's on the same
+    labelled images: Newcombe's paired interval of the difference (at 1 - 2 alpha) decides,
+    as for ``min_accuracy``."""
+
+    rule: Literal["no_accuracy_regression"]
+    max_drop: float = Field(0.05, ge=0, le=1)
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+
+    @property
+    def properties(self) -> None:
+        """Checks no property: it reads the originals' predictions."""
+        return None
+
+
+AccuracyRule = MinAccuracyRule | NoAccuracyRegressionRule
 
 
 class AttributionSpec(_Strict):
@@ -339,7 +407,9 @@ Rule = Annotated[
     | MaxScoreRule
     | NoRegressionRule
     | MaxFlipRateRule
-    | MaxAttributionShareRule,
+    | MaxAttributionShareRule
+    | MinAccuracyRule
+    | NoAccuracyRegressionRule,
     Field(discriminator="rule"),
 ]
 
@@ -362,6 +432,9 @@ class ReviewSpec(_Strict):
     # Per property, how many of the most affected images the HTML report shows as path strips.
     strips: int = Field(3, ge=0, le=20)
     rules: list[Rule] = []
+    # Whether a rule the set cannot decide (verdict inconclusive) fails the gate (exit code 4);
+    # either way it is reported apart from the passed ones.
+    fail_on_inconclusive: bool = False
     # The spec file's folder: what mask files and provided-path folders are relative to.
     _base: Path = PrivateAttr(default_factory=Path)
     _editor_properties: dict[str, Property] | None = PrivateAttr(default=None)
@@ -389,8 +462,8 @@ class ReviewSpec(_Strict):
             unknown = sorted(set(rule.properties or ()) - set(self.properties))
             if unknown:
                 raise ValueError(f"rules[{index}] ({rule.rule}) names unknown properties {unknown}")
-            if isinstance(rule, NoRegressionRule) and self.baseline is None:
-                raise ValueError(f"rules[{index}]: no_regression needs a baseline model")
+            if isinstance(rule, NoRegressionRule | NoAccuracyRegressionRule) and not self.baseline:
+                raise ValueError(f"rules[{index}]: {rule.rule} needs a baseline model")
         share_rules = self.attribution_rules()
         names = [rule.name for rule in share_rules]
         if len(set(names)) != len(names):
@@ -558,6 +631,13 @@ def load_spec(path: Path) -> tuple[ReviewSpec, list[ImageEntry]]:
                 raise SpecError(f"{path}: property {name!r}, image {image.id!r}: {error}") from None
     if spec.target_class == "label" and any(image.label is None for image in images):
         raise SpecError(f"{path}: target_class is 'label' but some images have no label")
+    if all(image.label is None for image in images):
+        for index, rule in enumerate(spec.rules):
+            if isinstance(rule, MinAccuracyRule | NoAccuracyRegressionRule):
+                raise SpecError(
+                    f"{path}: rules[{index}]: {rule.rule} needs labelled images (images.manifest "
+                    "with a label column); the set has none"
+                )
     for index, rule in enumerate(spec.rules):
         if isinstance(rule, NoRegressionRule) and 0.5 ** len(images) >= rule.alpha:
             # The one-sided signed-rank test's smallest p-value is 1/2^n: below that, the rule
@@ -574,7 +654,13 @@ def _describe(error: ValidationError) -> str:
     problems = []
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "spec"
-        problems.append(f"{where}: {item['msg']}")
+        message = item["msg"]
+        if item["type"] == "union_tag_invalid":
+            # An unknown rule name: name the closest rule as for unknown keys.
+            tag, expected = item["ctx"]["tag"], item["ctx"]["expected_tags"]
+            names = [name.strip(" '") for name in expected.split(",")]
+            message = f"unknown rule {tag!r}{did_you_mean(tag, names)}; rules: {', '.join(names)}"
+        problems.append(f"{where}: {message}")
     return "; ".join(problems)
 
 

@@ -19,11 +19,17 @@ def _xml_text(text: str) -> str:
 
 
 def render_junit(result: ReviewResult) -> str:
-    """One test suite with a test case per rule outcome; a failed rule is a ``<failure>``."""
+    """One test suite with a test case per rule outcome; a failed rule is a ``<failure>``, an
+    inconclusive one ``<skipped>`` (a ``<failure>`` of type inconclusive when the spec's
+    fail_on_inconclusive is set): never a passed case."""
+    failing = len(result.failures) + (
+        len(result.inconclusive) if result.fail_on_inconclusive else 0
+    )
     counts = {
         "tests": str(len(result.outcomes)),
-        "failures": str(len(result.failures)),
+        "failures": str(failing),
         "errors": "0",
+        "skipped": str(0 if result.fail_on_inconclusive else len(result.inconclusive)),
         "time": f"{result.seconds if math.isfinite(result.seconds) else 0.0:.3f}",
     }
     suites = ET.Element("testsuites", name="propscope review", **counts)
@@ -38,16 +44,18 @@ def render_junit(result: ReviewResult) -> str:
             name=_xml_text(outcome.name),
             time="0",
         )
-        if not outcome.passed:
-            message = _xml_text(outcome.message)
-            failure = ET.SubElement(case, "failure", message=message, type=outcome.rule)
-            failure.text = _xml_text(
-                "\n".join(
-                    [
-                        outcome.message,
-                        *(f"{key}: {value}" for key, value in outcome.details.items()),
-                    ]
-                )
-            )
+        if outcome.passed:
+            continue
+        failed = outcome.verdict == "failed"
+        message = _xml_text(outcome.message if failed else f"inconclusive: {outcome.message}")
+        if not failed and not result.fail_on_inconclusive:
+            ET.SubElement(case, "skipped", message=message)
+            continue
+        failure = ET.SubElement(
+            case, "failure", message=message, type=outcome.rule if failed else "inconclusive"
+        )
+        failure.text = _xml_text(
+            "\n".join([message, *(f"{key}: {value}" for key, value in outcome.details.items())])
+        )
     ET.indent(suites)
     return ET.tostring(suites, encoding="utf-8", xml_declaration=True).decode("utf-8") + "\n"

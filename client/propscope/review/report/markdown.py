@@ -15,6 +15,7 @@ from propscope.review.results import ReviewResult
 __all__ = ["render_markdown"]
 
 WARNINGS_SHOWN = 5
+VERDICT_WORDS = {"passed": "✅ passed", "failed": "❌ failed", "inconclusive": "⚠️ inconclusive"}
 
 
 def render_markdown(result: ReviewResult) -> str:
@@ -24,7 +25,7 @@ def render_markdown(result: ReviewResult) -> str:
         lines += _table(
             ["rule", "property", "result", "message"],
             [
-                [o.rule, o.property_name, "✅ passed" if o.passed else "❌ failed", o.message]
+                [o.rule, o.property_name, VERDICT_WORDS[o.verdict], o.message]
                 for o in result.outcomes
             ],
         )
@@ -87,7 +88,19 @@ def _headline(result: ReviewResult) -> str:
         return "No rules were checked."
     if result.passed:
         return f"✅ **passed**: all {total} rule checks hold."
-    return f"❌ **{len(result.failures)} of {total} rule checks failed**."
+    undecided = len(result.inconclusive)
+    gate = (
+        "inconclusive rules fail this gate (`fail_on_inconclusive`)"
+        if result.fail_on_inconclusive
+        else "they do not fail the gate (`fail_on_inconclusive` is off) but did not pass"
+    )
+    if result.failures:
+        line = f"❌ **{len(result.failures)} of {total} rule checks failed**"
+        return line + (f"; {undecided} inconclusive." if undecided else ".")
+    return (
+        f"⚠️ **inconclusive**: {undecided} of {total} rule checks cannot be decided on this "
+        f"image set (too few images for the effect); {gate}."
+    )
 
 
 def _cache_line(result: ReviewResult) -> str:
