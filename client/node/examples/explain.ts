@@ -1,20 +1,18 @@
 /**
- * Streams one explanation and prints a line per property result and the timings.
- *
- *   node dist/examples/explain.js IMAGE --model NAME --property NAME=EDITOR:key=value,... \
- *     [--property ...] [--target host:port] [--steps N] [--seed N] [--token TOKEN] \
- *     [--fixed-steps] [--max-steps N] [--mean R,G,B] [--std R,G,B] \
- *     [--output-kind logits|probabilities] [--labels A,B,...]
+ * Streams one explanation and prints a line per property result and the timings
+ * (`node dist/examples/explain.js --help` prints the options and examples).
  *
  * Exit codes as the Python CLI's: 0 success, 2 an error the user can fix (bad option,
  * unreadable image, refused or failed call). A property that fails on the server is reported
  * on its line and is not an error of the command.
  */
 
-import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 
 import {
+  PROPERTY_SYNTAX,
+  READABLE_FORMATS,
+  REGION_SYNTAX,
   buildExplainRequest,
   createClient,
   type Accepted,
@@ -23,19 +21,56 @@ import {
   type PropertyResult,
 } from "../src";
 
-const USAGE =
-  "usage: explain.js IMAGE --model NAME --property NAME=EDITOR:key=value,... [--property ...] " +
-  "[--target host:port] [--steps N] [--seed N] [--token TOKEN] [--fixed-steps] " +
-  "[--max-steps N] [--mean R,G,B] [--std R,G,B] [--output-kind logits|probabilities] " +
-  "[--labels A,B,...]";
+const DEFAULT_TARGET = "127.0.0.1:50051";
+const USAGE = "usage: explain.js IMAGE --model NAME --property SPEC [--property SPEC ...] [options]";
+const HELP = `${USAGE}
+
+Explains IMAGE's prediction by the classifier --model for each --property, printing a line per
+property as it finishes (score, p-value, significant, relevant, N, flipped, target), then the
+timings.
+
+IMAGE is ${READABLE_FORMATS}; formats other than PNG and JPEG are converted to PNG, as the
+Python CLI does.
+
+--property SPEC: ${PROPERTY_SYNTAX}
+  REGION limits an editor's edit: ${REGION_SYNTAX}.
+  -p 'hue=procedural:operation=hue,degrees=90'
+  -p 'hue=procedural:operation=hue;mask=cat-mask.webp'
+  -p 'patch=procedural:operation=blend;box_px=10,10,74,74'
+  -p 'rain=@paths/rain/'
+
+options:
+  -m, --model NAME          the classifier (a Triton model name; required)
+  -p, --property SPEC       a property to intervene on; repeatable (required)
+  --target HOST:PORT        the gateway (default: $PROPSCOPE_TARGET or ${DEFAULT_TARGET})
+  --steps N                 edited images per path (default: 10)
+  --seed N                  seed for editing and the test (default: 0)
+  --token TOKEN             bearer token (default: $PROPSCOPE_TOKEN)
+  --fixed-steps             decide on exactly --steps (no adaptive lengthening)
+  --max-steps N             adaptive paths: the longest path (default: the server's limit)
+  --mean R,G,B              preprocessing mean, overriding the model's declaration
+  --std R,G,B               preprocessing std (positive)
+  --output-kind KIND        logits or probabilities
+  --labels A,B,...          class names by index
+  -h, --help                print this help and exit
+
+examples:
+  node dist/examples/explain.js docs/sample.png -m synth_hue \\
+    -p 'object_hue=procedural:operation=hue,region=object' -p 'patch=procedural:operation=blend'
+  node dist/examples/explain.js cat.webp -m resnet50 -p 'hue=procedural:operation=hue' \\
+    --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --labels cat,dog
+
+exit codes: 0 done (a property that failed on the server is reported on its line), 2 a bad
+option, an unreadable image or a refused or failed call.`;
 
 async function main(): Promise<void> {
   const { values, positionals } = parseArgs({
     allowPositionals: true,
     options: {
-      model: { type: "string" },
-      property: { type: "string", multiple: true },
-      target: { type: "string", default: "127.0.0.1:50051" },
+      help: { type: "boolean", short: "h", default: false },
+      model: { type: "string", short: "m" },
+      property: { type: "string", short: "p", multiple: true },
+      target: { type: "string", default: process.env.PROPSCOPE_TARGET || DEFAULT_TARGET },
       steps: { type: "string", default: "10" },
       seed: { type: "string", default: "0" },
       token: { type: "string", default: process.env.PROPSCOPE_TOKEN },
@@ -47,9 +82,13 @@ async function main(): Promise<void> {
       labels: { type: "string" },
     },
   });
+  if (values.help) {
+    console.log(HELP);
+    return;
+  }
   const [imagePath] = positionals;
   if (positionals.length !== 1 || !values.model || !values.property?.length) {
-    throw new Error(USAGE);
+    throw new Error(`${USAGE} (--help for more)`);
   }
   const steps = Number(values.steps);
   if (!Number.isInteger(steps)) {
@@ -57,8 +96,8 @@ async function main(): Promise<void> {
   }
 
   const triple = (text: string | undefined) => text?.split(",").map(Number);
-  const request = buildExplainRequest({
-    image: readFileSync(imagePath),
+  const request = await buildExplainRequest({
+    image: imagePath,
     model: values.model,
     properties: values.property,
     steps,

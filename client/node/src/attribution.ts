@@ -16,6 +16,7 @@ import type { ModelRef } from "./generated/propscope/v1/ModelRef";
 import type { Perturbation } from "./generated/propscope/v1/Perturbation";
 import type { RiseOptions } from "./generated/propscope/v1/RiseOptions";
 import type { SobolOptions } from "./generated/propscope/v1/SobolOptions";
+import { encodeImage, type ImageInput } from "./images";
 
 export type Method = "sobol" | "rise";
 export type Estimator = "jansen" | "homma" | "janon" | "glen_isaacs" | "saltelli";
@@ -58,8 +59,8 @@ export interface PerturbationOptions {
 
 /** The classifier and its target, shared by both RPCs. */
 export interface ModelOptions {
-  /** The image, PNG or JPEG encoded. */
-  image: Buffer | Uint8Array;
+  /** The image: encoded bytes or a file's path (`encodeImage`: other formats become PNG). */
+  image: ImageInput;
   /** The classifier's Triton name. */
   model: string;
   modelVersion?: string;
@@ -244,16 +245,19 @@ function targetScoreEnum(value: TargetScore | undefined) {
     "TARGET_SCORE_UNSPECIFIED") as AttributeRequest["targetScore"];
 }
 
-/** The AttributeRequest for `options`; throws an Error naming the option to fix. */
-export function buildAttributeRequest(options: AttributeOptions): AttributeRequest {
+/**
+ * The AttributeRequest for `options`, its image converted as `encodeImage` does; rejects with
+ * an Error naming the option to fix (the options are checked before the image is read).
+ */
+export async function buildAttributeRequest(options: AttributeOptions): Promise<AttributeRequest> {
   return {
     requestId: options.requestId ?? "",
-    image: options.image,
     model: modelRef(options),
     ...methodMessage(options),
     targetScore: targetScoreEnum(options.targetScore),
     perturbation: perturbationMessage(options),
     seed: String(options.seed ?? 0),
+    image: await encodeImage(options.image),
   };
 }
 
@@ -281,10 +285,14 @@ export function mapMessage(map: MapArray | number[][], name = "explanation"): At
   return { height, width, values };
 }
 
-/** The EvaluateAttributionRequest for `options`; throws an Error naming the option to fix. */
-export function buildEvaluateAttributionRequest(
+/**
+ * The EvaluateAttributionRequest for `options`, its image converted as `encodeImage` does;
+ * rejects with an Error naming the option to fix (the options are checked before the image is
+ * read).
+ */
+export async function buildEvaluateAttributionRequest(
   options: EvaluateOptions,
-): EvaluateAttributionRequest {
+): Promise<EvaluateAttributionRequest> {
   const metrics = [...new Set(options.metrics ?? ["deletion", "insertion", "mu_fidelity"])];
   const unknown = metrics.filter((name) => !(METRICS as readonly string[]).includes(name));
   if (unknown.length || !metrics.length) {
@@ -312,7 +320,6 @@ export function buildEvaluateAttributionRequest(
   };
   const request: EvaluateAttributionRequest = {
     requestId: options.requestId ?? "",
-    image: options.image,
     model: modelRef(options),
     targetScore: targetScoreEnum(options.targetScore),
     seed: String(options.seed ?? 0),
@@ -336,6 +343,7 @@ export function buildEvaluateAttributionRequest(
       perturbation: perturbationMessage(options.stabilityPerturbation ?? {}),
     };
   }
+  request.image = await encodeImage(options.image);
   return request;
 }
 

@@ -2,16 +2,14 @@
  * A typed client of the propscope gateway (`propscope.v1.ExplainService` and
  * `AttributionService`) over @grpc/grpc-js.
  *
- * The contract is read at run time from the repository's `protos/` (never copied), and the
- * `google/rpc/status.proto` it imports from the google-proto-files package; `npm run build`
- * generates the types in `./generated` from the same files with the same options.
+ * `npm run build` bundles the contract (the repository's `protos/` and the google.rpc messages
+ * they use) into `./generated/contract` and generates the types in `./generated` from the same
+ * files with the same options, so the installed package reads no .proto file.
  */
-
-import path from "node:path";
 
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
-import { getProtoPath, loadSync } from "google-proto-files";
+import * as protobuf from "protobufjs";
 
 import {
   attributionFrom,
@@ -23,6 +21,7 @@ import {
   type Evaluation,
 } from "./attribution";
 import type { ProtoGrpcType as AttributionProtoGrpcType } from "./generated/attribution";
+import { CONTRACT } from "./generated/contract";
 import type { ProtoGrpcType } from "./generated/explain";
 import type { AttributeAccepted__Output } from "./generated/propscope/v1/AttributeAccepted";
 import type { AttributeProgress__Output } from "./generated/propscope/v1/AttributeProgress";
@@ -60,6 +59,13 @@ export {
   type TargetScore,
 } from "./attribution";
 export {
+  FOLDER_IMAGE_SUFFIXES,
+  READABLE_FORMATS,
+  encodeImage,
+  encodeMask,
+  type ImageInput,
+} from "./images";
+export {
   PROPERTY_SYNTAX,
   REGION_SYNTAX,
   naturalCompare,
@@ -82,20 +88,15 @@ export type { Property } from "./generated/propscope/v1/Property";
 export type { Decision__Output as Decision } from "./generated/propscope/v1/Decision";
 export type { Preprocessing__Output as Preprocessing } from "./generated/propscope/v1/Preprocessing";
 
-/** The repository's protos/, found from this file (dist/src/index.js) so that any cwd works. */
-const PROTO_DIR = path.resolve(__dirname, "..", "..", "..", "..", "protos");
-
 // The options of proto-loader-gen-types in package.json's build script, so that the generated
-// types describe what arrives: camelCase field names (propertyResult, pValue), uint64 seeds as
-// decimal strings (no precision lost), enums by name, unset fields as their defaults, and
-// `event` naming the member of the oneof that is set.
+// types describe what arrives: uint64 seeds as decimal strings (no precision lost), enums by
+// name, unset fields as their defaults, and `event` naming the member of the oneof that is set.
+// Field names are camelCased (propertyResult, pValue) in the bundled contract itself.
 const LOADER_OPTIONS: protoLoader.Options = {
-  keepCase: false,
   longs: String,
   enums: String,
   defaults: true,
   oneofs: true,
-  includeDirs: [PROTO_DIR, path.dirname(getProtoPath())],
 };
 // Results with returnPathImages hold many PNGs (the Python SDK allows the same).
 const MAX_RECEIVE_MESSAGE_BYTES = 256 * 1024 * 1024;
@@ -223,7 +224,7 @@ export function createClient(target: string, options: ClientOptions = {}): Props
       }
     },
     async attribute(attributeOptions, { deadline, onProgress } = {}) {
-      const request = buildAttributeRequest(attributeOptions);
+      const request = await buildAttributeRequest(attributeOptions);
       const call = attributionStub.Attribute(request, metadata(), { deadline });
       let requestId = request.requestId ?? "";
       let accepted: AttributeAccepted | undefined;
@@ -248,7 +249,7 @@ export function createClient(target: string, options: ClientOptions = {}): Props
       }
     },
     async evaluateAttribution(evaluateOptions, { deadline, onProgress, onMetric } = {}) {
-      const request = buildEvaluateAttributionRequest(evaluateOptions);
+      const request = await buildEvaluateAttributionRequest(evaluateOptions);
       const call = attributionStub.EvaluateAttribution(request, metadata(), { deadline });
       let requestId = request.requestId ?? "";
       let accepted: EvaluationAccepted | undefined;
@@ -300,10 +301,7 @@ let loadedServices: Services | undefined;
 /** The services' client classes, loaded once and only when a client is made. */
 function services(): Services {
   if (!loadedServices) {
-    const definition = protoLoader.loadSync(
-      ["propscope/v1/explain.proto", "propscope/v1/attribution.proto"],
-      LOADER_OPTIONS,
-    );
+    const definition = protoLoader.fromJSON(CONTRACT, LOADER_OPTIONS);
     const proto = grpc.loadPackageDefinition(definition) as unknown as ProtoGrpcType &
       AttributionProtoGrpcType;
     loadedServices = {
@@ -333,28 +331,30 @@ function asPropscopeError(error: unknown): unknown {
   );
 }
 
-// Field names as in the .proto files (keepCase): protobufjs's own google.protobuf.Any has them so.
+// Field names as in the bundled contract: camelCased, but for protobufjs's own
+// google.protobuf.Any, which keeps its .proto names.
 interface DecodedStatus {
   details: { type_url: string; value: Uint8Array }[];
 }
 
 interface DecodedBadRequest {
-  field_violations: FieldViolation[];
+  fieldViolations: FieldViolation[];
 }
+
+let contractRoot: protobuf.Root | undefined;
 
 /** The google.rpc.BadRequest field violations of a rich status trailer, if any. */
 function fieldViolations(statusDetails: grpc.MetadataValue | undefined): FieldViolation[] {
   if (!Buffer.isBuffer(statusDetails)) return [];
   try {
-    const root = loadSync(getProtoPath("rpc", "error_details.proto"), { keepCase: true });
-    root.loadSync(getProtoPath("rpc", "status.proto"), { keepCase: true });
-    const status = root.lookupType("google.rpc.Status").decode(statusDetails) as unknown;
-    const badRequest = root.lookupType("google.rpc.BadRequest");
+    contractRoot ??= protobuf.Root.fromJSON(CONTRACT);
+    const status = contractRoot.lookupType("google.rpc.Status").decode(statusDetails) as unknown;
+    const badRequest = contractRoot.lookupType("google.rpc.BadRequest");
     return (status as DecodedStatus).details
       .filter((detail) => detail.type_url === BAD_REQUEST_TYPE_URL)
       .flatMap((detail) => {
         const decoded = badRequest.decode(detail.value) as unknown;
-        return (decoded as DecodedBadRequest).field_violations;
+        return (decoded as DecodedBadRequest).fieldViolations;
       })
       .map(({ field, description }) => ({ field, description }));
   } catch {

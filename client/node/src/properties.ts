@@ -7,10 +7,11 @@
  *   REGION: mask=FILE | box=LEFT,TOP,RIGHT,BOTTOM (fractions 0-1) | box_px=... (pixels)
  */
 
-import { readdirSync, readFileSync, statSync } from "node:fs";
+import { readdir, stat } from "node:fs/promises";
 import path from "node:path";
 
 import type { Property } from "./generated/propscope/v1/Property";
+import { encodeImage, encodeMask, FOLDER_IMAGE_SUFFIXES } from "./images";
 
 export const PROPERTY_SYNTAX = "NAME=EDITOR[@VERSION][:key=value,...][;REGION] or NAME=@FOLDER";
 export const REGION_SYNTAX =
@@ -23,10 +24,6 @@ const PARAMETER_SEPARATOR = /,(?=\s*[A-Za-z_][\w.\-]*\s*=)/;
 const REGION_SEPARATOR = /;(?=\s*(?:mask|box|box_px)\s*=)/;
 // Plain decimal numbers only, as the Python SDK reads them.
 const NUMBER = /^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$/;
-const PNG_MAGIC = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
-const JPEG_MAGIC = Buffer.from([0xff, 0xd8, 0xff]);
-// The files a provided-path folder contributes (the Python SDK also converts WebP, BMP, TIFF).
-const FOLDER_IMAGE_SUFFIXES = [".png", ".jpg", ".jpeg"];
 
 /** A region as the text spells it, before any file is read. */
 export type RegionText = { mask: string } | { box: number[] } | { box_px: number[] };
@@ -74,23 +71,25 @@ export function splitProperty(text: string): PropertyText {
 
 /**
  * Parses e.g. `object_hue=procedural:operation=hue,region=object;box=0.1,0.1,0.9,0.9` into a
- * `propscope.v1.Property`, reading its mask file or provided-path folder (PNG or JPEG; convert
- * other formats first, or use the Python CLI, which converts them). Names, editors and keys are
- * trimmed; parameter values are kept as written. Throws an Error naming the problem.
+ * `propscope.v1.Property`, reading its mask file or provided-path folder with the Python SDK's
+ * conversions (`encodeMask`, `encodeImage`: WebP, GIF, TIFF, AVIF and BMP become PNG). Names,
+ * editors and keys are trimmed; parameter values are kept as written. Rejects with an Error
+ * naming the problem.
  */
-export function parseProperty(text: string, options: ParseOptions = {}): Property {
+export async function parseProperty(text: string, options: ParseOptions = {}): Promise<Property> {
   const spec = splitProperty(text);
   const base = options.baseDir ?? process.cwd();
   const failed = (why: string) => new Error(`property '${spec.name}': ${why}`);
   if (spec.folder !== null) {
-    return { name: spec.name, providedPath: { images: folderImages(path.resolve(base, spec.folder), failed) } };
+    const images = await folderImages(path.resolve(base, spec.folder), failed);
+    return { name: spec.name, providedPath: { images } };
   }
   const property: Property = {
     name: spec.name,
     editor: { model: spec.editor ?? "", version: spec.version, parameters: spec.parameters },
   };
   if (spec.region && "mask" in spec.region) {
-    property.region = { mask: readImage(path.resolve(base, spec.region.mask), "mask", failed) };
+    property.region = { mask: await withName(encodeMask(path.resolve(base, spec.region.mask)), failed) };
   } else if (spec.region) {
     const pixels = "box_px" in spec.region;
     const [left, top, right, bottom] = "box_px" in spec.region ? spec.region.box_px : spec.region.box;
@@ -168,38 +167,30 @@ export function naturalCompare(a: string, b: string): number {
   return a < b ? -1 : a > b ? 1 : 0;
 }
 
-function folderImages(folder: string, failed: (why: string) => Error): Buffer[] {
-  let names: string[];
-  try {
-    if (!statSync(folder).isDirectory()) throw failed(`'${folder}' is not a folder`);
-    names = readdirSync(folder);
-  } catch (error) {
-    if (error instanceof Error && error.message.startsWith("property")) throw error;
-    throw failed(`'${folder}' is not a folder`);
-  }
-  const images = names
-    .filter((name) => !name.startsWith("."))
-    .filter((name) => FOLDER_IMAGE_SUFFIXES.includes(path.extname(name).toLowerCase()))
-    .filter((name) => statSync(path.join(folder, name)).isFile())
-    .sort(naturalCompare);
-  if (!images.length) {
+async function folderImages(folder: string, failed: (why: string) => Error): Promise<Buffer[]> {
+  const isFolder = await stat(folder).then((found) => found.isDirectory(), () => false);
+  if (!isFolder) throw failed(`'${folder}' is not a folder`);
+  const candidates = (await readdir(folder)).filter(
+    (name) => !name.startsWith(".") && FOLDER_IMAGE_SUFFIXES.includes(path.extname(name).toLowerCase()),
+  );
+  // Files or links to files, as Python's Path.is_file.
+  const isFile = await Promise.all(
+    candidates.map((name) => stat(path.join(folder, name)).then((found) => found.isFile(), () => false)),
+  );
+  const names = candidates.filter((_, index) => isFile[index]).sort(naturalCompare);
+  if (!names.length) {
     throw failed(`folder '${folder}' holds no image (${FOLDER_IMAGE_SUFFIXES.join(", ")})`);
   }
-  return images.map((name) => readImage(path.join(folder, name), "image", failed));
+  return Promise.all(names.map((name) => withName(encodeImage(path.join(folder, name)), failed)));
 }
 
-function readImage(file: string, what: string, failed: (why: string) => Error): Buffer {
-  let data: Buffer;
+/** The image, or its error prefixed with the property's name. */
+async function withName(image: Promise<Buffer>, failed: (why: string) => Error): Promise<Buffer> {
   try {
-    data = readFileSync(file);
+    return await image;
   } catch (error) {
-    throw failed(`cannot read ${what} '${file}': ${(error as Error).message}`);
+    throw failed((error as Error).message);
   }
-  const starts = (magic: Buffer) => data.subarray(0, magic.length).equals(magic);
-  if (!starts(PNG_MAGIC) && !starts(JPEG_MAGIC)) {
-    throw failed(`${what} '${file}' is not PNG or JPEG: convert it first`);
-  }
-  return data;
 }
 
 /** Python's `str.partition`: the text before the first `separator` and the rest, if any. */

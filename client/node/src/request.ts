@@ -5,6 +5,7 @@
 
 import type { ExplainRequest } from "./generated/propscope/v1/ExplainRequest";
 import type { Property } from "./generated/propscope/v1/Property";
+import { encodeImage, type ImageInput } from "./images";
 import { parseProperty, type ParseOptions } from "./properties";
 
 export type OutputKind = "logits" | "probabilities";
@@ -24,8 +25,8 @@ export interface PreprocessingOptions {
 }
 
 export interface ExplainOptions {
-  /** The image, PNG or JPEG encoded. */
-  image: Buffer | Uint8Array;
+  /** The image: encoded bytes or a file's path (`encodeImage`: other formats become PNG). */
+  image: ImageInput;
   /** The classifier's Triton name. */
   model: string;
   modelVersion?: string;
@@ -62,12 +63,15 @@ const RESIZE_MODES = {
 } as const;
 const PATH_MODES = { adaptive: "PATH_MODE_ADAPTIVE", fixed: "PATH_MODE_FIXED" } as const;
 
-/** The ExplainRequest for `options`; throws an Error naming the option to fix. */
-export function buildExplainRequest(options: ExplainOptions): ExplainRequest {
+/**
+ * The ExplainRequest for `options`, its image and property files read and converted as the
+ * Python SDK does; rejects with an Error naming the option to fix.
+ */
+export async function buildExplainRequest(options: ExplainOptions): Promise<ExplainRequest> {
   if (!options.model) throw new Error("model must be a non-empty Triton model name");
   const parse: ParseOptions = { baseDir: options.baseDir };
-  const properties = options.properties.map((item) =>
-    typeof item === "string" ? parseProperty(item, parse) : item,
+  const properties = await Promise.all(
+    options.properties.map((item) => (typeof item === "string" ? parseProperty(item, parse) : item)),
   );
   if (!properties.length) throw new Error("at least one property is required");
   const names = new Set<string>();
@@ -96,7 +100,7 @@ export function buildExplainRequest(options: ExplainOptions): ExplainRequest {
   }
   return {
     requestId: options.requestId ?? "",
-    image: options.image,
+    image: await encodeImage(options.image),
     model: {
       name: options.model,
       version: options.modelVersion ?? "",

@@ -35,7 +35,8 @@ const MAP = [
   [0, 0.01, 0.02],
   [1, 1.01, 1.02],
 ];
-const IMAGE = Buffer.from("not decoded by the fake");
+// PNG's signature: sent as it is, never decoded (by the client or the fake).
+const IMAGE = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 1, 2, 3]);
 
 const received: { attribute: AttributeRequest__Output[]; evaluate: EvaluateAttributionRequest__Output[] } =
   { attribute: [], evaluate: [] };
@@ -224,32 +225,32 @@ test("attribute with RISE, and per-channel Sobol's channel grid", async () => {
   assert.equal(perChannel.channelGrid?.length, 2 * 2 * 3);
 });
 
-test("bad options throw before anything is sent", () => {
+test("bad options are refused before anything is sent", async () => {
   const base = { image: IMAGE, model: "m" };
-  assert.throws(() => buildAttributeRequest({ ...base, nbDesign: 24 }), /power of two/);
-  assert.throws(() => buildAttributeRequest({ ...base, method: "rise", nbDesign: 8 }), /Sobol options/);
-  assert.throws(
-    () => buildAttributeRequest({ ...base, method: "rise", scrambled: true }),
+  await assert.rejects(buildAttributeRequest({ ...base, nbDesign: 24 }), /power of two/);
+  await assert.rejects(buildAttributeRequest({ ...base, method: "rise", nbDesign: 8 }), /Sobol options/);
+  await assert.rejects(
+    buildAttributeRequest({ ...base, method: "rise", scrambled: true }),
     /Sobol options/,
   );
-  assert.throws(
-    () => buildAttributeRequest({ ...base, baseline: "grey" as never }),
+  await assert.rejects(
+    buildAttributeRequest({ ...base, baseline: "grey" as never }),
     /baseline must be one of/,
   );
-  assert.throws(
-    () => buildAttributeRequest({ ...base, method: "rise", preservationProbability: 1 }),
+  await assert.rejects(
+    buildAttributeRequest({ ...base, method: "rise", preservationProbability: 1 }),
     /preservationProbability must be in \(0, 1\)/,
   );
-  assert.throws(() => buildEvaluateAttributionRequest(base), /explanation .* is required/);
-  assert.throws(
-    () => buildEvaluateAttributionRequest({ ...base, explanation: [[1, 2], [3]] }),
+  await assert.rejects(buildEvaluateAttributionRequest(base), /explanation .* is required/);
+  await assert.rejects(
+    buildEvaluateAttributionRequest({ ...base, explanation: [[1, 2], [3]] }),
     /rows of equal length/,
   );
-  assert.throws(
-    () => buildEvaluateAttributionRequest({ ...base, explanation: [[1, NaN]] }),
+  await assert.rejects(
+    buildEvaluateAttributionRequest({ ...base, explanation: [[1, NaN]] }),
     /NaN or infinite/,
   );
-  assert.doesNotThrow(() => buildEvaluateAttributionRequest({ ...base, metrics: ["stability"] }));
+  await assert.doesNotReject(buildEvaluateAttributionRequest({ ...base, metrics: ["stability"] }));
 });
 
 test("a refusal is a PropscopeError with the field to fix", async () => {

@@ -36,20 +36,20 @@ test("malformed specs are refused with the Python SDK's words", () => {
   }
 });
 
-test("editor properties become Property messages with their region", () => {
-  assert.deepEqual(parseProperty("b=ed@1:sigma=2"), {
+test("editor properties become Property messages with their region", async () => {
+  assert.deepEqual(await parseProperty("b=ed@1:sigma=2"), {
     name: "b",
     editor: { model: "ed", version: "1", parameters: { sigma: "2" } },
   });
-  assert.deepEqual(parseProperty("h=procedural;box_px=1,2,30,40").region, {
+  assert.deepEqual((await parseProperty("h=procedural;box_px=1,2,30,40")).region, {
     box: { left: 1, top: 2, right: 30, bottom: 40, pixels: true },
   });
-  assert.deepEqual(parseProperty("h=procedural;box=0.1,0.2,0.6,0.9").region, {
+  assert.deepEqual((await parseProperty("h=procedural;box=0.1,0.2,0.6,0.9")).region, {
     box: { left: 0.1, top: 0.2, right: 0.6, bottom: 0.9, pixels: false },
   });
 });
 
-test("masks and provided-path folders are read relative to baseDir, folders in natural order", () => {
+test("masks and provided-path folders are read relative to baseDir, folders in natural order", async () => {
   const base = mkdtempSync(path.join(tmpdir(), "propscope-node-"));
   writeFileSync(path.join(base, "mask.png"), PNG);
   writeFileSync(path.join(base, "notes.txt"), "not a PNG");
@@ -58,16 +58,17 @@ test("masks and provided-path folders are read relative to baseDir, folders in n
     writeFileSync(path.join(base, "path", name as string), Buffer.concat([PNG, Buffer.from([byte as number])]));
   }
   writeFileSync(path.join(base, "path", "readme.md"), "left out");
-  const masked = parseProperty("h=procedural;mask=mask.png", { baseDir: base });
+  const masked = await parseProperty("h=procedural;mask=mask.png", { baseDir: base });
   assert.deepEqual(masked.region, { mask: PNG });
-  const provided = parseProperty("real=@path/", { baseDir: base });
+  const provided = await parseProperty("real=@path/", { baseDir: base });
   const images = provided.providedPath?.images as Buffer[];
   assert.deepEqual(images.map((image) => image[image.length - 1]), [1, 2, 10]);
-  assert.throws(() => parseProperty("h=ed;mask=missing.png", { baseDir: base }), /cannot read mask/);
-  assert.throws(() => parseProperty("h=ed;mask=notes.txt", { baseDir: base }), /not PNG or JPEG/);
-  assert.throws(() => parseProperty("r=@nowhere/", { baseDir: base }), /is not a folder/);
+  const parse = (text: string) => parseProperty(text, { baseDir: base });
+  await assert.rejects(parse("h=ed;mask=missing.png"), /^Error: property 'h': cannot read mask/);
+  await assert.rejects(parse("h=ed;mask=notes.txt"), /property 'h': mask '.*notes.txt' is not an image/);
+  await assert.rejects(parse("r=@nowhere/"), /is not a folder/);
   mkdirSync(path.join(base, "empty"));
-  assert.throws(() => parseProperty("r=@empty", { baseDir: base }), /holds no image/);
+  await assert.rejects(parse("r=@empty"), /holds no image/);
 });
 
 test("natural order matches the Python SDK's", () => {
@@ -75,8 +76,8 @@ test("natural order matches the Python SDK's", () => {
   assert.deepEqual(names.sort(naturalCompare), ["a.png", "X_1.png", "x_02.png", "x_2.png", "x_10.png"]);
 });
 
-test("buildExplainRequest sets preprocessing, labels and path options", () => {
-  const request = buildExplainRequest({
+test("buildExplainRequest sets preprocessing, labels and path options", async () => {
+  const request = await buildExplainRequest({
     image: PNG,
     model: "resnet",
     properties: ["hue=procedural:operation=hue;box=0,0,0.5,0.5"],
@@ -95,12 +96,12 @@ test("buildExplainRequest sets preprocessing, labels and path options", () => {
   assert.equal(request.model?.predictedClass, true);
   assert.equal(request.pathMode, "PATH_MODE_UNSPECIFIED");
   assert.equal(request.maxSteps, 40);
-  const fixed = buildExplainRequest({ image: PNG, model: "m", properties: ["a=ed"], pathMode: "fixed", targetClass: 3 });
+  const fixed = await buildExplainRequest({ image: PNG, model: "m", properties: ["a=ed"], pathMode: "fixed", targetClass: 3 });
   assert.equal(fixed.pathMode, "PATH_MODE_FIXED");
   assert.equal(fixed.model?.targetClass, 3);
 });
 
-test("buildExplainRequest refuses bad options naming them", () => {
+test("buildExplainRequest refuses bad options naming them", async () => {
   const base = { image: PNG, model: "m", properties: ["a=ed"] };
   const cases: [object, RegExp][] = [
     [{ preprocessing: { mean: [0.5, 0.5] } }, /mean must be 3 numbers/],
@@ -115,6 +116,6 @@ test("buildExplainRequest refuses bad options naming them", () => {
     [{ classLabels: ["cat", ""] }, /classLabels must be non-empty/],
   ];
   for (const [overrides, message] of cases) {
-    assert.throws(() => buildExplainRequest({ ...base, ...overrides } as never), message);
+    await assert.rejects(buildExplainRequest({ ...base, ...overrides } as never), message);
   }
 });

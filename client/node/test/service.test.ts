@@ -38,11 +38,11 @@ const TIMEOUT_MS = 120_000;
 const client = createClient(target);
 after(() => client.close());
 
-function request(overrides: Partial<ExplainRequest> = {}): ExplainRequest {
+async function request(overrides: Partial<ExplainRequest> = {}): Promise<ExplainRequest> {
   return {
     image: readFileSync(SAMPLE),
     model: { name: "synth_hue", predictedClass: true },
-    properties: [parseProperty(HUE)],
+    properties: [await parseProperty(HUE)],
     steps: 6,
     seed: "7",
     ...overrides,
@@ -75,7 +75,7 @@ test("ListModels lists synth_hue as a classifier and procedural as an editor", a
 });
 
 test("Explain streams Accepted first, an OK result per property, Done last", async () => {
-  const events = await explain(request());
+  const events = await explain(await request());
   const first = events[0];
   const last = events[events.length - 1];
   assert.equal(first.event, "accepted");
@@ -103,14 +103,14 @@ test("Explain streams Accepted first, an OK result per property, Done last", asy
 
 test("an unknown model is NOT_FOUND", async () => {
   await assert.rejects(
-    explain(request({ model: { name: "no_such_model" } })),
+    explain(await request({ model: { name: "no_such_model" } })),
     refusedWith(grpc.status.NOT_FOUND, "'no_such_model'"),
   );
 });
 
 test("a request without properties is INVALID_ARGUMENT naming the field", async () => {
   await assert.rejects(
-    explain(request({ properties: [] })),
+    explain(await request({ properties: [] })),
     refusedWith(grpc.status.INVALID_ARGUMENT, "properties is empty", "properties"),
   );
 });
