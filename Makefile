@@ -22,13 +22,14 @@ OWN_MODELS := $(OWN_REPOSITORY)/own_onnx/1/model.onnx $(OWN_REPOSITORY)/own_torc
 	$(OWN_REPOSITORY)/own_state_dict/1/weights.pt $(OWN_REPOSITORY)/own_probabilities/1/model.pt \
 	$(OWN_REPOSITORY)/own_probabilities_undeclared/1/model.onnx
 RUN_DIR := .run
-# The Node client: npm ci again only when the lock changes, the build again when a source or
-# the contract does.
+# The Node client: npm ci again only when the lock changes (it also fills npm's cache, from
+# which tests/integration/test_node_client.py installs the packed client offline), the build
+# again when a source or the contract does.
 NODE_CLIENT := client/node
 NODE_INSTALLED := $(NODE_CLIENT)/node_modules/.installed
 NODE_BUILT := $(NODE_CLIENT)/dist/src/index.js
 BUF := $(NODE_CLIENT)/node_modules/.bin/buf
-NODE_SOURCES := $(NODE_CLIENT)/tsconfig.json \
+NODE_SOURCES := $(NODE_CLIENT)/tsconfig.json $(NODE_CLIENT)/scripts/bundle-contract.mjs \
 	$(shell find $(NODE_CLIENT)/src $(NODE_CLIENT)/examples $(NODE_CLIENT)/test -name '*.ts' -not -path '*/generated/*')
 SAMPLE := docs/sample.png
 # The same world with the colourful patch: where the patch-biased classifier looks.
