@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import redis
 from cryptography import x509
@@ -22,13 +23,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 import propscope
+import propscope_server
 from propscope.v1 import explain_pb2 as pb
 from propscope.v1 import explain_pb2_grpc
 from propscope_dev import stack
 from propscope_dev.hostile import bearer, hue_request_fields
-from tests.integration.conftest import ExtraGateway, extra_gateway, scene_png
+from tests.integration.conftest import ExtraGateway, extra_gateway, png, scene_png
 
 TOKENS = json.dumps({"token-a": "team-a", "token-b": "team-b", "token-c": "team-c"})
 HUE = "hue=procedural:operation=hue"
@@ -207,6 +210,100 @@ def test_metrics_cover_rpcs_stages_cache_and_triton(authed, channel):
         'propscope_triton_seconds_count{kind="classify",model="synth_hue",outcome="ok"}',
     ):
         assert needle in body, needle
+
+
+def samples(url: str) -> list:
+    body = urllib.request.urlopen(url, timeout=5).read().decode()
+    return [sample for family in text_string_to_metric_families(body) for sample in family.samples]
+
+
+def sample_sum(url: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` that carry these labels (among others)."""
+    return sum(
+        sample.value
+        for sample in samples(url)
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+EXPLAIN = {"grpc_service": "propscope.v1.ExplainService", "grpc_method": "Explain"}
+LIST_MODELS = {"grpc_service": "propscope.v1.ExplainService", "grpc_method": "ListModels"}
+
+
+def explain_call_counts(url: str) -> dict[str, float]:
+    streamed = {"grpc_type": "server_stream", **EXPLAIN}
+    return {
+        "started": sample_sum(url, "grpc_server_started_total", **streamed),
+        "handled OK": sample_sum(url, "grpc_server_handled_total", **streamed, grpc_code="OK"),
+        "timed": sample_sum(url, "grpc_server_handling_seconds_count", **streamed),
+        "received": sample_sum(url, "grpc_server_msg_received_total", **streamed),
+        "sent": sample_sum(url, "grpc_server_msg_sent_total", **streamed),
+        "deprecated OK": sample_sum(url, "propscope_rpc_total", method="Explain", code="OK"),
+    }
+
+
+def test_rpc_metrics_are_go_grpc_prometheus_ones_beside_the_deprecated(authed, channel):
+    url = authed.metrics_url
+    refused = {"grpc_type": "unary", "grpc_code": "Unauthenticated", **LIST_MODELS}
+    refused_before = sample_sum(url, "grpc_server_handled_total", **refused)
+    before = explain_call_counts(url)
+    events = explain(channel, explain_request(seed=707), "token-a")
+    with pytest.raises(grpc.RpcError):
+        explain_pb2_grpc.ExplainServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=30)
+    after = explain_call_counts(url)
+    assert len(events) >= 3  # accepted, the result, done
+    assert {name: after[name] - before[name] for name in after} == {
+        "started": 1,
+        "handled OK": 1,
+        "timed": 1,
+        "received": 1,
+        "sent": len(events),
+        "deprecated OK": 1,
+    }
+    assert sample_sum(url, "grpc_server_handled_total", **refused) == refused_before + 1
+
+
+def test_build_info_is_exported_and_no_created_series(authed):
+    body = urllib.request.urlopen(authed.metrics_url, timeout=5).read().decode()
+    (build,) = [s for s in samples(authed.metrics_url) if s.name == "propscope_build_info"]
+    assert build.value == 1
+    assert build.labels["version"] == propscope_server.__version__
+    assert build.labels["api_version"] == "propscope.v1"
+    assert build.labels["python"].startswith("3.") and build.labels["grpc"] == grpc.__version__
+    assert "grpc_server_handled_total" in body
+    assert [line for line in body.splitlines() if "_created" in line] == []
+
+
+def test_property_results_count_failures_in_ok_streams_and_only_served_models(authed, channel):
+    url = authed.metrics_url
+    results = "propscope_property_results_total"
+    events = explain(channel, explain_request(seed=808), "token-a")
+    (result,) = [e.property_result for e in events if e.HasField("property_result")]
+    flags = {
+        "significant": str(result.significant).lower(),
+        "relevant": str(result.relevant).lower(),
+        "flipped": str(result.prediction_flipped).lower(),
+    }
+    assert sample_sum(url, results, model="synth_hue", status="OK", **flags) >= 1
+    # A hue rotation of a grey image changes nothing: the property fails, the stream is OK.
+    failed = {"model": "synth_hue", "status": "FAILED_PRECONDITION"}
+    before = sample_sum(url, results, **failed, significant="", relevant="", flipped="")
+    handled_before = sample_sum(url, "grpc_server_handled_total", **EXPLAIN, grpc_code="OK")
+    grey = png(np.full((64, 64, 3), 128, np.uint8))
+    events = explain(channel, explain_request(seed=809, image=grey), "token-a")
+    assert events[-1].done.properties_failed == 1
+    assert sample_sum(url, results, **failed, significant="", relevant="", flipped="") == (
+        before + 1
+    )
+    assert sample_sum(url, "grpc_server_handled_total", **EXPLAIN, grpc_code="OK") == (
+        handled_before + 1
+    )
+    # A model nobody serves is refused before any result: its name makes no series.
+    unknown = "no_such_model_31337"
+    with pytest.raises(grpc.RpcError) as caught:
+        explain(channel, explain_request(model=pb.ModelRef(name=unknown)), "token-a")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert [s for s in samples(url) if unknown in s.labels.values()] == []
 
 
 def test_logs_are_json_lines_with_request_id_and_tenant(authed, channel):
