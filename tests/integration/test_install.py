@@ -1,8 +1,11 @@
 """`pip install ./server` in a clean venv starts the gateway: what the server distribution declares
-is all it needs, and that is not the client SDK (only the stubs, propscope-api). The venv is new and empty; pip may use only build/wheelhouse (the wheels of the
-declared dependencies and build backends that `make setup` downloads) and the local distributions
-built here from the working tree, so nothing comes from the network and a dependency missing from
-server/pyproject.toml makes the install or the start fail."""
+is all it needs, and that is not the client SDK (only the stubs, propscope-api). The SDK and its
+stubs build as sdists, the sdists build as wheels, and the wheels install into another clean venv
+and make a real call. Each venv is new and empty; pip may use only build/wheelhouse (the wheels of
+the declared dependencies, the build backends and the `build` frontend that `make setup`
+downloads) and the local distributions built here from the working tree, so nothing comes from the
+network and a dependency or build requirement missing from a pyproject.toml (or a file missing
+from an sdist) makes the build, the install or the start fail."""
 
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +31,8 @@ WHEELHOUSE = ROOT / "build" / "wheelhouse"
 # Distributions the server may need beside its own: built from the working tree, as an index
 # would serve them (the stubs, propscope-api).
 LOCAL_DISTRIBUTIONS = ("protos/python",)
+# The SDK and the stubs it needs, each built by `python -m build`: an sdist, then a wheel from it.
+SDK_DISTRIBUTIONS = ("protos/python", "client")
 START_DEADLINE_S = 60.0
 IGNORED = shutil.ignore_patterns(
     "node", "__pycache__", "*.egg-info", "build", "*_pb2.py", "*_pb2_grpc.py", "*_pb2.pyi"
@@ -40,16 +47,14 @@ def _run(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[
     return result
 
 
-@pytest.fixture(scope="module")
-def clean_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str]]]:
-    """A new venv with ./server installed from copies of the working tree."""
+def _offline(work: Path, local: Path) -> dict[str, str]:
+    """Copies of the working tree's distributions in ``work``, and the environment in which pip
+    (and `build`'s isolated environments) sees only the wheelhouse and ``local``: this
+    machine's pip.conf and PIP_* variables (its find-links and extra indexes) play no part, and
+    no cache either."""
     assert (WHEELHOUSE / ".complete").exists(), f"{WHEELHOUSE} is missing: run `make setup`"
-    work = tmp_path_factory.mktemp("install")
-    for part in ("server", "protos"):
+    for part in ("server", "protos", "client"):
         shutil.copytree(ROOT / part, work / part, ignore=IGNORED)
-    # Only the wheelhouse and the local wheels: this machine's pip.conf and PIP_* variables (its
-    # find-links and extra indexes) play no part, and no cache either.
-    local = work / "local-wheels"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV"))}
     env |= {
         "PIP_CONFIG_FILE": os.devnull,
@@ -58,6 +63,15 @@ def clean_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
         "PIP_NO_CACHE_DIR": "1",
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",
     }
+    return env
+
+
+@pytest.fixture(scope="module")
+def clean_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str]]]:
+    """A new venv with ./server installed from copies of the working tree."""
+    work = tmp_path_factory.mktemp("install")
+    local = work / "local-wheels"
+    env = _offline(work, local)
     venv = work / "venv"
     _run(sys.executable, "-m", "venv", venv, env=env)
     pip = venv / "bin" / "pip"
@@ -138,3 +152,75 @@ def test_the_gateway_starts_and_answers_health(clean_venv: tuple[Path, dict[str,
     messages = [json.loads(line)["message"] for line in output.splitlines()]
     assert any(m.startswith(f"propscope gateway listening on port {port}") for m in messages)
     assert "triton is unreachable" in messages
+
+
+@pytest.fixture(scope="module")
+def sdk_venv(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Path, Path, dict[str, str]]]:
+    """A new venv with the SDK installed from wheels built from its sdists: (venv, the folder
+    of sdists and wheels, env)."""
+    work = tmp_path_factory.mktemp("sdk-install")
+    dist = work / "dist"
+    env = _offline(work, dist)
+    venv = work / "venv"
+    _run(sys.executable, "-m", "venv", venv, env=env)
+    _run(venv / "bin" / "pip", "install", "build", env=env)
+    for part in SDK_DISTRIBUTIONS:
+        _run(venv / "bin" / "python", "-m", "build", "--outdir", dist, work / part, env=env)
+    _run(venv / "bin" / "pip", "install", dist / "propscope-0.1.0-py3-none-any.whl", env=env)
+    yield venv, dist, env
+
+
+def test_the_sdk_and_its_stubs_build_as_sdists_and_wheels(
+    sdk_venv: tuple[Path, Path, dict[str, str]],
+) -> None:
+    """The stubs' sdist carries the contract and its generator, never generated code; the
+    wheels hold the generated stubs and the SDK's templates, each package in one of them."""
+    venv, dist, env = sdk_venv
+    with tarfile.open(dist / "propscope_api-0.1.0.tar.gz") as sdist:
+        stubs_source = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    assert {"generate_stubs.py", "protos/propscope/v1/explain.proto"} <= stubs_source
+    assert "protos/vendor/google/rpc/status.proto" in stubs_source
+    assert not [name for name in stubs_source if "_pb2" in name]
+    with zipfile.ZipFile(dist / "propscope_api-0.1.0-py3-none-any.whl") as wheel:
+        assert "propscope/v1/attribution_pb2_grpc.py" in wheel.namelist()
+        assert "propscope/__init__.py" not in wheel.namelist()
+    with zipfile.ZipFile(dist / "propscope-0.1.0-py3-none-any.whl") as wheel:
+        assert "propscope/review/report/templates/report.html.j2" in wheel.namelist()
+        assert not [name for name in wheel.namelist() if name.startswith("propscope/v1/")]
+    installed = _run(venv / "bin" / "pip", "list", "--format=json", env=env).stdout
+    names = {package["name"].lower() for package in json.loads(installed)}
+    assert {"propscope", "propscope-api", "grpcio", "numpy", "pillow"} <= names
+    # grpcio-tools builds the stubs and stays out of the runtime.
+    assert not names & {"propscope-server", "propscope-dev", "torch", "grpcio-tools"}
+
+
+def test_the_installed_sdk_calls_the_live_stack(
+    sdk_venv: tuple[Path, Path, dict[str, str]], live_stack: stack.StackInfo
+) -> None:
+    """The installed package (not the working tree's) explains a picture and lists the models,
+    with the sync and the async client."""
+    venv, dist, env = sdk_venv
+    script = f"""
+import asyncio, json, propscope
+
+async def models():
+    async with propscope.AsyncClient({live_stack.gateway!r}, timeout=60) as client:
+        return [m.name for m in await client.list_models()]
+
+with propscope.Client({live_stack.gateway!r}, timeout=300) as client:
+    result = client.explain(
+        {str(ROOT / "docs" / "sample.png")!r}, "synth_hue",
+        {{"object_hue": "procedural:operation=hue,region=object"}},
+        steps=8, path_mode="fixed",
+    ).result()
+print(json.dumps({{
+    "module": propscope.__file__, "models": asyncio.run(models()),
+    "ok": result.ok, "significant": result["object_hue"].significant,
+}}))
+"""
+    answer = json.loads(_run(venv / "bin" / "python", "-c", script, env=env).stdout)
+    assert answer["module"].startswith(str(venv))
+    assert answer["ok"] and answer["significant"]
+    assert {"synth_hue", "procedural"} <= set(answer["models"])
