@@ -23,7 +23,7 @@ const BMP_MAGIC = Buffer.from("BM");
 /**
  * The PNG or JPEG bytes to send for `image`. PNG and JPEG are sent unchanged; other formats
  * become an RGB PNG, any alpha channel dropped (as Pillow's `convert("RGB")`, not blended).
- * Throws an Error naming the file when it cannot be read or is no image.
+ * Rejects with an Error naming the file when it cannot be read or is no image.
  */
 export async function encodeImage(image: ImageInput): Promise<Buffer> {
   const [data, what] = await loaded(image, "image");
@@ -41,7 +41,10 @@ export async function encodeMask(mask: ImageInput): Promise<Buffer> {
 }
 
 async function loaded(image: ImageInput, kind: string): Promise<[Buffer, string]> {
-  if (typeof image !== "string") return [Buffer.from(image), `${kind} bytes`];
+  if (typeof image !== "string") {
+    // A view, not a copy: an image may be tens of megabytes.
+    return [Buffer.from(image.buffer, image.byteOffset, image.byteLength), `${kind} bytes`];
+  }
   try {
     return [await readFile(image), `${kind} '${image}'`];
   } catch (error) {

@@ -31,7 +31,6 @@ import type { MetricResult__Output } from "./generated/propscope/v1/MetricResult
 import type { Accepted__Output } from "./generated/propscope/v1/Accepted";
 import type { Done__Output } from "./generated/propscope/v1/Done";
 import type { ExplainRequest } from "./generated/propscope/v1/ExplainRequest";
-import type { ExplainServiceClient } from "./generated/propscope/v1/ExplainService";
 import type { ModelInfo__Output } from "./generated/propscope/v1/ModelInfo";
 import type { Progress__Output } from "./generated/propscope/v1/Progress";
 import type { PropertyResult__Output } from "./generated/propscope/v1/PropertyResult";
@@ -166,8 +165,9 @@ export class PropscopeError extends Error {
 
 export interface PropscopeClient {
   /**
-   * Streams the explanation of `request.model`'s prediction on `request.image`. Breaking out of
-   * the loop cancels the call; a failed call throws a PropscopeError, also midway.
+   * Streams the explanation of `request.model`'s prediction on `request.image`. The request is
+   * sent as it is (`buildExplainRequest` converts images). Breaking out of the loop cancels the
+   * call; a failed call throws a PropscopeError, also midway.
    */
   explain(request: ExplainRequest, options?: CallOptions): AsyncIterable<ExplainEvent>;
   /**
