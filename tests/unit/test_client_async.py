@@ -63,11 +63,12 @@ async def test_attribute_evaluate_and_list_models(services):  # noqa: F811
         models = await client.list_models()
     with Client(target) as sync_client:
         assert found == sync_client.attribute(_image_bytes(), "resnet", grid_size=4)
+        assert models == sync_client.list_models()
     assert found.map.shape == (HEIGHT, WIDTH)
     np.testing.assert_array_equal(found.map, _map_values(HEIGHT, WIDTH))
     assert [p.done for p in progress] == [found.forward_passes // 2, found.forward_passes]
     assert evaluation["deletion"].value == pytest.approx(0.000123456789)
-    assert [m.name for m in models] == ["resnet", "onnx_model", "labelled", "procedural"]
+    assert models and models[0].name == "resnet"
 
 
 async def test_errors_are_propscope_errors_with_their_details(services):  # noqa: F811
