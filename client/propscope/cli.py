@@ -1,21 +1,26 @@
 """The ``propscope`` command line: ``propscope explain``, ``propscope attribute``, ``propscope
 evaluate``, ``propscope models`` and ``propscope review``.
 
-Exit codes: 0 success, 2 an error the user can fix (unreachable or failing server, unreadable
-image, malformed --property or review spec, bad option), 130 interrupted. 1 only from
-``review``: a rule failed. A property that fails on the server is reported in its row (or its
-JSON event) of ``explain`` and is not an error of the command; in ``review`` it is (exit 2).
+Exit codes (``EXIT_CODES``): 0 success; 1 ``review``: a rule failed; 2 an error the user can fix
+(bad option, unreadable image, malformed --property or review spec, a model or editor the
+gateway does not serve, a call the server refused or failed, an unreachable server); 3
+``explain``: a property failed (the others are still shown); 4 ``review``: a rule was
+inconclusive and the spec sets fail_on_inconclusive; 130 interrupted.
 
-``--json`` writes one JSON object per line and event: the event's ``to_dict()`` plus ``"event"``
-(the class name: Accepted, Progress, PropertyResult, Done) and ``"model"``; ``models --json``
-writes one ``ModelInfo.to_dict()`` per line.
+``--format table|plain|json``: a table when it fits the terminal, else a block per row (never a
+cut number or name); ``plain`` one ``key=value`` line per result, for grep and CI logs; ``json``
+(also ``--json``) one JSON object per line and event: the event's ``to_dict()`` plus
+``"event"`` (the class name: Accepted, Progress, PropertyResult, Done) and ``"model"``;
+``models --format json`` writes one ``ModelInfo.to_dict()`` per line.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import importlib.metadata
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,9 +31,7 @@ from typing import Annotated, Any, NoReturn
 
 import grpc
 import typer
-from rich import box
-from rich.console import Console, Group
-from rich.live import Live
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -37,7 +40,6 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.progress import Progress as ProgressBar
-from rich.table import Table
 from rich.text import Text
 
 from propscope._attribution import (
@@ -51,19 +53,22 @@ from propscope._attribution import (
     AttributionProgress,
     Evaluation,
 )
+from propscope._cli_layout import logfmt
+from propscope._cli_output import (
+    ExplainOutput,
+    OutputFormat,
+    note,
+    print_evaluation,
+    print_models,
+    write_json,
+)
+from propscope._cli_progress import ProgressMode, explain_progress
 from propscope._client import Client
 from propscope._errors import PropscopeError
-from propscope._events import (
-    Accepted,
-    Decision,
-    Done,
-    Event,
-    ModelInfo,
-    Progress,
-    PropertyResult,
-)
+from propscope._events import Accepted, Event, PropertyResult
 from propscope._images import encode_image
 from propscope._maps import DEFAULT_ALPHA, DEFAULT_COLORMAP, read_map, write_attribution
+from propscope._preflight import Classifier, PreflightError, preflight
 from propscope._preprocessing import (
     OUTPUT_KINDS,
     RESIZE_MODES,
@@ -74,7 +79,7 @@ from propscope._preprocessing import (
 from propscope._properties import parse_property
 from propscope._requests import normalize_properties
 
-__all__ = ["app", "evaluation_table", "run_attribute", "run_evaluate"]
+__all__ = ["EXIT_CODES", "app", "run_attribute", "run_evaluate"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,15 +88,28 @@ EXIT_USAGE = 2
 # review: a rule the image set cannot decide, with the spec's fail_on_inconclusive set.
 EXIT_INCONCLUSIVE = 4
 EXIT_INTERRUPTED = 130
+# explain: a property failed on the server or got no result.
+EXIT_PROPERTY_FAILED = 3
+EXIT_CODES = """\b
+Exit codes:
+  0    success
+  1    review: a rule failed
+  2    usage error, a model or editor not served, a call the server refused
+       or failed, an unreachable server
+  3    explain: a property failed (the others are still shown)
+  4    review: a rule inconclusive, with fail_on_inconclusive set
+  130  interrupted"""
 DEFAULT_TARGET = "localhost:50051"
 TARGET_ENVVAR = "PROPSCOPE_TARGET"
 
+# Click's plain help (rich_markup_mode=None): it wraps long option names and examples
+# instead of cutting them with an ellipsis as rich's panels do at 80 columns.
 app = typer.Typer(
     name="propscope",
-    help="Explain image classifiers by gradual interventions.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
 )
 
 TargetOption = Annotated[
@@ -104,8 +122,14 @@ TargetOption = Annotated[
         show_default=False,
     ),
 ]
-JsonOption = Annotated[
-    bool, typer.Option("--json", help="Write one JSON object per line instead of a table.")
+JsonOption = Annotated[bool, typer.Option("--json", help="Same as --format json.")]
+FormatOption = Annotated[
+    OutputFormat,
+    typer.Option(
+        "--format",
+        help="table: a table when it fits the terminal, else a block per row (nothing cut); "
+        "plain: one key=value line per result (grep, CI logs); json: one object per line.",
+    ),
 ]
 TimeoutOption = Annotated[
     float | None,
@@ -179,9 +203,36 @@ class Connection:
         return Client(target, credentials=credentials, token=self.token, timeout=timeout)
 
 
-@app.callback()
+def _versions() -> str:
+    """The client's version and the version of the propscope.v1 stubs it was built with."""
+
+    def version(distribution: str) -> str:
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return "unknown (not installed)"
+
+    return f"propscope {version('propscope')} (API propscope.v1, propscope-api {version('propscope-api')})"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(_versions())
+        raise typer.Exit()
+
+
+@app.callback(epilog=EXIT_CODES)
 def main(
     context: typer.Context,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the client's and the API's versions and exit.",
+        ),
+    ] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log the SDK's debug messages to stderr.")
     ] = False,
@@ -206,7 +257,19 @@ def main(
         typer.Option(exists=True, dir_okay=False, help="Client private key (PEM) for mutual TLS."),
     ] = None,
 ) -> None:
-    """Explain image classifiers by gradual interventions."""
+    """Explain image classifiers by gradual interventions.
+
+    \b
+    Examples:
+      propscope models
+      propscope explain cat.png -m resnet50 -p 'hue=procedural:operation=hue'
+      propscope explain --help     (property syntax, regions, more examples)
+      propscope attribute cat.png -m resnet50 --out maps/
+      propscope review review.yaml --out report/
+
+    The gateway is --target HOST:PORT of each command, else $PROPSCOPE_TARGET,
+    else localhost:50051.
+    """
     context.obj = Connection(token, ca_cert, client_cert, client_key)
     if verbose:
         logging.basicConfig(
@@ -214,7 +277,7 @@ def main(
         )
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def explain(
     context: typer.Context,
     image: Annotated[
@@ -228,8 +291,9 @@ def explain(
         typer.Option(
             "--model",
             "-m",
-            metavar="NAME",
-            help="Classifier to explain; repeat to explain the same image against each in turn.",
+            metavar="NAME[:VERSION]",
+            help="Classifier to explain (default version: the latest ready one); repeat to "
+            "explain the same image against each in turn.",
             show_default=False,
         ),
     ],
@@ -296,12 +360,15 @@ def explain(
             show_default=False,
         ),
     ] = None,
+    output_format: FormatOption = OutputFormat.TABLE,
     as_json: JsonOption = False,
+    progress: ProgressOption = None,
     report: Annotated[
         Path | None,
         typer.Option(
             dir_okay=False,
-            help="Also write an HTML report (curves, path images) to this file.",
+            help="Also write an HTML report (curves, path thumbnails, served versions, "
+            "durations) to this file.",
             show_default=False,
         ),
     ] = None,
@@ -309,23 +376,38 @@ def explain(
 ) -> None:
     """Explain IMAGE's prediction by each --model for each --property.
 
-    --property: NAME=EDITOR\\[@VERSION]\\[:key=value,...]\\[;REGION]
-    or NAME=@FOLDER: your own path, the folder's images in natural order
-    (x_2 before x_10) as x_1..x_N.
+    Every --model, editor and editor parameter is checked against what the
+    gateway serves before any work starts. Progress: a bar per property on a
+    terminal (--progress), else a few lines on stderr (--no-progress).
 
-    REGION limits an editor's edit to mask=FILE (PNG/JPEG, any size; its alpha,
-    else its grey level: 0 keeps, 255 edits), box=LEFT,TOP,RIGHT,BOTTOM
-    (fractions of the image) or box_px=LEFT,TOP,RIGHT,BOTTOM (pixels):
+    \b
+    --property NAME=EDITOR[@VERSION][:key=value,...][;REGION]
+        an editor (propscope models lists them and their parameters) edits the
+        image more and more strongly along a path
+    --property NAME=@FOLDER
+        your own path: the folder's images in natural order (x_2 before x_10)
+        as x_1..x_N
+    REGION limits an editor's edit:
+        mask=FILE                     PNG/JPEG, any size; its alpha, else its
+                                      grey level: 0 keeps, 255 edits
+        box=LEFT,TOP,RIGHT,BOTTOM     fractions of the image
+        box_px=LEFT,TOP,RIGHT,BOTTOM  pixels
 
-    -p 'hue=procedural:operation=hue,degrees=90'
-    -p 'hue=procedural:operation=hue;mask=cat-mask.png'
-    -p 'hue=procedural:operation=hue;box=0.1,0.2,0.6,0.9'
-    -p 'patch=procedural:operation=blend;box_px=10,10,74,74'
-    -p 'rain=@paths/rain/'
+    \b
+    Examples:
+      propscope explain cat.png -m resnet50 -p 'hue=procedural:operation=hue'
+      propscope explain cat.png -m resnet50 -m vit:2 \\
+          -p 'hue=procedural:operation=hue,region=object' \\
+          -p 'patch=procedural:operation=blend;box_px=10,10,74,74'
+      propscope explain cat.png -m resnet50 \\
+          -p 'hue=procedural:operation=hue;mask=cat-mask.png' --format plain
+      propscope explain cat.png -m resnet50 -p 'rain=@paths/rain/' --json
+      propscope explain cat.png -m resnet50 -p 'hue=procedural:operation=hue' \\
+          --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 \\
+          --output-kind logits --resize center_crop --labels labels.txt
 
-    Preprocessing overrides the model's own declaration, field by field:
-    --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --output-kind logits
-    --resize center_crop --labels labels.txt
+    Preprocessing (--mean, --std, --output-kind, --resize, --labels) overrides
+    the model's own declaration field by field.
     """
     try:
         properties = normalize_properties([parse_property(spec) for spec in property_specs])
@@ -341,7 +423,8 @@ def explain(
         _fail(f"cannot read image {str(image)!r}: {error.strerror or error}")
     except ValueError as error:
         _fail(f"cannot use image {str(image)!r}: {error}")
-    unique_models = list(dict.fromkeys(models))
+    classifiers = [Classifier.parse(text) for text in dict.fromkeys(models)]
+    output_format = OutputFormat.JSON if as_json else output_format
     options: dict[str, Any] = {
         "steps": steps,
         "samples": samples,
@@ -356,27 +439,105 @@ def explain(
         "path_mode": "fixed" if fixed_steps else None,
         "max_steps": max_steps,
     }
-    recorded: dict[str, list[Event]] = {model: [] for model in unique_models}
+    recorded: dict[str, list[Event]] = {c.label: [] for c in classifiers}
+    seconds: dict[str, float] = {}
+    output = ExplainOutput(output_format, several_models=len(classifiers) > 1)
+    mode = _explain_progress_mode(progress, output_format)
     try:
         with context.obj.client(target, timeout) as client:
-
-            def events(model: str) -> Iterator[Event]:
-                for event in client.explain(image_bytes, model, properties, **options):
-                    recorded[model].append(event)
-                    yield event
-
-            if as_json:
-                _explain_json(events, unique_models)
-            else:
-                _explain_table(events, unique_models, [prop.name for prop in properties])
+            preflight(
+                client,
+                classifiers=classifiers,
+                properties=properties,
+                steps=steps,
+                samples=samples,
+                permutations=permutations,
+                alpha=alpha,
+                max_steps=max_steps,
+                path_mode="fixed" if fixed_steps else "adaptive",
+            )
+            for classifier in classifiers:
+                model = classifier.label
+                started = time.monotonic()
+                stream = client.explain(
+                    image_bytes,
+                    classifier.name,
+                    properties,
+                    model_version=classifier.version,
+                    **options,
+                )
+                with explain_progress(mode, len(classifiers) > 1) as shown:
+                    for event in stream:
+                        recorded[model].append(event)
+                        shown.update(model, event)
+                        output.event(model, event)
+                seconds[model] = time.monotonic() - started
+                output.finish(model)
+    except PreflightError as error:
+        _fail_lines(f"{target}: {error}")
     except PropscopeError as error:
-        _fail(f"{target}: {error}")
+        for classifier in classifiers:
+            if recorded[classifier.label]:
+                output.finish(classifier.label)  # what arrived before the failure
+        _fail(f"{target}: {error}{_options_named(error, context)}")
     except ValueError as error:  # arguments the SDK rejects
         _fail(str(error))
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
     if report is not None:
-        _write_explain_report(report, str(image), target, seed, target_class, recorded)
+        _write_explain_report(report, str(image), target, seed, target_class, recorded, seconds)
+    if output.failed:
+        raise typer.Exit(EXIT_PROPERTY_FAILED)
+
+
+def _explain_progress_mode(progress: bool | None, output_format: OutputFormat) -> ProgressMode:
+    """table: a bar on a terminal outside CI, else log lines (--progress/--no-progress
+    choose); plain: log lines unless --no-progress; json: none unless --progress (log lines:
+    stdout carries the Progress events already)."""
+    if output_format is OutputFormat.TABLE:
+        return "bar" if _show_bar(progress) else "log"
+    if output_format is OutputFormat.PLAIN:
+        return "off" if progress is False else "log"
+    return "log" if progress else "off"
+
+
+# Request fields (whole, last part or first part) the server names in its messages whose option
+# is not named after them.
+_OPTIONS_OF_FIELDS = {
+    "model.name": "--model",
+    "model.version": "--model NAME:VERSION",
+    "model.target_class": "--target-class",
+    "model.class_labels": "--labels",
+    "model.preprocessing": "--mean/--std/--output-kind/--resize",
+    "properties": "--property",
+    "path_mode": "--fixed-steps",
+    "explanation": "--map",
+    "max_percentage_perturbed": "--max-fraction",
+}
+
+
+def _options_named(error: PropscopeError, context: typer.Context) -> str:
+    """`` (option --steps)`` for the request fields the error names that an option of this
+    command sets (one of ``_OPTIONS_OF_FIELDS``, or a field whose last part names the option:
+    steps, sobol.nb_design), so the message says what to change on the command line."""
+    options = {
+        param.name: param.opts[0]
+        for param in context.command.params
+        if param.param_type_name == "option" and param.name
+    }
+    named: list[str] = []
+    for violation in error.field_violations:
+        field = re.sub(r"\[\d+\]", "", violation.field)
+        last = field.rpartition(".")[2]
+        option = (
+            _OPTIONS_OF_FIELDS.get(field)
+            or _OPTIONS_OF_FIELDS.get(last)
+            or options.get(last)
+            or _OPTIONS_OF_FIELDS.get(field.partition(".")[0])
+        )
+        if option and option not in named:
+            named.append(option)
+    return f" (option {', '.join(named)})" if named else ""
 
 
 def _choice(value: str, choices: Sequence[str], option: str) -> str:
@@ -385,14 +546,16 @@ def _choice(value: str, choices: Sequence[str], option: str) -> str:
     return value
 
 
-@app.command()
+@app.command(short_help="Where --model looks on IMAGE: an attribution map.")
 def attribute(
     context: typer.Context,
     image: Annotated[
         Path,
         typer.Argument(metavar="IMAGE", help="The image: PNG or JPEG (others become PNG)."),
     ],
-    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="The classifier.")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", metavar="NAME[:VERSION]", help="The classifier.")
+    ],
     method: Annotated[str, typer.Option(metavar="|".join(METHODS), help="The method.")] = "sobol",
     target: TargetOption = DEFAULT_TARGET,
     grid_size: Annotated[
@@ -459,13 +622,21 @@ def attribute(
     std: StdOption = None,
     output_kind: OutputKindOption = None,
     resize: ResizeOption = None,
+    output_format: FormatOption = OutputFormat.TABLE,
     timeout: TimeoutOption = None,
 ) -> None:
     """Compute where --model looks on IMAGE: an attribution map, black-box.
 
     Writes OUT/<stem>.<method>.png (the heat map over the image) and
     OUT/<stem>.<method>.json (the map, its grid, the plan and the figures;
-    `propscope evaluate --map` reads it).
+    `propscope evaluate --map` reads it), then a summary (--format plain: one
+    key=value line; json: the JSON file's figures without the map).
+
+    \b
+    Examples:
+      propscope attribute cat.png -m resnet50 --out maps/
+      propscope attribute cat.png -m resnet50 --method rise --samples 2000
+      propscope attribute cat.png -m resnet50 --grid-size 12 --scrambled
     """
     _choice(method, METHODS, "--method")
     _choice(estimator, ESTIMATORS, "--estimator")
@@ -499,12 +670,15 @@ def attribute(
         nb_samples=samples,
         preservation_probability=preservation_probability,
     )
+    classifier = _classifier_option(model, (method,))
+    options["model_version"] = classifier.version
     try:
         with context.obj.client(target, timeout) as client:
+            preflight(client, classifiers=[classifier])
             png_path, json_path, found = run_attribute(
                 client,
                 image_bytes,
-                model,
+                classifier.name,
                 out,
                 image.stem,
                 show_bar=_show_bar(progress),
@@ -513,18 +687,46 @@ def attribute(
                 image_name=str(image),
                 **options,
             )
+    except PreflightError as error:
+        _fail_lines(f"{target}: {error}")
     except PropscopeError as error:
-        _fail(f"{target}: {error}")
+        _fail(f"{target}: {error}{_options_named(error, context)}")
     except (ValueError, ImportError) as error:
         _fail(str(error))
     except OSError as error:
         _fail(f"cannot write to {str(out)!r}: {error.strerror or error}")
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    if output_format is OutputFormat.JSON:
+        write_json(
+            {"model": model, "image": str(image), "png": str(png_path), "json": str(json_path)}
+            | found.plan_dict()
+        )
+        return
+    if output_format is OutputFormat.PLAIN:
+        figures = [
+            ("model", model),
+            ("method", found.method),
+            ("target_class", found.target_class),
+            ("target_score", found.target_score),
+            ("original_score", found.original_score),
+            ("forward_passes", found.forward_passes),
+            ("cache_hit", found.cache_hit),
+            ("total_ms", round(found.total_ms)),
+            ("png", str(png_path)),
+            ("json", str(json_path)),
+        ]
+        sys.stdout.write(f"attribution {logfmt(figures)}\n")
+        return
     console = Console()
     for line in _attribution_summary(model, found, png_path, json_path):
         # Words wrap at the console's width; the written paths stay whole on one line.
         console.print(line, soft_wrap=line.plain.startswith("wrote "))
+
+
+def _classifier_option(text: str, methods: Sequence[str]) -> Classifier:
+    """--model NAME[:VERSION] of attribute and evaluate, to be checked for ``methods``."""
+    return dataclasses.replace(Classifier.parse(text), methods=tuple(methods))
 
 
 def run_attribute(
@@ -573,16 +775,18 @@ def _attribution_summary(
         ),
         Text(f"perturbation: {found.perturbation_description or found.perturbation.kind}"),
     ]
-    lines += [_note("", "warning: ", warning, "yellow") for warning in found.warnings]
+    lines += [note("", "warning: ", warning, "yellow") for warning in found.warnings]
     lines += [Text(f"wrote {png_path}"), Text(f"wrote {json_path}")]
     return lines
 
 
-@app.command()
+@app.command(short_help="Score an attribution map with fidelity metrics.")
 def evaluate(
     context: typer.Context,
     image: Annotated[Path, typer.Argument(metavar="IMAGE", help="The image the map explains.")],
-    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="The classifier.")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", metavar="NAME[:VERSION]", help="The classifier.")
+    ],
     map_file: Annotated[
         Path | None,
         typer.Option(
@@ -631,20 +835,27 @@ def evaluate(
         ),
     ] = "auto",
     seed: Annotated[int, typer.Option(min=0, help="Seeds the random subsets and noise.")] = 0,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Write the evaluation as one JSON object.")
-    ] = False,
+    as_json: JsonOption = False,
     progress: ProgressOption = None,
     mean: MeanOption = None,
     std: StdOption = None,
     output_kind: OutputKindOption = None,
     resize: ResizeOption = None,
+    output_format: FormatOption = OutputFormat.TABLE,
     timeout: TimeoutOption = None,
 ) -> None:
     """Score an attribution map of --model on IMAGE with fidelity metrics.
 
     Lower deletion and higher insertion and mu_fidelity mean a more faithful
     map; lower stability a more stable method. stability needs no --map.
+
+    \b
+    Examples:
+      propscope evaluate cat.png -m resnet50 --map maps/cat.sobol.json
+      propscope evaluate cat.png -m resnet50 --map maps/cat.sobol.json \\
+          --metrics deletion,insertion --steps 20 --format plain
+      propscope evaluate cat.png -m resnet50 --metrics stability \\
+          --stability-method rise
     """
     chosen = [name.strip() for name in metrics.split(",") if name.strip()]
     for name in chosen:
@@ -669,14 +880,20 @@ def evaluate(
     except ValueError as error:
         _fail(str(error))
     image_bytes = _read_image_option(image)
+    if as_json:
+        output_format = OutputFormat.JSON
+    methods = chosen + ([stability_method] if "stability" in chosen else [])
+    classifier = _classifier_option(model, methods)
     try:
         with context.obj.client(target, timeout) as client:
+            preflight(client, classifiers=[classifier])
             found = run_evaluate(
                 client,
                 image_bytes,
-                model,
+                classifier.name,
                 explanation,
-                show_bar=_show_bar(progress) and not as_json,
+                show_bar=_show_bar(progress) and output_format is OutputFormat.TABLE,
+                model_version=classifier.version,
                 metrics=chosen,
                 steps=steps,
                 max_percentage_perturbed=max_fraction,
@@ -692,22 +909,15 @@ def evaluate(
                 seed=seed,
                 preprocessing=preprocessing,
             )
+    except PreflightError as error:
+        _fail_lines(f"{target}: {error}")
     except PropscopeError as error:
-        _fail(f"{target}: {error}")
+        _fail(f"{target}: {error}{_options_named(error, context)}")
     except ValueError as error:
         _fail(str(error))
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    if as_json:
-        _write_json({"model": model, "image": str(image), **found.to_dict()})
-        return
-    console = Console()
-    console.print(evaluation_table(model, found))
-    for warning in found.warnings:
-        console.print(_note("", "warning: ", warning, "yellow"))
-    for result in found.results:
-        for warning in result.warnings:
-            console.print(_note(f"{result.metric}: ", "warning: ", warning, "yellow"))
+    print_evaluation(model, str(image), found, output_format)
 
 
 def run_evaluate(
@@ -723,57 +933,6 @@ def run_evaluate(
     ``Client.evaluate_attribution``'s; progress on stderr."""
     with _attribution_progress(show_bar, "metric passes") as report:
         return client.evaluate_attribution(image, model, explanation, on_progress=report, **options)
-
-
-# Whether a higher value of a metric means a better map (or method), for the table's last column.
-_BETTER = {
-    "deletion": "lower",
-    "insertion": "higher",
-    "mu_fidelity": "higher",
-    "stability": "lower",
-}
-
-
-def evaluation_table(model: str, found: Evaluation) -> Table:
-    """The evaluation as a table that fits 80 columns: numbers never cut (their columns do not
-    wrap), the settings folded onto more lines instead."""
-    label = f" ({found.target_label})" if found.target_label else ""
-    version = f" version {found.model_version}" if found.model_version else ""
-    table = Table(
-        title=f"propscope evaluate: {model}{version}, class {found.target_class}{label}, "
-        f"{found.target_score}",
-        box=box.SIMPLE_HEAD,
-        title_justify="left",
-        pad_edge=False,
-        collapse_padding=True,
-    )
-    rows = [
-        (
-            result.metric,
-            _metric_value(result.value),
-            _BETTER.get(result.metric, ""),
-            str(result.forward_passes),
-            result.settings,
-        )
-        for result in found.results
-    ]
-    for header, justify in (
-        ("metric", "left"),
-        ("value", "right"),
-        ("better", "left"),
-        ("passes", "right"),
-    ):
-        width = max([len(header)] + [len(row[len(table.columns)]) for row in rows])
-        table.add_column(header, justify=justify, no_wrap=True, min_width=width)  # type: ignore[arg-type]
-    table.add_column("settings", overflow="fold", ratio=1)
-    for row in rows:
-        table.add_row(*row)
-    return table
-
-
-def _metric_value(value: float) -> str:
-    """Four significant digits, whole: 0.1234, -0.5, 1.235e-05; "n/a" when undefined."""
-    return f"{value:.4g}" if value == value and abs(value) != float("inf") else "n/a"
 
 
 def _show_bar(progress: bool | None) -> bool:
@@ -840,14 +999,17 @@ def _attribution_progress(
     yield log_line
 
 
-@app.command()
+@app.command(short_help="List the classifiers and editors the gateway serves.")
 def models(
     context: typer.Context,
     target: TargetOption = DEFAULT_TARGET,
+    output_format: FormatOption = OutputFormat.TABLE,
     as_json: JsonOption = False,
     timeout: TimeoutOption = None,
 ) -> None:
-    """List the classifiers and editors the gateway serves."""
+    """List the classifiers and editors the gateway serves: versions, state,
+    inputs, each editor's parameters (default and choices) and each classifier's
+    preprocessing, class names and methods."""
     try:
         with context.obj.client(target, timeout) as client:
             infos = client.list_models()
@@ -855,14 +1017,7 @@ def models(
         _fail(f"{target}: {error}")
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    if as_json:
-        for info in infos:
-            _write_json(info.to_dict())
-        return
-    console = Console()
-    console.print(_models_table(infos))
-    for note in _models_notes(infos):
-        console.print(note)
+    print_models(infos, OutputFormat.JSON if as_json else output_format)
 
 
 @app.command()
@@ -1015,7 +1170,9 @@ def _write_explain_report(
     seed: int,
     target_class: int | None,
     recorded: dict[str, list[Event]],
+    seconds: dict[str, float],
 ) -> None:
+    """The one-image HTML report; ``seconds``: each model's call, end to end."""
     review_package = _review_package()
     accepted = {
         model: event
@@ -1030,7 +1187,13 @@ def _write_explain_report(
     if not accepted:
         _fail("no explanation to report")
     result = review_package.explanation_result(
-        image, target, seed=seed, target_class=target_class, accepted=accepted, results=results
+        image,
+        target,
+        seed=seed,
+        target_class=target_class,
+        accepted=accepted,
+        results=results,
+        seconds=sum(seconds.values()),
     )
     try:
         report.write_text(review_package.render_html(result), encoding="utf-8")
@@ -1078,251 +1241,7 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(EXIT_USAGE)
 
 
-def _write_json(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-EventSource = Callable[[str], Iterator[Event]]
-
-
-def _explain_json(events: EventSource, models: Sequence[str]) -> None:
-    for model in models:
-        for event in events(model):
-            _write_json({"event": type(event).__name__, "model": model, **event.to_dict()})
-
-
-def _explain_table(events: EventSource, models: Sequence[str], property_names: list[str]) -> None:
-    view = _ExplainView(models, property_names)
-    console = Console()
-    with Live(view, console=console, refresh_per_second=8) as live:
-        for model in models:
-            for event in events(model):
-                view.update(model, event)
-                if isinstance(event, Done):
-                    live.console.print(_timings_line(model, event, view.cache(model)))
-                live.refresh()
-    if not console.is_terminal:
-        console.line()  # Live ends its last frame with a newline on terminals only
-    # Under the table, whole: reasons, warnings and errors never fit a cell.
-    for note in view.notes():
-        console.print(note)
-
-
-# The table's words for each decision: short enough for 80 columns; the notes say the rest.
-# Decisions whose reason is printed under the table: the ones a caller acts on (a longer
-# path, or a look at the curve). The others' reasons are in --json.
-_EXPLAINED_DECISIONS = (Decision.NOT_SIGNIFICANT, Decision.CANNOT_REACH_ALPHA)
-_DECISION_CELLS = {
-    Decision.RELEVANT: ("relevant", "bold green"),
-    Decision.NOT_SIGNIFICANT: ("not signif.", "yellow"),
-    Decision.CHANGE_TOO_SMALL: ("Δp too small", "dim"),
-    Decision.CANNOT_REACH_ALPHA: ("undecided", "yellow"),
-}
-
-
-@dataclass
-class _Row:
-    model: str
-    property_name: str
-    result: PropertyResult | None = None
-    status: Text | str = "waiting"
-
-
-class _ExplainView:
-    """The live table: one row per (model, property), filled in as events arrive; a model
-    column only when several models are explained. ``notes`` are the lines for under it."""
-
-    def __init__(self, models: Sequence[str], property_names: Sequence[str]) -> None:
-        self._models = list(models)
-        self._several_models = len(models) > 1
-        self._rows = {
-            (model, name): _Row(model, name) for model in models for name in property_names
-        }
-        self._accepted: dict[str, Accepted] = {}
-
-    def update(self, model: str, event: Event) -> None:
-        if isinstance(event, Accepted):
-            self._accepted[model] = event
-            for name in event.property_names:
-                self._row(model, name).status = "accepted"
-        elif isinstance(event, Progress):
-            row = self._row(model, event.property_name)
-            if row.result is None:
-                row.status = f"{event.stage} {event.completed}/{event.total}"
-        elif isinstance(event, PropertyResult):
-            row = self._row(model, event.property_name)
-            row.result = event
-            row.status = "" if event.ok else Text("failed (below)", style="red")
-        elif isinstance(event, Done):
-            for (row_model, _), row in self._rows.items():
-                if row_model == model and row.result is None:
-                    row.status = Text("no result", style="red")
-
-    def _row(self, model: str, property_name: str) -> _Row:
-        # A property the server names but the request did not (should not happen) gets a row too.
-        return self._rows.setdefault((model, property_name), _Row(model, property_name))
-
-    def __rich__(self) -> Group:
-        # One table per model (its name the title): a model column would not fit 80 columns.
-        return Group(*(self._table(model) for model in self._models))
-
-    def _table(self, model: str) -> Table:
-        accepted = self._accepted.get(model)
-        title = f"propscope explain: {model}"
-        if accepted is not None and accepted.model_version:
-            title += f" (version {accepted.model_version})"
-        table = Table(
-            title=title,
-            box=box.SIMPLE_HEAD,
-            title_justify="left",
-            pad_edge=False,
-            collapse_padding=True,
-        )
-        rows = [row for (row_model, _), row in self._rows.items() if row_model == model]
-        # Names and decisions keep their width; numbers are short anyway.
-        widths = {
-            "property": min(21, max(len(row.property_name) for row in rows)),
-            "decision": 12,
-            "target": 8,
-        }
-        for header in ("property", "score", "p-value", "Δp", "N", "decision", "flip", "target"):
-            justify = "right" if header in ("score", "p-value", "Δp", "N") else "left"
-            table.add_column(header, justify=justify, overflow="fold", min_width=widths.get(header))
-        for row in rows:
-            table.add_row(row.property_name, *self._cells(row))
-        return table
-
-    def _cells(self, row: _Row) -> list[str | Text]:
-        result = row.result
-        if result is None or not result.ok:
-            return ["", "", "", "", row.status, "", ""]
-        word, style = _DECISION_CELLS.get(
-            result.decision,
-            ("relevant", "bold green") if result.relevant else ("not relevant", "dim"),
-        )
-        flips = "yes" if result.prediction_flipped else "no"
-        if result.prediction_flipped and len(result.samples) > 1:
-            flips = f"{result.flip_rate:.0%}"
-        return [
-            f"{result.score:.3g}",
-            f"{result.p_value:.2g}",
-            _change(result.probability_change),
-            str(result.steps or ""),
-            Text(word, style=style),
-            flips,
-            self._class(row.model, result.target_class, result.target_label),
-        ]
-
-    def _class(self, model: str, index: int, label: str) -> str:
-        """The class name when the model has labels (its index is in --json), else the index."""
-        accepted = self._accepted.get(model)
-        name = label or (accepted.class_name(index) if accepted is not None else None)
-        return name or str(index)
-
-    def cache(self, model: str) -> tuple[int, int]:
-        """Path cache hits and misses over the model's properties."""
-        results = [
-            row.result
-            for (row_model, _), row in self._rows.items()
-            if row_model == model and row.result is not None
-        ]
-        return sum(r.cache_hits for r in results), sum(r.cache_misses for r in results)
-
-    def notes(self) -> list[Text]:
-        """Per model, its Accepted warnings; per row, its decision in words, its warnings and
-        its error: one line each, wrapped by the terminal rather than cut."""
-        lines: list[Text] = []
-        for model, accepted in self._accepted.items():
-            for warning in accepted.warnings:
-                lines.append(_note(f"{model}: ", "warning: ", warning, "yellow"))
-        for row in self._rows.values():
-            where = (
-                f"{row.model}, {row.property_name}: "
-                if self._several_models
-                else (f"{row.property_name}: ")
-            )
-            result = row.result
-            if result is None:
-                continue
-            if not result.ok:
-                lines.append(
-                    _note(where, "failed: ", f"{result.status_code.name}: {result.error}", "red")
-                )
-                continue
-            if result.decision in _EXPLAINED_DECISIONS:
-                lines.append(_note(where, "", result.decision_detail, ""))
-            for warning in result.warnings:
-                lines.append(_note(where, "warning: ", warning, "yellow"))
-        return lines
-
-
-def _change(value: float) -> str:
-    """Δp in the table: two decimals, and "<0.01" rather than a misleading 0.00."""
-    return "<0.01" if 0 < value < 0.005 else f"{value:.2f}"
-
-
-def _note(where: str, kind: str, message: str, style: str) -> Text:
-    text = Text(where, style="bold")
-    text.append(kind, style=style)
-    text.append(message)
-    return text
-
-
-def _timings_line(model: str, done: Done, cache: tuple[int, int] = (0, 0)) -> Text:
-    text = Text(
-        f"{model}: total {done.total_ms:.0f} ms, edit {done.edit_ms:.0f} ms, "
-        f"classify {done.classify_ms:.0f} ms, score {done.score_ms:.0f} ms; "
-        f"path cache {cache[0]} hits, {cache[1]} misses"
-    )
-    if done.request_id:
-        text.append(f" (request {done.request_id})", style="dim")
-    if done.properties_failed:
-        text.append(f", failed properties: {done.properties_failed}", style="red")
-    return text
-
-
-def _models_table(infos: Sequence[ModelInfo]) -> Table:
-    table = Table(title="propscope models")
-    for header in ("name", "role", "versions", "state", "inputs", "parameters / preprocessing"):
-        table.add_column(header, overflow="fold")  # never cut a name with an ellipsis
-    for info in infos:
-        inputs = "\n".join(
-            f"{t.name} {t.datatype}[{','.join(str(d) for d in t.shape)}]" for t in info.inputs
-        )
-        if info.is_classifier:
-            details = [] if info.preprocessing.empty else [info.preprocessing.describe()]
-            if info.class_labels:
-                details.append(_labels_summary(info.class_labels))
-            if info.methods:
-                details.append(f"methods: {', '.join(info.methods)}")
-        else:
-            details = [
-                f"{p.name}={p.default_value}" + (f" ({'|'.join(p.choices)})" if p.choices else "")
-                for p in info.editor_parameters
-            ]
-        state_style = "green" if info.state == "READY" else "yellow"
-        table.add_row(
-            info.name,
-            info.role.value if info.role.value != "unspecified" else "classifier",
-            ", ".join(info.versions),
-            Text(info.state, style=state_style),
-            inputs,
-            "\n".join(details),
-        )
-    return table
-
-
-def _labels_summary(labels: Sequence[str], shown: int = 4) -> str:
-    head = ", ".join(labels[:shown])
-    more = f", ... ({len(labels)} classes)" if len(labels) > shown else ""
-    return f"labels: {head}{more}"
-
-
-def _models_notes(infos: Sequence[ModelInfo]) -> list[Text]:
-    """Why each model that is not READY is not, whole, under the table."""
-    return [
-        _note(f"{info.name}: ", f"{info.state}: ", info.state_reason, "yellow")
-        for info in infos
-        if info.state != "READY" and info.state_reason
-    ]
+def _fail_lines(message: str) -> NoReturn:
+    """``message``'s lines as they are (a list of problems) on stderr, exit code 2."""
+    typer.echo(f"propscope: error: {message}", err=True)
+    raise typer.Exit(EXIT_USAGE)

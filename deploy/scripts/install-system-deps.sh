@@ -2,7 +2,8 @@
 # System packages the stack needs: redis-server (the path cache), the shared
 # libpython that Triton's python-backend stub links, headless chromium (the
 # browser test of the review report renders it), promtool (Debian's prometheus
-# package: `make test` checks the alert rules with it) and, where Node is missing,
+# package: `make test` checks the alert rules with it), tmux (the CLI layout tests capture
+# its output at 80 and 120 columns) and, where Node is missing,
 # Debian's nodejs and npm for the Node client (our machines bring Node 20). Installed through
 # apt when missing and we are root; otherwise say what is missing and go on
 # (the gateway falls back to its in-process cache without redis-server).
@@ -35,6 +36,7 @@ elif ! ldconfig -p | grep -q "${libpython}"; then
 fi
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v tmux >/dev/null 2>&1 || missing+=(tmux)
 command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 
 if [ "$dry_run" = true ]; then

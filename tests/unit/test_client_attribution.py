@@ -28,7 +28,7 @@ from propscope import (
 )
 from propscope._maps import attribution_json, overlay_png, read_map
 from propscope.cli import app
-from propscope.v1 import attribution_pb2, attribution_pb2_grpc
+from propscope.v1 import attribution_pb2, attribution_pb2_grpc, explain_pb2, explain_pb2_grpc
 
 HEIGHT, WIDTH = 6, 10  # a non-square image: rows and columns must not be swapped
 LONG_SETTINGS = (
@@ -234,11 +234,22 @@ class FakeAttribution(attribution_pb2_grpc.AttributionServiceServicer):
                 yield attribution_pb2.EvaluateAttributionEvent(request_id=rid, metric=results[name])
 
 
+class FakeModels(explain_pb2_grpc.ExplainServiceServicer):
+    """ListModels for the CLI's pre-flight: the fake's models, every method allowed."""
+
+    def ListModels(self, request, context):
+        names = ("resnet", "refused", "missing-metric")
+        return explain_pb2.ListModelsResponse(
+            models=[explain_pb2.ModelInfo(name=n, versions=["1"], state="READY") for n in names]
+        )
+
+
 @pytest.fixture
 def service():
     fake = FakeAttribution()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     attribution_pb2_grpc.add_AttributionServiceServicer_to_server(fake, server)
+    explain_pb2_grpc.add_ExplainServiceServicer_to_server(FakeModels(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     fake.target = f"127.0.0.1:{port}"

@@ -155,6 +155,9 @@ class FakeService(explain_pb2_grpc.ExplainServiceServicer):
                         )
                     ],
                 ),
+                # Served, so that the CLI's pre-flight lets them through.
+                explain_pb2.ModelInfo(name="vit", versions=["1"], state="READY"),
+                explain_pb2.ModelInfo(name="fail-midway", versions=["1"], state="READY"),
             ]
         )
 
@@ -241,10 +244,10 @@ def test_unreachable_server_raises_propscope_error():
 def test_list_models(service):
     with Client(service.target) as client:
         models = client.list_models()
-        assert [m.name for m in models] == ["resnet", "onnx_model", "labelled", "procedural"]
+        assert [m.name for m in models][:4] == ["resnet", "onnx_model", "labelled", "procedural"]
         assert models[3].editor_parameters[0].choices == ("hue", "blur")
         # Any model that is not an editor is a classifier, its role declared or not.
-        assert [m.is_classifier for m in models] == [True, True, True, False]
+        assert [m.is_classifier for m in models][:4] == [True, True, True, False]
         assert models[1].state_reason.endswith("backend 'onnxruntime'")
         assert models[2].preprocessing == Preprocessing(
             mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), resize="center_crop"
@@ -290,7 +293,7 @@ def test_cli_explain_json(service, image_file):
             "--property",
             "hue=procedural:operation=hue",
             "--property",
-            "bad=x",
+            "bad=procedural",
             "--seed",
             "3",
             "--json",
@@ -298,7 +301,7 @@ def test_cli_explain_json(service, image_file):
             service.target,
         ],
     )
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output  # a property failed
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["model"] for line in lines] == ["resnet"] * 6 + ["vit"] * 6
     assert [line["event"] for line in lines[:6]] == [
@@ -329,22 +332,40 @@ def test_cli_explain_table(service, image_file, monkeypatch):
             "-p",
             "background_brightness=procedural",
             "-p",
-            "bad=x",
+            "bad=procedural",
             "--target-class",
             "4",
         ],
     )
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output  # a property failed
     out = result.stdout
     lines = out.splitlines()
-    # Readable at 80 columns: no line wider, every header and the whole property name shown.
+    # Readable at 80 columns: no line wider, every header and every cell whole on its row.
     assert max(len(line.rstrip()) for line in lines) <= 80
-    header = next(line for line in lines if "property" in line)
-    for word in ("score", "p-value", "Δp", "N", "decision", "flip", "target"):
-        assert word in header
-    row = next(line for line in lines if line.startswith(" background_brightness "))
-    assert "undecided" in row and " 16 " in row and "tabby" in row  # "cat" may fold below
-    assert "failed (below)" in out
+    header = next(line for line in lines if line.startswith("property "))
+    assert header.split() == [
+        "property",
+        "score",
+        "p-value",
+        "Δp",
+        "N",
+        "decision",
+        "flip",
+        "target",
+    ]
+    row = next(line for line in lines if line.startswith("background_brightness "))
+    assert row.split() == [
+        "background_brightness",
+        "0.1",
+        "0.001",
+        "0.00",
+        "16",
+        "undecided",
+        "no",
+        "tabby",
+        "cat",
+    ]
+    assert next(line for line in lines if line.startswith("bad ")).split() == ["bad", "failed"]
     # Warnings, reasons and errors come whole (wrapped, never cut) under the table.
     flat = " ".join(out.split())
     assert f"resnet: warning: {LONG_WARNING}" in flat
@@ -358,7 +379,7 @@ def test_cli_explain_table(service, image_file, monkeypatch):
 def test_cli_sends_preprocessing_labels_and_path_options(service, image_file, tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\ndog\n\n")
-    arguments = ["explain", str(image_file), "-m", "resnet", "-p", "a=ed", "--json"]
+    arguments = ["explain", str(image_file), "-m", "resnet", "-p", "a=procedural", "--json"]
     arguments += ["--target", service.target, "--mean", "0.485,0.456,0.406"]
     arguments += ["--std", "0.229, 0.224, 0.225", "--output-kind", "logits"]
     arguments += ["--resize", "letterbox", "--labels", str(labels), "--fixed-steps"]
@@ -397,7 +418,7 @@ def test_cli_explain_error_midway_exits_2(service, image_file):
             "-m",
             "fail-midway",
             "-p",
-            "a=ed",
+            "a=procedural",
             "--json",
             "--target",
             service.target,
@@ -418,6 +439,8 @@ def test_cli_models(service):
         ("onnx_model", "unspecified"),
         ("labelled", "unspecified"),
         ("procedural", "editor"),
+        ("vit", "unspecified"),
+        ("fail-midway", "unspecified"),
     ]
     assert models[1]["state_reason"].startswith("unable to find backend library")
     assert models[2]["class_labels"][:2] == ["cat", "dog"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from propscope._events import Accepted, PropertyResult
@@ -19,10 +20,19 @@ def explanation_result(
     target_class: int | None,
     accepted: Mapping[str, Accepted],
     results: Mapping[str, Sequence[PropertyResult]],
+    seconds: float = math.nan,
 ) -> ReviewResult:
-    """A one-image ``ReviewResult`` from each model's Accepted event and property results
-    (asked for with ``return_path_images``); failed properties are left out."""
-    models = tuple(ModelEntry("model", name) for name in results)
+    """A one-image ``ReviewResult`` from each model's Accepted event (its served version) and
+    property results (asked for with ``return_path_images``), the calls having taken
+    ``seconds``; failed properties are left out."""
+    models = tuple(
+        ModelEntry(
+            "model",
+            name,
+            served_version=accepted[name].model_version if name in accepted else "",
+        )
+        for name in results
+    )
     first_accepted = next(iter(accepted.values()))
     observations = []
     strips: dict[str, PathStrip] = {}
@@ -50,4 +60,5 @@ def explanation_result(
         images={image: None},
         observations=tuple(observations),
         strips=tuple(strips.values()),
+        seconds=seconds,
     )

@@ -1,0 +1,159 @@
+"""Progress of ``propscope explain``, from the stream's Progress events: a rich bar per property
+(edits done / total, elapsed, ETA) on a terminal, else a few log lines on stderr.
+
+A gateway sends ``Progress(stage="edit", completed, total)`` several times per property (total =
+samples x steps edits; an adaptive path that lengthens raises it) and ``stage="classify"`` once;
+an older one sends a single edit event per property. Both drive the same bar.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as ProgressBar
+
+from propscope._events import Accepted, Event, Progress, PropertyResult
+
+__all__ = ["ExplainProgress", "explain_progress"]
+
+ProgressMode = Literal["bar", "log", "off"]
+
+
+class ExplainProgress(Protocol):
+    def update(self, model: str, event: Event) -> None: ...
+
+
+@contextmanager
+def explain_progress(mode: ProgressMode, several_models: bool) -> Iterator[ExplainProgress]:
+    """Shows the progress of the events given to ``update``: ``bar``, ``log`` lines or ``off``."""
+    if mode == "bar":
+        with ProgressBar(
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=20),
+            MofNCompleteColumn(),
+            TextColumn("edits"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        ) as bar:
+            yield _Bars(bar, several_models)
+        return
+    if mode == "log":
+        yield _LogLines(several_models)
+        return
+    yield _Silent()
+
+
+class _Silent:
+    def update(self, model: str, event: Event) -> None:
+        pass
+
+
+class _Bars:
+    """A bar per (model, property), added when the model's plan arrives (elapsed time counts
+    from there: the first Progress event comes after the first edits) and stopped, its elapsed
+    time frozen, at its result."""
+
+    def __init__(self, bar: ProgressBar, several_models: bool) -> None:
+        self._bar = bar
+        self._several_models = several_models
+        self._tasks: dict[tuple[str, str], TaskID] = {}
+
+    def update(self, model: str, event: Event) -> None:
+        if isinstance(event, Accepted):
+            for name in event.property_names:
+                self._task(model, name)
+        elif isinstance(event, Progress):
+            task = self._task(model, event.property_name)
+            if event.stage == "edit":
+                self._bar.update(task, completed=event.completed, total=event.total or None)
+            else:
+                self._bar.update(
+                    task, description=self._label(model, event.property_name, "classifying")
+                )
+        elif isinstance(event, PropertyResult):
+            task = self._task(model, event.property_name)
+            total = self._bar.tasks[task].total or 1
+            state = "done" if event.ok else "failed"
+            self._bar.update(
+                task,
+                completed=total,
+                total=total,
+                description=self._label(model, event.property_name, state),
+            )
+            self._bar.stop_task(task)
+
+    def _task(self, model: str, name: str) -> TaskID:
+        key = (model, name)
+        if key not in self._tasks:
+            self._tasks[key] = self._bar.add_task(self._label(model, name, ""), total=None)
+        return self._tasks[key]
+
+    def _label(self, model: str, name: str, state: str) -> str:
+        where = f"{model} {name}" if self._several_models else name
+        return f"{where} {state}".rstrip()
+
+
+@dataclass
+class _PropertyLog:
+    started: float = field(default_factory=time.monotonic)
+    quarter: int = 0
+
+
+class _LogLines:
+    """A line on stderr when a property's edits pass a quarter of their total (with elapsed
+    time and ETA) and when its result arrives: at most five lines per property, for CI logs."""
+
+    def __init__(self, several_models: bool) -> None:
+        self._several_models = several_models
+        self._properties: dict[tuple[str, str], _PropertyLog] = {}
+
+    def update(self, model: str, event: Event) -> None:
+        if isinstance(event, Accepted):
+            # Time counts from the plan: the first Progress event comes after the first edits.
+            for name in event.property_names:
+                self._log(model, name)
+        elif isinstance(event, Progress) and event.stage == "edit" and event.total > 0:
+            log = self._log(model, event.property_name)
+            quarter = 4 * min(event.completed, event.total) // event.total
+            if quarter <= log.quarter:
+                return
+            log.quarter = quarter
+            elapsed = time.monotonic() - log.started
+            eta = ""
+            if 0 < event.completed < event.total:
+                remaining = elapsed * (event.total - event.completed) / event.completed
+                eta = f", ETA {remaining:.0f} s"
+            self._echo(
+                model,
+                event.property_name,
+                f"{event.completed}/{event.total} edits "
+                f"({event.completed / event.total:.0%}, {elapsed:.1f} s{eta})",
+            )
+        elif isinstance(event, PropertyResult):
+            log = self._log(model, event.property_name)
+            elapsed = time.monotonic() - log.started
+            outcome = "done" if event.ok else f"failed ({event.status_code.name})"
+            self._echo(model, event.property_name, f"{outcome} in {elapsed:.1f} s")
+
+    def _log(self, model: str, name: str) -> _PropertyLog:
+        return self._properties.setdefault((model, name), _PropertyLog())
+
+    def _echo(self, model: str, name: str, message: str) -> None:
+        where = f"{model} {name}" if self._several_models else name
+        typer.echo(f"propscope: {where}: {message}", err=True)
