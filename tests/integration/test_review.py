@@ -49,24 +49,35 @@ def hue_review(live_stack, tmp_path_factory):
     return review(HUE_REVIEW, live_stack.gateway, out), out
 
 
-def test_the_hue_biased_candidate_fails_no_regression_on_hue_only(hue_review):
+def test_the_hue_biased_candidate_fails_its_hue_and_accuracy_rules_only(hue_review):
     finished, out = hue_review
     assert finished.returncode == 1, finished.stderr
     suite = ElementTree.parse(out / "junit.xml").getroot().find("testsuite")
     cases = {case.get("name"): case for case in suite.iter("testcase")}
     failed = {name for name, case in cases.items() if case.find("failure") is not None}
-    assert failed == {"no_regression[object_hue]", "max_flip_rate[object_hue]"}
+    assert failed == {
+        "min_accuracy[synth_hue]",
+        "no_accuracy_regression[synth_hue]",
+        "no_regression[object_hue]",
+        "max_flip_rate[object_hue]",
+    }
     assert "no_regression[background_brightness]" in cases
-    assert int(suite.get("tests")) == len(cases) == 6
-    assert int(suite.get("failures")) == 2
+    assert int(suite.get("tests")) == len(cases) == 8
+    assert int(suite.get("failures")) == 4 and int(suite.get("skipped")) == 0
     failure = cases["no_regression[object_hue]"].find("failure")
     assert "Wilcoxon" in failure.get("message")
+    # 12 of 24 labelled originals right (the baseline: 24): the 90% exact interval of the
+    # candidate's accuracy lies below 80%, and Newcombe's of the difference below -5 points.
+    accuracy = cases["min_accuracy[synth_hue]"].find("failure").get("message")
+    assert accuracy.startswith("accuracy 50.0% (12 of 24 labelled images), 90% interval 31.9%")
+    drop = cases["no_accuracy_regression[synth_hue]"].find("failure").get("message")
+    assert "difference -50.0%, 90% interval -65.9% to -31.1%" in drop
 
 
 def test_the_review_json_holds_every_number_and_the_baseline_reuses_every_path(hue_review):
     _, out = hue_review
     data = json.loads((out / "review.json").read_text())
-    assert data["passed"] is False
+    assert data["passed"] is False and data["verdict"] == "failed"
     assert len(data["images"]) == 24
     assert len(data["observations"]) == 24 * 3 * 2
     models = {model["role"]: model for model in data["models"]}
@@ -104,7 +115,48 @@ def test_the_reverse_review_passes_with_exit_code_0(live_stack, tmp_path):
     finished = review(spec, live_stack.gateway, tmp_path / "out")
     assert finished.returncode == 0, finished.stdout + finished.stderr
     suite = ElementTree.parse(tmp_path / "out" / "junit.xml").getroot().find("testsuite")
-    assert int(suite.get("failures")) == 0 and int(suite.get("tests")) == 5
+    assert int(suite.get("failures")) == 0 and int(suite.get("tests")) == 7
+    assert int(suite.get("skipped")) == 0
+
+
+def test_six_images_cannot_decide_min_accuracy_and_the_spec_says_whether_that_fails(
+    live_stack, tmp_path
+):
+    """6 of 6 right: the 90% exact interval of the accuracy is [60.7%, 100%], which straddles
+    90%. With fail_on_inconclusive the review exits 4 and JUnit fails the case as
+    inconclusive; without it the review exits 0 and JUnit skips the case: never passed."""
+    rows = (EXAMPLES / "manifest.csv").read_text().splitlines()[:7]
+    manifest = "\n".join(rows).replace("images/", f"{EXAMPLES}/images/")
+    (tmp_path / "manifest.csv").write_text(manifest)
+    spec = tmp_path / "six.yaml"
+    # One model and property, the example's settings: its edited paths are in the cache.
+    spec.write_text(
+        "candidate: {name: synth_unbiased}\n"
+        "images: {manifest: manifest.csv}\n"
+        "properties: {object_hue: 'procedural:operation=hue,region=object'}\n"
+        "explain: {steps: 20}\n"
+        "strips: 0\n"
+        "fail_on_inconclusive: true\n"
+        "rules: [{rule: min_accuracy, min: 0.9}]\n"
+    )
+    strict = review(spec, live_stack.gateway, tmp_path / "strict")
+    assert strict.returncode == 4, strict.stdout + strict.stderr
+    assert "INCONCLUSIVE" in strict.stderr
+    case = ElementTree.parse(tmp_path / "strict" / "junit.xml").getroot().find(".//testcase")
+    failure = case.find("failure")
+    assert failure.get("type") == "inconclusive"
+    assert failure.get("message") == (
+        "inconclusive: accuracy 100.0% (6 of 6 labelled images), 90% interval 60.7%–100.0%; "
+        "required at least 90.0% (the interval straddles it: more images needed)"
+    )
+    spec.write_text(
+        spec.read_text().replace("fail_on_inconclusive: true", "fail_on_inconclusive: false")
+    )
+    lenient = review(spec, live_stack.gateway, tmp_path / "lenient")
+    assert lenient.returncode == 0, lenient.stdout + lenient.stderr
+    assert "⚠️ **inconclusive**: 1 of 1 rule checks cannot be decided" in lenient.stdout
+    case = ElementTree.parse(tmp_path / "lenient" / "junit.xml").getroot().find(".//testcase")
+    assert case.find("skipped") is not None and case.find("failure") is None
 
 
 def test_a_spec_error_exits_2_naming_the_key(live_stack, tmp_path):
@@ -138,11 +190,38 @@ def test_an_unreadable_image_exits_2_naming_it(live_stack, tmp_path):
 
 
 def test_a_request_the_service_refuses_exits_2_with_its_status(live_stack, tmp_path):
-    spec = example_variant(tmp_path / "refused.yaml", ("operation=blend", "operation=melt"))
+    # A value's type is the server's to check: ListModels does not describe it.
+    spec = example_variant(tmp_path / "refused.yaml", ("amount: 0.2", "amount: lots"))
     finished = review(spec, live_stack.gateway, tmp_path / "out")
     assert finished.returncode == 2
-    assert "INVALID_ARGUMENT" in finished.stderr and "melt" in finished.stderr
+    assert "INVALID_ARGUMENT" in finished.stderr and "lots" in finished.stderr
     assert "Traceback" not in finished.stderr
+
+
+def test_the_pre_flight_names_every_unknown_editor_parameter_and_choice_before_any_work(
+    live_stack, tmp_path
+):
+    spec = example_variant(
+        tmp_path / "typos.yaml",
+        ("operation=blend", "operation=blendd"),
+        ("region: background", "regoin: background"),
+        ("name: synth_unbiased", "name: synth_unbaised"),
+    )
+    finished = review(spec, live_stack.gateway, tmp_path / "out")
+    assert finished.returncode == 2
+    assert "3 problems found before any work started:" in finished.stderr
+    assert "baseline model 'synth_unbaised' is not served (did you mean 'synth_unbiased'?)" in (
+        finished.stderr
+    )
+    assert (
+        "property 'background_brightness': editor 'procedural' has no parameter 'regoin' "
+        "(did you mean 'region'?)" in finished.stderr
+    )
+    assert (
+        "property 'patch': parameter 'operation' of 'procedural' is 'blendd' (did you mean "
+        "'blend'?)" in finished.stderr
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_unknown_candidate_exits_2_listing_the_served_classifiers(live_stack, tmp_path):

@@ -464,7 +464,7 @@ def accuracy_result(candidate: list[bool], baseline: list[bool]) -> ReviewResult
         # The 90% Clopper-Pearson interval of 24 of 24 is [0.05^(1/24), 1] = [0.883, 1].
         (24, 0.8, "passed"),
         (24, 0.9, "inconclusive"),
-        # 12 of 24: [0.327, 0.673].
+        # 12 of 24: [0.319, 0.681].
         (12, 0.8, "failed"),
         (12, 0.5, "inconclusive"),
         (12, 0.3, "passed"),
