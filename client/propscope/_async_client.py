@@ -23,6 +23,7 @@ class AsyncExplainStream(AsyncIterator[Event]):
     ``await result()``. Leaving it early (``aclose()``, cancelling the task) cancels the call."""
 
     def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
+        self._call = call
         self._events = _events(call)
         self._collector = ExplainCollector()
         self._closed = False
@@ -46,9 +47,10 @@ class AsyncExplainStream(AsyncIterator[Event]):
         return self._collector.result()
 
     async def aclose(self) -> None:
-        """Cancels the call if it is still running."""
+        """Cancels the call if it is still running (also before the first event is read)."""
         self._closed = True
         await self._events.aclose()
+        self._call.cancel()
 
 
 class AsyncClient(

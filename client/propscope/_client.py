@@ -367,6 +367,7 @@ class ExplainStream(Iterator[Event]):
     Leaving it early (``break``, ``close()``, garbage collection) cancels the call."""
 
     def __init__(self, call: Any) -> None:
+        self._call = call
         self._events = _events(call)
         self._collector = ExplainCollector()
         self._closed = False
@@ -390,9 +391,10 @@ class ExplainStream(Iterator[Event]):
         return self._collector.result()
 
     def close(self) -> None:
-        """Cancels the call if it is still running."""
+        """Cancels the call if it is still running (also before the first event is read)."""
         self._closed = True
         self._events.close()
+        self._call.cancel()
 
 
 class Client(ClientBase[ExplainStream, Attribution, Evaluation, list[ModelInfo]]):
