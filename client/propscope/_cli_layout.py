@@ -2,7 +2,7 @@
 every cell fits the console on one line, else a stacked block per row; and ``key=value`` lines
 for ``--format plain``.
 
-A number is written whole in a bounded width (``number``: at most 10 characters), so a column
+A number is written whole in a bounded width (``number``: at most 11 characters), so a column
 of them is as wide as its widest value; text columns marked ``wraps`` (settings, lists) may wrap
 at spaces, every other column keeps its cells on one line.
 """
@@ -27,7 +27,7 @@ _UNBOUNDED = 100_000
 
 def number(value: float | None, digits: int = 4) -> str:
     """``digits`` significant digits, whole: 0.09091, 9.342e-06, -1.5e+10; "n/a" when
-    undefined. At most ``digits`` + 6 characters, exponent included."""
+    undefined. At most ``digits`` + 7 characters (sign, point and a three-digit exponent)."""
     if value is None or not math.isfinite(value):
         return "n/a"
     return f"{value:.{digits}g}"

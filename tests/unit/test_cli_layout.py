@@ -1,0 +1,143 @@
+"""The CLI's layout (nothing cut at any width), plain lines, progress lines and --version,
+without a server."""
+
+import importlib.metadata
+import io
+import math
+import re
+
+import grpc
+import pytest
+from rich.console import Console
+from rich.text import Text
+from typer.testing import CliRunner
+
+from propscope import Accepted, Progress, PropertyResult
+from propscope._cli_layout import Column, logfmt, number, print_rows
+from propscope._cli_progress import explain_progress
+from propscope.cli import app
+
+COLUMNS = (
+    Column("property"),
+    Column("score", numeric=True),
+    Column("decision"),
+    Column("settings", wraps=True),
+)
+ROWS = [
+    ["background_brightness_of_the_scene", "9.342e-06", Text("Δp too small"), "grid 8, N 32"],
+    ["hue", "0.09091", "relevant", "grid 8\nN 32\nestimator jansen"],
+]
+
+
+def _render(width: int) -> str:
+    buffer = io.StringIO()
+    print_rows(Console(file=buffer, width=width), "title", COLUMNS, ROWS)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("width", [40, 60, 80, 120, 200])
+def test_every_cell_is_whole_at_any_width(width):
+    out = _render(width)
+    assert max(len(line) for line in out.splitlines()) <= width
+    assert "…" not in out
+    words = out.split()
+    for token in ("background_brightness_of_the_scene", "9.342e-06", "0.09091", "jansen"):
+        assert token in words, (token, out)
+    assert re.search(r"Δp too small", out)
+
+
+def test_a_table_when_it_fits_else_a_block_per_row():
+    wide = _render(200).splitlines()
+    assert wide[1].split() == ["property", "score", "decision", "settings"]
+    assert wide[3].split()[:3] == ["background_brightness_of_the_scene", "9.342e-06", "Δp"]
+    narrow = _render(60).splitlines()
+    assert narrow[0] == "title"
+    assert narrow[1] == "background_brightness_of_the_scene"
+    assert narrow[2].split()[:2] == ["score", "9.342e-06"]
+    # A wrapping column starts its own line; its further lines are items of their own.
+    assert narrow[3].strip() == "settings grid 8, N 32"
+    assert "settings grid 8  N 32  estimator jansen" in _render(60)
+
+
+def test_numbers_are_whole_and_bounded():
+    assert number(9.342e-06) == "9.342e-06"
+    assert number(0.0909090909) == "0.09091"
+    assert number(-123456789.0) == "-1.235e+08"
+    assert number(math.nan) == number(math.inf) == number(None) == "n/a"
+    assert max(len(number(v)) for v in (-1.23456e-300, 1e300, -0.000123456)) <= 11
+
+
+def test_logfmt_quotes_only_what_needs_it():
+    line = logfmt(
+        [("a", "x"), ("b", "two words"), ("c", 'say "hi"'), ("d", None), ("e", True), ("f", 0.1)]
+    )
+    assert line == 'a=x b="two words" c="say \\"hi\\"" e=yes f=0.1'
+
+
+def _result(name: str, code: grpc.StatusCode = grpc.StatusCode.OK) -> PropertyResult:
+    return PropertyResult(
+        request_id="r", property_name=name, status_code=code, error=None, score=0.1,
+        score_per_unit_strength=0.0, score_ci_low=0.0, score_ci_high=0.0, p_value=0.01,
+        significant=True, prediction_flipped=False, flip_rate=0.0, mean_signed_gradient=0.0,
+        probability_change=0.5, relevant=True, pearson_correlation=None,
+        mutual_information=None, target_class=0, samples=(), cache_hits=0, cache_misses=1,
+    )  # fmt: skip
+
+
+def _accepted(*names: str) -> Accepted:
+    return Accepted(
+        request_id="r", property_names=names, samples=2, steps=20, permutations=100,
+        alpha=0.01, model_version="1", planned_edits=40, planned_classifications=42,
+        min_probability_change=0.05,
+    )  # fmt: skip
+
+
+def test_progress_log_lines_per_quarter_and_result(capsys):
+    with explain_progress("log", several_models=False) as shown:
+        shown.update("m", _accepted("hue", "old"))
+        for done in range(4, 41, 4):  # a gateway that streams every 4 of 40 edits
+            shown.update("m", Progress("r", "edit", "hue", done, 40))
+        shown.update("m", Progress("r", "classify", "hue", 42, 42))
+        shown.update("m", _result("hue"))
+        shown.update("m", Progress("r", "edit", "old", 2, 2))  # an older gateway: one event
+        shown.update("m", _result("old", grpc.StatusCode.FAILED_PRECONDITION))
+    lines = capsys.readouterr().err.splitlines()
+    hue = [line for line in lines if line.startswith("propscope: hue: ")]
+    assert [line.split()[2] for line in hue[:4]] == ["12/40", "20/40", "32/40", "40/40"]
+    assert "ETA" in hue[0] and hue[4].startswith("propscope: hue: done in ")
+    assert len(hue) == 5
+    old = [line for line in lines if line.startswith("propscope: old: ")]
+    assert old[0].startswith("propscope: old: 2/2 edits (100%")
+    assert old[1].startswith("propscope: old: failed (FAILED_PRECONDITION) in ")
+    assert len(old) == 2
+
+
+def test_progress_bar_follows_edits_and_stops_at_the_result():
+    with explain_progress("bar", several_models=True) as shown:
+        shown.update("m", _accepted("hue"))
+        shown.update("m", Progress("r", "edit", "hue", 10, 40))
+        (task,) = shown._bar.tasks
+        assert (task.completed, task.total, task.description) == (10, 40, "m hue")
+        shown.update("m", Progress("r", "edit", "hue", 40, 80))  # an adaptive path lengthened
+        shown.update("m", Progress("r", "classify", "hue", 82, 82))
+        assert task.total == 80 and task.description == "m hue classifying"
+        shown.update("m", _result("hue"))
+        assert task.finished and task.description == "m hue done"
+
+
+def test_version_names_the_client_and_the_api():
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.startswith(f"propscope {importlib.metadata.version('propscope')} ")
+    assert "propscope.v1" in result.stdout and "propscope-api " in result.stdout
+
+
+def test_help_shows_the_property_syntax_examples_and_exit_codes_whole():
+    result = CliRunner().invoke(app, ["explain", "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    assert "--property NAME=EDITOR[@VERSION][:key=value,...][;REGION]" in result.stdout
+    assert "propscope explain cat.png -m resnet50 -p 'hue=procedural:operation=hue'" in (
+        result.stdout
+    )
+    assert "--min-probability-change" in result.stdout and "…" not in result.stdout
+    assert re.search(r"^\s+3\s+explain: a property failed", result.stdout, re.MULTILINE)
