@@ -107,7 +107,9 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Progress:
-    """``completed`` of ``total`` images of one property's ``stage`` ("edit" or "classify")."""
+    """How far one property has come: ``completed`` of ``total`` images edited (``stage``
+    "edit": sent as the editor works; an adaptive property's total grows) or paths
+    classified ("classify"). The proto's ``Progress`` comment has the details."""
 
     request_id: str
     stage: str

@@ -12,6 +12,16 @@ edited images in one call:
 An editor with dynamic batching (max_batch_size > 0) takes each of these with a
 leading batch dimension of 1: one path request per Triton request.
 
+A decoupled editor (`model_transaction_policy { decoupled: true }`) reports its
+progress while it works: before the final response, which carries PATH, it may
+send responses that carry only
+
+    PROGRESS    INT64 [2]      (units of its work done, units in all)
+
+where a unit is the editor's own (a denoising step, a seed). The last unit is
+sending PATH, so a progress response never says all is done. The gateway turns
+these into Progress events; an editor that is not decoupled answers once.
+
 The model's config.pbtxt declares its parameters (parameter "propscope.parameters",
 a JSON list of {name, description, type, default, choices}); the gateway checks a
 request against it before any work, and the editor applies the same check.
@@ -35,6 +45,7 @@ STRENGTHS_INPUT = "STRENGTHS"
 PARAMETERS_INPUT = "PARAMETERS"
 SEED_INPUT = "SEED"
 PATH_OUTPUT = "PATH"
+PROGRESS_OUTPUT = "PROGRESS"
 
 
 class InvalidParameters(ValueError):
@@ -48,12 +59,18 @@ class EditCancelled(Exception):
 # Called by an editor between units of work (denoising steps): raises
 # EditCancelled once the request is cancelled.
 Checkpoint = Callable[[], None]
+# Called by an editor as its work advances: (units done, units in all), done < all.
+ReportProgress = Callable[[int, int], None]
 # An editor that makes one path for one seed: (image, strengths, parameters, seed) -> [N, H, W, 3]
 SinglePathEditor = Callable[[np.ndarray, np.ndarray, Mapping[str, str], int], np.ndarray]
 
 
 def never_cancelled() -> None:
     """The checkpoint of an edit nobody can cancel."""
+
+
+def unreported(done: int, total: int) -> None:
+    """The progress report of an edit nobody follows."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,7 @@ class EditRequest:
     parameters: Mapping[str, str]  # resolved against the editor's schema
     seeds: list[int]  # [S]
     checkpoint: Checkpoint = never_cancelled
+    progress: ReportProgress = unreported
 
 
 class PathEditor(Protocol):
@@ -85,7 +103,8 @@ class ModelContext:
 
 @dataclass(frozen=True)
 class SeedBySeed:
-    """A PathEditor from an editor cheap enough to run one seed at a time."""
+    """A PathEditor from an editor cheap enough to run one seed at a time; a seed is
+    its unit of progress."""
 
     edit_path: SinglePathEditor
 
@@ -95,7 +114,9 @@ class SeedBySeed:
     def _edit(self, request: EditRequest) -> np.ndarray | Exception:
         paths = []
         try:
-            for seed in request.seeds:
+            for done, seed in enumerate(request.seeds):
+                if done:
+                    request.progress(done, len(request.seeds))
                 request.checkpoint()
                 paths.append(
                     self.edit_path(request.image, request.strengths, request.parameters, seed)

@@ -11,7 +11,7 @@ from typing import Protocol
 import numpy as np
 
 from propscope_server.config import PreprocessingConfig
-from propscope_server.editor_contract import EditorSchema
+from propscope_server.editor_contract import EditorSchema, ReportProgress, unreported
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class ModelDescription:
     outputs: tuple[Tensor, ...]
     max_batch_size: int
     description: str = ""
+    # Answers a request with a stream of responses (an editor's progress, then its path).
+    decoupled: bool = False
     parameters: Mapping[str, str] = field(default_factory=dict)
     editor_schema: EditorSchema | None = None
     # What the model's owners declare in its config.pbtxt (propscope.mean, ...).
@@ -78,6 +80,8 @@ class Inference(Protocol):
         parameters: str,
         seeds: list[int],
         deadline: float | None,
+        progress: ReportProgress = unreported,
     ) -> np.ndarray:
-        """The editor contract (editor_contract.py): paths [S, N, H, W, 3] uint8."""
+        """The editor contract (editor_contract.py): paths [S, N, H, W, 3] uint8. A
+        decoupled editor's progress reports reach `progress` as they come."""
         ...

@@ -4,6 +4,7 @@ pipelines on CPU) -> Redis."""
 from __future__ import annotations
 
 import io
+import queue
 import re
 import time
 import urllib.request
@@ -104,12 +105,25 @@ def test_a_cancelled_explanation_stops_the_diffusion_editor(live_stack, client):
 
 
 def infer_editor(triton, editor: str, tensors: dict[str, np.ndarray]) -> np.ndarray:
+    """PATH of the editor's final response (the editors are decoupled: their progress
+    responses come first, on a stream)."""
     inputs = []
     for name, array in tensors.items():
         tensor = triton_grpc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
-    return triton.infer(editor, inputs).as_numpy("PATH")
+    responses: queue.SimpleQueue = queue.SimpleQueue()
+    triton.start_stream(callback=lambda result, error: responses.put((result, error)))
+    try:
+        triton.async_stream_infer(editor, inputs)
+        while True:
+            result, error = responses.get(timeout=300)
+            if error is not None:
+                raise error
+            if result.as_numpy("PATH") is not None:
+                return result.as_numpy("PATH")
+    finally:
+        triton.stop_stream()
 
 
 def raw_edit(triton, editor: str, image: bytes, parameters: dict[str, str], steps: int, seed: int):

@@ -331,3 +331,26 @@ def test_ledits_checks_for_cancellation_before_each_inversion(ledits, monkeypatc
     with pytest.raises(EditCancelled):
         ledits.edit(IMAGE, STRENGTHS, LEDITS, [1, 2], checkpoint)
     assert len(inversions) == 1
+
+
+def test_each_denoising_step_is_reported_and_reporting_changes_no_pixel(sdedit):
+    reports = []
+    silent = sdedit.edit(IMAGE, STRENGTHS[-2:], SDEDIT, [3, 8])
+    reported = sdedit.edit(
+        IMAGE, STRENGTHS[-2:], SDEDIT, [3, 8], progress=lambda *report: reports.append(report)
+    )
+    steps = int(6 * 0.6)  # num_inference_steps x noise_strength
+    assert reports == [(step, steps + 1) for step in range(1, steps + 1)]  # + 1: decoding
+    assert np.array_equal(silent, reported)
+
+
+def test_requests_denoised_in_lockstep_each_hear_of_their_own_progress(ip2p):
+    first, second = [], []
+    ip2p.edit_many(
+        [
+            EditRequest(IMAGE, STRENGTHS[:1], IP2P, [1], progress=lambda *r: first.append(r)),
+            EditRequest(IMAGE, STRENGTHS[:2], IP2P, [2], progress=lambda *r: second.append(r)),
+        ]
+    )
+    steps = int(IP2P["num_inference_steps"])
+    assert first == second == [(step, steps + 1) for step in range(1, steps + 1)]

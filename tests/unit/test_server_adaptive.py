@@ -9,7 +9,7 @@ import numpy as np
 
 from propscope_server.cache import InMemoryArtefactCache
 from propscope_server.config import PreprocessingConfig, Settings
-from propscope_server.domain import Accepted, PropertyOutcome
+from propscope_server.domain import Accepted, Progress, PropertyOutcome
 from propscope_server.errors import FailedPrecondition
 from propscope_server.orchestration.explain import Explainer
 from propscope_server.scoring.property_gradient import Decision
@@ -25,7 +25,7 @@ class LateJumpBackend(FakeBackend):
         self.probabilities = probabilities
         self.strengths_asked: list[int] = []
 
-    async def edit(self, editor, image, strengths, parameters, seeds, deadline):
+    async def edit(self, editor, image, strengths, parameters, seeds, deadline, progress=None):
         self.strengths_asked.append(len(strengths))
         return await super().edit(editor, image, strengths, parameters, seeds, deadline)
 
@@ -76,6 +76,17 @@ async def test_an_adaptive_path_doubles_until_the_test_decides():
     assert isinstance(accepted, Accepted) and accepted.adaptive and accepted.max_steps == 80
 
 
+async def test_an_adaptive_paths_edit_progress_grows_its_total_with_each_extension():
+    events = await explain(
+        LateJumpBackend(), dataclasses.replace(spec(), adaptive=True, max_steps=40)
+    )
+    progress = [
+        (e.completed, e.total) for e in events if isinstance(e, Progress) and e.stage == "edit"
+    ]
+    assert progress == [(0, 10), (10, 10), (10, 30), (30, 30), (30, 70), (70, 70)]
+    assert outcome_of(events).edits == 70
+
+
 async def test_an_adaptive_path_stops_at_max_steps_and_keeps_the_reason():
     backend = LateJumpBackend()
     events = await explain(backend, dataclasses.replace(spec(), adaptive=True, max_steps=20))
@@ -113,7 +124,7 @@ async def test_probabilities_and_their_logits_give_the_same_change():
 
 async def test_an_edit_that_changes_nothing_fails_the_property_clearly():
     class NoOp(FakeBackend):
-        async def edit(self, editor, image, strengths, parameters, seeds, deadline):
+        async def edit(self, editor, image, strengths, parameters, seeds, deadline, progress=None):
             return np.stack([np.stack([image] * len(strengths))] * len(seeds))
 
     outcome = outcome_of(await explain(NoOp(), spec()))

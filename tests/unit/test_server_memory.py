@@ -109,7 +109,7 @@ class FakeTriton:
     async def require_ready(self, model, deadline) -> None:
         return None
 
-    async def edit(self, editor, image, strengths, parameters, seeds, deadline):
+    async def edit(self, editor, image, strengths, parameters, seeds, deadline, progress=None):
         shape = (len(seeds), len(strengths), *image.shape)
 
         def answer() -> np.ndarray:

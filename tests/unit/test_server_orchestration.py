@@ -17,6 +17,7 @@ from propscope_server.domain import (
     Done,
     EditorRef,
     ExplainSpec,
+    Progress,
     PropertyOutcome,
     PropertySpec,
 )
@@ -61,10 +62,12 @@ class FakeBackend:
     async def require_ready(self, model, deadline) -> None:
         self.readiness_checked.append(model.name)
 
-    async def edit(self, editor, image, strengths, parameters, seeds, deadline):
+    async def edit(self, editor, image, strengths, parameters, seeds, deadline, progress=None):
         self.edit_calls.append(list(seeds))
         if '"fail"' in parameters:
             raise BackendError("editor broke")
+        for done in range(1, len(seeds) if progress else 0):  # a unit per seed, as procedural's
+            progress(done, len(seeds))
         path = np.stack([np.clip(image + int(255 * s), 0, 255).astype(np.uint8) for s in strengths])
         return np.stack([path] * len(seeds))
 
@@ -173,3 +176,20 @@ async def test_triton_unreachable_fails_the_call_not_one_property():
     backend = FakeBackend(classify_error=Unavailable("Triton is unreachable"))
     with pytest.raises(Unavailable):
         await asyncio.wait_for(run(backend, spec(properties=3)), 5)
+
+
+def edit_progress(events: list) -> list[tuple[int, int]]:
+    return [(e.completed, e.total) for e in events if isinstance(e, Progress) and e.stage == "edit"]
+
+
+async def test_edit_progress_counts_images_as_the_cache_answers_and_the_editor_works():
+    explainer = Explainer(FakeBackend(), InMemoryArtefactCache(10_000_000), Settings())
+    one = [event async for event in explainer.run(await explainer.plan(spec(samples=1)))]
+    three = [event async for event in explainer.run(await explainer.plan(spec(samples=3)))]
+    again = [event async for event in explainer.run(await explainer.plan(spec(samples=3)))]
+    assert edit_progress(one) == [(0, 10), (10, 10)]
+    # sample 0 is cached; the editor reports the first of the two others done
+    assert edit_progress(three) == [(10, 30), (20, 30), (30, 30)]
+    assert edit_progress(again) == [(30, 30)]  # all cached: done at once
+    progress = [e for e in three if isinstance(e, Progress)]
+    assert [e.stage for e in progress] == ["edit", "edit", "edit", "classify"]

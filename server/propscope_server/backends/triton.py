@@ -8,10 +8,11 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
 
+import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, InferInput, InferRequestedOutput, InferResult
@@ -24,11 +25,14 @@ from propscope_server.editor_contract import (
     IMAGE_INPUT,
     PARAMETERS_INPUT,
     PATH_OUTPUT,
+    PROGRESS_OUTPUT,
     ROLE_PARAMETER,
     SCHEMA_PARAMETER,
     SEED_INPUT,
     STRENGTHS_INPUT,
     EditorSchema,
+    ReportProgress,
+    unreported,
 )
 from propscope_server.errors import (
     BackendError,
@@ -285,9 +289,7 @@ class TritonBackend:
             for t in model.inputs
         ]
         try:
-            await self._client.infer(
-                name, inputs, model_version=model.version, client_timeout=self._default_timeout_s
-            )
+            await self._request(model, inputs, (), self._default_timeout_s)
         except InferenceServerException as error:
             if _status_name(error) != "INTERNAL" or is_worker_failure(error.message() or ""):
                 raise
@@ -300,9 +302,11 @@ class TritonBackend:
         parameters: str,
         seeds: list[int],
         deadline: float | None,
+        progress: ReportProgress = unreported,
     ) -> np.ndarray:
         """One editor call for all samples: the paths [S, N, H, W, 3] uint8. An editor
-        with dynamic batching takes it as a batch of one."""
+        with dynamic batching takes it as a batch of one; a decoupled editor's progress
+        reports reach `progress` as they come."""
         tensors = {
             IMAGE_INPUT: np.ascontiguousarray(image, dtype=np.uint8),
             STRENGTHS_INPUT: np.asarray(strengths, dtype=np.float32),
@@ -311,7 +315,7 @@ class TritonBackend:
         }
         batch = editor.max_batch_size > 0
         inputs = [_input(name, array[None] if batch else array) for name, array in tensors.items()]
-        result = (await self._infer(editor, inputs, [PATH_OUTPUT], deadline, kind="edit"))[
+        result = (await self._infer(editor, inputs, [PATH_OUTPUT], deadline, "edit", progress))[
             PATH_OUTPUT
         ]
         result = result[0] if batch else result
@@ -349,18 +353,13 @@ class TritonBackend:
         outputs: Sequence[str],
         deadline: float | None,
         kind: str,
+        progress: ReportProgress = unreported,
     ) -> dict[str, np.ndarray]:
         """Inference is idempotent, so retrying it is safe. Cancelling the awaiting task
         cancels the gRPC call, which Triton sees as a cancelled request."""
 
         async def call(timeout: float) -> InferResult:
-            return await self._client.infer(
-                model.name,
-                inputs,
-                model_version=model.version,
-                outputs=[InferRequestedOutput(name) for name in outputs],
-                client_timeout=timeout,
-            )
+            return await self._request(model, inputs, outputs, timeout, progress)
 
         self.model_health.refuse_if_sick(model.name)
         started = time.perf_counter()
@@ -379,6 +378,55 @@ class TritonBackend:
                 time.perf_counter() - started
             )
         return {name: result.as_numpy(name) for name in outputs}
+
+    async def _request(
+        self,
+        model: ModelDescription,
+        inputs: list[InferInput],
+        outputs: Sequence[str],
+        timeout: float,
+        progress: ReportProgress = unreported,
+    ) -> InferResult:
+        """One inference (no outputs named: all of them). A decoupled model answers on a
+        stream: its PROGRESS responses go to `progress`, the response without one is the
+        result. Failures are raised as a unary call raises them."""
+        requested = [InferRequestedOutput(name) for name in outputs]
+        if not model.decoupled:
+            return await self._client.infer(
+                model.name,
+                inputs,
+                model_version=model.version,
+                outputs=requested,
+                client_timeout=timeout,
+            )
+
+        async def one_request() -> AsyncIterator[dict]:
+            yield {
+                "model_name": model.name,
+                "model_version": model.version,
+                "inputs": inputs,
+                "outputs": [*requested, InferRequestedOutput(PROGRESS_OUTPUT)]
+                if requested
+                else None,
+            }
+
+        stream = self._client.stream_infer(one_request(), stream_timeout=timeout)
+        try:
+            async for result, error in stream:
+                if error is not None:  # the model's own error, which a unary call gets as INTERNAL
+                    raise InferenceServerException(error.message(), status="StatusCode.INTERNAL")
+                report = result.as_numpy(PROGRESS_OUTPUT)
+                if report is None:
+                    return result
+                done, total = (int(value) for value in report.reshape(-1))
+                progress(done, total)
+        except grpc.RpcError as error:  # the stream itself failed: Triton down, deadline, ...
+            raise InferenceServerException(error.details(), status=str(error.code())) from None
+        finally:
+            stream.cancel()  # after the result it only closes the stream; before, it stops the work
+        raise InferenceServerException(
+            f"model {model.name!r} closed its stream without a result", status="StatusCode.INTERNAL"
+        )
 
 
 def _input(name: str, array: np.ndarray) -> InferInput:
@@ -428,6 +476,7 @@ def _description(metadata: dict, config: dict, requested_version: str) -> ModelD
         outputs=outputs,
         max_batch_size=max_batch_size,
         description=parameters.get("description", ""),
+        decoupled=bool(config.get("model_transaction_policy", {}).get("decoupled", False)),
         parameters=parameters,
         editor_schema=EditorSchema.from_json(schema_text) if schema_text else None,
         preprocessing=preprocessing,

@@ -1,5 +1,6 @@
 """Runs one explanation: for each property, get its paths (cache or editor),
 classify them in one batched call, score them, and report as each finishes.
+Edit progress is reported as the cache answers and as the editor works.
 
 Everything that can be refused is checked in `plan()` before any work, so a
 bad request fails with one clear error and never half-streams.
@@ -34,7 +35,11 @@ from propscope_server.domain import (
     SampleOutcome,
     StageTimes,
 )
-from propscope_server.editor_contract import InvalidParameters, canonical_parameters
+from propscope_server.editor_contract import (
+    InvalidParameters,
+    ReportProgress,
+    canonical_parameters,
+)
 from propscope_server.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -78,6 +83,31 @@ class Plan:
     image_digest: str
     cache_namespace: str
     deadline: float | None  # time.monotonic() value: bounds every backend call
+
+
+@dataclass
+class EditProgress:
+    """A property's Progress("edit") events: images done of the images it has to edit,
+    counted over all its path lengths (an adaptive property's total grows). Sent only
+    when the count grows, so a chatty editor costs the stream nothing."""
+
+    emit: Callable[[Event], None]
+    property_name: str
+    done_before: int  # the images of the property's shorter paths, all done
+    images: int  # the images of the path length now edited (samples x steps)
+    sent: int = -1
+
+    def report(self, done: int) -> None:
+        if done > self.sent:
+            self.sent = done
+            total = self.done_before + self.images
+            self.emit(Progress("edit", self.property_name, self.done_before + done, total))
+
+    def editor_reports(self, cached: int, edited: int) -> ReportProgress:
+        """What the editor's (units done, units in all) mean in images: `cached` images
+        are done, and that share of the `edited` ones (never all: the last unit is the
+        editor's answer)."""
+        return lambda units, total: self.report(cached + edited * units // max(total, 1))
 
 
 def sample_seed(seed: int, sample: int) -> int:
@@ -215,7 +245,8 @@ class Explainer:
                 warning = await in_thread(object_mask_reliability, spec.image)
                 warnings = (warning,) if warning else ()
             while True:
-                paths, hits = await self._paths(plan, prop, steps, emit, times)
+                progress = EditProgress(emit, prop.name, edits, spec.samples * steps)
+                paths, hits = await self._paths(plan, prop, steps, progress, times)
                 if prop.editor is not None:
                     edits += len(paths) * steps
                 stacked = np.stack(paths)  # [S, N + 1, H, W, 3]
@@ -314,12 +345,13 @@ class Explainer:
         plan: Plan,
         prop: PropertySpec,
         steps: int,
-        emit: Callable[[Event], None],
+        progress: EditProgress,
         times: StageTimes,
     ) -> tuple[list[np.ndarray], list[bool]]:
         """[x_0, x_1..x_N] per sample, and whether each came from the cache. The
-        samples the cache lacks are edited in one editor call. The cache holds what the
-        editor returned; a region is applied after, so every region shares it."""
+        samples the cache lacks are edited in one editor call, whose own progress is
+        reported as it comes. The cache holds what the editor returned; a region is
+        applied after, so every region shares it."""
         original = plan.spec.image[None]
         if prop.provided_path is not None:
             return [np.concatenate([original, np.stack(prop.provided_path)])], []
@@ -345,6 +377,8 @@ class Explainer:
         for hit in hits:
             metrics.CACHE_LOOKUPS.labels(result="hit" if hit else "miss").inc()
         missing = [s for s, hit in enumerate(hits) if not hit]
+        cached = sum(hits) * steps
+        progress.report(cached)
         if missing:
             with _timed(times, "edit_s"):
                 edited = await self._backend.edit(
@@ -354,6 +388,7 @@ class Explainer:
                     editor.parameters,
                     [seeds[s] for s in missing],
                     plan.deadline,
+                    progress=progress.editor_reports(cached, len(missing) * steps),
                 )
             with _timed(times, "cache_s"):
                 await asyncio.gather(
@@ -364,7 +399,7 @@ class Explainer:
                 )
             for s, path in zip(missing, edited, strict=True):
                 paths[s] = path
-        emit(Progress("edit", prop.name, plan.spec.samples, plan.spec.samples))
+        progress.report(plan.spec.samples * steps)
         if prop.region is not None:
             paths = [
                 await in_thread(composite, path, plan.spec.image, prop.region) for path in paths

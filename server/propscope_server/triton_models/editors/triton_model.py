@@ -5,7 +5,9 @@
 per request, errors returned as responses, cancellation checked between the
 editor's units of work. With dynamic batching (max_batch_size > 0) every request
 carries one path request in a leading batch dimension of 1, and the requests
-Triton hands over together reach the editor together.
+Triton hands over together reach the editor together. A decoupled model (its
+config's model_transaction_policy) also sends each request's progress as the
+editor reports it, then the path in the request's final response.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from propscope_server.editor_contract import (
     IMAGE_INPUT,
     PARAMETERS_INPUT,
     PATH_OUTPUT,
+    PROGRESS_OUTPUT,
     SCHEMA_PARAMETER,
     SEED_INPUT,
     STRENGTHS_INPUT,
@@ -41,6 +44,7 @@ def editor_model(load: Callable[[ModelContext], PathEditor]) -> type:
             parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
             self.schema = EditorSchema.from_json(parameters[SCHEMA_PARAMETER])
             self.batched = int(config.get("max_batch_size", 0)) > 0
+            self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
             on_gpu = args.get("model_instance_kind") == "GPU"
             device = f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu"
             self.editor = load(ModelContext(parameters, Path(args["model_repository"]), device))
@@ -62,19 +66,27 @@ def editor_model(load: Callable[[ModelContext], PathEditor]) -> type:
                 f.Metric(labels=labels) for f in self.metric_families
             )
 
-        def execute(self, requests: list) -> list:
-            decoded: list[EditRequest | Exception] = [self._decode(r) for r in requests]
+        def execute(self, requests: list) -> list | None:
+            senders = [r.get_response_sender() if self.decoupled else None for r in requests]
+            decoded: list[EditRequest | Exception] = [
+                self._decode(r, sender) for r, sender in zip(requests, senders, strict=True)
+            ]
             valid = [d for d in decoded if isinstance(d, EditRequest)]
             try:
                 edited = iter(self.editor.edit_many(valid))
             except Exception as error:  # noqa: BLE001 - one failed batch must not take the model down
                 pb_utils.Logger.log_error(f"edit failed: {error!r}")
                 edited = iter([RuntimeError(f"edit failed: {error}")] * len(valid))
-            return [
+            responses = [
                 self._respond(next(edited) if isinstance(d, EditRequest) else d) for d in decoded
             ]
+            if not self.decoupled:
+                return responses
+            for sender, response in zip(senders, responses, strict=True):
+                sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return None
 
-        def _decode(self, request: Any) -> EditRequest | Exception:
+        def _decode(self, request: Any, sender: Any) -> EditRequest | Exception:
             def tensor(name: str) -> np.ndarray:
                 array = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
                 if not self.batched:
@@ -89,6 +101,13 @@ def editor_model(load: Callable[[ModelContext], PathEditor]) -> type:
                 if request.is_cancelled():
                     raise EditCancelled
                 self.work_units.increment(1)
+
+            def progress(done: int, total: int) -> None:
+                if sender is None or request.is_cancelled():
+                    return
+                report = np.array([done, total], dtype=np.int64)
+                output = pb_utils.Tensor(PROGRESS_OUTPUT, report[None] if self.batched else report)
+                sender.send(pb_utils.InferenceResponse([output]))
 
             try:
                 image = tensor(IMAGE_INPUT)
@@ -114,7 +133,7 @@ def editor_model(load: Callable[[ModelContext], PathEditor]) -> type:
                 ):
                     raise InvalidParameters("STRENGTHS must lie in [0, 1]")
                 return EditRequest(
-                    image, strengths, parameters, [int(s) for s in seeds], checkpoint
+                    image, strengths, parameters, [int(s) for s in seeds], checkpoint, progress
                 )
             except (InvalidParameters, ValueError, KeyError) as error:
                 return error

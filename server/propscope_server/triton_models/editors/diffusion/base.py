@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -16,7 +16,9 @@ from propscope_server.editor_contract import (
     Checkpoint,
     EditRequest,
     ModelContext,
+    ReportProgress,
     never_cancelled,
+    unreported,
 )
 from propscope_server.triton_models.editors.diffusion.denoise import DenoiseJob, denoise
 from propscope_server.triton_models.editors.diffusion.pipelines import (
@@ -90,9 +92,11 @@ class DiffusionEditor(ABC):
         parameters: Mapping[str, str],
         seeds: list[int],
         checkpoint: Checkpoint = never_cancelled,
+        progress: ReportProgress = unreported,
     ) -> np.ndarray:
         """One request: uint8 [H, W, 3] -> uint8 [S, N, H, W, 3]; raises what failed it."""
-        (result,) = self.edit_many([EditRequest(image, strengths, parameters, seeds, checkpoint)])
+        request = EditRequest(image, strengths, parameters, seeds, checkpoint, progress)
+        (result,) = self.edit_many([request])
         if isinstance(result, Exception):
             raise result
         return result
@@ -101,7 +105,7 @@ class DiffusionEditor(ABC):
         size = working_size(*request.image.shape[:2], self.runtime.resolution, self.size_multiple)
         seed_of_item = torch.arange(len(request.seeds)).repeat_interleave(len(request.strengths))
         strengths = np.tile(request.strengths.astype(np.float32), len(request.seeds))
-        return self.prepare(
+        job = self.prepare(
             PathInputs(
                 pixels=to_tensor(request.image, size, self.runtime),
                 strengths=torch.from_numpy(strengths).to(self.runtime.device),
@@ -111,6 +115,7 @@ class DiffusionEditor(ABC):
                 checkpoint=request.checkpoint,
             )
         )
+        return replace(job, progress=request.progress)
 
     @abstractmethod
     def prepare(self, path: PathInputs) -> DenoiseJob:

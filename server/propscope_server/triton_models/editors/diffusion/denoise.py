@@ -18,7 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from propscope_server.editor_contract import Checkpoint, EditCancelled
+from propscope_server.editor_contract import (
+    Checkpoint,
+    EditCancelled,
+    ReportProgress,
+    unreported,
+)
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,8 @@ class DenoiseJob:
     combine: Combine
     checkpoint: Checkpoint
     step_options: StepOptions | None = None
+    # Told after each denoising step; decoding the latents is the last unit of work.
+    progress: ReportProgress = unreported
 
 
 @dataclass
@@ -121,6 +128,7 @@ def _lockstep(
             noise = job.combine(branches, step)
             options = job.step_options(step, t) if job.step_options else {}
             latents[j] = job.scheduler.step(noise, t, latents[j], **options).prev_sample
+            job.progress(step + 1, len(job.timesteps) + 1)
     for j in active:
         results[j] = latents[j]
     return results

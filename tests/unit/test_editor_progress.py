@@ -1,0 +1,147 @@
+"""Editors report their progress without changing their paths: the procedural editor
+per seed (the diffusion editors, per denoising step: test_diffusion_editors.py), and
+the Triton wrapper of a decoupled editor sends each report before the request's
+final response."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+
+from propscope_server.editor_contract import EditRequest, SeedBySeed
+from propscope_server.synthetic.world import Scene, render
+from propscope_server.triton_models.editors.procedural import edit_path
+
+IMAGE = render(Scene(0, 10.0, 13.0, 0.5, False, (32.0, 32.0)))
+STRENGTHS = np.arange(1, 7, dtype=np.float32) / 6
+HUE = {"operation": "hue", "region": "object", "amount": ""}
+MODELS = Path(__file__).resolve().parents[2] / "deploy" / "triton" / "models"
+
+
+def triton_config(path: Path) -> dict:
+    """A config.pbtxt as the Python backend receives it (args["model_config"])."""
+    message = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def test_the_procedural_editor_reports_each_seed_but_the_last_and_edits_the_same_paths():
+    reports = []
+    silent, reported = SeedBySeed(edit_path).edit_many(
+        [
+            EditRequest(IMAGE, STRENGTHS, HUE, [4, 5, 6]),
+            EditRequest(IMAGE, STRENGTHS, HUE, [4, 5, 6], progress=lambda *r: reports.append(r)),
+        ]
+    )
+    assert reports == [(1, 3), (2, 3)]  # the path itself is the last unit
+    assert np.array_equal(silent, reported)
+
+
+class Sender:
+    def __init__(self) -> None:
+        self.sent: list[tuple[object, int]] = []
+
+    def send(self, response: object, flags: int = 0) -> None:
+        self.sent.append((response, flags))
+
+
+class Request(dict):
+    def __init__(self, tensors: dict[str, np.ndarray], cancelled: bool = False) -> None:
+        super().__init__(
+            {name: types.SimpleNamespace(as_numpy=lambda a=a: a) for name, a in tensors.items()}
+        )
+        self.sender, self.cancelled = Sender(), cancelled
+
+    def get_response_sender(self) -> Sender:
+        return self.sender
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled
+
+
+@pytest.fixture
+def pb_utils(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """The part of Triton's triton_python_backend_utils the editor wrapper uses."""
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.Tensor = lambda name, array: types.SimpleNamespace(name=name, array=array)
+    fake.InferenceResponse = lambda tensors=(), error=None: types.SimpleNamespace(
+        tensors={t.name: t.array for t in tensors}, error=error
+    )
+    fake.TritonError = type(
+        "TritonError",
+        (str,),
+        {"CANCELLED": 1, "__new__": lambda cls, message, code=0: str.__new__(cls, message)},
+    )
+    fake.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    fake.get_input_tensor_by_name = lambda request, name: request.get(name)
+    fake.using_decoupled_model_transaction_policy = lambda config: config.get(
+        "model_transaction_policy", {}
+    ).get("decoupled", False)
+    metric = types.SimpleNamespace(increment=lambda value: None)
+    family = types.SimpleNamespace(Metric=lambda labels: metric)
+    fake.MetricFamily = type(
+        "MetricFamily", (), {"COUNTER": 0, "__new__": lambda cls, **kw: family}
+    )
+    fake.Logger = types.SimpleNamespace(log_error=lambda message: None)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    monkeypatch.delitem(
+        sys.modules, "propscope_server.triton_models.editors.triton_model", raising=False
+    )
+    return fake
+
+
+def procedural_model(config: dict) -> object:
+    from propscope_server.triton_models.editors.triton_model import editor_model
+
+    model = editor_model(lambda context: SeedBySeed(edit_path))()
+    model.initialize(
+        {
+            "model_config": json.dumps(config),
+            "model_repository": str(MODELS / "procedural"),
+            "model_name": "procedural",
+            "model_instance_name": "procedural_0",
+        }
+    )
+    return model
+
+
+def path_request(seeds: list[int], cancelled: bool = False) -> Request:
+    parameters = json.dumps({"operation": "hue", "region": "object"}).encode()
+    return Request(
+        {
+            "IMAGE": IMAGE,
+            "STRENGTHS": STRENGTHS,
+            "PARAMETERS": np.array([parameters], dtype=np.object_),
+            "SEED": np.array(seeds, np.int64),
+        },
+        cancelled,
+    )
+
+
+def test_a_decoupled_editor_sends_progress_then_the_path_as_the_final_response(pb_utils):
+    config = triton_config(MODELS / "procedural" / "config.pbtxt")
+    assert config["model_transaction_policy"]["decoupled"]
+    model = procedural_model(config)
+    followed, cancelled = path_request([1, 2, 3]), path_request([1, 2], cancelled=True)
+    assert model.execute([followed, cancelled]) is None
+    *progress, (final, flags) = followed.sender.sent
+    assert [(r.tensors["PROGRESS"].tolist(), f) for r, f in progress] == [([1, 3], 0), ([2, 3], 0)]
+    assert flags == pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    assert final.tensors["PATH"].shape == (3, len(STRENGTHS), *IMAGE.shape)
+    ((response, flags),) = cancelled.sender.sent  # no progress, only its error
+    assert response.error == "the edit was cancelled" and flags
+
+
+def test_an_editor_that_is_not_decoupled_answers_once(pb_utils):
+    config = triton_config(MODELS / "procedural" / "config.pbtxt")
+    del config["model_transaction_policy"]
+    request = path_request([1, 2, 3])
+    (response,) = procedural_model(config).execute([request])
+    assert request.sender.sent == []
+    assert response.tensors["PATH"].shape == (3, len(STRENGTHS), *IMAGE.shape)
