@@ -109,6 +109,7 @@ class ClientBase(Generic[ExplainT, AttributionT, EvaluationT, ModelsT]):
         class_labels: Sequence[str] = (),
         path_mode: PathMode | None = None,
         max_steps: int = 0,
+        path_image_max_side_px: int = 0,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> ExplainT:
@@ -125,6 +126,9 @@ class ClientBase(Generic[ExplainT, AttributionT, EvaluationT, ModelsT]):
         kind, resize mode); ``class_labels`` names the classes by index (default: the model's).
         ``path_mode`` is "adaptive" (the server's default: a path the test cannot decide is
         lengthened up to ``max_steps``, 0 meaning the server's limit) or "fixed".
+        ``return_path_images`` returns every path's images as PNG, shrunk to at most
+        ``path_image_max_side_px`` on their longer side when it is not 0 (thumbnails are far
+        cheaper for a large image).
 
         The arguments are checked and the call started before this returns; the returned
         stream (``ExplainStream``; ``AsyncExplainStream`` for ``async for``) yields
@@ -153,6 +157,7 @@ class ClientBase(Generic[ExplainT, AttributionT, EvaluationT, ModelsT]):
             class_labels=class_labels,
             path_mode=path_mode,
             max_steps=max_steps,
+            path_image_max_side_px=path_image_max_side_px,
         )
         logger.debug(
             "Explain %s: model %s, %d properties, request_id %r",

@@ -142,6 +142,7 @@ def build_explain_request(
     class_labels: Sequence[str] = (),
     path_mode: PathMode | None = None,
     max_steps: int = 0,
+    path_image_max_side_px: int = 0,
 ) -> explain_pb2.ExplainRequest:
     """The ``ExplainRequest`` for ``Client.explain``'s arguments: 0 means the server default,
     except for ``min_probability_change``, where None does (0 makes relevant = significant);
@@ -156,6 +157,7 @@ def build_explain_request(
         ("seed", seed),
         ("permutations", permutations),
         ("max_steps", max_steps),
+        ("path_image_max_side_px", path_image_max_side_px),
     ):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
@@ -189,6 +191,7 @@ def build_explain_request(
         return_path_images=return_path_images,
         path_mode=path_mode_to_proto(path_mode),
         max_steps=max_steps,
+        path_image_max_side_px=path_image_max_side_px,
     )
 
 

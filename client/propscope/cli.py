@@ -90,6 +90,10 @@ EXIT_INCONCLUSIVE = 4
 EXIT_INTERRUPTED = 130
 # explain: a property failed on the server or got no result.
 EXIT_PROPERTY_FAILED = 3
+# --report's path images: the longer side the server shrinks them to, the report's thumbnail
+# size (propscope.review.report.html.THUMBNAIL_PX): full-size PNGs made a report of a large
+# image several times slower than the explanation.
+REPORT_PATH_IMAGE_PX = 160
 EXIT_CODES = """\b
 Exit codes:
   0    success
@@ -423,6 +427,8 @@ def explain(
         _fail(f"cannot read image {str(image)!r}: {error.strerror or error}")
     except ValueError as error:
         _fail(f"cannot use image {str(image)!r}: {error}")
+    if report is not None:
+        _review_package()  # the review extra renders it: say it is missing before any work
     classifiers = [Classifier.parse(text) for text in dict.fromkeys(models)]
     output_format = OutputFormat.JSON if as_json else output_format
     options: dict[str, Any] = {
@@ -434,6 +440,7 @@ def explain(
         "min_probability_change": min_probability_change,
         "target_class": target_class,
         "return_path_images": report is not None,
+        "path_image_max_side_px": REPORT_PATH_IMAGE_PX,
         "preprocessing": preprocessing,
         "class_labels": class_labels,
         "path_mode": "fixed" if fixed_steps else None,

@@ -58,6 +58,8 @@ class ExplainSpec:
     # max_steps (= steps when fixed, or when 0).
     adaptive: bool = False
     max_steps: int = 0
+    # Returned path images: the longest side in pixels (0: full size).
+    path_image_max_side_px: int = 0
 
     def path_shape(self, prop: PropertySpec) -> tuple[int, int]:
         """(paths, images x_1..x_N per path) of one property; a provided path is one

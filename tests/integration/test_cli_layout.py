@@ -1,9 +1,12 @@
 """The CLI as a user sees it on the live stack: its output in a real terminal (tmux) at 80 and
 120 columns with nothing cut, exit code 3 for a failed property, the pre-flight's did-you-mean
-before any work, and the progress lines without a terminal."""
+before any work, the progress lines without a terminal, and --report's thumbnails (path images
+the server shrinks), served version and duration."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import shlex
@@ -14,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
+import propscope
 from tests.integration.conftest import SAMPLE, inference_count, png
 
 HUE = "object_hue=procedural:operation=hue,region=object"
@@ -179,3 +184,35 @@ def test_without_a_terminal_progress_is_a_few_lines_per_property(live_stack):
         assert len(lines) <= 5
     # The table on stdout, once its results exist: no bar, no placeholder row.
     assert "waiting" not in finished.stdout and "edits" not in finished.stdout
+
+
+def test_path_images_come_shrunk_to_the_size_asked_for(client):
+    image = png(np.full((96, 128, 3), 90, np.uint8))
+    sizes = {}
+    for max_side in (0, 40):
+        events = client.explain(
+            image, "synth_hue", ["b=procedural:operation=brightness"], steps=6, seed=2,
+            return_path_images=True, path_image_max_side_px=max_side,
+        )  # fmt: skip
+        (result,) = [e for e in events if isinstance(e, propscope.PropertyResult)]
+        sizes[max_side] = {Image.open(io.BytesIO(p)).size for p in result.samples[0].path_images}
+    assert sizes == {0: {(128, 96)}, 40: {(40, 30)}}
+
+
+def test_a_report_has_thumbnails_the_served_version_and_the_duration(live_stack, tmp_path):
+    image = tmp_path / "large.png"
+    image.write_bytes(png(np.full((480, 480, 3), 200, np.uint8)))
+    report = tmp_path / "report.html"
+    finished = _run(
+        "explain", str(image), "--target", live_stack.gateway, "-m", "synth_hue",
+        "-p", "b=procedural:operation=brightness", "--steps", "6", "--report", str(report),
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr
+    html = report.read_text()
+    assert re.search(r"took \d[\d.]* s\.", html), "the report's duration is missing"
+    assert re.search(r"synth_hue</td>\s*<td>1</td>", html), "no served version"
+    strip = html.split("Path of <code>")[1]
+    thumbnails = re.findall(r'<img src="data:image/png;base64,([^"]+)"', strip)
+    assert len(thumbnails) >= 2
+    for encoded in thumbnails:
+        assert max(Image.open(io.BytesIO(base64.b64decode(encoded))).size) <= 160

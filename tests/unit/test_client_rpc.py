@@ -462,3 +462,13 @@ def test_cli_unreachable_server_exits_2():
     assert result.stderr.startswith("propscope: error: 127.0.0.1:1: ")
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.output
+
+
+def test_cli_report_asks_for_thumbnails_and_states_its_duration(service, image_file, tmp_path):
+    report = tmp_path / "report.html"
+    arguments = ["explain", str(image_file), "-m", "resnet", "-p", "a=procedural"]
+    result = runner.invoke(app, [*arguments, "--target", service.target, "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    request = service.requests[-1]
+    assert request.return_path_images and request.path_image_max_side_px == 160
+    assert "took – s" not in report.read_text()

@@ -229,6 +229,7 @@ def explain_spec(
         tenant=tenant,
         adaptive=adaptive,
         max_steps=max_steps,
+        path_image_max_side_px=request.path_image_max_side_px,
     )
     for index, prop in enumerate(properties):
         length = spec.path_shape(prop)[1]
@@ -485,13 +486,20 @@ def _property(
     raise InvalidArgument(f"property {prop.name!r} needs an editor or a provided_path")
 
 
-def encode_png(image: np.ndarray) -> bytes:
+def encode_png(image: np.ndarray, max_side_px: int = 0) -> bytes:
+    """The image as PNG, shrunk first so that its longer side is at most ``max_side_px``
+    (0: full size)."""
+    picture = Image.fromarray(image)
+    if max_side_px:
+        picture.thumbnail((max_side_px, max_side_px))
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
+    picture.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def event_message(request_id: str, event: domain.Event) -> pb.ExplainEvent:
+def event_message(
+    request_id: str, event: domain.Event, path_image_max_side_px: int = 0
+) -> pb.ExplainEvent:
     message = pb.ExplainEvent(request_id=request_id)
     if isinstance(event, domain.Accepted):
         message.accepted.CopyFrom(
@@ -523,7 +531,7 @@ def event_message(request_id: str, event: domain.Event) -> pb.ExplainEvent:
             )
         )
     elif isinstance(event, domain.PropertyOutcome):
-        message.property_result.CopyFrom(property_result(event))
+        message.property_result.CopyFrom(property_result(event, path_image_max_side_px))
     else:
         stages = event.stages
         message.done.CopyFrom(
@@ -569,7 +577,9 @@ DECISIONS = {
 }
 
 
-def property_result(outcome: domain.PropertyOutcome) -> pb.PropertyResult:
+def property_result(
+    outcome: domain.PropertyOutcome, path_image_max_side_px: int = 0
+) -> pb.PropertyResult:
     if outcome.error is not None or outcome.score is None:
         return pb.PropertyResult(
             property_name=outcome.property_name,
@@ -610,7 +620,11 @@ def property_result(outcome: domain.PropertyOutcome) -> pb.PropertyResult:
                 prediction_curve=s.prediction_curve.tolist(),
                 predicted_classes=s.predicted_classes.tolist(),
                 cache_hit=s.cache_hit,
-                path_images=[encode_png(frame) for frame in s.path] if s.path is not None else [],
+                path_images=(
+                    [encode_png(frame, path_image_max_side_px) for frame in s.path]
+                    if s.path is not None
+                    else []
+                ),
             )
             for s in outcome.samples
         ],

@@ -212,6 +212,9 @@ def _explain(
         longest = resolve_max_steps(request, (pixels, 1), steps, samples, adaptive, limits)
     except PropscopeError:  # refused by the validation that decodes
         longest = steps
+    returned = pixels
+    if request.path_image_max_side_px:  # thumbnails: at most a square of that side
+        returned = min(pixels, request.path_image_max_side_px**2)
     held, costs = 0, []
     for prop in properties:
         provided = prop.WhichOneof("source") == "provided_path"
@@ -219,7 +222,7 @@ def _explain(
         per_pixel = PROVIDED_PATH_BYTES_PER_PIXEL if provided else PATH_BYTES_PER_PIXEL
         cost = per_pixel * images * pixels + _classified(images, pixels, model)
         if request.return_path_images:
-            cost += RETURNED_PATH_BYTES_PER_PIXEL * images * pixels
+            cost += RETURNED_PATH_BYTES_PER_PIXEL * images * returned
         if provided:
             held += IMAGE_BYTES_PER_PIXEL * pixels * (images - 1)
         if prop.region.WhichOneof("shape") is not None:

@@ -163,7 +163,12 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
             if isinstance(event, PropertyOutcome):
                 _count_property_result(spec.classifier.name, event)
             if spec.return_path_images and isinstance(event, PropertyOutcome):
-                return await in_thread(convert.event_message, spec.request_id, event)
+                return await in_thread(
+                    convert.event_message,
+                    spec.request_id,
+                    event,
+                    spec.path_image_max_side_px,
+                )
             return convert.event_message(spec.request_id, event)
 
         await self._streams.stream(
