@@ -88,7 +88,8 @@ def pb_utils(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     fake.MetricFamily = type(
         "MetricFamily", (), {"COUNTER": 0, "__new__": lambda cls, **kw: family}
     )
-    fake.Logger = types.SimpleNamespace(log_error=lambda message: None)
+    fake.logged = []
+    fake.Logger = types.SimpleNamespace(log_error=fake.logged.append, log_warn=fake.logged.append)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
     monkeypatch.delitem(
         sys.modules, "propscope_server.triton_models.editors.triton_model", raising=False
@@ -136,6 +137,22 @@ def test_a_decoupled_editor_sends_progress_then_the_path_as_the_final_response(p
     assert final.tensors["PATH"].shape == (3, len(STRENGTHS), *IMAGE.shape)
     ((response, flags),) = cancelled.sender.sent  # no progress, only its error
     assert response.error == "the edit was cancelled" and flags
+
+
+def test_a_progress_report_that_cannot_be_sent_does_not_fail_the_edit(pb_utils):
+    request = path_request([1, 2])
+    sent = request.sender.send
+
+    def send(response: object, flags: int = 0) -> None:
+        if not flags:
+            raise RuntimeError("the stream is gone")
+        sent(response, flags)
+
+    request.sender.send = send
+    procedural_model(triton_config(MODELS / "procedural" / "config.pbtxt")).execute([request])
+    ((final, _),) = request.sender.sent
+    assert final.tensors["PATH"].shape == (2, len(STRENGTHS), *IMAGE.shape)
+    assert pb_utils.logged == ["progress not sent: RuntimeError('the stream is gone')"]
 
 
 def test_an_editor_that_is_not_decoupled_answers_once(pb_utils):

@@ -107,7 +107,10 @@ def editor_model(load: Callable[[ModelContext], PathEditor]) -> type:
                     return
                 report = np.array([done, total], dtype=np.int64)
                 output = pb_utils.Tensor(PROGRESS_OUTPUT, report[None] if self.batched else report)
-                sender.send(pb_utils.InferenceResponse([output]))
+                try:
+                    sender.send(pb_utils.InferenceResponse([output]))
+                except Exception as error:  # noqa: BLE001 - a lost report must not fail the edit
+                    pb_utils.Logger.log_warn(f"progress not sent: {error!r}")
 
             try:
                 image = tensor(IMAGE_INPUT)
