@@ -119,7 +119,10 @@ class ExplainOutput:
         title = f"propscope explain: {model}"
         if accepted is not None and accepted.model_version:
             title += f" (version {accepted.model_version})"
-        rows = [self._row(model, result) for result in results.values()]
+        # In the request's order, whatever order the properties finished in.
+        planned = accepted.property_names if accepted else ()
+        order = [n for n in planned if n in results] + [n for n in results if n not in planned]
+        rows = [self._row(model, results[name]) for name in order]
         rows += [[name, "", "", "", "", Text("no result", style="red"), "", ""] for name in missing]
         print_rows(self._console, title, _EXPLAIN_COLUMNS, rows)
         for line in self._notes(model):
