@@ -384,9 +384,9 @@ def _terminate(pids: dict[str, int], timeout_s: float = 15.0) -> None:
 def _stop_groups(leaders: list[int], timeout_s: float = 15.0, reap_timeout_s: float = 5.0) -> None:
     """SIGTERM to the process group of each leader (each started in a session of its
     own: Triton's Python stubs are in Triton's group), then SIGKILL to whatever of a
-    group is left after `timeout_s`: a stub can outlive its Triton. A killed leader is
-    waited for (up to `reap_timeout_s`; it takes milliseconds) and reaped when it is our
-    child: else it stays a zombie for as long as we run (a long pytest)."""
+    group is left after `timeout_s`: a stub can outlive its Triton. A killed group is
+    waited for (up to `reap_timeout_s`; it takes milliseconds) and its leader reaped when
+    it is our child: else it stays a zombie for as long as we run (a long pytest)."""
     for leader in leaders:
         _signal_group(leader, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
@@ -395,8 +395,8 @@ def _stop_groups(leaders: list[int], timeout_s: float = 15.0, reap_timeout_s: fl
     for leader in leaders:
         _signal_group(leader, signal.SIGKILL)
     reap_deadline = time.monotonic() + reap_timeout_s
-    for leader in leaders:
-        while _alive(leader) and time.monotonic() < reap_deadline:
+    for leader in leaders:  # a SIGKILL is delivered, not done, when killpg returns
+        while (_group_members(leader) or _alive(leader)) and time.monotonic() < reap_deadline:
             time.sleep(0.01)
 
 
