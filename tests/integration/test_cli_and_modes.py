@@ -41,8 +41,9 @@ def test_cli_exits_2_with_a_clear_message_for_an_unknown_model(live_stack):
     ]  # fmt: skip
     finished = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert finished.returncode == 2
-    assert "NOT_FOUND" in finished.stderr and "'nope'" in finished.stderr
-    assert "Traceback" not in finished.stderr
+    # Refused by the pre-flight, which lists what is served.
+    assert "model 'nope' is not served; served classifiers: " in finished.stderr
+    assert "synth_hue" in finished.stderr and "Traceback" not in finished.stderr
 
 
 def test_without_redis_the_in_process_cache_serves_the_second_classifier(

@@ -589,6 +589,7 @@ def test_cli_attribute_rise_options_and_bad_choice(service, image_file, tmp_path
     refused = runner.invoke(app, ["attribute", str(image_file), *common[2:], "--model", "refused"])
     assert refused.exit_code == 2
     assert "INVALID_ARGUMENT" in refused.output and "sobol.nb_design" in refused.output
+    assert "(option --nb-design)" in refused.output  # the field's option, named
     assert len(service.requests) == 2
 
 
