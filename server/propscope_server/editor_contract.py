@@ -20,7 +20,10 @@ send responses that carry only
 
 where a unit is the editor's own (a denoising step, a seed). The last unit is
 sending PATH, so a progress response never says all is done. The gateway turns
-these into Progress events; an editor that is not decoupled answers once.
+these into Progress events. PROGRESS is optional: the gateway asks for it only when
+the model declares it among its outputs (Triton refuses an undeclared one); an editor
+that does not, or is not decoupled, answers once (its property's bar goes from the
+cached share to done).
 
 The model's config.pbtxt declares its parameters (parameter "propscope.parameters",
 a JSON list of {name, description, type, default, choices}); the gateway checks a

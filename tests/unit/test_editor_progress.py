@@ -1,7 +1,8 @@
 """Editors report their progress without changing their paths: the procedural editor
 per seed (the diffusion editors, per denoising step: test_diffusion_editors.py), and
 the Triton wrapper of a decoupled editor sends each report before the request's
-final response."""
+final response, and the gateway asks for the reports only of an editor that declares
+them."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import numpy as np
 import pytest
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
+from tritonclient.utils import InferenceServerException
 
+from propscope_server.backends.triton import TritonBackend
 from propscope_server.editor_contract import EditRequest, SeedBySeed
+from propscope_server.inference import ModelDescription, Tensor
 from propscope_server.synthetic.world import Scene, render
 from propscope_server.triton_models.editors.procedural import edit_path
 
@@ -162,3 +166,72 @@ def test_an_editor_that_is_not_decoupled_answers_once(pb_utils):
     (response,) = procedural_model(config).execute([request])
     assert request.sender.sent == []
     assert response.tensors["PATH"].shape == (3, len(STRENGTHS), *IMAGE.shape)
+
+
+class StreamResult:
+    def __init__(self, tensors: dict[str, np.ndarray]) -> None:
+        self.tensors = tensors
+
+    def as_numpy(self, name: str) -> np.ndarray | None:
+        return self.tensors.get(name)
+
+
+class StreamingTriton:
+    """tritonclient's aio stream_infer as a decoupled editor answers it: the outputs asked
+    for are recorded, Triton's refusal of an undeclared one is kept."""
+
+    def __init__(self, declared: set[str], responses: list[dict[str, np.ndarray]]) -> None:
+        self.declared, self.responses = declared, responses
+        self.requested: list[str] = []
+
+    def stream_infer(self, requests, stream_timeout: float) -> StreamingTriton:
+        self.requests = requests
+        return self
+
+    async def __aiter__(self):
+        async for request in self.requests:
+            self.requested = [output.name() for output in request["outputs"]]
+        if undeclared := set(self.requested) - self.declared:
+            yield None, InferenceServerException(f"unexpected inference output {undeclared}")
+            return
+        for tensors in self.responses:
+            yield StreamResult(tensors), None
+
+    def cancel(self) -> None:
+        """Closes the stream."""
+
+
+def decoupled_editor(outputs: tuple[str, ...]) -> ModelDescription:
+    return ModelDescription(
+        name="editor",
+        version="1",
+        versions=("1",),
+        role="editor",
+        inputs=(),
+        outputs=tuple(Tensor(name, "INT64", [2]) for name in outputs),
+        max_batch_size=0,
+        decoupled=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("outputs", "reports"), [(("PATH", "PROGRESS"), [(1, 2)]), (("PATH",), [])]
+)
+async def test_a_decoupled_editor_is_asked_for_progress_only_when_it_declares_it(outputs, reports):
+    path = np.zeros((2, len(STRENGTHS), *IMAGE.shape), np.uint8)
+    progress = [{"PROGRESS": np.array([1, 2], np.int64)}] if "PROGRESS" in outputs else []
+    backend = TritonBackend("127.0.0.1:1", 30.0)
+    await backend._client.close()
+    backend._client = StreamingTriton(set(outputs), [*progress, {"PATH": path}])
+    received = []
+    edited = await backend.edit(
+        decoupled_editor(outputs),
+        IMAGE,
+        STRENGTHS,
+        "{}",
+        [1, 2],
+        None,
+        lambda *r: received.append(r),
+    )
+    assert backend._client.requested == list(outputs)
+    assert received == reports and np.array_equal(edited, path)

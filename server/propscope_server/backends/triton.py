@@ -388,8 +388,9 @@ class TritonBackend:
         progress: ReportProgress = unreported,
     ) -> InferResult:
         """One inference (no outputs named: all of them). A decoupled model answers on a
-        stream: its PROGRESS responses go to `progress`, the response without one is the
-        result. Failures are raised as a unary call raises them."""
+        stream: its PROGRESS responses go to `progress` (asked for only when the model
+        declares PROGRESS: Triton refuses an undeclared output), the response without one
+        is the result. Failures are raised as a unary call raises them."""
         requested = [InferRequestedOutput(name) for name in outputs]
         if not model.decoupled:
             return await self._client.infer(
@@ -400,14 +401,15 @@ class TritonBackend:
                 client_timeout=timeout,
             )
 
+        if requested and any(tensor.name == PROGRESS_OUTPUT for tensor in model.outputs):
+            requested.append(InferRequestedOutput(PROGRESS_OUTPUT))
+
         async def one_request() -> AsyncIterator[dict]:
             yield {
                 "model_name": model.name,
                 "model_version": model.version,
                 "inputs": inputs,
-                "outputs": [*requested, InferRequestedOutput(PROGRESS_OUTPUT)]
-                if requested
-                else None,
+                "outputs": requested or None,
             }
 
         stream = self._client.stream_infer(one_request(), stream_timeout=timeout)
