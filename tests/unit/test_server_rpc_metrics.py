@@ -64,6 +64,11 @@ async def hang(request: bytes, context: grpc.aio.ServicerContext) -> None:
     await asyncio.Event().wait()
 
 
+async def yield_forever(request: bytes, context: grpc.aio.ServicerContext):
+    while True:
+        yield request
+
+
 async def echo_all(requests, context: grpc.aio.ServicerContext):
     async for request in requests:
         yield request
@@ -77,6 +82,7 @@ HANDLERS = {
     "YieldTwo": grpc.unary_stream_rpc_method_handler(yield_two),
     "Stall": grpc.unary_stream_rpc_method_handler(stall),
     "Hang": grpc.unary_stream_rpc_method_handler(hang),
+    "YieldForever": grpc.unary_stream_rpc_method_handler(yield_forever),
     "EchoAll": grpc.stream_stream_rpc_method_handler(echo_all),
 }
 
@@ -183,6 +189,14 @@ async def test_cancelled_and_late_calls_are_canceled_and_deadline_exceeded(chann
         [reply async for reply in hang_call(b"x", timeout=0.3)]
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     await handled_soon("Hang", "DeadlineExceeded", before)
+
+
+async def test_a_call_cancelled_while_its_generator_is_paused_at_yield_is_canceled(channel):
+    before = value("grpc_server_handled_total", "YieldForever", grpc_code="Canceled")
+    call = channel.unary_stream(f"/{SERVICE}/YieldForever")(b"x")
+    await call.read()
+    call.cancel()
+    await handled_soon("YieldForever", "Canceled", before)
 
 
 async def test_an_unregistered_method_makes_no_series(channel):

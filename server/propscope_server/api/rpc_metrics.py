@@ -133,8 +133,9 @@ def _observed(
 
 def _code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
     """The status the call ends with: what the handler set or aborted with; for an
-    exception gRPC did not raise, UNKNOWN (what gRPC answers)."""
-    if isinstance(error, asyncio.CancelledError):
+    exception gRPC did not raise, UNKNOWN (what gRPC answers). A generator closed while
+    paused at ``yield`` (GeneratorExit) was left by a call that ended, as a cancelled one."""
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
         return cancelled_code(context)
     if error is not None and not isinstance(error, grpc.aio.AbortError):
         return grpc.StatusCode.UNKNOWN
