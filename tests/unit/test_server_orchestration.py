@@ -23,7 +23,7 @@ from propscope_server.domain import (
 )
 from propscope_server.editor_contract import EditorSchema
 from propscope_server.errors import BackendError, FailedPrecondition, Unavailable
-from propscope_server.orchestration.explain import Explainer, sample_seed
+from propscope_server.orchestration.explain import EditProgress, Explainer, sample_seed
 
 CLASSIFIER = ModelDescription(
     name="clf",
@@ -193,3 +193,24 @@ async def test_edit_progress_counts_images_as_the_cache_answers_and_the_editor_w
     assert edit_progress(again) == [(30, 30)]  # all cached: done at once
     progress = [e for e in three if isinstance(e, Progress)]
     assert [e.stage for e in progress] == ["edit", "edit", "edit", "classify"]
+
+
+@pytest.mark.parametrize(
+    ("reports", "before_the_answer"),
+    [
+        ([(3, 2)], [(0, 10), (5, 10)]),  # more units than in all: the last but one
+        ([(2, 2)], [(0, 10), (5, 10)]),  # all units: the answer is the last
+        ([(1, 2), (-1, 2)], [(0, 10), (5, 10)]),  # never backwards
+        ([(1, 0)], [(0, 10)]),  # no units in all: nothing before the answer
+    ],
+)
+def test_an_editors_reports_never_reach_or_pass_the_final_event(reports, before_the_answer):
+    events = []
+    progress = EditProgress(events.append, "hue", 0, 10)
+    progress.report(0)
+    report = progress.editor_reports(0, 10)
+    for units, total in reports:
+        report(units, total)
+    assert edit_progress(events) == before_the_answer
+    progress.report(10)
+    assert edit_progress(events) == [*before_the_answer, (10, 10)]

@@ -105,9 +105,15 @@ class EditProgress:
 
     def editor_reports(self, cached: int, edited: int) -> ReportProgress:
         """What the editor's (units done, units in all) mean in images: `cached` images
-        are done, and that share of the `edited` ones (never all: the last unit is the
-        editor's answer)."""
-        return lambda units, total: self.report(cached + edited * units // max(total, 1))
+        are done, and that share of the `edited` ones. The units are clamped into
+        [0, total - 1]: the last unit is the editor's answer, so a report that claims
+        more (or less than nothing) cannot take the final event's count."""
+
+        def report(units: int, total: int) -> None:
+            total = max(total, 1)
+            self.report(cached + edited * min(max(units, 0), total - 1) // total)
+
+        return report
 
 
 def sample_seed(seed: int, sample: int) -> int:
