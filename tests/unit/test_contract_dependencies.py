@@ -8,6 +8,7 @@ proves the gateway starts; this finds imports on paths a start does not take."""
 from __future__ import annotations
 
 import ast
+import re
 import sys
 import tomllib
 from functools import cache
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
 # The repository's distributions: their folder and the package each ships.
@@ -170,3 +172,21 @@ def test_the_gateway_does_not_need_the_extras_the_client_or_the_dev_tooling() ->
     assert extras_only, "the triton extra declares nothing beyond the base dependencies"
     assert not gateway & (extras_only | {"propscope", "propscope-dev"})
     assert not _requirements("propscope-server", ()) & {"propscope", "propscope-dev"}
+
+
+def test_grpcio_lower_bounds_admit_only_runtimes_the_stubs_accept() -> None:
+    """The stubs refuse a grpcio older than the grpcio-tools that generated them."""
+    stub = (ROOT / "protos/python/propscope/v1/explain_pb2_grpc.py").read_text()
+    generated = Version(re.search(r"GRPC_GENERATED_VERSION = '([^']+)'", stub).group(1))
+    bounds = {
+        distribution: requirement.specifier
+        for distribution in DISTRIBUTIONS
+        for requirement in map(Requirement, _project(distribution)["dependencies"])
+        if requirement.name == "grpcio"
+    }
+    assert "propscope-api" in bounds
+    for distribution, specifier in bounds.items():
+        lowest = [Version(s.version) for s in specifier if s.operator in (">=", "==", "~=")]
+        assert lowest and min(lowest) >= generated, f"{distribution}: grpcio{specifier}"
+    pinned = re.search(r"^grpcio==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M)
+    assert all(specifier.contains(pinned.group(1)) for specifier in bounds.values())
