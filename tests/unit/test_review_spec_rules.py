@@ -107,6 +107,14 @@ def test_structured_editor_parameters_become_strings(tmp_path):
         ),
         (lambda t: t + "rules: [{rule: max_score, max: -1}]\n", "max_score.max"),
         (
+            lambda t: t + "rules: [{rule: min_accuracy, min: 1.0}]\n",
+            "rules.0.min_accuracy.min: min 1 can never pass",
+        ),
+        (
+            lambda t: t + "rules: [{rule: no_accuracy_regression, max_drop: 0}]\n",
+            "rules.0.no_accuracy_regression.max_drop: max_drop 0 can never pass",
+        ),
+        (
             lambda t: t + "rules: [{rule: max_score, max: 1, properties: [size]}]\n",
             "unknown properties ['size']",
         ),

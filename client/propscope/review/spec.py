@@ -272,6 +272,19 @@ class MinAccuracyRule(_Strict):
     min: float = Field(ge=0, le=1)
     alpha: float = Field(0.05, gt=0, lt=0.5)
 
+    @field_validator("min")
+    @classmethod
+    def _can_pass(cls, minimum: float) -> float:
+        """With every image right the interval's lower bound is alpha^(1/n) < 1: min 1
+        would leave the rule inconclusive however many images there are."""
+        if minimum == 1:
+            raise PydanticCustomError(
+                "unreachable_min",
+                "min 1 can never pass: the exact interval's lower bound stays below 1 however "
+                "many images are right; give a min below 1 (e.g. 0.99)",
+            )
+        return minimum
+
     @property
     def properties(self) -> None:
         """Checks no property: it reads the originals' predictions."""
@@ -286,6 +299,20 @@ class NoAccuracyRegressionRule(_Strict):
     rule: Literal["no_accuracy_regression"]
     max_drop: float = Field(0.05, ge=0, le=1)
     alpha: float = Field(0.05, gt=0, lt=0.5)
+
+    @field_validator("max_drop")
+    @classmethod
+    def _can_pass(cls, max_drop: float) -> float:
+        """Equal accuracies' interval always reaches below 0: max_drop 0 would leave a
+        candidate as good as the baseline inconclusive however many images there are."""
+        if max_drop == 0:
+            raise PydanticCustomError(
+                "unreachable_max_drop",
+                "max_drop 0 can never pass a candidate as accurate as the baseline: the "
+                "difference's interval always reaches below 0; give a max_drop above 0 "
+                "(e.g. 0.05)",
+            )
+        return max_drop
 
     @property
     def properties(self) -> None:
