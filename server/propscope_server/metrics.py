@@ -66,8 +66,9 @@ RPC_SECONDS = Histogram(
 )
 PROPERTY_RESULTS = Counter(
     "propscope_property_results_total",
-    "Explained properties by classifier and outcome: status OK or the failure's code, and "
-    "for OK results whether significant, relevant and flipped (empty for failures)",
+    "Explained properties by classifier and outcome: status OK or the failure's code, spelt "
+    "as grpc_code (FailedPrecondition), and for OK results whether significant, relevant and "
+    "flipped (empty for failures)",
     ["model", "status", "significant", "relevant", "flipped"],
 )
 INFLIGHT_STREAMS = Gauge("propscope_inflight_streams", "Explain streams in progress")

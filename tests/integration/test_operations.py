@@ -286,7 +286,7 @@ def test_property_results_count_failures_in_ok_streams_and_only_served_models(au
     }
     assert sample_sum(url, results, model="synth_hue", status="OK", **flags) >= 1
     # A hue rotation of a grey image changes nothing: the property fails, the stream is OK.
-    failed = {"model": "synth_hue", "status": "FAILED_PRECONDITION"}
+    failed = {"model": "synth_hue", "status": "FailedPrecondition"}
     before = sample_sum(url, results, **failed, significant="", relevant="", flipped="")
     handled_before = sample_sum(url, "grpc_server_handled_total", **EXPLAIN, grpc_code="OK")
     grey = png(np.full((64, 64, 3), 128, np.uint8))

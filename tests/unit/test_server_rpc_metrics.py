@@ -10,6 +10,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from propscope_server.api.rpc_metrics import GO_CODE_NAMES, RpcMetricsInterceptor, grpc_type
+from propscope_server.api.servicer import _count_property_result
+from propscope_server.domain import PropertyOutcome
+from propscope_server.errors import FailedPrecondition
 
 SERVICE = "test.v1.Probe"
 # google.golang.org/grpc/codes, code_string.go: what go-grpc-prometheus writes in grpc_code.
@@ -109,6 +112,28 @@ async def handled_soon(method: str, code: str, before: float) -> None:
 
 def test_grpc_code_values_are_gos_names():
     assert [GO_CODE_NAMES[code] for code in grpc.StatusCode] == GO_NAMES
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (FailedPrecondition("no effect on this image"), "FailedPrecondition"),
+        (KeyError(), "Internal"),
+    ],
+)
+def test_property_results_spell_failure_codes_as_grpc_code_does(error, status):
+    def count() -> float:
+        return (
+            REGISTRY.get_sample_value(
+                "propscope_property_results_total",
+                {"model": "m", "status": status, "significant": "", "relevant": "", "flipped": ""},
+            )
+            or 0.0
+        )
+
+    before = count()
+    _count_property_result("m", PropertyOutcome("hue", error=error))
+    assert count() == before + 1
 
 
 def test_grpc_type_is_the_contracts_not_the_handlers():

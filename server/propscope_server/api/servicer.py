@@ -23,7 +23,7 @@ from propscope_server.api.admission import Admission, Caller
 from propscope_server.api.auth import Authenticator
 from propscope_server.api.memory import MemoryAdmission
 from propscope_server.api.parsing import PendingRequest
-from propscope_server.api.rpc_metrics import cancelled_code
+from propscope_server.api.rpc_metrics import GO_CODE_NAMES, cancelled_code
 from propscope_server.api.status import status_code
 from propscope_server.config import Limits
 from propscope_server.domain import (
@@ -217,7 +217,8 @@ def _count_property_result(model: str, outcome: PropertyOutcome) -> None:
     property results follow the plan, which described the classifier."""
     score, error = outcome.score, outcome.error
     if score is None or error is not None:
-        status = status_code(error).name if isinstance(error, PropscopeError) else "INTERNAL"
+        code = status_code(error) if isinstance(error, PropscopeError) else grpc.StatusCode.INTERNAL
+        status = GO_CODE_NAMES[code]  # spelt as grpc_server_handled_total's grpc_code
         significant = relevant = flipped = ""
     else:
         status = "OK"
