@@ -23,7 +23,9 @@ from propscope.v1 import explain_pb2
 
 __all__ = ["Classifier", "PreflightError", "did_you_mean", "preflight"]
 
-# The API's defaults (explain.proto), used when a setting is 0 ("the server's default").
+# The API's defaults (explain.proto), used when a setting is 0 ("the server's default"): a
+# copy of the server's (api/convert.py, which the client cannot import);
+# tests/unit/test_client_preflight.py keeps the two the same.
 DEFAULT_STEPS = 10
 DEFAULT_PERMUTATIONS = 10_000
 DEFAULT_ALPHA = 0.01
@@ -228,8 +230,12 @@ def _path_problems(
     problems = []
     if max_steps < 0:
         problems.append(f"max_steps must be 0 (the server's) or more; got {max_steps}")
-    elif path_mode == "fixed" and max_steps:
-        problems.append("max_steps applies to adaptive paths, not to path_mode fixed")
+    elif path_mode == "fixed" and max_steps not in (0, steps or DEFAULT_STEPS):
+        problems.append(
+            f"max_steps applies to adaptive paths; a fixed path has exactly steps "
+            f"({steps or DEFAULT_STEPS}) images: leave max_steps 0 or use path_mode adaptive; "
+            f"got {max_steps}"
+        )
     elif max_steps and max_steps < (steps or DEFAULT_STEPS):
         problems.append(
             f"max_steps ({max_steps}) must be at least steps ({steps or DEFAULT_STEPS})"
@@ -245,7 +251,8 @@ def _path_problems(
 
 def _reachable(what: str, points: int, alpha: float) -> list[str]:
     """Reversing a path keeps its score, so the smallest p-value of a path of ``points`` images
-    is about 2 / points! (the server's own check; beyond 20 points it is always reachable)."""
+    is about 2 / points! (a copy of the server's check_reachable, kept the same by
+    tests/unit/test_client_preflight.py; beyond 20 points it is always reachable)."""
     if points >= 20 or 2 / math.factorial(points) < alpha:
         return []
     needed = next(n for n in range(points, 64) if 2 / math.factorial(n) < alpha)

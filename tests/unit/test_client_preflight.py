@@ -1,11 +1,16 @@
 """The client's pre-flight: every model, editor, parameter and setting checked against a
 ListModels answer before any work, every problem in one error with did-you-mean suggestions."""
 
+import itertools
+
 import pytest
 
-from propscope import Client, ModelInfo, Property
+from propscope import Client, ModelInfo, Property, _preflight
 from propscope._preflight import Classifier, PreflightError, did_you_mean, preflight
 from propscope.v1 import explain_pb2
+from propscope_server.api import convert
+from propscope_server.config import Limits
+from propscope_server.errors import InvalidArgument
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -148,6 +153,7 @@ def test_a_case_slip_is_suggested():
         ({"steps": 2}, "steps: a path of 3 images can never be significant at alpha 0.01"),
         ({"max_steps": 4, "steps": 8}, "max_steps (4) must be at least steps (8)"),
         ({"max_steps": 40, "path_mode": "fixed"}, "max_steps applies to adaptive paths"),
+        ({"max_steps": 8, "steps": 6, "path_mode": "fixed"}, "fixed path has exactly steps (6)"),
     ],
 )
 def test_settings_the_api_refuses_are_found_before_the_first_image(settings, words):
@@ -177,3 +183,58 @@ def test_a_client_is_asked_for_its_listing_once():
     client = FakeClient()
     assert "synthetic_cnn" in preflight(client, classifiers=["synthetic_cnn"])
     assert client.calls == 1
+
+
+def server_refuses(check, *args) -> bool:
+    try:
+        check(*args)
+    except InvalidArgument:
+        return True
+    return False
+
+
+def test_the_copied_defaults_are_the_servers():
+    assert (
+        _preflight.DEFAULT_STEPS,
+        _preflight.DEFAULT_PERMUTATIONS,
+        _preflight.DEFAULT_ALPHA,
+    ) == (
+        convert.DEFAULT_STEPS,
+        convert.DEFAULT_PERMUTATIONS,
+        convert.DEFAULT_ALPHA,
+    )
+
+
+@pytest.mark.parametrize("alpha", [0.001, 0.01, 0.05, 0.1, 0.3, 0.5])
+def test_the_copied_reachability_rule_refuses_what_the_server_refuses(alpha):
+    for points in range(2, 25):
+        client = _preflight._reachable("steps", points, alpha)
+        server = server_refuses(convert.check_reachable, points, 10**9, alpha, "steps")
+        assert bool(client) == server, (points, alpha)
+        if client:  # the same number of images asked for
+            needed = client[0].rsplit("use at least ", 1)[1]
+            with pytest.raises(InvalidArgument, match=f"use at least {needed}$"):
+                convert.check_reachable(points, 10**9, alpha, "steps")
+    for permutations in (1, 9, 19, 99, 999, 10_000):
+        client = _preflight._setting_problems([], 0, 0, permutations, alpha)
+        server = server_refuses(convert.check_reachable, 100, permutations, alpha, "steps")
+        assert bool(client) == server, (permutations, alpha)
+
+
+@pytest.mark.parametrize("path_mode", ["fixed", "adaptive"])
+def test_max_steps_is_refused_as_the_server_refuses_it(path_mode):
+    mode = {"fixed": explain_pb2.PATH_MODE_FIXED, "adaptive": explain_pb2.PATH_MODE_ADAPTIVE}
+    for steps, max_steps in itertools.product([0, 4, 8], [0, 4, 8, 10, 40]):
+        request = explain_pb2.ExplainRequest(max_steps=max_steps, path_mode=mode[path_mode])
+        resolved = steps or convert.DEFAULT_STEPS
+        server = server_refuses(
+            convert.resolve_max_steps,
+            request,
+            (64, 64, 3),
+            resolved,
+            1,
+            path_mode == "adaptive",
+            Limits(),
+        )
+        client = _preflight._path_problems([], steps, 1, max_steps, path_mode)
+        assert bool(client) == server, (steps, max_steps)

@@ -50,6 +50,15 @@ def test_a_minimal_spec_loads_with_its_images_and_labels(tmp_path):
     assert spec.explain.steps == 10 and spec.concurrency == 4
 
 
+@pytest.mark.parametrize(
+    "explain", ["{path_mode: fixed, max_steps: 10}", "{path_mode: fixed, steps: 20, max_steps: 20}"]
+)
+def test_a_fixed_path_may_name_its_own_length_as_max_steps_as_the_server_allows(tmp_path, explain):
+    write_set(tmp_path, ["0"])
+    spec, _ = load_spec(spec_file(tmp_path, MINIMAL + f"explain: {explain}\n"))
+    assert spec.explain.path_mode == "fixed"
+
+
 def test_a_folder_image_set_is_every_image_under_it_sorted(tmp_path):
     write_set(tmp_path, ["0", "1"])
     (tmp_path / "images" / "notes.txt").write_text("not an image")

@@ -27,7 +27,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from propscope._images import folder_images
-from propscope._preflight import did_you_mean
+from propscope._preflight import DEFAULT_STEPS, did_you_mean
 from propscope._preprocessing import Preprocessing, read_class_labels
 from propscope._properties import Box, Property, parse_property, region_from, split_property
 
@@ -211,8 +211,11 @@ class ExplainSpec(_Strict):
 
     @model_validator(mode="after")
     def _max_steps(self) -> ExplainSpec:
-        if self.path_mode == "fixed" and self.max_steps:
-            raise ValueError("max_steps applies to adaptive paths, not to path_mode fixed")
+        if self.path_mode == "fixed" and self.max_steps not in (0, self.steps or DEFAULT_STEPS):
+            raise ValueError(
+                "max_steps applies to adaptive paths; a fixed path has exactly steps images: "
+                "leave max_steps 0 or use path_mode adaptive"
+            )
         if self.max_steps and self.steps and self.max_steps < self.steps:
             raise ValueError(f"max_steps ({self.max_steps}) must be at least steps")
         return self
