@@ -323,6 +323,7 @@ class NoAccuracyRegressionRule(_Strict):
         return None
 
 
+# The rules that read the labelled originals' predictions (and so need labels).
 AccuracyRule = MinAccuracyRule | NoAccuracyRegressionRule
 
 
@@ -663,7 +664,7 @@ def load_spec(path: Path) -> tuple[ReviewSpec, list[ImageEntry]]:
         raise SpecError(f"{path}: target_class is 'label' but some images have no label")
     if all(image.label is None for image in images):
         for index, rule in enumerate(spec.rules):
-            if isinstance(rule, MinAccuracyRule | NoAccuracyRegressionRule):
+            if isinstance(rule, AccuracyRule):
                 raise SpecError(
                     f"{path}: rules[{index}]: {rule.rule} needs labelled images (images.manifest "
                     "with a label column); the set has none"
