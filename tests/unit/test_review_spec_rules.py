@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from propscope.review.results import ModelEntry, Observation, ReviewResult, Settings
+from propscope.review.results import ModelEntry, Observation, ReviewResult, RuleOutcome, Settings
 from propscope.review.rules import (
     evaluate_rules,
     paired_accuracy_interval,
@@ -323,23 +323,25 @@ def result_with(
     )
 
 
-def rules_of(text: str) -> list:
-    return ReviewSpec.model_validate(
+def outcomes(result: ReviewResult, *rules: dict) -> list[RuleOutcome]:
+    """The outcomes of ``rules`` (each as a spec writes it) on ``result``."""
+    spec = ReviewSpec.model_validate(
         {
             "candidate": {"name": "new"},
             "baseline": {"name": "old"},
             "images": {"folder": "."},
             "properties": {"hue": "procedural"},
-            "rules": text,
+            "rules": list(rules),
         }
-    ).rules
+    )
+    return list(evaluate_rules(spec.rules, result))
 
 
 def test_no_regression_fails_when_the_candidate_is_consistently_higher():
     rng = np.random.default_rng(0)
     baseline = rng.uniform(0.01, 0.02, 20)
     result = result_with({"score": list(baseline * 2)}, {"score": list(baseline)})
-    (outcome,) = evaluate_rules(rules_of([{"rule": "no_regression", "tolerance": 0.1}]), result)
+    (outcome,) = outcomes(result, {"rule": "no_regression", "tolerance": 0.1})
     assert not outcome.passed
     assert outcome.details["p_value"] < 1e-4
     assert outcome.details["candidate_mean"] == pytest.approx(2 * baseline.mean())
@@ -349,14 +351,13 @@ def test_no_regression_fails_when_the_candidate_is_consistently_higher():
 def test_no_regression_passes_within_the_tolerance_and_the_margin():
     baseline = np.linspace(0.01, 0.02, 20)
     within = {"score": list(baseline * 1.05)}
-    (outcome,) = evaluate_rules(
-        rules_of([{"rule": "no_regression", "tolerance": 0.1}]),
-        result_with(within, {"score": list(baseline)}),
+    (outcome,) = outcomes(
+        result_with(within, {"score": list(baseline)}), {"rule": "no_regression", "tolerance": 0.1}
     )
     assert outcome.passed
     tiny = result_with({"score": [2e-4] * 20}, {"score": [1e-5] * 20})
-    strict, lenient = evaluate_rules(
-        rules_of([{"rule": "no_regression"}, {"rule": "no_regression", "margin": 0.001}]), tiny
+    strict, lenient = outcomes(
+        tiny, {"rule": "no_regression"}, {"rule": "no_regression", "margin": 0.001}
     )
     assert not strict.passed and lenient.passed
 
@@ -366,9 +367,8 @@ def test_no_regression_needs_more_than_a_higher_mean():
     # sees no consistent regression, and no consistent absence of one either.
     baseline = [0.010] * 12
     candidate = [0.2] + [0.008] * 11
-    (outcome,) = evaluate_rules(
-        rules_of([{"rule": "no_regression"}]),
-        result_with({"score": candidate}, {"score": baseline}),
+    (outcome,) = outcomes(
+        result_with({"score": candidate}, {"score": baseline}), {"rule": "no_regression"}
     )
     assert outcome.details["candidate_mean"] > outcome.details["allowed_mean"]
     assert outcome.details["p_value"] > 0.05
@@ -382,9 +382,9 @@ def test_an_underpowered_comparison_is_inconclusive_not_passed():
     # Against the allowed 0.011: three images far above (signed ranks 4, 5, 6), three a little
     # below (1, 2, 3): W+ = 15, p = P(W+ >= 15) = 14 / 64.
     candidate = [0.2, 0.05, 0.02, 0.010, 0.009, 0.008]
-    (outcome,) = evaluate_rules(
-        rules_of([{"rule": "no_regression", "margin": 0}]),
+    (outcome,) = outcomes(
         result_with({"score": candidate}, {"score": baseline}),
+        {"rule": "no_regression", "margin": 0},
     )
     details = outcome.details
     assert details["candidate_mean"] / details["allowed_mean"] == pytest.approx(4.5)
@@ -395,14 +395,13 @@ def test_an_underpowered_comparison_is_inconclusive_not_passed():
 
 def test_no_regression_passes_only_when_the_set_shows_the_candidate_within_the_allowance():
     baseline = np.linspace(0.01, 0.02, 6)
-    (enough,) = evaluate_rules(
-        rules_of([{"rule": "no_regression"}]),
-        result_with({"score": list(baseline)}, {"score": list(baseline)}),
+    (enough,) = outcomes(
+        result_with({"score": list(baseline)}, {"score": list(baseline)}), {"rule": "no_regression"}
     )
     # Every image 10% below the allowance: the one-sided test's smallest p on 6 images is 1/64.
     assert enough.verdict == "passed" and enough.details["p_value_within"] == 1 / 64
     identical = result_with({"score": [0.01] * 6}, {"score": [0.01] * 6})
-    (no_room,) = evaluate_rules(rules_of([{"rule": "no_regression", "tolerance": 0}]), identical)
+    (no_room,) = outcomes(identical, {"rule": "no_regression", "tolerance": 0})
     assert no_room.verdict == "inconclusive"
 
 
@@ -418,14 +417,10 @@ def test_not_significant_counts_the_chosen_decision():
         {"score": [0.1] * 10, "significant": [1] * 3 + [0] * 7, "relevant": [1] + [0] * 9},
         {"score": [0.1] * 10},
     )
-    significant, relevant = evaluate_rules(
-        rules_of(
-            [
-                {"rule": "not_significant", "max_fraction": 0.2},
-                {"rule": "not_significant", "max_fraction": 0.2, "decision": "relevant"},
-            ]
-        ),
+    significant, relevant = outcomes(
         result,
+        {"rule": "not_significant", "max_fraction": 0.2},
+        {"rule": "not_significant", "max_fraction": 0.2, "decision": "relevant"},
     )
     assert not significant.passed and significant.details["fraction"] == pytest.approx(0.3)
     assert relevant.passed and relevant.details["count"] == 1
@@ -440,15 +435,11 @@ def test_not_significant_is_inconclusive_when_undecidable_images_could_tip_it():
             for obs in result.observations
         ),
     )
-    loose, tight, strict = evaluate_rules(
-        rules_of(
-            [
-                {"rule": "not_significant", "max_fraction": 0.3},
-                {"rule": "not_significant", "max_fraction": 0.2},
-                {"rule": "not_significant", "max_fraction": 0.0},
-            ]
-        ),
+    loose, tight, strict = outcomes(
         undecided,
+        {"rule": "not_significant", "max_fraction": 0.3},
+        {"rule": "not_significant", "max_fraction": 0.2},
+        {"rule": "not_significant", "max_fraction": 0.0},
     )
     assert loose.verdict == "passed" and loose.details["undecided"] == 2
     assert tight.verdict == "inconclusive"
@@ -489,9 +480,7 @@ def accuracy_result(candidate: list[bool], baseline: list[bool]) -> ReviewResult
 )
 def test_min_accuracy_decides_by_the_exact_interval(correct, minimum, verdict):
     hits = [True] * correct + [False] * (24 - correct)
-    (outcome,) = evaluate_rules(
-        rules_of([{"rule": "min_accuracy", "min": minimum}]), accuracy_result(hits, hits)
-    )
+    (outcome,) = outcomes(accuracy_result(hits, hits), {"rule": "min_accuracy", "min": minimum})
     assert outcome.verdict == verdict
     assert outcome.name == "min_accuracy[new]"
     assert outcome.details["accuracy"] == correct / 24
@@ -510,28 +499,34 @@ def test_the_paired_accuracy_interval_matches_newcombes_published_example():
 
 def test_no_accuracy_regression_fails_the_examples_candidate_and_needs_images_to_pass():
     half = [True] * 12 + [False] * 12
-    (dropped,) = evaluate_rules(
-        rules_of([{"rule": "no_accuracy_regression"}]), accuracy_result(half, [True] * 24)
-    )
+    (dropped,) = outcomes(accuracy_result(half, [True] * 24), {"rule": "no_accuracy_regression"})
     assert dropped.verdict == "failed"
     assert dropped.details["difference"] == -0.5 and dropped.details["interval_high"] < -0.05
     assert "accuracy 50.0% vs baseline 100.0% on 24 labelled images" in dropped.message
     # Identical predictions: 24 images leave the difference within +-10%, more than the allowed
     # 5% drop; 60 images narrow it to +-4.3%.
-    (unsure,) = evaluate_rules(
-        rules_of([{"rule": "no_accuracy_regression"}]), accuracy_result([True] * 24, [True] * 24)
+    (unsure,) = outcomes(
+        accuracy_result([True] * 24, [True] * 24), {"rule": "no_accuracy_regression"}
     )
-    assert unsure.verdict == "inconclusive" and "more images needed" in unsure.message
-    (sure,) = evaluate_rules(
-        rules_of([{"rule": "no_accuracy_regression"}]), accuracy_result([True] * 60, [True] * 60)
+    assert unsure.verdict == "inconclusive" and unsure.message == (
+        "accuracy 100.0% vs baseline 100.0% on 24 labelled images: difference +0.0%, 90% "
+        "interval -10.1% to +10.1%; allowed drop at most 5.0% (the interval straddles it: more "
+        "images needed)"
+    )
+    (sure,) = outcomes(
+        accuracy_result([True] * 60, [True] * 60), {"rule": "no_accuracy_regression"}
     )
     assert sure.verdict == "passed"
 
 
 def test_a_result_with_an_inconclusive_rule_is_not_passed_and_fails_the_gate_only_when_asked():
     result = accuracy_result([True] * 24, [True] * 24)
-    outcomes = tuple(evaluate_rules(rules_of([{"rule": "min_accuracy", "min": 0.9}]), result))
-    inconclusive = replace(result, outcomes=outcomes)
+    rules = tuple(outcomes(result, {"rule": "min_accuracy", "min": 0.9}))
+    assert rules[0].message == (
+        "accuracy 100.0% (24 of 24 labelled images), 90% interval 88.3%–100.0%; required at "
+        "least 90.0% (the interval straddles it: more images needed)"
+    )
+    inconclusive = replace(result, outcomes=rules)
     assert (inconclusive.verdict, inconclusive.passed, inconclusive.gate_passed) == (
         "inconclusive",
         False,
@@ -543,15 +538,11 @@ def test_a_result_with_an_inconclusive_rule_is_not_passed_and_fails_the_gate_onl
 
 def test_max_score_and_max_flip_rate_compare_the_candidates_means():
     result = result_with({"score": [0.01, 0.03], "flip_rate": [0.0, 1.0]}, {"score": [9.0, 9.0]})
-    low, high, flips = evaluate_rules(
-        rules_of(
-            [
-                {"rule": "max_score", "max": 0.019},
-                {"rule": "max_score", "max": 0.02},
-                {"rule": "max_flip_rate", "max": 0.4},
-            ]
-        ),
+    low, high, flips = outcomes(
         result,
+        {"rule": "max_score", "max": 0.019},
+        {"rule": "max_score", "max": 0.02},
+        {"rule": "max_flip_rate", "max": 0.4},
     )
     assert not low.passed and high.passed
     assert not flips.passed and flips.details["flip_rate"] == pytest.approx(0.5)
@@ -561,14 +552,14 @@ def test_a_rule_without_properties_checks_every_property():
     one = result_with({"score": [0.1]}, {"score": [0.1]})
     renamed = [replace(obs, property_name="size") for obs in one.observations]
     both = replace(one, properties=("hue", "size"), observations=one.observations + tuple(renamed))
-    outcomes = evaluate_rules(rules_of([{"rule": "max_score", "max": 1}]), both)
-    assert [outcome.property_name for outcome in outcomes] == ["hue", "size"]
+    checked = outcomes(both, {"rule": "max_score", "max": 1})
+    assert [outcome.property_name for outcome in checked] == ["hue", "size"]
 
 
 def test_rules_refuse_missing_or_non_finite_numbers():
     result = result_with({"score": [0.1, float("nan")]}, {"score": [0.1, 0.1]})
     with pytest.raises(ValueError, match="non-finite score"):
-        evaluate_rules(rules_of([{"rule": "no_regression"}]), result)
+        outcomes(result, {"rule": "no_regression"})
     empty = replace(result, observations=())
     with pytest.raises(ValueError, match="no observation of property 'hue'"):
-        evaluate_rules(rules_of([{"rule": "max_score", "max": 1}]), empty)
+        outcomes(empty, {"rule": "max_score", "max": 1})

@@ -343,8 +343,9 @@ def _min_accuracy(rule: MinAccuracyRule, result: ReviewResult) -> RuleOutcome:
         verdict=verdict,
         message=(
             f"accuracy {accuracy:.1%} ({sum(hits)} of {len(hits)} labelled images), "
-            f"{1 - 2 * rule.alpha:.0%} interval {low:.1%}–{high:.1%}; required at least "
-            f"{rule.min:.1%}" + _straddles(verdict)
+            + _interval_tail(
+                rule.alpha, f"{low:.1%}–{high:.1%}", f"required at least {rule.min:.1%}", verdict
+            )
         ),
         details={
             "accuracy": accuracy,
@@ -379,8 +380,12 @@ def _no_accuracy_regression(rule: NoAccuracyRegressionRule, result: ReviewResult
         message=(
             f"accuracy {candidate_accuracy:.1%} vs baseline {baseline_accuracy:.1%} on "
             f"{len(images)} labelled images: difference {difference:+.1%}, "
-            f"{1 - 2 * rule.alpha:.0%} interval {low:+.1%} to {high:+.1%}; allowed drop at most "
-            f"{rule.max_drop:.1%}" + _straddles(verdict)
+            + _interval_tail(
+                rule.alpha,
+                f"{low:+.1%} to {high:+.1%}",
+                f"allowed drop at most {rule.max_drop:.1%}",
+                verdict,
+            )
         ),
         details={
             "candidate_accuracy": candidate_accuracy,
@@ -400,5 +405,11 @@ def _verdict(passed: bool) -> Verdict:
     return "passed" if passed else "failed"
 
 
-def _straddles(verdict: Verdict) -> str:
-    return " (the interval straddles it: more images needed)" if verdict == "inconclusive" else ""
+def _interval_tail(alpha: float, interval: str, required: str, verdict: Verdict) -> str:
+    """How an interval rule's message ends: the (1 - 2 alpha) interval, what is required and,
+    when the interval straddles it, that more images are needed."""
+    straddles = " (the interval straddles it: more images needed)"
+    return (
+        f"{1 - 2 * alpha:.0%} interval {interval}; {required}"
+        f"{straddles if verdict == 'inconclusive' else ''}"
+    )
