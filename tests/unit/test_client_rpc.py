@@ -45,6 +45,10 @@ class FakeService(explain_pb2_grpc.ExplainServiceServicer):
         self.deadlines.append(context.time_remaining())
         rid = request.request_id or "server-made"
         names = [p.name for p in request.properties]
+        if request.model.name == "endless":
+            # Before the first event: a call cancelled once it is read has terminated, and
+            # add_callback on a terminated call never calls back.
+            context.add_callback(self.cancelled.set)  # this stream only ends by cancellation
         yield explain_pb2.ExplainEvent(
             request_id=rid,
             accepted=explain_pb2.Accepted(
@@ -64,7 +68,6 @@ class FakeService(explain_pb2_grpc.ExplainServiceServicer):
         if request.model.name == "fail-midway":
             context.abort(grpc.StatusCode.UNAVAILABLE, "triton went away")
         if request.model.name == "endless":
-            context.add_callback(self.cancelled.set)  # this stream only ends by cancellation
             while context.is_active():
                 yield explain_pb2.ExplainEvent(
                     request_id=rid, progress=explain_pb2.Progress(stage="edit", total=1)
