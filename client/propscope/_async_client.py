@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any
 
@@ -109,21 +111,37 @@ class AsyncClient(
     async def _unary(
         self, method: Any, request: Any, options: dict[str, Any], convert: Callable[[Any], Any]
     ) -> Any:
-        try:
-            response = await method(request, **options)
-        except grpc.RpcError as error:  # grpc.aio.AioRpcError
-            raise PropscopeError.from_rpc_error(error) from error
+        call = method(request, **options)
+        async with _errors(call):
+            response = await call
         return convert(response)
+
+
+@asynccontextmanager
+async def _errors(call: grpc.aio.Call) -> AsyncIterator[None]:
+    """Raises a failed call's error as ``PropscopeError``.
+
+    grpc.aio raises ``CancelledError`` in a call cancelled on this side (by ``close()`` of the
+    client or of a stream): unless this task is being cancelled, that is the call's failure,
+    ``PropscopeError`` CANCELLED as the sync client raises."""
+    try:
+        yield
+    except grpc.RpcError as error:  # grpc.aio.AioRpcError
+        raise PropscopeError.from_rpc_error(error) from error
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if not call.cancelled() or task is None or task.cancelling():
+            raise
+        raise PropscopeError(grpc.StatusCode.CANCELLED, await call.details()) from None
 
 
 async def _messages(call: grpc.aio.UnaryStreamCall) -> AsyncIterator[Any]:
     """The messages of a started stream; ``PropscopeError`` when it fails, cancelled when left
     early (an exception in a progress callback or a cancelled task included)."""
     try:
-        async for message in call:
-            yield message
-    except grpc.RpcError as error:
-        raise PropscopeError.from_rpc_error(error) from error
+        async with _errors(call):
+            async for message in call:
+                yield message
     finally:
         call.cancel()
 

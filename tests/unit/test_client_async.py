@@ -125,5 +125,27 @@ async def test_leaving_early_cancels_the_call(services):  # noqa: F811
     assert await asyncio.to_thread(attribution.cancelled.wait, 10)
 
 
+async def test_calls_the_client_cancels_raise_propscope_error_cancelled(services):  # noqa: F811
+    # grpc.aio raises a bare CancelledError in a call cancelled on the client's side; the sync
+    # client raises PropscopeError CANCELLED, and so must this one (its task goes on).
+    explain, _, target = services
+    client = AsyncClient(target)
+    stream = client.explain(_image(), "endless", ["a=ed"])
+    await anext(stream)
+    running = asyncio.Event()
+    attributing = asyncio.create_task(
+        client.attribute(_image_bytes(), "endless", on_progress=lambda _: running.set())
+    )
+    await running.wait()
+    listing = asyncio.create_task(client.list_models(metadata=[("x-hang", "1")]))
+    assert await asyncio.to_thread(explain.listing.wait, 10)
+    explaining = asyncio.create_task(stream.result())
+    await client.close()
+    for task in (explaining, attributing, listing):
+        with pytest.raises(PropscopeError) as info:
+            await task
+        assert info.value.code == grpc.StatusCode.CANCELLED
+
+
 def _image() -> np.ndarray:
     return np.full((8, 8, 3), 200, dtype=np.uint8)

@@ -31,13 +31,15 @@ DETAIL = "Δp 0.80 ≥ 0.05, but no ordering of these 17 values reaches alpha 0.
 
 class FakeService(explain_pb2_grpc.ExplainServiceServicer):
     """Streams a fixed plan; the model "fail-midway" fails after Accepted, "endless" streams
-    Progress until the client cancels."""
+    Progress until the client cancels. ListModels with metadata x-fail: 1 is refused, with
+    x-hang: 1 waits until the call is over."""
 
     def __init__(self):
         self.requests: list[explain_pb2.ExplainRequest] = []
         self.metadata: list[dict[str, str]] = []
         self.deadlines: list[float | None] = []
         self.cancelled = threading.Event()
+        self.listing = threading.Event()
 
     def Explain(self, request, context):
         self.requests.append(request)
@@ -119,8 +121,14 @@ class FakeService(explain_pb2_grpc.ExplainServiceServicer):
         )
 
     def ListModels(self, request, context):
-        if dict(context.invocation_metadata()).get("x-fail") == "1":
+        metadata = dict(context.invocation_metadata())
+        if metadata.get("x-fail") == "1":
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
+        if metadata.get("x-hang") == "1":  # answers only once the call is over
+            over = threading.Event()
+            if context.add_callback(over.set):
+                self.listing.set()
+                over.wait(timeout=60)
         return explain_pb2.ListModelsResponse(
             models=[
                 explain_pb2.ModelInfo(
