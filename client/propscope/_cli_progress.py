@@ -19,12 +19,16 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
+    ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.progress import Progress as ProgressBar
+from rich.table import Column
+from rich.text import Text
 
 from propscope._events import Accepted, Event, Progress, PropertyResult
 
@@ -41,22 +45,37 @@ class ExplainProgress(Protocol):
 def explain_progress(mode: ProgressMode, several_models: bool) -> Iterator[ExplainProgress]:
     """Shows the progress of the events given to ``update``: ``bar``, ``log`` lines or ``off``."""
     if mode == "bar":
-        with ProgressBar(
-            TextColumn("{task.description}"),
-            BarColumn(bar_width=20),
-            MofNCompleteColumn(),
-            TextColumn("edits"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        ) as bar:
+        with ProgressBar(*_bar_columns(), console=Console(stderr=True)) as bar:
             yield _Bars(bar, several_models)
         return
     if mode == "log":
         yield _LogLines(several_models)
         return
     yield _Silent()
+
+
+def _bar_columns() -> tuple[ProgressColumn, ...]:
+    """A row per property: its name, its state, the bar, edits done / total, elapsed and ETA.
+    Only the name (cut with an ellipsis) and the bar give way when the row is wider than the
+    console (rich shrinks the widest of them first); the state, counts and times are never cut."""
+    whole = Column(no_wrap=True)
+    return (
+        _NameColumn(),
+        TextColumn("{task.fields[state]}", table_column=whole),
+        BarColumn(bar_width=20, table_column=Column(no_wrap=False)),
+        MofNCompleteColumn(table_column=whole),
+        TextColumn("edits", table_column=whole),
+        TimeElapsedColumn(table_column=whole),
+        TextColumn("ETA", table_column=whole),
+        TimeRemainingColumn(table_column=whole),
+    )
+
+
+class _NameColumn(ProgressColumn):
+    """The task's description on one line, ending in an ellipsis where its column is narrower."""
+
+    def render(self, task: Task) -> Text:
+        return Text(task.description, no_wrap=True, overflow="ellipsis")
 
 
 class _Silent:
@@ -67,7 +86,8 @@ class _Silent:
 class _Bars:
     """A bar per (model, property), added when the model's plan arrives (elapsed time counts
     from there: the first Progress event comes after the first edits) and stopped, its elapsed
-    time frozen, at its result."""
+    time frozen, at its result. With several models, a line naming the model comes before its
+    bars (the CLI explains one model at a time), so that a row needs only the property's name."""
 
     def __init__(self, bar: ProgressBar, several_models: bool) -> None:
         self._bar = bar
@@ -76,6 +96,8 @@ class _Bars:
 
     def update(self, model: str, event: Event) -> None:
         if isinstance(event, Accepted):
+            if self._several_models:
+                self._bar.console.print(Text(f"{model}:", style="bold"))
             for name in event.property_names:
                 self._task(model, name)
         elif isinstance(event, Progress):
@@ -83,30 +105,19 @@ class _Bars:
             if event.stage == "edit":
                 self._bar.update(task, completed=event.completed, total=event.total or None)
             else:
-                self._bar.update(
-                    task, description=self._label(model, event.property_name, "classifying")
-                )
+                self._bar.update(task, state="classifying")
         elif isinstance(event, PropertyResult):
             task = self._task(model, event.property_name)
             total = self._bar.tasks[task].total or 1
             state = "done" if event.ok else "failed"
-            self._bar.update(
-                task,
-                completed=total,
-                total=total,
-                description=self._label(model, event.property_name, state),
-            )
+            self._bar.update(task, completed=total, total=total, state=state)
             self._bar.stop_task(task)
 
     def _task(self, model: str, name: str) -> TaskID:
         key = (model, name)
         if key not in self._tasks:
-            self._tasks[key] = self._bar.add_task(self._label(model, name, ""), total=None)
+            self._tasks[key] = self._bar.add_task(name, total=None, state="")
         return self._tasks[key]
-
-    def _label(self, model: str, name: str, state: str) -> str:
-        where = f"{model} {name}" if self._several_models else name
-        return f"{where} {state}".rstrip()
 
 
 @dataclass

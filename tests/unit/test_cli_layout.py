@@ -117,12 +117,40 @@ def test_progress_bar_follows_edits_and_stops_at_the_result():
         shown.update("m", _accepted("hue"))
         shown.update("m", Progress("r", "edit", "hue", 10, 40))
         (task,) = shown._bar.tasks
-        assert (task.completed, task.total, task.description) == (10, 40, "m hue")
+        assert (task.completed, task.total, task.description) == (10, 40, "hue")
         shown.update("m", Progress("r", "edit", "hue", 40, 80))  # an adaptive path lengthened
         shown.update("m", Progress("r", "classify", "hue", 82, 82))
-        assert task.total == 80 and task.description == "m hue classifying"
+        assert task.total == 80 and task.fields["state"] == "classifying"
         shown.update("m", _result("hue"))
-        assert task.finished and task.description == "m hue done"
+        assert task.finished and task.fields["state"] == "done"
+
+
+@pytest.mark.parametrize(
+    "names", [("background_brightness_of_the_scene", "hue"), ("hue",), ("x" * 90,)]
+)
+def test_progress_rows_keep_counts_and_times_whole_at_80_columns(names):
+    """Only a long name gives way (an ellipsis); state, edits done / total, elapsed and ETA
+    are whole on each row's one line."""
+    with explain_progress("bar", several_models=False) as shown:
+        shown.update("synth_hue_fp32", _accepted(*names))
+        for name in names:
+            shown.update("synth_hue_fp32", Progress("r", "edit", name, 1000, 1280))
+        shown.update("synth_hue_fp32", Progress("r", "classify", names[0], 1282, 1282))
+        shown.update("synth_hue_fp32", _result(names[-1]))
+        buffer = io.StringIO()
+        Console(file=buffer, width=80).print(shown._bar.make_tasks_table(shown._bar.tasks))
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) == len(names) and max(len(line) for line in lines) <= 80, lines
+    for line, name in zip(lines, names, strict=True):
+        shown_name = line.split()[0]
+        assert shown_name == name or (
+            shown_name.endswith("…") and name.startswith(shown_name[:-1])
+        ), line
+        assert re.search(
+            r" (classifying|done) +\S* *(1000|1280)/1280 edits \d:\d\d:\d\d ETA "
+            r"(\d:\d\d:\d\d|-:--:--)$",
+            line,
+        ), line
 
 
 def test_version_names_the_client_and_the_api():
