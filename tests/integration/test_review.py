@@ -43,6 +43,15 @@ def review(spec: Path, target: str, out: Path) -> subprocess.CompletedProcess:
     return propscope_cli("review", str(spec), "--target", target, "--out", str(out))
 
 
+def review_variant(
+    live_stack, tmp_path: Path, *replacements: tuple[str, str]
+) -> subprocess.CompletedProcess:
+    """`propscope review` of the example spec with each (old, new) replaced once, against the
+    shared stack, its reports in tmp_path / "out"."""
+    spec = example_variant(tmp_path / "variant.yaml", *replacements)
+    return review(spec, live_stack.gateway, tmp_path / "out")
+
+
 @pytest.fixture(scope="module")
 def hue_review(live_stack, tmp_path_factory):
     out = tmp_path_factory.mktemp("hue-review")
@@ -106,13 +115,13 @@ def test_the_review_prints_its_markdown_summary_and_writes_the_html(hue_review):
 
 
 def test_the_reverse_review_passes_with_exit_code_0(live_stack, tmp_path):
-    spec = example_variant(
-        tmp_path / "reverse.yaml",
+    finished = review_variant(
+        live_stack,
+        tmp_path,
         ("name: synth_unbiased", "name: synth_hue"),
         ("name: synth_hue", "name: synth_unbiased"),
         ("  - rule: max_flip_rate\n    properties: [object_hue]\n    max: 0.25\n", ""),
     )
-    finished = review(spec, live_stack.gateway, tmp_path / "out")
     assert finished.returncode == 0, finished.stdout + finished.stderr
     suite = ElementTree.parse(tmp_path / "out" / "junit.xml").getroot().find("testsuite")
     assert int(suite.get("failures")) == 0 and int(suite.get("tests")) == 7
@@ -191,8 +200,7 @@ def test_an_unreadable_image_exits_2_naming_it(live_stack, tmp_path):
 
 def test_a_request_the_service_refuses_exits_2_with_its_status(live_stack, tmp_path):
     # A value's type is the server's to check: ListModels does not describe it.
-    spec = example_variant(tmp_path / "refused.yaml", ("amount: 0.2", "amount: lots"))
-    finished = review(spec, live_stack.gateway, tmp_path / "out")
+    finished = review_variant(live_stack, tmp_path, ("amount: 0.2", "amount: lots"))
     assert finished.returncode == 2
     assert "INVALID_ARGUMENT" in finished.stderr and "lots" in finished.stderr
     assert "Traceback" not in finished.stderr
@@ -201,13 +209,13 @@ def test_a_request_the_service_refuses_exits_2_with_its_status(live_stack, tmp_p
 def test_the_pre_flight_names_every_unknown_editor_parameter_and_choice_before_any_work(
     live_stack, tmp_path
 ):
-    spec = example_variant(
-        tmp_path / "typos.yaml",
+    finished = review_variant(
+        live_stack,
+        tmp_path,
         ("operation=blend", "operation=blendd"),
         ("region: background", "regoin: background"),
         ("name: synth_unbiased", "name: synth_unbaised"),
     )
-    finished = review(spec, live_stack.gateway, tmp_path / "out")
     assert finished.returncode == 2
     assert "3 problems found before any work started:" in finished.stderr
     assert "baseline model 'synth_unbaised' is not served (did you mean 'synth_unbiased'?)" in (
@@ -225,8 +233,7 @@ def test_the_pre_flight_names_every_unknown_editor_parameter_and_choice_before_a
 
 
 def test_an_unknown_candidate_exits_2_listing_the_served_classifiers(live_stack, tmp_path):
-    spec = example_variant(tmp_path / "unknown.yaml", ("name: synth_hue", "name: synth_typo"))
-    finished = review(spec, live_stack.gateway, tmp_path / "out")
+    finished = review_variant(live_stack, tmp_path, ("name: synth_hue", "name: synth_typo"))
     assert finished.returncode == 2
     assert "candidate model 'synth_typo' is not served" in finished.stderr
     assert "synth_hue" in finished.stderr
@@ -319,13 +326,10 @@ def test_max_attribution_share_fails_a_model_that_looks_at_the_object(live_stack
         "    attribution: {grid_size: 4, nb_design: 8}\n"
     )
     text = HUE_REVIEW.read_text()
-    spec = example_variant(
-        tmp_path / "attribution.yaml",
-        (text[text.index("rules:") :], rules),
-        ("steps: 20", "steps: 8"),
+    finished = review_variant(
+        live_stack, tmp_path, (text[text.index("rules:") :], rules), ("steps: 20", "steps: 8")
     )
     out = tmp_path / "out"
-    finished = review(spec, live_stack.gateway, out)
     assert finished.returncode == 1, finished.stdout + finished.stderr
     suite = ElementTree.parse(out / "junit.xml").getroot().find("testsuite")
     cases = {case.get("name"): case for case in suite.iter("testcase")}
