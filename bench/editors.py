@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import queue
 import re
 import statistics
 import tempfile
@@ -188,8 +187,7 @@ def raw_editor_call(
     triton: triton_grpc.InferenceServerClient, editor: str, steps: int, seed: int
 ) -> float:
     """The editor's own call for one path (a batch of one), timed from the client."""
-    import tritonclient.grpc as triton_grpc
-    from tritonclient.utils import np_to_triton_dtype
+    from propscope_dev.triton_stream import stream_path
 
     strengths = np.arange(1, steps + 1, dtype=np.float32) / steps
     tensors = {
@@ -198,24 +196,9 @@ def raw_editor_call(
         "PARAMETERS": np.array([canonical_parameters(resolved(editor)).encode()], dtype=np.object_),
         "SEED": np.array([seed], dtype=np.int64),
     }
-    inputs = []
-    for name, array in tensors.items():
-        tensor = triton_grpc.InferInput(name, [1, *array.shape], np_to_triton_dtype(array.dtype))
-        tensor.set_data_from_numpy(array[None])
-        inputs.append(tensor)
-    responses: queue.SimpleQueue = queue.SimpleQueue()
-    triton.start_stream(callback=lambda result, error: responses.put((result, error)))
-    try:
-        started = time.perf_counter()
-        triton.async_stream_infer(editor, inputs)
-        while True:  # the editors are decoupled: progress responses, then the path
-            result, error = responses.get(timeout=600)
-            if error is not None:
-                raise error
-            if result.as_numpy("PATH") is not None:
-                return time.perf_counter() - started
-    finally:
-        triton.stop_stream()
+    started = time.perf_counter()
+    stream_path(triton, editor, {name: array[None] for name, array in tensors.items()}, 600)
+    return time.perf_counter() - started
 
 
 def batched_properties(client: propscope.Client, triton, repeats: int, steps: int) -> None:

@@ -4,18 +4,17 @@ pipelines on CPU) -> Redis."""
 from __future__ import annotations
 
 import io
-import queue
 import re
 import time
 import urllib.request
 
 import numpy as np
 import pytest
-import tritonclient.grpc as triton_grpc
 from PIL import Image
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
 
 from propscope import Accepted, PropertyResult
+from propscope_dev.triton_stream import stream_path
 from propscope_server.editor_contract import SCHEMA_PARAMETER, EditorSchema, canonical_parameters
 from tests.integration.conftest import inference_count, scene_png
 
@@ -104,28 +103,6 @@ def test_a_cancelled_explanation_stops_the_diffusion_editor(live_stack, client):
     assert after[0].ok  # and the editor serves the next request
 
 
-def infer_editor(triton, editor: str, tensors: dict[str, np.ndarray]) -> np.ndarray:
-    """PATH of the editor's final response (the editors are decoupled: their progress
-    responses come first, on a stream)."""
-    inputs = []
-    for name, array in tensors.items():
-        tensor = triton_grpc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    responses: queue.SimpleQueue = queue.SimpleQueue()
-    triton.start_stream(callback=lambda result, error: responses.put((result, error)))
-    try:
-        triton.async_stream_infer(editor, inputs)
-        while True:
-            result, error = responses.get(timeout=300)
-            if error is not None:
-                raise error
-            if result.as_numpy("PATH") is not None:
-                return result.as_numpy("PATH")
-    finally:
-        triton.stop_stream()
-
-
 def raw_edit(triton, editor: str, image: bytes, parameters: dict[str, str], steps: int, seed: int):
     """The editor's own answer for one path, called alone (batch of one, no cache)."""
     config = triton.get_model_config(editor, as_json=True)["config"]
@@ -139,7 +116,7 @@ def raw_edit(triton, editor: str, image: bytes, parameters: dict[str, str], step
         ),
         "SEED": np.array([[seed]], dtype=np.int64),
     }
-    return infer_editor(triton, editor, tensors)[0, 0]
+    return stream_path(triton, editor, tensors)[0, 0]
 
 
 def test_concurrent_edits_batched_by_triton_equal_the_editor_alone(client, triton):
@@ -182,4 +159,4 @@ def test_the_editor_refuses_strengths_outside_the_contract(triton, strengths, me
         "SEED": np.array([[0]], dtype=np.int64),
     }
     with pytest.raises(InferenceServerException, match=message):
-        infer_editor(triton, "ip2p", tensors)
+        stream_path(triton, "ip2p", tensors)
