@@ -66,9 +66,10 @@ _EXPLAIN_COLUMNS = (
 
 
 class ExplainOutput:
-    """Prints one explain run's events as they arrive (``plain``, ``json``) or each model's
-    rows once its stream has ended (``table``: nothing is printed before a result exists, so
-    a refused call prints its message alone). ``failed`` counts the properties that failed or
+    """Prints one explain run's events as they arrive (``json``) or each model's lines
+    (``plain``) or rows (``table``) once its stream has ended, in the request's order (model
+    by model, then property by property, whatever order they finished in: diffable logs), so
+    a refused call prints its message alone. ``failed`` counts the properties that failed or
     got no result."""
 
     def __init__(self, output_format: OutputFormat, several_models: bool) -> None:
@@ -87,26 +88,15 @@ class ExplainOutput:
         if isinstance(event, Accepted):
             self._accepted[model] = event
             self._results[model] = {}
-            if self._format is OutputFormat.PLAIN:
-                for warning in event.warnings:
-                    self._line("warning", model=model, message=warning)
         elif isinstance(event, PropertyResult):
             self._results.setdefault(model, {})[event.property_name] = event
             self.failed += not event.ok
-            if self._format is OutputFormat.PLAIN:
-                self._line("result", **self._plain_result(model, event))
-                for warning in event.warnings:
-                    self._line(
-                        "warning", model=model, property=event.property_name, message=warning
-                    )
         elif isinstance(event, Done):
             self._done[model] = event
-            if self._format is OutputFormat.PLAIN:
-                self._line("done", **self._plain_done(model, event))
 
     def finish(self, model: str) -> None:
         """The model's stream has ended (or failed): a property of its plan without a result
-        counts as failed, and ``table`` prints the model's rows if it has any."""
+        counts as failed, and ``plain`` and ``table`` print what the model has."""
         if model in self._finished:
             return
         self._finished.add(model)
@@ -114,15 +104,14 @@ class ExplainOutput:
         results = self._results.get(model, {})
         missing = [n for n in (accepted.property_names if accepted else ()) if n not in results]
         self.failed += len(missing)
+        if self._format is OutputFormat.PLAIN:
+            self._print_plain(model)
         if self._format is not OutputFormat.TABLE or not results:
             return
         title = f"propscope explain: {model}"
         if accepted is not None and accepted.model_version:
             title += f" (version {accepted.model_version})"
-        # In the request's order, whatever order the properties finished in.
-        planned = accepted.property_names if accepted else ()
-        order = [n for n in planned if n in results] + [n for n in results if n not in planned]
-        rows = [self._row(model, results[name]) for name in order]
+        rows = [self._row(model, result) for result in self._in_request_order(model)]
         rows += [[name, "", "", "", "", Text("no result", style="red"), "", ""] for name in missing]
         print_rows(self._console, title, _EXPLAIN_COLUMNS, rows)
         for line in self._notes(model):
@@ -131,6 +120,27 @@ class ExplainOutput:
         if done is not None:
             self._console.print(self._timings(model, done))
         self._console.print()
+
+    def _in_request_order(self, model: str) -> list[PropertyResult]:
+        """The model's results in its plan's order, whatever order they finished in."""
+        results = self._results.get(model, {})
+        accepted = self._accepted.get(model)
+        planned = [n for n in (accepted.property_names if accepted else ()) if n in results]
+        return [results[n] for n in planned] + [
+            result for name, result in results.items() if name not in planned
+        ]
+
+    def _print_plain(self, model: str) -> None:
+        accepted = self._accepted.get(model)
+        for warning in accepted.warnings if accepted else ():
+            self._line("warning", model=model, message=warning)
+        for result in self._in_request_order(model):
+            self._line("result", **self._plain_result(model, result))
+            for warning in result.warnings:
+                self._line("warning", model=model, property=result.property_name, message=warning)
+        done = self._done.get(model)
+        if done is not None:
+            self._line("done", **self._plain_done(model, done))
 
     def _line(self, kind: str, **pairs: object) -> None:
         sys.stdout.write(f"{kind} {logfmt(pairs.items())}\n")
@@ -215,7 +225,7 @@ class ExplainOutput:
         accepted = self._accepted.get(model)
         for warning in accepted.warnings if accepted else ():
             lines.append(note(f"{model}: ", "warning: ", warning, "yellow"))
-        for result in self._results.get(model, {}).values():
+        for result in self._in_request_order(model):
             where = f"{result.property_name}: "
             if not result.ok:
                 lines.append(

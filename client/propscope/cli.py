@@ -8,7 +8,8 @@ gateway does not serve, a call the server refused or failed, an unreachable serv
 inconclusive and the spec sets fail_on_inconclusive; 130 interrupted.
 
 ``--format table|plain|json``: a table when it fits the terminal, else a block per row (never a
-cut number or name); ``plain`` one ``key=value`` line per result, for grep and CI logs; ``json``
+cut number or name); ``plain`` one ``key=value`` line per result, in request order (model,
+then property) once each model is done, for grep and diffable CI logs; ``json``
 (also ``--json``) one JSON object per line and event: the event's ``to_dict()`` plus
 ``"event"`` (the class name: Accepted, Progress, PropertyResult, Done) and ``"model"``;
 ``models --format json`` writes one ``ModelInfo.to_dict()`` per line.
@@ -132,7 +133,8 @@ FormatOption = Annotated[
     typer.Option(
         "--format",
         help="table: a table when it fits the terminal, else a block per row (nothing cut); "
-        "plain: one key=value line per result (grep, CI logs); json: one object per line.",
+        "plain: one key=value line per result, in request order once each model is done "
+        "(grep, diffable CI logs); json: one object per event as it comes.",
     ),
 ]
 TimeoutOption = Annotated[

@@ -12,8 +12,9 @@ from rich.console import Console
 from rich.text import Text
 from typer.testing import CliRunner
 
-from propscope import Accepted, Progress, PropertyResult
+from propscope import Accepted, Done, Progress, PropertyResult
 from propscope._cli_layout import Column, logfmt, number, print_rows
+from propscope._cli_output import ExplainOutput, OutputFormat
 from propscope._cli_progress import explain_progress
 from propscope.cli import app
 
@@ -169,3 +170,36 @@ def test_help_shows_the_property_syntax_examples_and_exit_codes_whole():
     )
     assert "--min-probability-change" in result.stdout and "…" not in result.stdout
     assert re.search(r"^\s+3\s+explain: a property failed", result.stdout, re.MULTILINE)
+
+
+def _done(total_ms: float = 100.0) -> Done:
+    return Done(
+        request_id="r", total_ms=total_ms, edit_ms=56.0, classify_ms=142.0, score_ms=3.0,
+        cache_ms=1.0, properties_failed=0,
+    )  # fmt: skip
+
+
+def _explained(output_format: OutputFormat, finished: dict[str, list[str]]) -> ExplainOutput:
+    """An ExplainOutput fed each model's plan (a, b, c), results in ``finished``'s order and
+    Done, model after model."""
+    output = ExplainOutput(output_format, several_models=len(finished) > 1)
+    for model, order in finished.items():
+        output.event(model, _accepted("a", "b", "c"))
+        for name in order:
+            output.event(model, _result(name))
+        output.event(model, _done())
+        output.finish(model)
+    return output
+
+
+def test_plain_lines_come_in_request_order_whatever_order_results_finish_in(capsys):
+    _explained(OutputFormat.PLAIN, {"m2": ["c", "a", "b"], "m1": ["b", "c", "a"]})
+    lines = capsys.readouterr().out.splitlines()
+    shown = [re.search(r"model=(\S+)(?: property=(\S+))?", line).groups() for line in lines]
+    assert [line.split()[0] for line in lines] == ["result"] * 3 + ["done"] + ["result"] * 3 + [
+        "done"
+    ]
+    assert shown == [
+        ("m2", "a"), ("m2", "b"), ("m2", "c"), ("m2", None),
+        ("m1", "a"), ("m1", "b"), ("m1", "c"), ("m1", None),
+    ]  # fmt: skip
