@@ -49,10 +49,12 @@ class AsyncExplainStream(AsyncIterator[Event]):
         return self._collector.result()
 
     async def aclose(self) -> None:
-        """Cancels the call if it is still running (also before the first event is read)."""
+        """Cancels the call if it is still running (also before the first event is read); a
+        task reading the stream meanwhile gets ``PropscopeError`` CANCELLED."""
         self._closed = True
-        await self._events.aclose()
         self._call.cancel()
+        if not self._events.ag_running:  # a task reading it: the cancel ends that read
+            await self._events.aclose()
 
 
 class AsyncClient(

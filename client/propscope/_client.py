@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import suppress
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -396,10 +397,12 @@ class ExplainStream(Iterator[Event]):
         return self._collector.result()
 
     def close(self) -> None:
-        """Cancels the call if it is still running (also before the first event is read)."""
+        """Cancels the call if it is still running (also before the first event is read); a
+        thread reading the stream meanwhile gets ``PropscopeError`` CANCELLED."""
         self._closed = True
-        self._events.close()
         self._call.cancel()
+        with suppress(ValueError):  # "generator already executing": the cancel ends that read
+            self._events.close()
 
 
 class Client(ClientBase[ExplainStream, Attribution, Evaluation, list[ModelInfo]]):

@@ -125,6 +125,20 @@ async def test_leaving_early_cancels_the_call(services):  # noqa: F811
     assert await asyncio.to_thread(attribution.cancelled.wait, 10)
 
 
+async def test_closing_a_stream_another_task_reads_cancels_the_call(services):  # noqa: F811
+    explain, _, target = services
+    async with AsyncClient(target) as client:
+        stream = client.explain(_image(), "silent", ["a=ed"])
+        await anext(stream)
+        reading = asyncio.create_task(stream.result())
+        await asyncio.sleep(0)  # the reader runs until it waits inside the stream
+        await stream.aclose()
+        with pytest.raises(PropscopeError) as info:
+            await reading
+    assert info.value.code == grpc.StatusCode.CANCELLED
+    assert await asyncio.to_thread(explain.cancelled.wait, 10)
+
+
 async def test_calls_the_client_cancels_raise_propscope_error_cancelled(services):  # noqa: F811
     # grpc.aio raises a bare CancelledError in a call cancelled on the client's side; the sync
     # client raises PropscopeError CANCELLED, and so must this one (its task goes on).

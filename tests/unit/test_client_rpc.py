@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -31,7 +32,7 @@ DETAIL = "Δp 0.80 ≥ 0.05, but no ordering of these 17 values reaches alpha 0.
 
 class FakeService(explain_pb2_grpc.ExplainServiceServicer):
     """Streams a fixed plan; the model "fail-midway" fails after Accepted, "endless" streams
-    Progress until the client cancels. ListModels with metadata x-fail: 1 is refused, with
+    Progress until the client cancels, "silent" sends nothing more until then. ListModels with metadata x-fail: 1 is refused, with
     x-hang: 1 waits until the call is over."""
 
     def __init__(self):
@@ -47,10 +48,10 @@ class FakeService(explain_pb2_grpc.ExplainServiceServicer):
         self.deadlines.append(context.time_remaining())
         rid = request.request_id or "server-made"
         names = [p.name for p in request.properties]
-        if request.model.name == "endless":
+        if request.model.name in ("endless", "silent"):  # streams that end by cancellation
             # Before the first event: a call cancelled once it is read has terminated, and
             # add_callback on a terminated call never calls back.
-            context.add_callback(self.cancelled.set)  # this stream only ends by cancellation
+            context.add_callback(self.cancelled.set)
         yield explain_pb2.ExplainEvent(
             request_id=rid,
             accepted=explain_pb2.Accepted(
@@ -69,6 +70,9 @@ class FakeService(explain_pb2_grpc.ExplainServiceServicer):
         )
         if request.model.name == "fail-midway":
             context.abort(grpc.StatusCode.UNAVAILABLE, "triton went away")
+        if request.model.name == "silent":
+            self.cancelled.wait(timeout=60)
+            return
         if request.model.name == "endless":
             while context.is_active():
                 yield explain_pb2.ExplainEvent(
@@ -243,6 +247,22 @@ def test_closing_the_stream_cancels_the_call(service):
         next(stream)
         stream.close()
         assert service.cancelled.wait(timeout=10)
+
+
+def test_closing_a_stream_another_thread_reads_cancels_the_call(service):
+    with Client(service.target) as client:
+        stream = client.explain(_image(), "silent", ["a=ed"])
+        next(stream)
+        with futures.ThreadPoolExecutor(max_workers=1) as pool:
+            reading = pool.submit(stream.result)
+            deadline = time.monotonic() + 10
+            while not stream._events.gi_running:  # until the reader waits inside the stream
+                assert time.monotonic() < deadline, "the reader never read"
+            stream.close()
+            with pytest.raises(PropscopeError) as info:
+                reading.result(timeout=10)
+    assert info.value.code == grpc.StatusCode.CANCELLED
+    assert service.cancelled.wait(timeout=10)
 
 
 def test_unreachable_server_raises_propscope_error():
