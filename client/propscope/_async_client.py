@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from types import TracebackType
 from typing import Any
 
@@ -106,8 +106,10 @@ class AsyncClient(
         return AsyncExplainStream(call)
 
     async def _collect(self, call: grpc.aio.UnaryStreamCall, collector: Collector) -> Any:
-        async for message in _messages(call):
-            collector.add(message)
+        # Closed at once when a callback fails, not when the loop finalises the generator.
+        async with aclosing(_messages(call)) as messages:
+            async for message in messages:
+                collector.add(message)
         return collector.result()
 
     async def _unary(

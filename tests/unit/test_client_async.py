@@ -17,7 +17,13 @@ from propscope import (
     PropertyResult,
     PropscopeError,
 )
-from tests.unit.test_client_attribution import HEIGHT, WIDTH, _image_bytes, _map_values
+from tests.unit.test_client_attribution import (
+    HEIGHT,
+    WIDTH,
+    _image_bytes,
+    _map_values,
+    _recording_calls,
+)
 from tests.unit.test_client_results import services  # noqa: F401 - the fixture
 
 PUBLIC_CALLS = ("explain", "attribute", "evaluate_attribution", "list_models")
@@ -122,6 +128,23 @@ async def test_leaving_early_cancels_the_call(services):  # noqa: F811
         with pytest.raises(asyncio.CancelledError):
             await task
     assert await asyncio.to_thread(explain.cancelled.wait, 10)
+    assert await asyncio.to_thread(attribution.cancelled.wait, 10)
+
+
+async def test_a_failing_progress_callback_cancels_the_call_before_it_raises(
+    services,  # noqa: F811
+    monkeypatch,
+):
+    _, attribution, target = services
+
+    def stop(update):
+        raise KeyboardInterrupt
+
+    async with AsyncClient(target) as client:
+        started = _recording_calls(client._attribution, "Attribute", monkeypatch)
+        with pytest.raises(KeyboardInterrupt):
+            await client.attribute(_image_bytes(), "endless", on_progress=stop)
+        assert started[0].cancelled()  # now, not once the loop finalises the stream
     assert await asyncio.to_thread(attribution.cancelled.wait, 10)
 
 

@@ -264,6 +264,19 @@ def image_file(tmp_path):
     return path
 
 
+def _recording_calls(stub, method: str, monkeypatch) -> list:
+    """The calls the stub's method starts, as they start."""
+    started = []
+    start = getattr(stub, method)
+
+    def recorded(*args, **kwargs):
+        started.append(start(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(stub, method, recorded)
+    return started
+
+
 # --- SDK ------------------------------------------------------------------------------------
 
 
@@ -379,13 +392,15 @@ def test_errors_midway_and_incomplete_streams(service):
     assert missing.value.code == malformed.value.code == grpc.StatusCode.INTERNAL
 
 
-def test_an_exception_in_on_progress_cancels_the_call(service):
+def test_an_exception_in_on_progress_cancels_the_call(service, monkeypatch):
     def stop(update):
         raise KeyboardInterrupt
 
     with Client(service.target) as client:
+        started = _recording_calls(client._attribution, "Attribute", monkeypatch)
         with pytest.raises(KeyboardInterrupt):
             client.attribute(_image_bytes(), "endless", on_progress=stop)
+        assert started[0].cancelled()  # before it raises
     assert service.cancelled.wait(timeout=10)
 
 
