@@ -240,9 +240,12 @@ class ExplainOutput:
 
     def _timings(self, model: str, done: Done) -> Text:
         hits, misses = self._cache(model)
+        # The stages' times add up over properties that run at the same time: they can
+        # exceed the total, which the line says rather than let them read as a breakdown.
         text = Text(
             f"{model}: total {done.total_ms:.0f} ms, edit {done.edit_ms:.0f} ms, "
-            f"classify {done.classify_ms:.0f} ms, score {done.score_ms:.0f} ms; "
+            f"classify {done.classify_ms:.0f} ms, score {done.score_ms:.0f} ms "
+            "(stage times summed over properties run in parallel); "
             f"path cache {hits} hits, {misses} misses"
         )
         if done.request_id:

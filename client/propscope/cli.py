@@ -414,6 +414,10 @@ def explain(
 
     Preprocessing (--mean, --std, --output-kind, --resize, --labels) overrides
     the model's own declaration field by field.
+
+    Timings under each table: total is the call's wall time; the edit, classify
+    and score times are summed over the properties run in parallel, so they may
+    add up to more than the total.
     """
     try:
         properties = normalize_properties([parse_property(spec) for spec in property_specs])

@@ -203,3 +203,14 @@ def test_plain_lines_come_in_request_order_whatever_order_results_finish_in(caps
         ("m2", "a"), ("m2", "b"), ("m2", "c"), ("m2", None),
         ("m1", "a"), ("m1", "b"), ("m1", "c"), ("m1", None),
     ]  # fmt: skip
+
+
+def test_the_timings_line_says_stage_times_are_summed_over_parallel_properties(capsys):
+    _explained(OutputFormat.TABLE, {"m": ["a", "b", "c"]})
+    out = " ".join(capsys.readouterr().out.split())
+    assert (
+        "m: total 100 ms, edit 56 ms, classify 142 ms, score 3 ms (stage times summed over "
+        "properties run in parallel); path cache 0 hits, 3 misses" in out
+    ), out
+    result = CliRunner().invoke(app, ["explain", "--help"], env={"COLUMNS": "80"})
+    assert "summed over the properties run in parallel" in " ".join(result.stdout.split())

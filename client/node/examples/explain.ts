@@ -155,7 +155,8 @@ function doneLine(done: Done): string {
   const ms = (value: number) => `${Math.round(value)} ms`;
   return (
     `done: total ${ms(done.totalMs)}, edit ${ms(done.editMs)}, classify ${ms(done.classifyMs)}, ` +
-    `score ${ms(done.scoreMs)}, cache ${ms(done.cacheMs)}, ${done.propertiesFailed} failed`
+    `score ${ms(done.scoreMs)}, cache ${ms(done.cacheMs)} ` +
+    `(stage times summed over properties run in parallel), ${done.propertiesFailed} failed`
   );
 }
 
