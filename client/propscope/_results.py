@@ -108,24 +108,41 @@ class ExplainCollector:
         )
 
 
-class AttributeCollector:
-    """Folds an Attribute stream's messages into one ``Attribution``; progress goes to
-    ``on_progress`` as it comes."""
+class _AttributionCollector:
+    """What the Attribute and EvaluateAttribution streams share: the request id (the server's
+    when the caller gave none), the plan, and progress sent to ``on_progress`` as it comes; a
+    subclass keeps the rest (``_add``)."""
 
-    def __init__(self, request_id: str, on_progress: ProgressCallback | None = None) -> None:
+    def __init__(self, request_id: str, on_progress: ProgressCallback | None) -> None:
         self._request_id = request_id
         self._on_progress = on_progress
         self._accepted: Any = None
-        self._result: Any = None
 
-    def add(self, message: Any) -> None:  # an AttributeEvent
+    def add(self, message: Any) -> None:  # an AttributeEvent or EvaluateAttributionEvent
         self._request_id = message.request_id or self._request_id
         kind = message.WhichOneof("event")
         if kind == "accepted":
             self._accepted = message.accepted
-        elif kind == "progress" and self._on_progress is not None:
-            self._on_progress(AttributionProgress.from_proto(message.progress, self._request_id))
-        elif kind == "result":
+        elif kind == "progress":
+            if self._on_progress is not None:
+                progress = AttributionProgress.from_proto(message.progress, self._request_id)
+                self._on_progress(progress)
+        else:
+            self._add(kind, message)
+
+    def _add(self, kind: str | None, message: Any) -> None:
+        raise NotImplementedError
+
+
+class AttributeCollector(_AttributionCollector):
+    """Folds an Attribute stream's messages into one ``Attribution``."""
+
+    def __init__(self, request_id: str, on_progress: ProgressCallback | None = None) -> None:
+        super().__init__(request_id, on_progress)
+        self._result: Any = None
+
+    def _add(self, kind: str | None, message: Any) -> None:
+        if kind == "result":
             self._result = message.result
 
     def result(self) -> Attribution:
@@ -137,9 +154,9 @@ class AttributeCollector:
             raise PropscopeError(grpc.StatusCode.INTERNAL, str(error)) from None
 
 
-class EvaluateCollector:
-    """Folds an EvaluateAttribution stream's messages into one ``Evaluation``; progress and each
-    metric go to ``on_progress`` and ``on_metric`` as they come."""
+class EvaluateCollector(_AttributionCollector):
+    """Folds an EvaluateAttribution stream's messages into one ``Evaluation``; each metric goes
+    to ``on_metric`` as it comes."""
 
     def __init__(
         self,
@@ -147,20 +164,12 @@ class EvaluateCollector:
         on_progress: ProgressCallback | None = None,
         on_metric: MetricCallback | None = None,
     ) -> None:
-        self._request_id = request_id
-        self._on_progress = on_progress
+        super().__init__(request_id, on_progress)
         self._on_metric = on_metric
-        self._accepted: Any = None
         self._results: list[MetricResult] = []
 
-    def add(self, message: Any) -> None:  # an EvaluateAttributionEvent
-        self._request_id = message.request_id or self._request_id
-        kind = message.WhichOneof("event")
-        if kind == "accepted":
-            self._accepted = message.accepted
-        elif kind == "progress" and self._on_progress is not None:
-            self._on_progress(AttributionProgress.from_proto(message.progress, self._request_id))
-        elif kind == "metric":
+    def _add(self, kind: str | None, message: Any) -> None:
+        if kind == "metric":
             self._results.append(MetricResult.from_proto(message.metric))
             if self._on_metric is not None:
                 self._on_metric(self._results[-1])
