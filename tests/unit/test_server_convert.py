@@ -406,3 +406,40 @@ def test_the_budget_is_checked_before_any_provided_image_is_decoded():
     provided = [pb.Property(name="p", provided_path=path)]
     with pytest.raises(InvalidArgument, match="the limit max_path_pixels"):
         explain_spec(request(properties=provided), Limits(max_path_pixels=120 * 49))
+
+
+def path_pixels_refusal(limit: int, **fields) -> InvalidArgument:
+    with pytest.raises(InvalidArgument) as info:
+        explain_spec(request(**fields), Limits(max_path_pixels=limit))
+    assert "besides the original" in str(info.value)  # x_1..x_N: what is counted
+    assert "raise PROPSCOPE_LIMITS__MAX_PATH_PIXELS" in str(info.value)
+    return info.value
+
+
+def named_size(error: InvalidArgument) -> tuple[int, int]:
+    width, height = (
+        str(error).split("at most ", 2)[-1].split(" pixels at this aspect")[0].split("x")
+    )
+    return int(width), int(height)
+
+
+def test_an_image_too_large_for_any_reachable_path_names_the_image_and_a_size_that_fits():
+    """Two edited properties of the 10x12 image at 5 steps (the fewest that can reach
+    alpha 0.01) hold 1,200 pixels: no steps fit 1,000, a smaller image does."""
+    two = [editor_property("a"), editor_property("b")]
+    error = path_pixels_refusal(1000, properties=two)
+    assert error.field == "image"
+    assert "shortest paths that can reach alpha 0.01 (5 steps, 1 sample)" in str(error)
+    width, height = named_size(error)
+    assert (width, height) == (6, 7)  # 1,000 / 20 images: 50 pixels each, at 10:12
+    fitting = encode(PIXELS[:height, :width], "PNG")
+    spec = explain_spec(request(properties=two, image=fitting), Limits(max_path_pixels=1000))
+    assert spec.image.shape[:2] == (height, width)
+
+
+def test_a_path_too_long_for_the_limit_names_the_steps_that_fit():
+    error = path_pixels_refusal(1000, path_mode=pb.PATH_MODE_FIXED)  # 10 x 120 pixels
+    assert error.field == "steps" and "lower steps to at most 8" in str(error)
+    assert explain_spec(request(steps=8), Limits(max_path_pixels=1000)).steps == 8
+    error = path_pixels_refusal(1000, steps=5, samples=3)
+    assert error.field == "samples" and "with 1 sample, steps up to 8 fit" in str(error)

@@ -72,6 +72,19 @@ def check_reachable(points: int, permutations: int, alpha: float, field: str) ->
         )
 
 
+def fewest_reachable_steps(alpha: float) -> int:
+    """The fewest steps N (at least 2) whose path of N + 1 images can come out
+    significant at `alpha` (check_reachable's rule)."""
+    return next(n for n in range(2, 64) if 2.0 / math.factorial(n + 1) < alpha)
+
+
+def largest_size(width: int, height: int, pixels: int) -> tuple[int, int]:
+    """The largest width x height of the aspect ratio width:height with at most
+    `pixels` pixels (integer arithmetic: never one pixel over)."""
+    new_width = max(math.isqrt(pixels * width // height), 1)
+    return new_width, max(new_width * height // width, 1)
+
+
 def decode_image(
     data: bytes,
     limits: Limits,
@@ -210,7 +223,7 @@ def explain_spec(
         )
     adaptive = request.path_mode != pb.PATH_MODE_FIXED
     max_steps = resolve_max_steps(request, image.shape, steps, samples, adaptive, limits)
-    check_budget(request.properties, image.shape, steps, samples, limits, max_steps)
+    check_budget(request.properties, image.shape, steps, samples, limits, max_steps, alpha)
     properties = tuple(
         _property(i, p, image, samples, limits) for i, p in enumerate(request.properties)
     )
@@ -293,6 +306,16 @@ def _over_budget(
     return False
 
 
+def _edited(properties: Sequence[pb.Property]) -> int:
+    return sum(1 for p in properties if p.WhichOneof("source") == "editor")
+
+
+def _provided(properties: Sequence[pb.Property]) -> int:
+    return sum(
+        len(p.provided_path.images) for p in properties if p.WhichOneof("source") == "provided_path"
+    )
+
+
 def check_budget(
     properties: Sequence[pb.Property],
     image_shape: tuple[int, ...],
@@ -300,12 +323,13 @@ def check_budget(
     samples: int,
     limits: Limits,
     max_steps: int | None = None,
+    alpha: float = DEFAULT_ALPHA,
 ) -> None:
     """The edit budget and the memory of all paths, from the counts alone: checked before
     any provided path image is decoded. An adaptive path may edit steps, 2 steps, ...,
     max_steps images (2 max_steps - steps in all) and holds one length at a time."""
     max_steps = max_steps or steps
-    edited = sum(1 for p in properties if p.WhichOneof("source") == "editor")
+    edited = _edited(properties)
     edits = edited * samples * (2 * max_steps - steps)
     field = "steps" if max_steps == steps else "max_steps"
     if edits > limits.max_edits:
@@ -316,18 +340,46 @@ def check_budget(
             "a smaller max_steps, or path_mode PATH_MODE_FIXED",
             field=field,
         )
-    provided = sum(
-        len(p.provided_path.images) for p in properties if p.WhichOneof("source") == "provided_path"
-    )
+    provided = _provided(properties)
     path_images = edited * samples * max_steps + provided
     height, width = image_shape[:2]
-    if height * width * path_images > limits.max_path_pixels:
+    pixels = height * width
+    if pixels * path_images <= limits.max_path_pixels:
+        return
+    held = (
+        f"the request's paths hold {path_images} images of {width}x{height} pixels besides "
+        f"the original ({path_images * pixels} pixels), over the limit max_path_pixels of "
+        f"{limits.max_path_pixels}"
+    )
+    fitting = largest_size(width, height, limits.max_path_pixels // path_images)
+    smaller = (
+        f"send a smaller image (at most {fitting[0]}x{fitting[1]} pixels at this aspect "
+        f"ratio fit this request{', its provided path images too' if provided else ''})"
+    )
+    fewest = fewest_reachable_steps(alpha)
+    if (edited * fewest + provided) * pixels > limits.max_path_pixels:
+        shortest = (
+            f"even the shortest paths that can reach alpha {alpha} ({fewest} steps, 1 sample)"
+            if edited
+            else "the provided paths alone"
+        )
         raise InvalidArgument(
-            f"the request asks for {path_images} path images of {width}x{height} "
-            f"pixels, over the limit max_path_pixels of {limits.max_path_pixels} pixels; "
-            "use fewer steps, samples or properties, or a smaller image",
+            f"{held}; {shortest} are over it: {smaller}, or raise "
+            "PROPSCOPE_LIMITS__MAX_PATH_PIXELS",
+            field="image",
+        )
+    room = limits.max_path_pixels // pixels - provided  # edited images that fit
+    if room // (edited * samples) >= fewest:
+        raise InvalidArgument(
+            f"{held}; lower {field} to at most {room // (edited * samples)}, use fewer "
+            f"samples or properties, {smaller}, or raise PROPSCOPE_LIMITS__MAX_PATH_PIXELS",
             field=field,
         )
+    raise InvalidArgument(
+        f"{held}; use fewer samples (with 1 sample, steps up to {room // edited} fit), "
+        f"{smaller}, or raise PROPSCOPE_LIMITS__MAX_PATH_PIXELS",
+        field="samples",
+    )
 
 
 def check_name(value: str, field: str, limit: int = MAX_NAME_CHARS) -> None:
