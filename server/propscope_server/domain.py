@@ -60,6 +60,8 @@ class ExplainSpec:
     max_steps: int = 0
     # Returned path images: the longest side in pixels (0: full size).
     path_image_max_side_px: int = 0
+    # What the caller is told in Accepted about the request's own settings.
+    warnings: tuple[str, ...] = ()
 
     def path_shape(self, prop: PropertySpec) -> tuple[int, int]:
         """(paths, images x_1..x_N per path) of one property; a provided path is one

@@ -142,3 +142,9 @@ async def test_a_region_confines_the_edit_to_its_pixels():
     path = outcome.samples[0].path
     changed = np.any(path != path[:1], axis=(0, 3))
     assert changed.any() and not changed[region == 0].any()
+
+
+async def test_the_requests_own_warnings_come_first_in_accepted():
+    cut_short = "adaptive paths can grow only to N = 10, not the default 80"
+    events = await explain(LateJumpBackend(), dataclasses.replace(spec(), warnings=(cut_short,)))
+    assert events[0].warnings == (cut_short,)

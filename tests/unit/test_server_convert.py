@@ -443,3 +443,28 @@ def test_a_path_too_long_for_the_limit_names_the_steps_that_fit():
     assert explain_spec(request(steps=8), Limits(max_path_pixels=1000)).steps == 8
     error = path_pixels_refusal(1000, steps=5, samples=3)
     assert error.field == "samples" and "with 1 sample, steps up to 8 fit" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("limits", "max_steps", "needle"),
+    [
+        (Limits(max_path_pixels=20 * 120), 20, "the limit max_path_pixels of 2400 pixels"),
+        (Limits(max_edits=60), 20, "the limit max_edits of 60; use fewer samples"),
+        (Limits(max_steps=30), 20, "the limit max_steps of 30; raise PROPSCOPE_LIMITS__MAX_STEPS"),
+        (Limits(max_path_pixels=10 * 120), 10, "(so they stay fixed)"),
+    ],
+)
+def test_default_adaptive_paths_cut_short_by_a_limit_say_so(limits, max_steps, needle):
+    spec = explain_spec(request(), limits)
+    assert spec.max_steps == max_steps
+    (warning,) = spec.warnings
+    assert f"can grow only to N = {max_steps}, not the default 80" in warning
+    assert needle in warning
+
+
+def test_adaptive_paths_within_the_limits_or_as_asked_warn_nothing():
+    assert explain_spec(request(), Limits()).warnings == ()
+    asked = request(path_mode=pb.PATH_MODE_ADAPTIVE, max_steps=20)
+    assert explain_spec(asked, Limits(max_path_pixels=20 * 120)).warnings == ()
+    fixed = request(path_mode=pb.PATH_MODE_FIXED)
+    assert explain_spec(fixed, Limits(max_path_pixels=10 * 120)).warnings == ()

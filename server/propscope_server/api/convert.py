@@ -224,6 +224,7 @@ def explain_spec(
     adaptive = request.path_mode != pb.PATH_MODE_FIXED
     max_steps = resolve_max_steps(request, image.shape, steps, samples, adaptive, limits)
     check_budget(request.properties, image.shape, steps, samples, limits, max_steps, alpha)
+    warning = max_steps_warning(request, image.shape, steps, samples, limits, max_steps)
     properties = tuple(
         _property(i, p, image, samples, limits) for i, p in enumerate(request.properties)
     )
@@ -243,6 +244,7 @@ def explain_spec(
         adaptive=adaptive,
         max_steps=max_steps,
         path_image_max_side_px=request.path_image_max_side_px,
+        warnings=(warning,) if warning else (),
     )
     for index, prop in enumerate(properties):
         length = spec.path_shape(prop)[1]
@@ -304,6 +306,52 @@ def _over_budget(
     except InvalidArgument:
         return True
     return False
+
+
+def max_steps_warning(
+    request: pb.ExplainRequest,
+    image_shape: tuple[int, ...],
+    steps: int,
+    samples: int,
+    limits: Limits,
+    max_steps: int,
+) -> str | None:
+    """Why adaptive paths stop short of their default longest (steps x 8), when a limit
+    stops them: the request said nothing, so Accepted must say it."""
+    goal = steps * 2**DEFAULT_DOUBLINGS
+    edited = _edited(request.properties)
+    asked = request.path_mode == pb.PATH_MODE_FIXED or request.max_steps
+    if asked or not edited or max_steps >= goal:
+        return None
+    longer = max_steps * 2
+    stopped = f"adaptive paths can grow only to N = {max_steps}, not the default {goal}"
+    if max_steps == steps:
+        stopped += " (so they stay fixed)"
+    if longer > limits.max_steps:
+        return (
+            f"{stopped}: N = {longer} is over the limit max_steps of {limits.max_steps}; "
+            "raise PROPSCOPE_LIMITS__MAX_STEPS"
+        )
+    edits = edited * samples * (2 * longer - steps)
+    if edits > limits.max_edits:
+        return (
+            f"{stopped}: N = {longer} would need up to {edits} edited images, over the limit "
+            f"max_edits of {limits.max_edits}; use fewer samples or edited properties, or "
+            "raise PROPSCOPE_LIMITS__MAX_EDITS"
+        )
+    height, width = image_shape[:2]
+    provided = _provided(request.properties)
+    images = edited * samples * longer + provided
+    fitting = largest_size(
+        width, height, limits.max_path_pixels // (edited * samples * goal + provided)
+    )
+    return (
+        f"{stopped}: N = {longer} would hold {images} path images of {width}x{height} "
+        f"pixels, over the limit max_path_pixels of {limits.max_path_pixels} pixels; send a "
+        f"smaller image (at most {fitting[0]}x{fitting[1]} pixels at this aspect ratio hold "
+        f"paths of N = {goal}), use fewer samples or properties, or raise "
+        "PROPSCOPE_LIMITS__MAX_PATH_PIXELS"
+    )
 
 
 def _edited(properties: Sequence[pb.Property]) -> int:

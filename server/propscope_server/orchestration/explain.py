@@ -199,7 +199,7 @@ class Explainer:
             max_steps=spec.max_steps or spec.steps,
             preprocessing=plan.classifier.preprocessing,
             preprocessing_sources=plan.classifier.preprocessing_sources,
-            warnings=plan.classifier.warnings,
+            warnings=spec.warnings + plan.classifier.warnings,
             class_labels=plan.classifier.class_labels,
         )
         queue: asyncio.Queue[Event] = asyncio.Queue()
