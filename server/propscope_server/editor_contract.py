@@ -32,9 +32,10 @@ request against it before any work, and the editor applies the same check.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -52,7 +53,12 @@ PROGRESS_OUTPUT = "PROGRESS"
 
 
 class InvalidParameters(ValueError):
-    """A request's editor parameters do not match the editor's declaration."""
+    """A request's editor parameters do not match the editor's declaration. `parameter`
+    names the one to change, so that the gateway can name its field."""
+
+    def __init__(self, message: str, parameter: str | None = None) -> None:
+        super().__init__(message)
+        self.parameter = parameter
 
 
 class EditCancelled(Exception):
@@ -168,17 +174,24 @@ class EditorSchema:
         unknown = sorted(set(given) - set(known))
         if unknown:
             raise InvalidParameters(
-                f"unknown parameter(s) {', '.join(map(repr, unknown))}; "
-                f"this editor accepts: {', '.join(sorted(known)) or 'none'}"
+                f"unknown parameter(s) {', '.join(_with_guess(n, known) for n in unknown)}; "
+                f"this editor accepts: {', '.join(sorted(known)) or 'none'}",
+                parameter=unknown[0],
             )
         resolved: dict[str, str] = {}
         for spec in self.parameters:
             value = given.get(spec.name, spec.default)
             if value is None:
-                raise InvalidParameters(f"parameter {spec.name!r} is required")
+                raise InvalidParameters(f"parameter {spec.name!r} is required", spec.name)
             _check_value(spec, value)
             resolved[spec.name] = value
         return resolved
+
+
+def _with_guess(value: str, candidates: Iterable[str]) -> str:
+    """`value` quoted, with the closest of `candidates` when one is close: a typo's fix."""
+    close = difflib.get_close_matches(value, list(candidates), n=1)
+    return f"{value!r} (did you mean {close[0]!r}?)" if close else repr(value)
 
 
 def _check_value(spec: ParameterSpec, value: str) -> None:
@@ -186,7 +199,9 @@ def _check_value(spec: ParameterSpec, value: str) -> None:
         return  # optional, left to the editor's own default
     if spec.type == "choice" and value not in spec.choices:
         raise InvalidParameters(
-            f"parameter {spec.name!r} must be one of {', '.join(spec.choices)}; got {value!r}"
+            f"parameter {spec.name!r} must be one of {', '.join(spec.choices)}; "
+            f"got {_with_guess(value, spec.choices)}",
+            spec.name,
         )
     if spec.type in ("float", "int"):
         try:
@@ -194,17 +209,20 @@ def _check_value(spec: ParameterSpec, value: str) -> None:
         except ValueError:
             raise InvalidParameters(
                 f"parameter {spec.name!r} must be a{'n integer' if spec.type == 'int' else ' number'}"
-                f"; got {value!r}"
+                f"; got {value!r}",
+                spec.name,
             ) from None
         if not math.isfinite(number):
-            raise InvalidParameters(f"parameter {spec.name!r} must be finite; got {value!r}")
+            raise InvalidParameters(
+                f"parameter {spec.name!r} must be finite; got {value!r}", spec.name
+            )
         if spec.minimum is not None and number < spec.minimum:
             raise InvalidParameters(
-                f"parameter {spec.name!r} must be >= {spec.minimum}; got {value}"
+                f"parameter {spec.name!r} must be >= {spec.minimum}; got {value}", spec.name
             )
         if spec.maximum is not None and number > spec.maximum:
             raise InvalidParameters(
-                f"parameter {spec.name!r} must be <= {spec.maximum}; got {value}"
+                f"parameter {spec.name!r} must be <= {spec.maximum}; got {value}", spec.name
             )
 
 

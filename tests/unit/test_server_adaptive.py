@@ -6,14 +6,16 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 
 from propscope_server.cache import InMemoryArtefactCache
 from propscope_server.config import PreprocessingConfig, Settings
-from propscope_server.domain import Accepted, Progress, PropertyOutcome
-from propscope_server.errors import FailedPrecondition
+from propscope_server.domain import Accepted, EditorRef, Progress, PropertyOutcome, PropertySpec
+from propscope_server.editor_contract import EditorSchema
+from propscope_server.errors import FailedPrecondition, InvalidArgument, NotFound
 from propscope_server.orchestration.explain import Explainer
 from propscope_server.scoring.property_gradient import Decision
-from tests.unit.test_server_orchestration import CLASSIFIER, FakeBackend, spec
+from tests.unit.test_server_orchestration import CLASSIFIER, EDITOR, FakeBackend, spec
 
 
 class LateJumpBackend(FakeBackend):
@@ -148,3 +150,56 @@ async def test_the_requests_own_warnings_come_first_in_accepted():
     cut_short = "adaptive paths can grow only to N = 10, not the default 80"
     events = await explain(LateJumpBackend(), dataclasses.replace(spec(), warnings=(cut_short,)))
     assert events[0].warnings == (cut_short,)
+
+
+CHOOSY_EDITOR = dataclasses.replace(
+    EDITOR,
+    editor_schema=EditorSchema.from_json(
+        '[{"name": "operation", "type": "choice", "choices": ["hue", "scale"]},'
+        ' {"name": "num_inference_steps", "type": "int", "default": "10", "minimum": 1}]'
+    ),
+)
+
+
+async def plan_with(describe, editor: EditorRef) -> None:
+    """Plans a request whose second property is edited by `editor`."""
+    backend = LateJumpBackend()
+
+    async def described(name, version="", deadline=None):
+        return CLASSIFIER if name == "clf" else await describe(name)
+
+    backend.describe = described
+    provided = PropertySpec(name="given", provided_path=(np.zeros((8, 8, 3), np.uint8),) * 10)
+    request = dataclasses.replace(
+        spec(), properties=(provided, PropertySpec(name="hue", editor=editor))
+    )
+    await Explainer(backend, InMemoryArtefactCache(1000), Settings()).plan(request)
+
+
+@pytest.mark.parametrize(
+    ("parameters", "field", "needle"),
+    [
+        ({"operaton": "hue"}, "'operaton'", "unknown parameter(s) 'operaton' (did you mean"),
+        ({"operation": "hu"}, "'operation'", "got 'hu' (did you mean 'hue'?)"),
+        ({"operation": "hue", "num_inference_steps": "0"}, "'num_inference_steps'", ">= 1"),
+        ({}, "'operation'", "'operation' is required"),
+    ],
+)
+async def test_an_editor_parameter_refusal_names_the_parameters_field(parameters, field, needle):
+    async def describe(name):
+        return CHOOSY_EDITOR
+
+    with pytest.raises(InvalidArgument) as info:
+        await plan_with(describe, EditorRef("ed", parameters=parameters))
+    assert info.value.field == f"properties[1].editor.parameters[{field}]"
+    assert needle in str(info.value)
+
+
+async def test_an_editor_typo_names_the_property_and_its_model_field():
+    async def describe(name):
+        raise NotFound(f"model {name!r} is not served by Triton; did you mean 'ed'?")
+
+    with pytest.raises(NotFound) as info:
+        await plan_with(describe, EditorRef("edd"))
+    assert info.value.field == "properties[1].editor.model"
+    assert str(info.value).startswith("property 'hue' (properties[1].editor.model): model 'edd'")

@@ -4,6 +4,7 @@ over tritonclient's gRPC aio client. Triton errors become domain errors here."""
 from __future__ import annotations
 
 import asyncio
+import difflib
 import json
 import logging
 import random
@@ -242,9 +243,19 @@ class TritonBackend:
     async def _raise_why_missing(self, name: str, version: str, deadline: float | None) -> None:
         """Forgets the model's cached descriptions; raises FailedPrecondition when Triton's
         repository holds the model but has no version of it loaded, and NotFound naming
-        the served versions when `version` is not one of them."""
+        the served versions when `version` is not one of them, or the served model whose
+        name is closest when Triton has none of this name (a typo)."""
         self._forget(name)
-        entries = [e for e in await self.repository(deadline) if e.name == name]
+        repository = await self.repository(deadline)
+        entries = [e for e in repository if e.name == name]
+        if not entries:
+            ready = {e.name for e in repository if e.state == "READY"}
+            close = difflib.get_close_matches(name, sorted(ready), n=1)
+            if close:
+                raise NotFound(
+                    f"model {name!r} is not served by Triton; did you mean {close[0]!r}? "
+                    "(ListModels shows what is)"
+                )
         served = sorted({e.version for e in entries if e.state == "READY"}, key=_version_order)
         if entries and not served:
             entry = entries[0]

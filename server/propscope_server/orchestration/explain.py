@@ -44,6 +44,7 @@ from propscope_server.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     PropscopeError,
     Unavailable,
 )
@@ -143,9 +144,9 @@ class Explainer:
             self._backend, spec.classifier, spec.image, self._settings, deadline
         )
         editors = {}
-        for prop in spec.properties:
+        for index, prop in enumerate(spec.properties):
             if prop.editor is not None:
-                editors[prop.name] = await self._plan_editor(prop, deadline)
+                editors[prop.name] = await self._plan_editor(index, prop, deadline)
         used = {
             (e.description.name, e.description.version): e.description for e in editors.values()
         }
@@ -159,19 +160,31 @@ class Explainer:
             deadline=deadline,
         )
 
-    async def _plan_editor(self, prop: PropertySpec, deadline: float | None) -> PlannedEditor:
+    async def _plan_editor(
+        self, index: int, prop: PropertySpec, deadline: float | None
+    ) -> PlannedEditor:
+        """Refusals name the field of property `index` to change."""
         assert prop.editor is not None
-        editor = await self._backend.describe(prop.editor.model, prop.editor.version, deadline)
+        field = f"properties[{index}].editor"
+        try:
+            editor = await self._backend.describe(prop.editor.model, prop.editor.version, deadline)
+        except NotFound as error:
+            raise NotFound(
+                f"property {prop.name!r} ({field}.model): {error}", field=f"{field}.model"
+            ) from None
         if editor.role != "editor" or editor.editor_schema is None:
             raise InvalidArgument(
                 f"property {prop.name!r}: model {editor.name!r} is not an editor "
-                "(ListModels shows the editors)"
+                "(ListModels shows the editors)",
+                field=f"{field}.model",
             )
         try:
             resolved = editor.editor_schema.resolve(prop.editor.parameters)
         except InvalidParameters as error:
+            parameter = f"{field}.parameters[{error.parameter!r}]" if error.parameter else None
             raise InvalidArgument(
-                f"property {prop.name!r}, editor {editor.name!r}: {error}"
+                f"property {prop.name!r}, editor {editor.name!r}: {error}",
+                field=parameter or f"{field}.parameters",
             ) from None
         return PlannedEditor(editor, canonical_parameters(resolved))
 
