@@ -365,14 +365,18 @@ async def test_a_missing_version_names_the_model_the_version_and_the_served_ones
     assert "version(s) 1, 2" in str(caught.value)
 
 
-async def test_a_typod_model_gets_a_did_you_mean(backend):
-    """A caller's typo is answered with the served name closest to it."""
+async def test_a_typod_model_gets_a_did_you_mean_and_is_no_triton_error(backend):
+    """A caller's typo is answered with the served name closest to it, and does not
+    count as a Triton failure (propscope_triton_errors_total would page for typos)."""
+    errors = metrics.TRITON_ERRORS.labels(model="*", kind="metadata", code="NOT_FOUND")
+    before = errors._value.get()
     unknown = "Request for unknown model: 'n' is not found"
     backend._client.answers["get_model_metadata"] = triton_error("NOT_FOUND", unknown)
     with pytest.raises(NotFound, match="^model 'n' is not served by Triton \\(ListModels"):
         await backend.describe("n")  # nothing close to "n": no guess
     with pytest.raises(NotFound, match="^model 'mm' is not served by Triton; did you mean 'm'\\?"):
         await backend.describe("mm")
+    assert errors._value.get() == before
 
 
 async def test_a_dead_worker_is_refused_fast_then_reloaded_and_probed(backend):

@@ -143,13 +143,16 @@ class TritonBackend:
             try:
                 return await call(timeout)
             except InferenceServerException as error:
-                # Metadata calls may name any model a caller typed: no label per name.
+                # Metadata calls may name any model a caller typed: no label per name, and
+                # a name Triton does not know is the caller's mistake, not a Triton error.
                 label = "*" if kind == "metadata" else model
-                metrics.TRITON_ERRORS.labels(model=label, kind=kind, code=_status_name(error)).inc()
+                translated = _translate(error, model)
+                if not (kind == "metadata" and isinstance(translated, NotFound)):
+                    code = _status_name(error)
+                    metrics.TRITON_ERRORS.labels(model=label, kind=kind, code=code).inc()
                 message = error.message() or str(error)
                 if is_worker_failure(message):
                     raise await self.model_health.worker_failed(model, message, started) from None
-                translated = _translate(error, model)
                 if isinstance(translated, DeadlineExceeded) and timeout >= timeout_s:
                     asked = "its repository index" if model == "*" else f"model {model!r}"
                     raise Unavailable(  # our bound ran out, not the caller's deadline
