@@ -11,8 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from propscope_dev import stack
+from propscope_dev import main, stack
 from propscope_dev.triton_launcher import (
     ModelState,
     config_fields,
@@ -232,3 +233,17 @@ def test_an_unreachable_triton_is_not_live_and_times_out(tmp_path):
     assert repository_index(url) is None
     with pytest.raises(TimeoutError, match="not ready after"):
         wait_for_models(url, None, timeout_s=0.6)
+
+
+@pytest.mark.parametrize(
+    ("run_dir", "stop"),
+    [(".run", "make down"), ("/tmp/my run", "propscope-dev down --run-dir '/tmp/my run'")],
+)
+def test_up_names_the_command_that_stops_its_own_run_dir(monkeypatch, run_dir, stop):
+    """`make down` stops the default .run stack only: another run dir gets its own command."""
+    running = stack.StackInfo("127.0.0.1:1", "127.0.0.1:2", None, None, {})
+    monkeypatch.setattr(stack, "start_request", lambda *args: {})
+    monkeypatch.setattr(stack, "running", lambda path: running if path == Path(run_dir) else None)
+    result = CliRunner().invoke(main.app, ["up", "--run-dir", run_dir])
+    assert result.exit_code == 0, result.output
+    assert f"stop: {stop})" in result.output and f"stop with `{stop}`" in result.output

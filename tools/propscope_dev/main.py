@@ -4,6 +4,7 @@ tests run, and Triton alone (the CPU container of docker-compose.yml)."""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def up(
     request = stack.start_request(port, redis, None, repositories, os.environ)
     running = None if restart else stack.running(run_dir)
     if running is not None and running.request == request:
-        typer.echo("already running (`--restart` starts it again; stop: make down)")
+        typer.echo(f"already running (`--restart` starts it again; stop: {stop_command(run_dir)})")
         _report(running, run_dir)
         return
     if running is not None:
@@ -115,8 +116,15 @@ def _report(info: stack.StackInfo, run_dir: Path) -> None:
     typer.echo(f"path cache         {info.redis_url or 'in-process (redis-server not installed)'}")
     typer.echo(f"metrics            {info.metrics_url or 'off (PROPSCOPE_METRICS_PORT=0)'}")
     typer.echo(f"Triton metrics     {info.triton_metrics_url}")
-    typer.echo(f"logs               {run_dir}/*.log; stop with `make down`")
+    typer.echo(f"logs               {run_dir}/*.log; stop with `{stop_command(run_dir)}`")
     _report_unavailable(info.unavailable)
+
+
+def stop_command(run_dir: Path) -> str:
+    """What stops the stack of `run_dir`: `make down` stops only the default one."""
+    if run_dir == RUN_DIR:
+        return "make down"
+    return f"propscope-dev down --run-dir {shlex.quote(str(run_dir))}"
 
 
 def _report_unavailable(unavailable: dict[str, str]) -> None:
