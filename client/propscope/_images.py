@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "FOLDER_IMAGE_SUFFIXES",
+    "AlphaDroppedWarning",
     "ImageLike",
     "encode_image",
     "encode_mask",
@@ -29,28 +31,65 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 FOLDER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
+class AlphaDroppedWarning(UserWarning):
+    """An image with transparent pixels is explained without its alpha channel: the model sees
+    the colour stored under each transparent pixel (often black), not what a viewer shows."""
+
+
 def encode_image(image: ImageLike) -> bytes:
     """The PNG or JPEG bytes to send for ``image``.
 
     PNG and JPEG bytes (given directly or read from a file) are sent unchanged; other formats
     Pillow can read (WebP, BMP, TIFF...) are converted to RGB PNG. Arrays must be uint8 HxWx3 RGB
-    and PIL images are converted to RGB; both are encoded as PNG. Raises ``OSError`` when a file
-    cannot be read, ``ValueError`` when the data is no image or the array has the wrong shape or
-    dtype, and ``TypeError`` for other argument types.
+    and PIL images are converted to RGB; both are encoded as PNG. The service reads RGB only: an
+    alpha channel is dropped, not blended, and an image with transparent pixels warns
+    (``AlphaDroppedWarning``) so that its pixels are flattened onto the background meant.
+    Raises ``OSError`` when a file cannot be read, ``ValueError`` when the data is no image or
+    the array has the wrong shape or dtype, and ``TypeError`` for other argument types.
     """
-    if isinstance(image, bytes | bytearray | memoryview):
-        return _ensure_png_or_jpeg(bytes(image), "image bytes")
-    if isinstance(image, str | os.PathLike):
-        path = Path(image)
-        return _ensure_png_or_jpeg(path.read_bytes(), str(path))
     if isinstance(image, np.ndarray):
         return _png_from_array(image)
     if isinstance(image, Image.Image):
-        return _png_from_pil(image)
-    raise TypeError(
-        "image must be encoded bytes, a path, a uint8 HxWx3 numpy array or a PIL image, "
-        f"not {type(image).__name__}"
-    )
+        what, transparent = "the PIL image", _has_transparent_pixels(image)
+        encoded = _png_from_pil(image)
+    elif isinstance(image, bytes | bytearray | memoryview | str | os.PathLike):
+        if isinstance(image, str | os.PathLike):
+            data, what = Path(image).read_bytes(), str(image)
+        else:
+            data, what = bytes(image), "image bytes"
+        encoded = _ensure_png_or_jpeg(data, what)
+        transparent = not data.startswith(_JPEG_MAGIC) and _decodes_transparent(data)
+    else:
+        raise TypeError(
+            "image must be encoded bytes, a path, a uint8 HxWx3 numpy array or a PIL image, "
+            f"not {type(image).__name__}"
+        )
+    if transparent:
+        warnings.warn(
+            f"{what} has transparent pixels; the alpha channel is dropped, not blended: the "
+            "model sees the colour stored under each transparent pixel (often black). Flatten "
+            "the image onto the background you mean first",
+            AlphaDroppedWarning,
+            stacklevel=2,
+        )
+    return encoded
+
+
+def _decodes_transparent(data: bytes) -> bool:
+    """Whether ``data`` decodes to an image with transparent pixels; False when Pillow cannot
+    decode it (PNG bytes are sent as they are: the service names what is wrong with them)."""
+    try:
+        with Image.open(io.BytesIO(data)) as decoded:
+            return _has_transparent_pixels(decoded)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def _has_transparent_pixels(image: Image.Image) -> bool:
+    """A pixel that is not fully opaque (the alpha decoded only when the header has one)."""
+    if "A" not in image.getbands() and "transparency" not in image.info:
+        return False
+    return image.convert("RGBA").getchannel("A").getextrema()[0] < 255
 
 
 def _ensure_png_or_jpeg(

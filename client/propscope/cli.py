@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -289,7 +290,9 @@ def explain(
     image: Annotated[
         Path,
         typer.Argument(
-            metavar="IMAGE", help="The image: PNG or JPEG (other formats are converted to PNG)."
+            metavar="IMAGE",
+            help="The image: PNG or JPEG (other formats are converted to PNG); RGB only: "
+            "transparent pixels show their stored colour (a warning says so).",
         ),
     ],
     models: Annotated[
@@ -420,19 +423,15 @@ def explain(
     add up to more than the total.
     """
     try:
-        properties = normalize_properties([parse_property(spec) for spec in property_specs])
+        with _warnings_on_stderr():  # a provided path's images with transparent pixels
+            properties = normalize_properties([parse_property(spec) for spec in property_specs])
         preprocessing = _preprocessing_option(mean, std, output_kind, resize)
         class_labels = _labels_option(labels)
     except ValueError as error:
         _fail(str(error))
     if fixed_steps and max_steps:
         _fail("--max-steps applies to adaptive paths; leave out --fixed-steps or --max-steps")
-    try:
-        image_bytes = encode_image(image)
-    except OSError as error:
-        _fail(f"cannot read image {str(image)!r}: {error.strerror or error}")
-    except ValueError as error:
-        _fail(f"cannot use image {str(image)!r}: {error}")
+    image_bytes = _read_image_option(image)
     if report is not None:
         _review_package()  # the review extra renders it: say it is missing before any work
     classifiers = [Classifier.parse(text) for text in dict.fromkeys(models)]
@@ -957,11 +956,23 @@ def _show_bar(progress: bool | None) -> bool:
 
 def _read_image_option(image: Path) -> bytes:
     try:
-        return encode_image(image)
+        with _warnings_on_stderr():
+            return encode_image(image)
     except OSError as error:
         _fail(f"cannot read image {str(image)!r}: {error.strerror or error}")
     except ValueError as error:
         _fail(f"cannot use image {str(image)!r}: {error}")
+
+
+@contextmanager
+def _warnings_on_stderr() -> Iterator[None]:
+    """The SDK's warnings in the block (an image's alpha channel dropped) as one
+    ``propscope: warning: ...`` line each, once the block is done."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        typer.echo(f"propscope: warning: {warning.message}", err=True)
 
 
 @contextmanager

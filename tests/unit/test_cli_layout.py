@@ -7,7 +7,9 @@ import math
 import re
 
 import grpc
+import numpy as np
 import pytest
+from PIL import Image
 from rich.console import Console
 from rich.text import Text
 from typer.testing import CliRunner
@@ -16,6 +18,7 @@ from propscope import Accepted, Done, Progress, PropertyResult
 from propscope._cli_layout import Column, logfmt, number, print_rows
 from propscope._cli_output import ExplainOutput, OutputFormat
 from propscope._cli_progress import explain_progress
+from propscope._images import AlphaDroppedWarning, encode_image
 from propscope.cli import app
 
 COLUMNS = (
@@ -214,3 +217,38 @@ def test_the_timings_line_says_stage_times_are_summed_over_parallel_properties(c
     ), out
     result = CliRunner().invoke(app, ["explain", "--help"], env={"COLUMNS": "80"})
     assert "summed over the properties run in parallel" in " ".join(result.stdout.split())
+
+
+def _rgba_png(min_alpha: int) -> bytes:
+    pixels = np.full((4, 4, 4), 255, np.uint8)
+    pixels[0, 0] = (200, 10, 10, min_alpha)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_image_with_transparent_pixels_warns_that_its_alpha_is_dropped(tmp_path, recwarn):
+    transparent = _rgba_png(0)
+    webp = tmp_path / "cat.webp"
+    Image.open(io.BytesIO(transparent)).save(webp, lossless=True)
+    for image in (transparent, webp, Image.open(io.BytesIO(transparent))):
+        with pytest.warns(AlphaDroppedWarning, match="alpha channel is dropped, not blended"):
+            encode_image(image)
+    assert encode_image(transparent) == transparent  # PNG bytes are still sent unchanged
+    recwarn.clear()
+    encode_image(_rgba_png(255))  # an alpha channel with every pixel opaque: nothing to say
+    encode_image(b"\x89PNG\r\n\x1a\nnot decoded")  # the service names what is wrong with it
+    assert not [w for w in recwarn if issubclass(w.category, AlphaDroppedWarning)]
+
+
+def test_the_cli_says_on_stderr_that_an_image_loses_its_alpha(tmp_path):
+    image = tmp_path / "logo.png"
+    image.write_bytes(_rgba_png(0))
+    result = CliRunner().invoke(
+        app, ["attribute", str(image), "-m", "m", "--target", "127.0.0.1:1", "--timeout", "5"]
+    )
+    assert result.exit_code == 2
+    assert result.stderr.startswith(
+        f"propscope: warning: {image} has transparent pixels; the alpha channel is dropped, "
+        "not blended"
+    ), result.stderr

@@ -23,11 +23,38 @@ const BMP_MAGIC = Buffer.from("BM");
 /**
  * The PNG or JPEG bytes to send for `image`. PNG and JPEG are sent unchanged; other formats
  * become an RGB PNG, any alpha channel dropped (as Pillow's `convert("RGB")`, not blended).
- * Rejects with an Error naming the file when it cannot be read or is no image.
+ * The service reads RGB only: an image with transparent pixels emits a process warning
+ * (code `PROPSCOPE_ALPHA_DROPPED`, as the Python SDK's AlphaDroppedWarning). Rejects with an
+ * Error naming the file when it cannot be read or is no image.
  */
 export async function encodeImage(image: ImageInput): Promise<Buffer> {
   const [data, what] = await loaded(image, "image");
-  return isPngOrJpeg(data) ? data : convert(data, what, rgbPng);
+  const encoded = isPngOrJpeg(data) ? data : await convert(data, what, rgbPng);
+  if (!startsWith(data, JPEG_MAGIC) && (await hasTransparentPixels(data))) {
+    process.emitWarning(
+      `${what} has transparent pixels; the alpha channel is dropped, not blended: the model ` +
+        "sees the colour stored under each transparent pixel (often black). Flatten the image " +
+        "onto the background you mean first",
+      { type: "AlphaDroppedWarning", code: ALPHA_DROPPED },
+    );
+  }
+  return encoded;
+}
+
+/** The code of the process warning `encodeImage` emits for an image with transparent pixels. */
+export const ALPHA_DROPPED = "PROPSCOPE_ALPHA_DROPPED";
+
+/** Whether sharp decodes `data` to an image with a pixel that is not fully opaque; false when
+ * it cannot decode it (PNG bytes are sent as they are: the service names what is wrong). */
+async function hasTransparentPixels(data: Buffer): Promise<boolean> {
+  try {
+    const pixels = sharp(data);
+    if (!(await pixels.metadata()).hasAlpha) return false;
+    const { channels } = await pixels.stats();
+    return channels[channels.length - 1].min < 255;
+  } catch {
+    return false;
+  }
 }
 
 /**

@@ -58,6 +58,7 @@ export {
   type TargetScore,
 } from "./attribution";
 export {
+  ALPHA_DROPPED,
   FOLDER_IMAGE_SUFFIXES,
   READABLE_FORMATS,
   encodeImage,

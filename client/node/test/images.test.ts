@@ -15,7 +15,7 @@ import { promisify } from "node:util";
 
 import sharp from "sharp";
 
-import { encodeImage, encodeMask, parseProperty } from "../src";
+import { ALPHA_DROPPED, encodeImage, encodeMask, parseProperty } from "../src";
 
 const PNG_MAGIC = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
 // Red, green, blue and one mixed pixel, and the grey levels Pillow's convert("L") gives them.
@@ -56,6 +56,26 @@ test("a WebP image becomes an RGB PNG, its alpha dropped and not blended", async
 test("a WebP mask keeps its alpha channel, or becomes grey with Pillow's weights", async () => {
   assert.deepEqual(await pixels(await encodeMask(await webp(4))), { channels: 4, values: [...rgba()] });
   assert.deepEqual(await pixels(await encodeMask(await webp(3))), { channels: 1, values: PILLOW_GREY });
+});
+
+test("an image with transparent pixels warns that its alpha channel is dropped", async () => {
+  const warned: string[] = [];
+  const listen = (warning: Error & { code?: string }) => {
+    if (warning.code === ALPHA_DROPPED) warned.push(warning.message);
+  };
+  process.on("warning", listen);
+  try {
+    const png = await sharp(rgba(), { raw: { width: 4, height: 1, channels: 4 } }).png().toBuffer();
+    const opaque = await sharp(Buffer.alloc(16, 255), { raw: { width: 4, height: 1, channels: 4 } }).png().toBuffer();
+    for (const image of [png, await webp(4), opaque, await webp(3), Buffer.concat([PNG_MAGIC, Buffer.from("x")])]) {
+      await encodeImage(image);
+    }
+    await new Promise((resolve) => setImmediate(resolve)); // warnings are emitted on the next tick
+  } finally {
+    process.off("warning", listen);
+  }
+  assert.equal(warned.length, 2, warned.join("\n"));
+  assert.match(warned[0], /^image bytes has transparent pixels; the alpha channel is dropped, not blended/);
 });
 
 test("what is no image is refused, naming it", async () => {
