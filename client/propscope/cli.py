@@ -1044,7 +1044,7 @@ def models(
     print_models(infos, OutputFormat.JSON if as_json else output_format)
 
 
-@app.command()
+@app.command(short_help="Gate a candidate model on a review spec's rules (CI).")
 def review(
     context: typer.Context,
     spec_file: Annotated[

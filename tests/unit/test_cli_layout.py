@@ -252,3 +252,13 @@ def test_the_cli_says_on_stderr_that_an_image_loses_its_alpha(tmp_path):
         f"propscope: warning: {image} has transparent pixels; the alpha channel is dropped, "
         "not blended"
     ), result.stderr
+
+
+def test_every_command_summary_is_whole_in_the_top_level_help():
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "80"})
+    commands = result.stdout.split("Commands:")[1].split("Exit codes:")[0]
+    summaries = [line for line in commands.splitlines() if line.strip()]
+    assert [line.split()[0] for line in summaries] == [
+        "explain", "attribute", "evaluate", "models", "review",
+    ]  # fmt: skip
+    assert not [line for line in summaries if line.endswith("...")], commands
