@@ -21,6 +21,7 @@ from propscope_dev.hostile import (
 from tests.integration.conftest import extra_gateway
 from tests.integration.test_operations import (
     TOKENS,
+    diffusion_request,
     explain,
     explain_request,
     heavy_request,
@@ -55,7 +56,7 @@ def test_a_client_deadline_cannot_raise_the_gateways_cap(live_stack, tmp_path):
             stub = explain_pb2_grpc.ExplainServiceStub(channel)
             started = time.monotonic()
             with pytest.raises(grpc.RpcError) as caught:
-                list(stub.Explain(heavy_request(seed=505), timeout=3600))
+                list(stub.Explain(diffusion_request(seed=505), timeout=3600))
             elapsed = time.monotonic() - started
             assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert "max_call_s" in caught.value.details()

@@ -57,6 +57,23 @@ def heavy_request(seed: int) -> pb.ExplainRequest:
     return explain_request(seed, properties=properties, samples=4, steps=64, permutations=100)
 
 
+def diffusion_request(seed: int) -> pb.ExplainRequest:
+    """Tens of seconds of work whatever the machine (a deadline test must not depend on how
+    fast procedural edits are): SDEdit, a diffusion editor, over 2 samples x 32 steps."""
+    snow = pb.Property(
+        name="snow",
+        editor=pb.EditorIntervention(
+            model="sdedit",
+            parameters={
+                "source_prompt": "a red circle",
+                "target_prompt": "snow",
+                "num_inference_steps": "20",
+            },
+        ),
+    )
+    return explain_request(seed, properties=[snow], samples=2, steps=32, permutations=100)
+
+
 def explain(channel: grpc.Channel, request: pb.ExplainRequest, token: str | None = None) -> list:
     stub = explain_pb2_grpc.ExplainServiceStub(channel)
     return list(stub.Explain(request, metadata=bearer(token), timeout=120))
