@@ -5,6 +5,7 @@ launcher as `make up`."""
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import grpc
@@ -25,6 +26,41 @@ SMALL_LIMITS = {
     "PROPSCOPE_LIMITS__MAX_PATH_PIXELS": str(64 * 64 * 2000),
     "PROPSCOPE_LIMITS__MAX_EDITS": str(2000),
 }
+
+
+# The session's temporary folder, where every stack writes its logs (see the report below).
+SESSION_TEMP: list[Path] = []
+LOG_TAIL_LINES = 60
+CALL_STARTED = pytest.StashKey[float]()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_temp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    SESSION_TEMP.append(tmp_path_factory.getbasetemp())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    item.stash[CALL_STARTED] = time.time()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failed test's report carries the tail of every stack log that shows a problem
+    written while it ran: CI keeps no temporary files, and an INTERNAL status names
+    nothing without the gateway's traceback."""
+    report = yield
+    if report.failed and call.when == "call":
+        started = item.stash.get(CALL_STARTED, 0.0)
+        logs = {log for folder in SESSION_TEMP for log in folder.glob("**/*.log")}
+        for log in sorted(logs):
+            if log.stat().st_mtime < started:
+                continue
+            tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+            if any("Traceback" in line or "ERROR" in line for line in tail):
+                report.sections.append((f"log {log}", "\n".join(tail)))
+    return report
 
 
 @pytest.fixture(scope="session")
