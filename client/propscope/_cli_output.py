@@ -5,10 +5,11 @@ out by ``_cli_layout`` (a table when it fits, else a block per row), ``key=value
 from __future__ import annotations
 
 import enum
+import io
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.text import Text
@@ -22,6 +23,7 @@ __all__ = [
     "OutputFormat",
     "print_evaluation",
     "print_models",
+    "stdout_console",
     "write_json",
 ]
 
@@ -30,6 +32,36 @@ class OutputFormat(enum.Enum):
     TABLE = "table"
     PLAIN = "plain"
     JSON = "json"
+
+
+def stdout_console() -> Console:
+    """The console of tables, blocks and notes. On a terminal, rich's own. In a pipe (CI logs,
+    files) lines carry no trailing spaces (rich pads table cells) and a note or timings line is
+    not wrapped (soft wrap): each stays on one line, whole for grep, never split mid-phrase."""
+    console = Console()
+    if console.is_terminal:
+        return console
+    return Console(file=_TrimmedLines(sys.stdout), soft_wrap=True)
+
+
+class _TrimmedLines(io.TextIOBase):
+    """Writes each line to ``file`` without its trailing spaces."""
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            self._file.write(line.rstrip(" ") + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial:
+            self._file.write(self._partial)
+            self._partial = ""
+        self._file.flush()
 
 
 def write_json(obj: dict[str, Any]) -> None:
@@ -75,7 +107,7 @@ class ExplainOutput:
     def __init__(self, output_format: OutputFormat, several_models: bool) -> None:
         self._format = output_format
         self._several_models = several_models
-        self._console = Console()
+        self._console = stdout_console()
         self._accepted: dict[str, Accepted] = {}
         self._results: dict[str, dict[str, PropertyResult]] = {}
         self._done: dict[str, Done] = {}
@@ -293,7 +325,7 @@ def print_models(infos: Sequence[ModelInfo], output_format: OutputFormat) -> Non
                 + "\n"
             )
         return
-    console = Console()
+    console = stdout_console()
     rows = [
         [
             info.name,
@@ -376,7 +408,7 @@ def print_evaluation(
                 + "\n"
             )
         return
-    console = Console()
+    console = stdout_console()
     label = f" ({found.target_label})" if found.target_label else ""
     version = f" version {found.model_version}" if found.model_version else ""
     title = (

@@ -62,6 +62,7 @@ from propscope._cli_output import (
     note,
     print_evaluation,
     print_models,
+    stdout_console,
     write_json,
 )
 from propscope._cli_progress import ProgressMode, explain_progress
@@ -730,10 +731,10 @@ def attribute(
         ]
         sys.stdout.write(f"attribution {logfmt(figures)}\n")
         return
-    console = Console()
+    console = stdout_console()
     for line in _attribution_summary(model, found, png_path, json_path):
-        # Words wrap at the console's width; the written paths stay whole on one line.
-        console.print(line, soft_wrap=line.plain.startswith("wrote "))
+        # Words wrap at a terminal's width; the written paths stay whole on one line.
+        console.print(line, soft_wrap=True if line.plain.startswith("wrote ") else None)
 
 
 def _classifier_option(text: str, methods: Sequence[str]) -> Classifier:

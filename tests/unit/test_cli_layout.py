@@ -1,6 +1,7 @@
 """The CLI's layout (nothing cut at any width), plain lines, progress lines and --version,
 without a server."""
 
+import dataclasses
 import importlib.metadata
 import io
 import math
@@ -262,3 +263,21 @@ def test_every_command_summary_is_whole_in_the_top_level_help():
         "explain", "attribute", "evaluate", "models", "review",
     ]  # fmt: skip
     assert not [line for line in summaries if line.endswith("...")], commands
+
+
+@pytest.mark.parametrize("long_name", ["b", "background_brightness_of_the_scene_and_more"])
+def test_piped_output_has_no_trailing_spaces_and_notes_stay_on_one_line(capsys, long_name):
+    """Not a terminal (capsys): each note and the timings line whole on its own line, however
+    long, and no line of the table (or blocks) ends in the spaces rich pads cells with."""
+    warning = "the automatic object/background split is unreliable on this image " * 3
+    output = ExplainOutput(OutputFormat.TABLE, several_models=False)
+    output.event("m", _accepted("a", long_name, "c"))
+    for name in ("c", "a", long_name):
+        output.event("m", dataclasses.replace(_result(name), warnings=(warning.strip(),)))
+    output.event("m", _done())
+    output.finish("m")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and [line for line in lines if line != line.rstrip()] == [], lines
+    assert f"a: warning: {warning.strip()}" in lines
+    timings = [line for line in lines if line.startswith("m: total 100 ms")]
+    assert len(timings) == 1 and timings[0].endswith("path cache 0 hits, 3 misses (request r)")
