@@ -492,7 +492,9 @@ def explain(
         for classifier in classifiers:
             if recorded[classifier.label]:
                 output.finish(classifier.label)  # what arrived before the failure
-        _fail(f"{target}: {error}{_options_named(error, context)}")
+        _fail(
+            f"{target}: {error}{_options_named(error, context)}{_unreachable_hint(error, target)}"
+        )
     except ValueError as error:  # arguments the SDK rejects
         _fail(str(error))
     except KeyboardInterrupt:
@@ -551,6 +553,23 @@ def _options_named(error: PropscopeError, context: typer.Context) -> str:
         if option and option not in named:
             named.append(option)
     return f" (option {', '.join(named)})" if named else ""
+
+
+# What gRPC says when no connection to the target could be made (refused, unknown host), as
+# opposed to an UNAVAILABLE the gateway itself returns (a sick model, Triton down).
+_NOT_CONNECTED = re.compile(
+    r"failed to connect|errors resolving|DNS resolution failed|Connection refused"
+)
+
+
+def _unreachable_hint(error: Exception, target: str) -> str:
+    """A hint after an error that says no connection could be made to ``target``."""
+    if not _NOT_CONNECTED.search(str(error)):
+        return ""
+    return (
+        f"; is the gateway running at {target}? Start one with `make up` in the propscope "
+        f"checkout, or pass --target HOST:PORT (or set ${TARGET_ENVVAR})"
+    )
 
 
 def _choice(value: str, choices: Sequence[str], option: str) -> str:
@@ -703,7 +722,9 @@ def attribute(
     except PreflightError as error:
         _fail_lines(f"{target}: {error}")
     except PropscopeError as error:
-        _fail(f"{target}: {error}{_options_named(error, context)}")
+        _fail(
+            f"{target}: {error}{_options_named(error, context)}{_unreachable_hint(error, target)}"
+        )
     except (ValueError, ImportError) as error:
         _fail(str(error))
     except OSError as error:
@@ -925,7 +946,9 @@ def evaluate(
     except PreflightError as error:
         _fail_lines(f"{target}: {error}")
     except PropscopeError as error:
-        _fail(f"{target}: {error}{_options_named(error, context)}")
+        _fail(
+            f"{target}: {error}{_options_named(error, context)}{_unreachable_hint(error, target)}"
+        )
     except ValueError as error:
         _fail(str(error))
     except KeyboardInterrupt:
@@ -1039,7 +1062,7 @@ def models(
         with context.obj.client(target, timeout) as client:
             infos = client.list_models()
     except PropscopeError as error:
-        _fail(f"{target}: {error}")
+        _fail(f"{target}: {error}{_unreachable_hint(error, target)}")
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
     print_models(infos, OutputFormat.JSON if as_json else output_format)
@@ -1120,7 +1143,7 @@ def _run_review(
         ):
             result = review_package.run_review(spec, images, client, on_progress=report)
     except review_package.ReviewError as error:
-        _fail(str(error))
+        _fail(f"{error}{_unreachable_hint(error, address)}")
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
     try:

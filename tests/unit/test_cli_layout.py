@@ -15,12 +15,12 @@ from rich.console import Console
 from rich.text import Text
 from typer.testing import CliRunner
 
-from propscope import Accepted, Done, Progress, PropertyResult
+from propscope import Accepted, Done, Progress, PropertyResult, PropscopeError
 from propscope._cli_layout import Column, logfmt, number, print_rows
 from propscope._cli_output import ExplainOutput, OutputFormat
 from propscope._cli_progress import explain_progress
 from propscope._images import AlphaDroppedWarning, encode_image
-from propscope.cli import app
+from propscope.cli import _unreachable_hint, app
 
 COLUMNS = (
     Column("property"),
@@ -281,3 +281,17 @@ def test_piped_output_has_no_trailing_spaces_and_notes_stay_on_one_line(capsys, 
     assert f"a: warning: {warning.strip()}" in lines
     timings = [line for line in lines if line.startswith("m: total 100 ms")]
     assert len(timings) == 1 and timings[0].endswith("path cache 0 hits, 3 misses (request r)")
+
+
+def test_an_unreachable_gateway_gets_a_hint_on_how_to_reach_one():
+    result = CliRunner().invoke(app, ["models", "--target", "127.0.0.1:1", "--timeout", "5"])
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("propscope: error: 127.0.0.1:1: UNAVAILABLE: "), line
+    assert line.endswith(
+        "; is the gateway running at 127.0.0.1:1? Start one with `make up` in the propscope "
+        "checkout, or pass --target HOST:PORT (or set $PROPSCOPE_TARGET)"
+    ), line
+    # An UNAVAILABLE the gateway itself returns: it is running, the hint would mislead.
+    sick = PropscopeError(grpc.StatusCode.UNAVAILABLE, "model 'resnet' is unavailable: reloading")
+    assert _unreachable_hint(sick, "localhost:50051") == ""
