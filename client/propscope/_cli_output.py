@@ -21,6 +21,7 @@ from propscope._events import Accepted, Decision, Done, Event, ModelInfo, Proper
 __all__ = [
     "ExplainOutput",
     "OutputFormat",
+    "in_cli_terms",
     "print_evaluation",
     "print_models",
     "stdout_console",
@@ -69,10 +70,28 @@ def write_json(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+# The request fields the server's messages name, in the command line's words (the longer
+# phrase first, where one contains another).
+_CLI_TERMS = (
+    ("(Property.region)", "(a ;mask=FILE or ;box=LEFT,TOP,RIGHT,BOTTOM suffix of --property)"),
+    ("model.preprocessing.output_kind", "--output-kind"),
+    ("pass model.preprocessing in the request", "pass --mean, --std, --output-kind or --resize"),
+    ("pass model.preprocessing", "pass --mean, --std, --output-kind or --resize"),
+)
+
+
+def in_cli_terms(message: str) -> str:
+    """``message`` (a server's warning or error) with the request fields it names that an
+    option sets spelt as that option."""
+    for field, option in _CLI_TERMS:
+        message = message.replace(field, option)
+    return message
+
+
 def note(where: str, kind: str, message: str, style: str) -> Text:
     text = Text(where, style="bold")
     text.append(kind, style=style)
-    text.append(message)
+    text.append(in_cli_terms(message))
     return text
 
 
@@ -175,6 +194,9 @@ class ExplainOutput:
             self._line("done", **self._plain_done(model, done))
 
     def _line(self, kind: str, **pairs: object) -> None:
+        for key in ("message", "error"):
+            if isinstance(pairs.get(key), str):
+                pairs[key] = in_cli_terms(pairs[key])
         sys.stdout.write(f"{kind} {logfmt(pairs.items())}\n")
         sys.stdout.flush()
 

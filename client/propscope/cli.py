@@ -59,6 +59,7 @@ from propscope._cli_layout import logfmt
 from propscope._cli_output import (
     ExplainOutput,
     OutputFormat,
+    in_cli_terms,
     note,
     print_evaluation,
     print_models,
@@ -492,9 +493,7 @@ def explain(
         for classifier in classifiers:
             if recorded[classifier.label]:
                 output.finish(classifier.label)  # what arrived before the failure
-        _fail(
-            f"{target}: {error}{_options_named(error, context)}{_unreachable_hint(error, target)}"
-        )
+        _call_failed(target, error, context)
     except ValueError as error:  # arguments the SDK rejects
         _fail(str(error))
     except KeyboardInterrupt:
@@ -560,6 +559,15 @@ def _options_named(error: PropscopeError, context: typer.Context) -> str:
 _NOT_CONNECTED = re.compile(
     r"failed to connect|errors resolving|DNS resolution failed|Connection refused"
 )
+
+
+def _call_failed(target: str, error: PropscopeError, context: typer.Context) -> NoReturn:
+    """The server's error in the command line's words: the options to change, or how to reach
+    a gateway; exit code 2."""
+    _fail(
+        f"{target}: {in_cli_terms(str(error))}{_options_named(error, context)}"
+        f"{_unreachable_hint(error, target)}"
+    )
 
 
 def _unreachable_hint(error: Exception, target: str) -> str:
@@ -722,9 +730,7 @@ def attribute(
     except PreflightError as error:
         _fail_lines(f"{target}: {error}")
     except PropscopeError as error:
-        _fail(
-            f"{target}: {error}{_options_named(error, context)}{_unreachable_hint(error, target)}"
-        )
+        _call_failed(target, error, context)
     except (ValueError, ImportError) as error:
         _fail(str(error))
     except OSError as error:
@@ -946,9 +952,7 @@ def evaluate(
     except PreflightError as error:
         _fail_lines(f"{target}: {error}")
     except PropscopeError as error:
-        _fail(
-            f"{target}: {error}{_options_named(error, context)}{_unreachable_hint(error, target)}"
-        )
+        _call_failed(target, error, context)
     except ValueError as error:
         _fail(str(error))
     except KeyboardInterrupt:

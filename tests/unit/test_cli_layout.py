@@ -21,6 +21,8 @@ from propscope._cli_output import ExplainOutput, OutputFormat
 from propscope._cli_progress import explain_progress
 from propscope._images import AlphaDroppedWarning, encode_image
 from propscope.cli import _unreachable_hint, app
+from propscope_server.backends.preprocessing import detection_warning
+from propscope_server.regions import MaskEstimate
 
 COLUMNS = (
     Column("property"),
@@ -295,3 +297,22 @@ def test_an_unreachable_gateway_gets_a_hint_on_how_to_reach_one():
     # An UNAVAILABLE the gateway itself returns: it is running, the hint would mislead.
     sick = PropscopeError(grpc.StatusCode.UNAVAILABLE, "model 'resnet' is unavailable: reloading")
     assert _unreachable_hint(sick, "localhost:50051") == ""
+
+
+def test_server_warnings_name_the_cli_syntax_not_request_fields(capsys):
+    """The server's own sentences (so that a rewording there fails here): its region and
+    output-kind advice reads as --property and --output-kind on the command line."""
+    region = MaskEstimate(np.zeros((2, 2), bool), ("the 'object' covers 90% of the image",))
+    detected = detection_warning("m", "logits")
+    for output_format in (OutputFormat.TABLE, OutputFormat.PLAIN):
+        output = ExplainOutput(output_format, several_models=False)
+        output.event("m", dataclasses.replace(_accepted("a"), warnings=(detected,)))
+        output.event("m", dataclasses.replace(_result("a"), warnings=(region.warning,)))
+        output.finish("m")
+        out = " ".join(capsys.readouterr().out.split())
+        assert "Property." not in out and "model.preprocessing" not in out, out
+        assert (
+            "give the region as a mask or a box (a ;mask=FILE or ;box=LEFT,TOP,RIGHT,BOTTOM "
+            "suffix of --property) instead" in out
+        ), out
+        assert "or pass --output-kind to be sure" in out, out
