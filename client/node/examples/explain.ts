@@ -34,7 +34,7 @@ Python CLI does.
 
 --property SPEC: ${PROPERTY_SYNTAX}
   REGION limits an editor's edit: ${REGION_SYNTAX}.
-  -p 'hue=procedural:operation=hue,degrees=90'
+  -p 'hue=procedural:operation=hue,amount=90'
   -p 'hue=procedural:operation=hue;mask=cat-mask.webp'
   -p 'patch=procedural:operation=blend;box_px=10,10,74,74'
   -p 'rain=@paths/rain/'
@@ -55,7 +55,8 @@ options:
   -h, --help                print this help and exit
 
 examples:
-  node dist/examples/explain.js docs/sample.png -m synth_hue \\
+  # in client/node; \`propscope models\` lists the editors and their parameters
+  node dist/examples/explain.js ../../docs/sample.png -m synth_hue \\
     -p 'object_hue=procedural:operation=hue,region=object' -p 'patch=procedural:operation=blend'
   node dist/examples/explain.js cat.webp -m resnet50 -p 'hue=procedural:operation=hue' \\
     --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --labels cat,dog

@@ -16,6 +16,7 @@ import {
   createClient,
   parseProperty,
   PropscopeError,
+  splitProperty,
   type ExplainEvent,
   type ExplainRequest,
 } from "../src";
@@ -125,6 +126,39 @@ test("the example prints a line per property and the timings", async () => {
     /^object_hue: score [\d.e+-]+, p-value [\d.e+-]+, significant yes, relevant yes, N \d+, flipped yes, target 0 \(circle\)$/m,
   );
   assert.match(stdout, /^done: total \d+ ms, edit \d+ ms, classify \d+ ms, .*, 0 failed$/m);
+});
+
+test("every property and example in the example's --help works on the live service", async () => {
+  const run = promisify(execFile);
+  const { stdout: help } = await run(process.execPath, [EXAMPLE, "--help"]);
+  const editors = new Map((await client.listModels()).map((model) => [model.name, model]));
+  const specs = [...help.matchAll(/-p '([^']+)'/g)].map((match) => match[1]);
+  assert.ok(specs.length >= 5, help);
+  for (const spec of specs) {
+    const { editor, parameters } = splitProperty(spec);
+    if (editor === null) continue; // a provided path
+    const declared = new Map(editors.get(editor)?.editorParameters.map((p) => [p.name, p]));
+    assert.ok(declared.size, `${spec}: editor '${editor}' is not served`);
+    for (const [key, value] of Object.entries(parameters)) {
+      const parameter = declared.get(key);
+      assert.ok(parameter, `${spec}: '${editor}' has no parameter '${key}'`);
+      assert.ok(!parameter.choices.length || parameter.choices.includes(value), `${spec}: ${key}=${value}`);
+    }
+  }
+  // The examples whose image is in the repository run as written, from client/node.
+  const examples = help.split("\nexamples")[1].split("\n\n")[0].replace(/ \\\n\s*/g, " ");
+  const commands = examples.split("\n").filter((line) => line.trim().startsWith("node "));
+  const runnable = commands
+    .map((line) => [...line.matchAll(/'([^']*)'|(\S+)/g)].map((match) => match[1] ?? match[2]).slice(1))
+    .filter(([script, image]) => script === "dist/examples/explain.js" && image.startsWith("../../docs/"));
+  assert.ok(runnable.length >= 1, examples);
+  for (const [script, ...options] of runnable) {
+    const { stdout } = await run(process.execPath, [script, ...options, "--target", target], {
+      cwd: PACKAGE_ROOT,
+      timeout: TIMEOUT_MS,
+    });
+    assert.match(stdout, /^done: total /m);
+  }
 });
 
 test("attribute and evaluateAttribution against the live service", async () => {
