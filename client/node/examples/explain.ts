@@ -3,8 +3,8 @@
  * (`node dist/examples/explain.js --help` prints the options and examples).
  *
  * Exit codes as the Python CLI's: 0 success, 2 an error the user can fix (bad option,
- * unreadable image, refused or failed call). A property that fails on the server is reported
- * on its line and is not an error of the command.
+ * unreadable image, refused or failed call), 3 a property failed on the server or got no
+ * result (reported on its line; the others are still printed).
  */
 
 import { parseArgs } from "node:util";
@@ -22,6 +22,8 @@ import {
 } from "../src";
 
 const DEFAULT_TARGET = "127.0.0.1:50051";
+const EXIT_USAGE = 2;
+const EXIT_PROPERTY_FAILED = 3;
 const USAGE = "usage: explain.js IMAGE --model NAME --property SPEC [--property SPEC ...] [options]";
 const HELP = `${USAGE}
 
@@ -61,8 +63,11 @@ examples:
   node dist/examples/explain.js cat.webp -m resnet50 -p 'hue=procedural:operation=hue' \\
     --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --labels cat,dog
 
-exit codes: 0 done (a property that failed on the server is reported on its line), 2 a bad
-option, an unreadable image or a refused or failed call.`;
+exit codes:
+  0  every property explained
+  2  a bad option, an unreadable image, or a refused or failed call
+  3  a property failed on the server or got no result (its line says why; the others are
+     still printed)`;
 
 async function main(): Promise<void> {
   const { values, positionals } = parseArgs({
@@ -114,20 +119,27 @@ async function main(): Promise<void> {
   });
 
   const client = createClient(values.target, { token: values.token });
+  const explained = new Set<string>();
+  let accepted: Accepted | undefined;
   try {
-    let accepted: Accepted | undefined;
     for await (const event of client.explain(request)) {
       if (event.event === "accepted") {
         accepted = event.accepted;
         for (const warning of accepted.warnings) console.log(`warning: ${warning}`);
       }
       if (event.event === "propertyResult") {
-        console.log(resultLine(event.propertyResult, accepted));
+        const result = event.propertyResult;
+        console.log(resultLine(result, accepted));
+        if ((result.status?.code ?? 0) === 0) explained.add(result.propertyName);
       }
       if (event.event === "done") console.log(doneLine(event.done));
     }
   } finally {
     client.close();
+  }
+  // A property that failed or got no result: exit code 3, as the Python CLI's.
+  if (accepted?.propertyNames.some((name) => !explained.has(name))) {
+    process.exitCode = EXIT_PROPERTY_FAILED;
   }
 }
 
@@ -163,5 +175,5 @@ function doneLine(done: Done): string {
 
 main().catch((error: Error) => {
   console.error(`explain: error: ${error.message}`);
-  process.exitCode = 2;
+  process.exitCode = EXIT_USAGE;
 });

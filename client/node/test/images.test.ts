@@ -111,7 +111,7 @@ test("property masks and provided-path folders convert WebP, TIFF and BMP", asyn
 test("the example's --help lists the options and examples and exits 0", async () => {
   const { stdout } = await promisify(execFile)(process.execPath, [EXAMPLE, "--help"]);
   assert.match(stdout, /^usage: explain.js IMAGE --model NAME --property SPEC/);
-  for (const words of ["--property SPEC: NAME=EDITOR[@VERSION]", "--max-steps N", "-h, --help", "examples:", "WebP"]) {
+  for (const words of ["--property SPEC: NAME=EDITOR[@VERSION]", "--max-steps N", "-h, --help", "examples:", "WebP", "exit codes:", "3  a property failed"]) {
     assert.ok(stdout.includes(words), `${words} missing from:\n${stdout}`);
   }
   await assert.rejects(promisify(execFile)(process.execPath, [EXAMPLE, "--model"]), (error: { code: number; stderr: string }) => {

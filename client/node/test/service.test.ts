@@ -5,12 +5,14 @@
 
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import path from "node:path";
 import { after, test } from "node:test";
 import { promisify } from "node:util";
 
 import * as grpc from "@grpc/grpc-js";
+import sharp from "sharp";
 
 import {
   createClient,
@@ -159,6 +161,23 @@ test("every property and example in the example's --help works on the live servi
     });
     assert.match(stdout, /^done: total /m);
   }
+});
+
+test("the example exits 3 when a property fails, printing the others", async () => {
+  // A hue rotation of a grey image changes nothing: that property fails, brightness is scored.
+  const grey = path.join(mkdtempSync(path.join(tmpdir(), "propscope-node-example-")), "grey.png");
+  writeFileSync(grey, await sharp(Buffer.alloc(64 * 64 * 3, 128), { raw: { width: 64, height: 64, channels: 3 } }).png().toBuffer());
+  const options = ["-m", "synth_hue", "-p", "hue=procedural:operation=hue", "-p", "bright=procedural:operation=brightness"];
+  await assert.rejects(
+    promisify(execFile)(process.execPath, [EXAMPLE, grey, ...options, "--steps", "6", "--target", target], { timeout: TIMEOUT_MS }),
+    (error: { code: number; stdout: string }) => {
+      assert.equal(error.code, 3, error.stdout);
+      assert.match(error.stdout, /^hue: failed \(code 9\): /m);
+      assert.match(error.stdout, /^bright: score /m);
+      assert.match(error.stdout, /, 1 failed$/m);
+      return true;
+    },
+  );
 });
 
 test("attribute and evaluateAttribution against the live service", async () => {
