@@ -17,6 +17,7 @@ from scipy.stats import spearmanr
 
 from propscope_server.scoring.fidelity import (
     average_stability,
+    baseline_raises_score,
     curve_area,
     deletion_images,
     mu_fidelity,
@@ -230,6 +231,37 @@ def test_a_constant_map_scores_the_drop_against_subset_size_unless_sizes_are_fix
     fixed = mufidelity_subsets(9, 0.2, 200, np.random.default_rng(2), exact_size=True)
     assert np.all(fixed.sum(axis=(1, 2)) == round(0.2 * 81))
     assert _mu_fidelity_of(model, image, constant, fixed) == 0.0
+
+
+def _black_drops(model, image, subsets):
+    """Score drops when each subset is set to black (baseline 0)."""
+    keep = (~subset_pixel_masks(subsets, *image.shape[:2]))[..., None].astype(np.float32)
+    perturbed = perturb(image, keep, "inpainting", np.zeros_like(image))
+    return float(model(image[None])[0]) - model(perturbed)
+
+
+def test_a_baseline_that_adds_evidence_is_detected_from_the_drops():
+    # As black on synth_patch: a patch is evidence for the class, every other pixel weakly
+    # against it, so blacking (baseline 0) a background cell raises the score.
+    image, weights = _scene(18, 18, seed=5)
+    patch = weights > 0
+    signed = np.where(patch, weights, -0.2)
+    model = _linear_model(signed)
+    subsets = mufidelity_subsets(9, 0.2, 200, np.random.default_rng(3))
+    assert baseline_raises_score(_black_drops(model, image, subsets))
+    # The signed contributions score 1; where the model looks (the patch: 0.62 here) and
+    # the unsigned contributions (what a Sobol map estimates: -0.06) are marked down
+    # however faithful, and a constant map is negative (-0.58): the drops follow |S|.
+    contributions = signed * image[..., 0]
+    assert _mu_fidelity_of(model, image, contributions, subsets) >= 0.99
+    assert _mu_fidelity_of(model, image, patch.astype(float), subsets) < 0.75
+    assert _mu_fidelity_of(model, image, np.abs(contributions), subsets) < 0.1
+    assert _mu_fidelity_of(model, image, np.ones((18, 18)), subsets) < -0.3
+    # A baseline that removes evidence (every weight positive): no warning.
+    assert not baseline_raises_score(_black_drops(_linear_model(np.abs(signed)), image, subsets))
+    # A model that reads one corner: most subsets miss it (drop 0) and none raise it.
+    assert not baseline_raises_score(np.array([0.0, 0.0, 0.0, 2.0, 1.5]))
+    assert baseline_raises_score(np.array([-1.0, -0.5, 0.0, 2.0, -0.1]))
 
 
 def test_subsets_are_bernoulli_and_upsample_to_any_aspect():

@@ -49,6 +49,23 @@ def constant_explanation(view_map: np.ndarray) -> tuple[str, ...]:
     return ("the map is constant: the order in which it removes pixels is arbitrary (by position)",)
 
 
+def baseline_evidence(target: TargetPlan, baseline: str, score_drops: np.ndarray) -> str:
+    """MuFidelity's warning when the baseline raised the target score on most subsets."""
+    index = target.target.class_index
+    label = target.classifier.label(index)
+    named = f"class {index} ({label})" if label else f"class {index}"
+    raised = int(np.sum(score_drops < 0))
+    return (
+        f"setting the subsets to the baseline ({baseline}) raised the target "
+        f"{target.target.score} on {raised} of the {len(score_drops)} subsets (median drop "
+        f"{float(np.median(score_drops)):.3g}): the baseline itself reads as evidence for "
+        f"{named}, so MuFidelity rewards maps that give the baselined regions negative "
+        "attribution and a map of non-negative importance (Sobol, RISE) scores low or "
+        "negative however faithful it is; a baseline that removes evidence (e.g. mean_colour or "
+        "blur) tests such a map"
+    )
+
+
 def metric_passes(options: DeletionSpec | MuFidelitySpec | StabilitySpec) -> int:
     """Forward passes one metric runs."""
     if isinstance(options, DeletionSpec):
@@ -210,6 +227,8 @@ class Evaluation:
                 f"the {varied} are the same for every subset: the correlation is undefined and "
                 "reported as 0, as Xplique does, not measured",
             )
+        if fidelity.baseline_raises_score(score_drops):
+            warnings += (baseline_evidence(target, options.baseline, score_drops),)
         return MetricOutcome(
             metric=name,
             value=float(fidelity.mu_fidelity(target.original_score, perturbed, attribution_sums)),
