@@ -123,6 +123,8 @@ def test_the_node_client_passes_its_tests_against_the_live_service(live_stack, n
     )
 
 
+# The alpha images are meant: the SDK's warning that it drops their alpha is tested elsewhere.
+@pytest.mark.filterwarnings("ignore::propscope._images.AlphaDroppedWarning")
 def test_the_node_client_converts_images_as_the_python_sdk_does(npm, tmp_path):
     """Pillow writes each format; Node's PNG must hold Pillow's pixels in Pillow's mode."""
     rng = np.random.default_rng(0)
