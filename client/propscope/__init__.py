@@ -42,7 +42,7 @@ from propscope._events import (
     TensorInfo,
     event_from_proto,
 )
-from propscope._images import ImageLike, encode_image, encode_mask
+from propscope._images import AlphaDroppedWarning, ImageLike, encode_image, encode_mask
 from propscope._preprocessing import Preprocessing
 from propscope._properties import Box, Mask, Property, parse_property, split_property
 from propscope._requests import Properties
@@ -50,6 +50,7 @@ from propscope._results import ExplainResult
 
 __all__ = [
     "Accepted",
+    "AlphaDroppedWarning",
     "AsyncClient",
     "AsyncExplainStream",
     "Attribution",
