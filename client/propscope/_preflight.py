@@ -21,7 +21,7 @@ from propscope._events import ModelInfo
 from propscope._properties import Property
 from propscope.v1 import explain_pb2
 
-__all__ = ["Classifier", "PreflightError", "did_you_mean", "preflight"]
+__all__ = ["Classifier", "PreflightError", "did_you_mean", "preflight", "problems_message"]
 
 # The API's defaults (explain.proto), used when a setting is 0 ("the server's default"): a
 # copy of the server's (api/convert.py, which the client cannot import);
@@ -37,12 +37,16 @@ class PreflightError(ValueError):
 
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems = tuple(problems)
-        count = len(self.problems)
-        heading = "1 problem" if count == 1 else f"{count} problems"
-        super().__init__(
-            f"{heading} found before any work started:\n"
-            + "\n".join(f"  - {problem}" for problem in self.problems)
-        )
+        super().__init__(problems_message(self.problems))
+
+
+def problems_message(problems: Sequence[str], place: str = "") -> str:
+    """``[PLACE: ]N problems found before any work started:`` and then each problem on a line
+    of its own (its blanks and line breaks made single spaces)."""
+    heading = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
+    prefix = f"{place}: " if place else ""
+    lines = "\n".join(f"  - {' '.join(problem.split())}" for problem in problems)
+    return f"{prefix}{heading} found before any work started:\n{lines}"
 
 
 @dataclass(frozen=True)

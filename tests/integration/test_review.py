@@ -173,7 +173,7 @@ def test_a_spec_error_exits_2_naming_the_key(live_stack, tmp_path):
     spec.write_text(HUE_REVIEW.read_text() + "treshold: 3\n")
     finished = review(spec, live_stack.gateway, tmp_path / "out")
     assert finished.returncode == 2
-    assert "spec: unknown key 'treshold'; allowed keys: title, service" in finished.stderr
+    assert "treshold: unknown key; allowed keys: title, service" in finished.stderr
     assert "Traceback" not in finished.stderr
     assert not (tmp_path / "out").exists()
 

@@ -72,7 +72,7 @@ def test_spec_reads_the_rule_with_sobol_paper_defaults(tmp_path):
         ({"attribution": {"method": "rise", "nb_design": 32}}, "are Sobol options"),
         ({"attribution": {"nb_samples": 100}}, "are RISE options"),
         ({"attribution": {"method": "rise", "scrambled": True}}, "are Sobol options"),
-        ({"properties": ["hue"]}, "unknown key 'properties'; allowed keys: rule, name,"),
+        ({"properties": ["hue"]}, r"rules\.0\.max_attribution_share\.properties"),
         ({"over": "median"}, "'mean' or 'every_image'"),
     ],
 )

@@ -85,27 +85,27 @@ def test_structured_editor_parameters_become_strings(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda t: t + "colour: red\n", "spec: unknown key 'colour'; allowed keys: title, "),
-        (lambda t: t.replace("candidate: {name: new}\n", ""), "candidate: Field required"),
+        (lambda t: t + "colour: red\n", "colour: unknown key; allowed keys: title, "),
+        (lambda t: t.replace("candidate: {name: new}\n", ""), "candidate: missing (required)"),
         (
             lambda t: t + "rules: [{rule: max_scor, max: 1}]\n",
-            "rules.0: unknown rule 'max_scor' (did you mean 'max_score'?); rules: not_significant",
+            "rules[0].rule: unknown rule 'max_scor' (did you mean 'max_score'?); rules: not_significant",
         ),
         (
             lambda t: t + "explain: {stpes: 4}\n",
-            "explain: unknown key 'stpes' (did you mean 'steps'?); allowed keys: steps, samples",
+            "explain.stpes: unknown key (did you mean 'steps'?); allowed keys: steps, samples",
         ),
         (
             lambda t: t + "tittle: x\n",
-            "spec: unknown key 'tittle' (did you mean 'title'?); allowed keys: title, service",
+            "tittle: unknown key (did you mean 'title'?); allowed keys: title, service",
         ),
         (
             lambda t: t + "  b: {editor: procedural, paramters: {operation: blur}}\n",
-            "properties.b.editor: unknown key 'paramters' (did you mean 'parameters'?)",
+            "properties.b.paramters: unknown key (did you mean 'parameters'?)",
         ),
         (
             lambda t: t + "rules: [{rule: max_score, max: 1, propertes: [hue]}]\n",
-            "rules.0.max_score: unknown key 'propertes' (did you mean 'properties'?)",
+            "rules[0].propertes: unknown key (did you mean 'properties'?)",
         ),
         (
             lambda t: (
@@ -114,18 +114,21 @@ def test_structured_editor_parameters_become_strings(tmp_path):
             ),
             "no_accuracy_regression needs a baseline",
         ),
-        (lambda t: t + "rules: [{rule: max_score, max: -1}]\n", "max_score.max"),
+        (
+            lambda t: t + "rules: [{rule: max_score, max: -1}]\n",
+            "rules[0].max: should be greater than or equal to 0, got -1",
+        ),
         (
             lambda t: t + "rules: [{rule: min_accuracy, min: 1.0}]\n",
-            "rules.0.min_accuracy.min: min 1 can never pass",
+            "rules[0].min: min 1 can never pass",
         ),
         (
             lambda t: t + "rules: [{rule: no_accuracy_regression, max_drop: 0}]\n",
-            "rules.0.no_accuracy_regression.max_drop: max_drop 0 can never pass",
+            "rules[0].max_drop: max_drop 0 can never pass",
         ),
         (
             lambda t: t + "rules: [{rule: max_score, max: 1, properties: [size]}]\n",
-            "unknown properties ['size']",
+            "rules[0].properties: unknown property 'size'; the spec's properties: hue",
         ),
         (
             lambda t: t.replace("baseline: {name: old}\n", "") + "rules: [{rule: no_regression}]\n",
@@ -203,10 +206,10 @@ def test_models_take_preprocessing_and_labels_and_properties_take_regions(tmp_pa
         ),
         (lambda t: t + "  real: '@paths/'\n", "with {stem} or {image}"),
         (lambda t: t + "  real: {provided: {folder: 'paths/{stem}{name}/'}}\n", "only {stem} and"),
-        (lambda t: t + "  real: '@paths/{stem}/'\n", "property 'real', image 'images/0.png'"),
+        (lambda t: t + "  real: '@paths/{stem}/'\n", "properties.real: image 'images/0.png'"),
         (
             lambda t: t + "  r2: '@x/{stem}'\nexplain: {samples: 2}\n",
-            "samples must be 1 with provided paths",
+            "explain.samples: must be 1 with provided paths",
         ),
     ],
 )
@@ -563,3 +566,60 @@ def test_rules_refuse_missing_or_non_finite_numbers():
     empty = replace(result, observations=())
     with pytest.raises(ValueError, match="no observation of property 'hue'"):
         outcomes(empty, {"rule": "max_score", "max": 1})
+
+
+def test_every_problem_of_a_spec_is_named_in_one_run_one_per_line_in_the_files_order(tmp_path):
+    """A typo'd top-level key hid the other problems, and a rule's unknown property came only
+    once the fields were right: a user needed several runs to clear one file."""
+    write_set(tmp_path, ["0"] * 3)
+    text = (
+        MINIMAL.replace("baseline:", "baselin:")
+        + "explain: {stpes: 4}\n"
+        + "rules:\n  - {rule: max_score, max: 1}\n  - {rule: max_score, max: 1, properties: [hu]}\n"
+        + "  - {rule: not_signficant}\n"
+    )
+    with pytest.raises(SpecError) as raised:
+        load_spec(spec_file(tmp_path, text))
+    lines = str(raised.value).splitlines()
+    assert lines[0].endswith("review.yaml: 4 problems found before any work started:")
+    assert [line.split(";")[0] for line in lines[1:]] == [
+        "  - baselin: unknown key (did you mean 'baseline'?)",
+        "  - explain.stpes: unknown key (did you mean 'steps'?)",
+        "  - rules[2].rule: unknown rule 'not_signficant' (did you mean 'not_significant'?)",
+        "  - rules[1].properties: unknown property 'hu' (did you mean 'hue'?)",
+    ]
+    assert "Value error" not in str(raised.value) and "Input should" not in str(raised.value)
+    # What the service is still asked about: the sections that are valid on their own.
+    checks = raised.value.checks
+    assert [c.name for c in checks.classifiers] == ["new"]
+    assert [p.name for p in checks.properties] == ["hue"]
+
+
+def test_problems_of_files_and_of_the_image_set_come_with_those_of_the_fields(tmp_path):
+    write_set(tmp_path, ["", "", ""])
+    text = (
+        MINIMAL.replace('hue"', 'hue;mask=missing.png"')
+        + "explain: {path_mode: fixd}\n"
+        + "rules: [{rule: no_regression}, {rule: min_accuracy, min: 0.9}]\n"
+    )
+    with pytest.raises(SpecError) as raised:
+        load_spec(spec_file(tmp_path, text))
+    places = [line.split(": ")[0] for line in raised.value.problems]
+    assert places == ["explain.path_mode", "properties.hue", "rules[0]", "rules[1]"]
+    assert "'fixd' is not one of adaptive, fixed (did you mean 'fixed'?)" in str(raised.value)
+    assert "properties.hue: cannot read mask" in str(raised.value)
+    assert "needs at least 5 images to be able to fail; the set has 3" in str(raised.value)
+
+
+def test_a_manifest_names_each_line_with_a_problem(tmp_path):
+    write_set(tmp_path, ["0"])
+    (tmp_path / "manifest.csv").write_text(
+        "image,label\nimages/0.png,cat\nimages/gone.png,0\nimages/0.png,1\n"
+    )
+    with pytest.raises(SpecError) as raised:
+        load_spec(spec_file(tmp_path, MINIMAL))
+    assert [problem.split(": ", 2)[2] for problem in raised.value.problems] == [
+        "label 'cat' is not a class index",
+        f"no image at {str(tmp_path / 'images' / 'gone.png')!r}",
+        "'images/0.png' is listed twice",
+    ]

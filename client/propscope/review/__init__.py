@@ -18,8 +18,8 @@ from propscope.review.results import (
     Settings,
 )
 from propscope.review.rules import evaluate_rules
-from propscope.review.runner import ReviewError, ReviewProgress, run_review
-from propscope.review.spec import ImageEntry, ReviewSpec, SpecError, load_spec
+from propscope.review.runner import ReviewError, ReviewProgress, run_review, service_problems
+from propscope.review.spec import ImageEntry, ReviewSpec, ServiceChecks, SpecError, load_spec
 
 __all__ = [
     "CacheStats",
@@ -32,6 +32,7 @@ __all__ = [
     "ReviewResult",
     "ReviewSpec",
     "RuleOutcome",
+    "ServiceChecks",
     "Settings",
     "SpecError",
     "evaluate_rules",
@@ -39,5 +40,6 @@ __all__ = [
     "load_spec",
     "render_html",
     "run_review",
+    "service_problems",
     "write_reports",
 ]

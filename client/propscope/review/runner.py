@@ -23,7 +23,7 @@ from propscope._errors import PropscopeError
 from propscope._events import Accepted, Decision, PropertyResult
 from propscope._images import encode_image
 from propscope._maps import overlay_png
-from propscope._preflight import EXPLAIN_METHOD, Classifier, PreflightError, preflight
+from propscope._preflight import PreflightError, preflight, problems_message
 from propscope._properties import Property
 from propscope.review.results import (
     AttributionObservation,
@@ -41,6 +41,7 @@ from propscope.review.spec import (
     MaxAttributionShareRule,
     ModelSpec,
     ReviewSpec,
+    ServiceChecks,
     SpecError,
 )
 
@@ -49,6 +50,7 @@ __all__ = [
     "ReviewProgress",
     "observation_from_result",
     "run_review",
+    "service_problems",
     "settings_from_accepted",
 ]
 
@@ -57,7 +59,12 @@ Output = TypeVar("Output")
 
 
 class ReviewError(Exception):
-    """The review could not run (exit code 2): the message says where and why."""
+    """The review could not run (exit code 2): the message says where and why; ``problems``
+    holds the pre-flight's problems, one line each, when it found some."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems = tuple(problems)
 
 
 @dataclass(frozen=True)
@@ -86,7 +93,7 @@ def run_review(
     strips; raises ``ReviewError`` when any call or property fails."""
     started = time.monotonic()
     models = _model_entries(spec)
-    _preflight(client, spec, models)
+    _preflight(client, spec)
     follow_label = (spec.target_class or _default_target(images)) == "label"
     run = _Run(spec, client, follow_label)
     total = len(images) * len(models)
@@ -295,31 +302,19 @@ def _default_target(images: Sequence[ImageEntry]) -> str:
     return "label" if all(image.label is not None for image in images) else "predicted"
 
 
-def _preflight(client: Client, spec: ReviewSpec, models: Sequence[ModelEntry]) -> None:
-    """Every model, editor, editor parameter and setting checked against ``ListModels`` before
-    the first image: one error lists every problem."""
+def service_problems(client: Client, checks: ServiceChecks) -> list[str]:
+    """What the service would refuse of ``checks``: every model, editor, editor parameter and
+    setting checked against one ``ListModels``; ``ReviewError`` when it cannot be asked."""
     try:
         served = client.list_models()
     except PropscopeError as error:
         raise ReviewError(f"cannot reach the service at {client.target}: {error}") from None
-    attribution_methods = sorted({rule.attribution.method for rule in spec.attribution_rules()})
-    classifiers = [
-        Classifier(
-            model.name,
-            model.version,
-            (EXPLAIN_METHOD, *attribution_methods)
-            if model.role == "candidate"
-            else (EXPLAIN_METHOD,),
-            role=model.role,
-        )
-        for model in models
-    ]
-    options = spec.explain
+    options = checks.explain
     try:
         preflight(
             served,
-            classifiers=classifiers,
-            properties=spec.editor_properties().values(),
+            classifiers=checks.classifiers,
+            properties=checks.properties,
             steps=options.steps,
             samples=options.samples,
             permutations=options.permutations,
@@ -328,7 +323,15 @@ def _preflight(client: Client, spec: ReviewSpec, models: Sequence[ModelEntry]) -
             path_mode=options.path_mode,
         )
     except PreflightError as error:
-        raise ReviewError(str(error)) from None
+        return list(error.problems)
+    return []
+
+
+def _preflight(client: Client, spec: ReviewSpec) -> None:
+    """The pre-flight before the first image: one error lists every problem."""
+    problems = service_problems(client, spec.service_checks())
+    if problems:
+        raise ReviewError(problems_message(problems), problems)
 
 
 def _read_image(image: ImageEntry) -> bytes:

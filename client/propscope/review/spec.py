@@ -6,11 +6,11 @@ typo never silently drops a rule. See docs/review.md for the format with an exam
 
 from __future__ import annotations
 
-import csv
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import (
@@ -20,24 +20,67 @@ from pydantic import (
     Field,
     PrivateAttr,
     Tag,
+    TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from propscope._images import folder_images
-from propscope._preflight import DEFAULT_STEPS, did_you_mean
+from propscope._preflight import (
+    DEFAULT_STEPS,
+    EXPLAIN_METHOD,
+    Classifier,
+    did_you_mean,
+    problems_message,
+)
 from propscope._preprocessing import Preprocessing, read_class_labels
 from propscope._properties import Box, Property, parse_property, region_from, split_property
+from propscope.review.image_set import ImageEntry, image_entries, provided_problems
+from propscope.review.spec_problems import describe, place_of, position, spec_loc
 
-__all__ = ["ImageEntry", "ReviewSpec", "SpecError", "load_spec"]
+__all__ = ["ImageEntry", "ReviewSpec", "ServiceChecks", "SpecError", "load_spec"]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# The validation context's keys: the keys each section allows, by the section's identity; and
+# whether load_spec makes the checks across sections itself.
+_ALLOWED_KEYS = "allowed_keys"
+_SECTIONS_CHECKED = "sections_checked"
+
+Value = TypeVar("Value")
 
 
 class SpecError(ValueError):
-    """The spec cannot be used; the message names the file and the offending key."""
+    """The spec cannot be used. ``problems``: one line per problem, each naming its place in the
+    spec (``rules[1].properties: ...``); ``checks``: what the service can still be asked about
+    (the sections that are valid on their own; None when the file is no YAML mapping)."""
+
+    def __init__(
+        self,
+        problems: str | Sequence[str],
+        *,
+        file: Path | None = None,
+        checks: ServiceChecks | None = None,
+    ) -> None:
+        self.problems = (problems,) if isinstance(problems, str) else tuple(problems)
+        self.file = file
+        self.checks = checks
+        if isinstance(problems, str):
+            super().__init__(f"{file}: {problems}" if file else problems)
+        else:
+            super().__init__(problems_message(self.problems, str(file or "")))
+
+
+@dataclass(frozen=True)
+class ServiceChecks:
+    """What the pre-flight asks the service about (``preflight``'s arguments), and where the
+    service is: the whole spec's, or the sections that are valid on their own."""
+
+    target: str
+    timeout_s: float
+    classifiers: tuple[Classifier, ...]
+    properties: tuple[Property, ...]
+    explain: ExplainSpec
 
 
 class _Strict(BaseModel):
@@ -45,21 +88,12 @@ class _Strict(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        """An unknown key is named with the closest allowed one and every allowed one (pydantic
-        would say "Extra inputs are not permitted" and nothing more)."""
-        if isinstance(data, dict):
-            allowed = list(cls.model_fields)
-            unknown = [key for key in data if key not in cls.model_fields]
-            if unknown:
-                named = "; ".join(
-                    f"unknown key {key!r}{did_you_mean(str(key), allowed)}" for key in unknown
-                )
-                raise PydanticCustomError(
-                    "unknown_key",
-                    "{named}; allowed keys: {allowed}",
-                    {"named": named, "allowed": ", ".join(allowed)},
-                )
+    def _note_allowed_keys(cls, data: Any, info: ValidationInfo) -> Any:
+        """Notes, by the section's identity, the keys it allows: an unknown key is then named
+        with the closest allowed one and every allowed one (pydantic would say "Extra inputs
+        are not permitted" and nothing more)."""
+        if isinstance(data, dict) and isinstance(info.context, dict):
+            info.context.setdefault(_ALLOWED_KEYS, {}).setdefault(id(data), list(cls.model_fields))
         return data
 
 
@@ -470,40 +504,17 @@ class ReviewSpec(_Strict):
     _base: Path = PrivateAttr(default_factory=Path)
     _editor_properties: dict[str, Property] | None = PrivateAttr(default=None)
 
-    @field_validator("properties")
-    @classmethod
-    def _properties_parse(cls, value: dict[str, PropertySource]) -> dict[str, PropertySource]:
-        for name, source in value.items():
-            if name != name.strip() or not name:
-                raise ValueError(f"property name {name!r} is empty or has surrounding blanks")
-            if isinstance(source, str):
-                text = split_property(f"{name}={source}")
-                if text.folder is not None:
-                    ProvidedFolderSpec._per_image(text.folder)
-        return value
-
     @model_validator(mode="after")
-    def _consistent(self) -> ReviewSpec:
-        if self.baseline is not None and (self.baseline.name, self.baseline.version) == (
-            self.candidate.name,
-            self.candidate.version,
-        ):
-            raise ValueError("baseline and candidate are the same model and version")
-        for index, rule in enumerate(self.rules):
-            unknown = sorted(set(rule.properties or ()) - set(self.properties))
-            if unknown:
-                raise ValueError(f"rules[{index}] ({rule.rule}) names unknown properties {unknown}")
-            if isinstance(rule, NoRegressionRule | NoAccuracyRegressionRule) and not self.baseline:
-                raise ValueError(f"rules[{index}]: {rule.rule} needs a baseline model")
-        share_rules = self.attribution_rules()
-        names = [rule.name for rule in share_rules]
-        if len(set(names)) != len(names):
-            raise ValueError(
-                f"max_attribution_share rules need distinct names, got {names} "
-                "(name: the region's name in the reports)"
+    def _consistent(self, info: ValidationInfo) -> ReviewSpec:
+        """The checks across sections; ``load_spec`` makes them itself, on the sections that
+        are valid on their own, so that one run names the problems of every section."""
+        if isinstance(info.context, dict) and info.context.get(_SECTIONS_CHECKED):
+            return self
+        problems = _Sections.of_spec(self).problems()
+        if problems:
+            raise PydanticCustomError(
+                "spec_sections", "{problems}", {"problems": "; ".join(problems)}
             )
-        if self.provided_folders() and self.explain.samples > 1:
-            raise ValueError("explain.samples must be 1 with provided paths (they are one path)")
         return self
 
     def attribution_rules(self) -> list[MaxAttributionShareRule]:
@@ -515,13 +526,11 @@ class ReviewSpec(_Strict):
 
     def provided_folders(self) -> dict[str, str]:
         """Property name -> its per-image folder pattern, for the provided paths."""
-        folders = {}
-        for name, source in self.properties.items():
-            if isinstance(source, ProvidedSpec):
-                folders[name] = source.provided.folder
-            elif isinstance(source, str) and (folder := split_property(f"{name}={source}").folder):
-                folders[name] = folder
-        return folders
+        return _provided_folders(self.properties)
+
+    def service_checks(self) -> ServiceChecks:
+        """What the pre-flight asks the service about."""
+        return _Sections.of_spec(self).service_checks()
 
     def with_base(self, base: Path) -> ReviewSpec:
         """This spec with its files read relative to ``base``; ``SpecError`` when a mask cannot
@@ -568,16 +577,69 @@ class ReviewSpec(_Strict):
 
     def class_labels_of(self, model: ModelSpec) -> tuple[str, ...]:
         """The model's class labels as given in the spec (a list, or a file's names)."""
-        if model.class_labels is None:
-            return ()
-        if isinstance(model.class_labels, list):
-            if not all(isinstance(n, str) and n for n in model.class_labels):
-                raise SpecError(f"class_labels of {model.name!r} must be non-empty names")
-            return tuple(model.class_labels)
         try:
-            return read_class_labels(self._base / model.class_labels)
+            return _class_labels(model, self._base)
         except ValueError as error:
             raise SpecError(str(error)) from None
+
+
+def _class_labels(model: ModelSpec, base: Path) -> tuple[str, ...]:
+    if model.class_labels is None:
+        return ()
+    if isinstance(model.class_labels, list):
+        if not all(isinstance(n, str) and n for n in model.class_labels):
+            raise ValueError(f"class_labels of {model.name!r} must be non-empty names")
+        return tuple(model.class_labels)
+    return read_class_labels(base / model.class_labels)
+
+
+def _provided_folders(properties: Mapping[str, PropertySource]) -> dict[str, str]:
+    folders = {}
+    for name, source in properties.items():
+        if isinstance(source, ProvidedSpec):
+            folders[name] = source.provided.folder
+        elif isinstance(source, str):
+            try:
+                folder = split_property(f"{name}={source}").folder
+            except ValueError:
+                continue  # a problem of its own
+            if folder is not None:
+                folders[name] = folder
+    return folders
+
+
+def _editor_outline(name: str, source: PropertySource) -> Property | None:
+    """The editor property without its region (no file read): what the pre-flight checks."""
+    try:
+        if isinstance(source, EditorSpec):
+            return Property(
+                name=name,
+                editor=source.editor,
+                editor_version=source.version,
+                parameters={key: _parameter_text(v) for key, v in source.parameters.items()},
+            )
+        if isinstance(source, str):
+            text = split_property(f"{name}={source}")
+            if text.editor is not None:
+                return Property(
+                    name=name,
+                    editor=text.editor,
+                    editor_version=text.version,
+                    parameters=text.parameters,
+                )
+    except ValueError:
+        pass  # a problem of its own
+    return None
+
+
+def _text_problems(name: str, source: str) -> list[str]:
+    try:
+        text = split_property(f"{name}={source}")
+        if text.folder is not None:
+            ProvidedFolderSpec._per_image(text.folder)
+    except ValueError as error:
+        return [f"{place_of(('properties', name))}: {error}"]
+    return []
 
 
 def _editor_property(name: str, source: PropertySource, base: Path) -> Property:
@@ -606,15 +668,6 @@ def _parameter_text(value: str | int | float | bool) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-@dataclass(frozen=True)
-class ImageEntry:
-    """One image of the set: its id in the reports (the path as the spec gave it) and label."""
-
-    id: str
-    path: Path
-    label: int | None
-
-
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML that refuses a key given twice: PyYAML would keep the last silently, and a second
     ``rules:`` block would drop the first."""
@@ -630,113 +683,263 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def load_spec(path: Path) -> tuple[ReviewSpec, list[ImageEntry]]:
-    """The validated spec and its images; ``SpecError`` names what is wrong."""
+    """The validated spec and its images. ``SpecError`` lists every problem of the file in one
+    run, each naming its place: every section is checked, and so are the files and the image
+    set of the sections that are valid on their own."""
+    raw = _read_spec(path)
+    context: dict[str, Any] = {_SECTIONS_CHECKED: True}
+    problems: list[str] = []
+    spec = None
+    try:
+        spec = ReviewSpec.model_validate(raw, context=context)
+    except ValidationError as error:
+        allowed = context.get(_ALLOWED_KEYS, {})
+        errors = sorted(error.errors(), key=lambda item: position(raw, spec_loc(item["loc"])))
+        problems += [describe(item, raw, allowed, RULE_NAMES) for item in errors]
+    sections = _Sections.of_raw(raw)
+    problems += sections.problems()
+    images, image_problems = sections.image_set(path.parent)
+    problems += image_problems
+    problems += sections.file_problems(path.parent, images)
+    problems += sections.set_problems(images)
+    if problems:
+        raise SpecError(problems, file=path, checks=sections.service_checks())
+    assert spec is not None  # a spec pydantic refuses has problems
+    return spec.with_base(path.parent), images
+
+
+def _read_spec(path: Path) -> dict[str, Any]:
     try:
         raw: Any = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except OSError as error:
-        raise SpecError(f"cannot read the spec {str(path)!r}: {error.strerror or error}") from None
+        problem = f"cannot read the spec {str(path)!r}: {error.strerror or error}"
+        raise SpecError([problem], file=path) from None
     except UnicodeDecodeError as error:
-        raise SpecError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        problem = f"not UTF-8 text ({error.reason} at byte {error.start})"
+        raise SpecError([problem], file=path) from None
     except yaml.YAMLError as error:
-        raise SpecError(f"{path}: not valid YAML: {error}") from None
+        raise SpecError([f"not valid YAML: {error}"], file=path) from None
     if not isinstance(raw, dict):
-        raise SpecError(f"{path}: the spec must be a YAML mapping")
+        raise SpecError(["the spec must be a YAML mapping"], file=path)
+    return raw
+
+
+def _valid(validate: Callable[[Any], Value], value: Any) -> Value | None:
+    """``value`` validated, or None when it is not valid on its own."""
     try:
-        spec = ReviewSpec.model_validate(raw)
-    except ValidationError as error:
-        raise SpecError(f"{path}: {_describe(error)}") from None
-    images = _image_entries(spec.images, path.parent)
-    try:
-        spec = spec.with_base(path.parent)
-        for model in (spec.candidate, spec.baseline):
-            if model is not None:
-                spec.class_labels_of(model)
-    except SpecError as error:
-        raise SpecError(f"{path}: {error}") from None
-    for name in spec.provided_folders():
-        for image in images:
-            folder = spec.provided_folder(name, image)
-            try:
-                folder_images(folder)
-            except ValueError as error:
-                raise SpecError(f"{path}: property {name!r}, image {image.id!r}: {error}") from None
-    if spec.target_class == "label" and any(image.label is None for image in images):
-        raise SpecError(f"{path}: target_class is 'label' but some images have no label")
-    if all(image.label is None for image in images):
-        for index, rule in enumerate(spec.rules):
-            if isinstance(rule, AccuracyRule):
-                raise SpecError(
-                    f"{path}: rules[{index}]: {rule.rule} needs labelled images (images.manifest "
-                    "with a label column); the set has none"
-                )
-    for index, rule in enumerate(spec.rules):
-        if isinstance(rule, NoRegressionRule) and 0.5 ** len(images) >= rule.alpha:
-            # The one-sided signed-rank test's smallest p-value is 1/2^n: below that, the rule
-            # could never fail, and a gate that cannot fail is worse than none.
-            needed = math.floor(math.log2(1 / rule.alpha)) + 1
-            raise SpecError(
-                f"{path}: rules[{index}]: no_regression at alpha {rule.alpha:g} needs at least "
-                f"{needed} images to be able to fail; the set has {len(images)}"
+        return validate(value)
+    except ValueError:  # pydantic's ValidationError included
+        return None
+
+
+_RULE = TypeAdapter(Rule)
+_PROPERTY = TypeAdapter(PropertySource)
+RULE_NAMES = tuple(
+    name
+    for kind in get_args(get_args(Rule)[0])
+    for name in get_args(kind.model_fields["rule"].annotation)
+)
+
+
+@dataclass(frozen=True)
+class _Sections:
+    """The sections of a spec that are valid on their own (None, or left out, when not): the
+    checks across sections, of files and by the service then run on a spec with problems
+    elsewhere, so that one run names every problem."""
+
+    service: ServiceSpec | None
+    candidate: ModelSpec | None
+    baseline: ModelSpec | None
+    baseline_given: bool
+    images: ImagesSpec | None
+    target_class: str | None
+    # Every property name the spec gives, valid or not; the valid properties.
+    property_names: tuple[str, ...]
+    properties: dict[str, PropertySource]
+    explain: ExplainSpec | None
+    # The valid rules, with their index in the spec.
+    rules: tuple[tuple[int, Rule], ...]
+
+    @classmethod
+    def of_spec(cls, spec: ReviewSpec) -> _Sections:
+        return cls(
+            spec.service,
+            spec.candidate,
+            spec.baseline,
+            spec.baseline is not None,
+            spec.images,
+            spec.target_class,
+            tuple(spec.properties),
+            dict(spec.properties),
+            spec.explain,
+            tuple(enumerate(spec.rules)),
+        )
+
+    @classmethod
+    def of_raw(cls, raw: Mapping[str, Any]) -> _Sections:
+        properties = raw.get("properties")
+        properties = properties if isinstance(properties, dict) else {}
+        rules = raw.get("rules")
+        rules = rules if isinstance(rules, list) else []
+        valid_properties = {
+            str(name): source
+            for name, value in properties.items()
+            if (source := _valid(_PROPERTY.validate_python, value)) is not None
+        }
+        valid_rules = tuple(
+            (index, rule)
+            for index, value in enumerate(rules)
+            if (rule := _valid(_RULE.validate_python, value)) is not None
+        )
+        target_class = raw.get("target_class")
+        return cls(
+            _valid(ServiceSpec.model_validate, raw.get("service", {})),
+            _valid(ModelSpec.model_validate, raw.get("candidate")),
+            _valid(ModelSpec.model_validate, raw.get("baseline")),
+            raw.get("baseline") is not None,
+            _valid(ImagesSpec.model_validate, raw.get("images")),
+            target_class if target_class in ("label", "predicted") else None,
+            tuple(str(name) for name in properties),
+            valid_properties,
+            _valid(ExplainSpec.model_validate, raw.get("explain", {})),
+            valid_rules,
+        )
+
+    def problems(self) -> list[str]:
+        """The checks across sections (and of the text properties, which need their name)."""
+        problems = [
+            f"properties: property name {name!r} is empty or has surrounding blanks"
+            for name in self.property_names
+            if not name or name != name.strip()
+        ]
+        for name, source in self.properties.items():
+            if isinstance(source, str):
+                problems += _text_problems(name, source)
+        if (
+            self.candidate is not None
+            and self.baseline is not None
+            and (self.baseline.name, self.baseline.version)
+            == (self.candidate.name, self.candidate.version)
+        ):
+            problems.append("baseline: baseline and candidate are the same model and version")
+        known = ", ".join(self.property_names)
+        for index, rule in self.rules:
+            for name in rule.properties or ():
+                if name not in self.property_names:
+                    problems.append(
+                        f"rules[{index}].properties: unknown property {name!r}"
+                        f"{did_you_mean(name, self.property_names)}; the spec's properties: "
+                        f"{known}"
+                    )
+            if (
+                isinstance(rule, NoRegressionRule | NoAccuracyRegressionRule)
+                and not self.baseline_given
+            ):
+                problems.append(f"rules[{index}]: {rule.rule} needs a baseline model")
+        names = [rule.name for _, rule in self.rules if isinstance(rule, MaxAttributionShareRule)]
+        if len(set(names)) != len(names):
+            problems.append(
+                f"rules: max_attribution_share rules need distinct names, got {names} "
+                "(name: the region's name in the reports)"
             )
-    return spec, images
+        if _provided_folders(self.properties) and self.explain and self.explain.samples > 1:
+            problems.append(
+                "explain.samples: must be 1 with provided paths (they are one path each)"
+            )
+        return problems
+
+    def image_set(self, base: Path) -> tuple[list[ImageEntry], list[str]]:
+        """The images and the problems of reading them."""
+        if self.images is None:
+            return [], []
+        folder, manifest = self.images.folder, self.images.manifest
+        return image_entries(
+            base / folder if folder is not None else None,
+            base / manifest if manifest is not None else None,
+        )
+
+    def file_problems(self, base: Path, images: Sequence[ImageEntry]) -> list[str]:
+        """The mask files, class label files and provided-path folders that cannot be used."""
+        problems = []
+        provided = _provided_folders(self.properties)
+        for name, source in self.properties.items():
+            where = place_of(("properties", name))
+            if name in provided:
+                problems += provided_problems(where, base / provided[name], images)
+            elif not (isinstance(source, str) and _text_problems(name, source)):
+                try:
+                    _editor_property(name, source, base)
+                except ValueError as error:
+                    problems.append(f"{where}: {_without_name(str(error), name)}")
+        for role, model in (("candidate", self.candidate), ("baseline", self.baseline)):
+            if model is not None:
+                try:
+                    _class_labels(model, base)
+                except ValueError as error:
+                    problems.append(f"{role}.class_labels: {error}")
+        return problems
+
+    def set_problems(self, images: Sequence[ImageEntry]) -> list[str]:
+        """The rules and settings the image set cannot serve."""
+        if not images:
+            return []
+        problems = []
+        unlabelled = [image for image in images if image.label is None]
+        if self.target_class == "label" and unlabelled:
+            problems.append(
+                f"target_class: 'label', but some images have no label ({len(unlabelled)} of "
+                f"{len(images)}, e.g. {unlabelled[0].id!r})"
+            )
+        for index, rule in self.rules:
+            if isinstance(rule, AccuracyRule) and len(unlabelled) == len(images):
+                problems.append(
+                    f"rules[{index}]: {rule.rule} needs labelled images (images.manifest with a "
+                    "label column); the set has none"
+                )
+            if isinstance(rule, NoRegressionRule) and 0.5 ** len(images) >= rule.alpha:
+                # The one-sided signed-rank test's smallest p-value is 1/2^n: below that, the
+                # rule could never fail, and a gate that cannot fail is worse than none.
+                needed = math.floor(math.log2(1 / rule.alpha)) + 1
+                problems.append(
+                    f"rules[{index}]: no_regression at alpha {rule.alpha:g} needs at least "
+                    f"{needed} images to be able to fail; the set has {len(images)}"
+                )
+        return problems
+
+    def service_checks(self) -> ServiceChecks:
+        service = self.service or ServiceSpec()
+        methods = sorted(
+            {
+                rule.attribution.method
+                for _, rule in self.rules
+                if isinstance(rule, MaxAttributionShareRule)
+            }
+        )
+        classifiers = []
+        if self.candidate is not None:
+            candidate = self.candidate
+            classifiers.append(
+                Classifier(
+                    candidate.name,
+                    candidate.version,
+                    (EXPLAIN_METHOD, *methods),
+                    role="candidate",
+                )
+            )
+        if self.baseline is not None:
+            classifiers.append(
+                Classifier(self.baseline.name, self.baseline.version, role="baseline")
+            )
+        properties = (_editor_outline(name, source) for name, source in self.properties.items())
+        return ServiceChecks(
+            service.target,
+            service.timeout_s,
+            tuple(classifiers),
+            tuple(prop for prop in properties if prop is not None),
+            self.explain or ExplainSpec(),
+        )
 
 
-def _describe(error: ValidationError) -> str:
-    problems = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "spec"
-        message = item["msg"]
-        if item["type"] == "union_tag_invalid":
-            # An unknown rule name: name the closest rule as for unknown keys.
-            tag, expected = item["ctx"]["tag"], item["ctx"]["expected_tags"]
-            names = [name.strip(" '") for name in expected.split(",")]
-            message = f"unknown rule {tag!r}{did_you_mean(tag, names)}; rules: {', '.join(names)}"
-        problems.append(f"{where}: {message}")
-    return "; ".join(problems)
-
-
-def _image_entries(images: ImagesSpec, base: Path) -> list[ImageEntry]:
-    if images.folder is not None:
-        folder = base / images.folder
-        if not folder.is_dir():
-            raise SpecError(f"images.folder {str(folder)!r} is not a folder")
-        found = sorted(file for file in folder.rglob("*") if file.suffix.lower() in IMAGE_SUFFIXES)
-        entries = [ImageEntry(str(file.relative_to(folder)), file, None) for file in found]
-    else:
-        entries = _manifest_entries(base / (images.manifest or Path()))
-    if not entries:
-        raise SpecError("the image set is empty")
-    return entries
-
-
-def _manifest_entries(manifest: Path) -> list[ImageEntry]:
-    try:
-        # utf-8-sig: spreadsheets start their CSV files with a byte-order mark.
-        with manifest.open(newline="", encoding="utf-8-sig") as file:
-            rows = list(csv.DictReader(file, skipinitialspace=True))
-            columns = set(rows[0]) if rows else set()
-    except OSError as error:
-        raise SpecError(
-            f"cannot read images.manifest {str(manifest)!r}: {error.strerror}"
-        ) from None
-    except (UnicodeDecodeError, csv.Error) as error:
-        raise SpecError(f"{manifest}: not a UTF-8 CSV file: {error}") from None
-    if rows and "image" not in columns:
-        raise SpecError(f"{manifest}: the manifest needs an 'image' column")
-    entries = []
-    seen: set[str] = set()
-    for line, row in enumerate(rows, start=2):
-        image = (row.get("image") or "").strip()
-        label_text = (row.get("label") or "").strip()
-        if not image:
-            raise SpecError(f"{manifest}:{line}: empty image")
-        if image in seen:
-            raise SpecError(f"{manifest}:{line}: {image!r} is listed twice")
-        seen.add(image)
-        if label_text and not (label_text.isascii() and label_text.isdigit()):
-            raise SpecError(f"{manifest}:{line}: label {label_text!r} is not a class index")
-        path = manifest.parent / image
-        if not path.is_file():
-            raise SpecError(f"{manifest}:{line}: no image at {str(path)!r}")
-        entries.append(ImageEntry(image, path, int(label_text) if label_text else None))
-    return entries
+def _without_name(message: str, name: str) -> str:
+    """A property's message after its place is named: without its own ``property 'x': ``."""
+    return message.removeprefix(f"property {name!r}: ")
