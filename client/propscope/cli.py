@@ -1130,7 +1130,7 @@ def _run_review(
     try:
         spec, images = review_package.load_spec(spec_file)
     except review_package.SpecError as error:
-        _fail(str(error))
+        _fail_lines(_spec_problems(connection, error, target))
     if concurrency is not None:
         spec = spec.model_copy(update={"concurrency": concurrency})
     address = target or spec.service.target
@@ -1147,6 +1147,8 @@ def _run_review(
         ):
             result = review_package.run_review(spec, images, client, on_progress=report)
     except review_package.ReviewError as error:
+        if error.problems:
+            _fail_lines(str(error))
         _fail(f"{error}{_unreachable_hint(error, address)}")
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -1164,6 +1166,22 @@ def _run_review(
     if result.failures:
         return EXIT_RULE_FAILED
     return 0 if result.gate_passed else EXIT_INCONCLUSIVE
+
+
+def _spec_problems(connection: Connection, error: Any, target: str | None) -> str:
+    """The spec's problems, then what the service would refuse of its sections that are valid
+    on their own: one run names them all."""
+    review_package = _review_package()
+    problems, note = list(error.problems), ""
+    if error.checks is not None:
+        address = target or error.checks.target
+        try:
+            with connection.client(address, error.checks.timeout_s) as client:
+                problems += review_package.service_problems(client, error.checks)
+        except review_package.ReviewError as unreachable:
+            hint = _unreachable_hint(unreachable, address)
+            note = f"\nmodels, editors and settings not checked: {unreachable}{hint}"
+    return f"{review_package.SpecError(problems, file=error.file)}{note}"
 
 
 def _review_package() -> Any:
