@@ -164,7 +164,7 @@ def test_a_corrupted_cache_value_is_a_miss_and_counted(authed, channel, live_sta
     request = explain_request(seed=303)
     explain(channel, request, "token-c")
     store = redis.Redis.from_url(live_stack.redis_url)
-    keys = store.keys("propscope:path:v1:tenant.team-c:*")
+    keys = store.keys("propscope:path:v2:tenant.team-c:*")
     assert keys, "the path was not cached under the tenant's namespace"
     for key in keys:
         value = store.get(key)

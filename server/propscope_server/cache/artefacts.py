@@ -2,18 +2,24 @@
 maps) keyed by everything that determines them, in one namespace per tenant so that
 no tenant can learn whether another sent the same image.
 
-A value is the array as a compressed npz, prefixed with the SHA-256 of its key
-and that payload: a value that fails the check (corrupted, truncated, or copied
-from another key) is a miss. Cache failures never fail a request: they count as
-misses and are logged.
+A value is the array's dtype and shape (JSON) and its zlib-compressed bytes, prefixed
+with the SHA-256 of its key and that payload: a value that fails the check (corrupted,
+truncated, or copied from another key) is a miss. Not npz: numpy parses an npy header
+with ast.literal_eval, which CPython 3.11 cannot run in several threads at once
+("SystemError: AST constructor recursion depth mismatch", cpython gh-106905), and values
+are decoded in threads. Cache failures never fail a request: they count as misses and
+are logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
+import json
 import logging
+import math
+import struct
+import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Protocol
@@ -22,9 +28,16 @@ import numpy as np
 
 from propscope_server import metrics
 
-# Every key is "propscope:<kind>:v1:<namespace>:<sha256>"; the path kind's prefix:
-KEY_PREFIX = "propscope:path:v1:"
+# Every key is "propscope:<kind>:<version>:<namespace>:<sha256>"; the version names the
+# value format (v1 held npz archives), so that a new format never reads an old value.
+FORMAT_VERSION = "v2"
+KEY_PREFIX = f"propscope:path:{FORMAT_VERSION}:"
 DIGEST_BYTES = 32
+# The payload: magic, the header's length (uint32, little-endian), the JSON header, the data.
+MAGIC = b"PSAR"
+HEADER_LENGTH = struct.Struct("<I")
+MAX_HEADER_BYTES = 1024
+NUMERIC_KINDS = "biuf"
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +48,7 @@ def artefact_key(kind: str, namespace: str, parts: Sequence[str | bytes]) -> str
     for part in parts:
         hasher.update(part.encode() if isinstance(part, str) else part)
         hasher.update(b"\0")
-    return f"propscope:{kind}:v1:{namespace}:{hasher.hexdigest()}"
+    return f"propscope:{kind}:{FORMAT_VERSION}:{namespace}:{hasher.hexdigest()}"
 
 
 def path_key(
@@ -68,25 +81,39 @@ def _value_digest(key: str, payload: bytes) -> bytes:
 
 
 def encode_array(key: str, array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, path=array)  # "path": the name values were first written under
-    payload = buffer.getvalue()
+    array = np.ascontiguousarray(array)
+    header = json.dumps({"dtype": array.dtype.str, "shape": list(array.shape)}).encode()
+    payload = MAGIC + HEADER_LENGTH.pack(len(header)) + header + zlib.compress(array.tobytes(), 6)
     return _value_digest(key, payload) + payload
 
 
 def decode_array(key: str, value: bytes) -> np.ndarray | None:
     """The array, or None when the value is not one we wrote intact under `key`."""
     digest, payload = value[:DIGEST_BYTES], value[DIGEST_BYTES:]
-    if _value_digest(key, payload) != digest:
+    if _value_digest(key, payload) != digest or not payload.startswith(MAGIC):
+        return None
+    start = len(MAGIC) + HEADER_LENGTH.size
+    if len(payload) < start:
+        return None
+    (header_bytes,) = HEADER_LENGTH.unpack_from(payload, len(MAGIC))
+    if header_bytes > MAX_HEADER_BYTES:
         return None
     try:
-        archive = np.load(io.BytesIO(payload), allow_pickle=False)
-    except (ValueError, OSError, EOFError):
+        header = json.loads(payload[start : start + header_bytes])
+        dtype, shape = np.dtype(header["dtype"]), tuple(int(n) for n in header["shape"])
+    except (ValueError, TypeError, KeyError):
         return None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
+    if dtype.kind not in NUMERIC_KINDS or any(n < 0 for n in shape):
         return None
-    with archive:
-        return archive["path"] if "path" in archive.files else None
+    expected = math.prod(shape) * dtype.itemsize
+    inflater = zlib.decompressobj()
+    try:  # bounded: a value never inflates past the size its header declares
+        data = inflater.decompress(payload[start + header_bytes :], expected + 1)
+    except zlib.error:
+        return None
+    if len(data) != expected or not inflater.eof or inflater.unused_data:
+        return None
+    return np.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 
 
 class ArtefactCache(Protocol):
