@@ -7,6 +7,7 @@ from __future__ import annotations
 import enum
 import io
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -37,12 +38,13 @@ class OutputFormat(enum.Enum):
 
 def stdout_console() -> Console:
     """The console of tables, blocks and notes. On a terminal, rich's own. In a pipe (CI logs,
-    files) lines carry no trailing spaces (rich pads table cells) and a note or timings line is
-    not wrapped (soft wrap): each stays on one line, whole for grep, never split mid-phrase."""
+    files) lines carry no trailing spaces (rich pads table cells), and a note or timings line
+    stays whole on one line for grep (soft wrap) unless COLUMNS asks for a width: then words
+    wrap at it, as a log viewer of that width would show them."""
     console = Console()
     if console.is_terminal:
         return console
-    return Console(file=_TrimmedLines(sys.stdout), soft_wrap=True)
+    return Console(file=_TrimmedLines(sys.stdout), soft_wrap="COLUMNS" not in os.environ)
 
 
 class _TrimmedLines(io.TextIOBase):

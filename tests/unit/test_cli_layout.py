@@ -268,9 +268,13 @@ def test_every_command_summary_is_whole_in_the_top_level_help():
 
 
 @pytest.mark.parametrize("long_name", ["b", "background_brightness_of_the_scene_and_more"])
-def test_piped_output_has_no_trailing_spaces_and_notes_stay_on_one_line(capsys, long_name):
-    """Not a terminal (capsys): each note and the timings line whole on its own line, however
-    long, and no line of the table (or blocks) ends in the spaces rich pads cells with."""
+def test_piped_output_has_no_trailing_spaces_and_notes_stay_on_one_line(
+    capsys, monkeypatch, long_name
+):
+    """Not a terminal (capsys) and no COLUMNS: each note and the timings line whole on its
+    own line, however long, and no line of the table (or blocks) ends in the spaces rich
+    pads cells with."""
+    monkeypatch.delenv("COLUMNS", raising=False)
     warning = "the automatic object/background split is unreliable on this image " * 3
     output = ExplainOutput(OutputFormat.TABLE, several_models=False)
     output.event("m", _accepted("a", long_name, "c"))
@@ -283,6 +287,19 @@ def test_piped_output_has_no_trailing_spaces_and_notes_stay_on_one_line(capsys, 
     assert f"a: warning: {warning.strip()}" in lines
     timings = [line for line in lines if line.startswith("m: total 100 ms")]
     assert len(timings) == 1 and timings[0].endswith("path cache 0 hits, 3 misses (request r)")
+
+
+def test_piped_output_wraps_notes_at_words_when_columns_asks_for_a_width(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    warning = "the automatic object/background split is unreliable on this image " * 3
+    output = ExplainOutput(OutputFormat.TABLE, several_models=False)
+    output.event("m", _accepted("a"))
+    output.event("m", dataclasses.replace(_result("a"), warnings=(warning.strip(),)))
+    output.event("m", _done())
+    output.finish("m")
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert f"a: warning: {warning.strip()}" in " ".join(out.split())
 
 
 def test_an_unreachable_gateway_gets_a_hint_on_how_to_reach_one():
