@@ -30,7 +30,7 @@ SMALL_LIMITS = {
 
 # The session's temporary folder, where every stack writes its logs (see the report below).
 SESSION_TEMP: list[Path] = []
-LOG_TAIL_LINES = 60
+LOG_PROBLEM_LINES = 20
 CALL_STARTED = pytest.StashKey[float]()
 
 
@@ -47,9 +47,9 @@ def pytest_runtest_call(item: pytest.Item):
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """A failed test's report carries the tail of every stack log that shows a problem
-    written while it ran: CI keeps no temporary files, and an INTERNAL status names
-    nothing without the gateway's traceback."""
+    """A failed test's report carries the last problem lines (errors, tracebacks) of every
+    stack log written while it ran: CI keeps no temporary files, and an INTERNAL status
+    names nothing without the gateway's traceback."""
     report = yield
     if report.failed and call.when == "call":
         started = item.stash.get(CALL_STARTED, 0.0)
@@ -57,9 +57,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         for log in sorted(logs):
             if log.stat().st_mtime < started:
                 continue
-            tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
-            if any("Traceback" in line or "ERROR" in line for line in tail):
-                report.sections.append((f"log {log}", "\n".join(tail)))
+            lines = log.read_text(errors="replace").splitlines()
+            problems = [line for line in lines if "Traceback" in line or "ERROR" in line]
+            if problems:
+                report.sections.append((f"log {log}", "\n".join(problems[-LOG_PROBLEM_LINES:])))
     return report
 
 
