@@ -40,8 +40,8 @@ def session_temp(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item):
-    item.stash[CALL_STARTED] = time.time()
+def pytest_runtest_setup(item: pytest.Item):
+    item.stash[CALL_STARTED] = time.time()  # a fixture's work (a review run) counts too
     return (yield)
 
 
@@ -51,7 +51,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     stack log written while it ran: CI keeps no temporary files, and an INTERNAL status
     names nothing without the gateway's traceback."""
     report = yield
-    if report.failed and call.when == "call":
+    if report.failed and call.when in ("setup", "call"):
         started = item.stash.get(CALL_STARTED, 0.0)
         logs = {log for folder in SESSION_TEMP for log in folder.glob("**/*.log")}
         for log in sorted(logs):
