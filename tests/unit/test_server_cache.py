@@ -274,11 +274,26 @@ def payload_of(header: dict, data: bytes) -> bytes:
         ({"dtype": "|u1", "shape": [-4]}, bytes(4)),
         ({"dtype": "not a dtype", "shape": [4]}, bytes(4)),
         ({"shape": [4]}, bytes(4)),
+        ({"dtype": "|u1", "shape": [1e300]}, bytes(4)),  # not an integer
+        ({"dtype": "|u1", "shape": [0, 2**70]}, bytes(0)),
+        ({"dtype": "|u1", "shape": [10**300]}, bytes(4)),  # past any inflation of its data
+        ({"dtype": "|u1", "shape": [1] * 40}, bytes(1)),  # more dimensions than numpy has
     ],
 )
 def test_a_value_whose_header_does_not_match_its_data_is_a_miss(header, data):
     payload = payload_of(header, data)
     assert decode_array("k", keyed_digest("k", payload) + payload) is None
+
+
+@pytest.mark.parametrize(
+    "array",
+    [np.float32(2.5) * np.ones(()), np.zeros((0, 3), np.uint8), np.arange(6, dtype=">f4")],
+    ids=["0-d", "empty", "big-endian"],
+)
+def test_every_shape_and_byte_order_round_trips(array):
+    decoded = decode_array("k", encode_array("k", array))
+    assert decoded.shape == array.shape and decoded.dtype == array.dtype
+    np.testing.assert_array_equal(decoded, array)
 
 
 def test_values_decode_in_many_threads_at_once():

@@ -38,6 +38,8 @@ MAGIC = b"PSAR"
 HEADER_LENGTH = struct.Struct("<I")
 MAX_HEADER_BYTES = 1024
 NUMERIC_KINDS = "biuf"
+MAX_DIMENSIONS = 32  # numpy's
+MAX_DEFLATE_RATIO = 1032  # deflate's best case: 258 bytes from 2 bits
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +83,8 @@ def _value_digest(key: str, payload: bytes) -> bytes:
 
 
 def encode_array(key: str, array: np.ndarray) -> bytes:
-    array = np.ascontiguousarray(array)
     header = json.dumps({"dtype": array.dtype.str, "shape": list(array.shape)}).encode()
+    array = np.ascontiguousarray(array)
     payload = MAGIC + HEADER_LENGTH.pack(len(header)) + header + zlib.compress(array.tobytes(), 6)
     return _value_digest(key, payload) + payload
 
@@ -100,12 +102,16 @@ def decode_array(key: str, value: bytes) -> np.ndarray | None:
         return None
     try:
         header = json.loads(payload[start : start + header_bytes])
-        dtype, shape = np.dtype(header["dtype"]), tuple(int(n) for n in header["shape"])
+        dtype, shape = np.dtype(header["dtype"]), tuple(header["shape"])
     except (ValueError, TypeError, KeyError):
         return None
-    if dtype.kind not in NUMERIC_KINDS or any(n < 0 for n in shape):
+    if dtype.kind not in NUMERIC_KINDS or len(shape) > MAX_DIMENSIONS:
+        return None
+    if not all(type(n) is int and n >= 0 for n in shape):
         return None
     expected = math.prod(shape) * dtype.itemsize
+    if expected > MAX_DEFLATE_RATIO * len(payload):  # more than its data could inflate to
+        return None
     inflater = zlib.decompressobj()
     try:  # bounded: a value never inflates past the size its header declares
         data = inflater.decompress(payload[start + header_bytes :], expected + 1)
@@ -113,7 +119,10 @@ def decode_array(key: str, value: bytes) -> np.ndarray | None:
         return None
     if len(data) != expected or not inflater.eof or inflater.unused_data:
         return None
-    return np.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+    except ValueError:  # a dimension numpy cannot index (of an empty array)
+        return None
 
 
 class ArtefactCache(Protocol):
