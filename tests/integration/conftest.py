@@ -5,6 +5,7 @@ launcher as `make up`."""
 from __future__ import annotations
 
 import io
+import re
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ SMALL_LIMITS = {
 # The session's temporary folder, where every stack writes its logs (see the report below).
 SESSION_TEMP: list[Path] = []
 LOG_PROBLEM_LINES = 20
+GLOG_ERROR = re.compile(r"E\d{4} \d\d:\d\d:\d\d")
 CALL_STARTED = pytest.StashKey[float]()
 
 
@@ -47,21 +49,44 @@ def pytest_runtest_setup(item: pytest.Item):
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """A failed test's report carries the last problem lines (errors, tracebacks) of every
-    stack log written while it ran: CI keeps no temporary files, and an INTERNAL status
-    names nothing without the gateway's traceback."""
+    """A failed test's report carries the problems (errors, tracebacks) its stacks logged
+    while it ran: CI keeps no temporary files, and an INTERNAL status names nothing without
+    the gateway's traceback."""
     report = yield
     if report.failed and call.when in ("setup", "call"):
         started = item.stash.get(CALL_STARTED, 0.0)
         logs = {log for folder in SESSION_TEMP for log in folder.glob("**/*.log")}
         for log in sorted(logs):
-            if log.stat().st_mtime < started:
-                continue
-            lines = log.read_text(errors="replace").splitlines()
-            problems = [line for line in lines if "Traceback" in line or "ERROR" in line]
-            if problems:
-                report.sections.append((f"log {log}", "\n".join(problems[-LOG_PROBLEM_LINES:])))
+            if log.stat().st_mtime >= started:
+                problems = logged_problems(log.read_text(errors="replace"), started)
+                if problems:
+                    report.sections.append((f"log {log}", "\n".join(problems)))
     return report
+
+
+def logged_problems(text: str, since: float) -> list[str]:
+    """The gateway's JSON ERROR lines (their traceback inline) and glog error lines (Triton,
+    gRPC core: "E1127 21:57:56.22") stamped at or after `since`, and the last traceback
+    printed raw (a crash before logging), the last LOG_PROBLEM_LINES of them."""
+    json_since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+    glog_since = time.strftime("%m%d %H:%M:%S", time.localtime(since))
+    found, raw = [], []
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
+        if line.startswith('{"time": "'):
+            if '"level": "ERROR"' in line and line[10:29] >= json_since:
+                found.append(line)
+        elif GLOG_ERROR.match(line):
+            if line[1:14] >= glog_since:
+                found.append(line)
+        elif line.startswith("Traceback (most recent call last):"):
+            block = [line]
+            for following in lines[index + 1 :]:
+                block.append(following)
+                if not following.startswith(" "):
+                    break
+            raw = block
+    return (found + raw)[-LOG_PROBLEM_LINES:]
 
 
 @pytest.fixture(scope="session")
