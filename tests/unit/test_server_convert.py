@@ -445,12 +445,27 @@ def test_a_path_too_long_for_the_limit_names_the_steps_that_fit():
     assert error.field == "samples" and "with 1 sample, steps up to 8 fit" in str(error)
 
 
+def test_paths_too_long_for_the_limit_are_told_values_the_server_accepts():
+    """10x12 pixels under 1,000: 8 images per path fit. max_steps below steps is
+    refused, so when steps do not fit both come down together."""
+    limits = Limits(max_path_pixels=1000)
+    error = path_pixels_refusal(1000, steps=10, max_steps=20)
+    assert error.field == "steps" and "lower steps and max_steps to at most 8" in str(error)
+    assert explain_spec(request(steps=8, max_steps=8), limits).max_steps == 8
+    error = path_pixels_refusal(1000, steps=5, max_steps=20)  # steps fit, N = 10 does not
+    assert error.field == "max_steps" and "lower max_steps to at most 8" in str(error)
+    assert explain_spec(request(steps=5, max_steps=8), limits).max_steps == 5
+    assert explain_spec(request(steps=5, path_mode=pb.PATH_MODE_FIXED), limits).steps == 5
+    error = path_pixels_refusal(1000, steps=5, max_steps=20, samples=3)
+    assert "with 1 sample, steps and max_steps up to 8 fit" in str(error)
+    assert explain_spec(request(steps=5, max_steps=8, samples=1), limits).max_steps == 5
+
+
 @pytest.mark.parametrize(
     ("limits", "max_steps", "needle"),
     [
         (Limits(max_path_pixels=20 * 120), 20, "the limit max_path_pixels of 2400 pixels"),
         (Limits(max_edits=60), 20, "the limit max_edits of 60; use fewer samples"),
-        (Limits(max_steps=30), 20, "the limit max_steps of 30; raise PROPSCOPE_LIMITS__MAX_STEPS"),
         (Limits(max_path_pixels=10 * 120), 10, "(so they stay fixed)"),
     ],
 )
@@ -460,6 +475,48 @@ def test_default_adaptive_paths_cut_short_by_a_limit_say_so(limits, max_steps, n
     (warning,) = spec.warnings
     assert f"can grow only to N = {max_steps}, not the default 80" in warning
     assert needle in warning
+
+
+def test_the_limit_max_steps_alone_warns_nothing():
+    """It caps every request alike (steps 40: N = 160 of 320 under the defaults);
+    a size limit below that cap still warns, measured against the cap."""
+    assert explain_spec(request(steps=40), Limits()).max_steps == 160
+    assert explain_spec(request(steps=40), Limits()).warnings == ()
+    assert explain_spec(request(), Limits(max_steps=30)).warnings == ()
+    (warning,) = explain_spec(request(steps=40), Limits(max_path_pixels=80 * 120)).warnings
+    assert "grow only to N = 80, not 160 (the default 320 capped by the limit max_steps" in warning
+
+
+def suggested_size(warning: str) -> tuple[int, int, int]:
+    """(width, height, N) of a warning's smaller image."""
+    size, paths = warning.split("send a smaller image (at most ")[1].split(" pixels at this")
+    width, height = size.split("x")
+    return int(width), int(height), int(paths.split("paths of N = ")[1].split(")")[0])
+
+
+def test_a_suggested_smaller_image_reaches_the_n_it_names():
+    """200x200, 28 properties, 5 samples: max_path_pixels stops paths at N = 10, but
+    max_edits (whatever the image) stops them at 40: the image named reaches 40, and the
+    warning names max_edits for the rest."""
+    many = [editor_property(f"p{i}") for i in range(28)]
+    big = encode(np.zeros((200, 200, 3), np.uint8), "PNG")
+    spec = explain_spec(request(properties=many, samples=5, image=big), Limits())
+    assert spec.max_steps == 10
+    (warning,) = spec.warnings
+    width, height, paths = suggested_size(warning)
+    assert paths == 40 and "the limit max_edits of 20000 stops them" in warning
+    assert "raise PROPSCOPE_LIMITS__MAX_EDITS" in warning
+    small = encode(np.zeros((height, width, 3), np.uint8), "PNG")
+    spec = explain_spec(request(properties=many, samples=5, image=small), Limits())
+    assert spec.max_steps == 40
+    (warning,) = spec.warnings
+    assert "max_edits" in warning and "smaller image" not in warning
+    # Where pixels alone bind, the image named holds the default N = 80.
+    (warning,) = explain_spec(request(image=big), Limits(max_path_pixels=20 * 40_000)).warnings
+    width, height, paths = suggested_size(warning)
+    small = encode(np.zeros((height, width, 3), np.uint8), "PNG")
+    spec = explain_spec(request(image=small), Limits(max_path_pixels=20 * 40_000))
+    assert paths == 80 and spec.max_steps == 80 and spec.warnings == ()
 
 
 def test_adaptive_paths_within_the_limits_or_as_asked_warn_nothing():

@@ -7,7 +7,7 @@ import io
 import math
 import struct
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from google.protobuf import any_pb2
@@ -316,42 +316,69 @@ def max_steps_warning(
     limits: Limits,
     max_steps: int,
 ) -> str | None:
-    """Why adaptive paths stop short of their default longest (steps x 8), when a limit
-    stops them: the request said nothing, so Accepted must say it."""
-    goal = steps * 2**DEFAULT_DOUBLINGS
+    """Why default adaptive paths stop short of steps x 8, when a limit on the request's
+    size (max_path_pixels, max_edits) stops them: the request said nothing, so Accepted
+    says it, with a fix that reaches the N it names. The limit max_steps alone warns
+    nothing: it caps every request alike, and the caller can see it in Accepted.max_steps."""
     edited = _edited(request.properties)
     asked = request.path_mode == pb.PATH_MODE_FIXED or request.max_steps
-    if asked or not edited or max_steps >= goal:
+    if asked or not edited:
+        return None
+    goal = _doubled(steps, lambda n: n <= limits.max_steps)
+    if max_steps >= goal:
         return None
     longer = max_steps * 2
-    stopped = f"adaptive paths can grow only to N = {max_steps}, not the default {goal}"
+    default = steps * 2**DEFAULT_DOUBLINGS
+    stopped = f"adaptive paths can grow only to N = {max_steps}, not " + (
+        f"the default {goal}"
+        if goal == default
+        else f"{goal} (the default {default} capped by the limit max_steps of {limits.max_steps})"
+    )
     if max_steps == steps:
         stopped += " (so they stay fixed)"
-    if longer > limits.max_steps:
-        return (
-            f"{stopped}: N = {longer} is over the limit max_steps of {limits.max_steps}; "
-            "raise PROPSCOPE_LIMITS__MAX_STEPS"
-        )
+    edits_fix = "use fewer samples or edited properties, or raise PROPSCOPE_LIMITS__MAX_EDITS"
     edits = edited * samples * (2 * longer - steps)
     if edits > limits.max_edits:
         return (
             f"{stopped}: N = {longer} would need up to {edits} edited images, over the limit "
-            f"max_edits of {limits.max_edits}; use fewer samples or edited properties, or "
-            "raise PROPSCOPE_LIMITS__MAX_EDITS"
+            f"max_edits of {limits.max_edits}; {edits_fix}"
         )
     height, width = image_shape[:2]
     provided = _provided(request.properties)
     images = edited * samples * longer + provided
-    fitting = largest_size(
-        width, height, limits.max_path_pixels // (edited * samples * goal + provided)
-    )
-    return (
+    warning = (
         f"{stopped}: N = {longer} would hold {images} path images of {width}x{height} "
-        f"pixels, over the limit max_path_pixels of {limits.max_path_pixels} pixels; send a "
-        f"smaller image (at most {fitting[0]}x{fitting[1]} pixels at this aspect ratio hold "
-        f"paths of N = {goal}), use fewer samples or properties, or raise "
-        "PROPSCOPE_LIMITS__MAX_PATH_PIXELS"
+        f"pixels, over the limit max_path_pixels of {limits.max_path_pixels} pixels"
     )
+    # max_edits does not depend on the image: a smaller one reaches this N at most.
+    reachable = _doubled(
+        steps, lambda n: n <= goal and edited * samples * (2 * n - steps) <= limits.max_edits
+    )
+    per_image = limits.max_path_pixels // (edited * samples * reachable + provided)
+    if per_image:
+        fitting = largest_size(width, height, per_image)
+        warning += (
+            f"; send a smaller image (at most {fitting[0]}x{fitting[1]} pixels at this aspect "
+            f"ratio hold paths of N = {reachable})"
+        )
+    if reachable < goal:
+        beyond = edited * samples * (4 * reachable - steps)
+        return (
+            f"{warning}; beyond N = {reachable} the limit max_edits of {limits.max_edits} "
+            f"stops them (N = {reachable * 2} would need up to {beyond} edited images): "
+            f"{edits_fix}"
+        )
+    return f"{warning}, use fewer samples or properties, or raise PROPSCOPE_LIMITS__MAX_PATH_PIXELS"
+
+
+def _doubled(steps: int, fits: Callable[[int], bool]) -> int:
+    """The longest of steps x 1, 2, 4, 8 (the default adaptive growth) that `fits`."""
+    longest = steps
+    for _ in range(DEFAULT_DOUBLINGS):
+        if not fits(longest * 2):
+            break
+        longest *= 2
+    return longest
 
 
 def _edited(properties: Sequence[pb.Property]) -> int:
@@ -417,14 +444,23 @@ def check_budget(
             field="image",
         )
     room = limits.max_path_pixels // pixels - provided  # edited images that fit
-    if room // (edited * samples) >= fewest:
+    fit = room // (edited * samples)  # images per path that fit
+    # max_steps is refused below steps: when steps do not fit either, both must come down.
+    lowered = "steps and max_steps" if max_steps != steps else "steps"
+    if fit >= steps:
         raise InvalidArgument(
-            f"{held}; lower {field} to at most {room // (edited * samples)}, use fewer "
+            f"{held}; lower max_steps to at most {fit}, use path_mode PATH_MODE_FIXED, fewer "
             f"samples or properties, {smaller}, or raise PROPSCOPE_LIMITS__MAX_PATH_PIXELS",
-            field=field,
+            field="max_steps",
+        )
+    if fit >= fewest:
+        raise InvalidArgument(
+            f"{held}; lower {lowered} to at most {fit}, use fewer samples or properties, "
+            f"{smaller}, or raise PROPSCOPE_LIMITS__MAX_PATH_PIXELS",
+            field="steps",
         )
     raise InvalidArgument(
-        f"{held}; use fewer samples (with 1 sample, steps up to {room // edited} fit), "
+        f"{held}; use fewer samples (with 1 sample, {lowered} up to {room // edited} fit), "
         f"{smaller}, or raise PROPSCOPE_LIMITS__MAX_PATH_PIXELS",
         field="samples",
     )
