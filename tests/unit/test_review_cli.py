@@ -114,8 +114,8 @@ def test_a_spec_with_four_typos_gets_all_four_in_one_run_one_per_line(monkeypatc
     )
     assert [line.split(";")[0] for line in lines[1:]] == [
         "  - baselin: unknown key (did you mean 'baseline'?)",
-        "  - explain.stpes: unknown key (did you mean 'steps'?)",
         "  - rules[0].properties: unknown property 'hu' (did you mean 'hue'?)",
+        "  - explain.stpes: unknown key (did you mean 'steps'?)",
         "  - property 'hue': editor 'procedural' has no parameter 'regoin' (did you mean "
         "'region'?)",
     ]

@@ -16,6 +16,7 @@ from propscope.review.rules import (
     paired_regression_p_value,
 )
 from propscope.review.spec import ReviewSpec, SpecError, load_spec
+from propscope.review.spec_problems import loc_of, place_of
 
 MINIMAL = """
 candidate: {name: new}
@@ -585,8 +586,8 @@ def test_every_problem_of_a_spec_is_named_in_one_run_one_per_line_in_the_files_o
     assert [line.split(";")[0] for line in lines[1:]] == [
         "  - baselin: unknown key (did you mean 'baseline'?)",
         "  - explain.stpes: unknown key (did you mean 'steps'?)",
-        "  - rules[2].rule: unknown rule 'not_signficant' (did you mean 'not_significant'?)",
         "  - rules[1].properties: unknown property 'hu' (did you mean 'hue'?)",
+        "  - rules[2].rule: unknown rule 'not_signficant' (did you mean 'not_significant'?)",
     ]
     assert "Value error" not in str(raised.value) and "Input should" not in str(raised.value)
     # What the service is still asked about: the sections that are valid on their own.
@@ -605,7 +606,7 @@ def test_problems_of_files_and_of_the_image_set_come_with_those_of_the_fields(tm
     with pytest.raises(SpecError) as raised:
         load_spec(spec_file(tmp_path, text))
     places = [line.split(": ")[0] for line in raised.value.problems]
-    assert places == ["explain.path_mode", "properties.hue", "rules[0]", "rules[1]"]
+    assert places == ["properties.hue", "explain.path_mode", "rules[0]", "rules[1]"]
     assert "'fixd' is not one of adaptive, fixed (did you mean 'fixed'?)" in str(raised.value)
     assert "properties.hue: cannot read mask" in str(raised.value)
     assert "needs at least 5 images to be able to fail; the set has 3" in str(raised.value)
@@ -623,3 +624,51 @@ def test_a_manifest_names_each_line_with_a_problem(tmp_path):
         f"no image at {str(tmp_path / 'images' / 'gone.png')!r}",
         "'images/0.png' is listed twice",
     ]
+
+
+def test_a_rules_properties_are_checked_even_when_the_rest_of_the_rule_is_invalid(tmp_path):
+    """The unknown property of an invalid rule showed only on the next run."""
+    write_set(tmp_path, ["0"] * 5)
+    text = MINIMAL + "rules:\n  - {rule: no_regression, alpha: 2, properties: [hu, bright]}\n"
+    with pytest.raises(SpecError) as raised:
+        load_spec(spec_file(tmp_path, text))
+    assert [problem.split(";")[0] for problem in raised.value.problems] == [
+        "rules[0].alpha: should be less than 1, got 2",
+        "rules[0].properties: unknown property 'hu' (did you mean 'hue'?)",
+        "rules[0].properties: unknown property 'bright'",
+    ]
+
+
+def test_rules_properties_are_not_checked_against_properties_that_are_no_mapping(tmp_path):
+    write_set(tmp_path, ["0"])
+    text = MINIMAL.split("properties:")[0] + "properties: [hue]\n"
+    text += "rules: [{rule: max_score, max: 1, properties: [hue]}]\n"
+    with pytest.raises(SpecError) as raised:
+        load_spec(spec_file(tmp_path, text))
+    assert raised.value.problems == ("properties: should be a valid dictionary",)
+
+
+def test_a_property_name_that_yaml_reads_as_a_number_is_named_as_such(tmp_path):
+    write_set(tmp_path, ["0"])
+    with pytest.raises(SpecError) as raised:
+        load_spec(spec_file(tmp_path, MINIMAL + "  1: procedural:operation=hue\n"))
+    assert raised.value.problems == (
+        "properties: the property name 1 must be text (quote it in YAML)",
+    )
+
+
+def test_a_manifests_lines_are_counted_with_its_blank_lines(tmp_path):
+    write_set(tmp_path, ["0"])
+    (tmp_path / "manifest.csv").write_text("image,label\n\nimages/0.png,0\n\n\nimages/0.png,cat\n")
+    with pytest.raises(SpecError) as raised:
+        load_spec(spec_file(tmp_path, MINIMAL))
+    assert raised.value.problems == (
+        f"images.manifest: {tmp_path / 'manifest.csv'}:6: 'images/0.png' is listed twice",
+    )
+
+
+@pytest.mark.parametrize(
+    "loc", [("baseline",), ("rules", 2, "rule"), ("properties", "a: b['c']", "region", "box")]
+)
+def test_a_problems_place_reads_back_as_its_path_to_sort_the_problems(loc):
+    assert loc_of(f"{place_of(loc)}: a problem: with colons") == loc

@@ -62,8 +62,10 @@ def _manifest_entries(manifest: Path) -> tuple[list[ImageEntry], list[str]]:
     try:
         # utf-8-sig: spreadsheets start their CSV files with a byte-order mark.
         with manifest.open(newline="", encoding="utf-8-sig") as file:
-            rows = list(csv.DictReader(file, skipinitialspace=True))
-            columns = set(rows[0]) if rows else set()
+            reader = csv.DictReader(file, skipinitialspace=True)
+            # Each row with its line in the file (the reader skips blank lines).
+            rows = [(reader.line_num, row) for row in reader]
+            columns = set(rows[0][1]) if rows else set()
     except OSError as error:
         return [], [f"images.manifest: cannot read {str(manifest)!r}: {error.strerror}"]
     except (UnicodeDecodeError, csv.Error) as error:
@@ -72,7 +74,7 @@ def _manifest_entries(manifest: Path) -> tuple[list[ImageEntry], list[str]]:
         return [], [f"images.manifest: {manifest}: the manifest needs an 'image' column"]
     entries, problems = [], []
     seen: set[str] = set()
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         image = (row.get("image") or "").strip()
         label_text = (row.get("label") or "").strip()
         where = f"images.manifest: {manifest}:{line}"

@@ -38,7 +38,7 @@ from propscope._preflight import (
 from propscope._preprocessing import Preprocessing, read_class_labels
 from propscope._properties import Box, Property, parse_property, region_from, split_property
 from propscope.review.image_set import ImageEntry, image_entries, provided_problems
-from propscope.review.spec_problems import describe, place_of, position, spec_loc
+from propscope.review.spec_problems import describe, loc_of, place_of, position
 
 __all__ = ["ImageEntry", "ReviewSpec", "ServiceChecks", "SpecError", "load_spec"]
 
@@ -694,14 +694,15 @@ def load_spec(path: Path) -> tuple[ReviewSpec, list[ImageEntry]]:
         spec = ReviewSpec.model_validate(raw, context=context)
     except ValidationError as error:
         allowed = context.get(_ALLOWED_KEYS, {})
-        errors = sorted(error.errors(), key=lambda item: position(raw, spec_loc(item["loc"])))
-        problems += [describe(item, raw, allowed, RULE_NAMES) for item in errors]
+        problems += [describe(item, raw, allowed, RULE_NAMES) for item in error.errors()]
     sections = _Sections.of_raw(raw)
     problems += sections.problems()
     images, image_problems = sections.image_set(path.parent)
     problems += image_problems
     problems += sections.file_problems(path.parent, images)
     problems += sections.set_problems(images)
+    # In the file's order; at one place, its fields' problems before those of its files.
+    problems.sort(key=lambda problem: position(raw, loc_of(problem)))
     if problems:
         raise SpecError(problems, file=path, checks=sections.service_checks())
     assert spec is not None  # a spec pydantic refuses has problems
@@ -739,6 +740,13 @@ RULE_NAMES = tuple(
     for kind in get_args(get_args(Rule)[0])
     for name in get_args(kind.model_fields["rule"].annotation)
 )
+# A properties key in these rules is an unknown key, a problem of its own.
+_RULES_WITHOUT_PROPERTIES = tuple(
+    name
+    for kind in get_args(get_args(Rule)[0])
+    if "properties" not in kind.model_fields
+    for name in get_args(kind.model_fields["rule"].annotation)
+)
 
 
 @dataclass(frozen=True)
@@ -759,6 +767,8 @@ class _Sections:
     explain: ExplainSpec | None
     # The valid rules, with their index in the spec.
     rules: tuple[tuple[int, Rule], ...]
+    # The property names of every rule that takes properties, valid or not, with its index.
+    rule_properties: tuple[tuple[int, tuple[str, ...]], ...]
 
     @classmethod
     def of_spec(cls, spec: ReviewSpec) -> _Sections:
@@ -773,6 +783,7 @@ class _Sections:
             dict(spec.properties),
             spec.explain,
             tuple(enumerate(spec.rules)),
+            tuple((index, tuple(rule.properties or ())) for index, rule in enumerate(spec.rules)),
         )
 
     @classmethod
@@ -803,6 +814,13 @@ class _Sections:
             valid_properties,
             _valid(ExplainSpec.model_validate, raw.get("explain", {})),
             valid_rules,
+            tuple(
+                (index, tuple(name for name in names if isinstance(name, str)))
+                for index, value in enumerate(rules)
+                if isinstance(value, dict)
+                and isinstance(names := value.get("properties"), list)
+                and value.get("rule") not in _RULES_WITHOUT_PROPERTIES
+            ),
         )
 
     def problems(self) -> list[str]:
@@ -823,14 +841,17 @@ class _Sections:
         ):
             problems.append("baseline: baseline and candidate are the same model and version")
         known = ", ".join(self.property_names)
-        for index, rule in self.rules:
-            for name in rule.properties or ():
+        for index, names in self.rule_properties if self.property_names else ():
+            # No property names: the spec's properties are missing or no mapping, a problem
+            # of their own.
+            for name in names:
                 if name not in self.property_names:
                     problems.append(
                         f"rules[{index}].properties: unknown property {name!r}"
                         f"{did_you_mean(name, self.property_names)}; the spec's properties: "
                         f"{known}"
                     )
+        for index, rule in self.rules:
             if (
                 isinstance(rule, NoRegressionRule | NoAccuracyRegressionRule)
                 and not self.baseline_given

@@ -3,13 +3,14 @@ their place as the spec writes it (``rules[1].max``), without pydantic's wording
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from propscope._preflight import did_you_mean
 
-__all__ = ["describe", "position", "place_of", "spec_loc"]
+__all__ = ["describe", "loc_of", "position", "place_of", "spec_loc"]
 
 
 def describe(
@@ -22,6 +23,12 @@ def describe(
     loc = spec_loc(item["loc"])
     where = place_of(loc)
     kind, context, given = item["type"], item.get("ctx") or {}, item.get("input")
+    if item["loc"][-1] == "[key]":
+        # A key YAML read as a number or a boolean (`1: procedural`): pydantic names it as an
+        # index (properties[1]).
+        mapping = place_of(loc[:-1])
+        what = "the property name" if loc[:-1] == ("properties",) else "the key"
+        return f"{mapping}: {what} {given!r} must be text (quote it in YAML)"
     if kind == "extra_forbidden":
         allowed = allowed_keys.get(id(_at(raw, loc[:-1])), [])
         return (
@@ -89,6 +96,25 @@ def place_of(loc: Sequence[str | int]) -> str:
         else:
             text += f".{part}" if text else part
     return text or "spec"
+
+
+# A place's parts after its first key, as place_of writes them: .key, [index], ['key'].
+_PLACE_PART = re.compile(r"""\.([^\W\d]\w*)|\[(\d+)\]|\[('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")\]""")
+
+
+def loc_of(problem: str) -> tuple[str | int, ...]:
+    """The place a problem line starts with, as a path (place_of's inverse): to list the
+    problems of the fields, of the files and across sections together in the file's order."""
+    first = re.match(r"[^.\[:]+", problem)
+    if first is None:
+        return ()
+    loc: list[str | int] = [first.group()]
+    end = first.end()
+    while part := _PLACE_PART.match(problem, end):
+        key, index, quoted = part.groups()
+        loc.append(key if key is not None else int(index) if index else ast.literal_eval(quoted))
+        end = part.end()
+    return tuple(loc)
 
 
 def _at(raw: Any, loc: Sequence[str | int]) -> Any:
