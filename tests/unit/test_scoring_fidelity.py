@@ -19,6 +19,7 @@ from propscope_server.scoring.fidelity import (
     average_stability,
     baseline_raises_score,
     curve_area,
+    curve_score_drops,
     deletion_images,
     mu_fidelity,
     mufidelity_subsets,
@@ -262,6 +263,42 @@ def test_a_baseline_that_adds_evidence_is_detected_from_the_drops():
     # A model that reads one corner: most subsets miss it (drop 0) and none raise it.
     assert not baseline_raises_score(np.array([0.0, 0.0, 0.0, 2.0, 1.5]))
     assert baseline_raises_score(np.array([-1.0, -0.5, 0.0, 2.0, -0.1]))
+
+
+def _black_curve_drops(model, image, explanation, insertion):
+    """Deletion / Insertion curve toward black (baseline 0): its drops from f(x)."""
+    fractions, images = deletion_images(
+        image, explanation, 10, 1.0, np.zeros_like(image), insertion=insertion
+    )
+    return curve_score_drops(float(model(image[None])[0]), fractions, model(images), insertion)
+
+
+@pytest.mark.parametrize("insertion", [False, True])
+def test_a_curve_toward_a_baseline_that_adds_evidence_is_detected(insertion):
+    # The MuFidelity case above: blacking the background (weight -0.2) raises the score, so
+    # the curve toward black climbs above f(x) whatever the order, the faithful one included.
+    image, weights = _scene(18, 18, seed=5)
+    signed = np.where(weights > 0, weights, -0.2)
+    for explanation in (signed * image[..., 0], np.random.default_rng(0).random((18, 18))):
+        drops = _black_curve_drops(_linear_model(signed), image, explanation, insertion)
+        assert drops.size == 10 and baseline_raises_score(drops, "mean")
+        # Every weight positive: black removes evidence and the curve stays below f(x).
+        drops = _black_curve_drops(_linear_model(np.abs(signed)), image, explanation, insertion)
+        assert not baseline_raises_score(drops, "mean")
+
+
+def test_a_curve_on_a_plateau_at_the_original_score_does_not_warn():
+    # A faithful Insertion under a neutral baseline: from -9 up to f(x) = 3.3 at once, then
+    # +-0.2 about it. Six of the ten baselined steps are above f(x) (a negative median), but
+    # on average the steps are well below it: the curve's mean is what the area reads.
+    fractions = np.linspace(0, 1, 11)
+    scores = np.array([-9, 3.4, 3.5, 3.4, 3.2, 3.4, 3.5, 3.1, 3.2, 3.4, 3.3])
+    drops = curve_score_drops(3.3, fractions, scores, insertion=True)
+    np.testing.assert_allclose(drops, 3.3 - scores[:-1])
+    assert baseline_raises_score(drops, "median") and not baseline_raises_score(drops, "mean")
+    # Deletion scores every step but the first; below every pixel, Insertion every step.
+    assert curve_score_drops(3.3, fractions, scores, insertion=False).size == 10
+    assert curve_score_drops(3.3, fractions * 0.5, scores, insertion=True).size == 11
 
 
 def test_subsets_are_bernoulli_and_upsample_to_any_aspect():

@@ -49,20 +49,48 @@ def constant_explanation(view_map: np.ndarray) -> tuple[str, ...]:
     return ("the map is constant: the order in which it removes pixels is arbitrary (by position)",)
 
 
-def baseline_evidence(target: TargetPlan, baseline: str, score_drops: np.ndarray) -> str:
-    """MuFidelity's warning when the baseline raised the target score on most subsets."""
+# Per metric: what is set to the baseline, the inputs scored, how their drops are
+# averaged (fidelity.typical_drop), and what a baseline that adds evidence does to it.
+EVIDENCE_EFFECTS = {
+    "mu_fidelity": (
+        "the subsets",
+        "subsets",
+        "median",
+        "MuFidelity rewards maps that give the baselined regions negative attribution and a "
+        "map of non-negative importance (Sobol, RISE) scores low or negative however faithful "
+        "it is",
+    ),
+    "deletion": (
+        "the map's pixels",
+        "steps of the curve",
+        "mean",
+        "the curve rises where Deletion assumes it falls and the area is not low even for a "
+        "faithful map",
+    ),
+    "insertion": (
+        "the pixels not yet inserted",
+        "steps of the curve",
+        "mean",
+        "the curve climbs above the image's own score and the area is high even for a random map",
+    ),
+}
+
+
+def baseline_evidence(
+    target: TargetPlan, metric: str, baseline: str, score_drops: np.ndarray
+) -> str:
+    """The warning when the baseline raised the target score (fidelity.baseline_raises_score)."""
+    regions, inputs, average, effect = EVIDENCE_EFFECTS[metric]
     index = target.target.class_index
     label = target.classifier.label(index)
     named = f"class {index} ({label})" if label else f"class {index}"
     raised = int(np.sum(score_drops < 0))
     return (
-        f"setting the subsets to the baseline ({baseline}) raised the target "
-        f"{target.target.score} on {raised} of the {len(score_drops)} subsets (median drop "
-        f"{float(np.median(score_drops)):.3g}): the baseline itself reads as evidence for "
-        f"{named}, so MuFidelity rewards maps that give the baselined regions negative "
-        "attribution and a map of non-negative importance (Sobol, RISE) scores low or "
-        "negative however faithful it is; a baseline that removes evidence (e.g. mean_colour or "
-        "blur) tests such a map"
+        f"setting {regions} to the baseline ({baseline}) raised the target "
+        f"{target.target.score} on {raised} of the {len(score_drops)} {inputs} ({average} drop "
+        f"{fidelity.typical_drop(score_drops, average):.3g}): the baseline itself reads as "
+        f"evidence for {named}, so {effect}; a baseline that removes evidence (e.g. "
+        "mean_colour or blur) tests the map"
     )
 
 
@@ -192,6 +220,9 @@ class Evaluation:
             warnings = constant_explanation(plan.view_map)
             if np.ptp(scores) == 0:
                 warnings += (f"the target {score_word} did not move along the curve",)
+            drops = fidelity.curve_score_drops(target.original_score, fractions, scores, insertion)
+            if fidelity.baseline_raises_score(drops, EVIDENCE_EFFECTS[name][2]):
+                warnings += (baseline_evidence(target, name, options.baseline, drops),)
             return MetricOutcome(
                 metric=name,
                 value=float(fidelity.curve_area(fractions, scores)),
@@ -227,8 +258,8 @@ class Evaluation:
                 f"the {varied} are the same for every subset: the correlation is undefined and "
                 "reported as 0, as Xplique does, not measured",
             )
-        if fidelity.baseline_raises_score(score_drops):
-            warnings += (baseline_evidence(target, options.baseline, score_drops),)
+        if fidelity.baseline_raises_score(score_drops, EVIDENCE_EFFECTS[name][2]):
+            warnings += (baseline_evidence(target, name, options.baseline, score_drops),)
         return MetricOutcome(
             metric=name,
             value=float(fidelity.mu_fidelity(target.original_score, perturbed, attribution_sums)),
