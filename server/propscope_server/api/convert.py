@@ -64,7 +64,7 @@ def check_reachable(points: int, permutations: int, alpha: float, field: str) ->
         )
     # Beyond 20 points, 2 / points! < 1e-18: always below an alpha the test can reach.
     if points < 20 and 2.0 / math.factorial(points) >= alpha:
-        needed = next(n for n in range(points, 64) if 2.0 / math.factorial(n) < alpha)
+        needed = fewest_reachable_steps(alpha) + 1  # images: the original and N edits
         raise InvalidArgument(
             f"a path of {points} images can never be significant at alpha {alpha} "
             f"(smallest p-value {2 / math.factorial(points):.3g}); use at least {needed} images",
@@ -282,15 +282,13 @@ def resolve_max_steps(
         while longest * 2 <= request.max_steps:
             longest *= 2
         return longest
-    longest = steps
-    for _ in range(DEFAULT_DOUBLINGS):
-        longer = longest * 2
-        if longer > limits.max_steps or _over_budget(
-            request.properties, image_shape, steps, samples, limits, longer
-        ):
-            break
-        longest = longer
-    return longest
+    return _doubled(
+        steps,
+        lambda longer: (
+            longer <= limits.max_steps
+            and not _over_budget(request.properties, image_shape, steps, samples, limits, longer)
+        ),
+    )
 
 
 def _over_budget(
