@@ -78,9 +78,12 @@ EVIDENCE_EFFECTS = {
 
 def baseline_evidence(
     target: TargetPlan, metric: str, baseline: str, score_drops: np.ndarray
-) -> str:
-    """The warning when the baseline raised the target score (fidelity.baseline_raises_score)."""
+) -> tuple[str, ...]:
+    """The warning, when the baseline raised the target score (fidelity.baseline_raises_score
+    with the metric's average); else none."""
     regions, inputs, average, effect = EVIDENCE_EFFECTS[metric]
+    if not fidelity.baseline_raises_score(score_drops, average):
+        return ()
     index = target.target.class_index
     label = target.classifier.label(index)
     named = f"class {index} ({label})" if label else f"class {index}"
@@ -90,7 +93,7 @@ def baseline_evidence(
         f"{target.target.score} on {raised} of the {len(score_drops)} {inputs} ({average} drop "
         f"{fidelity.typical_drop(score_drops, average):.3g}): the baseline itself reads as "
         f"evidence for {named}, so {effect}; a baseline that removes evidence (e.g. "
-        "mean_colour or blur) tests the map"
+        "mean_colour or blur) tests the map",
     )
 
 
@@ -221,8 +224,7 @@ class Evaluation:
             if np.ptp(scores) == 0:
                 warnings += (f"the target {score_word} did not move along the curve",)
             drops = fidelity.curve_score_drops(target.original_score, fractions, scores, insertion)
-            if fidelity.baseline_raises_score(drops, EVIDENCE_EFFECTS[name][2]):
-                warnings += (baseline_evidence(target, name, options.baseline, drops),)
+            warnings += baseline_evidence(target, name, options.baseline, drops)
             return MetricOutcome(
                 metric=name,
                 value=float(fidelity.curve_area(fractions, scores)),
@@ -258,8 +260,7 @@ class Evaluation:
                 f"the {varied} are the same for every subset: the correlation is undefined and "
                 "reported as 0, as Xplique does, not measured",
             )
-        if fidelity.baseline_raises_score(score_drops, EVIDENCE_EFFECTS[name][2]):
-            warnings += (baseline_evidence(target, name, options.baseline, score_drops),)
+        warnings += baseline_evidence(target, name, options.baseline, score_drops)
         return MetricOutcome(
             metric=name,
             value=float(fidelity.mu_fidelity(target.original_score, perturbed, attribution_sums)),
