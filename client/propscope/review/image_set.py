@@ -10,7 +10,7 @@ from pathlib import Path
 
 from propscope._images import folder_images
 
-__all__ = ["ImageEntry", "image_entries", "provided_problems"]
+__all__ = ["ImageEntry", "image_entries", "provided_folder", "provided_problems"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # At most this many problems of one kind (manifest lines, a provided path's images) are listed.
@@ -26,14 +26,22 @@ class ImageEntry:
     label: int | None
 
 
-def provided_problems(where: str, pattern: Path, images: Sequence[ImageEntry]) -> list[str]:
-    """Each image's provided folder that cannot be used: the first one, and how many more."""
+def provided_folder(pattern: str, image: ImageEntry) -> Path:
+    """The image's folder of provided paths: ``pattern`` with its ``{stem}`` and ``{image}``
+    (the image's id without its suffix) filled in, relative to the spec file's folder."""
+    image_id = str(Path(image.id).with_suffix(""))
+    return Path(pattern.format(stem=image.path.stem, image=image_id))
+
+
+def provided_problems(
+    where: str, base: Path, pattern: str, images: Sequence[ImageEntry]
+) -> list[str]:
+    """Each image's provided folder (under ``base``) that cannot be used: the first one, and
+    how many more."""
     failed = []
     for image in images:
-        image_id = str(Path(image.id).with_suffix(""))
-        folder = Path(str(pattern).format(stem=image.path.stem, image=image_id))
         try:
-            folder_images(folder)
+            folder_images(base / provided_folder(pattern, image))
         except ValueError as error:
             failed.append(f"{where}: image {image.id!r}: {error}")
     if len(failed) > 1:

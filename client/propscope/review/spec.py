@@ -37,7 +37,12 @@ from propscope._preflight import (
 )
 from propscope._preprocessing import Preprocessing, read_class_labels
 from propscope._properties import Box, Property, parse_property, region_from, split_property
-from propscope.review.image_set import ImageEntry, image_entries, provided_problems
+from propscope.review.image_set import (
+    ImageEntry,
+    image_entries,
+    provided_folder,
+    provided_problems,
+)
 from propscope.review.spec_problems import describe, loc_of, place_of, position
 
 __all__ = ["ImageEntry", "ReviewSpec", "ServiceChecks", "SpecError", "load_spec"]
@@ -556,9 +561,7 @@ class ReviewSpec(_Strict):
         return self._editor_properties
 
     def provided_folder(self, name: str, image: ImageEntry) -> Path:
-        pattern = self.provided_folders()[name]
-        image_id = str(Path(image.id).with_suffix(""))
-        return self._base / pattern.format(stem=image.path.stem, image=image_id)
+        return self._base / provided_folder(self.provided_folders()[name], image)
 
     def properties_for(self, image: ImageEntry) -> list[Property]:
         """Every property of the spec for one image, in spec order (provided paths read from
@@ -886,7 +889,7 @@ class _Sections:
         for name, source in self.properties.items():
             where = place_of(("properties", name))
             if name in provided:
-                problems += provided_problems(where, base / provided[name], images)
+                problems += provided_problems(where, base, provided[name], images)
             elif not (isinstance(source, str) and _text_problems(name, source)):
                 try:
                     _editor_property(name, source, base)
