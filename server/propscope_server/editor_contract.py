@@ -188,10 +188,16 @@ class EditorSchema:
         return resolved
 
 
+def closest(value: str, candidates: Iterable[str]) -> str | None:
+    """The one of `candidates` close enough to `value` to be what a typo meant, if any."""
+    close = difflib.get_close_matches(value, list(candidates), n=1)
+    return close[0] if close else None
+
+
 def _with_guess(value: str, candidates: Iterable[str]) -> str:
     """`value` quoted, with the closest of `candidates` when one is close: a typo's fix."""
-    close = difflib.get_close_matches(value, list(candidates), n=1)
-    return f"{value!r} (did you mean {close[0]!r}?)" if close else repr(value)
+    close = closest(value, candidates)
+    return f"{value!r} (did you mean {close!r}?)" if close else repr(value)
 
 
 def _check_value(spec: ParameterSpec, value: str) -> None:

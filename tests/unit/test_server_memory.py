@@ -38,7 +38,7 @@ from propscope_server.api.memory import (
     declared_pixels,
     estimate_bytes,
 )
-from propscope_server.backends.triton import _input as triton_input
+from propscope_server.backends.triton import triton_input
 from propscope_server.cache.artefacts import encode_array
 from propscope_server.config import Limits, PreprocessingConfig, Settings
 from propscope_server.domain import AttributionOutcome, PropertyOutcome

@@ -8,8 +8,8 @@ from collections.abc import Mapping
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
-from tritonclient.utils import np_to_triton_dtype
 
+from propscope_server.backends.triton import triton_input
 from propscope_server.editor_contract import PATH_OUTPUT
 
 
@@ -22,11 +22,7 @@ def stream_path(
     """PATH of the editor's final response to one request of ``tensors`` (shaped as the model
     takes them: with the batch dimension of a batching editor). The editor's own error is
     raised; ``timeout_s`` bounds the wait for each response."""
-    inputs = []
-    for name, array in tensors.items():
-        tensor = triton_grpc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
+    inputs = [triton_input(name, array) for name, array in tensors.items()]
     responses: queue.SimpleQueue = queue.SimpleQueue()
     triton.start_stream(callback=lambda result, error: responses.put((result, error)))
     try:

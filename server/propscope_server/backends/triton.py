@@ -4,7 +4,6 @@ over tritonclient's gRPC aio client. Triton errors become domain errors here."""
 from __future__ import annotations
 
 import asyncio
-import difflib
 import json
 import logging
 import random
@@ -33,6 +32,7 @@ from propscope_server.editor_contract import (
     STRENGTHS_INPUT,
     EditorSchema,
     ReportProgress,
+    closest,
     unreported,
 )
 from propscope_server.errors import (
@@ -253,10 +253,10 @@ class TritonBackend:
         entries = [e for e in repository if e.name == name]
         if not entries:
             ready = {e.name for e in repository if e.state == "READY"}
-            close = difflib.get_close_matches(name, sorted(ready), n=1)
+            close = closest(name, sorted(ready))
             if close:
                 raise NotFound(
-                    f"model {name!r} is not served by Triton; did you mean {close[0]!r}? "
+                    f"model {name!r} is not served by Triton; did you mean {close!r}? "
                     "(ListModels shows what is)"
                 )
         served = sorted({e.version for e in entries if e.state == "READY"}, key=_version_order)
@@ -299,7 +299,7 @@ class TritonBackend:
         model = await self.describe(name)
         batch = (1,) if model.max_batch_size > 0 else ()
         inputs = [
-            _input(t.name, _zeros(t.datatype, (*batch, *(max(d, 1) for d in t.shape))))
+            triton_input(t.name, _zeros(t.datatype, (*batch, *(max(d, 1) for d in t.shape))))
             for t in model.inputs
         ]
         try:
@@ -328,7 +328,9 @@ class TritonBackend:
             SEED_INPUT: np.array([seed % 2**63 for seed in seeds], dtype=np.int64),
         }
         batch = editor.max_batch_size > 0
-        inputs = [_input(name, array[None] if batch else array) for name, array in tensors.items()]
+        inputs = [
+            triton_input(name, array[None] if batch else array) for name, array in tensors.items()
+        ]
         result = (await self._infer(editor, inputs, [PATH_OUTPUT], deadline, "edit", progress))[
             PATH_OUTPUT
         ]
@@ -354,7 +356,7 @@ class TritonBackend:
         chunks: list[dict[str, np.ndarray]] = []
         for start in range(0, size, model.max_batch_size):
             tensors = [
-                _input(name, array[start : start + model.max_batch_size])
+                triton_input(name, array[start : start + model.max_batch_size])
                 for name, array in inputs.items()
             ]
             chunks.append(await self._infer(model, tensors, outputs, deadline, kind="classify"))
@@ -445,7 +447,8 @@ class TritonBackend:
         )
 
 
-def _input(name: str, array: np.ndarray) -> InferInput:
+def triton_input(name: str, array: np.ndarray) -> InferInput:
+    """One named input tensor of a Triton request (also for the dev tools' direct calls)."""
     tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
     tensor.set_data_from_numpy(array)
     return tensor
