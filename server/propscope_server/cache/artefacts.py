@@ -84,8 +84,8 @@ def _value_digest(key: str, payload: bytes) -> bytes:
 
 def encode_array(key: str, array: np.ndarray) -> bytes:
     header = json.dumps({"dtype": array.dtype.str, "shape": list(array.shape)}).encode()
-    array = np.ascontiguousarray(array)
-    payload = MAGIC + HEADER_LENGTH.pack(len(header)) + header + zlib.compress(array.tobytes(), 6)
+    data = array.tobytes()  # C order, whatever the array's own layout
+    payload = MAGIC + HEADER_LENGTH.pack(len(header)) + header + zlib.compress(data, 6)
     return _value_digest(key, payload) + payload
 
 
