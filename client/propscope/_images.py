@@ -36,6 +36,11 @@ class AlphaDroppedWarning(UserWarning):
     the colour stored under each transparent pixel (often black), not what a viewer shows."""
 
 
+class _EncodedImage(bytes):
+    """Bytes ``encode_image`` made and checked: sent again as they are, so that an image sent
+    with several calls (the CLI's ``--model`` each) is decoded and warned about once."""
+
+
 def encode_image(image: ImageLike) -> bytes:
     """The PNG or JPEG bytes to send for ``image``.
 
@@ -44,11 +49,14 @@ def encode_image(image: ImageLike) -> bytes:
     and PIL images are converted to RGB; both are encoded as PNG. The service reads RGB only: an
     alpha channel is dropped, not blended, and an image with transparent pixels warns
     (``AlphaDroppedWarning``) so that its pixels are flattened onto the background meant.
+    Bytes this function returned are returned as they are, neither decoded nor warned about again.
     Raises ``OSError`` when a file cannot be read, ``ValueError`` when the data is no image or
     the array has the wrong shape or dtype, and ``TypeError`` for other argument types.
     """
+    if isinstance(image, _EncodedImage):
+        return image
     if isinstance(image, np.ndarray):
-        return _png_from_array(image)
+        return _EncodedImage(_png_from_array(image))
     if isinstance(image, Image.Image):
         what, transparent = "the PIL image", _has_transparent_pixels(image)
         encoded = _png_from_pil(image)
@@ -72,7 +80,7 @@ def encode_image(image: ImageLike) -> bytes:
             AlphaDroppedWarning,
             stacklevel=2,
         )
-    return encoded
+    return _EncodedImage(encoded)
 
 
 def _decodes_transparent(data: bytes) -> bool:

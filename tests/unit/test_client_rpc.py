@@ -3,6 +3,7 @@
 import json
 import threading
 import time
+import warnings
 from concurrent import futures
 
 import grpc
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 
 from propscope import (
     Accepted,
+    AlphaDroppedWarning,
     Client,
     Done,
     Preprocessing,
@@ -442,6 +444,26 @@ def test_cli_explain_error_midway_exits_2(service, image_file):
     assert result.stderr.strip() == (
         f"propscope: error: {service.target}: UNAVAILABLE: triton went away"
     )
+
+
+def test_cli_warns_once_about_an_image_alpha_sent_to_two_models(service, tmp_path):
+    from PIL import Image
+
+    pixels = np.full((8, 8, 4), 200, np.uint8)
+    pixels[0, 0, 3] = 0
+    path = tmp_path / "logo.png"
+    Image.fromarray(pixels).save(path)
+    with warnings.catch_warnings(record=True) as raw:
+        warnings.simplefilter("always")
+        result = runner.invoke(
+            app,
+            ["explain", str(path), "-m", "resnet", "-m", "vit", "-p", "hue=procedural"]
+            + ["--json", "--target", service.target],
+        )
+    assert result.exit_code == 0, result.output
+    assert [r.model.name for r in service.requests] == ["resnet", "vit"]
+    assert result.stderr.count("has transparent pixels") == 1, result.stderr
+    assert not [w for w in raw if issubclass(w.category, AlphaDroppedWarning)]
 
 
 def test_cli_models(service):
