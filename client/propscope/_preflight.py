@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from propscope._client import Client
+from propscope._client import Client, _models
 from propscope._events import ModelInfo
 from propscope._properties import Property
 from propscope.v1 import explain_pb2
@@ -119,7 +119,7 @@ def _served_models(served: Served) -> dict[str, ModelInfo]:
     if isinstance(served, Client):
         served = served.list_models()
     if isinstance(served, explain_pb2.ListModelsResponse):
-        return {msg.name: ModelInfo.from_proto(msg) for msg in served.models}
+        served = _models(served)
     return {info.name: info for info in served}
 
 
