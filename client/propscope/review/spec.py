@@ -305,14 +305,27 @@ class MaxFlipRateRule(_Rule):
     max: float = Field(ge=0, le=1)
 
 
-class MinAccuracyRule(_Strict):
+class _NoPropertiesRule(_Strict):
+    """A rule that checks no property: it reads the originals' predictions or the candidate's
+    attribution maps, not the property paths."""
+
+    @property
+    def properties(self) -> None:
+        return None
+
+
+# The accuracy rules' alpha: each side of their two-sided (1 - 2 alpha) interval.
+_AccuracyAlpha = Annotated[float, Field(gt=0, lt=0.5)]
+
+
+class MinAccuracyRule(_NoPropertiesRule):
     """The candidate classifies at least ``min`` of the labelled originals as labelled: passed
     when the (1 - 2 alpha) Clopper-Pearson interval of its accuracy lies at or above ``min``,
     failed when it lies below, inconclusive when it straddles ``min``."""
 
     rule: Literal["min_accuracy"]
     min: float = Field(ge=0, le=1)
-    alpha: float = Field(0.05, gt=0, lt=0.5)
+    alpha: _AccuracyAlpha = 0.05
 
     @field_validator("min")
     @classmethod
@@ -327,20 +340,15 @@ class MinAccuracyRule(_Strict):
             )
         return minimum
 
-    @property
-    def properties(self) -> None:
-        """Checks no property: it reads the originals' predictions."""
-        return None
 
-
-class NoAccuracyRegressionRule(_Strict):
+class NoAccuracyRegressionRule(_NoPropertiesRule):
     """The candidate's accuracy is at most ``max_drop`` below the baseline's on the same
     labelled images: Newcombe's paired interval of the difference (at 1 - 2 alpha) decides,
     as for ``min_accuracy``."""
 
     rule: Literal["no_accuracy_regression"]
     max_drop: float = Field(0.05, ge=0, le=1)
-    alpha: float = Field(0.05, gt=0, lt=0.5)
+    alpha: _AccuracyAlpha = 0.05
 
     @field_validator("max_drop")
     @classmethod
@@ -355,11 +363,6 @@ class NoAccuracyRegressionRule(_Strict):
                 "(e.g. 0.05)",
             )
         return max_drop
-
-    @property
-    def properties(self) -> None:
-        """Checks no property: it reads the originals' predictions."""
-        return None
 
 
 # The rules that read the labelled originals' predictions (and so need labels).
@@ -453,7 +456,7 @@ class ShareRegionSpec(_Strict):
         return box
 
 
-class MaxAttributionShareRule(_Strict):
+class MaxAttributionShareRule(_NoPropertiesRule):
     """The candidate puts at most ``max`` of its attribution mass (the sum of the map's
     positive values) inside ``region``, e.g. a watermark corner: over the images on average
     (``over: mean``) or on every image (``over: every_image``)."""
@@ -465,11 +468,6 @@ class MaxAttributionShareRule(_Strict):
     max: float = Field(ge=0, le=1)
     over: Literal["mean", "every_image"] = "mean"
     attribution: AttributionSpec = AttributionSpec()
-
-    @property
-    def properties(self) -> None:
-        """Checks no property: it reads the candidate's attribution maps."""
-        return None
 
 
 Rule = Annotated[
