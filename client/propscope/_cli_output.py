@@ -125,9 +125,8 @@ class ExplainOutput:
     a refused call prints its message alone. ``failed`` counts the properties that failed or
     got no result."""
 
-    def __init__(self, output_format: OutputFormat, several_models: bool) -> None:
+    def __init__(self, output_format: OutputFormat) -> None:
         self._format = output_format
-        self._several_models = several_models
         self._console = stdout_console()
         self._accepted: dict[str, Accepted] = {}
         self._results: dict[str, dict[str, PropertyResult]] = {}

@@ -455,7 +455,7 @@ def explain(
     }
     recorded: dict[str, list[Event]] = {c.label: [] for c in classifiers}
     seconds: dict[str, float] = {}
-    output = ExplainOutput(output_format, several_models=len(classifiers) > 1)
+    output = ExplainOutput(output_format)
     mode = _explain_progress_mode(progress, output_format)
     try:
         with context.obj.client(target, timeout) as client:

@@ -188,7 +188,7 @@ def _done(total_ms: float = 100.0) -> Done:
 def _explained(output_format: OutputFormat, finished: dict[str, list[str]]) -> ExplainOutput:
     """An ExplainOutput fed each model's plan (a, b, c), results in ``finished``'s order and
     Done, model after model."""
-    output = ExplainOutput(output_format, several_models=len(finished) > 1)
+    output = ExplainOutput(output_format)
     for model, order in finished.items():
         output.event(model, _accepted("a", "b", "c"))
         for name in order:
@@ -276,7 +276,7 @@ def test_piped_output_has_no_trailing_spaces_and_notes_stay_on_one_line(
     pads cells with."""
     monkeypatch.delenv("COLUMNS", raising=False)
     warning = "the automatic object/background split is unreliable on this image " * 3
-    output = ExplainOutput(OutputFormat.TABLE, several_models=False)
+    output = ExplainOutput(OutputFormat.TABLE)
     output.event("m", _accepted("a", long_name, "c"))
     for name in ("c", "a", long_name):
         output.event("m", dataclasses.replace(_result(name), warnings=(warning.strip(),)))
@@ -292,7 +292,7 @@ def test_piped_output_has_no_trailing_spaces_and_notes_stay_on_one_line(
 def test_piped_output_wraps_notes_at_words_when_columns_asks_for_a_width(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     warning = "the automatic object/background split is unreliable on this image " * 3
-    output = ExplainOutput(OutputFormat.TABLE, several_models=False)
+    output = ExplainOutput(OutputFormat.TABLE)
     output.event("m", _accepted("a"))
     output.event("m", dataclasses.replace(_result("a"), warnings=(warning.strip(),)))
     output.event("m", _done())
@@ -322,7 +322,7 @@ def test_server_warnings_name_the_cli_syntax_not_request_fields(capsys):
     region = MaskEstimate(np.zeros((2, 2), bool), ("the 'object' covers 90% of the image",))
     detected = detection_warning("m", "logits")
     for output_format in (OutputFormat.TABLE, OutputFormat.PLAIN):
-        output = ExplainOutput(output_format, several_models=False)
+        output = ExplainOutput(output_format)
         output.event("m", dataclasses.replace(_accepted("a"), warnings=(detected,)))
         output.event("m", dataclasses.replace(_result("a"), warnings=(region.warning,)))
         output.finish("m")
