@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 from scipy import stats
@@ -77,8 +78,7 @@ def paired_regression_p_value(differences: np.ndarray, alternative: str = "great
 def accuracy_interval(correct: int, images: int, confidence: float) -> tuple[float, float]:
     """The Clopper-Pearson (exact binomial) interval of an accuracy of ``correct`` of
     ``images``."""
-    interval = stats.binomtest(correct, images).proportion_ci(confidence, method="exact")
-    return float(interval.low), float(interval.high)
+    return _proportion_interval(correct, images, confidence, "exact")
 
 
 def paired_accuracy_interval(
@@ -95,7 +95,8 @@ def paired_accuracy_interval(
     neither = n - both - only_candidate - only_baseline
     p1, p2 = (both + only_candidate) / n, (both + only_baseline) / n
     (l1, u1), (l2, u2) = (
-        _wilson(int(k), n, confidence) for k in (both + only_candidate, both + only_baseline)
+        _proportion_interval(int(k), n, confidence, "wilson")
+        for k in (both + only_candidate, both + only_baseline)
     )
     margins = (
         (both + only_candidate) * (only_baseline + neither)
@@ -113,8 +114,11 @@ def paired_accuracy_interval(
     return difference, max(-1.0, low), min(1.0, high)
 
 
-def _wilson(successes: int, trials: int, confidence: float) -> tuple[float, float]:
-    interval = stats.binomtest(successes, trials).proportion_ci(confidence, method="wilson")
+def _proportion_interval(
+    successes: int, trials: int, confidence: float, method: Literal["exact", "wilson"]
+) -> tuple[float, float]:
+    """SciPy's binomial proportion interval of ``successes`` of ``trials`` by ``method``."""
+    interval = stats.binomtest(successes, trials).proportion_ci(confidence, method=method)
     return float(interval.low), float(interval.high)
 
 
