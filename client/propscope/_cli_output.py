@@ -9,7 +9,7 @@ import io
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
 from rich.console import Console
@@ -23,6 +23,7 @@ __all__ = [
     "ExplainOutput",
     "OutputFormat",
     "in_cli_terms",
+    "plain_line",
     "print_evaluation",
     "print_models",
     "stdout_console",
@@ -34,6 +35,11 @@ class OutputFormat(enum.Enum):
     TABLE = "table"
     PLAIN = "plain"
     JSON = "json"
+
+
+def plain_line(kind: str, pairs: Iterable[tuple[str, object]]) -> None:
+    """One ``plain`` output line on stdout: its kind, then logfmt ``key=value`` pairs."""
+    sys.stdout.write(f"{kind} {logfmt(pairs)}\n")
 
 
 def stdout_console() -> Console:
@@ -198,7 +204,7 @@ class ExplainOutput:
         for key in ("message", "error"):
             if isinstance(pairs.get(key), str):
                 pairs[key] = in_cli_terms(pairs[key])
-        sys.stdout.write(f"{kind} {logfmt(pairs.items())}\n")
+        plain_line(kind, pairs.items())
         sys.stdout.flush()
 
     def _plain_result(self, model: str, result: PropertyResult) -> dict[str, object]:
@@ -334,18 +340,15 @@ def print_models(infos: Sequence[ModelInfo], output_format: OutputFormat) -> Non
         return
     if output_format is OutputFormat.PLAIN:
         for info in infos:
-            sys.stdout.write(
-                "model "
-                + logfmt(
-                    [
-                        ("name", info.name),
-                        ("role", _role(info)),
-                        ("versions", ",".join(info.versions)),
-                        ("state", info.state),
-                        ("reason", info.state_reason or None),
-                    ]
-                )
-                + "\n"
+            plain_line(
+                "model",
+                [
+                    ("name", info.name),
+                    ("role", _role(info)),
+                    ("versions", ",".join(info.versions)),
+                    ("state", info.state),
+                    ("reason", info.state_reason or None),
+                ],
             )
         return
     console = stdout_console()
@@ -417,18 +420,15 @@ def print_evaluation(
         return
     if output_format is OutputFormat.PLAIN:
         for result in found.results:
-            sys.stdout.write(
-                "metric "
-                + logfmt(
-                    [
-                        ("model", model),
-                        ("metric", result.metric),
-                        ("value", result.value),
-                        ("passes", result.forward_passes),
-                        ("target_class", found.target_class),
-                    ]
-                )
-                + "\n"
+            plain_line(
+                "metric",
+                [
+                    ("model", model),
+                    ("metric", result.metric),
+                    ("value", result.value),
+                    ("passes", result.forward_passes),
+                    ("target_class", found.target_class),
+                ],
             )
         return
     console = stdout_console()

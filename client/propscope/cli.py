@@ -55,12 +55,12 @@ from propscope._attribution import (
     AttributionProgress,
     Evaluation,
 )
-from propscope._cli_layout import logfmt
 from propscope._cli_output import (
     ExplainOutput,
     OutputFormat,
     in_cli_terms,
     note,
+    plain_line,
     print_evaluation,
     print_models,
     stdout_console,
@@ -756,7 +756,7 @@ def attribute(
             ("png", str(png_path)),
             ("json", str(json_path)),
         ]
-        sys.stdout.write(f"attribution {logfmt(figures)}\n")
+        plain_line("attribution", figures)
         return
     console = stdout_console()
     for line in _attribution_summary(model, found, png_path, json_path):
