@@ -95,9 +95,14 @@ def _decodes_transparent(data: bytes) -> bool:
 
 def _has_transparent_pixels(image: Image.Image) -> bool:
     """A pixel that is not fully opaque (the alpha decoded only when the header has one)."""
-    if "A" not in image.getbands() and "transparency" not in image.info:
+    if not _has_alpha(image):
         return False
     return image.convert("RGBA").getchannel("A").getextrema()[0] < 255
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    """An alpha band or a transparent colour (palette or single-colour transparency)."""
+    return "A" in image.getbands() or "transparency" in image.info
 
 
 def _ensure_png_or_jpeg(
@@ -162,9 +167,8 @@ def encode_mask(mask: ImageLike) -> bytes:
 
 
 def _png_from_mask(image: Image.Image) -> bytes:
-    has_alpha = "A" in image.getbands() or "transparency" in image.info
     buffer = io.BytesIO()
-    image.convert("RGBA" if has_alpha else "L").save(buffer, format="PNG")
+    image.convert("RGBA" if _has_alpha(image) else "L").save(buffer, format="PNG")
     return buffer.getvalue()
 
 
