@@ -32,7 +32,7 @@ from rich.text import Text
 
 from propscope._events import Accepted, Event, Progress, PropertyResult
 
-__all__ = ["ExplainProgress", "explain_progress"]
+__all__ = ["ExplainProgress", "eta", "explain_progress"]
 
 ProgressMode = Literal["bar", "log", "off"]
 
@@ -52,6 +52,14 @@ def explain_progress(mode: ProgressMode, several_models: bool) -> Iterator[Expla
         yield _LogLines(several_models)
         return
     yield _Silent()
+
+
+def eta(elapsed: float, done: int, total: int) -> str:
+    """``", ETA N s"`` at the pace so far, once some but not all of the work is done, else ``""``
+    (no pace yet, or nothing left)."""
+    if 0 < done < total:
+        return f", ETA {elapsed * (total - done) / done:.0f} s"
+    return ""
 
 
 def _bar_columns() -> tuple[ProgressColumn, ...]:
@@ -146,15 +154,11 @@ class _LogLines:
                 return
             log.quarter = quarter
             elapsed = time.monotonic() - log.started
-            eta = ""
-            if 0 < event.completed < event.total:
-                remaining = elapsed * (event.total - event.completed) / event.completed
-                eta = f", ETA {remaining:.0f} s"
             self._echo(
                 model,
                 event.property_name,
-                f"{event.completed}/{event.total} edits "
-                f"({event.completed / event.total:.0%}, {elapsed:.1f} s{eta})",
+                f"{event.completed}/{event.total} edits ({event.completed / event.total:.0%}, "
+                f"{elapsed:.1f} s{eta(elapsed, event.completed, event.total)})",
             )
         elif isinstance(event, PropertyResult):
             log = self._log(model, event.property_name)

@@ -66,7 +66,7 @@ from propscope._cli_output import (
     stdout_console,
     write_json,
 )
-from propscope._cli_progress import ProgressMode, explain_progress
+from propscope._cli_progress import ProgressMode, eta, explain_progress
 from propscope._client import Client
 from propscope._errors import PropscopeError
 from propscope._events import Accepted, Event, PropertyResult
@@ -1039,12 +1039,10 @@ def _attribution_progress(
             return
         reported = tenth
         elapsed = time.monotonic() - started
-        eta = ""
-        if 0 < update.done < update.total:
-            eta = f", ETA {elapsed * (update.total - update.done) / update.done:.0f} s"
         typer.echo(
             f"propscope: {update.done}/{update.total} {description} "
-            f"({update.done / update.total:.0%}, {elapsed:.0f} s{eta})",
+            f"({update.done / update.total:.0%}, "
+            f"{elapsed:.0f} s{eta(elapsed, update.done, update.total)})",
             err=True,
         )
 
