@@ -535,12 +535,15 @@ class ReviewSpec(_Strict):
         """What the pre-flight asks the service about."""
         return _Sections.of_spec(self).service_checks()
 
-    def with_base(self, base: Path) -> ReviewSpec:
+    def with_base(
+        self, base: Path, editor_properties: dict[str, Property] | None = None
+    ) -> ReviewSpec:
         """This spec with its files read relative to ``base``; ``SpecError`` when a mask cannot
-        be read."""
+        be read. ``editor_properties``: those already built from ``base`` (``load_spec``'s
+        checks read the masks), not read again."""
         spec = self.model_copy()
         spec._base = base
-        spec._editor_properties = None
+        spec._editor_properties = editor_properties
         spec.editor_properties()
         return spec
 
@@ -700,14 +703,15 @@ def load_spec(path: Path) -> tuple[ReviewSpec, list[ImageEntry]]:
     problems += sections.problems()
     images, image_problems = sections.image_set(path.parent)
     problems += image_problems
-    problems += sections.file_problems(path.parent, images)
+    file_problems, editors = sections.file_problems(path.parent, images)
+    problems += file_problems
     problems += sections.set_problems(images)
     # In the file's order; at one place, its fields' problems before those of its files.
     problems.sort(key=lambda problem: position(raw, loc_of(problem)))
     if problems:
         raise SpecError(problems, file=path, checks=sections.service_checks())
     assert spec is not None  # a spec pydantic refuses has problems
-    return spec.with_base(path.parent), images
+    return spec.with_base(path.parent, editors), images
 
 
 def _read_spec(path: Path) -> dict[str, Any]:
@@ -880,9 +884,13 @@ class _Sections:
             base / manifest if manifest is not None else None,
         )
 
-    def file_problems(self, base: Path, images: Sequence[ImageEntry]) -> list[str]:
-        """The mask files, class label files and provided-path folders that cannot be used."""
-        problems = []
+    def file_problems(
+        self, base: Path, images: Sequence[ImageEntry]
+    ) -> tuple[list[str], dict[str, Property]]:
+        """The mask files, class label files and provided-path folders that cannot be used; and
+        the editor properties built on the way (their masks read), for the spec to keep."""
+        problems: list[str] = []
+        editors: dict[str, Property] = {}
         provided = _provided_folders(self.properties)
         for name, source in self.properties.items():
             where = place_of(("properties", name))
@@ -890,7 +898,7 @@ class _Sections:
                 problems += provided_problems(where, base, provided[name], images)
             elif not (isinstance(source, str) and _text_problems(name, source)):
                 try:
-                    _editor_property(name, source, base)
+                    editors[name] = _editor_property(name, source, base)
                 except ValueError as error:
                     problems.append(f"{where}: {_without_name(str(error), name)}")
         for role, model in (("candidate", self.candidate), ("baseline", self.baseline)):
@@ -899,7 +907,7 @@ class _Sections:
                     _class_labels(model, base)
                 except ValueError as error:
                     problems.append(f"{role}.class_labels: {error}")
-        return problems
+        return problems, editors
 
     def set_problems(self, images: Sequence[ImageEntry]) -> list[str]:
         """The rules and settings the image set cannot serve."""
