@@ -414,7 +414,8 @@ _EVALUATION_COLUMNS = (
 def print_evaluation(
     model: str, image: str, found: Evaluation, output_format: OutputFormat
 ) -> None:
-    """``propscope evaluate``: a row per metric (``plain``: a line), then the warnings."""
+    """``propscope evaluate``: a row per metric (``plain``: a line), then the warnings (``plain``:
+    a ``warning`` line each, as ``explain`` writes them)."""
     if output_format is OutputFormat.JSON:
         write_json({"model": model, "image": image, **found.to_dict()})
         return
@@ -430,6 +431,13 @@ def print_evaluation(
                     ("target_class", found.target_class),
                 ],
             )
+        for warning in found.warnings:
+            plain_line("warning", [("model", model), ("message", warning)])
+        for result in found.results:
+            for warning in result.warnings:
+                plain_line(
+                    "warning", [("model", model), ("metric", result.metric), ("message", warning)]
+                )
         return
     console = stdout_console()
     label = f" ({found.target_label})" if found.target_label else ""

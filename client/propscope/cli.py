@@ -757,6 +757,8 @@ def attribute(
             ("json", str(json_path)),
         ]
         plain_line("attribution", figures)
+        for warning in found.warnings:
+            plain_line("warning", [("model", model), ("message", warning)])
         return
     console = stdout_console()
     for line in _attribution_summary(model, found, png_path, json_path):

@@ -16,8 +16,9 @@ from rich.text import Text
 from typer.testing import CliRunner
 
 from propscope import Accepted, Done, Progress, PropertyResult, PropscopeError
+from propscope._attribution import Evaluation, MetricResult
 from propscope._cli_layout import Column, logfmt, number, print_rows
-from propscope._cli_output import ExplainOutput, OutputFormat
+from propscope._cli_output import ExplainOutput, OutputFormat, print_evaluation
 from propscope._cli_progress import explain_progress
 from propscope._images import AlphaDroppedWarning, encode_image
 from propscope.cli import _unreachable_hint, app
@@ -333,3 +334,23 @@ def test_server_warnings_name_the_cli_syntax_not_request_fields(capsys):
             "suffix of --property) instead" in out
         ), out
         assert "or pass --output-kind to be sure" in out, out
+
+
+def test_plain_evaluation_keeps_every_warning_on_its_own_line(capsys):
+    """A CI log reads the caveats too: plain output writes what the table notes under it."""
+    metric = MetricResult(
+        metric="insertion", value=0.5, settings="s", target_score="logit", forward_passes=11,
+        warnings=("the area is high even for a random map",),
+    )  # fmt: skip
+    found = Evaluation(
+        request_id="r", metrics=("insertion",), results=(metric,), model_version="1",
+        planned_forward_passes=11, target_class=0, target_label="", target_score="logit",
+        warnings=("the map was made for another size",),
+    )  # fmt: skip
+    print_evaluation("m", "img.png", found, OutputFormat.PLAIN)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("metric model=m metric=insertion value=0.5")
+    assert lines[1:] == [
+        'warning model=m message="the map was made for another size"',
+        'warning model=m metric=insertion message="the area is high even for a random map"',
+    ]

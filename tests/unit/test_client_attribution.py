@@ -675,3 +675,16 @@ def test_cli_evaluate_json_and_errors(service, image_file, tmp_path):
     )
     assert stability.exit_code == 0, stability.output
     assert json.loads(stability.stdout)["results"][0]["value"] is None
+
+
+def test_cli_attribute_plain_writes_its_warnings(service, image_file, tmp_path):
+    """A CI log reads the caveats too: plain output has a warning line for each."""
+    common = ["--model", "resnet", "--target", service.target, "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, ["attribute", str(image_file), *common, "--format", "plain"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("attribution model=resnet method=sobol")
+    assert (
+        'warning model=resnet message="the model\'s input is UINT8: perturbed images are rounded"'
+        in lines
+    )
