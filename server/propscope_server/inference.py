@@ -19,6 +19,18 @@ class Tensor:
     name: str
     datatype: str
     shape: list[int]
+    # Declared `optional: true` in the config: a request may leave it out (an open
+    # model's intervention inputs); the classifier's image is its one required input.
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A hidden layer an open model declares (propscope.layers): its module path and
+    channel count. Its position in ModelDescription.layers is its index."""
+
+    name: str
+    channels: int
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,10 @@ class ModelDescription:
     # What the model's owners declare in its config.pbtxt (propscope.mean, ...).
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     class_labels: tuple[str, ...] = ()
+    # An open model's declared layers, in network order (propscope.layers), and the
+    # channels' reference means per layer (propscope.channel_means; may be empty).
+    layers: tuple[Layer, ...] = ()
+    channel_means: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     # Why the declarations above could not be read, naming the parameter; "" when fine.
     config_problem: str = ""
 
