@@ -21,6 +21,7 @@ const INCLUDE_DIRS = [
 const FILES = [
   "propscope/v1/explain.proto",
   "propscope/v1/attribution.proto",
+  "propscope/v1/graph.proto",
   // google.rpc.BadRequest: the field violations of a refusal's rich status.
   "google/rpc/error_details.proto",
 ];
