@@ -57,6 +57,12 @@ class ModelDescription:
     # Why the declarations above could not be read, naming the parameter; "" when fine.
     config_problem: str = ""
 
+    @property
+    def required_inputs(self) -> tuple[Tensor, ...]:
+        """The inputs every request must carry: a classifier's image is its only one (an
+        open model's intervention inputs are optional)."""
+        return tuple(t for t in self.inputs if not t.optional)
+
 
 @dataclass(frozen=True)
 class RepositoryEntry:

@@ -30,6 +30,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "server" / "propscope_server"
 # cache/redis_cache.py) are the only places transports may appear.
 CORE = [
     "domain.py",
+    "graph_domain.py",
     "errors.py",
     "inference.py",
     "regions.py",

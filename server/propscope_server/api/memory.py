@@ -47,8 +47,10 @@ logger = logging.getLogger(__name__)
 MIB = 1024 * 1024
 # Messages, events and Python objects of any request, whatever its size.
 REQUEST_OVERHEAD_BYTES = MIB
-# The request as received, and its parsed copy.
-REQUEST_COPIES = 2
+# The request while its call lasts: gRPC's received buffer, its bytes and the parsed
+# message (measured: 2.7 to 3.0 times a 63 MiB message's size, as RECEIVE_COPIES below;
+# counting two let 16 concurrent 63 MiB calls overshoot a 768 MiB budget by 12 to 82 MiB).
+REQUEST_COPIES = 3
 # While a message is received and parsed: gRPC's buffer, its bytes and the parsed message,
 # with a margin (measured: 16 concurrent 63 MiB messages took 2.7 to 3.0 times their size
 # each at the peak).
@@ -133,9 +135,9 @@ ANY_CLASSIFIER = ClassifierInput(None, "FP32", 1 << 30)
 def classifier_input(model: ModelDescription | None) -> ClassifierInput:
     """The model's input as ClassifierInput; ANY_CLASSIFIER when it cannot be read (the
     plan refuses such a model with its own error)."""
-    if model is None or len(model.inputs) != 1 or model.max_batch_size <= 0:
+    if model is None or len(model.required_inputs) != 1 or model.max_batch_size <= 0:
         return ANY_CLASSIFIER
-    tensor = model.inputs[0]
+    tensor = model.required_inputs[0]
     try:
         layout = input_layout(tensor.name, tensor.datatype, tensor.shape, model.name)
     except PropscopeError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -42,7 +43,7 @@ from propscope_server.errors import (
     NotFound,
     Unavailable,
 )
-from propscope_server.inference import ModelDescription, RepositoryEntry, Tensor
+from propscope_server.inference import Layer, ModelDescription, RepositoryEntry, Tensor
 
 # How long a model's metadata and config are trusted before asking Triton again.
 DESCRIPTION_TTL_S = 30.0
@@ -471,20 +472,31 @@ def _description(metadata: dict, config: dict, requested_version: str) -> ModelD
     parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
     schema_text = parameters.get(SCHEMA_PARAMETER)
 
+    optional = {t["name"] for t in config.get("input", []) if t.get("optional", False)}
+
     def tensors(items: list[dict]) -> tuple[Tensor, ...]:
         return tuple(
-            Tensor(t["name"], t["datatype"], [int(d) for d in t.get("shape", [])]) for t in items
+            Tensor(
+                t["name"],
+                t["datatype"],
+                [int(d) for d in t.get("shape", [])],
+                optional=t["name"] in optional,
+            )
+            for t in items
         )
 
     preprocessing, class_labels, problem = PreprocessingConfig(), (), ""
+    layers: tuple[Layer, ...] = ()
+    channel_means: dict[str, tuple[float, ...]] = {}
     try:
         preprocessing, class_labels = declared_preprocessing(parameters)
+        layers, channel_means = declared_layers(parameters)
     except ValueError as error:
         problem = str(error)
     max_batch_size = int(config.get("max_batch_size", 0))
     inputs, outputs = tensors(metadata.get("inputs", [])), tensors(metadata.get("outputs", []))
     if max_batch_size > 0:  # metadata shapes include the batch dimension as -1
-        inputs = tuple(Tensor(t.name, t.datatype, t.shape[1:]) for t in inputs)
+        inputs = tuple(Tensor(t.name, t.datatype, t.shape[1:], t.optional) for t in inputs)
         outputs = tuple(Tensor(t.name, t.datatype, t.shape[1:]) for t in outputs)
     return ModelDescription(
         name=metadata["name"],
@@ -500,6 +512,8 @@ def _description(metadata: dict, config: dict, requested_version: str) -> ModelD
         editor_schema=EditorSchema.from_json(schema_text) if schema_text else None,
         preprocessing=preprocessing,
         class_labels=class_labels,
+        layers=layers,
+        channel_means=channel_means,
         config_problem=problem,
     )
 
@@ -510,6 +524,10 @@ STD_PARAMETER = "propscope.std"
 RESIZE_PARAMETER = "propscope.resize"
 OUTPUT_KIND_PARAMETER = "propscope.output_kind"
 CLASS_LABELS_PARAMETER = "propscope.class_labels"
+# An open model's hidden layers (issue 17): JSON object module path -> channels, in
+# network order; and per layer the channels' reference means (JSON layer -> C floats).
+LAYERS_PARAMETER = "propscope.layers"
+CHANNEL_MEANS_PARAMETER = "propscope.channel_means"
 
 
 def declared_preprocessing(
@@ -555,3 +573,62 @@ def declared_preprocessing(
             )
         labels = tuple(parsed)
     return preprocessing, labels
+
+
+def declared_layers(
+    parameters: Mapping[str, str],
+) -> tuple[tuple[Layer, ...], dict[str, tuple[float, ...]]]:
+    """The layers (order kept: it is each layer's index) and channel means an open
+    model declares; ValueError naming the parameter and the expected format when one
+    cannot be read."""
+    layers: tuple[Layer, ...] = ()
+    text = parameters.get(LAYERS_PARAMETER, "").strip()
+    if text:
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError:
+            parsed = None
+        if (
+            not isinstance(parsed, dict)
+            or not parsed
+            or not all(type(c) is int and c > 0 for c in parsed.values())
+        ):
+            raise ValueError(
+                f"config parameter {LAYERS_PARAMETER} needs a JSON object of module path -> "
+                'positive channel count in network order, e.g. "{\\"features.0\\": 16}"'
+            )
+        layers = tuple(Layer(name, channels) for name, channels in parsed.items())
+    means: dict[str, tuple[float, ...]] = {}
+    text = parameters.get(CHANNEL_MEANS_PARAMETER, "").strip()
+    if text:
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError(
+                f"config parameter {CHANNEL_MEANS_PARAMETER} needs a JSON object of layer -> "
+                f"list of one number per channel, for layers declared in {LAYERS_PARAMETER}"
+            )
+        channels = {layer.name: layer.channels for layer in layers}
+        for name, values in parsed.items():
+            if name not in channels:
+                raise ValueError(
+                    f"config parameter {CHANNEL_MEANS_PARAMETER} names layer {name!r}, which "
+                    f"{LAYERS_PARAMETER} does not declare"
+                    + (f" (it declares {', '.join(channels)})" if channels else "")
+                )
+            if (
+                not isinstance(values, list)
+                or len(values) != channels[name]
+                or not all(
+                    isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                    for v in values
+                )
+            ):
+                raise ValueError(
+                    f"config parameter {CHANNEL_MEANS_PARAMETER}: layer {name!r} needs a list "
+                    f"of {channels[name]} finite numbers (one per channel)"
+                )
+            means[name] = tuple(float(v) for v in values)
+    return layers, means

@@ -81,12 +81,13 @@ async def plan_classifier(
         raise FailedPrecondition(
             f"model {model.name!r} has max_batch_size 0; propscope needs a batching classifier"
         )
-    if len(model.inputs) != 1:
+    required = model.required_inputs
+    if len(required) != 1:
         raise InvalidArgument(
-            f"model {model.name!r} takes {len(model.inputs)} inputs; "
-            "propscope explains single-image classifiers"
+            f"model {model.name!r} takes {len(required)} required inputs; "
+            "propscope explains single-image classifiers (other inputs must be optional)"
         )
-    tensor = model.inputs[0]
+    tensor = required[0]
     layout = input_layout(tensor.name, tensor.datatype, tensor.shape, model.name)
     output = ref.output or model.outputs[0].name
     outputs = {t.name: t for t in model.outputs}
