@@ -76,6 +76,8 @@ class Limits(BaseModel):
     # Forward passes of one Attribute or EvaluateAttribution request (Sobol grid 8,
     # N 32: 2,112; stability multiplies its method's by its samples + 1).
     max_forward_passes: int = 200_000
+    # Images of one BuildGraph request (each gets its own graph; the task graph spans them).
+    max_graph_images: int = Field(64, ge=1)
     # Admission control: a stream beyond these is refused, never queued. A connection
     # and a peer (client address) each get a share, so one greedy caller leaves room
     # for the others; with auth off the peer's share stands in for the tenant's.
