@@ -76,6 +76,10 @@ class Limits(BaseModel):
     # Forward passes of one Attribute or EvaluateAttribution request (Sobol grid 8,
     # N 32: 2,112; stability multiplies its method's by its samples + 1).
     max_forward_passes: int = 200_000
+    # BuildGraph (causal graph): forward passes of one request (the plan's bound, the
+    # pass-count formula of scoring/causal_graph.py), and images per request.
+    max_graph_passes: int = Field(20_000, ge=1)
+    max_graph_images: int = Field(64, ge=1)
     # Images of one BuildGraph request (each gets its own graph; the task graph spans them).
     max_graph_images: int = Field(64, ge=1)
     # Admission control: a stream beyond these is refused, never queued. A connection

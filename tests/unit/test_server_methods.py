@@ -114,7 +114,15 @@ def test_every_domain_error_has_one_status_code():
 
 
 def test_a_black_box_classifier_supports_every_forward_pass_method_and_an_editor_none():
-    assert set(methods.supported(CLASSIFIER)) == {m.name for m in methods.METHODS}
+    black_box = Capability.FORWARD | Capability.EDITORS
+    assert set(methods.supported(CLASSIFIER)) == {
+        m.name for m in methods.METHODS if m.needs & ~black_box == Capability(0)
+    }
+    assert "causal_graph" not in methods.supported(CLASSIFIER)
+    open_model = dataclasses.replace(
+        CLASSIFIER, parameters={"propscope.capabilities": "activations,interventions"}
+    )
+    assert "causal_graph" in methods.supported(open_model)
     editor = dataclasses.replace(CLASSIFIER, role="editor")
     assert methods.supported(editor) == ()
 

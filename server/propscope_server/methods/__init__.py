@@ -22,6 +22,13 @@ METHODS: tuple[MethodInfo, ...] = (
     MethodInfo("insertion", "EvaluateAttribution", Capability.FORWARD, "Insertion AUC"),
     MethodInfo("mu_fidelity", "EvaluateAttribution", Capability.FORWARD, "MuFidelity"),
     MethodInfo("stability", "EvaluateAttribution", Capability.FORWARD, "average stability"),
+    MethodInfo(
+        "causal_graph",
+        "BuildGraph",
+        Capability.FORWARD | Capability.ACTIVATIONS | Capability.INTERVENTIONS,
+        "causal explanatory graph of hidden channels by gradual do-interventions "
+        "(arXiv 2305.08950)",
+    ),
 )
 BY_NAME = {method.name: method for method in METHODS}
 

@@ -1,0 +1,152 @@
+"""The statistics of the causal explanatory graph (arXiv 2305.08950, with PropGrad's
+test): node and edge scores of gradual do-intervention curves, Benjamini-Hochberg
+q-values, pre-screen and edge selection, the task-level graph with bootstrap
+frequencies, the repair's channel choice, and the pass count every plan states.
+
+Pure numpy/scipy: the method (methods/causal_graph.py) runs the passes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import stats
+
+from propscope_server.scoring.property_gradient import gradient_magnitude, permutation_p_values
+
+# Added to a channel's spread before dividing its movement by it: a channel that never
+# varies over the clean images (or a single image) is ranked by its raw movement.
+MOVEMENT_EPS = 1e-6
+
+
+def image_passes(
+    layer_channels: Sequence[int], nodes_per_layer: int, steps: int, edges: int, edge_layers: int
+) -> int:
+    """Forward passes of one image (the design's formula, section 2 step 6):
+
+        1 (clean) + sum over screened layers of C_l (one full ablation per channel)
+        + per node: S - 1 (screened layer: t = 1 reused from the pre-screen) or S
+        + edges * S (each edge's clamped path, t = 1..S) + one ACTIVATIONS pass per
+        downstream layer of an edge (`edge_layers`).
+
+    A layer is screened when it has more than `nodes_per_layer` channels."""
+    total = 1 + edges * steps + edge_layers
+    for channels in layer_channels:
+        if channels > nodes_per_layer:
+            total += channels + nodes_per_layer * (steps - 1)
+        else:
+            total += channels * steps
+    return total
+
+
+def max_edges_of(layer_channels: Sequence[int], nodes_per_layer: int, max_edges: int) -> int:
+    """The most edges one image can have: node pairs of consecutive chosen layers,
+    capped by max_edges."""
+    nodes = [min(c, nodes_per_layer) for c in layer_channels]
+    pairs = sum(a * b for a, b in zip(nodes, nodes[1:], strict=False))
+    return min(pairs, max_edges)
+
+
+def planned_passes(
+    images: int,
+    layer_channels: Sequence[int],
+    nodes_per_layer: int,
+    steps: int,
+    max_edges: int,
+    reference_images: int = 0,
+    repair: bool = False,
+) -> int:
+    """The bound a plan states and checks against max_graph_passes: every image at its
+    most edges (each edge layer needing its ACTIVATIONS pass), the reference images'
+    passes, and the repair's S passes per image along the edited path."""
+    edges = max_edges_of(layer_channels, nodes_per_layer, max_edges)
+    edge_layers = min(max(len(layer_channels) - 1, 0), edges)
+    per_image = image_passes(layer_channels, nodes_per_layer, steps, edges, edge_layers)
+    return images * (per_image + (steps if repair else 0)) + reference_images
+
+
+def prescreen(changes: np.ndarray, keep: int) -> np.ndarray:
+    """The `keep` channels with the largest |p(1) - p(0)| (ties: lower channel first),
+    in channel order."""
+    changes = np.abs(np.asarray(changes, dtype=np.float64))
+    order = np.argsort(-changes, kind="stable")[:keep]
+    return np.sort(order)
+
+
+def score_curves(
+    curves: np.ndarray, permutations: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """curves [n, S + 1] -> (E|dp| per curve, permutation p-value per curve). A flat
+    curve gets p = 1: every permutation scores the same."""
+    curves = np.asarray(curves, dtype=np.float64)
+    if len(curves) == 0:
+        return np.zeros(0), np.zeros(0)
+    p_values, _ = permutation_p_values(curves, permutations, rng)
+    return gradient_magnitude(curves), p_values
+
+
+def q_values(p_values: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (scipy's false_discovery_control)."""
+    p_values = np.asarray(p_values, dtype=np.float64)
+    if p_values.size == 0:
+        return p_values
+    return stats.false_discovery_control(p_values, method="bh")
+
+
+def choose_edges(direct_effects: np.ndarray, max_edges: int) -> np.ndarray:
+    """Indices of the candidate edges to test: the largest |direct effect| first (ties:
+    candidate order), at most max_edges."""
+    effects = np.abs(np.asarray(direct_effects, dtype=np.float64))
+    return np.argsort(-effects, kind="stable")[:max_edges]
+
+
+def majority_class(targets: Sequence[int]) -> int:
+    """The class most images are predicted as (ties: the lowest class)."""
+    values, counts = np.unique(np.asarray(targets), return_counts=True)
+    return int(values[np.argmax(counts)])
+
+
+def task_shares(
+    significant: np.ndarray,
+    scores: np.ndarray,
+    min_share: float,
+    bootstrap: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """significant [I, K] (False where an item was not tested on an image), scores
+    [I, K] (NaN where not tested) -> per item: the share of images on which it is
+    significant, the bootstrap frequency (resampling the I images with replacement,
+    `bootstrap` times) with which that share reaches min_share, and its mean score over
+    the images where it was tested (0 where never)."""
+    significant = np.asarray(significant, dtype=bool)
+    images = significant.shape[0]
+    share = significant.mean(axis=0)
+    draws = rng.integers(0, images, size=(bootstrap, images))
+    resampled = significant[draws].mean(axis=1)  # [B, K]
+    frequency = (resampled >= min_share - 1e-12).mean(axis=0)
+    tested = ~np.isnan(scores)
+    counts = tested.sum(axis=0)
+    sums = np.where(tested, scores, 0.0).sum(axis=0)
+    mean_score = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+    return share, frequency, mean_score
+
+
+def movements(path_means: np.ndarray, clean_means: np.ndarray) -> np.ndarray:
+    """path_means [I, S, K] (each image's channel means along the edited path),
+    clean_means [I, K] -> each channel's movement: its largest |change| from the clean
+    image along the path, averaged over the images, over its std across the clean
+    images (+ MOVEMENT_EPS)."""
+    change = np.abs(path_means - clean_means[:, None, :]).max(axis=1).mean(axis=0)
+    return change / (clean_means.std(axis=0) + MOVEMENT_EPS)
+
+
+def repair_choice(
+    movement: np.ndarray, candidates: np.ndarray, max_share: float, total_channels: int
+) -> np.ndarray:
+    """Indices (into `candidates`' flat channel vector) of the repair: among the
+    candidate channels (significant in the graph), the floor(max_share * total) (at
+    least 1) that the property moves most, largest first."""
+    keep = max(1, int(np.floor(max_share * total_channels)))
+    candidates = np.flatnonzero(candidates)
+    order = np.argsort(-np.asarray(movement)[candidates], kind="stable")
+    return candidates[order[:keep]]
