@@ -777,11 +777,15 @@ def model_info(entry: RepositoryEntry, description: ModelDescription | None) -> 
         info.preprocessing.CopyFrom(preprocessing_message(description.preprocessing))
         info.class_labels.extend(description.class_labels)
         info.methods.extend(methods.supported(description))
+        info.layers.extend(
+            pb.LayerInfo(name=layer.name, channels=layer.channels) for layer in description.layers
+        )
     info.max_batch_size = description.max_batch_size
     info.description = description.description
     for tensors, target in ((description.inputs, info.inputs), (description.outputs, info.outputs)):
         target.extend(
-            pb.TensorInfo(name=t.name, datatype=t.datatype, shape=t.shape) for t in tensors
+            pb.TensorInfo(name=t.name, datatype=t.datatype, shape=t.shape, optional=t.optional)
+            for t in tensors
         )
     if description.editor_schema is not None:
         info.editor_parameters.extend(

@@ -15,10 +15,11 @@ from grpc._cython import cygrpc
 from grpc_status import rpc_status
 
 from propscope.v1 import attribution_pb2 as apb
-from propscope.v1 import attribution_pb2_grpc, explain_pb2_grpc
+from propscope.v1 import attribution_pb2_grpc, explain_pb2_grpc, graph_pb2_grpc
 from propscope.v1 import explain_pb2 as pb
+from propscope.v1 import graph_pb2 as gpb
 from propscope_server import logs, metrics
-from propscope_server.api import convert, convert_attribution
+from propscope_server.api import convert, convert_attribution, convert_graph
 from propscope_server.api.admission import Admission, Caller
 from propscope_server.api.auth import Authenticator
 from propscope_server.api.memory import MemoryAdmission
@@ -36,6 +37,7 @@ from propscope_server.domain import (
     method_name,
 )
 from propscope_server.errors import DeadlineExceeded, PropscopeError, ResourceExhausted
+from propscope_server.graph_domain import GraphEvent, GraphSpec
 from propscope_server.inference import Inference, ModelDescription, RepositoryEntry
 from propscope_server.methods.attribution import Attribution
 from propscope_server.methods.base import ExplanationMethod
@@ -301,5 +303,30 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
             self._streams.spec_with_limits(convert_attribution.evaluate_spec),
             self._evaluation,
             lambda _: "evaluation",
+            to_message,
+        )
+
+
+class CausalGraphServicer(graph_pb2_grpc.CausalGraphServiceServicer):
+    """BuildGraph through the same MethodStreams as every method (auth, admission, the
+    memory budget, deadlines, the runner)."""
+
+    def __init__(self, graph: ExplanationMethod, streams: MethodStreams) -> None:
+        self._graph = graph
+        self._streams = streams
+
+    async def BuildGraph(  # noqa: N802 - gRPC method name
+        self, request: PendingRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        async def to_message(spec: GraphSpec, event: GraphEvent) -> gpb.BuildGraphEvent:
+            return convert_graph.graph_event(spec.request_id, event)
+
+        await self._streams.stream(
+            "BuildGraph",
+            context,
+            request,
+            self._streams.spec_with_limits(convert_graph.graph_spec),
+            self._graph,
+            lambda _: "causal_graph",
             to_message,
         )
