@@ -1,0 +1,573 @@
+"""The open (white-box) classifier contract, in pure torch: one implementation behind
+both Triton adapters (triton_model.py for the synthetic CNNs, own_triton_model.py for a
+team's state_dict + module).
+
+A config declares its layers (`propscope.layers`, module path -> channels, in network
+order) and the optional tensors of docs/own-models.md ("Open models"). `OpenModel`
+checks the layers by one dry forward pass, then serves forward passes that may
+intervene on a channel, patch a channel's map, and return channel means, one layer's
+activations and gradients, per sample. Without optional inputs and outputs (and no
+permanent ablation) the forward pass is the plain module's, bit for bit. Triton's
+tensors come in and go out as numpy; nothing here imports Triton.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+LAYERS_PARAMETER = "propscope.layers"
+CHANNEL_MEANS_PARAMETER = "propscope.channel_means"
+CAPABILITIES_PARAMETER = "propscope.capabilities"
+# The capabilities that need the hooks of this module (forward passes need none).
+OPEN_CAPABILITIES = ("activations", "interventions", "gradients")
+ABLATION_FILE = "propscope_ablation.json"
+
+# name -> (Triton datatype, dims without the batch dimension)
+OPTIONAL_INPUTS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "INTERVENE_LAYER": ("TYPE_INT32", (1,)),
+    "INTERVENE_CHANNEL": ("TYPE_INT32", (1,)),
+    "INTERVENE_STRENGTH": ("TYPE_FP32", (1,)),
+    "INTERVENE_BASELINE": ("TYPE_FP32", (1,)),
+    "PATCH_LAYER": ("TYPE_INT32", (1,)),
+    "PATCH_CHANNEL": ("TYPE_INT32", (1,)),
+    "PATCH_VALUE": ("TYPE_FP32", (-1,)),
+    "ACTIVATION_LAYER": ("TYPE_INT32", (1,)),
+    "GRADIENT_CLASS": ("TYPE_INT32", (1,)),
+}
+INTERVENE = ("INTERVENE_LAYER", "INTERVENE_CHANNEL", "INTERVENE_STRENGTH", "INTERVENE_BASELINE")
+PATCH = ("PATCH_LAYER", "PATCH_CHANNEL", "PATCH_VALUE")
+# Optional outputs; INPUT_GRADIENT's dims are the image input's.
+OPTIONAL_OUTPUTS = (
+    "CHANNEL_MEANS",
+    "ACTIVATIONS",
+    "INPUT_GRADIENT",
+    "CHANNEL_GRADIENTS",
+    "GRAD_X_ACTIVATION",
+)
+GRADIENT_OUTPUTS = ("INPUT_GRADIENT", "CHANNEL_GRADIENTS", "GRAD_X_ACTIVATION")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A declared layer: a module path of the network and its output channels."""
+
+    name: str
+    channels: int
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One channel set to a constant in every forward pass of a model version."""
+
+    layer: str
+    channel: int
+    value: float
+
+
+def parse_layers(text: str | None) -> tuple[Layer, ...]:
+    """`propscope.layers` (a JSON object, module path -> channel count, in network
+    order) -> layers; empty when the parameter is absent."""
+    if not text:
+        return ()
+    try:
+        declared = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"parameter {LAYERS_PARAMETER} is not JSON: {error}") from None
+    if not isinstance(declared, dict) or not declared:
+        raise ValueError(
+            f"parameter {LAYERS_PARAMETER} must be a non-empty JSON object of module path -> "
+            'channel count, e.g. {"features.0": 16}'
+        )
+    layers = []
+    for name, channels in declared.items():
+        if not isinstance(channels, int) or isinstance(channels, bool) or channels <= 0:
+            raise ValueError(
+                f"parameter {LAYERS_PARAMETER}: layer {name!r} has {channels!r} channels; "
+                "give a positive integer"
+            )
+        layers.append(Layer(name, channels))
+    return tuple(layers)
+
+
+def declared_open(parameters: Mapping[str, Any]) -> bool:
+    """Whether a Triton JSON config's parameters declare an open model: layers, or a
+    capability that needs hooks."""
+
+    def value(key: str) -> str:
+        return str(parameters.get(key, {}).get("string_value", "") or "")
+
+    capabilities = {part.strip().lower() for part in value(CAPABILITIES_PARAMETER).split(",")}
+    return bool(value(LAYERS_PARAMETER)) or bool(capabilities & set(OPEN_CAPABILITIES))
+
+
+def check_declared_tensors(
+    inputs: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, Any]]
+) -> None:
+    """The config's tensors after the image input and the scores output must be those
+    of the contract, with its datatypes and dims; optional inputs marked optional."""
+    for entry in inputs:
+        name = entry.get("name")
+        if name not in OPTIONAL_INPUTS:
+            raise ValueError(
+                f"input {name!r} is not an open-model input; declare only the image input "
+                f"first, then any of {', '.join(OPTIONAL_INPUTS)}"
+            )
+        datatype, dims = OPTIONAL_INPUTS[name]
+        _check_entry(entry, datatype, dims)
+        if not entry.get("optional", False):
+            raise ValueError(f"input {name!r} must be declared optional: true")
+    for entry in outputs:
+        name = entry.get("name")
+        if name not in OPTIONAL_OUTPUTS:
+            raise ValueError(
+                f"output {name!r} is not an open-model output; declare the scores output "
+                f"first, then any of {', '.join(OPTIONAL_OUTPUTS)}"
+            )
+        if name != "INPUT_GRADIENT":
+            _check_entry(entry, "TYPE_FP32", (-1,) if name == "ACTIVATIONS" else None)
+        else:
+            _check_entry(entry, "TYPE_FP32", None)
+
+
+def _check_entry(entry: Mapping[str, Any], datatype: str, dims: tuple[int, ...] | None) -> None:
+    name = entry.get("name")
+    if entry.get("data_type") != datatype:
+        raise ValueError(f"{name!r} must have data_type {datatype}, not {entry.get('data_type')}")
+    declared = tuple(int(d) for d in entry.get("dims", []))
+    if dims is not None and declared != dims:
+        raise ValueError(f"{name!r} must have dims {list(dims)}, not {list(declared)}")
+
+
+def read_ablation(version_folder: Path, layers: Sequence[Layer]) -> tuple[Ablation, ...]:
+    """The version folder's permanent ablation (model repair), checked against the
+    declared layers; empty when the folder has no ablation file."""
+    path = version_folder / ABLATION_FILE
+    if not path.is_file():
+        return ()
+    try:
+        document = json.loads(path.read_text())
+        entries = document["channels"]
+        ablations = tuple(
+            Ablation(str(e["layer"]), int(e["channel"]), float(e["value"])) for e in entries
+        )
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{path}: not an ablation file ({error!r}); expected "
+            '{"channels": [{"layer": ..., "channel": ..., "value": ...}], "source": ...}'
+        ) from None
+    channels = {layer.name: layer.channels for layer in layers}
+    for ablation in ablations:
+        if ablation.layer not in channels:
+            raise ValueError(
+                f"{path}: layer {ablation.layer!r} is not declared in {LAYERS_PARAMETER} "
+                f"({', '.join(channels)})"
+            )
+        if not 0 <= ablation.channel < channels[ablation.layer]:
+            raise ValueError(
+                f"{path}: channel {ablation.channel} of {ablation.layer!r} is out of range "
+                f"0..{channels[ablation.layer] - 1}"
+            )
+        if not math.isfinite(ablation.value):
+            raise ValueError(
+                f"{path}: value of {ablation.layer!r}[{ablation.channel}] is not finite"
+            )
+    return ablations
+
+
+@dataclass
+class _Call:
+    """What one forward pass asks of the hooks, per sample (index tensors [B])."""
+
+    intervene: tuple[torch.Tensor, ...] | None = None  # layer, channel, t, b
+    patch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # layer, channel, value
+    means: bool = False
+    activation_layer: int | None = None
+    gradients: bool = False
+    seen_means: dict[int, torch.Tensor] = field(default_factory=dict)
+    seen_activations: torch.Tensor | None = None
+    seen_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    counts: dict[int, int] = field(default_factory=dict)
+    shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+
+class OpenModel:
+    """An nn.Module with its declared layers opened by forward hooks.
+
+    Hooks are registered once and do nothing unless a call asks for something (or the
+    version carries a permanent ablation), so a plain call is the module's own forward
+    pass. All samples of a batch go through one forward pass, each with its own
+    intervention and patch.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        layers: Sequence[Layer],
+        dry_input: torch.Tensor,
+        ablation: Sequence[Ablation] = (),
+        output_name: str | None = None,
+        name: str = "model",
+    ) -> None:
+        self.network = network.eval()
+        self.layers = tuple(layers)
+        self.ablation = tuple(ablation)
+        self.output_name = output_name
+        self.name = name
+        self._index = {layer.name: index for index, layer in enumerate(self.layers)}
+        self._call: _Call | None = None
+        modules = dict(network.named_modules())
+        for index, layer in enumerate(self.layers):
+            if layer.name not in modules or not layer.name:
+                known = [n for n in modules if n][:12]
+                raise ValueError(
+                    f"{name}: {LAYERS_PARAMETER} names layer {layer.name!r}, which the network "
+                    f"lacks; its modules include {', '.join(known)}"
+                )
+            modules[layer.name].register_forward_hook(self._hook(index))
+        self.spatial = self._dry_run(dry_input)
+        for ablation_entry in self.ablation:
+            log.info(
+                "%s: permanent ablation %s[%d] = %g",
+                name,
+                ablation_entry.layer,
+                ablation_entry.channel,
+                ablation_entry.value,
+            )
+
+    @property
+    def total_channels(self) -> int:
+        return sum(layer.channels for layer in self.layers)
+
+    def _dry_run(self, dry_input: torch.Tensor) -> tuple[tuple[int, ...], ...]:
+        """One forward pass on `dry_input`: every declared layer must run once and output
+        [B, C] or [B, C, H, W] with its declared C. Returns each layer's spatial shape."""
+        call = _Call()
+        self._call = call
+        try:
+            with torch.inference_mode():
+                self._forward(dry_input)
+                for index, layer in enumerate(self.layers):
+                    count = call.counts.get(index, 0)
+                    if count != 1:
+                        raise ValueError(
+                            f"{self.name}: layer {layer.name!r} ran {count} times in a forward "
+                            "pass; declare modules that run exactly once"
+                        )
+        finally:
+            self._call = None
+        return tuple(call.shapes[i] for i in range(len(self.layers)))
+
+    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        result = self.network(inputs)
+        if isinstance(result, Mapping):
+            if self.output_name not in result:
+                raise ValueError(
+                    f"the model returned outputs {sorted(result)}, not {self.output_name!r}"
+                )
+            result = result[self.output_name]
+        if not isinstance(result, torch.Tensor):
+            raise ValueError(
+                f"the model returned {type(result).__name__}; its forward must return one "
+                f"tensor or a dict holding {self.output_name!r}"
+            )
+        return result
+
+    def _hook(self, index: int) -> Callable[..., torch.Tensor | None]:
+        layer = self.layers[index]
+        ablations = [a for a in self.ablation if a.layer == layer.name]
+
+        def hook(module: nn.Module, args: Any, output: Any) -> torch.Tensor | None:
+            call = self._call
+            if call is None and not ablations:
+                return None
+            if not isinstance(output, torch.Tensor) or output.ndim not in (2, 4):
+                shape = list(output.shape) if isinstance(output, torch.Tensor) else type(output)
+                raise ValueError(
+                    f"{self.name}: layer {layer.name!r} outputs {shape}; a declared layer must "
+                    "output one tensor [B, C] or [B, C, H, W]"
+                )
+            if output.shape[1] != layer.channels:
+                raise ValueError(
+                    f"{self.name}: layer {layer.name!r} outputs {output.shape[1]} channels, "
+                    f"{LAYERS_PARAMETER} declares {layer.channels}"
+                )
+            changed = output
+            if ablations:
+                changed = changed.clone()
+                for ablation in ablations:
+                    changed[:, ablation.channel] = ablation.value
+            if call is None:
+                return changed
+            call.counts[index] = call.counts.get(index, 0) + 1
+            call.shapes[index] = tuple(output.shape[2:])
+            changed = self._intervene(call, index, changed)
+            changed = self._patch(call, index, changed)
+            if call.means:
+                call.seen_means[index] = _spatial_mean(changed)
+            if call.activation_layer == index:
+                call.seen_activations = changed.reshape(changed.shape[0], -1).detach().clone()
+            if call.gradients:
+                # Later layers get a copy, so an in-place operation of theirs cannot
+                # change the tensor the gradients are taken with respect to.
+                call.seen_outputs[index] = changed
+                return changed.clone()
+            return changed if changed is not output else None
+
+        return hook
+
+    @staticmethod
+    def _intervene(call: _Call, index: int, output: torch.Tensor) -> torch.Tensor:
+        if call.intervene is None:
+            return output
+        layer, channel, strength, baseline = call.intervene
+        rows = torch.nonzero(layer == index).flatten()
+        if rows.numel() == 0:
+            return output
+        output = output.clone()
+        channels = channel[rows]
+        t = strength[rows].view(-1, *([1] * (output.ndim - 2)))
+        b = baseline[rows].view(-1, *([1] * (output.ndim - 2)))
+        output[rows, channels] = (1 - t) * output[rows, channels] + t * b
+        return output
+
+    def _patch(self, call: _Call, index: int, output: torch.Tensor) -> torch.Tensor:
+        if call.patch is None:
+            return output
+        layer, channel, value = call.patch
+        rows = torch.nonzero(layer == index).flatten()
+        if rows.numel() == 0:
+            return output
+        spatial = tuple(output.shape[2:])
+        size = math.prod(spatial)
+        if value.shape[1] not in (1, size):
+            raise ValueError(
+                f"PATCH_VALUE has {value.shape[1]} values per sample; layer "
+                f"{self.layers[index].name!r} needs {size} (its H*W map, row-major) or 1"
+            )
+        output = output.clone()
+        values = value[rows]
+        values = values.expand(-1, size) if values.shape[1] == 1 else values
+        output[rows, channel[rows]] = values.reshape(-1, *spatial).to(output.dtype)
+        return output
+
+    def __call__(
+        self,
+        inputs: torch.Tensor,
+        optional: Mapping[str, np.ndarray | None] | None = None,
+        requested: Collection[str] = (),
+    ) -> dict[str, np.ndarray]:
+        """One batch: `inputs` is the network's input (already preprocessed), `optional`
+        the optional input arrays by name (absent or None = not sent), `requested` the
+        optional outputs asked for. Returns "scores" and each requested output."""
+        present = {k: v for k, v in (optional or {}).items() if v is not None}
+        wanted = [name for name in requested if name in OPTIONAL_OUTPUTS]
+        if not present and not wanted and not self.ablation:
+            with torch.inference_mode():
+                scores = self._forward(inputs)
+            return {"scores": scores.detach().numpy()}
+        call = self._prepare(present, wanted, inputs.shape[0])
+        self._call = call
+        try:
+            if call.gradients:
+                return self._with_gradients(call, inputs, present, wanted)
+            with torch.inference_mode():
+                scores = self._forward(inputs)
+            return {"scores": scores.detach().numpy(), **self._recorded(call, wanted)}
+        finally:
+            self._call = None
+
+    def _with_gradients(
+        self,
+        call: _Call,
+        inputs: torch.Tensor,
+        present: Mapping[str, np.ndarray],
+        wanted: Sequence[str],
+    ) -> dict[str, np.ndarray]:
+        if not inputs.is_floating_point():
+            raise ValueError(
+                f"gradients need a floating-point model input, not {inputs.dtype}; declare "
+                "an FP32 input"
+            )
+        classes = _column(present, "GRADIENT_CLASS", inputs.shape[0]).astype(np.int64)
+        with torch.enable_grad():
+            leaf = inputs.detach().clone().requires_grad_("INPUT_GRADIENT" in wanted)
+            scores = self._forward(leaf.clone())
+            if np.any(classes < 0) or np.any(classes >= scores.shape[1]):
+                raise ValueError(
+                    f"GRADIENT_CLASS {classes.tolist()} out of range; the model outputs "
+                    f"{scores.shape[1]} classes (0..{scores.shape[1] - 1})"
+                )
+            rows = torch.arange(scores.shape[0])
+            # Samples are independent, so the gradient of the sum is each sample's own.
+            selected = scores[rows, torch.from_numpy(classes)].sum()
+            targets = [call.seen_outputs[i] for i in range(len(self.layers))]
+            if "INPUT_GRADIENT" in wanted:
+                targets.append(leaf)
+            gradients = torch.autograd.grad(selected, targets, allow_unused=True)
+        results = {"scores": scores.detach().numpy(), **self._recorded(call, wanted)}
+        layer_gradients = [
+            torch.zeros_like(t) if g is None else g
+            for t, g in zip(targets[: len(self.layers)], gradients, strict=False)
+        ]
+        if "CHANNEL_GRADIENTS" in wanted:
+            results["CHANNEL_GRADIENTS"] = _concat(
+                [_spatial_sum(g) for g in layer_gradients], inputs.shape[0]
+            )
+        if "GRAD_X_ACTIVATION" in wanted:
+            results["GRAD_X_ACTIVATION"] = _concat(
+                [
+                    _spatial_sum(g * a.detach())
+                    for g, a in zip(layer_gradients, targets, strict=False)
+                ],
+                inputs.shape[0],
+            )
+        if "INPUT_GRADIENT" in wanted:
+            gradient = gradients[-1]
+            gradient = torch.zeros_like(leaf) if gradient is None else gradient
+            results["INPUT_GRADIENT"] = gradient.detach().numpy().astype(np.float32, copy=False)
+        return results
+
+    def _recorded(self, call: _Call, wanted: Sequence[str]) -> dict[str, np.ndarray]:
+        results: dict[str, np.ndarray] = {}
+        if "CHANNEL_MEANS" in wanted:
+            batch = next(iter(call.seen_means.values())).shape[0] if call.seen_means else 0
+            results["CHANNEL_MEANS"] = _concat(
+                [call.seen_means[i] for i in range(len(self.layers))], batch
+            )
+        if "ACTIVATIONS" in wanted:
+            assert call.seen_activations is not None
+            results["ACTIVATIONS"] = call.seen_activations.numpy().astype(np.float32, copy=False)
+        return results
+
+    def _prepare(
+        self, present: Mapping[str, np.ndarray], wanted: Sequence[str], batch: int
+    ) -> _Call:
+        """Checks the optional inputs against the declared layers and each other, and
+        turns them into the hooks' per-sample tensors. Errors name the input."""
+        call = _Call(means="CHANNEL_MEANS" in wanted)
+        n = len(self.layers)
+        layer_range = f"0..{n - 1} (-1 = none)" if n else "none declared (-1 = none)"
+        for group in (INTERVENE, PATCH):
+            given = [name for name in group if name in present]
+            if given and len(given) != len(group):
+                missing = [name for name in group if name not in present]
+                raise ValueError(
+                    f"{', '.join(given)} sent without {', '.join(missing)}; send all of "
+                    f"{', '.join(group)} or none"
+                )
+        if "INTERVENE_LAYER" in present:
+            layer = _column(present, "INTERVENE_LAYER", batch).astype(np.int64)
+            channel = _column(present, "INTERVENE_CHANNEL", batch).astype(np.int64)
+            strength = _column(present, "INTERVENE_STRENGTH", batch).astype(np.float32)
+            baseline = _column(present, "INTERVENE_BASELINE", batch).astype(np.float32)
+            active = self._check_layer_channel("INTERVENE", layer, channel, layer_range)
+            bad = active & ~(np.isfinite(strength) & (strength >= 0) & (strength <= 1))
+            if bad.any():
+                raise ValueError(
+                    f"INTERVENE_STRENGTH[{int(np.argmax(bad))}] is "
+                    f"{strength[np.argmax(bad)]}; give t in [0, 1]"
+                )
+            bad = active & ~np.isfinite(baseline)
+            if bad.any():
+                raise ValueError(f"INTERVENE_BASELINE[{int(np.argmax(bad))}] is not finite")
+            call.intervene = tuple(
+                torch.from_numpy(a) for a in (layer, channel, strength, baseline)
+            )
+        if "PATCH_LAYER" in present:
+            layer = _column(present, "PATCH_LAYER", batch).astype(np.int64)
+            channel = _column(present, "PATCH_CHANNEL", batch).astype(np.int64)
+            value = np.asarray(present["PATCH_VALUE"], dtype=np.float32)
+            if value.ndim != 2 or value.shape[0] != batch or value.shape[1] < 1:
+                raise ValueError(
+                    f"PATCH_VALUE must be [B, H*W] or [B, 1] for a batch of {batch}, "
+                    f"got {list(value.shape)}"
+                )
+            active = self._check_layer_channel("PATCH", layer, channel, layer_range)
+            # Its length against the layer's H*W is checked in the pass (_patch), where
+            # the map's size for this input is known.
+            if not np.isfinite(value[active]).all():
+                raise ValueError("PATCH_VALUE holds NaN or infinite values")
+            call.patch = (
+                torch.from_numpy(layer),
+                torch.from_numpy(channel),
+                torch.from_numpy(value),
+            )
+        if "ACTIVATIONS" in wanted:
+            if "ACTIVATION_LAYER" not in present:
+                raise ValueError(
+                    "ACTIVATIONS requested without ACTIVATION_LAYER; send the layer index"
+                )
+            chosen = _column(present, "ACTIVATION_LAYER", batch).astype(np.int64)
+            if np.any(chosen != chosen[0]):
+                raise ValueError(
+                    f"ACTIVATION_LAYER differs between samples ({sorted(set(chosen.tolist()))}); "
+                    "send one layer per request"
+                )
+            if batch and not 0 <= chosen[0] < n:
+                raise ValueError(f"ACTIVATION_LAYER is {chosen[0]}; layer indices are 0..{n - 1}")
+            call.activation_layer = int(chosen[0]) if batch else None
+        gradient_outputs = [name for name in wanted if name in GRADIENT_OUTPUTS]
+        if gradient_outputs:
+            if "GRADIENT_CLASS" not in present:
+                raise ValueError(
+                    f"{', '.join(gradient_outputs)} requested without GRADIENT_CLASS; send the "
+                    "class index to differentiate"
+                )
+            call.gradients = True
+        return call
+
+    def _check_layer_channel(
+        self, group: str, layer: np.ndarray, channel: np.ndarray, layer_range: str
+    ) -> np.ndarray:
+        n = len(self.layers)
+        bad = (layer < -1) | (layer >= n)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise ValueError(
+                f"{group}_LAYER[{row}] is {layer[row]}; layer indices are {layer_range}"
+            )
+        active = layer >= 0
+        widths = np.array([lyr.channels for lyr in self.layers] + [0], dtype=np.int64)[layer]
+        bad = active & ((channel < 0) | (channel >= widths))
+        if bad.any():
+            row = int(np.argmax(bad))
+            name = self.layers[layer[row]].name
+            raise ValueError(
+                f"{group}_CHANNEL[{row}] is {channel[row]}; layer {name!r} has channels "
+                f"0..{widths[row] - 1}"
+            )
+        return active
+
+
+def _column(present: Mapping[str, np.ndarray], name: str, batch: int) -> np.ndarray:
+    """An optional [B, 1] input as a vector of B values."""
+    array = np.asarray(present[name])
+    if array.ndim != 2 or array.shape != (batch, 1):
+        raise ValueError(f"{name} must be [B, 1] for a batch of {batch}, got {list(array.shape)}")
+    return array[:, 0]
+
+
+def _spatial_mean(output: torch.Tensor) -> torch.Tensor:
+    return (output.mean(dim=(2, 3)) if output.ndim == 4 else output).detach().float()
+
+
+def _spatial_sum(output: torch.Tensor) -> torch.Tensor:
+    return (output.sum(dim=(2, 3)) if output.ndim == 4 else output).detach().float()
+
+
+def _concat(parts: Sequence[torch.Tensor], batch: int) -> np.ndarray:
+    if not parts:
+        return np.zeros((batch, 0), np.float32)
+    return torch.cat(list(parts), dim=1).numpy().astype(np.float32, copy=False)
