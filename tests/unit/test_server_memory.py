@@ -33,6 +33,7 @@ from propscope_server import config, metrics
 from propscope_server.api import convert, convert_attribution
 from propscope_server.api.memory import (
     MIB,
+    REQUEST_COPIES,
     MemoryAdmission,
     MemoryBudget,
     declared_pixels,
@@ -405,7 +406,7 @@ def test_what_the_decoder_refuses_unread_is_estimated_small():
     assert declared_pixels(png(512), limits) == 512 * 512
     request = explain(600)
     small = Settings(limits=limits)
-    assert estimate_bytes(request, small) == 2 * request.ByteSize() + MIB
+    assert estimate_bytes(request, small) == REQUEST_COPIES * request.ByteSize() + MIB
 
 
 def test_a_small_png_that_declares_4096_squared_pixels_is_estimated_before_decoding():
