@@ -4,15 +4,29 @@ answer checked against the plain SmallCNN computed by hand, layer by layer."""
 from __future__ import annotations
 
 import json
+import shutil
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
 
-from propscope_server.triton_models.classifiers.cnn import SmallCNN
+from propscope_dev.channel_means import channel_means, config_parameters
+from propscope_server.triton_models.classifiers.cnn import (
+    SmallCNN,
+    load_classifier,
+    normalise_uint8_hwc,
+)
 from propscope_server.triton_models.classifiers.open_model import (
     ABLATION_FILE,
+    CHANNEL_MEANS_PARAMETER,
+    LAYERS_PARAMETER,
+    OPTIONAL_INPUTS,
+    OPTIONAL_OUTPUTS,
     Ablation,
     Layer,
     OpenModel,
@@ -297,3 +311,165 @@ def test_layers_and_declared_tensors_are_parsed_strictly():
         check_declared_tensors([{**good, "data_type": "TYPE_FP32"}], [])
     with pytest.raises(ValueError, match="input 'MASK' is not an open-model input"):
         check_declared_tensors([{**good, "name": "MASK"}], [])
+
+
+# --- the synthetic classifiers' configs and Triton adapter ------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / "deploy" / "triton" / "models"
+OPEN_SYNTHETIC = ("synth_hue", "synth_hue_fp32", "synth_patch", "synth_unbiased")
+
+
+def triton_config(path: Path) -> dict:
+    """config.pbtxt as the Python backend receives it (args["model_config"])."""
+    message = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    return json.loads(
+        json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True))
+    )
+
+
+@pytest.mark.parametrize("name", OPEN_SYNTHETIC)
+def test_the_synthetic_configs_declare_the_contract(name: str):
+    config = triton_config(MODELS / name / "config.pbtxt")
+    image, *optional_inputs = config["input"]
+    logits, *optional_outputs = config["output"]
+    assert image["name"] in ("IMAGE", "INPUT") and not image.get("optional", False)
+    assert logits["name"] == "LOGITS"
+    check_declared_tensors(optional_inputs, optional_outputs)
+    assert [e["name"] for e in optional_inputs] == list(OPTIONAL_INPUTS)
+    assert [e["name"] for e in optional_outputs] == list(OPTIONAL_OUTPUTS)
+    gradient = next(e for e in optional_outputs if e["name"] == "INPUT_GRADIENT")
+    assert gradient["dims"] == image["dims"]
+    assert config["version_policy"] == {"all": {}}
+    assert declared_open(config["parameters"])
+    layers = parse_layers(config["parameters"][LAYERS_PARAMETER]["string_value"])
+    assert layers == LAYERS
+
+
+def test_the_committed_channel_means_are_the_scripts():
+    """tools/propscope_dev/channel_means.py (--write) made them; seconds to recompute."""
+    for name in OPEN_SYNTHETIC:
+        config_file = MODELS / name / "config.pbtxt"
+        declared = json.loads(config_parameters(config_file.read_text())[CHANNEL_MEANS_PARAMETER])
+        computed = channel_means(config_file)
+        assert list(declared) == [layer.name for layer in LAYERS]
+        for layer in LAYERS:
+            np.testing.assert_allclose(declared[layer.name], computed[layer.name], atol=1e-4)
+
+
+class FakeTensor:
+    def __init__(self, name: str, array: np.ndarray) -> None:
+        self.name, self.array = name, array
+
+    def as_numpy(self) -> np.ndarray:
+        return self.array
+
+
+class FakeResponse:
+    def __init__(self, output_tensors: list | None = None, error: object = None) -> None:
+        self.output_tensors, self.error = output_tensors, error
+
+
+class FakeRequest(dict):
+    """Input name -> FakeTensor, and the outputs the caller asked for."""
+
+    def __init__(self, inputs: dict[str, np.ndarray], requested: list[str]) -> None:
+        super().__init__({name: FakeTensor(name, array) for name, array in inputs.items()})
+        self.requested = requested
+
+    def requested_output_names(self) -> list[str]:
+        return self.requested
+
+
+@pytest.fixture
+def synthetic_model(monkeypatch: pytest.MonkeyPatch):
+    """triton_model.TritonPythonModel of a synthetic config, with the part of
+    triton_python_backend_utils it uses faked."""
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.Tensor = FakeTensor
+    fake.InferenceResponse = FakeResponse
+    fake.TritonError = str
+    fake.get_input_tensor_by_name = lambda request, name: request.get(name)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    monkeypatch.delitem(
+        sys.modules, "propscope_server.triton_models.classifiers.triton_model", raising=False
+    )
+    from propscope_server.triton_models.classifiers.triton_model import TritonPythonModel
+
+    def initialize(name: str, config: dict | None = None, folder: Path | None = None):
+        folder = folder or MODELS / name
+        model = TritonPythonModel()
+        model.initialize(
+            {
+                "model_config": json.dumps(config or triton_config(folder / "config.pbtxt")),
+                "model_repository": str(folder),
+                "model_version": "1",
+            }
+        )
+        return model
+
+    return initialize
+
+
+def outputs(response: FakeResponse) -> dict[str, np.ndarray]:
+    assert response.error is None, response.error
+    return {tensor.name: tensor.array for tensor in response.output_tensors}
+
+
+def test_the_triton_adapter_serves_plain_and_open_requests(synthetic_model):
+    model = synthetic_model("synth_hue")
+    images = np.random.default_rng(3).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        expected = load_classifier(ROOT / "deploy/triton/weights/hue_biased.pt")(
+            normalise_uint8_hwc(images)
+        ).numpy()
+    plain = outputs(model.execute([FakeRequest({"IMAGE": images}, ["LOGITS"])])[0])
+    assert list(plain) == ["LOGITS"] and np.array_equal(plain["LOGITS"], expected)
+    asked = ["LOGITS", "CHANNEL_MEANS", "INPUT_GRADIENT", "CHANNEL_GRADIENTS"]
+    request = FakeRequest(
+        {
+            "IMAGE": images,
+            **intervene([2] * 4, [0, 1, 2, 3], [1.0] * 4, [0.0] * 4),
+            "GRADIENT_CLASS": column([1] * 4),
+        },
+        asked,
+    )
+    partial = FakeRequest({"IMAGE": images, "PATCH_LAYER": column([0] * 4)}, ["LOGITS"])
+    served, refused = model.execute([request, partial])
+    served = outputs(served)
+    assert list(served) == asked
+    assert served["CHANNEL_MEANS"].shape == (4, 112)
+    assert np.array_equal(served["CHANNEL_MEANS"][np.arange(4), 48 + np.arange(4)], np.zeros(4))
+    assert served["INPUT_GRADIENT"].shape == (4, 64, 64, 3)  # laid out like IMAGE
+    assert not np.allclose(served["LOGITS"], expected)
+    assert refused.error == (
+        "synth_hue: PATCH_LAYER sent without PATCH_CHANNEL, PATCH_VALUE; send all of "
+        "PATCH_LAYER, PATCH_CHANNEL, PATCH_VALUE or none"
+    )
+
+
+def test_the_triton_adapter_applies_the_version_folders_ablation(synthetic_model, tmp_path):
+    images = np.random.default_rng(4).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    clean = outputs(synthetic_model("synth_hue").execute([FakeRequest({"IMAGE": images}, [])])[0])
+    copy = tmp_path / "synth_hue" / "1"
+    copy.parent.mkdir()
+    shutil.copytree(MODELS / "synth_hue" / "1", copy)
+    ablation = [{"layer": "features.2", "channel": c, "value": 0.0} for c in range(64)]
+    (copy / ABLATION_FILE).write_text(json.dumps({"channels": ablation, "source": "test"}))
+    config = triton_config(MODELS / "synth_hue" / "config.pbtxt")
+    weights = ROOT / "deploy/triton/weights/hue_biased.pt"
+    config["parameters"]["weights"]["string_value"] = str(weights)
+    repaired = synthetic_model("synth_hue", config, tmp_path / "synth_hue")
+    assert len(repaired.open.ablation) == 64
+    logits = outputs(repaired.execute([FakeRequest({"IMAGE": images}, [])])[0])["LOGITS"]
+    # Every last-layer channel at 0: the head sees only its bias.
+    bias = torch.load(weights, weights_only=True)["head.bias"]
+    np.testing.assert_allclose(logits, np.broadcast_to(bias.numpy(), (2, 2)), atol=1e-6)
+    assert not np.allclose(clean["LOGITS"], logits)
+
+
+def test_an_open_config_of_the_corner_probe_is_refused(synthetic_model):
+    config = triton_config(MODELS / "synth_hue" / "config.pbtxt")
+    config["parameters"]["architecture"] = {"string_value": "corner_probe"}
+    with pytest.raises(ValueError, match="synth_hue: only the small_cnn architecture is open"):
+        synthetic_model("synth_hue", config)

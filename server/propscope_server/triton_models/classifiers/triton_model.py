@@ -2,7 +2,9 @@
 
 Each model folder's `1/model.py` re-exports this class; the differences between
 entries (architecture, weights, input name, input format) live in config.pbtxt
-parameters so that adding a classifier needs no Python.
+parameters so that adding a classifier needs no Python. A config that declares
+`propscope.layers` serves the open-model contract (open_model.py): its optional
+inputs and outputs follow the image input and LOGITS.
 """
 
 from __future__ import annotations
@@ -15,6 +17,14 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from propscope_server.triton_models.classifiers.cnn import load_classifier, normalise_uint8_hwc
+from propscope_server.triton_models.classifiers.open_model import (
+    LAYERS_PARAMETER,
+    OpenModel,
+    check_declared_tensors,
+    declared_open,
+    parse_layers,
+    read_ablation,
+)
 from propscope_server.triton_models.classifiers.probe import CornerProbe
 
 INPUT_FORMATS = ("uint8_hwc", "fp32_nchw")
@@ -44,17 +54,22 @@ class TritonPythonModel:
             raise ValueError(
                 f"{self.model_name}: input_format {self.input_format!r} not in {INPUT_FORMATS}"
             )
-        (model_input,) = config["input"]
-        (model_output,) = config["output"]
+        # The image input and LOGITS come first; an open model's optional tensors follow.
+        model_input, *optional_inputs = config["input"]
+        model_output, *optional_outputs = config["output"]
         self.input_name = model_input["name"]
         self.output_name = model_output["name"]
+        self.optional_inputs = [entry["name"] for entry in optional_inputs]
+        self.optional_outputs = {entry["name"] for entry in optional_outputs}
         # Batched tensors carry a leading batch dimension in front of the config dims.
         self.sample_shape = tuple(int(d) for d in model_input["dims"])
         self.dtype = np.uint8 if self.input_format == "uint8_hwc" else np.float32
         # One intra-op thread per instance: Triton scales with instances, and
         # more threads per instance just oversubscribe the cores.
         torch.set_num_threads(1)
-        self.model = self._build(config, Path(args["model_repository"]))
+        model_folder = Path(args["model_repository"])
+        self.model = self._build(config, model_folder)
+        self.open = self._open(config, model_folder / args["model_version"])
 
     def _build(self, config: dict, model_folder: Path) -> torch.nn.Module:
         architecture = _parameter(config, "architecture", default="small_cnn")
@@ -70,6 +85,35 @@ class TritonPythonModel:
         if not weights.is_file():
             raise FileNotFoundError(f"{self.model_name}: no weights at {weights.resolve()}")
         return load_classifier(weights)
+
+    def _open(self, config: dict, version_folder: Path) -> OpenModel | None:
+        """The open contract when the config declares it, else None (a plain classifier
+        declares no tensors beyond its image input and LOGITS)."""
+        inputs, outputs = config["input"][1:], config["output"][1:]
+        if not declared_open(config.get("parameters", {})):
+            if inputs or outputs:
+                raise ValueError(
+                    f"{self.model_name}: the config declares optional tensors but no "
+                    f"{LAYERS_PARAMETER}; declare the layers or drop the tensors"
+                )
+            return None
+        try:
+            check_declared_tensors(inputs, outputs)
+            layers = parse_layers(_parameter(config, LAYERS_PARAMETER, default=""))
+            if isinstance(self.model, CornerProbe):
+                raise ValueError("only the small_cnn architecture is open")
+            dry = torch.zeros(1, 3, *self._spatial())
+            return OpenModel(
+                self.model, layers, dry, read_ablation(version_folder, layers), name=self.model_name
+            )
+        except ValueError as error:
+            raise ValueError(f"{self.model_name}: {error}") from None
+
+    def _spatial(self) -> tuple[int, int]:
+        """The image's H, W from the config's input dims."""
+        if self.input_format == "uint8_hwc":
+            return self.sample_shape[0], self.sample_shape[1]
+        return self.sample_shape[1], self.sample_shape[2]
 
     def execute(self, requests: list) -> list:
         responses = []
@@ -93,14 +137,40 @@ class TritonPythonModel:
                 f"{self.input_name} must be [B, {', '.join(map(str, self.sample_shape))}], "
                 f"got {list(array.shape)}"
             )
+        if self.input_format == "fp32_nchw" and not np.isfinite(array).all():
+            raise ValueError(f"{self.input_name} holds NaN or infinite values")
+        if self.open is not None:
+            return self._infer_open(request, array)
         with torch.inference_mode():
             if self.input_format == "uint8_hwc":
                 inputs = normalise_uint8_hwc(array)
             else:
-                if not np.isfinite(array).all():
-                    raise ValueError(f"{self.input_name} holds NaN or infinite values")
                 inputs = torch.from_numpy(np.ascontiguousarray(array))
             logits = self.model(inputs).numpy().astype(np.float32, copy=False)
         return pb_utils.InferenceResponse(
             output_tensors=[pb_utils.Tensor(self.output_name, logits)]
         )
+
+    def _infer_open(self, request: object, array: np.ndarray) -> object:
+        """The same forward pass through OpenModel, with the request's optional inputs
+        (None when not sent) and the optional outputs it asks for. Outside inference
+        mode: gradients need ordinary tensors; OpenModel enters it for the rest."""
+        if self.input_format == "uint8_hwc":
+            inputs = normalise_uint8_hwc(array)
+        else:
+            inputs = torch.from_numpy(np.ascontiguousarray(array))
+        optional = {}
+        for name in self.optional_inputs:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            optional[name] = None if tensor is None else tensor.as_numpy()
+        requested = [n for n in request.requested_output_names() if n in self.optional_outputs]
+        results = self.open(inputs, optional, requested)
+        if "INPUT_GRADIENT" in results and self.input_format == "uint8_hwc":
+            # Laid out like IMAGE (HWC); the values are w.r.t. the normalised input.
+            results["INPUT_GRADIENT"] = np.ascontiguousarray(
+                results["INPUT_GRADIENT"].transpose(0, 2, 3, 1)
+            )
+        logits = results.pop("scores").astype(np.float32, copy=False)
+        tensors = [pb_utils.Tensor(self.output_name, logits)]
+        tensors += [pb_utils.Tensor(name, results[name]) for name in requested]
+        return pb_utils.InferenceResponse(output_tensors=tensors)
