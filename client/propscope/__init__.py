@@ -42,6 +42,18 @@ from propscope._events import (
     TensorInfo,
     event_from_proto,
 )
+from propscope._graph import (
+    GraphEdge,
+    GraphLayer,
+    GraphNode,
+    GraphProgress,
+    GraphResult,
+    RepairChannel,
+    RepairResult,
+    TaskEdge,
+    TaskGraph,
+    TaskNode,
+)
 from propscope._images import AlphaDroppedWarning, ImageLike, encode_image, encode_mask
 from propscope._preprocessing import Preprocessing
 from propscope._properties import Box, Mask, Property, parse_property, split_property
@@ -65,6 +77,11 @@ __all__ = [
     "ExplainResult",
     "ExplainStream",
     "FieldViolation",
+    "GraphEdge",
+    "GraphLayer",
+    "GraphNode",
+    "GraphProgress",
+    "GraphResult",
     "ImageLike",
     "Mask",
     "MetricResult",
@@ -77,9 +94,14 @@ __all__ = [
     "Property",
     "PropertyResult",
     "PropscopeError",
+    "RepairChannel",
+    "RepairResult",
     "RiseOptions",
     "SobolOptions",
     "SampleResult",
+    "TaskEdge",
+    "TaskGraph",
+    "TaskNode",
     "TensorInfo",
     "encode_image",
     "encode_mask",

@@ -15,6 +15,7 @@ from propscope._attribution import Attribution, Evaluation
 from propscope._client import ClientBase, Collector, known_event
 from propscope._errors import PropscopeError
 from propscope._events import Event, ModelInfo
+from propscope._graph import GraphResult
 from propscope._results import ExplainCollector, ExplainResult
 
 __all__ = ["AsyncClient", "AsyncExplainStream"]
@@ -63,10 +64,11 @@ class AsyncClient(
         Awaitable[Attribution],
         Awaitable[Evaluation],
         Awaitable[list[ModelInfo]],
+        Awaitable[GraphResult],
     ]
 ):
     """A connection to a propscope gateway for asyncio, with ``Client``'s arguments and calls
-    (``ClientBase``): ``attribute``, ``evaluate_attribution`` and ``list_models`` return
+    (``ClientBase``): ``attribute``, ``evaluate_attribution``, ``graph`` and ``list_models`` return
     awaitables, ``explain`` an ``AsyncExplainStream``. Create it inside a running event loop;
     use ``async with`` or ``await close()``.
 

@@ -20,14 +20,17 @@ import numpy.typing as npt
 from propscope._attribution import Attribution, Evaluation
 from propscope._errors import PropscopeError
 from propscope._events import Event, ModelInfo, event_from_proto
+from propscope._graph import GraphCollector, GraphEdge, GraphNode, GraphProgress, GraphResult
 from propscope._images import ImageLike
 from propscope._preprocessing import PathMode, Preprocessing
+from propscope._properties import Property
 from propscope._requests import (
     Metadata,
     Properties,
     build_attribute_request,
     build_evaluate_request,
     build_explain_request,
+    build_graph_request,
     build_list_models_request,
     call_options,
     channel_options,
@@ -40,7 +43,7 @@ from propscope._results import (
     MetricCallback,
     ProgressCallback,
 )
-from propscope.v1 import attribution_pb2_grpc, explain_pb2, explain_pb2_grpc
+from propscope.v1 import attribution_pb2_grpc, explain_pb2, explain_pb2_grpc, graph_pb2_grpc
 
 __all__ = ["Client", "ClientBase", "ExplainStream", "ProgressCallback", "known_event"]
 
@@ -51,10 +54,11 @@ ExplainT = TypeVar("ExplainT")
 AttributionT = TypeVar("AttributionT")
 EvaluationT = TypeVar("EvaluationT")
 ModelsT = TypeVar("ModelsT")
-Collector = AttributeCollector | EvaluateCollector
+GraphT = TypeVar("GraphT")
+Collector = AttributeCollector | EvaluateCollector | GraphCollector
 
 
-class ClientBase(Generic[ExplainT, AttributionT, EvaluationT, ModelsT]):
+class ClientBase(Generic[ExplainT, AttributionT, EvaluationT, ModelsT, GraphT]):
     """A connection to a propscope gateway: every call, for ``Client`` and ``AsyncClient``.
 
     ``target`` is ``host:port``. Without ``credentials`` the channel is insecure. ``token`` is
@@ -87,6 +91,7 @@ class ClientBase(Generic[ExplainT, AttributionT, EvaluationT, ModelsT]):
         self._channel = self._open_channel(target, credentials, channel_options(options))
         self._stub = explain_pb2_grpc.ExplainServiceStub(self._channel)
         self._attribution = attribution_pb2_grpc.AttributionServiceStub(self._channel)
+        self._graph = graph_pb2_grpc.CausalGraphServiceStub(self._channel)
         self._closed = False
 
     def explain(
@@ -319,6 +324,86 @@ class ClientBase(Generic[ExplainT, AttributionT, EvaluationT, ModelsT]):
         )
         return self._collect(call, EvaluateCollector(request_id, on_progress, on_metric))
 
+    def graph(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        model: str,
+        *,
+        layers: Sequence[str] = (),
+        target_class: int | None = None,
+        steps: int = 0,
+        baseline: str = "mean",
+        reference_images: Sequence[ImageLike] = (),
+        alpha: float = 0.0,
+        permutations: int = 0,
+        min_probability_change: float | None = None,
+        nodes_per_layer: int = 0,
+        max_edges: int = 0,
+        min_share: float | None = None,
+        bootstrap: int = 0,
+        seed: int = 0,
+        repair_property: Property | str | None = None,
+        repair_max_share: float | None = None,
+        model_version: str = "",
+        model_output: str = "",
+        request_id: str = "",
+        preprocessing: Preprocessing | None = None,
+        class_labels: Sequence[str] = (),
+        on_progress: Callable[[GraphProgress], None] | None = None,
+        on_item: Callable[[GraphNode | GraphEdge], None] | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> GraphT:
+        """The causal explanatory graph of ``model``'s hidden channels on ``images`` (one image
+        or several; arXiv 2305.08950): each channel of ``layers`` (module paths the model
+        declares, ``ModelInfo.layers``; empty: all) moved gradually toward its ``baseline``
+        ("mean": the model's channel means, else those of ``reference_images``, 8..256 of them;
+        "zero") in ``steps`` steps, tested like Explain's properties (``alpha``,
+        ``permutations``), then the edges between significant channels of consecutive layers.
+        ``target_class`` None explains each image's predicted class. With several images the
+        result has the task graph (nodes and edges significant on at least ``min_share`` of the
+        class's images, with ``bootstrap`` frequencies). ``repair_property`` (a ``Property`` or
+        ``NAME=EDITOR:key=value`` text) asks for the channels to ablate so that the model stops
+        relying on it (at most ``repair_max_share`` of the channels). 0 and None: the server's
+        defaults. ``on_progress`` gets ``GraphProgress``, ``on_item`` each node and edge as it
+        comes. Returns one ``GraphResult`` (``AsyncClient``: an awaitable of it); a black-box
+        model is refused (``PropscopeError`` FAILED_PRECONDITION).
+        """
+        self._check_open()
+        request = build_graph_request(
+            images,
+            model,
+            layers=layers,
+            target_class=target_class,
+            steps=steps,
+            baseline=baseline,
+            reference_images=reference_images,
+            alpha=alpha,
+            permutations=permutations,
+            min_probability_change=min_probability_change,
+            nodes_per_layer=nodes_per_layer,
+            max_edges=max_edges,
+            min_share=min_share,
+            bootstrap=bootstrap,
+            seed=seed,
+            repair_property=repair_property,
+            repair_max_share=repair_max_share,
+            model_version=model_version,
+            model_output=model_output,
+            request_id=request_id,
+            preprocessing=preprocessing,
+            class_labels=class_labels,
+        )
+        logger.debug(
+            "BuildGraph %s: model %s, %d images, layers %s",
+            self.target,
+            model,
+            len(request.images),
+            list(layers),
+        )
+        call = self._graph.BuildGraph(request, **self._call_options(timeout, metadata))
+        return self._collect(call, GraphCollector(request_id, on_progress, on_item))
+
     def list_models(
         self, *, timeout: float | None = None, metadata: Metadata | None = None
     ) -> ModelsT:
@@ -405,7 +490,7 @@ class ExplainStream(Iterator[Event]):
             self._events.close()
 
 
-class Client(ClientBase[ExplainStream, Attribution, Evaluation, list[ModelInfo]]):
+class Client(ClientBase[ExplainStream, Attribution, Evaluation, list[ModelInfo], GraphResult]):
     """A blocking connection to a propscope gateway (arguments and calls: ``ClientBase``); use
     as a context manager or call ``close()``.
 

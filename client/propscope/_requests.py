@@ -17,10 +17,11 @@ from propscope._attribution import (
     perturbation_to_proto,
     target_score_to_proto,
 )
+from propscope._graph import baseline_to_proto as graph_baseline_to_proto
 from propscope._images import ImageLike, encode_image
 from propscope._preprocessing import PathMode, Preprocessing, path_mode_to_proto
 from propscope._properties import Property, parse_property
-from propscope.v1 import attribution_pb2, explain_pb2
+from propscope.v1 import attribution_pb2, explain_pb2, graph_pb2
 
 __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
@@ -29,6 +30,7 @@ __all__ = [
     "build_attribute_request",
     "build_evaluate_request",
     "build_explain_request",
+    "build_graph_request",
     "build_model_ref",
     "build_list_models_request",
     "call_options",
@@ -455,3 +457,91 @@ def build_evaluate_request(
 
 def build_list_models_request() -> explain_pb2.ListModelsRequest:
     return explain_pb2.ListModelsRequest()
+
+
+def build_graph_request(
+    images: ImageLike | Sequence[ImageLike],
+    model: str,
+    *,
+    layers: Sequence[str] = (),
+    target_class: int | None = None,
+    steps: int = 0,
+    baseline: str = "mean",
+    reference_images: Sequence[ImageLike] = (),
+    alpha: float = 0.0,
+    permutations: int = 0,
+    min_probability_change: float | None = None,
+    nodes_per_layer: int = 0,
+    max_edges: int = 0,
+    min_share: float | None = None,
+    bootstrap: int = 0,
+    seed: int = 0,
+    repair_property: Property | str | None = None,
+    repair_max_share: float | None = None,
+    model_version: str = "",
+    model_output: str = "",
+    request_id: str = "",
+    preprocessing: Preprocessing | None = None,
+    class_labels: Sequence[str] = (),
+) -> graph_pb2.BuildGraphRequest:
+    """The ``BuildGraphRequest`` for ``Client.graph``'s arguments (0 and None: the server's
+    default). ``images``: one image or a sequence of them."""
+    model_ref = build_model_ref(
+        model,
+        target_class=target_class,
+        model_version=model_version,
+        model_output=model_output,
+        preprocessing=preprocessing,
+        class_labels=class_labels,
+    )
+    _non_negative(
+        steps=steps,
+        permutations=permutations,
+        nodes_per_layer=nodes_per_layer,
+        max_edges=max_edges,
+        bootstrap=bootstrap,
+        seed=seed,
+    )
+    if not 0 <= alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1) (0: the server's default), got {alpha}")
+    if min_probability_change is not None and not 0 <= min_probability_change <= 1:
+        raise ValueError(
+            f"min_probability_change must be in [0, 1] (None: the server's default), "
+            f"got {min_probability_change}"
+        )
+    _fraction("min_share", min_share, closed_right=True)
+    if repair_max_share is not None and not 0 < repair_max_share <= 0.5:
+        raise ValueError(
+            f"repair_max_share must be in (0, 0.5] (None: the server's default), "
+            f"got {repair_max_share}"
+        )
+    if isinstance(layers, str):
+        raise TypeError("layers must be a sequence of layer names, e.g. ['features.1']")
+    several = isinstance(images, Sequence) and not isinstance(images, str | bytes)
+    encoded = [encode_image(image) for image in (images if several else [images])]  # type: ignore[union-attr]
+    if not encoded:
+        raise ValueError("at least one image is required")
+    repair = None
+    if repair_property is not None:
+        repair = (
+            parse_property(repair_property) if isinstance(repair_property, str) else repair_property
+        ).to_proto()
+    return graph_pb2.BuildGraphRequest(
+        request_id=request_id,
+        images=encoded,
+        model=model_ref,
+        layers=list(layers),
+        steps=steps,
+        baseline=graph_baseline_to_proto(baseline),
+        reference_images=[encode_image(image) for image in reference_images],
+        alpha=alpha,
+        permutations=permutations,
+        min_probability_change=min_probability_change,
+        nodes_per_layer=nodes_per_layer,
+        max_edges=max_edges,
+        min_share=min_share,
+        bootstrap=bootstrap,
+        seed=seed,
+        repair_property=repair,
+        repair_max_share=repair_max_share,
+    )

@@ -3,7 +3,8 @@
 # libpython that Triton's python-backend stub links, headless chromium (the
 # browser test of the review report renders it), promtool (Debian's prometheus
 # package: `make test` checks the alert rules with it), tmux (the CLI layout tests capture
-# its output at 80 and 120 columns) and, where Node is missing,
+# its output at 80 and 120 columns), graphviz (its dot lays out the SVG of a causal graph:
+# GraphResult.to_svg, `propscope graph --svg`) and, where Node is missing,
 # Debian's nodejs and npm for the Node client (our machines bring Node 20). Installed through
 # apt when missing and we are root; otherwise say what is missing and go on
 # (the gateway falls back to its in-process cache without redis-server).
@@ -37,6 +38,7 @@ fi
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v tmux >/dev/null 2>&1 || missing+=(tmux)
+command -v dot >/dev/null 2>&1 || missing+=(graphviz)
 command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 
 if [ "$dry_run" = true ]; then

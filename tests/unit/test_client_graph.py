@@ -1,0 +1,273 @@
+"""Client.graph and AsyncClient.graph against an in-process fake CausalGraphService: the
+request they send, the GraphResult folded from the stream, its JSON and DOT text (pure
+client logic; the real method runs in tests/integration/test_graph.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+
+from propscope import AsyncClient, Client, GraphResult, PropscopeError
+from propscope._graph import GraphCollector
+from propscope._requests import build_graph_request
+from propscope.v1 import explain_pb2, graph_pb2, graph_pb2_grpc
+
+LAYERS = [explain_pb2.LayerInfo(name="features.1", channels=32)] + [
+    explain_pb2.LayerInfo(name="features.2", channels=64)
+]
+
+
+def _node(image: int, layer: str, channel: int, score: float, significant: bool = True):
+    return graph_pb2.NodeResult(
+        image=image,
+        layer=layer,
+        channel=channel,
+        score=score,
+        p_value=0.001,
+        q_value=0.004,
+        probability_change=-0.3,
+        significant=significant,
+        relevant=significant,
+        curve=[0.9, 0.8, 0.6],
+    )
+
+
+def _edge(image: int, source: int, target: int, path_effect: float, significant: bool = True):
+    return graph_pb2.EdgeResult(
+        image=image,
+        source_layer="features.1",
+        source_channel=source,
+        target_layer="features.2",
+        target_channel=target,
+        direct_effect=0.4,
+        path_effect=path_effect,
+        score=0.05,
+        p_value=0.002,
+        q_value=0.01,
+        significant=significant,
+        curve=[0, 0.1, path_effect],
+        clamped_curve=[0.9, 0.85, 0.7],
+    )
+
+
+def events(images: int) -> list[graph_pb2.BuildGraphEvent]:
+    """A plausible stream: plan, progress, per image nodes then edges, task graph, done."""
+    stream = [
+        graph_pb2.BuildGraphEvent(
+            accepted=graph_pb2.GraphAccepted(
+                model="synth_hue",
+                model_version="1",
+                layers=LAYERS,
+                steps=2,
+                images=images,
+                targets=[1] * images,
+                target_labels=["red"] * images,
+                baseline_source="config",
+                planned_passes=40,
+                warnings=["a warning"],
+            )
+        ),
+        graph_pb2.BuildGraphEvent(
+            progress=graph_pb2.GraphProgress(passes_done=20, passes_total=40)
+        ),
+    ]
+    for image in range(images):
+        stream += [
+            graph_pb2.BuildGraphEvent(node=_node(image, "features.1", 3, 0.2)),
+            graph_pb2.BuildGraphEvent(node=_node(image, "features.1", 4, 0.01, significant=False)),
+            graph_pb2.BuildGraphEvent(node=_node(image, "features.2", 9, 0.1)),
+            graph_pb2.BuildGraphEvent(edge=_edge(image, 3, 9, 0.25 + image * 0.05)),
+            graph_pb2.BuildGraphEvent(edge=_edge(image, 4, 9, 0.5, significant=False)),
+        ]
+    if images > 1:
+        stream.append(
+            graph_pb2.BuildGraphEvent(
+                task_graph=graph_pb2.TaskGraph(
+                    target_class=1,
+                    target_label="red",
+                    images=list(range(images)),
+                    nodes=[
+                        graph_pb2.TaskNode(
+                            layer="features.1", channel=3, share=1.0, mean_score=0.2
+                        ),
+                        graph_pb2.TaskNode(
+                            layer="features.2", channel=9, share=1.0, mean_score=0.1
+                        ),
+                    ],
+                    edges=[
+                        graph_pb2.TaskEdge(
+                            source_layer="features.1",
+                            source_channel=3,
+                            target_layer="features.2",
+                            target_channel=9,
+                            share=1.0,
+                            bootstrap_frequency=0.97,
+                            mean_score=0.05,
+                        )
+                    ],
+                    min_share=0.5,
+                )
+            )
+        )
+    stream.append(
+        graph_pb2.BuildGraphEvent(
+            repair=graph_pb2.Repair(
+                property="hue",
+                channels=[
+                    graph_pb2.RepairChannel(
+                        layer="features.1", channel=3, value=0.125, movement=4.0, score=0.2
+                    )
+                ],
+            )
+        )
+    )
+    stream.append(graph_pb2.BuildGraphEvent(done=graph_pb2.GraphDone(total_ms=12.5, passes=38)))
+    for message in stream:
+        message.request_id = "rid"
+    return stream
+
+
+class FakeGraph(graph_pb2_grpc.CausalGraphServiceServicer):
+    def __init__(self) -> None:
+        self.requests: list[graph_pb2.BuildGraphRequest] = []
+
+    def BuildGraph(self, request, context):  # noqa: N802
+        self.requests.append(request)
+        if request.model.name == "blackbox":
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "needs interventions")
+        if request.model.name == "truncated":
+            yield from events(len(request.images))[:3]
+            return
+        yield from events(len(request.images))
+
+
+@pytest.fixture
+def service():
+    fake = FakeGraph()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    graph_pb2_grpc.add_CausalGraphServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield fake, f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+def _image(value: int = 200) -> np.ndarray:
+    return np.full((8, 8, 3), value, dtype=np.uint8)
+
+
+def test_graph_sends_the_request_and_folds_the_stream(service):
+    fake, target = service
+    progress, items = [], []
+    with Client(target) as client:
+        result = client.graph(
+            [_image(), _image(100)],
+            "synth_hue",
+            layers=["features.1", "features.2"],
+            steps=2,
+            baseline="zero",
+            min_share=0.5,
+            repair_property="hue=procedural:operation=hue",
+            on_progress=progress.append,
+            on_item=items.append,
+        )
+    request = fake.requests[0]
+    assert len(request.images) == 2 and list(request.layers) == ["features.1", "features.2"]
+    assert request.baseline == graph_pb2.GRAPH_BASELINE_ZERO and request.steps == 2
+    assert request.model.predicted_class and request.HasField("min_share")
+    assert request.repair_property.editor.parameters == {"operation": "hue"}
+    assert not request.HasField("repair_max_share")
+    assert isinstance(result, GraphResult) and result.request_id == "rid"
+    assert [(layer.name, layer.channels) for layer in result.layers] == [
+        ("features.1", 32),
+        ("features.2", 64),
+    ]
+    assert len(result.nodes) == 6 and len(result.edges) == 4
+    assert [node.key for node in result.significant_nodes(1)] == ["features.1:3", "features.2:9"]
+    assert result.nodes[0].curve == (0.9, 0.8, 0.6)
+    assert result.task_graph is not None and result.task_graph.edges[0].bootstrap_frequency == 0.97
+    assert result.repair.ablation("hue") == {
+        "channels": [{"layer": "features.1", "channel": 3, "value": 0.125}],
+        "source": "hue",
+    }
+    assert (result.passes, result.total_ms, result.warnings) == (38, 12.5, ("a warning",))
+    assert [(p.passes_done, p.passes_total) for p in progress] == [(20, 40)]
+    assert len(items) == 10  # every node and edge, as it came
+    decoded = json.loads(result.to_json())
+    assert decoded["edges"][0]["clamped_curve"] == [0.9, 0.85, 0.7]
+    assert decoded["task_graph"]["nodes"][1]["channel"] == 9
+
+
+def test_async_graph_returns_the_same_result(service):
+    _, target = service
+
+    async def run() -> GraphResult:
+        async with AsyncClient(target) as client:
+            return await client.graph(_image(), "synth_hue", steps=2)
+
+    result = asyncio.run(run())
+    assert result.images == 1 and result.task_graph is None and len(result.edges) == 2
+
+
+def test_a_refusal_and_a_truncated_stream_raise(service):
+    _, target = service
+    with Client(target) as client:
+        with pytest.raises(PropscopeError) as refused:
+            client.graph(_image(), "blackbox")
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(PropscopeError, match="GraphAccepted and GraphDone"):
+            client.graph(_image(), "truncated")
+
+
+def test_bad_arguments_are_refused_before_sending():
+    with pytest.raises(ValueError, match="baseline must be one of mean, zero"):
+        build_graph_request(_image(), "m", baseline="median")
+    with pytest.raises(ValueError, match=r"min_share must be in \(0, 1\]"):
+        build_graph_request(_image(), "m", min_share=0.0)
+    with pytest.raises(ValueError, match=r"repair_max_share must be in \(0, 0.5\]"):
+        build_graph_request(_image(), "m", repair_max_share=0.9)
+    with pytest.raises(TypeError, match="layers must be a sequence"):
+        build_graph_request(_image(), "m", layers="features.1")
+    with pytest.raises(ValueError, match="at least one image"):
+        build_graph_request([], "m")
+
+
+def _result(images: int) -> GraphResult:
+    collector = GraphCollector("")
+    for message in events(images):
+        collector.add(message)
+    return collector.result()
+
+
+def test_dot_of_one_image_draws_its_significant_nodes_and_edges_by_layer():
+    dot = _result(1).to_dot()
+    assert dot.startswith("digraph propscope {") and "rankdir=LR;" in dot
+    assert 'subgraph "layer features.1" {' in dot and "rank=same;" in dot
+    assert '"features.1:3" [label="features.1:3\\n0.2"];' in dot
+    assert '"features.1:4"' not in dot  # not significant
+    assert '"features.1:3" -> "features.2:9" [penwidth=6.00, label="+0.25"];' in dot
+    assert dot.count("->") == 1  # the non-significant edge is left out
+    assert dot.index("layer features.1") < dot.index("layer features.2")
+
+
+def test_dot_of_several_images_draws_the_task_graph_with_mean_path_effects():
+    result = _result(3)
+    dot = result.to_dot()
+    assert "task graph of class 1 (red)" in dot
+    # Mean path effect over the three images: (0.25 + 0.30 + 0.35) / 3.
+    assert 'label="+0.3"' in dot
+    assert "image 2, class 1 (red)" in result.to_dot(image=2)
+    with pytest.raises(ValueError, match="image must be in 0..2"):
+        result.to_dot(image=3)
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
+def test_svg_is_laid_out_by_graphviz():
+    svg = _result(1).to_svg()
+    assert "<svg" in svg and "features.1:3" in svg
