@@ -1,0 +1,786 @@
+"""The causal explanatory graph (BuildGraph, arXiv 2305.08950 with PropGrad's test):
+which hidden channels of an open model carry its decision for an image, and which
+channel-to-channel paths, measured by gradual do-interventions inside the model.
+
+Per image (target: the requested class, else the predicted one): a clean pass; a
+pre-screen of wide layers (one full ablation per channel); each node's path
+t = 0..1 toward its baseline, scored by E|dp| and a permutation test, BH across the
+image's nodes; edges between significant nodes of consecutive chosen layers, the
+largest direct effects first, scored on the path-specific curve (the downstream
+channel clamped to its clean map). Over several images, the task-level graph with
+bootstrap frequencies; optionally the repair: the significant channels an editor's
+property moves most, with their baseline as the ablation value.
+
+Everything the open-model contract offers travels as extra named inputs beside the
+preprocessed image batch (docs: the design of issue 17, section 1)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+
+import numpy as np
+
+from propscope_server import metrics
+from propscope_server.backends.preprocessing import to_model_input
+from propscope_server.config import Settings
+from propscope_server.editor_contract import InvalidParameters, canonical_parameters
+from propscope_server.errors import (
+    BackendError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from propscope_server.graph_domain import (
+    BASELINE_CONFIG,
+    BASELINE_REFERENCE,
+    BASELINE_ZERO,
+    BASELINES,
+    EdgeResult,
+    GraphAccepted,
+    GraphDone,
+    GraphProgress,
+    GraphSpec,
+    Layer,
+    NodeResult,
+    Repair,
+    RepairChannel,
+    TaskEdge,
+    TaskGraph,
+    TaskNode,
+)
+from propscope_server.inference import Inference, ModelDescription
+from propscope_server.methods import require
+from propscope_server.orchestration.classifier import (
+    PlannedClassifier,
+    plan_classifier,
+    probabilities,
+)
+from propscope_server.orchestration.runner import Finished, with_progress
+from propscope_server.scoring import causal_graph as scoring
+from propscope_server.threads import in_thread
+
+METHOD = "causal_graph"
+# The open-model contract's names (design of issue 17, section 1).
+INTERVENE_LAYER = "INTERVENE_LAYER"
+INTERVENE_CHANNEL = "INTERVENE_CHANNEL"
+INTERVENE_STRENGTH = "INTERVENE_STRENGTH"
+INTERVENE_BASELINE = "INTERVENE_BASELINE"
+PATCH_LAYER = "PATCH_LAYER"
+PATCH_CHANNEL = "PATCH_CHANNEL"
+PATCH_VALUE = "PATCH_VALUE"
+ACTIVATION_LAYER = "ACTIVATION_LAYER"
+CHANNEL_MEANS = "CHANNEL_MEANS"
+ACTIVATIONS = "ACTIVATIONS"
+REQUIRED_INPUTS = (
+    INTERVENE_LAYER,
+    INTERVENE_CHANNEL,
+    INTERVENE_STRENGTH,
+    INTERVENE_BASELINE,
+    PATCH_LAYER,
+    PATCH_CHANNEL,
+    PATCH_VALUE,
+    ACTIVATION_LAYER,
+)
+REQUIRED_OUTPUTS = (CHANNEL_MEANS, ACTIVATIONS)
+# The reference set a "mean" baseline is computed from when the config declares none.
+MIN_REFERENCE_IMAGES = 8
+MAX_REFERENCE_IMAGES = 256
+MIN_STEPS = 2
+MAX_BOOTSTRAP = 100_000
+
+
+@dataclass(frozen=True)
+class GraphImage:
+    """One image after its clean pass."""
+
+    model_input: np.ndarray  # [1, ...] as the model takes it
+    target: int
+    p0: float
+    means: np.ndarray  # [sum C] clean CHANNEL_MEANS over every declared layer
+
+
+@dataclass(frozen=True)
+class RepairEditor:
+    model: ModelDescription
+    parameters: str  # canonical JSON
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    spec: GraphSpec
+    classifier: PlannedClassifier
+    layers: tuple[Layer, ...]  # chosen, network order
+    indices: tuple[int, ...]  # each chosen layer's index in the model's declared layers
+    starts: tuple[int, ...]  # each declared layer's first entry in CHANNEL_MEANS, then sum C
+    total_channels: int  # sum C over every declared layer
+    baselines: np.ndarray  # [sum C] b_c
+    baseline_source: str
+    images: tuple[GraphImage, ...]
+    planned_passes: int
+    passes_done: int  # in planning: the clean passes and the reference images'
+    warnings: tuple[str, ...]
+    repair_editor: RepairEditor | None
+    deadline: float | None
+    started: float
+
+
+@dataclass
+class _Counter:
+    done: int
+    total: int
+    emit: Callable[[object], None]
+
+    def add(self, passes: int) -> None:
+        self.done += passes
+        self.emit(GraphProgress(self.done, self.total))
+
+
+@dataclass(frozen=True)
+class _ImageGraph:
+    """What the task graph and the repair need of one image's graph."""
+
+    target: int
+    nodes: dict[int, tuple[bool, float]]  # flat channel -> (significant, score)
+    edges: dict[tuple[int, int], tuple[bool, float]]  # (flat source, flat target) -> same
+
+
+def _check_spec(spec: GraphSpec, settings: Settings) -> None:
+    """Every refusal of the request's own values, naming the field."""
+    limits = settings.limits
+
+    def bounded(value: float, low: float, high: float, field: str, why: str = "") -> None:
+        if not low <= value <= high:
+            raise InvalidArgument(
+                f"{field} is {value}; it must be in [{low}, {high}]{why}", field=field
+            )
+
+    if not spec.images:
+        raise InvalidArgument("images is empty; give at least one image", field="images")
+    if len(spec.images) > limits.max_graph_images:
+        raise InvalidArgument(
+            f"images has {len(spec.images)} images; the limit max_graph_images is "
+            f"{limits.max_graph_images} per request",
+            field="images",
+        )
+    bounded(spec.steps, MIN_STEPS, limits.max_steps, "steps", " (the limit max_steps)")
+    if spec.baseline not in BASELINES:
+        raise InvalidArgument(
+            f"baseline {spec.baseline!r} is not one of {', '.join(BASELINES)}", field="baseline"
+        )
+    if not 0.0 < spec.alpha < 1.0:
+        raise InvalidArgument(f"alpha is {spec.alpha}; it must be in (0, 1)", field="alpha")
+    bounded(
+        spec.permutations,
+        limits.min_permutations,
+        limits.max_permutations,
+        "permutations",
+        " (the limits min_permutations, max_permutations)",
+    )
+    bounded(spec.min_probability_change, 0.0, 1.0, "min_probability_change")
+    bounded(spec.nodes_per_layer, 1, 1 << 20, "nodes_per_layer")
+    bounded(spec.max_edges, 0, 1 << 20, "max_edges")
+    if not 0.0 < spec.min_share <= 1.0:
+        raise InvalidArgument(
+            f"min_share is {spec.min_share}; it must be in (0, 1]", field="min_share"
+        )
+    bounded(spec.bootstrap, 1, MAX_BOOTSTRAP, "bootstrap")
+    if not 0.0 < spec.repair_max_share <= 1.0:
+        raise InvalidArgument(
+            f"repair_max_share is {spec.repair_max_share}; it must be in (0, 1]",
+            field="repair_max_share",
+        )
+    references = len(spec.reference_images)
+    if references and not MIN_REFERENCE_IMAGES <= references <= MAX_REFERENCE_IMAGES:
+        raise InvalidArgument(
+            f"reference_images has {references} images; a mean baseline needs "
+            f"{MIN_REFERENCE_IMAGES} to {MAX_REFERENCE_IMAGES}",
+            field="reference_images",
+        )
+    prop = spec.repair_property
+    if prop is not None and (prop.editor is None or prop.region is not None):
+        raise InvalidArgument(
+            f"repair_property {prop.name!r}: the repair follows an editor's path over every "
+            "image; give an editor (no provided path, no region)",
+            field="repair_property.editor",
+        )
+
+
+def _choose_layers(spec: GraphSpec, model: ModelDescription) -> tuple[int, ...]:
+    """Indices of the chosen layers in network order; unknown names listing the known."""
+    if not model.layers:
+        raise FailedPrecondition(
+            f"model {model.name!r} declares no layers (propscope.layers in its config.pbtxt); "
+            "a causal graph needs the hidden layers it may intervene on",
+            field="layers",
+        )
+    names = [layer.name for layer in model.layers]
+    if not spec.layers:
+        return tuple(range(len(names)))
+    unknown = [name for name in spec.layers if name not in names]
+    if unknown:
+        raise InvalidArgument(
+            f"layers: model {model.name!r} has no layer {', '.join(map(repr, unknown))}; "
+            f"it declares {', '.join(names)}",
+            field="layers",
+        )
+    if len(set(spec.layers)) != len(spec.layers):
+        raise InvalidArgument("layers names a layer twice", field="layers")
+    return tuple(sorted(names.index(name) for name in spec.layers))
+
+
+def _check_contract(model: ModelDescription) -> None:
+    inputs = {t.name for t in model.inputs}
+    outputs = {t.name for t in model.outputs}
+    missing = [n for n in REQUIRED_INPUTS if n not in inputs]
+    missing += [n for n in REQUIRED_OUTPUTS if n not in outputs]
+    if missing:
+        raise FailedPrecondition(
+            f"model {model.name!r} declares the interventions capability but lacks "
+            f"{', '.join(missing)}; its config.pbtxt must declare the open-model inputs "
+            "and outputs"
+        )
+
+
+class CausalGraph:
+    """The BuildGraph RPC's method: GraphAccepted, GraphProgress, per image its
+    NodeResults then EdgeResults, TaskGraph (several images), Repair (when asked),
+    GraphDone."""
+
+    def __init__(self, inference: Inference, settings: Settings) -> None:
+        self._inference = inference
+        self._settings = settings
+
+    async def plan(self, spec: GraphSpec, deadline: float | None) -> GraphPlan:
+        started = time.perf_counter()
+        _check_spec(spec, self._settings)
+        ref = dataclasses.replace(spec.classifier, target_class=spec.target)
+        classifier = await plan_classifier(
+            self._inference, ref, spec.images[0], self._settings, deadline
+        )
+        model = classifier.model
+        require(METHOD, model)
+        _check_contract(model)
+        indices = _choose_layers(spec, model)
+        starts = np.cumsum([0] + [layer.channels for layer in model.layers])
+        layers = tuple(model.layers[i] for i in indices)
+        total_channels = int(starts[-1])
+        warnings = list(classifier.warnings)
+        source = BASELINE_ZERO
+        if spec.baseline == "mean":
+            if spec.reference_images:
+                source = BASELINE_REFERENCE
+            elif all(layer.name in model.channel_means for layer in layers):
+                source = BASELINE_CONFIG
+            else:
+                raise InvalidArgument(
+                    f"baseline mean: model {model.name!r} declares no channel means "
+                    "(propscope.channel_means) for "
+                    + ", ".join(x.name for x in layers if x.name not in model.channel_means)
+                    + f"; give {MIN_REFERENCE_IMAGES} to {MAX_REFERENCE_IMAGES} "
+                    "reference_images or choose baseline zero",
+                    field="reference_images",
+                )
+        elif spec.reference_images:
+            warnings.append("reference_images are not used: the baseline is zero")
+        repair_editor = None
+        if spec.repair_property is not None:
+            repair_editor = await self._plan_editor(spec, deadline)
+        references = len(spec.reference_images) if source == BASELINE_REFERENCE else 0
+        planned = scoring.planned_passes(
+            len(spec.images),
+            [layer.channels for layer in layers],
+            spec.nodes_per_layer,
+            spec.steps,
+            spec.max_edges,
+            references,
+            repair_editor is not None,
+        )
+        limit = self._settings.limits.max_graph_passes
+        if planned > limit:
+            raise ResourceExhausted(
+                f"the graph needs up to {planned} forward passes; the limit max_graph_passes "
+                f"is {limit} per request; lower the cost with fewer images or layers, fewer "
+                "steps, a smaller nodes_per_layer (pre-screens wide layers) or max_edges"
+            )
+        baselines = np.zeros(total_channels)
+        if source == BASELINE_CONFIG:
+            for layer, index in zip(layers, indices, strict=True):
+                baselines[starts[index] : starts[index + 1]] = model.channel_means[layer.name]
+        means = []
+        for image in spec.reference_images if references else ():
+            means.append((await self._clean(classifier, image, deadline, total_channels))[2])
+        if means:
+            baselines = np.mean(means, axis=0)
+        images = []
+        for image in spec.images:
+            model_input, raw, clean_means = await self._clean(
+                classifier, image, deadline, total_channels
+            )
+            target = spec.target if spec.target is not None else int(raw.argmax())
+            p0 = float(probabilities(classifier, raw[None])[0, target])
+            images.append(GraphImage(model_input, target, p0, clean_means))
+        return GraphPlan(
+            spec=spec,
+            classifier=classifier,
+            layers=layers,
+            indices=indices,
+            starts=tuple(int(start) for start in starts),
+            total_channels=total_channels,
+            baselines=baselines,
+            baseline_source=source,
+            images=tuple(images),
+            planned_passes=planned,
+            passes_done=references + len(images),
+            warnings=tuple(warnings),
+            repair_editor=repair_editor,
+            deadline=deadline,
+            started=started,
+        )
+
+    async def _plan_editor(self, spec: GraphSpec, deadline: float | None) -> RepairEditor:
+        prop = spec.repair_property
+        assert prop is not None and prop.editor is not None
+        field = "repair_property.editor"
+        try:
+            editor = await self._inference.describe(
+                prop.editor.model, prop.editor.version, deadline
+            )
+        except NotFound as error:
+            raise NotFound(f"{field}.model: {error}", field=f"{field}.model") from None
+        if editor.role != "editor" or editor.editor_schema is None:
+            raise InvalidArgument(
+                f"{field}.model: model {editor.name!r} is not an editor (ListModels shows "
+                "the editors)",
+                field=f"{field}.model",
+            )
+        try:
+            resolved = editor.editor_schema.resolve(prop.editor.parameters)
+        except InvalidParameters as error:
+            parameter = f"{field}.parameters[{error.parameter!r}]" if error.parameter else None
+            raise InvalidArgument(
+                f"repair_property {prop.name!r}, editor {editor.name!r}: {error}",
+                field=parameter or f"{field}.parameters",
+            ) from None
+        return RepairEditor(editor, canonical_parameters(resolved))
+
+    async def _clean(
+        self,
+        classifier: PlannedClassifier,
+        image: np.ndarray,
+        deadline: float | None,
+        total_channels: int,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(model input [1, ...], raw outputs [C], CHANNEL_MEANS [sum C]) of one image."""
+        model_input = await in_thread(
+            to_model_input, image[None], classifier.layout, classifier.preprocessing
+        )
+        raw, means = await self._forward(classifier, model_input, {}, 1, deadline)
+        if means.shape[1] != total_channels:
+            raise BackendError(
+                f"model {classifier.model.name!r} returned {means.shape[1]} channel means; "
+                f"its propscope.layers declare {total_channels}"
+            )
+        return model_input, raw[0], means[0]
+
+    async def _forward(
+        self,
+        classifier: PlannedClassifier,
+        model_input: np.ndarray,
+        extra: dict[str, np.ndarray],
+        rows: int,
+        deadline: float | None,
+        counter: _Counter | None = None,
+        outputs: tuple[str, ...] = (CHANNEL_MEANS,),
+    ) -> tuple[np.ndarray, ...]:
+        """`rows` passes, each with its row of the `extra` inputs, of one image
+        (model_input [1, ...], repeated) or of `rows` images (model_input [rows, ...]),
+        in batches of max_batch_size -> (raw outputs [rows, classes], then each of
+        `outputs` [rows, ...]) as float64."""
+        model = classifier.model
+        batch = model.max_batch_size
+        parts: list[list[np.ndarray]] = [[] for _ in range(1 + len(outputs))]
+        for start in range(0, rows, batch):
+            stop = min(start + batch, rows)
+            images = (
+                model_input[start:stop]
+                if len(model_input) == rows
+                else np.repeat(model_input, stop - start, axis=0)
+            )
+            inputs = {classifier.layout.name: images}
+            inputs.update({name: value[start:stop] for name, value in extra.items()})
+            answer = await self._inference.infer(
+                model, inputs, [classifier.output, *outputs], deadline
+            )
+            for part, name in zip(parts, (classifier.output, *outputs), strict=True):
+                part.append(np.asarray(answer[name], dtype=np.float64).reshape(stop - start, -1))
+            if counter is not None:
+                counter.add(stop - start)
+        arrays = tuple(np.concatenate(part) for part in parts)
+        if not all(np.isfinite(a).all() for a in arrays):
+            raise BackendError(f"model {model.name!r} returned non-finite outputs")
+        return arrays
+
+    async def run(self, plan: GraphPlan) -> AsyncIterator[object]:
+        spec = plan.spec
+        model = plan.classifier.model
+        yield GraphAccepted(
+            model=model.name,
+            model_version=model.version,
+            layers=plan.layers,
+            steps=spec.steps,
+            images=len(plan.images),
+            targets=tuple(image.target for image in plan.images),
+            target_labels=tuple(plan.classifier.label(image.target) for image in plan.images),
+            baseline_source=plan.baseline_source,
+            planned_passes=plan.planned_passes,
+            warnings=plan.warnings,
+        )
+
+        async def work(emit: Callable[[object], None]) -> GraphDone:
+            counter = _Counter(plan.passes_done, plan.planned_passes, emit)
+            graphs = []
+            for index in range(len(plan.images)):
+                graphs.append(await self._image(plan, index, counter))
+            task = _task_graph(plan, graphs) if len(graphs) > 1 else None
+            if task is not None:
+                emit(task)
+            if plan.repair_editor is not None:
+                emit(await self._repair(plan, graphs, task, counter))
+            metrics.FORWARD_PASSES.labels(method=METHOD).inc(counter.done)
+            return GraphDone(total_s=time.perf_counter() - plan.started, passes=counter.done)
+
+        async with aclosing(with_progress(work)) as events:
+            async for event in events:
+                yield event.value if isinstance(event, Finished) else event
+
+    async def _interventions(
+        self,
+        plan: GraphPlan,
+        image: GraphImage,
+        layer: int,
+        channels: np.ndarray,
+        strengths: np.ndarray,
+        counter: _Counter,
+        patch: tuple[int, np.ndarray, np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One pass per row: channel `channels[r]` of declared layer `layer` moved by
+        `strengths[r]` toward its baseline (and, with `patch` = (downstream layer,
+        channels, values [rows, n]), that channel set to its values) -> (target
+        probability [rows], CHANNEL_MEANS [rows, sum C])."""
+        rows = len(channels)
+        baselines = plan.baselines[plan.starts[layer] + channels]
+        extra = {
+            INTERVENE_LAYER: np.full((rows, 1), layer, np.int32),
+            INTERVENE_CHANNEL: channels.astype(np.int32).reshape(rows, 1),
+            INTERVENE_STRENGTH: strengths.astype(np.float32).reshape(rows, 1),
+            INTERVENE_BASELINE: baselines.astype(np.float32).reshape(rows, 1),
+        }
+        if patch is not None:
+            patch_layer, patch_channels, values = patch
+            extra[PATCH_LAYER] = np.full((rows, 1), patch_layer, np.int32)
+            extra[PATCH_CHANNEL] = patch_channels.astype(np.int32).reshape(rows, 1)
+            extra[PATCH_VALUE] = values.astype(np.float32)
+        raw, means = await self._forward(
+            plan.classifier, image.model_input, extra, rows, plan.deadline, counter
+        )
+        return probabilities(plan.classifier, raw)[:, image.target], means
+
+    async def _image(self, plan: GraphPlan, index: int, counter: _Counter) -> _ImageGraph:
+        """One image's nodes and edges, emitted as they are decided."""
+        spec, image = plan.spec, plan.images[index]
+        steps = spec.steps
+        emit = counter.emit
+        t = np.arange(steps + 1) / steps
+        # Per tested node (flat channel): its curve [S + 1] and CHANNEL_MEANS at t = 1.
+        curves: dict[int, np.ndarray] = {}
+        means_at_one: dict[int, np.ndarray] = {}
+        prescreened: dict[int, float] = {}
+        for layer, channels in zip(plan.indices, plan.layers, strict=True):
+            start = plan.starts[layer]
+            count = channels.channels
+            nodes = np.arange(count)
+            full_ablation: dict[int, tuple[float, np.ndarray]] = {}
+            if count > spec.nodes_per_layer:
+                p_one, means = await self._interventions(
+                    plan, image, layer, nodes, np.ones(count), counter
+                )
+                for channel in nodes:
+                    prescreened[start + channel] = float(p_one[channel] - image.p0)
+                    full_ablation[int(channel)] = (float(p_one[channel]), means[channel])
+                nodes = scoring.prescreen(p_one - image.p0, spec.nodes_per_layer)
+            last = steps if not full_ablation else steps - 1
+            rows_channels = np.repeat(nodes, last)
+            rows_strengths = np.tile(t[1 : last + 1], len(nodes))
+            p_path, means = await self._interventions(
+                plan, image, layer, rows_channels, rows_strengths, counter
+            )
+            p_path = p_path.reshape(len(nodes), last)
+            means = means.reshape(len(nodes), last, -1)
+            for row, channel in enumerate(nodes):
+                flat = start + int(channel)
+                if full_ablation:
+                    p_one, means_one = full_ablation[int(channel)]
+                    curves[flat] = np.concatenate([[image.p0], p_path[row], [p_one]])
+                    means_at_one[flat] = means_one
+                else:
+                    curves[flat] = np.concatenate([[image.p0], p_path[row]])
+                    means_at_one[flat] = means[row, -1]
+        tested = sorted(curves)
+        rng = np.random.default_rng([spec.seed, index, 0])
+        scores, p_values = scoring.score_curves(
+            np.array([curves[f] for f in tested]), spec.permutations, rng
+        )
+        q = scoring.q_values(p_values)
+        nodes_out: dict[int, tuple[bool, float]] = {}
+        significant_nodes: set[int] = set()
+        by_flat = {flat: k for k, flat in enumerate(tested)}
+        for layer, channels in zip(plan.indices, plan.layers, strict=True):
+            start = plan.starts[layer]
+            for channel in range(channels.channels):
+                flat = start + channel
+                k = by_flat.get(flat)
+                if k is None:
+                    emit(
+                        NodeResult(
+                            image=index,
+                            layer=channels.name,
+                            channel=channel,
+                            screened_out=True,
+                            prescreen_change=abs(prescreened[flat]),
+                            score=0.0,
+                            p_value=1.0,
+                            q_value=1.0,
+                            probability_change=prescreened[flat],
+                            significant=False,
+                            relevant=False,
+                        )
+                    )
+                    continue
+                curve = curves[flat]
+                change = float(curve[-1] - curve[0])
+                significant = bool(q[k] < spec.alpha)
+                if significant:
+                    significant_nodes.add(flat)
+                nodes_out[flat] = (significant, float(scores[k]))
+                emit(
+                    NodeResult(
+                        image=index,
+                        layer=channels.name,
+                        channel=channel,
+                        screened_out=False,
+                        prescreen_change=abs(prescreened.get(flat, 0.0)),
+                        score=float(scores[k]),
+                        p_value=float(p_values[k]),
+                        q_value=float(q[k]),
+                        probability_change=change,
+                        significant=significant,
+                        relevant=significant and abs(change) >= spec.min_probability_change,
+                        curve=tuple(float(v) for v in curve),
+                    )
+                )
+        edges = await self._edges(plan, index, curves, means_at_one, significant_nodes, counter)
+        return _ImageGraph(image.target, nodes_out, edges)
+
+    async def _edges(
+        self,
+        plan: GraphPlan,
+        index: int,
+        curves: dict[int, np.ndarray],
+        means_at_one: dict[int, np.ndarray],
+        significant: set[int],
+        counter: _Counter,
+    ) -> dict[tuple[int, int], tuple[bool, float]]:
+        """Edges between significant nodes of consecutive chosen layers, the largest
+        |direct effect| first, scored on d(t) = p_total(t) - p_clamped(t)."""
+        spec, image = plan.spec, plan.images[index]
+        steps = spec.steps
+        # Candidates: (upstream layer, upstream flat, downstream layer, downstream flat).
+        candidates: list[tuple[int, int, int, int]] = []
+        for up, down in zip(plan.indices, plan.indices[1:], strict=False):
+            ups = [f for f in sorted(significant) if self._layer_of(plan, f) == up]
+            downs = [f for f in sorted(significant) if self._layer_of(plan, f) == down]
+            candidates += [(up, u, down, v) for u in ups for v in downs]
+        direct = np.array([means_at_one[u][v] - image.means[v] for _, u, _, v in candidates])
+        chosen = [candidates[k] for k in scoring.choose_edges(direct, spec.max_edges)]
+        direct_of = {(c[1], c[3]): float(d) for c, d in zip(candidates, direct, strict=True)}
+        t = np.arange(1, steps + 1) / steps
+        clamped: dict[tuple[int, int], np.ndarray] = {}
+        for down in sorted({edge[2] for edge in chosen}):
+            edges = [edge for edge in chosen if edge[2] == down]
+            _, maps = await self._forward(
+                plan.classifier,
+                image.model_input,
+                {ACTIVATION_LAYER: np.full((1, 1), down, np.int32)},
+                1,
+                plan.deadline,
+                counter,
+                outputs=(ACTIVATIONS,),
+            )
+            channels = plan.classifier.model.layers[down].channels
+            maps = maps[0].reshape(channels, -1)  # [C, H * W] the clean maps
+            starts = plan.starts
+            for up in sorted({edge[0] for edge in edges}):
+                group = [edge for edge in edges if edge[0] == up]
+                sources = np.repeat([u - starts[up] for _, u, _, _ in group], steps)
+                targets = np.repeat([v - starts[down] for _, _, _, v in group], steps)
+                p_clamped, _ = await self._interventions(
+                    plan,
+                    image,
+                    up,
+                    np.asarray(sources),
+                    np.tile(t, len(group)),
+                    counter,
+                    patch=(down, np.asarray(targets), maps[targets]),
+                )
+                p_clamped = p_clamped.reshape(len(group), steps)
+                for row, (_, u, _, v) in enumerate(group):
+                    clamped[(u, v)] = np.concatenate([[image.p0], p_clamped[row]])
+        if not chosen:
+            return {}
+        d = np.array([curves[u] - clamped[(u, v)] for _, u, _, v in chosen])
+        rng = np.random.default_rng([spec.seed, index, 1])
+        scores, p_values = scoring.score_curves(d, spec.permutations, rng)
+        q = scoring.q_values(p_values)
+        layers = plan.classifier.model.layers
+        out: dict[tuple[int, int], tuple[bool, float]] = {}
+        for k, (up, u, down, v) in enumerate(chosen):
+            significant_edge = bool(q[k] < spec.alpha)
+            out[(u, v)] = (significant_edge, float(scores[k]))
+            counter.emit(
+                EdgeResult(
+                    image=index,
+                    source_layer=layers[up].name,
+                    source_channel=u - plan.starts[up],
+                    target_layer=layers[down].name,
+                    target_channel=v - plan.starts[down],
+                    direct_effect=direct_of[(u, v)],
+                    path_effect=float(d[k, -1]),
+                    score=float(scores[k]),
+                    p_value=float(p_values[k]),
+                    q_value=float(q[k]),
+                    significant=significant_edge,
+                    curve=tuple(float(x) for x in d[k]),
+                    clamped_curve=tuple(float(x) for x in clamped[(u, v)]),
+                )
+            )
+        return out
+
+    @staticmethod
+    def _layer_of(plan: GraphPlan, flat: int) -> int:
+        return int(np.searchsorted(plan.starts, flat, side="right")) - 1
+
+    async def _repair(
+        self,
+        plan: GraphPlan,
+        graphs: list[_ImageGraph],
+        task: TaskGraph | None,
+        counter: _Counter,
+    ) -> Repair:
+        """The channels the repair property moves most among the graph's significant
+        ones, each with its baseline as the ablation value."""
+        spec = plan.spec
+        editor = plan.repair_editor
+        assert editor is not None and spec.repair_property is not None
+        layers = plan.classifier.model.layers
+        names = {layer.name: i for i, layer in enumerate(layers)}
+        candidates = np.zeros(plan.total_channels, dtype=bool)
+        score_of = np.zeros(plan.total_channels)
+        if task is not None:
+            for node in task.nodes:
+                flat = plan.starts[names[node.layer]] + node.channel
+                candidates[flat], score_of[flat] = True, node.mean_score
+        else:
+            for flat, (significant, score) in graphs[0].nodes.items():
+                candidates[flat], score_of[flat] = significant, score
+        strengths = np.arange(1, spec.steps + 1, dtype=np.float32) / spec.steps
+        path_means = []
+        for original in spec.images:
+            path = await self._inference.edit(
+                editor.model, original, strengths, editor.parameters, [spec.seed], plan.deadline
+            )
+            batch = await in_thread(
+                to_model_input, path[0], plan.classifier.layout, plan.classifier.preprocessing
+            )
+            _, means = await self._forward(
+                plan.classifier, batch, {}, len(batch), plan.deadline, counter
+            )
+            path_means.append(means)
+        clean = np.stack([image.means for image in plan.images])
+        movement = scoring.movements(np.stack(path_means), clean)
+        warnings: tuple[str, ...] = ()
+        chosen: np.ndarray = np.zeros(0, dtype=int)
+        if candidates.any():
+            chosen = scoring.repair_choice(
+                movement, candidates, spec.repair_max_share, plan.total_channels
+            )
+        else:
+            warnings = ("no channel is significant in the graph: there is nothing to ablate",)
+        channels = []
+        for flat in chosen:
+            layer = self._layer_of(plan, int(flat))
+            channels.append(
+                RepairChannel(
+                    layer=layers[layer].name,
+                    channel=int(flat) - plan.starts[layer],
+                    value=float(plan.baselines[flat]),
+                    movement=float(movement[flat]),
+                    score=float(score_of[flat]),
+                )
+            )
+        return Repair(
+            property=spec.repair_property.name, channels=tuple(channels), warnings=warnings
+        )
+
+
+def _task_graph(plan: GraphPlan, graphs: list[_ImageGraph]) -> TaskGraph:
+    """The nodes and edges significant on >= min_share of the images of the graph's
+    class, with seeded bootstrap frequencies."""
+    spec = plan.spec
+    targets = [graph.target for graph in graphs]
+    target = spec.target if spec.target is not None else scoring.majority_class(targets)
+    used = [i for i, t in enumerate(targets) if t == target]
+    excluded = tuple(i for i, t in enumerate(targets) if t != target)
+    rng = np.random.default_rng([spec.seed, 2])
+    layers = plan.classifier.model.layers
+
+    def located(flat: int) -> tuple[str, int]:
+        layer = CausalGraph._layer_of(plan, flat)
+        return layers[layer].name, flat - plan.starts[layer]
+
+    results = []
+    for kind in ("nodes", "edges"):
+        keys = sorted({key for i in used for key in getattr(graphs[i], kind)})
+        significant = np.zeros((len(used), len(keys)), dtype=bool)
+        scores = np.full((len(used), len(keys)), np.nan)
+        for row, i in enumerate(used):
+            items = getattr(graphs[i], kind)
+            for col, key in enumerate(keys):
+                if key in items:
+                    significant[row, col], scores[row, col] = items[key]
+        share, frequency, mean_score = scoring.task_shares(
+            significant, scores, spec.min_share, spec.bootstrap, rng
+        )
+        kept = [k for k in range(len(keys)) if share[k] >= spec.min_share - 1e-12]
+        results.append([(keys[k], share[k], frequency[k], mean_score[k]) for k in kept])
+    nodes = tuple(
+        TaskNode(*located(key), float(share), float(freq), float(score))
+        for key, share, freq, score in results[0]
+    )
+    edges = tuple(
+        TaskEdge(*located(key[0]), *located(key[1]), float(share), float(freq), float(score))
+        for key, share, freq, score in results[1]
+    )
+    return TaskGraph(
+        target_class=target,
+        target_label=plan.classifier.label(target),
+        images=tuple(used),
+        nodes=nodes,
+        edges=edges,
+        min_share=spec.min_share,
+        excluded_images=excluded,
+    )
