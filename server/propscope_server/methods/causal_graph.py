@@ -311,19 +311,20 @@ class CausalGraph:
         if source == BASELINE_CONFIG:
             for layer, index in zip(layers, indices, strict=True):
                 baselines[starts[index] : starts[index + 1]] = model.channel_means[layer.name]
-        means = []
-        for image in spec.reference_images if references else ():
-            means.append((await self._clean(classifier, image, deadline, total_channels))[2])
-        if means:
-            baselines = np.mean(means, axis=0)
-        images = []
-        for image in spec.images:
-            model_input, raw, clean_means = await self._clean(
-                classifier, image, deadline, total_channels
-            )
-            target = spec.target if spec.target is not None else int(raw.argmax())
-            p0 = float(probabilities(classifier, raw[None])[0, target])
-            images.append(GraphImage(model_input, target, p0, clean_means))
+        if references:
+            reference_means = (
+                await self._clean(classifier, spec.reference_images, deadline, total_channels)
+            )[2]
+            baselines = reference_means.mean(axis=0)
+        inputs, raw, clean_means = await self._clean(
+            classifier, spec.images, deadline, total_channels
+        )
+        targets = raw.argmax(axis=1) if spec.target is None else np.full(len(raw), spec.target)
+        p0 = probabilities(classifier, raw)[np.arange(len(raw)), targets]
+        images = [
+            GraphImage(inputs[i], int(targets[i]), float(p0[i]), clean_means[i])
+            for i in range(len(inputs))
+        ]
         return GraphPlan(
             spec=spec,
             classifier=classifier,
@@ -371,21 +372,38 @@ class CausalGraph:
     async def _clean(
         self,
         classifier: PlannedClassifier,
-        image: np.ndarray,
+        images: tuple[np.ndarray, ...],
         deadline: float | None,
         total_channels: int,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(model input [1, ...], raw outputs [C], CHANNEL_MEANS [sum C]) of one image."""
-        model_input = await in_thread(
-            to_model_input, image[None], classifier.layout, classifier.preprocessing
-        )
-        raw, means = await self._forward(classifier, model_input, {}, 1, deadline)
-        if means.shape[1] != total_channels:
-            raise BackendError(
-                f"model {classifier.model.name!r} returned {means.shape[1]} channel means; "
-                f"its propscope.layers declare {total_channels}"
+    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """The clean passes of `images`, batched where their model inputs share a shape
+        -> (model inputs [1, ...] each, raw outputs [n, classes], CHANNEL_MEANS
+        [n, sum C])."""
+        inputs = [
+            await in_thread(
+                to_model_input, image[None], classifier.layout, classifier.preprocessing
             )
-        return model_input, raw[0], means[0]
+            for image in images
+        ]
+        raws, means = [], []
+        start = 0
+        while start < len(inputs):
+            stop = start + 1
+            while stop < len(inputs) and inputs[stop].shape == inputs[start].shape:
+                stop += 1
+            raw, channel_means = await self._forward(
+                classifier, np.concatenate(inputs[start:stop]), {}, stop - start, deadline
+            )
+            raws.append(raw)
+            means.append(channel_means)
+            start = stop
+        means_array = np.concatenate(means)
+        if means_array.shape[1] != total_channels:
+            raise BackendError(
+                f"model {classifier.model.name!r} returned {means_array.shape[1]} channel "
+                f"means; its propscope.layers declare {total_channels}"
+            )
+        return inputs, np.concatenate(raws), means_array
 
     async def _forward(
         self,
