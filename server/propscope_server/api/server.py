@@ -12,20 +12,33 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from propscope.v1 import attribution_pb2, attribution_pb2_grpc, explain_pb2, explain_pb2_grpc
+from propscope.v1 import (
+    attribution_pb2,
+    attribution_pb2_grpc,
+    explain_pb2,
+    explain_pb2_grpc,
+    graph_pb2,
+    graph_pb2_grpc,
+)
 from propscope_server import metrics
 from propscope_server.api.admission import Admission
 from propscope_server.api.auth import Authenticator, BearerTokenInterceptor
 from propscope_server.api.memory import MemoryAdmission, MemoryBudget
 from propscope_server.api.parsing import ParseRequestsInterceptor
 from propscope_server.api.rpc_metrics import RpcMetricsInterceptor
-from propscope_server.api.servicer import AttributionServicer, ExplainServicer, MethodStreams
+from propscope_server.api.servicer import (
+    AttributionServicer,
+    CausalGraphServicer,
+    ExplainServicer,
+    MethodStreams,
+)
 from propscope_server.backends.model_health import health_service
 from propscope_server.backends.triton import TritonBackend
 from propscope_server.cache import ArtefactCache, InMemoryArtefactCache
 from propscope_server.cache.redis_cache import RedisArtefactCache
 from propscope_server.config import Settings, TlsSettings
 from propscope_server.methods.attribution import Attribution
+from propscope_server.methods.causal_graph import CausalGraph
 from propscope_server.methods.evaluation import Evaluation
 from propscope_server.orchestration.explain import Explainer
 
@@ -33,6 +46,7 @@ SERVICE_NAME = explain_pb2.DESCRIPTOR.services_by_name["ExplainService"].full_na
 ATTRIBUTION_SERVICE_NAME = attribution_pb2.DESCRIPTOR.services_by_name[
     "AttributionService"
 ].full_name
+GRAPH_SERVICE_NAME = graph_pb2.DESCRIPTOR.services_by_name["CausalGraphService"].full_name
 # A health service of its own: the cache being down degrades the gateway (slower,
 # uncached) but does not stop it serving, so it must not flip the overall status.
 CACHE_HEALTH_SERVICE = "propscope.cache"
@@ -109,7 +123,7 @@ class Gateway:
                 log = logger.info if ok else logger.warning
                 log("%s is %s", dependency, "reachable again" if ok else "unreachable")
             self._healthy[dependency] = ok
-        for service in ("", SERVICE_NAME, ATTRIBUTION_SERVICE_NAME):
+        for service in ("", SERVICE_NAME, ATTRIBUTION_SERVICE_NAME, GRAPH_SERVICE_NAME):
             await self.health.set(service, SERVING if triton_ok else NOT_SERVING)
         await self.health.set(CACHE_HEALTH_SERVICE, SERVING if cache_ok else NOT_SERVING)
 
@@ -214,13 +228,22 @@ def build_gateway(settings: Settings) -> Gateway:
         ),
         server,
     )
+    graph_pb2_grpc.add_CausalGraphServiceServicer_to_server(
+        CausalGraphServicer(CausalGraph(backend, settings), streams), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     backend.model_health.listen(  # propscope.model.<name>: NOT_SERVING while it is sick
         lambda model, ok: health_servicer.set(health_service(model), SERVING if ok else NOT_SERVING)
     )
     reflection.enable_server_reflection(
-        (SERVICE_NAME, ATTRIBUTION_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        (
+            SERVICE_NAME,
+            ATTRIBUTION_SERVICE_NAME,
+            GRAPH_SERVICE_NAME,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     credentials = server_credentials(settings.tls)
