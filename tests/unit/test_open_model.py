@@ -35,6 +35,7 @@ from propscope_server.triton_models.classifiers.open_model import (
     parse_layers,
     read_ablation,
 )
+from propscope_server.triton_models.classifiers.own import OwnClassifier, OwnModelConfig
 
 LAYERS = (Layer("features.0", 16), Layer("features.1", 32), Layer("features.2", 64))
 B = 6
@@ -473,3 +474,83 @@ def test_an_open_config_of_the_corner_probe_is_refused(synthetic_model):
     config["parameters"]["architecture"] = {"string_value": "corner_probe"}
     with pytest.raises(ValueError, match="synth_hue: only the small_cnn architecture is open"):
         synthetic_model("synth_hue", config)
+
+
+# --- a team's state_dict model (own.py), open as examples/own-models documents ----------------
+
+EXAMPLE = ROOT / "examples" / "own-models" / "repository" / "own_state_dict"
+
+
+@pytest.fixture(scope="module")
+def own_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example's open state_dict model folder with seeded random weights."""
+    folder = tmp_path_factory.mktemp("own") / "own_state_dict"
+    shutil.copytree(EXAMPLE, folder, ignore=shutil.ignore_patterns("__pycache__", "*.pt"))
+    sys.path.insert(0, str(folder))
+    try:
+        from own_network import OwnCNN
+    finally:
+        sys.path.remove(str(folder))
+    torch.manual_seed(5)
+    torch.save(OwnCNN().state_dict(), folder / "1" / "weights.pt")
+    return folder
+
+
+def own_config(folder: Path, text: str | None = None) -> OwnModelConfig:
+    text = text if text is not None else (folder / "config.pbtxt").read_text()
+    message = text_format.Parse(text, model_config_pb2.ModelConfig())
+    config = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return OwnModelConfig.from_triton(json.loads(json.dumps(config)), folder, "1")
+
+
+def test_the_example_state_dict_model_is_open(own_folder: Path):
+    config = own_config(own_folder)
+    assert config.open and tuple(layer.name for layer in config.layers) == (
+        "features.0",
+        "features.1",
+        "features.2",
+    )
+    classifier = OwnClassifier(config)
+    x = batch(10, size=3).numpy()
+    sys.path.insert(0, str(own_folder))
+    try:
+        from own_network import OwnCNN
+    finally:
+        sys.path.remove(str(own_folder))
+    network = OwnCNN().eval()  # the module as a team runs it, with no hooks
+    network.load_state_dict(torch.load(own_folder / "1" / "weights.pt", weights_only=True))
+    with torch.inference_mode():
+        expected = network(torch.from_numpy(x)).numpy()
+    assert np.array_equal(classifier(x), expected)
+    results = classifier.infer(
+        x, intervene([0, -1, 2], [1, 0, 5], [1.0] * 3, [0.0] * 3), ["CHANNEL_MEANS"]
+    )
+    assert list(results) == ["LOGITS", "CHANNEL_MEANS"]
+    assert results["CHANNEL_MEANS"].shape == (3, 112)
+    assert results["CHANNEL_MEANS"][0, 1] == 0.0 and results["CHANNEL_MEANS"][2, 48 + 5] == 0.0
+    assert np.array_equal(results["LOGITS"][1], expected[1])
+
+
+@pytest.mark.parametrize(
+    ("kind", "why"),
+    [("torchscript", "a TorchScript module refuses forward hooks"), ("onnx", "an ONNX graph has no modules to hook")],
+)  # fmt: skip
+def test_an_open_torchscript_or_onnx_config_is_refused_naming_the_fix(own_folder, kind, why):
+    text = (own_folder / "config.pbtxt").read_text().replace('"state_dict"', f'"{kind}"')
+    with pytest.raises(ValueError) as refused:
+        own_config(own_folder, text)
+    assert why in str(refused.value)
+    assert "ship the weights as a state_dict with its module" in str(refused.value)
+
+
+def test_an_open_state_dict_with_a_wrong_channel_count_fails_to_load(own_folder: Path):
+    text = (
+        (own_folder / "config.pbtxt")
+        .read_text()
+        .replace('\\"features.1\\": 32', '\\"features.1\\": 31')
+    )
+    with pytest.raises(ValueError) as refused:
+        OwnClassifier(own_config(own_folder, text))
+    assert str(refused.value) == (
+        "own_state_dict: layer 'features.1' outputs 32 channels, propscope.layers declares 31"
+    )

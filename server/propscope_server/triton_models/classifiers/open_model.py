@@ -30,6 +30,7 @@ CHANNEL_MEANS_PARAMETER = "propscope.channel_means"
 CAPABILITIES_PARAMETER = "propscope.capabilities"
 # The capabilities that need the hooks of this module (forward passes need none).
 OPEN_CAPABILITIES = ("activations", "interventions", "gradients")
+NEED_LAYERS = {"activations", "interventions"}
 ABLATION_FILE = "propscope_ablation.json"
 
 # name -> (Triton datatype, dims without the batch dimension)
@@ -110,6 +111,21 @@ def declared_open(parameters: Mapping[str, Any]) -> bool:
 
     capabilities = {part.strip().lower() for part in value(CAPABILITIES_PARAMETER).split(",")}
     return bool(value(LAYERS_PARAMETER)) or bool(capabilities & set(OPEN_CAPABILITIES))
+
+
+def declared_layers(parameters: Mapping[str, Any]) -> tuple[Layer, ...]:
+    """The layers a Triton JSON config's parameters declare; refused when a declared
+    capability needs layers (activations, interventions) and none are named."""
+    text = parameters.get(LAYERS_PARAMETER, {}).get("string_value")
+    layers = parse_layers(text)
+    capabilities = parameters.get(CAPABILITIES_PARAMETER, {}).get("string_value", "") or ""
+    needing = sorted({c.strip().lower() for c in capabilities.split(",")} & NEED_LAYERS)
+    if needing and not layers:
+        raise ValueError(
+            f"{CAPABILITIES_PARAMETER} declares {', '.join(needing)} but no {LAYERS_PARAMETER}; "
+            'declare the layers, e.g. {"features.0": 16}'
+        )
+    return layers
 
 
 def check_declared_tensors(

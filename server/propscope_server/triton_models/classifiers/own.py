@@ -10,6 +10,11 @@ parameters say which kind it is:
   is put on sys.path, so a python file beside config.pbtxt can define the class
 - `propscope.module_kwargs` (state_dict only, optional): a JSON object of
   constructor keyword arguments
+- `propscope.layers` (state_dict only, optional): the module paths to open, with
+  their channels; the model then serves the open-model contract (open_model.py),
+  whose optional tensors follow the image input and the scores output in the config.
+  TorchScript and ONNX cannot be opened: a TorchScript module refuses forward hooks
+  and an ONNX graph has no modules to hook.
 
 The input's name, dims and datatype and the output's name come from the config's
 single input and output: the gateway sends exactly that tensor (preprocessed as
@@ -25,7 +30,7 @@ from __future__ import annotations
 import importlib
 import json
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +80,13 @@ class OwnModelConfig:
     output: TensorSpec
     module: str | None = None
     module_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # An open model (state_dict only): its layers, the optional tensors its config
+    # declares after the image input and scores output, and its version folder.
+    open: bool = False
+    layers: tuple[Any, ...] = ()
+    optional_inputs: tuple[str, ...] = ()
+    optional_outputs: tuple[str, ...] = ()
+    version_folder: Path | None = None
 
     @classmethod
     def from_triton(
@@ -108,11 +120,14 @@ class OwnModelConfig:
         if not file.is_file():
             raise refuse(f"{FILE_PARAMETER}: no file at {file.resolve()}")
         inputs, outputs = config.get("input", []), config.get("output", [])
-        if len(inputs) != 1 or len(outputs) != 1:
+        opening = _open_declaration(config, kind, refuse)
+        if opening is None and (len(inputs) != 1 or len(outputs) != 1):
             raise refuse(
                 f"the config declares {len(inputs)} inputs and {len(outputs)} outputs; "
                 "declare exactly one image input and one output of class scores"
             )
+        if opening is not None and (not inputs or not outputs):
+            raise refuse("declare the image input and the scores output first")
         input_spec = _tensor(inputs[0], INPUT_DATATYPES, "input", refuse)
         output_spec = _tensor(outputs[0], OUTPUT_DATATYPES, "output", refuse)
         module = parameter(MODULE_PARAMETER)
@@ -130,7 +145,54 @@ class OwnModelConfig:
                 raise refuse(f"parameter {MODULE_KWARGS_PARAMETER} is not JSON: {error}") from None
             if not isinstance(kwargs, dict):
                 raise refuse(f"parameter {MODULE_KWARGS_PARAMETER} must be a JSON object")
-        return cls(name, kind, file, model_folder, input_spec, output_spec, module, kwargs)
+        if opening is None:
+            return cls(name, kind, file, model_folder, input_spec, output_spec, module, kwargs)
+        return cls(
+            name,
+            kind,
+            file,
+            model_folder,
+            input_spec,
+            output_spec,
+            module,
+            kwargs,
+            open=True,
+            layers=opening,
+            optional_inputs=tuple(str(e["name"]) for e in inputs[1:]),
+            optional_outputs=tuple(str(e["name"]) for e in outputs[1:]),
+            version_folder=model_folder / version,
+        )
+
+
+def _open_declaration(
+    config: Mapping[str, Any], kind: str, refuse: Callable[[str], ValueError]
+) -> tuple[Any, ...] | None:
+    """The declared layers of an open model, None for a closed one. Imports torch (via
+    open_model) only for a config that declares something open."""
+    parameters = config.get("parameters", {})
+    if not any(key in parameters for key in ("propscope.layers", "propscope.capabilities")):
+        return None
+    from propscope_server.triton_models.classifiers import open_model
+
+    if not open_model.declared_open(parameters):
+        return None
+    if kind != "state_dict":
+        why = (
+            "a TorchScript module refuses forward hooks"
+            if kind == "torchscript"
+            else "an ONNX graph has no modules to hook"
+        )
+        raise refuse(
+            f"the config declares an open model ({open_model.LAYERS_PARAMETER} or capabilities "
+            f"{', '.join(open_model.OPEN_CAPABILITIES)}) but propscope.format is {kind}, and "
+            f"{why}; ship the weights as a state_dict with its module (propscope.format "
+            '"state_dict", propscope.module "package.module:ClassName"), or drop the declaration'
+        )
+    try:
+        open_model.check_declared_tensors(config["input"][1:], config["output"][1:])
+        return open_model.declared_layers(parameters)
+    except ValueError as error:
+        raise refuse(str(error)) from None
 
 
 def _tensor(
@@ -155,10 +217,28 @@ class OwnClassifier:
 
     def __init__(self, config: OwnModelConfig) -> None:
         self.config = config
-        loaders = {"onnx": _onnx_runner, "torchscript": _torch_runner, "state_dict": _torch_runner}
-        self._run = loaders[config.format](config)
+        self.open: Any = None
+        if config.open:
+            self.open = _open_model(config)
+        else:
+            loaders = {
+                "onnx": _onnx_runner,
+                "torchscript": _torch_runner,
+                "state_dict": _torch_runner,
+            }
+            self._run = loaders[config.format](config)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.infer(batch)[self.config.output.name]
+
+    def infer(
+        self,
+        batch: np.ndarray,
+        optional: Mapping[str, np.ndarray | None] | None = None,
+        requested: Sequence[str] = (),
+    ) -> dict[str, np.ndarray]:
+        """The scores output by name, and for an open model the requested optional
+        outputs (`optional`: its optional inputs by name, None = not sent)."""
         spec = self.config.input
         if batch.dtype != spec.dtype:
             raise ValueError(f"input {spec.name!r} must be {spec.dtype}, got {batch.dtype}")
@@ -169,7 +249,14 @@ class OwnClassifier:
             )
         if batch.dtype.kind == "f" and not np.isfinite(batch).all():
             raise ValueError(f"input {spec.name!r} holds NaN or infinite values")
-        outputs = np.asarray(self._run(np.ascontiguousarray(batch)))
+        results: dict[str, np.ndarray] = {}
+        if self.open is None:
+            outputs = np.asarray(self._run(np.ascontiguousarray(batch)))
+        else:
+            import torch
+
+            results = self.open(torch.from_numpy(np.ascontiguousarray(batch)), optional, requested)
+            outputs = results.pop("scores")
         expected = self.config.output
         if (
             outputs.ndim != len(expected.dims) + 1
@@ -180,7 +267,7 @@ class OwnClassifier:
                 f"the model returned shape {list(outputs.shape)} for a batch of {batch.shape[0]}; "
                 f"the config's output {expected.name!r} says [B, {', '.join(map(str, expected.dims))}]"
             )
-        return outputs.astype(expected.dtype, copy=False)
+        return {expected.name: outputs.astype(expected.dtype, copy=False), **results}
 
 
 def _fits(shape: tuple[int, ...], dims: tuple[int, ...]) -> bool:
@@ -272,6 +359,35 @@ def _torch_runner(config: OwnModelConfig) -> Runner:
         return result.detach().cpu().numpy()
 
     return run
+
+
+def _open_model(config: OwnModelConfig) -> Any:
+    """The state_dict module opened at its declared layers, checked by one dry pass
+    on zeros of the input's dims (64 where a dim is -1), with the version folder's
+    permanent ablation."""
+    import torch
+
+    from propscope_server.triton_models.classifiers.open_model import OpenModel, read_ablation
+
+    torch.set_num_threads(1)
+    network = _state_dict_module(config)
+    dims = tuple(d if d > 0 else 64 for d in config.input.dims)
+    dry = torch.from_numpy(np.zeros((1, *dims), config.input.dtype))
+    assert config.version_folder is not None
+    try:
+        return OpenModel(
+            network,
+            config.layers,
+            dry,
+            read_ablation(config.version_folder, config.layers),
+            output_name=config.output.name,
+            name=config.name,
+        )
+    except ValueError as error:
+        message = str(error)
+        raise ValueError(
+            message if message.startswith(f"{config.name}:") else f"{config.name}: {message}"
+        ) from None
 
 
 def _state_dict_module(config: OwnModelConfig) -> Any:

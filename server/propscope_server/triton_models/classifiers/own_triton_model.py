@@ -13,7 +13,8 @@ from propscope_server.triton_models.classifiers.own import OwnClassifier, OwnMod
 
 class TritonPythonModel:
     """Serves a team's TorchScript, ONNX or state_dict file; dynamic batching is
-    off, so each request carries one batch."""
+    off, so each request carries one batch. An open state_dict model also reads its
+    optional inputs (None when not sent) and computes the optional outputs asked for."""
 
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -31,10 +32,20 @@ class TritonPythonModel:
                 tensor = pb_utils.get_input_tensor_by_name(request, spec.input.name)
                 if tensor is None:
                     raise ValueError(f"missing input {spec.input.name!r}")
-                outputs = self.classifier(tensor.as_numpy())
+                optional = {}
+                for name in spec.optional_inputs:
+                    given = pb_utils.get_input_tensor_by_name(request, name)
+                    optional[name] = None if given is None else given.as_numpy()
+                requested = (
+                    [n for n in request.requested_output_names() if n in spec.optional_outputs]
+                    if spec.open
+                    else []
+                )
+                outputs = self.classifier.infer(tensor.as_numpy(), optional, requested)
+                names = [spec.output.name, *requested]
                 responses.append(
                     pb_utils.InferenceResponse(
-                        output_tensors=[pb_utils.Tensor(spec.output.name, outputs)]
+                        output_tensors=[pb_utils.Tensor(n, outputs[n]) for n in names]
                     )
                 )
             except Exception as exc:  # report to the caller rather than fail the whole batch

@@ -21,8 +21,8 @@ from propscope_server.triton_models.classifiers.open_model import (
     LAYERS_PARAMETER,
     OpenModel,
     check_declared_tensors,
+    declared_layers,
     declared_open,
-    parse_layers,
     read_ablation,
 )
 from propscope_server.triton_models.classifiers.probe import CornerProbe
@@ -99,7 +99,7 @@ class TritonPythonModel:
             return None
         try:
             check_declared_tensors(inputs, outputs)
-            layers = parse_layers(_parameter(config, LAYERS_PARAMETER, default=""))
+            layers = declared_layers(config["parameters"])
             if isinstance(self.model, CornerProbe):
                 raise ValueError("only the small_cnn architecture is open")
             dry = torch.zeros(1, 3, *self._spatial())
