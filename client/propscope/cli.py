@@ -1,5 +1,6 @@
 """The ``propscope`` command line: ``propscope explain``, ``propscope attribute``, ``propscope
-evaluate``, ``propscope models`` and ``propscope review``.
+evaluate``, ``propscope graph``, ``propscope repair``, ``propscope models`` and ``propscope
+review``.
 
 Exit codes (``EXIT_CODES``): 0 success; 1 ``review``: a rule failed; 2 an error the user can fix
 (bad option, unreadable image, malformed --property or review spec, a model or editor the
@@ -44,6 +45,7 @@ from rich.progress import (
 from rich.progress import Progress as ProgressBar
 from rich.text import Text
 
+from propscope import repair as repair_module
 from propscope._attribution import (
     BASELINES,
     ESTIMATORS,
@@ -55,6 +57,7 @@ from propscope._attribution import (
     AttributionProgress,
     Evaluation,
 )
+from propscope._cli_graph import print_graph, write_graph_report
 from propscope._cli_output import (
     ExplainOutput,
     OutputFormat,
@@ -70,7 +73,8 @@ from propscope._cli_progress import ProgressMode, eta, explain_progress
 from propscope._client import Client
 from propscope._errors import PropscopeError
 from propscope._events import Accepted, Event, PropertyResult
-from propscope._images import encode_image
+from propscope._graph import GraphResult
+from propscope._images import encode_image, folder_images
 from propscope._maps import DEFAULT_ALPHA, DEFAULT_COLORMAP, read_map, write_attribution
 from propscope._preflight import Classifier, PreflightError, preflight
 from propscope._preprocessing import (
@@ -80,7 +84,7 @@ from propscope._preprocessing import (
     parse_triple,
     read_class_labels,
 )
-from propscope._properties import parse_property
+from propscope._properties import Property, parse_property
 from propscope._requests import normalize_properties
 
 __all__ = ["EXIT_CODES", "app", "run_attribute", "run_evaluate"]
@@ -274,6 +278,7 @@ def main(
       propscope explain cat.png -m resnet50 -p 'hue=procedural:operation=hue'
       propscope explain --help     (property syntax, regions, more examples)
       propscope attribute cat.png -m resnet50 --out maps/
+      propscope graph cat.png -m synth_hue --layers features.1,features.2
       propscope review review.yaml --out report/
 
     The gateway is --target HOST:PORT of each command, else $PROPSCOPE_TARGET,
@@ -1049,6 +1054,338 @@ def _attribution_progress(
         )
 
     yield log_line
+
+
+def _graph_images(images: Sequence[Path]) -> list[bytes]:
+    return [_read_image_option(image) for image in images]
+
+
+def _reference_images(references: Sequence[Path]) -> list[bytes]:
+    """--reference: folders (their images in natural order) and image files."""
+    files: list[Path] = []
+    for reference in references:
+        if reference.is_dir():
+            found = folder_images(reference)
+            if not found:
+                _fail(f"--reference {str(reference)!r}: the folder holds no PNG or JPEG image")
+            files += found
+        else:
+            files.append(reference)
+    return [_read_image_option(path) for path in files]
+
+
+def _layers_option(layers: str | None) -> list[str]:
+    names = [name.strip() for name in (layers or "").split(",") if name.strip()]
+    if layers is not None and not names:
+        _fail("--layers names no layer; give module paths such as features.1,features.2")
+    return names
+
+
+GRAPH_EXIT = """\b
+Exit codes:
+  0    success
+  2    usage error, a model not served or not open (no interventions), a
+       call the server refused or failed, an unreachable server
+  130  interrupted"""
+
+
+@app.command(
+    short_help="Causal graph of --model's hidden channels on the images.", epilog=GRAPH_EXIT
+)
+def graph(
+    context: typer.Context,
+    images: Annotated[
+        list[Path],
+        typer.Argument(metavar="IMAGE", help="One or more images (PNG or JPEG)."),
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", "-m", metavar="NAME[:VERSION]", help="An open classifier (its layers)."
+        ),
+    ],
+    version: Annotated[
+        str, typer.Option("--version", help="The model's version (default: latest).")
+    ] = "",
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            metavar="L1,L2,...",
+            help="Layers to graph, as the model declares them (`propscope models` lists "
+            "them; default: all).",
+            show_default=False,
+        ),
+    ] = None,
+    target: TargetOption = DEFAULT_TARGET,
+    target_class: Annotated[
+        int | None,
+        typer.Option(min=0, help="Class to explain (default: each image's predicted one)."),
+    ] = None,
+    steps: Annotated[int, typer.Option(min=0, help="Intervention steps (0: 10).")] = 0,
+    baseline: Annotated[
+        str,
+        typer.Option(
+            metavar="mean|zero",
+            help="What a channel moves toward: its mean (the model's, else --reference's) or 0.",
+        ),
+    ] = "mean",
+    reference: Annotated[
+        list[Path] | None,
+        typer.Option(
+            metavar="DIR|FILE",
+            help="Reference images for the mean baseline (8..256; a folder or files; "
+            "repeatable), when the model declares no channel means.",
+            show_default=False,
+        ),
+    ] = None,
+    alpha: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Significance level (0: 0.05).")
+    ] = 0.0,
+    permutations: Annotated[int, typer.Option(min=0, help="Permutations per test (0: 1000).")] = 0,
+    nodes_per_layer: Annotated[
+        int, typer.Option(min=0, help="Channels per layer given a full path (0: 16).")
+    ] = 0,
+    max_edges: Annotated[int, typer.Option(min=0, help="Edges per image (0: 32).")] = 0,
+    min_share: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Task graph: share of images (default 0.5)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seeds the tests and the bootstrap.")] = 0,
+    dot: Annotated[
+        Path | None, typer.Option(dir_okay=False, help="Write the graph as Graphviz DOT.")
+    ] = None,
+    svg: Annotated[
+        Path | None,
+        typer.Option(dir_okay=False, help="Write the graph as SVG (needs Graphviz's dot)."),
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option(dir_okay=False, help="Write an HTML report (drawing, tables).")
+    ] = None,
+    progress: ProgressOption = None,
+    output_format: FormatOption = OutputFormat.TABLE,
+    timeout: TimeoutOption = None,
+) -> None:
+    """Build the causal explanatory graph of --model's hidden channels on IMAGE...
+
+    Each channel of the chosen layers is moved gradually toward its baseline;
+    the channels whose gradual intervention moves the target probability in an
+    orderly way (permutation test, Benjamini-Hochberg) are the nodes, and the
+    edges between nodes of consecutive layers are scored by clamping the
+    downstream channel (arXiv 2305.08950). With several images, the task graph
+    keeps what is significant on at least --min-share of them. The model must
+    be open: it declares propscope.layers and takes interventions
+    (`propscope models` shows its layers).
+
+    \b
+    Examples:
+      propscope graph red.png -m synth_hue --layers features.1,features.2
+      propscope graph imgs/*.png -m synth_hue --steps 8 --svg graph.svg
+      propscope graph cat.png -m own_state_dict --baseline mean \\
+          --reference calibration/ --report graph.html
+    """
+    _choice(baseline, ("mean", "zero"), "--baseline")
+    classifier = _classifier_option(model, ("causal_graph",))
+    if version:
+        classifier = dataclasses.replace(classifier, version=version)
+    names = _layers_option(layers)
+    encoded = _graph_images(images)
+    references = _reference_images(reference or [])
+    options: dict[str, Any] = {
+        "layers": names,
+        "target_class": target_class,
+        "steps": steps,
+        "baseline": baseline,
+        "reference_images": references,
+        "alpha": alpha,
+        "permutations": permutations,
+        "nodes_per_layer": nodes_per_layer,
+        "max_edges": max_edges,
+        "min_share": min_share,
+        "seed": seed,
+        "model_version": classifier.version,
+    }
+    found = _run_graph(context, target, timeout, classifier, encoded, progress, options)
+    image_names = [str(image) for image in images]
+    _write_drawings(found, classifier.name, image_names, dot, svg, report)
+    print_graph(classifier.name, image_names, found, output_format)
+
+
+def _run_graph(
+    context: typer.Context,
+    target: str,
+    timeout: float | None,
+    classifier: Classifier,
+    images: list[bytes],
+    progress: bool | None,
+    options: dict[str, Any],
+) -> GraphResult:
+    """The BuildGraph call with a progress bar or log lines; every failure exits 2."""
+    try:
+        with context.obj.client(target, timeout) as client:
+            preflight(client, classifiers=[classifier])
+            with _attribution_progress(_show_bar(progress), "graph passes") as report:
+                return client.graph(
+                    images,
+                    classifier.name,
+                    on_progress=lambda update: report(
+                        AttributionProgress(
+                            update.request_id, update.passes_done, update.passes_total
+                        )
+                    ),
+                    **options,
+                )
+    except PreflightError as error:
+        _fail_lines(f"{target}: {error}")
+    except PropscopeError as error:
+        _call_failed(target, error, context)
+    except ValueError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _write_drawings(
+    found: GraphResult,
+    model: str,
+    images: Sequence[str],
+    dot: Path | None,
+    svg: Path | None,
+    report: Path | None,
+) -> None:
+    for path, write in (
+        (dot, lambda p: p.write_text(found.to_dot(), encoding="utf-8")),
+        (svg, lambda p: p.write_text(found.to_svg(), encoding="utf-8")),
+        (report, lambda p: write_graph_report(p, model, images, found)),
+    ):
+        if path is None:
+            continue
+        try:
+            write(path)
+        except RuntimeError as error:  # Graphviz missing
+            _fail(f"cannot write {str(path)!r}: {error}")
+        except OSError as error:
+            _fail(f"cannot write {str(path)!r}: {error.strerror or error}")
+        typer.echo(f"propscope: wrote {path}", err=True)
+
+
+def _repair_property(text: str) -> Property:
+    """--property: the explain syntax, NAME= optional (the name defaults to "repair")."""
+    head = re.split(r"[:@;]", text, maxsplit=1)[0]
+    try:
+        return parse_property(text if "=" in head else f"repair={text}")
+    except (ValueError, OSError) as error:
+        _fail(f"--property {text!r}: {error}")
+
+
+@app.command(short_help="Ablate the channels a property moves: a repaired model version.")
+def repair(
+    context: typer.Context,
+    images: Annotated[
+        list[Path],
+        typer.Argument(metavar="IMAGE", help="Images the repair is computed on."),
+    ],
+    model: Annotated[str, typer.Option("--model", "-m", help="The open classifier.")],
+    version: Annotated[int, typer.Option("--version", min=1, help="The version to repair, N.")],
+    prop: Annotated[
+        str,
+        typer.Option(
+            "--property",
+            "-p",
+            metavar="[NAME=]EDITOR[:key=value,...]",
+            help="The property the model should stop relying on (explain's syntax).",
+        ),
+    ],
+    repository: Annotated[
+        Path,
+        typer.Option(
+            file_okay=False, exists=True, help="Triton's model repository (holds MODEL/N)."
+        ),
+    ],
+    triton_url: Annotated[
+        str | None,
+        typer.Option(
+            metavar="http://HOST:PORT",
+            help="Triton's HTTP endpoint: load the new version (default: print the command).",
+            show_default=False,
+        ),
+    ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            metavar="L1,L2,...", help="Layers to graph (default: all).", show_default=False
+        ),
+    ] = None,
+    max_share: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=0.5, help="Largest share of channels ablated (default 0.05)."),
+    ] = None,
+    steps: Annotated[int, typer.Option(min=0, help="Intervention steps (0: 10).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seeds the tests and the bootstrap.")] = 0,
+    target: TargetOption = DEFAULT_TARGET,
+    progress: ProgressOption = None,
+    output_format: FormatOption = OutputFormat.TABLE,
+    timeout: TimeoutOption = None,
+) -> None:
+    """Write version N+1 of --model with the channels --property moves ablated.
+
+    Builds the causal graph of --model version N on IMAGE... with
+    --property's edited path, and writes REPOSITORY/MODEL/N+1: a copy of
+    version N's folder plus propscope_ablation.json (the channels set to their
+    baseline in every forward pass). Refused before any work when N+1 exists or
+    when config.pbtxt would not serve both versions (set
+    `version_policy: { all { } }`). With --triton-url, asks Triton to load the
+    model (explicit model control); else prints the command to run.
+
+    \b
+    Examples:
+      propscope repair red.png blue.png -m synth_hue --version 1 \\
+          -p 'hue=procedural:operation=hue' --repository deploy/triton/models \\
+          --triton-url http://localhost:8000
+    """
+    try:
+        repair_module.check_repairable(repository, model, version)
+    except repair_module.RepairError as error:
+        _fail(str(error))
+    prop_spec = _repair_property(prop)
+    classifier = Classifier(model, str(version), ("causal_graph",))
+    options: dict[str, Any] = {
+        "layers": _layers_option(layers),
+        "steps": steps,
+        "seed": seed,
+        "repair_property": prop_spec,
+        "repair_max_share": max_share,
+        "model_version": str(version),
+    }
+    found = _run_graph(
+        context, target, timeout, classifier, _graph_images(images), progress, options
+    )
+    image_names = [str(image) for image in images]
+    print_graph(model, image_names, found, output_format)
+    if found.repair is None or not found.repair.channels:
+        _fail("the server named no channel to ablate: nothing written (see its warnings)")
+    source = f"propscope repair --property {prop} of version {version} on {len(images)} images"
+    try:
+        written = repair_module.write_repaired_version(
+            repository, model, version, found.repair.ablation()["channels"], source
+        )
+    except repair_module.RepairError as error:
+        _fail(str(error))
+    except OSError as error:
+        _fail(f"cannot write version {version + 1}: {error.strerror or error}")
+    typer.echo(f"propscope: wrote {written}", err=True)
+    if triton_url is None:
+        typer.echo(
+            "propscope: load it with: "
+            + repair_module.load_command("http://localhost:8000", model)
+            + " (Triton's HTTP port; or pass --triton-url)",
+            err=True,
+        )
+        return
+    try:
+        repair_module.load_model(triton_url, model)
+    except repair_module.RepairError as error:
+        _fail(str(error))
+    typer.echo(f"propscope: Triton loaded {model} (versions {version} and {version + 1})", err=True)
 
 
 @app.command(short_help="List the classifiers and editors the gateway serves.")

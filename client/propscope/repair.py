@@ -26,6 +26,7 @@ from typing import Any
 __all__ = [
     "ABLATION_FILE",
     "RepairError",
+    "check_repairable",
     "check_version_policy",
     "load_model",
     "write_repaired_version",
@@ -112,20 +113,10 @@ def _ablation(previous: Path, channels: Iterable[Mapping[str, Any]], source: str
     return {"channels": list(merged.values()), "source": "; ".join(filter(None, sources))}
 
 
-def write_repaired_version(
-    repository: Path,
-    model: str,
-    version: int,
-    channels: Iterable[Mapping[str, Any]],
-    source: str,
-) -> Path:
-    """Writes ``repository/model/(version + 1)``: a copy of ``version``'s folder with the
-    ablation of ``channels`` (each with layer, channel, value). Refuses, writing nothing,
-    when the new version exists, the old one does not, or the config would not serve both.
-    Returns the new folder."""
-    channels = list(channels)
-    if not channels:
-        raise RepairError("the repair names no channel to ablate: nothing to write")
+def check_repairable(repository: Path, model: str, version: int) -> tuple[Path, Path]:
+    """(version's folder, the new version's folder) when version + 1 can be written and served
+    beside version; else RepairError. Checked before the graph is built, and again before
+    anything is written."""
     model_dir = repository / model
     old, new = model_dir / str(version), model_dir / str(version + 1)
     if not old.is_dir():
@@ -140,10 +131,28 @@ def write_repaired_version(
         raise RepairError(f"{config} is missing: {model_dir} is not a Triton model folder")
     versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
     check_version_policy(config.read_text(encoding="utf-8"), version, versions)
+    return old, new
+
+
+def write_repaired_version(
+    repository: Path,
+    model: str,
+    version: int,
+    channels: Iterable[Mapping[str, Any]],
+    source: str,
+) -> Path:
+    """Writes ``repository/model/(version + 1)``: a copy of ``version``'s folder with the
+    ablation of ``channels`` (each with layer, channel, value). Refuses, writing nothing,
+    when the new version exists, the old one does not, or the config would not serve both.
+    Returns the new folder."""
+    channels = list(channels)
+    if not channels:
+        raise RepairError("the repair names no channel to ablate: nothing to write")
+    old, new = check_repairable(repository, model, version)
     ablation = _ablation(old / ABLATION_FILE, channels, source)
     # Written beside the target and renamed into place: Triton, polling the repository,
     # never sees a version folder without its ablation.
-    staging = Path(tempfile.mkdtemp(prefix=f".{version + 1}.", dir=model_dir))
+    staging = Path(tempfile.mkdtemp(prefix=f".{version + 1}.", dir=old.parent))
     try:
         copy = staging / "version"
         shutil.copytree(old, copy, symlinks=True)

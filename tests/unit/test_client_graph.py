@@ -12,11 +12,14 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
+from typer.testing import CliRunner
 
 from propscope import AsyncClient, Client, GraphResult, PropscopeError
 from propscope._graph import GraphCollector
 from propscope._requests import build_graph_request
-from propscope.v1 import explain_pb2, graph_pb2, graph_pb2_grpc
+from propscope.cli import app
+from propscope.v1 import explain_pb2, explain_pb2_grpc, graph_pb2, graph_pb2_grpc
 
 LAYERS = [explain_pb2.LayerInfo(name="features.1", channels=32)] + [
     explain_pb2.LayerInfo(name="features.2", channels=64)
@@ -147,11 +150,32 @@ class FakeGraph(graph_pb2_grpc.CausalGraphServiceServicer):
         yield from events(len(request.images))
 
 
+class FakeModels(explain_pb2_grpc.ExplainServiceServicer):
+    """ListModels for the CLI's pre-flight."""
+
+    def ListModels(self, request, context):  # noqa: N802
+        return explain_pb2.ListModelsResponse(
+            models=[
+                explain_pb2.ModelInfo(
+                    name="synth_hue",
+                    versions=["1"],
+                    state="READY",
+                    methods=["propgrad", "causal_graph"],
+                    layers=LAYERS,
+                ),
+                explain_pb2.ModelInfo(
+                    name="blackbox", versions=["1"], state="READY", methods=["propgrad"]
+                ),
+            ]
+        )
+
+
 @pytest.fixture
 def service():
     fake = FakeGraph()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     graph_pb2_grpc.add_CausalGraphServiceServicer_to_server(fake, server)
+    explain_pb2_grpc.add_ExplainServiceServicer_to_server(FakeModels(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield fake, f"127.0.0.1:{port}"
@@ -271,3 +295,82 @@ def test_dot_of_several_images_draws_the_task_graph_with_mean_path_effects():
 def test_svg_is_laid_out_by_graphviz():
     svg = _result(1).to_svg()
     assert "<svg" in svg and "features.1:3" in svg
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    paths = []
+    for index, value in enumerate((200, 90)):
+        paths.append(tmp_path / f"img{index}.png")
+        Image.fromarray(_image(value)).save(paths[-1])
+    return paths
+
+
+def test_cli_graph_writes_tables_dot_svg_and_report(service, image_files, tmp_path):
+    fake, target = service
+    dot, svg, report = tmp_path / "g.dot", tmp_path / "g.svg", tmp_path / "g.html"
+    args = ["graph", *map(str, image_files), "-m", "synth_hue", "--target", target]
+    args += ["--layers", "features.1,features.2", "--steps", "2", "--no-progress"]
+    result = CliRunner().invoke(app, [*args, "--dot", str(dot), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    assert list(fake.requests[0].layers) == ["features.1", "features.2"]
+    assert "task graph of class 1 (red)" in result.stdout
+    assert "features.1:3 -> features.2:9" in result.stdout
+    assert dot.read_text().startswith("digraph propscope {")
+    page = report.read_text()
+    assert "<h1>propscope graph: synth_hue version 1</h1>" in page
+    assert ("<svg" in page) == (shutil.which("dot") is not None)
+    if shutil.which("dot"):
+        assert CliRunner().invoke(app, [*args, "--svg", str(svg)]).exit_code == 0
+        assert "<svg" in svg.read_text()
+
+
+def test_cli_graph_plain_and_json(service, image_files):
+    _, target = service
+    args = ["graph", str(image_files[0]), "-m", "synth_hue", "--target", target, "--no-progress"]
+    plain = CliRunner().invoke(app, [*args, "--format", "plain"])
+    assert plain.exit_code == 0, plain.output
+    lines = plain.stdout.splitlines()
+    assert lines[0].startswith("node model=synth_hue image=") and "channel=3" in lines[0]
+    assert any(line.startswith("edge ") and "path_effect=0.25" in line for line in lines)
+    assert any(line.startswith("repair_channel ") for line in lines)
+    assert lines[-1].startswith("graph model=synth_hue version=1 images=1 nodes=3 edges=2")
+    as_json = CliRunner().invoke(app, [*args, "--format", "json"])
+    decoded = json.loads(as_json.stdout)
+    assert decoded["model"] == "synth_hue" and len(decoded["nodes"]) == 3
+
+
+def test_cli_graph_refusals_exit_2(service, image_files):
+    _, target = service
+    base = ["graph", str(image_files[0]), "--target", target, "--no-progress"]
+    blackbox = CliRunner().invoke(app, [*base, "-m", "blackbox"])
+    assert blackbox.exit_code == 2 and "causal_graph" in blackbox.output
+    bad = CliRunner().invoke(app, [*base, "-m", "synth_hue", "--baseline", "median"])
+    assert bad.exit_code == 2 and "--baseline" in bad.output
+
+
+def test_cli_repair_writes_the_next_version(service, image_files, tmp_path):
+    fake, target = service
+    root = tmp_path / "repo"
+    (root / "synth_hue" / "1").mkdir(parents=True)
+    (root / "synth_hue" / "1" / "model.py").write_text("# model\n")
+    config = root / "synth_hue" / "config.pbtxt"
+    config.write_text('name: "synth_hue"\n')
+    args = ["repair", *map(str, image_files), "-m", "synth_hue", "--version", "1"]
+    args += ["-p", "procedural:operation=hue", "--repository", str(root), "--target", target]
+    args += ["--no-progress", "--format", "plain"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "version_policy: { all { } }" in refused.output
+    assert not fake.requests  # refused before the graph was asked for
+    config.write_text('name: "synth_hue"\nversion_policy: { all { } }\n')
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    request = fake.requests[0]
+    assert request.repair_property.name == "repair" and request.model.version == "1"
+    assert request.repair_property.editor.model == "procedural"
+    ablation = json.loads((root / "synth_hue" / "2" / "propscope_ablation.json").read_text())
+    assert ablation["channels"] == [{"layer": "features.1", "channel": 3, "value": 0.125}]
+    assert (root / "synth_hue" / "2" / "model.py").read_text() == "# model\n"
+    assert "/v2/repository/models/synth_hue/load" in result.stderr
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "synth_hue/2 exists already" in again.output
