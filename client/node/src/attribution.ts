@@ -146,7 +146,7 @@ function word<T extends string>(table: Record<T, string>, value: T | undefined, 
   return table[value];
 }
 
-function counts(options: Record<string, unknown>, keys: string[]): void {
+export function counts(options: Record<string, unknown>, keys: string[]): void {
   for (const key of keys) {
     const value = options[key];
     if (value !== undefined && !(Number.isInteger(value) && (value as number) >= 0)) {
@@ -155,14 +155,14 @@ function counts(options: Record<string, unknown>, keys: string[]): void {
   }
 }
 
-function fraction(name: string, value: number | undefined, closedRight: boolean): void {
+export function fraction(name: string, value: number | undefined, closedRight: boolean): void {
   if (value === undefined) return;
   if (!((value > 0 && value < 1) || (closedRight && value === 1))) {
     throw new Error(`${name} must be in (0, ${closedRight ? "1]" : "1)"}, got ${value}`);
   }
 }
 
-function modelRef(options: ModelOptions): ModelRef {
+export function modelRef(options: ModelOptions): ModelRef {
   if (!options.model) throw new Error("model must be a non-empty Triton model name");
   counts(options as unknown as Record<string, unknown>, ["targetClass"]);
   const labels = options.classLabels ?? [];

@@ -1,6 +1,6 @@
 /**
- * A typed client of the propscope gateway (`propscope.v1.ExplainService` and
- * `AttributionService`) over @grpc/grpc-js.
+ * A typed client of the propscope gateway (`propscope.v1.ExplainService`,
+ * `AttributionService` and `CausalGraphService`) over @grpc/grpc-js.
  *
  * `npm run build` bundles the contract (the repository's `protos/` and the google.rpc messages
  * they use) into `./generated/contract` and generates the types in `./generated` from the same
@@ -21,6 +21,19 @@ import {
   type Evaluation,
 } from "./attribution";
 import type { ProtoGrpcType as AttributionProtoGrpcType } from "./generated/attribution";
+import type { ProtoGrpcType as GraphProtoGrpcType } from "./generated/graph";
+import type { GraphAccepted__Output } from "./generated/propscope/v1/GraphAccepted";
+import type { GraphDone__Output } from "./generated/propscope/v1/GraphDone";
+import type { GraphProgress__Output } from "./generated/propscope/v1/GraphProgress";
+import {
+  buildGraphRequest,
+  type GraphEdge,
+  type GraphNode,
+  type GraphOptions,
+  type GraphRepair,
+  type GraphResult,
+  type TaskGraph,
+} from "./graph";
 import { CONTRACT } from "./generated/contract";
 import type { ProtoGrpcType } from "./generated/explain";
 import type { AttributeAccepted__Output } from "./generated/propscope/v1/AttributeAccepted";
@@ -57,6 +70,16 @@ export {
   type PerturbationOptions,
   type TargetScore,
 } from "./attribution";
+export {
+  buildGraphRequest,
+  type GraphBaseline,
+  type GraphEdge,
+  type GraphNode,
+  type GraphOptions,
+  type GraphRepair,
+  type GraphResult,
+  type TaskGraph,
+} from "./graph";
 export {
   ALPHA_DROPPED,
   FOLDER_IMAGE_SUFFIXES,
@@ -114,6 +137,7 @@ export type AttributeAccepted = AttributeAccepted__Output;
 export type AttributeProgress = AttributeProgress__Output;
 export type EvaluationAccepted = EvaluationAccepted__Output;
 export type MetricResult = MetricResult__Output;
+export type GraphProgress = GraphProgress__Output;
 
 /** One event of an Explain stream: Accepted first, Progress and PropertyResult, Done last. */
 export type ExplainEvent = { requestId: string } & (
@@ -185,6 +209,19 @@ export interface PropscopeClient {
     options: EvaluateOptions,
     callOptions?: AttributionCallOptions & { onMetric?: (metric: MetricResult) => void },
   ): Promise<Evaluation>;
+  /**
+   * The causal explanatory graph of `options.model`'s hidden channels on `options.images`
+   * (an open model: it declares its layers and takes interventions); resolves with every
+   * node and edge, the task graph (several images) and the repair (with `repairProperty`).
+   * A black-box model rejects with FAILED_PRECONDITION. Errors as for attribute.
+   */
+  graph(
+    options: GraphOptions,
+    callOptions?: CallOptions & {
+      onProgress?: (progress: GraphProgress) => void;
+      onItem?: (item: { node: GraphNode } | { edge: GraphEdge }) => void;
+    },
+  ): Promise<GraphResult>;
   /** The classifiers and editors the gateway's Triton server serves. */
   listModels(options?: CallOptions): Promise<ModelInfo[]>;
   /** Closes the channel; calls in flight are cancelled. */
@@ -202,6 +239,9 @@ export function createClient(target: string, options: ClientOptions = {}): Props
   const stub = new (services().explain)(target, credentials, channelOptions);
   // The second stub shares the first one's channel.
   const attributionStub = new (services().attribution)(target, credentials, {
+    channelOverride: stub.getChannel(),
+  });
+  const graphStub = new (services().graph)(target, credentials, {
     channelOverride: stub.getChannel(),
   });
   const metadata = (): grpc.Metadata => {
@@ -277,6 +317,43 @@ export function createClient(target: string, options: ClientOptions = {}): Props
       }
       return { requestId, accepted, results };
     },
+    async graph(graphOptions, { deadline, onProgress, onItem } = {}) {
+      const request = await buildGraphRequest(graphOptions);
+      const call = graphStub.BuildGraph(request, metadata(), { deadline });
+      let requestId = request.requestId ?? "";
+      let accepted: GraphAccepted__Output | undefined;
+      let done: GraphDone__Output | undefined;
+      let taskGraph: TaskGraph | null = null;
+      let repair: GraphRepair | null = null;
+      const nodes: GraphNode[] = [];
+      const edges: GraphEdge[] = [];
+      try {
+        for await (const message of call) {
+          requestId = message.requestId || requestId;
+          if (message.accepted) accepted = message.accepted;
+          if (message.progress) onProgress?.(message.progress);
+          if (message.node) {
+            nodes.push(message.node);
+            onItem?.({ node: message.node });
+          }
+          if (message.edge) {
+            edges.push(message.edge);
+            onItem?.({ edge: message.edge });
+          }
+          if (message.taskGraph) taskGraph = message.taskGraph;
+          if (message.repair) repair = message.repair;
+          if (message.done) done = message.done;
+        }
+      } catch (error) {
+        throw asPropscopeError(error);
+      } finally {
+        call.cancel();
+      }
+      if (!accepted || !done) {
+        throw incomplete("BuildGraph", "the plan and its end (GraphAccepted and GraphDone)");
+      }
+      return { requestId, accepted, nodes, edges, taskGraph, repair, done };
+    },
     listModels({ deadline } = {}) {
       return new Promise((resolve, reject) => {
         stub.ListModels({}, metadata(), { deadline }, (error, response) => {
@@ -286,6 +363,7 @@ export function createClient(target: string, options: ClientOptions = {}): Props
       });
     },
     close() {
+      graphStub.close();
       attributionStub.close();
       stub.close();
     },
@@ -295,6 +373,7 @@ export function createClient(target: string, options: ClientOptions = {}): Props
 interface Services {
   explain: ProtoGrpcType["propscope"]["v1"]["ExplainService"];
   attribution: AttributionProtoGrpcType["propscope"]["v1"]["AttributionService"];
+  graph: GraphProtoGrpcType["propscope"]["v1"]["CausalGraphService"];
 }
 
 let loadedServices: Services | undefined;
@@ -304,10 +383,12 @@ function services(): Services {
   if (!loadedServices) {
     const definition = protoLoader.fromJSON(CONTRACT, LOADER_OPTIONS);
     const proto = grpc.loadPackageDefinition(definition) as unknown as ProtoGrpcType &
-      AttributionProtoGrpcType;
+      AttributionProtoGrpcType &
+      GraphProtoGrpcType;
     loadedServices = {
       explain: proto.propscope.v1.ExplainService,
       attribution: proto.propscope.v1.AttributionService,
+      graph: proto.propscope.v1.CausalGraphService,
     };
   }
   return loadedServices;
