@@ -34,6 +34,7 @@ from propscope_server.triton_models.classifiers.open_model import (
     declared_open,
     parse_layers,
     read_ablation,
+    requested_outputs,
 )
 from propscope_server.triton_models.classifiers.own import OwnClassifier, OwnModelConfig
 
@@ -554,3 +555,16 @@ def test_an_open_state_dict_with_a_wrong_channel_count_fails_to_load(own_folder:
     assert str(refused.value) == (
         "own_state_dict: layer 'features.1' outputs 32 channels, propscope.layers declares 31"
     )
+
+
+def test_outputs_left_out_only_when_triton_asks_for_every_one():
+    declared = list(OPTIONAL_OUTPUTS)
+    assert requested_outputs(["LOGITS", *declared], declared, []) == ["CHANNEL_MEANS"]
+    assert requested_outputs(declared, declared, ["GRADIENT_CLASS"]) == [
+        "CHANNEL_MEANS",
+        "INPUT_GRADIENT",
+        "CHANNEL_GRADIENTS",
+        "GRAD_X_ACTIVATION",
+    ]
+    # Named by the caller: kept, so that the model refuses it naming the missing input.
+    assert requested_outputs(["LOGITS", "ACTIVATIONS"], declared, []) == ["ACTIVATIONS"]

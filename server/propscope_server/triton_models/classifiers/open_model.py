@@ -56,6 +56,11 @@ OPTIONAL_OUTPUTS = (
     "GRAD_X_ACTIVATION",
 )
 GRADIENT_OUTPUTS = ("INPUT_GRADIENT", "CHANNEL_GRADIENTS", "GRAD_X_ACTIVATION")
+# Optional outputs that need an optional input.
+NEEDS_INPUT = {
+    "ACTIVATIONS": "ACTIVATION_LAYER",
+    **dict.fromkeys(GRADIENT_OUTPUTS, "GRADIENT_CLASS"),
+}
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +169,18 @@ def _check_entry(entry: Mapping[str, Any], datatype: str, dims: tuple[int, ...] 
     declared = tuple(int(d) for d in entry.get("dims", []))
     if dims is not None and declared != dims:
         raise ValueError(f"{name!r} must have dims {list(dims)}, not {list(declared)}")
+
+
+def requested_outputs(
+    requested: Sequence[str], declared: Collection[str], sent: Collection[str]
+) -> list[str]:
+    """The optional outputs to compute for a request. Triton asks for every output when
+    a request names none: then the outputs whose input was not sent (ACTIVATIONS without
+    ACTIVATION_LAYER, gradients without GRADIENT_CLASS) are left out, not refused."""
+    wanted = [name for name in requested if name in declared]
+    if declared and set(wanted) == set(declared):
+        wanted = [n for n in wanted if n not in NEEDS_INPUT or NEEDS_INPUT[n] in sent]
+    return wanted
 
 
 def read_ablation(version_folder: Path, layers: Sequence[Layer]) -> tuple[Ablation, ...]:

@@ -36,11 +36,17 @@ class TritonPythonModel:
                 for name in spec.optional_inputs:
                     given = pb_utils.get_input_tensor_by_name(request, name)
                     optional[name] = None if given is None else given.as_numpy()
-                requested = (
-                    [n for n in request.requested_output_names() if n in spec.optional_outputs]
-                    if spec.open
-                    else []
-                )
+                requested: list[str] = []
+                if spec.open:
+                    # Imported here: open_model imports torch, which an ONNX stub never needs.
+                    from propscope_server.triton_models.classifiers.open_model import (
+                        requested_outputs,
+                    )
+
+                    sent = [name for name, array in optional.items() if array is not None]
+                    requested = requested_outputs(
+                        request.requested_output_names(), spec.optional_outputs, sent
+                    )
                 outputs = self.classifier.infer(tensor.as_numpy(), optional, requested)
                 names = [spec.output.name, *requested]
                 responses.append(

@@ -24,6 +24,7 @@ from propscope_server.triton_models.classifiers.open_model import (
     declared_layers,
     declared_open,
     read_ablation,
+    requested_outputs,
 )
 from propscope_server.triton_models.classifiers.probe import CornerProbe
 
@@ -163,7 +164,8 @@ class TritonPythonModel:
         for name in self.optional_inputs:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             optional[name] = None if tensor is None else tensor.as_numpy()
-        requested = [n for n in request.requested_output_names() if n in self.optional_outputs]
+        sent = [name for name, array in optional.items() if array is not None]
+        requested = requested_outputs(request.requested_output_names(), self.optional_outputs, sent)
         results = self.open(inputs, optional, requested)
         if "INPUT_GRADIENT" in results and self.input_format == "uint8_hwc":
             # Laid out like IMAGE (HWC); the values are w.r.t. the normalised input.
