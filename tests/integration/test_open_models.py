@@ -5,6 +5,8 @@ following docs/own-models.md, is served open."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import torch
 import tritonclient.grpc as triton_grpc
 
 from propscope_server.triton_models.classifiers.cnn import load_classifier, normalise_uint8_hwc
+from propscope_server.triton_models.classifiers.open_model import ABLATION_FILE
 from tests.integration import open_resnet
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,10 +35,12 @@ def infer(
     model: str,
     inputs: dict[str, np.ndarray],
     outputs: list[str],
+    version: str = "",
 ) -> dict[str, np.ndarray]:
     result = client.infer(
         model,
         [tensor(name, array) for name, array in inputs.items()],
+        model_version=version,
         outputs=[triton_grpc.InferRequestedOutput(name) for name in outputs],
     )
     return {name: result.as_numpy(name) for name in outputs}
@@ -124,3 +129,31 @@ def test_a_request_naming_no_outputs_gets_those_its_inputs_allow(triton, images)
     names = [output.name for output in result.get_response().outputs]
     assert sorted(names) == ["CHANNEL_MEANS", "LOGITS"]
     assert np.array_equal(result.as_numpy("LOGITS"), expected)
+
+
+def test_a_repaired_version_serves_beside_the_original(triton, tmp_path):
+    """Version 2 = version 1's folder plus propscope_ablation.json; version_policy all
+    serves both, and only version 2 sets the channel."""
+    folder = open_resnet.write_model(tmp_path / "repository", name="tiny_resnet_repaired")
+    shutil.copytree(folder / "1", folder / "2")
+    ablation = {"channels": [{"layer": "stage1", "channel": 3, "value": 0.5}], "source": "test"}
+    (folder / "2" / ABLATION_FILE).write_text(json.dumps(ablation))
+    batch = np.random.default_rng(3).normal(size=(2, *open_resnet.INPUT_DIMS)).astype(np.float32)
+    network = open_resnet.network(folder)
+    with torch.inference_mode():
+        original = network(torch.from_numpy(batch)).numpy()
+
+        def ablate(module, args, output):
+            output = output.clone()
+            output[:, 3] = 0.5
+            return output
+
+        network.stage1.register_forward_hook(ablate)
+        repaired = network(torch.from_numpy(batch)).numpy()
+    with open_resnet.served(triton, folder) as name:
+        first = infer(triton, name, {"INPUT": batch}, ["LOGITS"], version="1")["LOGITS"]
+        second = infer(triton, name, {"INPUT": batch}, ["LOGITS", "CHANNEL_MEANS"], version="2")
+    assert np.array_equal(first, original)
+    np.testing.assert_allclose(second["LOGITS"], repaired, atol=1e-5)
+    assert np.all(second["CHANNEL_MEANS"][:, 8 + 3] == np.float32(0.5))
+    assert not np.allclose(original, repaired, atol=1e-4)

@@ -392,6 +392,8 @@ def synthetic_model(monkeypatch: pytest.MonkeyPatch):
     fake.InferenceResponse = FakeResponse
     fake.TritonError = str
     fake.get_input_tensor_by_name = lambda request, name: request.get(name)
+    logged: list[str] = []
+    fake.Logger = types.SimpleNamespace(log_info=logged.append)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
     monkeypatch.delitem(
         sys.modules, "propscope_server.triton_models.classifiers.triton_model", raising=False
@@ -410,6 +412,7 @@ def synthetic_model(monkeypatch: pytest.MonkeyPatch):
         )
         return model
 
+    initialize.logged = logged
     return initialize
 
 
@@ -463,6 +466,9 @@ def test_the_triton_adapter_applies_the_version_folders_ablation(synthetic_model
     config["parameters"]["weights"]["string_value"] = str(weights)
     repaired = synthetic_model("synth_hue", config, tmp_path / "synth_hue")
     assert len(repaired.open.ablation) == 64
+    assert synthetic_model.logged[-1].startswith(
+        "synth_hue: permanent ablation of 64 channel(s): features.2[0] = 0, features.2[1] = 0"
+    )
     logits = outputs(repaired.execute([FakeRequest({"IMAGE": images}, [])])[0])["LOGITS"]
     # Every last-layer channel at 0: the head sees only its bias.
     bias = torch.load(weights, weights_only=True)["head.bias"]

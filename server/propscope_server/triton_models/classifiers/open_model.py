@@ -14,7 +14,6 @@ tensors come in and go out as numpy; nothing here imports Triton.
 from __future__ import annotations
 
 import json
-import logging
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,8 +60,6 @@ NEEDS_INPUT = {
     "ACTIVATIONS": "ACTIVATION_LAYER",
     **dict.fromkeys(GRADIENT_OUTPUTS, "GRADIENT_CLASS"),
 }
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -270,18 +267,15 @@ class OpenModel:
                 )
             modules[layer.name].register_forward_hook(self._hook(index))
         self.spatial = self._dry_run(dry_input)
-        for ablation_entry in self.ablation:
-            log.info(
-                "%s: permanent ablation %s[%d] = %g",
-                name,
-                ablation_entry.layer,
-                ablation_entry.channel,
-                ablation_entry.value,
-            )
 
     @property
     def total_channels(self) -> int:
         return sum(layer.channels for layer in self.layers)
+
+    def ablation_summary(self) -> str:
+        """One log line for the version's permanent ablation (the adapters log it at load)."""
+        channels = ", ".join(f"{a.layer}[{a.channel}] = {a.value:g}" for a in self.ablation)
+        return f"permanent ablation of {len(self.ablation)} channel(s): {channels}"
 
     def _dry_run(self, dry_input: torch.Tensor) -> tuple[tuple[int, ...], ...]:
         """One forward pass on `dry_input`: every declared layer must run once and output

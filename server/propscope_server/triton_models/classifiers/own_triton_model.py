@@ -23,6 +23,9 @@ class TritonPythonModel:
                 config, Path(args["model_repository"]), args["model_version"]
             )
         )
+        opened = self.classifier.open
+        if opened is not None and opened.ablation:
+            pb_utils.Logger.log_info(f"{opened.name}: {opened.ablation_summary()}")
 
     def execute(self, requests: list) -> list:
         spec = self.classifier.config

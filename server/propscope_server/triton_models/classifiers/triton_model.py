@@ -104,11 +104,16 @@ class TritonPythonModel:
             if isinstance(self.model, CornerProbe):
                 raise ValueError("only the small_cnn architecture is open")
             dry = torch.zeros(1, 3, *self._spatial())
-            return OpenModel(
+            model = OpenModel(
                 self.model, layers, dry, read_ablation(version_folder, layers), name=self.model_name
             )
         except ValueError as error:
-            raise ValueError(f"{self.model_name}: {error}") from None
+            message = str(error)
+            prefix = f"{self.model_name}: "
+            raise ValueError(message if message.startswith(prefix) else prefix + message) from None
+        if model.ablation:
+            pb_utils.Logger.log_info(f"{self.model_name}: {model.ablation_summary()}")
+        return model
 
     def _spatial(self) -> tuple[int, int]:
         """The image's H, W from the config's input dims."""
