@@ -2,8 +2,9 @@
 its stream, and its renderings: JSON, Graphviz DOT text, SVG.
 
 The graph drawn is the task graph when the call had more than one image (the nodes and edges
-significant on at least ``min_share`` of the images of one class), else the image's own graph
-of significant nodes and edges. Layers are ranks (left to right in network order), a node is
+kept on at least ``min_share`` of the images of one class), else the image's own graph of kept
+nodes and edges. Kept means ``relevant``: significant and a large enough effect (a node's
+``probability_change``, an edge's ``path_effect``), as the server's task graph counts it. Layers are ranks (left to right in network order), a node is
 labelled ``layer:channel`` with its score, and an edge's width grows with its path-specific
 effect.
 """
@@ -120,6 +121,7 @@ class GraphEdge(_Record):
     p_value: float
     q_value: float
     significant: bool
+    relevant: bool
     curve: tuple[float, ...]
     clamped_curve: tuple[float, ...]
 
@@ -251,13 +253,20 @@ class GraphResult(_Record):
     def significant_nodes(self, image: int) -> tuple[GraphNode, ...]:
         return tuple(node for node in self.image_nodes(image) if node.significant)
 
+    def kept_nodes(self, image: int) -> tuple[GraphNode, ...]:
+        """The image's relevant nodes: what its graph draws and its edges join."""
+        return tuple(node for node in self.image_nodes(image) if node.relevant)
+
+    def kept_edges(self, image: int) -> tuple[GraphEdge, ...]:
+        return tuple(edge for edge in self.image_edges(image) if edge.relevant)
+
     def to_json(self, indent: int | None = None) -> str:
         """Strict JSON (non-finite numbers as null)."""
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def to_dot(self, image: int | None = None) -> str:
         """Graphviz DOT text of the task graph (``image`` None with a task graph), else of
-        ``image``'s graph (None: image 0): significant nodes and edges only."""
+        ``image``'s graph (None: image 0): kept (relevant) nodes and edges only."""
         if image is None and self.task_graph is not None:
             nodes, edges = self._task_drawing(self.task_graph)
             title = f"task graph of class {_class_name(self.task_graph.target_class, self.task_graph.target_label)}"
@@ -290,11 +299,9 @@ class GraphResult(_Record):
         return svg
 
     def _image_drawing(self, image: int) -> tuple[list[tuple[str, str, float]], list[Any]]:
-        nodes = [(n.layer, n.key, n.score) for n in self.significant_nodes(image)]
+        nodes = [(n.layer, n.key, n.score) for n in self.kept_nodes(image)]
         edges = [
-            (e.source, e.target, abs(e.path_effect), e.path_effect)
-            for e in self.image_edges(image)
-            if e.significant
+            (e.source, e.target, abs(e.path_effect), e.path_effect) for e in self.kept_edges(image)
         ]
         return nodes, edges
 

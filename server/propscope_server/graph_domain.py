@@ -117,6 +117,8 @@ class EdgeResult:
     p_value: float
     q_value: float  # BH across the image's edges
     significant: bool
+    # significant and |path_effect| >= PATH_EFFECT_SHARE (0.1) * min_probability_change
+    relevant: bool
     curve: tuple[float, ...] = ()  # d(t_k)
     clamped_curve: tuple[float, ...] = ()  # p_clamped(t_k): the target channel at its clean map
 
@@ -125,7 +127,7 @@ class EdgeResult:
 class TaskNode:
     layer: str
     channel: int
-    share: float  # of the task's images on which it is significant
+    share: float  # of the task's images on which it is relevant (kept)
     bootstrap_frequency: float  # of resamples in which share >= min_share
     mean_score: float
 
@@ -143,7 +145,7 @@ class TaskEdge:
 
 @dataclass(frozen=True)
 class TaskGraph:
-    """The nodes and edges significant on >= min_share of the images of one class."""
+    """The nodes and edges relevant (kept) on >= min_share of the images of one class."""
 
     target_class: int
     target_label: str

@@ -272,8 +272,13 @@ def test_the_repair_ablates_significant_channels_only_with_their_baseline():
     assert (channel.layer, channel.channel) in {("h1", 0), ("h2", 0)}  # blue moves h1.2 most
     assert channel.value == OPEN.channel_means[channel.layer][channel.channel]
     assert channel.movement > 0
-    per_image = scoring.image_passes([4, 3], 16, 10, 1, 1) + 10
-    assert fake.passes == 3 * per_image == events[-1].passes == events[0].planned_passes
+    # An edge (max_edges 1) joins relevant nodes only: image(128)'s h1.0 (128 / 255) sits at
+    # its mean baseline 0.5, so moving it changes p by 0.001 (significant, not relevant).
+    edges = [sum(isinstance(e, EdgeResult) and e.image == i for e in events) for i in range(3)]
+    assert edges == [0, 1, 1]
+    done = sum(scoring.image_passes([4, 3], 16, 10, n, n) + 10 for n in edges)
+    assert fake.passes == done == events[-1].passes
+    assert done < events[0].planned_passes == 3 * (scoring.image_passes([4, 3], 16, 10, 1, 1) + 10)
 
 
 @pytest.mark.parametrize(
@@ -366,3 +371,37 @@ def test_movements_divide_by_the_clean_spread():
     moved = scoring.movements(path, clean)
     assert moved[0] == pytest.approx(2.0 / (1.0 + scoring.MOVEMENT_EPS))
     assert moved[1] == pytest.approx(0.5 / scoring.MOVEMENT_EPS)
+
+
+def test_a_path_too_short_to_reach_alpha_is_refused_naming_the_fewest_steps():
+    # 5 points: of the 120 orders of the best curve, 8 are as extreme; no curve does better.
+    assert scoring.best_p_value(4, 1000) == pytest.approx(8 / 120)
+    assert scoring.best_p_value(5, 1000) < 0.05 <= scoring.best_p_value(4, 100_000)
+    assert scoring.best_p_value(20, 200) == 1 / 201
+    assert scoring.fewest_reachable_steps(1000, 0.05, 256) == 5
+    assert scoring.fewest_reachable_steps(1000, 0.01, 256) == 6
+    assert scoring.fewest_reachable_steps(100, 0.005, 256) is None  # 1 / 101 > 0.005
+    fake = FakeOpenModel()
+    with pytest.raises(InvalidArgument, match=r"steps is 4.*p = 0\.0667.*steps >= 5") as caught:
+        run(spec(steps=4, permutations=1000), fake)
+    assert caught.value.field == "steps" and fake.passes == 0
+    assert "(>= 6 for a straight-line curve to reach it)" in str(caught.value)
+    with pytest.raises(InvalidArgument, match="steps >= 6"):
+        run(spec(steps=5, alpha=0.01, permutations=1000), fake)
+    assert scoring.best_p_value(5, 1000, line=True) == pytest.approx(0.0611, abs=1e-4)
+    events, _ = run(spec(steps=6, permutations=1000))  # h1.0's curve is near a line
+    assert node(events, "h1", 0).significant
+
+
+def test_an_edge_is_relevant_only_with_a_path_effect_of_a_tenth_of_min_probability_change():
+    events, _ = run(spec(images=(image(200),)))
+    (edge,) = [e for e in events if isinstance(e, EdgeResult)]
+    assert edge.significant and edge.relevant and abs(edge.path_effect) > 0.1
+    events, _ = run(spec(images=(image(200),), min_probability_change=0.01))
+    (edge,) = [e for e in events if isinstance(e, EdgeResult)]
+    assert edge.relevant
+    # Above |path_effect| / 0.1 the same significant edge is no longer relevant, and its nodes
+    # (|dp| = |path_effect| here: h2.0 carries everything) are not kept, so no edge is tried.
+    events, _ = run(spec(images=(image(200),), min_probability_change=0.99))
+    assert not [e for e in events if isinstance(e, EdgeResult)]
+    assert node(events, "h1", 0).significant and not node(events, "h1", 0).relevant

@@ -54,6 +54,7 @@ def _edge(image: int, source: int, target: int, path_effect: float, significant:
         p_value=0.002,
         q_value=0.01,
         significant=significant,
+        relevant=significant and abs(path_effect) >= 0.005,
         curve=[0, 0.1, path_effect],
         clamped_curve=[0.9, 0.85, 0.7],
     )

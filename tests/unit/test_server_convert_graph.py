@@ -211,9 +211,12 @@ def test_events_become_their_messages_field_for_field():
     message = graph_event("r", node).node
     assert (message.layer, message.channel, message.probability_change) == ("features.1", 7, -0.4)
     assert message.significant and message.relevant and list(message.curve) == [1.0, 0.6]
-    edge = gd.EdgeResult(1, "a", 1, "b", 2, 0.5, 0.3, 0.1, 0.02, 0.04, True, (0, 0.3), (1, 0.7))
+    edge = gd.EdgeResult(
+        1, "a", 1, "b", 2, 0.5, 0.3, 0.1, 0.02, 0.04, True, False, (0, 0.3), (1, 0.7)
+    )
     message = graph_event("r", edge).edge
     assert (message.image, message.target_channel, message.path_effect) == (1, 2, 0.3)
+    assert message.significant and not message.relevant
     assert list(message.clamped_curve) == [1.0, 0.7]
     task = gd.TaskGraph(3, "cat", (0, 1), (gd.TaskNode("a", 1, 1.0, 0.9, 0.2),), (), 0.5, (2,))
     message = graph_event("r", task).task_graph

@@ -5,11 +5,18 @@ channel-to-channel paths, measured by gradual do-interventions inside the model.
 Per image (target: the requested class, else the predicted one): a clean pass; a
 pre-screen of wide layers (one full ablation per channel); each node's path
 t = 0..1 toward its baseline, scored by E|dp| and a permutation test, BH across the
-image's nodes; edges between significant nodes of consecutive chosen layers, the
-largest direct effects first, scored on the path-specific curve (the downstream
-channel clamped to its clean map). Over several images, the task-level graph with
-bootstrap frequencies; optionally the repair: the significant channels an editor's
-property moves most, with their baseline as the ablation value.
+image's nodes; edges between kept nodes of consecutive chosen layers, the largest
+direct effects first, scored on the path-specific curve (the downstream channel
+clamped to its clean map). Over several images, the task-level graph with bootstrap
+frequencies; optionally the repair: the significant channels an editor's property
+moves most, with their baseline as the ablation value.
+
+"Kept" is "relevant" everywhere (edge candidates, the task graph, the clients' DOT):
+significant and a large enough effect. The permutation test measures how orderly a
+curve is, and a gradual intervention draws an orderly curve however small its effect
+(a saturated image's channels move p by < 1e-3 and come out significant), so
+significance alone keeps noise. A request whose path is too short for its test to
+reach alpha is refused (plan), not answered with an empty graph.
 
 Everything the open-model contract offers travels as extra named inputs beside the
 preprocessed image batch (docs: the design of issue 17, section 1)."""
@@ -145,8 +152,8 @@ class _ImageGraph:
     """What the task graph and the repair need of one image's graph."""
 
     target: int
-    nodes: dict[int, tuple[bool, float]]  # flat channel -> (significant, score)
-    edges: dict[tuple[int, int], tuple[bool, float]]  # (flat source, flat target) -> same
+    nodes: dict[int, tuple[bool, bool, float]]  # flat channel -> (significant, relevant, score)
+    edges: dict[tuple[int, int], tuple[bool, bool, float]]  # (flat source, flat target) -> same
 
 
 def _check_spec(spec: GraphSpec, settings: Settings) -> None:
@@ -210,6 +217,29 @@ def _check_spec(spec: GraphSpec, settings: Settings) -> None:
         )
 
 
+def _check_reachable(spec: GraphSpec, max_steps: int) -> None:
+    """Refuse a path length whose test cannot reach alpha: every node and edge would come
+    out not significant whatever the model does (5 points: p >= 0.067 even for the most
+    ordered curve), a graph that silently finds nothing."""
+    best = scoring.best_p_value(spec.steps, spec.permutations)
+    if best < spec.alpha:
+        return
+    fewest = scoring.fewest_reachable_steps(spec.permutations, spec.alpha, max_steps)
+    line = scoring.fewest_reachable_steps(spec.permutations, spec.alpha, max_steps, line=True)
+    if fewest is None:
+        fix = f"no steps up to the limit max_steps ({max_steps}) can; raise permutations or alpha"
+    elif line is not None and line > fewest:
+        fix = f"use steps >= {fewest} (>= {line} for a straight-line curve to reach it)"
+    else:
+        fix = f"use steps >= {fewest}"
+    raise InvalidArgument(
+        f"steps is {spec.steps}: a path of {spec.steps + 1} points gives at best p = {best:.3g} "
+        f"with {spec.permutations} permutations (the most ordered curve), not below alpha "
+        f"{spec.alpha:g}, so no node or edge could be significant; {fix}",
+        field="steps",
+    )
+
+
 def _choose_layers(spec: GraphSpec, model: ModelDescription) -> tuple[int, ...]:
     """Indices of the chosen layers in network order; unknown names listing the known."""
     if not model.layers:
@@ -258,6 +288,7 @@ class CausalGraph:
     async def plan(self, spec: GraphSpec, deadline: float | None) -> GraphPlan:
         started = time.perf_counter()
         _check_spec(spec, self._settings)
+        await in_thread(_check_reachable, spec, self._settings.limits.max_steps)
         ref = dataclasses.replace(spec.classifier, target_class=spec.target)
         classifier = await plan_classifier(
             self._inference, ref, spec.images[0], self._settings, deadline
@@ -554,8 +585,8 @@ class CausalGraph:
             np.array([curves[f] for f in tested]), spec.permutations, rng
         )
         q = scoring.q_values(p_values)
-        nodes_out: dict[int, tuple[bool, float]] = {}
-        significant_nodes: set[int] = set()
+        nodes_out: dict[int, tuple[bool, bool, float]] = {}
+        relevant_nodes: set[int] = set()
         by_flat = {flat: k for k, flat in enumerate(tested)}
         for layer, channels in zip(plan.indices, plan.layers, strict=True):
             start = plan.starts[layer]
@@ -582,9 +613,10 @@ class CausalGraph:
                 curve = curves[flat]
                 change = float(curve[-1] - curve[0])
                 significant = bool(q[k] < spec.alpha)
-                if significant:
-                    significant_nodes.add(flat)
-                nodes_out[flat] = (significant, float(scores[k]))
+                relevant = significant and abs(change) >= spec.min_probability_change
+                if relevant:
+                    relevant_nodes.add(flat)
+                nodes_out[flat] = (significant, relevant, float(scores[k]))
                 emit(
                     NodeResult(
                         image=index,
@@ -597,11 +629,11 @@ class CausalGraph:
                         q_value=float(q[k]),
                         probability_change=change,
                         significant=significant,
-                        relevant=significant and abs(change) >= spec.min_probability_change,
+                        relevant=relevant,
                         curve=tuple(float(v) for v in curve),
                     )
                 )
-        edges = await self._edges(plan, index, curves, means_at_one, significant_nodes, counter)
+        edges = await self._edges(plan, index, curves, means_at_one, relevant_nodes, counter)
         return _ImageGraph(image.target, nodes_out, edges)
 
     async def _edges(
@@ -610,18 +642,22 @@ class CausalGraph:
         index: int,
         curves: dict[int, np.ndarray],
         means_at_one: dict[int, np.ndarray],
-        significant: set[int],
+        kept: set[int],
         counter: _Counter,
-    ) -> dict[tuple[int, int], tuple[bool, float]]:
-        """Edges between significant nodes of consecutive chosen layers, the largest
-        |direct effect| first, scored on d(t) = p_total(t) - p_clamped(t)."""
+    ) -> dict[tuple[int, int], tuple[bool, bool, float]]:
+        """Edges between kept (relevant) nodes of consecutive chosen layers, the largest
+        |direct effect| first, scored on d(t) = p_total(t) - p_clamped(t); relevant when
+        significant and |d(1)| >= PATH_EFFECT_SHARE * min_probability_change. A node too
+        small to matter gets no edges: on a saturated image (p0 > 0.999) every channel's
+        curve is orderly but moves p by < 1e-3, and its edges would spend S passes each
+        on nothing."""
         spec, image = plan.spec, plan.images[index]
         steps = spec.steps
         # Candidates: (upstream layer, upstream flat, downstream layer, downstream flat).
         candidates: list[tuple[int, int, int, int]] = []
         for up, down in zip(plan.indices, plan.indices[1:], strict=False):
-            ups = [f for f in sorted(significant) if self._layer_of(plan, f) == up]
-            downs = [f for f in sorted(significant) if self._layer_of(plan, f) == down]
+            ups = [f for f in sorted(kept) if self._layer_of(plan, f) == up]
+            downs = [f for f in sorted(kept) if self._layer_of(plan, f) == down]
             candidates += [(up, u, down, v) for u in ups for v in downs]
         direct = np.array([means_at_one[u][v] - image.means[v] for _, u, _, v in candidates])
         chosen = [candidates[k] for k in scoring.choose_edges(direct, spec.max_edges)]
@@ -665,10 +701,12 @@ class CausalGraph:
         scores, p_values = scoring.score_curves(d, spec.permutations, rng)
         q = scoring.q_values(p_values)
         layers = plan.classifier.model.layers
-        out: dict[tuple[int, int], tuple[bool, float]] = {}
+        floor = scoring.PATH_EFFECT_SHARE * spec.min_probability_change
+        out: dict[tuple[int, int], tuple[bool, bool, float]] = {}
         for k, (up, u, down, v) in enumerate(chosen):
             significant_edge = bool(q[k] < spec.alpha)
-            out[(u, v)] = (significant_edge, float(scores[k]))
+            relevant_edge = significant_edge and abs(d[k, -1]) >= floor
+            out[(u, v)] = (significant_edge, relevant_edge, float(scores[k]))
             counter.emit(
                 EdgeResult(
                     image=index,
@@ -682,6 +720,7 @@ class CausalGraph:
                     p_value=float(p_values[k]),
                     q_value=float(q[k]),
                     significant=significant_edge,
+                    relevant=relevant_edge,
                     curve=tuple(float(x) for x in d[k]),
                     clamped_curve=tuple(float(x) for x in clamped[(u, v)]),
                 )
@@ -700,21 +739,21 @@ class CausalGraph:
         counter: _Counter,
     ) -> Repair:
         """The channels the repair property moves most among the graph's significant
-        ones, each with its baseline as the ablation value."""
+        ones (on >= min_share of the task graph's images), each with its baseline as the
+        ablation value. Significant, not relevant: a channel too small to move p alone
+        can carry the property jointly with the others the repair ablates."""
         spec = plan.spec
         editor = plan.repair_editor
         assert editor is not None and spec.repair_property is not None
         layers = plan.classifier.model.layers
-        names = {layer.name: i for i, layer in enumerate(layers)}
         candidates = np.zeros(plan.total_channels, dtype=bool)
         score_of = np.zeros(plan.total_channels)
-        if task is not None:
-            for node in task.nodes:
-                flat = plan.starts[names[node.layer]] + node.channel
-                candidates[flat], score_of[flat] = True, node.mean_score
-        else:
-            for flat, (significant, score) in graphs[0].nodes.items():
-                candidates[flat], score_of[flat] = significant, score
+        used = [graphs[i] for i in (task.images if task is not None else (0,))]
+        for flat in sorted({flat for graph in used for flat in graph.nodes}):
+            tested = [graph.nodes[flat] for graph in used if flat in graph.nodes]
+            share = sum(significant for significant, _, _ in tested) / len(used)
+            candidates[flat] = share >= spec.min_share - 1e-12
+            score_of[flat] = float(np.mean([score for _, _, score in tested]))
         strengths = np.arange(1, spec.steps + 1, dtype=np.float32) / spec.steps
         path_means = []
         for original in spec.images:
@@ -756,8 +795,8 @@ class CausalGraph:
 
 
 def _task_graph(plan: GraphPlan, graphs: list[_ImageGraph]) -> TaskGraph:
-    """The nodes and edges significant on >= min_share of the images of the graph's
-    class, with seeded bootstrap frequencies."""
+    """The nodes and edges kept (relevant: significant and a large enough effect) on >=
+    min_share of the images of the graph's class, with seeded bootstrap frequencies."""
     spec = plan.spec
     targets = [graph.target for graph in graphs]
     target = spec.target if spec.target is not None else scoring.majority_class(targets)
@@ -773,15 +812,15 @@ def _task_graph(plan: GraphPlan, graphs: list[_ImageGraph]) -> TaskGraph:
     results = []
     for kind in ("nodes", "edges"):
         keys = sorted({key for i in used for key in getattr(graphs[i], kind)})
-        significant = np.zeros((len(used), len(keys)), dtype=bool)
+        relevant = np.zeros((len(used), len(keys)), dtype=bool)
         scores = np.full((len(used), len(keys)), np.nan)
         for row, i in enumerate(used):
             items = getattr(graphs[i], kind)
             for col, key in enumerate(keys):
                 if key in items:
-                    significant[row, col], scores[row, col] = items[key]
+                    _, relevant[row, col], scores[row, col] = items[key]
         share, frequency, mean_score = scoring.task_shares(
-            significant, scores, spec.min_share, spec.bootstrap, rng
+            relevant, scores, spec.min_share, spec.bootstrap, rng
         )
         kept = [k for k in range(len(keys)) if share[k] >= spec.min_share - 1e-12]
         results.append([(keys[k], share[k], frequency[k], mean_score[k]) for k in kept])
