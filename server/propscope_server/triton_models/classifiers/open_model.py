@@ -229,7 +229,6 @@ class _Call:
     seen_activations: torch.Tensor | None = None
     seen_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
     counts: dict[int, int] = field(default_factory=dict)
-    shapes: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
 
 class OpenModel:
@@ -255,7 +254,6 @@ class OpenModel:
         self.ablation = tuple(ablation)
         self.output_name = output_name
         self.name = name
-        self._index = {layer.name: index for index, layer in enumerate(self.layers)}
         self._call: _Call | None = None
         modules = dict(network.named_modules())
         for index, layer in enumerate(self.layers):
@@ -266,20 +264,16 @@ class OpenModel:
                     f"lacks; its modules include {', '.join(known)}"
                 )
             modules[layer.name].register_forward_hook(self._hook(index))
-        self.spatial = self._dry_run(dry_input)
-
-    @property
-    def total_channels(self) -> int:
-        return sum(layer.channels for layer in self.layers)
+        self._dry_run(dry_input)
 
     def ablation_summary(self) -> str:
         """One log line for the version's permanent ablation (the adapters log it at load)."""
         channels = ", ".join(f"{a.layer}[{a.channel}] = {a.value:g}" for a in self.ablation)
         return f"permanent ablation of {len(self.ablation)} channel(s): {channels}"
 
-    def _dry_run(self, dry_input: torch.Tensor) -> tuple[tuple[int, ...], ...]:
+    def _dry_run(self, dry_input: torch.Tensor) -> None:
         """One forward pass on `dry_input`: every declared layer must run once and output
-        [B, C] or [B, C, H, W] with its declared C. Returns each layer's spatial shape."""
+        [B, C] or [B, C, H, W] with its declared C (the hooks check the shape)."""
         call = _Call()
         self._call = call
         try:
@@ -294,7 +288,6 @@ class OpenModel:
                         )
         finally:
             self._call = None
-        return tuple(call.shapes[i] for i in range(len(self.layers)))
 
     def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
         result = self.network(inputs)
@@ -338,7 +331,6 @@ class OpenModel:
             if call is None:
                 return changed
             call.counts[index] = call.counts.get(index, 0) + 1
-            call.shapes[index] = tuple(output.shape[2:])
             changed = self._intervene(call, index, changed)
             changed = self._patch(call, index, changed)
             if call.means:
