@@ -23,6 +23,7 @@ preprocessed image batch (docs: the design of issue 17, section 1)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
@@ -449,27 +450,42 @@ class CausalGraph:
         """`rows` passes, each with its row of the `extra` inputs, of one image
         (model_input [1, ...], repeated) or of `rows` images (model_input [rows, ...]),
         in batches of max_batch_size -> (raw outputs [rows, classes], then each of
-        `outputs` [rows, ...]) as float64."""
+        `outputs` [rows, ...]) as float64. Up to graph_concurrency batches are in flight
+        at once: Triton runs one while the gateway sends the next and reads the last."""
         model = classifier.model
         batch = model.max_batch_size
-        parts: list[list[np.ndarray]] = [[] for _ in range(1 + len(outputs))]
-        for start in range(0, rows, batch):
+        names = (classifier.output, *outputs)
+        starts = range(0, rows, batch)
+        parts: list[list[np.ndarray]] = [[] for _ in starts]
+        limit = asyncio.Semaphore(self._settings.graph_concurrency)
+
+        async def one_batch(k: int, start: int) -> None:
             stop = min(start + batch, rows)
-            images = (
-                model_input[start:stop]
-                if len(model_input) == rows
-                else np.repeat(model_input, stop - start, axis=0)
-            )
-            inputs = {classifier.layout.name: images}
-            inputs.update({name: value[start:stop] for name, value in extra.items()})
-            answer = await self._inference.infer(
-                model, inputs, [classifier.output, *outputs], deadline
-            )
-            for part, name in zip(parts, (classifier.output, *outputs), strict=True):
-                part.append(np.asarray(answer[name], dtype=np.float64).reshape(stop - start, -1))
+            async with limit:
+                images = (
+                    model_input[start:stop]
+                    if len(model_input) == rows
+                    else np.repeat(model_input, stop - start, axis=0)
+                )
+                inputs = {classifier.layout.name: images}
+                inputs.update({name: value[start:stop] for name, value in extra.items()})
+                answer = await self._inference.infer(model, inputs, list(names), deadline)
+            parts[k] = [
+                np.asarray(answer[name], dtype=np.float64).reshape(stop - start, -1)
+                for name in names
+            ]
             if counter is not None:
                 counter.add(stop - start)
-        arrays = tuple(np.concatenate(part) for part in parts)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for k, start in enumerate(starts):
+                    group.create_task(one_batch(k, start))
+        except ExceptionGroup as failed:
+            # The first batch's error, as one call would raise it (the API maps a domain
+            # error to its status; an ExceptionGroup would read as INTERNAL).
+            raise failed.exceptions[0] from None
+        arrays = tuple(np.concatenate(part) for part in zip(*parts, strict=True))
         if not all(np.isfinite(a).all() for a in arrays):
             raise BackendError(f"model {model.name!r} returned non-finite outputs")
         return arrays
