@@ -16,7 +16,6 @@ from propscope_server.api.convert import (
     MAX_PARAMETER_CHARS,
     bounded,
     check_name,
-    check_reachable,
     checked_version,
     classifier_ref,
     decode_image,
@@ -141,7 +140,14 @@ def graph_spec(
         "permutations",
         "max_permutations",
     )
-    check_reachable(steps + 1, permutations, alpha, "steps")
+    if 1.0 / (permutations + 1) >= alpha:
+        raise InvalidArgument(
+            f"with {permutations} permutations the smallest p-value is "
+            f"{1 / (permutations + 1):.3g}, not below alpha {alpha}; raise permutations",
+            field="permutations",
+        )
+    # Whether `steps` can reach alpha is the plan's check: it needs the test's exact best
+    # p-value (5 points: 0.067, not Explain's 2 / 5! bound), and names the fewest steps.
     min_change = DEFAULT["min_probability_change"]
     if request.HasField("min_probability_change"):
         min_change = _fraction(
