@@ -266,6 +266,22 @@ def test_the_dry_run_names_the_layer_and_both_channel_counts(network: SmallCNN):
         OpenModel(SmallCNN(), (Layer("head", 16),), torch.zeros(1, 3, 64, 64))
 
 
+class Twice(torch.nn.Module):
+    """Runs one block twice: its output is not one place in the network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.block(x)).mean(dim=(2, 3))
+
+
+def test_a_layer_that_runs_twice_is_refused():
+    with pytest.raises(ValueError, match="layer 'block' ran 2 times in a forward pass"):
+        OpenModel(Twice(), (Layer("block", 3),), torch.zeros(1, 3, 4, 4))
+
+
 def test_the_version_folders_ablation_applies_to_every_pass(tmp_path: Path, network: SmallCNN):
     (tmp_path / ABLATION_FILE).write_text(
         json.dumps(
@@ -304,15 +320,24 @@ def test_layers_and_declared_tensors_are_parsed_strictly():
     assert declared_open({"propscope.capabilities": {"string_value": "gradients"}})
     assert not declared_open({"propscope.capabilities": {"string_value": ""}})
     good = {"name": "INTERVENE_LAYER", "data_type": "TYPE_INT32", "dims": [1], "optional": True}
-    check_declared_tensors(
-        [good], [{"name": "CHANNEL_MEANS", "data_type": "TYPE_FP32", "dims": [112]}]
-    )
-    with pytest.raises(ValueError, match="input 'INTERVENE_LAYER' must be declared optional: true"):
-        check_declared_tensors([{**good, "optional": False}], [])
-    with pytest.raises(ValueError, match="'INTERVENE_LAYER' must have data_type TYPE_INT32"):
-        check_declared_tensors([{**good, "data_type": "TYPE_FP32"}], [])
-    with pytest.raises(ValueError, match="input 'MASK' is not an open-model input"):
-        check_declared_tensors([{**good, "name": "MASK"}], [])
+    means = {"name": "CHANNEL_MEANS", "data_type": "TYPE_FP32", "dims": [112]}
+    gradient = {"name": "INPUT_GRADIENT", "data_type": "TYPE_FP32", "dims": [3, 64, 64]}
+    image = (3, 64, 64)
+    check_declared_tensors([good], [means, gradient], LAYERS, image)
+    check_declared_tensors([], [gradient], (), image)  # input gradients need no layers
+    refusals = {
+        "input 'INTERVENE_LAYER' must be declared optional: true": ([{**good, "optional": False}], []),
+        "'INTERVENE_LAYER' must have data_type TYPE_INT32": ([{**good, "data_type": "TYPE_FP32"}], []),
+        "input 'MASK' is not an open-model input": ([{**good, "name": "MASK"}], []),
+        "'CHANNEL_MEANS' must have dims [112] (the channels of propscope.layers), not [100]": ([], [{**means, "dims": [100]}]),
+        "'INPUT_GRADIENT' must have dims [3, 64, 64], not [64, 64, 3]": ([], [{**gradient, "dims": [64, 64, 3]}]),
+    }  # fmt: skip
+    for message, (inputs, outputs) in refusals.items():
+        with pytest.raises(ValueError) as refused:
+            check_declared_tensors(inputs, outputs, LAYERS, image)
+        assert message in str(refused.value)
+    with pytest.raises(ValueError, match="INTERVENE_LAYER need propscope.layers"):
+        check_declared_tensors([good], [], (), image)
 
 
 # --- the synthetic classifiers' configs and Triton adapter ------------------------------------
@@ -337,7 +362,7 @@ def test_the_synthetic_configs_declare_the_contract(name: str):
     logits, *optional_outputs = config["output"]
     assert image["name"] in ("IMAGE", "INPUT") and not image.get("optional", False)
     assert logits["name"] == "LOGITS"
-    check_declared_tensors(optional_inputs, optional_outputs)
+    check_declared_tensors(optional_inputs, optional_outputs, LAYERS, image["dims"])
     assert [e["name"] for e in optional_inputs] == list(OPTIONAL_INPUTS)
     assert [e["name"] for e in optional_outputs] == list(OPTIONAL_OUTPUTS)
     gradient = next(e for e in optional_outputs if e["name"] == "INPUT_GRADIENT")
@@ -556,8 +581,13 @@ def test_an_open_state_dict_with_a_wrong_channel_count_fails_to_load(own_folder:
         .read_text()
         .replace('\\"features.1\\": 32', '\\"features.1\\": 31')
     )
+    with pytest.raises(ValueError) as refused:  # the per-channel outputs still say 112
+        own_config(own_folder, text)
+    assert "'CHANNEL_MEANS' must have dims [111] (the channels of propscope.layers)" in str(
+        refused.value
+    )
     with pytest.raises(ValueError) as refused:
-        OwnClassifier(own_config(own_folder, text))
+        OwnClassifier(own_config(own_folder, text.replace("dims: [ 112 ]", "dims: [ 111 ]")))
     assert str(refused.value) == (
         "own_state_dict: layer 'features.1' outputs 32 channels, propscope.layers declares 31"
     )

@@ -131,10 +131,15 @@ def declared_layers(parameters: Mapping[str, Any]) -> tuple[Layer, ...]:
 
 
 def check_declared_tensors(
-    inputs: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, Any]]
+    inputs: Sequence[Mapping[str, Any]],
+    outputs: Sequence[Mapping[str, Any]],
+    layers: Sequence[Layer],
+    image_dims: Sequence[int],
 ) -> None:
     """The config's tensors after the image input and the scores output must be those
-    of the contract, with its datatypes and dims; optional inputs marked optional."""
+    of the contract, with its datatypes and dims (ΣC of `layers` for the per-channel
+    outputs, the image input's dims for INPUT_GRADIENT); optional inputs marked optional."""
+    total = sum(layer.channels for layer in layers)
     for entry in inputs:
         name = entry.get("name")
         if name not in OPTIONAL_INPUTS:
@@ -153,19 +158,31 @@ def check_declared_tensors(
                 f"output {name!r} is not an open-model output; declare the scores output "
                 f"first, then any of {', '.join(OPTIONAL_OUTPUTS)}"
             )
-        if name != "INPUT_GRADIENT":
-            _check_entry(entry, "TYPE_FP32", (-1,) if name == "ACTIVATIONS" else None)
+        if name == "INPUT_GRADIENT":
+            _check_entry(entry, "TYPE_FP32", tuple(int(d) for d in image_dims))
+        elif name == "ACTIVATIONS":
+            _check_entry(entry, "TYPE_FP32", (-1,))
         else:
-            _check_entry(entry, "TYPE_FP32", None)
+            _check_entry(entry, "TYPE_FP32", (total,), f"(the channels of {LAYERS_PARAMETER})")
+    uses_layers = [
+        str(e.get("name"))
+        for e in (*inputs, *outputs)
+        if e.get("name") not in ("GRADIENT_CLASS", "INPUT_GRADIENT")
+    ]
+    if uses_layers and not layers:
+        raise ValueError(f"{', '.join(uses_layers)} need {LAYERS_PARAMETER}; declare the layers")
 
 
-def _check_entry(entry: Mapping[str, Any], datatype: str, dims: tuple[int, ...] | None) -> None:
+def _check_entry(
+    entry: Mapping[str, Any], datatype: str, dims: tuple[int, ...], why: str = ""
+) -> None:
     name = entry.get("name")
     if entry.get("data_type") != datatype:
         raise ValueError(f"{name!r} must have data_type {datatype}, not {entry.get('data_type')}")
     declared = tuple(int(d) for d in entry.get("dims", []))
-    if dims is not None and declared != dims:
-        raise ValueError(f"{name!r} must have dims {list(dims)}, not {list(declared)}")
+    if declared != dims:
+        reason = f" {why}" if why else ""
+        raise ValueError(f"{name!r} must have dims {list(dims)}{reason}, not {list(declared)}")
 
 
 def requested_outputs(

@@ -189,8 +189,12 @@ def _open_declaration(
             '"state_dict", propscope.module "package.module:ClassName"), or drop the declaration'
         )
     try:
-        open_model.check_declared_tensors(config["input"][1:], config["output"][1:])
-        return open_model.declared_layers(parameters)
+        layers = open_model.declared_layers(parameters)
+        image_dims = config["input"][0].get("dims", []) if config.get("input") else []
+        open_model.check_declared_tensors(
+            config["input"][1:], config["output"][1:], layers, image_dims
+        )
+        return layers
     except ValueError as error:
         raise refuse(str(error)) from None
 

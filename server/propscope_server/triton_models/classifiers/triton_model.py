@@ -99,8 +99,8 @@ class TritonPythonModel:
                 )
             return None
         try:
-            check_declared_tensors(inputs, outputs)
             layers = declared_layers(config["parameters"])
+            check_declared_tensors(inputs, outputs, layers, self.sample_shape)
             if isinstance(self.model, CornerProbe):
                 raise ValueError("only the small_cnn architecture is open")
             dry = torch.zeros(1, 3, *self._spatial())
