@@ -122,6 +122,7 @@ bench: setup
 	$(PY) bench/curve_statistics.py
 	$(PY) bench/editors.py
 	$(PY) bench/attribution.py
+	$(PY) bench/graph.py
 
 # Load: 32 concurrent Explain streams for 150 s against a stack of its own, then the hostile
 # clients at full size; writes docs/results/soak.md (and image_fuzz.md: 200,000 damaged
