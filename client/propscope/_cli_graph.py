@@ -21,14 +21,14 @@ NODE_COLUMNS = (
     Column("score", numeric=True),
     Column("q", numeric=True),
     Column("Δp", numeric=True),
-    Column("relevant"),
+    Column("kept"),
 )
 EDGE_COLUMNS = (
     Column("edge"),
     Column("direct", numeric=True),
     Column("path effect", numeric=True),
     Column("q", numeric=True),
-    Column("significant"),
+    Column("kept"),
 )
 TASK_COLUMNS = (
     Column("node or edge"),
@@ -64,13 +64,14 @@ def _edge_row(edge: GraphEdge) -> list[str]:
         number(edge.direct_effect),
         number(edge.path_effect),
         number(edge.q_value),
-        "yes" if edge.significant else "no",
+        "yes" if edge.relevant else "no",
     ]
 
 
 def _rows(result: GraphResult) -> list[tuple[str, Sequence[Column], list[list[str]]]]:
-    """(title, columns, rows) of every table: per image its significant nodes and its
-    edges, then the task graph and the repair."""
+    """(title, columns, rows) of every table: per image its significant nodes by score
+    and its edges, each marked kept when relevant (``GraphResult.kept_nodes``/``kept_edges``:
+    significant and a large enough change), then the task graph and the repair."""
     tables: list[tuple[str, Sequence[Column], list[list[str]]]] = []
     for image in range(result.images):
         label = result.target_labels[image] if image < len(result.target_labels) else ""
@@ -80,12 +81,14 @@ def _rows(result: GraphResult) -> list[tuple[str, Sequence[Column], list[list[st
         significant.sort(key=lambda node: node.score, reverse=True)
         title = (
             f"image {image}, class {target}{f' ({label})' if label else ''}: "
-            f"{len(significant)} of {len(tested)} tested channels significant"
+            f"{len(result.kept_nodes(image))} of {len(tested)} tested channels kept "
+            f"(relevant), {len(significant)} significant (by score)"
         )
         tables.append((title, NODE_COLUMNS, [_node_row(node) for node in significant]))
         edges = result.image_edges(image)
         if edges:
-            tables.append((f"image {image}: edges", EDGE_COLUMNS, [_edge_row(e) for e in edges]))
+            title = f"image {image}: {len(result.kept_edges(image))} of {len(edges)} edges kept"
+            tables.append((title, EDGE_COLUMNS, [_edge_row(e) for e in edges]))
     task = result.task_graph
     if task is not None:
         rows = [
@@ -186,6 +189,7 @@ def _print_plain(model: str, images: Sequence[str], result: GraphResult) -> None
                 ("path_effect", edge.path_effect),
                 ("q_value", edge.q_value),
                 ("significant", edge.significant),
+                ("relevant", edge.relevant),
             ],
         )
     task = result.task_graph
@@ -237,6 +241,8 @@ def _print_plain(model: str, images: Sequence[str], result: GraphResult) -> None
             ("images", result.images),
             ("nodes", len(_tested(result.nodes))),
             ("edges", len(result.edges)),
+            ("kept_nodes", sum(len(result.kept_nodes(i)) for i in range(result.images))),
+            ("kept_edges", sum(len(result.kept_edges(i)) for i in range(result.images))),
             ("passes", result.passes),
             ("total_ms", round(result.total_ms)),
         ],

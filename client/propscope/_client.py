@@ -359,9 +359,9 @@ class ClientBase(Generic[ExplainT, AttributionT, EvaluationT, ModelsT, GraphT]):
         declares, ``ModelInfo.layers``; empty: all) moved gradually toward its ``baseline``
         ("mean": the model's channel means, else those of ``reference_images``, 8..256 of them;
         "zero") in ``steps`` steps, tested like Explain's properties (``alpha``,
-        ``permutations``), then the edges between significant channels of consecutive layers.
+        ``permutations``), then the edges between relevant (kept) channels of consecutive layers.
         ``target_class`` None explains each image's predicted class. With several images the
-        result has the task graph (nodes and edges significant on at least ``min_share`` of the
+        result has the task graph (nodes and edges relevant on at least ``min_share`` of the
         class's images, with ``bootstrap`` frequencies). ``repair_property`` (a ``Property`` or
         ``NAME=EDITOR:key=value`` text) asks for the channels to ablate so that the model stops
         relying on it (at most ``repair_max_share`` of the channels). 0 and None: the server's

@@ -236,6 +236,8 @@ class GraphResult(_Record):
     target_labels: tuple[str, ...]
     baseline_source: str
     planned_passes: int
+    # The plan's (GraphAccepted), then the finished graph's (GraphDone: per image, e.g. a
+    # saturated image on which no node can be relevant).
     warnings: tuple[str, ...]
     nodes: tuple[GraphNode, ...]
     edges: tuple[GraphEdge, ...]
@@ -436,7 +438,7 @@ class GraphCollector:
             target_labels=tuple(accepted.target_labels),
             baseline_source=accepted.baseline_source,
             planned_passes=accepted.planned_passes,
-            warnings=tuple(accepted.warnings),
+            warnings=(*accepted.warnings, *done.warnings),
             nodes=tuple(self._nodes),
             edges=tuple(self._edges),
             task_graph=self._task,

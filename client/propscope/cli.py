@@ -1146,6 +1146,16 @@ def graph(
         int, typer.Option(min=0, help="Channels per layer given a full path (0: 16).")
     ] = 0,
     max_edges: Annotated[int, typer.Option(min=0, help="Edges per image (0: 32).")] = 0,
+    min_probability_change: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Smallest |change| of the target probability that makes a significant node "
+            "relevant (kept; a tenth of it for an edge's path effect; default 0.05). Lower "
+            "it for a saturated model (a warning says when).",
+        ),
+    ] = None,
     min_share: Annotated[
         float | None,
         typer.Option(min=0.0, max=1.0, help="Task graph: share of images (default 0.5)."),
@@ -1169,10 +1179,12 @@ def graph(
 
     Each channel of the chosen layers is moved gradually toward its baseline;
     the channels whose gradual intervention moves the target probability in an
-    orderly way (permutation test, Benjamini-Hochberg) are the nodes, and the
-    edges between nodes of consecutive layers are scored by clamping the
+    orderly way (permutation test, Benjamini-Hochberg) and by at least
+    --min-probability-change are the kept (relevant) nodes, and the edges
+    between kept nodes of consecutive layers are scored by clamping the
     downstream channel (arXiv 2305.08950). With several images, the task graph
-    keeps what is significant on at least --min-share of them. The model must
+    keeps what is relevant on at least --min-share of them. A saturated image
+    (p near 0 or 1) keeps nothing and says so in a warning. The model must
     be open: it declares propscope.layers and takes interventions
     (`propscope models` shows its layers).
 
@@ -1200,6 +1212,7 @@ def graph(
         "permutations": permutations,
         "nodes_per_layer": nodes_per_layer,
         "max_edges": max_edges,
+        "min_probability_change": min_probability_change,
         "min_share": min_share,
         "seed": seed,
         "model_version": classifier.version,

@@ -176,6 +176,9 @@ class Repair:
 class GraphDone:
     total_s: float
     passes: int  # forward passes run (<= planned_passes)
+    # Per image it concerns ("image N: ..."): a saturated image, where no node can be
+    # relevant, and how to fix it.
+    warnings: tuple[str, ...] = ()
 
 
 GraphEvent = (

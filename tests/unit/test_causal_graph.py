@@ -405,3 +405,46 @@ def test_an_edge_is_relevant_only_with_a_path_effect_of_a_tenth_of_min_probabili
     events, _ = run(spec(images=(image(200),), min_probability_change=0.99))
     assert not [e for e in events if isinstance(e, EdgeResult)]
     assert node(events, "h1", 0).significant and not node(events, "h1", 0).relevant
+
+
+class SaturatedModel(FakeOpenModel):
+    """The tiny network with 20 added to class 0's float32 logit: p0 = 1 - e^-21.5
+    (4.6e-10), so h1.0's full ablation moves p by ~3e-9, as on synth_hue's own images
+    (1 - 8.6e-12, largest change 4e-9; the score must stay above the permutation test's
+    TIE_TOLERANCE 1e-12 to be told from a flat curve)."""
+
+    async def infer(self, model, inputs, outputs, deadline):
+        answer = await super().infer(model, inputs, outputs, deadline)
+        answer["LOGITS"] = answer["LOGITS"] + np.float32([20.0, 0.0])
+        return answer
+
+
+def test_a_saturated_image_is_ranked_in_float64_and_warned_that_nothing_is_relevant():
+    events, _ = run(spec(), SaturatedModel())
+    causal = node(events, "h1", 0)
+    # float64 softmax of the float32 logits: a float32 softmax gives p == 1.0 exactly and
+    # a flat curve (p_value 1), so the ranking would vanish too.
+    expected = np.exp(-21.5) - np.exp(-19.5)
+    assert causal.curve[0] < 1.0
+    assert causal.probability_change == pytest.approx(expected, rel=1e-2)
+    assert causal.significant and not causal.relevant
+    assert not any(isinstance(e, EdgeResult) for e in events)
+    (warning,) = events[-1].warnings
+    assert warning.startswith("image 0: the target probability is 1 - 4.6e-10;")
+    assert "largest 2.9e-09" in warning
+    assert "lower min_probability_change or explain less confident images" in warning
+
+
+def test_an_image_whose_channels_move_p_enough_has_no_warning():
+    events, _ = run(spec())
+    assert events[-1].warnings == ()
+
+
+def test_saturation_warning_wording():
+    assert scoring.saturation_warning(0, 0.6, 0.05, 0.05) is None
+    at_one = scoring.saturation_warning(2, 1.0, 0.0, 0.05)
+    assert at_one is not None and at_one.startswith("image 2: the target probability is 1 to")
+    # Not saturated, just robust: lowering the floor is the only fix named.
+    robust = scoring.saturation_warning(1, 0.5, 0.01, 0.05)
+    assert robust is not None and robust.endswith("lower min_probability_change")
+    assert scoring.saturation_warning(0, 0.999, 0.0, 0.0) is None

@@ -131,7 +131,8 @@ def events(images: int) -> list[graph_pb2.BuildGraphEvent]:
             )
         )
     )
-    stream.append(graph_pb2.BuildGraphEvent(done=graph_pb2.GraphDone(total_ms=12.5, passes=38)))
+    done = graph_pb2.GraphDone(total_ms=12.5, passes=38, warnings=["image 0: saturated"])
+    stream.append(graph_pb2.BuildGraphEvent(done=done))
     for message in stream:
         message.request_id = "rid"
     return stream
@@ -221,7 +222,9 @@ def test_graph_sends_the_request_and_folds_the_stream(service):
         "channels": [{"layer": "features.1", "channel": 3, "value": 0.125}],
         "source": "hue",
     }
-    assert (result.passes, result.total_ms, result.warnings) == (38, 12.5, ("a warning",))
+    # The plan's warnings, then the finished graph's (GraphDone: per image).
+    warnings = ("a warning", "image 0: saturated")
+    assert (result.passes, result.total_ms, result.warnings) == (38, 12.5, warnings)
     assert [(p.passes_done, p.passes_total) for p in progress] == [(20, 40)]
     assert len(items) == 10  # every node and edge, as it came
     decoded = json.loads(result.to_json())
@@ -312,11 +315,16 @@ def test_cli_graph_writes_tables_dot_svg_and_report(service, image_files, tmp_pa
     dot, svg, report = tmp_path / "g.dot", tmp_path / "g.svg", tmp_path / "g.html"
     args = ["graph", *map(str, image_files), "-m", "synth_hue", "--target", target]
     args += ["--layers", "features.1,features.2", "--steps", "2", "--no-progress"]
+    args += ["--min-probability-change", "0.001"]
     result = CliRunner().invoke(app, [*args, "--dot", str(dot), "--report", str(report)])
     assert result.exit_code == 0, result.output
     assert list(fake.requests[0].layers) == ["features.1", "features.2"]
+    assert fake.requests[0].min_probability_change == 0.001
     assert "task graph of class 1 (red)" in result.stdout
     assert "features.1:3 -> features.2:9" in result.stdout
+    assert "2 of 3 tested channels kept (relevant), 2 significant" in result.stdout
+    assert "image 0: 1 of 2 edges kept" in result.stdout
+    assert "warning: image 0: saturated" in result.stdout
     assert dot.read_text().startswith("digraph propscope {")
     page = report.read_text()
     assert "<h1>propscope graph: synth_hue version 1</h1>" in page
@@ -336,6 +344,11 @@ def test_cli_graph_plain_and_json(service, image_files):
     assert any(line.startswith("edge ") and "path_effect=0.25" in line for line in lines)
     assert any(line.startswith("repair_channel ") for line in lines)
     assert lines[-1].startswith("graph model=synth_hue version=1 images=1 nodes=3 edges=2")
+    assert "kept_nodes=2 kept_edges=1" in lines[-1]  # as GraphResult.kept_nodes/kept_edges
+    assert any(
+        line.startswith("edge ") and line.endswith("significant=no relevant=no") for line in lines
+    )
+    assert 'warning model=synth_hue message="image 0: saturated"' in lines
     as_json = CliRunner().invoke(app, [*args, "--format", "json"])
     decoded = json.loads(as_json.stdout)
     assert decoded["model"] == "synth_hue" and len(decoded["nodes"]) == 3

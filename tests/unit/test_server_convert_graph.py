@@ -223,8 +223,8 @@ def test_events_become_their_messages_field_for_field():
     repair = gd.Repair("hue", (gd.RepairChannel("a", 1, 0.25, 3.0, 0.2),), ("w",))
     message = graph_event("r", repair).repair
     assert message.channels[0].value == 0.25 and message.property == "hue"
-    done = graph_event("r", gd.GraphDone(total_s=1.5, passes=12)).done
-    assert (done.total_ms, done.passes) == (1500.0, 12)
+    done = graph_event("r", gd.GraphDone(total_s=1.5, passes=12, warnings=("image 0: w",))).done
+    assert (done.total_ms, done.passes, list(done.warnings)) == (1500.0, 12, ["image 0: w"])
     progress = graph_event("r", gd.GraphProgress(done=3, total=9)).progress
     assert (progress.passes_done, progress.passes_total) == (3, 9)
 

@@ -31,10 +31,12 @@ export interface GraphOptions extends Omit<ModelOptions, "image" | "targetScore"
   referenceImages?: ImageInput[];
   alpha?: number;
   permutations?: number;
+  /** The smallest |p(1) - p(0)| of a relevant (kept) node, and a tenth of it an edge's
+   * |pathEffect|; unset: 0.05. Lower it on a saturated model (see `warnings`). */
   minProbabilityChange?: number;
   nodesPerLayer?: number;
   maxEdges?: number;
-  /** Task graph: the share of images a node or edge must be significant on, (0, 1]. */
+  /** Task graph: the share of images a node or edge must be relevant (kept) on, (0, 1]. */
   minShare?: number;
   bootstrap?: number;
   /** A Property or the property syntax (`NAME=EDITOR:key=value`): ask for a repair. */
@@ -43,7 +45,13 @@ export interface GraphOptions extends Omit<ModelOptions, "image" | "targetScore"
   repairMaxShare?: number;
 }
 
+/** A node is kept (drawn, joined by edges, counted by the task graph) when `relevant`:
+ * significant and |probabilityChange| >= minProbabilityChange; `significant` alone is only
+ * the test (a saturated image's channels are orderly however little they move p). The SDK's
+ * `GraphResult.kept_nodes(i)`. */
 export type GraphNode = NodeResult__Output;
+/** Kept when `relevant`: significant and |pathEffect| >= 0.1 * minProbabilityChange
+ * (the SDK's `GraphResult.kept_edges(i)`). */
 export type GraphEdge = EdgeResult__Output;
 export type TaskGraph = TaskGraph__Output;
 export type GraphRepair = Repair__Output;
@@ -58,6 +66,9 @@ export interface GraphResult {
   taskGraph: TaskGraph | null;
   repair: GraphRepair | null;
   done: GraphDone__Output;
+  /** The plan's warnings (accepted), then the finished graph's (done: per image, e.g. "image
+   * 0: the target probability is 1 - 8.6e-12; ... no node is relevant ..."). */
+  warnings: string[];
 }
 
 const BASELINES: Record<GraphBaseline, BuildGraphRequest["baseline"]> = {

@@ -352,7 +352,8 @@ export function createClient(target: string, options: ClientOptions = {}): Props
       if (!accepted || !done) {
         throw incomplete("BuildGraph", "the plan and its end (GraphAccepted and GraphDone)");
       }
-      return { requestId, accepted, nodes, edges, taskGraph, repair, done };
+      const warnings = [...accepted.warnings, ...done.warnings];
+      return { requestId, accepted, nodes, edges, taskGraph, repair, done, warnings };
     },
     listModels({ deadline } = {}) {
       return new Promise((resolve, reject) => {

@@ -86,7 +86,10 @@ function buildGraph(call: grpc.ServerWritableStream<BuildGraphRequest__Output, B
       },
     });
   }
-  call.write({ requestId, done: { totalMs: 12.5, passes: 38 } });
+  call.write({
+    requestId,
+    done: { totalMs: 12.5, passes: 38, warnings: ["image 0: the target probability is 1 - 8.6e-12"] },
+  });
   call.end();
 }
 
@@ -147,6 +150,7 @@ test("graph sends the options and gathers nodes, edges, task graph and repair", 
   assert.equal(result.taskGraph?.targetClass, 1);
   assert.deepEqual(result.repair?.channels.map((c) => c.value), [0.125]);
   assert.equal(result.done.passes, 38);
+  assert.deepEqual(result.warnings, ["image 0: the target probability is 1 - 8.6e-12"]);
   assert.deepEqual(progress, [20]);
   assert.deepEqual(items, ["node", "edge", "node", "edge"]);
 });

@@ -292,7 +292,11 @@ def graph_event(request_id: str, event: gd.GraphEvent) -> gpb.BuildGraphEvent:
             )
         )
     elif isinstance(event, gd.GraphDone):
-        message.done.CopyFrom(gpb.GraphDone(total_ms=event.total_s * 1000.0, passes=event.passes))
+        message.done.CopyFrom(
+            gpb.GraphDone(
+                total_ms=event.total_s * 1000.0, passes=event.passes, warnings=event.warnings
+            )
+        )
     else:
         raise TypeError(f"not a BuildGraph event: {type(event).__name__}")
     return message

@@ -155,6 +155,7 @@ class _ImageGraph:
     target: int
     nodes: dict[int, tuple[bool, bool, float]]  # flat channel -> (significant, relevant, score)
     edges: dict[tuple[int, int], tuple[bool, bool, float]]  # (flat source, flat target) -> same
+    warning: str | None = None  # scoring.saturation_warning: no node could be relevant
 
 
 def _check_spec(spec: GraphSpec, settings: Settings) -> None:
@@ -517,7 +518,11 @@ class CausalGraph:
             if plan.repair_editor is not None:
                 emit(await self._repair(plan, graphs, task, counter))
             metrics.FORWARD_PASSES.labels(method=METHOD).inc(counter.done)
-            return GraphDone(total_s=time.perf_counter() - plan.started, passes=counter.done)
+            return GraphDone(
+                total_s=time.perf_counter() - plan.started,
+                passes=counter.done,
+                warnings=tuple(graph.warning for graph in graphs if graph.warning),
+            )
 
         async with aclosing(with_progress(work)) as events:
             async for event in events:
@@ -650,7 +655,14 @@ class CausalGraph:
                     )
                 )
         edges = await self._edges(plan, index, curves, means_at_one, relevant_nodes, counter)
-        return _ImageGraph(image.target, nodes_out, edges)
+        largest = max(
+            [abs(curves[f][-1] - curves[f][0]) for f in tested]
+            + [abs(c) for c in prescreened.values()]
+        )
+        warning = scoring.saturation_warning(
+            index, image.p0, float(largest), spec.min_probability_change
+        )
+        return _ImageGraph(image.target, nodes_out, edges, warning)
 
     async def _edges(
         self,

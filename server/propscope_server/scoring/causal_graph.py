@@ -227,3 +227,31 @@ def repair_choice(
     candidates = np.flatnonzero(candidates)
     order = np.argsort(-np.asarray(movement)[candidates], kind="stable")
     return candidates[order[:keep]]
+
+
+def saturation_warning(
+    image: int, p0: float, largest_change: float, min_probability_change: float
+) -> str | None:
+    """The warning of an image on which no node can be relevant: no tested channel's full
+    intervention moved its target probability by min_probability_change. Mostly a
+    saturated image (synth_hue's own images: p0 = 1 - 8.6e-12, the largest single-channel
+    change 4e-9), whose graph keeps nothing although its ranking by score still holds;
+    silence would read as "nothing matters". None when some channel reached it."""
+    if largest_change >= min_probability_change:
+        return None
+    distance = min(p0, 1.0 - p0)
+    if p0 >= 1.0:
+        level = "1 to float64 precision"
+    elif p0 <= 0.0:
+        level = "0 to float64 precision"
+    else:
+        level = f"1 - {1.0 - p0:.2g}" if p0 > 0.5 else f"{p0:.2g}"
+    fix = "lower min_probability_change"
+    if distance < min_probability_change:
+        fix += " or explain less confident images"
+    return (
+        f"image {image}: the target probability is {level}; no channel's full intervention "
+        f"moved it by >= {min_probability_change:g} (largest {largest_change:.2g}), so no "
+        f"node is relevant and the graph keeps nothing; the ranking by score still holds; "
+        f"{fix}"
+    )
