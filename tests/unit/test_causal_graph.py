@@ -431,7 +431,7 @@ def test_a_saturated_image_is_ranked_in_float64_and_warned_that_nothing_is_relev
     assert not any(isinstance(e, EdgeResult) for e in events)
     (warning,) = events[-1].warnings
     assert warning.startswith("image 0: the target probability is 1 - 4.6e-10;")
-    assert "largest 2.9e-09" in warning
+    assert "largest 2.9e-09), so no node is relevant (2 of 7 significant)" in warning
     assert "lower min_probability_change or explain less confident images" in warning
 
 
@@ -441,10 +441,10 @@ def test_an_image_whose_channels_move_p_enough_has_no_warning():
 
 
 def test_saturation_warning_wording():
-    assert scoring.saturation_warning(0, 0.6, 0.05, 0.05) is None
-    at_one = scoring.saturation_warning(2, 1.0, 0.0, 0.05)
+    assert scoring.saturation_warning(0, 0.6, 0.05, 0.05, 1, 4) is None
+    at_one = scoring.saturation_warning(2, 1.0, 0.0, 0.05, 0, 4)
     assert at_one is not None and at_one.startswith("image 2: the target probability is 1 to")
     # Not saturated, just robust: lowering the floor is the only fix named.
-    robust = scoring.saturation_warning(1, 0.5, 0.01, 0.05)
+    robust = scoring.saturation_warning(1, 0.5, 0.01, 0.05, 3, 4)
     assert robust is not None and robust.endswith("lower min_probability_change")
-    assert scoring.saturation_warning(0, 0.999, 0.0, 0.0) is None
+    assert scoring.saturation_warning(0, 0.999, 0.0, 0.0, 0, 4) is None

@@ -660,7 +660,12 @@ class CausalGraph:
             + [abs(c) for c in prescreened.values()]
         )
         warning = scoring.saturation_warning(
-            index, image.p0, float(largest), spec.min_probability_change
+            index,
+            image.p0,
+            float(largest),
+            spec.min_probability_change,
+            sum(significant for significant, _, _ in nodes_out.values()),
+            len(tested),
         )
         return _ImageGraph(image.target, nodes_out, edges, warning)
 

@@ -230,13 +230,21 @@ def repair_choice(
 
 
 def saturation_warning(
-    image: int, p0: float, largest_change: float, min_probability_change: float
+    image: int,
+    p0: float,
+    largest_change: float,
+    min_probability_change: float,
+    significant: int,
+    tested: int,
 ) -> str | None:
     """The warning of an image on which no node can be relevant: no tested channel's full
     intervention moved its target probability by min_probability_change. Mostly a
     saturated image (synth_hue's own images: p0 = 1 - 8.6e-12, the largest single-channel
     change 4e-9), whose graph keeps nothing although its ranking by score still holds;
-    silence would read as "nothing matters". None when some channel reached it."""
+    silence would read as "nothing matters". `significant` of `tested` nodes say whether
+    the test still sees the curves: below ~1e-12 per step (a red circle: 1 - 1.5e-14,
+    largest change 2.3e-12) they are TIE_TOLERANCE ties and nothing is significant either.
+    None when some channel reached it."""
     if largest_change >= min_probability_change:
         return None
     distance = min(p0, 1.0 - p0)
@@ -252,6 +260,6 @@ def saturation_warning(
     return (
         f"image {image}: the target probability is {level}; no channel's full intervention "
         f"moved it by >= {min_probability_change:g} (largest {largest_change:.2g}), so no "
-        f"node is relevant and the graph keeps nothing; the ranking by score still holds; "
-        f"{fix}"
+        f"node is relevant ({significant} of {tested} significant) and the graph keeps "
+        f"nothing; the ranking by score still holds; {fix}"
     )
