@@ -163,9 +163,11 @@ class Settings(BaseSettings):
     # Batches of one attribution in flight at once: Triton overlaps them while the
     # gateway perturbs the next (memory: this x max_batch_size perturbed inputs).
     attribution_concurrency: int = Field(3, ge=1)
-    # Batches of one causal graph's intervention passes in flight at once: Triton runs one
-    # while the gateway sends the next (memory: this x max_batch_size copies of the image).
-    graph_concurrency: int = Field(2, ge=1)
+    # Batches of one causal graph's intervention passes in flight at once (memory: this x
+    # max_batch_size copies of the model's input). 1 on CPU: the gateway's work per batch
+    # is small and overlapping it took cores from the model (bench/graph.py); more for a
+    # model with several instances or on a GPU.
+    graph_concurrency: int = Field(1, ge=1)
     # Bound on each Triton call within the call's deadline: a guard against a hung model
     # (a call that hits it fails its property).
     triton_timeout_s: float = Field(300.0, gt=0)
