@@ -248,24 +248,27 @@ def repair_section(client: propscope.Client, count: int, rate_images: int, rando
                 r.before.unbiased_accuracy - r.after.unbiased_accuracy <= MAX_ACCURACY_DROP,
                 informational=True,
             ),
-            Check(
-                f"repair {model}: {r.channels} random channels do not",
-                f"shortcut stays >= {MAX_SHORTCUT_AFTER} on most draws",
-                f"{np.mean(np.array(random_rates) >= MAX_SHORTCUT_AFTER):.0%} of "
-                f"{len(random_rates)} draws (mean {np.mean(random_rates):.2f})",
-                float(np.mean(np.array(random_rates) >= MAX_SHORTCUT_AFTER)) > 0.5,
-                informational=True,
-            ),
         ]
+        if random_rates:
+            checks.append(
+                Check(
+                    f"repair {model}: {r.channels} random channels do not",
+                    f"shortcut stays >= {MAX_SHORTCUT_AFTER} on most draws",
+                    f"{np.mean(np.array(random_rates) >= MAX_SHORTCUT_AFTER):.0%} of "
+                    f"{len(random_rates)} draws (mean {np.mean(random_rates):.2f})",
+                    float(np.mean(np.array(random_rates) >= MAX_SHORTCUT_AFTER)) > 0.5,
+                    informational=True,
+                )
+            )
     rows = [
         (
             model,
             r.property,
             r.graph_images,
-            ", ".join(r.after.channels),
+            ", ".join(r.after.channels) or "none: " + "; ".join(r.warnings),
             f"{r.before.shortcut_rate:.2f}",
             f"{r.after.shortcut_rate:.2f}",
-            f"{np.mean([d.shortcut_rate for d in r.random]):.2f}",
+            f"{np.mean([d.shortcut_rate for d in r.random]):.2f}" if r.random else "",
             f"{r.before.unbiased_accuracy:.3f}",
             f"{r.after.unbiased_accuracy:.3f}",
             f"{r.after.unbiased_square_share:.2f}",

@@ -405,14 +405,15 @@ def repair(
     random_draws: int,
     seed: int = 0,
 ) -> Repair:
-    """The service's repair channels against the same number of random channels."""
+    """The service's repair channels against the same number of random channels (no draws
+    when the service chose none)."""
     if result.repair is None:
         raise RuntimeError(f"{result.model}: the graph came back without a repair")
     chosen = [reference.flat(c.layer, c.channel) for c in result.repair.channels]
     rng = np.random.default_rng(seed)
     draws = [
         repair_rates(reference, rng.choice(reference.total_channels, len(chosen), False), sets)
-        for _ in range(random_draws)
+        for _ in range(random_draws if chosen else 0)
     ]
     return Repair(
         model=result.model,
