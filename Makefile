@@ -139,6 +139,7 @@ validate: up
 	$(PY) bench/validate_downstream.py
 	$(PY) bench/validate_honesty.py
 	$(PY) bench/validate_attribution.py
+	$(PY) bench/validate_causal_graph.py
 
 # Retrain the synthetic classifiers (deterministic; the committed weights came from this).
 weights: setup
