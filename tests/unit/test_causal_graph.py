@@ -444,6 +444,11 @@ def test_saturation_warning_wording():
     assert scoring.saturation_warning(0, 0.6, 0.05, 0.05, 1, 4) is None
     at_one = scoring.saturation_warning(2, 1.0, 0.0, 0.05, 0, 4)
     assert at_one is not None and at_one.startswith("image 2: the target probability is 1 to")
+    # Nothing significant (below the test's ties): lowering the floor would not help.
+    assert at_one.endswith(
+        "nothing is significant either, so even the scores rank noise; "
+        "explain less confident images"
+    )
     # Not saturated, just robust: lowering the floor is the only fix named.
     robust = scoring.saturation_warning(1, 0.5, 0.01, 0.05, 3, 4)
     assert robust is not None and robust.endswith("lower min_probability_change")

@@ -254,12 +254,17 @@ def saturation_warning(
         level = "0 to float64 precision"
     else:
         level = f"1 - {1.0 - p0:.2g}" if p0 > 0.5 else f"{p0:.2g}"
-    fix = "lower min_probability_change"
-    if distance < min_probability_change:
-        fix += " or explain less confident images"
+    saturated = distance < min_probability_change
+    if significant:
+        fix = "the ranking by score still holds; lower min_probability_change"
+        fix += " or explain less confident images" if saturated else ""
+    else:
+        # Lowering the floor cannot help: the test sees no curve, the scores rank noise.
+        fix = "nothing is significant either, so even the scores rank noise"
+        fix += "; explain less confident images" if saturated else ""
     return (
         f"image {image}: the target probability is {level}; no channel's full intervention "
         f"moved it by >= {min_probability_change:g} (largest {largest_change:.2g}), so no "
         f"node is relevant ({significant} of {tested} significant) and the graph keeps "
-        f"nothing; the ranking by score still holds; {fix}"
+        f"nothing; {fix}"
     )
