@@ -110,6 +110,10 @@ def test_a_certain_image_has_orderly_but_irrelevant_nodes_and_no_edges(client: C
     assert tested and max(abs(node.probability_change) for node in tested) < 0.01
     assert not found.kept_nodes(0) and not found.edges
     assert found.passes == formula_passes(list(CHANNELS.values()), [0], 6, 6)
+    # Never silently empty: GraphDone's warning says why, per image, and names the fix.
+    (warning,) = found.warnings
+    assert warning.startswith("image 0: the target probability is 1 - ")
+    assert "so no node is relevant" in warning and "explain less confident images" in warning
 
 
 def test_a_task_graph_keeps_what_is_relevant_on_min_share_of_the_class(client: Client, triton):
@@ -150,6 +154,7 @@ def test_a_task_graph_keeps_what_is_relevant_on_min_share_of_the_class(client: C
 def test_the_sdk_folds_the_stream_into_a_graph_result_drawn_by_its_kept_items(client: Client):
     found = client.graph(scene_png(**UNCERTAIN), "synth_hue", layers=LAYERS, **SMALL)
     assert isinstance(found, GraphResult) and found.images == 1 and found.task_graph is None
+    assert found.warnings == ()  # channels move p by 0.17..0.35: nothing to warn about
     dot = found.to_dot()
     assert dot.startswith("digraph propscope {")
     assert found.kept_nodes(0) and all(f'"{n.key}"' in dot for n in found.kept_nodes(0))
