@@ -2,7 +2,9 @@
 side in one run (synth_hue, all three layers, S = 10): forward passes counted by Triton
 against the bound sum_l C_l (S + 1) and the plan's, seconds per image, how full Triton's
 batches are, and the gateway's forward passes per second during a graph against the
-classifier's best throughput called directly with the same intervention inputs.
+classifier's best throughput called directly with the same intervention inputs (at
+max_batch_size, the best concurrency; smaller batches for comparison), then on fresh
+gateways by PROPSCOPE_GRAPH_CONCURRENCY.
 
     make bench        # or: .venv/bin/python bench/graph.py
 """
