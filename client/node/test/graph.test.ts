@@ -88,7 +88,11 @@ function buildGraph(call: grpc.ServerWritableStream<BuildGraphRequest__Output, B
   }
   call.write({
     requestId,
-    done: { totalMs: 12.5, passes: 38, warnings: ["image 0: the target probability is 1 - 8.6e-12"] },
+    done: {
+      totalMs: 12.5,
+      passes: 38,
+      warnings: ["image 0: the target probability is 1 - 8.6e-12"],
+    },
   });
   call.end();
 }
