@@ -8,6 +8,7 @@ import math
 import struct
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 from google.protobuf import any_pb2
@@ -763,6 +764,33 @@ def property_result(
             for s in outcome.samples
         ],
     )
+
+
+def model_listing(
+    entries: Sequence[RepositoryEntry], descriptions: Sequence[ModelDescription | None]
+) -> list[pb.ModelInfo]:
+    """One ModelInfo per model, in the repository's order. Triton's index has one entry per
+    version of a model that serves several (version_policy all: a repaired version beside
+    its original); the model is listed once, described by its latest described version,
+    with every described version in ``versions``. A model none of whose entries could be
+    described is listed bare from its first entry."""
+    by_name: dict[str, list[tuple[RepositoryEntry, ModelDescription | None]]] = {}
+    for entry, description in zip(entries, descriptions, strict=True):
+        by_name.setdefault(entry.name, []).append((entry, description))
+    listing = []
+    for listed in by_name.values():
+        described = [(e, d) for e, d in listed if d is not None]
+        if not described:
+            listing.append(model_info(*listed[0]))
+            continue
+        versions = sorted({v for _, d in described for v in d.versions}, key=_version_order)
+        entry, latest = max(described, key=lambda pair: _version_order(pair[1].version))
+        listing.append(model_info(entry, replace(latest, versions=tuple(versions))))
+    return listing
+
+
+def _version_order(version: str) -> int:
+    return int(version) if version.isdigit() else 0
 
 
 def model_info(entry: RepositoryEntry, description: ModelDescription | None) -> pb.ModelInfo:

@@ -194,12 +194,7 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
             descriptions = await asyncio.gather(
                 *(self._describe_listed(entry, deadline) for entry in entries)
             )
-            return pb.ListModelsResponse(
-                models=[
-                    convert.model_info(entry, description)
-                    for entry, description in zip(entries, descriptions, strict=True)
-                ]
-            )
+            return pb.ListModelsResponse(models=convert.model_listing(entries, descriptions))
 
     async def _describe_listed(
         self, entry: RepositoryEntry, deadline: float | None

@@ -1,0 +1,52 @@
+"""ListModels lists each model once, though Triton's index has one entry per served version."""
+
+from __future__ import annotations
+
+from propscope_server.api.convert import model_listing
+from propscope_server.inference import ModelDescription, RepositoryEntry, Tensor
+
+
+def described(name: str, version: str, description: str = "") -> ModelDescription:
+    return ModelDescription(
+        name=name,
+        version=version,
+        versions=(version,),
+        role="classifier",
+        inputs=(Tensor("IMAGE", "UINT8", [8, 8, 3]),),
+        outputs=(Tensor("LOGITS", "FP32", [2]),),
+        max_batch_size=4,
+        description=description,
+    )
+
+
+def test_a_model_served_at_two_versions_is_listed_once_with_both():
+    entries = [
+        RepositoryEntry("repaired", "1", "READY"),
+        RepositoryEntry("other", "1", "READY"),
+        RepositoryEntry("repaired", "10", "READY"),
+        RepositoryEntry("repaired", "2", "READY"),
+    ]
+    descriptions = [
+        described("repaired", "1", "original"),
+        described("other", "1"),
+        described("repaired", "10", "latest"),
+        described("repaired", "2"),
+    ]
+    listing = model_listing(entries, descriptions)
+    assert [info.name for info in listing] == ["repaired", "other"]
+    assert list(listing[0].versions) == ["1", "2", "10"]
+    assert listing[0].description == "latest" and listing[0].state == "READY"
+
+
+def test_a_version_that_failed_does_not_hide_the_one_that_serves():
+    entries = [
+        RepositoryEntry("model", "1", "READY"),
+        RepositoryEntry("model", "2", "UNAVAILABLE", "load failed"),
+        RepositoryEntry("broken", "1", "UNAVAILABLE", "no backend"),
+    ]
+    listing = model_listing(entries, [described("model", "1"), None, None])
+    assert [(info.name, info.state, list(info.versions)) for info in listing] == [
+        ("model", "READY", ["1"]),
+        ("broken", "UNAVAILABLE", []),
+    ]
+    assert listing[1].state_reason == "no backend"
