@@ -113,6 +113,7 @@ def up(
 def _report(info: stack.StackInfo, run_dir: Path) -> None:
     typer.echo(f"propscope gateway  {info.gateway}")
     typer.echo(f"Triton (gRPC)      {info.triton_grpc}")
+    typer.echo(f"Triton (HTTP)      {info.triton_http_url or 'unknown (restart the stack)'}")
     typer.echo(f"path cache         {info.redis_url or 'in-process (redis-server not installed)'}")
     typer.echo(f"metrics            {info.metrics_url or 'off (PROPSCOPE_METRICS_PORT=0)'}")
     typer.echo(f"Triton metrics     {info.triton_metrics_url}")

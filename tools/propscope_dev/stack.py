@@ -55,6 +55,8 @@ class StackInfo:
     # What the caller asked for (see `start_request`): a running stack is reused
     # only for the same request.
     request: dict[str, Any] = field(default_factory=dict)
+    # Triton's HTTP endpoint: `propscope repair --triton-url` loads a new version through it.
+    triton_http_url: str | None = None
 
 
 def free_port() -> int:
@@ -301,6 +303,7 @@ def _start(
         f"http://127.0.0.1:{ports.metrics}/metrics",
         unavailable={m.name: m.reason for m in models if m.state != "READY"},
         request=request,
+        triton_http_url=f"http://127.0.0.1:{ports.http}",
     )
     (run_dir / "stack.json").write_text(json.dumps(asdict(info), indent=2))
     return info
