@@ -80,8 +80,6 @@ class Limits(BaseModel):
     # pass-count formula of scoring/causal_graph.py), and images per request.
     max_graph_passes: int = Field(20_000, ge=1)
     max_graph_images: int = Field(64, ge=1)
-    # Images of one BuildGraph request (each gets its own graph; the task graph spans them).
-    max_graph_images: int = Field(64, ge=1)
     # Admission control: a stream beyond these is refused, never queued. A connection
     # and a peer (client address) each get a share, so one greedy caller leaves room
     # for the others; with auth off the peer's share stands in for the tenant's.

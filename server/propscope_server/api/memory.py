@@ -115,7 +115,6 @@ STABILITY_DEFAULT_SAMPLES = 20
 # call, the model's view and the intervention batches around it. Not measured yet: a bound
 # from the attribution methods' view (VIEW_BYTES_PER_PIXEL) with room for the activations.
 GRAPH_BYTES_PER_PIXEL = 64
-GRAPH_DEFAULT_STEPS = 10
 # An estimate is rounded up by this much: what a measured request may vary by.
 MARGIN = 1.1
 
@@ -202,9 +201,10 @@ def estimate_bytes(
 
 
 def _graph(request: gpb.BuildGraphRequest, settings: Settings, model: ClassifierInput) -> int:
-    """Every image and reference image held with its working arrays; one image's path
-    (steps + 1 intervened passes) classified at a time. An image the decoder refuses
-    counts nothing: the request is refused before any work."""
+    """Every image and reference image held with its working arrays; batches of
+    max_batch_size intervened copies of the largest image's model input in flight,
+    graph_concurrency of them at once. An image the decoder refuses counts nothing: the
+    request is refused before any work."""
     limits = settings.limits
     held = REQUEST_COPIES * request.ByteSize() + REQUEST_OVERHEAD_BYTES
     images = request.images[: limits.max_graph_images]
@@ -212,8 +212,8 @@ def _graph(request: gpb.BuildGraphRequest, settings: Settings, model: Classifier
     largest = max(pixels, default=0)
     if largest == 0:
         return held
-    steps = min(max(request.steps or GRAPH_DEFAULT_STEPS, 2), limits.max_steps)
-    method = GRAPH_BYTES_PER_PIXEL * sum(pixels) + _classified(steps + 1, largest, model)
+    in_flight = model.max_batch_size * settings.graph_concurrency
+    method = GRAPH_BYTES_PER_PIXEL * sum(pixels) + _classified(in_flight, largest, model)
     working = IMAGE_BYTES_PER_PIXEL * sum(pixels) + max(DECODE_BYTES_PER_PIXEL * largest, method)
     return held + int(MARGIN * working)
 
