@@ -48,7 +48,7 @@ class GraphSpec:
     target: int | None = None
     steps: int = 10
     baseline: str = "mean"  # mean | zero
-    reference_images: tuple[np.ndarray, ...] = ()  # uint8 [H, W, 3]; for "mean" without config
+    reference_images: tuple[np.ndarray, ...] = ()  # uint8 [H, W, 3]; "mean": before config
     alpha: float = 0.05
     permutations: int = 1000
     min_probability_change: float = 0.05
