@@ -34,6 +34,17 @@ BASELINES = ("mean", "zero")
 BASELINE_CONFIG = "config"  # the model's propscope.channel_means
 BASELINE_REFERENCE = "reference_images"  # mean CHANNEL_MEANS over the request's references
 BASELINE_ZERO = "zero"
+# The ranges of GraphSpec's fields, one definition for the API's refusals
+# (api/convert_graph.py) and the method's own (methods/causal_graph.py), as graph.proto
+# states them. A reference set smaller than 8 gives noisy means; a larger one than 256
+# buys nothing.
+MIN_STEPS = 2
+MIN_REFERENCE_IMAGES = 8
+MAX_REFERENCE_IMAGES = 256
+MAX_NODES_PER_LAYER = 4096
+MAX_EDGES = 4096
+MAX_BOOTSTRAP = 100_000
+MAX_REPAIR_SHARE = 0.5
 
 
 @dataclass(frozen=True)

@@ -293,6 +293,10 @@ def test_the_repair_ablates_significant_channels_only_with_their_baseline():
         ({"steps": 200, "images": (image(1),) * 20}, ResourceExhausted, "max_graph_passes"),
         ({"min_share": 0.0}, InvalidArgument, "min_share"),
         ({"repair_property": PropertySpec("x")}, InvalidArgument, "repair_property"),
+        # The API's ranges (graph.proto), not looser ones of the method's own.
+        ({"repair_max_share": 0.6}, InvalidArgument, "repair_max_share"),
+        ({"nodes_per_layer": 4097}, InvalidArgument, "nodes_per_layer"),
+        ({"max_edges": 0}, InvalidArgument, "max_edges"),
     ],
 )
 def test_bad_requests_are_refused_before_any_pass_naming_the_field(changes, error, named):

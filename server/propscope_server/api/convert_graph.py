@@ -26,13 +26,6 @@ from propscope_server.errors import InvalidArgument
 
 # GraphSpec's defaults: what 0 or unset means in the contract.
 DEFAULT = {f.name: f.default for f in fields(gd.GraphSpec)}
-# A reference set smaller than this gives noisy means; a larger one buys nothing.
-MIN_REFERENCE_IMAGES = 8
-MAX_REFERENCE_IMAGES = 256
-MAX_NODES_PER_LAYER = 4096
-MAX_EDGES = 4096
-MAX_BOOTSTRAP = 100_000
-MAX_REPAIR_SHARE = 0.5
 BASELINE_NAMES = {
     gpb.GRAPH_BASELINE_UNSPECIFIED: "mean",
     gpb.GRAPH_BASELINE_MEAN: "mean",
@@ -126,7 +119,9 @@ def graph_spec(
             field="images",
         )
     layers = _layers(list(request.layers))
-    steps = bounded(request.steps, DEFAULT["steps"], 2, limits.max_steps, "steps", "max_steps")
+    steps = bounded(
+        request.steps, DEFAULT["steps"], gd.MIN_STEPS, limits.max_steps, "steps", "max_steps"
+    )
     alpha = (
         _fraction(request.alpha, "alpha", DEFAULT["alpha"], closed_low=False, closed_high=False)
         if request.alpha
@@ -165,9 +160,9 @@ def graph_spec(
     repair_share = DEFAULT["repair_max_share"]
     if request.HasField("repair_max_share"):
         repair_share = request.repair_max_share
-        if not (math.isfinite(repair_share) and 0.0 < repair_share <= MAX_REPAIR_SHARE):
+        if not (math.isfinite(repair_share) and 0.0 < repair_share <= gd.MAX_REPAIR_SHARE):
             raise InvalidArgument(
-                f"repair_max_share must be in (0, {MAX_REPAIR_SHARE:g}] (unset for the default "
+                f"repair_max_share must be in (0, {gd.MAX_REPAIR_SHARE:g}] (unset for the default "
                 f"{DEFAULT['repair_max_share']:g}); got {repair_share}",
                 field="repair_max_share",
             )
@@ -175,13 +170,15 @@ def graph_spec(
         request.nodes_per_layer,
         DEFAULT["nodes_per_layer"],
         1,
-        MAX_NODES_PER_LAYER,
+        gd.MAX_NODES_PER_LAYER,
         "nodes_per_layer",
         "nodes_per_layer",
     )
-    edges = bounded(request.max_edges, DEFAULT["max_edges"], 1, MAX_EDGES, "max_edges", "max_edges")
+    edges = bounded(
+        request.max_edges, DEFAULT["max_edges"], 1, gd.MAX_EDGES, "max_edges", "max_edges"
+    )
     bootstrap = bounded(
-        request.bootstrap, DEFAULT["bootstrap"], 1, MAX_BOOTSTRAP, "bootstrap", "bootstrap"
+        request.bootstrap, DEFAULT["bootstrap"], 1, gd.MAX_BOOTSTRAP, "bootstrap", "bootstrap"
     )
     if request.baseline not in BASELINE_NAMES:
         raise InvalidArgument(
@@ -197,10 +194,10 @@ def graph_spec(
             f"them out (got {references})",
             field="reference_images",
         )
-    if references and not MIN_REFERENCE_IMAGES <= references <= MAX_REFERENCE_IMAGES:
+    if references and not gd.MIN_REFERENCE_IMAGES <= references <= gd.MAX_REFERENCE_IMAGES:
         raise InvalidArgument(
             f"reference_images has {references} images; a reference set needs "
-            f"{MIN_REFERENCE_IMAGES}..{MAX_REFERENCE_IMAGES}",
+            f"{gd.MIN_REFERENCE_IMAGES}..{gd.MAX_REFERENCE_IMAGES}",
             field="reference_images",
         )
     repair = (

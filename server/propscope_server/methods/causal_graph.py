@@ -48,6 +48,13 @@ from propscope_server.graph_domain import (
     BASELINE_REFERENCE,
     BASELINE_ZERO,
     BASELINES,
+    MAX_BOOTSTRAP,
+    MAX_EDGES,
+    MAX_NODES_PER_LAYER,
+    MAX_REFERENCE_IMAGES,
+    MAX_REPAIR_SHARE,
+    MIN_REFERENCE_IMAGES,
+    MIN_STEPS,
     EdgeResult,
     GraphAccepted,
     GraphDone,
@@ -95,11 +102,6 @@ REQUIRED_INPUTS = (
     ACTIVATION_LAYER,
 )
 REQUIRED_OUTPUTS = (CHANNEL_MEANS, ACTIVATIONS)
-# The reference set a "mean" baseline is computed from when the config declares none.
-MIN_REFERENCE_IMAGES = 8
-MAX_REFERENCE_IMAGES = 256
-MIN_STEPS = 2
-MAX_BOOTSTRAP = 100_000
 
 
 @dataclass(frozen=True)
@@ -191,16 +193,16 @@ def _check_spec(spec: GraphSpec, settings: Settings) -> None:
         " (the limits min_permutations, max_permutations)",
     )
     bounded(spec.min_probability_change, 0.0, 1.0, "min_probability_change")
-    bounded(spec.nodes_per_layer, 1, 1 << 20, "nodes_per_layer")
-    bounded(spec.max_edges, 0, 1 << 20, "max_edges")
+    bounded(spec.nodes_per_layer, 1, MAX_NODES_PER_LAYER, "nodes_per_layer")
+    bounded(spec.max_edges, 1, MAX_EDGES, "max_edges")
     if not 0.0 < spec.min_share <= 1.0:
         raise InvalidArgument(
             f"min_share is {spec.min_share}; it must be in (0, 1]", field="min_share"
         )
     bounded(spec.bootstrap, 1, MAX_BOOTSTRAP, "bootstrap")
-    if not 0.0 < spec.repair_max_share <= 1.0:
+    if not 0.0 < spec.repair_max_share <= MAX_REPAIR_SHARE:
         raise InvalidArgument(
-            f"repair_max_share is {spec.repair_max_share}; it must be in (0, 1]",
+            f"repair_max_share is {spec.repair_max_share}; it must be in (0, {MAX_REPAIR_SHARE}]",
             field="repair_max_share",
         )
     references = len(spec.reference_images)
