@@ -24,6 +24,17 @@ class Tensor:
     optional: bool = False
 
 
+# The open-model contract's optional outputs (issue 17; triton_models/classifiers/
+# open_model.py): what a model computes on request after its class scores, never scores.
+OPEN_MODEL_OUTPUTS = (
+    "CHANNEL_MEANS",
+    "ACTIVATIONS",
+    "INPUT_GRADIENT",
+    "CHANNEL_GRADIENTS",
+    "GRAD_X_ACTIVATION",
+)
+
+
 @dataclass(frozen=True)
 class Layer:
     """A hidden layer an open model declares (propscope.layers): its module path and

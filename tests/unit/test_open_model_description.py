@@ -128,3 +128,21 @@ def test_two_required_inputs_are_refused():
             )
         )
     assert classifier_input(model) == ANY_CLASSIFIER
+
+
+@pytest.mark.parametrize("output", ["CHANNEL_MEANS", "ACTIVATIONS", "INPUT_GRADIENT"])
+def test_an_open_models_optional_output_is_refused_as_the_class_scores(output):
+    metadata, config = metadata_and_config({"propscope.output_kind": "logits"})
+    metadata["outputs"].append({"name": output, "datatype": "FP32", "shape": ["-1", "112"]})
+    model = _description(metadata, config, "")
+    with pytest.raises(InvalidArgument, match=f"model.output '{output}'.*'LOGITS'") as caught:
+        asyncio.run(
+            plan_classifier(
+                OneModel(model),
+                ClassifierRef("open", output=output),
+                np.zeros((8, 8, 3), np.uint8),
+                Settings(),
+                None,
+            )
+        )
+    assert caught.value.field == "model.output"

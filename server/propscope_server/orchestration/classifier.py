@@ -26,7 +26,7 @@ from propscope_server.backends.preprocessing import (
 from propscope_server.config import PreprocessingConfig, Settings
 from propscope_server.domain import ClassifierRef
 from propscope_server.errors import BackendError, FailedPrecondition, InvalidArgument
-from propscope_server.inference import Inference, ModelDescription
+from propscope_server.inference import OPEN_MODEL_OUTPUTS, Inference, ModelDescription
 from propscope_server.threads import in_thread
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,14 @@ async def plan_classifier(
     if output not in outputs:
         raise InvalidArgument(
             f"model {model.name!r} has no output {output!r}; it has {', '.join(outputs)}"
+        )
+    if output in OPEN_MODEL_OUTPUTS and output != model.outputs[0].name:
+        # Explained as scores, CHANNEL_MEANS would pass for 112 "classes" and the others
+        # fail in the model (ACTIVATIONS needs ACTIVATION_LAYER, gradients GRADIENT_CLASS).
+        raise InvalidArgument(
+            f"model.output {output!r} is one of model {model.name!r}'s open-model outputs, "
+            f"not class scores; leave model.output empty for {model.outputs[0].name!r}",
+            field="model.output",
         )
     classes = int(np.prod(outputs[output].shape)) if outputs[output].shape else 0
     target = ref.target_class
