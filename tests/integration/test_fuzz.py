@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from propscope.v1 import explain_pb2 as pb
+from propscope.v1 import graph_pb2 as gpb
 from tests.image_mutation import broken_second_idat_png, mutant
 from tests.integration.conftest import png, scene_png
 
@@ -687,7 +688,12 @@ def check_outcome(code: grpc.StatusCode, details: str, events: list, properties:
         return
     kinds = [event.WhichOneof("event") for event in events]
     assert kinds[0] == "accepted" and kinds[-1] == "done", kinds
-    results = [event.property_result for event in events if event.HasField("property_result")]
+    results = [
+        event.property_result
+        for event in events
+        if "property_result" in event.DESCRIPTOR.fields_by_name
+        and event.HasField("property_result")
+    ]
     if properties is not None:
         assert len(results) == properties
     for result in results:
@@ -847,3 +853,163 @@ def test_mutated_images_end_in_invalid_argument_or_a_result(fuzz_channel, live_s
     assert code == grpc.StatusCode.INVALID_ARGUMENT, f"{code.name}: {details}"
     assert "provided_path image 0 could not be decoded" in details, details
     assert_still_serving(fuzz_channel, live_stack)
+
+
+# ----------------------------------------------------------------------------- BuildGraph
+
+GRAPH_METHOD = "/propscope.v1.CausalGraphService/BuildGraph"
+GRAPH_FIELDS = (
+    "images",
+    "model.name",
+    "model.version",
+    "model.output",
+    "model.target",
+    "layers",
+    "steps",
+    "baseline",
+    "reference_images",
+    "alpha",
+    "permutations",
+    "min_probability_change",
+    "nodes_per_layer",
+    "max_edges",
+    "min_share",
+    "bootstrap",
+    "repair_property",
+    "repair_max_share",
+)
+# What a graph request may name besides a classifier's scores: the open model's optional
+# outputs (the synthetic classifiers declare them after LOGITS).
+OPEN_OUTPUTS = ("CHANNEL_MEANS", "ACTIVATIONS", "INPUT_GRADIENT", "GRAD_X_ACTIVATION")
+
+
+@st.composite
+def graph_requests(draw: st.DrawFn) -> gpb.BuildGraphRequest:
+    """Random values for every field of BuildGraphRequest, a few broken at a time. A valid
+    one stays cheap: one or two small images, one layer (features.0's 16 channels,
+    pre-screened down to 1..2 nodes), 7..8 steps, one edge, a few hundred permutations."""
+    broken = draw(st.sets(st.sampled_from(GRAPH_FIELDS), max_size=3))
+    image = draw(pixels())
+    valid_image = st.one_of(st.just(png(image)), encoded(image, valid=True))
+    images = draw(
+        wild_or(
+            st.lists(valid_image, min_size=1, max_size=2),
+            st.one_of(
+                st.just([]),
+                st.lists(st.one_of(encoded(image), hostile_images()), min_size=1, max_size=2),
+                st.just([png(image)] * 65),  # over max_graph_images
+            ),
+            "images",
+            broken,
+        )
+    )
+    model = draw(model_refs(broken))
+    if "model.output" in broken and draw(st.booleans()):
+        model.output = draw(st.sampled_from(OPEN_OUTPUTS))
+    request = gpb.BuildGraphRequest(
+        request_id=draw(TEXT), images=images, model=model, seed=draw(UINT64)
+    )
+    request.layers.extend(
+        draw(
+            wild_or(
+                st.just(["features.0"]),
+                st.lists(
+                    st.one_of(st.sampled_from(["features.0", "features.9", "", "features"]), TEXT),
+                    max_size=3,
+                ),
+                "layers",
+                broken,
+            )
+        )
+    )
+    request.steps = draw(
+        wild_or(st.integers(7, 8), st.one_of(st.integers(0, 6), UINT32_EDGES), "steps", broken)
+    )
+    request.baseline = draw(
+        wild_or(
+            st.sampled_from([0, 1, 2]),
+            st.sampled_from([3, 2**31 - 1, -1, -(2**31)]),
+            "baseline",
+            broken,
+        )
+    )
+    if "reference_images" in broken:
+        count = draw(st.sampled_from([1, 7, 8, 257]))
+        reference = draw(st.one_of(st.just(png(image)), hostile_images()))
+        request.reference_images.extend([reference] * count)
+    request.alpha = draw(
+        wild_or(st.one_of(st.just(0.0), st.floats(0.05, 0.5)), DOUBLES, "alpha", broken)
+    )
+    request.permutations = draw(
+        wild_or(
+            st.integers(100, 300),
+            st.one_of(st.just(0), st.integers(1, 99), UINT32_EDGES),
+            "permutations",
+            broken,
+        )
+    )
+    for name in ("min_probability_change", "min_share"):
+        if draw(st.booleans()):
+            setattr(request, name, draw(wild_or(st.floats(0.01, 1), DOUBLES, name, broken)))
+    for name, low, high in (("nodes_per_layer", 1, 2), ("max_edges", 1, 1), ("bootstrap", 1, 50)):
+        setattr(
+            request,
+            name,
+            draw(
+                wild_or(st.integers(low, high), st.one_of(st.just(0), UINT32_EDGES), name, broken)
+            ),
+        )
+    if draw(st.integers(0, 3)) == 0 or "repair_property" in broken:
+        request.repair_property.CopyFrom(
+            draw(properties("repair", image, broken | {"property.source"}, request.steps))
+        )
+        if "repair_property" in broken and draw(st.booleans()):
+            request.repair_property.region.box.right = 0.5
+    if "repair_max_share" in broken or draw(st.booleans()):
+        request.repair_max_share = draw(
+            wild_or(st.floats(0.01, 0.5), DOUBLES, "repair_max_share", broken)
+        )
+    return request
+
+
+def graph_raw(channel: grpc.Channel, data: bytes) -> tuple[grpc.StatusCode, str, list]:
+    """Send `data` as a BuildGraph request; the final status, its details and the events."""
+    call = channel.unary_stream(
+        GRAPH_METHOD,
+        request_serializer=lambda raw: raw,
+        response_deserializer=gpb.BuildGraphEvent.FromString,
+    )
+    events: list[gpb.BuildGraphEvent] = []
+    try:
+        for event in call(data, timeout=DEADLINE_S):
+            events.append(event)
+    except grpc.RpcError as error:
+        return error.code(), error.details() or "", events
+    return grpc.StatusCode.OK, "", events
+
+
+@settings(FUZZ_SETTINGS, max_examples=60)
+@given(request=graph_requests())
+def test_any_graph_request_ends_in_a_status(fuzz_channel, live_stack, request):
+    code, details, events = graph_raw(fuzz_channel, request.SerializeToString())
+    check_outcome(code, details, events, properties=None)
+    assert_still_serving(fuzz_channel, live_stack)
+
+
+# What fuzzing BuildGraph found, kept as regression cases: an open model's optional output
+# named as the classifier's scores (ACTIVATIONS, gradients: INTERNAL from the model;
+# CHANNEL_MEANS: 112 channel means graphed as classes).
+@pytest.mark.parametrize("output", OPEN_OUTPUTS)
+def test_graph_fuzzing_findings_end_in_a_proper_status(fuzz_channel, live_stack, output):
+    request = gpb.BuildGraphRequest(
+        images=[scene_png()],
+        model=pb.ModelRef(name="synth_hue", output=output),
+        layers=["features.0"],
+        steps=7,
+        nodes_per_layer=1,
+        max_edges=1,
+        permutations=200,
+    )
+    code, details, _ = graph_raw(fuzz_channel, request.SerializeToString())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, f"{code.name}: {details}"
+    assert "model.output" in details
