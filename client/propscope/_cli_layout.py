@@ -120,7 +120,26 @@ def _block(columns: Sequence[Column], row: Sequence[Cell], width: int) -> list[T
         line = Text("  ") + item
     if line is not None:
         lines.append(line)
-    return lines
+    return [part for line in lines for part in _wrapped(line, width)]
+
+
+def _wrapped(line: Text, width: int) -> list[Text]:
+    """``line`` broken at its last space before ``width``, its further lines indented under
+    the block (a terminal's own wrap would start them at column 0); a word longer than a line
+    stays whole."""
+    parts = []
+    while line.cell_len > width:
+        cut = line.plain.rfind(" ", 0, width + 1)
+        if cut <= len(_CONTINUATION):
+            break
+        head, _, tail = line.divide([cut, cut + 1])
+        parts.append(head)
+        line = Text(_CONTINUATION) + tail
+    parts.append(line)
+    return parts
+
+
+_CONTINUATION = "    "
 
 
 def _text(cell: Cell) -> Text:

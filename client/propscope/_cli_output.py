@@ -386,6 +386,10 @@ def _model_details(info: ModelInfo) -> list[str]:
         details.append(_labels_summary(info.class_labels))
     if info.methods:
         details.append(f"methods: {', '.join(info.methods)}")
+    if info.layers:
+        details.append(
+            "layers: " + ", ".join(f"{layer.name} ({layer.channels})" for layer in info.layers)
+        )
     return details
 
 

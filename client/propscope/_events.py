@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from propscope._errors import status_code_from_int
+from propscope._graph import GraphLayer
 from propscope._json import dataclass_dict, finite_or_none
 from propscope._preprocessing import PathMode, Preprocessing, path_mode_from_proto
 from propscope.v1 import explain_pb2
@@ -414,6 +415,9 @@ class ModelInfo:
     # Classifiers: the explanation methods the gateway can run on them (e.g. "propgrad",
     # "sobol", "rise"); empty from a gateway older than the attribution methods.
     methods: tuple[str, ...] = ()
+    # Open classifiers: their hidden layers in network order (what ``Client.graph``'s
+    # ``layers`` names); empty for a black box.
+    layers: tuple[GraphLayer, ...] = ()
 
     @property
     def is_classifier(self) -> bool:
@@ -436,6 +440,7 @@ class ModelInfo:
             preprocessing=Preprocessing.from_proto(msg.preprocessing),
             class_labels=tuple(msg.class_labels),
             methods=tuple(msg.methods),
+            layers=tuple(GraphLayer(layer.name, layer.channels) for layer in msg.layers),
         )
 
     def to_dict(self) -> dict[str, Any]:

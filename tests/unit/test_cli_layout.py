@@ -67,6 +67,21 @@ def test_a_table_when_it_fits_else_a_block_per_row():
     assert "settings grid 8  N 32  estimator jansen" in _render(60)
 
 
+def test_a_block_line_longer_than_the_terminal_continues_indented():
+    """A long item (a model's methods) is broken at a space and indented under its block, not
+    left to the terminal to wrap at column 0; an empty title prints no line."""
+    methods = "methods: propgrad, sobol, rise, deletion, insertion, mu_fidelity, causal_graph"
+    buffer = io.StringIO()
+    print_rows(Console(file=buffer, width=40), "", COLUMNS[:2] + (Column("details"),),
+               [["synth_hue", "1", methods]])  # fmt: skip
+    lines = buffer.getvalue().splitlines()
+    assert lines[0] == "synth_hue"
+    assert all(len(line) <= 40 for line in lines)
+    assert lines[2].startswith("  details methods: propgrad,")
+    assert all(line.startswith("    ") for line in lines[3:]), lines
+    assert " ".join(" ".join(lines[2:]).split()) == f"details {methods}"
+
+
 def test_numbers_are_whole_and_bounded():
     assert number(9.342e-06) == "9.342e-06"
     assert number(0.0909090909) == "0.09091"
