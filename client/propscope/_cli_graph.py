@@ -127,11 +127,12 @@ def _rows(result: GraphResult) -> list[tuple[str, Sequence[Column], list[list[st
 def print_graph(
     model: str, images: Sequence[str], result: GraphResult, output: OutputFormat
 ) -> None:
-    """``propscope graph``'s stdout: ``json`` one object (the result and the images' names),
+    """``propscope graph``'s stdout: ``json`` one object (the result, whose ``images`` is
+    their count, and ``image_files``, the names),
     ``plain`` a ``node``/``edge``/``task_node``/``task_edge``/``repair_channel`` line per
     item, ``warning`` lines and a ``graph`` line; ``table`` the tables and the warnings."""
     if output is OutputFormat.JSON:
-        write_json({"model": model, "images": list(images), **result.to_dict()})
+        write_json({"model": model, **result.to_dict(), "image_files": list(images)})
         return
     if output is OutputFormat.PLAIN:
         _print_plain(model, images, result)
@@ -152,7 +153,9 @@ def print_graph(
         console.print(note("", "warning: ", warning, "yellow"))
     for title, columns, rows in _rows(result):
         if rows:
-            print_rows(console, title, columns, rows)
+            # Printed apart: a table's own title wraps at the table's width, not the terminal's.
+            console.print(Text(title, style="bold"))
+            print_rows(console, "", columns, rows)
         else:
             console.print(Text(f"{title}: none"))
     if result.repair is not None:
@@ -203,6 +206,7 @@ def _print_plain(model: str, images: Sequence[str], result: GraphResult) -> None
                     ("node", node.key),
                     ("share", node.share),
                     ("bootstrap_frequency", node.bootstrap_frequency),
+                    ("mean_score", node.mean_score),
                 ],
             )
         for edge in task.edges:
@@ -215,6 +219,7 @@ def _print_plain(model: str, images: Sequence[str], result: GraphResult) -> None
                     ("target", edge.target),
                     ("share", edge.share),
                     ("bootstrap_frequency", edge.bootstrap_frequency),
+                    ("mean_score", edge.mean_score),
                 ],
             )
     if result.repair is not None:
@@ -228,6 +233,7 @@ def _print_plain(model: str, images: Sequence[str], result: GraphResult) -> None
                     ("channel", channel.channel),
                     ("value", channel.value),
                     ("movement", channel.movement),
+                    ("score", channel.score),
                 ],
             )
     warnings = [*result.warnings, *(result.repair.warnings if result.repair else ())]

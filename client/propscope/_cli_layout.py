@@ -53,14 +53,16 @@ def print_rows(
 ) -> None:
     """``rows`` (first cell: the row's name) as a table when it fits ``console``'s width
     without cutting or folding a cell, else as one block per row: its name, then its
-    ``header value`` pairs packed on lines, never split inside a pair."""
+    ``header value`` pairs packed on lines, never split inside a pair. An empty ``title``:
+    none (the caller printed its own)."""
     table = _table(title, columns, rows)
     # Measured as if the console were unbounded: rich clamps a measure to the console's width.
     needed = console.measure(table, options=console.options.update_width(_UNBOUNDED)).minimum
     if needed <= console.width:
         console.print(table)
         return
-    console.print(Text(title, style="bold"))
+    if title:
+        console.print(Text(title, style="bold"))
     for row in rows:
         for line in _block(columns, row, console.width):
             console.print(line)
@@ -68,7 +70,7 @@ def print_rows(
 
 def _table(title: str, columns: Sequence[Column], rows: Sequence[Sequence[Cell]]) -> Table:
     table = Table(
-        title=title,
+        title=title or None,
         box=box.SIMPLE_HEAD,
         title_justify="left",
         title_style="bold",

@@ -85,6 +85,8 @@ _CLI_TERMS = (
     ("model.preprocessing.output_kind", "--output-kind"),
     ("pass model.preprocessing in the request", "pass --mean, --std, --output-kind or --resize"),
     ("pass model.preprocessing", "pass --mean, --std, --output-kind or --resize"),
+    ("reference_images or choose baseline zero", "--reference images or choose --baseline zero"),
+    ("lower min_probability_change", "lower --min-probability-change"),
 )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -168,7 +169,8 @@ class TaskEdge(_Record):
 
 @dataclass(frozen=True)
 class TaskGraph(_Record):
-    """The nodes and edges significant on at least ``min_share`` of the images of one class."""
+    """The nodes and edges relevant (kept) on at least ``min_share`` of the images of one
+    class."""
 
     target_class: int
     target_label: str
@@ -280,6 +282,8 @@ class GraphResult(_Record):
             label = self.target_labels[index] if index < len(self.target_labels) else ""
             target = self.targets[index] if index < len(self.targets) else 0
             title = f"image {index}, class {_class_name(target, label)}"
+        if not nodes:  # an empty drawing says why (GraphResult.warnings says more)
+            title += ": no node kept (relevant)"
         return _dot(f"{self.model} v{self.model_version}: {title}", self.layers, nodes, edges)
 
     def to_svg(self, image: int | None = None) -> str:
@@ -288,16 +292,11 @@ class GraphResult(_Record):
         try:
             import graphviz
         except ImportError:
-            raise RuntimeError(
-                "to_svg needs the graphviz package: pip install 'propscope[graph]' "
-                "(and Graphviz's dot: apt-get install graphviz)"
-            ) from None
+            raise RuntimeError(_NO_PACKAGE) from None
         try:
             svg = graphviz.Source(self.to_dot(image)).pipe(format="svg", encoding="utf-8")
         except graphviz.ExecutableNotFound:
-            raise RuntimeError(
-                "Graphviz's dot is not on PATH: apt-get install graphviz (brew install graphviz)"
-            ) from None
+            raise RuntimeError(_NO_DOT) from None
         return svg
 
     def _image_drawing(self, image: int) -> tuple[list[tuple[str, str, float]], list[Any]]:
@@ -320,6 +319,23 @@ class GraphResult(_Record):
             mean = sum(effects) / len(effects) if effects else 0.0
             edges.append((edge.source, edge.target, abs(mean), mean))
         return nodes, edges
+
+
+_NO_PACKAGE = (
+    "to_svg needs the graphviz package: pip install 'propscope[graph]' "
+    "(and Graphviz's dot: apt-get install graphviz)"
+)
+_NO_DOT = "Graphviz's dot is not on PATH: apt-get install graphviz (brew install graphviz)"
+
+
+def graphviz_problem() -> str:
+    """Why ``to_svg`` would fail here (no graphviz package, no ``dot``), else ""; the CLI
+    asks before it computes a graph."""
+    try:
+        import graphviz  # noqa: F401
+    except ImportError:
+        return _NO_PACKAGE
+    return "" if shutil.which("dot") else _NO_DOT
 
 
 def _class_name(index: int, label: str) -> str:

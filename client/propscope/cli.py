@@ -73,7 +73,7 @@ from propscope._cli_progress import ProgressMode, eta, explain_progress
 from propscope._client import Client
 from propscope._errors import PropscopeError
 from propscope._events import Accepted, Event, PropertyResult
-from propscope._graph import GraphResult
+from propscope._graph import GraphResult, graphviz_problem
 from propscope._images import encode_image, folder_images
 from propscope._maps import DEFAULT_ALPHA, DEFAULT_COLORMAP, read_map, write_attribution
 from propscope._preflight import Classifier, PreflightError, preflight
@@ -142,6 +142,17 @@ FormatOption = Annotated[
         help="table: a table when it fits the terminal, else a block per row (nothing cut); "
         "plain: one key=value line per result, in request order once each model is done "
         "(grep, diffable CI logs); json: one object per event as it comes.",
+    ),
+]
+# graph and repair print once the graph is done, not per event as explain does.
+GraphFormatOption = Annotated[
+    OutputFormat,
+    typer.Option(
+        "--format",
+        help="table: tables that fit the terminal, else a block per row (nothing cut); "
+        "plain: one key=value line per node, edge, task-graph item, repair channel and "
+        "warning, then a `graph` summary line (grep, diffable CI logs); json: one object "
+        "(the GraphResult and image_files).",
     ),
 ]
 TimeoutOption = Annotated[
@@ -532,6 +543,9 @@ _OPTIONS_OF_FIELDS = {
     "path_mode": "--fixed-steps",
     "explanation": "--map",
     "max_percentage_perturbed": "--max-fraction",
+    "reference_images": "--reference",
+    "repair_property": "--property",
+    "repair_max_share": "--max-share",
 }
 
 
@@ -1172,7 +1186,7 @@ def graph(
         Path | None, typer.Option(dir_okay=False, help="Write an HTML report (drawing, tables).")
     ] = None,
     progress: ProgressOption = None,
-    output_format: FormatOption = OutputFormat.TABLE,
+    output_format: GraphFormatOption = OutputFormat.TABLE,
     timeout: TimeoutOption = None,
 ) -> None:
     """Build the causal explanatory graph of --model's hidden channels on IMAGE...
@@ -1200,6 +1214,7 @@ def graph(
     if version:
         classifier = dataclasses.replace(classifier, version=version)
     names = _layers_option(layers)
+    _check_drawings(dot, svg, report)
     encoded = _graph_images(images)
     references = _reference_images(reference or [])
     options: dict[str, Any] = {
@@ -1257,6 +1272,18 @@ def _run_graph(
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
+def _check_drawings(dot: Path | None, svg: Path | None, report: Path | None) -> None:
+    """Before any pass: the files' folders exist and --svg has Graphviz, so a finished graph
+    is not lost to a typo in a path."""
+    for option, path in (("--dot", dot), ("--svg", svg), ("--report", report)):
+        if path is not None and not path.resolve().parent.is_dir():
+            _fail(f"{option} {str(path)!r}: the folder {str(path.parent)!r} does not exist")
+    if svg is not None:
+        problem = graphviz_problem()
+        if problem:
+            _fail(f"--svg {str(svg)!r}: {problem}; or write --dot and lay it out elsewhere")
+
+
 def _write_drawings(
     found: GraphResult,
     model: str,
@@ -1290,7 +1317,19 @@ def _repair_property(text: str) -> Property:
         _fail(f"--property {text!r}: {error}")
 
 
-@app.command(short_help="Ablate the channels a property moves: a repaired model version.")
+REPAIR_EXIT = """\b
+Exit codes:
+  0    success: version N+1 written (and loaded with --triton-url)
+  2    usage error, a repository that cannot take version N+1, a model not
+       served or not open, a call the server refused or failed, no channel
+       to ablate, Triton refusing the load
+  130  interrupted"""
+
+
+@app.command(
+    short_help="Ablate the channels a property moves: a repaired model version.",
+    epilog=REPAIR_EXIT,
+)
 def repair(
     context: typer.Context,
     images: Annotated[
@@ -1332,11 +1371,32 @@ def repair(
         float | None,
         typer.Option(min=0.0, max=0.5, help="Largest share of channels ablated (default 0.05)."),
     ] = None,
+    target_class: Annotated[
+        int | None,
+        typer.Option(min=0, help="Class to explain (default: each image's predicted one)."),
+    ] = None,
+    baseline: Annotated[
+        str,
+        typer.Option(
+            metavar="mean|zero",
+            help="What a channel moves toward, and the value it is ablated to: its mean "
+            "(the model's, else --reference's) or 0.",
+        ),
+    ] = "mean",
+    reference: Annotated[
+        list[Path] | None,
+        typer.Option(
+            metavar="DIR|FILE",
+            help="Reference images for the mean baseline (8..256; a folder or files; "
+            "repeatable), when the model declares no channel means.",
+            show_default=False,
+        ),
+    ] = None,
     steps: Annotated[int, typer.Option(min=0, help="Intervention steps (0: 10).")] = 0,
     seed: Annotated[int, typer.Option(min=0, help="Seeds the tests and the bootstrap.")] = 0,
     target: TargetOption = DEFAULT_TARGET,
     progress: ProgressOption = None,
-    output_format: FormatOption = OutputFormat.TABLE,
+    output_format: GraphFormatOption = OutputFormat.TABLE,
     timeout: TimeoutOption = None,
 ) -> None:
     """Write version N+1 of --model with the channels --property moves ablated.
@@ -1347,14 +1407,18 @@ def repair(
     baseline in every forward pass). Refused before any work when N+1 exists or
     when config.pbtxt would not serve both versions (set
     `version_policy: { all { } }`). With --triton-url, asks Triton to load the
-    model (explicit model control); else prints the command to run.
+    model (explicit model control); else prints the command to run. A model
+    that declares no channel means needs --reference images (or --baseline zero).
 
     \b
     Examples:
       propscope repair red.png blue.png -m synth_hue --version 1 \\
           -p 'hue=procedural:operation=hue' --repository deploy/triton/models \\
           --triton-url http://localhost:8000
+      propscope repair imgs/*.png -m my_cnn --version 1 --reference calibration/ \\
+          -p 'hue=procedural:operation=hue' --repository models
     """
+    _choice(baseline, ("mean", "zero"), "--baseline")
     try:
         repair_module.check_repairable(repository, model, version)
     except repair_module.RepairError as error:
@@ -1363,6 +1427,9 @@ def repair(
     classifier = Classifier(model, str(version), ("causal_graph",))
     options: dict[str, Any] = {
         "layers": _layers_option(layers),
+        "target_class": target_class,
+        "baseline": baseline,
+        "reference_images": _reference_images(reference or []),
         "steps": steps,
         "seed": seed,
         "repair_property": prop_spec,

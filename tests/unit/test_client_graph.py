@@ -5,6 +5,7 @@ client logic; the real method runs in tests/integration/test_graph.py)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 from concurrent import futures
@@ -12,6 +13,9 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -138,6 +142,27 @@ def events(images: int) -> list[graph_pb2.BuildGraphEvent]:
     return stream
 
 
+def _no_means(context) -> None:
+    """The server's refusal of a mean baseline on a model without channel means."""
+    status = status_pb2.Status(
+        code=code_pb2.INVALID_ARGUMENT,
+        message="baseline mean: model 'synth_hue' declares no channel means; give 8 to 256 "
+        "reference_images or choose baseline zero",
+    )
+    detail = any_pb2.Any()
+    detail.Pack(
+        error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field="reference_images", description="8..256"
+                )
+            ]
+        )
+    )
+    status.details.append(detail)
+    context.abort_with_status(rpc_status.to_status(status))
+
+
 class FakeGraph(graph_pb2_grpc.CausalGraphServiceServicer):
     def __init__(self) -> None:
         self.requests: list[graph_pb2.BuildGraphRequest] = []
@@ -146,6 +171,8 @@ class FakeGraph(graph_pb2_grpc.CausalGraphServiceServicer):
         self.requests.append(request)
         if request.model.name == "blackbox":
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "needs interventions")
+        if request.baseline == graph_pb2.GRAPH_BASELINE_MEAN and request.model.target_class == 7:
+            _no_means(context)
         if request.model.name == "truncated":
             yield from events(len(request.images))[:3]
             return
@@ -388,3 +415,94 @@ def test_cli_repair_writes_the_next_version(service, image_files, tmp_path):
     assert "/v2/repository/models/synth_hue/load" in result.stderr
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "synth_hue/2 exists already" in again.output
+
+
+def test_cli_graph_json_keeps_the_image_names(service, image_files):
+    """The result's ``images`` is a count; the names are ``image_files`` (they were lost)."""
+    _, target = service
+    args = ["graph", *map(str, image_files), "-m", "synth_hue", "--target", target]
+    result = CliRunner().invoke(app, [*args, "--no-progress", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    decoded = json.loads(result.stdout)
+    assert decoded["images"] == 2
+    assert decoded["image_files"] == [str(path) for path in image_files]
+
+
+def test_cli_graph_plain_lines_carry_the_tables_scores(service, image_files):
+    _, target = service
+    args = ["graph", *map(str, image_files), "-m", "synth_hue", "--target", target]
+    lines = CliRunner().invoke(app, [*args, "--no-progress", "--format", "plain"]).stdout
+    task_edge = next(line for line in lines.splitlines() if line.startswith("task_edge "))
+    assert task_edge.endswith("bootstrap_frequency=0.97 mean_score=0.05")
+    repair = next(line for line in lines.splitlines() if line.startswith("repair_channel "))
+    assert repair.endswith("value=0.125 movement=4.0 score=0.2")
+
+
+def test_cli_graph_refuses_unwritable_drawings_before_any_pass(service, image_files, tmp_path):
+    fake, target = service
+    args = ["graph", str(image_files[0]), "-m", "synth_hue", "--target", target, "--no-progress"]
+    missing = tmp_path / "no-such-folder" / "g.dot"
+    result = CliRunner().invoke(app, [*args, "--dot", str(missing)])
+    assert result.exit_code == 2
+    assert "--dot" in result.stderr and "does not exist" in result.stderr
+    assert not fake.requests  # nothing computed and then lost
+
+
+def test_cli_graph_names_the_reference_option(service, image_files):
+    """A refusal naming the request's reference_images speaks of --reference and --baseline."""
+    _, target = service
+    args = ["graph", str(image_files[0]), "-m", "synth_hue", "--target", target, "--no-progress"]
+    result = CliRunner().invoke(app, [*args, "--target-class", "7"])
+    assert result.exit_code == 2
+    assert "give 8 to 256 --reference images or choose --baseline zero" in result.stderr
+    assert "(option --reference)" in result.stderr
+
+
+def test_cli_repair_sends_the_baseline_and_reference_images(service, image_files, tmp_path):
+    """A model without channel means can be repaired: --reference (or --baseline zero)."""
+    fake, target = service
+    root = tmp_path / "repo"
+    (root / "synth_hue" / "1").mkdir(parents=True)
+    (root / "synth_hue" / "config.pbtxt").write_text("version_policy: { all { } }\n")
+    references = tmp_path / "references"
+    references.mkdir()
+    for index in range(8):
+        Image.fromarray(_image(10 * index)).save(references / f"r{index}.png")
+    args = ["repair", str(image_files[0]), "-m", "synth_hue", "--version", "1"]
+    args += ["-p", "procedural:operation=hue", "--repository", str(root), "--target", target]
+    result = CliRunner().invoke(app, [*args, "--no-progress", "--reference", str(references)])
+    assert result.exit_code == 0, result.output
+    assert len(fake.requests[0].reference_images) == 8
+    zero = CliRunner().invoke(
+        app, [*args, "--no-progress", "--baseline", "zero", "--repository", str(tmp_path)]
+    )
+    assert zero.exit_code == 2  # no synth_hue folder there: refused before the graph
+    assert len(fake.requests) == 1
+    (root / "synth_hue" / "2").rename(root / "synth_hue" / "old2")
+    zero = CliRunner().invoke(app, [*args, "--no-progress", "--baseline", "zero"])
+    assert zero.exit_code == 0, zero.output
+    assert fake.requests[1].baseline == graph_pb2.GRAPH_BASELINE_ZERO
+
+
+def test_dot_of_an_empty_graph_says_nothing_was_kept():
+    result = _result(1)
+    empty = dataclasses.replace(
+        result,
+        nodes=tuple(dataclasses.replace(n, relevant=False) for n in result.nodes),
+        edges=(),
+    )
+    assert 'image 0, class 1 (red): no node kept (relevant)"' in empty.to_dot()
+    assert "no node kept" not in result.to_dot()
+
+
+def test_models_lists_an_open_models_layers(service):
+    _, target = service
+    with Client(target) as client:
+        models = {info.name: info for info in client.list_models()}
+    assert [(x.name, x.channels) for x in models["synth_hue"].layers] == [
+        ("features.1", 32),
+        ("features.2", 64),
+    ]
+    assert models["blackbox"].layers == ()
+    listed = CliRunner().invoke(app, ["models", "--target", target])
+    assert "layers: features.1 (32), features.2 (64)" in " ".join(listed.stdout.split())
