@@ -1001,15 +1001,46 @@ def test_any_graph_request_ends_in_a_status(fuzz_channel, live_stack, request):
 # CHANNEL_MEANS: 112 channel means graphed as classes).
 @pytest.mark.parametrize("output", OPEN_OUTPUTS)
 def test_graph_fuzzing_findings_end_in_a_proper_status(fuzz_channel, live_stack, output):
-    request = gpb.BuildGraphRequest(
+    request = graph_known_good()
+    request.model.output = output
+    code, details, _ = graph_raw(fuzz_channel, request.SerializeToString())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, f"{code.name}: {details}"
+    assert "model.output" in details
+
+
+def graph_known_good() -> gpb.BuildGraphRequest:
+    return gpb.BuildGraphRequest(
         images=[scene_png()],
-        model=pb.ModelRef(name="synth_hue", output=output),
+        model=pb.ModelRef(name="synth_hue"),
         layers=["features.0"],
         steps=7,
         nodes_per_layer=1,
         max_edges=1,
         permutations=200,
     )
-    code, details, _ = graph_raw(fuzz_channel, request.SerializeToString())
-    assert code == grpc.StatusCode.INVALID_ARGUMENT, f"{code.name}: {details}"
-    assert "model.output" in details
+
+
+@st.composite
+def graph_wire_requests(draw: st.DrawFn) -> bytes:
+    """BuildGraph bytes the protobuf library would not build: non-UTF-8 strings, negative
+    varints in the counts and the baseline enum, truncated, flipped and garbage."""
+    base = graph_known_good().SerializeToString()
+    kind = draw(st.sampled_from(["non_utf8", "negative", "truncated", "flipped", "garbage"]))
+    if kind == "non_utf8":  # request_id (1) or a layer name (4)
+        return base + length_delimited(draw(st.sampled_from([1, 4])), draw(INVALID_UTF8))
+    if kind == "negative":  # steps, baseline, permutations, nodes_per_layer, max_edges, bootstrap
+        field = draw(st.sampled_from([5, 6, 9, 11, 12, 14, 15]))
+        return base + key(field, 0) + varint(draw(NEGATIVE))
+    if kind == "truncated":
+        return base[: draw(st.integers(0, len(base) - 1))]
+    if kind == "flipped":
+        return draw(damaged(base))
+    return draw(st.binary(min_size=1, max_size=256))
+
+
+@settings(WIRE_SETTINGS, max_examples=30)
+@given(data=graph_wire_requests())
+def test_any_graph_request_bytes_end_in_a_status(fuzz_channel, live_stack, data):
+    code, details, events = graph_raw(fuzz_channel, data)
+    check_outcome(code, details, events, properties=None)
+    assert_still_serving(fuzz_channel, live_stack)
