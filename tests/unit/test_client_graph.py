@@ -173,6 +173,13 @@ class FakeGraph(graph_pb2_grpc.CausalGraphServiceServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "needs interventions")
         if request.baseline == graph_pb2.GRAPH_BASELINE_MEAN and request.model.target_class == 7:
             _no_means(context)
+        if request.model.target_class == 8:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "the graph needs up to 26010 forward passes; the limit max_graph_passes is "
+                "20000 per request; lower the cost with fewer images or layers, fewer steps, "
+                "a smaller nodes_per_layer (pre-screens wide layers) or max_edges",
+            )
         if request.model.name == "truncated":
             yield from events(len(request.images))[:3]
             return
@@ -448,14 +455,20 @@ def test_cli_graph_refuses_unwritable_drawings_before_any_pass(service, image_fi
     assert not fake.requests  # nothing computed and then lost
 
 
-def test_cli_graph_names_the_reference_option(service, image_files):
-    """A refusal naming the request's reference_images speaks of --reference and --baseline."""
+def test_cli_graph_refusals_speak_of_options(service, image_files):
+    """A refusal naming the request's reference_images speaks of --reference and --baseline;
+    the pass budget's of --steps, --nodes-per-layer and --max-edges."""
     _, target = service
     args = ["graph", str(image_files[0]), "-m", "synth_hue", "--target", target, "--no-progress"]
     result = CliRunner().invoke(app, [*args, "--target-class", "7"])
     assert result.exit_code == 2
     assert "give 8 to 256 --reference images or choose --baseline zero" in result.stderr
     assert "(option --reference)" in result.stderr
+    budget = CliRunner().invoke(app, [*args, "--target-class", "8"])
+    assert budget.exit_code == 2
+    assert "fewer --steps, a smaller --nodes-per-layer (pre-screens wide layers) or " in (
+        budget.stderr
+    )
 
 
 def test_cli_repair_sends_the_baseline_and_reference_images(service, image_files, tmp_path):
