@@ -12,7 +12,7 @@ from rich.text import Text
 
 from propscope._cli_layout import Column, number, print_rows
 from propscope._cli_output import OutputFormat, note, plain_line, stdout_console, write_json
-from propscope._graph import GraphEdge, GraphNode, GraphResult
+from propscope._graph import GraphEdge, GraphNode, GraphResult, TaskEdge, TaskNode
 
 __all__ = ["print_graph", "write_graph_report"]
 
@@ -68,6 +68,15 @@ def _edge_row(edge: GraphEdge) -> list[str]:
     ]
 
 
+def _images(indices: Sequence[int]) -> str:
+    return ("image " if len(indices) == 1 else "images ") + ", ".join(map(str, indices))
+
+
+def _task_order(item: TaskNode | TaskEdge) -> tuple[float, float]:
+    """The task graph's rows: the most shared first, then by mean score."""
+    return (-item.share, -item.mean_score)
+
+
 def _rows(result: GraphResult) -> list[tuple[str, Sequence[Column], list[list[str]]]]:
     """(title, columns, rows) of every table: per image its significant nodes by score
     and its edges, each marked kept when relevant (``GraphResult.kept_nodes``/``kept_edges``:
@@ -98,7 +107,7 @@ def _rows(result: GraphResult) -> list[tuple[str, Sequence[Column], list[list[st
                 number(node.bootstrap_frequency),
                 number(node.mean_score),
             ]
-            for node in task.nodes
+            for node in sorted(task.nodes, key=_task_order)
         ] + [
             [
                 f"{edge.source} -> {edge.target}",
@@ -106,12 +115,14 @@ def _rows(result: GraphResult) -> list[tuple[str, Sequence[Column], list[list[st
                 number(edge.bootstrap_frequency),
                 number(edge.mean_score),
             ]
-            for edge in task.edges
+            for edge in sorted(task.edges, key=_task_order)
         ]
+        excluded = task.excluded_images
         title = (
             f"task graph of class {task.target_class}"
             f"{f' ({task.target_label})' if task.target_label else ''} over {len(task.images)} "
             f"images, min share {number(task.min_share)}"
+            + (f" ({_images(task.excluded_images)} excluded: another class)" if excluded else "")
         )
         tables.append((title, TASK_COLUMNS, rows))
     repair = result.repair

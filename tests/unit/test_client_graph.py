@@ -102,10 +102,10 @@ def events(images: int) -> list[graph_pb2.BuildGraphEvent]:
                     images=list(range(images)),
                     nodes=[
                         graph_pb2.TaskNode(
-                            layer="features.1", channel=3, share=1.0, mean_score=0.2
+                            layer="features.2", channel=9, share=1.0, mean_score=0.1
                         ),
                         graph_pb2.TaskNode(
-                            layer="features.2", channel=9, share=1.0, mean_score=0.1
+                            layer="features.1", channel=3, share=1.0, mean_score=0.2
                         ),
                     ],
                     edges=[
@@ -120,6 +120,7 @@ def events(images: int) -> list[graph_pb2.BuildGraphEvent]:
                         )
                     ],
                     min_share=0.5,
+                    excluded_images=[images] if images > 1 else [],
                 )
             )
         )
@@ -263,7 +264,7 @@ def test_graph_sends_the_request_and_folds_the_stream(service):
     assert len(items) == 10  # every node and edge, as it came
     decoded = json.loads(result.to_json())
     assert decoded["edges"][0]["clamped_curve"] == [0.9, 0.85, 0.7]
-    assert decoded["task_graph"]["nodes"][1]["channel"] == 9
+    assert decoded["task_graph"]["nodes"][0]["channel"] == 9
 
 
 def test_async_graph_returns_the_same_result(service):
@@ -519,3 +520,13 @@ def test_models_lists_an_open_models_layers(service):
     assert models["blackbox"].layers == ()
     listed = CliRunner().invoke(app, ["models", "--target", target])
     assert "layers: features.1 (32), features.2 (64)" in " ".join(listed.stdout.split())
+
+
+def test_cli_task_graph_rows_most_shared_first_and_excluded_images_named(service, image_files):
+    _, target = service
+    args = ["graph", *map(str, image_files), "-m", "synth_hue", "--target", target]
+    out = CliRunner().invoke(app, [*args, "--no-progress"], env={"COLUMNS": "200"}).stdout
+    assert "task graph of class 1 (red) over 2 images, min share 0.5 (image 2 excluded: " in out
+    task = out[out.index("task graph of class") :].splitlines()
+    rows = [line.split()[0] for line in task[3:5]]
+    assert rows == ["features.1:3", "features.2:9"]  # share 1 each: the larger mean score first
