@@ -1464,7 +1464,10 @@ def repair(
     try:
         repair_module.load_model(triton_url, model)
     except repair_module.RepairError as error:
-        _fail(str(error))
+        _fail(
+            f"{error}; version {version + 1} is written, not loaded: load it with "
+            f"{repair_module.load_command(triton_url, model)} once Triton is reachable"
+        )
     typer.echo(f"propscope: Triton loaded {model} (versions {version} and {version + 1})", err=True)
 
 

@@ -498,6 +498,22 @@ def test_cli_repair_sends_the_baseline_and_reference_images(service, image_files
     assert fake.requests[1].baseline == graph_pb2.GRAPH_BASELINE_ZERO
 
 
+def test_cli_repair_says_the_version_is_written_when_triton_cannot_load_it(
+    service, image_files, tmp_path
+):
+    _, target = service
+    root = tmp_path / "repo"
+    (root / "synth_hue" / "1").mkdir(parents=True)
+    (root / "synth_hue" / "config.pbtxt").write_text("version_policy: { all { } }\n")
+    args = ["repair", str(image_files[0]), "-m", "synth_hue", "--version", "1", "--no-progress"]
+    args += ["-p", "procedural:operation=hue", "--repository", str(root), "--target", target]
+    result = CliRunner().invoke(app, [*args, "--triton-url", "http://127.0.0.1:1"])
+    assert result.exit_code == 2
+    assert (root / "synth_hue" / "2" / "propscope_ablation.json").is_file()
+    assert "cannot reach Triton at http://127.0.0.1:1" in result.stderr
+    assert "version 2 is written, not loaded: load it with curl -X POST " in result.stderr
+
+
 def test_dot_of_an_empty_graph_says_nothing_was_kept():
     result = _result(1)
     empty = dataclasses.replace(
