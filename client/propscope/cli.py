@@ -1263,13 +1263,21 @@ def _run_graph(
                     **options,
                 )
     except PreflightError as error:
-        _fail_lines(f"{target}: {error}")
+        hint = _OPEN_MODEL_HINT if "cannot run causal_graph" in str(error) else ""
+        _fail_lines(f"{target}: {error}{hint}")
     except PropscopeError as error:
         _call_failed(target, error, context)
     except ValueError as error:
         _fail(str(error))
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+# After a pre-flight refusal of a black-box model: what would make it graphable.
+_OPEN_MODEL_HINT = (
+    "\n  a causal graph needs an open model: one whose config.pbtxt declares propscope.layers "
+    'and the capabilities activations,interventions (docs/own-models.md, "Open models")'
+)
 
 
 def _check_drawings(dot: Path | None, svg: Path | None, report: Path | None) -> None:
