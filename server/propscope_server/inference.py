@@ -12,6 +12,7 @@ import numpy as np
 
 from propscope_server.config import PreprocessingConfig
 from propscope_server.editor_contract import EditorSchema, ReportProgress, unreported
+from propscope_server.open_contract import Layer as Layer  # ModelDescription.layers
 
 
 @dataclass(frozen=True)
@@ -22,26 +23,6 @@ class Tensor:
     # Declared `optional: true` in the config: a request may leave it out (an open
     # model's intervention inputs); the classifier's image is its one required input.
     optional: bool = False
-
-
-# The open-model contract's optional outputs (issue 17; triton_models/classifiers/
-# open_model.py): what a model computes on request after its class scores, never scores.
-OPEN_MODEL_OUTPUTS = (
-    "CHANNEL_MEANS",
-    "ACTIVATIONS",
-    "INPUT_GRADIENT",
-    "CHANNEL_GRADIENTS",
-    "GRAD_X_ACTIVATION",
-)
-
-
-@dataclass(frozen=True)
-class Layer:
-    """A hidden layer an open model declares (propscope.layers): its module path and
-    channel count. Its position in ModelDescription.layers is its index."""
-
-    name: str
-    channels: int
 
 
 @dataclass(frozen=True)

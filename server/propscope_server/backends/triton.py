@@ -43,7 +43,13 @@ from propscope_server.errors import (
     NotFound,
     Unavailable,
 )
-from propscope_server.inference import Layer, ModelDescription, RepositoryEntry, Tensor
+from propscope_server.inference import ModelDescription, RepositoryEntry, Tensor
+from propscope_server.open_contract import (
+    CHANNEL_MEANS_PARAMETER,
+    LAYERS_PARAMETER,
+    Layer,
+    parse_layers,
+)
 
 # How long a model's metadata and config are trusted before asking Triton again.
 DESCRIPTION_TTL_S = 30.0
@@ -524,10 +530,6 @@ STD_PARAMETER = "propscope.std"
 RESIZE_PARAMETER = "propscope.resize"
 OUTPUT_KIND_PARAMETER = "propscope.output_kind"
 CLASS_LABELS_PARAMETER = "propscope.class_labels"
-# An open model's hidden layers (issue 17): JSON object module path -> channels, in
-# network order; and per layer the channels' reference means (JSON layer -> C floats).
-LAYERS_PARAMETER = "propscope.layers"
-CHANNEL_MEANS_PARAMETER = "propscope.channel_means"
 
 
 def declared_preprocessing(
@@ -581,23 +583,7 @@ def declared_layers(
     """The layers (order kept: it is each layer's index) and channel means an open
     model declares; ValueError naming the parameter and the expected format when one
     cannot be read."""
-    layers: tuple[Layer, ...] = ()
-    text = parameters.get(LAYERS_PARAMETER, "").strip()
-    if text:
-        try:
-            parsed = json.loads(text)
-        except json.JSONDecodeError:
-            parsed = None
-        if (
-            not isinstance(parsed, dict)
-            or not parsed
-            or not all(type(c) is int and c > 0 for c in parsed.values())
-        ):
-            raise ValueError(
-                f"config parameter {LAYERS_PARAMETER} needs a JSON object of module path -> "
-                'positive channel count in network order, e.g. "{\\"features.0\\": 16}"'
-            )
-        layers = tuple(Layer(name, channels) for name, channels in parsed.items())
+    layers = parse_layers(parameters.get(LAYERS_PARAMETER))
     means: dict[str, tuple[float, ...]] = {}
     text = parameters.get(CHANNEL_MEANS_PARAMETER, "").strip()
     if text:

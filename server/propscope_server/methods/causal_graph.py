@@ -70,6 +70,7 @@ from propscope_server.graph_domain import (
 )
 from propscope_server.inference import Inference, ModelDescription
 from propscope_server.methods import require
+from propscope_server.open_contract import INTERVENE, OPTIONAL_INPUTS, OPTIONAL_OUTPUTS, PATCH
 from propscope_server.orchestration.classifier import (
     PlannedClassifier,
     plan_classifier,
@@ -80,28 +81,16 @@ from propscope_server.scoring import causal_graph as scoring
 from propscope_server.threads import in_thread
 
 METHOD = "causal_graph"
-# The open-model contract's names (design of issue 17, section 1).
-INTERVENE_LAYER = "INTERVENE_LAYER"
-INTERVENE_CHANNEL = "INTERVENE_CHANNEL"
-INTERVENE_STRENGTH = "INTERVENE_STRENGTH"
-INTERVENE_BASELINE = "INTERVENE_BASELINE"
-PATCH_LAYER = "PATCH_LAYER"
-PATCH_CHANNEL = "PATCH_CHANNEL"
-PATCH_VALUE = "PATCH_VALUE"
+# The open-model contract's names (open_contract.py) this method sends and reads.
+INTERVENE_LAYER, INTERVENE_CHANNEL, INTERVENE_STRENGTH, INTERVENE_BASELINE = INTERVENE
+PATCH_LAYER, PATCH_CHANNEL, PATCH_VALUE = PATCH
 ACTIVATION_LAYER = "ACTIVATION_LAYER"
 CHANNEL_MEANS = "CHANNEL_MEANS"
 ACTIVATIONS = "ACTIVATIONS"
-REQUIRED_INPUTS = (
-    INTERVENE_LAYER,
-    INTERVENE_CHANNEL,
-    INTERVENE_STRENGTH,
-    INTERVENE_BASELINE,
-    PATCH_LAYER,
-    PATCH_CHANNEL,
-    PATCH_VALUE,
-    ACTIVATION_LAYER,
-)
+REQUIRED_INPUTS = (*INTERVENE, *PATCH, ACTIVATION_LAYER)
 REQUIRED_OUTPUTS = (CHANNEL_MEANS, ACTIVATIONS)
+assert set(REQUIRED_INPUTS) <= set(OPTIONAL_INPUTS)
+assert set(REQUIRED_OUTPUTS) <= set(OPTIONAL_OUTPUTS)
 
 
 @dataclass(frozen=True)

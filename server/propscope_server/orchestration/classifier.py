@@ -26,7 +26,8 @@ from propscope_server.backends.preprocessing import (
 from propscope_server.config import PreprocessingConfig, Settings
 from propscope_server.domain import ClassifierRef
 from propscope_server.errors import BackendError, FailedPrecondition, InvalidArgument
-from propscope_server.inference import OPEN_MODEL_OUTPUTS, Inference, ModelDescription
+from propscope_server.inference import Inference, ModelDescription
+from propscope_server.open_contract import OPTIONAL_OUTPUTS
 from propscope_server.threads import in_thread
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ async def plan_classifier(
         raise InvalidArgument(
             f"model {model.name!r} has no output {output!r}; it has {', '.join(outputs)}"
         )
-    if output in OPEN_MODEL_OUTPUTS and output != model.outputs[0].name:
+    if output in OPTIONAL_OUTPUTS and output != model.outputs[0].name:
         # Explained as scores, CHANNEL_MEANS would pass for 112 "classes" and the others
         # fail in the model (ACTIVATIONS needs ACTIVATION_LAYER, gradients GRADIENT_CLASS).
         raise InvalidArgument(

@@ -24,50 +24,30 @@ import numpy as np
 import torch
 from torch import nn
 
-LAYERS_PARAMETER = "propscope.layers"
-CHANNEL_MEANS_PARAMETER = "propscope.channel_means"
+from propscope_server.open_contract import (
+    CHANNEL_MEANS_PARAMETER as CHANNEL_MEANS_PARAMETER,  # for the tools reading configs
+)
+from propscope_server.open_contract import (
+    GRADIENT_OUTPUTS,
+    INTERVENE,
+    LAYERS_PARAMETER,
+    OPTIONAL_INPUTS,
+    OPTIONAL_OUTPUTS,
+    PATCH,
+    Layer,
+    parse_layers,
+)
+
 CAPABILITIES_PARAMETER = "propscope.capabilities"
 # The capabilities that need the hooks of this module (forward passes need none).
 OPEN_CAPABILITIES = ("activations", "interventions", "gradients")
 NEED_LAYERS = {"activations", "interventions"}
 ABLATION_FILE = "propscope_ablation.json"
-
-# name -> (Triton datatype, dims without the batch dimension)
-OPTIONAL_INPUTS: dict[str, tuple[str, tuple[int, ...]]] = {
-    "INTERVENE_LAYER": ("TYPE_INT32", (1,)),
-    "INTERVENE_CHANNEL": ("TYPE_INT32", (1,)),
-    "INTERVENE_STRENGTH": ("TYPE_FP32", (1,)),
-    "INTERVENE_BASELINE": ("TYPE_FP32", (1,)),
-    "PATCH_LAYER": ("TYPE_INT32", (1,)),
-    "PATCH_CHANNEL": ("TYPE_INT32", (1,)),
-    "PATCH_VALUE": ("TYPE_FP32", (-1,)),
-    "ACTIVATION_LAYER": ("TYPE_INT32", (1,)),
-    "GRADIENT_CLASS": ("TYPE_INT32", (1,)),
-}
-INTERVENE = ("INTERVENE_LAYER", "INTERVENE_CHANNEL", "INTERVENE_STRENGTH", "INTERVENE_BASELINE")
-PATCH = ("PATCH_LAYER", "PATCH_CHANNEL", "PATCH_VALUE")
-# Optional outputs; INPUT_GRADIENT's dims are the image input's.
-OPTIONAL_OUTPUTS = (
-    "CHANNEL_MEANS",
-    "ACTIVATIONS",
-    "INPUT_GRADIENT",
-    "CHANNEL_GRADIENTS",
-    "GRAD_X_ACTIVATION",
-)
-GRADIENT_OUTPUTS = ("INPUT_GRADIENT", "CHANNEL_GRADIENTS", "GRAD_X_ACTIVATION")
 # Optional outputs that need an optional input.
 NEEDS_INPUT = {
     "ACTIVATIONS": "ACTIVATION_LAYER",
     **dict.fromkeys(GRADIENT_OUTPUTS, "GRADIENT_CLASS"),
 }
-
-
-@dataclass(frozen=True)
-class Layer:
-    """A declared layer: a module path of the network and its output channels."""
-
-    name: str
-    channels: int
 
 
 @dataclass(frozen=True)
@@ -77,31 +57,6 @@ class Ablation:
     layer: str
     channel: int
     value: float
-
-
-def parse_layers(text: str | None) -> tuple[Layer, ...]:
-    """`propscope.layers` (a JSON object, module path -> channel count, in network
-    order) -> layers; empty when the parameter is absent."""
-    if not text:
-        return ()
-    try:
-        declared = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"parameter {LAYERS_PARAMETER} is not JSON: {error}") from None
-    if not isinstance(declared, dict) or not declared:
-        raise ValueError(
-            f"parameter {LAYERS_PARAMETER} must be a non-empty JSON object of module path -> "
-            'channel count, e.g. {"features.0": 16}'
-        )
-    layers = []
-    for name, channels in declared.items():
-        if not isinstance(channels, int) or isinstance(channels, bool) or channels <= 0:
-            raise ValueError(
-                f"parameter {LAYERS_PARAMETER}: layer {name!r} has {channels!r} channels; "
-                "give a positive integer"
-            )
-        layers.append(Layer(name, channels))
-    return tuple(layers)
 
 
 def declared_open(parameters: Mapping[str, Any]) -> bool:

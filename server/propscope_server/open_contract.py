@@ -1,0 +1,73 @@
+"""The open (white-box) classifier contract's names, in one place for both sides: the
+models inside Triton (triton_models/classifiers/open_model.py) and the gateway that reads
+their configs (backends/triton.py) and drives them (methods/causal_graph.py). Standard
+library only: Triton's python backend and the gateway both import it, neither needs the
+other's dependencies (docs/own-models.md, "Open models")."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+LAYERS_PARAMETER = "propscope.layers"
+CHANNEL_MEANS_PARAMETER = "propscope.channel_means"
+
+# name -> (Triton datatype, dims without the batch dimension)
+OPTIONAL_INPUTS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "INTERVENE_LAYER": ("TYPE_INT32", (1,)),
+    "INTERVENE_CHANNEL": ("TYPE_INT32", (1,)),
+    "INTERVENE_STRENGTH": ("TYPE_FP32", (1,)),
+    "INTERVENE_BASELINE": ("TYPE_FP32", (1,)),
+    "PATCH_LAYER": ("TYPE_INT32", (1,)),
+    "PATCH_CHANNEL": ("TYPE_INT32", (1,)),
+    "PATCH_VALUE": ("TYPE_FP32", (-1,)),
+    "ACTIVATION_LAYER": ("TYPE_INT32", (1,)),
+    "GRADIENT_CLASS": ("TYPE_INT32", (1,)),
+}
+INTERVENE = ("INTERVENE_LAYER", "INTERVENE_CHANNEL", "INTERVENE_STRENGTH", "INTERVENE_BASELINE")
+PATCH = ("PATCH_LAYER", "PATCH_CHANNEL", "PATCH_VALUE")
+# Optional outputs, after the class scores; INPUT_GRADIENT's dims are the image input's.
+# Never class scores: the gateway refuses one named as the classifier's output.
+OPTIONAL_OUTPUTS = (
+    "CHANNEL_MEANS",
+    "ACTIVATIONS",
+    "INPUT_GRADIENT",
+    "CHANNEL_GRADIENTS",
+    "GRAD_X_ACTIVATION",
+)
+GRADIENT_OUTPUTS = ("INPUT_GRADIENT", "CHANNEL_GRADIENTS", "GRAD_X_ACTIVATION")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A hidden layer an open model declares (propscope.layers): its module path and
+    channel count. Its position in the declaration is its index."""
+
+    name: str
+    channels: int
+
+
+def parse_layers(text: str | None) -> tuple[Layer, ...]:
+    """`propscope.layers` (a JSON object, module path -> channel count, in network
+    order) -> layers; empty when the parameter is absent. ValueError naming the
+    parameter and the expected format."""
+    if not text or not text.strip():
+        return ()
+    try:
+        declared = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"parameter {LAYERS_PARAMETER} is not JSON: {error}") from None
+    if not isinstance(declared, dict) or not declared:
+        raise ValueError(
+            f"parameter {LAYERS_PARAMETER} must be a non-empty JSON object of module path -> "
+            'channel count, e.g. {"features.0": 16}'
+        )
+    layers = []
+    for name, channels in declared.items():
+        if not isinstance(channels, int) or isinstance(channels, bool) or channels <= 0:
+            raise ValueError(
+                f"parameter {LAYERS_PARAMETER}: layer {name!r} has {channels!r} channels; "
+                "give a positive integer"
+            )
+        layers.append(Layer(name, channels))
+    return tuple(layers)
