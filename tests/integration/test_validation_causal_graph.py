@@ -24,6 +24,10 @@ def test_the_causal_graph_table_on_a_few_images(live_stack, tmp_path):
     assert finished.returncode == (0 if all(c["passed"] for c in gating) else 1), finished.stderr[
         -3000:
     ]
+    calibration = data["calibration"]["calibration"]
+    # synth_patch's dead channels of features.2, silent on both images: never significant.
+    assert calibration["curves"] >= 2 * 10 and calibration["significant"] == 0
+    assert calibration["noise_null_ks_greater_p_value"] > 0.05
     faithfulness = data["faithfulness"]["faithfulness"]
     assert sorted(faithfulness) == ["synth_hue", "synth_patch"]
     for found in faithfulness.values():

@@ -157,3 +157,11 @@ def test_block_effects_collapse_a_serial_network(reference, images):
     assert [e.layer for e in effects] == ["features.0", "features.1", "features.2"]
     # A confident model made constant: KL at least about ln 2 on balanced images.
     assert all(e.mean_kl > 0.6 and e.square_share in (0.0, 1.0) for e in effects)
+
+
+def test_the_dead_channels_are_silent_on_the_models_own_images(reference, images):
+    dead = reference.dead_channels()
+    assert len(dead) == 13 and all(reference.key(int(c)).startswith("features.2:") for c in dead)
+    largest = reference.largest_activation(images[0])
+    assert largest.shape == (6, 112)
+    assert np.all(largest[:, dead] == 0.0) and np.all(largest.max(axis=0)[:16] > 0)

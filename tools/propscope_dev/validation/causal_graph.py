@@ -20,6 +20,7 @@ from scipy import stats
 import propscope
 from propscope_dev.channel_means import config_parameters
 from propscope_dev.train import MODELS
+from propscope_server.scoring.property_gradient import permutation_p_values
 from propscope_server.synthetic.world import make_split, render
 from propscope_server.triton_models.classifiers.cnn import load_classifier, normalise_uint8_hwc
 from propscope_server.triton_models.classifiers.open_model import (
@@ -101,6 +102,22 @@ class Reference:
             self._mask = None
             self._kept = []
 
+    def largest_activation(self, images: np.ndarray) -> np.ndarray:
+        """[B, sum C]: each channel's largest |activation| over its map, per image."""
+        self._kept = []
+        try:
+            with torch.inference_mode():
+                self.network(normalise_uint8_hwc(images))
+            parts = [a.abs().amax(dim=(2, 3)) for a in self._kept]
+        finally:
+            self._kept = []
+        return torch.cat(parts, dim=1).numpy().astype(np.float64)
+
+    def dead_channels(self) -> np.ndarray:
+        """Flat indices of the channels whose declared mean is exactly 0: ReLU channels that
+        never fired on the reference images."""
+        return np.flatnonzero(self.means.numpy() == 0.0)
+
     def grad_x_activation(
         self, image: np.ndarray, target: int, from_mean: bool = False
     ) -> np.ndarray:
@@ -120,6 +137,69 @@ class Reference:
             for a, g, b in zip(activations, gradients, baseline, strict=True)
         ]
         return torch.cat(parts).detach().numpy().astype(np.float64)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Channels that provably cannot affect the output: zero on the image and moved toward
+    a baseline of 0, so every pass of their path is the clean pass."""
+
+    model: str
+    images: int
+    dead_channels: list[str]
+    curves: int  # tested (image, dead channel) pairs whose map is all zero
+    significant: int
+    largest_curve_range: float
+    p_values: list[float]
+    # i.i.d. curves through the same permutation test. Its p-values are discrete and
+    # conservative ((b + 1) / (K + 1)), which a two-sided KS over 1000 of them can detect;
+    # the one-sided KS (an excess of small p-values) is the check that means calibrated,
+    # as in the honesty table.
+    noise_null_ks_p_value: float
+    noise_null_ks_greater_p_value: float
+    noise_null_false_positive_rate: float
+
+
+def calibration(
+    results: Sequence[propscope.GraphResult],
+    reference: Reference,
+    images: np.ndarray,
+    null_curves: int = 1000,
+    seed: int = 0,
+) -> Calibration:
+    """The dead channels' nodes of each image's graph (every channel tested), counted only
+    where the channel's map is all zero on that image; and the test's null distribution
+    on exchangeable curves (i.i.d. Gaussian, in-process), which must be uniform."""
+    dead = reference.dead_channels()
+    silent = reference.largest_activation(images)[:, dead] == 0.0
+    keys = {reference.key(int(flat)) for flat in dead}
+    p_values, significant, largest = [], 0, 0.0
+    for index, result in enumerate(results):
+        for node in result.image_nodes(0):
+            flat = reference.flat(node.layer, node.channel)
+            if node.key not in keys or not silent[index, list(dead).index(flat)]:
+                continue
+            if node.screened_out:
+                raise RuntimeError(f"{node.key} was screened out; ask for every channel")
+            p_values.append(node.p_value)
+            significant += node.significant
+            largest = max(largest, float(np.ptp(node.curve)))
+    rng = np.random.default_rng(seed)
+    null, _ = permutation_p_values(rng.normal(size=(null_curves, 11)), 999, rng)
+    return Calibration(
+        model=reference.name,
+        images=len(images),
+        dead_channels=sorted(keys),
+        curves=len(p_values),
+        significant=significant,
+        largest_curve_range=largest,
+        p_values=p_values,
+        noise_null_ks_p_value=float(stats.kstest(null, "uniform").pvalue),
+        noise_null_ks_greater_p_value=float(
+            stats.kstest(null, "uniform", alternative="greater").pvalue
+        ),
+        noise_null_false_positive_rate=float(np.mean(null < 0.05)),
+    )
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
