@@ -1,7 +1,7 @@
 """Causal explanatory graphs validated through the running service (issue 17, part 4):
-calibration on channels that cannot matter, faithfulness of the graph's nodes against Grad x Activation and random channels,
-stability under small input noise, the repair of synth_hue and synth_patch, and
-TRACER's block-level causal effect.
+calibration on channels that cannot matter, faithfulness of the graph's nodes against
+Grad x Activation and random channels, stability under small input noise, the repair of
+synth_hue and synth_patch, and TRACER's block-level causal effect.
 
 The graphs come from the service (SDK `Client.graph`); the ablation measurements,
 Grad x Activation and the block effects run in-process on the weights and channel means
@@ -444,8 +444,12 @@ def main(
             f"`bench/validate_causal_graph.py{' --quick' if quick else ''}` in {seconds:.0f} s. "
             "Ablations, Grad x Activation and block effects run in-process on the weights "
             "and channel means the served configs name: the service has no call for them. "
-            "Checks marked met / not met are recorded, not gating (the research notes "
-            "explain why they cannot hold with the design's choices on these models).",
+            "Checks marked met / not met are recorded, not gating: the retained accuracy and "
+            "the repair depend on what the biased models learnt (nothing but the shortcut: "
+            "both are at chance on the unbiased world, so a repair that removes the "
+            "shortcut leaves a constant classifier), and stability's 'beats Grad x "
+            "Activation' was measured false on these small smooth CNNs before the service "
+            "existed. They are what we measured.",
             calibration_text,
             faith_text,
             repair_text,
