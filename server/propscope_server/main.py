@@ -9,6 +9,7 @@ import typer
 from grpc_health.v1 import health_pb2
 
 from propscope_server import logs
+from propscope_server.api.server import ListenError
 from propscope_server.api.server import serve as serve_gateway
 from propscope_server.config import Settings
 from propscope_server.health import health_status
@@ -21,7 +22,11 @@ def serve() -> None:
     """Run the gateway in the foreground (configuration: PROPSCOPE_* variables, REDIS_URL)."""
     settings = Settings()
     logs.configure(settings.log_format)
-    asyncio.run(serve_gateway(settings))
+    try:
+        asyncio.run(serve_gateway(settings))
+    except ListenError as error:
+        typer.echo(f"propscope-server: {error}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()

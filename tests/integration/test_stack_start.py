@@ -141,3 +141,18 @@ def test_a_start_that_runs_out_of_time_says_so_in_one_line(tmp_path):
     assert lines[0].startswith("propscope-dev up: Triton at ") and "not ready after 1 s" in lines[0]
     assert "--timeout" in lines[0] and "triton.log" in lines[0]
     assert not (run_dir / "stack.json").exists()
+
+
+def test_a_second_gateway_on_a_port_in_use_exits_naming_the_setting(live_stack):
+    """gRPC binds with SO_REUSEPORT by default, so a second gateway on the same port used
+    to listen beside the first and the kernel split callers between two stacks."""
+    env = {**os.environ, "PROPSCOPE_LISTEN_ADDRESS": live_stack.gateway}
+    server = str(Path(sys.executable).parent / "propscope-server")
+    started = subprocess.run(
+        [server, "serve"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert started.returncode == 1, started.stdout + started.stderr
+    assert f"could not listen on {live_stack.gateway}" in started.stderr
+    assert "PROPSCOPE_LISTEN_ADDRESS" in started.stderr
+    with propscope.Client(live_stack.gateway) as client:
+        assert client.list_models()  # the first gateway still serves

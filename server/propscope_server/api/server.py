@@ -68,6 +68,9 @@ CONNECTION_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.max_connection_age_ms", 30 * 60_000),
     ("grpc.max_connection_age_grace_ms", 60 * 60_000),
+    # gRPC binds with SO_REUSEPORT by default: a second gateway started on a port in use
+    # would listen beside the first and the kernel would split callers between them.
+    ("grpc.so_reuseport", 0),
 ]
 # HTTP/2 streams of one connection, open in any state (admitted, refused, or ended by
 # the gateway but not yet read by a client that stopped reading); more wait client-side.
@@ -246,22 +249,17 @@ def build_gateway(settings: Settings) -> Gateway:
         ),
         server,
     )
-    credentials = server_credentials(settings.tls)
-    if credentials is None:
-        port = server.add_insecure_port(settings.listen_address)
-    else:
-        port = server.add_secure_port(settings.listen_address, credentials)
-    if port == 0:
-        raise RuntimeError(f"could not listen on {settings.listen_address}")
+    port = _listen(
+        server, settings.listen_address, "listen_address", server_credentials(settings.tls)
+    )
     host = settings.listen_address.rsplit(":", 1)[0]
     if not authenticator.enabled and host not in ("127.0.0.1", "localhost", "[::1]"):
         logger.warning("no tokens configured: any caller that reaches the port is served")
     health_server = None
     if settings.health_listen_address:
-        health_server = grpc.aio.server()
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        if health_server.add_insecure_port(settings.health_listen_address) == 0:
-            raise RuntimeError(f"could not listen on {settings.health_listen_address}")
+        _listen(health_server, settings.health_listen_address, "health_listen_address")
     return Gateway(
         server,
         port,
@@ -308,3 +306,29 @@ async def serve(settings: Settings) -> None:
     )
     await gateway.stop()
     logger.info("stopped")
+
+
+class ListenError(RuntimeError):
+    """The gateway cannot take its address; the message names the setting to change."""
+
+
+def _listen(
+    server: grpc.aio.Server,
+    address: str,
+    setting: str,
+    credentials: grpc.ServerCredentials | None = None,
+) -> int:
+    """The port bound, or ListenError."""
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        port = 0
+    if port == 0:
+        raise ListenError(
+            f"could not listen on {address}: the port is in use (another gateway?) or not "
+            f"allowed; set {setting} (PROPSCOPE_{setting.upper()}) to a free address"
+        )
+    return port
