@@ -1044,3 +1044,12 @@ def test_any_graph_request_bytes_end_in_a_status(fuzz_channel, live_stack, data)
     code, details, events = graph_raw(fuzz_channel, data)
     check_outcome(code, details, events, properties=None)
     assert_still_serving(fuzz_channel, live_stack)
+
+
+def test_a_graph_of_an_unknown_model_is_not_found_not_over_the_memory_budget(fuzz_channel):
+    # Its memory estimate once assumed an unbounded batch: RESOURCE_EXHAUSTED, 360 TB.
+    request = graph_known_good()
+    request.model.name = "no_such_model"
+    code, details, _ = graph_raw(fuzz_channel, request.SerializeToString())
+    assert code == grpc.StatusCode.NOT_FOUND, f"{code.name}: {details}"
+    assert "no_such_model" in details

@@ -29,6 +29,7 @@ from tritonclient.utils import np_to_triton_dtype
 
 from propscope.v1 import attribution_pb2 as apb
 from propscope.v1 import explain_pb2 as pb
+from propscope.v1 import graph_pb2 as gpb
 from propscope_server import config, metrics
 from propscope_server.api import convert, convert_attribution
 from propscope_server.api.memory import (
@@ -407,6 +408,16 @@ def test_what_the_decoder_refuses_unread_is_estimated_small():
     request = explain(600)
     small = Settings(limits=limits)
     assert estimate_bytes(request, small) == REQUEST_COPIES * request.ByteSize() + MIB
+
+
+def test_a_graph_on_a_model_that_cannot_be_described_fits_the_budget():
+    # The plan refuses such a model (NOT_FOUND naming it) before any batch: its unbounded
+    # batch once made a 64 x 64 image a 360 TB estimate, RESOURCE_EXHAUSTED.
+    request = gpb.BuildGraphRequest(images=[png(64)], model=pb.ModelRef(name="no_such_model"))
+    unknown = estimate_bytes(request, Settings())
+    assert unknown < 8 * MIB
+    # A described model's batches in flight count.
+    assert unknown < estimate_bytes(request, Settings(), FIXED) < 64 * MIB
 
 
 def test_a_small_png_that_declares_4096_squared_pixels_is_estimated_before_decoding():

@@ -204,7 +204,9 @@ def _graph(request: gpb.BuildGraphRequest, settings: Settings, model: Classifier
     """Every image and reference image held with its working arrays; batches of
     max_batch_size intervened copies of the largest image's model input in flight,
     graph_concurrency of them at once. An image the decoder refuses counts nothing: the
-    request is refused before any work."""
+    request is refused before any work. So does a classifier that cannot be described
+    (ANY_CLASSIFIER): the plan refuses it before any batch, and its unbounded batch
+    (2^30 rows) would turn an unknown model name into RESOURCE_EXHAUSTED."""
     limits = settings.limits
     held = REQUEST_COPIES * request.ByteSize() + REQUEST_OVERHEAD_BYTES
     images = request.images[: limits.max_graph_images]
@@ -212,8 +214,10 @@ def _graph(request: gpb.BuildGraphRequest, settings: Settings, model: Classifier
     largest = max(pixels, default=0)
     if largest == 0:
         return held
-    in_flight = model.max_batch_size * settings.graph_concurrency
-    method = GRAPH_BYTES_PER_PIXEL * sum(pixels) + _classified(in_flight, largest, model)
+    method = GRAPH_BYTES_PER_PIXEL * sum(pixels)
+    if model != ANY_CLASSIFIER:
+        in_flight = model.max_batch_size * settings.graph_concurrency
+        method += _classified(in_flight, largest, model)
     working = IMAGE_BYTES_PER_PIXEL * sum(pixels) + max(DECODE_BYTES_PER_PIXEL * largest, method)
     return held + int(MARGIN * working)
 
