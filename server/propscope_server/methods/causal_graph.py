@@ -561,9 +561,9 @@ class CausalGraph:
         curves: dict[int, np.ndarray] = {}
         means_at_one: dict[int, np.ndarray] = {}
         prescreened: dict[int, float] = {}
-        for layer, channels in zip(plan.indices, plan.layers, strict=True):
+        for layer, declared in zip(plan.indices, plan.layers, strict=True):
             start = plan.starts[layer]
-            count = channels.channels
+            count = declared.channels
             nodes = np.arange(count)
             full_ablation: dict[int, tuple[float, np.ndarray]] = {}
             if count > spec.nodes_per_layer:
@@ -600,16 +600,16 @@ class CausalGraph:
         nodes_out: dict[int, tuple[bool, bool, float]] = {}
         relevant_nodes: set[int] = set()
         by_flat = {flat: k for k, flat in enumerate(tested)}
-        for layer, channels in zip(plan.indices, plan.layers, strict=True):
+        for layer, declared in zip(plan.indices, plan.layers, strict=True):
             start = plan.starts[layer]
-            for channel in range(channels.channels):
+            for channel in range(declared.channels):
                 flat = start + channel
                 k = by_flat.get(flat)
                 if k is None:
                     emit(
                         NodeResult(
                             image=index,
-                            layer=channels.name,
+                            layer=declared.name,
                             channel=channel,
                             screened_out=True,
                             prescreen_change=abs(prescreened[flat]),
@@ -632,7 +632,7 @@ class CausalGraph:
                 emit(
                     NodeResult(
                         image=index,
-                        layer=channels.name,
+                        layer=declared.name,
                         channel=channel,
                         screened_out=False,
                         prescreen_change=abs(prescreened.get(flat, 0.0)),
@@ -680,8 +680,8 @@ class CausalGraph:
         # Candidates: (upstream layer, upstream flat, downstream layer, downstream flat).
         candidates: list[tuple[int, int, int, int]] = []
         for up, down in zip(plan.indices, plan.indices[1:], strict=False):
-            ups = [f for f in sorted(kept) if self._layer_of(plan, f) == up]
-            downs = [f for f in sorted(kept) if self._layer_of(plan, f) == down]
+            ups = [f for f in sorted(kept) if _layer_of(plan, f) == up]
+            downs = [f for f in sorted(kept) if _layer_of(plan, f) == down]
             candidates += [(up, u, down, v) for u in ups for v in downs]
         direct = np.array([means_at_one[u][v] - image.means[v] for _, u, _, v in candidates])
         chosen = [candidates[k] for k in scoring.choose_edges(direct, spec.max_edges)]
@@ -751,10 +751,6 @@ class CausalGraph:
             )
         return out
 
-    @staticmethod
-    def _layer_of(plan: GraphPlan, flat: int) -> int:
-        return int(np.searchsorted(plan.starts, flat, side="right")) - 1
-
     async def _repair(
         self,
         plan: GraphPlan,
@@ -803,7 +799,7 @@ class CausalGraph:
             warnings = ("no channel is significant in the graph: there is nothing to ablate",)
         channels = []
         for flat in chosen:
-            layer = self._layer_of(plan, int(flat))
+            layer = _layer_of(plan, int(flat))
             channels.append(
                 RepairChannel(
                     layer=layers[layer].name,
@@ -818,6 +814,11 @@ class CausalGraph:
         )
 
 
+def _layer_of(plan: GraphPlan, flat: int) -> int:
+    """The declared layer holding entry `flat` of the concatenated channel vector."""
+    return int(np.searchsorted(plan.starts, flat, side="right")) - 1
+
+
 def _task_graph(plan: GraphPlan, graphs: list[_ImageGraph]) -> TaskGraph:
     """The nodes and edges kept (relevant: significant and a large enough effect) on >=
     min_share of the images of the graph's class, with seeded bootstrap frequencies."""
@@ -830,7 +831,7 @@ def _task_graph(plan: GraphPlan, graphs: list[_ImageGraph]) -> TaskGraph:
     layers = plan.classifier.model.layers
 
     def located(flat: int) -> tuple[str, int]:
-        layer = CausalGraph._layer_of(plan, flat)
+        layer = _layer_of(plan, flat)
         return layers[layer].name, flat - plan.starts[layer]
 
     results = []
