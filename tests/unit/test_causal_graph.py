@@ -297,6 +297,7 @@ def test_the_repair_ablates_significant_channels_only_with_their_baseline():
         ({"repair_max_share": 0.6}, InvalidArgument, "repair_max_share"),
         ({"nodes_per_layer": 4097}, InvalidArgument, "nodes_per_layer"),
         ({"max_edges": 0}, InvalidArgument, "max_edges"),
+        ({"reference_images": (image(1),) * 8}, InvalidArgument, "mean baseline only"),
     ],
 )
 def test_bad_requests_are_refused_before_any_pass_naming_the_field(changes, error, named):

@@ -195,6 +195,12 @@ def _check_spec(spec: GraphSpec, settings: Settings) -> None:
             field="repair_max_share",
         )
     references = len(spec.reference_images)
+    if references and spec.baseline != "mean":
+        raise InvalidArgument(
+            f"reference_images apply to the mean baseline only; with baseline {spec.baseline} "
+            f"leave them out (got {references})",
+            field="reference_images",
+        )
     if references and not MIN_REFERENCE_IMAGES <= references <= MAX_REFERENCE_IMAGES:
         raise InvalidArgument(
             f"reference_images has {references} images; a mean baseline needs "
@@ -309,8 +315,6 @@ class CausalGraph:
                     "reference_images or choose baseline zero",
                     field="reference_images",
                 )
-        elif spec.reference_images:
-            warnings.append("reference_images are not used: the baseline is zero")
         repair_editor = None
         if spec.repair_property is not None:
             repair_editor = await self._plan_editor(spec, deadline)
