@@ -35,12 +35,10 @@ import numpy as np
 from propscope_server import metrics
 from propscope_server.backends.preprocessing import to_model_input
 from propscope_server.config import Settings
-from propscope_server.editor_contract import InvalidParameters, canonical_parameters
 from propscope_server.errors import (
     BackendError,
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     ResourceExhausted,
 )
 from propscope_server.graph_domain import (
@@ -76,6 +74,7 @@ from propscope_server.orchestration.classifier import (
     plan_classifier,
     probabilities,
 )
+from propscope_server.orchestration.explain import PlannedEditor, plan_editor
 from propscope_server.orchestration.runner import Finished, with_progress
 from propscope_server.scoring import causal_graph as scoring
 from propscope_server.threads import in_thread
@@ -104,12 +103,6 @@ class GraphImage:
 
 
 @dataclass(frozen=True)
-class RepairEditor:
-    model: ModelDescription
-    parameters: str  # canonical JSON
-
-
-@dataclass(frozen=True)
 class GraphPlan:
     spec: GraphSpec
     classifier: PlannedClassifier
@@ -123,7 +116,7 @@ class GraphPlan:
     planned_passes: int
     passes_done: int  # in planning: the clean passes and the reference images'
     warnings: tuple[str, ...]
-    repair_editor: RepairEditor | None
+    repair_editor: PlannedEditor | None  # the repair property's
     deadline: float | None
     started: float
 
@@ -317,7 +310,9 @@ class CausalGraph:
                 )
         repair_editor = None
         if spec.repair_property is not None:
-            repair_editor = await self._plan_editor(spec, deadline)
+            repair_editor = await plan_editor(
+                self._inference, spec.repair_property, "repair_property.editor", deadline
+            )
         references = len(spec.reference_images) if source == BASELINE_REFERENCE else 0
         planned = scoring.planned_passes(
             len(spec.images),
@@ -370,32 +365,6 @@ class CausalGraph:
             deadline=deadline,
             started=started,
         )
-
-    async def _plan_editor(self, spec: GraphSpec, deadline: float | None) -> RepairEditor:
-        prop = spec.repair_property
-        assert prop is not None and prop.editor is not None
-        field = "repair_property.editor"
-        try:
-            editor = await self._inference.describe(
-                prop.editor.model, prop.editor.version, deadline
-            )
-        except NotFound as error:
-            raise NotFound(f"{field}.model: {error}", field=f"{field}.model") from None
-        if editor.role != "editor" or editor.editor_schema is None:
-            raise InvalidArgument(
-                f"{field}.model: model {editor.name!r} is not an editor (ListModels shows "
-                "the editors)",
-                field=f"{field}.model",
-            )
-        try:
-            resolved = editor.editor_schema.resolve(prop.editor.parameters)
-        except InvalidParameters as error:
-            parameter = f"{field}.parameters[{error.parameter!r}]" if error.parameter else None
-            raise InvalidArgument(
-                f"repair_property {prop.name!r}, editor {editor.name!r}: {error}",
-                field=parameter or f"{field}.parameters",
-            ) from None
-        return RepairEditor(editor, canonical_parameters(resolved))
 
     async def _clean(
         self,
@@ -782,7 +751,12 @@ class CausalGraph:
         path_means = []
         for original in spec.images:
             path = await self._inference.edit(
-                editor.model, original, strengths, editor.parameters, [spec.seed], plan.deadline
+                editor.description,
+                original,
+                strengths,
+                editor.parameters,
+                [spec.seed],
+                plan.deadline,
             )
             batch = await in_thread(
                 to_model_input, path[0], plan.classifier.layout, plan.classifier.preprocessing

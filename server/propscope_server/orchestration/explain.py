@@ -76,6 +76,36 @@ class PlannedEditor:
     parameters: str  # canonical JSON, resolved against the editor's schema
 
 
+async def plan_editor(
+    inference: Inference, prop: PropertySpec, field: str, deadline: float | None
+) -> PlannedEditor:
+    """Describes the editor of `prop` and resolves its parameters against its schema
+    (Explain's properties, BuildGraph's repair property); refusals name `field` (the
+    request's path to the editor) and the part of it to change."""
+    assert prop.editor is not None
+    try:
+        editor = await inference.describe(prop.editor.model, prop.editor.version, deadline)
+    except NotFound as error:
+        raise NotFound(
+            f"property {prop.name!r} ({field}.model): {error}", field=f"{field}.model"
+        ) from None
+    if editor.role != "editor" or editor.editor_schema is None:
+        raise InvalidArgument(
+            f"property {prop.name!r}: model {editor.name!r} is not an editor "
+            "(ListModels shows the editors)",
+            field=f"{field}.model",
+        )
+    try:
+        resolved = editor.editor_schema.resolve(prop.editor.parameters)
+    except InvalidParameters as error:
+        parameter = f"{field}.parameters[{error.parameter!r}]" if error.parameter else None
+        raise InvalidArgument(
+            f"property {prop.name!r}, editor {editor.name!r}: {error}",
+            field=parameter or f"{field}.parameters",
+        ) from None
+    return PlannedEditor(editor, canonical_parameters(resolved))
+
+
 @dataclass(frozen=True)
 class Plan:
     spec: ExplainSpec
@@ -163,30 +193,7 @@ class Explainer:
     async def _plan_editor(
         self, index: int, prop: PropertySpec, deadline: float | None
     ) -> PlannedEditor:
-        """Refusals name the field of property `index` to change."""
-        assert prop.editor is not None
-        field = f"properties[{index}].editor"
-        try:
-            editor = await self._backend.describe(prop.editor.model, prop.editor.version, deadline)
-        except NotFound as error:
-            raise NotFound(
-                f"property {prop.name!r} ({field}.model): {error}", field=f"{field}.model"
-            ) from None
-        if editor.role != "editor" or editor.editor_schema is None:
-            raise InvalidArgument(
-                f"property {prop.name!r}: model {editor.name!r} is not an editor "
-                "(ListModels shows the editors)",
-                field=f"{field}.model",
-            )
-        try:
-            resolved = editor.editor_schema.resolve(prop.editor.parameters)
-        except InvalidParameters as error:
-            parameter = f"{field}.parameters[{error.parameter!r}]" if error.parameter else None
-            raise InvalidArgument(
-                f"property {prop.name!r}, editor {editor.name!r}: {error}",
-                field=parameter or f"{field}.parameters",
-            ) from None
-        return PlannedEditor(editor, canonical_parameters(resolved))
+        return await plan_editor(self._backend, prop, f"properties[{index}].editor", deadline)
 
     async def run(self, plan: Plan) -> AsyncIterator[Event]:
         """Accepted, then Progress and one PropertyOutcome per property as each
