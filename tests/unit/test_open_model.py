@@ -251,6 +251,19 @@ def test_bad_optional_inputs_are_refused_naming_the_input(opened, optional, requ
     assert message in str(refused.value)
 
 
+def test_a_frozen_module_still_gives_channel_gradients(opened: OpenModel):
+    # Exported inference modules often freeze their parameters: without INPUT_GRADIENT the
+    # activations then had no graph and autograd raised instead of answering.
+    torch.manual_seed(17)
+    frozen = SmallCNN().eval().requires_grad_(False)
+    model = OpenModel(frozen, LAYERS, torch.zeros(1, 3, 64, 64), name="frozen")
+    x, classes = batch(7), {"GRADIENT_CLASS": column([1] * B)}
+    got = model(x, classes, ["CHANNEL_GRADIENTS"])["CHANNEL_GRADIENTS"]
+    expected = opened(x, classes, ["CHANNEL_GRADIENTS"])["CHANNEL_GRADIENTS"]
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert np.abs(got).max() > 1e-3
+
+
 def test_the_dry_run_names_the_layer_and_both_channel_counts(network: SmallCNN):
     wrong = (Layer("features.0", 16), Layer("features.1", 33))
     with pytest.raises(ValueError) as refused:

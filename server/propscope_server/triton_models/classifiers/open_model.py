@@ -393,7 +393,9 @@ class OpenModel:
             )
         classes = _column(present, "GRADIENT_CLASS", inputs.shape[0]).astype(np.int64)
         with torch.enable_grad():
-            leaf = inputs.detach().clone().requires_grad_("INPUT_GRADIENT" in wanted)
+            # Always a leaf that requires grad: a module with frozen parameters (common in
+            # exported inference models) would otherwise build no graph to differentiate.
+            leaf = inputs.detach().clone().requires_grad_(True)
             scores = self._forward(leaf.clone())
             if np.any(classes < 0) or np.any(classes >= scores.shape[1]):
                 raise ValueError(
