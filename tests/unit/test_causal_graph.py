@@ -326,6 +326,22 @@ def test_a_black_box_model_is_refused_naming_the_missing_capability():
         run(spec(), FakeOpenModel(black_box))
 
 
+@pytest.mark.parametrize(
+    ("changes", "error", "named"),
+    [
+        ({"parameters": {}}, FailedPrecondition, "activations, interventions"),
+        ({}, InvalidArgument, "no layer 'conv9'"),
+    ],
+)
+def test_a_model_without_a_declared_output_kind_is_refused_before_any_pass(changes, error, named):
+    # Its output kind is detected by a forward pass: the model's refusals come first.
+    undeclared = dataclasses.replace(OPEN, preprocessing=PreprocessingConfig(), **changes)
+    fake = FakeOpenModel(undeclared)
+    with pytest.raises(error, match=named):
+        run(spec(layers=("h1", "conv9")), fake)
+    assert fake.passes == 0
+
+
 # --- the scoring functions, numerically ---
 
 

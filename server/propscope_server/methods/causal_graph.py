@@ -281,13 +281,21 @@ class CausalGraph:
         started = time.perf_counter()
         _check_spec(spec, self._settings)
         await in_thread(_check_reachable, spec, self._settings.limits.max_steps)
+        described = await self._inference.describe(
+            spec.classifier.name, spec.classifier.version, deadline
+        )
+        if described.role != "editor" and not described.config_problem:
+            # Before plan_classifier, whose output-kind detection may run a forward pass:
+            # a black-box model or an unknown layer is refused with nothing computed (an
+            # editor or a config problem is plan_classifier's own refusal).
+            require(METHOD, described)
+            _check_contract(described)
+            _choose_layers(spec, described)
         ref = dataclasses.replace(spec.classifier, target_class=spec.target)
         classifier = await plan_classifier(
             self._inference, ref, spec.images[0], self._settings, deadline
         )
         model = classifier.model
-        require(METHOD, model)
-        _check_contract(model)
         indices = _choose_layers(spec, model)
         starts = np.cumsum([0] + [layer.channels for layer in model.layers])
         layers = tuple(model.layers[i] for i in indices)
