@@ -386,12 +386,14 @@ def test_task_shares_and_bootstrap_frequency():
     assert frequency[1] == pytest.approx(1 - 0.75**4 - 4 * 0.25 * 0.75**3, abs=0.02)
 
 
-def test_movements_divide_by_the_clean_spread():
-    clean = np.array([[0.0, 1.0], [2.0, 1.0]])  # std 1 and 0
-    path = clean[:, None, :] + np.array([[[1.0, 0.5], [2.0, 0.25]]] * 2)
-    moved = scoring.movements(path, clean)
-    assert moved[0] == pytest.approx(2.0 / (1.0 + scoring.MOVEMENT_EPS))
-    assert moved[1] == pytest.approx(0.5 / scoring.MOVEMENT_EPS)
+def test_movements_are_in_units_of_their_layers_scale():
+    # Two layers: channels 0-1 (clean RMS 2) and channel 2 (RMS 10). Channel 1 never
+    # varies over the clean images: its movement stays in its layer's units, not / 0.
+    clean = np.array([[2.0, 2.0, 10.0], [2.0, 2.0, 10.0]])
+    path = clean[:, None, :] + np.array([[[1.0, 0.5, 5.0], [2.0, 0.25, 2.0]]] * 2)
+    moved = scoring.movements(path, clean, (0, 2, 3))
+    scale = 2.0 + scoring.MOVEMENT_EPS
+    assert moved.tolist() == pytest.approx([2.0 / scale, 0.5 / scale, 5.0 / 10.0])
 
 
 def test_a_path_too_short_to_reach_alpha_is_refused_naming_the_fewest_steps():
@@ -412,6 +414,16 @@ def test_a_path_too_short_to_reach_alpha_is_refused_naming_the_fewest_steps():
     assert scoring.best_p_value(5, 1000, line=True) == pytest.approx(0.0611, abs=1e-4)
     events, _ = run(spec(steps=6, permutations=1000))  # h1.0's curve is near a line
     assert node(events, "h1", 0).significant
+    assert not events[0].warnings
+
+
+def test_a_path_on_which_a_straight_line_cannot_reach_alpha_runs_and_says_so():
+    """steps 5 at alpha 0.05: an S-shaped curve can reach it (p = 0.022), a line cannot
+    (p = 0.061); near-linear channels would come out not significant without a word."""
+    events, _ = run(spec(steps=5, permutations=1000))
+    (warning,) = events[0].warnings
+    assert "straight-line curve of 6 points gets at best p = 0.0611" in warning
+    assert "steps >= 6 let a straight line reach it" in warning
 
 
 def test_an_edge_is_relevant_only_with_a_path_effect_of_a_tenth_of_min_probability_change():

@@ -209,13 +209,26 @@ def _check_spec(spec: GraphSpec, settings: Settings) -> None:
         )
 
 
-def _check_reachable(spec: GraphSpec, max_steps: int) -> None:
+def _check_reachable(spec: GraphSpec, max_steps: int) -> str:
     """Refuse a path length whose test cannot reach alpha: every node and edge would come
     out not significant whatever the model does (5 points: p >= 0.067 even for the most
-    ordered curve), a graph that silently finds nothing."""
+    ordered curve), a graph that silently finds nothing. When only a straight line cannot
+    reach it, the warning to state: most channels' curves are near-linear, so they come
+    out not significant for the path length alone (synth_hue at steps 5: every node
+    p = 0.05, q = 0.068)."""
     best = scoring.best_p_value(spec.steps, spec.permutations)
     if best < spec.alpha:
-        return
+        line_best = scoring.best_p_value(spec.steps, spec.permutations, line=True)
+        if line_best < spec.alpha:
+            return ""
+        line = scoring.fewest_reachable_steps(spec.permutations, spec.alpha, max_steps, line=True)
+        more = f"; steps >= {line} let a straight line reach it" if line else ""
+        return (
+            f"steps is {spec.steps}: a straight-line curve of {spec.steps + 1} points gets at "
+            f"best p = {line_best:.3g}, not below alpha {spec.alpha:g}, so channels whose "
+            f"probability moves near-linearly come out not significant for the path's "
+            f"length alone{more}"
+        )
     fewest = scoring.fewest_reachable_steps(spec.permutations, spec.alpha, max_steps)
     line = scoring.fewest_reachable_steps(spec.permutations, spec.alpha, max_steps, line=True)
     if fewest is None:
@@ -280,7 +293,7 @@ class CausalGraph:
     async def plan(self, spec: GraphSpec, deadline: float | None) -> GraphPlan:
         started = time.perf_counter()
         _check_spec(spec, self._settings)
-        await in_thread(_check_reachable, spec, self._settings.limits.max_steps)
+        short_path = await in_thread(_check_reachable, spec, self._settings.limits.max_steps)
         described = await self._inference.describe(
             spec.classifier.name, spec.classifier.version, deadline
         )
@@ -300,7 +313,7 @@ class CausalGraph:
         starts = np.cumsum([0] + [layer.channels for layer in model.layers])
         layers = tuple(model.layers[i] for i in indices)
         total_channels = int(starts[-1])
-        warnings = list(classifier.warnings)
+        warnings = [*classifier.warnings, *filter(None, [short_path])]
         source = BASELINE_ZERO
         if spec.baseline == "mean":
             if spec.reference_images:
@@ -774,7 +787,7 @@ class CausalGraph:
             )
             path_means.append(means)
         clean = np.stack([image.means for image in plan.images])
-        movement = scoring.movements(np.stack(path_means), clean)
+        movement = scoring.movements(np.stack(path_means), clean, plan.starts)
         warnings: tuple[str, ...] = ()
         chosen: np.ndarray = np.zeros(0, dtype=int)
         if candidates.any():

@@ -38,8 +38,8 @@ EXACT_STEPS = 7
 # From this many steps on, even a line gives an exact p-value below 1e-6: the test's
 # floor is then 1 / (permutations + 1).
 ALWAYS_REACHABLE_STEPS = 12
-# Added to a channel's spread before dividing its movement by it: a channel that never
-# varies over the clean images (or a single image) is ranked by its raw movement.
+# Added to a layer's scale before dividing its channels' movements by it (a layer that is
+# zero on every clean image).
 MOVEMENT_EPS = 1e-6
 
 
@@ -208,13 +208,21 @@ def task_shares(
     return share, frequency, mean_score
 
 
-def movements(path_means: np.ndarray, clean_means: np.ndarray) -> np.ndarray:
+def movements(
+    path_means: np.ndarray, clean_means: np.ndarray, starts: Sequence[int]
+) -> np.ndarray:
     """path_means [I, S, K] (each image's channel means along the edited path),
-    clean_means [I, K] -> each channel's movement: its largest |change| from the clean
-    image along the path, averaged over the images, over its std across the clean
-    images (+ MOVEMENT_EPS)."""
+    clean_means [I, K], starts (each layer's first entry, then K) -> each channel's
+    movement: its largest |change| from the clean image along the path, averaged over
+    the images, in units of its layer's scale (the RMS of the layer's clean channel
+    means). One scale per layer, not per channel: a channel's own spread over a few
+    similar images is near zero and made its movement explode (1e3 to 6e4 on two
+    images); per layer, layers of different magnitudes still compare."""
     change = np.abs(path_means - clean_means[:, None, :]).max(axis=1).mean(axis=0)
-    return change / (clean_means.std(axis=0) + MOVEMENT_EPS)
+    scale = np.empty_like(change)
+    for start, end in itertools.pairwise(starts):
+        scale[start:end] = np.sqrt(np.mean(np.square(clean_means[:, start:end])))
+    return change / (scale + MOVEMENT_EPS)
 
 
 def repair_choice(
