@@ -208,9 +208,7 @@ def task_shares(
     return share, frequency, mean_score
 
 
-def movements(
-    path_means: np.ndarray, clean_means: np.ndarray, starts: Sequence[int]
-) -> np.ndarray:
+def movements(path_means: np.ndarray, clean_means: np.ndarray, starts: Sequence[int]) -> np.ndarray:
     """path_means [I, S, K] (each image's channel means along the edited path),
     clean_means [I, K], starts (each layer's first entry, then K) -> each channel's
     movement: its largest |change| from the clean image along the path, averaged over
