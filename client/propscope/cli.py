@@ -155,6 +155,22 @@ GraphFormatOption = Annotated[
         "(the GraphResult and image_files).",
     ),
 ]
+# Options graph and repair share.
+TargetClassOption = Annotated[
+    int | None,
+    typer.Option(min=0, help="Class to explain (default: each image's predicted one)."),
+]
+ReferenceOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        metavar="DIR|FILE",
+        help="Reference images for the mean baseline (8..256; a folder or files; "
+        "repeatable), when the model declares no channel means.",
+        show_default=False,
+    ),
+]
+GraphStepsOption = Annotated[int, typer.Option(min=0, help="Intervention steps (0: 10).")]
+GraphSeedOption = Annotated[int, typer.Option(min=0, help="Seeds the tests and the bootstrap.")]
 TimeoutOption = Annotated[
     float | None,
     typer.Option("--timeout", min=0.0, help="Deadline of each call in seconds (default: none)."),
@@ -1131,11 +1147,8 @@ def graph(
         ),
     ] = None,
     target: TargetOption = DEFAULT_TARGET,
-    target_class: Annotated[
-        int | None,
-        typer.Option(min=0, help="Class to explain (default: each image's predicted one)."),
-    ] = None,
-    steps: Annotated[int, typer.Option(min=0, help="Intervention steps (0: 10).")] = 0,
+    target_class: TargetClassOption = None,
+    steps: GraphStepsOption = 0,
     baseline: Annotated[
         str,
         typer.Option(
@@ -1143,15 +1156,7 @@ def graph(
             help="What a channel moves toward: its mean (the model's, else --reference's) or 0.",
         ),
     ] = "mean",
-    reference: Annotated[
-        list[Path] | None,
-        typer.Option(
-            metavar="DIR|FILE",
-            help="Reference images for the mean baseline (8..256; a folder or files; "
-            "repeatable), when the model declares no channel means.",
-            show_default=False,
-        ),
-    ] = None,
+    reference: ReferenceOption = None,
     alpha: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Significance level (0: 0.05).")
     ] = 0.0,
@@ -1174,7 +1179,7 @@ def graph(
         float | None,
         typer.Option(min=0.0, max=1.0, help="Task graph: share of images (default 0.5)."),
     ] = None,
-    seed: Annotated[int, typer.Option(min=0, help="Seeds the tests and the bootstrap.")] = 0,
+    seed: GraphSeedOption = 0,
     dot: Annotated[
         Path | None, typer.Option(dir_okay=False, help="Write the graph as Graphviz DOT.")
     ] = None,
@@ -1379,10 +1384,7 @@ def repair(
         float | None,
         typer.Option(min=0.0, max=0.5, help="Largest share of channels ablated (default 0.05)."),
     ] = None,
-    target_class: Annotated[
-        int | None,
-        typer.Option(min=0, help="Class to explain (default: each image's predicted one)."),
-    ] = None,
+    target_class: TargetClassOption = None,
     baseline: Annotated[
         str,
         typer.Option(
@@ -1391,17 +1393,9 @@ def repair(
             "(the model's, else --reference's) or 0.",
         ),
     ] = "mean",
-    reference: Annotated[
-        list[Path] | None,
-        typer.Option(
-            metavar="DIR|FILE",
-            help="Reference images for the mean baseline (8..256; a folder or files; "
-            "repeatable), when the model declares no channel means.",
-            show_default=False,
-        ),
-    ] = None,
-    steps: Annotated[int, typer.Option(min=0, help="Intervention steps (0: 10).")] = 0,
-    seed: Annotated[int, typer.Option(min=0, help="Seeds the tests and the bootstrap.")] = 0,
+    reference: ReferenceOption = None,
+    steps: GraphStepsOption = 0,
+    seed: GraphSeedOption = 0,
     target: TargetOption = DEFAULT_TARGET,
     progress: ProgressOption = None,
     output_format: GraphFormatOption = OutputFormat.TABLE,
