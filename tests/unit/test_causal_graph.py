@@ -342,6 +342,17 @@ def test_a_model_without_a_declared_output_kind_is_refused_before_any_pass(chang
     assert fake.passes == 0
 
 
+def test_the_output_kind_detection_pass_is_counted_in_the_plan_and_the_result():
+    # Triton counts the pass that detects an undeclared output kind; so does the result.
+    undeclared = dataclasses.replace(OPEN, preprocessing=PreprocessingConfig())
+    events, fake = run(spec(max_edges=1), FakeOpenModel(undeclared))
+    per_image = scoring.image_passes([4, 3], 16, 10, edges=1, edge_layers=1)
+    assert fake.passes == 1 + per_image == events[-1].passes
+    assert events[0].planned_passes == 1 + per_image
+    progress = [e for e in events if isinstance(e, GraphProgress)]
+    assert progress[-1].done == fake.passes and progress[-1].total == fake.passes
+
+
 # --- the scoring functions, numerically ---
 
 

@@ -70,6 +70,7 @@ from propscope_server.inference import Inference, ModelDescription
 from propscope_server.methods import require
 from propscope_server.open_contract import INTERVENE, OPTIONAL_INPUTS, OPTIONAL_OUTPUTS, PATCH
 from propscope_server.orchestration.classifier import (
+    DETECTED_SOURCE,
     PlannedClassifier,
     plan_classifier,
     probabilities,
@@ -114,7 +115,7 @@ class GraphPlan:
     baseline_source: str
     images: tuple[GraphImage, ...]
     planned_passes: int
-    passes_done: int  # in planning: the clean passes and the reference images'
+    passes_done: int  # in planning: output-kind detection, clean and reference passes
     warnings: tuple[str, ...]
     repair_editor: PlannedEditor | None  # the repair property's
     deadline: float | None
@@ -335,7 +336,10 @@ class CausalGraph:
                 self._inference, spec.repair_property, "repair_property.editor", deadline
             )
         references = len(spec.reference_images) if source == BASELINE_REFERENCE else 0
-        planned = scoring.planned_passes(
+        # The pass that detected an undeclared output kind ran on Triton: counted, so
+        # that GraphDone.passes equals Triton's inference count.
+        detected = int(DETECTED_SOURCE in classifier.preprocessing_sources)
+        planned = detected + scoring.planned_passes(
             len(spec.images),
             [layer.channels for layer in layers],
             spec.nodes_per_layer,
@@ -380,7 +384,7 @@ class CausalGraph:
             baseline_source=source,
             images=tuple(images),
             planned_passes=planned,
-            passes_done=references + len(images),
+            passes_done=detected + references + len(images),
             warnings=tuple(warnings),
             repair_editor=repair_editor,
             deadline=deadline,
