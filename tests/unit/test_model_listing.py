@@ -50,3 +50,21 @@ def test_a_version_that_failed_does_not_hide_the_one_that_serves():
         ("broken", "UNAVAILABLE", []),
     ]
     assert listing[1].state_reason == "no backend"
+
+
+def test_a_served_model_names_its_failed_versions_and_their_reasons():
+    entries = [
+        RepositoryEntry("model", "1", "READY"),
+        RepositoryEntry("model", "2", "UNAVAILABLE", "failed to load 'model' version 2: bad"),
+        RepositoryEntry("model", "3", "UNAVAILABLE"),
+        RepositoryEntry("fine", "1", "READY"),
+    ]
+    listing = model_listing(entries, [described("model", "1"), None, None, described("fine", "1")])
+    assert [(info.state, list(info.versions)) for info in listing] == [
+        ("READY", ["1"]),
+        ("READY", ["1"]),
+    ]
+    assert listing[0].state_reason == (
+        "version 2: failed to load 'model' version 2: bad; version 3: UNAVAILABLE"
+    )
+    assert listing[1].state_reason == ""

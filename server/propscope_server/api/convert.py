@@ -772,8 +772,10 @@ def model_listing(
     """One ModelInfo per model, in the repository's order. Triton's index has one entry per
     version of a model that serves several (version_policy all: a repaired version beside
     its original); the model is listed once, described by its latest described version,
-    with every described version in ``versions``. A model none of whose entries could be
-    described is listed bare from its first entry."""
+    with every described version in ``versions``. It stays READY while a version of it
+    serves, and ``state_reason`` names each version that failed with Triton's reason (else
+    a failed repaired version would go unseen beside its original). A model none of whose
+    entries could be described is listed bare from its first entry."""
     by_name: dict[str, list[tuple[RepositoryEntry, ModelDescription | None]]] = {}
     for entry, description in zip(entries, descriptions, strict=True):
         by_name.setdefault(entry.name, []).append((entry, description))
@@ -785,7 +787,14 @@ def model_listing(
             continue
         versions = sorted({v for _, d in described for v in d.versions}, key=_version_order)
         entry, latest = max(described, key=lambda pair: _version_order(pair[1].version))
-        listing.append(model_info(entry, replace(latest, versions=tuple(versions))))
+        info = model_info(entry, replace(latest, versions=tuple(versions)))
+        failed = [
+            f"version {e.version}: {e.reason or e.state}"
+            for e, d in listed
+            if d is None and e.state != "READY"
+        ]
+        info.state_reason = "; ".join(filter(None, [info.state_reason, *failed]))
+        listing.append(info)
     return listing
 
 
