@@ -338,8 +338,8 @@ _MODEL_COLUMNS = (
 
 
 def print_models(infos: Sequence[ModelInfo], output_format: OutputFormat) -> None:
-    """``propscope models``: a row per model (``plain``: a line), then why each model that is
-    not READY is not."""
+    """``propscope models``: a row per model (``plain``: a line), then each model's state
+    reason: why one is not READY, or which of a READY model's versions failed to load."""
     if output_format is OutputFormat.JSON:
         for info in infos:
             write_json(info.to_dict())
@@ -373,7 +373,7 @@ def print_models(infos: Sequence[ModelInfo], output_format: OutputFormat) -> Non
     ]
     print_rows(console, "propscope models", _MODEL_COLUMNS, rows)
     for info in infos:
-        if info.state != "READY" and info.state_reason:
+        if info.state_reason:
             console.print(note(f"{info.name}: ", f"{info.state}: ", info.state_reason, "yellow"))
 
 

@@ -407,7 +407,8 @@ class ModelInfo:
     max_batch_size: int
     editor_parameters: tuple[EditorParameter, ...]
     description: str
-    # Why the model is not READY, in Triton's words.
+    # Why the model is not READY, in Triton's words; of a READY model, the versions that
+    # failed to load beside the one that serves ("version 2: <reason>").
     state_reason: str = ""
     # Classifiers: the preprocessing and class names their config.pbtxt declares.
     preprocessing: Preprocessing = Preprocessing()

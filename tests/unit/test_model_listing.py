@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from propscope._cli_output import OutputFormat, print_models
+from propscope._events import ModelInfo
 from propscope_server.api.convert import model_listing
 from propscope_server.inference import ModelDescription, RepositoryEntry, Tensor
 
@@ -68,3 +70,18 @@ def test_a_served_model_names_its_failed_versions_and_their_reasons():
         "version 2: failed to load 'model' version 2: bad; version 3: UNAVAILABLE"
     )
     assert listing[1].state_reason == ""
+
+
+def test_propscope_models_prints_the_failed_version_of_a_served_model(capsys):
+    entries = [
+        RepositoryEntry("model", "1", "READY"),
+        RepositoryEntry("model", "2", "UNAVAILABLE", "load failed: no weights"),
+        RepositoryEntry("fine", "1", "READY"),
+    ]
+    listing = model_listing(entries, [described("model", "1"), None, described("fine", "1")])
+    infos = [ModelInfo.from_proto(info) for info in listing]
+    print_models(infos, OutputFormat.TABLE)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "version 2" in line]
+    assert notes == ["model: READY: version 2: load failed: no weights"]
+    print_models(infos, OutputFormat.PLAIN)
+    assert "version 2: load failed: no weights" in capsys.readouterr().out
