@@ -7,10 +7,17 @@ other's dependencies (docs/own-models.md, "Open models")."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 LAYERS_PARAMETER = "propscope.layers"
 CHANNEL_MEANS_PARAMETER = "propscope.channel_means"
+# What a model exposes beyond forward passes, comma-separated:
+# "activations,interventions,gradients".
+CAPABILITIES_PARAMETER = "propscope.capabilities"
+# The capabilities served by the open model's hooks (forward passes need none).
+OPEN_CAPABILITIES = ("activations", "interventions", "gradients")
 
 # name -> (Triton datatype, dims without the batch dimension)
 OPTIONAL_INPUTS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -71,3 +78,19 @@ def parse_layers(text: str | None) -> tuple[Layer, ...]:
             )
         layers.append(Layer(name, channels))
     return tuple(layers)
+
+
+def declared_capabilities(text: str | None) -> frozenset[str]:
+    """The capability names of a `propscope.capabilities` value, lower-case."""
+    return frozenset(filter(None, (part.strip().lower() for part in (text or "").split(","))))
+
+
+def declared_open(parameters: Mapping[str, Any]) -> bool:
+    """Whether a Triton JSON config's parameters declare an open model: layers, or a
+    capability that needs the open model's hooks."""
+
+    def value(key: str) -> str:
+        return str(parameters.get(key, {}).get("string_value", "") or "")
+
+    capabilities = declared_capabilities(value(CAPABILITIES_PARAMETER))
+    return bool(value(LAYERS_PARAMETER)) or bool(capabilities & set(OPEN_CAPABILITIES))

@@ -16,6 +16,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from propscope_dev.channel_means import channel_means, config_parameters
+from propscope_server.open_contract import CHANNEL_MEANS_PARAMETER, declared_open
 from propscope_server.triton_models.classifiers.cnn import (
     SmallCNN,
     load_classifier,
@@ -23,7 +24,6 @@ from propscope_server.triton_models.classifiers.cnn import (
 )
 from propscope_server.triton_models.classifiers.open_model import (
     ABLATION_FILE,
-    CHANNEL_MEANS_PARAMETER,
     LAYERS_PARAMETER,
     OPTIONAL_INPUTS,
     OPTIONAL_OUTPUTS,
@@ -31,7 +31,6 @@ from propscope_server.triton_models.classifiers.open_model import (
     Layer,
     OpenModel,
     check_declared_tensors,
-    declared_open,
     parse_layers,
     read_ablation,
     requested_outputs,

@@ -63,7 +63,7 @@ def graph(nodes, repair=None) -> propscope.GraphResult:
 
 
 def test_the_reference_without_ablation_is_the_served_network(reference, images):
-    weights = vg.MODEL_REPOSITORY.parent / "weights" / "patch_biased.pt"
+    weights = vg.DEFAULT_MODEL_REPOSITORY.parent / "weights" / "patch_biased.pt"
     with torch.inference_mode():
         plain = load_classifier(weights)(normalise_uint8_hwc(images[0])).numpy()
     assert np.array_equal(reference.logits(images[0]), plain.astype(np.float64))
@@ -93,7 +93,7 @@ def test_grad_x_activation_is_the_served_models_output(reference, images):
     serves), and the baseline-aware one differs by mean x CHANNEL_GRADIENTS."""
     image = images[0][0]
     served = OpenModel(
-        load_classifier(vg.MODEL_REPOSITORY.parent / "weights" / "patch_biased.pt"),
+        load_classifier(vg.DEFAULT_MODEL_REPOSITORY.parent / "weights" / "patch_biased.pt"),
         reference.layers,
         torch.zeros(1, 3, 64, 64),
     )(

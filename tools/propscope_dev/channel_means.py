@@ -18,18 +18,17 @@ import numpy as np
 import torch
 import typer
 
+from propscope_dev.stack import DEFAULT_MODEL_REPOSITORY
 from propscope_dev.train import MODELS
-from propscope_server.synthetic.world import make_split
-from propscope_server.triton_models.classifiers.cnn import load_classifier, normalise_uint8_hwc
-from propscope_server.triton_models.classifiers.open_model import (
+from propscope_server.open_contract import (
     CHANNEL_MEANS_PARAMETER,
     LAYERS_PARAMETER,
-    OpenModel,
     parse_layers,
 )
+from propscope_server.synthetic.world import make_split
+from propscope_server.triton_models.classifiers.cnn import load_classifier, normalise_uint8_hwc
+from propscope_server.triton_models.classifiers.open_model import OpenModel
 
-ROOT = Path(__file__).resolve().parents[2]
-MODEL_REPOSITORY = ROOT / "deploy" / "triton" / "models"
 IMAGES = 256
 # Far from train.py's training (seed + offset) and held-out (seed + 10_000 + offset) seeds.
 SEED = 20_000
@@ -87,7 +86,7 @@ def with_means(text: str, line: str) -> str:
 
 @app.command()
 def main(
-    repository: Path = typer.Option(MODEL_REPOSITORY, help="Model repository."),
+    repository: Path = typer.Option(DEFAULT_MODEL_REPOSITORY, help="Model repository."),
     write: bool = typer.Option(False, help="Rewrite the configs' parameter line."),
 ) -> None:
     """Compute (and with --write, store) every open synthetic model's channel means."""

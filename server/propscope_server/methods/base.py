@@ -11,10 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from propscope_server.inference import ModelDescription
-
-# config.pbtxt parameter in which a model declares what it exposes beyond forward
-# passes, comma-separated: "activations,interventions,gradients".
-CAPABILITIES_PARAMETER = "propscope.capabilities"
+from propscope_server.open_contract import CAPABILITIES_PARAMETER, declared_capabilities
 
 
 class Capability(enum.Flag):
@@ -51,8 +48,7 @@ def model_capabilities(model: ModelDescription) -> Capability:
     if model.role == "editor":
         return Capability(0)
     capabilities = Capability.FORWARD
-    declared = model.parameters.get(CAPABILITIES_PARAMETER, "")
-    for name in filter(None, (part.strip().upper() for part in declared.split(","))):
-        if name in Capability.__members__:
-            capabilities |= Capability[name]
+    for name in declared_capabilities(model.parameters.get(CAPABILITIES_PARAMETER)):
+        if name.upper() in Capability.__members__:
+            capabilities |= Capability[name.upper()]
     return capabilities

@@ -19,18 +19,17 @@ from scipy import stats
 
 import propscope
 from propscope_dev.channel_means import config_parameters
+from propscope_dev.stack import DEFAULT_MODEL_REPOSITORY
 from propscope_dev.train import MODELS
-from propscope_server.scoring.property_gradient import permutation_p_values
-from propscope_server.synthetic.world import make_split, render
-from propscope_server.triton_models.classifiers.cnn import load_classifier, normalise_uint8_hwc
-from propscope_server.triton_models.classifiers.open_model import (
+from propscope_server.open_contract import (
     CHANNEL_MEANS_PARAMETER,
     LAYERS_PARAMETER,
     parse_layers,
 )
+from propscope_server.scoring.property_gradient import permutation_p_values
+from propscope_server.synthetic.world import make_split, render
+from propscope_server.triton_models.classifiers.cnn import load_classifier, normalise_uint8_hwc
 
-ROOT = Path(__file__).resolve().parents[3]
-MODEL_REPOSITORY = ROOT / "deploy" / "triton" / "models"
 # Far from training (0..2000), the training report (10_000..12_000), the channel means
 # (20_000..22_000) and the bias table (50_000).
 GRAPH_SEED = 60_000
@@ -47,7 +46,7 @@ class Reference:
     """The served classifier in-process: the weights and channel means its config names,
     with a forward hook per declared layer that sets chosen channels to their mean."""
 
-    def __init__(self, model: str, repository: Path = MODEL_REPOSITORY) -> None:
+    def __init__(self, model: str, repository: Path = DEFAULT_MODEL_REPOSITORY) -> None:
         config = repository / model / "config.pbtxt"
         parameters = config_parameters(config.read_text())
         self.name = model

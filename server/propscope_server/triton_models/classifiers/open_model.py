@@ -25,9 +25,7 @@ import torch
 from torch import nn
 
 from propscope_server.open_contract import (
-    CHANNEL_MEANS_PARAMETER as CHANNEL_MEANS_PARAMETER,  # for the tools reading configs
-)
-from propscope_server.open_contract import (
+    CAPABILITIES_PARAMETER,
     GRADIENT_OUTPUTS,
     INTERVENE,
     LAYERS_PARAMETER,
@@ -35,12 +33,10 @@ from propscope_server.open_contract import (
     OPTIONAL_OUTPUTS,
     PATCH,
     Layer,
+    declared_capabilities,
     parse_layers,
 )
 
-CAPABILITIES_PARAMETER = "propscope.capabilities"
-# The capabilities that need the hooks of this module (forward passes need none).
-OPEN_CAPABILITIES = ("activations", "interventions", "gradients")
 NEED_LAYERS = {"activations", "interventions"}
 ABLATION_FILE = "propscope_ablation.json"
 # Optional outputs that need an optional input.
@@ -59,24 +55,13 @@ class Ablation:
     value: float
 
 
-def declared_open(parameters: Mapping[str, Any]) -> bool:
-    """Whether a Triton JSON config's parameters declare an open model: layers, or a
-    capability that needs hooks."""
-
-    def value(key: str) -> str:
-        return str(parameters.get(key, {}).get("string_value", "") or "")
-
-    capabilities = {part.strip().lower() for part in value(CAPABILITIES_PARAMETER).split(",")}
-    return bool(value(LAYERS_PARAMETER)) or bool(capabilities & set(OPEN_CAPABILITIES))
-
-
 def declared_layers(parameters: Mapping[str, Any]) -> tuple[Layer, ...]:
     """The layers a Triton JSON config's parameters declare; refused when a declared
     capability needs layers (activations, interventions) and none are named."""
     text = parameters.get(LAYERS_PARAMETER, {}).get("string_value")
     layers = parse_layers(text)
-    capabilities = parameters.get(CAPABILITIES_PARAMETER, {}).get("string_value", "") or ""
-    needing = sorted({c.strip().lower() for c in capabilities.split(",")} & NEED_LAYERS)
+    capabilities = parameters.get(CAPABILITIES_PARAMETER, {}).get("string_value")
+    needing = sorted(declared_capabilities(capabilities) & NEED_LAYERS)
     if needing and not layers:
         raise ValueError(
             f"{CAPABILITIES_PARAMETER} declares {', '.join(needing)} but no {LAYERS_PARAMETER}; "

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from propscope_server.open_contract import LAYERS_PARAMETER, OPEN_CAPABILITIES, declared_open
+
 FORMAT_PARAMETER = "propscope.format"
 FILE_PARAMETER = "propscope.file"
 MODULE_PARAMETER = "propscope.module"
@@ -170,11 +172,7 @@ def _open_declaration(
     """The declared layers of an open model, None for a closed one. Imports torch (via
     open_model) only for a config that declares something open."""
     parameters = config.get("parameters", {})
-    if not any(key in parameters for key in ("propscope.layers", "propscope.capabilities")):
-        return None
-    from propscope_server.triton_models.classifiers import open_model
-
-    if not open_model.declared_open(parameters):
+    if not declared_open(parameters):
         return None
     if kind != "state_dict":
         why = (
@@ -183,11 +181,13 @@ def _open_declaration(
             else "an ONNX graph has no modules to hook"
         )
         raise refuse(
-            f"the config declares an open model ({open_model.LAYERS_PARAMETER} or capabilities "
-            f"{', '.join(open_model.OPEN_CAPABILITIES)}) but propscope.format is {kind}, and "
+            f"the config declares an open model ({LAYERS_PARAMETER} or capabilities "
+            f"{', '.join(OPEN_CAPABILITIES)}) but propscope.format is {kind}, and "
             f"{why}; ship the weights as a state_dict with its module (propscope.format "
             '"state_dict", propscope.module "package.module:ClassName"), or drop the declaration'
         )
+    from propscope_server.triton_models.classifiers import open_model
+
     try:
         layers = open_model.declared_layers(parameters)
         image_dims = config["input"][0].get("dims", []) if config.get("input") else []

@@ -16,13 +16,12 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from propscope_server.open_contract import LAYERS_PARAMETER, declared_open
 from propscope_server.triton_models.classifiers.cnn import load_classifier, normalise_uint8_hwc
 from propscope_server.triton_models.classifiers.open_model import (
-    LAYERS_PARAMETER,
     OpenModel,
     check_declared_tensors,
     declared_layers,
-    declared_open,
     read_ablation,
     requested_outputs,
 )
