@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System packages the stack needs: redis-server (the path cache), the shared
 # libpython that Triton's python-backend stub links, headless chromium (the
-# browser test of the review report renders it), promtool (Debian's prometheus
+# browser test of the review report renders it) and chromium-driver (selenium drives
+# it in the class explorer's browser test), promtool (Debian's prometheus
 # package: `make test` checks the alert rules with it), tmux (the CLI layout tests capture
 # its output at 80 and 120 columns), graphviz (its dot lays out the SVG of a causal graph:
 # GraphResult.to_svg, `propscope graph --svg`) and, where Node is missing,
@@ -36,6 +37,7 @@ elif ! ldconfig -p | grep -q "${libpython}"; then
   missing+=("libpython${pyver}")
 fi
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v tmux >/dev/null 2>&1 || missing+=(tmux)
 command -v dot >/dev/null 2>&1 || missing+=(graphviz)
