@@ -1,0 +1,138 @@
+"""MACO's pure maths (scoring/maco.py): every adjoint against finite differences, the
+crops against a direct resampling, the loop's determinism and that it ascends a known
+objective."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from propscope_server.scoring import maco
+
+
+def _directional(function, point: np.ndarray, direction: np.ndarray, step: float = 1e-6) -> float:
+    return (function(point + step * direction) - function(point - step * direction)) / (2 * step)
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (6, 10), (7, 8)])
+def test_irfft2_adjoint_is_the_adjoint(shape: tuple[int, int]) -> None:
+    """<g, irfft2(Z)> = Re<adjoint(g), Z> for every Z, as real-linear maps."""
+    rng = np.random.default_rng(0)
+    height, width = shape
+    spectrum = rng.normal(size=(3, height, width // 2 + 1)) + 1j * rng.normal(
+        size=(3, height, width // 2 + 1)
+    )
+    gradient = rng.normal(size=(3, height, width))
+    left = np.sum(gradient * np.fft.irfft2(spectrum, s=shape, axes=(-2, -1)))
+    right = np.sum(np.real(np.conj(maco.irfft2_adjoint(gradient, width)) * spectrum))
+    assert left == pytest.approx(right, rel=1e-10)
+
+
+def test_picture_adjoint_matches_finite_differences() -> None:
+    rng = np.random.default_rng(1)
+    magnitude = maco.natural_spectrum(8, 10) * rng.uniform(0.5, 1.5, size=(3, 8, 6))
+    phase = rng.normal(size=magnitude.shape)
+    weights = rng.normal(size=(8, 10, 3))
+
+    def objective(p: np.ndarray) -> float:
+        return float(np.sum(weights * maco.picture(magnitude, p)[0]))
+
+    gradient = maco.picture_adjoint(maco.picture(magnitude, phase)[1], weights)
+    for _ in range(5):
+        direction = rng.normal(size=phase.shape)
+        expected = _directional(objective, phase, direction)
+        assert np.sum(gradient * direction) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_crop_adjoint_matches_finite_differences_and_transpose() -> None:
+    rng = np.random.default_rng(2)
+    boxes = np.array([[0.1, 0.2, 0.5], [-0.1, 0.6, 0.3], [0.3, 0.3, 0.05], [0.0, 0.0, 1.0]])
+    crops = maco.Crops.of(boxes, (12, 16), (9, 7))
+    image = rng.normal(size=(12, 16, 3))
+    weights = rng.normal(size=(4, 9, 7, 3))
+    gradient = crops.adjoint(weights)
+    direction = rng.normal(size=image.shape)
+    expected = _directional(lambda x: float(np.sum(weights * crops.cut(x))), image, direction)
+    assert np.sum(gradient * direction) == pytest.approx(expected, rel=1e-8)
+
+
+def test_crop_of_the_whole_picture_at_its_size_is_the_picture() -> None:
+    image = np.random.default_rng(3).normal(size=(10, 10, 3))
+    crops = maco.Crops.of(np.array([[0.0, 0.0, 1.0]]), (10, 10), (10, 10))
+    np.testing.assert_allclose(crops.cut(image)[0], image, atol=1e-12)
+
+
+def test_crop_resamples_bilinearly_at_half_pixel_centres() -> None:
+    """A 2x upsampling of a ramp: sample j sits at (j + 0.5) / 2 - 0.5, edges clamped."""
+    ramp = np.tile(np.arange(4.0)[None, :, None], (4, 1, 3))
+    crops = maco.Crops.of(np.array([[0.0, 0.0, 1.0]]), (4, 4), (8, 8))
+    row = crops.cut(ramp)[0, 0, :, 0]
+    expected = np.clip((np.arange(8) + 0.5) / 2 - 0.5, 0, 3)
+    np.testing.assert_allclose(row, expected)
+
+
+def test_natural_spectrum_falls_as_one_over_frequency() -> None:
+    spectrum = maco.natural_spectrum(64, 64)
+    assert spectrum.shape == (3, 64, 33)
+    assert spectrum[0, 0, 4] == pytest.approx(spectrum[0, 0, 8] * 2)
+    assert spectrum[0, 3, 4] == pytest.approx(1 / 5)
+
+
+def test_images_spectrum_is_the_mean_magnitude_in_decorrelated_colours() -> None:
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
+    spectrum = maco.images_spectrum(images)
+    values = images / 255.0
+    values = values - values.mean(axis=(1, 2), keepdims=True)
+    one = values[1] @ np.linalg.inv(maco.COLOR_CORRELATION)
+    assert spectrum.shape == (3, 8, 5)
+    first = np.abs(np.fft.rfft2(one[..., 2]))
+    assert np.all(spectrum[2] * 3 >= first - 1e-12)
+
+
+def test_adam_ascends_a_quadratic() -> None:
+    adam = maco.Adam(0.1)
+    x = np.array([3.0, -2.0])
+    for _ in range(300):
+        x = adam.ascend(x, -2 * x)
+    np.testing.assert_allclose(x, 0.0, atol=0.05)
+
+
+def _target_loop(settings: maco.Settings, seed: int) -> tuple[maco.Optimisation, list[float]]:
+    """The loop ascending a linear objective of the crops: mean over crops of
+    <red - blue>, so a picture that grows red raises it."""
+    loop = maco.Optimisation(maco.natural_spectrum(16, 16), (8, 8), settings, seed)
+    weights = np.zeros((8, 8, 3))
+    weights[..., 0], weights[..., 2] = 1.0, -1.0
+    values = []
+    for _ in range(settings.steps):
+        crops = loop.propose()
+        values.append(float(np.mean(np.sum(crops * weights, axis=(1, 2, 3)))))
+        loop.update(np.broadcast_to(weights, crops.shape))
+    return loop, values
+
+
+def test_loop_raises_its_objective_and_is_deterministic() -> None:
+    settings = maco.Settings(steps=40, crops=4, learning_rate=0.2)
+    start = maco.Optimisation(maco.natural_spectrum(16, 16), (8, 8), settings, 7).picture()
+    loop, values = _target_loop(settings, seed=7)
+    image = loop.picture()
+
+    def redness(x: np.ndarray) -> float:
+        return float(x[..., 0].mean() - x[..., 2].mean())
+
+    assert redness(image) > redness(start) + 5
+    assert np.mean(values[-5:]) > np.mean(values[:5]) + 500
+    again, _ = _target_loop(settings, seed=7)
+    np.testing.assert_array_equal(again.picture(), image)
+    np.testing.assert_array_equal(again.alpha(), loop.alpha())
+    other, _ = _target_loop(settings, seed=8)
+    assert not np.array_equal(other.picture(), image)
+    assert loop.alpha().max() == pytest.approx(1.0)
+    assert image.min() >= 0 and image.max() <= 255
+
+
+def test_update_needs_a_proposal() -> None:
+    loop = maco.Optimisation(maco.natural_spectrum(8, 8), (8, 8), maco.Settings(steps=2), 0)
+    with pytest.raises(RuntimeError):
+        loop.update(np.zeros((32, 8, 8, 3)))
