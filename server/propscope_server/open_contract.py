@@ -30,9 +30,19 @@ OPTIONAL_INPUTS: dict[str, tuple[str, tuple[int, ...]]] = {
     "PATCH_VALUE": ("TYPE_FP32", (-1,)),
     "ACTIVATION_LAYER": ("TYPE_INT32", (1,)),
     "GRADIENT_CLASS": ("TYPE_INT32", (1,)),
+    "REPLACE_LAYER": ("TYPE_INT32", (1,)),
+    "REPLACE_ACTIVATION": ("TYPE_FP32", (-1,)),
+    "GRADIENT_LAYER": ("TYPE_INT32", (1,)),
+    "GRADIENT_DIRECTION": ("TYPE_FP32", (-1,)),
 }
+# Inputs sent together (all of a group or none).
 INTERVENE = ("INTERVENE_LAYER", "INTERVENE_CHANNEL", "INTERVENE_STRENGTH", "INTERVENE_BASELINE")
 PATCH = ("PATCH_LAYER", "PATCH_CHANNEL", "PATCH_VALUE")
+# A layer's whole output replaced per sample (C*H*W values, row-major C, H, W).
+REPLACE = ("REPLACE_LAYER", "REPLACE_ACTIVATION")
+# A direction in a layer's channels (C values) whose spatial mean is differentiated
+# instead of the GRADIENT_CLASS output.
+DIRECTION = ("GRADIENT_LAYER", "GRADIENT_DIRECTION")
 # Optional outputs, after the class scores; INPUT_GRADIENT's dims are the image input's.
 # Never class scores: the gateway refuses one named as the classifier's output.
 OPTIONAL_OUTPUTS = (

@@ -18,6 +18,8 @@ from tritonclient.grpc import model_config_pb2
 from propscope_dev.channel_means import channel_means, config_parameters
 from propscope_server.open_contract import CHANNEL_MEANS_PARAMETER, declared_open
 from propscope_server.triton_models.classifiers.cnn import (
+    MEAN,
+    STD,
     SmallCNN,
     load_classifier,
     normalise_uint8_hwc,
@@ -263,6 +265,149 @@ def test_a_frozen_module_still_gives_channel_gradients(opened: OpenModel):
     assert np.abs(got).max() > 1e-3
 
 
+def replace(layers, values) -> dict[str, np.ndarray]:
+    return {"REPLACE_LAYER": column(layers), "REPLACE_ACTIVATION": np.asarray(values, np.float32)}
+
+
+def direction(layers, values) -> dict[str, np.ndarray]:
+    return {"GRADIENT_LAYER": column(layers), "GRADIENT_DIRECTION": np.asarray(values, np.float32)}
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_replacing_a_layer_with_its_own_activations_is_bit_identical(opened: OpenModel, index):
+    x = batch(10)
+    recorded = opened(x, {"ACTIVATION_LAYER": column([index] * B)}, ["ACTIVATIONS"])
+    replaced = opened(x, replace([index] * B, recorded["ACTIVATIONS"]))["scores"]
+    assert np.array_equal(replaced, opened(x)["scores"])
+
+
+def test_a_replaced_last_layer_feeds_the_head_directly(opened: OpenModel, network: SmallCNN):
+    """SmallCNN after its last block is global mean pooling + linear: logits = head(mean(A))."""
+    x = batch(11)
+    rng = np.random.default_rng(5)
+    values = np.abs(rng.normal(size=(B, 64 * 8 * 8))).astype(np.float32)
+    values[0] = 0.0
+    with torch.no_grad():
+        expected = network.head(torch.from_numpy(values).view(B, 64, 64).mean(dim=2)).numpy()
+    got = opened(x, replace([2] * B, values))["scores"]
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    np.testing.assert_allclose(got[0], network.head.bias.detach().numpy(), atol=1e-7)
+
+
+def test_a_replacement_runs_the_later_layers_on_the_new_values(
+    opened: OpenModel, network: SmallCNN
+):
+    x = batch(12)
+    values = np.random.default_rng(6).normal(size=(B, 32 * 16 * 16)).astype(np.float32)
+
+    def swap(index: int, a: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(values).view(B, 32, 16, 16) if index == 1 else a
+
+    expected, outputs = by_hand(network, x, swap)
+    result = opened(
+        x, {**replace([1] * B, values), "ACTIVATION_LAYER": column([1] * B)}, ["ACTIVATIONS"]
+    )
+    np.testing.assert_allclose(result["scores"], expected, atol=1e-5)
+    assert np.array_equal(result["ACTIVATIONS"], values)  # what later layers saw
+
+
+def test_minus_one_leaves_a_sample_untouched(opened: OpenModel):
+    x = batch(13)
+    clean = opened(x)["scores"]
+    layers = [2, -1, 2, -1, -1, 2]
+    result = opened(x, replace(layers, np.zeros((B, 64 * 8 * 8))))["scores"]
+    for row, layer in enumerate(layers):
+        if layer < 0:
+            assert np.array_equal(result[row], clean[row])
+        else:
+            assert not np.allclose(result[row], clean[row], atol=1e-4)
+
+
+def test_a_replacement_comes_before_an_intervention_at_its_layer(
+    opened: OpenModel, network: SmallCNN
+):
+    x = batch(14)
+    values = np.ones((B, 16 * 32 * 32), np.float32)
+
+    def edit(index: int, a: torch.Tensor) -> torch.Tensor:
+        if index == 0:
+            a = torch.ones_like(a)
+            a[:, 4] = 3.0
+        return a
+
+    expected, _ = by_hand(network, x, edit)
+    both = {**replace([0] * B, values), **intervene([0] * B, [4] * B, [1.0] * B, [3.0] * B)}
+    np.testing.assert_allclose(opened(x, both)["scores"], expected, atol=1e-6)
+
+
+def test_a_direction_gradient_is_autograd_of_the_channels_spatial_mean(
+    opened: OpenModel, plain: SmallCNN
+):
+    x = batch(15)
+    layer, channel = 1, 7
+    leaf = x.clone().requires_grad_(True)
+    a = plain.features[1](plain.features[0](leaf))
+    (expected,) = torch.autograd.grad(a[:, channel].mean(dim=(1, 2)).sum(), [leaf])
+    one_hot = np.zeros((B, 32), np.float32)
+    one_hot[:, channel] = 1.0
+    result = opened(
+        x,
+        {**direction([layer] * B, one_hot), "GRADIENT_CLASS": column([-1] * B)},
+        ["INPUT_GRADIENT", "CHANNEL_GRADIENTS"],
+    )
+    np.testing.assert_allclose(result["INPUT_GRADIENT"], expected.numpy(), atol=1e-7)
+    assert np.abs(expected.numpy()).max() > 1e-4
+    # d objective / d a_c,h,w is 1 / (H*W) on the channel, 0 elsewhere; summed over H, W: 1.
+    channel_gradients = result["CHANNEL_GRADIENTS"][:, 16:48]
+    np.testing.assert_allclose(channel_gradients, one_hot, atol=1e-6)
+
+
+def test_a_direction_is_linear_and_each_sample_keeps_its_own_objective(
+    opened: OpenModel, plain: SmallCNN
+):
+    x = batch(16)
+    d = np.random.default_rng(7).normal(size=(B, 64)).astype(np.float32)
+    layers, classes = [2, -1, 2, -1, 2, -1], [-1, 0, 1, 1, -1, 0]
+    result = opened(
+        x,
+        {**direction(layers, d), "GRADIENT_CLASS": column(classes)},
+        ["INPUT_GRADIENT"],
+    )["INPUT_GRADIENT"]
+    for row in range(B):
+        leaf = x[row : row + 1].clone().requires_grad_(True)
+        features = plain.features(leaf)
+        if layers[row] >= 0:
+            objective = (features[0] * torch.from_numpy(d[row]).view(64, 1, 1)).sum(0).mean()
+        else:
+            objective = plain.head(features.mean(dim=(2, 3)))[0, classes[row]]
+        (expected,) = torch.autograd.grad(objective, [leaf])
+        np.testing.assert_allclose(result[row : row + 1], expected.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("optional", "requested", "message"),
+    [
+        (replace([2] * B, np.zeros((B, 100))), (), "REPLACE_ACTIVATION has 100 values per sample; layer 'features.2' needs 4096 (its C*H*W = 64 x 8 x 8 for this input, row-major)"),
+        (replace([2] * B, np.full((B, 4096), np.nan)), (), "REPLACE_ACTIVATION holds NaN or infinite values"),
+        (replace([3] * B, np.zeros((B, 4096))), (), "REPLACE_LAYER[0] is 3; layer indices are 0..2 (-1 = none)"),
+        (replace([2] * B, np.zeros(B)), (), "REPLACE_ACTIVATION must be [B, C*H*W] for a batch of 6, got [6]"),
+        ({"REPLACE_LAYER": column([0] * B)}, (), "REPLACE_LAYER sent without REPLACE_ACTIVATION"),
+        ({"GRADIENT_DIRECTION": np.zeros((B, 16), np.float32)}, (), "GRADIENT_DIRECTION sent without GRADIENT_LAYER"),
+        (direction([1] * B, np.zeros((B, 16))), (), "GRADIENT_DIRECTION has 16 values per sample; GRADIENT_LAYER[0] is 1, layer 'features.1', which needs 32"),
+        (direction([0] * B, np.full((B, 16), np.inf)), (), "GRADIENT_DIRECTION holds NaN or infinite values"),
+        (direction([0] * B, np.zeros((B, 16))), ("INPUT_GRADIENT",), "INPUT_GRADIENT requested without GRADIENT_CLASS"),
+        ({**direction([0, -1, 0, 0, 0, 0], np.ones((B, 16))), "GRADIENT_CLASS": column([-1] * B)}, ("INPUT_GRADIENT",), "-1 only where GRADIENT_LAYER is >= 0"),
+        ({"GRADIENT_CLASS": column([-1] * B)}, ("INPUT_GRADIENT",), "GRADIENT_CLASS [-1, -1, -1, -1, -1, -1] out of range"),
+    ],
+)  # fmt: skip
+def test_bad_replacements_and_directions_are_refused_naming_the_input(
+    opened, optional, requested, message
+):
+    with pytest.raises(ValueError) as refused:
+        opened(batch(7), optional, requested)
+    assert message in str(refused.value)
+
+
 def test_the_dry_run_names_the_layer_and_both_channel_counts(network: SmallCNN):
     wrong = (Layer("features.0", 16), Layer("features.1", 33))
     with pytest.raises(ValueError) as refused:
@@ -488,6 +633,25 @@ def test_the_triton_adapter_serves_plain_and_open_requests(synthetic_model):
         "synth_hue: PATCH_LAYER sent without PATCH_CHANNEL, PATCH_VALUE; send all of "
         "PATCH_LAYER, PATCH_CHANNEL, PATCH_VALUE or none"
     )
+
+
+def test_a_uint8_models_input_gradient_is_per_pixel_value(synthetic_model):
+    """d logit / d pixel, laid out like IMAGE: what an optimiser of the image needs."""
+    model = synthetic_model("synth_hue")
+    images = np.random.default_rng(8).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    request = FakeRequest(
+        {"IMAGE": images, "GRADIENT_CLASS": column([0, 1, 0])}, ["LOGITS", "INPUT_GRADIENT"]
+    )
+    served = outputs(model.execute([request])[0])["INPUT_GRADIENT"]
+    network = load_classifier(ROOT / "deploy/triton/weights/hue_biased.pt")
+    pixels = torch.from_numpy(images.astype(np.float32)).requires_grad_(True)
+    mean, std = torch.tensor(MEAN), torch.tensor(STD)
+    logits = network(((pixels / 255.0 - mean) / std).permute(0, 3, 1, 2))
+    (expected,) = torch.autograd.grad(
+        logits[torch.arange(3), torch.tensor([0, 1, 0])].sum(), [pixels]
+    )
+    assert served.shape == (3, 64, 64, 3)
+    np.testing.assert_allclose(served, expected.numpy(), rtol=1e-4, atol=1e-9)
 
 
 def test_the_triton_adapter_applies_the_version_folders_ablation(synthetic_model, tmp_path):

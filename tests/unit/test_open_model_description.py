@@ -17,8 +17,9 @@ from propscope_server.backends.triton import (
 )
 from propscope_server.config import Settings
 from propscope_server.domain import ClassifierRef
-from propscope_server.errors import InvalidArgument
+from propscope_server.errors import FailedPrecondition, InvalidArgument
 from propscope_server.inference import Layer
+from propscope_server.methods.base import require_inputs
 from propscope_server.orchestration.classifier import plan_classifier
 
 
@@ -146,3 +147,17 @@ def test_an_open_models_optional_output_is_refused_as_the_class_scores(output):
             )
         )
     assert caught.value.field == "model.output"
+
+
+def test_a_method_is_refused_the_open_tensors_a_model_does_not_declare():
+    model = describe({})
+    require_inputs(model, ["INTERVENE_LAYER", "LOGITS"], "a test")
+    with pytest.raises(FailedPrecondition) as refused:
+        require_inputs(
+            model, ["INTERVENE_LAYER", "REPLACE_LAYER", "REPLACE_ACTIVATION"], "CRAFT importance"
+        )
+    message = str(refused.value)
+    assert "'open' does not declare REPLACE_LAYER, REPLACE_ACTIVATION" in message
+    assert "CRAFT importance" in message and "docs/own-models.md" in message
+    assert "INTERVENE_LAYER" not in message
+    assert refused.value.field == "model"

@@ -6,10 +6,11 @@ metrics and logs, and the API layer the same admission and error mapping."""
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from propscope_server.errors import FailedPrecondition
 from propscope_server.inference import ModelDescription
 from propscope_server.open_contract import CAPABILITIES_PARAMETER, declared_capabilities
 
@@ -52,3 +53,19 @@ def model_capabilities(model: ModelDescription) -> Capability:
         if name.upper() in Capability.__members__:
             capabilities |= Capability[name.upper()]
     return capabilities
+
+
+def require_inputs(model: ModelDescription, names: Sequence[str], purpose: str) -> None:
+    """FailedPrecondition unless `model`'s config declares every open-model tensor in
+    `names` (optional inputs such as REPLACE_LAYER, or outputs such as INPUT_GRADIENT).
+    `purpose` says what needs them, e.g. "CRAFT importance (replacing layer activations)".
+    Declaring a capability is not enough: a config may declare a subset of the tensors."""
+    declared = {t.name for t in (*model.inputs, *model.outputs)}
+    missing = [name for name in names if name not in declared]
+    if missing:
+        raise FailedPrecondition(
+            f"model {model.name!r} does not declare {', '.join(missing)}, which {purpose} "
+            "needs; declare them in its config.pbtxt after the image input and the scores "
+            'output (docs/own-models.md, "Open models")',
+            field="model",
+        )

@@ -5,8 +5,9 @@ team's state_dict + module).
 A config declares its layers (`propscope.layers`, module path -> channels, in network
 order) and the optional tensors of docs/own-models.md ("Open models"). `OpenModel`
 checks the layers by one dry forward pass, then serves forward passes that may
-intervene on a channel, patch a channel's map, and return channel means, one layer's
-activations and gradients, per sample. Without optional inputs and outputs (and no
+replace a layer's whole output, intervene on a channel, patch a channel's map, and return
+channel means, one layer's activations and gradients (of a class output or of a direction
+in a layer's channels), per sample. Without optional inputs and outputs (and no
 permanent ablation) the forward pass is the plain module's, bit for bit. Triton's
 tensors come in and go out as numpy; nothing here imports Triton.
 """
@@ -26,12 +27,14 @@ from torch import nn
 
 from propscope_server.open_contract import (
     CAPABILITIES_PARAMETER,
+    DIRECTION,
     GRADIENT_OUTPUTS,
     INTERVENE,
     LAYERS_PARAMETER,
     OPTIONAL_INPUTS,
     OPTIONAL_OUTPUTS,
     PATCH,
+    REPLACE,
     Layer,
     declared_capabilities,
     parse_layers,
@@ -177,6 +180,8 @@ def read_ablation(version_folder: Path, layers: Sequence[Layer]) -> tuple[Ablati
 class _Call:
     """What one forward pass asks of the hooks, per sample (index tensors [B])."""
 
+    replace: tuple[torch.Tensor, torch.Tensor] | None = None  # layer, values [B, C*H*W]
+    direction: tuple[np.ndarray, np.ndarray] | None = None  # layer, d [B, C]
     intervene: tuple[torch.Tensor, ...] | None = None  # layer, channel, t, b
     patch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # layer, channel, value
     means: bool = False
@@ -280,7 +285,9 @@ class OpenModel:
                     f"{self.name}: layer {layer.name!r} outputs {output.shape[1]} channels, "
                     f"{LAYERS_PARAMETER} declares {layer.channels}"
                 )
-            changed = output
+            # In order: the caller's replacement stands in for the module's output, then
+            # the version's ablation, the intervention and the patch edit it.
+            changed = output if call is None else self._replace(call, index, output)
             if ablations:
                 changed = changed.clone()
                 for ablation in ablations:
@@ -302,6 +309,26 @@ class OpenModel:
             return changed if changed is not output else None
 
         return hook
+
+    def _replace(self, call: _Call, index: int, output: torch.Tensor) -> torch.Tensor:
+        if call.replace is None:
+            return output
+        layer, values = call.replace
+        rows = torch.nonzero(layer == index).flatten()
+        if rows.numel() == 0:
+            return output
+        shape = tuple(output.shape[1:])
+        size = math.prod(shape)
+        if values.shape[1] != size:
+            raise ValueError(
+                f"REPLACE_ACTIVATION has {values.shape[1]} values per sample; layer "
+                f"{self.layers[index].name!r} needs {size} (its C*H*W = "
+                f"{' x '.join(map(str, shape))} for this input, row-major)"
+            )
+        # A copy assigned in place: the rows not replaced keep their gradient path.
+        output = output.clone()
+        output[rows] = values[rows].reshape(-1, *shape).to(output.dtype)
+        return output
 
     @staticmethod
     def _intervene(call: _Call, index: int, output: torch.Tensor) -> torch.Tensor:
@@ -377,23 +404,28 @@ class OpenModel:
                 "an FP32 input"
             )
         classes = _column(present, "GRADIENT_CLASS", inputs.shape[0]).astype(np.int64)
+        directed = call.direction[0] if call.direction is not None else np.full_like(classes, -1)
         with torch.enable_grad():
             # Always a leaf that requires grad: a module with frozen parameters (common in
             # exported inference models) would otherwise build no graph to differentiate.
             leaf = inputs.detach().clone().requires_grad_(True)
             scores = self._forward(leaf.clone())
-            if np.any(classes < 0) or np.any(classes >= scores.shape[1]):
+            by_class = directed < 0
+            bad = by_class & ((classes < 0) | (classes >= scores.shape[1]))
+            if bad.any():
                 raise ValueError(
                     f"GRADIENT_CLASS {classes.tolist()} out of range; the model outputs "
-                    f"{scores.shape[1]} classes (0..{scores.shape[1] - 1})"
+                    f"{scores.shape[1]} classes (0..{scores.shape[1] - 1}); -1 only where "
+                    "GRADIENT_LAYER is >= 0"
                 )
-            rows = torch.arange(scores.shape[0])
+            rows = torch.from_numpy(np.flatnonzero(by_class))
             # Samples are independent, so the gradient of the sum is each sample's own.
-            selected = scores[rows, torch.from_numpy(classes)].sum()
+            objective = scores[rows, torch.from_numpy(classes[by_class])].sum()
+            objective = objective + self._directed(call, directed)
             targets = [call.seen_outputs[i] for i in range(len(self.layers))]
             if "INPUT_GRADIENT" in wanted:
                 targets.append(leaf)
-            gradients = torch.autograd.grad(selected, targets, allow_unused=True)
+            gradients = torch.autograd.grad(objective, targets, allow_unused=True)
         results = {"scores": scores.detach().numpy(), **self._recorded(call, wanted)}
         layer_gradients = [
             torch.zeros_like(t) if g is None else g
@@ -417,6 +449,21 @@ class OpenModel:
             results["INPUT_GRADIENT"] = gradient.detach().numpy().astype(np.float32, copy=False)
         return results
 
+    @staticmethod
+    def _directed(call: _Call, directed: np.ndarray) -> torch.Tensor:
+        """Σ over the directed samples of the spatial mean of Σ_c d_c a_c at their layer."""
+        total = torch.zeros(())
+        if call.direction is None:
+            return total
+        directions = torch.from_numpy(call.direction[1])
+        for index in np.unique(directed[directed >= 0]).tolist():
+            rows = torch.from_numpy(np.flatnonzero(directed == index))
+            activation = call.seen_outputs[index][rows]
+            d = directions[rows].to(activation.dtype)
+            projected = (activation * d.view(*d.shape, *([1] * (activation.ndim - 2)))).sum(1)
+            total = total + (projected.mean(dim=(1, 2)) if projected.ndim == 3 else projected).sum()
+        return total
+
     def _recorded(self, call: _Call, wanted: Sequence[str]) -> dict[str, np.ndarray]:
         results: dict[str, np.ndarray] = {}
         if "CHANNEL_MEANS" in wanted:
@@ -437,7 +484,7 @@ class OpenModel:
         call = _Call(means="CHANNEL_MEANS" in wanted)
         n = len(self.layers)
         layer_range = f"0..{n - 1} (-1 = none)" if n else "none declared (-1 = none)"
-        for group in (INTERVENE, PATCH):
+        for group in (INTERVENE, PATCH, REPLACE, DIRECTION):
             given = [name for name in group if name in present]
             if given and len(given) != len(group):
                 missing = [name for name in group if name not in present]
@@ -482,6 +529,30 @@ class OpenModel:
                 torch.from_numpy(channel),
                 torch.from_numpy(value),
             )
+        if "REPLACE_LAYER" in present:
+            layer = _column(present, "REPLACE_LAYER", batch).astype(np.int64)
+            values = self._per_sample(present, "REPLACE_ACTIVATION", batch, "C*H*W")
+            active = self._check_layer("REPLACE_LAYER", layer, layer_range)
+            # Its length against the layer's C*H*W is checked in the pass (_replace),
+            # where the map's size for this input is known.
+            if not np.isfinite(values[active]).all():
+                raise ValueError("REPLACE_ACTIVATION holds NaN or infinite values")
+            call.replace = (torch.from_numpy(layer), torch.from_numpy(values))
+        if "GRADIENT_LAYER" in present:
+            layer = _column(present, "GRADIENT_LAYER", batch).astype(np.int64)
+            direction = self._per_sample(present, "GRADIENT_DIRECTION", batch, "C")
+            active = self._check_layer("GRADIENT_LAYER", layer, layer_range)
+            for row in np.flatnonzero(active):
+                declared = self.layers[layer[row]]
+                if direction.shape[1] != declared.channels:
+                    raise ValueError(
+                        f"GRADIENT_DIRECTION has {direction.shape[1]} values per sample; "
+                        f"GRADIENT_LAYER[{row}] is {layer[row]}, layer {declared.name!r}, "
+                        f"which needs {declared.channels} (one per channel)"
+                    )
+            if not np.isfinite(direction[active]).all():
+                raise ValueError("GRADIENT_DIRECTION holds NaN or infinite values")
+            call.direction = (layer, direction)
         if "ACTIVATIONS" in wanted:
             if "ACTIVATION_LAYER" not in present:
                 raise ValueError(
@@ -501,22 +572,36 @@ class OpenModel:
             if "GRADIENT_CLASS" not in present:
                 raise ValueError(
                     f"{', '.join(gradient_outputs)} requested without GRADIENT_CLASS; send the "
-                    "class index to differentiate"
+                    "class index to differentiate (-1 for a sample whose GRADIENT_LAYER sends "
+                    "a direction)"
                 )
             call.gradients = True
         return call
 
+    @staticmethod
+    def _per_sample(
+        present: Mapping[str, np.ndarray], name: str, batch: int, length: str
+    ) -> np.ndarray:
+        """An optional [B, L] input of FP32 values (L = `length`, checked by the caller)."""
+        values = np.asarray(present[name], dtype=np.float32)
+        if values.ndim != 2 or values.shape[0] != batch or values.shape[1] < 1:
+            raise ValueError(
+                f"{name} must be [B, {length}] for a batch of {batch}, got {list(values.shape)}"
+            )
+        return values
+
+    def _check_layer(self, name: str, layer: np.ndarray, layer_range: str) -> np.ndarray:
+        """Which samples name a layer (the others send -1); ValueError naming the input."""
+        bad = (layer < -1) | (layer >= len(self.layers))
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise ValueError(f"{name}[{row}] is {layer[row]}; layer indices are {layer_range}")
+        return layer >= 0
+
     def _check_layer_channel(
         self, group: str, layer: np.ndarray, channel: np.ndarray, layer_range: str
     ) -> np.ndarray:
-        n = len(self.layers)
-        bad = (layer < -1) | (layer >= n)
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise ValueError(
-                f"{group}_LAYER[{row}] is {layer[row]}; layer indices are {layer_range}"
-            )
-        active = layer >= 0
+        active = self._check_layer(f"{group}_LAYER", layer, layer_range)
         widths = np.array([lyr.channels for lyr in self.layers] + [0], dtype=np.int64)[layer]
         bad = active & ((channel < 0) | (channel >= widths))
         if bad.any():

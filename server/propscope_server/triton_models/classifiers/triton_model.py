@@ -17,7 +17,11 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from propscope_server.open_contract import LAYERS_PARAMETER, declared_open
-from propscope_server.triton_models.classifiers.cnn import load_classifier, normalise_uint8_hwc
+from propscope_server.triton_models.classifiers.cnn import (
+    STD,
+    load_classifier,
+    normalise_uint8_hwc,
+)
 from propscope_server.triton_models.classifiers.open_model import (
     OpenModel,
     check_declared_tensors,
@@ -172,10 +176,10 @@ class TritonPythonModel:
         requested = requested_outputs(request.requested_output_names(), self.optional_outputs, sent)
         results = self.open(inputs, optional, requested)
         if "INPUT_GRADIENT" in results and self.input_format == "uint8_hwc":
-            # Laid out like IMAGE (HWC); the values are w.r.t. the normalised input.
-            results["INPUT_GRADIENT"] = np.ascontiguousarray(
-                results["INPUT_GRADIENT"].transpose(0, 2, 3, 1)
-            )
+            # Laid out like IMAGE (HWC) and per pixel value: the chain rule through
+            # normalise_uint8_hwc, x = (pixel / 255 - mean) / std.
+            per_pixel = results["INPUT_GRADIENT"].transpose(0, 2, 3, 1) / (255.0 * np.array(STD))
+            results["INPUT_GRADIENT"] = np.ascontiguousarray(per_pixel, dtype=np.float32)
         logits = results.pop("scores").astype(np.float32, copy=False)
         tensors = [pb_utils.Tensor(self.output_name, logits)]
         tensors += [pb_utils.Tensor(name, results[name]) for name in requested]
