@@ -1,7 +1,8 @@
 """The open-model contract on the real Triton of the live stack: the synthetic CNN's
 plain LOGITS are the pure-torch SmallCNN's bit for bit, an intervention changes them as
-computed in this process, and a residual network that is not ours, packaged by
-following docs/own-models.md, is served open."""
+computed in this process, a replacement and a direction's gradient are the pure-torch
+ones, and a residual network that is not ours, packaged by following docs/own-models.md,
+is served open."""
 
 from __future__ import annotations
 
@@ -14,7 +15,12 @@ import pytest
 import torch
 import tritonclient.grpc as triton_grpc
 
-from propscope_server.triton_models.classifiers.cnn import load_classifier, normalise_uint8_hwc
+from propscope_server.triton_models.classifiers.cnn import (
+    MEAN,
+    STD,
+    load_classifier,
+    normalise_uint8_hwc,
+)
 from propscope_server.triton_models.classifiers.open_model import ABLATION_FILE
 from tests.integration import open_resnet
 
@@ -86,6 +92,68 @@ def test_an_intervention_through_triton_is_the_hand_computed_do(triton, images):
     np.testing.assert_allclose(result["LOGITS"], expected, atol=1e-5)
     assert result["CHANNEL_MEANS"].shape == (B, 112)
     np.testing.assert_allclose(result["CHANNEL_MEANS"][:, 16:], means, atol=1e-5)
+
+
+def test_replacing_a_layer_with_its_own_activations_through_triton_changes_nothing(triton, images):
+    plain = infer(triton, "synth_hue", {"IMAGE": images}, ["LOGITS"])["LOGITS"]
+    recorded = infer(
+        triton,
+        "synth_hue",
+        {"IMAGE": images, "ACTIVATION_LAYER": column([1] * B)},
+        ["ACTIVATIONS"],
+    )["ACTIVATIONS"]
+    layers = column([1, -1] * (B // 2))
+    replaced = infer(
+        triton,
+        "synth_hue",
+        {"IMAGE": images, "REPLACE_LAYER": layers, "REPLACE_ACTIVATION": recorded},
+        ["LOGITS"],
+    )["LOGITS"]
+    assert np.array_equal(replaced, plain)
+    zeros = infer(
+        triton,
+        "synth_hue",
+        {"IMAGE": images, "REPLACE_LAYER": layers, "REPLACE_ACTIVATION": 0 * recorded},
+        ["LOGITS"],
+    )["LOGITS"]
+    assert not np.allclose(zeros[0], plain[0], atol=1e-4) and np.array_equal(zeros[1], plain[1])
+    with pytest.raises(triton_grpc.InferenceServerException) as refused:
+        infer(
+            triton,
+            "synth_hue",
+            {"IMAGE": images, "REPLACE_LAYER": layers, "REPLACE_ACTIVATION": recorded[:, :10]},
+            ["LOGITS"],
+        )
+    assert "REPLACE_ACTIVATION has 10 values per sample; layer 'features.1' needs 8192" in str(
+        refused.value
+    )
+
+
+def test_a_direction_gradient_through_triton_is_torchs_per_pixel_value(triton, images):
+    """A channel's one-hot direction: INPUT_GRADIENT is d (spatial mean of the channel) /
+    d pixel value, computed here by autograd on the pure-torch CNN."""
+    layer, channel = 2, 5
+    one_hot = np.zeros((B, 64), np.float32)
+    one_hot[:, channel] = 1.0
+    served = infer(
+        triton,
+        "synth_hue",
+        {
+            "IMAGE": images,
+            "GRADIENT_CLASS": column([-1] * B),
+            "GRADIENT_LAYER": column([layer] * B),
+            "GRADIENT_DIRECTION": one_hot,
+        },
+        ["INPUT_GRADIENT"],
+    )["INPUT_GRADIENT"]
+    network = load_classifier(WEIGHTS)
+    pixels = torch.from_numpy(images.astype(np.float32)).requires_grad_(True)
+    mean, std = torch.tensor(MEAN), torch.tensor(STD)
+    activation = network.features(((pixels / 255.0 - mean) / std).permute(0, 3, 1, 2))
+    (expected,) = torch.autograd.grad(activation[:, channel].mean(dim=(1, 2)).sum(), [pixels])
+    assert served.shape == (B, 64, 64, 3)
+    assert np.abs(expected.numpy()).max() > 0
+    np.testing.assert_allclose(served, expected.numpy(), rtol=1e-4, atol=1e-8)
 
 
 def test_a_partial_intervention_is_refused_naming_the_missing_inputs(triton, images):
