@@ -1,6 +1,6 @@
 """The ``propscope`` command line: ``propscope explain``, ``propscope attribute``, ``propscope
-evaluate``, ``propscope graph``, ``propscope repair``, ``propscope models`` and ``propscope
-review``.
+evaluate``, ``propscope graph``, ``propscope repair``, ``propscope models``, ``propscope
+review`` and ``propscope explore``.
 
 Exit codes (``EXIT_CODES``): 0 success; 1 ``review``: a rule failed; 2 an error the user can fix
 (bad option, unreadable image, malformed --property or review spec, a model or editor the
@@ -1492,6 +1492,88 @@ def models(
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
     print_models(infos, OutputFormat.JSON if as_json else output_format)
+
+
+@app.command(short_help="Serve the class explorer: a web page over the gateway.")
+def explore(
+    context: typer.Context,
+    target: Annotated[
+        str,
+        typer.Option(
+            "--target",
+            "--address",
+            metavar="HOST:PORT",
+            envvar=TARGET_ENVVAR,
+            help=f"Gateway address (default: ${TARGET_ENVVAR} or {DEFAULT_TARGET}).",
+            show_default=False,
+        ),
+    ] = DEFAULT_TARGET,
+    host: Annotated[str, typer.Option(help="Interface the page is served on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port of the page.")] = 8765,
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            metavar="MANIFEST.csv",
+            help="Class images for the concepts: a CSV with image,label columns "
+            "(examples/review/manifest.csv).",
+        ),
+    ] = None,
+    properties: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--property",
+            "-p",
+            metavar="NAME=EDITOR:PARAMS",
+            help="A PropGrad property of the image panel (repeatable; default: the demo's three).",
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option(min=0, help="PropGrad path steps.")] = 10,
+    seed: Annotated[int, typer.Option(min=0, help="Seeds every call.")] = 0,
+    sobol_grid: Annotated[int, typer.Option(min=0, help="Sobol grid (0: the server's).")] = 0,
+    sobol_design: Annotated[int, typer.Option(min=0, help="Sobol N (0: the server's).")] = 0,
+    images_per_class: Annotated[int, typer.Option(min=1, help="Images a bank is fitted on.")] = 16,
+    concept_rank: Annotated[int, typer.Option(min=0, help="Concepts r (0: the server's).")] = 0,
+    concept_design: Annotated[
+        int, typer.Option(min=0, help="Concepts' Sobol N (0: server's).")
+    ] = 0,
+    pictures: Annotated[int, typer.Option(min=0, help="MACO pictures of the top concepts.")] = 5,
+    maco_steps: Annotated[int, typer.Option(min=0, help="MACO steps (0: the server's).")] = 0,
+    maco_crops: Annotated[int, typer.Option(min=0, help="MACO crops (0: the server's).")] = 0,
+    maco_size: Annotated[int, typer.Option(min=0, help="MACO picture side (0: input's).")] = 0,
+    timeout: TimeoutOption = None,
+) -> None:
+    """Serve the class explorer on http://HOST:PORT/: pick a model and a class and see its
+    concepts ranked by importance with their MACO pictures and top crops; upload an image to
+    see its PropGrad curves and path strips, its Sobol map and its concept maps. Results are
+    cached per model, version, class, image and these settings (docs/explorer.md)."""
+    from propscope.explorer import DEFAULT_PROPERTIES, ExplorerSettings, serve
+
+    settings = ExplorerSettings(
+        properties=tuple(properties or DEFAULT_PROPERTIES),
+        steps=steps,
+        seed=seed,
+        sobol_grid=sobol_grid,
+        sobol_design=sobol_design,
+        images=images,
+        images_per_class=images_per_class,
+        concept_rank=concept_rank,
+        concept_design=concept_design,
+        pictures=pictures,
+        maco_steps=maco_steps,
+        maco_crops=maco_crops,
+        maco_size=maco_size,
+    )
+    try:
+        with context.obj.client(target, timeout) as client:
+            serve(client, settings, host, port)
+    except ValueError as error:
+        _fail(str(error))
+    except OSError as error:
+        _fail(f"cannot serve on {host}:{port}: {error.strerror or error}")
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 @app.command(short_help="Gate a candidate model on a review spec's rules (CI).")
