@@ -39,7 +39,7 @@ DEMO_PROPERTIES := \
 	--property "patch=procedural:operation=blend" \
 	--property "background_brightness=procedural:operation=brightness,region=background,amount=0.2"
 
-.PHONY: setup test lint contract demo up down bench soak validate weights stubs pipelines own-models node-client clean
+.PHONY: setup test lint contract demo explore up down bench soak validate weights stubs pipelines own-models node-client clean
 
 setup: $(INSTALLED) $(STUBS) $(TINY_PIPELINES) $(OWN_MODELS) node-client $(WHEELHOUSE)/.complete
 
@@ -115,6 +115,12 @@ demo: up
 	$(VENV)/bin/propscope explain $(SAMPLE) --model synth_unbiased --model synth_hue --model synth_patch \
 		$(DEMO_PROPERTIES) --steps 10 --seed 0
 	$(VENV)/bin/propscope attribute $(PATCH_SAMPLE) --model synth_patch --out $(RUN_DIR)/demo
+
+# The class explorer on http://127.0.0.1:8765/ over the stack `make up` starts (Ctrl-C stops the
+# page, `make down` the stack); EXPLORE_FLAGS adds options (`propscope explore --help`).
+EXPLORE_FLAGS ?=
+explore: up
+	$(VENV)/bin/propscope explore --images examples/review/manifest.csv $(EXPLORE_FLAGS)
 
 bench: setup
 	$(PY) bench/permutation_test.py
