@@ -80,6 +80,10 @@ class Limits(BaseModel):
     # pass-count formula of scoring/causal_graph.py), and images per request.
     max_graph_passes: int = Field(20_000, ge=1)
     max_graph_images: int = Field(64, ge=1)
+    # FitConcepts / DecomposeConcept (CRAFT): forward passes of one request (g: crops +
+    # images; h: images x N (r + 2) + r + 2), and images per request.
+    max_concept_passes: int = Field(50_000, ge=1)
+    max_concept_images: int = Field(64, ge=1)
     # Admission control: a stream beyond these is refused, never queued. A connection
     # and a peer (client address) each get a share, so one greedy caller leaves room
     # for the others; with auth off the peer's share stands in for the tenant's.

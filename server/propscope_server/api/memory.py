@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from google.protobuf.message import Message
 
 from propscope.v1 import attribution_pb2 as apb
+from propscope.v1 import concepts_pb2 as cpb
 from propscope.v1 import explain_pb2 as pb
 from propscope.v1 import graph_pb2 as gpb
 from propscope_server import metrics
@@ -173,6 +174,8 @@ Request = (
     | apb.AttributeRequest
     | apb.EvaluateAttributionRequest
     | gpb.BuildGraphRequest
+    | cpb.FitConceptsRequest
+    | cpb.DecomposeConceptRequest
 )
 
 
@@ -184,6 +187,8 @@ def estimate_bytes(
     limits = settings.limits
     if isinstance(request, gpb.BuildGraphRequest):
         return _graph(request, settings, classifier_input(classifier))
+    if isinstance(request, cpb.FitConceptsRequest | cpb.DecomposeConceptRequest):
+        return _concepts(request, settings, classifier_input(classifier))
     pixels = declared_pixels(request.image, limits)
     held = REQUEST_COPIES * request.ByteSize() + REQUEST_OVERHEAD_BYTES
     if pixels == 0:
@@ -218,6 +223,26 @@ def _graph(request: gpb.BuildGraphRequest, settings: Settings, model: Classifier
     if model != ANY_CLASSIFIER:
         in_flight = model.max_batch_size * settings.graph_concurrency
         method += _classified(in_flight, largest, model)
+    working = IMAGE_BYTES_PER_PIXEL * sum(pixels) + max(DECODE_BYTES_PER_PIXEL * largest, method)
+    return held + int(MARGIN * working)
+
+
+def _concepts(
+    request: cpb.FitConceptsRequest | cpb.DecomposeConceptRequest,
+    settings: Settings,
+    model: ClassifierInput,
+) -> int:
+    """As BuildGraph's: every image held with its working arrays (crops, activations)
+    and one batch of max_batch_size model inputs in flight."""
+    limits = settings.limits
+    held = REQUEST_COPIES * request.ByteSize() + REQUEST_OVERHEAD_BYTES
+    pixels = [declared_pixels(data, limits) for data in request.images[: limits.max_concept_images]]
+    largest = max(pixels, default=0)
+    if largest == 0:
+        return held
+    method = GRAPH_BYTES_PER_PIXEL * sum(pixels)
+    if model != ANY_CLASSIFIER:
+        method += _classified(model.max_batch_size, largest, model)
     working = IMAGE_BYTES_PER_PIXEL * sum(pixels) + max(DECODE_BYTES_PER_PIXEL * largest, method)
     return held + int(MARGIN * working)
 

@@ -15,6 +15,8 @@ from prometheus_client import start_http_server
 from propscope.v1 import (
     attribution_pb2,
     attribution_pb2_grpc,
+    concepts_pb2,
+    concepts_pb2_grpc,
     explain_pb2,
     explain_pb2_grpc,
     graph_pb2,
@@ -29,6 +31,7 @@ from propscope_server.api.rpc_metrics import RpcMetricsInterceptor
 from propscope_server.api.servicer import (
     AttributionServicer,
     CausalGraphServicer,
+    ConceptServicer,
     ExplainServicer,
     MethodStreams,
 )
@@ -39,6 +42,7 @@ from propscope_server.cache.redis_cache import RedisArtefactCache
 from propscope_server.config import Settings, TlsSettings
 from propscope_server.methods.attribution import Attribution
 from propscope_server.methods.causal_graph import CausalGraph
+from propscope_server.methods.craft import Craft
 from propscope_server.methods.evaluation import Evaluation
 from propscope_server.orchestration.explain import Explainer
 
@@ -47,6 +51,7 @@ ATTRIBUTION_SERVICE_NAME = attribution_pb2.DESCRIPTOR.services_by_name[
     "AttributionService"
 ].full_name
 GRAPH_SERVICE_NAME = graph_pb2.DESCRIPTOR.services_by_name["CausalGraphService"].full_name
+CONCEPT_SERVICE_NAME = concepts_pb2.DESCRIPTOR.services_by_name["ConceptService"].full_name
 # A health service of its own: the cache being down degrades the gateway (slower,
 # uncached) but does not stop it serving, so it must not flip the overall status.
 CACHE_HEALTH_SERVICE = "propscope.cache"
@@ -234,6 +239,9 @@ def build_gateway(settings: Settings) -> Gateway:
     graph_pb2_grpc.add_CausalGraphServiceServicer_to_server(
         CausalGraphServicer(CausalGraph(backend, settings), streams), server
     )
+    concepts_pb2_grpc.add_ConceptServiceServicer_to_server(
+        ConceptServicer(Craft(backend, cache, settings), streams), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     backend.model_health.listen(  # propscope.model.<name>: NOT_SERVING while it is sick
@@ -244,6 +252,7 @@ def build_gateway(settings: Settings) -> Gateway:
             SERVICE_NAME,
             ATTRIBUTION_SERVICE_NAME,
             GRAPH_SERVICE_NAME,
+            CONCEPT_SERVICE_NAME,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         ),

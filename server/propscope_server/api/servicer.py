@@ -15,11 +15,12 @@ from grpc._cython import cygrpc
 from grpc_status import rpc_status
 
 from propscope.v1 import attribution_pb2 as apb
-from propscope.v1 import attribution_pb2_grpc, explain_pb2_grpc, graph_pb2_grpc
+from propscope.v1 import attribution_pb2_grpc, concepts_pb2_grpc, explain_pb2_grpc, graph_pb2_grpc
+from propscope.v1 import concepts_pb2 as cpb
 from propscope.v1 import explain_pb2 as pb
 from propscope.v1 import graph_pb2 as gpb
 from propscope_server import logs, metrics
-from propscope_server.api import convert, convert_attribution, convert_graph
+from propscope_server.api import convert, convert_attribution, convert_concepts, convert_graph
 from propscope_server.api.admission import Admission, Caller
 from propscope_server.api.auth import Authenticator
 from propscope_server.api.memory import MemoryAdmission
@@ -41,6 +42,7 @@ from propscope_server.graph_domain import GraphEvent, GraphSpec
 from propscope_server.inference import Inference, ModelDescription, RepositoryEntry
 from propscope_server.methods.attribution import Attribution
 from propscope_server.methods.base import ExplanationMethod
+from propscope_server.methods.craft import Craft
 from propscope_server.methods.evaluation import Evaluation
 from propscope_server.orchestration.explain import Explainer
 from propscope_server.orchestration.runner import run_method
@@ -325,3 +327,66 @@ class CausalGraphServicer(graph_pb2_grpc.CausalGraphServiceServicer):
             lambda _: "causal_graph",
             to_message,
         )
+
+
+class ConceptServicer(concepts_pb2_grpc.ConceptServiceServicer):
+    """FitConcepts and DecomposeConcept through the same MethodStreams as every method;
+    GetConceptBank and ConceptMaps read a stored bank (one forward pass for a map)."""
+
+    def __init__(self, craft: Craft, streams: MethodStreams) -> None:
+        self._craft = craft
+        self._streams = streams
+
+    async def _fit_stream(
+        self, rpc: str, request: PendingRequest, context: grpc.aio.ServicerContext, to_spec: Any
+    ) -> None:
+        async def to_message(spec: Any, event: object) -> cpb.FitConceptsEvent:
+            return await in_thread(convert_concepts.fit_event, spec.request_id, event)
+
+        await self._streams.stream(
+            rpc,
+            context,
+            request,
+            self._streams.spec_with_limits(to_spec),
+            self._craft,
+            lambda _: "craft",
+            to_message,
+        )
+
+    async def FitConcepts(  # noqa: N802 - gRPC method name
+        self, request: PendingRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        await self._fit_stream("FitConcepts", request, context, convert_concepts.fit_spec)
+
+    async def DecomposeConcept(  # noqa: N802 - gRPC method name
+        self, request: PendingRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        await self._fit_stream(
+            "DecomposeConcept", request, context, convert_concepts.decompose_spec
+        )
+
+    async def GetConceptBank(  # noqa: N802 - gRPC method name
+        self, request: cpb.GetConceptBankRequest, context: grpc.aio.ServicerContext
+    ) -> cpb.ConceptBank:
+        async with _observed("GetConceptBank", context):
+            tenant = self._streams.tenant(context)
+            bank = await self._craft.bank(
+                convert_concepts.bank_ref(request, tenant), _deadline(context)
+            )
+            return await in_thread(convert_concepts.bank_message, bank)
+
+    async def ConceptMaps(  # noqa: N802 - gRPC method name
+        self, request: cpb.ConceptMapsRequest, context: grpc.aio.ServicerContext
+    ) -> cpb.ConceptMapsResponse:
+        async with _observed("ConceptMaps", context):
+            tenant = self._streams.tenant(context)
+            spec = await in_thread(
+                convert_concepts.maps_spec, request, self._streams.limits, tenant
+            )
+            maps = await self._craft.maps(spec, _deadline(context))
+            return await in_thread(convert_concepts.maps_message, maps)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return time.monotonic() + remaining if remaining is not None else None

@@ -29,6 +29,12 @@ METHODS: tuple[MethodInfo, ...] = (
         "causal explanatory graph of hidden channels by gradual do-interventions "
         "(arXiv 2305.08950)",
     ),
+    MethodInfo(
+        "craft",
+        "FitConcepts",
+        Capability.FORWARD | Capability.ACTIVATIONS | Capability.INTERVENTIONS,
+        "CRAFT concepts: NMF of a layer's activations, Sobol importance (CVPR 2023)",
+    ),
 )
 BY_NAME = {method.name: method for method in METHODS}
 
