@@ -76,6 +76,12 @@ class Limits(BaseModel):
     # Forward passes of one Attribute or EvaluateAttribution request (Sobol grid 8,
     # N 32: 2,112; stability multiplies its method's by its samples + 1).
     max_forward_passes: int = 200_000
+    # EvaluateConsistency (MeGe, ReCo): forward and gradient passes of one request (per
+    # model and image: 1 + Sobol's N (g^2 + 2) + RISE's masks + 1 gradient pass), models
+    # and images per request.
+    max_consistency_passes: int = Field(500_000, ge=1)
+    max_consistency_models: int = Field(8, ge=2)
+    max_consistency_images: int = Field(64, ge=2)
     # BuildGraph (causal graph): forward passes of one request (the plan's bound, the
     # pass-count formula of scoring/causal_graph.py), and images per request.
     max_graph_passes: int = Field(20_000, ge=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import inspect
+import io
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from PIL import Image
 
 from propscope._client import Client
 from propscope._events import ModelInfo, Progress, PropertyResult
@@ -302,24 +304,25 @@ class ExplorerService:
 
     def _picture(self, job: Job, model: str, version: str, target: int, concept: int | None) -> Any:
         visualize = _sdk_method(self.client, "visualize", "MACO pictures")
-        objective: dict[str, Any] = {"target_class": target}
+        objective: dict[str, Any] = {"class_index": target}
         if concept is not None:
-            bank = self._bank(model, version, target)
-            objective = {"concept": (bank["bank_id"], concept)}
+            objective = {
+                "bank_id": self._bank(model, version, target)["bank_id"],
+                "concept": concept,
+            }
         picture = visualize(
             model,
-            **_accepted(
-                visualize,
-                **objective,
-                model_version=version,
-                steps=self.settings.maco_steps,
-                crops=self.settings.maco_crops,
-                size=self.settings.maco_size,
-                seed=self.settings.seed,
-                on_progress=lambda update: job.progress(*_counts(update), "optimisation steps"),
+            **objective,
+            model_version=version,
+            steps=self.settings.maco_steps,
+            crops=self.settings.maco_crops,
+            size_px=self.settings.maco_size,
+            seed=self.settings.seed,
+            on_progress=lambda update: job.progress(
+                update.steps_done, update.steps_total, "optimisation steps"
             ),
         )
-        return _picture_dict(picture, concept, self.settings.picture_px)
+        return _picture_dict(picture, target, concept, self.settings.picture_px)
 
 
 # Reading the SDK's results.
@@ -406,25 +409,24 @@ def _bank_dict(bank: Any) -> dict[str, Any]:
     }
 
 
-def _picture_dict(picture: Any, concept: int | None, max_side: int) -> dict[str, Any]:
-    image = picture.picture.copy()
-    image.thumbnail((max_side, max_side))
-    shown = image.resize((max_side, max_side)) if max(image.size) < max_side else image
+def _picture_dict(picture: Any, target: int, concept: int | None, side: int) -> dict[str, Any]:
+    """A ``Visualization``: the picture scaled to ``side`` (nearest: its pixels stay visible)."""
+    shown = picture.picture.resize((side, side), Image.NEAREST)
+    buffer = io.BytesIO()
+    shown.save(buffer, format="PNG")
+    probabilities = picture.class_probabilities
     return {
         "concept": concept,
-        "uri": _pil_uri(shown),
-        "objective": finite_or_none(picture.objective_value),
-        "class_probability": finite_or_none(picture.class_probability),
+        "uri": png_uri(buffer.getvalue()),
+        "objective": finite_or_none(picture.objective),
+        "objective_description": picture.objective_description,
+        "class_probability": finite_or_none(probabilities[target])
+        if target < len(probabilities)
+        else None,
+        "predicted_class": picture.predicted_class,
+        "steps": picture.steps,
         "warnings": list(picture.warnings),
     }
-
-
-def _pil_uri(image: Any) -> str:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return png_uri(buffer.getvalue())
 
 
 def _maps_of(found: Any) -> Sequence[Any]:

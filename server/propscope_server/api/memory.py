@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 
 from propscope.v1 import attribution_pb2 as apb
 from propscope.v1 import concepts_pb2 as cpb
+from propscope.v1 import consistency_pb2
 from propscope.v1 import explain_pb2 as pb
 from propscope.v1 import graph_pb2 as gpb
 from propscope_server import metrics
@@ -33,6 +34,7 @@ from propscope_server.api.convert import (
 from propscope_server.api.parsing import PendingRequest
 from propscope_server.backends.preprocessing import input_layout
 from propscope_server.config import Limits, Settings
+from propscope_server.consistency_domain import EXPLAINERS
 from propscope_server.errors import (
     DeadlineExceeded,
     PropscopeError,
@@ -116,6 +118,9 @@ STABILITY_DEFAULT_SAMPLES = 20
 # call, the model's view and the intervention batches around it. Not measured yet: a bound
 # from the attribution methods' view (VIEW_BYTES_PER_PIXEL) with room for the activations.
 GRAPH_BYTES_PER_PIXEL = 64
+# EvaluateConsistency, per image pixel: each model's map per explainer held (float64)
+# with the scoring's flattened copies.
+CONSISTENCY_BYTES_PER_MAP_PIXEL = 24
 # An estimate is rounded up by this much: what a measured request may vary by.
 MARGIN = 1.1
 
@@ -176,6 +181,7 @@ Request = (
     | gpb.BuildGraphRequest
     | cpb.FitConceptsRequest
     | cpb.DecomposeConceptRequest
+    | consistency_pb2.EvaluateConsistencyRequest
 )
 
 
@@ -187,6 +193,8 @@ def estimate_bytes(
     limits = settings.limits
     if isinstance(request, gpb.BuildGraphRequest):
         return _graph(request, settings, classifier_input(classifier))
+    if isinstance(request, consistency_pb2.EvaluateConsistencyRequest):
+        return _consistency(request, settings, classifier_input(classifier))
     if isinstance(request, cpb.FitConceptsRequest | cpb.DecomposeConceptRequest):
         return _concepts(request, settings, classifier_input(classifier))
     pixels = declared_pixels(request.image, limits)
@@ -243,6 +251,31 @@ def _concepts(
     method = GRAPH_BYTES_PER_PIXEL * sum(pixels)
     if model != ANY_CLASSIFIER:
         method += _classified(model.max_batch_size, largest, model)
+    working = IMAGE_BYTES_PER_PIXEL * sum(pixels) + max(DECODE_BYTES_PER_PIXEL * largest, method)
+    return held + int(MARGIN * working)
+
+
+def _consistency(
+    request: consistency_pb2.EvaluateConsistencyRequest, settings: Settings, model: ClassifierInput
+) -> int:
+    """Every image held with every model's map per explainer; the models' perturbed
+    batches side by side (one attribution per model at once, as Attribute's on the
+    largest image), sized by the first model's input."""
+    limits = settings.limits
+    held = REQUEST_COPIES * request.ByteSize() + REQUEST_OVERHEAD_BYTES
+    pixels = [
+        declared_pixels(data, limits) for data in request.images[: limits.max_consistency_images]
+    ]
+    largest = max(pixels, default=0)
+    if largest == 0:
+        return held
+    models = min(len(request.models), limits.max_consistency_models)
+    maps = CONSISTENCY_BYTES_PER_MAP_PIXEL * models * len(EXPLAINERS) * sum(pixels)
+    view = model.view(largest)
+    perturbed = _perturbed(
+        view, model, limits.max_consistency_passes, settings.attribution_concurrency, rise=True
+    )
+    method = maps + models * (_view(largest, model) + perturbed)
     working = IMAGE_BYTES_PER_PIXEL * sum(pixels) + max(DECODE_BYTES_PER_PIXEL * largest, method)
     return held + int(MARGIN * working)
 
@@ -455,9 +488,10 @@ class MemoryAdmission:
 
     async def estimate(self, request: Request, deadline: float | None) -> int:
         classifier = None
-        if request.model.name:
+        first = _first_model(request)
+        if first.name:
             try:
-                model = classifier_ref(request.model)  # no unchecked name reaches Triton
+                model = classifier_ref(first)  # no unchecked name reaches Triton
                 classifier = await self._inference.describe(model.name, model.version, deadline)
             except (Unavailable, DeadlineExceeded):
                 raise  # the plan would wait for the same answer again
@@ -466,6 +500,13 @@ class MemoryAdmission:
         nbytes = estimate_bytes(request, self._settings, classifier)
         logger.debug("memory estimate %d bytes", nbytes)
         return nbytes
+
+
+def _first_model(request: Request) -> pb.ModelRef:
+    """The model whose input sizes the estimate: EvaluateConsistency's first."""
+    if isinstance(request, consistency_pb2.EvaluateConsistencyRequest):
+        return request.models[0] if request.models else pb.ModelRef()
+    return request.model
 
 
 def _mib(nbytes: int) -> str:

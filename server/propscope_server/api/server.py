@@ -17,6 +17,8 @@ from propscope.v1 import (
     attribution_pb2_grpc,
     concepts_pb2,
     concepts_pb2_grpc,
+    consistency_pb2,
+    consistency_pb2_grpc,
     explain_pb2,
     explain_pb2_grpc,
     graph_pb2,
@@ -32,6 +34,7 @@ from propscope_server.api.servicer import (
     AttributionServicer,
     CausalGraphServicer,
     ConceptServicer,
+    ConsistencyServicer,
     ExplainServicer,
     MethodStreams,
 )
@@ -42,6 +45,7 @@ from propscope_server.cache.redis_cache import RedisArtefactCache
 from propscope_server.config import Settings, TlsSettings
 from propscope_server.methods.attribution import Attribution
 from propscope_server.methods.causal_graph import CausalGraph
+from propscope_server.methods.consistency import Consistency
 from propscope_server.methods.craft import Craft
 from propscope_server.methods.evaluation import Evaluation
 from propscope_server.orchestration.explain import Explainer
@@ -52,6 +56,9 @@ ATTRIBUTION_SERVICE_NAME = attribution_pb2.DESCRIPTOR.services_by_name[
 ].full_name
 GRAPH_SERVICE_NAME = graph_pb2.DESCRIPTOR.services_by_name["CausalGraphService"].full_name
 CONCEPT_SERVICE_NAME = concepts_pb2.DESCRIPTOR.services_by_name["ConceptService"].full_name
+CONSISTENCY_SERVICE_NAME = consistency_pb2.DESCRIPTOR.services_by_name[
+    "ConsistencyService"
+].full_name
 # A health service of its own: the cache being down degrades the gateway (slower,
 # uncached) but does not stop it serving, so it must not flip the overall status.
 CACHE_HEALTH_SERVICE = "propscope.cache"
@@ -131,7 +138,13 @@ class Gateway:
                 log = logger.info if ok else logger.warning
                 log("%s is %s", dependency, "reachable again" if ok else "unreachable")
             self._healthy[dependency] = ok
-        for service in ("", SERVICE_NAME, ATTRIBUTION_SERVICE_NAME, GRAPH_SERVICE_NAME):
+        for service in (
+            "",
+            SERVICE_NAME,
+            ATTRIBUTION_SERVICE_NAME,
+            GRAPH_SERVICE_NAME,
+            CONSISTENCY_SERVICE_NAME,
+        ):
             await self.health.set(service, SERVING if triton_ok else NOT_SERVING)
         await self.health.set(CACHE_HEALTH_SERVICE, SERVING if cache_ok else NOT_SERVING)
 
@@ -242,6 +255,9 @@ def build_gateway(settings: Settings) -> Gateway:
     concepts_pb2_grpc.add_ConceptServiceServicer_to_server(
         ConceptServicer(Craft(backend, cache, settings), streams), server
     )
+    consistency_pb2_grpc.add_ConsistencyServiceServicer_to_server(
+        ConsistencyServicer(Consistency(backend, settings), streams), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     backend.model_health.listen(  # propscope.model.<name>: NOT_SERVING while it is sick
@@ -253,6 +269,7 @@ def build_gateway(settings: Settings) -> Gateway:
             ATTRIBUTION_SERVICE_NAME,
             GRAPH_SERVICE_NAME,
             CONCEPT_SERVICE_NAME,
+            CONSISTENCY_SERVICE_NAME,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         ),
