@@ -15,12 +15,24 @@ from grpc._cython import cygrpc
 from grpc_status import rpc_status
 
 from propscope.v1 import attribution_pb2 as apb
-from propscope.v1 import attribution_pb2_grpc, concepts_pb2_grpc, explain_pb2_grpc, graph_pb2_grpc
+from propscope.v1 import (
+    attribution_pb2_grpc,
+    concepts_pb2_grpc,
+    consistency_pb2_grpc,
+    explain_pb2_grpc,
+    graph_pb2_grpc,
+)
 from propscope.v1 import concepts_pb2 as cpb
 from propscope.v1 import explain_pb2 as pb
 from propscope.v1 import graph_pb2 as gpb
 from propscope_server import logs, metrics
-from propscope_server.api import convert, convert_attribution, convert_concepts, convert_graph
+from propscope_server.api import (
+    convert,
+    convert_attribution,
+    convert_concepts,
+    convert_consistency,
+    convert_graph,
+)
 from propscope_server.api.admission import Admission, Caller
 from propscope_server.api.auth import Authenticator
 from propscope_server.api.memory import MemoryAdmission
@@ -28,6 +40,7 @@ from propscope_server.api.parsing import PendingRequest
 from propscope_server.api.rpc_metrics import GO_CODE_NAMES, cancelled_code
 from propscope_server.api.status import status_code
 from propscope_server.config import Limits
+from propscope_server.consistency_domain import ConsistencySpec
 from propscope_server.domain import (
     AttributeSpec,
     AttributionOutcome,
@@ -325,6 +338,30 @@ class CausalGraphServicer(graph_pb2_grpc.CausalGraphServiceServicer):
             self._streams.spec_with_limits(convert_graph.graph_spec),
             self._graph,
             lambda _: "causal_graph",
+            to_message,
+        )
+
+
+class ConsistencyServicer(consistency_pb2_grpc.ConsistencyServiceServicer):
+    """EvaluateConsistency through the same MethodStreams as every method."""
+
+    def __init__(self, consistency: ExplanationMethod, streams: MethodStreams) -> None:
+        self._consistency = consistency
+        self._streams = streams
+
+    async def EvaluateConsistency(  # noqa: N802 - gRPC method name
+        self, request: PendingRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        async def to_message(spec: ConsistencySpec, event: object) -> Any:
+            return convert_consistency.consistency_event(spec.request_id, event)
+
+        await self._streams.stream(
+            "EvaluateConsistency",
+            context,
+            request,
+            self._streams.spec_with_limits(convert_consistency.consistency_spec),
+            self._consistency,
+            lambda _: "consistency",
             to_message,
         )
 

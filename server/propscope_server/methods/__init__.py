@@ -23,6 +23,24 @@ METHODS: tuple[MethodInfo, ...] = (
     MethodInfo("mu_fidelity", "EvaluateAttribution", Capability.FORWARD, "MuFidelity"),
     MethodInfo("stability", "EvaluateAttribution", Capability.FORWARD, "average stability"),
     MethodInfo(
+        "consistency",
+        "EvaluateConsistency",
+        Capability.FORWARD,
+        "MeGe and ReCo of Sobol, RISE and random maps across models (WACV 2022)",
+    ),
+    MethodInfo(
+        "saliency",
+        "EvaluateConsistency",
+        Capability.FORWARD | Capability.GRADIENTS,
+        "saliency map |d logit / d pixel|, scored by MeGe and ReCo",
+    ),
+    MethodInfo(
+        "gradient_x_input",
+        "EvaluateConsistency",
+        Capability.FORWARD | Capability.GRADIENTS,
+        "gradient x input map, scored by MeGe and ReCo",
+    ),
+    MethodInfo(
         "causal_graph",
         "BuildGraph",
         Capability.FORWARD | Capability.ACTIVATIONS | Capability.INTERVENTIONS,
