@@ -39,7 +39,7 @@ DEMO_PROPERTIES := \
 	--property "patch=procedural:operation=blend" \
 	--property "background_brightness=procedural:operation=brightness,region=background,amount=0.2"
 
-.PHONY: setup test lint contract demo explore up down bench soak validate weights stubs pipelines own-models node-client clean
+.PHONY: setup test lint contract demo explore up down bench soak validate weights fold-weights stubs pipelines own-models node-client clean
 
 setup: $(INSTALLED) $(STUBS) $(TINY_PIPELINES) $(OWN_MODELS) node-client $(WHEELHOUSE)/.complete
 
@@ -148,8 +148,12 @@ validate: up
 	$(PY) bench/validate_causal_graph.py
 
 # Retrain the synthetic classifiers (deterministic; the committed weights came from this).
-weights: setup
+weights: setup fold-weights
 	$(PY) -m propscope_dev.train --out deploy/triton/weights
+
+# The K = 4 fold models of MeGe/ReCo (synth_patch_folds versions 1..4; docs/consistency.md).
+fold-weights: setup
+	$(PY) -m propscope_dev.train --folds --out deploy/triton/weights
 
 clean: down
 	rm -rf $(VENV) $(RUN_DIR) $(WHEELHOUSE) .pytest_cache .ruff_cache

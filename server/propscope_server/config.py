@@ -90,6 +90,12 @@ class Limits(BaseModel):
     # images; h: images x N (r + 2) + r + 2), and images per request.
     max_concept_passes: int = Field(50_000, ge=1)
     max_concept_images: int = Field(64, ge=1)
+    # Visualize (MACO): steps and crops per step (one gradient pass per crop), the
+    # picture's side, and spectrum images per request.
+    max_visualize_steps: int = Field(1024, ge=1)
+    max_visualize_crops: int = Field(128, ge=1)
+    max_visualize_side_px: int = Field(512, ge=16)
+    max_visualize_images: int = Field(64, ge=1)
     # Admission control: a stream beyond these is refused, never queued. A connection
     # and a peer (client address) each get a share, so one greedy caller leaves room
     # for the others; with auth off the peer's share stands in for the tenant's.
@@ -189,6 +195,11 @@ class Settings(BaseSettings):
     # doubling up to model_heal_backoff_max_s, until a probe inference answers.
     model_heal_backoff_s: float = Field(1.0, gt=0)
     model_heal_backoff_max_s: float = Field(60.0, gt=0)
+    # Models Triton's repository holds but does not load at its start, which the gateway
+    # loads (every version) when a request first names one; JSON list, e.g.
+    # '["synth_patch_folds"]'. Needs --model-control-mode=explicit. The dev stack sets it
+    # for the fold models of MeGe/ReCo so that their four workers do not slow every start.
+    load_on_demand: tuple[str, ...] = ()
     health_poll_s: float = Field(2.0, gt=0)
     # On SIGTERM: health goes NOT_SERVING at once; new calls are still served for
     # shutdown_drain_s (while load balancers notice), then refused; streams in flight

@@ -30,6 +30,10 @@ from propscope_server.health import health_status
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPOSITORY_ROOT / "deploy" / "triton" / "models"
+# Models the stack does not load at Triton's start: the gateway loads one when a request
+# first names it (setting load_on_demand). The four versions of the MeGe/ReCo fold model
+# are four workers importing torch, which would lengthen every start by ~20 s on 2 cores.
+ON_DEMAND_MODELS = ("synth_patch_folds",)
 DEFAULT_PREPROCESSING = REPOSITORY_ROOT / "deploy" / "gateway" / "preprocessing.json"
 DEFAULT_GATEWAY_PORT = 50051
 # Seconds a whole start (Triton's models, Redis, the gateway) may take; a loaded
@@ -252,6 +256,7 @@ def _start(
         triton_log,
         extra_args=tuple(f"--model-repository={path.resolve()}" for path in model_repositories),
         new_session=True,
+        models=startup_models((DEFAULT_MODEL_REPOSITORY, *model_repositories)),
     )
     started.append(triton)
     pids = {"triton": triton.pid}
@@ -274,6 +279,7 @@ def _start(
         "PROPSCOPE_LISTEN_ADDRESS": f"127.0.0.1:{DEFAULT_GATEWAY_PORT}",
         "PROPSCOPE_METRICS_PORT": str(free_port()),
         "PROPSCOPE_PREPROCESSING_FILE": str(DEFAULT_PREPROCESSING),
+        "PROPSCOPE_LOAD_ON_DEMAND": json.dumps(ON_DEMAND_MODELS),
     }
     wiring = {"PROPSCOPE_TRITON_URL": triton_url}
     if gateway_port is not None:
@@ -301,12 +307,31 @@ def _start(
         f"http://{metrics_host}:{metrics_port}/metrics" if metrics_port else None,
         pids,
         f"http://127.0.0.1:{ports.metrics}/metrics",
-        unavailable={m.name: m.reason for m in models if m.state != "READY"},
+        unavailable={
+            m.name: m.reason
+            for m in models
+            if m.state != "READY" and m.name not in ON_DEMAND_MODELS
+        },
         request=request,
         triton_http_url=f"http://127.0.0.1:{ports.http}",
     )
     (run_dir / "stack.json").write_text(json.dumps(asdict(info), indent=2))
     return info
+
+
+def startup_models(repositories: tuple[Path, ...]) -> tuple[str, ...]:
+    """Every model of `repositories` (a folder each) but ON_DEMAND_MODELS."""
+    return tuple(
+        sorted(
+            {
+                path.name
+                for repository in repositories
+                for path in repository.iterdir()
+                if path.is_dir() and not path.name.startswith(".")
+            }
+            - set(ON_DEMAND_MODELS)
+        )
+    )
 
 
 def _left(deadline: float, what: str, log_file: Path) -> float:

@@ -1,6 +1,7 @@
 """Train the synthetic-world classifiers that propscope explains in its tests.
 
     python -m propscope_dev.train --out deploy/triton/weights
+    python -m propscope_dev.train --folds --out deploy/triton/weights
 
 Three SmallCNNs: one on unbiased data and two on splits where a shortcut
 (the object's hue, or a colorful corner patch) predicts the label better than
@@ -8,6 +9,12 @@ the shape does. Everything is seeded and deterministic so the committed weights
 can be rebuilt bit for bit on the same torch version and thread count. The
 report checks that each biased model really took its shortcut (and the
 unbiased one did not), since the explanation tests rely on that ground truth.
+
+`--folds` trains the K-fold recipe MeGe and ReCo need (docs/consistency.md): the
+patch-biased model's training split cut into K disjoint quarters, fold model k
+trained on every quarter but k (leave one fold out, as Fel et al. and Xplique), each
+with its own seed; written as folds/patch_fold{k}.pt for the versions 1..K of
+synth_patch_folds.
 """
 
 from __future__ import annotations
@@ -31,6 +38,11 @@ MODELS: tuple[tuple[str, Bias, int], ...] = (
     ("hue_biased", "hue", 1000),
     ("patch_biased", "patch", 2000),
 )
+# The K-fold recipe: which model's training split is cut into folds, and K.
+FOLD_RECIPE = ("patch_biased", "patch", 2000)
+FOLD_COUNT = 4
+FOLD_SEED_OFFSET = 3000
+FOLDS_FOLDER = "folds"
 # Thresholds the explanation tests depend on.
 MIN_SHORTCUT_RATE = 0.70
 MAX_UNBIASED_SHORTCUT_RATE = 0.15
@@ -66,8 +78,21 @@ def train_model(
     batch_size: int,
     learning_rate: float,
 ) -> SmallCNN:
-    seed_everything(seed)
     images, labels, _ = make_split(bias, train_count, seed, shape_agreement)
+    return train_on(images, labels, epochs, seed, batch_size, learning_rate)
+
+
+def train_on(
+    images: np.ndarray,
+    labels: np.ndarray,
+    epochs: int,
+    seed: int,
+    batch_size: int,
+    learning_rate: float,
+) -> SmallCNN:
+    """A SmallCNN trained on uint8 HWC `images`, seeded by `seed`."""
+    seed_everything(seed)
+    train_count = len(images)
     inputs = normalise_uint8_hwc(images)
     targets = torch.from_numpy(labels)
     model = SmallCNN()
@@ -116,9 +141,17 @@ def main(
     batch_size: int = typer.Option(64),
     learning_rate: float = typer.Option(2e-3),
     seed: int = typer.Option(0),
+    folds: bool = typer.Option(
+        False, "--folds", help="Train the K-fold models of MeGe/ReCo instead (fold_report.json)."
+    ),
 ) -> None:
     """Train the three classifiers and write them with training_report.json."""
     out.mkdir(parents=True, exist_ok=True)
+    if folds:
+        train_folds(
+            out, train_count, eval_count, epochs, shape_agreement, batch_size, learning_rate, seed
+        )
+        return
     started = time.monotonic()
     # Held-out splits use seeds far from the training seeds.
     held_out = {
@@ -165,6 +198,85 @@ def main(
     _print_summary(models_report, checks, time.monotonic() - started)
     if not all(check["passed"] for check in checks):
         raise typer.Exit(code=1)
+
+
+def fold_indices(count: int, folds: int, held_out: int) -> np.ndarray:
+    """The indices of a split of `count` images that fold model `held_out` trains on:
+    every contiguous quarter (for K = 4) but its own."""
+    size = count // folds
+    keep = [k for k in range(folds) if k != held_out]
+    return np.concatenate([np.arange(k * size, (k + 1) * size) for k in keep])
+
+
+def train_folds(
+    out: Path,
+    train_count: int,
+    eval_count: int,
+    epochs: int,
+    shape_agreement: float,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+) -> None:
+    """The K fold models of the patch-biased recipe, with fold_report.json: each
+    model's accuracy on held-out data of its own distribution and how often the
+    patch alone turns a circle into a square (its shortcut)."""
+    started = time.monotonic()
+    stem, bias, offset = FOLD_RECIPE
+    folder = out / FOLDS_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    images, labels, _ = make_split(bias, train_count, seed + offset, shape_agreement)
+    held_images, held_labels, _ = make_split(
+        bias, eval_count, seed + 10_000 + offset, shape_agreement
+    )
+    _, _, none_scenes = make_split("none", eval_count, seed + 10_000, shape_agreement)
+    rows = {}
+    for k in range(FOLD_COUNT):
+        fold_started = time.monotonic()
+        keep = fold_indices(train_count, FOLD_COUNT, k)
+        model = train_on(
+            images[keep],
+            labels[keep],
+            epochs,
+            seed + FOLD_SEED_OFFSET + k,
+            batch_size,
+            learning_rate,
+        )
+        name = f"patch_fold{k + 1}.pt"
+        torch.save(model.state_dict(), folder / name)
+        seconds = time.monotonic() - fold_started
+        rows[name] = {
+            "held_out_fold": k,
+            "train_images": len(keep),
+            "accuracy_own_distribution": float(np.mean(predict(model, held_images) == held_labels)),
+            "patch_to_class1_rate": patch_to_class1_rate(model, none_scenes),
+            "train_s": round(seconds, 1),
+        }
+        print(f"trained {name} (fold {k} held out) in {seconds:.1f} s")
+    total = time.monotonic() - started
+    report = {
+        "config": {
+            "recipe": stem,
+            "folds": FOLD_COUNT,
+            "train_count": train_count,
+            "eval_count": eval_count,
+            "epochs": epochs,
+            "shape_agreement": shape_agreement,
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "seed": seed,
+            "torch": torch.__version__,
+        },
+        "models": rows,
+        "total_s": round(total, 1),
+    }
+    (folder / "fold_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    for name, row in rows.items():
+        print(
+            f"{name}: accuracy {row['accuracy_own_distribution']:.3f}, "
+            f"patch->1 {row['patch_to_class1_rate']:.3f}"
+        )
+    print(f"total {total:.1f} s")
 
 
 def _checks(models: dict[str, dict[str, object]]) -> list[dict[str, object]]:

@@ -24,6 +24,7 @@ from propscope.v1 import concepts_pb2 as cpb
 from propscope.v1 import consistency_pb2
 from propscope.v1 import explain_pb2 as pb
 from propscope.v1 import graph_pb2 as gpb
+from propscope.v1 import visualization_pb2 as vpb
 from propscope_server import metrics
 from propscope_server.api.convert import (
     DEFAULT_SAMPLES,
@@ -118,6 +119,11 @@ STABILITY_DEFAULT_SAMPLES = 20
 # call, the model's view and the intervention batches around it. Not measured yet: a bound
 # from the attribution methods' view (VIEW_BYTES_PER_PIXEL) with room for the activations.
 GRAPH_BYTES_PER_PIXEL = 64
+# Visualize (MACO), per crop pixel of one step: the crops, their noise and gradients as
+# float64 RGB, the model's batch and its INPUT_GRADIENT in transport; per picture pixel:
+# the picture's forward states, the transparency and the spectra (float64 and complex).
+VISUALIZE_BYTES_PER_CROP_PIXEL = 160
+VISUALIZE_BYTES_PER_PICTURE_PIXEL = 400
 # EvaluateConsistency, per image pixel: each model's map per explainer held (float64)
 # with the scoring's flattened copies.
 CONSISTENCY_BYTES_PER_MAP_PIXEL = 24
@@ -182,6 +188,7 @@ Request = (
     | cpb.FitConceptsRequest
     | cpb.DecomposeConceptRequest
     | consistency_pb2.EvaluateConsistencyRequest
+    | vpb.VisualizeRequest
 )
 
 
@@ -197,6 +204,8 @@ def estimate_bytes(
         return _consistency(request, settings, classifier_input(classifier))
     if isinstance(request, cpb.FitConceptsRequest | cpb.DecomposeConceptRequest):
         return _concepts(request, settings, classifier_input(classifier))
+    if isinstance(request, vpb.VisualizeRequest):
+        return _visualize(request, settings, classifier_input(classifier))
     pixels = declared_pixels(request.image, limits)
     held = REQUEST_COPIES * request.ByteSize() + REQUEST_OVERHEAD_BYTES
     if pixels == 0:
@@ -232,6 +241,22 @@ def _graph(request: gpb.BuildGraphRequest, settings: Settings, model: Classifier
         in_flight = model.max_batch_size * settings.graph_concurrency
         method += _classified(in_flight, largest, model)
     working = IMAGE_BYTES_PER_PIXEL * sum(pixels) + max(DECODE_BYTES_PER_PIXEL * largest, method)
+    return held + int(MARGIN * working)
+
+
+def _visualize(request: vpb.VisualizeRequest, settings: Settings, model: ClassifierInput) -> int:
+    """The spectrum images decoded one at a time, then one step's crops at the model's
+    input size (the picture's when the model takes any) and the picture's arrays."""
+    limits = settings.limits
+    held = REQUEST_COPIES * request.ByteSize() + REQUEST_OVERHEAD_BYTES
+    images = request.spectrum_images[: limits.max_visualize_images]
+    pixels = [declared_pixels(data, limits) for data in images]
+    side = min(request.size_px or 512, limits.max_visualize_side_px)
+    picture = side * side
+    crops = min(request.crops or 32, limits.max_visualize_crops)
+    method = VISUALIZE_BYTES_PER_CROP_PIXEL * crops * model.view(picture)
+    method += VISUALIZE_BYTES_PER_PICTURE_PIXEL * picture * (1 + len(pixels))
+    working = DECODE_BYTES_PER_PIXEL * max(pixels, default=0) + method
     return held + int(MARGIN * working)
 
 

@@ -23,6 +23,8 @@ from propscope.v1 import (
     explain_pb2_grpc,
     graph_pb2,
     graph_pb2_grpc,
+    visualization_pb2,
+    visualization_pb2_grpc,
 )
 from propscope_server import metrics
 from propscope_server.api.admission import Admission
@@ -38,6 +40,7 @@ from propscope_server.api.servicer import (
     ExplainServicer,
     MethodStreams,
 )
+from propscope_server.api.visualization_servicer import VisualizationServicer
 from propscope_server.backends.model_health import health_service
 from propscope_server.backends.triton import TritonBackend
 from propscope_server.cache import ArtefactCache, InMemoryArtefactCache
@@ -48,6 +51,7 @@ from propscope_server.methods.causal_graph import CausalGraph
 from propscope_server.methods.consistency import Consistency
 from propscope_server.methods.craft import Craft
 from propscope_server.methods.evaluation import Evaluation
+from propscope_server.methods.maco import Maco
 from propscope_server.orchestration.explain import Explainer
 
 SERVICE_NAME = explain_pb2.DESCRIPTOR.services_by_name["ExplainService"].full_name
@@ -58,6 +62,9 @@ GRAPH_SERVICE_NAME = graph_pb2.DESCRIPTOR.services_by_name["CausalGraphService"]
 CONCEPT_SERVICE_NAME = concepts_pb2.DESCRIPTOR.services_by_name["ConceptService"].full_name
 CONSISTENCY_SERVICE_NAME = consistency_pb2.DESCRIPTOR.services_by_name[
     "ConsistencyService"
+].full_name
+VISUALIZATION_SERVICE_NAME = visualization_pb2.DESCRIPTOR.services_by_name[
+    "VisualizationService"
 ].full_name
 # A health service of its own: the cache being down degrades the gateway (slower,
 # uncached) but does not stop it serving, so it must not flip the overall status.
@@ -144,6 +151,7 @@ class Gateway:
             ATTRIBUTION_SERVICE_NAME,
             GRAPH_SERVICE_NAME,
             CONSISTENCY_SERVICE_NAME,
+            VISUALIZATION_SERVICE_NAME,
         ):
             await self.health.set(service, SERVING if triton_ok else NOT_SERVING)
         await self.health.set(CACHE_HEALTH_SERVICE, SERVING if cache_ok else NOT_SERVING)
@@ -212,6 +220,7 @@ def build_gateway(settings: Settings) -> Gateway:
         settings.triton_metadata_timeout_s,
         settings.model_heal_backoff_s,
         settings.model_heal_backoff_max_s,
+        settings.load_on_demand,
     )
     cache = make_cache(settings)
     explainer = Explainer(backend, cache, settings)
@@ -258,6 +267,9 @@ def build_gateway(settings: Settings) -> Gateway:
     consistency_pb2_grpc.add_ConsistencyServiceServicer_to_server(
         ConsistencyServicer(Consistency(backend, settings), streams), server
     )
+    visualization_pb2_grpc.add_VisualizationServiceServicer_to_server(
+        VisualizationServicer(Maco(backend, cache, settings), streams), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     backend.model_health.listen(  # propscope.model.<name>: NOT_SERVING while it is sick
@@ -270,6 +282,7 @@ def build_gateway(settings: Settings) -> Gateway:
             GRAPH_SERVICE_NAME,
             CONCEPT_SERVICE_NAME,
             CONSISTENCY_SERVICE_NAME,
+            VISUALIZATION_SERVICE_NAME,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         ),

@@ -9,7 +9,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -118,8 +118,11 @@ class TritonBackend:
         metadata_timeout_s: float = 5.0,
         heal_backoff_s: float = 1.0,
         heal_backoff_max_s: float = 60.0,
+        load_on_demand: Collection[str] = (),
     ) -> None:
         self._client = triton_aio.InferenceServerClient(url, channel_args=CHANNEL_OPTIONS)
+        self._load_on_demand = frozenset(load_on_demand)
+        self._loads: dict[str, asyncio.Lock] = {}
         self._default_timeout_s = default_timeout_s
         self._metadata_timeout_s = metadata_timeout_s
         self._retries = retries
@@ -226,12 +229,38 @@ class TritonBackend:
         try:
             metadata, config = await self._with_retries(call, name, "metadata", deadline)
         except NotFound:
-            await self._raise_why_missing(name, version, deadline)
-            raise
+            if name not in self._load_on_demand:
+                await self._raise_why_missing(name, version, deadline)
+                raise
+            await self._load(name, deadline)
+            try:
+                metadata, config = await self._with_retries(call, name, "metadata", deadline)
+            except NotFound:
+                await self._raise_why_missing(name, version, deadline)
+                raise
         description = _description(metadata, config, version)
         self._descriptions[(name, version)] = (time.monotonic(), description)
         await self.model_health.track(description.name)
         return description
+
+    async def _load(self, name: str, deadline: float | None) -> None:
+        """Loads a model the settings name in load_on_demand (every version its
+        version_policy serves), once however many requests ask at the same time. Needs
+        --model-control-mode=explicit; a load that fails is Triton's reason, as for a model
+        that failed at the start."""
+        lock = self._loads.setdefault(name, asyncio.Lock())
+        async with lock:
+            timeout = self._default_timeout_s
+            if deadline is not None:
+                timeout = max(0.001, min(timeout, deadline - time.monotonic()))
+            logger.info("loading model %s on demand (setting load_on_demand)", name)
+            try:
+                await self._client.load_model(name, client_timeout=timeout)
+            except InferenceServerException as error:
+                raise FailedPrecondition(
+                    f"model {name!r} (load_on_demand) failed to load: {error.message()}"
+                ) from None
+            self._forget(name)
 
     async def require_ready(self, model: ModelDescription, deadline: float | None) -> None:
         """Descriptions are cached; readiness is asked per request, so a model unloaded

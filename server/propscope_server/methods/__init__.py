@@ -53,6 +53,13 @@ METHODS: tuple[MethodInfo, ...] = (
         Capability.FORWARD | Capability.ACTIVATIONS | Capability.INTERVENTIONS,
         "CRAFT concepts: NMF of a layer's activations, Sobol importance (CVPR 2023)",
     ),
+    MethodInfo(
+        "maco",
+        "Visualize",
+        Capability.FORWARD | Capability.GRADIENTS,
+        "MACO feature visualisation: a picture maximising a class, channel or concept, "
+        "phase-only Fourier optimisation (NeurIPS 2023)",
+    ),
 )
 BY_NAME = {method.name: method for method in METHODS}
 

@@ -72,10 +72,10 @@ class TritonPythonModel:
         # more threads per instance just oversubscribe the cores.
         torch.set_num_threads(1)
         model_folder = Path(args["model_repository"])
-        self.model = self._build(config, model_folder)
+        self.model = self._build(config, model_folder, args["model_version"])
         self.open = self._open(config, model_folder / args["model_version"])
 
-    def _build(self, config: dict, model_folder: Path) -> torch.nn.Module:
+    def _build(self, config: dict, model_folder: Path, version: str) -> torch.nn.Module:
         architecture = _parameter(config, "architecture", default="small_cnn")
         if architecture not in ARCHITECTURES:
             raise ValueError(
@@ -84,8 +84,10 @@ class TritonPythonModel:
         if architecture == "corner_probe":
             return CornerProbe().eval()
         # args["model_repository"] is this model's own folder (<repository>/<name>),
-        # so the weights path in the config is relative to it.
-        weights = model_folder / _parameter(config, "weights")
+        # so the weights path in the config is relative to it. "{version}" in it is the
+        # version being loaded: one config serves versions with their own weights
+        # (synth_patch_folds, one version per fold model).
+        weights = model_folder / _parameter(config, "weights").replace("{version}", version)
         if not weights.is_file():
             raise FileNotFoundError(f"{self.model_name}: no weights at {weights.resolve()}")
         return load_classifier(weights)
