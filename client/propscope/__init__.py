@@ -59,6 +59,7 @@ from propscope._preprocessing import Preprocessing
 from propscope._properties import Box, Mask, Property, parse_property, split_property
 from propscope._requests import Properties
 from propscope._results import ExplainResult
+from propscope._visualization import Visualization, VisualizeProgress
 
 __all__ = [
     "Accepted",
@@ -103,6 +104,8 @@ __all__ = [
     "TaskGraph",
     "TaskNode",
     "TensorInfo",
+    "Visualization",
+    "VisualizeProgress",
     "encode_image",
     "encode_mask",
     "event_from_proto",

@@ -17,6 +17,7 @@ from propscope._errors import PropscopeError
 from propscope._events import Event, ModelInfo
 from propscope._graph import GraphResult
 from propscope._results import ExplainCollector, ExplainResult
+from propscope._visualization import Visualization
 
 __all__ = ["AsyncClient", "AsyncExplainStream"]
 
@@ -65,10 +66,11 @@ class AsyncClient(
         Awaitable[Evaluation],
         Awaitable[list[ModelInfo]],
         Awaitable[GraphResult],
+        Awaitable[Visualization],
     ]
 ):
     """A connection to a propscope gateway for asyncio, with ``Client``'s arguments and calls
-    (``ClientBase``): ``attribute``, ``evaluate_attribution``, ``graph`` and ``list_models`` return
+    (``ClientBase``): ``attribute``, ``evaluate_attribution``, ``graph``, ``visualize`` and ``list_models`` return
     awaitables, ``explain`` an ``AsyncExplainStream``. Create it inside a running event loop;
     use ``async with`` or ``await close()``.
 

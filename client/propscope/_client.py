@@ -43,7 +43,19 @@ from propscope._results import (
     MetricCallback,
     ProgressCallback,
 )
-from propscope.v1 import attribution_pb2_grpc, explain_pb2, explain_pb2_grpc, graph_pb2_grpc
+from propscope._visualization import (
+    Visualization,
+    VisualizationCollector,
+    VisualizeProgress,
+    build_visualize_request,
+)
+from propscope.v1 import (
+    attribution_pb2_grpc,
+    explain_pb2,
+    explain_pb2_grpc,
+    graph_pb2_grpc,
+    visualization_pb2_grpc,
+)
 
 __all__ = ["Client", "ClientBase", "ExplainStream", "ProgressCallback", "known_event"]
 
@@ -55,10 +67,11 @@ AttributionT = TypeVar("AttributionT")
 EvaluationT = TypeVar("EvaluationT")
 ModelsT = TypeVar("ModelsT")
 GraphT = TypeVar("GraphT")
-Collector = AttributeCollector | EvaluateCollector | GraphCollector
+VisualizationT = TypeVar("VisualizationT")
+Collector = AttributeCollector | EvaluateCollector | GraphCollector | VisualizationCollector
 
 
-class ClientBase(Generic[ExplainT, AttributionT, EvaluationT, ModelsT, GraphT]):
+class ClientBase(Generic[ExplainT, AttributionT, EvaluationT, ModelsT, GraphT, VisualizationT]):
     """A connection to a propscope gateway: every call, for ``Client`` and ``AsyncClient``.
 
     ``target`` is ``host:port``. Without ``credentials`` the channel is insecure. ``token`` is
@@ -92,6 +105,7 @@ class ClientBase(Generic[ExplainT, AttributionT, EvaluationT, ModelsT, GraphT]):
         self._stub = explain_pb2_grpc.ExplainServiceStub(self._channel)
         self._attribution = attribution_pb2_grpc.AttributionServiceStub(self._channel)
         self._graph = graph_pb2_grpc.CausalGraphServiceStub(self._channel)
+        self._visualization = visualization_pb2_grpc.VisualizationServiceStub(self._channel)
         self._closed = False
 
     def explain(
@@ -404,6 +418,74 @@ class ClientBase(Generic[ExplainT, AttributionT, EvaluationT, ModelsT, GraphT]):
         call = self._graph.BuildGraph(request, **self._call_options(timeout, metadata))
         return self._collect(call, GraphCollector(request_id, on_progress, on_item))
 
+    def visualize(
+        self,
+        model: str,
+        *,
+        class_index: int | None = None,
+        layer: str = "",
+        channel: int | None = None,
+        bank_id: str = "",
+        concept: int | None = None,
+        steps: int = 0,
+        crops: int = 0,
+        noise: float | None = None,
+        box_start: float | None = None,
+        box_end: float | None = None,
+        learning_rate: float | None = None,
+        seed: int = 0,
+        spectrum_images: Sequence[ImageLike] = (),
+        size_px: int = 0,
+        model_version: str = "",
+        request_id: str = "",
+        preprocessing: Preprocessing | None = None,
+        class_labels: Sequence[str] = (),
+        on_progress: Callable[[VisualizeProgress], None] | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> VisualizationT:
+        """A MACO feature visualisation (NeurIPS 2023) of ``model`` (an open model with the
+        gradients capability): the picture that maximises one objective, ``class_index`` (a
+        class's logit), ``layer`` and ``channel`` (a hidden channel's mean activation) or
+        ``bank_id`` and ``concept`` (a CRAFT concept of a bank ``fit_concepts`` stored). Only
+        the phase of the picture's Fourier transform is optimised (its magnitude is the mean
+        spectrum of ``spectrum_images``, else a natural-image 1/f spectrum), over ``steps``
+        steps of ``crops`` random crops each (box side from ``box_start`` to ``box_end``,
+        ``noise``), with Adam (``learning_rate``); the same ``seed`` gives the same picture.
+        0 and None: the server's defaults (the paper's: 256 steps, 32 crops, noise 0.08, box
+        0.5 -> 0.05). ``size_px``: the picture's side (0: the model input's). ``on_progress``
+        gets ``VisualizeProgress`` every few steps. Returns one ``Visualization``
+        (``AsyncClient``: an awaitable of it); a black-box model is refused
+        (``PropscopeError`` FAILED_PRECONDITION naming the gradients capability).
+        """
+        self._check_open()
+        request = build_visualize_request(
+            model,
+            class_index=class_index,
+            layer=layer,
+            channel=channel,
+            bank_id=bank_id,
+            concept=concept,
+            steps=steps,
+            crops=crops,
+            noise=noise,
+            box_start=box_start,
+            box_end=box_end,
+            learning_rate=learning_rate,
+            seed=seed,
+            spectrum_images=spectrum_images,
+            size_px=size_px,
+            model_version=model_version,
+            request_id=request_id,
+            preprocessing=preprocessing,
+            class_labels=class_labels,
+        )
+        logger.debug(
+            "Visualize %s: model %s, %s", self.target, model, request.WhichOneof("objective")
+        )
+        call = self._visualization.Visualize(request, **self._call_options(timeout, metadata))
+        return self._collect(call, VisualizationCollector(request_id, on_progress))
+
     def list_models(
         self, *, timeout: float | None = None, metadata: Metadata | None = None
     ) -> ModelsT:
@@ -490,7 +572,9 @@ class ExplainStream(Iterator[Event]):
             self._events.close()
 
 
-class Client(ClientBase[ExplainStream, Attribution, Evaluation, list[ModelInfo], GraphResult]):
+class Client(
+    ClientBase[ExplainStream, Attribution, Evaluation, list[ModelInfo], GraphResult, Visualization]
+):
     """A blocking connection to a propscope gateway (arguments and calls: ``ClientBase``); use
     as a context manager or call ``close()``.
 

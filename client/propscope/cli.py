@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import logging
 import os
 import re
@@ -1471,6 +1472,147 @@ def repair(
             f"{repair_module.load_command(triton_url, model)} once Triton is reachable"
         )
     typer.echo(f"propscope: Triton loaded {model} (versions {version} and {version + 1})", err=True)
+
+
+@app.command(short_help="A MACO picture of what --model's class, channel or concept sees.")
+def visualize(
+    context: typer.Context,
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", "-m", metavar="NAME[:VERSION]", help="An open classifier (gradients)."
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            dir_okay=False,
+            help="The picture (PNG); its map goes to <stem>.alpha.png, both together to "
+            "<stem>.rgba.png.",
+        ),
+    ],
+    class_index: Annotated[
+        int | None, typer.Option("--class", min=0, help="Maximise this class's logit.")
+    ] = None,
+    channel: Annotated[
+        str | None,
+        typer.Option(
+            metavar="LAYER:INDEX",
+            help="Maximise a hidden channel, e.g. features.2:5 (`propscope models` lists "
+            "the layers).",
+            show_default=False,
+        ),
+    ] = None,
+    concept: Annotated[
+        str | None,
+        typer.Option(
+            metavar="BANK_ID:INDEX",
+            help="Maximise a CRAFT concept of a stored bank (`propscope concepts fit`).",
+            show_default=False,
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option(min=0, help="Optimisation steps (0: 256).")] = 0,
+    crops: Annotated[int, typer.Option(min=0, help="Crops per step (0: 32).")] = 0,
+    noise: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="Crop noise (default 0.08).")
+    ] = None,
+    learning_rate: Annotated[
+        float | None, typer.Option(min=0.0, help="Adam's learning rate (default 1.0).")
+    ] = None,
+    size: Annotated[
+        int, typer.Option(min=0, help="The picture's side in pixels (0: the model input's).")
+    ] = 0,
+    spectrum: Annotated[
+        list[Path] | None,
+        typer.Option(
+            metavar="DIR|FILE",
+            help="Images whose mean Fourier magnitude the picture keeps (default: a natural "
+            "1/f spectrum); a folder or files, repeatable.",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seeds the phase, crops and noise.")] = 0,
+    target: TargetOption = DEFAULT_TARGET,
+    progress: ProgressOption = None,
+    as_json: JsonOption = False,
+    timeout: TimeoutOption = None,
+) -> None:
+    """Draw what --model sees: the MACO picture (NeurIPS 2023) that maximises a
+    class's logit (--class), a hidden channel (--channel) or a CRAFT concept
+    (--concept). Only the phase of the picture's Fourier transform is
+    optimised; its magnitude stays a natural-image spectrum, so the picture
+    keeps natural statistics. Writes --out, its transparency map (where the
+    objective's gradient accumulated) and the two together.
+
+    \b
+    Examples:
+      propscope visualize -m synth_hue --class 0 -o circle.png
+      propscope visualize -m synth_patch --channel features.2:5 -o ch5.png
+      propscope visualize -m synth_hue --class 1 --steps 64 --crops 16 -o quick.png
+    """
+    objectives = [given for given in (class_index, channel, concept) if given is not None]
+    if len(objectives) != 1:
+        _fail("give exactly one of --class, --channel LAYER:INDEX or --concept BANK_ID:INDEX")
+    if not out.resolve().parent.is_dir():
+        _fail(f"--out {str(out)!r}: the folder {str(out.parent)!r} does not exist")
+    objective: dict[str, Any] = {"class_index": class_index}
+    for option, text, names in (
+        ("--channel", channel, ("layer", "channel")),
+        ("--concept", concept, ("bank_id", "concept")),
+    ):
+        if text is not None:
+            name, _, index = text.rpartition(":")
+            if not name or not index.isdigit():
+                _fail(f"{option} {text!r}: write {names[0].upper()}:INDEX, e.g. features.2:5")
+            objective = {names[0]: name, names[1]: int(index)}
+    classifier = _classifier_option(model, ("maco",))
+    images = _reference_images(spectrum) if spectrum else []
+    try:
+        with context.obj.client(target, timeout) as client:
+            preflight(client, classifiers=[classifier])
+            with _attribution_progress(_show_bar(progress), "visualize steps") as report:
+                found = client.visualize(
+                    classifier.name,
+                    model_version=classifier.version,
+                    steps=steps,
+                    crops=crops,
+                    noise=noise,
+                    learning_rate=learning_rate,
+                    size_px=size,
+                    spectrum_images=images,
+                    seed=seed,
+                    on_progress=lambda update: report(
+                        AttributionProgress(
+                            update.request_id, update.steps_done, update.steps_total
+                        )
+                    ),
+                    **objective,
+                )
+    except PreflightError as error:
+        _fail_lines(f"{target}: {error}")
+    except PropscopeError as error:
+        _call_failed(target, error, context)
+    except ValueError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    written = found.save(out)
+    if as_json:
+        typer.echo(json.dumps({**found.to_dict(), "files": [str(p) for p in written]}))
+        return
+    best = found.predicted_class
+    typer.echo(
+        f"propscope visualize: {found.model} (version {found.model_version}), "
+        f"{found.objective_description}\n"
+        f"objective {found.start_objective:.4g} -> {found.objective:.4g}; the picture is "
+        f"predicted class {best} (p = {found.class_probabilities[best]:.3f}); "
+        f"{found.steps} steps x {found.crops} crops, {found.passes} passes, "
+        f"{found.total_ms / 1000:.1f} s\n" + "\n".join(f"wrote {p}" for p in written)
+    )
+    for warning in found.warnings:
+        typer.echo(f"warning: {warning}", err=True)
 
 
 @app.command(short_help="List the classifiers and editors the gateway serves.")
