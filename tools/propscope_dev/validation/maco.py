@@ -1,0 +1,153 @@
+"""The MACO validation (issue 18, part 5) through the running service (SDK
+`Client.visualize`): each class picture of each synthetic model is classified as its
+class with p >= 0.9 and its logit exceeds the 95th percentile of real images' logits for
+that class; synth_hue's class-0 picture has its mean hue in that model's class-0 range;
+synth_patch's class-1 picture (the class its patch is tied to) puts >= 40% of its
+transparency mass on the patch's region; and the cost of one 64 x 64 picture with the
+paper's defaults (<= 20 s on 2 CPU cores).
+
+The real images' logits are computed in-process on the weights the served config names
+(the service has no plain classification call), on held-out renders of the model's own
+training distribution."""
+
+from __future__ import annotations
+
+import colorsys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import propscope
+from propscope_dev.channel_means import config_parameters
+from propscope_dev.stack import DEFAULT_MODEL_REPOSITORY
+from propscope_server.synthetic.world import BIASED_HUES, PATCH_BOX, make_split
+from propscope_server.triton_models.classifiers.cnn import load_classifier, normalise_uint8_hwc
+
+PART = "MACO"
+MODELS = {"synth_unbiased": "none", "synth_hue": "hue", "synth_patch": "patch"}
+# Far from training (0..2000), the fold recipe (3000..) and the other validations' seeds.
+REAL_SEED = 70_000
+REAL_IMAGES = 400
+QUICK = {"steps": 64, "crops": 16}
+MIN_PROBABILITY = 0.9
+LOGIT_PERCENTILE = 95.0
+MIN_PATCH_MASS = 0.4
+MAX_SECONDS = 20.0
+# Pixels whose HSV saturation is below this carry no hue worth averaging.
+MIN_SATURATION = 0.2
+
+
+def real_logits(
+    model: str, repository: Path = DEFAULT_MODEL_REPOSITORY
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [N, 2] of held-out renders of `model`'s training distribution, and their labels."""
+    config = repository / model / "config.pbtxt"
+    parameters = config_parameters(config.read_text())
+    network = load_classifier(config.parent / parameters["weights"])
+    images, labels, _ = make_split(MODELS[model], REAL_IMAGES, REAL_SEED)
+    with torch.inference_mode():
+        logits = network(normalise_uint8_hwc(images)).numpy().astype(np.float64)
+    return logits, labels
+
+
+def mean_hue(picture: np.ndarray) -> float:
+    """The circular mean hue (degrees, in (-180, 180]) of the picture's saturated pixels,
+    weighted by saturation."""
+    pixels = np.asarray(picture, dtype=np.float64).reshape(-1, 3) / 255.0
+    hsv = np.array([colorsys.rgb_to_hsv(*pixel) for pixel in pixels])
+    weight = np.where(hsv[:, 1] >= MIN_SATURATION, hsv[:, 1], 0.0)
+    if weight.sum() == 0:
+        return float("nan")
+    angle = 2 * np.pi * hsv[:, 0]
+    mean = np.arctan2(np.sum(weight * np.sin(angle)), np.sum(weight * np.cos(angle)))
+    return float(np.degrees(mean))
+
+
+def patch_mass(alpha: np.ndarray) -> float:
+    """The share of the transparency map's mass inside the patch's box."""
+    x, y, side = PATCH_BOX
+    scale_y, scale_x = alpha.shape[0] / 64.0, alpha.shape[1] / 64.0
+    inside = alpha[
+        int(y * scale_y) : int((y + side) * scale_y), int(x * scale_x) : int((x + side) * scale_x)
+    ]
+    total = float(alpha.sum())
+    return float(inside.sum()) / total if total > 0 else 0.0
+
+
+def row(criterion: str, target: str, measured: str, met: bool, **extra: object) -> dict:
+    return {
+        "part": PART,
+        "criterion": criterion,
+        "target": target,
+        "measured": measured,
+        "met": bool(met),
+        **extra,
+    }
+
+
+def validate(address: str, quick: bool = False) -> list[dict]:
+    settings = QUICK if quick else {}
+    rows: list[dict] = []
+    pictures: dict[tuple[str, int], propscope.Visualization] = {}
+    with propscope.Client(address) as client:
+        for model in MODELS:
+            logits, labels = real_logits(model)
+            for class_index in (0, 1):
+                found = client.visualize(model, class_index=class_index, seed=0, **settings)
+                pictures[model, class_index] = found
+                p = found.probability(class_index)
+                threshold = float(
+                    np.percentile(logits[labels == class_index, class_index], LOGIT_PERCENTILE)
+                )
+                rows.append(
+                    row(
+                        f"{model} class {class_index} picture classified as its class",
+                        f"p >= {MIN_PROBABILITY}",
+                        f"p = {p:.4f}",
+                        p >= MIN_PROBABILITY,
+                    )
+                )
+                rows.append(
+                    row(
+                        f"{model} class {class_index} picture's logit above real images' "
+                        f"{LOGIT_PERCENTILE:g}th percentile",
+                        f"> {threshold:.3f}",
+                        f"{found.objective:.3f}",
+                        found.objective > threshold,
+                    )
+                )
+    hue = mean_hue(np.asarray(pictures["synth_hue", 0].picture))
+    low, high = BIASED_HUES[0]
+    rows.append(
+        row(
+            "synth_hue class-0 picture's mean hue in the model's class-0 hue range",
+            f"[{low:g}, {high:g}] degrees",
+            f"{hue:.1f} degrees",
+            low <= hue <= high,
+        )
+    )
+    mass = patch_mass(pictures["synth_patch", 1].alpha)
+    x, y, side = PATCH_BOX
+    uniform = side * side / 64.0**2
+    rows.append(
+        row(
+            "synth_patch class-1 transparency mass on the patch region",
+            f">= {MIN_PATCH_MASS:.0%} (uniform: {uniform:.1%})",
+            f"{mass:.1%}",
+            mass >= MIN_PATCH_MASS,
+        )
+    )
+    timed = pictures["synth_hue", 0]
+    seconds = timed.total_ms / 1000.0
+    rows.append(
+        row(
+            "seconds per 64 x 64 picture"
+            + (f" ({timed.steps} steps x {timed.crops} crops)" if quick else " (defaults)"),
+            f"<= {MAX_SECONDS:g} s (256 steps x 32 crops, 2 CPU cores)",
+            f"{seconds:.1f} s",
+            seconds <= MAX_SECONDS,
+            informational=quick,
+        )
+    )
+    return rows
