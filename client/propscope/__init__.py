@@ -27,6 +27,12 @@ from propscope._attribution import (
     SobolOptions,
 )
 from propscope._client import Client, ExplainStream
+from propscope._consistency import (
+    ConsistencyModel,
+    ConsistencyProgress,
+    ConsistencyResult,
+    ExplainerConsistency,
+)
 from propscope._errors import FieldViolation, PropscopeError
 from propscope._events import (
     Accepted,
@@ -70,6 +76,9 @@ __all__ = [
     "AttributionProgress",
     "Box",
     "Client",
+    "ConsistencyModel",
+    "ConsistencyProgress",
+    "ConsistencyResult",
     "Decision",
     "Done",
     "EditorParameter",
@@ -77,6 +86,7 @@ __all__ = [
     "Event",
     "ExplainResult",
     "ExplainStream",
+    "ExplainerConsistency",
     "FieldViolation",
     "GraphEdge",
     "GraphLayer",

@@ -13,6 +13,7 @@ import grpc.aio
 
 from propscope._attribution import Attribution, Evaluation
 from propscope._client import ClientBase, Collector, known_event
+from propscope._consistency import ConsistencyCalls, ConsistencyResult
 from propscope._errors import PropscopeError
 from propscope._events import Event, ModelInfo
 from propscope._graph import GraphResult
@@ -67,7 +68,8 @@ class AsyncClient(
         Awaitable[list[ModelInfo]],
         Awaitable[GraphResult],
         Awaitable[Visualization],
-    ]
+    ],
+    ConsistencyCalls[Awaitable[ConsistencyResult]],
 ):
     """A connection to a propscope gateway for asyncio, with ``Client``'s arguments and calls
     (``ClientBase``): ``attribute``, ``evaluate_attribution``, ``graph``, ``visualize`` and ``list_models`` return

@@ -18,6 +18,7 @@ import grpc
 import numpy.typing as npt
 
 from propscope._attribution import Attribution, Evaluation
+from propscope._consistency import ConsistencyCalls, ConsistencyResult
 from propscope._errors import PropscopeError
 from propscope._events import Event, ModelInfo, event_from_proto
 from propscope._graph import GraphCollector, GraphEdge, GraphNode, GraphProgress, GraphResult
@@ -573,7 +574,8 @@ class ExplainStream(Iterator[Event]):
 
 
 class Client(
-    ClientBase[ExplainStream, Attribution, Evaluation, list[ModelInfo], GraphResult, Visualization]
+    ClientBase[ExplainStream, Attribution, Evaluation, list[ModelInfo], GraphResult, Visualization],
+    ConsistencyCalls[ConsistencyResult],
 ):
     """A blocking connection to a propscope gateway (arguments and calls: ``ClientBase``); use
     as a context manager or call ``close()``.

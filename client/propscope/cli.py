@@ -1961,3 +1961,9 @@ def _fail_lines(message: str) -> NoReturn:
     """``message``'s lines as they are (a list of problems) on stderr, exit code 2."""
     typer.echo(f"propscope: error: {message}", err=True)
     raise typer.Exit(EXIT_USAGE)
+
+
+# `propscope consistency` (_cli_consistency.py uses this module's options and failures).
+from propscope._cli_consistency import consistency  # noqa: E402
+
+app.command(short_help="MeGe and ReCo: how stable explainers' maps are across models.")(consistency)
