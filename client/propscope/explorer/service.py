@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import inspect
 import io
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-import numpy as np
 from PIL import Image
 
 from propscope._client import Client
@@ -249,19 +246,17 @@ class ExplorerService:
             raise JobFailed(
                 "FAILED_PRECONDITION", f"no images of class {target} to fit concepts on: {where}"
             )
-        fit = _sdk_method(self.client, "fit_concepts", "CRAFT concepts")
-        bank = fit(
+        bank = self.client.fit_concepts(
             [path.read_bytes() for path in images],
             model,
-            **_accepted(
-                fit,
-                target_class=target,
-                model_version=version,
-                rank=self.settings.concept_rank,
-                nb_design=self.settings.concept_design,
-                top_crops=self.settings.concept_crops,
-                seed=self.settings.seed,
-                on_progress=lambda update: job.progress(*_counts(update), "forward passes"),
+            target_class=target,
+            model_version=version,
+            rank=self.settings.concept_rank,
+            nb_design=self.settings.concept_design,
+            top_crops=self.settings.concept_crops,
+            seed=self.settings.seed,
+            on_progress=lambda update: job.progress(
+                update.passes_done, update.passes_total, "forward passes"
             ),
         )
         return _bank_dict(bank)
@@ -281,12 +276,9 @@ class ExplorerService:
     def _concept_map(self, job: Job, model: str, version: str, target: int, image_id: str) -> Any:
         upload = self._upload(image_id)
         bank = self._bank(model, version, target)
-        concept_maps = _sdk_method(self.client, "concept_maps", "CRAFT concept maps")
         job.progress(0, 0, "concept maps")
-        found = concept_maps(
-            upload.image,
-            bank["bank_id"],
-            **_accepted(concept_maps, model=model, model_version=version),
+        found = self.client.concept_maps(
+            upload.image, bank["bank_id"], model=model, model_version=version
         )
         rgb = rgb_of(upload.image)
         importance = {concept["index"]: concept["importance"] for concept in bank["concepts"]}
@@ -296,21 +288,20 @@ class ExplorerService:
                 {
                     "concept": int(one.concept),
                     "importance": importance.get(int(one.concept)),
-                    "overlay": heat_overlay(rgb, np.asarray(one.values)),
+                    "overlay": heat_overlay(rgb, one.values),
                 }
-                for one in _maps_of(found)
+                for one in found.maps
             ],
         }
 
     def _picture(self, job: Job, model: str, version: str, target: int, concept: int | None) -> Any:
-        visualize = _sdk_method(self.client, "visualize", "MACO pictures")
         objective: dict[str, Any] = {"class_index": target}
         if concept is not None:
             objective = {
                 "bank_id": self._bank(model, version, target)["bank_id"],
                 "concept": concept,
             }
-        picture = visualize(
+        picture = self.client.visualize(
             model,
             **objective,
             model_version=version,
@@ -429,37 +420,7 @@ def _picture_dict(picture: Any, target: int, concept: int | None, side: int) -> 
     }
 
 
-def _maps_of(found: Any) -> Sequence[Any]:
-    return found.maps if hasattr(found, "maps") else found
-
-
-def _counts(update: Any) -> tuple[int, int]:
-    """(done, total) of a progress update, whatever the SDK names them."""
-    for done, total in (("done", "total"), ("passes_done", "passes_total"), ("step", "steps")):
-        if hasattr(update, done) and hasattr(update, total):
-            return int(getattr(update, done)), int(getattr(update, total))
-    return 0, 0
-
-
 def _index(text: str, what: str) -> int:
     if not text.isdigit():
         raise JobFailed("INVALID_ARGUMENT", f"{what} must be an index, got {text!r}")
     return int(text)
-
-
-def _sdk_method(client: Client, name: str, what: str) -> Callable[..., Any]:
-    """``client.<name>``, or a refusal the page shows when this SDK does not have it yet."""
-    method = getattr(client, name, None)
-    if method is None:
-        raise JobFailed(
-            grpc.StatusCode.UNIMPLEMENTED.name,
-            f"{what}: this propscope SDK has no Client.{name} (install a propscope client "
-            "that serves issue 18's concepts and pictures)",
-        )
-    return method
-
-
-def _accepted(method: Callable[..., Any], **arguments: Any) -> dict[str, Any]:
-    """The keyword arguments ``method`` takes (the SDK's optional settings evolve)."""
-    parameters = inspect.signature(method).parameters
-    return {name: value for name, value in arguments.items() if name in parameters}

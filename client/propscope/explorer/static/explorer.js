@@ -202,15 +202,12 @@ function drawConcepts(bank, body) {
   );
   const list = element("div", { class: "concepts" });
   bank.concepts.forEach((concept, rank) => {
-    const pictureSlot = element("div", { class: "concept-picture panel-like", "data-state": "idle" }, [
-      element("div", { class: "panel-status" }),
-      element("div", { class: "panel-body" }, [
-        element("div", { class: "placeholder", style: "width:160px;height:160px" }),
-      ]),
+    // A placeholder until its picture comes; past the top `pictures`, a note instead.
+    const drawn = rank < state.settings.pictures;
+    const pictureSlot = element("div", { class: "concept-picture", "data-state": "idle" }, [
+      element("div", { class: "panel-status", text: drawn ? "" : `pictures are drawn for the top ${state.settings.pictures}` }),
+      element("div", { class: "panel-body" }, drawn ? [element("div", { class: "placeholder", style: "width:160px;height:160px" })] : []),
     ]);
-    if (rank >= state.settings.pictures) {
-      panelParts(pictureSlot).status.textContent = `pictures are drawn for the top ${state.settings.pictures}`;
-    }
     const crops = element("div", { class: "crops" }, concept.crops.map((crop) =>
       element("img", { class: "crop", src: crop.uri, alt: `crop of image ${crop.image}`, title: `image ${crop.image}, coefficient ${number(crop.coefficient)}` })));
     list.append(
