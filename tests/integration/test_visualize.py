@@ -14,6 +14,7 @@ from propscope import Client, PropscopeError
 from propscope.v1 import explain_pb2 as pb
 from propscope.v1 import visualization_pb2 as vpb
 from propscope.v1 import visualization_pb2_grpc
+from propscope_dev.validation import maco as maco_validation
 from tests.integration.conftest import inference_count
 
 SMALL = {"steps": 24, "crops": 8}
@@ -100,3 +101,33 @@ def test_the_sdk_refuses_two_objectives_before_sending(client: Client):
         client.visualize("synth_hue", class_index=0, layer="features.0", channel=1)
     with pytest.raises(PropscopeError):
         client.visualize("no_such_model", class_index=0, steps=1, crops=1)
+
+
+def test_a_channel_picture_raises_its_channel(client: Client):
+    found = client.visualize("synth_hue", layer="features.2", channel=5, seed=1, **SMALL)
+    assert found.objective_description == "channel features.2[5]"
+    assert found.objective > found.start_objective
+
+
+def test_an_unknown_concept_bank_is_not_found_naming_fit_concepts(stub):
+    error = refused(
+        stub,
+        vpb.VisualizeRequest(
+            model=pb.ModelRef(name="synth_hue"),
+            concept=vpb.ConceptObjective(bank_id="cb_" + "0" * 32, concept=0),
+        ),
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "FitConcepts" in error.details()
+
+
+def test_the_quick_validation_rows(live_stack):
+    """validate(quick=True) on the real stack: every row well formed, and the rows that
+    hold at 64 steps x 16 crops (docs/maco.md lists what does not)."""
+    rows = {row["criterion"]: row for row in maco_validation.validate(live_stack.gateway, True)}
+    assert all(
+        set(row) >= {"part", "criterion", "target", "measured", "met"} for row in rows.values()
+    )
+    for model in ("synth_unbiased", "synth_hue", "synth_patch"):
+        assert rows[f"{model} class 0 picture classified as its class"]["met"]
+    assert rows["synth_hue class-0 picture's mean hue in the model's class-0 hue range"]["met"]
