@@ -253,6 +253,9 @@ class TritonBackend:
             timeout = self._default_timeout_s
             if deadline is not None:
                 timeout = max(0.001, min(timeout, deadline - time.monotonic()))
+            # A request that waited on the lock finds the model another one loaded.
+            if await self._client.is_model_ready(name, client_timeout=timeout):
+                return
             logger.info("loading model %s on demand (setting load_on_demand)", name)
             try:
                 await self._client.load_model(name, client_timeout=timeout)
