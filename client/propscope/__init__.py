@@ -27,6 +27,14 @@ from propscope._attribution import (
     SobolOptions,
 )
 from propscope._client import Client, ExplainStream
+from propscope._concepts import (
+    Concept,
+    ConceptBank,
+    ConceptCrop,
+    ConceptMap,
+    ConceptMaps,
+    ConceptsProgress,
+)
 from propscope._consistency import (
     ConsistencyModel,
     ConsistencyProgress,
@@ -76,6 +84,12 @@ __all__ = [
     "AttributionProgress",
     "Box",
     "Client",
+    "Concept",
+    "ConceptBank",
+    "ConceptCrop",
+    "ConceptMap",
+    "ConceptMaps",
+    "ConceptsProgress",
     "ConsistencyModel",
     "ConsistencyProgress",
     "ConsistencyResult",

@@ -13,6 +13,7 @@ import grpc.aio
 
 from propscope._attribution import Attribution, Evaluation
 from propscope._client import ClientBase, Collector, known_event
+from propscope._concepts import ConceptBank, ConceptCalls, ConceptMaps
 from propscope._consistency import ConsistencyCalls, ConsistencyResult
 from propscope._errors import PropscopeError
 from propscope._events import Event, ModelInfo
@@ -69,6 +70,7 @@ class AsyncClient(
         Awaitable[GraphResult],
         Awaitable[Visualization],
     ],
+    ConceptCalls[Awaitable[ConceptBank], Awaitable[ConceptMaps]],
     ConsistencyCalls[Awaitable[ConsistencyResult]],
 ):
     """A connection to a propscope gateway for asyncio, with ``Client``'s arguments and calls

@@ -18,6 +18,7 @@ import grpc
 import numpy.typing as npt
 
 from propscope._attribution import Attribution, Evaluation
+from propscope._concepts import ConceptBank, ConceptCalls, ConceptMaps
 from propscope._consistency import ConsistencyCalls, ConsistencyResult
 from propscope._errors import PropscopeError
 from propscope._events import Event, ModelInfo, event_from_proto
@@ -575,6 +576,7 @@ class ExplainStream(Iterator[Event]):
 
 class Client(
     ClientBase[ExplainStream, Attribution, Evaluation, list[ModelInfo], GraphResult, Visualization],
+    ConceptCalls[ConceptBank, ConceptMaps],
     ConsistencyCalls[ConsistencyResult],
 ):
     """A blocking connection to a propscope gateway (arguments and calls: ``ClientBase``); use

@@ -1963,6 +1963,12 @@ def _fail_lines(message: str) -> NoReturn:
     raise typer.Exit(EXIT_USAGE)
 
 
+# `propscope concepts fit|show|map` (_cli_concepts.py uses this module's options and failures).
+from propscope._cli_concepts import concepts_app  # noqa: E402
+
+app.add_typer(concepts_app, name="concepts")
+
+
 # `propscope consistency` (_cli_consistency.py uses this module's options and failures).
 from propscope._cli_consistency import consistency  # noqa: E402
 

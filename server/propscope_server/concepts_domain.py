@@ -31,7 +31,7 @@ class ConceptsSpec:
     classifier: ClassifierRef  # target_class: the class (None: the majority prediction)
     layer: str = ""  # empty: the last declared layer
     rank: int = DEFAULT_RANK
-    patch_size: int = 0  # 0: a quarter of each image's shorter side
+    patch_size: int = 0  # 0: 0.3 of each image's shorter side
     nb_design: int = DEFAULT_NB_DESIGN
     seed: int = 0
     top_crops: int = DEFAULT_TOP_CROPS

@@ -85,7 +85,7 @@ def fit_spec(
     )
     if request.patch_size > MAX_PATCH_SIZE:
         raise InvalidArgument(
-            f"patch_size is {request.patch_size}; at most {MAX_PATCH_SIZE} (0: a quarter of "
+            f"patch_size is {request.patch_size}; at most {MAX_PATCH_SIZE} (0: 0.3 of "
             "each image's shorter side)",
             field="patch_size",
         )

@@ -412,7 +412,7 @@ class Craft:
             if patch > min(height, width):
                 raise InvalidArgument(
                     f"patch_size {patch} is larger than images[{i}] ({width} x {height}); give "
-                    f"at most {min(height, width)} or 0 for a quarter of the shorter side",
+                    f"at most {min(height, width)} or 0 for 0.3 of the shorter side",
                     field="patch_size",
                 )
             boxes.append(scoring.crop_boxes(height, width, patch))
@@ -698,8 +698,7 @@ class Craft:
             )
         pooled = scoring.pooled(crop_maps)
         crop_u, basis, error = await in_thread(scoring.fit_nmf, pooled, spec.rank, spec.seed)
-        importance = await self._importance(plan, basis, counter)
-        mean_u = crop_u.mean(axis=0)
+        importance, mean_u = await self._importance(plan, basis, counter)
         height, width = plan.image_maps[0].shape[1:]
         rows, _ = scoring.broadcast_concepts(mean_u, basis, height, width)
         share_scores = await self._h(
@@ -764,19 +763,22 @@ class Craft:
 
     async def _importance(
         self, plan: ConceptsPlan, basis: np.ndarray, counter: _Counter
-    ) -> np.ndarray:
-        """Total-order Sobol indices of the r coefficients, averaged over the images."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Total-order Sobol indices of the r coefficients averaged over the images, and
+        u_bar: the coefficients' mean over the images' positions (the logit shares')."""
         spec = plan.spec
         masks = scoring.importance_masks(spec.nb_design, spec.rank)
         total = np.zeros(spec.rank)
+        mean_u = np.zeros(spec.rank)
         for model_input, maps in zip(plan.image_inputs, plan.image_maps, strict=True):
             position_u = await in_thread(scoring.position_coefficients, maps, basis)
+            mean_u += position_u.mean(axis=(0, 1)) / len(plan.image_inputs)
             rows = await in_thread(scoring.reconstructed, position_u, basis, masks)
             scores = await self._h(
                 plan.classifier, model_input, plan.layer_index, rows, plan.target, None, counter
             )
             total += scoring.sobol_importance(scores, spec.nb_design, spec.rank)
-        return total / len(plan.image_inputs)
+        return total / len(plan.image_inputs), mean_u
 
     def _top_crops(
         self, plan: ConceptsPlan, crop_u: np.ndarray, pixels: list[np.ndarray], concept: int
