@@ -86,7 +86,7 @@ def fit(
         int, typer.Option(min=0, help="Sobol design size, a power of two (0: 32).")
     ] = 0,
     top_crops: Annotated[int, typer.Option(min=0, help="Crops shown per concept (0: 6).")] = 0,
-    seed: Annotated[int, typer.Option(min=0, help="Seeds NMF.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seeds NMF and the Sobol design.")] = 0,
     crops: CropsOption = None,
     target: cli.TargetOption = cli.DEFAULT_TARGET,
     progress: cli.ProgressOption = None,

@@ -462,7 +462,7 @@ class ConceptCalls(Generic[BankT, MapsT]):
     ) -> BankT:
         """CRAFT's recursive decomposition: concept ``concept`` of bank ``bank_id`` split into
         ``rank`` (0: 4) sub-concepts at an earlier ``layer`` (empty: the one before the bank's),
-        fitted on the bank's crops the concept dominates. ``images``: the bank's images again,
+        fitted on the bank's crops the concept marks most. ``images``: the bank's images again,
         in order (checked against its digest). Returns the child ``ConceptBank``."""
         self._check_open()  # type: ignore[attr-defined]
         request = build_decompose_request(

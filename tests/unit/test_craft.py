@@ -231,7 +231,7 @@ def test_concept_maps_give_each_concept_a_map_at_the_image_size():
     assert maps.maps[0].values.shape == (8, 8) and (maps.maps[0].grid >= 0).all()
 
 
-def test_a_concept_decomposes_at_the_earlier_layer_on_the_crops_it_dominates():
+def test_a_concept_decomposes_at_the_earlier_layer_on_the_crops_it_marks_most():
     events, fake, cache = run(spec(images=images(8)))
     bank = events[-1]
     concept = bank.concepts[0].index
@@ -273,3 +273,12 @@ def test_negative_activations_are_refused_naming_a_layer_that_works():
     with pytest.raises(FailedPrecondition, match="negative activations.*f1"):
         run(spec(layer="f0"), fake)
     assert fake.passes <= 4 + 1  # the images' g passes and one probe of f1
+
+
+@pytest.mark.parametrize(("rank", "nb_design"), [(10, 16), (10, 32), (5, 8)])
+def test_no_concept_is_left_out_of_the_sobol_design(rank, nb_design):
+    """Unscrambled, factor 8 of r = 10 at N = 16 has A == B: its index would be 0."""
+    masks = scoring.importance_masks(nb_design, rank, seed=0)
+    a, b = masks[:nb_design], masks[nb_design : 2 * nb_design]
+    assert (((a - b) ** 2).mean(axis=0) > 0.03).all()
+    assert np.array_equal(masks, scoring.importance_masks(nb_design, rank, seed=0))

@@ -473,7 +473,7 @@ class Craft:
 
     async def _decomposition(self, spec: DecomposeSpec, deadline: float | None) -> ConceptsSpec:
         """A DecomposeConcept request as a fit whose images are the parent's crops that
-        the concept dominates (each one crop), at an earlier layer."""
+        the concept marks most (each one crop), at an earlier layer."""
         stored = await load_bank(self._cache, spec.tenant, spec.bank_id)
         bank = stored.bank
         ref = spec.classifier or ClassifierRef(name=bank.model)
@@ -508,15 +508,17 @@ class Craft:
                 "(their digest differs); send the same images in the same order",
                 field="images",
             )
-        coefficients = stored.coefficients
-        mine = np.flatnonzero(coefficients.argmax(axis=1) == spec.concept)
-        mine = mine[np.argsort(-coefficients[mine, spec.concept], kind="stable")]
-        limit = self._settings.limits.max_concept_images
-        mine = mine[:limit]
+        # The concept's crops: the 1 / r of the bank's crops with its largest coefficients
+        # (at least 4 per sub-concept, at most max_concept_images), those it marks at all.
+        coefficients = stored.coefficients[:, spec.concept]
+        wanted = max(4 * spec.rank, -(-len(coefficients) // bank.rank))
+        wanted = min(wanted, self._settings.limits.max_concept_images)
+        mine = np.argsort(-coefficients, kind="stable")[:wanted]
+        mine = mine[coefficients[mine] > 0]
         if len(mine) < spec.rank:
             raise InvalidArgument(
                 f"rank {spec.rank} needs at least {spec.rank} crops; concept {spec.concept} "
-                f"dominates {len(mine)} crops of the bank; ask for a smaller rank",
+                f"marks {len(mine)} crops of the bank (coefficient > 0); ask for a smaller rank",
                 field="rank",
             )
         crops = []
@@ -767,7 +769,7 @@ class Craft:
         """Total-order Sobol indices of the r coefficients averaged over the images, and
         u_bar: the coefficients' mean over the images' positions (the logit shares')."""
         spec = plan.spec
-        masks = scoring.importance_masks(spec.nb_design, spec.rank)
+        masks = scoring.importance_masks(spec.nb_design, spec.rank, spec.seed)
         total = np.zeros(spec.rank)
         mean_u = np.zeros(spec.rank)
         for model_input, maps in zip(plan.image_inputs, plan.image_maps, strict=True):
