@@ -236,10 +236,15 @@ def test_a_concept_decomposes_at_the_earlier_layer_on_the_crops_it_marks_most():
     bank = events[-1]
     concept = bank.concepts[0].index
     decompose = DecomposeSpec("d", bank.bank_id, concept, images(8), None, rank=2, nb_design=8)
+    before = fake.passes
     child_events, _, _ = run(decompose, fake, cache=cache)
     child = child_events[-1]
     assert child.layer == "f0" and child.parent_bank_id == bank.bank_id
     assert child.parent_concept == concept and child.rank == 2
+    # The 1 / r of the 128 crops the concept marks most, each one image and one crop.
+    assert child.images == child.crops == 43  # ceil(128 / 3): 1 / r of the crops
+    assert child.g_passes == child.images and child.h_passes == child.images * 8 * 4 + 4
+    assert fake.passes - before == child.g_passes + child.h_passes
     assert all(crop.width == 2 for c in child.concepts for crop in c.top_crops)
     wrong = DecomposeSpec("d", bank.bank_id, concept, images(8, seed=9), None, rank=2)
     with pytest.raises(InvalidArgument, match="digest"):

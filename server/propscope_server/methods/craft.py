@@ -330,10 +330,8 @@ class Craft:
                 "stride 0.8 x patch): send more images, a smaller patch_size or a smaller rank",
                 field="rank",
             )
-        planned = (
-            len(crops)
-            + len(spec.images)
-            + scoring.importance_passes(len(spec.images), spec.nb_design, spec.rank)
+        planned = _g_passes(spec, len(crops)) + scoring.importance_passes(
+            len(spec.images), spec.nb_design, spec.rank
         )
         limit = self._settings.limits.max_concept_passes
         if planned > limit:
@@ -681,18 +679,21 @@ class Craft:
         spec = plan.spec
         classifier = plan.classifier
         crop_pixels = [_cut(spec.images[c.image], c.box) for c in plan.crops]
-        crop_inputs = tuple(
-            [
-                await in_thread(
-                    self._model_input, classifier, pixels, spec.images[c.image].shape[:2]
-                )
-                for c, pixels in zip(plan.crops, crop_pixels, strict=True)
-            ]
-        )
-        _, activations = await self._g(classifier, crop_inputs, plan.layer_index, None, counter)
-        crop_maps = np.stack(
-            self._maps(activations, plan.channels, classifier.model.name, plan.layer)
-        )
+        if spec.patch_size < 0:  # a decomposition: each image is its one crop, g ran on it
+            crop_maps = np.stack(plan.image_maps)
+        else:
+            crop_inputs = tuple(
+                [
+                    await in_thread(
+                        self._model_input, classifier, pixels, spec.images[c.image].shape[:2]
+                    )
+                    for c, pixels in zip(plan.crops, crop_pixels, strict=True)
+                ]
+            )
+            _, activations = await self._g(classifier, crop_inputs, plan.layer_index, None, counter)
+            crop_maps = np.stack(
+                self._maps(activations, plan.channels, classifier.model.name, plan.layer)
+            )
         worst = scoring.most_negative(crop_maps)
         if worst < -scoring.NEGATIVE_TOLERANCE:
             await self._refuse_negative(
@@ -732,7 +733,7 @@ class Craft:
         )
         digest = spec.digest or images_digest(spec.images)
         bank_id = _bank_id(plan, digest)
-        g_passes = len(plan.crops) + len(spec.images)
+        g_passes = _g_passes(spec, len(plan.crops))
         bank = ConceptBank(
             bank_id=bank_id,
             model=classifier.model.name,
@@ -857,6 +858,11 @@ def spec_origins(spec: ConceptsSpec, crops: tuple[Crop, ...]) -> tuple[Crop, ...
     if not spec.origins:
         return crops
     return tuple(Crop(spec.origins[c.image][0], tuple(spec.origins[c.image][1:])) for c in crops)
+
+
+def _g_passes(spec: ConceptsSpec, crops: int) -> int:
+    """One per image, one per crop (a decomposition's images are its crops: once)."""
+    return len(spec.images) + (crops if spec.patch_size >= 0 else 0)
 
 
 def _bank_id(plan: ConceptsPlan, digest: str) -> str:
