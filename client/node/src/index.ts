@@ -21,6 +21,22 @@ import {
   type Evaluation,
 } from "./attribution";
 import type { ProtoGrpcType as AttributionProtoGrpcType } from "./generated/attribution";
+import {
+  buildConceptMapsRequest,
+  buildDecomposeConceptRequest,
+  buildFitConceptsRequest,
+  buildGetConceptBankRequest,
+  gatherConcepts,
+  unary,
+  type BankOptions,
+  type ConceptBank,
+  type ConceptMaps,
+  type ConceptsProgress,
+  type ConceptsResult,
+  type DecomposeConceptOptions,
+  type FitConceptsOptions,
+} from "./concepts";
+import type { ProtoGrpcType as ConceptsProtoGrpcType } from "./generated/concepts";
 import type { ProtoGrpcType as GraphProtoGrpcType } from "./generated/graph";
 import type { GraphAccepted__Output } from "./generated/propscope/v1/GraphAccepted";
 import type { GraphDone__Output } from "./generated/propscope/v1/GraphDone";
@@ -35,6 +51,7 @@ import {
   type TaskGraph,
 } from "./graph";
 import { CONTRACT } from "./generated/contract";
+import type { ImageInput } from "./images";
 import type { ProtoGrpcType } from "./generated/explain";
 import type { AttributeAccepted__Output } from "./generated/propscope/v1/AttributeAccepted";
 import type { AttributeProgress__Output } from "./generated/propscope/v1/AttributeProgress";
@@ -48,6 +65,20 @@ import type { ModelInfo__Output } from "./generated/propscope/v1/ModelInfo";
 import type { Progress__Output } from "./generated/propscope/v1/Progress";
 import type { PropertyResult__Output } from "./generated/propscope/v1/PropertyResult";
 
+export {
+  buildConceptMapsRequest,
+  buildDecomposeConceptRequest,
+  buildFitConceptsRequest,
+  buildGetConceptBankRequest,
+  type BankOptions,
+  type ConceptBank,
+  type ConceptMaps,
+  type ConceptsAccepted,
+  type ConceptsProgress,
+  type ConceptsResult,
+  type DecomposeConceptOptions,
+  type FitConceptsOptions,
+} from "./concepts";
 export {
   METRICS,
   attributionFrom,
@@ -222,6 +253,28 @@ export interface PropscopeClient {
       onItem?: (item: { node: GraphNode } | { edge: GraphEdge }) => void;
     },
   ): Promise<GraphResult>;
+  /**
+   * CRAFT concepts of `options.model`'s class on the class's `options.images` (an open model);
+   * resolves with the plan and the stored ConceptBank (concepts ranked by Sobol importance).
+   * Errors as for attribute.
+   */
+  fitConcepts(
+    options: FitConceptsOptions,
+    callOptions?: CallOptions & { onProgress?: (progress: ConceptsProgress) => void },
+  ): Promise<ConceptsResult>;
+  /** A stored bank; with `model`, a bank of another version is refused ("stale bank"). */
+  conceptBank(bankId: string, options?: BankOptions & CallOptions): Promise<ConceptBank>;
+  /** `image`'s concept maps: each concept's coefficient per position, resized to the image. */
+  conceptMaps(
+    image: ImageInput,
+    bankId: string,
+    options?: BankOptions & CallOptions,
+  ): Promise<ConceptMaps>;
+  /** CRAFT's recursive decomposition of one concept at an earlier layer: a child bank. */
+  decomposeConcept(
+    options: DecomposeConceptOptions,
+    callOptions?: CallOptions & { onProgress?: (progress: ConceptsProgress) => void },
+  ): Promise<ConceptsResult>;
   /** The classifiers and editors the gateway's Triton server serves. */
   listModels(options?: CallOptions): Promise<ModelInfo[]>;
   /** Closes the channel; calls in flight are cancelled. */
@@ -242,6 +295,9 @@ export function createClient(target: string, options: ClientOptions = {}): Props
     channelOverride: stub.getChannel(),
   });
   const graphStub = new (services().graph)(target, credentials, {
+    channelOverride: stub.getChannel(),
+  });
+  const conceptsStub = new (services().concepts)(target, credentials, {
     channelOverride: stub.getChannel(),
   });
   const metadata = (): grpc.Metadata => {
@@ -355,6 +411,32 @@ export function createClient(target: string, options: ClientOptions = {}): Props
       const warnings = [...accepted.warnings, ...done.warnings];
       return { requestId, accepted, nodes, edges, taskGraph, repair, done, warnings };
     },
+    async fitConcepts(conceptOptions, { deadline, onProgress } = {}) {
+      const request = await buildFitConceptsRequest(conceptOptions);
+      const call = conceptsStub.FitConcepts(request, metadata(), { deadline });
+      const requestId = request.requestId ?? "";
+      return gatherConcepts(call, requestId, onProgress, asPropscopeError, incomplete);
+    },
+    async decomposeConcept(conceptOptions, { deadline, onProgress } = {}) {
+      const request = await buildDecomposeConceptRequest(conceptOptions);
+      const call = conceptsStub.DecomposeConcept(request, metadata(), { deadline });
+      const requestId = request.requestId ?? "";
+      return gatherConcepts(call, requestId, onProgress, asPropscopeError, incomplete);
+    },
+    async conceptBank(id, { deadline, ...bank } = {}) {
+      const request = buildGetConceptBankRequest(id, bank);
+      return unary<ConceptBank>(
+        (done) => conceptsStub.GetConceptBank(request, metadata(), { deadline }, done),
+        asPropscopeError,
+      );
+    },
+    async conceptMaps(image, id, { deadline, ...bank } = {}) {
+      const request = await buildConceptMapsRequest(image, id, bank);
+      return unary<ConceptMaps>(
+        (done) => conceptsStub.ConceptMaps(request, metadata(), { deadline }, done),
+        asPropscopeError,
+      );
+    },
     listModels({ deadline } = {}) {
       return new Promise((resolve, reject) => {
         stub.ListModels({}, metadata(), { deadline }, (error, response) => {
@@ -364,6 +446,7 @@ export function createClient(target: string, options: ClientOptions = {}): Props
       });
     },
     close() {
+      conceptsStub.close();
       graphStub.close();
       attributionStub.close();
       stub.close();
@@ -375,6 +458,7 @@ interface Services {
   explain: ProtoGrpcType["propscope"]["v1"]["ExplainService"];
   attribution: AttributionProtoGrpcType["propscope"]["v1"]["AttributionService"];
   graph: GraphProtoGrpcType["propscope"]["v1"]["CausalGraphService"];
+  concepts: ConceptsProtoGrpcType["propscope"]["v1"]["ConceptService"];
 }
 
 let loadedServices: Services | undefined;
@@ -385,11 +469,13 @@ function services(): Services {
     const definition = protoLoader.fromJSON(CONTRACT, LOADER_OPTIONS);
     const proto = grpc.loadPackageDefinition(definition) as unknown as ProtoGrpcType &
       AttributionProtoGrpcType &
-      GraphProtoGrpcType;
+      GraphProtoGrpcType &
+      ConceptsProtoGrpcType;
     loadedServices = {
       explain: proto.propscope.v1.ExplainService,
       attribution: proto.propscope.v1.AttributionService,
       graph: proto.propscope.v1.CausalGraphService,
+      concepts: proto.propscope.v1.ConceptService,
     };
   }
   return loadedServices;

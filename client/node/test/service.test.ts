@@ -199,3 +199,30 @@ test("attribute and evaluateAttribution against the live service", async () => {
   assert.equal(scored.results[0].metric, "deletion");
   assert.ok(Number.isFinite(scored.results[0].value));
 });
+
+test("fitConcepts, conceptBank and conceptMaps against the live service", async () => {
+  const deadline = Date.now() + TIMEOUT_MS;
+  const image = readFileSync(SAMPLE);
+  const found = await client.fitConcepts(
+    { images: [image, image], model: "synth_patch", targetClass: 0, rank: 3, nbDesign: 8 },
+    { deadline },
+  );
+  const bank = found.bank;
+  assert.match(bank.bankId, /^cb_[0-9a-f]{32}$/);
+  assert.equal(found.accepted.layer, "features.2");
+  assert.equal(bank.concepts.length, 3);
+  assert.equal(bank.basis.length, 3 * 64);
+  assert.equal(bank.hPasses, 2 * 8 * (3 + 2) + 3 + 2);
+  const again = await client.conceptBank(bank.bankId, { model: "synth_patch", deadline });
+  assert.deepEqual(
+    again.concepts.map((concept) => concept.index),
+    bank.concepts.map((concept) => concept.index),
+  );
+  const maps = await client.conceptMaps(image, bank.bankId, { deadline });
+  assert.equal(maps.maps.length, 3);
+  assert.equal(maps.maps[0].values.length, maps.height * maps.width);
+  await assert.rejects(
+    client.conceptBank(`cb_${"0".repeat(32)}`, { deadline }),
+    (error: unknown) => error instanceof PropscopeError && error.codeName === "NOT_FOUND",
+  );
+});
