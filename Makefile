@@ -146,6 +146,7 @@ validate: up
 	$(PY) bench/validate_honesty.py
 	$(PY) bench/validate_attribution.py
 	$(PY) bench/validate_causal_graph.py
+	$(PY) bench/validate_concepts.py
 
 # Retrain the synthetic classifiers (deterministic; the committed weights came from this).
 weights: setup fold-weights
