@@ -147,3 +147,17 @@ def test_the_quick_validation_runs_on_the_stack(live_stack):
         assert error["met"], error
     deletion = by_criterion["synth_patch: deletion curve in Sobol order below random orders"]
     assert deletion["met"], deletion
+
+
+def test_a_bank_of_an_older_version_is_stale(client: Client, squares):
+    """synth_patch_folds serves versions 1..4 (loaded when first named): a bank of version 1
+    is refused once the latest (4) is the one named, and shown for version 1."""
+    fitted = client.fit_concepts(
+        squares[:2], "synth_patch_folds", model_version="1", target_class=1, **SMALL
+    )
+    with pytest.raises(PropscopeError) as caught:
+        client.concept_bank(fitted.bank_id, model="synth_patch_folds")
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "stale bank (fitted on version 1" in caught.value.message
+    again = client.concept_bank(fitted.bank_id, model="synth_patch_folds", model_version="1")
+    assert again.bank_id == fitted.bank_id
