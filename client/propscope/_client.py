@@ -435,6 +435,7 @@ class ClientBase(Generic[ExplainT, AttributionT, EvaluationT, ModelsT, GraphT, V
         box_start: float | None = None,
         box_end: float | None = None,
         learning_rate: float | None = None,
+        placement: str = "",
         seed: int = 0,
         spectrum_images: Sequence[ImageLike] = (),
         size_px: int = 0,
@@ -453,7 +454,8 @@ class ClientBase(Generic[ExplainT, AttributionT, EvaluationT, ModelsT, GraphT, V
         the phase of the picture's Fourier transform is optimised (its magnitude is the mean
         spectrum of ``spectrum_images``, else a natural-image 1/f spectrum), over ``steps``
         steps of ``crops`` random crops each (box side from ``box_start`` to ``box_end``,
-        ``noise``), with Adam (``learning_rate``); the same ``seed`` gives the same picture.
+        ``noise``; ``placement`` "uniform" (default) or the paper's "centred"), with Nadam
+        (``learning_rate``); the same ``seed`` gives the same picture.
         0 and None: the server's defaults (the paper's: 256 steps, 32 crops, noise 0.08, box
         0.5 -> 0.05). ``size_px``: the picture's side (0: the model input's). ``on_progress``
         gets ``VisualizeProgress`` every few steps. Returns one ``Visualization``
@@ -474,6 +476,7 @@ class ClientBase(Generic[ExplainT, AttributionT, EvaluationT, ModelsT, GraphT, V
             box_start=box_start,
             box_end=box_end,
             learning_rate=learning_rate,
+            placement=placement,
             seed=seed,
             spectrum_images=spectrum_images,
             size_px=size_px,

@@ -63,6 +63,7 @@ class Visualization:
     box_start: float
     box_end: float
     learning_rate: float
+    placement: str
     size_px: int
     spectrum_source: str
     passes: int
@@ -110,6 +111,7 @@ class Visualization:
             "box_start": self.box_start,
             "box_end": self.box_end,
             "learning_rate": self.learning_rate,
+            "placement": self.placement,
             "size_px": self.size_px,
             "spectrum_source": self.spectrum_source,
             "passes": self.passes,
@@ -132,6 +134,7 @@ def build_visualize_request(
     box_start: float | None = None,
     box_end: float | None = None,
     learning_rate: float | None = None,
+    placement: str = "",
     seed: int = 0,
     spectrum_images: Sequence[ImageLike] = (),
     size_px: int = 0,
@@ -180,6 +183,7 @@ def build_visualize_request(
         crops=crops,
         seed=seed,
         size_px=size_px,
+        placement=placement,
         spectrum_images=[encode_image(image) for image in spectrum_images],
     )
     if class_index is not None:
@@ -260,6 +264,7 @@ class VisualizationCollector:
             box_start=accepted.box_start,
             box_end=accepted.box_end,
             learning_rate=accepted.learning_rate,
+            placement=accepted.placement,
             size_px=accepted.size_px,
             spectrum_source=accepted.spectrum_source,
             passes=done.passes,

@@ -87,6 +87,7 @@ def test_a_black_box_model_is_refused_naming_gradients(stub, triton):
         ({"class_index": 0, "crops": 100_000}, "crops"),
         ({"class_index": 0, "size_px": 4096}, "size_px"),
         ({"class_index": 0, "noise": 2.0}, "noise"),
+        ({"class_index": 0, "placement": "corner"}, "placement"),
         ({}, "objective"),
     ],
 )
@@ -128,6 +129,9 @@ def test_the_quick_validation_rows(live_stack):
     assert all(
         set(row) >= {"part", "criterion", "target", "measured", "met"} for row in rows.values()
     )
-    for model in ("synth_unbiased", "synth_hue", "synth_patch"):
-        assert rows[f"{model} class 0 picture classified as its class"]["met"]
+    reached = [(model, 0) for model in ("synth_unbiased", "synth_hue", "synth_patch")]
+    reached += [("synth_unbiased", 1), ("synth_hue", 1)]  # synth_patch's square: docs/maco.md
+    for model, class_index in reached:
+        name = f"{model} class {class_index} picture classified as its class"
+        assert rows[f"{name} (natural spectrum)"]["met"]
     assert rows["synth_hue class-0 picture's mean hue in the model's class-0 hue range"]["met"]

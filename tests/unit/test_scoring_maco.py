@@ -82,20 +82,57 @@ def test_images_spectrum_is_the_mean_magnitude_in_decorrelated_colours() -> None
     rng = np.random.default_rng(4)
     images = rng.integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
     spectrum = maco.images_spectrum(images)
-    values = images / 255.0
-    values = values - values.mean(axis=(1, 2), keepdims=True)
-    one = values[1] @ np.linalg.inv(maco.COLOR_CORRELATION)
+    decorrelated = (images / 255.0 - 0.5) @ np.linalg.inv(maco.COLOR_CORRELATION)
+    each = np.abs(np.fft.rfft2(decorrelated.transpose(0, 3, 1, 2), axes=(-2, -1)))
     assert spectrum.shape == (3, 8, 5)
-    first = np.abs(np.fft.rfft2(one[..., 2]))
-    assert np.all(spectrum[2] * 3 >= first - 1e-12)
+    np.testing.assert_allclose(spectrum, each.mean(axis=0))
 
 
-def test_adam_ascends_a_quadratic() -> None:
-    adam = maco.Adam(0.1)
+def test_images_spectrum_keeps_a_coloured_mean() -> None:
+    """A red square on grey: the colour channels' DC terms are not zero, so the picture
+    can keep a red mean instead of balancing red with cyan."""
+    image = np.full((1, 8, 8, 3), 128, dtype=np.uint8)
+    image[0, 2:6, 2:6] = (230, 30, 30)
+    spectrum = maco.images_spectrum(image)
+    assert spectrum[1, 0, 0] > 0.1 * spectrum[1].max()
+
+
+def test_nadam_ascends_a_quadratic() -> None:
+    nadam = maco.Nadam(0.1)
     x = np.array([3.0, -2.0])
     for _ in range(300):
-        x = adam.ascend(x, -2 * x)
+        x = nadam.ascend(x, -2 * x)
     np.testing.assert_allclose(x, 0.0, atol=0.05)
+
+
+def test_nadam_takes_torch_nadams_steps() -> None:
+    """The same trajectory as torch.optim.NAdam descending the negated objective."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    start = rng.normal(size=5)
+    target = rng.normal(size=5)
+    nadam = maco.Nadam(0.5)
+    ours = start.copy()
+    theirs = torch.tensor(start, requires_grad=True)
+    optimiser = torch.optim.NAdam([theirs], lr=0.5, eps=maco.ADAM_EPSILON)
+    for _ in range(20):
+        ours = nadam.ascend(ours, -2 * (ours - target) ** 3)
+        optimiser.zero_grad()
+        torch.sum((theirs - torch.tensor(target)) ** 4 / 2).backward()
+        optimiser.step()
+    np.testing.assert_allclose(ours, theirs.detach().numpy(), rtol=1e-6, atol=1e-9)
+
+
+def test_uniform_boxes_stay_inside_and_reach_every_corner() -> None:
+    rng = np.random.default_rng(0)
+    boxes = maco.sample_boxes(rng, 4000, 0.2, maco.PLACEMENT_UNIFORM)
+    tops, lefts, sides = boxes.T
+    assert np.all((tops >= 0) & (lefts >= 0) & (tops + sides <= 1) & (lefts + sides <= 1))
+    assert np.any((tops < 0.05) & (lefts < 0.05))
+    assert np.any(((tops + sides) > 0.95) & ((lefts + sides) > 0.95))
+    centred = maco.sample_boxes(rng, 4000, 0.2, maco.PLACEMENT_CENTRED)
+    centres = centred[:, :2] + centred[:, 2:] / 2
+    assert abs(float(np.std(centres)) - maco.CENTRE_STD) < 0.01
 
 
 def _target_loop(settings: maco.Settings, seed: int) -> tuple[maco.Optimisation, list[float]]:

@@ -54,6 +54,18 @@ def _learning_rate(request: vpb.VisualizeRequest) -> float:
     return float(value)
 
 
+def _placement(request: vpb.VisualizeRequest) -> str:
+    if not request.placement:
+        return maco.PLACEMENT_UNIFORM
+    if request.placement not in maco.PLACEMENTS:
+        raise InvalidArgument(
+            f"placement is {request.placement[:40]!r}; give one of "
+            f"{', '.join(maco.PLACEMENTS)} (empty for {maco.PLACEMENT_UNIFORM})",
+            field="placement",
+        )
+    return request.placement
+
+
 def _objective(request: vpb.VisualizeRequest) -> vd.Objective:
     kind = request.WhichOneof("objective")
     if kind == "class_index":
@@ -115,6 +127,7 @@ def visualize_spec(
         box_start=_optional(request, "box_start", maco.DEFAULT_BOX_START, maco.MIN_BOX, 1.0),
         box_end=_optional(request, "box_end", maco.DEFAULT_BOX_END, maco.MIN_BOX, 1.0),
         learning_rate=_learning_rate(request),
+        placement=_placement(request),
     )
     if request.size_px and not vd.MIN_SIDE_PX <= request.size_px <= limits.max_visualize_side_px:
         raise InvalidArgument(
@@ -161,6 +174,7 @@ def visualize_event(request_id: str, event: vd.VisualizeEvent) -> vpb.VisualizeE
                 noise=s.noise,
                 box_start=s.box_start,
                 box_end=s.box_end,
+                placement=s.placement,
                 learning_rate=s.learning_rate,
                 size_px=event.size_px,
                 spectrum_source=event.spectrum_source,

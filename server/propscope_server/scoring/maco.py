@@ -44,6 +44,10 @@ DEFAULT_LEARNING_RATE = 1.0
 CENTRE_STD = 0.15
 BOX_STD = 0.05
 MIN_BOX = 0.05
+# Where the crops sit (Settings.placement).
+PLACEMENT_UNIFORM = "uniform"
+PLACEMENT_CENTRED = "centred"
+PLACEMENTS = (PLACEMENT_UNIFORM, PLACEMENT_CENTRED)
 # Lucid's ImageNet colour correlation (decorrelated -> RGB, applied as pixels @ matrix).
 COLOR_CORRELATION = np.array(
     [
@@ -55,6 +59,10 @@ COLOR_CORRELATION = np.array(
 EPSILON = 1e-5  # in the standardisations, as Xplique
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPSILON = 1e-8
+# Noise is in units of Xplique's default values_range (-1, 1), the range its and the
+# paper's noise 0.08 is added in: half the [0, 255] span per unit.
+NOISE_SCALE = 127.5
+NADAM_MOMENTUM_DECAY = 0.004
 
 
 def spectrum_shape(height: int, width: int) -> tuple[int, int, int]:
@@ -74,9 +82,11 @@ def natural_spectrum(height: int, width: int) -> np.ndarray:
 
 def images_spectrum(images: np.ndarray) -> np.ndarray:
     """The mean magnitude [3, H, W // 2 + 1] of uint8 images [N, H, W, 3] (already at the
-    picture's size), in the decorrelated colour space the picture is drawn in."""
-    values = np.asarray(images, dtype=np.float64) / 255.0
-    values = values - values.mean(axis=(1, 2), keepdims=True)
+    picture's size), in the decorrelated colour space the picture is drawn in, measured
+    around mid-grey (the picture's zero): the DC terms keep the images' mean colour
+    (a red object on grey has a red mean, which a zero DC would have to cancel with
+    cyan elsewhere)."""
+    values = np.asarray(images, dtype=np.float64) / 255.0 - 0.5
     decorrelated = values @ np.linalg.inv(COLOR_CORRELATION)
     spectra = np.abs(np.fft.rfft2(decorrelated.transpose(0, 3, 1, 2), axes=(-2, -1)))
     return spectra.mean(axis=0)
@@ -155,81 +165,138 @@ def picture_adjoint(state: PictureState, gradient: np.ndarray) -> np.ndarray:
     return _standardise_adjoint(phase_gradient, state.phase, state.phase_mean, state.phase_std)
 
 
+@dataclass(frozen=True)
+class Taps:
+    """Bilinear resampling along one axis, per crop: output j of crop k is
+    (1 - weight) * source[low] + weight * source[high] (each [K, out])."""
+
+    low: np.ndarray
+    high: np.ndarray
+    weight: np.ndarray
+
+    @staticmethod
+    def of(starts: np.ndarray, sizes: np.ndarray, out: int, length: int) -> Taps:
+        """Samples at start + (j + 0.5) * size / out - 0.5 (half-pixel centres, in source
+        pixels), edges clamped. `starts` and `sizes` in source pixels."""
+        positions = starts[:, None] + (np.arange(out)[None, :] + 0.5) * sizes[:, None] / out - 0.5
+        positions = np.clip(positions, 0.0, length - 1.0)
+        low = np.floor(positions).astype(np.int64)
+        high = np.minimum(low + 1, length - 1)
+        return Taps(low, high, positions - low)
+
+    def matrices(self, length: int) -> np.ndarray:
+        """The same resampling as dense matrices [K, out, length]."""
+        count, out = self.low.shape
+        matrices = np.zeros((count, out, length))
+        crop, row = np.meshgrid(np.arange(count), np.arange(out), indexing="ij")
+        np.add.at(matrices, (crop, row, self.low), 1.0 - self.weight)
+        np.add.at(matrices, (crop, row, self.high), self.weight)
+        return matrices
+
+
 def interpolation_matrices(
     starts: np.ndarray, sizes: np.ndarray, out: int, length: int
 ) -> np.ndarray:
-    """Bilinear resampling matrices [K, out, length]: row j of crop k samples the source
-    at start + (j + 0.5) * size / out - 0.5 (half-pixel centres, in source pixels),
-    edges clamped. `starts` and `sizes` in source pixels."""
-    positions = starts[:, None] + (np.arange(out)[None, :] + 0.5) * sizes[:, None] / out - 0.5
-    positions = np.clip(positions, 0.0, length - 1.0)
-    low = np.floor(positions).astype(np.int64)
-    high = np.minimum(low + 1, length - 1)
-    weight = positions - low
-    matrices = np.zeros((len(starts), out, length))
-    crop, row = np.meshgrid(np.arange(len(starts)), np.arange(out), indexing="ij")
-    np.add.at(matrices, (crop, row, low), 1.0 - weight)
-    np.add.at(matrices, (crop, row, high), weight)
-    return matrices
+    """Bilinear resampling matrices [K, out, length] (Taps.of as matrices)."""
+    return Taps.of(starts, sizes, out, length).matrices(length)
 
 
-def sample_boxes(rng: np.random.Generator, count: int, box_size: float) -> np.ndarray:
-    """[count, 3] square boxes (top, left, side) as fractions of the picture: centre
-    0.5 + N(0, 0.15), side N(box_size, 0.05) clipped to [0.05, 1], as Xplique."""
-    centres = 0.5 + rng.normal(0.0, CENTRE_STD, size=(count, 2))
+def sample_boxes(
+    rng: np.random.Generator, count: int, box_size: float, placement: str = PLACEMENT_UNIFORM
+) -> np.ndarray:
+    """[count, 3] square boxes (top, left, side) as fractions of the picture, side
+    N(box_size, 0.05) clipped to [0.05, 1]. Placement "centred" draws the centre as
+    0.5 + N(0, 0.15) (Xplique, Horama); "uniform" draws it uniformly among the
+    positions that keep the box inside the picture, so every part of it is cropped."""
     sides = np.clip(rng.normal(box_size, BOX_STD, size=count), MIN_BOX, 1.0)
-    return np.column_stack([centres - sides[:, None] / 2.0, sides])
+    if placement == PLACEMENT_CENTRED:
+        centres = 0.5 + rng.normal(0.0, CENTRE_STD, size=(count, 2))
+        return np.column_stack([centres - sides[:, None] / 2.0, sides])
+    corners = rng.random(size=(count, 2)) * (1.0 - sides[:, None])
+    return np.column_stack([corners, sides])
 
 
 @dataclass(frozen=True)
 class Crops:
-    """One step's crops: the matrices that cut and resize them."""
+    """One step's crops: the taps that cut and resize them (two per output pixel and
+    axis, so gathers instead of dense matrix products)."""
 
-    rows: np.ndarray  # [K, h, H]
-    columns: np.ndarray  # [K, w, W]
+    rows: Taps  # into the picture's H
+    columns: Taps  # into the picture's W
+    height: int
+    width: int
 
     @staticmethod
     def of(boxes: np.ndarray, picture_size: tuple[int, int], out: tuple[int, int]) -> Crops:
         height, width = picture_size
-        rows = interpolation_matrices(boxes[:, 0] * height, boxes[:, 2] * height, out[0], height)
-        columns = interpolation_matrices(boxes[:, 1] * width, boxes[:, 2] * width, out[1], width)
-        return Crops(rows, columns)
+        rows = Taps.of(boxes[:, 0] * height, boxes[:, 2] * height, out[0], height)
+        columns = Taps.of(boxes[:, 1] * width, boxes[:, 2] * width, out[1], width)
+        return Crops(rows, columns, height, width)
 
     def cut(self, image: np.ndarray) -> np.ndarray:
-        """[H, W, 3] -> [K, h, w, 3]: R_k x C_k^T per colour, as batched matrix products."""
-        count, out_h, height = self.rows.shape
-        out_w, width = self.columns.shape[1:]
-        rows_done = self.rows @ image.reshape(height, width * 3)  # [K, h, W * 3]
-        rows_done = rows_done.reshape(count, out_h, width, 3).transpose(0, 2, 1, 3)
-        cut = self.columns @ rows_done.reshape(count, width, out_h * 3)  # [K, w, h * 3]
-        return cut.reshape(count, out_w, out_h, 3).transpose(0, 2, 1, 3)
+        """[H, W, 3] -> [K, h, w, 3] in the image's float type: rows first, then columns."""
+        image = np.asarray(image)
+        r, c = self.rows, self.columns
+        weight = r.weight[:, :, None, None].astype(image.dtype)
+        by_row = image[r.low] * (1.0 - weight) + image[r.high] * weight  # [K, h, W, 3]
+        low = np.take_along_axis(by_row, c.low[:, None, :, None], axis=2)
+        high = np.take_along_axis(by_row, c.high[:, None, :, None], axis=2)
+        weight = c.weight[:, None, :, None].astype(image.dtype)
+        return low * (1.0 - weight) + high * weight
 
     def adjoint(self, gradient: np.ndarray) -> np.ndarray:
-        """[K, h, w, 3] -> [H, W, 3]: the sum over crops of R_k^T g_k C_k."""
-        count, out_h, height = self.rows.shape
-        out_w, width = self.columns.shape[1:]
-        by_column = gradient.transpose(0, 1, 3, 2) @ self.columns[:, None]  # [K, h, 3, W]
-        stacked_rows = self.rows.reshape(count * out_h, height).T  # [H, K * h]
-        image = stacked_rows @ by_column.reshape(count * out_h, 3 * width)  # [H, 3 * W]
-        return image.reshape(height, 3, width).transpose(0, 2, 1)
+        """[K, h, w, 3] -> [H, W, 3]: the transpose of `cut`, the taps' weights scattered
+        back (bincount over flat indices)."""
+        gradient = np.asarray(gradient, dtype=np.float64)
+        count, out_h, out_w, _ = gradient.shape
+        r, c = self.rows, self.columns
+        # Columns: [K, h, w, 3] -> [K * h, W, 3].
+        lines = (np.arange(count)[:, None] * out_h + np.arange(out_h)[None, :])[:, :, None]
+        by_column = np.empty((count * out_h * self.width, 3))
+        weight = c.weight[:, None, :]
+        for colour in range(3):
+            g = gradient[..., colour]
+            by_column[:, colour] = np.bincount(
+                (lines * self.width + c.low[:, None, :]).ravel(),
+                (g * (1.0 - weight)).ravel(),
+                minlength=count * out_h * self.width,
+            ) + np.bincount(
+                (lines * self.width + c.high[:, None, :]).ravel(),
+                (g * weight).ravel(),
+                minlength=count * out_h * self.width,
+            )
+        by_column = by_column.reshape(count * out_h, self.width * 3)
+        # Rows: a sparse [H, K * h] matrix (two taps per line) times the lines.
+        weights = np.zeros((self.height, count * out_h))
+        line = np.arange(count * out_h)
+        np.add.at(weights, (r.low.ravel(), line), 1.0 - r.weight.ravel())
+        np.add.at(weights, (r.high.ravel(), line), r.weight.ravel())
+        return (weights @ by_column).reshape(self.height, self.width, 3)
 
 
 def noise(rng: np.random.Generator, shape: tuple[int, ...], intensity: float) -> np.ndarray:
-    """N(0, intensity) + U(-intensity / 2, intensity / 2) in units of the [0, 1] range,
-    returned in RGB values (* 255); float32, drawn as such (half the time of float64)."""
+    """N(0, intensity) + U(-intensity / 2, intensity / 2) in units of a (-1, 1) value
+    range (Xplique's default, where the paper's 0.08 applies), returned in RGB values
+    (* 127.5); float32, drawn as such (half the time of float64)."""
     gaussian = rng.standard_normal(size=shape, dtype=np.float32)
     uniform = rng.random(size=shape, dtype=np.float32) - np.float32(0.5)
-    return np.float32(255.0 * intensity) * (gaussian + uniform)
+    return np.float32(NOISE_SCALE * intensity) * (gaussian + uniform)
 
 
 @dataclass
-class Adam:
-    """Adam (Kingma and Ba 2015) ascending the objective."""
+class Nadam:
+    """Nadam (Dozat 2016: Adam with Nesterov momentum and its momentum schedule),
+    ascending the objective; the optimiser of Xplique's and Horama's MACO, with the
+    update of torch.optim.NAdam and Keras' Nadam."""
 
     learning_rate: float
     first: np.ndarray | None = None
     second: np.ndarray | None = None
     steps: int = 0
+    momentum_product: float = 1.0
+
+    def _momentum(self, step: int) -> float:
+        return ADAM_BETAS[0] * (1.0 - 0.5 * 0.96 ** (step * NADAM_MOMENTUM_DECAY))
 
     def ascend(self, parameters: np.ndarray, gradient: np.ndarray) -> np.ndarray:
         beta1, beta2 = ADAM_BETAS
@@ -237,11 +304,15 @@ class Adam:
             self.first = np.zeros_like(gradient)
             self.second = np.zeros_like(gradient)
         self.steps += 1
+        momentum = self._momentum(self.steps)
+        next_momentum = self._momentum(self.steps + 1)
+        self.momentum_product *= momentum
         self.first = beta1 * self.first + (1.0 - beta1) * gradient
         self.second = beta2 * self.second + (1.0 - beta2) * gradient**2
-        first = self.first / (1.0 - beta1**self.steps)
-        second = self.second / (1.0 - beta2**self.steps)
-        return parameters + self.learning_rate * first / (np.sqrt(second) + ADAM_EPSILON)
+        denominator = np.sqrt(self.second / (1.0 - beta2**self.steps)) + ADAM_EPSILON
+        now = (1.0 - momentum) / (1.0 - self.momentum_product) * gradient
+        ahead = next_momentum / (1.0 - self.momentum_product * next_momentum) * self.first
+        return parameters + self.learning_rate * (now + ahead) / denominator
 
 
 @dataclass(frozen=True)
@@ -252,6 +323,7 @@ class Settings:
     box_start: float = DEFAULT_BOX_START
     box_end: float = DEFAULT_BOX_END
     learning_rate: float = DEFAULT_LEARNING_RATE
+    placement: str = PLACEMENT_UNIFORM
 
 
 @dataclass
@@ -269,7 +341,7 @@ class Optimisation:
     transparency: np.ndarray = field(init=False)
     step: int = field(init=False, default=0)
     _rng: np.random.Generator = field(init=False)
-    _adam: Adam = field(init=False)
+    _adam: Nadam = field(init=False)
     _pending: tuple[PictureState, Crops] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -277,7 +349,7 @@ class Optimisation:
         self.phase = self._rng.normal(0.0, 1.0, size=self.magnitude.shape)
         height = self.magnitude.shape[-2]
         self.transparency = np.zeros((height, picture_width(self.magnitude), 3))
-        self._adam = Adam(self.settings.learning_rate)
+        self._adam = Nadam(self.settings.learning_rate)
 
     @property
     def box_sizes(self) -> np.ndarray:
@@ -287,9 +359,14 @@ class Optimisation:
         """This step's crops [K, h, w, 3] as RGB values (may leave [0, 255] by the noise;
         the model's preprocessing clips or rounds them)."""
         image, state = picture(self.magnitude, self.phase)
-        boxes = sample_boxes(self._rng, self.settings.crops, float(self.box_sizes[self.step]))
+        boxes = sample_boxes(
+            self._rng,
+            self.settings.crops,
+            float(self.box_sizes[self.step]),
+            self.settings.placement,
+        )
         crops = Crops.of(boxes, image.shape[:2], self.input_size)
-        cut = crops.cut(image)
+        cut = crops.cut(image.astype(np.float32))
         self._pending = (state, crops)
         return cut + noise(self._rng, cut.shape, self.settings.noise)
 

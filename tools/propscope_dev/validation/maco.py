@@ -30,6 +30,14 @@ MODELS = {"synth_unbiased": "none", "synth_hue": "hue", "synth_patch": "patch"}
 REAL_SEED = 70_000
 REAL_IMAGES = 400
 QUICK = {"steps": 64, "crops": 16}
+# The gating configuration: the picture is the model's own view (its side is the input's),
+# so the box schedule starts at the whole picture, the view the criteria judge; the
+# paper's 0.5 -> 0.05 is of a 512 picture for a 224 input (docs/maco.md). The shipped
+# natural spectrum gates; the class's own renders as the spectrum are recorded beside it.
+GATING = {"box_start": 1.0}
+GATING_SPECTRUM = "natural"
+SPECTRUM_IMAGES = 16  # per class
+SPECTRUM_SEED = 71_000
 MIN_PROBABILITY = 0.9
 LOGIT_PERCENTILE = 95.0
 MIN_PATCH_MASS = 0.4
@@ -86,55 +94,80 @@ def row(criterion: str, target: str, measured: str, met: bool, **extra: object) 
     }
 
 
-def validate(address: str, quick: bool = False) -> list[dict]:
-    settings = QUICK if quick else {}
+def _class_rows(
+    client: propscope.Client, settings: dict, spectrum: str
+) -> tuple[list[dict], dict[tuple[str, int], propscope.Visualization]]:
+    """Each model's two class pictures with `settings`, the magnitude from the shipped
+    natural spectrum ("natural") or from the class's own renders ("class renders")."""
     rows: list[dict] = []
     pictures: dict[tuple[str, int], propscope.Visualization] = {}
+    informational = spectrum != GATING_SPECTRUM
+    for model in MODELS:
+        logits, labels = real_logits(model)
+        renders, render_labels, _ = make_split(MODELS[model], 2 * SPECTRUM_IMAGES, SPECTRUM_SEED)
+        for class_index in (0, 1):
+            own = list(renders[render_labels == class_index]) if informational else []
+            found = client.visualize(
+                model, class_index=class_index, seed=0, spectrum_images=own, **settings
+            )
+            pictures[model, class_index] = found
+            p = found.probability(class_index)
+            threshold = float(
+                np.percentile(logits[labels == class_index, class_index], LOGIT_PERCENTILE)
+            )
+            where = f" ({spectrum} spectrum)"
+            rows.append(
+                row(
+                    f"{model} class {class_index} picture classified as its class{where}",
+                    f"p >= {MIN_PROBABILITY}",
+                    f"p = {p:.4f}",
+                    p >= MIN_PROBABILITY,
+                    informational=informational,
+                )
+            )
+            rows.append(
+                row(
+                    f"{model} class {class_index} picture's logit above real images' "
+                    f"{LOGIT_PERCENTILE:g}th percentile{where}",
+                    f"> {threshold:.3f}",
+                    f"{found.objective:.3f}",
+                    found.objective > threshold,
+                    informational=informational,
+                )
+            )
+    return rows, pictures
+
+
+def validate(address: str, quick: bool = False) -> list[dict]:
+    settings = {**(QUICK if quick else {}), **GATING}
     with propscope.Client(address) as client:
-        for model in MODELS:
-            logits, labels = real_logits(model)
-            for class_index in (0, 1):
-                found = client.visualize(model, class_index=class_index, seed=0, **settings)
-                pictures[model, class_index] = found
-                p = found.probability(class_index)
-                threshold = float(
-                    np.percentile(logits[labels == class_index, class_index], LOGIT_PERCENTILE)
-                )
-                rows.append(
-                    row(
-                        f"{model} class {class_index} picture classified as its class",
-                        f"p >= {MIN_PROBABILITY}",
-                        f"p = {p:.4f}",
-                        p >= MIN_PROBABILITY,
-                    )
-                )
-                rows.append(
-                    row(
-                        f"{model} class {class_index} picture's logit above real images' "
-                        f"{LOGIT_PERCENTILE:g}th percentile",
-                        f"> {threshold:.3f}",
-                        f"{found.objective:.3f}",
-                        found.objective > threshold,
-                    )
-                )
+        rows, pictures = _class_rows(client, settings, GATING_SPECTRUM)
+        own_rows, own_pictures = _class_rows(client, settings, "class renders")
+        centred = client.visualize(
+            "synth_patch", class_index=1, seed=0, placement="centred", **settings
+        )
+    rows += own_rows
     hue = mean_hue(np.asarray(pictures["synth_hue", 0].picture))
     low, high = BIASED_HUES[0]
     rows.append(
         row(
             "synth_hue class-0 picture's mean hue in the model's class-0 hue range",
             f"[{low:g}, {high:g}] degrees",
-            f"{hue:.1f} degrees",
+            f"{hue:.1f} degrees (class renders' spectrum: "
+            f"{mean_hue(np.asarray(own_pictures['synth_hue', 0].picture)):.1f})",
             low <= hue <= high,
         )
     )
-    mass = patch_mass(pictures["synth_patch", 1].alpha)
     x, y, side = PATCH_BOX
     uniform = side * side / 64.0**2
+    mass = patch_mass(pictures["synth_patch", 1].alpha)
     rows.append(
         row(
             "synth_patch class-1 transparency mass on the patch region",
             f">= {MIN_PATCH_MASS:.0%} (uniform: {uniform:.1%})",
-            f"{mass:.1%}",
+            f"{mass:.1%} (class renders' spectrum: "
+            f"{patch_mass(own_pictures['synth_patch', 1].alpha):.1%}; the paper's centred "
+            f"crops: {patch_mass(centred.alpha):.1%})",
             mass >= MIN_PATCH_MASS,
         )
     )
