@@ -229,7 +229,9 @@ class ConceptsCollector:
         self._on_progress = on_progress
         self._bank: ConceptBank | None = None
 
-    def add(self, message: concepts_pb2.FitConceptsEvent) -> None:
+    def add(
+        self, message: concepts_pb2.FitConceptsEvent | concepts_pb2.DecomposeConceptEvent
+    ) -> None:
         self._request_id = message.request_id or self._request_id
         kind = message.WhichOneof("event")
         if kind == "progress" and self._on_progress is not None:

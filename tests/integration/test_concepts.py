@@ -71,6 +71,21 @@ def test_the_stored_bank_is_shown_again_and_maps_an_image(client: Client, bank, 
     assert all((m.grid >= 0).all() for m in maps.maps)
 
 
+def test_a_concept_decomposes_at_the_layer_before(client: Client, bank, squares):
+    fitted, _ = bank
+    concept = fitted.concepts[0].index
+    child = client.decompose_concept(fitted.bank_id, concept, squares, rank=2, nb_design=8)
+    assert child.layer == "features.1" and child.channels == 32 and child.rank == 2
+    assert (child.parent_bank_id, child.parent_concept) == (fitted.bank_id, concept)
+    assert child.images == child.crops == child.g_passes == 6 * 16 // 6  # 1 / r of the crops
+    assert all(crop.width == 19 for c in child.concepts for crop in c.top_crops)
+    with pytest.raises(PropscopeError) as caught:
+        client.decompose_concept(fitted.bank_id, concept, squares[::-1], rank=2)
+    assert (
+        caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "digest" in caught.value.message
+    )
+
+
 def test_the_cli_shows_a_stored_bank_and_writes_its_crops(live_stack, bank, tmp_path):
     fitted, _ = bank
     shown = subprocess.run(

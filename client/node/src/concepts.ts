@@ -13,6 +13,7 @@ import type { ConceptMapsRequest } from "./generated/propscope/v1/ConceptMapsReq
 import type { ConceptMapsResponse__Output } from "./generated/propscope/v1/ConceptMapsResponse";
 import type { ConceptsAccepted__Output } from "./generated/propscope/v1/ConceptsAccepted";
 import type { ConceptsProgress__Output } from "./generated/propscope/v1/ConceptsProgress";
+import type { DecomposeConceptEvent__Output } from "./generated/propscope/v1/DecomposeConceptEvent";
 import type { DecomposeConceptRequest } from "./generated/propscope/v1/DecomposeConceptRequest";
 import type { FitConceptsEvent__Output } from "./generated/propscope/v1/FitConceptsEvent";
 import type { FitConceptsRequest } from "./generated/propscope/v1/FitConceptsRequest";
@@ -166,7 +167,9 @@ export async function buildConceptMapsRequest(
 /** Gathers a FitConcepts / DecomposeConcept stream; `incomplete` makes the error of a stream
  * that ended without its plan or bank. */
 export async function gatherConcepts(
-  call: AsyncIterable<FitConceptsEvent__Output> & { cancel(): void },
+  call: AsyncIterable<FitConceptsEvent__Output | DecomposeConceptEvent__Output> & {
+    cancel(): void;
+  },
   requestId: string,
   onProgress: ((progress: ConceptsProgress) => void) | undefined,
   asError: (error: unknown) => unknown,

@@ -189,8 +189,13 @@ def bank_message(bank: cd.ConceptBank) -> cpb.ConceptBank:
     )
 
 
-def fit_event(request_id: str, event: cd.ConceptsEvent) -> cpb.FitConceptsEvent:
-    message = cpb.FitConceptsEvent(request_id=request_id)
+def fit_event(
+    request_id: str,
+    event: cd.ConceptsEvent,
+    kind: type[cpb.FitConceptsEvent | cpb.DecomposeConceptEvent] = cpb.FitConceptsEvent,
+) -> cpb.FitConceptsEvent | cpb.DecomposeConceptEvent:
+    """The stream message of `event`: FitConceptsEvent, or DecomposeConceptEvent (`kind`)."""
+    message = kind(request_id=request_id)
     if isinstance(event, cd.ConceptsAccepted):
         message.accepted.CopyFrom(cpb.ConceptsAccepted(**vars(event)))
     elif isinstance(event, cd.ConceptsProgress):

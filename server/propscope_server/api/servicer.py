@@ -375,10 +375,15 @@ class ConceptServicer(concepts_pb2_grpc.ConceptServiceServicer):
         self._streams = streams
 
     async def _fit_stream(
-        self, rpc: str, request: PendingRequest, context: grpc.aio.ServicerContext, to_spec: Any
+        self,
+        rpc: str,
+        request: PendingRequest,
+        context: grpc.aio.ServicerContext,
+        to_spec: Any,
+        kind: type[cpb.FitConceptsEvent | cpb.DecomposeConceptEvent],
     ) -> None:
-        async def to_message(spec: Any, event: object) -> cpb.FitConceptsEvent:
-            return await in_thread(convert_concepts.fit_event, spec.request_id, event)
+        async def to_message(spec: Any, event: object) -> Any:
+            return await in_thread(convert_concepts.fit_event, spec.request_id, event, kind)
 
         await self._streams.stream(
             rpc,
@@ -393,13 +398,19 @@ class ConceptServicer(concepts_pb2_grpc.ConceptServiceServicer):
     async def FitConcepts(  # noqa: N802 - gRPC method name
         self, request: PendingRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        await self._fit_stream("FitConcepts", request, context, convert_concepts.fit_spec)
+        await self._fit_stream(
+            "FitConcepts", request, context, convert_concepts.fit_spec, cpb.FitConceptsEvent
+        )
 
     async def DecomposeConcept(  # noqa: N802 - gRPC method name
         self, request: PendingRequest, context: grpc.aio.ServicerContext
     ) -> None:
         await self._fit_stream(
-            "DecomposeConcept", request, context, convert_concepts.decompose_spec
+            "DecomposeConcept",
+            request,
+            context,
+            convert_concepts.decompose_spec,
+            cpb.DecomposeConceptEvent,
         )
 
     async def GetConceptBank(  # noqa: N802 - gRPC method name
