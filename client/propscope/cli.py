@@ -1519,8 +1519,17 @@ def visualize(
         float | None, typer.Option(min=0.0, max=1.0, help="Crop noise (default 0.08).")
     ] = None,
     learning_rate: Annotated[
-        float | None, typer.Option(min=0.0, help="Adam's learning rate (default 1.0).")
+        float | None, typer.Option(min=0.0, help="Nadam's learning rate (default 1.0).")
     ] = None,
+    box_start: Annotated[
+        float | None, typer.Option(min=0.05, max=1.0, help="First crops' side (default 0.5).")
+    ] = None,
+    box_end: Annotated[
+        float | None, typer.Option(min=0.05, max=1.0, help="Last crops' side (default 0.05).")
+    ] = None,
+    placement: Annotated[
+        str, typer.Option(help="Crops 'uniform' over the picture (default) or 'centred'.")
+    ] = "",
     size: Annotated[
         int, typer.Option(min=0, help="The picture's side in pixels (0: the model input's).")
     ] = 0,
@@ -1580,6 +1589,9 @@ def visualize(
                     crops=crops,
                     noise=noise,
                     learning_rate=learning_rate,
+                    box_start=box_start,
+                    box_end=box_end,
+                    placement=placement,
                     size_px=size,
                     spectrum_images=images,
                     seed=seed,

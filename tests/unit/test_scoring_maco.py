@@ -173,3 +173,19 @@ def test_update_needs_a_proposal() -> None:
     loop = maco.Optimisation(maco.natural_spectrum(8, 8), (8, 8), maco.Settings(steps=2), 0)
     with pytest.raises(RuntimeError):
         loop.update(np.zeros((32, 8, 8, 3)))
+
+
+def test_preparing_the_next_step_early_changes_nothing() -> None:
+    """prepare() between propose() and update() (what the gateway does while the model
+    works) draws the same boxes and noise as drawing them in propose()."""
+    settings = maco.Settings(steps=6, crops=3)
+    weights = np.ones((8, 8, 3))
+    early = maco.Optimisation(maco.natural_spectrum(16, 16), (8, 8), settings, 5)
+    late = maco.Optimisation(maco.natural_spectrum(16, 16), (8, 8), settings, 5)
+    for _ in range(settings.steps):
+        crops = early.propose()
+        early.prepare()
+        early.update(np.broadcast_to(weights, crops.shape))
+        np.testing.assert_array_equal(late.propose(), crops)
+        late.update(np.broadcast_to(weights, crops.shape))
+    np.testing.assert_array_equal(early.picture(), late.picture())

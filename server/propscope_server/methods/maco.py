@@ -9,6 +9,7 @@ W row). Everything that can be refused is refused in plan(), before any pass."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -314,7 +315,10 @@ class Maco:
         passes += 1
         for step in range(settings.steps):
             crops = await in_thread(loop.propose)
-            gradients, values = await self._gradients(plan, crops)
+            # The next step's boxes and noise are drawn while the model works.
+            (gradients, values), _ = await asyncio.gather(
+                self._gradients(plan, crops), in_thread(loop.prepare)
+            )
             passes += len(crops)
             await in_thread(loop.update, gradients)
             if (step + 1) % PROGRESS_EVERY == 0 or step + 1 == settings.steps:

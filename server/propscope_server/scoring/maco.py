@@ -225,13 +225,18 @@ class Crops:
     columns: Taps  # into the picture's W
     height: int
     width: int
+    row_scatter: np.ndarray  # [H, K * h]: the rows' taps as a matrix, for the adjoint
 
     @staticmethod
     def of(boxes: np.ndarray, picture_size: tuple[int, int], out: tuple[int, int]) -> Crops:
         height, width = picture_size
         rows = Taps.of(boxes[:, 0] * height, boxes[:, 2] * height, out[0], height)
         columns = Taps.of(boxes[:, 1] * width, boxes[:, 2] * width, out[1], width)
-        return Crops(rows, columns, height, width)
+        scatter = np.zeros((height, rows.low.size))
+        line = np.arange(rows.low.size)
+        np.add.at(scatter, (rows.low.ravel(), line), 1.0 - rows.weight.ravel())
+        np.add.at(scatter, (rows.high.ravel(), line), rows.weight.ravel())
+        return Crops(rows, columns, height, width, scatter)
 
     def cut(self, image: np.ndarray) -> np.ndarray:
         """[H, W, 3] -> [K, h, w, 3] in the image's float type: rows first, then columns."""
@@ -249,7 +254,7 @@ class Crops:
         back (bincount over flat indices)."""
         gradient = np.asarray(gradient, dtype=np.float64)
         count, out_h, out_w, _ = gradient.shape
-        r, c = self.rows, self.columns
+        c = self.columns
         # Columns: [K, h, w, 3] -> [K * h, W, 3].
         lines = (np.arange(count)[:, None] * out_h + np.arange(out_h)[None, :])[:, :, None]
         by_column = np.empty((count * out_h * self.width, 3))
@@ -266,12 +271,8 @@ class Crops:
                 minlength=count * out_h * self.width,
             )
         by_column = by_column.reshape(count * out_h, self.width * 3)
-        # Rows: a sparse [H, K * h] matrix (two taps per line) times the lines.
-        weights = np.zeros((self.height, count * out_h))
-        line = np.arange(count * out_h)
-        np.add.at(weights, (r.low.ravel(), line), 1.0 - r.weight.ravel())
-        np.add.at(weights, (r.high.ravel(), line), r.weight.ravel())
-        return (weights @ by_column).reshape(self.height, self.width, 3)
+        # Rows: the two-tap [H, K * h] matrix times the lines.
+        return (self.row_scatter @ by_column).reshape(self.height, self.width, 3)
 
 
 def noise(rng: np.random.Generator, shape: tuple[int, ...], intensity: float) -> np.ndarray:
@@ -341,11 +342,15 @@ class Optimisation:
     transparency: np.ndarray = field(init=False)
     step: int = field(init=False, default=0)
     _rng: np.random.Generator = field(init=False)
+    _noise_rng: np.random.Generator = field(init=False)
+    _prepared: tuple[Crops, np.ndarray] | None = field(init=False, default=None)
     _adam: Nadam = field(init=False)
     _pending: tuple[PictureState, Crops] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self._rng = np.random.default_rng(self.seed)
+        boxes_seed, noise_seed = np.random.SeedSequence(self.seed).spawn(2)
+        self._rng = np.random.default_rng(boxes_seed)
+        self._noise_rng = np.random.default_rng(noise_seed)
         self.phase = self._rng.normal(0.0, 1.0, size=self.magnitude.shape)
         height = self.magnitude.shape[-2]
         self.transparency = np.zeros((height, picture_width(self.magnitude), 3))
@@ -355,20 +360,38 @@ class Optimisation:
     def box_sizes(self) -> np.ndarray:
         return np.linspace(self.settings.box_start, self.settings.box_end, self.settings.steps)
 
-    def propose(self) -> np.ndarray:
-        """This step's crops [K, h, w, 3] as RGB values (may leave [0, 255] by the noise;
-        the model's preprocessing clips or rounds them)."""
-        image, state = picture(self.magnitude, self.phase)
+    def prepare(self) -> None:
+        """Draws the next step's boxes and noise, which do not depend on the picture: the
+        gateway runs this while the model computes the current step's gradients. Two
+        generators (boxes, noise) drawn in step order, so the result does not depend on
+        when it runs."""
+        # Between propose() and update() the current step is drawn: prepare the next.
+        upcoming = self.step + (self._pending is not None)
+        if self._prepared is not None or upcoming >= self.settings.steps:
+            return
         boxes = sample_boxes(
             self._rng,
             self.settings.crops,
-            float(self.box_sizes[self.step]),
+            float(self.box_sizes[upcoming]),
             self.settings.placement,
         )
-        crops = Crops.of(boxes, image.shape[:2], self.input_size)
+        height = self.magnitude.shape[-2]
+        crops = Crops.of(boxes, (height, picture_width(self.magnitude)), self.input_size)
+        shape = (self.settings.crops, *self.input_size, 3)
+        self._prepared = (crops, noise(self._noise_rng, shape, self.settings.noise))
+
+    def propose(self) -> np.ndarray:
+        """This step's crops [K, h, w, 3] as RGB values (may leave [0, 255] by the noise;
+        the model's preprocessing clips or rounds them)."""
+        self.prepare()
+        assert self._prepared is not None
+        crops, drawn = self._prepared
+        self._prepared = None
+        image, state = picture(self.magnitude, self.phase)
         cut = crops.cut(image.astype(np.float32))
         self._pending = (state, crops)
-        return cut + noise(self._rng, cut.shape, self.settings.noise)
+        cut += drawn
+        return cut
 
     def update(self, gradients: np.ndarray) -> None:
         """`gradients` [K, h, w, 3]: d objective / d crop value (noise passes them as is)."""
