@@ -187,7 +187,8 @@ class ConsistencyCollector:
             planned_passes=accepted.planned_pass_count,
             passes=done.pass_count,
             total_s=done.total_s,
-            warnings=(*accepted.warnings, *done.warnings),
+            # The plan's warnings come in both events: each once.
+            warnings=tuple(dict.fromkeys((*accepted.warnings, *done.warnings))),
         )
 
 
