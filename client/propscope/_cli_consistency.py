@@ -81,7 +81,7 @@ def consistency(
           -m synth_patch_folds:3 -m synth_patch_folds:4
       propscope consistency a.png b.png -m synth_patch -m synth_hue -e sobol -e random
     """
-    encoded = cli._reference_images(images)
+    encoded = cli._reference_images(images, option="IMAGE")
     try:
         label_values = [int(v) for v in labels.split(",")] if labels else None
     except ValueError:

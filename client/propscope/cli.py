@@ -1091,15 +1091,15 @@ def _graph_images(images: Sequence[Path]) -> list[bytes]:
     return [_read_image_option(image) for image in images]
 
 
-def _reference_images(references: Sequence[Path]) -> list[bytes]:
-    """--reference: folders (their images in natural order) and image files."""
+def _reference_images(references: Sequence[Path], option: str = "--reference") -> list[bytes]:
+    """``option``'s paths: folders (their images in natural order) and image files."""
     files: list[Path] = []
     for reference in references:
         if reference.is_dir():
-            found = folder_images(reference)
-            if not found:
-                _fail(f"--reference {str(reference)!r}: the folder holds no PNG or JPEG image")
-            files += found
+            try:
+                files += folder_images(reference)
+            except ValueError as error:
+                _fail(f"{option} {str(reference)!r}: {error}")
         else:
             files.append(reference)
     return [_read_image_option(path) for path in files]
