@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from propscope import cli
 from propscope._attribution import AttributionProgress
@@ -140,9 +141,11 @@ def print_consistency(result: ConsistencyResult, output_format: OutputFormat) ->
         for row in result.explainers
     ]
     console = stdout_console()
-    print_rows(
-        console, f"propscope consistency: {models}, {result.image_count} images", COLUMNS, rows
+    # Its own line, wrapped at the console's width (a table's title wraps at the table's).
+    console.print(
+        Text(f"propscope consistency: {models}, {result.image_count} images", style="bold")
     )
+    print_rows(console, "", COLUMNS, rows)
     console.print(
         f"{result.passes} passes, {result.total_s:.1f} s (request {result.request_id})",
         soft_wrap=True,

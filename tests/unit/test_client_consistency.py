@@ -6,7 +6,9 @@ from __future__ import annotations
 from typer.testing import CliRunner
 
 from propscope import cli  # first: _cli_consistency imports the cli module
-from propscope._consistency import ConsistencyCollector
+from propscope._cli_consistency import print_consistency
+from propscope._cli_output import OutputFormat
+from propscope._consistency import ConsistencyCollector, ConsistencyModel, ConsistencyResult
 from propscope.v1 import consistency_pb2
 
 SAME_MODEL = "models[0] and models[1] are the same model 'synth_hue' version 1: ..."
@@ -25,6 +27,17 @@ def test_a_warning_of_the_plan_sent_in_accepted_and_done_is_kept_once():
         )
     )
     assert collector.result().warnings == (SAME_MODEL, "another")
+
+
+def test_the_title_wraps_at_the_terminals_width_not_the_tables(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    models = tuple(
+        ConsistencyModel("synth_patch_folds", str(version), (0, 1), None) for version in (1, 2)
+    )
+    result = ConsistencyResult("r1", models, (), 10, False, 0, 0, 0.0, ())
+    print_consistency(result, OutputFormat.TABLE)
+    title = "propscope consistency: synth_patch_folds:1, synth_patch_folds:2, 10 images"
+    assert title in capsys.readouterr().out.splitlines()
 
 
 def test_an_empty_folder_is_refused_in_one_line_naming_it(tmp_path):
