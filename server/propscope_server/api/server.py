@@ -66,6 +66,15 @@ CONSISTENCY_SERVICE_NAME = consistency_pb2.DESCRIPTOR.services_by_name[
 VISUALIZATION_SERVICE_NAME = visualization_pb2.DESCRIPTOR.services_by_name[
     "VisualizationService"
 ].full_name
+# Every propscope.v1 service: each is reported by grpc.health.v1 and listed by reflection.
+PROPSCOPE_SERVICES = (
+    SERVICE_NAME,
+    ATTRIBUTION_SERVICE_NAME,
+    GRAPH_SERVICE_NAME,
+    CONCEPT_SERVICE_NAME,
+    CONSISTENCY_SERVICE_NAME,
+    VISUALIZATION_SERVICE_NAME,
+)
 # A health service of its own: the cache being down degrades the gateway (slower,
 # uncached) but does not stop it serving, so it must not flip the overall status.
 CACHE_HEALTH_SERVICE = "propscope.cache"
@@ -145,14 +154,7 @@ class Gateway:
                 log = logger.info if ok else logger.warning
                 log("%s is %s", dependency, "reachable again" if ok else "unreachable")
             self._healthy[dependency] = ok
-        for service in (
-            "",
-            SERVICE_NAME,
-            ATTRIBUTION_SERVICE_NAME,
-            GRAPH_SERVICE_NAME,
-            CONSISTENCY_SERVICE_NAME,
-            VISUALIZATION_SERVICE_NAME,
-        ):
+        for service in ("", *PROPSCOPE_SERVICES):
             await self.health.set(service, SERVING if triton_ok else NOT_SERVING)
         await self.health.set(CACHE_HEALTH_SERVICE, SERVING if cache_ok else NOT_SERVING)
 
@@ -276,16 +278,7 @@ def build_gateway(settings: Settings) -> Gateway:
         lambda model, ok: health_servicer.set(health_service(model), SERVING if ok else NOT_SERVING)
     )
     reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            ATTRIBUTION_SERVICE_NAME,
-            GRAPH_SERVICE_NAME,
-            CONCEPT_SERVICE_NAME,
-            CONSISTENCY_SERVICE_NAME,
-            VISUALIZATION_SERVICE_NAME,
-            health.SERVICE_NAME,
-            reflection.SERVICE_NAME,
-        ),
+        (*PROPSCOPE_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME),
         server,
     )
     port = _listen(
