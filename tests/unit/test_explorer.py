@@ -209,3 +209,12 @@ def test_class_images_are_read_from_a_manifest(tmp_path):
     manifest.write_text("image,label\nmissing.png,1\n")
     with pytest.raises(ValueError, match="no image at"):
         read_class_images(manifest)
+
+
+@pytest.mark.parametrize("image_class", ["thumb", "step", "overlay", "small-overlay"])
+def test_an_uploaded_images_boxes_keep_its_aspect_ratio(image_class):
+    """A 480 x 320 photo, its path steps and its map overlays are drawn in square boxes:
+    contained, not stretched."""
+    css = resources.files("propscope.explorer").joinpath("static/explorer.css").read_text()
+    rule = next(line for line in css.splitlines() if line.startswith(f"img.{image_class} {{"))
+    assert "object-fit: contain" in rule
