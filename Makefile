@@ -120,7 +120,7 @@ demo: up
 # page, `make down` the stack); EXPLORE_FLAGS adds options (`propscope explore --help`).
 EXPLORE_FLAGS ?=
 explore: up
-	$(VENV)/bin/propscope explore --images examples/review/manifest.csv $(EXPLORE_FLAGS)
+	$(VENV)/bin/propscope explore --images examples/concepts/manifest.csv $(EXPLORE_FLAGS)
 
 bench: setup
 	$(PY) bench/permutation_test.py

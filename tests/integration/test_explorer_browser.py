@@ -27,7 +27,7 @@ from propscope_dev import stack
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "docs" / "sample-patch.png"
-MANIFEST = ROOT / "examples" / "review" / "manifest.csv"
+MANIFEST = ROOT / "examples" / "concepts" / "manifest.csv"
 MODEL, CLASS = "synth_patch", 1  # sample-patch.png: the patch-biased model says "square"
 SETTINGS = {
     "--steps": "10",
