@@ -157,6 +157,16 @@ def test_nmf_recovers_an_exact_low_rank_factorisation():
     assert np.abs(scoring.coefficients(data[:5], w) @ w - data[:5]).max() < 0.05
 
 
+def test_nmf_takes_any_uint64_seed_of_the_request():
+    # Fuzzing found it: a seed of 2**32 or more was scikit-learn's InvalidParameterError,
+    # FitConcepts' INTERNAL.
+    data = np.random.default_rng(2).random((20, 6))
+    for seed in (2**32, 2**64 - 1):
+        u, w, _ = scoring.fit_nmf(data, 2, seed=seed)
+        assert u.shape == (20, 2) and w.shape == (2, 6)
+    assert np.array_equal(scoring.fit_nmf(data, 2, 2**32 + 5)[1], scoring.fit_nmf(data, 2, 5)[1])
+
+
 def test_logit_shares_are_exact_only_when_the_head_is_additive():
     contributions, shares, additive = scoring.logit_shares(np.array([1.0, 2.0, 4.0, 5.0]))
     assert contributions.tolist() == [1.0, 3.0] and additive

@@ -75,9 +75,10 @@ def most_negative(maps: np.ndarray) -> float:
 
 
 def fit_nmf(activations: np.ndarray, rank: int, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """A [n, C] >= 0 -> (U [n, r], W [r, C], ||A - U W||_F / ||A||_F)."""
+    """A [n, C] >= 0 -> (U [n, r], W [r, C], ||A - U W||_F / ||A||_F). `seed` is the
+    request's uint64; scikit-learn takes 32 bits, so it is taken modulo 2**32."""
     data = np.asarray(activations, dtype=np.float64)
-    model = NMF(n_components=rank, init="nndsvda", max_iter=NMF_MAX_ITER, random_state=seed)
+    model = NMF(n_components=rank, init="nndsvda", max_iter=NMF_MAX_ITER, random_state=seed % 2**32)
     coefficients = model.fit_transform(data)
     basis = model.components_
     return coefficients, basis, relative_error(data, coefficients, basis)
