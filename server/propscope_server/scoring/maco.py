@@ -9,22 +9,24 @@ spectrum; only the phase is optimised. Reference: Xplique's
   per decorrelated colour channel, z standardised over the whole picture, colours
   recorrelated with Lucid's ImageNet matrix, a sigmoid, then * 255: RGB values in
   [0, 255] (the range every propscope model takes, before its own normalisation).
-- Magnitude: the mean |rfft2| of the caller's images in the decorrelated colour space,
-  else a natural-image spectrum computed here: the 1/f amplitude law of natural images
-  (Field 1987; van der Schaaf and van Hateren 1996), equal in the three decorrelated
-  channels. Xplique downloads an ImageNet spectrum; propscope downloads nothing.
-- Per step: `crops` square boxes, centre 0.5 + N(0, 0.15), side N(box, 0.05) clipped to
-  [0.05, 1] (box decays linearly 0.5 -> 0.05 over the steps), each resized bilinearly
-  (half-pixel centres, edges clamped) to the model input, then noise N(0, noise) +
-  U(-noise/2, noise/2) in units of the [0, 1] range, as Xplique. The boxes are sampled
-  with their edges clamped to the picture, where TensorFlow's crop_and_resize fills 0.
-- Optimiser: Adam on the phase (Xplique uses Nadam with learning rate 1.0).
+- Magnitude: the mean |rfft2| of the caller's images in the decorrelated colour space
+  (around mid-grey, so their mean colour stays), else a natural-image spectrum computed
+  here: the 1/f amplitude law of natural images (Field 1987; van der Schaaf and van
+  Hateren 1996), equal in the three decorrelated channels. Xplique and Horama download an
+  ImageNet spectrum; propscope downloads nothing.
+- Per step: `crops` square boxes, side N(box, 0.05) clipped to [0.05, 1] (box decays
+  linearly box_start -> box_end), placed uniformly inside the picture (default: every
+  part can be cropped) or centred at 0.5 + N(0, 0.15) as the references (edges clamped
+  there, where TensorFlow's crop_and_resize fills 0); each resized bilinearly
+  (half-pixel centres) to the model input, then noise N(0, noise) + U(-noise/2, noise/2)
+  in units of Xplique's default (-1, 1) value range.
+- Optimiser: Nadam on the phase, learning rate 1.0, as Xplique and Horama.
 - Transparency: the sum over steps of |d objective / d picture|, as Xplique.
 
 Every step's gradient with respect to the phase is the exact adjoint chain of the
-above (unit-tested against finite differences): the crop-resize is a pair of bilinear
-interpolation matrices per crop (rows R, columns C: crop = R x C^T), its adjoint
-R^T g C; the inverse real FFT's adjoint is rfft2 with the doubled columns weighted.
+above (unit-tested against finite differences): the crop-resize is two bilinear taps per
+output pixel and axis (gathers), its adjoint scatters them back; the inverse real FFT's
+adjoint is rfft2 with the doubled columns weighted.
 """
 
 from __future__ import annotations
