@@ -71,6 +71,8 @@ BLACK_BOX = dataclasses.replace(
     layers=(),
 )
 
+NO_REPLACE = dataclasses.replace(OPEN, inputs=OPEN.inputs[:2])
+
 
 class FakeOpenModel:
     def __init__(self, model: ModelDescription = OPEN, signed: bool = False) -> None:
@@ -265,6 +267,8 @@ def test_a_concept_decomposes_at_the_earlier_layer_on_the_crops_it_marks_most():
     ("fake", "changes", "settings", "error", "words"),
     [
         (FakeOpenModel(BLACK_BOX), {}, None, FailedPrecondition, "activations, interventions"),
+        # Declares the capabilities but not every tensor CRAFT sends.
+        (FakeOpenModel(NO_REPLACE), {}, None, FailedPrecondition, "not declare REPLACE_LAYER"),
         (FakeOpenModel(), {"rank": 64, "images": images(1)}, None, InvalidArgument, "rank 64"),
         (FakeOpenModel(), {"layer": "f9"}, None, InvalidArgument, "f0, f1"),
         (

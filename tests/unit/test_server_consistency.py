@@ -19,7 +19,11 @@ from propscope_server.api.convert_consistency import consistency_event, consiste
 from propscope_server.config import Limits
 from propscope_server.errors import FailedPrecondition, InvalidArgument
 from propscope_server.inference import ModelDescription, Tensor
-from propscope_server.methods.consistency import planned_passes, registry_name
+from propscope_server.methods.consistency import (
+    _choose_explainers,
+    planned_passes,
+    registry_name,
+)
 
 
 def png(seed: int) -> bytes:
@@ -133,3 +137,16 @@ def test_gradient_explainers_need_gradients_and_the_others_forward_passes_only()
     methods.require(registry_name("sobol"), BLACK_BOX)
     open_model = dataclasses.replace(BLACK_BOX, parameters={"propscope.capabilities": "gradients"})
     assert {"saliency", "gradient_x_input"} <= set(methods.supported(open_model))
+
+
+def test_a_gradient_explainer_needs_the_gradient_tensors_not_only_the_capability() -> None:
+    declared = dataclasses.replace(BLACK_BOX, parameters={"propscope.capabilities": "gradients"})
+    spec = consistency_spec(request(explainers=[cpb.CONSISTENCY_EXPLAINER_SALIENCY]), Limits())
+    with pytest.raises(FailedPrecondition, match="not declare GRADIENT_CLASS, INPUT_GRADIENT"):
+        _choose_explainers(spec, [declared, declared])
+    open_model = dataclasses.replace(
+        declared,
+        inputs=(*BLACK_BOX.inputs, Tensor("GRADIENT_CLASS", "INT32", [1], True)),
+        outputs=(*BLACK_BOX.outputs, Tensor("INPUT_GRADIENT", "FP32", [8, 8, 3])),
+    )
+    assert _choose_explainers(spec, [open_model, open_model]) == (("saliency",), [])

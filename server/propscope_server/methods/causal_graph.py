@@ -68,6 +68,7 @@ from propscope_server.graph_domain import (
 )
 from propscope_server.inference import Inference, ModelDescription
 from propscope_server.methods import require
+from propscope_server.methods.base import require_inputs
 from propscope_server.open_contract import INTERVENE, OPTIONAL_INPUTS, OPTIONAL_OUTPUTS, PATCH
 from propscope_server.orchestration.classifier import (
     DETECTED_SOURCE,
@@ -89,6 +90,7 @@ CHANNEL_MEANS = "CHANNEL_MEANS"
 ACTIVATIONS = "ACTIVATIONS"
 REQUIRED_INPUTS = (*INTERVENE, *PATCH, ACTIVATION_LAYER)
 REQUIRED_OUTPUTS = (CHANNEL_MEANS, ACTIVATIONS)
+METHOD_PURPOSE = "a causal graph (interventions on channels, activations)"
 assert set(REQUIRED_INPUTS) <= set(OPTIONAL_INPUTS)
 assert set(REQUIRED_OUTPUTS) <= set(OPTIONAL_OUTPUTS)
 
@@ -269,19 +271,6 @@ def _choose_layers(spec: GraphSpec, model: ModelDescription) -> tuple[int, ...]:
     return tuple(sorted(names.index(name) for name in spec.layers))
 
 
-def _check_contract(model: ModelDescription) -> None:
-    inputs = {t.name for t in model.inputs}
-    outputs = {t.name for t in model.outputs}
-    missing = [n for n in REQUIRED_INPUTS if n not in inputs]
-    missing += [n for n in REQUIRED_OUTPUTS if n not in outputs]
-    if missing:
-        raise FailedPrecondition(
-            f"model {model.name!r} declares the interventions capability but lacks "
-            f"{', '.join(missing)}; its config.pbtxt must declare the open-model inputs "
-            "and outputs"
-        )
-
-
 class CausalGraph:
     """The BuildGraph RPC's method: GraphAccepted, GraphProgress, per image its
     NodeResults then EdgeResults, TaskGraph (several images), Repair (when asked),
@@ -303,7 +292,7 @@ class CausalGraph:
             # a black-box model or an unknown layer is refused with nothing computed (an
             # editor or a config problem is plan_classifier's own refusal).
             require(METHOD, described)
-            _check_contract(described)
+            require_inputs(described, (*REQUIRED_INPUTS, *REQUIRED_OUTPUTS), METHOD_PURPOSE)
             _choose_layers(spec, described)
         ref = dataclasses.replace(spec.classifier, target_class=spec.target)
         classifier = await plan_classifier(

@@ -37,14 +37,13 @@ from propscope_server.consistency_domain import (
 from propscope_server.domain import PerturbationSpec
 from propscope_server.errors import (
     BackendError,
-    FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
 )
 from propscope_server.inference import Inference, ModelDescription
 from propscope_server.methods import BY_NAME, require
 from propscope_server.methods.attribution import TargetPlan, check_grid, view_attribution
-from propscope_server.methods.base import model_capabilities
+from propscope_server.methods.base import model_capabilities, require_inputs
 from propscope_server.orchestration.classifier import (
     DETECTED_SOURCE,
     PlannedClassifier,
@@ -122,17 +121,7 @@ def _choose_explainers(
 
 
 def _check_gradient_contract(model: ModelDescription) -> None:
-    inputs = {t.name for t in model.inputs}
-    outputs = {t.name for t in model.outputs}
-    missing = [GRADIENT_INPUT] * (GRADIENT_INPUT not in inputs)
-    missing += [GRADIENT_OUTPUT] * (GRADIENT_OUTPUT not in outputs)
-    if missing:
-        raise FailedPrecondition(
-            f"model {model.name!r} declares the gradients capability but lacks "
-            f"{', '.join(missing)}; its config.pbtxt must declare the open-model input "
-            "GRADIENT_CLASS and output INPUT_GRADIENT (docs/own-models.md)",
-            field="explainers",
-        )
+    require_inputs(model, (GRADIENT_INPUT, GRADIENT_OUTPUT), "the gradient explainers")
 
 
 def planned_passes(spec: ConsistencySpec, explainers: tuple[str, ...], detections: int) -> int:

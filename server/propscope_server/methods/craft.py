@@ -61,6 +61,7 @@ from propscope_server.errors import (
 )
 from propscope_server.inference import Inference, ModelDescription
 from propscope_server.methods import require
+from propscope_server.methods.base import require_inputs
 from propscope_server.open_contract import OPTIONAL_INPUTS, OPTIONAL_OUTPUTS
 from propscope_server.orchestration.classifier import (
     DETECTED_SOURCE,
@@ -81,6 +82,7 @@ REQUIRED_INPUTS = (ACTIVATION_LAYER, REPLACE_LAYER, REPLACE_ACTIVATION)
 REQUIRED_OUTPUTS = (ACTIVATIONS,)
 assert set(REQUIRED_INPUTS) <= set(OPTIONAL_INPUTS)
 assert set(REQUIRED_OUTPUTS) <= set(OPTIONAL_OUTPUTS)
+CONTRACT_PURPOSE = "CRAFT (g through ACTIVATIONS, h on reconstructed activations)"
 # The artefact-cache kinds of a stored bank's parts.
 BANK_KIND = "concept-bank"
 BANK_PARTS = ("meta", "basis", "coefficients", "origins")
@@ -248,21 +250,6 @@ def _check_spec(spec: ConceptsSpec, settings: Settings) -> None:
         )
 
 
-def _check_contract(model: ModelDescription) -> None:
-    inputs = {t.name for t in model.inputs}
-    outputs = {t.name for t in model.outputs}
-    missing = [n for n in REQUIRED_INPUTS if n not in inputs]
-    missing += [n for n in REQUIRED_OUTPUTS if n not in outputs]
-    if missing:
-        raise FailedPrecondition(
-            f"model {model.name!r} declares activations and interventions but lacks "
-            f"{', '.join(missing)}; CRAFT runs h on reconstructed activations through "
-            "REPLACE_LAYER/REPLACE_ACTIVATION: redeploy it with the open-model config "
-            "(docs/own-models.md, 'Open models')",
-            field="model.name",
-        )
-
-
 def _layer_index(name: str, model: ModelDescription) -> int:
     """The chosen layer's index in the declared layers (empty: the last one)."""
     names = [layer.name for layer in model.layers]
@@ -319,7 +306,7 @@ class Craft:
         )
         if described.role != "editor" and not described.config_problem:
             require(METHOD, described)
-            _check_contract(described)
+            require_inputs(described, (*REQUIRED_INPUTS, *REQUIRED_OUTPUTS), CONTRACT_PURPOSE)
             _layer_index(spec.layer, described)
         boxes, patches = self._boxes(spec)
         crops = tuple(Crop(i, box) for i, image_boxes in enumerate(boxes) for box in image_boxes)
