@@ -4,6 +4,7 @@ count, and the registry's capabilities per explainer."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
 
@@ -16,10 +17,11 @@ from propscope.v1 import explain_pb2 as pb
 from propscope_server import consistency_domain as cd
 from propscope_server import methods
 from propscope_server.api.convert_consistency import consistency_event, consistency_spec
-from propscope_server.config import Limits
-from propscope_server.errors import FailedPrecondition, InvalidArgument
+from propscope_server.config import Limits, Settings
+from propscope_server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from propscope_server.inference import ModelDescription, Tensor
 from propscope_server.methods.consistency import (
+    Consistency,
     _choose_explainers,
     planned_passes,
     registry_name,
@@ -150,3 +152,35 @@ def test_a_gradient_explainer_needs_the_gradient_tensors_not_only_the_capability
         outputs=(*BLACK_BOX.outputs, Tensor("INPUT_GRADIENT", "FP32", [8, 8, 3])),
     )
     assert _choose_explainers(spec, [open_model, open_model]) == (("saliency",), [])
+
+
+class CountingInference:
+    """Describes BLACK_BOX (no output kind declared: planning would detect it with a pass)
+    and counts what planning asks of Triton."""
+
+    def __init__(self) -> None:
+        self.passes = 0
+        self.readied = 0
+
+    async def describe(self, name, version="", deadline=None):
+        return dataclasses.replace(BLACK_BOX, name=name)
+
+    async def require_ready(self, model, deadline):
+        self.readied += 1  # a model loaded on demand (load_on_demand)
+
+    async def infer(self, model, inputs, outputs, deadline):
+        rows = len(next(iter(inputs.values())))
+        self.passes += rows
+        return {name: np.zeros((rows, 2), np.float32) for name in outputs}
+
+
+def test_a_request_over_the_pass_budget_is_refused_before_any_model_is_loaded_or_run() -> None:
+    spec = consistency_spec(
+        request(explainers=[cpb.CONSISTENCY_EXPLAINER_SOBOL], sobol={"nb_design": 1024}),
+        Limits(),
+    )
+    inference = CountingInference()
+    method = Consistency(inference, Settings(limits={"max_consistency_passes": 1000}))
+    with pytest.raises(ResourceExhausted, match="max_consistency_passes is 1000"):
+        asyncio.run(method.plan(spec, None))
+    assert inference.passes == 0 and inference.readied == 0

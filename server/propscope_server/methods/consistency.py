@@ -175,20 +175,15 @@ class Consistency:
         if "sobol" in explainers:
             for image in spec.images:
                 check_grid(spec.sobol.grid, image.shape[:2], "sobol.grid_size")
+        # Before plan_classifier too, which may load a model on demand or run a detection.
+        self._check_budget(planned_passes(spec, explainers, 0))
         classifiers = [
             await plan_classifier(self._inference, ref, spec.images[0], self._settings, deadline)
             for ref in spec.models
         ]
         detections = sum(DETECTED_SOURCE in c.preprocessing_sources for c in classifiers)
         planned = planned_passes(spec, explainers, detections)
-        limit = self._settings.limits.max_consistency_passes
-        if planned > limit:
-            raise ResourceExhausted(
-                f"the evaluation needs {planned} forward passes; the limit "
-                f"max_consistency_passes is {limit} per request; use fewer images or models, "
-                "a smaller sobol.nb_design or rise.nb_samples, or fewer explainers",
-                field="images",
-            )
+        self._check_budget(planned)
         target_score = spec.target_score
         if target_score == "auto":
             logits = all(c.preprocessing.output_kind == "logits" for c in classifiers)
@@ -220,6 +215,16 @@ class Consistency:
             deadline=deadline,
             started=started,
         )
+
+    def _check_budget(self, planned: int) -> None:
+        limit = self._settings.limits.max_consistency_passes
+        if planned > limit:
+            raise ResourceExhausted(
+                f"the evaluation needs {planned} forward passes; the limit "
+                f"max_consistency_passes is {limit} per request; use fewer images or models, "
+                "a smaller sobol.nb_design or rise.nb_samples, or fewer explainers",
+                field="images",
+            )
 
     async def _predict(
         self, classifier: PlannedClassifier, spec: ConsistencySpec, deadline: float | None
