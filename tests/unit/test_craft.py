@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import weakref
 from contextlib import aclosing
 
 import numpy as np
@@ -301,3 +302,28 @@ def test_no_concept_is_left_out_of_the_sobol_design(rank, nb_design):
     a, b = masks[:nb_design], masks[nb_design : 2 * nb_design]
     assert (((a - b) ** 2).mean(axis=0) > 0.03).all()
     assert np.array_equal(masks, scoring.importance_masks(nb_design, rank, seed=0))
+
+
+def test_the_crops_go_through_g_one_batch_at_a_time(monkeypatch):
+    """A small patch_size makes many crops: their model inputs are never all alive at once
+    (the memory estimate counts one batch of them), and the bank is the same."""
+    live, peak = [0], [0]
+    model_input = Craft._model_input
+
+    def counted(classifier, pixels, size):
+        array = model_input(classifier, pixels, size)
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        weakref.finalize(array, lambda: live.__setitem__(0, live[0] - 1))
+        return array
+
+    small_batches = FakeOpenModel(dataclasses.replace(OPEN, max_batch_size=4))
+    whole, _, _ = run(spec(patch_size=2), FakeOpenModel())
+    monkeypatch.setattr(Craft, "_model_input", staticmethod(counted))
+    events, fake, _ = run(spec(patch_size=2), small_batches)
+    bank = events[-1]
+    assert bank.crops == 4 * 16 and fake.passes == bank.g_passes + bank.h_passes
+    # The images' own inputs, one batch of crops and the one before it (bound until the
+    # next is built): not the 64 crops at once.
+    assert peak[0] <= 4 + 2 * 4
+    assert np.allclose(bank.basis, whole[-1].basis)

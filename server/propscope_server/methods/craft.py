@@ -668,25 +668,13 @@ class Craft:
         crop_pixels = [_cut(spec.images[c.image], c.box) for c in plan.crops]
         if spec.patch_size < 0:  # a decomposition: each image is its one crop, g ran on it
             crop_maps = np.stack(plan.image_maps)
+            pooled, worst = scoring.pooled(crop_maps), scoring.most_negative(crop_maps)
         else:
-            crop_inputs = tuple(
-                [
-                    await in_thread(
-                        self._model_input, classifier, pixels, spec.images[c.image].shape[:2]
-                    )
-                    for c, pixels in zip(plan.crops, crop_pixels, strict=True)
-                ]
-            )
-            _, activations = await self._g(classifier, crop_inputs, plan.layer_index, None, counter)
-            crop_maps = np.stack(
-                self._maps(activations, plan.channels, classifier.model.name, plan.layer)
-            )
-        worst = scoring.most_negative(crop_maps)
+            pooled, worst = await self._pooled_crops(plan, crop_pixels, counter)
         if worst < -scoring.NEGATIVE_TOLERANCE:
             await self._refuse_negative(
                 classifier, plan.image_inputs[0], plan.layer_index, worst, None
             )
-        pooled = scoring.pooled(crop_maps)
         crop_u, basis, error = await in_thread(scoring.fit_nmf, pooled, spec.rank, spec.seed)
         importance, mean_u = await self._importance(plan, basis, counter)
         height, width = plan.image_maps[0].shape[1:]
@@ -750,6 +738,37 @@ class Craft:
         origins = np.array([(c.image, *c.box) for c in plan.origins], dtype=np.int64)
         await store_bank(self._cache, spec.tenant, StoredBank(bank, crop_u, origins))
         return bank
+
+    async def _pooled_crops(
+        self, plan: ConceptsPlan, crop_pixels: list[np.ndarray], counter: _Counter
+    ) -> tuple[np.ndarray, float]:
+        """The crops' pooled activations [crops, C] and their most negative value, one
+        batch of crops through g at a time: a small patch_size makes tens of thousands of
+        crops, whose model inputs and maps must not be held all at once (the memory
+        estimate counts one batch)."""
+        classifier = plan.classifier
+        batch = classifier.model.max_batch_size
+        pooled, worst = [], 0.0
+        for start in range(0, len(plan.crops), batch):
+            rows = range(start, min(start + batch, len(plan.crops)))
+            inputs = tuple(
+                [
+                    await in_thread(
+                        self._model_input,
+                        classifier,
+                        crop_pixels[row],
+                        plan.spec.images[plan.crops[row].image].shape[:2],
+                    )
+                    for row in rows
+                ]
+            )
+            _, activations = await self._g(classifier, inputs, plan.layer_index, None, counter)
+            maps = np.stack(
+                self._maps(activations, plan.channels, classifier.model.name, plan.layer)
+            )
+            worst = min(worst, scoring.most_negative(maps))
+            pooled.append(scoring.pooled(maps))
+        return np.concatenate(pooled), worst
 
     async def _importance(
         self, plan: ConceptsPlan, basis: np.ndarray, counter: _Counter
