@@ -129,6 +129,8 @@ bench: setup
 	$(PY) bench/editors.py
 	$(PY) bench/attribution.py
 	$(PY) bench/graph.py
+	$(PY) bench/concepts.py
+	$(PY) bench/maco.py
 
 # Load: 32 concurrent Explain streams for 150 s against a stack of its own, then the hostile
 # clients at full size; writes docs/results/soak.md (and image_fuzz.md: 200,000 damaged

@@ -1,21 +1,24 @@
 """MACO's cost: seconds per 64 x 64 picture through the gateway (the paper's defaults,
 256 steps x 32 crops) side by side with the bare Triton gradient calls alone (the same
 256 calls of 32 crops with INPUT_GRADIENT, straight to Triton: the floor the gateway's
-loop cannot beat), and their ratio. Run against a stack you started:
+loop cannot beat), and their ratio, on a stack started for the benchmark or one you name:
 
-    .venv/bin/propscope-dev up --run-dir /tmp/macostack --port 50081
+    make bench        # or: .venv/bin/python bench/maco.py
     .venv/bin/python bench/maco.py --address localhost:50081 --triton localhost:<Triton gRPC>
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
 import typer
 
 import propscope
+from propscope_dev import stack
 
 MODEL = "synth_hue"
 STEPS = 256
@@ -43,11 +46,7 @@ def bare_triton_seconds(url: str, steps: int, crops: int) -> float:
     return time.perf_counter() - started
 
 
-def main(
-    address: str = typer.Option("localhost:50051", help="the gateway"),
-    triton: str = typer.Option(..., help="Triton's gRPC address (propscope-dev up prints it)"),
-    repeats: int = typer.Option(2, help="pictures (and bare runs), alternated"),
-) -> None:
+def measure(address: str, triton: str, repeats: int) -> None:
     with propscope.Client(address) as client:
         client.visualize(MODEL, class_index=0, steps=4, crops=CROPS)  # warm
         for repeat in range(repeats):
@@ -58,6 +57,22 @@ def main(
                 f"{MODEL} {SIDE}x{SIDE}, {STEPS} steps x {CROPS} crops: gateway {gateway:.1f} s "
                 f"per picture, bare Triton gradient calls {bare:.1f} s, ratio {gateway / bare:.2f}"
             )
+
+
+def main(
+    address: str = typer.Option("", help="a running gateway (unset: start a stack of its own)"),
+    triton: str = typer.Option("", help="its Triton's gRPC address (propscope-dev up prints it)"),
+    repeats: int = typer.Option(2, help="pictures (and bare runs), alternated"),
+) -> None:
+    if address and triton:
+        measure(address, triton, repeats)
+        return
+    with tempfile.TemporaryDirectory() as run_dir:
+        info = stack.up(Path(run_dir), gateway_port=stack.free_port())
+        try:
+            measure(info.gateway, info.triton_grpc, repeats)
+        finally:
+            stack.down(Path(run_dir))
 
 
 if __name__ == "__main__":
