@@ -39,6 +39,7 @@ from propscope_server.errors import (
     ResourceExhausted,
 )
 from propscope_server.inference import Layer, ModelDescription, Tensor
+from propscope_server.methods import craft as craft_method
 from propscope_server.methods.craft import Craft, load_bank
 from propscope_server.orchestration.runner import run_method
 from propscope_server.scoring import craft as scoring
@@ -242,6 +243,20 @@ def test_concept_maps_give_each_concept_a_map_at_the_image_size():
     assert (maps.grid_height, maps.grid_width) == (4, 4) and len(maps.maps) == 3
     assert [m.concept for m in maps.maps] == [c.index for c in bank.concepts]
     assert maps.maps[0].values.shape == (8, 8) and (maps.maps[0].grid >= 0).all()
+
+
+def test_concept_maps_too_large_to_answer_are_refused_before_any_pass(monkeypatch):
+    # Unchecked, a rank-64 bank on a 4096 x 4096 image was 1 Gi floats in the gateway.
+    events, fake, cache = run(spec())
+    bank = events[-1]
+    monkeypatch.setattr(craft_method, "MAX_MAP_VALUES", 3 * 8 * 8 - 1)
+    before = fake.passes
+    method = Craft(fake, cache, Settings())
+    with pytest.raises(ResourceExhausted, match="3 maps of 64 values"):
+        asyncio.run(method.maps(MapsSpec(bank.bank_id, images(1)[0], None), None))
+    assert fake.passes == before
+    monkeypatch.setattr(craft_method, "MAX_MAP_VALUES", 3 * 8 * 8)
+    assert len(asyncio.run(method.maps(MapsSpec(bank.bank_id, images(1)[0], None), None)).maps) == 3
 
 
 def test_a_concept_decomposes_at_the_earlier_layer_on_the_crops_it_marks_most():

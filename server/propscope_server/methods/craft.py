@@ -86,6 +86,10 @@ CONTRACT_PURPOSE = "CRAFT (g through ACTIVATIONS, h on reconstructed activations
 # The artefact-cache kinds of a stored bank's parts.
 BANK_KIND = "concept-bank"
 BANK_PARTS = ("meta", "basis", "coefficients", "origins")
+# ConceptMaps answers every concept's map at the image's size (float32): 32 Mi values are
+# 128 MiB, half the SDK's 256 MiB receive limit. A rank-64 bank on a 4096 x 4096 image
+# would be 1 Gi values (4 GiB, and its Python list many times that in the gateway).
+MAX_MAP_VALUES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -824,6 +828,16 @@ class Craft:
     async def maps(self, spec: MapsSpec, deadline: float | None) -> ConceptMaps:
         stored = await load_bank(self._cache, spec.tenant, spec.bank_id)
         bank = stored.bank
+        height, width = spec.image.shape[:2]
+        values = len(bank.concepts) * height * width
+        if values > MAX_MAP_VALUES:
+            raise ResourceExhausted(
+                f"the concept maps of a {width} x {height} image are {len(bank.concepts)} maps "
+                f"of {height * width} values ({values} in all); at most {MAX_MAP_VALUES} are "
+                "answered: send a smaller image (the maps are upsampled from the layer's "
+                "grid, so a downscaled image loses little)",
+                field="image",
+            )
         ref = spec.classifier or ClassifierRef(name=bank.model)
         described = await self._inference.describe(ref.name, ref.version, deadline)
         check_current(bank, described)
@@ -842,7 +856,6 @@ class Craft:
         _, activations = await self._g(classifier, (model_input,), index, deadline)
         (maps,) = self._maps(activations, bank.channels, bank.model, bank.layer)
         position_u = await in_thread(scoring.position_coefficients, maps, bank.basis)
-        height, width = spec.image.shape[:2]
         results = []
         for concept in bank.concepts:
             grid = position_u[:, :, concept.index].astype(np.float32)
