@@ -1269,8 +1269,7 @@ def _run_graph(
                     **options,
                 )
     except PreflightError as error:
-        hint = _OPEN_MODEL_HINT if "cannot run causal_graph" in str(error) else ""
-        _fail_lines(f"{target}: {error}{hint}")
+        _fail_lines(f"{target}: {error}{_open_model_hint(error, 'causal_graph')}")
     except PropscopeError as error:
         _call_failed(target, error, context)
     except ValueError as error:
@@ -1280,10 +1279,21 @@ def _run_graph(
 
 
 # After a pre-flight refusal of a black-box model: what would make it graphable.
-_OPEN_MODEL_HINT = (
-    "\n  a causal graph needs an open model: one whose config.pbtxt declares propscope.layers "
-    'and the capabilities activations,interventions (docs/own-models.md, "Open models")'
-)
+# What each open-model method needs, for the hint a pre-flight refusal ends with (the
+# gateway's own refusal names the same capabilities).
+_OPEN_METHOD_NEEDS = {
+    "causal_graph": "activations,interventions",
+    "maco": "gradients (activations too for a channel or concept)",
+}
+
+
+def _open_model_hint(error: PreflightError, method: str) -> str:
+    if f"cannot run {method}" not in str(error):
+        return ""
+    return (
+        f"\n  {method} needs an open model: one whose config.pbtxt declares propscope.layers "
+        f'and the capabilities {_OPEN_METHOD_NEEDS[method]} (docs/own-models.md, "Open models")'
+    )
 
 
 def _check_drawings(dot: Path | None, svg: Path | None, report: Path | None) -> None:
@@ -1577,7 +1587,7 @@ def visualize(
                 _fail(f"{option} {text!r}: write {names[0].upper()}:INDEX, e.g. features.2:5")
             objective = {names[0]: name, names[1]: int(index)}
     classifier = _classifier_option(model, ("maco",))
-    images = _reference_images(spectrum) if spectrum else []
+    images = _reference_images(spectrum, "--spectrum") if spectrum else []
     try:
         with context.obj.client(target, timeout) as client:
             preflight(client, classifiers=[classifier])
@@ -1603,7 +1613,7 @@ def visualize(
                     **objective,
                 )
     except PreflightError as error:
-        _fail_lines(f"{target}: {error}")
+        _fail_lines(f"{target}: {error}{_open_model_hint(error, 'maco')}")
     except PropscopeError as error:
         _call_failed(target, error, context)
     except ValueError as error:

@@ -6,6 +6,9 @@ settings (steps and crops) keep it cheap; the paper's defaults run in `make vali
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import grpc
 import numpy as np
 import pytest
@@ -134,3 +137,24 @@ def test_the_quick_validation_rows(live_stack):
             name = f"{model} class {class_index} picture classified as its class"
             assert rows[f"{name} (natural spectrum)"]["met"]
     assert rows["synth_hue class-0 picture's mean hue in the model's class-0 hue range"]["met"]
+
+
+def test_the_cli_names_the_capability_and_the_option_it_refuses(live_stack, tmp_path):
+    """A black-box model: the pre-flight refusal says maco needs gradients; an empty
+    --spectrum folder is refused naming --spectrum. Exit 2 for both, nothing drawn."""
+    base = [sys.executable, "-m", "propscope", "visualize", "--target", live_stack.gateway]
+    out = ["--class", "0", "--steps", "4", "-o", str(tmp_path / "v.png"), "--no-progress"]
+    black_box = subprocess.run(
+        [*base, "-m", "calibration_probe", *out], capture_output=True, text=True, timeout=120
+    )
+    assert black_box.returncode == 2, black_box.stderr
+    assert "maco needs an open model" in black_box.stderr and "gradients" in black_box.stderr
+    (tmp_path / "empty").mkdir()
+    spectrum = subprocess.run(
+        [*base, "-m", "synth_hue", "--spectrum", str(tmp_path / "empty"), *out],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert spectrum.returncode == 2 and "--spectrum" in spectrum.stderr, spectrum.stderr
+    assert not (tmp_path / "v.png").exists()

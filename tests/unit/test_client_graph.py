@@ -394,7 +394,8 @@ def test_cli_graph_refusals_exit_2(service, image_files):
     base = ["graph", str(image_files[0]), "--target", target, "--no-progress"]
     blackbox = CliRunner().invoke(app, [*base, "-m", "blackbox"])
     assert blackbox.exit_code == 2 and "causal_graph" in blackbox.output
-    assert "a causal graph needs an open model" in blackbox.output
+    assert "causal_graph needs an open model" in blackbox.output
+    assert "activations,interventions" in blackbox.output
     bad = CliRunner().invoke(app, [*base, "-m", "synth_hue", "--baseline", "median"])
     assert bad.exit_code == 2 and "--baseline" in bad.output
 
