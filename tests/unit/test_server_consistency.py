@@ -184,3 +184,35 @@ def test_a_request_over_the_pass_budget_is_refused_before_any_model_is_loaded_or
     with pytest.raises(ResourceExhausted, match="max_consistency_passes is 1000"):
         asyncio.run(method.plan(spec, None))
     assert inference.passes == 0 and inference.readied == 0
+
+
+class TwoTasks(CountingInference):
+    """Model "three" outputs three classes, every other model two."""
+
+    async def describe(self, name, version="", deadline=None):
+        classes = 3 if name == "three" else 2
+        return dataclasses.replace(
+            BLACK_BOX,
+            name=name,
+            outputs=(Tensor("LOGITS", "FP32", [classes]),),
+            parameters={"propscope.output_kind": "logits"},
+        )
+
+    async def infer(self, model, inputs, outputs, deadline):
+        rows = len(next(iter(inputs.values())))
+        self.passes += rows
+        return {name: np.zeros((rows, model.outputs[0].shape[0]), np.float32) for name in outputs}
+
+
+def test_models_of_different_class_counts_are_refused_naming_models() -> None:
+    """Agreement is by class index: a 2-class and a 3-class model are not one task."""
+    spec = consistency_spec(
+        request(
+            models=[pb.ModelRef(name="two"), pb.ModelRef(name="three")],
+            explainers=[cpb.CONSISTENCY_EXPLAINER_RANDOM],
+        ),
+        Limits(),
+    )
+    with pytest.raises(InvalidArgument, match="different numbers of classes") as refused:
+        asyncio.run(Consistency(TwoTasks(), Settings()).plan(spec, None))
+    assert refused.value.field == "models" and "'three' 3" in str(refused.value)

@@ -181,6 +181,7 @@ class Consistency:
             await plan_classifier(self._inference, ref, spec.images[0], self._settings, deadline)
             for ref in spec.models
         ]
+        _check_same_classes(classifiers, warnings)
         detections = sum(DETECTED_SOURCE in c.preprocessing_sources for c in classifiers)
         planned = planned_passes(spec, explainers, detections)
         self._check_budget(planned)
@@ -496,3 +497,23 @@ def _score(
         seconds=seconds,
         warnings=tuple(warnings),
     )
+
+
+def _check_same_classes(classifiers: list[PlannedClassifier], warnings: list[str]) -> None:
+    """Models agree or disagree by class index, which means nothing across different class
+    lists: a different class count is refused, different labels are warned about."""
+    counts = {c.model.name: c.classes for c in classifiers if c.classes}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{name!r} {count}" for name, count in counts.items())
+        raise InvalidArgument(
+            f"the models output different numbers of classes ({listed}); MeGe and ReCo "
+            "compare predictions by class index, so compare models of one task",
+            field="models",
+        )
+    labels = {c.class_labels for c in classifiers if c.class_labels}
+    if len(labels) > 1:
+        warnings.append(
+            "the models name their classes differently ("
+            + "; ".join(", ".join(found) for found in sorted(labels))
+            + "): predictions are compared by class index"
+        )
