@@ -13,6 +13,7 @@ weights); bench/validate_concepts.py writes the table."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 import time
@@ -24,6 +25,7 @@ import torch
 
 import propscope
 from propscope_dev import train
+from propscope_dev.validation.tables import result_row
 from propscope_server.synthetic.world import make_split, render
 
 PART = "MeGe/ReCo"
@@ -61,17 +63,7 @@ def boundary_images(count: int, seed: int = SEED) -> list[np.ndarray]:
     return images
 
 
-def _row(
-    criterion: str, target: str, measured: str, met: bool, informational: bool = False
-) -> dict:
-    return {
-        "part": PART,
-        "criterion": criterion,
-        "target": target,
-        "measured": measured,
-        "met": bool(met),
-        "informational": informational,
-    }
+_row = functools.partial(result_row, PART)
 
 
 def _fmt(value: float | None) -> str:

@@ -18,6 +18,7 @@ model. The default crop (0.3 of the side: 19 px of 64, stride 15) is the paper's
 
 from __future__ import annotations
 
+import functools
 import io
 from pathlib import Path
 
@@ -26,11 +27,10 @@ from PIL import Image
 from scipy import stats
 
 import propscope
-from propscope_dev.channel_means import config_parameters
 from propscope_dev.stack import DEFAULT_MODEL_REPOSITORY
+from propscope_dev.validation.tables import result_row, served_classifier
 from propscope_server.scoring.craft import curve_area, deletion_masks
 from propscope_server.synthetic.world import PATCH_BOX, make_split
-from propscope_server.triton_models.classifiers.cnn import load_classifier
 
 PART = "CRAFT"
 CLASS = 1  # squares; in the patch-biased split every one carries the patch
@@ -55,9 +55,7 @@ def class_images(count: int) -> list[bytes]:
 
 def head(model: str, repository: Path = DEFAULT_MODEL_REPOSITORY) -> tuple[np.ndarray, float]:
     """The served model's linear head row and bias for CLASS (h after global pooling)."""
-    config = repository / model / "config.pbtxt"
-    parameters = config_parameters(config.read_text())
-    network = load_classifier(config.parent / parameters["weights"])
+    network = served_classifier(model, repository)
     weight = network.head.weight.detach().numpy().astype(np.float64)
     bias = network.head.bias.detach().numpy().astype(np.float64)
     return weight[CLASS], float(bias[CLASS])
@@ -177,16 +175,6 @@ def validate(address: str, quick: bool = False) -> list[dict]:
     return rows
 
 
-def _row(
-    criterion: str, target: str, measured: str, met: bool, informational: bool = False
-) -> dict:
-    """A row of the table; `informational`: recorded, not gating (the deletion test assumes
-    the most important concepts raise the logit, which an unsigned index does not promise)."""
-    return {
-        "part": PART,
-        "criterion": criterion,
-        "target": target,
-        "measured": measured,
-        "met": bool(met),
-        "informational": informational,
-    }
+# Recorded, not gating where informational: the deletion test assumes the most important
+# concepts raise the logit, which an unsigned index does not promise.
+_row = functools.partial(result_row, PART)

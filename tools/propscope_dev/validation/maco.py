@@ -13,16 +13,17 @@ training distribution."""
 from __future__ import annotations
 
 import colorsys
+import functools
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import propscope
-from propscope_dev.channel_means import config_parameters
 from propscope_dev.stack import DEFAULT_MODEL_REPOSITORY
+from propscope_dev.validation.tables import result_row, served_classifier
 from propscope_server.synthetic.world import BIASED_HUES, PATCH_BOX, make_split
-from propscope_server.triton_models.classifiers.cnn import load_classifier, normalise_uint8_hwc
+from propscope_server.triton_models.classifiers.cnn import normalise_uint8_hwc
 
 PART = "MACO"
 MODELS = {"synth_unbiased": "none", "synth_hue": "hue", "synth_patch": "patch"}
@@ -51,9 +52,7 @@ def real_logits(
     model: str, repository: Path = DEFAULT_MODEL_REPOSITORY
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits [N, 2] of held-out renders of `model`'s training distribution, and their labels."""
-    config = repository / model / "config.pbtxt"
-    parameters = config_parameters(config.read_text())
-    network = load_classifier(config.parent / parameters["weights"])
+    network = served_classifier(model, repository)
     images, labels, _ = make_split(MODELS[model], REAL_IMAGES, REAL_SEED)
     with torch.inference_mode():
         logits = network(normalise_uint8_hwc(images)).numpy().astype(np.float64)
@@ -84,15 +83,7 @@ def patch_mass(alpha: np.ndarray) -> float:
     return float(inside.sum()) / total if total > 0 else 0.0
 
 
-def row(criterion: str, target: str, measured: str, met: bool, **extra: object) -> dict:
-    return {
-        "part": PART,
-        "criterion": criterion,
-        "target": target,
-        "measured": measured,
-        "met": bool(met),
-        **extra,
-    }
+row = functools.partial(result_row, PART)
 
 
 def _class_rows(

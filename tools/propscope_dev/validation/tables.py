@@ -10,7 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from propscope_dev.channel_means import config_parameters
+from propscope_dev.stack import DEFAULT_MODEL_REPOSITORY
 from propscope_server.scoring.property_gradient import bootstrap_interval
+from propscope_server.triton_models.classifiers.cnn import SmallCNN, load_classifier
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,27 @@ def _plain(value: object) -> object:
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def result_row(
+    part: str, criterion: str, target: str, measured: str, met: bool, informational: bool = False
+) -> dict:
+    """A row of a table written by bench/validate_concepts.py; `informational`: recorded,
+    not gating (the row's text says why)."""
+    return {
+        "part": part,
+        "criterion": criterion,
+        "target": target,
+        "measured": measured,
+        "met": bool(met),
+        "informational": informational,
+    }
+
+
+def served_classifier(model: str, repository: Path = DEFAULT_MODEL_REPOSITORY) -> SmallCNN:
+    """The synthetic classifier `model` serves, in-process: the weights its config names."""
+    config = repository / model / "config.pbtxt"
+    return load_classifier(config.parent / config_parameters(config.read_text())["weights"])
 
 
 def percent(fraction: float) -> str:
