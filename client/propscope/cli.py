@@ -319,7 +319,7 @@ def main(
         )
 
 
-@app.command(epilog=EXIT_CODES)
+@app.command(short_help="Which properties drive --model's prediction on IMAGE.", epilog=EXIT_CODES)
 def explain(
     context: typer.Context,
     image: Annotated[
@@ -1484,7 +1484,7 @@ def repair(
     typer.echo(f"propscope: Triton loaded {model} (versions {version} and {version + 1})", err=True)
 
 
-@app.command(short_help="A MACO picture of what --model's class, channel or concept sees.")
+@app.command(short_help="A MACO picture of --model's class, channel or concept.")
 def visualize(
     context: typer.Context,
     model: Annotated[
@@ -1988,7 +1988,9 @@ def _fail_lines(message: str) -> NoReturn:
 # `propscope concepts fit|show|map` (_cli_concepts.py uses this module's options and failures).
 from propscope._cli_concepts import concepts_app  # noqa: E402
 
-app.add_typer(concepts_app, name="concepts")
+app.add_typer(
+    concepts_app, name="concepts", short_help="CRAFT concepts of a class: fit, show, map."
+)
 
 
 # `propscope consistency` (_cli_consistency.py uses this module's options and failures).

@@ -278,7 +278,8 @@ def test_every_command_summary_is_whole_in_the_top_level_help():
     commands = result.stdout.split("Commands:")[1].split("Exit codes:")[0]
     summaries = [line for line in commands.splitlines() if line.strip()]
     assert [line.split()[0] for line in summaries] == [
-        "explain", "attribute", "evaluate", "graph", "repair", "models", "review",
+        "explain", "attribute", "evaluate", "graph", "repair", "visualize", "models", "explore",
+        "review", "consistency", "concepts",
     ]  # fmt: skip
     assert not [line for line in summaries if line.endswith("...")], commands
 
