@@ -269,5 +269,6 @@ class VisualizationCollector:
             spectrum_source=accepted.spectrum_source,
             passes=done.passes,
             total_ms=done.total_ms,
-            warnings=(*accepted.warnings, *done.warnings),
+            # The plan's warnings come in both events: each once.
+            warnings=tuple(dict.fromkeys((*accepted.warnings, *done.warnings))),
         )

@@ -58,6 +58,10 @@ def test_the_passes_triton_counts_are_the_plan_s(client: Client, triton):
     found = client.visualize("synth_patch", class_index=1, steps=4, crops=3)
     assert found.passes == 4 * 3 + 2
     assert inference_count(triton, "synth_patch") - before >= 4 * 3 + 2
+    # Four steps rarely reach the class; whichever it is, the result says so exactly then.
+    missed = [w for w in found.warnings if "not class 1" in w]
+    assert len(missed) == (found.predicted_class != 1), found.warnings
+    assert len(found.warnings) == len(set(found.warnings))
 
 
 def test_spectrum_images_set_the_magnitude(client: Client, tmp_path):

@@ -337,7 +337,10 @@ class Maco:
             predicted_class=int(np.argmax(probs)),
             passes=passes,
             total_s=time.perf_counter() - plan.started,
-            warnings=plan.warnings,
+            warnings=(
+                *plan.warnings,
+                *outcome_warnings(plan.class_index, start_objective, objective, probs, settings),
+            ),
         )
 
     async def _whole(self, plan: VisualizePlan, image: np.ndarray) -> tuple[float, np.ndarray]:
@@ -405,6 +408,35 @@ class Maco:
             GRADIENT_DIRECTION: vector,
             ACTIVATION_LAYER: column(plan.direction.layer),
         }
+
+
+def outcome_warnings(
+    class_index: int | None,
+    start_objective: float,
+    objective: float,
+    probabilities: np.ndarray,
+    settings: maco.Settings,
+) -> list[str]:
+    """What a finished picture failed to reach, said in the result rather than left for the
+    caller to notice: a class picture the model does not classify as the class, an
+    objective that did not rise."""
+    warnings = []
+    if objective <= start_objective:
+        warnings.append(
+            f"the objective did not rise ({start_objective:.4g} -> {objective:.4g}); try more "
+            "steps or another learning_rate (docs/maco.md)"
+        )
+    predicted = int(np.argmax(probabilities))
+    if class_index is not None and predicted != class_index:
+        warnings.append(
+            f"the picture is classified as class {predicted} (p = "
+            f"{probabilities[predicted]:.3g}), not class {class_index} (p = "
+            f"{probabilities[class_index]:.3g}); where the picture's size is the model's input "
+            f"size, crops of {settings.box_start:g} -> {settings.box_end:g} of it never show "
+            "the model the whole picture: try box_start 1.0, box_end 0.5, or more steps "
+            "(docs/maco.md)"
+        )
+    return warnings
 
 
 def _direction_values(direction: Direction, activations: np.ndarray, rows: int) -> np.ndarray:
