@@ -62,6 +62,11 @@ class ExplorerSettings:
     maco_steps: int = 0
     maco_crops: int = 0
     maco_size: int = 0
+    # Crop sides as a share of the picture, first step -> last. The picture is the model's
+    # input size, where the paper's 0.5 -> 0.05 never shows the model the whole picture
+    # (docs/maco.md); 1.0 -> 0.5 draws what the model classifies as the class.
+    maco_box_start: float = 1.0
+    maco_box_end: float = 0.5
     picture_px: int = 160
     workers: int = 2
     cache_entries: int = 256
@@ -308,6 +313,8 @@ class ExplorerService:
             steps=self.settings.maco_steps,
             crops=self.settings.maco_crops,
             size_px=self.settings.maco_size,
+            box_start=self.settings.maco_box_start,
+            box_end=self.settings.maco_box_end,
             seed=self.settings.seed,
             on_progress=lambda update: job.progress(
                 update.steps_done, update.steps_total, "optimisation steps"
