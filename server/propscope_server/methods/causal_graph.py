@@ -23,7 +23,6 @@ preprocessed image batch (docs: the design of issue 17, section 1)."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
@@ -73,8 +72,10 @@ from propscope_server.open_contract import INTERVENE, OPTIONAL_INPUTS, OPTIONAL_
 from propscope_server.orchestration.classifier import (
     DETECTED_SOURCE,
     PlannedClassifier,
+    forward_rows,
     plan_classifier,
     probabilities,
+    same_shape_runs,
 )
 from propscope_server.orchestration.explain import PlannedEditor, plan_editor
 from propscope_server.orchestration.runner import Finished, with_progress
@@ -397,17 +398,12 @@ class CausalGraph:
             for image in images
         ]
         raws, means = [], []
-        start = 0
-        while start < len(inputs):
-            stop = start + 1
-            while stop < len(inputs) and inputs[stop].shape == inputs[start].shape:
-                stop += 1
+        for start, stop in same_shape_runs(inputs):
             raw, channel_means = await self._forward(
                 classifier, np.concatenate(inputs[start:stop]), {}, stop - start, deadline
             )
             raws.append(raw)
             means.append(channel_means)
-            start = stop
         means_array = np.concatenate(means)
         if means_array.shape[1] != total_channels:
             raise BackendError(
@@ -426,48 +422,18 @@ class CausalGraph:
         counter: _Counter | None = None,
         outputs: tuple[str, ...] = (CHANNEL_MEANS,),
     ) -> tuple[np.ndarray, ...]:
-        """`rows` passes, each with its row of the `extra` inputs, of one image
-        (model_input [1, ...], repeated) or of `rows` images (model_input [rows, ...]),
-        in batches of max_batch_size -> (raw outputs [rows, classes], then each of
-        `outputs` [rows, ...]) as float64. Up to graph_concurrency batches are in flight
-        at once: Triton runs one while the gateway sends the next and reads the last."""
-        model = classifier.model
-        batch = model.max_batch_size
-        names = (classifier.output, *outputs)
-        starts = range(0, rows, batch)
-        parts: list[list[np.ndarray]] = [[] for _ in starts]
-        limit = asyncio.Semaphore(self._settings.graph_concurrency)
-
-        async def one_batch(k: int, start: int) -> None:
-            stop = min(start + batch, rows)
-            async with limit:
-                images = (
-                    model_input[start:stop]
-                    if len(model_input) == rows
-                    else np.repeat(model_input, stop - start, axis=0)
-                )
-                inputs = {classifier.layout.name: images}
-                inputs.update({name: value[start:stop] for name, value in extra.items()})
-                answer = await self._inference.infer(model, inputs, list(names), deadline)
-            parts[k] = [
-                np.asarray(answer[name], dtype=np.float64).reshape(stop - start, -1)
-                for name in names
-            ]
-            if counter is not None:
-                counter.add(stop - start)
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                for k, start in enumerate(starts):
-                    group.create_task(one_batch(k, start))
-        except ExceptionGroup as failed:
-            # The first batch's error, as one call would raise it (the API maps a domain
-            # error to its status; an ExceptionGroup would read as INTERNAL).
-            raise failed.exceptions[0] from None
-        arrays = tuple(np.concatenate(part) for part in zip(*parts, strict=True))
-        if not all(np.isfinite(a).all() for a in arrays):
-            raise BackendError(f"model {model.name!r} returned non-finite outputs")
-        return arrays
+        """forward_rows with graph_concurrency batches in flight, counted by `counter`."""
+        return await forward_rows(
+            self._inference,
+            classifier,
+            model_input,
+            extra,
+            rows,
+            outputs,
+            deadline,
+            counter.add if counter is not None else None,
+            self._settings.graph_concurrency,
+        )
 
     async def run(self, plan: GraphPlan) -> AsyncIterator[object]:
         spec = plan.spec

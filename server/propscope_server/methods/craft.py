@@ -53,7 +53,6 @@ from propscope_server.concepts_domain import (
 from propscope_server.config import Settings
 from propscope_server.domain import ClassifierRef
 from propscope_server.errors import (
-    BackendError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -66,7 +65,9 @@ from propscope_server.open_contract import OPTIONAL_INPUTS, OPTIONAL_OUTPUTS
 from propscope_server.orchestration.classifier import (
     DETECTED_SOURCE,
     PlannedClassifier,
+    forward_rows,
     plan_classifier,
+    same_shape_runs,
 )
 from propscope_server.orchestration.runner import Finished, with_progress
 from propscope_server.scoring import craft as scoring
@@ -537,44 +538,6 @@ class Craft:
 
     # ------------------------------------------------------------------ passes
 
-    async def _forward(
-        self,
-        classifier: PlannedClassifier,
-        inputs: tuple[np.ndarray, ...] | np.ndarray,
-        extra: dict[str, np.ndarray],
-        rows: int,
-        deadline: float | None,
-        outputs: tuple[str, ...] = (),
-        counter: _Counter | None = None,
-    ) -> tuple[np.ndarray, ...]:
-        """`rows` passes in batches of max_batch_size, each with its row of `extra`; the
-        pictures are a tuple of [1, ...] model inputs (one per row) or one [1, ...]
-        repeated -> (the class outputs [rows, K], then each of `outputs` [rows, ...])."""
-        model = classifier.model
-        names = (classifier.output, *outputs)
-        parts: list[list[np.ndarray]] = []
-        for start in range(0, rows, model.max_batch_size):
-            stop = min(start + model.max_batch_size, rows)
-            if isinstance(inputs, tuple):
-                pictures = np.concatenate(inputs[start:stop])
-            else:
-                pictures = np.repeat(inputs, stop - start, axis=0)
-            batch = {classifier.layout.name: pictures}
-            batch.update({name: value[start:stop] for name, value in extra.items()})
-            answer = await self._inference.infer(model, batch, list(names), deadline)
-            parts.append(
-                [
-                    np.asarray(answer[name], dtype=np.float64).reshape(stop - start, -1)
-                    for name in names
-                ]
-            )
-            if counter is not None:
-                counter.add(stop - start)
-        arrays = tuple(np.concatenate(part) for part in zip(*parts, strict=True))
-        if not all(np.isfinite(a).all() for a in arrays):
-            raise BackendError(f"model {model.name!r} returned non-finite outputs")
-        return arrays
-
     async def _g(
         self,
         classifier: PlannedClassifier,
@@ -586,25 +549,21 @@ class Craft:
         """Class outputs and ACTIVATIONS of layer `index` of the pictures; pictures of
         other shapes (a variable-size model) go in batches of their own."""
         raws, activations = [], []
-        start = 0
-        while start < len(inputs):
-            stop = start + 1
-            while stop < len(inputs) and inputs[stop].shape == inputs[start].shape:
-                stop += 1
+        for start, stop in same_shape_runs(inputs):
             rows = stop - start
             layer = np.full((rows, 1), index, dtype=np.int32)
-            raw, acts = await self._forward(
+            raw, acts = await forward_rows(
+                self._inference,
                 classifier,
-                inputs[start:stop],
+                np.concatenate(inputs[start:stop]),
                 {ACTIVATION_LAYER: layer},
                 rows,
-                deadline,
                 (ACTIVATIONS,),
-                counter,
+                deadline,
+                counter.add if counter is not None else None,
             )
             raws.append(raw)
             activations.append(acts)
-            start = stop
         widths = {a.shape[1] for a in activations}
         if len(widths) > 1:
             raise FailedPrecondition(
@@ -630,8 +589,15 @@ class Craft:
             REPLACE_LAYER: np.full((rows, 1), index, dtype=np.int32),
             REPLACE_ACTIVATION: replacements.astype(np.float32),
         }
-        (raw,) = await self._forward(
-            classifier, model_input, extra, rows, deadline, counter=counter
+        (raw,) = await forward_rows(
+            self._inference,
+            classifier,
+            model_input,
+            extra,
+            rows,
+            (),
+            deadline,
+            counter.add if counter is not None else None,
         )
         return raw[:, target]
 

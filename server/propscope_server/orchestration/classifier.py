@@ -8,7 +8,9 @@ Everything that can be refused is refused here, before any method's work."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,6 +181,72 @@ async def _run(
     if not np.isfinite(raw).all():
         raise BackendError(f"model {classifier.model.name!r} returned non-finite outputs")
     return raw
+
+
+def same_shape_runs(inputs: Sequence[np.ndarray]) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each run of consecutive model inputs of one shape: a
+    variable-size model's inputs of other sizes go in batches of their own."""
+    start = 0
+    while start < len(inputs):
+        stop = start + 1
+        while stop < len(inputs) and inputs[stop].shape == inputs[start].shape:
+            stop += 1
+        yield start, stop
+        start = stop
+
+
+async def forward_rows(
+    inference: Inference,
+    classifier: PlannedClassifier,
+    model_input: np.ndarray,
+    extra: Mapping[str, np.ndarray],
+    rows: int,
+    outputs: Sequence[str],
+    deadline: float | None,
+    on_batch: Callable[[int], None] | None = None,
+    concurrency: int = 1,
+) -> tuple[np.ndarray, ...]:
+    """An open model's `rows` passes, each with its row of the `extra` inputs, of one
+    input (model_input [1, ...], repeated) or of `rows` inputs (model_input [rows, ...]),
+    in batches of max_batch_size -> (raw outputs [rows, classes], then each of `outputs`
+    [rows, ...]) as float64. Up to `concurrency` batches are in flight at once (Triton
+    runs one while the gateway sends the next); `on_batch` hears each batch's rows."""
+    model = classifier.model
+    batch = model.max_batch_size
+    names = (classifier.output, *outputs)
+    starts = range(0, rows, batch)
+    parts: list[list[np.ndarray]] = [[] for _ in starts]
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one_batch(k: int, start: int) -> None:
+        stop = min(start + batch, rows)
+        async with limit:
+            images = (
+                model_input[start:stop]
+                if len(model_input) == rows
+                else np.repeat(model_input, stop - start, axis=0)
+            )
+            inputs = {classifier.layout.name: images}
+            inputs.update({name: value[start:stop] for name, value in extra.items()})
+            answer = await inference.infer(model, inputs, list(names), deadline)
+        parts[k] = [
+            np.asarray(answer[name], dtype=np.float64).reshape(stop - start, -1) for name in names
+        ]
+        if on_batch is not None:
+            on_batch(stop - start)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for k, start in enumerate(starts):
+                group.create_task(one_batch(k, start))
+    except ExceptionGroup as failed:
+        # The first batch's error, as one call would raise it (the API maps a domain
+        # error to its status; an ExceptionGroup would read as INTERNAL).
+        raise failed.exceptions[0] from None
+    arrays = tuple(np.concatenate(part) for part in zip(*parts, strict=True))
+    if not all(np.isfinite(a).all() for a in arrays):
+        raise BackendError(f"model {model.name!r} returned non-finite outputs")
+    return arrays
 
 
 def probabilities(classifier: PlannedClassifier, raw: np.ndarray) -> np.ndarray:
