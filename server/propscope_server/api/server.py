@@ -39,8 +39,8 @@ from propscope_server.api.servicer import (
     ConsistencyServicer,
     ExplainServicer,
     MethodStreams,
+    VisualizationServicer,
 )
-from propscope_server.api.visualization_servicer import VisualizationServicer
 from propscope_server.backends.model_health import health_service
 from propscope_server.backends.triton import TritonBackend
 from propscope_server.cache import ArtefactCache, InMemoryArtefactCache

@@ -21,10 +21,12 @@ from propscope.v1 import (
     consistency_pb2_grpc,
     explain_pb2_grpc,
     graph_pb2_grpc,
+    visualization_pb2_grpc,
 )
 from propscope.v1 import concepts_pb2 as cpb
 from propscope.v1 import explain_pb2 as pb
 from propscope.v1 import graph_pb2 as gpb
+from propscope.v1 import visualization_pb2 as vpb
 from propscope_server import logs, metrics
 from propscope_server.api import (
     convert,
@@ -32,6 +34,7 @@ from propscope_server.api import (
     convert_concepts,
     convert_consistency,
     convert_graph,
+    convert_visualization,
 )
 from propscope_server.api.admission import Admission, Caller
 from propscope_server.api.auth import Authenticator
@@ -60,6 +63,7 @@ from propscope_server.methods.evaluation import Evaluation
 from propscope_server.orchestration.explain import Explainer
 from propscope_server.orchestration.runner import run_method
 from propscope_server.threads import in_thread
+from propscope_server.visualization_domain import VisualizeEvent, VisualizeSpec
 
 logger = logging.getLogger(__name__)
 
@@ -203,8 +207,7 @@ class ExplainServicer(explain_pb2_grpc.ExplainServiceServicer):
     ) -> pb.ListModelsResponse:
         async with _observed("ListModels", context):
             self._streams.tenant(context)
-            remaining = context.time_remaining()
-            deadline = time.monotonic() + remaining if remaining is not None else None
+            deadline = _deadline(context)
             entries = await self._backend.repository(deadline)
             descriptions = await asyncio.gather(
                 *(self._describe_listed(entry, deadline) for entry in entries)
@@ -435,6 +438,32 @@ class ConceptServicer(concepts_pb2_grpc.ConceptServiceServicer):
             return await in_thread(convert_concepts.maps_message, maps)
 
 
+class VisualizationServicer(visualization_pb2_grpc.VisualizationServiceServicer):
+    """Visualize (MACO) through the same MethodStreams as every method."""
+
+    def __init__(self, maco: ExplanationMethod, streams: MethodStreams) -> None:
+        self._maco = maco
+        self._streams = streams
+
+    async def Visualize(  # noqa: N802 - gRPC method name
+        self, request: PendingRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        async def to_message(spec: VisualizeSpec, event: VisualizeEvent) -> vpb.VisualizeEvent:
+            # The done event's PNGs are encoded off the loop.
+            return await in_thread(convert_visualization.visualize_event, spec.request_id, event)
+
+        await self._streams.stream(
+            "Visualize",
+            context,
+            request,
+            self._streams.spec_with_limits(convert_visualization.visualize_spec),
+            self._maco,
+            lambda _: "maco",
+            to_message,
+        )
+
+
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline as a time.monotonic() value (None: the client set none)."""
     remaining = context.time_remaining()
     return time.monotonic() + remaining if remaining is not None else None
