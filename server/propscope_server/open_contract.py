@@ -14,10 +14,11 @@ from typing import Any
 LAYERS_PARAMETER = "propscope.layers"
 CHANNEL_MEANS_PARAMETER = "propscope.channel_means"
 # What a model exposes beyond forward passes, comma-separated:
-# "activations,interventions,gradients".
+# "activations,interventions,gradients,bounds".
 CAPABILITIES_PARAMETER = "propscope.capabilities"
-# The capabilities served by the open model's hooks (forward passes need none).
-OPEN_CAPABILITIES = ("activations", "interventions", "gradients")
+# The capabilities served by the open model (forward passes need none); `bounds` is
+# bound propagation through the network (triton_models/classifiers/bounds.py).
+OPEN_CAPABILITIES = ("activations", "interventions", "gradients", "bounds")
 
 # name -> (Triton datatype, dims without the batch dimension)
 OPTIONAL_INPUTS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -34,6 +35,12 @@ OPTIONAL_INPUTS: dict[str, tuple[str, tuple[int, ...]]] = {
     "REPLACE_ACTIVATION": ("TYPE_FP32", (-1,)),
     "GRADIENT_LAYER": ("TYPE_INT32", (1,)),
     "GRADIENT_DIRECTION": ("TYPE_FP32", (-1,)),
+    "BOUND_RADIUS": ("TYPE_FP32", (-1,)),
+    "BOUND_CLASS": ("TYPE_INT32", (1,)),
+    "BOUND_METHOD": ("TYPE_INT32", (1,)),
+    "BOUND_LAYER": ("TYPE_INT32", (1,)),
+    "BOUND_SAMPLES": ("TYPE_INT32", (1,)),
+    "BOUND_SEED": ("TYPE_INT32", (1,)),
 }
 # Inputs sent together (all of a group or none).
 INTERVENE = ("INTERVENE_LAYER", "INTERVENE_CHANNEL", "INTERVENE_STRENGTH", "INTERVENE_BASELINE")
@@ -43,6 +50,27 @@ REPLACE = ("REPLACE_LAYER", "REPLACE_ACTIVATION")
 # A direction in a layer's channels (C values) whose spatial mean is differentiated
 # instead of the GRADIENT_CLASS output.
 DIRECTION = ("GRADIENT_LAYER", "GRADIENT_DIRECTION")
+# Bound propagation per sample: the l_inf radius of every image input element (in the
+# input's own layout and units; 0 = held fixed), the target class y, the method
+# (BOUND_METHODS), the layer (-1 = verified from the input, k >= 0 = hybrid from
+# declared layer k), the points sampled in the box and their seed.
+BOUND = (
+    "BOUND_RADIUS",
+    "BOUND_CLASS",
+    "BOUND_METHOD",
+    "BOUND_LAYER",
+    "BOUND_SAMPLES",
+    "BOUND_SEED",
+)
+# BOUND_METHOD's values.
+BOUND_IBP = 0
+BOUND_CROWN = 1
+BOUND_METHODS = {BOUND_IBP: "ibp", BOUND_CROWN: "crown"}
+# BOUND_SAMPLES' range; >= 1 when BOUND_LAYER >= 0 (the hybrid's empirical box).
+MAX_BOUND_SAMPLES = 65536
+# What a refusal of bound propagation starts with (the gateway maps it to
+# FAILED_PRECONDITION on the method).
+BOUND_UNSUPPORTED = "bound propagation does not support "
 # Optional outputs, after the class scores; INPUT_GRADIENT's dims are the image input's.
 # Never class scores: the gateway refuses one named as the classifier's output.
 OPTIONAL_OUTPUTS = (
@@ -51,7 +79,12 @@ OPTIONAL_OUTPUTS = (
     "INPUT_GRADIENT",
     "CHANNEL_GRADIENTS",
     "GRAD_X_ACTIVATION",
+    "BOUND_MARGIN",
+    "SAMPLED_MARGIN",
 )
+# Per sample K values each (entry y is 0): an upper bound of f_c - f_y over the box,
+# and the max of f_c - f_y over the sampled points and the centre.
+BOUND_OUTPUTS = ("BOUND_MARGIN", "SAMPLED_MARGIN")
 GRADIENT_OUTPUTS = ("INPUT_GRADIENT", "CHANNEL_GRADIENTS", "GRAD_X_ACTIVATION")
 
 

@@ -94,6 +94,12 @@ OPTIONAL_INPUTS = (
     ("REPLACE_ACTIVATION", "TYPE_FP32", "-1"),
     ("GRADIENT_LAYER", "TYPE_INT32", "1"),
     ("GRADIENT_DIRECTION", "TYPE_FP32", "-1"),
+    ("BOUND_RADIUS", "TYPE_FP32", "-1"),
+    ("BOUND_CLASS", "TYPE_INT32", "1"),
+    ("BOUND_METHOD", "TYPE_INT32", "1"),
+    ("BOUND_LAYER", "TYPE_INT32", "1"),
+    ("BOUND_SAMPLES", "TYPE_INT32", "1"),
+    ("BOUND_SEED", "TYPE_INT32", "1"),
 )
 
 
@@ -112,6 +118,8 @@ def config_text(name: str = NAME) -> str:
         f'  {{ name: "INPUT_GRADIENT" data_type: TYPE_FP32 dims: [ {dims} ] }}',
         f'  {{ name: "CHANNEL_GRADIENTS" data_type: TYPE_FP32 dims: [ {total} ] }}',
         f'  {{ name: "GRAD_X_ACTIVATION" data_type: TYPE_FP32 dims: [ {total} ] }}',
+        '  { name: "BOUND_MARGIN" data_type: TYPE_FP32 dims: [ -1 ] }',
+        '  { name: "SAMPLED_MARGIN" data_type: TYPE_FP32 dims: [ -1 ] }',
     ]
 
     def parameter(key: str, value: str) -> str:
@@ -134,7 +142,7 @@ def config_text(name: str = NAME) -> str:
                 parameter("propscope.format", "state_dict"),
                 parameter("propscope.file", "weights.pt"),
                 parameter("propscope.module", f"{Path(MODULE_FILE).stem}:TinyResNet"),
-                parameter("propscope.capabilities", "activations,interventions,gradients"),
+                parameter("propscope.capabilities", "activations,interventions,gradients,bounds"),
                 parameter("propscope.layers", json.dumps(LAYERS)),
                 parameter("propscope.mean", ",".join(map(str, IMAGENET_MEAN))),
                 parameter("propscope.std", ",".join(map(str, IMAGENET_STD))),

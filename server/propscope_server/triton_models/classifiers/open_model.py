@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from propscope_server.open_contract import (
+    BOUND,
+    BOUND_OUTPUTS,
     CAPABILITIES_PARAMETER,
     DIRECTION,
     GRADIENT_OUTPUTS,
@@ -46,6 +48,7 @@ ABLATION_FILE = "propscope_ablation.json"
 NEEDS_INPUT = {
     "ACTIVATIONS": "ACTIVATION_LAYER",
     **dict.fromkeys(GRADIENT_OUTPUTS, "GRADIENT_CLASS"),
+    **dict.fromkeys(BOUND_OUTPUTS, "BOUND_RADIUS"),
 }
 
 
@@ -103,14 +106,14 @@ def check_declared_tensors(
             )
         if name == "INPUT_GRADIENT":
             _check_entry(entry, "TYPE_FP32", tuple(int(d) for d in image_dims))
-        elif name == "ACTIVATIONS":
+        elif name in ("ACTIVATIONS", *BOUND_OUTPUTS):
             _check_entry(entry, "TYPE_FP32", (-1,))
         else:
             _check_entry(entry, "TYPE_FP32", (total,), f"(the channels of {LAYERS_PARAMETER})")
     uses_layers = [
         str(e.get("name"))
         for e in (*inputs, *outputs)
-        if e.get("name") not in ("GRADIENT_CLASS", "INPUT_GRADIENT")
+        if e.get("name") not in ("GRADIENT_CLASS", "INPUT_GRADIENT", *BOUND, *BOUND_OUTPUTS)
     ]
     if uses_layers and not layers:
         raise ValueError(f"{', '.join(uses_layers)} need {LAYERS_PARAMETER}; declare the layers")
