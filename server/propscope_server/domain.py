@@ -174,10 +174,33 @@ class RiseSpec:
         return self.nb_samples
 
 
-AttributionMethod = SobolSpec | RiseSpec
+# EVA's default l_inf radius, a fraction of the pixel range [0, 1] (the paper's 8/255).
+DEFAULT_EVA_EPSILON = 8 / 255
+
+
+@dataclass(frozen=True)
+class EvaSpec:
+    """EVA (Fel et al., CVPR 2023): per grid cell, how much the verified bound on the
+    adversarial overlap drops when the cell is held fixed (docs/eva.md)."""
+
+    grid: int = 8
+    epsilon: float = DEFAULT_EVA_EPSILON  # fraction of the pixel range [0, 1]
+    bound: str = "crown"  # ibp | crown
+    hybrid_layer: str = ""  # empty: verified from the input (guaranteed)
+    samples: int = 256  # points sampled in the ball per sampled row
+
+    @property
+    def forward_passes(self) -> int:
+        """d + 1 bound rows: every cell perturbed, then each cell held fixed."""
+        return self.grid * self.grid + 1
+
+
+AttributionMethod = SobolSpec | RiseSpec | EvaSpec
 
 
 def method_name(method: AttributionMethod) -> str:
+    if isinstance(method, EvaSpec):
+        return "eva"
     return "sobol" if isinstance(method, SobolSpec) else "rise"
 
 
@@ -282,6 +305,27 @@ class AttributionOutcome:
     target_score: str
     total_s: float
     warnings: tuple[str, ...] = ()
+    eva: EvaOutcome | None = None  # EVA only: the bounds the map comes from
+
+
+@dataclass(frozen=True)
+class EvaOutcome:
+    """What an EVA map rests on (AttributionResult.eva)."""
+
+    guaranteed: bool  # verified from the input; false for a hybrid
+    bound: str  # ibp | crown
+    epsilon: float  # fraction of the pixel range
+    epsilon_input: tuple[float, ...]  # per input channel, in the model's input units
+    hybrid_layer: str
+    overlap_bound: float  # AO_bar(B), every cell perturbed
+    adversary_class: int  # the class whose margin bound is highest
+    adversary_label: str
+    sampled_overlap: float  # a lower bound on the true overlap
+    samples: int
+    region_bounds: tuple[float, ...]  # AO_bar(B_u) per cell, row-major g x g
+    certified: bool  # overlap_bound < 0
+    bound_passes: int  # bound rows
+    sample_passes: int  # sampled forward passes inside the model
 
 
 @dataclass(frozen=True)
