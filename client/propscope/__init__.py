@@ -20,6 +20,8 @@ from propscope._async_client import AsyncClient, AsyncExplainStream
 from propscope._attribution import (
     Attribution,
     AttributionProgress,
+    EvaOptions,
+    EvaResult,
     Evaluation,
     MetricResult,
     PerturbationSettings,
@@ -96,6 +98,8 @@ __all__ = [
     "Decision",
     "Done",
     "EditorParameter",
+    "EvaOptions",
+    "EvaResult",
     "Evaluation",
     "Event",
     "ExplainResult",

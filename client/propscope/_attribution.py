@@ -21,6 +21,7 @@ from propscope.v1 import attribution_pb2
 
 __all__ = [
     "BASELINES",
+    "BOUNDS",
     "ESTIMATORS",
     "METHODS",
     "METRICS",
@@ -28,6 +29,8 @@ __all__ = [
     "TARGET_SCORES",
     "Attribution",
     "AttributionProgress",
+    "EvaOptions",
+    "EvaResult",
     "Evaluation",
     "MetricResult",
     "PerturbationSettings",
@@ -37,19 +40,23 @@ __all__ = [
     "map_to_proto",
 ]
 
-Method = Literal["sobol", "rise"]
+Method = Literal["sobol", "rise", "eva"]
 Estimator = Literal["jansen", "homma", "janon", "glen_isaacs", "saltelli"]
 TargetScore = Literal["probability", "logit"]
 PerturbationKind = Literal["inpainting", "blur", "amplitude"]
 Baseline = Literal["input_zero", "black", "mean_colour", "blur"]
 Metric = Literal["deletion", "insertion", "mu_fidelity", "stability"]
 
-METHODS: tuple[str, ...] = ("sobol", "rise")
+METHODS: tuple[str, ...] = ("sobol", "rise", "eva")
 METRICS: tuple[str, ...] = ("deletion", "insertion", "mu_fidelity", "stability")
 ESTIMATORS: tuple[str, ...] = ("jansen", "homma", "janon", "glen_isaacs", "saltelli")
 TARGET_SCORES: tuple[str, ...] = ("auto", "probability", "logit", "log_odds")
 PERTURBATIONS: tuple[str, ...] = ("inpainting", "blur", "amplitude")
 BASELINES: tuple[str, ...] = ("input_zero", "black", "mean_colour", "blur")
+# EVA's bound propagation: CROWN-IBP (the default, never looser) or interval bounds.
+BOUNDS: tuple[str, ...] = ("crown", "ibp")
+# EVA's defaults (attribution.proto), for the words of a resolved EvaOptions a server left 0.
+DEFAULT_EVA_EPSILON = 8 / 255
 
 
 def _enum_words(enum: Any, prefix: str) -> dict[str, int]:
@@ -65,6 +72,7 @@ _ESTIMATOR = _enum_words(attribution_pb2.SobolEstimator, "SOBOL_ESTIMATOR_")
 _TARGET_SCORE = _enum_words(attribution_pb2.TargetScore, "TARGET_SCORE_")
 _KIND = _enum_words(attribution_pb2.Perturbation.Kind, "KIND_")
 _BASELINE = _enum_words(attribution_pb2.Perturbation.Baseline, "BASELINE_")
+_BOUND = _enum_words(attribution_pb2.BoundMethod, "BOUND_METHOD_")
 
 
 def _to_proto(words: Mapping[str, int], value: str, what: str) -> int:
@@ -106,6 +114,18 @@ def perturbation_to_proto(kind: str, baseline: str, blur_sigma: float) -> Any:
 
 def baseline_to_proto(value: str) -> int:
     return _to_proto(_BASELINE, value, "baseline")
+
+
+def bound_to_proto(value: str | None) -> int:
+    """None (UNSPECIFIED): the server's default, crown."""
+    if value is None:
+        return attribution_pb2.BOUND_METHOD_UNSPECIFIED
+    return _to_proto(_BOUND, value, "bound")
+
+
+def _float32_word(value: float) -> float:
+    """A float32 from the wire spelled as the float32 it was (0.3, not 0.30000001192092896)."""
+    return float(str(np.float32(value)))
 
 
 def _readonly(array: np.ndarray) -> np.ndarray:
@@ -203,6 +223,117 @@ class RiseOptions:
 
 
 @dataclass(frozen=True)
+class EvaOptions:
+    """EVA's options as the server resolved them: ``epsilon`` a fraction of the pixel range,
+    ``hybrid_layer`` empty when verified from the input (guaranteed)."""
+
+    grid_size: int
+    epsilon: float
+    bound: str
+    hybrid_layer: str
+    samples: int
+
+    @classmethod
+    def from_proto(cls, msg: Any) -> EvaOptions:
+        epsilon = msg.epsilon if msg.HasField("epsilon") else DEFAULT_EVA_EPSILON
+        return cls(
+            grid_size=msg.grid_size,
+            epsilon=_float32_word(epsilon),
+            bound=_from_proto(_BOUND, msg.bound, "crown"),
+            hybrid_layer=msg.hybrid_layer,
+            samples=msg.samples,
+        )
+
+    def describe(self) -> str:
+        """E.g. "grid 8, eps 0.03137, crown, verified" or "..., hybrid from features.3"."""
+        mode = f"hybrid from {self.hybrid_layer}" if self.hybrid_layer else "verified"
+        return (
+            f"grid {self.grid_size}, eps {self.epsilon:.4g}, {self.bound}, {mode}, "
+            f"{self.samples} samples"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclass_dict(self)
+
+
+@dataclass(frozen=True, eq=False)
+class EvaResult:
+    """What an EVA map rests on (docs/eva.md).
+
+    ``guaranteed``: verified from the input; False for a hybrid from ``hybrid_layer``, whose
+    sampled layer box may miss the true range. ``overlap_bound`` bounds the adversarial overlap
+    (max over the ball of another class's logit minus the target's) from above,
+    ``sampled_overlap`` from below (the sampled points): the true overlap lies between.
+    ``region_bounds`` float64 [g, g] (read-only): the bound with each cell held fixed; the map is
+    ``overlap_bound - region_bounds``. ``certified``: ``overlap_bound < 0``, no input of the ball
+    makes another class reach the target. ``epsilon`` is a fraction of the pixel range,
+    ``epsilon_input`` the radius per input channel in the model's input units.
+    """
+
+    guaranteed: bool
+    bound: str
+    epsilon: float
+    epsilon_input: tuple[float, ...]
+    hybrid_layer: str
+    overlap_bound: float
+    adversary_class: int
+    adversary_label: str
+    sampled_overlap: float
+    samples: int
+    region_bounds: npt.NDArray[np.float64]
+    certified: bool
+    bound_passes: int
+    sample_passes: int
+
+    @classmethod
+    def from_proto(cls, msg: Any, grid_shape: tuple[int, ...]) -> EvaResult:
+        """``ValueError`` when ``region_bounds`` does not fill the grid."""
+        values = np.array(msg.region_bounds, dtype=np.float64)
+        if values.size != int(np.prod(grid_shape)):
+            raise ValueError(
+                f"eva.region_bounds: {values.size} values for a {' x '.join(map(str, grid_shape))}"
+                " grid; the server sent a malformed result"
+            )
+        return cls(
+            guaranteed=msg.guaranteed,
+            bound=_from_proto(_BOUND, msg.bound, "crown"),
+            epsilon=msg.epsilon,
+            epsilon_input=tuple(msg.epsilon_input),
+            hybrid_layer=msg.hybrid_layer,
+            overlap_bound=msg.overlap_bound,
+            adversary_class=msg.adversary_class,
+            adversary_label=msg.adversary_label,
+            sampled_overlap=msg.sampled_overlap,
+            samples=msg.samples,
+            region_bounds=_readonly(values.reshape(grid_shape)),
+            certified=msg.certified,
+            bound_passes=msg.bound_passes,
+            sample_passes=msg.sample_passes,
+        )
+
+    @property
+    def guarantee(self) -> str:
+        """The guarantee in words, as the CLI and the reports state it."""
+        if self.guaranteed:
+            return "verified (guaranteed)"
+        return f"hybrid from {self.hybrid_layer}: NOT guaranteed"
+
+    def to_dict(self) -> dict[str, Any]:
+        result = dataclass_dict(self, skip=("region_bounds",))
+        result["region_bounds"] = [
+            [finite_or_none(float(value)) for value in row] for row in self.region_bounds
+        ]
+        return result
+
+    __hash__ = None  # type: ignore[assignment]  # holds an array
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EvaResult):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+
+@dataclass(frozen=True)
 class PerturbationSettings:
     """How masked-out pixels were replaced."""
 
@@ -243,6 +374,8 @@ class Attribution:
     input (Sobol: total-order indices, summed over channels when per-channel); ``channel_grid``
     float32 [g, g, 3] for per-channel Sobol, else None. Arrays are read-only. ``options`` are the
     method's resolved options; ``forward_passes`` is 0 when the map came from the cache.
+    ``eva`` is what an EVA map rests on (its bounds and whether they are guaranteed), None for
+    the other methods.
     """
 
     request_id: str
@@ -250,7 +383,7 @@ class Attribution:
     map: npt.NDArray[np.float32]
     grid: npt.NDArray[np.float32]
     channel_grid: npt.NDArray[np.float32] | None
-    options: SobolOptions | RiseOptions
+    options: SobolOptions | RiseOptions | EvaOptions
     perturbation: PerturbationSettings
     perturbation_description: str
     target_score: str
@@ -266,6 +399,7 @@ class Attribution:
     preprocessing: Preprocessing = Preprocessing()
     preprocessing_sources: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    eva: EvaResult | None = None
 
     @classmethod
     def from_events(
@@ -273,12 +407,19 @@ class Attribution:
     ) -> Attribution:  # AttributeAccepted, AttributionResult
         """The attribution of a finished stream; ``ValueError`` when its maps are malformed."""
         method = accepted.method or "sobol"
-        options: SobolOptions | RiseOptions = (
-            RiseOptions.from_proto(accepted.rise)
-            if method == "rise"
-            else SobolOptions.from_proto(accepted.sobol)
-        )
+        options: SobolOptions | RiseOptions | EvaOptions
+        if method == "rise":
+            options = RiseOptions.from_proto(accepted.rise)
+        elif method == "eva":
+            options = EvaOptions.from_proto(accepted.eva)
+        else:
+            options = SobolOptions.from_proto(accepted.sobol)
         grid = map_from_proto(result.grid, "grid")
+        if method == "eva" and not result.HasField("eva"):
+            raise ValueError(
+                "an EVA map without its bounds (eva); the server sent a malformed result"
+            )
+        eva = EvaResult.from_proto(result.eva, grid.shape) if method == "eva" else None
         channel_grid = None
         if len(result.channel_grid):
             values = np.array(result.channel_grid, dtype=np.float32)
@@ -310,6 +451,7 @@ class Attribution:
             preprocessing=Preprocessing.from_proto(accepted.preprocessing),
             preprocessing_sources=tuple(accepted.preprocessing_sources),
             warnings=(*accepted.warnings, *result.warnings),
+            eva=eva,
         )
 
     def plan_dict(self) -> dict[str, Any]:
@@ -421,6 +563,7 @@ class Evaluation:
     preprocessing: Preprocessing = Preprocessing()
     preprocessing_sources: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    eva: EvaResult | None = None
 
     @classmethod
     def from_events(

@@ -204,6 +204,10 @@ class ClientBase(Generic[ExplainT, AttributionT, EvaluationT, ModelsT, GraphT, V
         scrambled: bool = False,
         nb_samples: int = 0,
         preservation_probability: float | None = None,
+        epsilon: float | None = None,
+        bound: str | None = None,
+        hybrid_layer: str = "",
+        samples: int = 0,
         target_class: int | None = None,
         target_score: str = "auto",
         perturbation: str = "inpainting",
@@ -224,7 +228,11 @@ class ClientBase(Generic[ExplainT, AttributionT, EvaluationT, ModelsT, GraphT, V
         ``method`` "sobol" (``grid_size`` g, ``nb_design`` N a power of two, ``estimator``
         jansen|homma|janon|glen_isaacs|saltelli, ``per_channel``, ``scrambled``: an Owen-scrambled
         design seeded by ``seed``; N (g² + 2) forward passes) or
-        "rise" (``grid_size``, ``nb_samples`` masks, ``preservation_probability``); 0 and None
+        "rise" (``grid_size``, ``nb_samples`` masks, ``preservation_probability``) or
+        "eva" (an open model with the ``bounds`` capability; ``grid_size``, ``epsilon`` the
+        l-inf radius as a fraction of the pixel range, ``bound`` crown|ibp, ``hybrid_layer`` a
+        declared layer to verify from, not guaranteed, ``samples`` points sampled in the ball;
+        the result's ``eva`` holds the bounds, docs/eva.md); 0 and None
         mean the server's defaults. ``target_score`` "auto" (the logit of a logits model,
         else the log-odds; the result says which), "probability", "logit" or "log_odds" of
         ``target_class`` (None: the predicted class). Masked pixels are replaced by
@@ -245,6 +253,10 @@ class ClientBase(Generic[ExplainT, AttributionT, EvaluationT, ModelsT, GraphT, V
             scrambled=scrambled,
             nb_samples=nb_samples,
             preservation_probability=preservation_probability,
+            epsilon=epsilon,
+            bound=bound,
+            hybrid_layer=hybrid_layer,
+            samples=samples,
             target_class=target_class,
             target_score=target_score,
             perturbation=perturbation,

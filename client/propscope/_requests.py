@@ -12,6 +12,7 @@ from typing import Any
 from propscope._attribution import (
     METRICS,
     baseline_to_proto,
+    bound_to_proto,
     estimator_to_proto,
     map_to_proto,
     perturbation_to_proto,
@@ -256,10 +257,32 @@ def method_options(
     scrambled: bool = False,
     nb_samples: int = 0,
     preservation_probability: float | None = None,
+    epsilon: float | None = None,
+    bound: str | None = None,
+    hybrid_layer: str = "",
+    samples: int = 0,
 ) -> dict[str, Any]:
-    """``{"sobol": SobolOptions}`` or ``{"rise": RiseOptions}``: the ``method`` oneof's keyword
-    for AttributeRequest and StabilityOptions. Options of the other method must stay unset."""
-    _non_negative(grid_size=grid_size, nb_design=nb_design, nb_samples=nb_samples)
+    """``{"sobol": SobolOptions}``, ``{"rise": RiseOptions}`` or ``{"eva": EvaOptions}``: the
+    ``method`` oneof's keyword for AttributeRequest and StabilityOptions. Options of the other
+    methods must stay unset."""
+    _non_negative(grid_size=grid_size, nb_design=nb_design, nb_samples=nb_samples, samples=samples)
+    if method != "eva" and (epsilon is not None or bound is not None or hybrid_layer or samples):
+        raise ValueError(
+            "epsilon, bound, hybrid_layer and samples are EVA options; choose method eva "
+            "(--method eva) or leave them out"
+        )
+    if method == "eva":
+        if nb_design or per_channel or scrambled or estimator != "jansen":
+            raise ValueError(
+                "nb_design, estimator, per_channel and scrambled are Sobol options; EVA takes "
+                "grid_size, epsilon, bound, hybrid_layer and samples"
+            )
+        if nb_samples or preservation_probability is not None:
+            raise ValueError(
+                "nb_samples and preservation_probability are RISE options; EVA's sampled "
+                "points are samples (--samples)"
+            )
+        return {"eva": _eva_options(grid_size, epsilon, bound, hybrid_layer, samples)}
     if method == "sobol":
         if nb_samples or preservation_probability is not None:
             raise ValueError(
@@ -294,7 +317,38 @@ def method_options(
                 preservation_probability=preservation_probability,
             )
         }
-    raise ValueError(f"method must be sobol or rise, got {method!r}")
+    raise ValueError(f"method must be sobol, rise or eva, got {method!r}")
+
+
+def _eva_options(
+    grid_size: int, epsilon: float | None, bound: str | None, hybrid_layer: str, samples: int
+) -> attribution_pb2.EvaOptions:
+    """EVA's options, checked against the ranges attribution.proto fixes."""
+    if grid_size and not 2 <= grid_size <= 32:
+        raise ValueError(
+            f"grid_size must be in 2..32 (0: the server's default, 8), got {grid_size}"
+        )
+    if epsilon is not None and not 0 < epsilon <= 1:  # NaN fails too
+        raise ValueError(
+            "epsilon must be in (0, 1], a fraction of the pixel range (e.g. 8/255 = 0.0314; "
+            f"None: the server's default, 8/255), got {epsilon}"
+        )
+    if samples > 65536:
+        raise ValueError(
+            f"samples must be in 1..65536 (0: the server's default, 256), got {samples}"
+        )
+    if not isinstance(hybrid_layer, str):
+        raise TypeError(
+            f"hybrid_layer must be a declared layer's name (str, ModelInfo.layers), not "
+            f"{type(hybrid_layer).__name__}"
+        )
+    return attribution_pb2.EvaOptions(
+        grid_size=grid_size,
+        epsilon=epsilon,
+        bound=bound_to_proto(bound),
+        hybrid_layer=hybrid_layer,
+        samples=samples,
+    )
 
 
 def build_attribute_request(
@@ -309,6 +363,10 @@ def build_attribute_request(
     scrambled: bool = False,
     nb_samples: int = 0,
     preservation_probability: float | None = None,
+    epsilon: float | None = None,
+    bound: str | None = None,
+    hybrid_layer: str = "",
+    samples: int = 0,
     target_class: int | None = None,
     target_score: str = "auto",
     perturbation: str = "inpainting",
@@ -322,6 +380,8 @@ def build_attribute_request(
     class_labels: Sequence[str] = (),
 ) -> attribution_pb2.AttributeRequest:
     """The ``AttributeRequest`` for ``Client.attribute``'s arguments (0: the server's default)."""
+    if method == "eva":
+        _eva_request_checks(target_score, perturbation, baseline, blur_sigma)
     model_ref = build_model_ref(
         model,
         target_class=target_class,
@@ -340,6 +400,10 @@ def build_attribute_request(
         scrambled=scrambled,
         nb_samples=nb_samples,
         preservation_probability=preservation_probability,
+        epsilon=epsilon,
+        bound=bound,
+        hybrid_layer=hybrid_layer,
+        samples=samples,
     )
     return attribution_pb2.AttributeRequest(
         request_id=request_id,
@@ -350,6 +414,23 @@ def build_attribute_request(
         seed=seed,
         **options,
     )
+
+
+def _eva_request_checks(
+    target_score: str, perturbation: str, baseline: str, blur_sigma: float
+) -> None:
+    """EVA bounds logit margins over an epsilon ball: it has no other target score and masks
+    no pixels, so a perturbation setting would be silently ignored."""
+    if target_score not in ("auto", "logit"):
+        raise ValueError(
+            f"target_score must be auto or logit for EVA (it bounds logit margins), got "
+            f"{target_score!r}"
+        )
+    if (perturbation, baseline, blur_sigma) != ("inpainting", "input_zero", 0.0):
+        raise ValueError(
+            "perturbation, baseline and blur_sigma set how Sobol and RISE mask pixels; EVA "
+            "perturbs every pixel within epsilon: leave them out"
+        )
 
 
 def build_evaluate_request(

@@ -21,6 +21,7 @@ from propscope import (
     Attribution,
     AttributionProgress,
     Client,
+    EvaOptions,
     Evaluation,
     PropscopeError,
     RiseOptions,
@@ -85,6 +86,9 @@ class FakeAttribution(attribution_pb2_grpc.AttributionServiceServicer):
         with Image.open(io.BytesIO(request.image)) as image:
             width, height = image.size
         rise = request.WhichOneof("method") == "rise"
+        if request.WhichOneof("method") == "eva":
+            yield from self._eva(request, rid)
+            return
         grid = request.rise.grid_size if rise else request.sobol.grid_size or 8
         sobol = attribution_pb2.SobolOptions(
             grid_size=grid,
@@ -163,6 +167,71 @@ class FakeAttribution(attribution_pb2_grpc.AttributionServiceServicer):
                 target_label="tabby cat",
                 target_score=request.target_score or attribution_pb2.TARGET_SCORE_PROBABILITY,
                 total_ms=12.5,
+            ),
+        )
+
+    def _eva(self, request, rid):
+        """An EVA map: the plan echoes the options (defaults filled in); the result's bounds
+        are long numbers, a hybrid's is not guaranteed."""
+        options = request.eva
+        grid = options.grid_size or 8
+        resolved = attribution_pb2.EvaOptions(
+            grid_size=grid,
+            epsilon=options.epsilon if options.HasField("epsilon") else 8 / 255,
+            bound=options.bound or attribution_pb2.BOUND_METHOD_CROWN,
+            hybrid_layer=options.hybrid_layer,
+            samples=options.samples or 256,
+        )
+        rows = grid * grid + 1
+        yield attribution_pb2.AttributeEvent(
+            request_id=rid,
+            accepted=attribution_pb2.AttributeAccepted(
+                method="eva",
+                model_version="3",
+                planned_forward_passes=rows,
+                planned_forward_passes_total=rows + 1,
+                eva=resolved,
+                target_score=attribution_pb2.TARGET_SCORE_LOGIT,
+                target_class=4,
+                target_label="tabby cat",
+            ),
+        )
+        with Image.open(io.BytesIO(request.image)) as image:
+            width, height = image.size
+        region_bounds = (-1234.56789 - _map_values(grid, grid)).ravel()
+        guaranteed = not options.hybrid_layer
+        yield attribution_pb2.AttributeEvent(
+            request_id=rid,
+            result=attribution_pb2.AttributionResult(
+                map=attribution_pb2.AttributionMap(
+                    height=height, width=width, values=_map_values(height, width).ravel().tolist()
+                ),
+                grid=attribution_pb2.AttributionMap(
+                    height=grid, width=grid, values=_map_values(grid, grid).ravel().tolist()
+                ),
+                forward_passes=rows,
+                original_score=7.25,
+                target_class=4,
+                target_label="tabby cat",
+                target_score=attribution_pb2.TARGET_SCORE_LOGIT,
+                total_ms=12.5,
+                warnings=[] if guaranteed else ["hybrid: the bounds are NOT guaranteed"],
+                eva=attribution_pb2.EvaResult(
+                    guaranteed=guaranteed,
+                    bound=resolved.bound,
+                    epsilon=resolved.epsilon,
+                    epsilon_input=[0.137254901960784, 0.1394335511982571, 0.13071895424836602],
+                    hybrid_layer=options.hybrid_layer,
+                    overlap_bound=-1234.56789,
+                    adversary_class=17,
+                    adversary_label="a rather long adversary class label",
+                    sampled_overlap=-98765.4321,
+                    samples=resolved.samples,
+                    region_bounds=region_bounds.tolist(),
+                    certified=True,
+                    bound_passes=rows,
+                    sample_passes=123456789012,
+                ),
             ),
         )
 
@@ -348,11 +417,121 @@ def test_attribute_rise_and_per_channel(service):
     assert per_channel.channel_grid[1, 2].tolist() == [15.0, 16.0, 17.0]
 
 
+def test_attribute_eva_sends_its_options_and_reads_its_bounds(service):
+    with Client(service.target) as client:
+        found = client.attribute(
+            _image_bytes(),
+            "resnet",
+            method="eva",
+            grid_size=4,
+            epsilon=4 / 255,
+            bound="ibp",
+            samples=64,
+            seed=3,
+        )
+        hybrid = client.attribute(
+            _image_bytes(), "resnet", method="eva", hybrid_layer="features.3", target_score="logit"
+        )
+    sent, sent_hybrid = service.requests
+    assert sent.WhichOneof("method") == "eva" and sent.seed == 3
+    assert (sent.eva.grid_size, sent.eva.samples, sent.eva.hybrid_layer) == (4, 64, "")
+    assert sent.eva.epsilon == pytest.approx(4 / 255)
+    assert sent.eva.bound == attribution_pb2.BOUND_METHOD_IBP
+    # Unset: the server's defaults (crown, 8/255), not the client's guess.
+    assert sent_hybrid.eva.bound == attribution_pb2.BOUND_METHOD_UNSPECIFIED
+    assert not sent_hybrid.eva.HasField("epsilon") and sent_hybrid.eva.hybrid_layer == "features.3"
+
+    assert found.method == "eva" and found.target_score == "logit"
+    assert found.options == EvaOptions(
+        grid_size=4, epsilon=0.015686275, bound="ibp", hybrid_layer="", samples=64
+    )
+    assert found.options.describe() == "grid 4, eps 0.01569, ibp, verified, 64 samples"
+    eva = found.eva
+    assert eva.guaranteed and eva.certified and eva.guarantee == "verified (guaranteed)"
+    assert (eva.bound, eva.samples, eva.bound_passes) == ("ibp", 64, 17)
+    assert (eva.overlap_bound, eva.sampled_overlap) == (-1234.56789, -98765.4321)
+    assert (eva.adversary_class, eva.adversary_label) == (17, "a rather long adversary class label")
+    assert eva.sample_passes == 123456789012 and len(eva.epsilon_input) == 3
+    # region_bounds row-major g x g: cell (r, c) is -1234.56789 - (r + c / 100)
+    assert eva.region_bounds.shape == (4, 4) and not eva.region_bounds.flags.writeable
+    assert eva.region_bounds[1, 2] == pytest.approx(-1234.56789 - 1.02)
+    document = found.to_dict()
+    assert document["eva"]["region_bounds"][1][2] == pytest.approx(-1235.58789)
+    assert document["eva"]["guaranteed"] is True and document["options"]["bound"] == "ibp"
+    assert json.loads(json.dumps(found.plan_dict()))["eva"]["sample_passes"] == 123456789012
+
+    assert not hybrid.eva.guaranteed
+    assert hybrid.eva.guarantee == "hybrid from features.3: NOT guaranteed"
+    assert hybrid.options.describe() == (
+        "grid 8, eps 0.03137, crown, hybrid from features.3, 256 samples"
+    )
+    assert hybrid.warnings == ("hybrid: the bounds are NOT guaranteed",)
+
+
+def test_sobol_and_rise_results_have_no_eva(service):
+    with Client(service.target) as client:
+        found = client.attribute(_image_bytes(), "resnet", grid_size=2)
+    assert found.eva is None and found.plan_dict()["eva"] is None
+
+
+def test_an_eva_result_without_whole_region_bounds_is_malformed():
+    accepted = attribution_pb2.AttributeAccepted(
+        method="eva", eva=attribution_pb2.EvaOptions(grid_size=2)
+    )
+    grid = attribution_pb2.AttributionMap(height=2, width=2, values=[0.0] * 4)
+    result = attribution_pb2.AttributionResult(
+        map=grid, grid=grid, eva=attribution_pb2.EvaResult(region_bounds=[1.0, 2.0, 3.0])
+    )
+    with pytest.raises(ValueError, match="eva.region_bounds: 3 values for a 2 x 2 grid"):
+        Attribution.from_events("r", accepted, result)
+    result.ClearField("eva")
+    with pytest.raises(ValueError, match="EVA map without its bounds"):
+        Attribution.from_events("r", accepted, result)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"epsilon": 0.0}, "epsilon must be in \\(0, 1\\]"),
+        ({"epsilon": 1.5}, "epsilon must be in \\(0, 1\\]"),
+        ({"epsilon": float("nan")}, "epsilon must be in \\(0, 1\\]"),
+        ({"bound": "zonotope"}, "bound must be one of ibp, crown"),
+        ({"grid_size": 1}, "grid_size must be in 2..32"),
+        ({"grid_size": 33}, "grid_size must be in 2..32"),
+        ({"samples": 65537}, "samples must be in 1..65536"),
+        ({"samples": -1}, "samples must be >= 0"),
+        ({"nb_design": 32}, "are Sobol options; EVA takes"),
+        ({"nb_samples": 100}, "are RISE options; EVA's sampled points are samples"),
+        ({"target_score": "probability"}, "target_score must be auto or logit for EVA"),
+        ({"perturbation": "blur"}, "perturbation, baseline and blur_sigma"),
+        ({"baseline": "black"}, "perturbation, baseline and blur_sigma"),
+        ({"hybrid_layer": 3}, "hybrid_layer must be a declared layer's name"),
+    ],
+)
+def test_attribute_eva_bad_arguments_raise_before_the_call(service, options, message):
+    with Client(service.target) as client:
+        with pytest.raises((ValueError, TypeError), match=message):
+            client.attribute(_image_bytes(), "resnet", method="eva", **options)
+    assert service.requests == []
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"epsilon": 0.1}, {"bound": "ibp"}, {"hybrid_layer": "features.3"}, {"samples": 10}],
+)
+@pytest.mark.parametrize("method", ["sobol", "rise"])
+def test_eva_options_are_refused_for_the_other_methods(service, method, options):
+    with Client(service.target) as client:
+        with pytest.raises(ValueError, match="are EVA options; choose method eva"):
+            client.attribute(_image_bytes(), "resnet", method=method, **options)
+    assert service.requests == []
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         ({"nb_design": 24}, "power of two"),
-        ({"method": "lime"}, "method must be sobol or rise"),
+        ({"method": "lime"}, "method must be sobol, rise or eva"),
         ({"estimator": "sobol"}, "estimator must be one of"),
         ({"baseline": "grey"}, "baseline must be one of"),
         ({"method": "rise", "nb_design": 32}, "are Sobol options"),
