@@ -30,6 +30,10 @@ DEFAULT_STEPS = 10
 DEFAULT_PERMUTATIONS = 10_000
 DEFAULT_ALPHA = 0.01
 EXPLAIN_METHOD = "propgrad"
+# What a model needs to offer a method that not every classifier can run.
+_METHOD_NEEDS = {
+    "eva": "eva needs an open model that declares the bounds capability (docs/eva.md)",
+}
 
 
 class PreflightError(ValueError):
@@ -161,9 +165,10 @@ def _classifier_problems(classifier: Classifier, models: Mapping[str, ModelInfo]
     # A gateway that lists no methods predates them: the call itself will say.
     missing = [m for m in classifier.methods if offered and m not in offered]
     if missing:
+        needs = "".join(f"; {_METHOD_NEEDS[m]}" for m in missing if m in _METHOD_NEEDS)
         return [
             f"{what} {classifier.name!r} cannot run {', '.join(missing)}; its methods: "
-            f"{', '.join(offered)}"
+            f"{', '.join(offered)}{needs}"
         ]
     return []
 

@@ -137,6 +137,14 @@ def test_a_method_the_classifier_cannot_run_is_named():
     assert problem == "model 'synthetic_cnn_shortcut' cannot run sobol; its methods: propgrad"
 
 
+def test_eva_on_a_model_without_bounds_says_what_it_needs():
+    (problem,) = problems_of(classifiers=[Classifier("synthetic_cnn", methods=("eva",))])
+    assert problem == (
+        "model 'synthetic_cnn' cannot run eva; its methods: propgrad, sobol, rise; eva needs an "
+        "open model that declares the bounds capability (docs/eva.md)"
+    )
+
+
 def test_a_case_slip_is_suggested():
     assert did_you_mean("Synthetic_CNN", ["synthetic_cnn", "procedural"]) == (
         " (did you mean 'synthetic_cnn'?)"
