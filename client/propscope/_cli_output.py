@@ -15,13 +15,15 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.text import Text
 
-from propscope._attribution import Evaluation
+from propscope._attribution import Evaluation, EvaResult
 from propscope._cli_layout import Column, logfmt, number, print_rows
 from propscope._events import Accepted, Decision, Done, Event, ModelInfo, PropertyResult
 
 __all__ = [
     "ExplainOutput",
     "OutputFormat",
+    "eva_lines",
+    "eva_pairs",
     "in_cli_terms",
     "plain_line",
     "print_evaluation",
@@ -335,6 +337,46 @@ _MODEL_COLUMNS = (
     Column("inputs", wraps=True),
     Column("parameters / preprocessing", wraps=True, label=""),
 )
+
+
+def eva_lines(eva: EvaResult) -> list[Text]:
+    """What an EVA map rests on, for the attribute summary: the guarantee first (a hybrid's in
+    yellow), then the overlap's bounds, certification and adversary; numbers whole."""
+    label = f" ({eva.adversary_label})" if eva.adversary_label else ""
+    certified = "yes" if eva.certified else "no"
+    if eva.certified and not eva.guaranteed:
+        certified += " (by a hybrid bound: NOT guaranteed)"
+    return [
+        Text(
+            f"bounds: {eva.guarantee}, {eva.bound}, epsilon {number(eva.epsilon)} of the "
+            f"pixel range",
+            style="green" if eva.guaranteed else "yellow",
+        ),
+        Text(
+            f"overlap bound {number(eva.overlap_bound)} (every region perturbed), sampled "
+            f"overlap {number(eva.sampled_overlap)} ({eva.samples} samples): the true "
+            "overlap lies between"
+        ),
+        Text(f"certified: {certified}; adversary class {eva.adversary_class}{label}"),
+        Text(f"{eva.bound_passes} bound passes, {eva.sample_passes} sampled passes"),
+    ]
+
+
+def eva_pairs(eva: EvaResult) -> list[tuple[str, object]]:
+    """The EVA figures of ``--format plain``'s attribution line."""
+    return [
+        ("guaranteed", eva.guaranteed),
+        ("bound", eva.bound),
+        ("epsilon", eva.epsilon),
+        ("hybrid_layer", eva.hybrid_layer or None),
+        ("overlap_bound", eva.overlap_bound),
+        ("sampled_overlap", eva.sampled_overlap),
+        ("certified", eva.certified),
+        ("adversary_class", eva.adversary_class),
+        ("adversary_label", eva.adversary_label or None),
+        ("bound_passes", eva.bound_passes),
+        ("sample_passes", eva.sample_passes),
+    ]
 
 
 def print_models(infos: Sequence[ModelInfo], output_format: OutputFormat) -> None:

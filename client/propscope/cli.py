@@ -49,6 +49,7 @@ from rich.text import Text
 from propscope import repair as repair_module
 from propscope._attribution import (
     BASELINES,
+    BOUNDS,
     ESTIMATORS,
     METHODS,
     METRICS,
@@ -62,6 +63,8 @@ from propscope._cli_graph import print_graph, write_graph_report
 from propscope._cli_output import (
     ExplainOutput,
     OutputFormat,
+    eva_lines,
+    eva_pairs,
     in_cli_terms,
     note,
     plain_line,
@@ -635,7 +638,7 @@ def attribute(
     method: Annotated[str, typer.Option(metavar="|".join(METHODS), help="The method.")] = "sobol",
     target: TargetOption = DEFAULT_TARGET,
     grid_size: Annotated[
-        int, typer.Option(min=0, help="Cells per side (0: default, Sobol 8, RISE 7).")
+        int, typer.Option(min=0, help="Cells per side (0: default, Sobol 8, RISE 7, EVA 8).")
     ] = 0,
     nb_design: Annotated[
         int, typer.Option(min=0, help="Sobol: N, a power of two (0: 32); N(g²+2) passes.")
@@ -650,12 +653,29 @@ def attribute(
         bool, typer.Option("--scrambled", help="Sobol: Owen-scrambled design seeded by --seed.")
     ] = False,
     samples: Annotated[
-        int, typer.Option(min=0, help="RISE: the number of masks (0: default, 4000).")
+        int,
+        typer.Option(
+            min=0, help="RISE: masks (0: 4000). EVA: points sampled in the ball (0: 256)."
+        ),
     ] = 0,
     preservation_probability: Annotated[
         float | None,
         typer.Option(min=0.0, max=1.0, help="RISE: probability a cell is kept (default 0.5)."),
     ] = None,
+    epsilon: Annotated[
+        float | None,
+        typer.Option(help="EVA: the l-inf radius, a fraction of the pixel range (8/255)."),
+    ] = None,
+    bound: Annotated[
+        str | None,
+        typer.Option(metavar="|".join(BOUNDS), help="EVA: bound propagation (crown)."),
+    ] = None,
+    hybrid_layer: Annotated[
+        str,
+        typer.Option(
+            metavar="LAYER", help="EVA: verify from this declared layer (NOT guaranteed)."
+        ),
+    ] = "",
     target_class: Annotated[
         int | None, typer.Option(min=0, help="Class to explain (default: the predicted one).")
     ] = None,
@@ -713,8 +733,11 @@ def attribute(
       propscope attribute cat.png -m resnet50 --out maps/
       propscope attribute cat.png -m resnet50 --method rise --samples 2000
       propscope attribute cat.png -m resnet50 --grid-size 12 --scrambled
+      propscope attribute cat.png -m synth_patch --method eva --epsilon 0.01
     """
     _choice(method, METHODS, "--method")
+    if bound is not None:
+        _choice(bound, BOUNDS, "--bound")
     _choice(estimator, ESTIMATORS, "--estimator")
     _choice(target_score, TARGET_SCORES, "--target-score")
     _choice(perturbation, PERTURBATIONS, "--perturbation")
@@ -743,9 +766,13 @@ def attribute(
         estimator=estimator,
         per_channel=per_channel,
         scrambled=scrambled,
-        nb_samples=samples,
         preservation_probability=preservation_probability,
+        epsilon=epsilon,
+        bound=bound,
+        hybrid_layer=hybrid_layer,
     )
+    # --samples: RISE's masks, EVA's sampled points.
+    options["samples" if method == "eva" else "nb_samples"] = samples
     classifier = _classifier_option(model, (method,))
     options["model_version"] = classifier.version
     try:
@@ -789,6 +816,7 @@ def attribute(
             ("forward_passes", found.forward_passes),
             ("cache_hit", found.cache_hit),
             ("total_ms", round(found.total_ms)),
+            *(eva_pairs(found.eva) if found.eva is not None else []),
             ("png", str(png_path)),
             ("json", str(json_path)),
         ]
@@ -851,8 +879,13 @@ def _attribution_summary(
             f"target class {found.target_class}{label}, {found.target_score} "
             f"{found.original_score:.4g}; {cache}, {found.total_ms:.0f} ms"
         ),
-        Text(f"perturbation: {found.perturbation_description or found.perturbation.kind}"),
     ]
+    if found.eva is None or found.perturbation_description:  # EVA masks no pixels
+        lines.append(
+            Text(f"perturbation: {found.perturbation_description or found.perturbation.kind}")
+        )
+    if found.eva is not None:
+        lines += eva_lines(found.eva)
     lines += [note("", "warning: ", warning, "yellow") for warning in found.warnings]
     lines += [Text(f"wrote {png_path}"), Text(f"wrote {json_path}")]
     return lines

@@ -16,12 +16,13 @@ from rich.text import Text
 from typer.testing import CliRunner
 
 from propscope import Accepted, Done, Progress, PropertyResult, PropscopeError
-from propscope._attribution import Evaluation, MetricResult
+from propscope._attribution import Attribution, Evaluation, MetricResult
 from propscope._cli_layout import Column, logfmt, number, print_rows
 from propscope._cli_output import ExplainOutput, OutputFormat, print_evaluation
 from propscope._cli_progress import explain_progress
 from propscope._images import AlphaDroppedWarning, encode_image
-from propscope.cli import _unreachable_hint, app
+from propscope.cli import _attribution_summary, _unreachable_hint, app
+from propscope.v1 import attribution_pb2
 from propscope_server.backends.preprocessing import detection_warning
 from propscope_server.regions import MaskEstimate
 
@@ -370,3 +371,68 @@ def test_plain_evaluation_keeps_every_warning_on_its_own_line(capsys):
         'warning model=m message="the map was made for another size"',
         'warning model=m metric=insertion message="the area is high even for a random map"',
     ]
+
+
+def _eva_attribution(guaranteed: bool) -> Attribution:
+    grid = attribution_pb2.AttributionMap(height=2, width=2, values=[0.25, 0.5, 0.75, 1.0])
+    accepted = attribution_pb2.AttributeAccepted(
+        method="eva",
+        eva=attribution_pb2.EvaOptions(
+            grid_size=2,
+            epsilon=8 / 255,
+            bound=attribution_pb2.BOUND_METHOD_CROWN,
+            hybrid_layer="" if guaranteed else "features.block_three.conv_two",
+            samples=65536,
+        ),
+        target_class=7,
+        target_label="a class label long enough to wrap the line it is on",
+    )
+    result = attribution_pb2.AttributionResult(
+        map=grid,
+        grid=grid,
+        forward_passes=5,
+        original_score=-1.234567e-05,
+        target_class=7,
+        eva=attribution_pb2.EvaResult(
+            guaranteed=guaranteed,
+            bound=attribution_pb2.BOUND_METHOD_CROWN,
+            epsilon=8 / 255,
+            hybrid_layer=accepted.eva.hybrid_layer,
+            overlap_bound=-123456.789,
+            adversary_class=912,
+            adversary_label="another quite long adversary label",
+            sampled_overlap=-9.87654321e-07,
+            samples=65536,
+            region_bounds=[-1.0, -2.0, -3.0, -4.0],
+            certified=True,
+            bound_passes=5,
+            sample_passes=98765432109,
+        ),
+    )
+    return Attribution.from_events("r", accepted, result)
+
+
+@pytest.mark.parametrize("guaranteed", [True, False])
+def test_an_eva_summary_is_whole_at_80_columns(guaranteed, tmp_path):
+    """The guarantee said plainly, every bound and count whole, no line beyond 80 columns."""
+    found = _eva_attribution(guaranteed)
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=80)
+    for line in _attribution_summary(
+        "a_model_name", found, tmp_path / "x.png", tmp_path / "x.json"
+    ):
+        console.print(line)
+    out = buffer.getvalue()
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    assert "…" not in out
+    words = out.split()
+    for token in ("-1.235e+05", "-9.877e-07", "98765432109", "65536", "912", "0.03137"):
+        assert token in words, (token, out)
+    flat = " ".join(words)
+    if guaranteed:
+        assert "bounds: verified (guaranteed), crown" in flat
+        assert "certified: yes;" in flat
+    else:
+        assert "bounds: hybrid from features.block_three.conv_two: NOT guaranteed" in flat
+        assert "certified: yes (by a hybrid bound: NOT guaranteed)" in flat
+    assert "the true overlap lies between" in flat and "perturbation:" not in flat

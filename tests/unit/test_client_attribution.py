@@ -21,8 +21,8 @@ from propscope import (
     Attribution,
     AttributionProgress,
     Client,
-    EvaOptions,
     Evaluation,
+    EvaOptions,
     PropscopeError,
     RiseOptions,
     SobolOptions,
@@ -867,3 +867,51 @@ def test_cli_attribute_plain_writes_its_warnings(service, image_file, tmp_path):
         'warning model=resnet message="the model\'s input is UINT8: perturbed images are rounded"'
         in lines
     )
+
+
+def test_cli_attribute_eva_in_every_format(service, image_file, tmp_path):
+    runner = CliRunner()
+    common = ["--model", "resnet", "--target", service.target, "--out", str(tmp_path)]
+    eva = ["--method", "eva", "--epsilon", "0.02", "--bound", "ibp", "--samples", "32"]
+    table = runner.invoke(app, ["attribute", str(image_file), *common, *eva], env={"COLUMNS": "80"})
+    assert table.exit_code == 0, table.output
+    sent = service.requests[0]
+    assert sent.WhichOneof("method") == "eva"
+    assert (sent.eva.samples, sent.eva.bound) == (32, attribution_pb2.BOUND_METHOD_IBP)
+    assert sent.eva.epsilon == pytest.approx(0.02)
+    assert max(len(line) for line in table.stdout.splitlines()) <= 80, table.stdout
+    assert "bounds: verified (guaranteed), ibp" in table.stdout
+    assert "overlap bound -1235 " in table.stdout and "-9.877e+04" in table.stdout
+    assert "adversary class 17" in table.stdout and "perturbation:" not in table.stdout
+    document = json.loads((tmp_path / "cat.eva.json").read_text())
+    assert (
+        document["eva"]["overlap_bound"] == -1234.56789
+        and len(document["eva"]["region_bounds"]) == 8
+    )
+
+    plain = runner.invoke(
+        app,
+        ["attribute", str(image_file), *common, "--method", "eva", "--hybrid-layer", "features.3",
+         "--format", "plain"],
+    )  # fmt: skip
+    assert plain.exit_code == 0, plain.output
+    line = plain.stdout.splitlines()[0]
+    assert line.startswith("attribution model=resnet method=eva")
+    for pair in ("guaranteed=no", "hybrid_layer=features.3", "overlap_bound=-1234.56789",
+                 "sampled_overlap=-98765.4321", "certified=yes", "sample_passes=123456789012"):  # fmt: skip
+        assert pair in line.split(), (pair, line)
+
+    as_json = runner.invoke(
+        app, ["attribute", str(image_file), *common, "--method", "eva", "--format", "json"]
+    )
+    assert as_json.exit_code == 0, as_json.output
+    figures = json.loads(as_json.stdout)
+    assert figures["eva"]["guaranteed"] is True and figures["options"]["samples"] == 256
+
+    bad_bound = runner.invoke(
+        app, ["attribute", str(image_file), *common, *eva[:4], "--bound", "x"]
+    )
+    assert bad_bound.exit_code == 2 and "--bound" in bad_bound.output
+    sobol_epsilon = runner.invoke(app, ["attribute", str(image_file), *common, "--epsilon", "0.1"])
+    assert sobol_epsilon.exit_code == 2 and "are EVA options" in sobol_epsilon.output
+    assert len(service.requests) == 3
