@@ -293,6 +293,7 @@ class Tally:
     violations: int = 0
     largest_excess: float = -np.inf  # max over points of overlap - bound (< 0: all below)
     looseness: list[float] = field(default_factory=list)  # per image: bound - best found
+    best: list[float] = field(default_factory=list)  # per image: the highest overlap found
     by_source: dict[str, int] = field(default_factory=dict)  # violations per kind of point
 
     def add(self, overlaps: dict[str, np.ndarray], bound: float) -> None:
@@ -304,6 +305,7 @@ class Tally:
             self.points += values.size
         self.largest_excess = max(self.largest_excess, best - bound)
         self.looseness.append(bound - best)
+        self.best.append(best)
 
 
 def attribute_eva(
@@ -336,7 +338,7 @@ def model_images(model: str, count: int, seed: int = SEED) -> np.ndarray:
 def checked_regions(eva: Any, count: int, rng: np.random.Generator) -> list[int]:
     """The regions whose bounds are checked: the most and least important by the map,
     then random others."""
-    bounds = np.asarray(eva.region_bounds)
+    bounds = np.asarray(eva.region_bounds).reshape(-1)
     phi = eva.overlap_bound - bounds
     chosen = list(dict.fromkeys([int(np.argmax(phi)), int(np.argmin(phi))]))
     others = [u for u in rng.permutation(bounds.size).tolist() if u not in chosen]
@@ -425,7 +427,7 @@ def soundness(
             found.certified[name] = found.certified.get(name, 0) + bool(result.eva.certified)
             for region, overlaps in regional.items():
                 found.regions.setdefault(name, Tally()).add(
-                    overlaps, float(result.eva.region_bounds[region])
+                    overlaps, float(result.eva.region_bounds.flat[region])
                 )
     found.evaluations = direct.passes
     found.seconds = time.monotonic() - started
