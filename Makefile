@@ -131,6 +131,7 @@ bench: setup
 	$(PY) bench/graph.py
 	$(PY) bench/concepts.py
 	$(PY) bench/maco.py
+	$(PY) bench/eva.py
 
 # Load: 32 concurrent Explain streams for 150 s against a stack of its own, then the hostile
 # clients at full size; writes docs/results/soak.md (and image_fuzz.md: 200,000 damaged
@@ -149,6 +150,7 @@ validate: up
 	$(PY) bench/validate_attribution.py
 	$(PY) bench/validate_causal_graph.py
 	$(PY) bench/validate_concepts.py
+	$(PY) bench/validate_eva.py
 
 # Retrain the synthetic classifiers (deterministic; the committed weights came from this).
 weights: setup fold-weights
