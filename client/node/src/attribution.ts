@@ -9,6 +9,8 @@ import type { AttributeAccepted__Output } from "./generated/propscope/v1/Attribu
 import type { AttributeRequest } from "./generated/propscope/v1/AttributeRequest";
 import type { AttributionMap } from "./generated/propscope/v1/AttributionMap";
 import type { AttributionResult__Output } from "./generated/propscope/v1/AttributionResult";
+import type { EvaOptions } from "./generated/propscope/v1/EvaOptions";
+import type { EvaResult__Output } from "./generated/propscope/v1/EvaResult";
 import type { EvaluateAttributionRequest } from "./generated/propscope/v1/EvaluateAttributionRequest";
 import type { EvaluationAccepted__Output } from "./generated/propscope/v1/EvaluationAccepted";
 import type { MetricResult__Output } from "./generated/propscope/v1/MetricResult";
@@ -18,7 +20,9 @@ import type { RiseOptions } from "./generated/propscope/v1/RiseOptions";
 import type { SobolOptions } from "./generated/propscope/v1/SobolOptions";
 import { encodeImage, type ImageInput } from "./images";
 
-export type Method = "sobol" | "rise";
+export type Method = "sobol" | "rise" | "eva";
+/** EVA's bound propagation: CROWN-IBP (the server's default, never looser) or interval bounds. */
+export type Bound = "crown" | "ibp";
 export type Estimator = "jansen" | "homma" | "janon" | "glen_isaacs" | "saltelli";
 /** Unset: the logit of a logits model, else the log-odds (the result says which). */
 export type TargetScore = "probability" | "logit" | "log_odds";
@@ -30,9 +34,9 @@ export const METRICS: readonly Metric[] = ["deletion", "insertion", "mu_fidelity
 
 /** The method's options; 0 or unset means the server's default. */
 export interface MethodOptions {
-  /** "sobol" (the default) or "rise". */
+  /** "sobol" (the default), "rise" or "eva" (an open model with the `bounds` capability). */
   method?: Method;
-  /** Cells per side (Sobol: 8, RISE: 7). */
+  /** Cells per side (Sobol: 8, RISE: 7, EVA: 8). */
   gridSize?: number;
   /** Sobol: N, a power of two (32); N (g² + 2) forward passes. */
   nbDesign?: number;
@@ -46,6 +50,14 @@ export interface MethodOptions {
   nbSamples?: number;
   /** RISE: the probability a cell is kept, in (0, 1) (0.5). */
   preservationProbability?: number;
+  /** EVA: the l-inf radius as a fraction of the pixel range, in (0, 1] (8/255). */
+  epsilon?: number;
+  /** EVA: the bound propagation (crown). */
+  bound?: Bound;
+  /** EVA: a declared layer to verify from (hybrid: NOT guaranteed); unset: from the input. */
+  hybridLayer?: string;
+  /** EVA: points sampled in the ball, 1..65536 (256). */
+  samples?: number;
 }
 
 export interface PerturbationOptions {
@@ -131,6 +143,10 @@ const KINDS: Record<PerturbationKind, string> = {
   blur: "KIND_BLUR",
   amplitude: "KIND_AMPLITUDE",
 };
+const BOUNDS: Record<Bound, string> = {
+  crown: "BOUND_METHOD_CROWN",
+  ibp: "BOUND_METHOD_IBP",
+};
 const BASELINES: Record<Baseline, string> = {
   input_zero: "BASELINE_INPUT_ZERO",
   black: "BASELINE_BLACK",
@@ -180,10 +196,21 @@ export function modelRef(options: ModelOptions): ModelRef {
   };
 }
 
-/** `{ sobol: ... }` or `{ rise: ... }`: the method oneof of a request or StabilityOptions. */
-function methodMessage(options: MethodOptions): { sobol: SobolOptions } | { rise: RiseOptions } {
-  counts(options as Record<string, unknown>, ["gridSize", "nbDesign", "nbSamples"]);
+/** `{ sobol }`, `{ rise }` or `{ eva }`: the method oneof of a request or StabilityOptions. */
+function methodMessage(
+  options: MethodOptions,
+): { sobol: SobolOptions } | { rise: RiseOptions } | { eva: EvaOptions } {
+  counts(options as Record<string, unknown>, ["gridSize", "nbDesign", "nbSamples", "samples"]);
   const method = options.method ?? "sobol";
+  const evaGiven =
+    options.epsilon !== undefined ||
+    options.bound !== undefined ||
+    options.hybridLayer ||
+    options.samples;
+  if (method !== "eva" && evaGiven) {
+    throw new Error("epsilon, bound, hybridLayer and samples are EVA options (method: \"eva\")");
+  }
+  if (method === "eva") return { eva: evaMessage(options) };
   if (method === "sobol") {
     if (options.nbSamples || options.preservationProbability !== undefined) {
       throw new Error("nbSamples and preservationProbability are RISE options");
@@ -221,7 +248,56 @@ function methodMessage(options: MethodOptions): { sobol: SobolOptions } | { rise
       },
     };
   }
-  throw new Error(`method must be sobol or rise, got '${method}'`);
+  throw new Error(`method must be sobol, rise or eva, got '${method}'`);
+}
+
+/** EVA's options, checked against the ranges attribution.proto fixes. */
+function evaMessage(options: MethodOptions): EvaOptions {
+  const sobolGiven =
+    options.nbDesign || options.estimator !== undefined || options.perChannel || options.scrambled;
+  if (sobolGiven) {
+    throw new Error("nbDesign, estimator, perChannel and scrambled are Sobol options, not EVA's");
+  }
+  if (options.nbSamples || options.preservationProbability !== undefined) {
+    throw new Error(
+      "nbSamples and preservationProbability are RISE options; EVA's sampled points are samples",
+    );
+  }
+  const grid = options.gridSize ?? 0;
+  if (grid && !(grid >= 2 && grid <= 32)) {
+    throw new Error(`gridSize must be in 2..32 (0: the server's default, 8), got ${grid}`);
+  }
+  fraction("epsilon", options.epsilon, true);
+  const samples = options.samples ?? 0;
+  if (samples > 65536) throw new Error(`samples must be in 1..65536 (256), got ${samples}`);
+  if (options.hybridLayer !== undefined && typeof options.hybridLayer !== "string") {
+    throw new Error("hybridLayer must be a declared layer's name (a string)");
+  }
+  return {
+    gridSize: grid,
+    ...(options.epsilon === undefined ? {} : { epsilon: options.epsilon }),
+    bound: (word(BOUNDS, options.bound, "bound") ??
+      "BOUND_METHOD_UNSPECIFIED") as EvaOptions["bound"],
+    hybridLayer: options.hybridLayer ?? "",
+    samples,
+  };
+}
+
+/** EVA bounds logit margins over an epsilon ball: no other target score, no masked pixels. */
+function evaRequestChecks(options: AttributeOptions): void {
+  if (options.targetScore !== undefined && options.targetScore !== "logit") {
+    throw new Error(`targetScore must be logit (or unset) for EVA, got '${options.targetScore}'`);
+  }
+  if (
+    options.perturbation !== undefined ||
+    options.baseline !== undefined ||
+    options.blurSigma !== undefined
+  ) {
+    throw new Error(
+      "perturbation, baseline and blurSigma set how Sobol and RISE mask pixels; EVA perturbs " +
+        "every pixel within epsilon: leave them out",
+    );
+  }
 }
 
 function perturbationMessage(options: PerturbationOptions): Perturbation {
@@ -250,6 +326,7 @@ function targetScoreEnum(value: TargetScore | undefined) {
  * an Error naming the option to fix (the options are checked before the image is read).
  */
 export async function buildAttributeRequest(options: AttributeOptions): Promise<AttributeRequest> {
+  if (options.method === "eva") evaRequestChecks(options);
   return {
     requestId: options.requestId ?? "",
     model: modelRef(options),
@@ -347,6 +424,33 @@ export async function buildEvaluateAttributionRequest(
   return request;
 }
 
+/** What an EVA map rests on (docs/eva.md). */
+export interface EvaBounds {
+  /** Verified from the input; false for a hybrid from `hybridLayer` (its layer box is sampled). */
+  guaranteed: boolean;
+  /** "verified (guaranteed)" or "hybrid from LAYER: NOT guaranteed". */
+  guarantee: string;
+  bound: Bound;
+  /** The radius as a fraction of the pixel range, and per input channel in input units. */
+  epsilon: number;
+  epsilonInput: number[];
+  hybridLayer: string;
+  /** Upper bound of the adversarial overlap over the ball (every region perturbed). */
+  overlapBound: number;
+  /** The highest overlap among the sampled points: a lower bound of the true overlap. */
+  sampledOverlap: number;
+  samples: number;
+  adversaryClass: number;
+  adversaryLabel: string;
+  /** The bound with each cell held fixed, row-major g x g (the grid is overlapBound minus it). */
+  regionBounds: Float64Array;
+  /** overlapBound < 0: no input of the ball makes another class reach the target. */
+  certified: boolean;
+  boundPasses: number;
+  /** uint64, a decimal string. */
+  samplePasses: string;
+}
+
 /** One attribution map with the plan the server accepted. */
 export interface Attribution {
   requestId: string;
@@ -366,6 +470,8 @@ export interface Attribution {
   targetLabel: string;
   targetScore: string;
   totalMs: number;
+  /** EVA only: the bounds the map rests on; null for Sobol and RISE. */
+  eva: EvaBounds | null;
 }
 
 /** The fidelity of one map: the accepted plan and a result per metric, in server order. */
@@ -400,9 +506,12 @@ export function attributionFrom(
     }
     channelGrid = Float32Array.from(result.channelGrid);
   }
+  const method: Method =
+    accepted.method === "rise" || accepted.method === "eva" ? accepted.method : "sobol";
+  if (method === "eva" && !result.eva) throw new Error("an EVA map without its bounds (eva)");
   return {
     requestId,
-    method: accepted.method === "rise" ? "rise" : "sobol",
+    method,
     map: mapArray(result.map),
     grid,
     channelGrid,
@@ -414,5 +523,31 @@ export function attributionFrom(
     targetLabel: result.targetLabel || accepted.targetLabel,
     targetScore: result.targetScore,
     totalMs: result.totalMs,
+    eva: method === "eva" && result.eva ? evaBounds(result.eva, grid.values.length) : null,
+  };
+}
+
+function evaBounds(message: EvaResult__Output, cells: number): EvaBounds {
+  if (message.regionBounds.length !== cells) {
+    throw new Error(`eva.regionBounds: ${message.regionBounds.length} values for ${cells} cells`);
+  }
+  return {
+    guaranteed: message.guaranteed,
+    guarantee: message.guaranteed
+      ? "verified (guaranteed)"
+      : `hybrid from ${message.hybridLayer}: NOT guaranteed`,
+    bound: message.bound === "BOUND_METHOD_IBP" ? "ibp" : "crown",
+    epsilon: message.epsilon,
+    epsilonInput: message.epsilonInput.map(Number),
+    hybridLayer: message.hybridLayer,
+    overlapBound: message.overlapBound,
+    sampledOverlap: message.sampledOverlap,
+    samples: message.samples,
+    adversaryClass: message.adversaryClass,
+    adversaryLabel: message.adversaryLabel,
+    regionBounds: Float64Array.from(message.regionBounds.map(Number)),
+    certified: message.certified,
+    boundPasses: message.boundPasses,
+    samplePasses: String(message.samplePasses),
   };
 }

@@ -89,7 +89,9 @@ export {
   type Attribution,
   type AttributeOptions,
   type Baseline,
+  type Bound,
   type Estimator,
+  type EvaBounds,
   type EvaluateOptions,
   type Evaluation,
   type MapArray,
@@ -227,9 +229,9 @@ export interface PropscopeClient {
    */
   explain(request: ExplainRequest, options?: CallOptions): AsyncIterable<ExplainEvent>;
   /**
-   * One attribution map of `options.model` on `options.image` (Sobol by default, or RISE),
-   * computed black-box; resolves when the map is done. Bad options throw before anything is
-   * sent; a failed call rejects with a PropscopeError.
+   * One attribution map of `options.model` on `options.image` (Sobol by default, RISE, or
+   * EVA's verified bounds on an open model); resolves when the map is done. Bad options throw
+   * before anything is sent; a failed call rejects with a PropscopeError.
    */
   attribute(options: AttributeOptions, callOptions?: AttributionCallOptions): Promise<Attribution>;
   /**

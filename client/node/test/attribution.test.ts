@@ -17,6 +17,7 @@ import {
   buildEvaluateAttributionRequest,
   createClient,
   PropscopeError,
+  type AttributeOptions,
   type AttributeProgress,
   type PropscopeClient,
 } from "../src";
@@ -71,6 +72,10 @@ function attribute(call: grpc.ServerWritableStream<AttributeRequest__Output, Att
     });
     return;
   }
+  if (request.method === "eva") {
+    evaAnswer(call);
+    return;
+  }
   const rise = request.method === "rise";
   const grid = (rise ? request.rise?.gridSize : request.sobol?.gridSize) || 2;
   const passes = rise ? 100 : 32 * (grid * grid + 2);
@@ -103,6 +108,45 @@ function attribute(call: grpc.ServerWritableStream<AttributeRequest__Output, Att
       targetClass: 0,
       targetScore: "TARGET_SCORE_PROBABILITY",
       totalMs: 5,
+    },
+  });
+  call.end();
+}
+
+/** An EVA map: a hybrid is not guaranteed; "eva-malformed" sends too few region bounds. */
+function evaAnswer(call: grpc.ServerWritableStream<AttributeRequest__Output, AttributeEvent>) {
+  const { eva, model } = call.request;
+  const grid = eva?.gridSize || 2;
+  call.write({
+    accepted: {
+      method: "eva",
+      plannedForwardPasses: grid * grid + 1,
+      eva: { ...eva, gridSize: grid, bound: "BOUND_METHOD_CROWN", samples: eva?.samples || 256 },
+    },
+  });
+  const cells = model?.name === "eva-malformed" ? grid * grid - 1 : grid * grid;
+  call.write({
+    result: {
+      map: { height: HEIGHT, width: WIDTH, values: MAP.flat() },
+      grid: { height: grid, width: grid, values: Array.from({ length: grid * grid }, (_, i) => i) },
+      forwardPasses: grid * grid + 1,
+      targetScore: "TARGET_SCORE_LOGIT",
+      eva: {
+        guaranteed: !eva?.hybridLayer,
+        bound: "BOUND_METHOD_CROWN",
+        epsilon: 8 / 255,
+        epsilonInput: [0.1, 0.2, 0.3],
+        hybridLayer: eva?.hybridLayer ?? "",
+        overlapBound: -1.5,
+        adversaryClass: 2,
+        adversaryLabel: "square",
+        sampledOverlap: -3.25,
+        samples: 256,
+        regionBounds: Array.from({ length: cells }, (_, i) => -2 - i),
+        certified: true,
+        boundPasses: grid * grid + 1,
+        samplePasses: "12345678901",
+      },
     },
   });
   call.end();
@@ -251,6 +295,77 @@ test("bad options are refused before anything is sent", async () => {
     /NaN or infinite/,
   );
   await assert.doesNotReject(buildEvaluateAttributionRequest({ ...base, metrics: ["stability"] }));
+});
+
+test("attribute with EVA sends its options and returns its bounds", async () => {
+  const found = await client.attribute({
+    image: IMAGE,
+    model: "m",
+    method: "eva",
+    gridSize: 3,
+    epsilon: 0.02,
+    bound: "ibp",
+    samples: 64,
+  });
+  const request = received.attribute.at(-1)!;
+  assert.equal(request.method, "eva");
+  assert.equal(request.eva?.gridSize, 3);
+  assert.ok(Math.abs((request.eva?.epsilon ?? 0) - 0.02) < 1e-7);
+  assert.equal(request.eva?.bound, "BOUND_METHOD_IBP");
+  assert.equal(request.eva?.samples, 64);
+  assert.equal(found.method, "eva");
+  const eva = found.eva!;
+  assert.equal(eva.guarantee, "verified (guaranteed)");
+  assert.deepEqual([eva.overlapBound, eva.sampledOverlap, eva.certified], [-1.5, -3.25, true]);
+  assert.deepEqual([eva.adversaryClass, eva.adversaryLabel], [2, "square"]);
+  assert.ok(eva.regionBounds instanceof Float64Array);
+  assert.deepEqual(Array.from(eva.regionBounds), [-2, -3, -4, -5, -6, -7, -8, -9, -10]);
+  assert.equal(eva.samplePasses, "12345678901");
+
+  const hybrid = await client.attribute({
+    image: IMAGE,
+    model: "m",
+    method: "eva",
+    hybridLayer: "features.3",
+  });
+  assert.equal(received.attribute.at(-1)!.eva?.bound, "BOUND_METHOD_UNSPECIFIED");
+  assert.equal(received.attribute.at(-1)!.eva?.epsilon, undefined);
+  assert.equal(hybrid.eva?.guaranteed, false);
+  assert.equal(hybrid.eva?.guarantee, "hybrid from features.3: NOT guaranteed");
+  const sobol = await client.attribute({ image: IMAGE, model: "m" });
+  assert.equal(sobol.eva, null);
+  await assert.rejects(
+    client.attribute({ image: IMAGE, model: "eva-malformed", method: "eva" }),
+    /regionBounds: 3 values for 4 cells/,
+  );
+});
+
+test("bad EVA options are refused before anything is sent", async () => {
+  const eva = { image: IMAGE, model: "m", method: "eva" as const };
+  const refusals: [Partial<AttributeOptions>, RegExp][] = [
+    [{ epsilon: 0 }, /epsilon must be in \(0, 1\]/],
+    [{ epsilon: 2 }, /epsilon must be in/],
+    [{ epsilon: NaN }, /epsilon must be in/],
+    [{ bound: "zono" as never }, /bound must be one of/],
+    [{ gridSize: 40 }, /gridSize must be in 2..32/],
+    [{ samples: 70000 }, /samples must be in/],
+    [{ samples: -1 }, /samples must be an integer/],
+    [{ nbDesign: 32 }, /Sobol options/],
+    [{ nbSamples: 10 }, /RISE options/],
+    [{ targetScore: "probability" }, /targetScore must be logit/],
+    [{ baseline: "black" }, /leave them out/],
+  ];
+  for (const [options, message] of refusals) {
+    await assert.rejects(buildAttributeRequest({ ...eva, ...options }), message);
+  }
+  await assert.rejects(
+    buildAttributeRequest({ image: IMAGE, model: "m", epsilon: 0.1 }),
+    /are EVA options/,
+  );
+  await assert.rejects(
+    buildAttributeRequest({ image: IMAGE, model: "m", method: "rise", samples: 5 }),
+    /are EVA options/,
+  );
 });
 
 test("a refusal is a PropscopeError with the field to fix", async () => {
