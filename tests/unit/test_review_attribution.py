@@ -16,7 +16,13 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from propscope._attribution import Attribution, PerturbationSettings, SobolOptions
+from propscope._attribution import (
+    Attribution,
+    EvaOptions,
+    EvaResult,
+    PerturbationSettings,
+    SobolOptions,
+)
 from propscope._events import ModelRole
 from propscope._properties import Box
 from propscope.review.report import render_html, render_markdown, write_reports
@@ -168,13 +174,18 @@ class AttributingClient(FakeClient):
         values = np.full((height, width), 10.0 - index, dtype=np.float32)
         values[height // 2 :, width // 2 :] = index
         values.flags.writeable = False
+        eva = _eva(options) if options["method"] == "eva" else None
         return Attribution(
             request_id="",
             method=options["method"],
             map=values,
             grid=values,
             channel_grid=None,
-            options=SobolOptions(options["grid_size"], options["nb_design"], "jansen", False),
+            options=(
+                SobolOptions(options["grid_size"], options["nb_design"], "jansen", False)
+                if eva is None
+                else EvaOptions(8, 8 / 255, "crown", options["hybrid_layer"], 256)
+            ),
             perturbation=PerturbationSettings("inpainting", "input_zero", 0.0),
             perturbation_description="inpainting toward black",
             target_score="probability",
@@ -187,7 +198,27 @@ class AttributingClient(FakeClient):
             cache_hit=False,
             total_ms=1.0,
             model_version="7",
+            eva=eva,
         )
+
+
+def _eva(options: dict) -> EvaResult:
+    return EvaResult(
+        guaranteed=not options["hybrid_layer"],
+        bound="crown",
+        epsilon=8 / 255,
+        epsilon_input=(8.0, 8.0, 8.0),
+        hybrid_layer=options["hybrid_layer"],
+        overlap_bound=-1.0,
+        adversary_class=1,
+        adversary_label="square",
+        sampled_overlap=-2.0,
+        samples=256,
+        region_bounds=np.full((8, 8), -1.5),
+        certified=True,
+        bound_passes=65,
+        sample_passes=256,
+    )
 
 
 def _expected_share(index: int) -> float:
@@ -243,6 +274,34 @@ def test_reports_show_the_overlays_and_json_keeps_the_shares(tmp_path):
         [_expected_share(i) for i in range(3)]
     )
     assert "overlay" not in document["attributions"][0]
+
+
+@pytest.mark.parametrize(
+    ("hybrid_layer", "guarantee"),
+    [("", "verified (guaranteed)"), ("features.3", "hybrid from features.3: NOT guaranteed")],
+)
+def test_eva_maps_are_checked_and_shown_with_their_guarantee(tmp_path, hybrid_layer, guarantee):
+    client = AttributingClient(methods=("propgrad", "eva"))
+    attribution = {"method": "eva", "epsilon": 0.02, "hybrid_layer": hybrid_layer}
+    rule = {**share_rule(), "attribution": attribution}
+    result = run_review(spec(rules=[rule]), make_images(tmp_path, 2), client)
+    call = client.attribute_calls[0]
+    assert (call["method"], call["epsilon"], call["hybrid_layer"]) == ("eva", 0.02, hybrid_layer)
+    assert "nb_design" not in call and call["target_score"] == "auto"
+    assert [obs.guarantee for obs in result.shares("watermark")] == [guarantee] * 2
+    assert result.shares("watermark")[0].to_dict()["guarantee"] == guarantee
+    html = render_html(result)
+    assert html.count(f"eva ({guarantee}), class circle") == 2
+    overlays = re.findall(r'<img src="(data:image/png;base64,[^"]+)" alt="watermark: ', html)
+    assert len(overlays) == 2
+
+
+def test_eva_on_a_candidate_without_bounds_stops_the_review_before_any_work(tmp_path):
+    client = AttributingClient(methods=("propgrad", "sobol", "rise"))
+    rule = {**share_rule(), "attribution": {"method": "eva"}}
+    with pytest.raises(ReviewError, match="cannot run eva; .* declares the bounds capability"):
+        run_review(spec(rules=[rule]), make_images(tmp_path, 2), client)
+    assert client.attribute_calls == []
 
 
 def test_a_method_the_candidate_cannot_run_stops_the_review_before_any_work(tmp_path):

@@ -155,6 +155,57 @@ def test_spec_errors_name_the_problem(tmp_path, change, message):
     assert message in str(raised.value)
 
 
+SHARE_RULE = "rules: [{rule: max_attribution_share, region: {box: [0, 0, 0.5, 0.5]}, max: 0.2, "
+
+
+@pytest.mark.parametrize(
+    ("attribution", "message"),
+    [
+        (
+            "{method: eva, bound: zono}",
+            "rules[0].attribution.bound: 'zono' is not one of crown, ibp",
+        ),
+        ("{method: eva, epsilon: 0}", "rules[0].attribution.epsilon: should be greater than 0"),
+        ("{method: eva, epsilon: 1.5}", "rules[0].attribution.epsilon: should be less than or"),
+        ("{method: eva, samples: 0}", "rules[0].attribution.samples: should be greater than or"),
+        ("{method: eva, grid_size: 40}", "rules[0].attribution: EVA's grid_size must be in 2..32"),
+        (
+            "{method: eva, epsilom: 0.1}",
+            "attribution.epsilom: unknown key (did you mean 'epsilon'?)",
+        ),
+        ("{method: eva, nb_samples: 9}", "EVA's sampled points are samples"),
+        ("{method: eva, baseline: black}", "EVA perturbs every pixel within epsilon"),
+        (
+            "{method: eva, target_score: probability}",
+            "target_score must be auto or logit, got 'probability'",
+        ),
+        ("{hybrid_layer: features.3}", "are EVA options (method: eva)"),
+    ],
+)
+def test_eva_attribution_problems_name_the_key(tmp_path, attribution, message):
+    write_set(tmp_path, ["0"])
+    text = MINIMAL + SHARE_RULE + f"attribution: {attribution}}}]\n"
+    with pytest.raises(SpecError, match="review.yaml") as raised:
+        load_spec(spec_file(tmp_path, text))
+    assert message in str(raised.value)
+
+
+def test_an_eva_attribution_reaches_the_client_as_written(tmp_path):
+    write_set(tmp_path, ["0"])
+    attribution = (
+        "{method: eva, epsilon: 0.02, bound: ibp, grid_size: 4, hybrid_layer: features.3, "
+        "samples: 16}"
+    )
+    spec, _ = load_spec(
+        spec_file(tmp_path, MINIMAL + SHARE_RULE + f"attribution: {attribution}}}]\n")
+    )
+    options = spec.attribution_rules()[0].attribution.client_options()
+    assert options["method"] == "eva" and options["bound"] == "ibp"
+    assert (options["epsilon"], options["grid_size"], options["samples"]) == (0.02, 4, 16)
+    assert options["hybrid_layer"] == "features.3"
+    assert [c.methods for c in spec.service_checks().classifiers][0] == ("propgrad", "eva")
+
+
 def test_models_take_preprocessing_and_labels_and_properties_take_regions(tmp_path):
     write_set(tmp_path, ["0"])
     Image.new("L", (4, 4), 255).save(tmp_path / "mask.png")

@@ -118,6 +118,8 @@ class AttributionObservation:
     target_label: str = ""
     # The heat map over the image with the region outlined (a PNG thumbnail), for the HTML.
     overlay: bytes = b""
+    # EVA maps: "verified (guaranteed)" or "hybrid from LAYER: NOT guaranteed"; else empty.
+    guarantee: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclass_dict(self, skip=("overlay",))

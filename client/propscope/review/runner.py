@@ -448,6 +448,7 @@ def _share_observation(
         overlay=_overlay_thumbnail(
             encoded, found, (col0 / width, row0 / height, col1 / width, row1 / height)
         ),
+        guarantee=found.eva.guarantee if found.eva is not None else "",
     )
 
 

@@ -372,9 +372,10 @@ AccuracyRule = MinAccuracyRule | NoAccuracyRegressionRule
 class AttributionSpec(_Strict):
     """How the attribution maps of ``max_attribution_share`` are computed (``Client.attribute``'s
     options). Unset sizes are Sobol's paper defaults, grid 8 and N 32 (2112 forward passes per
-    image), or the server's RISE defaults."""
+    image), or the server's RISE and EVA defaults. EVA needs an open model with the ``bounds``
+    capability; its map is verified (guaranteed) unless ``hybrid_layer`` is given."""
 
-    method: Literal["sobol", "rise"] = "sobol"
+    method: Literal["sobol", "rise", "eva"] = "sobol"
     grid_size: int | None = Field(None, ge=2, le=64)
     # Sobol: N, a power of two.
     nb_design: int | None = Field(None, ge=2, le=1024)
@@ -385,6 +386,12 @@ class AttributionSpec(_Strict):
     # RISE: masks, and the probability a cell is kept.
     nb_samples: int | None = Field(None, ge=1)
     preservation_probability: float | None = Field(None, gt=0, lt=1)
+    # EVA: the l-inf radius as a fraction of the pixel range (server default 8/255), the bound
+    # propagation, a declared layer to verify from (NOT guaranteed), the points sampled.
+    epsilon: float | None = Field(None, gt=0, le=1)
+    bound: Literal["crown", "ibp"] | None = None
+    hybrid_layer: str = ""
+    samples: int | None = Field(None, ge=1, le=65536)
     target_score: Literal["auto", "probability", "logit", "log_odds"] = "auto"
     perturbation: Literal["inpainting", "blur", "amplitude"] = "inpainting"
     baseline: Literal["input_zero", "black", "mean_colour", "blur"] = "input_zero"
@@ -393,7 +400,14 @@ class AttributionSpec(_Strict):
 
     @model_validator(mode="after")
     def _method_options(self) -> AttributionSpec:
-        if self.method == "sobol":
+        eva_given = (self.epsilon, self.bound, self.samples) != (None, None, None)
+        if self.method != "eva" and (eva_given or self.hybrid_layer):
+            raise ValueError(
+                "epsilon, bound, hybrid_layer and samples are EVA options (method: eva)"
+            )
+        if self.method == "eva":
+            self._eva_options()
+        elif self.method == "sobol":
             if self.nb_samples is not None or self.preservation_probability is not None:
                 raise ValueError("nb_samples and preservation_probability are RISE options")
             if self.nb_design is not None and self.nb_design & (self.nb_design - 1):
@@ -407,6 +421,32 @@ class AttributionSpec(_Strict):
             raise ValueError("nb_design, estimator, per_channel and scrambled are Sobol options")
         return self
 
+    def _eva_options(self) -> None:
+        if (
+            self.nb_design is not None
+            or self.per_channel
+            or self.scrambled
+            or self.estimator != "jansen"
+        ):
+            raise ValueError("nb_design, estimator, per_channel and scrambled are Sobol options")
+        if self.nb_samples is not None or self.preservation_probability is not None:
+            raise ValueError(
+                "nb_samples and preservation_probability are RISE options; EVA's sampled "
+                "points are samples"
+            )
+        if self.grid_size is not None and self.grid_size > 32:
+            raise ValueError(f"EVA's grid_size must be in 2..32, got {self.grid_size}")
+        if self.target_score not in ("auto", "logit"):
+            raise ValueError(
+                f"EVA bounds logit margins: target_score must be auto or logit, got "
+                f"{self.target_score!r}"
+            )
+        if (self.perturbation, self.baseline, self.blur_sigma) != ("inpainting", "input_zero", 0):
+            raise ValueError(
+                "perturbation, baseline and blur_sigma set how Sobol and RISE mask pixels; "
+                "EVA perturbs every pixel within epsilon: leave them out"
+            )
+
     def client_options(self) -> dict[str, Any]:
         """The keywords of ``Client.attribute``."""
         options: dict[str, Any] = {
@@ -417,7 +457,15 @@ class AttributionSpec(_Strict):
             "blur_sigma": self.blur_sigma,
             "seed": self.seed,
         }
-        if self.method == "sobol":
+        if self.method == "eva":
+            options.update(
+                grid_size=self.grid_size or 0,
+                epsilon=self.epsilon,
+                bound=self.bound,
+                hybrid_layer=self.hybrid_layer,
+                samples=self.samples or 0,
+            )
+        elif self.method == "sobol":
             options.update(
                 grid_size=self.grid_size or 8,
                 nb_design=self.nb_design or 32,
