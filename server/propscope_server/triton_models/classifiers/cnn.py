@@ -53,7 +53,13 @@ def normalise_uint8_hwc(images: np.ndarray) -> torch.Tensor:
     """
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 [B, H, W, 3], got {images.dtype} {images.shape}")
-    tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    return normalise_pixels_hwc(torch.from_numpy(np.ascontiguousarray(images)).float())
+
+
+def normalise_pixels_hwc(pixels: torch.Tensor) -> torch.Tensor:
+    """FP32 pixel values [B, H, W, 3] (any in [0, 255], not only integers: the ends of a
+    bound box) -> normalised FP32 NCHW, by the same arithmetic as normalise_uint8_hwc."""
+    tensor = pixels.permute(0, 3, 1, 2)
     mean = torch.tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1)
     return ((tensor / 255.0 - mean) / std).contiguous()

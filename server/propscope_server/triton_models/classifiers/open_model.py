@@ -7,7 +7,8 @@ order) and the optional tensors of docs/own-models.md ("Open models"). `OpenMode
 checks the layers by one dry forward pass, then serves forward passes that may
 replace a layer's whole output, intervene on a channel, patch a channel's map, and return
 channel means, one layer's activations and gradients (of a class output or of a direction
-in a layer's channels), per sample. Without optional inputs and outputs (and no
+in a layer's channels), and bounds of the logit margins over a box around the input
+(bounds.py), per sample. Without optional inputs and outputs (and no
 permanent ablation) the forward pass is the plain module's, bit for bit. Triton's
 tensors come in and go out as numpy; nothing here imports Triton.
 """
@@ -27,12 +28,15 @@ from torch import nn
 
 from propscope_server.open_contract import (
     BOUND,
+    BOUND_METHODS,
     BOUND_OUTPUTS,
+    BOUND_UNSUPPORTED,
     CAPABILITIES_PARAMETER,
     DIRECTION,
     GRADIENT_OUTPUTS,
     INTERVENE,
     LAYERS_PARAMETER,
+    MAX_BOUND_SAMPLES,
     OPTIONAL_INPUTS,
     OPTIONAL_OUTPUTS,
     PATCH,
@@ -41,6 +45,7 @@ from propscope_server.open_contract import (
     declared_capabilities,
     parse_layers,
 )
+from propscope_server.triton_models.classifiers.bounds import BoundedNetwork
 
 NEED_LAYERS = {"activations", "interventions"}
 ABLATION_FILE = "propscope_ablation.json"
@@ -50,6 +55,9 @@ NEEDS_INPUT = {
     **dict.fromkeys(GRADIENT_OUTPUTS, "GRADIENT_CLASS"),
     **dict.fromkeys(BOUND_OUTPUTS, "BOUND_RADIUS"),
 }
+# The per-sample radius [B, n] -> the box (lower, upper) in the network's input space;
+# the adapters give one where their input needs preprocessing.
+BoxFunction = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -188,6 +196,7 @@ class _Call:
     intervene: tuple[torch.Tensor, ...] | None = None  # layer, channel, t, b
     patch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # layer, channel, value
     means: bool = False
+    bound: dict[str, np.ndarray] | None = None  # the BOUND inputs, checked, [B] or [B, n]
     activation_layer: int | None = None
     gradients: bool = False
     seen_means: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -220,6 +229,16 @@ class OpenModel:
         self.output_name = output_name
         self.name = name
         self._call: _Call | None = None
+        # Traced before the hooks exist; never fails the load (bound requests get the
+        # refusal), and none with a permanent ablation the trace would not see.
+        self.bounded = BoundedNetwork(
+            self.network, dry_input, [layer.name for layer in self.layers], output_name
+        )
+        if self.ablation:
+            self.bounded.refusal = (
+                f"{BOUND_UNSUPPORTED}a version with a permanent ablation ({ABLATION_FILE}); "
+                "bound the version without it"
+            )
         modules = dict(network.named_modules())
         for index, layer in enumerate(self.layers):
             if layer.name not in modules or not layer.name:
@@ -373,10 +392,13 @@ class OpenModel:
         inputs: torch.Tensor,
         optional: Mapping[str, np.ndarray | None] | None = None,
         requested: Collection[str] = (),
+        box: BoxFunction | None = None,
     ) -> dict[str, np.ndarray]:
         """One batch: `inputs` is the network's input (already preprocessed), `optional`
         the optional input arrays by name (absent or None = not sent), `requested` the
-        optional outputs asked for. Returns "scores" and each requested output."""
+        optional outputs asked for, `box` the map of BOUND_RADIUS to the network's input
+        box (default: inputs +- radius, clipped to [0, 255] for a uint8 input). Returns
+        "scores" and each requested output."""
         present = {k: v for k, v in (optional or {}).items() if v is not None}
         wanted = [name for name in requested if name in OPTIONAL_OUTPUTS]
         if not present and not wanted and not self.ablation:
@@ -387,12 +409,66 @@ class OpenModel:
         self._call = call
         try:
             if call.gradients:
-                return self._with_gradients(call, inputs, present, wanted)
-            with torch.inference_mode():
-                scores = self._forward(inputs)
-            return {"scores": scores.detach().numpy(), **self._recorded(call, wanted)}
+                results = self._with_gradients(call, inputs, present, wanted)
+            else:
+                with torch.inference_mode():
+                    scores = self._forward(inputs)
+                results = {"scores": scores.detach().numpy(), **self._recorded(call, wanted)}
         finally:
             self._call = None
+        if call.bound is not None and any(name in wanted for name in BOUND_OUTPUTS):
+            results.update(
+                self._bounds(call.bound, inputs, box, results["scores"].shape[1], wanted)
+            )
+        return results
+
+    def _bounds(
+        self,
+        bound: Mapping[str, np.ndarray],
+        inputs: torch.Tensor,
+        box: BoxFunction | None,
+        classes: int,
+        wanted: Sequence[str],
+    ) -> dict[str, np.ndarray]:
+        """BOUND_MARGIN and SAMPLED_MARGIN of each sample (bounds.py), outside
+        inference mode: the backward pass takes adjoints by autograd."""
+        radius = bound["BOUND_RADIUS"]
+        size = math.prod(inputs.shape[1:])
+        if radius.shape[1] != size:
+            raise ValueError(
+                f"BOUND_RADIUS has {radius.shape[1]} values per sample; the image input has "
+                f"{size} (one per element, in the input's own layout)"
+            )
+        target = bound["BOUND_CLASS"]
+        bad = (target < 0) | (target >= classes)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise ValueError(
+                f"BOUND_CLASS[{row}] is {target[row]}; the model outputs {classes} classes "
+                f"(0..{classes - 1})"
+            )
+        for layer in sorted(set(bound["BOUND_LAYER"].tolist())):
+            self.bounded.check(int(layer))
+        if box is None:
+            lower, upper = _default_box(inputs, radius)
+        else:
+            lower, upper = box(radius)
+        margins, sampled = self.bounded.margins(
+            lower,
+            upper,
+            inputs.detach().float(),
+            target.tolist(),
+            bound["BOUND_METHOD"].tolist(),
+            bound["BOUND_LAYER"].tolist(),
+            bound["BOUND_SAMPLES"].tolist(),
+            bound["BOUND_SEED"].tolist(),
+        )
+        outputs = {"BOUND_MARGIN": margins, "SAMPLED_MARGIN": sampled}
+        return {
+            name: outputs[name].numpy().astype(np.float32, copy=False)
+            for name in BOUND_OUTPUTS
+            if name in wanted
+        }
 
     def _with_gradients(
         self,
@@ -487,7 +563,7 @@ class OpenModel:
         call = _Call(means="CHANNEL_MEANS" in wanted)
         n = len(self.layers)
         layer_range = f"0..{n - 1} (-1 = none)" if n else "none declared (-1 = none)"
-        for group in (INTERVENE, PATCH, REPLACE, DIRECTION):
+        for group in (INTERVENE, PATCH, REPLACE, DIRECTION, BOUND):
             given = [name for name in group if name in present]
             if given and len(given) != len(group):
                 missing = [name for name in group if name not in present]
@@ -570,6 +646,14 @@ class OpenModel:
             if batch and not 0 <= chosen[0] < n:
                 raise ValueError(f"ACTIVATION_LAYER is {chosen[0]}; layer indices are 0..{n - 1}")
             call.activation_layer = int(chosen[0]) if batch else None
+        bound_outputs = [name for name in wanted if name in BOUND_OUTPUTS]
+        if bound_outputs and "BOUND_RADIUS" not in present:
+            raise ValueError(
+                f"{', '.join(bound_outputs)} requested without the BOUND inputs; send "
+                f"{', '.join(BOUND)}"
+            )
+        if "BOUND_RADIUS" in present:
+            call.bound = self._check_bound(present, batch)
         gradient_outputs = [name for name in wanted if name in GRADIENT_OUTPUTS]
         if gradient_outputs:
             if "GRADIENT_CLASS" not in present:
@@ -580,6 +664,45 @@ class OpenModel:
                 )
             call.gradients = True
         return call
+
+    def _check_bound(self, present: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+        """The BOUND group checked (the class against the scores later, the radius's
+        length against the input in the pass); bounds are of the plain network, so no
+        edit of a layer may come with them."""
+        edits = [
+            name for name in ("INTERVENE_LAYER", "PATCH_LAYER", "REPLACE_LAYER") if name in present
+        ]
+        if edits:
+            raise ValueError(
+                f"the BOUND inputs come with {', '.join(edits)}; bounds are of the unedited "
+                "network, send them in a request of their own"
+            )
+        radius = self._per_sample(present, "BOUND_RADIUS", batch, "n")
+        if not (np.isfinite(radius).all() and (radius >= 0).all()):
+            raise ValueError("BOUND_RADIUS holds negative, NaN or infinite values; give r >= 0")
+        checked = {"BOUND_RADIUS": radius}
+        for name in BOUND[1:]:
+            checked[name] = _column(present, name, batch).astype(np.int64)
+        method = checked["BOUND_METHOD"]
+        bad = ~np.isin(method, list(BOUND_METHODS))
+        if bad.any():
+            row = int(np.argmax(bad))
+            choices = ", ".join(f"{k} = {v}" for k, v in BOUND_METHODS.items())
+            raise ValueError(f"BOUND_METHOD[{row}] is {method[row]}; give {choices}")
+        n = len(self.layers)
+        layer_range = (
+            f"0..{n - 1} (-1 = from the input)" if n else "none declared (-1 = from the input)"
+        )
+        hybrid = self._check_layer("BOUND_LAYER", checked["BOUND_LAYER"], layer_range)
+        samples = checked["BOUND_SAMPLES"]
+        bad = (samples < 0) | (samples > MAX_BOUND_SAMPLES) | (hybrid & (samples < 1))
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise ValueError(
+                f"BOUND_SAMPLES[{row}] is {samples[row]}; give 0..{MAX_BOUND_SAMPLES}, and at "
+                "least 1 where BOUND_LAYER >= 0 (the hybrid's layer box is sampled)"
+            )
+        return checked
 
     @staticmethod
     def _per_sample(
@@ -623,6 +746,17 @@ def _column(present: Mapping[str, np.ndarray], name: str, batch: int) -> np.ndar
     if array.ndim != 2 or array.shape != (batch, 1):
         raise ValueError(f"{name} must be [B, 1] for a batch of {batch}, got {list(array.shape)}")
     return array[:, 0]
+
+
+def _default_box(inputs: torch.Tensor, radius: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """inputs +- radius in the input's own layout; a uint8 input's box clipped to
+    [0, 255], the values it can take."""
+    centre = inputs.detach().float()
+    r = torch.from_numpy(radius).reshape(centre.shape)
+    lower, upper = centre - r, centre + r
+    if inputs.dtype == torch.uint8:
+        lower, upper = lower.clamp(0, 255), upper.clamp(0, 255)
+    return lower, upper
 
 
 def _spatial_mean(output: torch.Tensor) -> torch.Tensor:

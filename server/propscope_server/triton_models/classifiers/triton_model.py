@@ -20,6 +20,7 @@ from propscope_server.open_contract import LAYERS_PARAMETER, declared_open
 from propscope_server.triton_models.classifiers.cnn import (
     STD,
     load_classifier,
+    normalise_pixels_hwc,
     normalise_uint8_hwc,
 )
 from propscope_server.triton_models.classifiers.open_model import (
@@ -176,7 +177,18 @@ class TritonPythonModel:
             optional[name] = None if tensor is None else tensor.as_numpy()
         sent = [name for name, array in optional.items() if array is not None]
         requested = requested_outputs(request.requested_output_names(), self.optional_outputs, sent)
-        results = self.open(inputs, optional, requested)
+        box = None
+        if self.input_format == "uint8_hwc":
+
+            def box(radius: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+                """The pixel box (clipped to [0, 255], the values a pixel can take),
+                both ends normalised as the input is: std > 0 keeps their order."""
+                pixels = torch.from_numpy(array.astype(np.float32))
+                r = torch.from_numpy(radius).reshape(pixels.shape)
+                lower, upper = (pixels - r).clamp(0, 255), (pixels + r).clamp(0, 255)
+                return normalise_pixels_hwc(lower), normalise_pixels_hwc(upper)
+
+        results = self.open(inputs, optional, requested, box)
         if "INPUT_GRADIENT" in results and self.input_format == "uint8_hwc":
             # Laid out like IMAGE (HWC) and per pixel value: the chain rule through
             # normalise_uint8_hwc, x = (pixel / 255 - mean) / std.

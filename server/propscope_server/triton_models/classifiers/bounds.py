@@ -1,0 +1,870 @@
+"""Bound propagation through an open model, in pure torch: how far any input of an
+l_inf box can push another class's logit above the target's (EVA, docs/eva.md).
+
+The network is traced once with torch.fx into nodes of a few kinds: the input, affine
+operations (convolution, linear, batch norm in eval mode, average pooling, means,
+reshapes, arithmetic with constants, sums of two bounded branches), ReLU and max
+pooling. Two bounds of the margins f_c - f_y over a box:
+
+- IBP: interval arithmetic node by node (affine: centre and radius through |W|;
+  ReLU and max pooling are monotone); the margin bound is u_c - l_y.
+- CROWN-IBP: IBP's boxes as the intermediate bounds, then the margin rows e_c - e_y
+  carried backwards as linear coefficients through the graph (adjoints of the affine
+  operations by torch.func.vjp, their biases as A . f(0); summed where a node feeds
+  several consumers; ReLU and max pooling by linear relaxations) and concretised at the
+  input box. The answer is the elementwise min of IBP and CROWN, both sound.
+
+A hybrid starts from a declared layer: its box is the elementwise min and max of the
+layer's output over points sampled uniformly in the input box and the input itself,
+then verified from there (not a guarantee: the samples may miss the true range).
+
+Float32 throughout, with no outward rounding: the bounds are sound up to float error.
+
+Why ours: auto_LiRPA (0.3 on PyPI) pins torch<1.13 and parses graphs through
+torch.onnx internals, so it cannot run with the pinned torch 2.13.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from propscope_server.open_contract import BOUND_CROWN, BOUND_UNSUPPORTED
+
+SUPPORTED = (
+    "Conv2d, Linear, BatchNorm2d, ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean, "
+    "flatten/view/reshape, add/sub/mul/div by constants, add of two branches"
+)
+FIX = "use a hybrid layer after it or expose the logits"
+# Floats held by one chunk's coefficient tensors (a margin row carries the numel of
+# a node's output); bounds the memory of a bound request whatever its size.
+CHUNK_FLOATS = 1 << 24
+# Points sampled per forward pass when a row's box is sampled.
+SAMPLE_BATCH = 64
+# The batch of the load-time trace check: a size no layer is likely to have, so an
+# operation that mixes the samples of a batch shows in its output's shape.
+TRACE_BATCH = 3
+
+_SHAPE_FUNCTIONS = {getattr, operator.getitem}
+_SHAPE_METHODS = {"size", "dim"}
+_RESHAPES_METHODS = {"flatten", "view", "reshape"}
+_IDENTITY_METHODS = {"contiguous", "float"}
+_ARITHMETIC = {
+    operator.add: "add",
+    operator.iadd: "add",
+    torch.add: "add",
+    operator.sub: "sub",
+    operator.isub: "sub",
+    torch.sub: "sub",
+    operator.mul: "mul",
+    operator.imul: "mul",
+    torch.mul: "mul",
+    operator.truediv: "div",
+    operator.itruediv: "div",
+    torch.div: "div",
+}
+_ARITHMETIC_METHODS = {"add": "add", "sub": "sub", "mul": "mul", "div": "div"}
+_RELUS = {torch.relu, F.relu}
+_LEAVES = (nn.Identity, nn.Dropout, nn.Flatten)
+
+
+@dataclass
+class _Node:
+    """One traced operation. `inputs` are the non-constant nodes it reads (bounded
+    tensors, or shape values for reshapes), `forward` computes it from their values."""
+
+    name: str
+    kind: str  # input | affine | relu | maxpool | shape | unsupported
+    inputs: tuple[str, ...] = ()
+    shape: tuple[int, ...] = ()
+    forward: Callable[..., Any] | None = None
+    magnitude: Callable[..., torch.Tensor] | None = None
+    pool: nn.MaxPool2d | None = None
+    refusal: str = ""
+    scopes: tuple[str, ...] = ()  # the module paths it was traced inside
+
+
+@dataclass
+class _Rows:
+    """The intermediate boxes of a chunk of rows, and which row each margin row is of."""
+
+    lower: dict[str, torch.Tensor] = field(default_factory=dict)
+    upper: dict[str, torch.Tensor] = field(default_factory=dict)
+    shapes: dict[str, Any] = field(default_factory=dict)
+
+
+class Unsupported(ValueError):
+    """A network, or a part of it, that bound propagation cannot handle."""
+
+
+class BoundedNetwork:
+    """A network traced for bound propagation. Construction never fails on an
+    unsupported network: the refusal is kept and raised by `check` (only bound
+    requests need it), so the model still serves everything else."""
+
+    def __init__(
+        self,
+        network: nn.Module,
+        sample_input: torch.Tensor,
+        layers: Sequence[str] = (),
+        output_name: str | None = None,
+    ) -> None:
+        self.layers = tuple(layers)
+        self.refusal = ""
+        self.nodes: dict[str, _Node] = {}
+        self.output = ""
+        self.source = ""
+        self.layer_nodes: list[str | None] = [None] * len(self.layers)
+        self.layer_refusals = [""] * len(self.layers)
+        try:
+            self._trace(network.eval(), sample_input.float(), output_name)
+            self._map_layers(network, sample_input)
+        except Unsupported as error:
+            self.refusal = str(error)
+        except Exception as error:  # noqa: BLE001 (any trace failure only refuses bounds)
+            self.refusal = (
+                f"{BOUND_UNSUPPORTED}this network: torch.fx cannot trace it ({error}); "
+                f"supported: {SUPPORTED}; {FIX}"
+            )
+
+    # --- tracing ---------------------------------------------------------------------
+
+    def _trace(self, network: nn.Module, sample: torch.Tensor, output_name: str | None) -> None:
+        graph = fx.Tracer().trace(network)
+        root = fx.GraphModule(network, graph)
+        batch = sample[:1].expand(TRACE_BATCH, *sample.shape[1:]).clone()
+        generator = torch.Generator().manual_seed(0)
+        batch = batch + torch.rand(batch.shape, generator=generator)
+        constants: dict[str, Any] = {}
+        values: dict[str, Any] = {}
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                if self.source:
+                    if node.args:  # a default value: a constant
+                        constants[node.name] = node.args[0]
+                        continue
+                    raise Unsupported(
+                        f"{BOUND_UNSUPPORTED}a forward with several inputs ({node.name!r}); "
+                        "the image must be its only input"
+                    )
+                self.source = node.name
+                self.nodes[node.name] = _Node(node.name, "input", shape=tuple(batch.shape[1:]))
+                values[node.name] = batch
+            elif node.op == "get_attr":
+                constants[node.name] = _attribute(root, str(node.target))
+            elif node.op == "output":
+                self.output = self._output_node(node, output_name)
+            else:
+                depends = [a.name for a in node.all_input_nodes if a.name not in constants]
+                if not depends:
+                    constants[node.name] = _generic(root, node, (), constants)()
+                    continue
+                item = self._classify(root, node, depends, constants)
+                value = item.forward(*[values[name] for name in item.inputs])
+                if isinstance(value, torch.Tensor):
+                    if item.kind == "shape":
+                        item.kind = "unsupported"
+                        item.refusal = _refusal(root, node)
+                    if value.ndim == 0 or value.shape[0] != TRACE_BATCH:
+                        item.kind = "unsupported"
+                        item.refusal = (
+                            f"{BOUND_UNSUPPORTED}{_describe(root, node)}: it mixes the samples "
+                            f"of a batch (output {list(value.shape)} for a batch of {TRACE_BATCH}); "
+                            f"{FIX}"
+                        )
+                    item.shape = tuple(value.shape[1:])
+                elif item.kind != "shape":
+                    item.kind = "unsupported"
+                    item.refusal = _refusal(root, node)
+                values[node.name] = value
+                self.nodes[node.name] = item
+        if self.output not in self.nodes or self.nodes[self.output].kind == "shape":
+            raise Unsupported(
+                f"{BOUND_UNSUPPORTED}a network whose scores do not depend on its input"
+            )
+        if len(self.nodes[self.output].shape) != 1:
+            raise Unsupported(
+                f"{BOUND_UNSUPPORTED}scores of shape {list(self.nodes[self.output].shape)} per "
+                "sample; the network must output [B, K]"
+            )
+        self._check_consumers()
+        self._check_against(network, sample, output_name)
+
+    def _output_node(self, node: fx.Node, output_name: str | None) -> str:
+        result = node.args[0]
+        if isinstance(result, Mapping):
+            result = result.get(output_name)
+        if not isinstance(result, fx.Node):
+            raise Unsupported(
+                f"{BOUND_UNSUPPORTED}this network's output structure; its forward must return "
+                f"one tensor or a dict holding {output_name!r}"
+            )
+        return result.name
+
+    def _check_consumers(self) -> None:
+        """A shape value may only feed reshapes (which recompute it per batch)."""
+        for item in self.nodes.values():
+            if item.kind in ("affine", "relu", "maxpool"):
+                shaped = [n for n in item.inputs if self.nodes[n].kind == "shape"]
+                if shaped and not isinstance(item.magnitude, _ReshapeMagnitude):
+                    item.kind = "unsupported"
+                    item.refusal = (
+                        f"{BOUND_UNSUPPORTED}node {item.name!r} computing with the input's "
+                        f"shape; {FIX}"
+                    )
+
+    def _check_against(
+        self, network: nn.Module, sample: torch.Tensor, output_name: str | None
+    ) -> None:
+        """The traced graph must compute the network's scores (an in-place trick the
+        trace cannot see would otherwise go unnoticed)."""
+        if any(n.kind == "unsupported" for n in self.nodes.values()):
+            return  # refused anyway; the graph cannot be run as a whole
+        probe = _probe(sample)
+        with torch.no_grad():
+            expected = network(probe)
+            if isinstance(expected, Mapping):
+                expected = expected[output_name]
+            got = self.run(probe.float())[self.output]
+        if not torch.allclose(got, expected.float(), rtol=1e-4, atol=1e-5):
+            raise Unsupported(
+                f"{BOUND_UNSUPPORTED}this network: the traced graph's scores differ from the "
+                f"network's by {float((got - expected).abs().max()):.3g} (an in-place or "
+                f"data-dependent operation?); {FIX}"
+            )
+
+    def _map_layers(self, network: nn.Module, sample: torch.Tensor) -> None:
+        """Each declared layer -> the node producing its module's output: the last node
+        traced inside the module, checked against a forward hook on one probe input."""
+        if not self.layers or self.refusal:
+            return
+        modules = dict(network.named_modules())
+        seen: dict[str, torch.Tensor] = {}
+        handles = []
+        for path in self.layers:
+            if path in modules:
+                handles.append(
+                    modules[path].register_forward_hook(
+                        lambda m, a, out, path=path: seen.__setitem__(path, out.detach().clone())
+                    )
+                )
+        probe = _probe(sample)
+        try:
+            with torch.no_grad():
+                network(probe)
+        finally:
+            for handle in handles:
+                handle.remove()
+        values = None
+        for index, path in enumerate(self.layers):
+            candidates = [name for name, item in self.nodes.items() if path in item.scopes]
+            name = candidates[-1] if candidates else None
+            if name is not None and path in seen:
+                if values is None:
+                    with torch.no_grad():
+                        values = self.run(probe.float())
+                value = values.get(name)
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.shape == seen[path].shape
+                    and torch.allclose(value, seen[path].float(), rtol=1e-4, atol=1e-5)
+                ):
+                    self.layer_nodes[index] = name
+                    continue
+            self.layer_refusals[index] = (
+                f"{BOUND_UNSUPPORTED}a hybrid from layer {path!r}: its output is not one node "
+                "of the traced graph; declare a layer whose module's output is a tensor used "
+                "once"
+            )
+
+    def _classify(
+        self, root: fx.GraphModule, node: fx.Node, depends: list[str], constants: dict
+    ) -> _Node:
+        bounded = [n for n in depends if self.nodes[n].kind != "shape"]
+        item = _Node(node.name, "unsupported", tuple(depends))
+        item.scopes = tuple(path for path, _ in node.meta.get("nn_module_stack", {}).values())
+        if node.op == "call_module":
+            item.scopes = (*item.scopes, str(node.target))
+        item.forward = _generic(root, node, tuple(depends), constants)
+        item.refusal = _refusal(root, node)
+        queries_shape = (
+            (node.op == "call_method" and node.target in _SHAPE_METHODS)
+            or (node.op == "call_function" and node.target in _SHAPE_FUNCTIONS and not bounded)
+            or (node.op == "call_function" and node.target is getattr)
+        )
+        if not bounded or queries_shape:
+            item.kind = "shape"
+            return item
+        if node.op == "call_module":
+            module = root.get_submodule(str(node.target))
+            _classify_module(item, module, node)
+        elif node.op == "call_function":
+            _classify_function(item, node, bounded, constants)
+        elif node.op == "call_method":
+            _classify_method(item, node, bounded, constants)
+        if item.kind in ("affine", "relu", "maxpool") and len(bounded) != len(depends):
+            if not isinstance(item.magnitude, _ReshapeMagnitude):
+                item.kind = "unsupported"
+        return item
+
+    # --- evaluation ------------------------------------------------------------------
+
+    def run(self, inputs: torch.Tensor) -> dict[str, Any]:
+        """Every node's value for concrete inputs (the network's forward pass)."""
+        values: dict[str, Any] = {self.source: inputs}
+        for name, item in self.nodes.items():
+            if item.kind != "input":
+                assert item.forward is not None
+                values[name] = item.forward(*[values[n] for n in item.inputs])
+        return values
+
+    def check(self, layer: int = -1) -> None:
+        """Raises the refusal of bounds from the input (layer -1) or from declared layer
+        `layer`, naming what is not supported."""
+        if self.refusal:
+            raise Unsupported(self.refusal)
+        source = self.source if layer < 0 else self.layer_nodes[layer]
+        if source is None:
+            raise Unsupported(self.layer_refusals[layer])
+        for name in self._needed(source):
+            if self.nodes[name].kind == "unsupported":
+                raise Unsupported(self.nodes[name].refusal)
+
+    def _descendants(self, source: str) -> set[str]:
+        found = {source}
+        for name, item in self.nodes.items():
+            if any(n in found for n in item.inputs):
+                found.add(name)
+        return found
+
+    def _ancestors(self, targets: set[str]) -> set[str]:
+        found = set(targets)
+        for name in reversed(list(self.nodes)):
+            if name in found:
+                found.update(self.nodes[name].inputs)
+        return found
+
+    def _needed(self, source: str) -> list[str]:
+        """The nodes whose boxes a bound from `source` needs: those between the source
+        and the scores, and the ancestors of any other node they read (the frontier,
+        bounded by IBP from the input)."""
+        between = self._descendants(source) & self._ancestors({self.output})
+        frontier = {n for b in between for n in self.nodes[b].inputs if n not in between}
+        needed = between | self._ancestors(frontier) if frontier else between
+        return [name for name in self.nodes if name in needed]
+
+    # --- bounds ----------------------------------------------------------------------
+
+    def margins(
+        self,
+        lower: torch.Tensor,
+        upper: torch.Tensor,
+        centre: torch.Tensor,
+        target: Sequence[int],
+        method: Sequence[int],
+        layer: Sequence[int],
+        samples: Sequence[int],
+        seed: Sequence[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row (a box [lower, upper] in the network's input space around `centre`,
+        the target class, the method, the layer (-1 = from the input), samples and
+        seed): the upper bounds of f_c - f_y for every class c ([B, K], entry y 0) and
+        the max of f_c - f_y over the sampled points and the centre ([B, K])."""
+        lower, upper, centre = lower.float(), upper.float(), centre.float()
+        classes = self.nodes[self.output].shape[0]
+        bounds = torch.zeros(lower.shape[0], classes)
+        sampled = torch.zeros(lower.shape[0], classes)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for row in range(lower.shape[0]):
+            groups.setdefault((int(method[row]), int(layer[row])), []).append(row)
+        for (row_method, row_layer), rows in groups.items():
+            self.check(row_layer)
+            source = self.source if row_layer < 0 else self.layer_nodes[row_layer]
+            assert source is not None
+            needed = self._needed(source)
+            per_row = sum(math.prod(self.nodes[n].shape) for n in needed) * 2
+            chunk = max(1, CHUNK_FLOATS // max(1, per_row))
+            for start in range(0, len(rows), chunk):
+                index = torch.tensor(rows[start : start + chunk])
+                ys = torch.tensor([int(target[r]) for r in index.tolist()])
+                boxes, top = self._sample(
+                    lower[index], upper[index], centre[index], ys, source,
+                    [int(samples[r]) for r in index.tolist()],
+                    [int(seed[r]) for r in index.tolist()],
+                )  # fmt: skip
+                sampled[index] = top
+                with torch.no_grad():
+                    rows_box = self._ibp(needed, source, (lower[index], upper[index]), boxes)
+                margin = _margins_of_box(rows_box, self.output, ys)
+                if row_method == BOUND_CROWN:
+                    margin = torch.minimum(margin, self._crown(needed, source, rows_box, ys))
+                bounds[index] = margin
+        return bounds, sampled
+
+    def _sample(
+        self,
+        lower: torch.Tensor,
+        upper: torch.Tensor,
+        centre: torch.Tensor,
+        target: torch.Tensor,
+        source: str,
+        samples: Sequence[int],
+        seed: Sequence[int],
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The source's box per row (the input box, or the layer's sampled range) and
+        the max margin over the sampled points and the centre."""
+        source_lower, source_upper, tops = [], [], []
+        hybrid = source != self.source
+        with torch.no_grad():
+            for row in range(lower.shape[0]):
+                generator = torch.Generator().manual_seed(seed[row])
+                values = self.run(centre[row : row + 1])
+                best = _row_margins(values[self.output], int(target[row]))
+                low = high = values[source] if hybrid else None
+                for begin in range(0, samples[row], SAMPLE_BATCH):
+                    count = min(SAMPLE_BATCH, samples[row] - begin)
+                    shape = (count, *lower.shape[1:])
+                    width = upper[row] - lower[row]
+                    points = lower[row] + width * torch.rand(shape, generator=generator)
+                    values = self.run(points)
+                    best = torch.maximum(best, _row_margins(values[self.output], int(target[row])))
+                    if hybrid:
+                        low = torch.minimum(low, values[source].amin(0, keepdim=True))
+                        high = torch.maximum(high, values[source].amax(0, keepdim=True))
+                tops.append(best)
+                if hybrid:
+                    source_lower.append(low)
+                    source_upper.append(high)
+        top = torch.stack(tops)
+        if hybrid:
+            return (torch.cat(source_lower), torch.cat(source_upper)), top
+        return (lower, upper), top
+
+    def _ibp(
+        self,
+        needed: Sequence[str],
+        source: str,
+        inputs: tuple[torch.Tensor, torch.Tensor],
+        box: tuple[torch.Tensor, torch.Tensor],
+    ) -> _Rows:
+        """Every needed node's box: the input's, the source's (the same, or a hybrid's
+        sampled range), the others by interval arithmetic."""
+        rows = _Rows()
+        for name in needed:
+            item = self.nodes[name]
+            if name == source:
+                rows.lower[name], rows.upper[name] = box
+            elif item.kind == "input":
+                rows.lower[name], rows.upper[name] = inputs
+            elif item.kind == "shape":
+                rows.shapes[name] = item.forward(
+                    *[self._value(rows, n, "lower") for n in item.inputs]
+                )
+            elif item.kind == "affine":
+                bounded = [n for n in item.inputs if self.nodes[n].kind != "shape"]
+                mids = [(rows.lower[n] + rows.upper[n]) / 2 for n in bounded]
+                radii = [(rows.upper[n] - rows.lower[n]) / 2 for n in bounded]
+                centre = item.forward(*self._with_shapes(rows, item, mids))
+                assert item.magnitude is not None
+                radius = item.magnitude(*radii)
+                rows.lower[name], rows.upper[name] = centre - radius, centre + radius
+            else:  # relu, maxpool: monotone
+                (only,) = item.inputs
+                rows.lower[name] = item.forward(rows.lower[only])
+                rows.upper[name] = item.forward(rows.upper[only])
+        return rows
+
+    def _value(self, rows: _Rows, name: str, which: str) -> Any:
+        if self.nodes[name].kind == "shape":
+            return rows.shapes[name]
+        return getattr(rows, which)[name]
+
+    def _with_shapes(self, rows: _Rows, item: _Node, bounded: list[torch.Tensor]) -> list[Any]:
+        values = iter(bounded)
+        return [
+            rows.shapes[n] if self.nodes[n].kind == "shape" else next(values) for n in item.inputs
+        ]
+
+    def _crown(
+        self, needed: Sequence[str], source: str, rows: _Rows, target: torch.Tensor
+    ) -> torch.Tensor:
+        """Upper bounds of the margins by the backward linear relaxation ([B, K])."""
+        classes = self.nodes[self.output].shape[0]
+        count = target.shape[0]
+        pairs = [(r, c) for r in range(count) for c in range(classes) if c != int(target[r])]
+        widest = max(math.prod(self.nodes[n].shape) for n in needed)
+        chunk = max(1, CHUNK_FLOATS // (4 * widest))
+        result = torch.zeros(count, classes)
+        descendants = self._descendants(source)
+        for start in range(0, len(pairs), chunk):
+            part = pairs[start : start + chunk]
+            of_row = torch.tensor([r for r, _ in part])
+            spec = torch.zeros(len(part), classes)
+            spec[torch.arange(len(part)), torch.tensor([c for _, c in part])] = 1.0
+            spec[torch.arange(len(part)), target[of_row]] -= 1.0
+            bound = self._backward(needed, source, descendants, rows, of_row, spec)
+            for (r, c), value in zip(part, bound.tolist(), strict=True):
+                result[r, c] = value
+        return result
+
+    def _backward(
+        self,
+        needed: Sequence[str],
+        source: str,
+        descendants: set[str],
+        rows: _Rows,
+        of_row: torch.Tensor,
+        spec: torch.Tensor,
+    ) -> torch.Tensor:
+        coefficients: dict[str, torch.Tensor] = {self.output: spec}
+        constant = torch.zeros(spec.shape[0])
+
+        def add(name: str, value: torch.Tensor) -> None:
+            if name in coefficients:
+                coefficients[name] = coefficients[name] + value
+            else:
+                coefficients[name] = value
+
+        for name in reversed(needed):
+            if name not in coefficients:
+                continue
+            a = coefficients.pop(name)
+            item = self.nodes[name]
+            if name == source or name not in descendants:
+                upper, lower = rows.upper[name][of_row], rows.lower[name][of_row]
+                concrete = a.clamp(min=0) * upper + a.clamp(max=0) * lower
+                constant = constant + concrete.flatten(1).sum(1)
+            elif item.kind == "affine":
+                inputs, bias = self._adjoint(rows, item, a)
+                constant = constant + bias
+                for input_name, value in inputs:
+                    add(input_name, value)
+            elif item.kind == "relu":
+                (only,) = item.inputs
+                a_in, bias = _relu_backward(a, rows.lower[only][of_row], rows.upper[only][of_row])
+                constant = constant + bias
+                add(only, a_in)
+            elif item.kind == "maxpool":
+                (only,) = item.inputs
+                assert item.pool is not None
+                a_in, bias = _maxpool_backward(
+                    a, rows.lower[only][of_row], rows.upper[only][of_row], item.pool
+                )
+                constant = constant + bias
+                add(only, a_in)
+        return constant
+
+    def _adjoint(
+        self, rows: _Rows, item: _Node, a: torch.Tensor
+    ) -> tuple[list[tuple[str, torch.Tensor]], torch.Tensor]:
+        """The coefficients on an affine node's bounded inputs (its linear part's
+        adjoint applied to `a`) and the constant A . f(0)."""
+        bounded = [n for n in item.inputs if self.nodes[n].kind != "shape"]
+        zeros = [torch.zeros(a.shape[0], *self.nodes[n].shape) for n in bounded]
+        with torch.enable_grad():
+            output, pull = torch.func.vjp(
+                lambda *xs: item.forward(*self._with_shapes(rows, item, list(xs))), *zeros
+            )
+        gradients = pull(a.reshape(output.shape))
+        bias = (a.reshape(output.shape) * output.detach()).flatten(1).sum(1)
+        return list(zip(bounded, (g.detach() for g in gradients), strict=True)), bias.detach()
+
+
+# --- the supported operations ----------------------------------------------------------
+
+
+def _classify_module(item: _Node, module: nn.Module, node: fx.Node) -> None:
+    (x_arg, *rest) = node.args if node.args else (None,)
+    if rest or node.kwargs or len(item.inputs) != 1:
+        return
+    if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros":
+        weight, bias = module.weight, module.bias
+        item.kind = "affine"
+        item.forward = lambda x: module._conv_forward(x, weight, bias)
+        item.magnitude = lambda r: module._conv_forward(r, weight.abs(), None)
+    elif isinstance(module, nn.Linear):
+        item.kind = "affine"
+        item.forward = lambda x: F.linear(x, module.weight, module.bias)
+        item.magnitude = lambda r: F.linear(r, module.weight.abs())
+    elif (
+        isinstance(module, nn.BatchNorm2d)
+        and module.running_var is not None
+        and not module.training
+    ):
+        scale = (module.weight if module.affine else 1.0) / torch.sqrt(
+            module.running_var + module.eps
+        )
+        shift = (module.bias if module.affine else 0.0) - module.running_mean * scale
+        scale, shift = scale.detach().view(1, -1, 1, 1), shift.detach().view(1, -1, 1, 1)
+        item.kind = "affine"
+        item.forward = lambda x: x * scale + shift
+        item.magnitude = lambda r: r * scale.abs()
+    elif isinstance(module, nn.ReLU):
+        item.kind = "relu"
+        item.forward = torch.relu
+    elif isinstance(module, nn.MaxPool2d) and not module.return_indices:
+        item.kind = "maxpool"
+        item.pool = module
+        item.forward = lambda x: F.max_pool2d(
+            x, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode
+        )
+    elif isinstance(module, (nn.AvgPool2d, nn.AdaptiveAvgPool2d, *_LEAVES)):
+        if isinstance(module, nn.Dropout) and module.training:
+            return
+        item.kind = "affine"
+        item.forward = module.forward
+        item.magnitude = module.forward
+
+
+def _classify_function(item: _Node, node: fx.Node, bounded: list[str], constants: dict) -> None:
+    target = node.target
+    if target in _RELUS and len(bounded) == 1:
+        item.kind = "relu"
+        item.forward = lambda x, *rest: torch.relu(x)
+    elif target is torch.flatten:
+        _reshape(item)
+    elif target is torch.mean:
+        item.kind = "affine"
+        item.magnitude = item.forward
+    elif target in _ARITHMETIC:
+        _arithmetic(item, node, _ARITHMETIC[target], node.args, bounded, constants)
+
+
+def _classify_method(item: _Node, node: fx.Node, bounded: list[str], constants: dict) -> None:
+    method = str(node.target)
+    if method in _RESHAPES_METHODS:
+        _reshape(item)
+    elif method == "relu" and len(item.inputs) == 1:
+        item.kind = "relu"
+        item.forward = torch.relu
+    elif method in _IDENTITY_METHODS and len(node.args) == 1 and not node.kwargs:
+        item.kind = "affine"
+        item.forward = lambda x: x.float()
+        item.magnitude = item.forward
+    elif method == "mean":
+        item.kind = "affine"
+        item.magnitude = item.forward
+    elif method in _ARITHMETIC_METHODS:
+        _arithmetic(item, node, _ARITHMETIC_METHODS[method], node.args, bounded, constants)
+
+
+def _reshape(item: _Node) -> None:
+    """flatten/view/reshape keeping the batch dimension: recomputed per batch from the
+    traced per-sample shape, so the trace's batch size never sticks."""
+    item.kind = "affine"
+
+    def forward(x: torch.Tensor, *shape_values: Any) -> torch.Tensor:
+        return x.reshape(x.shape[0], *item.shape)
+
+    item.forward = forward
+    item.magnitude = _ReshapeMagnitude(item)
+
+
+class _ReshapeMagnitude:
+    """A reshape's magnitude; its type marks the one operation that may read shape
+    values (it ignores them)."""
+
+    def __init__(self, item: _Node) -> None:
+        self.item = item
+
+    def __call__(self, r: torch.Tensor) -> torch.Tensor:
+        return r.reshape(r.shape[0], *self.item.shape)
+
+
+def _arithmetic(
+    item: _Node, node: fx.Node, operation: str, args: tuple, bounded: list[str], constants: dict
+) -> None:
+    """add/sub of two bounded branches or of a constant; mul/div by a constant."""
+    if node.kwargs or len(args) != 2 or len(item.inputs) != len(bounded):
+        return
+    left, right = (isinstance(a, fx.Node) and a.name in bounded for a in args)
+
+    def constant(a: Any) -> Any:
+        return constants[a.name] if isinstance(a, fx.Node) else a
+
+    if left and right:
+        if operation not in ("add", "sub"):
+            return
+        item.kind = "affine"
+        same = args[0].name == args[1].name
+        sign = -1.0 if operation == "sub" else 1.0
+        if same:
+            item.forward = lambda x: x + sign * x
+            item.magnitude = lambda r: r * abs(1 + sign)
+        else:
+            item.forward = lambda x, y: x + sign * y
+            item.magnitude = lambda r, s: r + s
+        return
+    c = constant(args[1] if left else args[0])
+    if isinstance(c, torch.Tensor):
+        c = c.detach()
+    elif not isinstance(c, (int, float)):
+        return
+    if operation == "add":
+        item.forward = lambda x: x + c
+        item.magnitude = lambda r: r + 0 * c
+    elif operation == "sub":
+        item.forward = (lambda x: x - c) if left else (lambda x: c - x)
+        item.magnitude = lambda r: r + 0 * c
+    elif operation == "mul":
+        magnitude = abs(c)
+        item.forward = lambda x: x * c
+        item.magnitude = lambda r: r * magnitude
+    elif operation == "div" and left:
+        magnitude = abs(c)
+        item.forward = lambda x: x / c
+        item.magnitude = lambda r: r / magnitude
+    else:
+        return
+    item.kind = "affine"
+
+
+def _relu_backward(
+    a: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CROWN's ReLU relaxation: the chord above on an unstable unit, below a slope of 1
+    where u >= -l else 0 (the adaptive choice); exact on stable units."""
+    active, inactive = lower >= 0, upper <= 0
+    unstable = ~(active | inactive)
+    width = torch.where(unstable, upper - lower, torch.ones_like(upper))
+    up_slope = torch.where(active, 1.0, torch.where(unstable, upper / width, 0.0))
+    up_bias = torch.where(unstable, -up_slope * lower, 0.0)
+    low_slope = torch.where(active | (unstable & (upper >= -lower)), 1.0, 0.0)
+    positive, negative = a.clamp(min=0), a.clamp(max=0)
+    bias = (positive * up_bias).flatten(1).sum(1)
+    return positive * up_slope + negative * low_slope, bias
+
+
+def _pool_windows(
+    x: torch.Tensor, pool: nn.MaxPool2d, output: tuple[int, int], fill: float
+) -> torch.Tensor:
+    """[N, C, H, W] -> every pooling window's values [N, C, k*k, L] (padding = fill)."""
+    kernel, stride = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size)
+    padding, dilation = _pair(pool.padding), _pair(pool.dilation)
+    n, c, h, w = x.shape
+    extra = [
+        max(0, (o - 1) * s + d * (k - 1) + 1 - (size + 2 * p))
+        for o, s, d, k, size, p in zip(
+            output, stride, dilation, kernel, (h, w), padding, strict=True
+        )
+    ]
+    padded = F.pad(
+        x.reshape(n * c, 1, h, w),
+        (padding[1], padding[1] + extra[1], padding[0], padding[0] + extra[0]),
+        value=fill,
+    )
+    windows = F.unfold(padded, kernel, dilation=dilation, stride=stride)
+    return windows.reshape(n, c, kernel[0] * kernel[1], -1)
+
+
+def _maxpool_backward(
+    a: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, pool: nn.MaxPool2d
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max pooling's relaxation per window: below, the input with the largest lower
+    bound; above, that same input when its lower bound reaches every other input's
+    upper bound (then the max is exactly it), else the constant largest upper bound."""
+    n, c, h, w = lower.shape
+    output = (a.shape[2], a.shape[3])
+    low = _pool_windows(lower, pool, output, -math.inf)
+    high = _pool_windows(upper, pool, output, -math.inf)
+    positions = torch.arange(h * w, dtype=torch.float32).view(1, 1, h, w)
+    places = _pool_windows(positions, pool, output, -1.0)[0, 0].long()  # [k*k, L]
+    best_lower, chosen = low.max(2)  # [N, C, L]
+    others = high.scatter(2, chosen.unsqueeze(2), -math.inf).amax(2)
+    highest = high.amax(2)
+    exact = best_lower >= others
+    where = places[chosen, torch.arange(chosen.shape[-1])]  # [N, C, L] input positions
+    flat = a.reshape(a.shape[0], c, -1)
+    positive, negative = flat.clamp(min=0), flat.clamp(max=0)
+    coefficient = negative + positive * exact
+    bias = (positive * (~exact) * highest).flatten(1).sum(1)
+    a_in = torch.zeros(a.shape[0], c, h * w).scatter_add_(2, where, coefficient)
+    return a_in.reshape(a.shape[0], c, h, w), bias
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _margins_of_box(rows: _Rows, output: str, target: torch.Tensor) -> torch.Tensor:
+    """IBP's margin bounds u_c - l_y ([B, K], entry y 0)."""
+    upper, lower = rows.upper[output], rows.lower[output]
+    index = torch.arange(target.shape[0])
+    margin = upper - lower[index, target].unsqueeze(1)
+    margin[index, target] = 0.0
+    return margin
+
+
+def _row_margins(scores: torch.Tensor, target: int) -> torch.Tensor:
+    """max over a batch of f_c - f_y ([K], entry y 0)."""
+    return (scores - scores[:, target : target + 1]).amax(0)
+
+
+def _generic(
+    root: fx.GraphModule, node: fx.Node, names: tuple[str, ...], constants: dict
+) -> Callable[..., Any]:
+    """The node's own operation on the values of `names` and the constants (a module
+    by its forward, so no hook runs)."""
+
+    def run(*values: Any) -> Any:
+        given = dict(zip(names, values, strict=True))
+
+        def value(n: fx.Node) -> Any:
+            return given[n.name] if n.name in given else constants[n.name]
+
+        args = fx.node.map_arg(node.args, value)
+        kwargs = fx.node.map_arg(node.kwargs, value)
+        if node.op == "call_module":
+            return root.get_submodule(str(node.target)).forward(*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        self_value, *rest = args
+        return getattr(self_value, str(node.target))(*rest, **kwargs)
+
+    return run
+
+
+def _attribute(root: nn.Module, path: str) -> Any:
+    value: Any = root
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def _type_name(value: Any) -> str:
+    cls = value if isinstance(value, type) else type(value)
+    if getattr(nn, cls.__name__, None) is cls:
+        return f"torch.nn.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _describe(root: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        module = root.get_submodule(str(node.target))
+        return f"layer {str(node.target)!r} ({_type_name(module)})"
+    scopes = [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
+    where = f" in {scopes[-1]!r}" if scopes else " in the network's forward"
+    if node.op == "call_method":
+        return f"method {str(node.target)!r}{where} (torch.Tensor.{node.target})"
+    name = getattr(node.target, "__name__", str(node.target))
+    module = getattr(node.target, "__module__", None) or "builtins"
+    return f"function {name!r}{where} ({module}.{name})"
+
+
+def _refusal(root: fx.GraphModule, node: fx.Node) -> str:
+    return f"{BOUND_UNSUPPORTED}{_describe(root, node)}; supported: {SUPPORTED}; {FIX}"
+
+
+def _probe(sample: torch.Tensor) -> torch.Tensor:
+    """A seeded input of the sample's shape and dtype for the load-time checks."""
+    generator = torch.Generator().manual_seed(0)
+    if sample.dtype == torch.uint8:
+        return torch.randint(0, 256, sample.shape, generator=generator, dtype=torch.uint8)
+    return torch.randn(sample.shape, generator=generator).to(sample.dtype)
