@@ -287,3 +287,26 @@ def test_the_cli_writes_an_overlay_and_a_map_then_scores_it_in_80_columns(live_s
     lines = evaluated.stdout.splitlines()
     assert max(len(line) for line in lines) <= 80 and "…" not in evaluated.stdout
     assert any(line.lstrip().startswith("deletion") for line in lines)
+
+
+def test_the_cli_says_whether_an_eva_map_is_guaranteed_in_80_columns(live_stack, tmp_path):
+    """`propscope attribute --method eva` on an open model: the guarantee in words, the overlap
+    bound and the sampled overlap whole, as a CI log shows them."""
+    image = tmp_path / "patch.png"
+    image.write_bytes(png(noise_image(11, 64, 64)))
+    environment = {**os.environ, "COLUMNS": "80", "CI": "true"}
+    common = ["--target", live_stack.gateway, "--model", "synth_patch", "--out", str(tmp_path)]
+    eva = ["--method", "eva", "--grid-size", "4", "--samples", "8", "--epsilon", "0.01"]
+    attributed = subprocess.run(
+        [sys.executable, "-m", "propscope", "attribute", str(image), *common, *eva],
+        capture_output=True, text=True, timeout=300, env=environment,
+    )  # fmt: skip
+    assert attributed.returncode == 0, attributed.stderr
+    lines = attributed.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in attributed.stdout
+    written = json.loads((tmp_path / "patch.eva.json").read_text())
+    assert written["eva"]["guaranteed"] is True and len(written["eva"]["region_bounds"]) == 4
+    flat = " ".join(attributed.stdout.split())
+    assert "bounds: verified (guaranteed), crown" in flat
+    assert f"overlap bound {written['eva']['overlap_bound']:.4g} " in flat
+    assert f"sampled overlap {written['eva']['sampled_overlap']:.4g} " in flat

@@ -324,6 +324,11 @@ def test_max_attribution_share_fails_a_model_that_looks_at_the_object(live_stack
         "    region: {box: [0.25, 0.25, 0.75, 0.75]}\n"
         "    max: 0.95\n"
         "    attribution: {grid_size: 4, nb_design: 8}\n"
+        "  - rule: max_attribution_share\n"
+        "    name: centre_eva\n"
+        "    region: {box: [0.25, 0.25, 0.75, 0.75]}\n"
+        "    max: 1\n"
+        "    attribution: {method: eva, grid_size: 4, samples: 8}\n"
     )
     text = HUE_REVIEW.read_text()
     finished = review_variant(
@@ -337,3 +342,8 @@ def test_max_attribution_share_fails_a_model_that_looks_at_the_object(live_stack
     assert cases["max_attribution_share[centre_loose]"].find("failure") is None
     shares = json.loads((out / "review.json").read_text())["attributions"]
     assert shares, "review.json keeps every image's share"
+    # EVA's maps, on the same open candidate: verified, and said so under each overlay.
+    assert cases["max_attribution_share[centre_eva]"].find("failure") is None
+    eva = [share for share in shares if share["rule"] == "centre_eva"]
+    assert eva and {share["guarantee"] for share in eva} == {"verified (guaranteed)"}
+    assert "eva (verified (guaranteed))" in (out / "review.html").read_text()

@@ -67,6 +67,27 @@ async def test_async_attribute_evaluate_and_list_models(client, live_stack):
     assert models["synth_hue"].is_classifier and not models["procedural"].is_classifier
 
 
+async def test_async_eva_map_and_its_bounds_as_the_sync_client(client, live_stack):
+    """EVA through both clients: the verified bounds bracket the sampled overlap, and the map
+    is the bound's drop when each cell is held fixed."""
+    image = scene_png(hue_deg=131.0, patch=True)
+    eva = {"method": "eva", "grid_size": 4, "samples": 16, "epsilon": 2 / 255, "seed": 0}
+    async with propscope.AsyncClient(live_stack.gateway, timeout=300) as aclient:
+        found = await aclient.attribute(image, "synth_patch", **eva)
+    expected = client.attribute(image, "synth_patch", **eva)
+    assert (found.cache_hit, expected.cache_hit) == (False, True)
+    np.testing.assert_array_equal(found.grid, expected.grid)
+    assert found.eva == expected.eva and found.options == expected.options
+    bounds = found.eva
+    assert found.method == "eva" and bounds.guaranteed and bounds.bound == "crown"
+    assert bounds.bound_passes == 4 * 4 + 1 and bounds.region_bounds.shape == (4, 4)
+    assert bounds.sampled_overlap <= bounds.overlap_bound
+    assert bounds.certified == (bounds.overlap_bound < 0)
+    np.testing.assert_allclose(
+        found.grid, bounds.overlap_bound - bounds.region_bounds, rtol=1e-5, atol=1e-5
+    )
+
+
 async def test_async_refusal_carries_typed_field_violations(live_stack):
     async with propscope.AsyncClient(live_stack.gateway, timeout=60) as aclient:
         with pytest.raises(propscope.PropscopeError) as caught:

@@ -200,6 +200,20 @@ test("attribute and evaluateAttribution against the live service", async () => {
   assert.ok(Number.isFinite(scored.results[0].value));
 });
 
+test("attribute with EVA against the live service: verified bounds around the samples", async () => {
+  const found = await client.attribute(
+    { image: readFileSync(SAMPLE), model: "synth_patch", method: "eva", gridSize: 4, samples: 8 },
+    { deadline: Date.now() + TIMEOUT_MS },
+  );
+  assert.equal(found.method, "eva");
+  const eva = found.eva!;
+  assert.equal(eva.guarantee, "verified (guaranteed)");
+  assert.equal(eva.boundPasses, 4 * 4 + 1);
+  assert.equal(eva.regionBounds.length, 16);
+  assert.ok(eva.sampledOverlap <= eva.overlapBound, `${eva.sampledOverlap} > ${eva.overlapBound}`);
+  assert.equal(eva.certified, eva.overlapBound < 0);
+});
+
 test("fitConcepts, conceptBank and conceptMaps against the live service", async () => {
   const deadline = Date.now() + TIMEOUT_MS;
   const image = readFileSync(SAMPLE);
