@@ -194,6 +194,12 @@ class EvaSpec:
         """d + 1 bound rows: every cell perturbed, then each cell held fixed."""
         return self.grid * self.grid + 1
 
+    @property
+    def sample_passes(self) -> int:
+        """Forward passes sampled inside the model: on the first row when verified (the
+        sampled overlap), on every row for a hybrid (its empirical box)."""
+        return self.samples * (self.forward_passes if self.hybrid_layer else 1)
+
 
 AttributionMethod = SobolSpec | RiseSpec | EvaSpec
 

@@ -21,6 +21,7 @@ from propscope_server.config import Limits
 from propscope_server.errors import InvalidArgument, ResourceExhausted
 from propscope_server.methods.attribution import check_grid
 from propscope_server.methods.evaluation import metric_passes
+from propscope_server.open_contract import MAX_BOUND_SAMPLES
 from propscope_server.scoring.sobol import ESTIMATORS
 
 ESTIMATOR_NAMES = {
@@ -50,7 +51,13 @@ TARGET_SCORE_NAMES = {
     apb.TARGET_SCORE_LOGIT: "logit",
     apb.TARGET_SCORE_LOG_ODDS: "log_odds",
 }
+BOUND_NAMES = {
+    apb.BOUND_METHOD_UNSPECIFIED: "crown",
+    apb.BOUND_METHOD_IBP: "ibp",
+    apb.BOUND_METHOD_CROWN: "crown",
+}
 MAX_SOBOL_GRID = 32
+MAX_EVA_GRID = 32
 MAX_NB_DESIGN = 1024
 MAX_RISE_GRID = 64
 MAX_RISE_SAMPLES = 100_000
@@ -93,12 +100,37 @@ def rise_spec(options: apb.RiseOptions, field: str) -> domain.RiseSpec:
     return domain.RiseSpec(grid, samples, float(preservation))
 
 
+def eva_spec(options: apb.EvaOptions, field: str) -> domain.EvaSpec:
+    grid = bounded(options.grid_size, 8, 2, MAX_EVA_GRID, f"{field}.grid_size", "grid_size")
+    epsilon = options.epsilon if options.HasField("epsilon") else domain.DEFAULT_EVA_EPSILON
+    if not 0.0 < epsilon <= 1.0:  # NaN fails too
+        raise InvalidArgument(
+            f"{field}.epsilon must be in (0, 1], a fraction of the pixel range (unset for "
+            f"8/255); got {epsilon}",
+            field=f"{field}.epsilon",
+        )
+    check_name(options.hybrid_layer, f"{field}.hybrid_layer")
+    samples = bounded(
+        options.samples, 256, 1, MAX_BOUND_SAMPLES, f"{field}.samples", "samples per row"
+    )
+    return domain.EvaSpec(
+        grid=grid,
+        epsilon=float(epsilon),
+        bound=_enum(options.bound, BOUND_NAMES, f"{field}.bound"),
+        hybrid_layer=options.hybrid_layer,
+        samples=samples,
+    )
+
+
 def _method(
     message: apb.AttributeRequest | apb.StabilityOptions, prefix: str = ""
 ) -> domain.AttributionMethod:
-    """The `method` oneof: RISE when set, else Sobol (its defaults when unset)."""
-    if message.WhichOneof("method") == "rise":
+    """The `method` oneof: RISE or EVA when set, else Sobol (its defaults when unset)."""
+    chosen = message.WhichOneof("method")
+    if chosen == "rise":
         return rise_spec(message.rise, f"{prefix}rise")
+    if chosen == "eva":
+        return eva_spec(message.eva, f"{prefix}eva")
     return sobol_spec(message.sobol, f"{prefix}sobol")
 
 
@@ -133,6 +165,19 @@ def _check_passes(passes: int, limits: Limits, what: str, field: str) -> None:
         )
 
 
+def _check_eva_samples(passes: int, limits: Limits, field: str) -> None:
+    if passes > limits.max_eva_sample_passes:
+        raise ResourceExhausted(
+            f"EVA with these options samples {passes} forward passes inside the model; the "
+            f"limit max_eva_sample_passes is {limits.max_eva_sample_passes} per request; lower "
+            f"{field} (a hybrid samples on each of the grid_size^2 + 1 rows)",
+            field=field,
+        )
+
+
+PASSES_FIELDS = {"sobol": "nb_design", "rise": "nb_samples", "eva": "grid_size"}
+
+
 def attribute_spec(
     request: apb.AttributeRequest, limits: Limits, tenant: str = domain.DEFAULT_TENANT
 ) -> domain.AttributeSpec:
@@ -141,8 +186,18 @@ def attribute_spec(
     _check_model(classifier)
     method = _method(request)
     name = domain.method_name(method)
-    field = f"{name}.nb_design" if name == "sobol" else f"{name}.nb_samples"
+    field = f"{name}.{PASSES_FIELDS[name]}"
     _check_passes(method.forward_passes, limits, f"{name} with these options", field)
+    target_score = _enum(request.target_score, TARGET_SCORE_NAMES, "target_score")
+    if isinstance(method, domain.EvaSpec):
+        _check_eva_samples(method.sample_passes, limits, "eva.samples")
+        if target_score not in ("auto", "logit"):
+            raise InvalidArgument(
+                f"target_score {target_score.upper()}: EVA bounds the logit margins "
+                "f_c - f_y over the ball, not a probability; leave target_score unspecified "
+                "or ask for LOGIT",
+                field="target_score",
+            )
     image = decode_image(request.image, limits)
     check_grid(method.grid, image.shape[:2], f"{name}.grid_size")
     return domain.AttributeSpec(
@@ -150,7 +205,7 @@ def attribute_spec(
         image=image,
         classifier=classifier,
         method=method,
-        target_score=_enum(request.target_score, TARGET_SCORE_NAMES, "target_score"),
+        target_score=target_score,
         perturbation=perturbation_spec(request.perturbation, "perturbation"),
         seed=request.seed,
         tenant=tenant,
@@ -186,7 +241,7 @@ def _mu_fidelity(options: apb.MuFidelityOptions) -> domain.MuFidelitySpec:
     return domain.MuFidelitySpec(grid, float(subset), samples, baseline)
 
 
-def _stability(options: apb.StabilityOptions) -> domain.StabilitySpec:
+def _stability(options: apb.StabilityOptions, limits: Limits) -> domain.StabilitySpec:
     radius = options.radius if options.HasField("radius") else 0.1
     if not 0.0 < radius <= 1.0:
         raise InvalidArgument(
@@ -194,10 +249,15 @@ def _stability(options: apb.StabilityOptions) -> domain.StabilitySpec:
             field="stability.radius",
         )
     samples = bounded(options.nb_samples, 20, 1, 100, "stability.nb_samples", "nb_samples")
+    method = _method(options, "stability.")
+    if isinstance(method, domain.EvaSpec):
+        _check_eva_samples(
+            (samples + 1) * method.sample_passes, limits, "stability.eva.samples or nb_samples"
+        )
     return domain.StabilitySpec(
         float(radius),
         samples,
-        _method(options, "stability."),
+        method,
         perturbation_spec(options.perturbation, "stability.perturbation"),
     )
 
@@ -216,7 +276,7 @@ def evaluate_spec(
     if request.HasField("mu_fidelity"):
         metrics.append(("mu_fidelity", _mu_fidelity(request.mu_fidelity)))
     if request.HasField("stability"):
-        metrics.append(("stability", _stability(request.stability)))
+        metrics.append(("stability", _stability(request.stability, limits)))
     if not metrics:
         metrics = [
             ("deletion", domain.DeletionSpec()),
@@ -291,7 +351,17 @@ def _names(names: dict[int, str], value: str) -> int:
 
 def _method_messages(
     method: domain.AttributionMethod,
-) -> dict[str, apb.SobolOptions | apb.RiseOptions]:
+) -> dict[str, apb.SobolOptions | apb.RiseOptions | apb.EvaOptions]:
+    if isinstance(method, domain.EvaSpec):
+        return {
+            "eva": apb.EvaOptions(
+                grid_size=method.grid,
+                epsilon=method.epsilon,
+                bound=_names(BOUND_NAMES, method.bound),
+                hybrid_layer=method.hybrid_layer,
+                samples=method.samples,
+            )
+        }
     if isinstance(method, domain.SobolSpec):
         return {
             "sobol": apb.SobolOptions(
@@ -363,7 +433,27 @@ def attribute_event(request_id: str, event: object) -> apb.AttributeEvent:
                 if event.channel_grid is not None
                 else ()
             ),
+            eva=_eva_result(event.eva) if event.eva is not None else None,
         ),
+    )
+
+
+def _eva_result(outcome: domain.EvaOutcome) -> apb.EvaResult:
+    return apb.EvaResult(
+        guaranteed=outcome.guaranteed,
+        bound=_names(BOUND_NAMES, outcome.bound),
+        epsilon=outcome.epsilon,
+        epsilon_input=outcome.epsilon_input,
+        hybrid_layer=outcome.hybrid_layer,
+        overlap_bound=outcome.overlap_bound,
+        adversary_class=outcome.adversary_class,
+        adversary_label=outcome.adversary_label,
+        sampled_overlap=outcome.sampled_overlap,
+        samples=outcome.samples,
+        region_bounds=outcome.region_bounds,
+        certified=outcome.certified,
+        bound_passes=outcome.bound_passes,
+        sample_passes=outcome.sample_passes,
     )
 
 

@@ -99,6 +99,9 @@ VIEW_BYTES_PER_PIXEL = 48
 BATCH_BYTES_PER_PIXEL = 40
 # RISE draws its masks in blocks of RISE_BLOCK (float64, then float32) per batch.
 RISE_BYTES_PER_BLOCK_PIXEL = 16
+# EVA, per pixel of each bound row in flight: its float32 radii per channel (made
+# through a mask and a layout copy) and their transport to Triton. Not measured yet.
+EVA_BYTES_PER_ROW_PIXEL = 96
 # Attribute's map brought back to the image (Pillow's float cores, the array, the
 # message and its serialisation).
 IMAGE_MAP_BYTES_PER_PIXEL = 20
@@ -111,6 +114,7 @@ NOISY_VIEW_BYTES_PER_PIXEL = 48
 KEPT_MAP_BYTES_PER_PIXEL = 20
 # The options' defaults (api/convert_attribution.py), for the forward passes in flight.
 SOBOL_DEFAULTS = (8, 32)  # grid_size, nb_design
+EVA_DEFAULT_GRID = 8
 RISE_DEFAULT_SAMPLES = 4000
 DELETION_DEFAULT_STEPS = 10
 MU_FIDELITY_DEFAULT_SAMPLES = 200
@@ -298,7 +302,7 @@ def _consistency(
     maps = CONSISTENCY_BYTES_PER_MAP_PIXEL * models * len(EXPLAINERS) * sum(pixels)
     view = model.view(largest)
     perturbed = _perturbed(
-        view, model, limits.max_consistency_passes, settings.attribution_concurrency, rise=True
+        view, model, limits.max_consistency_passes, settings.attribution_concurrency, "rise"
     )
     method = maps + models * (_view(largest, model) + perturbed)
     working = IMAGE_BYTES_PER_PIXEL * sum(pixels) + max(DECODE_BYTES_PER_PIXEL * largest, method)
@@ -371,35 +375,41 @@ def _view(pixels: int, model: ClassifierInput) -> int:
 
 
 def _perturbed(
-    view: int, model: ClassifierInput, passes: int, in_flight: int, rise: bool = False
+    view: int, model: ClassifierInput, passes: int, in_flight: int, method: str = "sobol"
 ) -> int:
     """`passes` perturbed views, made and classified in batches bounded to
     PERTURBATION_BATCH_PIXELS (one image at least), `in_flight` batches at once;
-    RISE's mask blocks beside each batch."""
+    RISE's mask blocks beside each batch; EVA's radius rows with each row."""
     images = max(1, min(model.max_batch_size, PERTURBATION_BATCH_PIXELS // view))
     in_flight = min(in_flight, -(-passes // images))
     element = ELEMENT_BYTES[model.datatype]
     per_pixel = BATCH_BYTES_PER_PIXEL + 3 * element * TRANSPORT_COPIES
+    if method == "eva":
+        per_pixel += EVA_BYTES_PER_ROW_PIXEL
+    rise = method == "rise"
     blocks = RISE_BYTES_PER_BLOCK_PIXEL * RISE_BLOCK * view * in_flight if rise else 0
     return min(passes, in_flight * images) * view * per_pixel + blocks
 
 
-def _method_passes(message: apb.AttributeRequest | apb.StabilityOptions) -> tuple[int, bool]:
-    """(forward passes, whether RISE) of the `method` oneof, defaults filled in."""
-    if message.WhichOneof("method") == "rise":
-        return message.rise.nb_samples or RISE_DEFAULT_SAMPLES, True
+def _method_passes(message: apb.AttributeRequest | apb.StabilityOptions) -> tuple[int, str]:
+    """(forward passes, the method) of the `method` oneof, defaults filled in."""
+    chosen = message.WhichOneof("method")
+    if chosen == "rise":
+        return message.rise.nb_samples or RISE_DEFAULT_SAMPLES, chosen
+    if chosen == "eva":
+        return (message.eva.grid_size or EVA_DEFAULT_GRID) ** 2 + 1, chosen
     grid, designs = SOBOL_DEFAULTS
     sobol = message.sobol
     channels = 3 if sobol.per_channel else 1
-    return (sobol.nb_design or designs) * ((sobol.grid_size or grid) ** 2 * channels + 2), False
+    return (sobol.nb_design or designs) * ((sobol.grid_size or grid) ** 2 * channels + 2), "sobol"
 
 
 def _attribute(
     request: apb.AttributeRequest, settings: Settings, pixels: int, model: ClassifierInput
 ) -> int:
     view = model.view(pixels)
-    passes, rise = _method_passes(request)
-    perturbed = _perturbed(view, model, passes, settings.attribution_concurrency, rise)
+    passes, method = _method_passes(request)
+    perturbed = _perturbed(view, model, passes, settings.attribution_concurrency, method)
     return _view(pixels, model) + perturbed + IMAGE_MAP_BYTES_PER_PIXEL * pixels
 
 
@@ -426,9 +436,11 @@ def _evaluate(
     metric = _perturbed(view, model, passes, 1) + ORDER_BYTES_PER_PIXEL * view if passes else 0
     if request.HasField("stability"):
         stability = request.stability
-        method_passes, rise = _method_passes(stability)
+        method_passes, method = _method_passes(stability)
         samples = stability.nb_samples or STABILITY_DEFAULT_SAMPLES
-        attribution = _perturbed(view, model, method_passes, settings.attribution_concurrency, rise)
+        attribution = _perturbed(
+            view, model, method_passes, settings.attribution_concurrency, method
+        )
         maps = (samples + 1) * KEPT_MAP_BYTES_PER_PIXEL * view
         metric = max(metric, NOISY_VIEW_BYTES_PER_PIXEL * view + maps + attribution)
     return held + metric

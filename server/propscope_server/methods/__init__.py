@@ -18,6 +18,13 @@ METHODS: tuple[MethodInfo, ...] = (
     ),
     MethodInfo("sobol", "Attribute", Capability.FORWARD, "total-order Sobol indices of regions"),
     MethodInfo("rise", "Attribute", Capability.FORWARD, "RISE: random masks, weighted mean"),
+    MethodInfo(
+        "eva",
+        "Attribute",
+        Capability.FORWARD | Capability.BOUNDS,
+        "EVA: how much holding a region fixed lowers the verified adversarial-overlap bound "
+        "(CVPR 2023)",
+    ),
     MethodInfo("deletion", "EvaluateAttribution", Capability.FORWARD, "Deletion AUC"),
     MethodInfo("insertion", "EvaluateAttribution", Capability.FORWARD, "Insertion AUC"),
     MethodInfo("mu_fidelity", "EvaluateAttribution", Capability.FORWARD, "MuFidelity"),

@@ -1,5 +1,6 @@
-"""Black-box attribution maps: Sobol total-order indices (Fel et al. 2021) and RISE
-(Petsiuk et al. 2018), on any classifier that serves forward passes.
+"""Attribution maps: Sobol total-order indices (Fel et al. 2021) and RISE (Petsiuk et
+al. 2018), black-box, on any classifier that serves forward passes; EVA (Fel et al.
+2023, methods/eva.py) on an open model that propagates bounds.
 
 Both work on the image as the model sees it (the *view*: resized by the model's
 resize mode, RGB values before its normalisation), perturb it in batches of the
@@ -31,6 +32,7 @@ from propscope_server.domain import (
     AttributionOutcome,
     ClassifierPlanned,
     ClassifierRef,
+    EvaSpec,
     PassesProgress,
     PerturbationSpec,
     RiseSpec,
@@ -39,7 +41,7 @@ from propscope_server.domain import (
 )
 from propscope_server.errors import InvalidArgument
 from propscope_server.inference import Inference
-from propscope_server.methods import require
+from propscope_server.methods import eva, require
 from propscope_server.orchestration.classifier import (
     DETECTED_SOURCE,
     PlannedClassifier,
@@ -52,6 +54,7 @@ from propscope_server.orchestration.classifier import (
 from propscope_server.orchestration.explain import cache_namespace, image_digest
 from propscope_server.orchestration.runner import Finished, with_progress
 from propscope_server.scoring import perturbation, rise, sobol
+from propscope_server.scoring.eva import EvaBounds
 from propscope_server.threads import in_thread
 
 # Part of every map's cache key: bump it when a change to the code changes maps (a
@@ -196,6 +199,14 @@ def describe_perturbation(
     return f"{what}, at the model's {height}x{width} input before its normalisation; {rounding}"
 
 
+@dataclass(frozen=True)
+class ViewAttribution:
+    grid: np.ndarray  # [g, g], or [g, g, 3] for per-channel Sobol
+    view_map: np.ndarray  # [h, w] over the view
+    warnings: tuple[str, ...]  # what makes the map carry no information (not cached)
+    eva: EvaBounds | None = None  # EVA only: the bounds the map comes from
+
+
 async def view_attribution(
     inference: Inference,
     plan: TargetPlan,
@@ -208,6 +219,35 @@ async def view_attribution(
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """(grid values [g, g] or [g, g, 3], map over the view [h, w], warnings) of `method`
     on `view` (the original's view, or a noisy one for stability)."""
+    found = await attribute_view(inference, plan, view, method, spec, seed, settings, progress)
+    return found.grid, found.view_map, found.warnings
+
+
+async def attribute_view(
+    inference: Inference,
+    plan: TargetPlan,
+    view: np.ndarray,
+    method: AttributionMethod,
+    spec: PerturbationSpec,
+    seed: int,
+    settings: Settings,
+    progress: Callable[[int], None],
+) -> ViewAttribution:
+    """`method`'s map of `view`, with what EVA's rests on."""
+    if isinstance(method, EvaSpec):
+        found = await eva.view_eva(
+            inference,
+            plan.classifier,
+            plan.target.class_index,
+            view,
+            method,
+            seed,
+            plan.deadline,
+            perturbation_batch(plan.classifier, view) * settings.attribution_concurrency,
+            settings.attribution_concurrency,
+            progress,
+        )
+        return ViewAttribution(found.grid, found.view_map, found.warnings, found.bounds)
     height, width = view.shape[:2]
     baseline = baseline_image(
         view, "blur" if spec.kind == "blur" else spec.baseline, spec.blur_sigma, plan.classifier
@@ -257,7 +297,7 @@ async def view_attribution(
         cells = grid.sum(axis=-1)
         view_map = resize_values(cells, height, width)
         warnings = flat_scores(scores, plan) or constant_map(cells)
-        return (grid if method.per_channel else cells), view_map, warnings
+        return ViewAttribution((grid if method.per_channel else cells), view_map, warnings)
 
     def rise_map() -> np.ndarray:
         accumulator = rise.RiseAccumulator(height, width, method.preservation)
@@ -268,7 +308,7 @@ async def view_attribution(
 
     view_map = await in_thread(rise_map)
     grid = resize_values(view_map, method.grid, method.grid, "bilinear")
-    return grid, view_map, flat_scores(scores, plan) or constant_map(view_map)
+    return ViewAttribution(grid, view_map, flat_scores(scores, plan) or constant_map(view_map))
 
 
 def constant_map(values: np.ndarray) -> tuple[str, ...]:
@@ -304,6 +344,33 @@ def flat_scores(scores: np.ndarray, plan: TargetPlan) -> tuple[str, ...]:
     )
 
 
+def with_warnings(target: TargetPlan, warnings: tuple[str, ...]) -> TargetPlan:
+    """`target` with `warnings` added to what Accepted says."""
+    classifier = target.classifier
+    return dataclasses.replace(
+        target,
+        classifier=dataclasses.replace(classifier, warnings=(*classifier.warnings, *warnings)),
+    )
+
+
+async def plan_eva_target(
+    inference: Inference, target: TargetPlan, method: EvaSpec, prefix: str = ""
+) -> TargetPlan:
+    """EVA's refusals and its probe row (counted in the plan's passes); the hybrid's
+    warning said in Accepted too."""
+    await eva.plan_eva(
+        inference,
+        target.classifier,
+        target.target.class_index,
+        method,
+        target.view,
+        target.deadline,
+        prefix,
+    )
+    target = dataclasses.replace(target, passes=target.passes + 1)
+    return with_warnings(target, eva.hybrid_warning(method))
+
+
 @dataclass(frozen=True)
 class AttributionPlan:
     spec: AttributeSpec
@@ -326,12 +393,16 @@ class Attribution:
             self._inference,
             spec.classifier,
             spec.image,
-            spec.target_score,
+            # EVA bounds logit margins (the API refuses other scores; plan_eva a
+            # probabilities model).
+            "auto" if isinstance(spec.method, EvaSpec) else spec.target_score,
             name,
             self._settings,
             deadline,
             grids=((spec.method.grid, f"{name}.grid_size"),),
         )
+        if isinstance(spec.method, EvaSpec):
+            target = await plan_eva_target(self._inference, target, spec.method)
         classifier = target.classifier
         key = artefact_key(
             "attribution",
@@ -357,16 +428,15 @@ class Attribution:
         )
         warning = await in_thread(design_warning, spec.method, spec.seed)
         if warning:
-            target = dataclasses.replace(
-                target,
-                classifier=dataclasses.replace(
-                    target.classifier, warnings=(*target.classifier.warnings, warning)
-                ),
-            )
+            target = with_warnings(target, (warning,))
         return AttributionPlan(
             spec=spec,
             target=target,
-            description=describe_perturbation(spec.perturbation, target.view, classifier),
+            description=(
+                eva.describe(spec.method, classifier, target.view)
+                if isinstance(spec.method, EvaSpec)
+                else describe_perturbation(spec.perturbation, target.view, classifier)
+            ),
             cache_key=key,
         )
 
@@ -387,20 +457,18 @@ class Attribution:
         cached = await self._cache.get(plan.cache_key)
         metrics.CACHE_LOOKUPS.labels(result="hit" if cached is not None else "miss").inc()
         if cached is not None:
-            grid, view_map = _unpack(cached, spec.method, target.view.shape[:2])
-            ran, warnings = 0, ()
+            found = _unpack(cached, spec.method, target.view.shape[:2])
+            ran = 0
         else:
             done = 0
 
-            async def work(
-                emit: Callable[[object], None],
-            ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+            async def work(emit: Callable[[object], None]) -> ViewAttribution:
                 def progress(count: int) -> None:
                     nonlocal done
                     done += count
                     emit(PassesProgress(done, passes))
 
-                return await view_attribution(
+                return await attribute_view(
                     self._inference,
                     target,
                     target.view,
@@ -414,12 +482,16 @@ class Attribution:
             async with aclosing(with_progress(work)) as events:
                 async for event in events:
                     if isinstance(event, Finished):
-                        grid, view_map, warnings = event.value
+                        found = event.value
                     else:
                         yield event
-            if not warnings:  # a map that carries no information is not kept
-                await self._cache.put(plan.cache_key, _pack(grid, view_map))
+            if not found.warnings:  # a map that carries no information is not kept
+                await self._cache.put(plan.cache_key, _pack(found))
             ran = passes
+        grid, view_map, warnings, eva_outcome = found.grid, found.view_map, found.warnings, None
+        if isinstance(spec.method, EvaSpec) and found.eva is not None:
+            eva_outcome = eva.eva_outcome(spec.method, found.eva, target.classifier)
+            warnings = (*eva.hybrid_warning(spec.method), *warnings)
         metrics.FORWARD_PASSES.labels(method=method_name(spec.method)).inc(ran)
         image_map = await in_thread(
             map_to_image,
@@ -440,6 +512,7 @@ class Attribution:
             target_score=target.target.score,
             total_s=time.perf_counter() - started,
             warnings=warnings,
+            eva=eva_outcome,
         )
 
 
@@ -469,7 +542,9 @@ def rise_masks(
 
 
 def _seeded(method: AttributionMethod) -> bool:
-    return isinstance(method, RiseSpec) or method.scrambled
+    """Whether the seed changes the map: RISE's masks, a scrambled design, EVA's
+    sampled points."""
+    return isinstance(method, RiseSpec | EvaSpec) or method.scrambled
 
 
 def design_of(method: SobolSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -529,15 +604,22 @@ def check_grid(grid: int, shape: tuple[int, ...], field: str) -> None:
         )
 
 
-def _pack(grid: np.ndarray, view_map: np.ndarray) -> np.ndarray:
-    """One float32 array for the cache: the grid's values, then the view's map."""
-    return np.concatenate([grid.ravel(), view_map.ravel()]).astype(np.float32)
+def _pack(found: ViewAttribution) -> np.ndarray:
+    """One array for the cache: the grid's values, then the view's map (float32), then
+    EVA's bounds (the whole array float64 then)."""
+    packed = np.concatenate([found.grid.ravel(), found.view_map.ravel()]).astype(np.float32)
+    if found.eva is None:
+        return packed
+    return np.concatenate([packed.astype(np.float64), eva.pack_bounds(found.eva)])
 
 
 def _unpack(
     packed: np.ndarray, method: AttributionMethod, view_shape: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
+) -> ViewAttribution:
     channels = 3 if isinstance(method, SobolSpec) and method.per_channel else 1
     cells = method.grid * method.grid * channels
-    grid = packed[:cells].reshape(method.grid, method.grid, channels)
-    return (grid if channels == 3 else grid[..., 0]), packed[cells:].reshape(view_shape)
+    grid = packed[:cells].reshape(method.grid, method.grid, channels).astype(np.float32)
+    end = cells + view_shape[0] * view_shape[1]
+    view_map = packed[cells:end].reshape(view_shape).astype(np.float32)
+    bounds = eva.unpack_bounds(packed[end:]) if isinstance(method, EvaSpec) else None
+    return ViewAttribution((grid if channels == 3 else grid[..., 0]), view_map, (), bounds)

@@ -23,6 +23,7 @@ class Capability(enum.Flag):
     ACTIVATIONS = enum.auto()  # hidden-layer activations as outputs
     INTERVENTIONS = enum.auto()  # activations set from outside
     GRADIENTS = enum.auto()  # gradients of outputs with respect to the input
+    BOUNDS = enum.auto()  # verified bounds of logit margins over an input box (EVA)
 
 
 @dataclass(frozen=True)

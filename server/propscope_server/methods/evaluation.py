@@ -22,6 +22,7 @@ from propscope_server.domain import (
     DeletionSpec,
     EvaluateSpec,
     EvaluationAccepted,
+    EvaSpec,
     MetricOutcome,
     MuFidelitySpec,
     PassesProgress,
@@ -33,6 +34,7 @@ from propscope_server.methods.attribution import (
     TargetPlan,
     baseline_image,
     perturbation_batch,
+    plan_eva_target,
     plan_target,
     view_attribution,
 )
@@ -139,6 +141,11 @@ class Evaluation:
             deadline,
             grids=tuple(grids),
         )
+        for _, options in spec.metrics:
+            if isinstance(options, StabilitySpec) and isinstance(options.method, EvaSpec):
+                target = await plan_eva_target(
+                    self._inference, target, options.method, "stability."
+                )
         view_map = None
         if spec.explanation is not None:
             height, width = target.view.shape[:2]
