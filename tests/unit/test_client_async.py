@@ -77,6 +77,18 @@ async def test_attribute_evaluate_and_list_models(services):  # noqa: F811
     assert models and models[0].name == "resnet"
 
 
+async def test_an_eva_map_and_its_bounds_as_the_sync_client_reads_them(services):  # noqa: F811
+    _, _, target = services
+    eva = {"method": "eva", "grid_size": 2, "hybrid_layer": "features.3", "samples": 4}
+    async with AsyncClient(target) as client:
+        found = await client.attribute(_image_bytes(), "resnet", **eva)
+        with pytest.raises(ValueError, match="epsilon must be in"):
+            client.attribute(_image_bytes(), "resnet", method="eva", epsilon=2.0)
+    with Client(target) as sync_client:
+        assert found == sync_client.attribute(_image_bytes(), "resnet", **eva)
+    assert found.eva.region_bounds.shape == (2, 2) and not found.eva.guaranteed
+
+
 async def test_errors_are_propscope_errors_with_their_details(services):  # noqa: F811
     _, _, target = services
     async with AsyncClient(target) as client:
