@@ -167,7 +167,10 @@ class BoundedNetwork:
                     constants[node.name] = _generic(root, node, (), constants)()
                     continue
                 item = self._classify(root, node, depends, constants)
-                value = item.forward(*[values[name] for name in item.inputs])
+                # The node's own operation: a reshape's closure needs the shape it finds.
+                value = _generic(root, node, item.inputs, constants)(
+                    *[values[name] for name in item.inputs]
+                )
                 if isinstance(value, torch.Tensor):
                     if item.kind == "shape":
                         item.kind = "unsupported"
@@ -334,7 +337,7 @@ class BoundedNetwork:
         if source is None:
             raise Unsupported(self.layer_refusals[layer])
         for name in self._needed(source):
-            if self.nodes[name].kind == "unsupported":
+            if name != source and self.nodes[name].kind == "unsupported":
                 raise Unsupported(self.nodes[name].refusal)
 
     def _descendants(self, source: str) -> set[str]:
@@ -356,7 +359,7 @@ class BoundedNetwork:
         and the scores, and the ancestors of any other node they read (the frontier,
         bounded by IBP from the input)."""
         between = self._descendants(source) & self._ancestors({self.output})
-        frontier = {n for b in between for n in self.nodes[b].inputs if n not in between}
+        frontier = {n for b in between - {source} for n in self.nodes[b].inputs if n not in between}
         needed = between | self._ancestors(frontier) if frontier else between
         return [name for name in self.nodes if name in needed]
 
