@@ -329,7 +329,7 @@ class EvaOutcome:
     sampled_overlap: float  # a lower bound on the true overlap
     samples: int
     region_bounds: tuple[float, ...]  # AO_bar(B_u) per cell, row-major g x g
-    certified: bool  # overlap_bound < 0
+    certified: bool  # guaranteed and overlap_bound < 0 (a hybrid proves nothing)
     bound_passes: int  # bound rows
     sample_passes: int  # sampled forward passes inside the model
 

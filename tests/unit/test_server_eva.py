@@ -17,9 +17,11 @@ from propscope.v1 import attribution_pb2 as apb
 from propscope.v1 import explain_pb2 as pb
 from propscope_server import domain, errors, methods
 from propscope_server.api import convert_attribution
+from propscope_server.backends.preprocessing import InputLayout
 from propscope_server.cache import InMemoryArtefactCache
 from propscope_server.config import Limits, PreprocessingConfig, Settings
 from propscope_server.inference import ModelDescription, Tensor
+from propscope_server.methods import eva as eva_method
 from propscope_server.methods.attribution import Attribution
 from propscope_server.open_contract import (
     BOUND,
@@ -29,6 +31,7 @@ from propscope_server.open_contract import (
     OPTIONAL_INPUTS,
     Layer,
 )
+from propscope_server.orchestration.classifier import PlannedClassifier
 from propscope_server.scoring import eva as scoring
 
 SIZE, CLASSES = 8, 3
@@ -362,3 +365,24 @@ def test_region_bounds_come_from_the_rows_in_order():
 def test_listmodels_offers_eva_only_to_a_model_declaring_bounds():
     assert "eva" in methods.supported(open_model())
     assert "eva" not in methods.supported(open_model(capabilities="activations,gradients"))
+
+
+def test_only_a_verified_negative_bound_is_certified():
+    planned = PlannedClassifier(
+        model=open_model(),
+        layout=InputLayout("IMAGE", "UINT8", False, SIZE, SIZE),
+        output="LOGITS",
+        classes=CLASSES,
+        preprocessing=PreprocessingConfig(output_kind="logits"),
+        preprocessing_sources=(),
+        warnings=(),
+        class_labels=("zero", "one", "two"),
+    )
+    below = scoring.eva_bounds(np.array([[0.0, -1.0, -2.0]] * 5), np.full((5, 3), -3.0), 0)
+    verified = eva_method.eva_outcome(domain.EvaSpec(grid=2), below, planned)
+    hybrid = eva_method.eva_outcome(
+        domain.EvaSpec(grid=2, hybrid_layer="features.1"), below, planned
+    )
+    assert verified.certified and verified.guaranteed
+    assert not hybrid.certified and not hybrid.guaranteed
+    assert verified.adversary_label == "one"
