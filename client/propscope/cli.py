@@ -721,10 +721,12 @@ def attribute(
     output_format: FormatOption = OutputFormat.TABLE,
     timeout: TimeoutOption = None,
 ) -> None:
-    """Compute where --model looks on IMAGE: an attribution map, black-box.
+    """Compute where --model looks on IMAGE: an attribution map.
 
-    Writes OUT/<stem>.<method>.png (the heat map over the image) and
-    OUT/<stem>.<method>.json (the map, its grid, the plan and the figures;
+    Sobol and RISE are black-box; EVA bounds the logit margins over an
+    --epsilon ball on an open model (docs/eva.md) and says whether its map is
+    guaranteed. Writes OUT/<stem>.<method>.png (the heat map over the image)
+    and OUT/<stem>.<method>.json (the map, its grid, the plan and the figures;
     `propscope evaluate --map` reads it), then a summary (--format plain: one
     key=value line; json: the JSON file's figures without the map).
 
