@@ -20,9 +20,9 @@ from propscope._async_client import AsyncClient, AsyncExplainStream
 from propscope._attribution import (
     Attribution,
     AttributionProgress,
+    Evaluation,
     EvaOptions,
     EvaResult,
-    Evaluation,
     MetricResult,
     PerturbationSettings,
     RiseOptions,
