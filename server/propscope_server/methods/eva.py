@@ -184,7 +184,8 @@ async def view_eva(
     bound_margins, sampled_margins = np.concatenate(margins), np.concatenate(samples)
     bounds = scoring.eva_bounds(bound_margins, sampled_margins, target)
     cells = bounds.importance.reshape(method.grid, method.grid).astype(np.float32)
-    warnings = tuple(filter(None, (scoring.flat_warning(bounds),))) + scoring.soundness_warnings(
+    flat = scoring.flat_warning(bounds)
+    warnings = ((flat,) if flat else ()) + scoring.soundness_warnings(
         bound_margins, sampled_margins, target
     )
     return EvaMap(cells, resize_values(cells, height, width), warnings, bounds)
