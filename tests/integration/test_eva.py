@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from propscope.v1 import attribution_pb2 as apb
-from propscope.v1 import attribution_pb2_grpc
+from propscope.v1 import attribution_pb2_grpc, explain_pb2_grpc
 from propscope.v1 import explain_pb2 as pb
 from tests.integration import open_resnet
 from tests.integration.conftest import inference_count, scene_png
@@ -84,6 +84,27 @@ def test_an_eva_map_on_synth_patch_is_largest_on_the_patch(attribution, triton):
     ].result
     assert without.target_label == "circle"  # the patch is what made the square a square
     assert grid[0, 0] > 1.5 * grid_of(without)[0, 0]
+
+
+def test_list_models_offers_eva_to_models_declaring_bounds_only(channel):
+    models = explain_pb2_grpc.ExplainServiceStub(channel).ListModels(pb.ListModelsRequest())
+    by_name = {m.name: set(m.methods) for m in models.models}
+    assert "eva" in by_name[MODEL] and "eva" in by_name["synth_hue_fp32"]
+    assert "eva" not in by_name["calibration_probe"] and "sobol" in by_name["calibration_probe"]
+
+
+def test_a_float_channels_first_model_gets_the_radius_over_its_std(attribution):
+    """synth_hue_fp32 takes FP32 NCHW normalised with std 0.25: the radius is eps / 0.25 in
+    its units, laid out channels first; the hue model looks at the object, the centre."""
+    result = attribute(
+        attribution, scene_png(), model="synth_hue_fp32", eva=apb.EvaOptions(**SMALL)
+    )
+    result = result[-1].result
+    assert list(result.eva.epsilon_input) == pytest.approx([8 / 255 / 0.25] * 3)
+    grid = grid_of(result)
+    centre = {(1, 1), (1, 2), (2, 1), (2, 2)}
+    largest = {divmod(int(k), 4) for k in np.argsort(grid.ravel())[-4:]}
+    assert largest == centre, grid
 
 
 def test_a_small_ball_is_certified(attribution):
