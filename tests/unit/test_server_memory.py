@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import gc
 import io
 import math
@@ -49,6 +50,12 @@ from propscope_server.errors import NotFound, ResourceExhausted, Unavailable
 from propscope_server.inference import ModelDescription, Tensor
 from propscope_server.methods.attribution import Attribution
 from propscope_server.methods.evaluation import Evaluation
+from propscope_server.open_contract import (
+    BOUND,
+    BOUND_OUTPUTS,
+    CAPABILITIES_PARAMETER,
+    OPTIONAL_INPUTS,
+)
 from propscope_server.orchestration.explain import Explainer
 from propscope_server.orchestration.runner import run_method
 from propscope_server.threads import in_thread
@@ -76,6 +83,22 @@ VARIABLE = ModelDescription(
     max_batch_size=64,
     preprocessing=NORMALISED,
 )
+BOUND_TENSORS = (
+    tuple(Tensor(name, OPTIONAL_INPUTS[name][0][5:], [-1], optional=True) for name in BOUND),
+    tuple(Tensor(name, "FP32", [-1]) for name in BOUND_OUTPUTS),
+)
+
+
+def with_bounds(model: ModelDescription) -> ModelDescription:
+    """`model` as an open model that propagates bounds (EVA)."""
+    return dataclasses.replace(
+        model,
+        inputs=model.inputs + BOUND_TENSORS[0],
+        outputs=model.outputs + BOUND_TENSORS[1],
+        parameters={CAPABILITIES_PARAMETER: "bounds"},
+    )
+
+
 EDITOR = ModelDescription(
     name="ed",
     version="1",
@@ -124,17 +147,27 @@ class FakeTriton:
         return await self._call(editor, {IMAGE_INPUT: image}, PATH_OUTPUT, answer)
 
     async def infer(self, model, inputs, outputs, deadline):
+        """EVA's bound rows (BOUND_* inputs, all sent) answer margins growing with the
+        radius the row leaves on its first half."""
         batch = next(iter(inputs.values()))
         logits = []
         for start in range(0, len(batch), model.max_batch_size):
-            chunk = batch[start : start + model.max_batch_size]
+            stop = start + model.max_batch_size
+            chunk = batch[start:stop]
 
             def answer(chunk: np.ndarray = chunk) -> np.ndarray:
                 mean = chunk.reshape(len(chunk), -1).mean(axis=1, dtype=np.float64) / 255.0
                 return np.stack([np.zeros_like(mean), 8 * (mean - 0.3)], axis=1).astype(np.float32)
 
-            logits.append(await self._call(model, {"INPUT": chunk}, outputs[0], answer))
-        return {outputs[0]: np.concatenate(logits)}
+            sent = {name: value[start:stop] for name, value in inputs.items()}
+            logits.append(await self._call(model, sent, outputs[0], answer))
+        answers = {outputs[0]: np.concatenate(logits)}
+        if "BOUND_RADIUS" in inputs:
+            radius = inputs["BOUND_RADIUS"]
+            left = radius[:, : radius.shape[1] // 2].sum(axis=1, dtype=np.float64)
+            margins = np.stack([np.zeros_like(left), left], axis=1).astype(np.float32)
+            answers.update({name: margins for name in BOUND_OUTPUTS})
+        return answers
 
     async def _call(self, model, tensors, output, answer) -> np.ndarray:
         inputs = [triton_input(name, np.ascontiguousarray(a)) for name, a in tensors.items()]
@@ -303,6 +336,12 @@ def attribute(size: int, rise: bool = False, blur: bool = False) -> apb.Attribut
     return request
 
 
+def attribute_eva(size: int, grid: int = 4) -> apb.AttributeRequest:
+    return apb.AttributeRequest(
+        image=png(size), model=pb.ModelRef(name="clf"), eva=apb.EvaOptions(grid_size=grid)
+    )
+
+
 def evaluate(size: int, metric: str) -> apb.EvaluateAttributionRequest:
     values = np.random.default_rng(0).random(size * size).astype(np.float32)
     request = apb.EvaluateAttributionRequest(
@@ -347,6 +386,9 @@ CASES = [
     Case("attribute 256 fp32", attribute(256), VARIABLE),
     Case("attribute 512 fp32 blur", attribute(512, blur=True), VARIABLE),
     Case("attribute 256 fp32 rise", attribute(256, rise=True), VARIABLE),
+    Case("attribute 1024 eva", attribute_eva(1024), with_bounds(FIXED)),
+    Case("attribute 512 fp32 eva", attribute_eva(512), with_bounds(VARIABLE)),
+    Case("attribute 256 fp32 eva grid 16", attribute_eva(256, grid=16), with_bounds(VARIABLE)),
     Case("evaluate 256 deletion", evaluate(256, "deletion")),
     Case("evaluate 512 mu_fidelity", evaluate(512, "mu_fidelity")),
     Case("evaluate 256 stability", evaluate(256, "stability")),

@@ -75,7 +75,7 @@ def bound_inputs(
         return np.full((rows, 1), value, np.int32)
 
     return {
-        BOUND_RADIUS: radii.astype(np.float32),
+        BOUND_RADIUS: radii.astype(np.float32, copy=False),
         BOUND_CLASS: column(target),
         BOUND_METHOD: column(BOUND_CODES[method.bound]),
         BOUND_LAYER: column(layer),
