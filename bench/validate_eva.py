@@ -100,6 +100,10 @@ def soundness_table(found: list[eva.Soundness]) -> str:
                     s.counts.images,
                     f"{tally.violations} of {tally.points}",
                     f"{regions.violations} of {regions.points}",
+                    " / ".join(
+                        str(tally.by_source.get(kind, 0) + regions.by_source.get(kind, 0))
+                        for kind in ("random", "vertices", "pgd")
+                    ),
                     f"{max(tally.largest_excess, regions.largest_excess):.4g}",
                     f"{np.mean(s.bounds[mode]):.3f}",
                     f"{np.mean(tally.looseness):.3f}",
@@ -115,6 +119,7 @@ def soundness_table(found: list[eva.Soundness]) -> str:
             "images",
             "over overlap_bound",
             "over region_bounds",
+            "over either: uniform / vertices / PGD",
             "largest overlap - bound",
             "mean overlap_bound",
             "mean bound - best found",
