@@ -318,6 +318,41 @@ class EvaResult:
             return "verified (guaranteed)"
         return f"hybrid from {self.hybrid_layer}: NOT guaranteed"
 
+    @property
+    def decision(self) -> Literal["certified", "not_robust", "undecided"]:
+        """What the two overlaps decide about the ball: ``certified`` (a verified bound below 0),
+        ``not_robust`` (a sampled point reaches another class: an adversarial point exists),
+        else ``undecided`` (a hybrid bound below 0 guarantees nothing)."""
+        if self.certified and self.guaranteed:
+            return "certified"
+        if self.sampled_overlap >= 0:
+            return "not_robust"
+        return "undecided"
+
+    @property
+    def verdict(self) -> str:
+        """The decision in words, with why: an undecided ball names the gap between the sampled
+        overlap and the bound (the bound's looseness) and what may close it."""
+        if self.decision == "certified":
+            return "certified: no input of the ball makes another class reach the target"
+        if self.decision == "not_robust":
+            return (
+                f"not robust: a sampled point of the ball makes another class reach the target"
+                f" (sampled overlap {self.sampled_overlap:.4g} >= 0)"
+            )
+        if not self.guaranteed and self.overlap_bound < 0:
+            return (
+                f"undecided: the hybrid bound {self.overlap_bound:.4g} is below 0 but NOT "
+                "guaranteed (it may lie below the true overlap); verify from the input to certify"
+            )
+        tighter = "the crown bound or " if self.bound == "ibp" else ""
+        return (
+            f"undecided: the bound {self.overlap_bound:.4g} is above 0 but no sampled point "
+            f"reaches another class ({self.sampled_overlap:.4g}); the true overlap lies "
+            f"anywhere in a gap of {self.overlap_bound - self.sampled_overlap:.4g}, the bound's "
+            f"looseness; {tighter}a smaller epsilon may decide"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         result = dataclass_dict(self, skip=("region_bounds",))
         result["region_bounds"] = [
@@ -450,7 +485,8 @@ class Attribution:
             model_version=accepted.model_version,
             preprocessing=Preprocessing.from_proto(accepted.preprocessing),
             preprocessing_sources=tuple(accepted.preprocessing_sources),
-            warnings=(*accepted.warnings, *result.warnings),
+            # once each: the result repeats some of the plan's (EVA's hybrid caveat)
+            warnings=tuple(dict.fromkeys((*accepted.warnings, *result.warnings))),
             eva=eva,
         )
 

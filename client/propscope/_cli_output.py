@@ -341,11 +341,17 @@ _MODEL_COLUMNS = (
 
 def eva_lines(eva: EvaResult) -> list[Text]:
     """What an EVA map rests on, for the attribute summary: the guarantee first (a hybrid's in
-    yellow), then the overlap's bounds, certification and adversary; numbers whole."""
+    yellow), then the overlap's bounds, certification and adversary, and the verdict (an
+    undecided ball names the bound's looseness); numbers whole."""
     label = f" ({eva.adversary_label})" if eva.adversary_label else ""
     certified = "yes" if eva.certified else "no"
     if eva.certified and not eva.guaranteed:
         certified += " (by a hybrid bound: NOT guaranteed)"
+    between = (
+        "the true overlap lies between"
+        if eva.guaranteed
+        else "a hybrid bound may lie below the true overlap"
+    )
     return [
         Text(
             f"bounds: {eva.guarantee}, {eva.bound}, epsilon {number(eva.epsilon)} of the "
@@ -354,10 +360,10 @@ def eva_lines(eva: EvaResult) -> list[Text]:
         ),
         Text(
             f"overlap bound {number(eva.overlap_bound)} (every region perturbed), sampled "
-            f"overlap {number(eva.sampled_overlap)} ({eva.samples} samples): the true "
-            "overlap lies between"
+            f"overlap {number(eva.sampled_overlap)} ({eva.samples} samples): {between}"
         ),
         Text(f"certified: {certified}; adversary class {eva.adversary_class}{label}"),
+        Text(f"verdict: {eva.verdict}", style="green" if eva.decision == "certified" else ""),
         Text(f"{eva.bound_passes} bound passes, {eva.sample_passes} sampled passes"),
     ]
 
@@ -372,6 +378,7 @@ def eva_pairs(eva: EvaResult) -> list[tuple[str, object]]:
         ("overlap_bound", eva.overlap_bound),
         ("sampled_overlap", eva.sampled_overlap),
         ("certified", eva.certified),
+        ("decision", eva.decision),
         ("adversary_class", eva.adversary_class),
         ("adversary_label", eva.adversary_label or None),
         ("bound_passes", eva.bound_passes),

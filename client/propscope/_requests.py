@@ -326,16 +326,16 @@ def _eva_options(
     """EVA's options, checked against the ranges attribution.proto fixes."""
     if grid_size and not 2 <= grid_size <= 32:
         raise ValueError(
-            f"grid_size must be in 2..32 (0: the server's default, 8), got {grid_size}"
+            f"grid_size (--grid-size) must be in 2..32 (0: the server's default, 8), got {grid_size}"
         )
     if epsilon is not None and not 0 < epsilon <= 1:  # NaN fails too
         raise ValueError(
-            "epsilon must be in (0, 1], a fraction of the pixel range (e.g. 8/255 = 0.0314; "
+            "epsilon (--epsilon) must be in (0, 1], a fraction of the pixel range (e.g. 8/255 = 0.0314; "
             f"None: the server's default, 8/255), got {epsilon}"
         )
     if samples > 65536:
         raise ValueError(
-            f"samples must be in 1..65536 (0: the server's default, 256), got {samples}"
+            f"samples (--samples) must be in 1..65536 (0: the server's default, 256), got {samples}"
         )
     if not isinstance(hybrid_layer, str):
         raise TypeError(
@@ -423,7 +423,7 @@ def _eva_request_checks(
     no pixels, so a perturbation setting would be silently ignored."""
     if target_score not in ("auto", "logit"):
         raise ValueError(
-            f"target_score must be auto or logit for EVA (it bounds logit margins), got "
+            f"target_score (--target-score) must be auto or logit for EVA (it bounds logit margins), got "
             f"{target_score!r}"
         )
     if (perturbation, baseline, blur_sigma) != ("inpainting", "input_zero", 0.0):

@@ -432,7 +432,12 @@ def test_an_eva_summary_is_whole_at_80_columns(guaranteed, tmp_path):
     if guaranteed:
         assert "bounds: verified (guaranteed), crown" in flat
         assert "certified: yes;" in flat
+        assert "the true overlap lies between" in flat
+        assert "verdict: certified: no input of the ball" in flat
     else:
         assert "bounds: hybrid from features.block_three.conv_two: NOT guaranteed" in flat
         assert "certified: yes (by a hybrid bound: NOT guaranteed)" in flat
-    assert "the true overlap lies between" in flat and "perturbation:" not in flat
+        assert "a hybrid bound may lie below the true overlap" in flat
+        assert "the true overlap lies between" not in flat
+        assert "verdict: undecided: the hybrid bound -1.235e+05 is below 0 but NOT" in flat
+    assert "perturbation:" not in flat

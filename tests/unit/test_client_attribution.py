@@ -23,6 +23,7 @@ from propscope import (
     Client,
     Evaluation,
     EvaOptions,
+    EvaResult,
     PropscopeError,
     RiseOptions,
     SobolOptions,
@@ -468,6 +469,58 @@ def test_attribute_eva_sends_its_options_and_reads_its_bounds(service):
     assert hybrid.warnings == ("hybrid: the bounds are NOT guaranteed",)
 
 
+def _eva_result(**changes) -> EvaResult:
+    figures = dict(
+        guaranteed=True,
+        bound="crown",
+        epsilon=8 / 255,
+        epsilon_input=(8.0, 8.0, 8.0),
+        hybrid_layer="",
+        overlap_bound=165.2,
+        adversary_class=1,
+        adversary_label="square",
+        sampled_overlap=-11.42,
+        samples=256,
+        region_bounds=np.zeros((2, 2)),
+        certified=False,
+        bound_passes=5,
+        sample_passes=256,
+    )
+    return EvaResult(**{**figures, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "decision", "words"),
+    [
+        ({"overlap_bound": -4.6, "certified": True}, "certified", "certified: no input"),
+        ({"sampled_overlap": 0.5}, "not_robust", "not robust: a sampled point"),
+        ({}, "undecided", "gap of 176.6, the bound's looseness; a smaller epsilon"),
+        ({"bound": "ibp"}, "undecided", "looseness; the crown bound or a smaller epsilon"),
+        (
+            {"guaranteed": False, "hybrid_layer": "features.1", "overlap_bound": -3.5},
+            "undecided",
+            "the hybrid bound -3.5 is below 0 but NOT guaranteed",
+        ),
+    ],
+)
+def test_an_eva_result_says_what_its_overlaps_decide(changes, decision, words):
+    """A bound far above a negative sampled overlap decides nothing: said, with the gap."""
+    eva = _eva_result(**changes)
+    assert eva.decision == decision
+    assert words in eva.verdict, eva.verdict
+
+
+def test_a_warning_in_the_plan_and_the_result_is_said_once():
+    caveat = "not guaranteed: hybrid from layer 'features.1'"
+    accepted = attribution_pb2.AttributeAccepted(method="rise", warnings=[caveat, "plan only"])
+    cell = attribution_pb2.AttributionMap(height=1, width=1, values=[0.0])
+    result = attribution_pb2.AttributionResult(
+        map=cell, grid=cell, warnings=[caveat, "result only"]
+    )
+    found = Attribution.from_events("r", accepted, result)
+    assert found.warnings == (caveat, "plan only", "result only")
+
+
 def test_sobol_and_rise_results_have_no_eva(service):
     with Client(service.target) as client:
         found = client.attribute(_image_bytes(), "resnet", grid_size=2)
@@ -492,17 +545,20 @@ def test_an_eva_result_without_whole_region_bounds_is_malformed():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"epsilon": 0.0}, "epsilon must be in \\(0, 1\\]"),
-        ({"epsilon": 1.5}, "epsilon must be in \\(0, 1\\]"),
-        ({"epsilon": float("nan")}, "epsilon must be in \\(0, 1\\]"),
+        ({"epsilon": 0.0}, "epsilon \\(--epsilon\\) must be in \\(0, 1\\]"),
+        ({"epsilon": 1.5}, "epsilon \\(--epsilon\\) must be in \\(0, 1\\]"),
+        ({"epsilon": float("nan")}, "epsilon \\(--epsilon\\) must be in \\(0, 1\\]"),
         ({"bound": "zonotope"}, "bound must be one of ibp, crown"),
-        ({"grid_size": 1}, "grid_size must be in 2..32"),
-        ({"grid_size": 33}, "grid_size must be in 2..32"),
-        ({"samples": 65537}, "samples must be in 1..65536"),
+        ({"grid_size": 1}, "grid_size \\(--grid-size\\) must be in 2..32"),
+        ({"grid_size": 33}, "grid_size \\(--grid-size\\) must be in 2..32"),
+        ({"samples": 65537}, "samples \\(--samples\\) must be in 1..65536"),
         ({"samples": -1}, "samples must be >= 0"),
         ({"nb_design": 32}, "are Sobol options; EVA takes"),
         ({"nb_samples": 100}, "are RISE options; EVA's sampled points are samples"),
-        ({"target_score": "probability"}, "target_score must be auto or logit for EVA"),
+        (
+            {"target_score": "probability"},
+            "target_score \\(--target-score\\) must be auto or logit for EVA",
+        ),
         ({"perturbation": "blur"}, "perturbation, baseline and blur_sigma"),
         ({"baseline": "black"}, "perturbation, baseline and blur_sigma"),
         ({"hybrid_layer": 3}, "hybrid_layer must be a declared layer's name"),
