@@ -292,6 +292,9 @@ def test_eva_maps_are_checked_and_shown_with_their_guarantee(tmp_path, hybrid_la
     assert result.shares("watermark")[0].to_dict()["guarantee"] == guarantee
     html = render_html(result)
     assert html.count(f"eva ({guarantee}), class circle") == 2
+    (outcome,) = evaluate_rules([MaxAttributionShareRule.model_validate(rule)], result)
+    assert f"eva ({guarantee}) maps of 2 images" in outcome.message
+    assert outcome.details["guarantee"] == guarantee
     overlays = re.findall(r'<img src="(data:image/png;base64,[^"]+)" alt="watermark: ', html)
     assert len(overlays) == 2
 

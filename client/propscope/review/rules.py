@@ -171,6 +171,8 @@ def _max_attribution_share(rule: MaxAttributionShareRule, result: ReviewResult) 
         passed = over == 0
         verdict = f"{over} of {shares.size} images put more than {rule.max:.1%} in {rule.name}"
     settings = rule.attribution
+    # an EVA gate says whether its maps rest on guaranteed bounds (a hybrid's do not)
+    kind = f"{worst.method} ({worst.guarantee})" if worst.guarantee else worst.method
     return RuleOutcome(
         rule=rule.rule,
         property_name=rule.name,
@@ -178,7 +180,7 @@ def _max_attribution_share(rule: MaxAttributionShareRule, result: ReviewResult) 
         message=(
             f"{verdict}; allowed at most {rule.max:.1%}"
             + (" on average" if rule.over == "mean" else " on every image")
-            + f" (highest {worst.share:.1%} on {worst.image}; {worst.method} maps of "
+            + f" (highest {worst.share:.1%} on {worst.image}; {kind} maps of "
             f"{shares.size} images)"
         ),
         details={
@@ -191,6 +193,7 @@ def _max_attribution_share(rule: MaxAttributionShareRule, result: ReviewResult) 
             "images": int(shares.size),
             "worst_image": worst.image,
             "method": settings.method,
+            "guarantee": worst.guarantee or None,
             "target_score": settings.target_score,
             "images_without_positive_mass": sum(obs.positive_mass == 0 for obs in observations),
         },
