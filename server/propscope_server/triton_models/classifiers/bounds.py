@@ -39,8 +39,9 @@ from torch import fx, nn
 from propscope_server.open_contract import BOUND_CROWN, BOUND_UNSUPPORTED
 
 SUPPORTED = (
-    "Conv2d, Linear, BatchNorm2d, ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean, "
-    "flatten/view/reshape, add/sub/mul/div by constants, add of two branches"
+    "Conv2d (any padding mode), Linear, BatchNorm1d/2d (eval, running statistics), ReLU, "
+    "MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean, flatten/view/reshape, add/sub/mul/div "
+    "by constants, add/sub of two branches"
 )
 FIX = "use a hybrid layer after it or expose the logits"
 # Floats held by one chunk's coefficient tensors (a margin row carries the numel of
@@ -124,6 +125,7 @@ class BoundedNetwork:
         self.layer_nodes: list[str | None] = [None] * len(self.layers)
         self.layer_refusals = [""] * len(self.layers)
         try:
+            _check_float32(network)
             self._trace(network.eval(), sample_input.float(), output_name)
             self._map_layers(network, sample_input)
         except Unsupported as error:
@@ -174,7 +176,6 @@ class BoundedNetwork:
                 if isinstance(value, torch.Tensor):
                     if item.kind == "shape":
                         item.kind = "unsupported"
-                        item.refusal = _refusal(root, node)
                     if value.ndim == 0 or value.shape[0] != TRACE_BATCH:
                         item.kind = "unsupported"
                         item.refusal = (
@@ -184,14 +185,15 @@ class BoundedNetwork:
                         )
                     item.shape = tuple(value.shape[1:])
                 elif item.kind != "shape":
-                    item.kind = "unsupported"
-                    item.refusal = _refusal(root, node)
+                    item.kind = "unsupported"  # its refusal: _classify's, naming it
                 values[node.name] = value
                 self.nodes[node.name] = item
         if self.output not in self.nodes or self.nodes[self.output].kind == "shape":
             raise Unsupported(
                 f"{BOUND_UNSUPPORTED}a network whose scores do not depend on its input"
             )
+        if self.nodes[self.output].kind == "unsupported":
+            raise Unsupported(self.nodes[self.output].refusal)
         if len(self.nodes[self.output].shape) != 1:
             raise Unsupported(
                 f"{BOUND_UNSUPPORTED}scores of shape {list(self.nodes[self.output].shape)} per "
@@ -236,6 +238,19 @@ class BoundedNetwork:
             if isinstance(expected, Mapping):
                 expected = expected[output_name]
             got = self.run(probe.float())[self.output]
+            # Rows are bounded together in a batch: each sample's scores must not depend
+            # on the others (an operation over dim 0 whose size matched TRACE_BATCH
+            # passes the trace's shape check).
+            pair = torch.cat([probe[:1], _probe(sample, seed=1)[:1]]).float()
+            together = self.run(pair)[self.output]
+            alone = torch.cat([self.run(pair[i : i + 1])[self.output] for i in range(2)])
+        if together.shape != alone.shape or not torch.allclose(
+            together, alone, rtol=1e-4, atol=1e-5
+        ):
+            raise Unsupported(
+                f"{BOUND_UNSUPPORTED}this network: a sample's scores depend on the other "
+                f"samples of its batch (an operation over the batch dimension); {FIX}"
+            )
         if not torch.allclose(got, expected.float(), rtol=1e-4, atol=1e-5):
             raise Unsupported(
                 f"{BOUND_UNSUPPORTED}this network: the traced graph's scores differ from the "
@@ -408,7 +423,8 @@ class BoundedNetwork:
                 margin = _margins_of_box(rows_box, self.output, ys)
                 if row_method == BOUND_CROWN:
                     margin = torch.minimum(margin, self._crown(needed, source, rows_box, ys))
-                bounds[index] = margin
+                # A box so wide that float32 overflows (inf - inf) bounds nothing: +inf.
+                bounds[index] = torch.nan_to_num(margin, nan=math.inf)
         return bounds, sampled
 
     def _sample(
@@ -587,7 +603,9 @@ def _classify_module(item: _Node, module: nn.Module, node: fx.Node) -> None:
     (x_arg, *rest) = node.args if node.args else (None,)
     if rest or node.kwargs or len(item.inputs) != 1:
         return
-    if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros":
+    if isinstance(module, nn.Conv2d):
+        # Any padding mode: reflect/replicate/circular pad by copying inputs (weights
+        # 0/1), so |W| after the same padding bounds the radius.
         weight, bias = module.weight, module.bias
         item.kind = "affine"
         item.forward = lambda x: module._conv_forward(x, weight, bias)
@@ -596,34 +614,53 @@ def _classify_module(item: _Node, module: nn.Module, node: fx.Node) -> None:
         item.kind = "affine"
         item.forward = lambda x: F.linear(x, module.weight, module.bias)
         item.magnitude = lambda r: F.linear(r, module.weight.abs())
-    elif (
-        isinstance(module, nn.BatchNorm2d)
-        and module.running_var is not None
-        and not module.training
-    ):
-        scale = (module.weight if module.affine else 1.0) / torch.sqrt(
-            module.running_var + module.eps
-        )
-        shift = (module.bias if module.affine else 0.0) - module.running_mean * scale
-        scale, shift = scale.detach().view(1, -1, 1, 1), shift.detach().view(1, -1, 1, 1)
-        item.kind = "affine"
-        item.forward = lambda x: x * scale + shift
-        item.magnitude = lambda r: r * scale.abs()
+    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        _batch_norm(item, module, f"layer {str(node.target)!r} ({_type_name(module)})")
     elif isinstance(module, nn.ReLU):
         item.kind = "relu"
         item.forward = torch.relu
-    elif isinstance(module, nn.MaxPool2d) and not module.return_indices:
+    elif isinstance(module, nn.MaxPool2d):
+        if module.return_indices:
+            item.refusal = (
+                f"{BOUND_UNSUPPORTED}layer {str(node.target)!r} (torch.nn.MaxPool2d) with "
+                f"return_indices=True; {FIX}"
+            )
+            return
         item.kind = "maxpool"
         item.pool = module
         item.forward = lambda x: F.max_pool2d(
             x, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode
         )
-    elif isinstance(module, (nn.AvgPool2d, nn.AdaptiveAvgPool2d, *_LEAVES)):
-        if isinstance(module, nn.Dropout) and module.training:
-            return
+    elif isinstance(module, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+        # One weight per window times a scalar (1 / divisor_override may be negative).
+        item.kind = "affine"
+        item.forward = module.forward
+        item.magnitude = lambda r: module.forward(r).abs()
+    elif isinstance(module, _LEAVES):
         item.kind = "affine"
         item.forward = module.forward
         item.magnitude = module.forward
+
+
+def _batch_norm(item: _Node, module: nn.Module, name: str) -> None:
+    """Batch norm in eval mode with running statistics: a per-channel affine map (a
+    negative scale flips the interval: the radius goes through |scale|)."""
+    if module.training or module.running_var is None or module.running_mean is None:
+        item.refusal = (
+            f"{BOUND_UNSUPPORTED}{name} without running statistics (it normalises by the "
+            f"batch's own statistics, mixing the samples); {FIX}"
+        )
+        return
+    scale = (module.weight if module.affine else 1.0) / torch.sqrt(module.running_var + module.eps)
+    shift = (module.bias if module.affine else 0.0) - module.running_mean * scale
+    scale, shift = scale.detach(), shift.detach()
+
+    def per_channel(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return value.view(1, -1, *([1] * (x.ndim - 2)))
+
+    item.kind = "affine"
+    item.forward = lambda x: x * per_channel(scale, x) + per_channel(shift, x)
+    item.magnitude = lambda r: r * per_channel(scale.abs(), r)
 
 
 def _classify_function(item: _Node, node: fx.Node, bounded: list[str], constants: dict) -> None:
@@ -792,6 +829,16 @@ def _maxpool_backward(
     return a_in.reshape(a.shape[0], c, h, w), bias
 
 
+def _check_float32(network: nn.Module) -> None:
+    """Bounds are computed in float32: a network holding other floats is refused."""
+    for name, value in [*network.named_parameters(), *network.named_buffers()]:
+        if value.is_floating_point() and value.dtype != torch.float32:
+            raise Unsupported(
+                f"{BOUND_UNSUPPORTED}{value.dtype} weights ({name!r}); bounds are computed in "
+                "float32: serve the network in float32"
+            )
+
+
 def _pair(value: Any) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
@@ -865,9 +912,9 @@ def _refusal(root: fx.GraphModule, node: fx.Node) -> str:
     return f"{BOUND_UNSUPPORTED}{_describe(root, node)}; supported: {SUPPORTED}; {FIX}"
 
 
-def _probe(sample: torch.Tensor) -> torch.Tensor:
+def _probe(sample: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """A seeded input of the sample's shape and dtype for the load-time checks."""
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     if sample.dtype == torch.uint8:
         return torch.randint(0, 256, sample.shape, generator=generator, dtype=torch.uint8)
     return torch.randn(sample.shape, generator=generator).to(sample.dtype)

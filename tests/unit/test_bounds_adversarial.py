@@ -1,0 +1,312 @@
+"""Bound propagation (bounds.py) against the constructs most likely to break it: every
+option of the supported layers, branch arithmetic, in-place operations, reused modules,
+extreme radii; each bound checked against a float64 attack (random points, vertices,
+signed-gradient ascent) in the same box, and every unsupported construct refused by
+name."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from propscope_server.open_contract import BOUND_CROWN, BOUND_IBP, BOUND_UNSUPPORTED
+from propscope_server.triton_models.classifiers.bounds import BoundedNetwork
+
+# The bounds are float32 without outward rounding; the attack runs in float64.
+SLACK = 1e-4
+
+
+def randomised(network: nn.Module, seed: int = 0) -> nn.Module:
+    """Seeded weights; batch norm with negative scales and shifted statistics."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, value in network.state_dict().items():
+            if name.endswith("running_var"):
+                value.copy_(0.5 + torch.rand(value.shape, generator=generator))
+            elif name.endswith(("running_mean", "bias")):
+                value.copy_(0.3 * torch.randn(value.shape, generator=generator))
+            elif name.endswith("weight") and value.ndim == 1:
+                value.copy_(torch.randn(value.shape, generator=generator))
+            elif value.is_floating_point() and value.ndim > 1:
+                value.copy_(torch.randn(value.shape, generator=generator) / value[0].numel() ** 0.5)
+    return network.eval()
+
+
+def worst_margins(
+    network: nn.Module, lower: torch.Tensor, upper: torch.Tensor, target: int
+) -> torch.Tensor:
+    """The largest f_c - f_y an attack finds in [lower, upper] (float64, [K])."""
+    generator = torch.Generator().manual_seed(1)
+    shape = (128, *lower.shape)
+    width = upper - lower
+    uniform = lower + width * torch.rand(shape, generator=generator, dtype=torch.float64)
+    vertices = torch.where(torch.rand(shape, generator=generator) < 0.5, lower, upper)
+    with torch.no_grad():
+        scores = network(torch.cat([uniform, vertices]))
+        best = (scores - scores[:, target : target + 1]).amax(0)
+    for c in range(best.shape[0]):
+        if c == target:
+            continue
+        point = uniform[:4].clone().requires_grad_(True)
+        for _ in range(10):
+            scores = network(point)
+            (gradient,) = torch.autograd.grad((scores[:, c] - scores[:, target]).sum(), point)
+            with torch.no_grad():
+                point = torch.clamp(point + 0.25 * width * gradient.sign(), lower, upper)
+            point.requires_grad_(True)
+        with torch.no_grad():
+            scores = network(point)
+            best[c] = torch.maximum(best[c], (scores[:, c] - scores[:, target]).max())
+    return best
+
+
+def bounds(
+    bounded: BoundedNetwork,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    centre: torch.Tensor,
+    target: int,
+    method: int,
+) -> torch.Tensor:
+    margin, _ = bounded.margins(lower, upper, centre, [target], [method], [-1], [0], [0])
+    return margin[0]
+
+
+def seq(*modules: nn.Module) -> nn.Sequential:
+    return nn.Sequential(*modules)
+
+
+class Branches(nn.Module):
+    """Two bounded branches combined by `combine`."""
+
+    def __init__(self, combine) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 25, 3)
+        self.combine = combine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.combine(torch.relu(self.a(x)), torch.relu(self.b(x))).flatten(1))
+
+
+class InPlaceResidual(nn.Module):
+    """out += x, then in-place ReLUs (module and functional), then a ReLU twice."""
+
+    def __init__(self, inplace: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.relu = nn.ReLU(inplace=inplace)
+        self.inplace = inplace
+        self.head = nn.Linear(75, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        out += x
+        out = F.relu(self.relu(out), inplace=self.inplace)
+        return self.head(torch.relu(torch.relu(out)).flatten(1))
+
+
+class Reused(nn.Module):
+    """One convolution called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Linear(75, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(torch.relu(self.conv(x)))).view(-1, 75))
+
+
+class Means(nn.Module):
+    """Means over other dims, keepdim, flatten from dim 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x)).mean(dim=1, keepdim=True).flatten(2)
+        return self.head(y.view(y.size(0), 5, 5).mean(1))
+
+
+SOUND = {
+    "conv stride dilation groups, no biases": (
+        seq(
+            nn.Conv2d(4, 6, 3, stride=2, dilation=2, groups=2, padding=2, bias=False),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(150, 3, bias=False),
+        ),
+        (4, 9, 9),
+    ),
+    **{
+        f"conv {mode} padding": (
+            seq(
+                nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode),
+                nn.ReLU(),
+                nn.Flatten(),
+                nn.Linear(4 * 36, 3),
+            ),
+            (3, 6, 6),
+        )
+        for mode in ("reflect", "replicate", "circular")
+    },
+    "batch norm 2d, negative scales": (
+        seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)),
+        (3, 6, 6),
+    ),
+    "batch norm 1d": (
+        seq(nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)),
+        (3, 2, 2),
+    ),
+    "max pool padding ceil mode": (
+        seq(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+            nn.Flatten(),
+            nn.Linear(64, 3),
+        ),
+        (3, 7, 7),
+    ),
+    "max pool dilation, overlapping windows": (
+        seq(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(3, stride=1, padding=1),
+            nn.MaxPool2d(2, stride=1, dilation=2),
+            nn.Flatten(),
+            nn.Linear(100, 3),
+        ),
+        (3, 7, 7),
+    ),
+    "avg pool padding, count_include_pad False, ceil mode": (
+        seq(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
+            nn.Flatten(),
+            nn.Linear(64, 3),
+        ),
+        (3, 7, 7),
+    ),
+    "avg pool negative divisor_override": (
+        seq(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.AvgPool2d(2, divisor_override=-3),
+            nn.Flatten(),
+            nn.Linear(36, 3),
+        ),
+        (3, 6, 6),
+    ),
+    "adaptive avg pool 7 -> 3": (
+        seq(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(3),
+            nn.Flatten(),
+            nn.Linear(36, 3),
+        ),
+        (3, 7, 7),
+    ),
+    "x - y of two branches": (Branches(lambda x, y: x - y), (3, 5, 5)),
+    "torch.sub(y, x) then negative mul and div": (
+        Branches(lambda x, y: torch.sub(y, x) * -2.0 / -0.5 - 1.0),
+        (3, 5, 5),
+    ),
+    "constant minus a branch, division by a negative": (
+        Branches(lambda x, y: (1.0 - x) / -3.0 + y),
+        (3, 5, 5),
+    ),
+    "residual in-place add and ReLUs, ReLU twice": (InPlaceResidual(), (3, 5, 5)),
+    "a module called twice": (Reused(), (3, 5, 5)),
+    "means over other dims, keepdim, flatten(2)": (Means(), (3, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("name", list(SOUND))
+def test_no_attack_exceeds_the_bound(name):
+    network, shape = SOUND[name]
+    network = randomised(network)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(1, *shape, generator=generator)
+    held = torch.rand(1, *shape, generator=generator) < 0.3
+    radius = 0.5 * torch.rand(1, *shape, generator=generator) * ~held
+    bounded = BoundedNetwork(network, x)
+    bounded.check(-1)
+    reference = copy.deepcopy(network).double()
+    if isinstance(reference, InPlaceResidual):
+        reference = randomised(InPlaceResidual(inplace=False)).double()  # autograd-safe twin
+    with torch.no_grad():
+        target = int(reference(x.double()).argmax())
+    lower, upper = x - radius, x + radius
+    worst = worst_margins(reference, lower[0].double(), upper[0].double(), target)
+    ibp = bounds(bounded, lower, upper, x, target, BOUND_IBP).double()
+    crown = bounds(bounded, lower, upper, x, target, BOUND_CROWN).double()
+    assert (crown <= ibp + SLACK).all()
+    assert (worst <= crown + SLACK * (1 + worst.abs())).all(), (worst, crown)
+
+
+class Batch(nn.Module):
+    """x - x.mean(0): with 3 channels the trace's batch of 3 keeps its shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(75, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((x - x.mean(0)).flatten(1))
+
+
+REFUSED = {
+    "max pool return_indices": (
+        seq(nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2, return_indices=True)),
+        "layer '1' (torch.nn.MaxPool2d) with return_indices=True",
+    ),
+    "product of two branches": (Branches(lambda x, y: x * y), "function 'mul'"),
+    "a square": (Branches(lambda x, y: x * x), "function 'mul'"),
+    "division by a branch": (Branches(lambda x, y: x / (y + 1)), "function 'truediv'"),
+    "concatenation": (Branches(lambda x, y: torch.cat([x[:, :2], y[:, :2]], 1)), "'getitem'"),
+    "permute": (Branches(lambda x, y: x.permute(0, 1, 3, 2) + y), "method 'permute'"),
+    "transpose": (Branches(lambda x, y: x.transpose(2, 3) - y), "method 'transpose'"),
+    "negation": (Branches(lambda x, y: -x + y), "function 'neg'"),
+    "adaptive max pool": (
+        seq(nn.Conv2d(3, 4, 3), nn.AdaptiveMaxPool2d(2), nn.Flatten(), nn.Linear(16, 3)),
+        "layer '1' (torch.nn.AdaptiveMaxPool2d)",
+    ),
+    "batch norm without running statistics": (
+        seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten()),
+        "layer '1' (torch.nn.BatchNorm2d) without running statistics",
+    ),
+    "float64 weights": (
+        seq(nn.Flatten(), nn.Linear(75, 3)).double(),
+        "torch.float64 weights ('1.weight')",
+    ),
+    "a mean over the batch": (Batch(), "depend on the other samples of its batch"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_an_unsupported_construct_is_refused_by_name(name):
+    network, named = REFUSED[name]
+    bounded = BoundedNetwork(network.eval(), torch.zeros(1, 3, 5, 5))
+    with pytest.raises(ValueError, match=f"^{BOUND_UNSUPPORTED}") as refused:
+        bounded.check(-1)
+    assert named in str(refused.value)
+
+
+def test_a_box_too_wide_for_float32_bounds_nothing_rather_than_nan():
+    network = randomised(seq(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 3)))
+    x = torch.randn(1, 3, 5, 5)
+    bounded = BoundedNetwork(network, x)
+    radius = torch.full_like(x, 3e38)
+    for method in (BOUND_IBP, BOUND_CROWN):
+        margin = bounds(bounded, x - radius, x + radius, x, 0, method)
+        assert margin[0] == 0 and not margin.isnan().any()
+        assert (margin[1:] == math.inf).all()
