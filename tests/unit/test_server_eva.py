@@ -269,6 +269,13 @@ def test_unset_options_are_the_defaults():
     assert ibp.method.bound == "ibp"
 
 
+def test_an_epsilon_reads_as_the_caller_wrote_it():
+    """The proto's float32 0.001 is 0.0010000000474974513 as a double: results say 0.001."""
+    for epsilon in (0.001, 0.02, 1.0):
+        method = convert_attribution.attribute_spec(request(epsilon=epsilon), Limits()).method
+        assert method.epsilon == epsilon
+
+
 @pytest.mark.parametrize(
     ("options", "field"),
     [

@@ -100,6 +100,14 @@ def rise_spec(options: apb.RiseOptions, field: str) -> domain.RiseSpec:
     return domain.RiseSpec(grid, samples, float(preservation))
 
 
+def _decimal_float32(value: float) -> float:
+    """The shortest decimal that is this float32 (a caller's 0.001, not 0.0010000000474974513
+    in every result); the default, a double, is kept."""
+    if value == domain.DEFAULT_EVA_EPSILON:
+        return value
+    return float(np.format_float_positional(np.float32(value), unique=True))
+
+
 def eva_spec(options: apb.EvaOptions, field: str) -> domain.EvaSpec:
     grid = bounded(options.grid_size, 8, 2, MAX_EVA_GRID, f"{field}.grid_size", "grid_size")
     epsilon = options.epsilon if options.HasField("epsilon") else domain.DEFAULT_EVA_EPSILON
@@ -115,7 +123,7 @@ def eva_spec(options: apb.EvaOptions, field: str) -> domain.EvaSpec:
     )
     return domain.EvaSpec(
         grid=grid,
-        epsilon=float(epsilon),
+        epsilon=_decimal_float32(epsilon),
         bound=_enum(options.bound, BOUND_NAMES, f"{field}.bound"),
         hybrid_layer=options.hybrid_layer,
         samples=samples,
