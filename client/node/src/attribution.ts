@@ -424,6 +424,8 @@ export async function buildEvaluateAttributionRequest(
   return request;
 }
 
+export type EvaDecision = "certified" | "not_robust" | "undecided";
+
 /** What an EVA map rests on (docs/eva.md). */
 export interface EvaBounds {
   /** Verified from the input; false for a hybrid from `hybridLayer` (its layer box is sampled). */
@@ -446,6 +448,13 @@ export interface EvaBounds {
   regionBounds: Float64Array;
   /** overlapBound < 0: no input of the ball makes another class reach the target. */
   certified: boolean;
+  /**
+   * What the overlaps decide (the Python SDK's EvaResult.decision): "certified" (a verified
+   * bound below 0), "not_robust" (a sampled point reaches another class), else "undecided":
+   * the true overlap lies anywhere between sampledOverlap and overlapBound (or a hybrid's
+   * bound, not guaranteed, is below 0).
+   */
+  decision: EvaDecision;
   boundPasses: number;
   /** uint64, a decimal string. */
   samplePasses: string;
@@ -547,6 +556,12 @@ function evaBounds(message: EvaResult__Output, cells: number): EvaBounds {
     adversaryLabel: message.adversaryLabel,
     regionBounds: Float64Array.from(message.regionBounds.map(Number)),
     certified: message.certified,
+    decision:
+      message.certified && message.guaranteed
+        ? "certified"
+        : message.sampledOverlap >= 0
+          ? "not_robust"
+          : "undecided",
     boundPasses: message.boundPasses,
     samplePasses: String(message.samplePasses),
   };

@@ -92,6 +92,7 @@ export {
   type Bound,
   type Estimator,
   type EvaBounds,
+  type EvaDecision,
   type EvaluateOptions,
   type Evaluation,
   type MapArray,

@@ -317,6 +317,7 @@ test("attribute with EVA sends its options and returns its bounds", async () => 
   const eva = found.eva!;
   assert.equal(eva.guarantee, "verified (guaranteed)");
   assert.deepEqual([eva.overlapBound, eva.sampledOverlap, eva.certified], [-1.5, -3.25, true]);
+  assert.equal(eva.decision, "certified");
   assert.deepEqual([eva.adversaryClass, eva.adversaryLabel], [2, "square"]);
   assert.ok(eva.regionBounds instanceof Float64Array);
   assert.deepEqual(Array.from(eva.regionBounds), [-2, -3, -4, -5, -6, -7, -8, -9, -10]);
@@ -332,6 +333,7 @@ test("attribute with EVA sends its options and returns its bounds", async () => 
   assert.equal(received.attribute.at(-1)!.eva?.epsilon, undefined);
   assert.equal(hybrid.eva?.guaranteed, false);
   assert.equal(hybrid.eva?.guarantee, "hybrid from features.3: NOT guaranteed");
+  assert.equal(hybrid.eva?.decision, "undecided"); // a hybrid bound below 0 proves nothing
   const sobol = await client.attribute({ image: IMAGE, model: "m" });
   assert.equal(sobol.eva, null);
   await assert.rejects(
