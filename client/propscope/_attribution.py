@@ -332,7 +332,8 @@ class EvaResult:
     @property
     def verdict(self) -> str:
         """The decision in words, with why: an undecided ball names the gap between the sampled
-        overlap and the bound (the bound's looseness) and what may close it."""
+        overlap and the bound (the bound's looseness plus what uniform samples miss) and what
+        may close it."""
         if self.decision == "certified":
             return "certified: no input of the ball makes another class reach the target"
         if self.decision == "not_robust":
@@ -349,8 +350,8 @@ class EvaResult:
         return (
             f"undecided: the bound {self.overlap_bound:.4g} is above 0 but no sampled point "
             f"reaches another class ({self.sampled_overlap:.4g}); the true overlap lies "
-            f"anywhere in a gap of {self.overlap_bound - self.sampled_overlap:.4g}, the bound's "
-            f"looseness; {tighter}a smaller epsilon may decide"
+            f"anywhere in a gap of {self.overlap_bound - self.sampled_overlap:.4g} (the bound's "
+            f"looseness plus what the samples missed); {tighter}a smaller epsilon may decide"
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -494,8 +494,12 @@ def _eva_result(**changes) -> EvaResult:
     [
         ({"overlap_bound": -4.6, "certified": True}, "certified", "certified: no input"),
         ({"sampled_overlap": 0.5}, "not_robust", "not robust: a sampled point"),
-        ({}, "undecided", "gap of 176.6, the bound's looseness; a smaller epsilon"),
-        ({"bound": "ibp"}, "undecided", "looseness; the crown bound or a smaller epsilon"),
+        (
+            {},
+            "undecided",
+            "gap of 176.6 (the bound's looseness plus what the samples missed); a smaller",
+        ),
+        ({"bound": "ibp"}, "undecided", "missed); the crown bound or a smaller epsilon"),
         (
             {"guaranteed": False, "hybrid_layer": "features.1", "overlap_bound": -3.5},
             "undecided",
