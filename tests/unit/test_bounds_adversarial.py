@@ -302,11 +302,27 @@ def test_an_unsupported_construct_is_refused_by_name(name):
 
 
 def test_a_box_too_wide_for_float32_bounds_nothing_rather_than_nan():
-    network = randomised(seq(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 3)))
-    x = torch.randn(1, 3, 5, 5)
+    """inf - inf is NaN; a -inf lower bound in a padded max pool window must not pick
+    the padding."""
+    network = randomised(
+        seq(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.MaxPool2d(3, stride=2, padding=1),
+            nn.Flatten(),
+            nn.Linear(36, 3),
+        )
+    )
+    x = torch.randn(1, 3, 6, 6)
     bounded = BoundedNetwork(network, x)
     radius = torch.full_like(x, 3e38)
     for method in (BOUND_IBP, BOUND_CROWN):
         margin = bounds(bounded, x - radius, x + radius, x, 0, method)
         assert margin[0] == 0 and not margin.isnan().any()
         assert (margin[1:] == math.inf).all()
+
+
+def test_bounds_of_a_refused_network_raise_its_refusal():
+    bounded = BoundedNetwork(seq(nn.Flatten(), nn.Softmax(1)), torch.zeros(1, 3, 5, 5))
+    x = torch.zeros(1, 3, 5, 5)
+    with pytest.raises(ValueError, match="layer '1' \\(torch.nn.Softmax\\)"):
+        bounds(bounded, x, x, x, 0, BOUND_IBP)

@@ -395,6 +395,8 @@ class BoundedNetwork:
         the target class, the method, the layer (-1 = from the input), samples and
         seed): the upper bounds of f_c - f_y for every class c ([B, K], entry y 0) and
         the max of f_c - f_y over the sampled points and the centre ([B, K])."""
+        for row_layer in sorted(set(int(k) for k in layer)):
+            self.check(row_layer)
         lower, upper, centre = lower.float(), upper.float(), centre.float()
         classes = self.nodes[self.output].shape[0]
         bounds = torch.zeros(lower.shape[0], classes)
@@ -816,7 +818,12 @@ def _maxpool_backward(
     high = _pool_windows(upper, pool, output, -math.inf)
     positions = torch.arange(h * w, dtype=torch.float32).view(1, 1, h, w)
     places = _pool_windows(positions, pool, output, -1.0)[0, 0].long()  # [k*k, L]
-    best_lower, chosen = low.max(2)  # [N, C, L]
+    # Chosen among the window's real inputs even where their lower bounds overflowed
+    # to -inf or NaN (a padding position has no input to carry the coefficient to).
+    floor = torch.finfo(low.dtype).min
+    score = torch.where(places >= 0, low.nan_to_num(nan=floor, neginf=floor), -math.inf)
+    chosen = score.argmax(2)  # [N, C, L]
+    best_lower = low.gather(2, chosen.unsqueeze(2)).squeeze(2)
     others = high.scatter(2, chosen.unsqueeze(2), -math.inf).amax(2)
     highest = high.amax(2)
     exact = best_lower >= others
