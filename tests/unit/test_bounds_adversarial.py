@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from torch import nn
 
 from propscope_server.open_contract import BOUND_CROWN, BOUND_IBP, BOUND_UNSUPPORTED
 from propscope_server.triton_models.classifiers.bounds import BoundedNetwork
+from propscope_server.triton_models.classifiers.open_model import Layer, OpenModel
 
 # The bounds are float32 without outward rounding; the attack runs in float64.
 SLACK = 1e-4
@@ -227,6 +229,10 @@ SOUND = {
     "residual in-place add and ReLUs, ReLU twice": (InPlaceResidual(), (3, 5, 5)),
     "a module called twice": (Reused(), (3, 5, 5)),
     "means over other dims, keepdim, flatten(2)": (Means(), (3, 5, 5)),
+    "permute and transpose keeping the batch first": (
+        Branches(lambda x, y: x.permute(0, 1, 3, 2) - torch.transpose(y, -1, 2).contiguous()),
+        (3, 5, 5),
+    ),
 }
 
 
@@ -264,6 +270,18 @@ class Batch(nn.Module):
         return self.head((x - x.mean(0)).flatten(1))
 
 
+class Moves(nn.Module):
+    """A reordering of [B, 3, 5, 5] that the trace's batch of 3 lets through."""
+
+    def __init__(self, reorder) -> None:
+        super().__init__()
+        self.head = nn.Linear(75, 3)
+        self.reorder = reorder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.reorder(x).flatten(1))
+
+
 REFUSED = {
     "max pool return_indices": (
         seq(nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2, return_indices=True)),
@@ -273,8 +291,14 @@ REFUSED = {
     "a square": (Branches(lambda x, y: x * x), "function 'mul'"),
     "division by a branch": (Branches(lambda x, y: x / (y + 1)), "function 'truediv'"),
     "concatenation": (Branches(lambda x, y: torch.cat([x[:, :2], y[:, :2]], 1)), "'getitem'"),
-    "permute": (Branches(lambda x, y: x.permute(0, 1, 3, 2) + y), "method 'permute'"),
-    "transpose": (Branches(lambda x, y: x.transpose(2, 3) - y), "method 'transpose'"),
+    "permute moving the batch": (
+        Moves(lambda x: x.permute(1, 0, 2, 3)),
+        "permute(1, 0, 2, 3) at node 'permute': it moves the batch dimension",
+    ),
+    "transpose moving the batch": (
+        Moves(lambda x: torch.transpose(x, 1, -4)),
+        "transpose(1, -4) at node 'transpose': it moves the batch dimension",
+    ),
     "negation": (Branches(lambda x, y: -x + y), "function 'neg'"),
     "adaptive max pool": (
         seq(nn.Conv2d(3, 4, 3), nn.AdaptiveMaxPool2d(2), nn.Flatten(), nn.Linear(16, 3)),
@@ -326,3 +350,51 @@ def test_bounds_of_a_refused_network_raise_its_refusal():
     x = torch.zeros(1, 3, 5, 5)
     with pytest.raises(ValueError, match="layer '1' \\(torch.nn.Softmax\\)"):
         bounds(bounded, x, x, x, 0, BOUND_IBP)
+
+
+class PixelsHwc(nn.Module):
+    """An own model taking uint8 [B, H, W, 3] and normalising it itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.permute(0, 3, 1, 2) / 255.0 - 0.5) / 0.25
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_an_own_uint8_models_box_is_clipped_to_pixel_values_and_sound():
+    """The own-model adapter's box: the pixels +- r clipped to [0, 255] in the input's
+    own layout (HWC here), then the model's own normalisation."""
+    network = randomised(PixelsHwc())
+    layers = (Layer("conv", 4),)
+    model = OpenModel(network, layers, torch.zeros(1, 6, 6, 3, dtype=torch.uint8), name="own")
+    generator = torch.Generator().manual_seed(3)
+    pixels = torch.randint(0, 256, (1, 6, 6, 3), generator=generator, dtype=torch.uint8)
+    pixels[0, :3] = 0  # clipping matters: half the image black, the rest anywhere
+    radius = np.full((1, 6 * 6 * 3), 40.0, np.float32)
+    with torch.no_grad():
+        target = int(network(pixels.float()).argmax())
+    request = {
+        "BOUND_RADIUS": radius,
+        **{
+            name: np.array([[value]], np.int32)
+            for name, value in (
+                ("BOUND_CLASS", target), ("BOUND_METHOD", BOUND_CROWN), ("BOUND_LAYER", -1),
+                ("BOUND_SAMPLES", 0), ("BOUND_SEED", 0),
+            )
+        },
+    }  # fmt: skip
+    bound = model(pixels, request, ["BOUND_MARGIN"])["BOUND_MARGIN"][0]
+    values = pixels[0].double()
+    lower, upper = (values - 40).clamp(0, 255), (values + 40).clamp(0, 255)
+    worst = worst_margins(copy.deepcopy(network).double(), lower, upper, target)
+    assert (worst <= torch.from_numpy(bound).double() + SLACK * (1 + worst.abs())).all()
+    unclipped, _ = model.bounded.margins(
+        pixels.float() - 40, pixels.float() + 40, pixels.float(), [target], [BOUND_CROWN],
+        [-1], [0], [0],
+    )  # fmt: skip
+    assert (torch.from_numpy(bound) <= unclipped[0] + SLACK).all()
+    assert (torch.from_numpy(bound) < unclipped[0] - 1e-3).any()  # the clip tightened it

@@ -40,8 +40,8 @@ from propscope_server.open_contract import BOUND_CROWN, BOUND_UNSUPPORTED
 
 SUPPORTED = (
     "Conv2d (any padding mode), Linear, BatchNorm1d/2d (eval, running statistics), ReLU, "
-    "MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean, flatten/view/reshape, add/sub/mul/div "
-    "by constants, add/sub of two branches"
+    "MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean, flatten/view/reshape, permute/transpose "
+    "(batch first), add/sub/mul/div by constants, add/sub of two branches"
 )
 FIX = "use a hybrid layer after it or expose the logits"
 # Floats held by one chunk's coefficient tensors (a margin row carries the numel of
@@ -323,6 +323,8 @@ class BoundedNetwork:
         if node.op == "call_module":
             module = root.get_submodule(str(node.target))
             _classify_module(item, module, node)
+        elif _permutes(node):
+            _permutation(item, node, len(self.nodes[bounded[0]].shape) + 1)
         elif node.op == "call_function":
             _classify_function(item, node, bounded, constants)
         elif node.op == "call_method":
@@ -695,6 +697,35 @@ def _classify_method(item: _Node, node: fx.Node, bounded: list[str], constants: 
         item.magnitude = item.forward
     elif method in _ARITHMETIC_METHODS:
         _arithmetic(item, node, _ARITHMETIC_METHODS[method], node.args, bounded, constants)
+
+
+def _permutes(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in ("permute", "transpose")
+    return node.op == "call_function" and node.target in (torch.permute, torch.transpose)
+
+
+def _permutation(item: _Node, node: fx.Node, ndim: int) -> None:
+    """permute/transpose that keep the batch dimension first: a reordering (weights
+    0/1), so the radii move with the values."""
+    dims: Any = list(node.args[1:]) or list(node.kwargs.values())
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = list(dims[0])
+    if len(item.inputs) != 1 or not dims or not all(isinstance(d, int) for d in dims):
+        return
+    name = getattr(node.target, "__name__", str(node.target))
+    if name == "transpose":
+        keeps_batch = all(d % ndim != 0 for d in dims)
+    else:
+        keeps_batch = dims[0] % ndim == 0
+    if not keeps_batch:
+        item.refusal = (
+            f"{BOUND_UNSUPPORTED}{name}{tuple(dims)} at node {item.name!r}: it moves the "
+            f"batch dimension; {FIX}"
+        )
+        return
+    item.kind = "affine"
+    item.magnitude = item.forward
 
 
 def _reshape(item: _Node) -> None:
