@@ -229,6 +229,16 @@ SOUND = {
     "residual in-place add and ReLUs, ReLU twice": (InPlaceResidual(), (3, 5, 5)),
     "a module called twice": (Reused(), (3, 5, 5)),
     "means over other dims, keepdim, flatten(2)": (Means(), (3, 5, 5)),
+    "functional pools": (
+        Branches(
+            lambda x, y: (
+                F.max_pool2d(x, 3, 1, 1)
+                + F.avg_pool2d(y, 3, stride=1, padding=1, divisor_override=-2)
+                - F.adaptive_avg_pool2d(x, 5)
+            )
+        ),
+        (3, 5, 5),
+    ),
     "permute and transpose keeping the batch first": (
         Branches(lambda x, y: x.permute(0, 1, 3, 2) - torch.transpose(y, -1, 2).contiguous()),
         (3, 5, 5),
@@ -300,6 +310,10 @@ REFUSED = {
         "transpose(1, -4) at node 'transpose': it moves the batch dimension",
     ),
     "negation": (Branches(lambda x, y: -x + y), "function 'neg'"),
+    "functional max pool returning indices": (
+        Moves(lambda x: F.max_pool2d(x, 1, return_indices=True)[0]),
+        "function 'max_pool2d_with_indices'",
+    ),
     "adaptive max pool": (
         seq(nn.Conv2d(3, 4, 3), nn.AdaptiveMaxPool2d(2), nn.Flatten(), nn.Linear(16, 3)),
         "layer '1' (torch.nn.AdaptiveMaxPool2d)",

@@ -40,8 +40,9 @@ from propscope_server.open_contract import BOUND_CROWN, BOUND_UNSUPPORTED
 
 SUPPORTED = (
     "Conv2d (any padding mode), Linear, BatchNorm1d/2d (eval, running statistics), ReLU, "
-    "MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean, flatten/view/reshape, permute/transpose "
-    "(batch first), add/sub/mul/div by constants, add/sub of two branches"
+    "MaxPool2d, AvgPool2d, AdaptiveAvgPool2d (modules or functions), mean, "
+    "flatten/view/reshape, permute/transpose (batch first), add/sub/mul/div by constants, "
+    "add/sub of two branches"
 )
 FIX = "use a hybrid layer after it or expose the logits"
 # Floats held by one chunk's coefficient tensors (a margin row carries the numel of
@@ -679,6 +680,31 @@ def _classify_function(item: _Node, node: fx.Node, bounded: list[str], constants
         item.magnitude = item.forward
     elif target in _ARITHMETIC:
         _arithmetic(item, node, _ARITHMETIC[target], node.args, bounded, constants)
+    elif target in (F.avg_pool2d, F.adaptive_avg_pool2d) and len(item.inputs) == 1:
+        forward = item.forward  # a weight per window times a scalar, as the modules'
+        item.kind = "affine"
+        item.magnitude = lambda r: forward(r).abs()
+    elif target is F.max_pool2d and len(item.inputs) == 1:
+        _functional_max_pool(item, node)
+
+
+_MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+
+
+def _functional_max_pool(item: _Node, node: fx.Node) -> None:
+    """F.max_pool2d as the module of the same arguments."""
+    options = {**dict(zip(_MAX_POOL_ARGS, node.args[1:], strict=False)), **node.kwargs}
+    if set(options) - set(_MAX_POOL_ARGS) or options.get("return_indices"):
+        item.refusal = (
+            f"{BOUND_UNSUPPORTED}F.max_pool2d at node {item.name!r} with {options}; {FIX}"
+        )
+        return
+    if options.get("stride") in (None, []):
+        options.pop("stride", None)
+    pool = nn.MaxPool2d(**options)
+    item.kind = "maxpool"
+    item.pool = pool
+    item.forward = pool.forward
 
 
 def _classify_method(item: _Node, node: fx.Node, bounded: list[str], constants: dict) -> None:
