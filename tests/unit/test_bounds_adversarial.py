@@ -412,3 +412,58 @@ def test_an_own_uint8_models_box_is_clipped_to_pixel_values_and_sound():
     )  # fmt: skip
     assert (torch.from_numpy(bound) <= unclipped[0] + SLACK).all()
     assert (torch.from_numpy(bound) < unclipped[0] - 1e-3).any()  # the clip tightened it
+
+
+class Forked(nn.Module):
+    """A stem read by a convolution and by the residual add; a leaf ReLU module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True))
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(100, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        out = self.conv(x)
+        out += x
+        return self.head(self.relu(out).flatten(1))
+
+
+@pytest.mark.parametrize(
+    ("network", "layers", "nodes"),
+    [
+        (Forked(), ["stem", "stem.0", "stem.1", "conv", "relu"], ["stem_1", "stem_0", "stem_1", "conv", "relu"]),
+        (Reused(), ["conv"], ["conv_1"]),  # the module's last call, as its forward hook sees it
+    ],
+)  # fmt: skip
+def test_a_hybrid_layer_maps_to_its_modules_output_and_encloses_its_samples(network, layers, nodes):
+    network = randomised(network)
+    x = torch.randn(1, 3, 5, 5, generator=torch.Generator().manual_seed(4))
+    bounded = BoundedNetwork(network, x, layers)
+    assert bounded.layer_nodes == nodes
+    radius = torch.full_like(x, 0.3)
+    for layer in range(len(layers)):
+        for method in (BOUND_IBP, BOUND_CROWN):
+            bound, sampled = bounded.margins(
+                x - radius, x + radius, x, [0], [method], [layer], [64], [0]
+            )
+            assert (sampled <= bound + SLACK).all()
+
+
+def test_a_network_in_train_mode_is_bounded_as_the_eval_network_it_serves():
+    network = seq(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+        nn.Linear(36, 3),
+    )  # fmt: skip
+    network = randomised(network).train()
+    x = torch.randn(1, 3, 5, 5, generator=torch.Generator().manual_seed(5))
+    bounded = BoundedNetwork(network, x)
+    assert not network.training and bounded.refusal == ""
+    radius = torch.full_like(x, 0.2)
+    with torch.no_grad():
+        target = int(network(x).argmax())
+    worst = worst_margins(copy.deepcopy(network).double(), (x - radius)[0].double(), (x + radius)[0].double(), target)  # fmt: skip
+    crown = bounds(bounded, x - radius, x + radius, x, target, BOUND_CROWN).double()
+    assert (worst <= crown + SLACK * (1 + worst.abs())).all()
