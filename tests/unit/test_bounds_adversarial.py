@@ -467,3 +467,34 @@ def test_a_network_in_train_mode_is_bounded_as_the_eval_network_it_serves():
     worst = worst_margins(copy.deepcopy(network).double(), (x - radius)[0].double(), (x + radius)[0].double(), target)  # fmt: skip
     crown = bounds(bounded, x - radius, x + radius, x, target, BOUND_CROWN).double()
     assert (worst <= crown + SLACK * (1 + worst.abs())).all()
+
+
+def test_an_input_of_another_size_than_the_load_trace_is_bounded_soundly():
+    """A model with -1 dims gets images of any size: its bound trace is redone per size
+    (the load-time trace's reshapes and CROWN's adjoints hold the dry input's shapes)."""
+    network = randomised(
+        seq(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16, 3),
+        )
+    )
+    model = OpenModel(network, (Layer("1", 4),), torch.zeros(1, 3, 8, 8), name="sized")
+    x = torch.randn(1, 3, 10, 7, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        target = int(network(x).argmax())
+    request = {
+        "BOUND_RADIUS": np.full((1, 3 * 10 * 7), 0.2, np.float32),
+        **{
+            name: np.array([[value]], np.int32)
+            for name, value in (
+                ("BOUND_CLASS", target), ("BOUND_METHOD", BOUND_CROWN), ("BOUND_LAYER", -1),
+                ("BOUND_SAMPLES", 0), ("BOUND_SEED", 0),
+            )
+        },
+    }  # fmt: skip
+    bound = torch.from_numpy(model(x, request, ["BOUND_MARGIN"])["BOUND_MARGIN"][0]).double()
+    worst = worst_margins(copy.deepcopy(network).double(), (x - 0.2)[0].double(), (x + 0.2)[0].double(), target)  # fmt: skip
+    assert (worst <= bound + SLACK * (1 + worst.abs())).all()

@@ -49,6 +49,8 @@ from propscope_server.triton_models.classifiers.bounds import BoundedNetwork
 
 NEED_LAYERS = {"activations", "interventions"}
 ABLATION_FILE = "propscope_ablation.json"
+# Input sizes other than the load-time dry input's whose bound traces are kept.
+BOUNDED_SIZES_KEPT = 4
 # Optional outputs that need an optional input.
 NEEDS_INPUT = {
     "ACTIVATIONS": "ACTIVATION_LAYER",
@@ -234,6 +236,7 @@ class OpenModel:
         self.bounded = BoundedNetwork(
             self.network, dry_input, [layer.name for layer in self.layers], output_name
         )
+        self._bounded_sizes: dict[tuple[int, ...], BoundedNetwork] = {}
         if self.ablation:
             self.bounded.refusal = (
                 f"{BOUND_UNSUPPORTED}a version with a permanent ablation ({ABLATION_FILE}); "
@@ -447,13 +450,14 @@ class OpenModel:
                 f"BOUND_CLASS[{row}] is {target[row]}; the model outputs {classes} classes "
                 f"(0..{classes - 1})"
             )
+        bounded = self._bounded_at(inputs)
         for layer in sorted(set(bound["BOUND_LAYER"].tolist())):
-            self.bounded.check(int(layer))
+            bounded.check(int(layer))
         if box is None:
             lower, upper = _default_box(inputs, radius)
         else:
             lower, upper = box(radius)
-        margins, sampled = self.bounded.margins(
+        margins, sampled = bounded.margins(
             lower,
             upper,
             inputs.detach().float(),
@@ -469,6 +473,22 @@ class OpenModel:
             for name in BOUND_OUTPUTS
             if name in wanted
         }
+
+    def _bounded_at(self, inputs: torch.Tensor) -> BoundedNetwork:
+        """The network traced at this input's size: the load-time trace's reshapes and
+        CROWN's adjoints hold the dry input's shapes, so a model with -1 dims is traced
+        again per size (the last few kept)."""
+        shape = tuple(inputs.shape[1:])
+        if self.bounded.refusal or self.bounded.nodes[self.bounded.source].shape == shape:
+            return self.bounded
+        if shape not in self._bounded_sizes:
+            if len(self._bounded_sizes) >= BOUNDED_SIZES_KEPT:
+                self._bounded_sizes.pop(next(iter(self._bounded_sizes)))
+            self._bounded_sizes[shape] = BoundedNetwork(
+                self.network, inputs[:1].detach(), [layer.name for layer in self.layers],
+                self.output_name,
+            )  # fmt: skip
+        return self._bounded_sizes[shape]
 
     def _with_gradients(
         self,
