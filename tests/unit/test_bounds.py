@@ -224,9 +224,10 @@ def test_an_unsupported_layer_is_named_and_the_model_still_serves():
     assert str(refused.value) == (
         f"{BOUND_UNSUPPORTED}layer 'squash' (torch.nn.Sigmoid); supported: Conv2d (any "
         "padding mode), Linear, BatchNorm1d/2d (eval, running statistics), ReLU, MaxPool2d, "
-        "AvgPool2d, AdaptiveAvgPool2d (modules or functions), mean, flatten/view/reshape, "
-        "permute/transpose (batch first), add/sub/mul/div by constants, add/sub of two "
-        "branches; use a hybrid layer after it or expose the logits"
+        "AvgPool2d, AdaptiveAvgPool2d (modules or functions), mean, sum, flatten/view/"
+        "reshape, permute/transpose (batch first), add/sub/mul/div by constants, negation, "
+        "add/sub of two branches, dropout (eval); use a hybrid layer after it or expose the "
+        "logits"
     )
     with pytest.raises(ValueError, match="'squash' \\(torch.nn.Sigmoid\\)"):
         model.bounded.check(0)  # before the sigmoid: still through it

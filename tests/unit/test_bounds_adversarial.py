@@ -161,8 +161,15 @@ SOUND = {
         )
         for mode in ("reflect", "replicate", "circular")
     },
-    "batch norm 2d, negative scales": (
-        seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)),
+    "batch norm 2d, negative scales, a Dropout2d module": (
+        seq(
+            nn.Conv2d(3, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Dropout2d(0.5),
+            nn.Flatten(),
+            nn.Linear(64, 3),
+        ),
         (3, 6, 6),
     ),
     "batch norm 1d": (
@@ -229,6 +236,16 @@ SOUND = {
     "residual in-place add and ReLUs, ReLU twice": (InPlaceResidual(), (3, 5, 5)),
     "a module called twice": (Reused(), (3, 5, 5)),
     "means over other dims, keepdim, flatten(2)": (Means(), (3, 5, 5)),
+    "negation, sums over other dims, dropouts in eval": (
+        Branches(
+            lambda x, y: (
+                -F.dropout(x, 0.3, False)
+                + F.dropout2d(y, 0.5, False).sum(dim=1, keepdim=True)
+                - torch.sum(F.alpha_dropout(y, 0.2), 2, keepdim=True)
+            )
+        ),
+        (3, 5, 5),
+    ),
     "functional pools": (
         Branches(
             lambda x, y: (
@@ -309,7 +326,6 @@ REFUSED = {
         Moves(lambda x: torch.transpose(x, 1, -4)),
         "transpose(1, -4) at node 'transpose': it moves the batch dimension",
     ),
-    "negation": (Branches(lambda x, y: -x + y), "function 'neg'"),
     "functional max pool returning indices": (
         Moves(lambda x: F.max_pool2d(x, 1, return_indices=True)[0]),
         "function 'max_pool2d_with_indices'",
@@ -327,6 +343,10 @@ REFUSED = {
         "torch.float64 weights ('1.weight')",
     ),
     "a mean over the batch": (Batch(), "depend on the other samples of its batch"),
+    "a dropout in training": (
+        Moves(lambda x: F.dropout(x, 0.5, True)),
+        "function 'dropout'",
+    ),
 }
 
 

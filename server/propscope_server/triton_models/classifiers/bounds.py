@@ -40,9 +40,9 @@ from propscope_server.open_contract import BOUND_CROWN, BOUND_UNSUPPORTED
 
 SUPPORTED = (
     "Conv2d (any padding mode), Linear, BatchNorm1d/2d (eval, running statistics), ReLU, "
-    "MaxPool2d, AvgPool2d, AdaptiveAvgPool2d (modules or functions), mean, "
+    "MaxPool2d, AvgPool2d, AdaptiveAvgPool2d (modules or functions), mean, sum, "
     "flatten/view/reshape, permute/transpose (batch first), add/sub/mul/div by constants, "
-    "add/sub of two branches"
+    "negation, add/sub of two branches, dropout (eval)"
 )
 FIX = "use a hybrid layer after it or expose the logits"
 # Floats held by one chunk's coefficient tensors (a margin row carries the numel of
@@ -74,7 +74,12 @@ _ARITHMETIC = {
 }
 _ARITHMETIC_METHODS = {"add": "add", "sub": "sub", "mul": "mul", "div": "div"}
 _RELUS = {torch.relu, F.relu}
-_LEAVES = (nn.Identity, nn.Dropout, nn.Flatten)
+# Dropouts are the identity in eval mode (the trace puts the network in it).
+_LEAVES = (
+    nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout, nn.FeatureAlphaDropout,
+)  # fmt: skip
+_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
 
 
 @dataclass
@@ -675,9 +680,20 @@ def _classify_function(item: _Node, node: fx.Node, bounded: list[str], constants
         item.forward = lambda x, *rest: torch.relu(x)
     elif target is torch.flatten:
         _reshape(item)
-    elif target is torch.mean:
+    elif target in (torch.mean, torch.sum):
         item.kind = "affine"
         item.magnitude = item.forward
+    elif target is operator.neg and len(item.inputs) == 1:
+        item.kind = "affine"
+        item.forward = operator.neg
+        item.magnitude = lambda r: r
+    elif target in _DROPOUTS and len(item.inputs) == 1:
+        default = target is not F.alpha_dropout  # its `training` defaults to False
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else default)
+        if training is False:
+            item.kind = "affine"
+            item.forward = lambda x: x
+            item.magnitude = item.forward
     elif target in _ARITHMETIC:
         _arithmetic(item, node, _ARITHMETIC[target], node.args, bounded, constants)
     elif target in (F.avg_pool2d, F.adaptive_avg_pool2d) and len(item.inputs) == 1:
@@ -718,7 +734,7 @@ def _classify_method(item: _Node, node: fx.Node, bounded: list[str], constants: 
         item.kind = "affine"
         item.forward = lambda x: x.float()
         item.magnitude = item.forward
-    elif method == "mean":
+    elif method in ("mean", "sum"):
         item.kind = "affine"
         item.magnitude = item.forward
     elif method in _ARITHMETIC_METHODS:
