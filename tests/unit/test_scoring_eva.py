@@ -100,6 +100,15 @@ def test_a_map_no_cell_changes_is_flat():
     assert eva.flat_warning(moving) == ""
 
 
+def test_an_infinite_bound_gives_a_zero_map_and_says_why():
+    """The model returns +inf for a box float32 cannot bound; inf - inf would be NaN."""
+    rows = np.array([[0.0, np.inf]] * 4 + [[0.0, 3.0]])
+    bounds = eva.eva_bounds(rows, np.zeros((5, 2)), 0)
+    assert bounds.overlap_bound == np.inf and not bounds.certified
+    assert np.array_equal(bounds.importance, np.zeros(4))
+    assert "infinite" in eva.flat_warning(bounds) and "eva.epsilon" in eva.flat_warning(bounds)
+
+
 def test_a_sampled_margin_above_its_bound_is_a_soundness_failure():
     bound = np.array([[0.0, 1.0, 2.0], [0.0, 0.5, 0.5]])
     below = np.array([[0.0, 0.9, 2.0], [0.0, 0.5, 0.1]])

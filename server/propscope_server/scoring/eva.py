@@ -80,7 +80,11 @@ class EvaBounds:
 
     @property
     def importance(self) -> np.ndarray:
-        """phi_u = AO_bar(B) - AO_bar(B_u): how much holding u fixed lowers the bound."""
+        """phi_u = AO_bar(B) - AO_bar(B_u): how much holding u fixed lowers the bound; 0
+        where the bound with every region perturbed overflowed float32 (+inf: the model
+        returns it for a box too wide to bound, and inf - inf has no meaning)."""
+        if not np.isfinite(self.overlap_bound):
+            return np.zeros_like(self.region_bounds)
         return self.overlap_bound - self.region_bounds
 
     @property
@@ -103,6 +107,12 @@ def eva_bounds(bound_margins: np.ndarray, sampled_margins: np.ndarray, target: i
 
 def flat_warning(bounds: EvaBounds) -> str:
     """Said when no cell changes the bound: the map carries no information."""
+    if not np.isfinite(bounds.overlap_bound):
+        return (
+            "the overlap bound is infinite (float32 overflowed: the ball is too wide for the "
+            "bound propagation), so the map carries no information. Try a smaller "
+            "eva.epsilon or a hybrid_layer"
+        )
     change = float(np.abs(bounds.importance).max())
     if change > FLAT_CHANGE * max(1.0, abs(bounds.overlap_bound)):
         return ""
