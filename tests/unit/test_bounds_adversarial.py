@@ -235,6 +235,10 @@ SOUND = {
     ),
     "residual in-place add and ReLUs, ReLU twice": (InPlaceResidual(), (3, 5, 5)),
     "a module called twice": (Reused(), (3, 5, 5)),
+    "in-place methods: add_, mul_, relu_": (
+        Branches(lambda x, y: x.clone().add_(y).mul_(-0.5).relu_() + F.relu_(y - 0.1)),
+        (3, 5, 5),
+    ),
     "means over other dims, keepdim, flatten(2)": (Means(), (3, 5, 5)),
     "negation, sums over other dims, dropouts in eval": (
         Branches(
@@ -343,6 +347,10 @@ REFUSED = {
         "torch.float64 weights ('1.weight')",
     ),
     "a mean over the batch": (Batch(), "depend on the other samples of its batch"),
+    "an in-place edit another node reads": (
+        Moves(lambda x: (lambda h: h - h.add_(1.0))(x * 1.0)),
+        "the traced graph's scores differ from the network's",
+    ),
     "a dropout in training": (
         Moves(lambda x: F.dropout(x, 0.5, True)),
         "function 'dropout'",

@@ -57,7 +57,7 @@ TRACE_BATCH = 3
 _SHAPE_FUNCTIONS = {getattr, operator.getitem}
 _SHAPE_METHODS = {"size", "dim"}
 _RESHAPES_METHODS = {"flatten", "view", "reshape"}
-_IDENTITY_METHODS = {"contiguous", "float"}
+_IDENTITY_METHODS = {"contiguous", "float", "clone"}
 _ARITHMETIC = {
     operator.add: "add",
     operator.iadd: "add",
@@ -72,8 +72,13 @@ _ARITHMETIC = {
     operator.itruediv: "div",
     torch.div: "div",
 }
-_ARITHMETIC_METHODS = {"add": "add", "sub": "sub", "mul": "mul", "div": "div"}
-_RELUS = {torch.relu, F.relu}
+# In-place variants too: the traced graph computes out of place, and the load-time check
+# against the network's own scores catches an in-place edit another node would see.
+_ARITHMETIC_METHODS = {
+    **{name: name for name in ("add", "sub", "mul", "div")},
+    **{f"{name}_": name for name in ("add", "sub", "mul", "div")},
+}
+_RELUS = {torch.relu, torch.relu_, F.relu, F.relu_}
 # Dropouts are the identity in eval mode (the trace puts the network in it).
 _LEAVES = (
     nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
@@ -727,7 +732,7 @@ def _classify_method(item: _Node, node: fx.Node, bounded: list[str], constants: 
     method = str(node.target)
     if method in _RESHAPES_METHODS:
         _reshape(item)
-    elif method == "relu" and len(item.inputs) == 1:
+    elif method in ("relu", "relu_") and len(item.inputs) == 1:
         item.kind = "relu"
         item.forward = torch.relu
     elif method in _IDENTITY_METHODS and len(node.args) == 1 and not node.kwargs:
