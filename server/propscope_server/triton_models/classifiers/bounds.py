@@ -713,9 +713,10 @@ _MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "
 
 
 def _functional_max_pool(item: _Node, node: fx.Node) -> None:
-    """F.max_pool2d as the module of the same arguments."""
+    """F.max_pool2d as the module of the same arguments (with return_indices=True the
+    trace records max_pool2d_with_indices instead, refused by name)."""
     options = {**dict(zip(_MAX_POOL_ARGS, node.args[1:], strict=False)), **node.kwargs}
-    if set(options) - set(_MAX_POOL_ARGS) or options.get("return_indices"):
+    if set(options) - set(_MAX_POOL_ARGS):
         item.refusal = (
             f"{BOUND_UNSUPPORTED}F.max_pool2d at node {item.name!r} with {options}; {FIX}"
         )
