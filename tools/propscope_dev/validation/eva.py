@@ -372,9 +372,11 @@ def soundness(
     counts: Counts,
     modes: Sequence[tuple[str, str]] = (("crown", ""), ("ibp", "")),
     seed: int = SEED,
+    samples: int = 0,
 ) -> Soundness:
-    """The EVA results of `counts.images` scenes in each (bound, hybrid layer) mode against
-    points drawn in their balls; the first mode's map picks the regions checked."""
+    """The EVA results of `counts.images` scenes in each (bound, hybrid layer) mode
+    (`samples` per row, 0: the service's default) against points drawn in their balls; the
+    first mode's map picks the regions checked."""
     started = time.monotonic()
     served = served_input(triton, model)
     direct = ServedScores(triton, model, served)
@@ -382,7 +384,9 @@ def soundness(
     found = Soundness(model, epsilon, served.datatype, counts)
     for image in model_images(model, counts.images, seed):
         results = {
-            mode_name(bound, layer): attribute_eva(client, image, model, epsilon, bound, layer)
+            mode_name(bound, layer): attribute_eva(
+                client, image, model, epsilon, bound, layer, samples
+            )
             for bound, layer in modes
         }
         first = next(iter(results.values()))
