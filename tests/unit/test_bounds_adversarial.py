@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from propscope_server.open_contract import BOUND_CROWN, BOUND_IBP, BOUND_UNSUPPORTED
-from propscope_server.triton_models.classifiers.bounds import BoundedNetwork
+from propscope_server.triton_models.classifiers.bounds import BoundedNetwork, _maxpool_backward
 from propscope_server.triton_models.classifiers.open_model import Layer, OpenModel
 
 # The bounds are float32 without outward rounding; the attack runs in float64.
@@ -526,3 +526,39 @@ def test_an_input_of_another_size_than_the_load_trace_is_bounded_soundly():
     bound = torch.from_numpy(model(x, request, ["BOUND_MARGIN"])["BOUND_MARGIN"][0]).double()
     worst = worst_margins(copy.deepcopy(network).double(), (x - 0.2)[0].double(), (x + 0.2)[0].double(), target)  # fmt: skip
     assert (worst <= bound + SLACK * (1 + worst.abs())).all()
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        nn.MaxPool2d(3, stride=1, padding=1),
+        nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+        nn.MaxPool2d(2, stride=1, dilation=2),
+        nn.MaxPool2d(2),
+    ],
+)
+def test_the_max_pool_relaxation_holds_at_every_point_of_the_box(pool):
+    """CROWN's max pool step alone: a . maxpool(x) <= a_in . x + bias for every x in
+    [l, u] (random points and vertices), with windows overlapping and padded, and
+    some inputs dominating their windows (the exact case)."""
+    generator = torch.Generator().manual_seed(7)
+    lower = torch.randn(2, 3, 6, 6, generator=generator)
+    upper = lower + torch.rand(2, 3, 6, 6, generator=generator) * (
+        torch.rand(2, 3, 6, 6, generator=generator) < 0.7
+    )
+    lower[:, :, ::3, ::3] += 4.0  # dominating inputs
+    upper[:, :, ::3, ::3] += 4.0
+    output = pool(lower)
+    a = torch.randn(2, *output.shape[1:], generator=generator)
+    a_in, bias = _maxpool_backward(a, lower, upper, pool)
+    shape = (256, *lower.shape)
+    width = upper - lower
+    points = torch.cat(
+        [
+            lower + width * torch.rand(shape, generator=generator),
+            torch.where(torch.rand(shape, generator=generator) < 0.5, lower, upper),
+        ]
+    )
+    exact = (a * pool(points.flatten(0, 1)).view(512, *a.shape)).flatten(2).sum(2)
+    linear = (a_in * points).flatten(2).sum(2) + bias
+    assert (exact <= linear + SLACK).all()
