@@ -332,7 +332,7 @@ class EvaResult:
     @property
     def verdict(self) -> str:
         """The decision in words, with why: an undecided ball names the gap between the sampled
-        overlap and the bound (the bound's looseness plus what uniform samples miss) and what
+        overlap and the bound (the bound's looseness plus what the samples and attack miss) and what
         may close it."""
         if self.decision == "certified":
             return "certified: no input of the ball makes another class reach the target"

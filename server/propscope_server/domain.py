@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from propscope_server.config import PreprocessingConfig
+from propscope_server.open_contract import BOUND_ATTACK_PASSES
 from propscope_server.scoring.property_gradient import PropertyScore
 
 # The tenant of every caller when the gateway has no tokens configured.
@@ -196,9 +197,11 @@ class EvaSpec:
 
     @property
     def sample_passes(self) -> int:
-        """Forward passes sampled inside the model: on the first row when verified (the
-        sampled overlap), on every row for a hybrid (its empirical box)."""
-        return self.samples * (self.forward_passes if self.hybrid_layer else 1)
+        """Forward passes sampled inside the model, each sampled row's points and its
+        attack's iterates: on the first row when verified (the sampled overlap), on
+        every row for a hybrid (its empirical box)."""
+        per_row = self.samples + BOUND_ATTACK_PASSES
+        return per_row * (self.forward_passes if self.hybrid_layer else 1)
 
 
 AttributionMethod = SobolSpec | RiseSpec | EvaSpec

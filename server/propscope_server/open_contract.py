@@ -68,6 +68,12 @@ BOUND_CROWN = 1
 BOUND_METHODS = {BOUND_IBP: "ibp", BOUND_CROWN: "crown"}
 # BOUND_SAMPLES' range; >= 1 when BOUND_LAYER >= 0 (the hybrid's empirical box).
 MAX_BOUND_SAMPLES = 65536
+# A row with BOUND_SAMPLES >= 1 also runs a PGD attack on its box (SAMPLED_MARGIN a
+# stronger lower bound): its starts (the centre, a random vertex) and steps, and the
+# forward passes it adds to the row's samples (every start's iterates, the last too).
+BOUND_ATTACK_STARTS = 2
+BOUND_ATTACK_STEPS = 20
+BOUND_ATTACK_PASSES = BOUND_ATTACK_STARTS * (BOUND_ATTACK_STEPS + 1)
 # What a refusal of bound propagation starts with (the gateway maps it to
 # FAILED_PRECONDITION on the method).
 BOUND_UNSUPPORTED = "bound propagation does not support "

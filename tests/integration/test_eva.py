@@ -16,6 +16,7 @@ from grpc_status import rpc_status
 from propscope.v1 import attribution_pb2 as apb
 from propscope.v1 import attribution_pb2_grpc, explain_pb2_grpc
 from propscope.v1 import explain_pb2 as pb
+from propscope_server.open_contract import BOUND_ATTACK_PASSES
 from tests.integration import open_resnet
 from tests.integration.conftest import inference_count, scene_png
 from tests.integration.test_attribution import settled_count
@@ -65,7 +66,9 @@ def test_an_eva_map_on_synth_patch_is_largest_on_the_patch(attribution, triton):
     # 17 bound rows, the probe row and the original: Triton counts each (not the samples).
     assert after - before == accepted.planned_forward_passes_total == 17 + 2
     eva = result.eva
-    assert eva.guaranteed and eva.bound_passes == 17 and eva.sample_passes == 8
+    assert (
+        eva.guaranteed and eva.bound_passes == 17 and eva.sample_passes == 8 + BOUND_ATTACK_PASSES
+    )
     assert result.target_label == "square" and eva.adversary_label == "circle"
     assert list(eva.epsilon_input) == pytest.approx([8.0] * 3)  # UINT8: pixel values
     slack = 1e-5 * max(1.0, abs(eva.overlap_bound))
@@ -117,7 +120,7 @@ def test_a_hybrid_from_a_layer_is_marked_not_guaranteed(attribution):
     result = events[-1].result
     assert not result.eva.guaranteed and not result.eva.certified
     assert result.eva.hybrid_layer == "features.1"
-    assert result.eva.sample_passes == 17 * 8  # every row samples its empirical box
+    assert result.eva.sample_passes == 17 * (8 + BOUND_ATTACK_PASSES)  # every row samples
     (warning,) = result.warnings
     assert "not guaranteed" in warning and "'features.1'" in warning and "8 sampled" in warning
     assert any("not guaranteed" in w for w in events[0].accepted.warnings)

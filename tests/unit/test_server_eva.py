@@ -25,6 +25,7 @@ from propscope_server.methods import eva as eva_method
 from propscope_server.methods.attribution import Attribution
 from propscope_server.open_contract import (
     BOUND,
+    BOUND_ATTACK_PASSES,
     BOUND_CROWN,
     BOUND_OUTPUTS,
     CAPABILITIES_PARAMETER,
@@ -144,7 +145,7 @@ async def test_the_map_is_how_much_each_held_cell_lowers_the_exact_bound():
     found = outcome.eva
     assert found.guaranteed and found.bound == "crown" and found.bound_passes == 17
     assert found.epsilon_input == pytest.approx((8.0, 8.0, 8.0))
-    assert found.sample_passes == 16
+    assert found.sample_passes == 16 + BOUND_ATTACK_PASSES
     assert len(found.region_bounds) == 16
     assert outcome.grid == pytest.approx(
         (found.overlap_bound - np.array(found.region_bounds)).reshape(4, 4), abs=1e-6
@@ -181,7 +182,7 @@ async def test_a_hybrid_samples_every_row_and_says_it_is_not_guaranteed():
     rows = backend.bound_rows()
     assert (rows["BOUND_LAYER"] == 1).all() and (rows["BOUND_SAMPLES"] == 4).all()
     outcome = events[-1]
-    assert not outcome.eva.guaranteed and outcome.eva.sample_passes == 5 * 4
+    assert not outcome.eva.guaranteed and outcome.eva.sample_passes == 5 * (4 + BOUND_ATTACK_PASSES)
     (warning,) = outcome.warnings
     assert "not guaranteed" in warning and "'features.1'" in warning and "4 sampled" in warning
     assert any("not guaranteed" in w for w in events[0].classifier.warnings)
@@ -307,7 +308,7 @@ def test_a_target_score_other_than_logit_is_refused():
 
 def test_the_sampled_passes_budget_is_refused_naming_samples_and_the_limit():
     limits = Limits(max_eva_sample_passes=1000)
-    convert_attribution.attribute_spec(request(samples=1000), limits)
+    convert_attribution.attribute_spec(request(samples=1000 - BOUND_ATTACK_PASSES), limits)
     with pytest.raises(errors.ResourceExhausted, match="max_eva_sample_passes is 1000") as caught:
         convert_attribution.attribute_spec(
             request(samples=100, grid_size=4, hybrid_layer="features.1"), limits
@@ -329,7 +330,9 @@ def test_stability_takes_eva_and_its_budget():
     assert caught.value.field == "stability.eva.epsilon"
     message.stability.eva.ClearField("epsilon")
     with pytest.raises(errors.ResourceExhausted):
-        convert_attribution.evaluate_spec(message, Limits(max_eva_sample_passes=256 * 3))
+        convert_attribution.evaluate_spec(
+            message, Limits(max_eva_sample_passes=(256 + BOUND_ATTACK_PASSES) * 3)
+        )
 
 
 async def test_the_events_carry_the_options_and_the_bounds():

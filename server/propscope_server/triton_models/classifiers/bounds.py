@@ -14,9 +14,15 @@ pooling. Two bounds of the margins f_c - f_y over a box:
   several consumers; ReLU and max pooling by linear relaxations) and concretised at the
   input box. The answer is the elementwise min of IBP and CROWN, both sound.
 
+A row asking for samples also gets a short PGD attack on its box (sign-gradient ascent
+on the worst other class's margin from the centre and one random vertex, every iterate
+projected into the box): the sampled margin is the max over the uniform points, the
+attack's iterates and the centre, a lower bound on the true overlap that the attack
+pushes up where uniform points miss a small adversarial region.
+
 A hybrid starts from a declared layer: its box is the elementwise min and max of the
-layer's output over points sampled uniformly in the input box and the input itself,
-then verified from there (not a guarantee: the samples may miss the true range).
+layer's output over those same points (uniform, attack, centre), then verified from
+there (not a guarantee: the points may miss the true range).
 
 Float32 throughout, with no outward rounding: the bounds are sound up to float error.
 
@@ -36,7 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from propscope_server.open_contract import BOUND_CROWN, BOUND_UNSUPPORTED
+from propscope_server.open_contract import (
+    BOUND_ATTACK_STARTS,
+    BOUND_ATTACK_STEPS,
+    BOUND_CROWN,
+    BOUND_UNSUPPORTED,
+)
 
 SUPPORTED = (
     "Conv2d (any padding mode), Linear, BatchNorm1d/2d (eval, running statistics), ReLU, "
@@ -50,6 +61,10 @@ FIX = "use a hybrid layer after it or expose the logits"
 CHUNK_FLOATS = 1 << 24
 # Points sampled per forward pass when a row's box is sampled.
 SAMPLE_BATCH = 64
+# The attack on a sampled row (open_contract: the centre and one random vertex, 20
+# steps); its step as a fraction of each element's half-width (20 steps of a quarter
+# cross the box 2.5 times, enough to reach a corner from the centre and come back).
+ATTACK_STEP = 0.25
 # The batch of the load-time trace check: a size no layer is likely to have, so an
 # operation that mixes the samples of a batch shows in its output's shape.
 TRACE_BATCH = 3
@@ -114,6 +129,32 @@ class _Rows:
 
 class Unsupported(ValueError):
     """A network, or a part of it, that bound propagation cannot handle."""
+
+
+class Cancelled(RuntimeError):
+    """The caller cancelled the bound request; nothing is returned."""
+
+
+class _Seen:
+    """What one row's points reached: the max margin per class and, for a hybrid, the
+    elementwise range of the source layer's output (starting from the centre's)."""
+
+    def __init__(self, output: str, layer: str | None, target: int, centre: dict) -> None:
+        self.output, self.layer, self.target = output, layer, target
+        self.best = _row_margins(centre[output], target)
+        self.low = self.high = centre[layer] if layer is not None else None
+
+    def __call__(self, values: dict[str, Any]) -> None:
+        margins = _row_margins(values[self.output].detach(), self.target)
+        self.best = torch.maximum(self.best, margins)
+        if self.layer is not None:
+            layer = values[self.layer].detach()
+            self.low = torch.minimum(self.low, layer.amin(0, keepdim=True))
+            self.high = torch.maximum(self.high, layer.amax(0, keepdim=True))
+
+
+def _never() -> bool:
+    return False
 
 
 class BoundedNetwork:
@@ -403,11 +444,14 @@ class BoundedNetwork:
         layer: Sequence[int],
         samples: Sequence[int],
         seed: Sequence[int],
+        cancelled: Callable[[], bool] = _never,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row (a box [lower, upper] in the network's input space around `centre`,
         the target class, the method, the layer (-1 = from the input), samples and
         seed): the upper bounds of f_c - f_y for every class c ([B, K], entry y 0) and
-        the max of f_c - f_y over the sampled points and the centre ([B, K])."""
+        the max of f_c - f_y over the sampled points, the attack's iterates and the
+        centre ([B, K]). `cancelled` is asked between rows and sample batches; when it
+        says so, Cancelled is raised."""
         for row_layer in sorted(set(int(k) for k in layer)):
             self.check(row_layer)
         lower, upper, centre = lower.float(), upper.float(), centre.float()
@@ -425,12 +469,15 @@ class BoundedNetwork:
             per_row = sum(math.prod(self.nodes[n].shape) for n in needed) * 2
             chunk = max(1, CHUNK_FLOATS // max(1, per_row))
             for start in range(0, len(rows), chunk):
+                if cancelled():
+                    raise Cancelled("the bound request was cancelled")
                 index = torch.tensor(rows[start : start + chunk])
                 ys = torch.tensor([int(target[r]) for r in index.tolist()])
                 boxes, top = self._sample(
                     lower[index], upper[index], centre[index], ys, source,
                     [int(samples[r]) for r in index.tolist()],
                     [int(seed[r]) for r in index.tolist()],
+                    cancelled,
                 )  # fmt: skip
                 sampled[index] = top
                 with torch.no_grad():
@@ -451,35 +498,74 @@ class BoundedNetwork:
         source: str,
         samples: Sequence[int],
         seed: Sequence[int],
+        cancelled: Callable[[], bool] = _never,
     ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The source's box per row (the input box, or the layer's sampled range) and
-        the max margin over the sampled points and the centre."""
+        """The source's box per row (the input box, or the layer's range over the
+        points) and the max margin over the points: the centre, the uniform samples and,
+        on a row that samples, the attack's iterates (drawn after the samples from the
+        row's generator, so a seed gives the same points)."""
         source_lower, source_upper, tops = [], [], []
         hybrid = source != self.source
-        with torch.no_grad():
-            for row in range(lower.shape[0]):
-                generator = torch.Generator().manual_seed(seed[row])
+        for row in range(lower.shape[0]):
+            generator = torch.Generator().manual_seed(seed[row])
+            with torch.no_grad():
                 values = self.run(centre[row : row + 1])
-                best = _row_margins(values[self.output], int(target[row]))
-                low = high = values[source] if hybrid else None
-                for begin in range(0, samples[row], SAMPLE_BATCH):
-                    count = min(SAMPLE_BATCH, samples[row] - begin)
-                    shape = (count, *lower.shape[1:])
-                    width = upper[row] - lower[row]
-                    points = lower[row] + width * torch.rand(shape, generator=generator)
-                    values = self.run(points)
-                    best = torch.maximum(best, _row_margins(values[self.output], int(target[row])))
-                    if hybrid:
-                        low = torch.minimum(low, values[source].amin(0, keepdim=True))
-                        high = torch.maximum(high, values[source].amax(0, keepdim=True))
-                tops.append(best)
-                if hybrid:
-                    source_lower.append(low)
-                    source_upper.append(high)
+            seen = _Seen(self.output, source if hybrid else None, int(target[row]), values)
+            width = upper[row] - lower[row]
+            for begin in range(0, samples[row], SAMPLE_BATCH):
+                if cancelled():
+                    raise Cancelled("the bound request was cancelled")
+                count = min(SAMPLE_BATCH, samples[row] - begin)
+                points = lower[row] + width * torch.rand((count, *width.shape), generator=generator)
+                with torch.no_grad():
+                    seen(self.run(points))
+            if samples[row] >= 1:
+                self._attack(
+                    lower[row], upper[row], centre[row], int(target[row]), generator, seen, cancelled
+                )  # fmt: skip
+            tops.append(seen.best)
+            if hybrid:
+                source_lower.append(seen.low)
+                source_upper.append(seen.high)
         top = torch.stack(tops)
         if hybrid:
             return (torch.cat(source_lower), torch.cat(source_upper)), top
         return (lower, upper), top
+
+    def _attack(
+        self,
+        lower: torch.Tensor,
+        upper: torch.Tensor,
+        centre: torch.Tensor,
+        target: int,
+        generator: torch.Generator,
+        seen: _Seen,
+        cancelled: Callable[[], bool],
+    ) -> None:
+        """PGD on one row's box: from the centre and random vertices, BOUND_ATTACK_STEPS
+        sign-gradient steps up the worst other class's margin max_{c != y} f_c - f_y,
+        each projected into the box; `seen` gets every iterate's values (continuous
+        points: a uint8 input's box is the continuous one the bound covers)."""
+        shape = (BOUND_ATTACK_STARTS - 1, *centre.shape)
+        vertices = torch.where(torch.rand(shape, generator=generator) < 0.5, lower, upper)
+        points = torch.cat([centre.clamp(lower, upper)[None], vertices]).detach()
+        step = ATTACK_STEP * (upper - lower) / 2
+        for iteration in range(BOUND_ATTACK_STEPS + 1):
+            if cancelled():
+                raise Cancelled("the bound request was cancelled")
+            last = iteration == BOUND_ATTACK_STEPS
+            with torch.enable_grad():
+                points = points.clone().requires_grad_(not last)
+                values = self.run(points)
+                seen(values)
+                if last:
+                    break
+                scores = values[self.output]
+                margins = scores - scores[:, target : target + 1]
+                margins[:, target] = -math.inf
+                (gradient,) = torch.autograd.grad(margins.amax(1).sum(), points)
+            points = torch.minimum(torch.maximum(points + step * gradient.sign(), lower), upper)
+            points = points.detach()
 
     def _ibp(
         self,
