@@ -4,12 +4,19 @@ verified bound; the same seed gives the same points; a cancelled request stops."
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from propscope_server.open_contract import BOUND_CROWN
 from propscope_server.triton_models.classifiers.bounds import BoundedNetwork, Cancelled
+from tests.unit.test_bounds import bound_inputs
+from tests.unit.test_open_model import (  # noqa: F401 (synthetic_model is a fixture)
+    FakeRequest,
+    outputs,
+    synthetic_model,
+)
 
 SHAPE = (3, 4, 4)
 ELEMENTS = 48
@@ -79,3 +86,30 @@ def test_a_cancelled_request_stops_between_batches():
     with pytest.raises(Cancelled):
         rows(bounded, samples=256, cancelled=cancelled)
     assert len(asked) == 3
+
+
+class CancellableRequest(FakeRequest):
+    """A request whose caller cancels after the model has asked `after` times (Triton
+    2.51's InferenceRequest.is_cancelled)."""
+
+    def __init__(self, inputs, requested, after: int) -> None:
+        super().__init__(inputs, requested)
+        self.after, self.asked = after, 0
+
+    def is_cancelled(self) -> bool:
+        self.asked += 1
+        return self.asked > self.after
+
+
+def test_the_triton_adapter_stops_a_cancelled_bound_request(synthetic_model):  # noqa: F811
+    model = synthetic_model("synth_patch")
+    image = np.full((2, 64, 64, 3), 128, np.uint8)
+    inputs = {"IMAGE": image, **bound_inputs(2, 64 * 64 * 3, radius=4.0, samples=256)}
+    asked = ["LOGITS", "BOUND_MARGIN", "SAMPLED_MARGIN"]
+    (response,) = model.execute([CancellableRequest(inputs, asked, after=3)])
+    assert response.error == "synth_patch: the bound request was cancelled"
+    going = CancellableRequest(inputs, asked, after=10**6)
+    served = outputs(model.execute([going])[0])
+    assert served["SAMPLED_MARGIN"].shape == (2, 2)
+    # Asked per chunk, per sample batch (4 a row) and per attack step (21 a row).
+    assert going.asked == 1 + 2 * (4 + 21)

@@ -396,3 +396,26 @@ def test_only_a_verified_negative_bound_is_certified():
     assert verified.certified and verified.guaranteed
     assert not hybrid.certified and not hybrid.guaranteed
     assert verified.adversary_label == "one"
+
+
+@pytest.mark.parametrize(
+    ("method", "rows_per_call"),
+    [
+        # A hybrid samples 2000 + the attack's passes on every row: two rows a call.
+        (domain.EvaSpec(grid=2, hybrid_layer="features.1", samples=2000), [2, 2, 1]),
+        # More than the cap on one row: a row a call, never none.
+        (domain.EvaSpec(grid=2, hybrid_layer="features.1", samples=8000), [1, 1, 1, 1, 1]),
+        # Verified: row 0 alone (its samples fill a call), the rest by max_batch_size.
+        (domain.EvaSpec(grid=2, samples=4096), [1, 4]),
+        (domain.EvaSpec(grid=2, samples=16), [5]),
+    ],
+)
+async def test_calls_sample_at_most_the_cap_so_a_cancel_frees_the_model_soon(method, rows_per_call):
+    backend = LinearOpenModel(open_model())
+    await attribute(backend, method)
+    calls = [c for c in backend.calls if "BOUND_RADIUS" in c][1:]  # after the probe
+    assert [len(c["BOUND_RADIUS"]) for c in calls] == rows_per_call
+    for call in calls:
+        samples = call["BOUND_SAMPLES"][:, 0]
+        passes = ((samples + BOUND_ATTACK_PASSES) * (samples > 0)).sum()
+        assert len(samples) == 1 or passes <= eva_method.SAMPLE_PASSES_PER_CALL

@@ -21,6 +21,7 @@ from propscope_server.methods import require
 from propscope_server.methods.base import require_inputs
 from propscope_server.open_contract import (
     BOUND,
+    BOUND_ATTACK_PASSES,
     BOUND_CROWN,
     BOUND_IBP,
     BOUND_OUTPUTS,
@@ -35,6 +36,9 @@ BOUND_MARGIN, SAMPLED_MARGIN = BOUND_OUTPUTS
 BOUND_CODES = {"ibp": BOUND_IBP, "crown": BOUND_CROWN}
 VERIFIED_FROM_INPUT = -1
 SEEDS = 2**31  # BOUND_SEED is an int32
+# Forward passes sampled inside the model (points and attack iterates) per Triton call,
+# at least one row: a cancelled or timed-out request frees the model within one call.
+SAMPLE_PASSES_PER_CALL = 4096
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,23 @@ def bound_inputs(
         BOUND_SAMPLES: samples,
         BOUND_SEED: ((seed + first + np.arange(rows)) % SEEDS).astype(np.int32).reshape(rows, 1),
     }
+
+
+def bound_calls(method: EvaSpec, max_batch: int, rows_per_call: int) -> list[tuple[int, int, int]]:
+    """The bound rows in parts (start, stop, rows per Triton call) such that no call
+    samples more than SAMPLE_PASSES_PER_CALL passes (a sampled row's points and attack
+    iterates), at least one row a call: a hybrid's every row samples; a verified map's
+    row 0 only, alone in its call when its passes leave no room for another row."""
+    rows = method.forward_passes
+    sampled = method.samples + BOUND_ATTACK_PASSES
+    if method.hybrid_layer:
+        batch = max(1, min(max_batch, SAMPLE_PASSES_PER_CALL // sampled))
+        starts = list(range(0, rows, rows_per_call))
+    else:
+        batch = max_batch
+        first = 1 if sampled + 1 > SAMPLE_PASSES_PER_CALL else rows_per_call
+        starts = [0, *range(first, rows, rows_per_call)]
+    return [(start, stop, batch) for start, stop in zip(starts, [*starts[1:], rows], strict=True)]
 
 
 async def plan_eva(
@@ -146,18 +167,16 @@ async def view_eva(
     progress: Callable[[int], None],
 ) -> EvaMap:
     """EVA's map of `view` (float32 [h, w, 3] RGB values): the d + 1 bound rows through
-    the model, `rows_per_call` rows made at a time (a large view's radii need not all
-    fit), `progress` per batch."""
+    the model, about `rows_per_call` rows made at a time (a large view's radii need not
+    all fit), in Triton calls of bounded sampling (bound_calls), `progress` per batch."""
     height, width = view.shape[:2]
     layout = classifier.layout
     epsilon = scoring.input_epsilon(method.epsilon, layout.datatype, classifier.preprocessing.std)
     centre = await in_thread(normalise, view[None], layout, classifier.preprocessing)
     layer = layer_index(classifier.model, method.hybrid_layer, "eva.hybrid_layer")
-    rows = method.forward_passes
     margins: list[np.ndarray] = []
     samples: list[np.ndarray] = []
-    for start in range(0, rows, rows_per_call):
-        stop = min(start + rows_per_call, rows)
+    for start, stop, batch in bound_calls(method, classifier.model.max_batch_size, rows_per_call):
         radii = await in_thread(
             scoring.radius_rows,
             method.grid,
@@ -178,6 +197,7 @@ async def view_eva(
             deadline,
             progress,
             concurrency,
+            batch,
         )
         margins.append(bound_part)
         samples.append(sampled_part)

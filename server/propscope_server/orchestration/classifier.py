@@ -205,14 +205,16 @@ async def forward_rows(
     deadline: float | None,
     on_batch: Callable[[int], None] | None = None,
     concurrency: int = 1,
+    batch: int | None = None,
 ) -> tuple[np.ndarray, ...]:
     """An open model's `rows` passes, each with its row of the `extra` inputs, of one
     input (model_input [1, ...], repeated) or of `rows` inputs (model_input [rows, ...]),
-    in batches of max_batch_size -> (raw outputs [rows, classes], then each of `outputs`
-    [rows, ...]) as float64. Up to `concurrency` batches are in flight at once (Triton
-    runs one while the gateway sends the next); `on_batch` hears each batch's rows."""
+    in batches of `batch` rows (default max_batch_size) -> (raw outputs [rows, classes],
+    then each of `outputs` [rows, ...]) as float64. Up to `concurrency` batches are in
+    flight at once (Triton runs one while the gateway sends the next); `on_batch` hears
+    each batch's rows."""
     model = classifier.model
-    batch = model.max_batch_size
+    batch = min(batch or model.max_batch_size, model.max_batch_size)
     names = (classifier.output, *outputs)
     starts = range(0, rows, batch)
     parts: list[list[np.ndarray]] = [[] for _ in starts]

@@ -444,7 +444,7 @@ class BoundedNetwork:
         layer: Sequence[int],
         samples: Sequence[int],
         seed: Sequence[int],
-        cancelled: Callable[[], bool] = _never,
+        cancelled: Callable[[], bool] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row (a box [lower, upper] in the network's input space around `centre`,
         the target class, the method, the layer (-1 = from the input), samples and
@@ -454,6 +454,7 @@ class BoundedNetwork:
         says so, Cancelled is raised."""
         for row_layer in sorted(set(int(k) for k in layer)):
             self.check(row_layer)
+        cancelled = cancelled or _never
         lower, upper, centre = lower.float(), upper.float(), centre.float()
         classes = self.nodes[self.output].shape[0]
         bounds = torch.zeros(lower.shape[0], classes)

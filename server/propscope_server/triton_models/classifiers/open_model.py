@@ -396,12 +396,15 @@ class OpenModel:
         optional: Mapping[str, np.ndarray | None] | None = None,
         requested: Collection[str] = (),
         box: BoxFunction | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> dict[str, np.ndarray]:
         """One batch: `inputs` is the network's input (already preprocessed), `optional`
         the optional input arrays by name (absent or None = not sent), `requested` the
         optional outputs asked for, `box` the map of BOUND_RADIUS to the network's input
-        box (default: inputs +- radius, clipped to [0, 255] for a uint8 input). Returns
-        "scores" and each requested output."""
+        box (default: inputs +- radius, clipped to [0, 255] for a uint8 input),
+        `cancelled` asked between a bound request's rows and sample batches (the
+        caller's request cancelled: bounds.Cancelled). Returns "scores" and each
+        requested output."""
         present = {k: v for k, v in (optional or {}).items() if v is not None}
         wanted = [name for name in requested if name in OPTIONAL_OUTPUTS]
         if not present and not wanted and not self.ablation:
@@ -421,7 +424,7 @@ class OpenModel:
             self._call = None
         if call.bound is not None and any(name in wanted for name in BOUND_OUTPUTS):
             results.update(
-                self._bounds(call.bound, inputs, box, results["scores"].shape[1], wanted)
+                self._bounds(call.bound, inputs, box, results["scores"].shape[1], wanted, cancelled)
             )
         return results
 
@@ -432,6 +435,7 @@ class OpenModel:
         box: BoxFunction | None,
         classes: int,
         wanted: Sequence[str],
+        cancelled: Callable[[], bool] | None = None,
     ) -> dict[str, np.ndarray]:
         """BOUND_MARGIN and SAMPLED_MARGIN of each sample (bounds.py), outside
         inference mode: the backward pass takes adjoints by autograd."""
@@ -466,6 +470,7 @@ class OpenModel:
             bound["BOUND_LAYER"].tolist(),
             bound["BOUND_SAMPLES"].tolist(),
             bound["BOUND_SEED"].tolist(),
+            cancelled,
         )
         outputs = {"BOUND_MARGIN": margins, "SAMPLED_MARGIN": sampled}
         return {

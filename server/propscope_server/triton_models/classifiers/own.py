@@ -240,9 +240,11 @@ class OwnClassifier:
         batch: np.ndarray,
         optional: Mapping[str, np.ndarray | None] | None = None,
         requested: Sequence[str] = (),
+        cancelled: Callable[[], bool] | None = None,
     ) -> dict[str, np.ndarray]:
         """The scores output by name, and for an open model the requested optional
-        outputs (`optional`: its optional inputs by name, None = not sent)."""
+        outputs (`optional`: its optional inputs by name, None = not sent; `cancelled`:
+        asked between a bound request's rows and sample batches)."""
         spec = self.config.input
         if batch.dtype != spec.dtype:
             raise ValueError(f"input {spec.name!r} must be {spec.dtype}, got {batch.dtype}")
@@ -259,7 +261,10 @@ class OwnClassifier:
         else:
             import torch
 
-            results = self.open(torch.from_numpy(np.ascontiguousarray(batch)), optional, requested)
+            results = self.open(
+                torch.from_numpy(np.ascontiguousarray(batch)), optional, requested,
+                cancelled=cancelled,
+            )  # fmt: skip
             outputs = results.pop("scores")
         expected = self.config.output
         if (

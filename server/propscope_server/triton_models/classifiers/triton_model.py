@@ -188,7 +188,11 @@ class TritonPythonModel:
                 lower, upper = (pixels - r).clamp(0, 255), (pixels + r).clamp(0, 255)
                 return normalise_pixels_hwc(lower), normalise_pixels_hwc(upper)
 
-        results = self.open(inputs, optional, requested, box)
+        # Triton 2.51's requests say when their caller cancelled: a long bound request
+        # stops between rows and sample batches.
+        results = self.open(
+            inputs, optional, requested, box, getattr(request, "is_cancelled", None)
+        )
         if "INPUT_GRADIENT" in results and self.input_format == "uint8_hwc":
             # Laid out like IMAGE (HWC) and per pixel value: the chain rule through
             # normalise_uint8_hwc, x = (pixel / 255 - mean) / std.
