@@ -420,7 +420,7 @@ class Attribution:
     grid: npt.NDArray[np.float32]
     channel_grid: npt.NDArray[np.float32] | None
     options: SobolOptions | RiseOptions | EvaOptions
-    perturbation: PerturbationSettings
+    perturbation: PerturbationSettings | None  # None for EVA, which perturbs nothing
     perturbation_description: str
     target_score: str
     target_class: int
@@ -472,7 +472,9 @@ class Attribution:
             grid=grid,
             channel_grid=channel_grid,
             options=options,
-            perturbation=PerturbationSettings.from_proto(accepted.perturbation),
+            perturbation=None
+            if method == "eva"
+            else PerturbationSettings.from_proto(accepted.perturbation),
             perturbation_description=accepted.perturbation_description,
             target_score=target_score_from_proto(result.target_score or accepted.target_score),
             target_class=result.target_class,
@@ -492,8 +494,10 @@ class Attribution:
         )
 
     def plan_dict(self) -> dict[str, Any]:
-        """Everything but the arrays, JSON-ready: what the CLI writes next to the map."""
-        return dataclass_dict(self, skip=("map", "grid", "channel_grid"))
+        """Everything but the arrays, JSON-ready: what the CLI writes next to the map (no
+        perturbation for EVA, which has none)."""
+        unset = ("perturbation",) if self.perturbation is None else ()
+        return dataclass_dict(self, skip=("map", "grid", "channel_grid", *unset))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, the arrays as nested lists (float32 values spelled as such)."""

@@ -882,10 +882,9 @@ def _attribution_summary(
             f"{found.original_score:.4g}; {cache}, {found.total_ms:.0f} ms"
         ),
     ]
-    if found.eva is None or found.perturbation_description:  # EVA masks no pixels
-        lines.append(
-            Text(f"perturbation: {found.perturbation_description or found.perturbation.kind}")
-        )
+    kind = found.perturbation.kind if found.perturbation is not None else ""
+    if found.perturbation_description or kind:  # EVA masks no pixels: its ball, if said
+        lines.append(Text(f"perturbation: {found.perturbation_description or kind}"))
     if found.eva is not None:
         lines += eva_lines(found.eva)
     lines += [note("", "warning: ", warning, "yellow") for warning in found.warnings]

@@ -288,7 +288,7 @@ class ClassifierPlanned:
 @dataclass(frozen=True)
 class AttributionAccepted:
     method: AttributionMethod
-    perturbation: PerturbationSpec
+    perturbation: PerturbationSpec | None  # None for EVA, which perturbs nothing
     classifier: ClassifierPlanned
     planned_forward_passes: int
     planned_forward_passes_total: int

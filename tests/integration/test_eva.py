@@ -62,6 +62,7 @@ def test_an_eva_map_on_synth_patch_is_largest_on_the_patch(attribution, triton):
     accepted, result = events[0].accepted, events[-1].result
     assert accepted.method == "eva" and accepted.eva.grid_size == 4
     assert accepted.eva.bound == apb.BOUND_METHOD_CROWN and accepted.eva.samples == 8
+    assert not accepted.HasField("perturbation")  # EVA perturbs nothing
     assert accepted.planned_forward_passes == 17 == result.forward_passes
     # 17 bound rows, the probe row and the original: Triton counts each (not the samples).
     assert after - before == accepted.planned_forward_passes_total == 17 + 2

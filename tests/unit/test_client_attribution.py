@@ -460,6 +460,9 @@ def test_attribute_eva_sends_its_options_and_reads_its_bounds(service):
     assert document["eva"]["region_bounds"][1][2] == pytest.approx(-1235.58789)
     assert document["eva"]["guaranteed"] is True and document["options"]["bound"] == "ibp"
     assert json.loads(json.dumps(found.plan_dict()))["eva"]["sample_passes"] == 123456789012
+    # EVA perturbs nothing: no perturbation in the SDK's result or its JSON.
+    assert found.perturbation is None and "perturbation" not in document
+    assert "perturbation_description" in document
 
     assert not hybrid.eva.guaranteed
     assert hybrid.eva.guarantee == "hybrid from features.3: NOT guaranteed"

@@ -339,6 +339,7 @@ async def test_the_events_carry_the_options_and_the_bounds():
     events = await attribute(LinearOpenModel(open_model()))
     accepted = convert_attribution.attribute_event("r", events[0]).accepted
     assert accepted.method == "eva" and accepted.HasField("eva")
+    assert events[0].perturbation is None and not accepted.HasField("perturbation")
     assert accepted.eva.grid_size == 4 and accepted.eva.bound == apb.BOUND_METHOD_CROWN
     assert accepted.eva.epsilon == pytest.approx(8 / 255) and accepted.eva.samples == 16
     result = convert_attribution.attribute_event("r", events[-1]).result

@@ -470,7 +470,8 @@ export interface Attribution {
   grid: MapArray;
   /** Per-channel Sobol only: grid x grid x 3 values, channel last; else null. */
   channelGrid: Float32Array | null;
-  /** The plan: resolved options, perturbation (also in words), preprocessing, warnings. */
+  /** The plan: resolved options, perturbation (also in words; unset for EVA), preprocessing,
+   * warnings. */
   accepted: AttributeAccepted__Output;
   forwardPasses: number;
   cacheHit: boolean;

@@ -402,6 +402,17 @@ def _planned_fields(planned: domain.ClassifierPlanned) -> dict[str, object]:
     }
 
 
+def _perturbation(spec: domain.PerturbationSpec | None) -> apb.Perturbation | None:
+    """The perturbation the method applies; unset for EVA, which perturbs nothing."""
+    if spec is None:
+        return None
+    return apb.Perturbation(
+        kind=_names(KIND_NAMES, spec.kind),
+        baseline=_names(BASELINE_NAMES, spec.baseline),
+        blur_sigma=spec.blur_sigma,
+    )
+
+
 def attribute_event(request_id: str, event: object) -> apb.AttributeEvent:
     if isinstance(event, domain.AttributionAccepted):
         return apb.AttributeEvent(
@@ -410,11 +421,7 @@ def attribute_event(request_id: str, event: object) -> apb.AttributeEvent:
                 method=domain.method_name(event.method),
                 planned_forward_passes=event.planned_forward_passes,
                 planned_forward_passes_total=event.planned_forward_passes_total,
-                perturbation=apb.Perturbation(
-                    kind=_names(KIND_NAMES, event.perturbation.kind),
-                    baseline=_names(BASELINE_NAMES, event.perturbation.baseline),
-                    blur_sigma=event.perturbation.blur_sigma,
-                ),
+                perturbation=_perturbation(event.perturbation),
                 **_planned_fields(event.classifier),
                 perturbation_description=event.perturbation_description,
                 **_method_messages(event.method),

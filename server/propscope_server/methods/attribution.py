@@ -446,7 +446,9 @@ class Attribution:
         passes = spec.method.forward_passes
         yield AttributionAccepted(
             method=spec.method,
-            perturbation=dataclasses.replace(
+            perturbation=None
+            if isinstance(spec.method, EvaSpec)
+            else dataclasses.replace(
                 spec.perturbation, blur_sigma=blur_sigma(target.view, spec.perturbation.blur_sigma)
             ),
             classifier=target.planned(),
