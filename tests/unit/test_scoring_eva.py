@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from propscope_server.backends.preprocessing import image_region, resize
 from propscope_server.scoring import eva, sobol
 
 
@@ -137,3 +138,24 @@ def test_a_range_of_rows_is_the_same_rows_of_the_whole():
         eva.radius_rows(3, 6, 6, radius, True, start, min(start + 4, 10)) for start in (0, 4, 8)
     ]
     np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+@pytest.mark.parametrize("mode", ["letterbox", "center_crop", "squash"])
+def test_the_letterbox_padding_is_held_fixed_on_every_row(mode):
+    """A wide image letterboxed into a square input: the bars above and below show no
+    image, so no row perturbs them; center_crop and squash fill the input with image."""
+    image = np.full((20, 40, 3), 200, np.uint8)
+    (view,) = resize(image[None], 16, 16, mode)
+    region = image_region(image.shape[:2], view.shape[:2], mode)
+    shown = view.sum(axis=2) > 0  # the letterbox bars are black, the image is not
+    rows = eva.radius_rows(4, 16, 16, np.full(3, 8.0), False, image=region)
+    radii = rows.reshape(17, 16, 16, 3)
+    assert ((radii[0] > 0).all(axis=2) == shown).all()
+    assert (radii[:, ~shown] == 0).all()
+    if mode == "letterbox":
+        assert region == (4, 0, 8, 16) and not shown.all()
+    else:
+        assert region == (0, 0, 16, 16) and shown.all()
+    # A cell inside the image is still held fixed in its own row.
+    held = eva.cell_of_pixels(4, 16, 16) == 5
+    assert (radii[6][held] == 0).all() and (radii[6][shown & ~held] > 0).all()

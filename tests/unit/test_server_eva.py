@@ -420,3 +420,16 @@ async def test_calls_sample_at_most_the_cap_so_a_cancel_frees_the_model_soon(met
         samples = call["BOUND_SAMPLES"][:, 0]
         passes = ((samples + BOUND_ATTACK_PASSES) * (samples > 0)).sum()
         assert len(samples) == 1 or passes <= eva_method.SAMPLE_PASSES_PER_CALL
+
+
+async def test_a_letterboxed_image_keeps_the_padding_bars_fixed():
+    model = open_model(preprocessing=PreprocessingConfig(output_kind="logits", resize="letterbox"))
+    backend = LinearOpenModel(model)
+    attribution = Attribution(backend, InMemoryArtefactCache(1 << 20), Settings())
+    wide = dataclasses.replace(spec(), image=np.full((4, 8, 3), 120, np.uint8))
+    events = [event async for event in attribution.run(await attribution.plan(wide, None))]
+    assert "letterbox padding held fixed" in events[0].perturbation_description
+    radii = backend.bound_rows()["BOUND_RADIUS"].reshape(-1, SIZE, SIZE, 3)
+    # The 8 x 4 image sits in rows 2..5 of the 8 x 8 input; rows 0, 1, 6, 7 are padding.
+    assert (radii[:, [0, 1, 6, 7]] == 0).all()
+    assert (radii[0, 2:6] == 8.0).all()

@@ -208,6 +208,18 @@ def _scaled_box(source: tuple[int, int], target: tuple[int, int], mode: str) -> 
     return max(1, round(source[0] * scale)), max(1, round(source[1] * scale))
 
 
+def image_region(
+    source: tuple[int, int], target: tuple[int, int], mode: str
+) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the model's input [target] that shows the image
+    [source] after `resize`: all of it, but for letterbox, whose padding bars show none."""
+    if mode != "letterbox" or tuple(source) == tuple(target):
+        return 0, 0, target[0], target[1]
+    scaled_height, scaled_width = _scaled_box(source, target, mode)
+    top, left = (target[0] - scaled_height) // 2, (target[1] - scaled_width) // 2
+    return top, left, scaled_height, scaled_width
+
+
 def map_to_view(values: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
     """A map over the image [H, W] -> over the model's input [height, width], with the
     geometry the image itself goes through (`resize`)."""

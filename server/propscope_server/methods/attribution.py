@@ -22,7 +22,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from propscope_server import metrics
-from propscope_server.backends.preprocessing import map_to_image, resize, resize_values
+from propscope_server.backends.preprocessing import (
+    image_region,
+    map_to_image,
+    resize,
+    resize_values,
+)
 from propscope_server.cache import ArtefactCache, artefact_key
 from propscope_server.config import Settings
 from propscope_server.domain import (
@@ -75,6 +80,9 @@ class TargetPlan:
     original_score: float
     passes: int  # forward passes planning ran (the original, a detection)
     deadline: float | None
+    # (top, left, height, width) of the view showing the image (letterbox pads the
+    # rest); None: all of it
+    image_region: tuple[int, int, int, int] | None = None
 
     def planned(self) -> ClassifierPlanned:
         return ClassifierPlanned(
@@ -128,6 +136,9 @@ async def plan_target(
         original_score=float(target_scores(classifier, raw, target)[0]),
         passes=1 + int(DETECTED_SOURCE in classifier.preprocessing_sources),
         deadline=deadline,
+        image_region=image_region(
+            image.shape[:2], view.shape[:2], classifier.preprocessing.resize or "squash"
+        ),
     )
 
 
@@ -246,6 +257,7 @@ async def attribute_view(
             perturbation_batch(plan.classifier, view) * settings.attribution_concurrency,
             settings.attribution_concurrency,
             progress,
+            plan.image_region,
         )
         return ViewAttribution(found.grid, found.view_map, found.warnings, found.bounds)
     height, width = view.shape[:2]
@@ -433,7 +445,7 @@ class Attribution:
             spec=spec,
             target=target,
             description=(
-                eva.describe(spec.method, classifier, target.view)
+                eva.describe(spec.method, classifier, target.view, target.image_region)
                 if isinstance(spec.method, EvaSpec)
                 else describe_perturbation(spec.perturbation, target.view, classifier)
             ),

@@ -165,6 +165,7 @@ async def view_eva(
     rows_per_call: int,
     concurrency: int,
     progress: Callable[[int], None],
+    image_region: tuple[int, int, int, int] | None = None,
 ) -> EvaMap:
     """EVA's map of `view` (float32 [h, w, 3] RGB values): the d + 1 bound rows through
     the model, about `rows_per_call` rows made at a time (a large view's radii need not
@@ -186,6 +187,7 @@ async def view_eva(
             layout.channels_first,
             start,
             stop,
+            image_region,
         )
         _, bound_part, sampled_part = await forward_rows(
             inference,
@@ -211,7 +213,12 @@ async def view_eva(
     return EvaMap(cells, resize_values(cells, height, width), warnings, bounds)
 
 
-def describe(method: EvaSpec, classifier: PlannedClassifier, view: np.ndarray) -> str:
+def describe(
+    method: EvaSpec,
+    classifier: PlannedClassifier,
+    view: np.ndarray,
+    image_region: tuple[int, int, int, int] | None = None,
+) -> str:
     """EVA's perturbation set in words (Accepted's perturbation_description)."""
     layout = classifier.layout
     epsilon = scoring.input_epsilon(method.epsilon, layout.datatype, classifier.preprocessing.std)
@@ -219,6 +226,9 @@ def describe(method: EvaSpec, classifier: PlannedClassifier, view: np.ndarray) -
         units = f"{epsilon[0]:.4g} pixel values, clipped to [0, 255]"
     else:
         units = "per channel " + ", ".join(f"{e:.4g}" for e in epsilon) + " input units"
+    padding = ""
+    if image_region is not None and tuple(image_region[2:]) != view.shape[:2]:
+        padding = " (the letterbox padding held fixed)"
     start = (
         f"hybrid from layer {method.hybrid_layer!r} ({method.samples} samples per row)"
         if method.hybrid_layer
@@ -226,7 +236,7 @@ def describe(method: EvaSpec, classifier: PlannedClassifier, view: np.ndarray) -
     )
     return (
         f"every pixel within l_inf radius {method.epsilon:.4g} of the pixel range ({units}) "
-        f"at the model's {view.shape[0]}x{view.shape[1]} input; each of the "
+        f"at the model's {view.shape[0]}x{view.shape[1]} input{padding}; each of the "
         f"{method.grid}x{method.grid} regions held fixed in turn; {method.bound.upper()} bounds "
         f"on the logit margins, {start}"
     )

@@ -43,13 +43,21 @@ def radius_rows(
     channels_first: bool,
     start: int = 0,
     stop: int | None = None,
+    image: tuple[int, int, int, int] | None = None,
 ) -> np.ndarray:
     """Rows start..stop-1 (all g^2 + 1 by default) of the radii [rows, 3 h w] float32
     in the input's own layout (channels last, or first): row 0 every cell at the
-    radius, row 1 + u cell u held fixed (radius 0)."""
+    radius, row 1 + u cell u held fixed (radius 0). `image` (top, left, height, width)
+    is the part of the input showing the image; outside it (letterbox's padding bars,
+    not the image) the radius is 0 on every row."""
     stop = grid * grid + 1 if stop is None else stop
     cells = cell_of_pixels(grid, height, width)
-    held = np.arange(start - 1, stop - 1)[:, None, None] != cells[None]  # [rows, h, w]
+    shown = np.ones((height, width), dtype=bool)
+    if image is not None:
+        top, left, shown_height, shown_width = image
+        shown[:] = False
+        shown[top : top + shown_height, left : left + shown_width] = True
+    held = (np.arange(start - 1, stop - 1)[:, None, None] != cells[None]) & shown  # [rows, h, w]
     radii = held[..., None] * np.asarray(channel_radius, dtype=np.float32)  # [rows, h, w, 3]
     if channels_first:
         radii = radii.transpose(0, 3, 1, 2)
