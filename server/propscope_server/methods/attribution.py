@@ -227,24 +227,9 @@ async def view_attribution(
     seed: int,
     settings: Settings,
     progress: Callable[[int], None],
-) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """(grid values [g, g] or [g, g, 3], map over the view [h, w], warnings) of `method`
-    on `view` (the original's view, or a noisy one for stability)."""
-    found = await attribute_view(inference, plan, view, method, spec, seed, settings, progress)
-    return found.grid, found.view_map, found.warnings
-
-
-async def attribute_view(
-    inference: Inference,
-    plan: TargetPlan,
-    view: np.ndarray,
-    method: AttributionMethod,
-    spec: PerturbationSpec,
-    seed: int,
-    settings: Settings,
-    progress: Callable[[int], None],
 ) -> ViewAttribution:
-    """`method`'s map of `view`, with what EVA's rests on."""
+    """`method`'s map of `view` (the original's view, or a noisy one for stability),
+    with what an EVA map rests on."""
     if isinstance(method, EvaSpec):
         found = await eva.view_eva(
             inference,
@@ -482,7 +467,7 @@ class Attribution:
                     done += count
                     emit(PassesProgress(done, passes))
 
-                return await attribute_view(
+                return await view_attribution(
                     self._inference,
                     target,
                     target.view,

@@ -372,7 +372,7 @@ class Consistency:
                 deadline=plan.deadline,
             )
             method = spec.sobol if explainer == "sobol" else spec.rise
-            _, view_map, warnings = await view_attribution(
+            found = await view_attribution(
                 self._inference,
                 target_plan,
                 view,
@@ -382,7 +382,7 @@ class Consistency:
                 self._settings,
                 progress,
             )
-            return view_map, warnings
+            return found.view_map, found.warnings
         if explainer == "random":
             identity = f"{model.classifier.model.name}:{model.classifier.model.version}"
             rng = np.random.default_rng([spec.seed, n, zlib.crc32(identity.encode())])

@@ -311,7 +311,7 @@ class Evaluation:
                 view = (
                     await in_thread(fidelity.stability_noise, target.view, options.radius, 1, rng)
                 )[0]
-            _, view_map, found = await view_attribution(
+            found = await view_attribution(
                 self._inference,
                 target,
                 view.astype(np.float32),
@@ -321,8 +321,8 @@ class Evaluation:
                 self._settings,
                 count,
             )
-            maps.append(view_map)
-            warnings.update(found)  # a flat or constant map reads as "perfectly stable"
+            maps.append(found.view_map)
+            warnings.update(found.warnings)  # a flat or constant map reads as "perfectly stable"
         value, distances = fidelity.average_stability(maps[0], np.stack(maps[1:]))
         method = method_name(options.method)
         return MetricOutcome(
