@@ -89,7 +89,7 @@ OPTIONAL_OUTPUTS = (
     "SAMPLED_MARGIN",
 )
 # Per sample K values each (entry y is 0): an upper bound of f_c - f_y over the box,
-# and the max of f_c - f_y over the sampled points and the centre.
+# and the max of f_c - f_y over the sampled points, the attack's iterates and the centre.
 BOUND_OUTPUTS = ("BOUND_MARGIN", "SAMPLED_MARGIN")
 GRADIENT_OUTPUTS = ("INPUT_GRADIENT", "CHANNEL_GRADIENTS", "GRAD_X_ACTIVATION")
 

@@ -248,9 +248,9 @@ def hybrid_warning(method: EvaSpec) -> tuple[str, ...]:
         return ()
     return (
         f"not guaranteed: hybrid from layer {method.hybrid_layer!r}, whose box is the range of "
-        f"{method.samples} sampled points per row (and the centre), which may miss the layer's "
-        "true range; the overlap bounds may lie below the true overlap. Leave "
-        "eva.hybrid_layer empty for verified bounds",
+        f"{method.samples} sampled points per row (with an attack's iterates and the centre), "
+        "which may miss the layer's true range; the overlap bounds may lie below the true "
+        "overlap. Leave eva.hybrid_layer empty for verified bounds",
     )
 
 

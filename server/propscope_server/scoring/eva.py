@@ -135,8 +135,8 @@ def flat_warning(bounds: EvaBounds) -> str:
 def soundness_warnings(
     bound_margins: np.ndarray, sampled_margins: np.ndarray, target: int
 ) -> tuple[str, ...]:
-    """Every row and class where a margin reached by a sampled point (or the centre)
-    lies above its verified upper bound: float32 rounding when within FLOAT32_SLACK,
+    """Every row and class where a margin reached by a sampled point (an attack iterate,
+    the centre) lies above its verified upper bound: float32 rounding when within FLOAT32_SLACK,
     else a soundness failure of the bound propagation. Never silent."""
     bound = np.asarray(bound_margins, dtype=np.float64)
     sampled = np.asarray(sampled_margins, dtype=np.float64)
