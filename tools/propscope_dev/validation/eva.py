@@ -663,3 +663,79 @@ def cost_rows(found: Sequence[Cost]) -> list[dict]:
         )
         for cost in found
     ]
+
+
+# The epsilon sweep on synth_patch's patch scenes (docs/eva.md, "Why 8/255 by default"):
+# CROWN at every eps, IBP at two, the hybrid from the later layers at the default.
+SWEEP_EPSILONS = (0.5 / 255, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)
+SWEEP_MODES = (
+    *(("crown", "", epsilon) for epsilon in SWEEP_EPSILONS),
+    ("ibp", "", 2 / 255),
+    ("ibp", "", 8 / 255),
+    ("crown", "features.1", 8 / 255),
+    ("crown", "features.2", 8 / 255),
+)
+DECISIONS = ("certified", "not_robust", "undecided")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One (bound, hybrid layer, eps) over the patch scenes: where the map's mass lies and
+    what the result decides."""
+
+    mode: str
+    epsilon: float
+    shares: list[float]  # the map's positive mass on the patch's cells, per scene
+    top_cells: list[float]  # the patch's cells among the map's 4 highest, per scene
+    overlap_bounds: list[float]
+    sampled_overlaps: list[float]
+    decisions: dict[str, int]
+
+
+def epsilon_sweep(client: propscope.Client, count: int, workers: int = 2) -> list[SweepPoint]:
+    """synth_patch's EVA maps of the map comparison's patch scenes at each SWEEP_MODES entry
+    (the service's default samples)."""
+    images = va.patch_images(count)
+    found = []
+    for bound, layer, epsilon in SWEEP_MODES:
+        maps = va.attribute_all(
+            client,
+            images,
+            "synth_patch",
+            workers,
+            method="eva",
+            grid_size=GRID,
+            epsilon=epsilon,
+            bound=bound,
+            hybrid_layer=layer,
+        )
+        decided = [m.eva.decision for m in maps]
+        found.append(
+            SweepPoint(
+                mode_name(bound, layer),
+                epsilon,
+                va.localisation("synth_patch", maps).shares,
+                [top_cells_on_patch(m.grid) for m in maps],
+                [float(m.eva.overlap_bound) for m in maps],
+                [float(m.eva.sampled_overlap) for m in maps],
+                {decision: decided.count(decision) for decision in DECISIONS},
+            )
+        )
+    return found
+
+
+def sweep_rows(found: Sequence[SweepPoint]) -> list[dict]:
+    return [
+        row(
+            f"synth_patch: EVA {point.mode} at eps {point.epsilon * 255:g}/255, mass on the "
+            "patch's cells",
+            "recorded",
+            f"{np.mean(point.shares):.1%} of the positive mass, {np.mean(point.top_cells):.0%} "
+            f"of the 4 highest cells; overlap bound {np.mean(point.overlap_bounds):.3g}, "
+            f"sampled {np.mean(point.sampled_overlaps):.3g}; "
+            + ", ".join(f"{point.decisions[d]} {d}" for d in DECISIONS),
+            True,
+            informational=True,
+        )
+        for point in found
+    ]
