@@ -458,7 +458,7 @@ class OpenModel:
         for layer in sorted(set(bound["BOUND_LAYER"].tolist())):
             bounded.check(int(layer))
         if box is None:
-            lower, upper = _default_box(inputs, radius)
+            lower, upper = box_around(inputs.detach().float(), radius, inputs.dtype == torch.uint8)
         else:
             lower, upper = box(radius)
         margins, sampled = bounded.margins(
@@ -773,13 +773,14 @@ def _column(present: Mapping[str, np.ndarray], name: str, batch: int) -> np.ndar
     return array[:, 0]
 
 
-def _default_box(inputs: torch.Tensor, radius: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """inputs +- radius in the input's own layout; a uint8 input's box clipped to
-    [0, 255], the values it can take."""
-    centre = inputs.detach().float()
+def box_around(
+    centre: torch.Tensor, radius: np.ndarray, pixels: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """centre +- radius in the centre's own layout; pixel values clipped to [0, 255],
+    the values a uint8 input can take (the bound covers no other)."""
     r = torch.from_numpy(radius).reshape(centre.shape)
     lower, upper = centre - r, centre + r
-    if inputs.dtype == torch.uint8:
+    if pixels:
         lower, upper = lower.clamp(0, 255), upper.clamp(0, 255)
     return lower, upper
 

@@ -25,6 +25,7 @@ from propscope_server.triton_models.classifiers.cnn import (
 )
 from propscope_server.triton_models.classifiers.open_model import (
     OpenModel,
+    box_around,
     check_declared_tensors,
     declared_layers,
     read_ablation,
@@ -181,11 +182,10 @@ class TritonPythonModel:
         if self.input_format == "uint8_hwc":
 
             def box(radius: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-                """The pixel box (clipped to [0, 255], the values a pixel can take),
-                both ends normalised as the input is: std > 0 keeps their order."""
+                """The pixel box, both ends normalised as the input is: std > 0 keeps
+                their order."""
                 pixels = torch.from_numpy(array.astype(np.float32))
-                r = torch.from_numpy(radius).reshape(pixels.shape)
-                lower, upper = (pixels - r).clamp(0, 255), (pixels + r).clamp(0, 255)
+                lower, upper = box_around(pixels, radius, pixels=True)
                 return normalise_pixels_hwc(lower), normalise_pixels_hwc(upper)
 
         # Triton 2.51's requests say when their caller cancelled: a long bound request
