@@ -263,10 +263,11 @@ class EvaResult:
     ``guaranteed``: verified from the input; False for a hybrid from ``hybrid_layer``, whose
     sampled layer box may miss the true range. ``overlap_bound`` bounds the adversarial overlap
     (max over the ball of another class's logit minus the target's) from above,
-    ``sampled_overlap`` from below (the sampled points): the true overlap lies between.
+    ``sampled_overlap`` from below (the sampled points and an attack's iterates): when
+    ``guaranteed``, the true overlap lies between.
     ``region_bounds`` float64 [g, g] (read-only): the bound with each cell held fixed; the map is
-    ``overlap_bound - region_bounds``. ``certified``: ``overlap_bound < 0``, no input of the ball
-    makes another class reach the target. ``epsilon`` is a fraction of the pixel range,
+    ``overlap_bound - region_bounds``. ``certified``: ``guaranteed`` and ``overlap_bound < 0``, no
+    input of the ball makes another class reach the target. ``epsilon`` is a fraction of the pixel range,
     ``epsilon_input`` the radius per input channel in the model's input units.
     """
 
@@ -321,8 +322,8 @@ class EvaResult:
     @property
     def decision(self) -> Literal["certified", "not_robust", "undecided"]:
         """What the two overlaps decide about the ball: ``certified`` (a verified bound below 0),
-        ``not_robust`` (a sampled point reaches another class: an adversarial point exists),
-        else ``undecided`` (a hybrid bound below 0 guarantees nothing)."""
+        ``not_robust`` (a sampled point or attack iterate reaches another class: an adversarial
+        point exists), else ``undecided`` (a hybrid bound below 0 guarantees nothing)."""
         if self.certified and self.guaranteed:
             return "certified"
         if self.sampled_overlap >= 0:
