@@ -87,12 +87,6 @@ def test_sampled_overlap_is_the_highest_over_every_row():
     assert eva.eva_bounds(bound, sampled, 0).sampled_overlap == 0.5
 
 
-def test_certified_when_the_bound_is_negative():
-    bound = np.array([[0.0, -0.1], [0.0, -0.2]])
-    assert eva.eva_bounds(bound, bound, 0).certified
-    assert not eva.eva_bounds(-bound, -bound, 0).certified
-
-
 def test_a_map_no_cell_changes_is_flat():
     flat = eva.eva_bounds(np.array([[0.0, 2.0]] * 5), np.zeros((5, 2)), 0)
     warning = eva.flat_warning(flat)
@@ -105,7 +99,7 @@ def test_an_infinite_bound_gives_a_zero_map_and_says_why():
     """The model returns +inf for a box float32 cannot bound; inf - inf would be NaN."""
     rows = np.array([[0.0, np.inf]] * 4 + [[0.0, 3.0]])
     bounds = eva.eva_bounds(rows, np.zeros((5, 2)), 0)
-    assert bounds.overlap_bound == np.inf and not bounds.certified
+    assert bounds.overlap_bound == np.inf
     assert np.array_equal(bounds.importance, np.zeros(4))
     assert "infinite" in eva.flat_warning(bounds) and "eva.epsilon" in eva.flat_warning(bounds)
 

@@ -397,6 +397,9 @@ def test_only_a_verified_negative_bound_is_certified():
     assert verified.certified and verified.guaranteed
     assert not hybrid.certified and not hybrid.guaranteed
     assert verified.adversary_label == "one"
+    for overlap in (0.0, np.inf):
+        above = scoring.eva_bounds(np.array([[0.0, overlap, -2.0]] * 5), np.zeros((5, 3)), 0)
+        assert not eva_method.eva_outcome(domain.EvaSpec(grid=2), above, planned).certified
 
 
 @pytest.mark.parametrize(

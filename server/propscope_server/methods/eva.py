@@ -273,7 +273,7 @@ def eva_outcome(
         sampled_overlap=bounds.sampled_overlap,
         samples=method.samples,
         region_bounds=tuple(float(b) for b in bounds.region_bounds),
-        certified=bounds.certified and not method.hybrid_layer,
+        certified=not method.hybrid_layer and bounds.overlap_bound < 0.0,
         bound_passes=method.forward_passes,
         sample_passes=method.sample_passes,
     )

@@ -95,10 +95,6 @@ class EvaBounds:
             return np.zeros_like(self.region_bounds)
         return self.overlap_bound - self.region_bounds
 
-    @property
-    def certified(self) -> bool:
-        return self.overlap_bound < 0.0
-
 
 def eva_bounds(bound_margins: np.ndarray, sampled_margins: np.ndarray, target: int) -> EvaBounds:
     """[g^2 + 1, K] margin bounds and sampled margins of the rows -> EvaBounds. Every
