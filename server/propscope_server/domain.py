@@ -9,6 +9,7 @@ import numpy as np
 
 from propscope_server.config import PreprocessingConfig
 from propscope_server.open_contract import BOUND_ATTACK_PASSES
+from propscope_server.scoring.eva import EvaBounds
 from propscope_server.scoring.property_gradient import PropertyScore
 
 # The tenant of every caller when the gateway has no tokens configured.
@@ -315,6 +316,17 @@ class AttributionOutcome:
     total_s: float
     warnings: tuple[str, ...] = ()
     eva: EvaOutcome | None = None  # EVA only: the bounds the map comes from
+
+
+@dataclass(frozen=True)
+class ViewAttribution:
+    """A method's map of one view (the original's, or a noisy one for stability), before
+    it is brought back to the image."""
+
+    grid: np.ndarray  # [g, g], or [g, g, 3] for per-channel Sobol
+    view_map: np.ndarray  # [h, w] over the view
+    warnings: tuple[str, ...]  # what makes the map carry no information (not cached)
+    eva: EvaBounds | None = None  # EVA only: the bounds the map comes from
 
 
 @dataclass(frozen=True)

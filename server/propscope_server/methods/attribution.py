@@ -42,6 +42,7 @@ from propscope_server.domain import (
     PerturbationSpec,
     RiseSpec,
     SobolSpec,
+    ViewAttribution,
     method_name,
 )
 from propscope_server.errors import InvalidArgument
@@ -59,7 +60,6 @@ from propscope_server.orchestration.classifier import (
 from propscope_server.orchestration.explain import cache_namespace, image_digest
 from propscope_server.orchestration.runner import Finished, with_progress
 from propscope_server.scoring import perturbation, rise, sobol
-from propscope_server.scoring.eva import EvaBounds
 from propscope_server.threads import in_thread
 
 # Part of every map's cache key: bump it when a change to the code changes maps (a
@@ -210,14 +210,6 @@ def describe_perturbation(
     return f"{what}, at the model's {height}x{width} input before its normalisation; {rounding}"
 
 
-@dataclass(frozen=True)
-class ViewAttribution:
-    grid: np.ndarray  # [g, g], or [g, g, 3] for per-channel Sobol
-    view_map: np.ndarray  # [h, w] over the view
-    warnings: tuple[str, ...]  # what makes the map carry no information (not cached)
-    eva: EvaBounds | None = None  # EVA only: the bounds the map comes from
-
-
 async def view_attribution(
     inference: Inference,
     plan: TargetPlan,
@@ -231,7 +223,7 @@ async def view_attribution(
     """`method`'s map of `view` (the original's view, or a noisy one for stability),
     with what an EVA map rests on."""
     if isinstance(method, EvaSpec):
-        found = await eva.view_eva(
+        return await eva.view_eva(
             inference,
             plan.classifier,
             plan.target.class_index,
@@ -244,7 +236,6 @@ async def view_attribution(
             progress,
             plan.image_region,
         )
-        return ViewAttribution(found.grid, found.view_map, found.warnings, found.bounds)
     height, width = view.shape[:2]
     baseline = baseline_image(
         view, "blur" if spec.kind == "blur" else spec.baseline, spec.blur_sigma, plan.classifier

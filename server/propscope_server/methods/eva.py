@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
 from propscope_server.backends.preprocessing import normalise, resize_values
-from propscope_server.domain import EvaOutcome, EvaSpec
+from propscope_server.domain import EvaOutcome, EvaSpec, ViewAttribution
 from propscope_server.errors import BackendError, FailedPrecondition, InvalidArgument
 from propscope_server.inference import Inference, ModelDescription
 from propscope_server.methods import require
@@ -39,14 +38,6 @@ SEEDS = 2**31  # BOUND_SEED is an int32
 # Forward passes sampled inside the model (points and attack iterates) per Triton call,
 # at least one row: a cancelled or timed-out request frees the model within one call.
 SAMPLE_PASSES_PER_CALL = 4096
-
-
-@dataclass(frozen=True)
-class EvaMap:
-    grid: np.ndarray  # float32 [g, g]: phi per cell
-    view_map: np.ndarray  # float32 [h, w]
-    warnings: tuple[str, ...]  # what makes this map unreliable (it is then not cached)
-    bounds: scoring.EvaBounds
 
 
 def layer_index(model: ModelDescription, layer: str, field: str) -> int:
@@ -166,7 +157,7 @@ async def view_eva(
     concurrency: int,
     progress: Callable[[int], None],
     image_region: tuple[int, int, int, int] | None = None,
-) -> EvaMap:
+) -> ViewAttribution:
     """EVA's map of `view` (float32 [h, w, 3] RGB values): the d + 1 bound rows through
     the model, about `rows_per_call` rows made at a time (a large view's radii need not
     all fit), in Triton calls of bounded sampling (bound_calls), `progress` per batch."""
@@ -210,7 +201,7 @@ async def view_eva(
     warnings = ((flat,) if flat else ()) + scoring.soundness_warnings(
         bound_margins, sampled_margins, target
     )
-    return EvaMap(cells, resize_values(cells, height, width), warnings, bounds)
+    return ViewAttribution(cells, resize_values(cells, height, width), warnings, bounds)
 
 
 def describe(
