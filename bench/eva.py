@@ -21,11 +21,11 @@ import typer
 import propscope
 from propscope_dev import stack
 from propscope_dev.validation import eva
+from propscope_server.open_contract import BOUND_CODES
 
 MODELS = ("synth_patch", "synth_hue_fp32")
 EPSILON = 8 / 255
 SAMPLES = 256
-BOUND_METHODS = {"ibp": 0, "crown": 1}
 
 
 def direct_seconds(
@@ -59,7 +59,7 @@ def direct_seconds(
     samples[0] = SAMPLES
     columns = {
         "BOUND_CLASS": np.full(rows, found.target_class, np.int32),
-        "BOUND_METHOD": np.full(rows, BOUND_METHODS[found.eva.bound], np.int32),
+        "BOUND_METHOD": np.full(rows, BOUND_CODES[found.eva.bound], np.int32),
         "BOUND_LAYER": np.full(rows, layer_index, np.int32),
         "BOUND_SAMPLES": samples,
         "BOUND_SEED": np.arange(rows, dtype=np.int32),  # the request's seed 0 + the row

@@ -21,8 +21,7 @@ from propscope_server.methods.base import require_inputs
 from propscope_server.open_contract import (
     BOUND,
     BOUND_ATTACK_PASSES,
-    BOUND_CROWN,
-    BOUND_IBP,
+    BOUND_CODES,
     BOUND_OUTPUTS,
     BOUND_UNSUPPORTED,
 )
@@ -32,7 +31,6 @@ from propscope_server.threads import in_thread
 
 BOUND_RADIUS, BOUND_CLASS, BOUND_METHOD, BOUND_LAYER, BOUND_SAMPLES, BOUND_SEED = BOUND
 BOUND_MARGIN, SAMPLED_MARGIN = BOUND_OUTPUTS
-BOUND_CODES = {"ibp": BOUND_IBP, "crown": BOUND_CROWN}
 VERIFIED_FROM_INPUT = -1
 SEEDS = 2**31  # BOUND_SEED is an int32
 # Forward passes sampled inside the model (points and attack iterates) per Triton call,
