@@ -67,6 +67,8 @@ BOUND_IBP = 0
 BOUND_CROWN = 1
 BOUND_METHODS = {BOUND_IBP: "ibp", BOUND_CROWN: "crown"}
 BOUND_CODES = {name: code for code, name in BOUND_METHODS.items()}
+# BOUND_LAYER's value for bounds verified from the input (k >= 0: hybrid from layer k).
+BOUND_FROM_INPUT = -1
 # BOUND_SAMPLES' range; >= 1 when BOUND_LAYER >= 0 (the hybrid's empirical box).
 MAX_BOUND_SAMPLES = 65536
 # A row with BOUND_SAMPLES >= 1 also runs a PGD attack on its box (SAMPLED_MARGIN a

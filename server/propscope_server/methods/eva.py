@@ -22,6 +22,7 @@ from propscope_server.open_contract import (
     BOUND,
     BOUND_ATTACK_PASSES,
     BOUND_CODES,
+    BOUND_FROM_INPUT,
     BOUND_OUTPUTS,
     BOUND_UNSUPPORTED,
 )
@@ -31,7 +32,6 @@ from propscope_server.threads import in_thread
 
 BOUND_RADIUS, BOUND_CLASS, BOUND_METHOD, BOUND_LAYER, BOUND_SAMPLES, BOUND_SEED = BOUND
 BOUND_MARGIN, SAMPLED_MARGIN = BOUND_OUTPUTS
-VERIFIED_FROM_INPUT = -1
 SEEDS = 2**31  # BOUND_SEED is an int32
 # Forward passes sampled inside the model (points and attack iterates) per Triton call,
 # at least one row: a cancelled or timed-out request frees the model within one call.
@@ -42,7 +42,7 @@ def layer_index(model: ModelDescription, layer: str, field: str) -> int:
     """The hybrid's declared layer index, -1 when verified from the input;
     InvalidArgument naming the declared layers otherwise."""
     if not layer:
-        return VERIFIED_FROM_INPUT
+        return BOUND_FROM_INPUT
     names = [declared.name for declared in model.layers]
     if layer not in names:
         raise InvalidArgument(

@@ -46,6 +46,7 @@ from propscope_server.open_contract import (
     BOUND_ATTACK_STARTS,
     BOUND_ATTACK_STEPS,
     BOUND_CROWN,
+    BOUND_FROM_INPUT,
     BOUND_UNSUPPORTED,
 )
 
@@ -397,7 +398,7 @@ class BoundedNetwork:
                 values[name] = item.forward(*[values[n] for n in item.inputs])
         return values
 
-    def check(self, layer: int = -1) -> None:
+    def check(self, layer: int = BOUND_FROM_INPUT) -> None:
         """Raises the refusal of bounds from the input (layer -1) or from declared layer
         `layer`, naming what is not supported."""
         if self.refusal:
