@@ -405,6 +405,14 @@ class AttributionSpec(_Strict):
             raise ValueError(
                 "epsilon, bound, hybrid_layer and samples are EVA options (method: eva)"
             )
+        sobol_given = (
+            self.nb_design is not None
+            or self.per_channel
+            or self.scrambled
+            or self.estimator != "jansen"
+        )
+        if self.method != "sobol" and sobol_given:
+            raise ValueError("nb_design, estimator, per_channel and scrambled are Sobol options")
         if self.method == "eva":
             self._eva_options()
         elif self.method == "sobol":
@@ -412,23 +420,9 @@ class AttributionSpec(_Strict):
                 raise ValueError("nb_samples and preservation_probability are RISE options")
             if self.nb_design is not None and self.nb_design & (self.nb_design - 1):
                 raise ValueError(f"nb_design must be a power of two, got {self.nb_design}")
-        elif (
-            self.nb_design is not None
-            or self.per_channel
-            or self.scrambled
-            or self.estimator != "jansen"
-        ):
-            raise ValueError("nb_design, estimator, per_channel and scrambled are Sobol options")
         return self
 
     def _eva_options(self) -> None:
-        if (
-            self.nb_design is not None
-            or self.per_channel
-            or self.scrambled
-            or self.estimator != "jansen"
-        ):
-            raise ValueError("nb_design, estimator, per_channel and scrambled are Sobol options")
         if self.nb_samples is not None or self.preservation_probability is not None:
             raise ValueError(
                 "nb_samples and preservation_probability are RISE options; EVA's sampled "
