@@ -439,14 +439,16 @@ export interface EvaBounds {
   hybridLayer: string;
   /** Upper bound of the adversarial overlap over the ball (every region perturbed). */
   overlapBound: number;
-  /** The highest overlap among the sampled points: a lower bound of the true overlap. */
+  /** The highest overlap among the sampled points and an attack's iterates: a lower bound of
+   * the true overlap. */
   sampledOverlap: number;
   samples: number;
   adversaryClass: number;
   adversaryLabel: string;
   /** The bound with each cell held fixed, row-major g x g (the grid is overlapBound minus it). */
   regionBounds: Float64Array;
-  /** overlapBound < 0: no input of the ball makes another class reach the target. */
+  /** guaranteed and overlapBound < 0: no input of the ball makes another class reach the
+   * target (a hybrid is never certified). */
   certified: boolean;
   /**
    * What the overlaps decide (the Python SDK's EvaResult.decision): "certified" (a verified
