@@ -76,9 +76,9 @@ class Limits(BaseModel):
     # Forward passes of one Attribute or EvaluateAttribution request (Sobol grid 8,
     # N 32: 2,112; stability multiplies its method's by its samples + 1).
     max_forward_passes: int = 200_000
-    # EVA: forward passes sampled inside the model per Attribute request (the sampled
-    # overlap's points, and a hybrid's empirical box on every bound row); stability
-    # multiplies them by its samples + 1.
+    # EVA: forward passes sampled inside the model per Attribute request (a sampled row's
+    # points and attack iterates: the first row when verified, every row for a hybrid);
+    # stability multiplies them by its samples + 1.
     max_eva_sample_passes: int = Field(1_000_000, ge=1)
     # EvaluateConsistency (MeGe, ReCo): forward and gradient passes of one request (per
     # model and image: 1 + Sobol's N (g^2 + 2) + RISE's masks + 1 gradient pass), models
