@@ -176,17 +176,15 @@ class RiseSpec:
         return self.nb_samples
 
 
-# EVA's default l_inf radius, a fraction of the pixel range [0, 1] (the paper's 8/255).
-DEFAULT_EVA_EPSILON = 8 / 255
-
-
 @dataclass(frozen=True)
 class EvaSpec:
     """EVA (Fel et al., CVPR 2023): per grid cell, how much the verified bound on the
-    adversarial overlap drops when the cell is held fixed (docs/eva.md)."""
+    adversarial overlap drops when the cell is held fixed (docs/eva.md). The defaults
+    here are the only definition of the request's defaults (api/convert_attribution.py,
+    api/memory.py read them)."""
 
     grid: int = 8
-    epsilon: float = DEFAULT_EVA_EPSILON  # fraction of the pixel range [0, 1]
+    epsilon: float = 8 / 255  # fraction of the pixel range [0, 1] (the paper's 8/255)
     bound: str = "crown"  # ibp | crown
     hybrid_layer: str = ""  # empty: verified from the input (guaranteed)
     samples: int = 256  # points sampled in the ball per sampled row

@@ -51,8 +51,10 @@ TARGET_SCORE_NAMES = {
     apb.TARGET_SCORE_LOGIT: "logit",
     apb.TARGET_SCORE_LOG_ODDS: "log_odds",
 }
+# EVA's defaults: EvaSpec's fields, the one definition.
+EVA_DEFAULTS = domain.EvaSpec()
 BOUND_NAMES = {
-    apb.BOUND_METHOD_UNSPECIFIED: "crown",
+    apb.BOUND_METHOD_UNSPECIFIED: EVA_DEFAULTS.bound,
     apb.BOUND_METHOD_IBP: "ibp",
     apb.BOUND_METHOD_CROWN: "crown",
 }
@@ -103,23 +105,30 @@ def rise_spec(options: apb.RiseOptions, field: str) -> domain.RiseSpec:
 def _decimal_float32(value: float) -> float:
     """The shortest decimal that is this float32 (a caller's 0.001, not 0.0010000000474974513
     in every result); the default, a double, is kept."""
-    if value == domain.DEFAULT_EVA_EPSILON:
+    if value == EVA_DEFAULTS.epsilon:
         return value
     return float(np.format_float_positional(np.float32(value), unique=True))
 
 
 def eva_spec(options: apb.EvaOptions, field: str) -> domain.EvaSpec:
-    grid = bounded(options.grid_size, 8, 2, MAX_EVA_GRID, f"{field}.grid_size", "grid_size")
-    epsilon = options.epsilon if options.HasField("epsilon") else domain.DEFAULT_EVA_EPSILON
+    grid = bounded(
+        options.grid_size, EVA_DEFAULTS.grid, 2, MAX_EVA_GRID, f"{field}.grid_size", "grid_size"
+    )
+    epsilon = options.epsilon if options.HasField("epsilon") else EVA_DEFAULTS.epsilon
     if not 0.0 < epsilon <= 1.0:  # NaN fails too
         raise InvalidArgument(
             f"{field}.epsilon must be in (0, 1], a fraction of the pixel range (unset for "
-            f"8/255); got {epsilon}",
+            f"{EVA_DEFAULTS.epsilon * 255:g}/255); got {epsilon}",
             field=f"{field}.epsilon",
         )
     check_name(options.hybrid_layer, f"{field}.hybrid_layer")
     samples = bounded(
-        options.samples, 256, 1, MAX_BOUND_SAMPLES, f"{field}.samples", "samples per row"
+        options.samples,
+        EVA_DEFAULTS.samples,
+        1,
+        MAX_BOUND_SAMPLES,
+        f"{field}.samples",
+        "samples per row",
     )
     return domain.EvaSpec(
         grid=grid,

@@ -36,6 +36,7 @@ from propscope_server.api.parsing import PendingRequest
 from propscope_server.backends.preprocessing import input_layout
 from propscope_server.config import Limits, Settings
 from propscope_server.consistency_domain import EXPLAINERS
+from propscope_server.domain import EvaSpec
 from propscope_server.errors import (
     DeadlineExceeded,
     PropscopeError,
@@ -115,7 +116,7 @@ NOISY_VIEW_BYTES_PER_PIXEL = 48
 KEPT_MAP_BYTES_PER_PIXEL = 20
 # The options' defaults (api/convert_attribution.py), for the forward passes in flight.
 SOBOL_DEFAULTS = (8, 32)  # grid_size, nb_design
-EVA_DEFAULT_GRID = 8
+EVA_DEFAULT_GRID = EvaSpec().grid  # EVA's are EvaSpec's fields, defined once
 RISE_DEFAULT_SAMPLES = 4000
 DELETION_DEFAULT_STEPS = 10
 MU_FIDELITY_DEFAULT_SAMPLES = 200
