@@ -19,20 +19,10 @@ from pathlib import Path
 import typer
 
 from propscope_dev.validation import consistency, craft, maco
-from propscope_dev.validation.tables import Check, checks_markdown, write_results
+from propscope_dev.validation.tables import checks_markdown, row_check, write_results
 
 app = typer.Typer(add_completion=False)
 PARTS = {"CRAFT": craft, "MACO": maco, "MeGe/ReCo": consistency}
-
-
-def as_check(row: dict) -> Check:
-    return Check(
-        f"{row['part']}: {row['criterion']}",
-        str(row["target"]),
-        str(row["measured"]),
-        bool(row["met"]),
-        informational=bool(row.get("informational", False)),
-    )
 
 
 @app.command()
@@ -48,7 +38,7 @@ def main(
         rows += module.validate(target, quick=quick)
         seconds[part] = time.monotonic() - started
         logging.info("%s: %.0f s", part, seconds[part])
-    checks = [as_check(row) for row in rows]
+    checks = [row_check(row) for row in rows]
     timing = ", ".join(f"{part} {s:.0f} s" for part, s in seconds.items())
     text = "\n\n".join(
         [

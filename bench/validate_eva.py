@@ -33,6 +33,7 @@ from propscope_dev.validation.tables import (
     checks_markdown,
     markdown_table,
     mean_interval,
+    row_check,
     write_results,
 )
 
@@ -45,16 +46,6 @@ HYBRID_COUNTS = eva.Counts(1, 2500, 500, 8, 20, 3, 300, 100)
 MAP_IMAGES = {False: 16, True: 4}
 SWEEP_IMAGES = {False: 8, True: 2}
 COST_IMAGES = {False: 2, True: 1}
-
-
-def as_check(row: dict) -> Check:
-    return Check(
-        f"{row['part']}: {row['criterion']}",
-        str(row["target"]),
-        str(row["measured"]),
-        bool(row["met"]),
-        informational=bool(row.get("informational", False)),
-    )
 
 
 @contextmanager
@@ -315,7 +306,7 @@ def main(
     rows = [r for s in verified for r in eva.soundness_rows(s)]
     rows += [r for s in hybrid for r in eva.soundness_rows(s)]
     rows += eva.comparison_rows(comparison) + eva.sweep_rows(sweep) + eva.cost_rows(costs)
-    checks = [as_check(row) for row in rows]
+    checks = [row_check(row) for row in rows]
     seconds = time.monotonic() - started
     text = render(checks, verified, hybrid, comparison, sweep, costs, notes, quick, seconds)
     write_results(

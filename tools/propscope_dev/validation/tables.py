@@ -89,6 +89,17 @@ def result_row(
     }
 
 
+def row_check(row: dict) -> Check:
+    """The Check a result_row stands for (its part and criterion as the name)."""
+    return Check(
+        f"{row['part']}: {row['criterion']}",
+        str(row["target"]),
+        str(row["measured"]),
+        bool(row["met"]),
+        informational=bool(row.get("informational", False)),
+    )
+
+
 def served_classifier(model: str, repository: Path = DEFAULT_MODEL_REPOSITORY) -> SmallCNN:
     """The synthetic classifier `model` serves, in-process: the weights its config names."""
     config = repository / model / "config.pbtxt"
