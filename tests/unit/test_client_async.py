@@ -82,7 +82,7 @@ async def test_an_eva_map_and_its_bounds_as_the_sync_client_reads_them(services)
     eva = {"method": "eva", "grid_size": 2, "hybrid_layer": "features.3", "samples": 4}
     async with AsyncClient(target) as client:
         found = await client.attribute(_image_bytes(), "resnet", **eva)
-        with pytest.raises(ValueError, match="epsilon must be in"):
+        with pytest.raises(ValueError, match=r"epsilon \(--epsilon\) must be in"):
             client.attribute(_image_bytes(), "resnet", method="eva", epsilon=2.0)
     with Client(target) as sync_client:
         assert found == sync_client.attribute(_image_bytes(), "resnet", **eva)
