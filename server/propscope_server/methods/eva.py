@@ -123,12 +123,15 @@ async def plan_eva(
         )
     layer = layer_index(model, method.hybrid_layer, f"{prefix}eva.hybrid_layer")
     probe = np.zeros((1, view.size), np.float32)
+    # No sampling (and so no attack) where the mode allows none: a hybrid's layer box
+    # needs one point, a verified row none.
+    samples = 1 if layer != BOUND_FROM_INPUT else 0
     try:
         await forward_rows(
             inference,
             classifier,
             await in_thread(normalise, view[None], classifier.layout, classifier.preprocessing),
-            bound_inputs(dataclasses.replace(method, samples=1), probe, target, layer, 0),
+            bound_inputs(dataclasses.replace(method, samples=samples), probe, target, layer, 0),
             1,
             BOUND_OUTPUTS,
             deadline,
