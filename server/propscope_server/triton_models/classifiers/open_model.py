@@ -233,9 +233,7 @@ class OpenModel:
         self._call: _Call | None = None
         # Traced before the hooks exist; never fails the load (bound requests get the
         # refusal), and none with a permanent ablation the trace would not see.
-        self.bounded = BoundedNetwork(
-            self.network, dry_input, [layer.name for layer in self.layers], output_name
-        )
+        self.bounded = self._traced_for_bounds(dry_input)
         self._bounded_sizes: dict[tuple[int, ...], BoundedNetwork] = {}
         if self.ablation:
             self.bounded.refusal = (
@@ -489,11 +487,13 @@ class OpenModel:
         if shape not in self._bounded_sizes:
             if len(self._bounded_sizes) >= BOUNDED_SIZES_KEPT:
                 self._bounded_sizes.pop(next(iter(self._bounded_sizes)))
-            self._bounded_sizes[shape] = BoundedNetwork(
-                self.network, inputs[:1].detach(), [layer.name for layer in self.layers],
-                self.output_name,
-            )  # fmt: skip
+            self._bounded_sizes[shape] = self._traced_for_bounds(inputs[:1].detach())
         return self._bounded_sizes[shape]
+
+    def _traced_for_bounds(self, sample: torch.Tensor) -> BoundedNetwork:
+        return BoundedNetwork(
+            self.network, sample, [layer.name for layer in self.layers], self.output_name
+        )
 
     def _with_gradients(
         self,
