@@ -73,6 +73,7 @@ _TARGET_SCORE = _enum_words(attribution_pb2.TargetScore, "TARGET_SCORE_")
 _KIND = _enum_words(attribution_pb2.Perturbation.Kind, "KIND_")
 _BASELINE = _enum_words(attribution_pb2.Perturbation.Baseline, "BASELINE_")
 _BOUND = _enum_words(attribution_pb2.BoundMethod, "BOUND_METHOD_")
+_EVA_DECISION = _enum_words(attribution_pb2.EvaDecision, "EVA_DECISION_")
 
 
 def _to_proto(words: Mapping[str, int], value: str, what: str) -> int:
@@ -285,6 +286,10 @@ class EvaResult:
     certified: bool
     bound_passes: int
     sample_passes: int
+    # What the two overlaps decide (the server decides, once for every client):
+    # certified, not_robust or undecided; ``verdict`` says it in words, with why.
+    decision: Literal["certified", "not_robust", "undecided"]
+    verdict: str
 
     @classmethod
     def from_proto(cls, msg: Any, grid_shape: tuple[int, ...]) -> EvaResult:
@@ -310,6 +315,8 @@ class EvaResult:
             certified=msg.certified,
             bound_passes=msg.bound_passes,
             sample_passes=msg.sample_passes,
+            decision=_from_proto(_EVA_DECISION, msg.decision, "undecided"),  # type: ignore[arg-type]
+            verdict=msg.verdict,
         )
 
     @property
@@ -318,42 +325,6 @@ class EvaResult:
         if self.guaranteed:
             return "verified (guaranteed)"
         return f"hybrid from {self.hybrid_layer}: NOT guaranteed"
-
-    @property
-    def decision(self) -> Literal["certified", "not_robust", "undecided"]:
-        """What the two overlaps decide about the ball: ``certified`` (a verified bound below 0),
-        ``not_robust`` (a sampled point or attack iterate reaches another class: an adversarial
-        point exists), else ``undecided`` (a hybrid bound below 0 guarantees nothing)."""
-        if self.certified and self.guaranteed:
-            return "certified"
-        if self.sampled_overlap >= 0:
-            return "not_robust"
-        return "undecided"
-
-    @property
-    def verdict(self) -> str:
-        """The decision in words, with why: an undecided ball names the gap between the sampled
-        overlap and the bound (the bound's looseness plus what the samples and attack miss) and what
-        may close it."""
-        if self.decision == "certified":
-            return "certified: no input of the ball makes another class reach the target"
-        if self.decision == "not_robust":
-            return (
-                f"not robust: a sampled point of the ball makes another class reach the target"
-                f" (sampled overlap {self.sampled_overlap:.4g} >= 0)"
-            )
-        if not self.guaranteed and self.overlap_bound < 0:
-            return (
-                f"undecided: the hybrid bound {self.overlap_bound:.4g} is below 0 but NOT "
-                "guaranteed (it may lie below the true overlap); verify from the input to certify"
-            )
-        tighter = "the crown bound or " if self.bound == "ibp" else ""
-        return (
-            f"undecided: the bound {self.overlap_bound:.4g} is above 0 but no sampled point "
-            f"reaches another class ({self.sampled_overlap:.4g}); the true overlap lies "
-            f"anywhere in a gap of {self.overlap_bound - self.sampled_overlap:.4g} (the bound's "
-            f"looseness plus what the samples missed); {tighter}a smaller epsilon may decide"
-        )
 
     def to_dict(self) -> dict[str, Any]:
         result = dataclass_dict(self, skip=("region_bounds",))

@@ -345,6 +345,8 @@ class EvaOutcome:
     certified: bool  # guaranteed and overlap_bound < 0 (a hybrid proves nothing)
     bound_passes: int  # bound rows
     sample_passes: int  # sampled forward passes inside the model
+    decision: str  # certified | not_robust | undecided (scoring/eva.py decide)
+    verdict: str  # the decision in words, with why
 
 
 @dataclass(frozen=True)

@@ -407,6 +407,14 @@ def _eva_attribution(guaranteed: bool) -> Attribution:
             certified=True,
             bound_passes=5,
             sample_passes=98765432109,
+            # The server's decision (scoring/eva.py decide) for these overlaps.
+            decision=attribution_pb2.EVA_DECISION_CERTIFIED
+            if guaranteed
+            else attribution_pb2.EVA_DECISION_UNDECIDED,
+            verdict="certified: no input of the ball makes another class reach the target"
+            if guaranteed
+            else "undecided: the hybrid bound -1.235e+05 is below 0 but NOT guaranteed (it may "
+            "lie below the true overlap); verify from the input to certify",
         ),
     )
     return Attribution.from_events("r", accepted, result)

@@ -472,49 +472,25 @@ def test_attribute_eva_sends_its_options_and_reads_its_bounds(service):
     assert hybrid.warnings == ("hybrid: the bounds are NOT guaranteed",)
 
 
-def _eva_result(**changes) -> EvaResult:
-    figures = dict(
-        guaranteed=True,
-        bound="crown",
-        epsilon=8 / 255,
-        epsilon_input=(8.0, 8.0, 8.0),
-        hybrid_layer="",
-        overlap_bound=165.2,
-        adversary_class=1,
-        adversary_label="square",
-        sampled_overlap=-11.42,
-        samples=256,
-        region_bounds=np.zeros((2, 2)),
-        certified=False,
-        bound_passes=5,
-        sample_passes=256,
-    )
-    return EvaResult(**{**figures, **changes})
-
-
 @pytest.mark.parametrize(
-    ("changes", "decision", "words"),
+    ("number", "word"),
     [
-        ({"overlap_bound": -4.6, "certified": True}, "certified", "certified: no input"),
-        ({"sampled_overlap": 0.5}, "not_robust", "not robust: a sampled point"),
-        (
-            {},
-            "undecided",
-            "gap of 176.6 (the bound's looseness plus what the samples missed); a smaller",
-        ),
-        ({"bound": "ibp"}, "undecided", "missed); the crown bound or a smaller epsilon"),
-        (
-            {"guaranteed": False, "hybrid_layer": "features.1", "overlap_bound": -3.5},
-            "undecided",
-            "the hybrid bound -3.5 is below 0 but NOT guaranteed",
-        ),
+        (attribution_pb2.EVA_DECISION_CERTIFIED, "certified"),
+        (attribution_pb2.EVA_DECISION_NOT_ROBUST, "not_robust"),
+        (attribution_pb2.EVA_DECISION_UNDECIDED, "undecided"),
+        # An older server that decides nothing: never read as certified.
+        (attribution_pb2.EVA_DECISION_UNSPECIFIED, "undecided"),
     ],
 )
-def test_an_eva_result_says_what_its_overlaps_decide(changes, decision, words):
-    """A bound far above a negative sampled overlap decides nothing: said, with the gap."""
-    eva = _eva_result(**changes)
-    assert eva.decision == decision
-    assert words in eva.verdict, eva.verdict
+def test_an_eva_result_carries_the_servers_decision_and_verdict(number, word):
+    """The decision is the server's (scoring/eva.py decide), read, not derived again."""
+    message = attribution_pb2.EvaResult(
+        region_bounds=[0.0] * 4, decision=number, verdict="undecided: a gap of 176.6"
+    )
+    found = EvaResult.from_proto(message, (2, 2))
+    assert found.decision == word
+    assert found.verdict == "undecided: a gap of 176.6"
+    assert found.to_dict()["decision"] == word
 
 
 def test_a_warning_in_the_plan_and_the_result_is_said_once():

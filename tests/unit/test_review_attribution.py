@@ -218,6 +218,8 @@ def _eva(options: dict) -> EvaResult:
         certified=True,
         bound_passes=65,
         sample_passes=256,
+        decision="certified",
+        verdict="certified: no input of the ball makes another class reach the target",
     )
 
 

@@ -153,3 +153,34 @@ def test_the_letterbox_padding_is_held_fixed_on_every_row(mode):
     # A cell inside the image is still held fixed in its own row.
     held = eva.cell_of_pixels(4, 16, 16) == 5
     assert (radii[6][held] == 0).all() and (radii[6][shown & ~held] > 0).all()
+
+
+@pytest.mark.parametrize(
+    ("changes", "decision", "words"),
+    [
+        ({"overlap_bound": -4.6}, "certified", "certified: no input"),
+        ({"sampled_overlap": 0.5}, "not_robust", "not robust: a sampled point"),
+        (
+            {},
+            "undecided",
+            "gap of 176.6 (the bound's looseness plus what the samples missed); a smaller",
+        ),
+        ({"bound": "ibp"}, "undecided", "missed); the crown bound or a smaller epsilon"),
+        (
+            {"guaranteed": False, "overlap_bound": -3.5},
+            "undecided",
+            "the hybrid bound -3.5 is below 0 but NOT guaranteed",
+        ),
+    ],
+)
+def test_an_eva_result_says_what_its_overlaps_decide(changes, decision, words):
+    """A bound far above a negative sampled overlap decides nothing: said, with the gap."""
+    figures = {
+        "guaranteed": True,
+        "bound": "crown",
+        "overlap_bound": 165.2,
+        "sampled_overlap": -11.42,
+    }
+    decided, verdict = eva.decide(**{**figures, **changes})
+    assert decided == decision
+    assert words in verdict, verdict

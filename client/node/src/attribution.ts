@@ -426,6 +426,12 @@ export async function buildEvaluateAttributionRequest(
 
 export type EvaDecision = "certified" | "not_robust" | "undecided";
 
+const EVA_DECISIONS: Record<string, EvaDecision> = {
+  EVA_DECISION_CERTIFIED: "certified",
+  EVA_DECISION_NOT_ROBUST: "not_robust",
+  EVA_DECISION_UNDECIDED: "undecided",
+};
+
 /** What an EVA map rests on (docs/eva.md). */
 export interface EvaBounds {
   /** Verified from the input; false for a hybrid from `hybridLayer` (its layer box is sampled). */
@@ -451,12 +457,15 @@ export interface EvaBounds {
    * target (a hybrid is never certified). */
   certified: boolean;
   /**
-   * What the overlaps decide (the Python SDK's EvaResult.decision): "certified" (a verified
-   * bound below 0), "not_robust" (a sampled point reaches another class), else "undecided":
-   * the true overlap lies anywhere between sampledOverlap and overlapBound (or a hybrid's
-   * bound, not guaranteed, is below 0).
+   * What the overlaps decide, as the server decides it for every client: "certified" (a
+   * verified bound below 0), "not_robust" (a sampled point reaches another class), else
+   * "undecided": the true overlap lies anywhere between sampledOverlap and overlapBound (or a
+   * hybrid's bound, not guaranteed, is below 0). An older server's unset decision reads as
+   * "undecided", never as certified.
    */
   decision: EvaDecision;
+  /** The decision in words, with why (the gap, and what may close it). */
+  verdict: string;
   boundPasses: number;
   /** uint64, a decimal string. */
   samplePasses: string;
@@ -559,12 +568,8 @@ function evaBounds(message: EvaResult__Output, cells: number): EvaBounds {
     adversaryLabel: message.adversaryLabel,
     regionBounds: Float64Array.from(message.regionBounds.map(Number)),
     certified: message.certified,
-    decision:
-      message.certified && message.guaranteed
-        ? "certified"
-        : message.sampledOverlap >= 0
-          ? "not_robust"
-          : "undecided",
+    decision: EVA_DECISIONS[message.decision] ?? "undecided",
+    verdict: message.verdict,
     boundPasses: message.boundPasses,
     samplePasses: String(message.samplePasses),
   };

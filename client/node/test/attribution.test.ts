@@ -146,6 +146,9 @@ function evaAnswer(call: grpc.ServerWritableStream<AttributeRequest__Output, Att
         certified: true,
         boundPasses: grid * grid + 1,
         samplePasses: "12345678901",
+        // The server decides: a hybrid bound below 0 proves nothing.
+        decision: eva?.hybridLayer ? "EVA_DECISION_UNDECIDED" : "EVA_DECISION_CERTIFIED",
+        verdict: eva?.hybridLayer ? "undecided: the hybrid bound" : "certified: no input",
       },
     },
   });
@@ -318,6 +321,7 @@ test("attribute with EVA sends its options and returns its bounds", async () => 
   assert.equal(eva.guarantee, "verified (guaranteed)");
   assert.deepEqual([eva.overlapBound, eva.sampledOverlap, eva.certified], [-1.5, -3.25, true]);
   assert.equal(eva.decision, "certified");
+  assert.equal(eva.verdict, "certified: no input");
   assert.deepEqual([eva.adversaryClass, eva.adversaryLabel], [2, "square"]);
   assert.ok(eva.regionBounds instanceof Float64Array);
   assert.deepEqual(Array.from(eva.regionBounds), [-2, -3, -4, -5, -6, -7, -8, -9, -10]);

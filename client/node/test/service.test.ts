@@ -212,6 +212,8 @@ test("attribute with EVA against the live service: verified bounds around the sa
   assert.equal(eva.regionBounds.length, 16);
   assert.ok(eva.sampledOverlap <= eva.overlapBound, `${eva.sampledOverlap} > ${eva.overlapBound}`);
   assert.equal(eva.certified, eva.overlapBound < 0);
+  assert.equal(eva.decision === "certified", eva.certified);
+  assert.ok(eva.verdict.startsWith(eva.decision.replace("_", " ")), eva.verdict);
 });
 
 test("fitConcepts, conceptBank and conceptMaps against the live service", async () => {

@@ -58,6 +58,11 @@ BOUND_NAMES = {
     apb.BOUND_METHOD_IBP: "ibp",
     apb.BOUND_METHOD_CROWN: "crown",
 }
+EVA_DECISIONS = {
+    "certified": apb.EVA_DECISION_CERTIFIED,
+    "not_robust": apb.EVA_DECISION_NOT_ROBUST,
+    "undecided": apb.EVA_DECISION_UNDECIDED,
+}
 MAX_SOBOL_GRID = 32
 MAX_EVA_GRID = 32
 MAX_NB_DESIGN = 1024
@@ -478,6 +483,8 @@ def _eva_result(outcome: domain.EvaOutcome) -> apb.EvaResult:
         certified=outcome.certified,
         bound_passes=outcome.bound_passes,
         sample_passes=outcome.sample_passes,
+        decision=EVA_DECISIONS[outcome.decision],
+        verdict=outcome.verdict,
     )
 
 

@@ -253,8 +253,12 @@ def eva_outcome(
     epsilon = scoring.input_epsilon(
         method.epsilon, classifier.layout.datatype, classifier.preprocessing.std
     )
+    guaranteed = not method.hybrid_layer
+    decision, verdict = scoring.decide(
+        guaranteed, method.bound, bounds.overlap_bound, bounds.sampled_overlap
+    )
     return EvaOutcome(
-        guaranteed=not method.hybrid_layer,
+        guaranteed=guaranteed,
         bound=method.bound,
         epsilon=method.epsilon,
         epsilon_input=tuple(float(e) for e in epsilon),
@@ -265,9 +269,11 @@ def eva_outcome(
         sampled_overlap=bounds.sampled_overlap,
         samples=method.samples,
         region_bounds=tuple(float(b) for b in bounds.region_bounds),
-        certified=not method.hybrid_layer and bounds.overlap_bound < 0.0,
+        certified=decision == "certified",
         bound_passes=method.forward_passes,
         sample_passes=method.sample_passes,
+        decision=decision,
+        verdict=verdict,
     )
 
 

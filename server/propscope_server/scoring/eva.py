@@ -156,3 +156,31 @@ def soundness_warnings(
         f"{cls}), within float32 rounding: the bounds are computed in float32 and not rounded "
         "outward",
     )
+
+
+def decide(
+    guaranteed: bool, bound: str, overlap_bound: float, sampled_overlap: float
+) -> tuple[str, str]:
+    """(decision, verdict) of the ball: ``certified`` (a verified bound below 0),
+    ``not_robust`` (a sampled point or attack iterate reaches another class), else
+    ``undecided``, in words with why (the gap, or a hybrid's bound that proves nothing)
+    and what may close it. Decided here once, for every client."""
+    if guaranteed and overlap_bound < 0:
+        return "certified", "certified: no input of the ball makes another class reach the target"
+    if sampled_overlap >= 0:
+        return "not_robust", (
+            "not robust: a sampled point of the ball makes another class reach the target"
+            f" (sampled overlap {sampled_overlap:.4g} >= 0)"
+        )
+    if not guaranteed and overlap_bound < 0:
+        return "undecided", (
+            f"undecided: the hybrid bound {overlap_bound:.4g} is below 0 but NOT guaranteed (it "
+            "may lie below the true overlap); verify from the input to certify"
+        )
+    tighter = "the crown bound or " if bound == "ibp" else ""
+    return "undecided", (
+        f"undecided: the bound {overlap_bound:.4g} is above 0 but no sampled point reaches "
+        f"another class ({sampled_overlap:.4g}); the true overlap lies anywhere in a gap of "
+        f"{overlap_bound - sampled_overlap:.4g} (the bound's looseness plus what the samples "
+        f"missed); {tighter}a smaller epsilon may decide"
+    )
