@@ -45,6 +45,7 @@ from propscope._results import (
     MetricCallback,
     ProgressCallback,
 )
+from propscope._target import balancing_options, loopback_only, parse_target
 from propscope._visualization import (
     Visualization,
     VisualizationCollector,
@@ -76,7 +77,10 @@ Collector = AttributeCollector | EvaluateCollector | GraphCollector | Visualizat
 class ClientBase(Generic[ExplainT, AttributionT, EvaluationT, ModelsT, GraphT, VisualizationT]):
     """A connection to a propscope gateway: every call, for ``Client`` and ``AsyncClient``.
 
-    ``target`` is ``host:port``. Without ``credentials`` the channel is insecure. ``token`` is
+    ``target`` is ``host:port``, or several gateways: ``dns:///name:port`` (every address of
+    the name, e.g. a headless Service), a comma-separated list of IP addresses
+    ``10.0.0.1:50051,10.0.0.2:50051`` or gRPC's ``ipv4:``/``ipv6:`` lists; calls (not
+    connections) then round-robin over them. Without ``credentials`` the channel is insecure. ``token`` is
     the gateway's bearer token (sent as ``authorization: Bearer <token>``). ``metadata`` is
     sent with every call (a call's own ``metadata`` is appended), ``timeout`` (seconds) is the
     default deadline of every call (for ``explain``, of the whole stream). ``options`` are extra
@@ -95,15 +99,19 @@ class ClientBase(Generic[ExplainT, AttributionT, EvaluationT, ModelsT, GraphT, V
         timeout: float | None = None,
         options: Iterable[tuple[str, Any]] = (),
     ) -> None:
+        resolved = parse_target(target)
         self.target = target
         self._metadata = tuple(metadata)
         if token:
             self._metadata += (("authorization", f"Bearer {token}"),)
-            host = target.rsplit(":", 1)[0]
-            if credentials is None and host not in ("127.0.0.1", "localhost", "[::1]"):
+            if credentials is None and not loopback_only(resolved):
                 logger.warning("sending a bearer token to %s over a plaintext channel", target)
         self._timeout = timeout
-        self._channel = self._open_channel(target, credentials, channel_options(options))
+        self._channel = self._open_channel(
+            resolved.address,
+            credentials,
+            channel_options([*balancing_options(resolved), *options]),
+        )
         self._stub = explain_pb2_grpc.ExplainServiceStub(self._channel)
         self._attribution = attribution_pb2_grpc.AttributionServiceStub(self._channel)
         self._graph = graph_pb2_grpc.CausalGraphServiceStub(self._channel)

@@ -134,7 +134,8 @@ TargetOption = Annotated[
         "--target",
         metavar="HOST:PORT",
         envvar=TARGET_ENVVAR,
-        help=f"Gateway address HOST:PORT (default: ${TARGET_ENVVAR} or {DEFAULT_TARGET}).",
+        help=f"Gateway address HOST:PORT (default: ${TARGET_ENVVAR} or {DEFAULT_TARGET}); "
+        "several gateways: IP:PORT,IP:PORT or dns:///NAME:PORT (calls round-robin).",
         show_default=False,
     ),
 ]
@@ -244,7 +245,10 @@ class Connection:
                 private_key=self.client_key.read_bytes() if self.client_key else None,
                 certificate_chain=self.client_cert.read_bytes() if self.client_cert else None,
             )
-        return Client(target, credentials=credentials, token=self.token, timeout=timeout)
+        try:
+            return Client(target, credentials=credentials, token=self.token, timeout=timeout)
+        except ValueError as error:  # the target: no channel could be opened
+            _fail(f"--target (or ${TARGET_ENVVAR}): {error}")
 
 
 def _versions() -> str:
@@ -313,7 +317,8 @@ def main(
       propscope review review.yaml --out report/
 
     The gateway is --target HOST:PORT of each command, else $PROPSCOPE_TARGET,
-    else localhost:50051.
+    else localhost:50051. Several gateways: IP:PORT,IP:PORT or dns:///NAME:PORT
+    (every address of the name); calls round-robin over them.
     """
     context.obj = Connection(token, ca_cert, client_cert, client_key)
     if verbose:
@@ -1792,7 +1797,8 @@ def review(
             "--target",
             metavar="HOST:PORT",
             envvar=TARGET_ENVVAR,
-            help=f"Gateway address (default: ${TARGET_ENVVAR}, else the spec's service.target).",
+            help=f"Gateway address (default: ${TARGET_ENVVAR}, else the spec's service.target); "
+            "several: IP:PORT,IP:PORT or dns:///NAME:PORT.",
             show_default=False,
         ),
     ] = None,
