@@ -44,7 +44,8 @@ Python CLI does.
 options:
   -m, --model NAME          the classifier (a Triton model name; required)
   -p, --property SPEC       a property to intervene on; repeatable (required)
-  --target HOST:PORT        the gateway (default: $PROPSCOPE_TARGET or ${DEFAULT_TARGET})
+  --target HOST:PORT        the gateway (default: $PROPSCOPE_TARGET or ${DEFAULT_TARGET});
+                            several: IP:PORT,IP:PORT or dns:///NAME:PORT (round robin)
   --steps N                 edited images per path (default: 10)
   --seed N                  seed for editing and the test (default: 0)
   --token TOKEN             bearer token (default: $PROPSCOPE_TOKEN)

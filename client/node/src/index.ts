@@ -64,6 +64,7 @@ import type { ExplainRequest } from "./generated/propscope/v1/ExplainRequest";
 import type { ModelInfo__Output } from "./generated/propscope/v1/ModelInfo";
 import type { Progress__Output } from "./generated/propscope/v1/Progress";
 import type { PropertyResult__Output } from "./generated/propscope/v1/PropertyResult";
+import { balancingOptions, loopbackOnly, parseTarget } from "./target";
 
 export {
   buildConceptMapsRequest,
@@ -140,6 +141,7 @@ export {
   type PreprocessingOptions,
   type ResizeMode,
 } from "./request";
+export { ROUND_ROBIN_SERVICE_CONFIG, parseTarget, type Target } from "./target";
 export type { ExplainRequest } from "./generated/propscope/v1/ExplainRequest";
 export type { Property } from "./generated/propscope/v1/Property";
 export type { Decision__Output as Decision } from "./generated/propscope/v1/Decision";
@@ -157,7 +159,6 @@ const LOADER_OPTIONS: protoLoader.Options = {
 };
 // Results with returnPathImages hold many PNGs (the Python SDK allows the same).
 const MAX_RECEIVE_MESSAGE_BYTES = 256 * 1024 * 1024;
-const LOOPBACK_HOSTS = new Set(["127.0.0.1", "localhost", "[::1]"]);
 // The trailer in which the gateway sends the rich google.rpc.Status of a refusal.
 const STATUS_DETAILS_KEY = "grpc-status-details-bin";
 const BAD_REQUEST_TYPE_URL = "type.googleapis.com/google.rpc.BadRequest";
@@ -188,6 +189,8 @@ export interface ClientOptions {
   credentials?: grpc.ChannelCredentials;
   /** Sent with every call. */
   metadata?: Record<string, string>;
+  /** Extra gRPC channel options (`grpc.keepalive_time_ms`, ...); same keys win over the client's. */
+  channelOptions?: grpc.ChannelOptions;
 }
 
 export interface CallOptions {
@@ -284,23 +287,33 @@ export interface PropscopeClient {
   close(): void;
 }
 
-/** A client of the gateway at `target` (`host:port`). */
+/**
+ * A client of the gateway at `target`: `host:port`, or several gateways, `dns:///name:port`
+ * (every address of the name, e.g. a headless Service), a comma-separated list of IP addresses
+ * `10.0.0.1:50051,10.0.0.2:50051` or gRPC's `ipv4:`/`ipv6:` lists; calls (not connections) then
+ * round-robin over them. A target that cannot be used throws an Error that says what to write.
+ */
 export function createClient(target: string, options: ClientOptions = {}): PropscopeClient {
-  const host = target.slice(0, target.lastIndexOf(":"));
-  if (options.token && !options.credentials && !LOOPBACK_HOSTS.has(host)) {
+  const resolved = parseTarget(target);
+  if (options.token && !options.credentials && !loopbackOnly(resolved)) {
     process.emitWarning(`sending a bearer token to ${target} over a plaintext channel`);
   }
   const credentials = options.credentials ?? grpc.credentials.createInsecure();
-  const channelOptions = { "grpc.max_receive_message_length": MAX_RECEIVE_MESSAGE_BYTES };
-  const stub = new (services().explain)(target, credentials, channelOptions);
-  // The second stub shares the first one's channel.
-  const attributionStub = new (services().attribution)(target, credentials, {
+  const channelOptions = {
+    "grpc.max_receive_message_length": MAX_RECEIVE_MESSAGE_BYTES,
+    ...balancingOptions(resolved),
+    ...options.channelOptions,
+  };
+  const address = resolved.address;
+  const stub = new (services().explain)(address, credentials, channelOptions);
+  // The other stubs share the first one's channel.
+  const attributionStub = new (services().attribution)(address, credentials, {
     channelOverride: stub.getChannel(),
   });
-  const graphStub = new (services().graph)(target, credentials, {
+  const graphStub = new (services().graph)(address, credentials, {
     channelOverride: stub.getChannel(),
   });
-  const conceptsStub = new (services().concepts)(target, credentials, {
+  const conceptsStub = new (services().concepts)(address, credentials, {
     channelOverride: stub.getChannel(),
   });
   const metadata = (): grpc.Metadata => {
