@@ -12,8 +12,10 @@ from PIL import Image
 from propscope.v1 import explain_pb2 as pb
 from propscope_server import domain
 from propscope_server.api.convert import (
+    MAX_MESSAGE_BYTES,
     checked_version,
     decode_image,
+    error_status,
     event_message,
     explain_spec,
     property_result,
@@ -267,6 +269,17 @@ def test_refusal_naming_a_field_carries_a_bad_request_detail():
     (violation,) = bad_request.field_violations
     assert (violation.field, violation.description) == ("steps", "steps must be in 2..256")
     assert not property_result(domain.PropertyOutcome("hue", error=NotFound("m"))).status.details
+
+
+@pytest.mark.parametrize("character", ["a", "é", "\U00010000"])
+def test_a_long_message_is_cut_to_its_byte_limit_on_a_character_boundary(character):
+    """Four-byte characters once made a 2,048-character cut an 8 KiB message."""
+    error = InvalidArgument("repeated: " + character * 5000, field="properties")
+    message = error_status(error).message
+    assert len(message.encode()) <= MAX_MESSAGE_BYTES
+    assert message.startswith("repeated: " + character) and message.endswith("…")
+    short = InvalidArgument("steps must be in 2..256")
+    assert error_status(short).message == "steps must be in 2..256"
 
 
 def test_successful_property_carries_the_numbers():

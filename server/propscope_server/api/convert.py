@@ -50,8 +50,9 @@ MAX_NAME_CHARS = 256
 MAX_PARAMETER_CHARS = 1024
 # Preprocessing on the [0, 1] pixel scale: anything outside overflows float32 models.
 PREPROCESSING_RANGE = (1e-4, 1e4)
-# A status message longer than this is cut: backends may echo whole inputs.
-MAX_MESSAGE_CHARS = 2048
+# A status message longer than this many UTF-8 bytes is cut: backends may echo whole
+# inputs, and a client with gRPC's default limits reads at most 8 KiB of trailers.
+MAX_MESSAGE_BYTES = 2048
 
 
 def check_reachable(points: int, permutations: int, alpha: float, field: str) -> None:
@@ -682,11 +683,21 @@ def event_message(
     return message
 
 
+def cut_message(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """`message` cut to at most `limit` UTF-8 bytes on a character boundary, marked "…"."""
+    encoded = message.encode()
+    if len(encoded) <= limit:
+        return message
+    ellipsis = "…"
+    kept = encoded[: limit - len(ellipsis.encode())].decode(errors="ignore")
+    return kept + ellipsis
+
+
 def error_status(error: Exception) -> status_pb2.Status:
     """A google.rpc.Status; refusals naming a field carry a BadRequest detail."""
     if isinstance(error, PropscopeError):
         status = status_pb2.Status(
-            code=status_code(error).value[0], message=str(error)[:MAX_MESSAGE_CHARS]
+            code=status_code(error).value[0], message=cut_message(str(error))
         )
         if error.field:
             detail = any_pb2.Any()
