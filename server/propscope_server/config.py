@@ -7,8 +7,10 @@ import os
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import BaseModel, Field, TypeAdapter, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from propscope_server.cache.redis_url import parse_redis_url
 
 OUTPUT_KINDS = ("logits", "probabilities")
 RESIZE_MODES = ("squash", "center_crop", "letterbox")
@@ -153,7 +155,10 @@ class TlsSettings(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PROPSCOPE_", env_nested_delimiter="__")
+    # Errors name the setting but never echo its value: REDIS_URL may hold a password.
+    model_config = SettingsConfigDict(
+        env_prefix="PROPSCOPE_", env_nested_delimiter="__", hide_input_in_errors=True
+    )
 
     listen_address: str = "127.0.0.1:50051"
     # A plaintext port serving only gRPC health, for probes that cannot speak (m)TLS
@@ -215,6 +220,14 @@ class Settings(BaseSettings):
     limits: Limits = Limits()
     auth: AuthSettings = AuthSettings()
     tls: TlsSettings = TlsSettings()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _known_redis_url(cls, url: str | None) -> str | None:
+        """A malformed URL stops the start; a Redis that is down only costs misses."""
+        if url is not None:
+            parse_redis_url(url)
+        return url
 
     def memory_budget(self) -> int:
         """memory_budget_bytes, or the budget the container's memory limit allows."""

@@ -311,6 +311,7 @@ async def serve(settings: Settings) -> None:
     gateway = build_gateway(settings)
     await gateway.start()
     if isinstance(gateway.cache, RedisArtefactCache):
+        await gateway.cache.check_kind()
         policy = await gateway.cache.eviction_policy()
         if policy is not None and policy != "allkeys-lru":
             logger.warning(
