@@ -1779,119 +1779,6 @@ def explore(
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
-@app.command(short_help="Gate a candidate model on a review spec's rules (CI).")
-def review(
-    context: typer.Context,
-    spec_file: Annotated[
-        Path, typer.Argument(metavar="SPEC", help="The review spec (YAML), see docs/review.md.")
-    ],
-    out: Annotated[
-        Path,
-        typer.Option(
-            "--out", "-o", file_okay=False, help="Folder for review.{md,html,json} and junit.xml."
-        ),
-    ] = Path("propscope-review"),
-    target: Annotated[
-        str | None,
-        typer.Option(
-            "--target",
-            metavar="HOST:PORT",
-            envvar=TARGET_ENVVAR,
-            help=f"Gateway address (default: ${TARGET_ENVVAR}, else the spec's service.target); "
-            "several: IP:PORT,IP:PORT or dns:///NAME:PORT.",
-            show_default=False,
-        ),
-    ] = None,
-    concurrency: Annotated[
-        int | None,
-        typer.Option(min=1, max=64, help="Explanations in flight (default: the spec's)."),
-    ] = None,
-    progress: ProgressOption = None,
-) -> None:
-    """Check a candidate model (against a baseline) by the rules of SPEC over its image set.
-
-    Exit code 0: no rule failed (inconclusive ones are reported apart); 1: a rule failed;
-    2: the review could not run; 4: a rule was inconclusive and the spec sets
-    fail_on_inconclusive."""
-    try:
-        exit_code = _run_review(context.obj, spec_file, out, target, concurrency, progress)
-    except (typer.Exit, KeyboardInterrupt):
-        raise
-    except Exception as error:
-        # Exit code 1 means "a rule failed": a bug must not pass for a verdict on the model.
-        logger.debug("the review failed", exc_info=True)
-        _fail(f"the review failed unexpectedly: {type(error).__name__}: {error} (-v shows where)")
-    if exit_code:
-        raise typer.Exit(exit_code)
-
-
-def _run_review(
-    connection: Connection,
-    spec_file: Path,
-    out: Path,
-    target: str | None,
-    concurrency: int | None,
-    progress: bool | None,
-) -> int:
-    """Runs the review and writes its reports; the exit code of its verdict."""
-    review_package = _review_package()
-    try:
-        spec, images = review_package.load_spec(spec_file)
-    except review_package.SpecError as error:
-        _fail_lines(_spec_problems(connection, error, target))
-    if concurrency is not None:
-        spec = spec.model_copy(update={"concurrency": concurrency})
-    address = target or spec.service.target
-    show_bar = _show_bar(progress)
-    typer.echo(
-        f"propscope review: {len(images)} images, {len(spec.properties)} properties, "
-        f"{1 + (spec.baseline is not None)} models, {address}",
-        err=True,
-    )
-    try:
-        with (
-            connection.client(address, spec.service.timeout_s) as client,
-            _review_progress(show_bar) as report,
-        ):
-            result = review_package.run_review(spec, images, client, on_progress=report)
-    except review_package.ReviewError as error:
-        if error.problems:
-            _fail_lines(str(error))
-        _fail(f"{error}{_unreachable_hint(error, address)}")
-    except KeyboardInterrupt:
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    try:
-        paths = review_package.write_reports(result, out)
-    except OSError as error:
-        _fail(f"cannot write the reports to {str(out)!r}: {error.strerror or error}")
-    sys.stdout.write(paths["markdown"].read_text(encoding="utf-8"))
-    verdict = {"passed": "passed", "failed": "FAILED", "inconclusive": "INCONCLUSIVE"}
-    typer.echo(
-        f"propscope review: {verdict[result.verdict]} in {result.seconds:.0f} s; "
-        f"reports in {out}/ ({', '.join(path.name for path in paths.values())})",
-        err=True,
-    )
-    if result.failures:
-        return EXIT_RULE_FAILED
-    return 0 if result.gate_passed else EXIT_INCONCLUSIVE
-
-
-def _spec_problems(connection: Connection, error: Any, target: str | None) -> str:
-    """The spec's problems, then what the service would refuse of its sections that are valid
-    on their own: one run names them all."""
-    review_package = _review_package()
-    problems, note = list(error.problems), ""
-    if error.checks is not None:
-        address = target or error.checks.target
-        try:
-            with connection.client(address, error.checks.timeout_s) as client:
-                problems += review_package.service_problems(client, error.checks)
-        except review_package.ReviewError as unreachable:
-            hint = _unreachable_hint(unreachable, address)
-            note = f"\nmodels, editors and settings not checked: {unreachable}{hint}"
-    return f"{review_package.SpecError(problems, file=error.file)}{note}"
-
-
 def _review_package() -> Any:
     """The review modules, imported on use: they need the ``review`` extra (matplotlib, ...)."""
     try:
@@ -1899,46 +1786,6 @@ def _review_package() -> Any:
     except ImportError as error:
         _fail(f"this command needs the review extra: pip install 'propscope[review]' ({error})")
     return review_package
-
-
-# What the review's progress counts, per stage of ``ReviewProgress``.
-_REVIEW_STAGES = {"explain": "explanations", "attribute": "attribution maps"}
-
-
-@contextmanager
-def _review_progress(show_bar: bool) -> Iterator[Callable[[Any], None]]:
-    """A progress callback: a rich bar on a terminal, else a log line per tenth of the work."""
-    if show_bar:
-        with ProgressBar(
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        ) as bar:
-            task = bar.add_task("explanations", total=None)
-
-            def advance(update: Any) -> None:
-                description = _REVIEW_STAGES.get(update.stage, update.stage)
-                bar.update(
-                    task, completed=update.completed, total=update.total, description=description
-                )
-
-            yield advance
-        return
-
-    def log_line(update: Any) -> None:
-        step = max(1, update.total // 10)
-        if update.completed % step == 0 or update.completed == update.total:
-            typer.echo(
-                f"propscope review: {update.completed}/{update.total} "
-                f"{_REVIEW_STAGES.get(update.stage, update.stage)} "
-                f"(last: {update.image}, {update.model})",
-                err=True,
-            )
-
-    yield log_line
 
 
 def _write_explain_report(
@@ -2030,6 +1877,13 @@ from propscope._cli_concepts import concepts_app  # noqa: E402
 
 app.add_typer(
     concepts_app, name="concepts", short_help="CRAFT concepts of a class: fit, show, map."
+)
+
+# `propscope review SPEC` and `propscope review merge` (_cli_review.py).
+from propscope._cli_review import review_app  # noqa: E402
+
+app.add_typer(
+    review_app, name="review", short_help="Gate a candidate model on a review spec's rules (CI)."
 )
 
 

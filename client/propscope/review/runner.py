@@ -92,9 +92,32 @@ def run_review(
     """Explains every image with every model of ``spec``, checks the rules and fetches the path
     strips; raises ``ReviewError`` when any call or property fails."""
     started = time.monotonic()
+    result, run, models = observe(spec, images, images, client, on_progress=on_progress)
+    outcomes = evaluate_rules(spec.rules, result)
+    strips = strips_of(spec, images, result, run, models)
+    return replace(
+        result,
+        outcomes=tuple(outcomes),
+        strips=tuple(strips),
+        seconds=time.monotonic() - started,
+        fail_on_inconclusive=spec.fail_on_inconclusive,
+    )
+
+
+def observe(
+    spec: ReviewSpec,
+    image_set: Sequence[ImageEntry],
+    images: Sequence[ImageEntry],
+    client: Client,
+    *,
+    on_progress: ProgressCallback | None = None,
+) -> tuple[ReviewResult, _Run, list[ModelEntry]]:
+    """The observations (and attribution shares) of ``images``, a part of ``image_set`` or all
+    of it, with no rule checked yet; whose class the curves follow is decided on the whole set,
+    so that a shard follows the class the unsharded review would."""
     models = _model_entries(spec)
     _preflight(client, spec)
-    follow_label = (spec.target_class or _default_target(images)) == "label"
+    follow_label = (spec.target_class or _default_target(image_set)) == "label"
     run = _Run(spec, client, follow_label)
     total = len(images) * len(models)
     completed = 0
@@ -124,20 +147,12 @@ def run_review(
         properties=tuple(spec.property_names),
         images={image.id: image.label for image in images},
         observations=tuple(obs for observations in found for obs in observations),
+        fail_on_inconclusive=spec.fail_on_inconclusive,
     )
     attributions = _attributions(
         spec, images, client, models[0], follow_label, on_progress=on_progress
     )
-    result = replace(result, attributions=tuple(attributions))
-    outcomes = evaluate_rules(spec.rules, result)
-    strips = _strips(spec, images, result, run, models)
-    return replace(
-        result,
-        outcomes=tuple(outcomes),
-        strips=tuple(strips),
-        seconds=time.monotonic() - started,
-        fail_on_inconclusive=spec.fail_on_inconclusive,
-    )
+    return replace(result, attributions=tuple(attributions)), run, models
 
 
 def observation_from_result(image: str, model: str, result: PropertyResult) -> Observation:
@@ -457,15 +472,15 @@ def _overlay_thumbnail(encoded: bytes, found: Attribution, box: tuple[float, ...
     return overlay_png(encoded, found.map, box=box, max_side=OVERLAY_PX)
 
 
-def _strips(
+def strips_of(
     spec: ReviewSpec,
     images: Sequence[ImageEntry],
     result: ReviewResult,
     run: _Run,
     models: Sequence[ModelEntry],
 ) -> list[PathStrip]:
-    """The path images of the images the candidate's score ranks highest, per property; their
-    paths come from the cache, so this costs classifier calls only."""
+    """The path images of the images of ``result`` the candidate's score ranks highest, per
+    property; their paths come from the cache, so this costs classifier calls only."""
     by_id = {image.id: image for image in images}
     candidate = models[0]
     jobs = []
