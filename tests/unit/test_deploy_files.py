@@ -1,10 +1,12 @@
 """The deployment files, checked offline (no Docker engine, no cluster here):
 docker-compose.yml against the Compose Specification schema (as vendored by check-jsonschema),
 deploy/k8s against the Kubernetes schemas (kubernetes-validate, strict: unknown fields fail),
-and how they fit together and with the gateway (its metrics, settings and commands)."""
+with its Redis Cluster component and review Job examples, and how they fit together and with
+the gateway and the CLI (their metrics, settings, URLs, commands and options)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -21,10 +23,13 @@ import typer.main
 import yaml
 from pydantic import BaseModel
 
+from propscope.cli import app as client_app
 from propscope_dev.main import app as dev_app
 from propscope_server import metrics
 from propscope_server.api.rpc_metrics import GO_CODE_NAMES
 from propscope_server.api.server import LIVENESS_SERVICE
+from propscope_server.backends.triton_endpoints import parse_triton_url
+from propscope_server.cache.redis_url import parse_redis_url
 from propscope_server.config import Limits, Settings
 from propscope_server.main import app
 
@@ -36,6 +41,12 @@ GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD_FILE = GRAFANA / "dashboards" / "propscope.json"
 ALERTS_FILE = ROOT / "deploy" / "prometheus" / "alerts.yml"
 K8S = ROOT / "deploy" / "k8s"
+K8S_EXAMPLES = K8S / "examples"
+REDIS_CLUSTER = K8S / "components" / "redis-cluster"
+REDIS_CLUSTER_OVERLAY = ROOT / "deploy" / "overlays" / "redis-cluster"
+ADAPTER_VALUES = K8S / "prometheus-adapter" / "values.yaml"
+SCRAPE_CONFIG = K8S / "prometheus-adapter" / "prometheus-scrape.yml"
+CLIENT_DOCKERFILE = ROOT / "deploy" / "client" / "Dockerfile"
 K8S_VERSION = "1.31"
 NAMESPACE = "propscope"
 
@@ -213,8 +224,8 @@ def test_images_are_pinned(services: dict):
         assert re.fullmatch(r"[\w./-]+:[\w.-]+", image) and not image.endswith(":latest"), image
 
 
-def dockerfile_instructions(name: str) -> list[str]:
-    lines = DOCKERFILE.read_text().splitlines()
+def dockerfile_instructions(name: str, dockerfile: Path = DOCKERFILE) -> list[str]:
+    lines = dockerfile.read_text().splitlines()
     return [line.split(None, 1)[1] for line in lines if line.split(None, 1)[:1] == [name]]
 
 
@@ -539,8 +550,23 @@ def k8s_example_resources() -> tuple[dict, ...]:
     return load_k8s(k8s_files(examples=True))
 
 
-def k8s_resource(kind: str, name: str) -> dict:
-    (found,) = [r for r in k8s_resources() if (r["kind"], r["metadata"]["name"]) == (kind, name)]
+@cache
+def redis_cluster_resources() -> tuple[dict, ...]:
+    """The resources the Redis Cluster component adds."""
+    kustomization = yaml.safe_load((REDIS_CLUSTER / "kustomization.yaml").read_text())
+    return load_k8s([REDIS_CLUSTER / name for name in kustomization["resources"]])
+
+
+@cache
+def review_job_resources() -> tuple[dict, ...]:
+    """The sharded review example (Jobs and their volumes), applied with kubectl apply -f."""
+    return load_k8s(sorted(K8S_EXAMPLES.glob("*.yaml")))
+
+
+def k8s_resource(kind: str, name: str, among: tuple[dict, ...] | None = None) -> dict:
+    """The one resource of that kind and name among the manifests (default: deploy/k8s's)."""
+    among = k8s_resources() if among is None else among
+    (found,) = [r for r in among if (r["kind"], r["metadata"]["name"]) == (kind, name)]
     return found
 
 
@@ -562,7 +588,9 @@ def k8s_schema_errors(resource: dict) -> str | None:
 
 
 @pytest.mark.parametrize(
-    "resource", k8s_resources(), ids=lambda r: f"{r['kind']}/{r['metadata']['name']}"
+    "resource",
+    k8s_resources() + redis_cluster_resources() + review_job_resources(),
+    ids=lambda r: f"{r['kind']}/{r['metadata']['name']}",
 )
 def test_k8s_manifest_matches_the_kubernetes_schema(resource: dict):
     assert k8s_schema_errors(resource) is None
@@ -600,14 +628,15 @@ def secret_value(reference: dict) -> str:
 
 
 def container_environment(container: dict) -> dict[str, str]:
-    """Its environment, with Secrets' values taken from the examples."""
+    """Its environment, with Secrets' values taken from the examples (a pod's own fields, known
+    only when it runs, left out)."""
     environment = {}
     for source in container.get("envFrom", []):
         environment |= k8s_resource("ConfigMap", source["configMapRef"]["name"])["data"]
     for variable in container.get("env", []):
         if "value" in variable:
             environment[variable["name"]] = variable["value"]
-        else:
+        elif "secretKeyRef" in variable["valueFrom"]:
             environment[variable["name"]] = secret_value(variable["valueFrom"]["secretKeyRef"])
     return environment
 
@@ -669,14 +698,11 @@ def test_k8s_gateway_settings_and_mounted_files():
         assert path.name in secret.get("stringData", {}) | secret.get("data", {}), file
 
 
-def test_k8s_urls_name_services_and_their_ports():
-    environment = gateway_environment()
-    for url in (environment["PROPSCOPE_TRITON_URL"], environment["REDIS_URL"]):
-        host, port = re.fullmatch(
-            r"(?:redis://(?::[^@/]+@)?)?([\w-]+):(\d+)(?:/\d+)?", url
-        ).groups()
-        ports = [p["port"] for p in k8s_resource("Service", host)["spec"]["ports"]]
-        assert int(port) in ports, url
+def test_k8s_redis_url_names_the_redis_service_and_its_port():
+    url = gateway_environment()["REDIS_URL"]
+    host, port = re.fullmatch(r"redis://(?::[^@/]+@)?([\w-]+):(\d+)(?:/\d+)?", url).groups()
+    ports = [p["port"] for p in k8s_resource("Service", host)["spec"]["ports"]]
+    assert int(port) in ports, url
 
 
 def test_k8s_redis_requires_the_password_the_gateway_sends():
@@ -692,15 +718,11 @@ def test_k8s_redis_requires_the_password_the_gateway_sends():
     assert "PONG" in probe
 
 
-def test_k8s_services_select_pods_and_their_named_ports():
-    for service in [r for r in k8s_resources() if r["kind"] == "Service"]:
-        selector = service["spec"]["selector"]
-        pods = [
-            r["spec"]["template"]
-            for r in k8s_resources()
-            if r["kind"] == "Deployment"
-            and selector.items() <= r["spec"]["template"]["metadata"]["labels"].items()
-        ]
+@pytest.mark.parametrize("manifests", ["deploy/k8s", "deploy/overlays/redis-cluster"])
+def test_k8s_services_select_pods_and_their_named_ports(manifests: str):
+    among = k8s_resources() if manifests == "deploy/k8s" else redis_cluster_rendered()
+    for service in [r for r in among if r["kind"] == "Service"]:
+        pods = selected_pods(service, among)
         assert len(pods) == 1, service["metadata"]["name"]
         names = {p["name"] for c in pods[0]["spec"]["containers"] for p in c["ports"]}
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= names
@@ -762,14 +784,17 @@ def test_k8s_redis_is_a_bounded_lru_cache_within_its_memory_limit():
     assert byte_size(settings["maxmemory"]) < byte_size(container["resources"]["limits"]["memory"])
 
 
-def ingress_sources(pod: dict, port: int) -> list[dict | None] | None:
-    """Who the NetworkPolicies let reach this port of the pod: a list of `from` peers (None:
-    from anywhere), or None when no policy selects the pod (everything is allowed)."""
+def ingress_sources(
+    pod: dict, port: int, among: tuple[dict, ...] | None = None
+) -> list[dict | None] | None:
+    """Who the NetworkPolicies (default: deploy/k8s's) let reach this port of the pod: a list
+    of `from` peers (None: from anywhere), or None when no policy selects the pod (everything
+    is allowed)."""
     labels = pod["metadata"]["labels"]
     names = {p["name"]: p["containerPort"] for c in pod["spec"]["containers"] for p in c["ports"]}
     policies = [
         r["spec"]
-        for r in k8s_resources()
+        for r in (k8s_resources() if among is None else among)
         if r["kind"] == "NetworkPolicy"
         and r["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
         and "Ingress" in r["spec"]["policyTypes"]
@@ -786,6 +811,7 @@ def ingress_sources(pod: dict, port: int) -> list[dict | None] | None:
 
 
 GATEWAY_PEER = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "propscope-gateway"}}}
+MONITORING = {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
 
 
 def test_k8s_network_policies_admit_only_the_gateway_to_redis_and_triton():
@@ -793,15 +819,451 @@ def test_k8s_network_policies_admit_only_the_gateway_to_redis_and_triton():
     assert ingress_sources(pods["redis"], 6379) == [GATEWAY_PEER]
     assert ingress_sources(pods["triton"], 8001) == [GATEWAY_PEER]
     assert ingress_sources(pods["triton"], 8000) == [GATEWAY_PEER]
-    # Metrics: any pod of the namespace (Prometheus), nothing from outside it.
+    # Metrics: any pod of the namespace, and of the namespace monitoring (the Prometheus the
+    # Triton autoscaler reads through), nothing else.
     metrics_sources = ingress_sources(pods["triton"], 8002)
-    assert metrics_sources and all(set(peer) == {"podSelector"} for peer in metrics_sources)
+    assert {"podSelector": {}} in metrics_sources
+    for peer in metrics_sources:
+        assert peer == {"podSelector": {}} or peer == {"namespaceSelector": MONITORING}, peer
     # A port nobody is admitted to.
     assert ingress_sources(pods["redis"], 6380) == []
     # The gateway's own ports are open to all.
     (gateway,) = pods["propscope-gateway"]["spec"]["containers"]
     for port in gateway["ports"]:
         assert None in ingress_sources(pods["propscope-gateway"], port["containerPort"]), port
+
+
+# --- Kubernetes at scale: many Tritons, many gateways, Redis Cluster, sharded reviews -------
+
+
+def strategic_merge(base: object, patch: object) -> object:
+    """Kustomize's strategic merge as far as the component's patches use it: maps merge key by
+    key, lists of named items (containers, env) merge item by item by name."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return base | {k: strategic_merge(base[k], v) if k in base else v for k, v in patch.items()}
+    named = isinstance(base, list) and isinstance(patch, list)
+    if named and all(isinstance(item, dict) and "name" in item for item in base + patch):
+        merged = list(base)
+        for item in patch:
+            at = [i for i, old in enumerate(merged) if old["name"] == item["name"]]
+            if at:
+                merged[at[0]] = strategic_merge(merged[at[0]], item)
+            else:
+                merged.append(item)
+        return merged
+    return patch
+
+
+@cache
+def redis_cluster_rendered() -> tuple[dict, ...]:
+    """deploy/overlays/redis-cluster: deploy/k8s with the Redis Cluster component, merged here
+    as kustomize merges it (the test below compares with kustomize where it is installed), and
+    the example Secrets."""
+    kustomization = yaml.safe_load((REDIS_CLUSTER / "kustomization.yaml").read_text())
+    rendered = list(copy.deepcopy(load_k8s(k8s_files()))) + list(redis_cluster_resources())
+    for entry in kustomization["patches"]:
+        text = entry["patch"] if "patch" in entry else (REDIS_CLUSTER / entry["path"]).read_text()
+        patch = yaml.safe_load(text)
+        key = (patch["kind"], patch["metadata"]["name"])
+        (at,) = [i for i, r in enumerate(rendered) if (r["kind"], r["metadata"]["name"]) == key]
+        if patch.get("$patch") == "delete":
+            del rendered[at]
+        else:
+            rendered[at] = strategic_merge(rendered[at], patch)
+    return tuple(rendered) + k8s_example_resources()
+
+
+def identities(resources: tuple[dict, ...]) -> list[tuple[str, str]]:
+    return sorted((r["kind"], r["metadata"]["name"]) for r in resources)
+
+
+def kustomize_build(directory: Path) -> tuple[dict, ...] | None:
+    """What kustomize renders of the directory; None where neither kustomize nor kubectl is
+    installed (neither is a dependency of the tests)."""
+    if kustomize := shutil.which("kustomize"):
+        command = [kustomize, "build", str(directory)]
+    elif kubectl := shutil.which("kubectl"):
+        command = [kubectl, "kustomize", str(directory)]
+    else:
+        return None
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return tuple(document for document in yaml.safe_load_all(result.stdout) if document)
+
+
+def test_the_redis_cluster_overlay_renders_as_kustomize_builds_it():
+    built = kustomize_build(REDIS_CLUSTER_OVERLAY)
+    if built is None:
+        pytest.skip("neither kustomize nor kubectl is installed")
+    rendered = redis_cluster_rendered()[: -len(k8s_example_resources())]
+    assert identities(built) == identities(rendered)
+    # The single Redis is gone, and the gateway reads the cluster's URL.
+    assert ("Deployment", "redis") not in identities(built)
+    (built_gateway,), (gateway,) = (
+        k8s_resource("Deployment", "propscope-gateway", among)["spec"]["template"]["spec"][
+            "containers"
+        ]
+        for among in (built, rendered)
+    )
+    assert built_gateway["env"] == gateway["env"]
+    base = kustomize_build(K8S)
+    assert identities(base) == identities(load_k8s(k8s_files()))
+
+
+def pods_of(among: tuple[dict, ...]) -> dict[str, dict]:
+    """The pod templates of the Deployments, StatefulSets and Jobs, by their owner's name."""
+    kinds = {"Deployment", "StatefulSet", "Job"}
+    return {r["metadata"]["name"]: r["spec"]["template"] for r in among if r["kind"] in kinds}
+
+
+def selected_pods(service: dict, among: tuple[dict, ...]) -> list[dict]:
+    selector = service["spec"]["selector"]
+    return [
+        pod
+        for pod in pods_of(among).values()
+        if selector.items() <= pod["metadata"]["labels"].items()
+    ]
+
+
+def headless_service(host: str, among: tuple[dict, ...]) -> dict:
+    """The Service that `<service>.propscope.svc.cluster.local` names. Headless: the name
+    resolves to every ready pod, not to one virtual IP that balances connections."""
+    match = re.fullmatch(rf"([\w-]+)\.{NAMESPACE}\.svc\.cluster\.local", host)
+    assert match, f"{host}: not the full DNS name of a Service of namespace {NAMESPACE}"
+    service = k8s_resource("Service", match[1], among)
+    assert service["spec"].get("clusterIP") == "None", f"{match[1]} is not headless"
+    return service
+
+
+def test_k8s_gateway_balances_over_every_triton_pod_of_a_headless_service():
+    url = gateway_environment()["PROPSCOPE_TRITON_URL"]
+    Settings(triton_url=url)  # the gateway accepts it
+    target = parse_triton_url(url)
+    assert target.dns_host, f"{url}: a dns:/// URL, re-resolved as Triton pods come and go"
+    service = headless_service(target.dns_host, k8s_resources())
+    assert target.dns_port in [port["port"] for port in service["spec"]["ports"]]
+    triton = k8s_resource("Deployment", "triton")["spec"]["template"]
+    assert selected_pods(service, k8s_resources()) == [triton]
+    # The gateway reaches every one of those pods (one policy for all of them).
+    assert ingress_sources(triton, target.dns_port) == [GATEWAY_PEER]
+
+
+def test_k8s_gateways_have_a_headless_service_for_round_robin_callers():
+    headless = headless_service(
+        f"propscope-gateway-headless.{NAMESPACE}.svc.cluster.local", k8s_resources()
+    )
+    gateway = k8s_resource("Deployment", "propscope-gateway")["spec"]["template"]
+    assert selected_pods(headless, k8s_resources()) == [gateway]
+    grpc_port = int(gateway_environment()["PROPSCOPE_LISTEN_ADDRESS"].rsplit(":", 1)[1])
+    assert [port["port"] for port in headless["spec"]["ports"]] == [grpc_port]
+
+
+def adapter_rule() -> dict:
+    (rule,) = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+    return rule
+
+
+def test_k8s_triton_scales_on_the_adapters_saturation_metric():
+    deployment = k8s_resource("Deployment", "triton")
+    autoscaler = k8s_resource("HorizontalPodAutoscaler", "triton")
+    assert autoscaler["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "triton",
+    }
+    assert "replicas" not in deployment["spec"]
+    # A surge pod would wait for a GPU the replicas hold.
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+    (metric,) = autoscaler["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    rule = adapter_rule()
+    assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
+    assert {"namespace", "pod"} == set(rule["resources"]["overrides"])
+    budget = k8s_resource("PodDisruptionBudget", "triton")
+    assert budget["spec"]["selector"] == deployment["spec"]["selector"]
+    assert budget["spec"]["maxUnavailable"] < autoscaler["spec"]["minReplicas"]
+
+
+def test_the_adapter_rule_is_valid_promql_over_the_series_it_selects(tmp_path: Path):
+    rule = adapter_rule()
+    (series,) = re.findall(r"^(\w+)\{", rule["seriesQuery"])
+    assert re.fullmatch(rule["name"]["matches"], series)
+    query = rule["metricsQuery"]
+    assert series in query and "<<.LabelMatchers>>" in query and "<<.GroupBy>>" in query
+    expr = query.replace("<<.LabelMatchers>>", 'namespace="propscope",pod=~"triton-.*"')
+    expr = expr.replace("<<.GroupBy>>", "pod")
+    rules = {"groups": [{"name": "adapter", "rules": [{"record": "adapter:query", "expr": expr}]}]}
+    (tmp_path / "adapter.yml").write_text(yaml.safe_dump(rules))
+    result = promtool("check", "rules", "adapter.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # promtool is what catches a wrong query: the same with a syntax error fails.
+    rules["groups"][0]["rules"][0]["expr"] = expr.replace(")", "", 1)
+    (tmp_path / "adapter.yml").write_text(yaml.safe_dump(rules))
+    assert promtool("check", "rules", "adapter.yml", cwd=tmp_path).returncode != 0
+
+
+def relabel(labels: dict[str, str], configs: list[dict]) -> dict[str, str] | None:
+    """Prometheus's relabelling (actions keep and replace, as the scrape job uses them): the
+    target's labels after it, or None when it is dropped."""
+    labels = dict(labels)
+    for config in configs:
+        value = ";".join(labels.get(name, "") for name in config["source_labels"])
+        match = re.fullmatch(config.get("regex", "(.*)"), value)
+        action = config.get("action", "replace")
+        if action == "keep":
+            if not match:
+                return None
+        elif action == "replace" and match:
+            replacement = config.get("replacement", "$1")
+            labels[config["target_label"]] = re.sub(r"\$(\d+)", r"\\\1", replacement)
+            labels[config["target_label"]] = match.expand(labels[config["target_label"]])
+        else:
+            assert action == "replace", action
+    return labels
+
+
+def test_prometheus_scrapes_triton_metrics_labelled_by_pod_as_the_adapter_needs():
+    (job,) = yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"]
+    pod = k8s_resource("Deployment", "triton")["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    metrics_port = {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"]
+    discovered = {
+        "__address__": "10.1.2.3:8000",
+        "__meta_kubernetes_namespace": NAMESPACE,
+        "__meta_kubernetes_pod_name": "triton-5d8c7-x2x9q",
+    }
+    for key, value in pod["metadata"]["annotations"].items():
+        discovered["__meta_kubernetes_pod_annotation_" + re.sub(r"\W", "_", key)] = value
+    labels = relabel(discovered, job["relabel_configs"])
+    assert labels["__address__"] == f"10.1.2.3:{metrics_port}"
+    assert labels["__metrics_path__"] == "/metrics"
+    # The labels the adapter maps to the pod.
+    overrides = adapter_rule()["resources"]["overrides"]
+    assert {label: labels[label] for label in overrides} == {
+        "namespace": NAMESPACE,
+        "pod": "triton-5d8c7-x2x9q",
+    }
+    # A pod without the annotation is not scraped.
+    del discovered["__meta_kubernetes_pod_annotation_prometheus_io_scrape"]
+    assert relabel(discovered, job["relabel_configs"]) is None
+    # And the namespace of that Prometheus may reach the metrics port.
+    assert {"namespaceSelector": MONITORING} in ingress_sources(pod, metrics_port)
+
+
+def redis_conf(config_map: dict) -> dict[str, str]:
+    return dict(
+        line.split(None, 1)
+        for line in config_map["data"]["redis.conf"].splitlines()
+        if line and not line.startswith("#")
+    )
+
+
+def test_k8s_redis_cluster_replaces_the_single_redis_and_the_gateway_seeds_from_its_nodes():
+    rendered = redis_cluster_rendered()
+    assert not {("Deployment", "redis"), ("Service", "redis")} & set(identities(rendered))
+    (gateway,) = k8s_resource("Deployment", "propscope-gateway", rendered)["spec"]["template"][
+        "spec"
+    ]["containers"]
+    url = container_environment(gateway)["REDIS_URL"]
+    Settings(redis_url=url)  # the gateway accepts it
+    target = parse_redis_url(url)
+    assert target.cluster, url
+    ((host, port),) = target.seeds
+    service = headless_service(host, rendered)
+    statefulset = k8s_resource("StatefulSet", "redis-cluster", rendered)
+    assert selected_pods(service, rendered) == [statefulset["spec"]["template"]]
+    assert port in [p["port"] for p in service["spec"]["ports"]]
+    # Nodes find each other (and the create Job finds them) before they are ready.
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
+    # Each node announces its stable name under that Service, not a pod IP.
+    (node,) = statefulset["spec"]["template"]["spec"]["containers"]
+    arguments = node["args"]
+    announced = arguments[arguments.index("--cluster-announce-hostname") + 1]
+    assert announced == f"$(POD_NAME).{host}"
+    (pod_name,) = [v for v in node["env"] if v["name"] == "POD_NAME"]
+    assert pod_name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    # The password the nodes require is the one the gateway and the create Job send.
+    environment = container_environment(node)
+    password = environment[
+        re.fullmatch(r"\$\((\w+)\)", arguments[arguments.index("--requirepass") + 1])[1]
+    ]
+    assert re.fullmatch(r"redis\+cluster://:([^@/]+)@.*", url)[1] == password
+    assert environment["REDISCLI_AUTH"] == password
+    (create,) = k8s_resource("Job", "redis-cluster-create", rendered)["spec"]["template"]["spec"][
+        "containers"
+    ]
+    assert container_environment(create)["REDISCLI_AUTH"] == password
+    assert "PONG" in " ".join(node["readinessProbe"]["exec"]["command"])
+
+
+def test_k8s_redis_cluster_nodes_are_bounded_caches_serving_without_full_coverage():
+    rendered = redis_cluster_rendered()
+    settings = redis_conf(k8s_resource("ConfigMap", "redis-cluster", rendered))
+    assert settings["cluster-enabled"] == "yes"
+    # One node down: its slots miss, the others keep serving theirs.
+    assert settings["cluster-require-full-coverage"] == "no"
+    assert settings["maxmemory-policy"] == "allkeys-lru"
+    assert settings["cluster-preferred-endpoint-type"] == "hostname"
+    statefulset = k8s_resource("StatefulSet", "redis-cluster", rendered)
+    pod = statefulset["spec"]["template"]["spec"]
+    (node,) = pod["containers"]
+    assert byte_size(settings["maxmemory"]) < byte_size(node["resources"]["limits"]["memory"])
+    # nodes.conf (the node's identity and slots) outlives the pod: on a claimed volume.
+    mounts = {m["mountPath"]: m["name"] for m in node["volumeMounts"]}
+    config_dir = str(Path(settings["cluster-config-file"]).parent)
+    claims = [claim["metadata"]["name"] for claim in statefulset["spec"]["volumeClaimTemplates"]]
+    assert mounts[config_dir] in claims
+    ports = {p["name"]: p["containerPort"] for p in node["ports"]}
+    assert ports["cluster-bus"] == ports["redis"] + 10000
+    # The create Job makes a cluster of every node of the StatefulSet.
+    (create,) = k8s_resource("Job", "redis-cluster-create", rendered)["spec"]["template"]["spec"][
+        "containers"
+    ]
+    environment = container_environment(create)
+    assert int(environment["REDIS_CLUSTER_NODES"]) == statefulset["spec"]["replicas"] >= 3
+    script = create["command"][-1]
+    assert "redis-cli --cluster create" in script and "--cluster-yes" in script
+    assert f"redis-cluster-$i.{statefulset['spec']['serviceName']}." in script
+    assert node["image"] == create["image"]
+
+
+def test_k8s_redis_cluster_admits_the_gateway_the_create_job_and_its_own_bus():
+    rendered = redis_cluster_rendered()
+    pods = pods_of(rendered)
+    node = pods["redis-cluster"]
+
+    def peer(pod: dict) -> dict:
+        return {"podSelector": {"matchLabels": {"app.kubernetes.io/name": name_of(pod)}}}
+
+    def name_of(pod: dict) -> str:
+        return pod["metadata"]["labels"]["app.kubernetes.io/name"]
+
+    clients = ingress_sources(node, 6379, rendered)
+    expected = [peer(pods[name]) for name in ("propscope-gateway", "redis-cluster-create")]
+    assert sorted(map(str, clients)) == sorted(map(str, [*expected, peer(node)]))
+    # The cluster bus has no password: the nodes only.
+    assert ingress_sources(node, 16379, rendered) == [peer(node)]
+    assert name_of(pods["redis-cluster-create"]) != name_of(node)  # not a Service endpoint
+
+
+def review_jobs() -> tuple[dict, dict]:
+    among = review_job_resources()
+    return (
+        k8s_resource("Job", "propscope-review-shards", among),
+        k8s_resource("Job", "propscope-review-merge", among),
+    )
+
+
+def parse_cli(argv: list[str]) -> tuple[list[str], dict]:
+    """The command names `propscope ARGV` runs and its options' values, as the CLI parses
+    them (running nothing, checking no file); every option must be one of the command it
+    follows (the root's before the first command name)."""
+    command = typer.main.get_command(client_app)
+    root_options = {opt for param in command.params for opt in param.opts + param.secondary_opts}
+    context = command.make_context("propscope", list(argv), resilient_parsing=True)
+    names = []
+    while hasattr(command, "resolve_command"):
+        arguments = [*context._protected_args, *context.args]
+        name, command, rest = command.resolve_command(context, arguments)
+        names.append(name)
+        context = command.make_context(name, rest, parent=context, resilient_parsing=True)
+    options = {opt for param in command.params for opt in param.opts + param.secondary_opts}
+    first = argv.index(names[0])
+    for at, token in enumerate(argv):
+        if token.startswith("-"):
+            known = root_options if at < first else options
+            assert token.split("=")[0] in known, f"propscope {' '.join(names)}: unknown {token}"
+    return names, context.params
+
+
+def test_the_cli_check_catches_an_unknown_option():
+    with pytest.raises(AssertionError, match="--shrd"):
+        parse_cli(["review", "/spec/review.yaml", "--shrd=0/3"])
+
+
+def test_k8s_review_shards_run_one_shard_per_index_against_every_gateway():
+    shards, _ = review_jobs()
+    spec = shards["spec"]
+    assert spec["completionMode"] == "Indexed"
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    gateway = k8s_resource("Deployment", "propscope-gateway")["spec"]["template"]
+    for index in range(spec["completions"]):
+        argv = [a.replace("$(JOB_COMPLETION_INDEX)", str(index)) for a in container["command"]]
+        assert argv[0] == "propscope"
+        names, options = parse_cli(argv[1:])
+        assert names == ["review", "run"]
+        # 0-based, as the completion index; every index runs at once.
+        shard, count = map(int, options["shard"].split("/"))
+        assert (shard, count) == (index, spec["completions"]) == (index, spec["parallelism"])
+        assert options["out"] == Path(f"/results/shard-{index}")
+        # Calls balance over every gateway: the CLI resolves a dns:/// target to all of a
+        # headless Service's addresses.
+        assert options["target"].startswith("dns:///"), options["target"]
+        host, port = options["target"].removeprefix("dns:///").rsplit(":", 1)
+        service = headless_service(host, k8s_resources())
+        assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+        assert selected_pods(service, k8s_resources()) == [gateway]
+        assert None in ingress_sources(gateway, int(port))
+    # The gateway requires mutual TLS and a token: the Job has both, from the Secrets.
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for option in ("--ca-cert", "--client-cert", "--client-key"):
+        (file,) = [a.split("=", 1)[1] for a in container["command"] if a.startswith(option + "=")]
+        secret_name = volumes[mounts[str(Path(file).parent)]]["secret"]["secretName"]
+        assert Path(file).name in k8s_resource("Secret", secret_name)["stringData"], file
+    assert container_environment(container)["PROPSCOPE_TOKEN"]
+
+
+def test_k8s_review_merge_reads_every_shards_partial_from_the_same_volume():
+    shards, merge = review_jobs()
+    (shard,) = shards["spec"]["template"]["spec"]["containers"]
+    (merger,) = merge["spec"]["template"]["spec"]["containers"]
+    shell, flag, line = merger["command"]
+    assert (shell, flag) == ("sh", "-c") and line.startswith("exec propscope ")
+    names, options = parse_cli(line.split()[2:])
+    assert names == ["review", "merge"]
+    (pattern,) = options["partials"]
+    out = next(a for a in shard["command"] if a.startswith("--out=")).split("=", 1)[1]
+    for index in range(shards["spec"]["completions"]):
+        written = Path(out.replace("$(JOB_COMPLETION_INDEX)", str(index))) / "review-partial.json"
+        assert written.match(str(pattern)), (written, pattern)
+
+    def claim_at(job: dict, container: dict, path: str) -> str:
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+        return volumes[mounts[path]]["persistentVolumeClaim"]["claimName"]
+
+    assert claim_at(shards, shard, "/results") == claim_at(merge, merger, "/results")
+    claim = k8s_resource(
+        "PersistentVolumeClaim", claim_at(merge, merger, "/results"), review_job_resources()
+    )
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # shards on several nodes
+    assert options["out"].parent == Path("/results")
+    # A verdict (1, 4) or a refused merge (2) is final: no retry.
+    (rule,) = merge["spec"]["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob" and set(rule["onExitCodes"]["values"]) == {1, 2, 4}
+    assert rule["onExitCodes"]["containerName"] == merger["name"]
+
+
+def test_k8s_jobs_run_as_the_client_image_user_without_a_token_to_the_api():
+    (user,) = dockerfile_instructions("USER", CLIENT_DOCKERFILE)[-1:]
+    uid = int(user.split(":")[0])
+    assert "./client[review]" in " ".join(dockerfile_instructions("RUN", CLIENT_DOCKERFILE))
+    jobs = [r for r in review_job_resources() + redis_cluster_resources() if r["kind"] == "Job"]
+    assert len(jobs) == 3
+    for job in jobs:
+        pod = job["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for container in pod["containers"]:
+            assert re.fullmatch(r"[\w./-]+:[\w.-]+", container["image"]), container["image"]
+            if "propscope" in container["image"]:
+                assert pod["securityContext"]["runAsUser"] == uid
+            for variable in container.get("env", []):
+                reference = variable.get("valueFrom", {}).get("secretKeyRef")
+                assert reference is None or secret_value(reference)
 
 
 # --- helpers --------------------------------------------------------------------------------
