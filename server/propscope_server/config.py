@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, TypeAdapter, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from propscope_server.backends.triton_url import parse_triton_url
 from propscope_server.cache.redis_url import parse_redis_url
 
 OUTPUT_KINDS = ("logits", "probabilities")
@@ -164,7 +165,14 @@ class Settings(BaseSettings):
     # A plaintext port serving only gRPC health, for probes that cannot speak (m)TLS
     # (the kubelet's gRPC probes). Unset: health is served on listen_address only.
     health_listen_address: str | None = None
+    # One Triton (host:port), several (host1:port1,host2:port2) or every address of a
+    # DNS name (dns:///name:port, a headless Service): calls go round robin over them.
     triton_url: str = "127.0.0.1:8001"
+    # How often a dns:/// triton_url is resolved again (also whenever no endpoint answers).
+    triton_resolve_interval_s: float = Field(30.0, gt=0)
+    # How long an endpoint that failed rests before a liveness probe may put it back in
+    # rotation; doubles up to 30 s while its probes fail.
+    triton_endpoint_retry_s: float = Field(1.0, gt=0)
     # Without a Redis URL the gateway keeps paths in an in-process LRU cache.
     redis_url: str | None = Field(None, validation_alias="REDIS_URL")
     cache_ttl_s: int = 24 * 3600
@@ -227,6 +235,12 @@ class Settings(BaseSettings):
         """A malformed URL stops the start; a Redis that is down only costs misses."""
         if url is not None:
             parse_redis_url(url)
+        return url
+
+    @field_validator("triton_url")
+    @classmethod
+    def _known_triton_url(cls, url: str) -> str:
+        parse_triton_url(url)
         return url
 
     def memory_budget(self) -> int:

@@ -129,6 +129,20 @@ MODEL_HEALTHY = Gauge(
     "0 while a model is sick (its worker died; its requests are refused while it is reloaded)",
     ["model"],
 )
+TRITON_ENDPOINT_CALLS = Counter(
+    "propscope_triton_endpoint_calls_total",
+    "Calls to each Triton endpoint (every try of a retried call) by outcome: ok, error, "
+    "unavailable (the endpoint left the rotation)",
+    ["endpoint", "outcome"],
+)
+TRITON_ENDPOINT_UP = Gauge(
+    "propscope_triton_endpoint_up",
+    "1 while the Triton endpoint is in the gateway's rotation, 0 while it rests after failing",
+    ["endpoint"],
+)
+TRITON_ENDPOINTS = Gauge(
+    "propscope_triton_endpoints", "Triton endpoints the gateway knows (listed or resolved)"
+)
 TRITON_RETRIES = Counter(
     "propscope_triton_retries_total", "Triton calls retried after a transient error", ["kind"]
 )

@@ -22,6 +22,7 @@ from propscope_server.editor_contract import EditRequest, SeedBySeed
 from propscope_server.inference import ModelDescription, Tensor
 from propscope_server.synthetic.world import Scene, render
 from propscope_server.triton_models.editors.procedural import edit_path
+from tests.unit.test_sick_backends import over
 
 IMAGE = render(Scene(0, 10.0, 13.0, 0.5, False, (32.0, 32.0)))
 STRENGTHS = np.arange(1, 7, dtype=np.float32) / 6
@@ -220,9 +221,8 @@ def decoupled_editor(outputs: tuple[str, ...]) -> ModelDescription:
 async def test_a_decoupled_editor_is_asked_for_progress_only_when_it_declares_it(outputs, reports):
     path = np.zeros((2, len(STRENGTHS), *IMAGE.shape), np.uint8)
     progress = [{"PROGRESS": np.array([1, 2], np.int64)}] if "PROGRESS" in outputs else []
-    backend = TritonBackend("127.0.0.1:1", 30.0)
-    await backend._client.close()
-    backend._client = StreamingTriton(set(outputs), [*progress, {"PATH": path}])
+    triton = StreamingTriton(set(outputs), [*progress, {"PATH": path}])
+    backend = TritonBackend(over(triton), 30.0)
     received = []
     edited = await backend.edit(
         decoupled_editor(outputs),
@@ -233,5 +233,5 @@ async def test_a_decoupled_editor_is_asked_for_progress_only_when_it_declares_it
         None,
         lambda *r: received.append(r),
     )
-    assert backend._client.requested == list(outputs)
+    assert triton.requested == list(outputs)
     assert received == reports and np.array_equal(edited, path)

@@ -10,7 +10,7 @@ import pytest
 
 from propscope_server.backends.triton import TritonBackend
 from propscope_server.errors import FailedPrecondition
-from tests.unit.test_sick_backends import FakeClient, triton_error
+from tests.unit.test_sick_backends import FakeClient, fake, over, triton_error
 
 
 class UnloadedClient(FakeClient):
@@ -41,9 +41,7 @@ class UnloadedClient(FakeClient):
 
 
 def backend_with(load_on_demand: tuple[str, ...]) -> TritonBackend:
-    triton = TritonBackend("127.0.0.1:1", 300.0, retries=0, load_on_demand=load_on_demand)
-    triton._client = UnloadedClient()
-    return triton
+    return TritonBackend(over(UnloadedClient()), 300.0, retries=0, load_on_demand=load_on_demand)
 
 
 async def test_a_named_model_is_loaded_once_for_concurrent_requests() -> None:
@@ -51,7 +49,7 @@ async def test_a_named_model_is_loaded_once_for_concurrent_requests() -> None:
     try:
         first, second = await asyncio.gather(backend.describe("m"), backend.describe("m"))
         assert first.name == second.name == "m"
-        loads = [call for call, _ in backend._client.calls if call == "load_model"]
+        loads = [call for call, _ in fake(backend).calls if call == "load_model"]
         assert loads == ["load_model"]
     finally:
         await backend.close()
@@ -62,6 +60,6 @@ async def test_a_model_the_setting_does_not_name_stays_unloaded() -> None:
     try:
         with pytest.raises(FailedPrecondition, match="UNAVAILABLE: unloaded"):
             await backend.describe("m")
-        assert not backend._client.loaded
+        assert not fake(backend).loaded
     finally:
         await backend.close()

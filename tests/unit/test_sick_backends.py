@@ -21,8 +21,11 @@ from propscope_dev import stack
 from propscope_server import metrics
 from propscope_server.backends.model_health import ModelHealth, is_worker_failure
 from propscope_server.backends.triton import RESTORED_PARAMETER, TritonBackend
+from propscope_server.backends.triton_endpoints import TritonEndpoints
 from propscope_server.errors import DeadlineExceeded, NotFound, Unavailable
 
+# The fake Triton's one endpoint.
+ADDRESS = "127.0.0.1:1"
 # What Triton 2.51 answered once the stubs of `procedural` were killed.
 DEAD_WORKER = "Stub process 'procedural_0_1' is not healthy."
 
@@ -320,45 +323,53 @@ class Result:
         return np.zeros((1, 2), np.float32)
 
 
+def over(client: object) -> TritonEndpoints:
+    """One endpoint, whose client is `client`."""
+    return TritonEndpoints(ADDRESS, connect=lambda address: client)
+
+
+def fake(backend: TritonBackend) -> FakeClient:
+    return backend.endpoints.client(ADDRESS)
+
+
 @pytest.fixture
 async def backend():
     triton = TritonBackend(
-        "127.0.0.1:1", 300.0, retries=0, metadata_timeout_s=5.0, heal_backoff_s=0.01
+        over(FakeClient()), 300.0, retries=0, metadata_timeout_s=5.0, heal_backoff_s=0.01
     )
-    triton._client = FakeClient()
     yield triton
     await triton.close()
 
 
 async def test_a_metadata_call_our_bound_cut_short_is_unavailable_naming_the_setting(backend):
-    backend._client.answers["get_model_metadata"] = triton_error("DEADLINE_EXCEEDED", "Deadline")
+    fake(backend).answers["get_model_metadata"] = triton_error("DEADLINE_EXCEEDED", "Deadline")
     with pytest.raises(Unavailable) as caught:
         await backend.describe("m")
     assert "'m'" in str(caught.value) and "PROPSCOPE_TRITON_METADATA_TIMEOUT_S" in str(caught.value)
-    timeouts = [kwargs["client_timeout"] for name, kwargs in backend._client.calls]
+    timeouts = [kwargs["client_timeout"] for name, kwargs in fake(backend).calls]
     assert set(timeouts) == {5.0}  # metadata and config
-    backend._client.answers["get_model_repository_index"] = triton_error("DEADLINE_EXCEEDED", "")
+    fake(backend).answers["get_model_repository_index"] = triton_error("DEADLINE_EXCEEDED", "")
     with pytest.raises(Unavailable, match="repository index within 5 s"):
         await backend.repository()
 
 
 async def test_an_inference_our_bound_cut_short_names_the_inference_setting(backend):
     model = await backend.describe("m")
-    backend._client.answers["infer"] = triton_error("DEADLINE_EXCEEDED", "Deadline Exceeded")
+    fake(backend).answers["infer"] = triton_error("DEADLINE_EXCEEDED", "Deadline Exceeded")
     with pytest.raises(Unavailable, match="within 300 s \\(PROPSCOPE_TRITON_TIMEOUT_S\\)"):
         await backend.infer(model, {"IMAGE": np.zeros((1, 4, 4, 3), np.uint8)}, ["LOGITS"], None)
 
 
 async def test_a_call_the_callers_deadline_cut_short_is_deadline_exceeded(backend):
-    backend._client.answers["get_model_metadata"] = triton_error("DEADLINE_EXCEEDED", "Deadline")
+    fake(backend).answers["get_model_metadata"] = triton_error("DEADLINE_EXCEEDED", "Deadline")
     with pytest.raises(DeadlineExceeded):
         await backend.describe("m", deadline=time.monotonic() + 1.0)
-    assert backend._client.calls[0][1]["client_timeout"] < 5.0
+    assert fake(backend).calls[0][1]["client_timeout"] < 5.0
 
 
 async def test_a_missing_version_names_the_model_the_version_and_the_served_ones(backend):
     unknown = "Request for unknown model: 'm' version 7 is not found"
-    backend._client.answers["get_model_metadata"] = triton_error("NOT_FOUND", unknown)
+    fake(backend).answers["get_model_metadata"] = triton_error("NOT_FOUND", unknown)
     with pytest.raises(NotFound) as caught:
         await backend.describe("m", "7")
     assert str(caught.value).startswith("model 'm' has no version 7 served")
@@ -371,7 +382,7 @@ async def test_a_typod_model_gets_a_did_you_mean_and_is_no_triton_error(backend)
     errors = metrics.TRITON_ERRORS.labels(model="*", kind="metadata", code="NOT_FOUND")
     before = errors._value.get()
     unknown = "Request for unknown model: 'n' is not found"
-    backend._client.answers["get_model_metadata"] = triton_error("NOT_FOUND", unknown)
+    fake(backend).answers["get_model_metadata"] = triton_error("NOT_FOUND", unknown)
     with pytest.raises(NotFound, match="^model 'n' is not served by Triton \\(ListModels"):
         await backend.describe("n")  # nothing close to "n": no guess
     with pytest.raises(NotFound, match="^model 'mm' is not served by Triton; did you mean 'm'\\?"):
@@ -382,31 +393,31 @@ async def test_a_typod_model_gets_a_did_you_mean_and_is_no_triton_error(backend)
 async def test_a_dead_worker_is_refused_fast_then_reloaded_and_probed(backend):
     model = await backend.describe("m")
     inputs = {"IMAGE": np.zeros((1, 4, 4, 3), np.uint8)}
-    backend._client.answers["infer"] = triton_error("INTERNAL", DEAD_WORKER)
+    fake(backend).answers["infer"] = triton_error("INTERNAL", DEAD_WORKER)
     with pytest.raises(Unavailable, match="'m' is being restored"):
         await backend.infer(model, inputs, ["LOGITS"], None)
     # Healed once a reload's probe gets the model's own answer (here: its error about
     # the zero inputs, which only a live worker gives).
-    backend._client.answers["load_model"] = None
+    fake(backend).answers["load_model"] = None
     reloaded = asyncio.Event()
 
     async def load_model(name, **kwargs):
-        backend._client.calls.append(("load_model", kwargs))
-        backend._client.answers["infer"] = triton_error("INTERNAL", "ValueError: zeros")
+        fake(backend).calls.append(("load_model", kwargs))
+        fake(backend).answers["infer"] = triton_error("INTERNAL", "ValueError: zeros")
         reloaded.set()
 
-    backend._client.load_model = load_model
+    fake(backend).load_model = load_model
     with pytest.raises(Unavailable, match="'m' is being restored"):
         await backend.require_ready(model, None)
     await asyncio.wait_for(reloaded.wait(), 10)
     await until_healthy(backend.model_health, "m")
-    config = json.loads(next(k["config"] for n, k in backend._client.calls if n == "load_model"))
+    config = json.loads(next(k["config"] for n, k in fake(backend).calls if n == "load_model"))
     assert RESTORED_PARAMETER in config["parameters"] and config["max_batch_size"] == 8
-    probe = [k["inputs"] for n, k in backend._client.calls if n == "infer"][-1]
+    probe = [k["inputs"] for n, k in fake(backend).calls if n == "infer"][-1]
     assert [(t.name(), t.shape(), t.datatype()) for t in probe] == [
         ("IMAGE", [1, 4, 4, 3], "UINT8")
     ]
-    backend._client.answers.pop("infer")
+    fake(backend).answers.pop("infer")
     assert (await backend.infer(model, inputs, ["LOGITS"], None))["LOGITS"].shape == (1, 2)
 
 

@@ -43,6 +43,7 @@ from propscope_server.api.servicer import (
 )
 from propscope_server.backends.model_health import health_service
 from propscope_server.backends.triton import TritonBackend
+from propscope_server.backends.triton_endpoints import TritonEndpoints
 from propscope_server.cache import ArtefactCache, InMemoryArtefactCache
 from propscope_server.cache.redis_cache import RedisArtefactCache
 from propscope_server.config import Settings, TlsSettings
@@ -214,8 +215,14 @@ def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
 
 def build_gateway(settings: Settings) -> Gateway:
     """A gateway bound to its port but not started; port 0 picks a free one."""
-    backend = TritonBackend(
+    endpoints = TritonEndpoints(
         settings.triton_url,
+        settings.triton_endpoint_retry_s,
+        settings.triton_resolve_interval_s,
+        settings.triton_metadata_timeout_s,
+    )
+    backend = TritonBackend(
+        endpoints,
         settings.triton_timeout_s,
         settings.triton_retries,
         settings.triton_retry_backoff_s,

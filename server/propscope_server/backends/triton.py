@@ -1,5 +1,6 @@
 """The Triton adapter: model discovery, editor calls and batched classifier calls
-over tritonclient's gRPC aio client. Triton errors become domain errors here."""
+over tritonclient's gRPC aio client, spread over the Triton endpoints of the pool
+(triton_endpoints.py). Triton errors become domain errors here."""
 
 from __future__ import annotations
 
@@ -15,12 +16,19 @@ from typing import TypeVar
 
 import grpc
 import numpy as np
-import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, InferInput, InferRequestedOutput, InferResult
+from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
 from propscope_server import metrics
 from propscope_server.backends.model_health import ModelHealth, is_worker_failure
+from propscope_server.backends.triton_endpoints import (
+    ERROR,
+    OK,
+    UNAVAILABLE,
+    Client,
+    Endpoint,
+    TritonEndpoints,
+)
 from propscope_server.config import OUTPUT_KINDS, RESIZE_MODES, PreprocessingConfig
 from propscope_server.editor_contract import (
     IMAGE_INPUT,
@@ -58,17 +66,6 @@ METADATA_TIMEOUT_SETTING = "PROPSCOPE_TRITON_METADATA_TIMEOUT_S"
 INFER_TIMEOUT_SETTING = "PROPSCOPE_TRITON_TIMEOUT_S"
 # A parameter set to the time of each reload of a sick model (see TritonBackend._reload).
 RESTORED_PARAMETER = "propscope.restored"
-# A restarted Triton is reconnected to within about a second, not gRPC's default two
-# minutes of reconnect backoff.
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
-    ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-]
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -78,7 +75,8 @@ def _status_name(error: InferenceServerException) -> str:
     return (error.status() or "UNKNOWN").removeprefix("StatusCode.")
 
 
-def _translate(error: InferenceServerException, model: str) -> Exception:
+def _translate(error: InferenceServerException, model: str, where: str = "") -> Exception:
+    """The domain error for a Triton error; `where` names the endpoint in the log."""
     status = _status_name(error)
     message = error.message() or str(error)
     if status == "DEADLINE_EXCEEDED":
@@ -88,7 +86,7 @@ def _translate(error: InferenceServerException, model: str) -> Exception:
     if "not ready" in message:
         return FailedPrecondition(f"model {model!r} is not ready on Triton: {message}")
     if status == "UNAVAILABLE":
-        logger.warning("Triton unavailable for model %s: %s", model, message)
+        logger.warning("Triton%s unavailable for model %s: %s", where, model, message)
         return Unavailable("Triton is unreachable or overloaded; retry with backoff")
     return BackendError(f"model {model!r} failed: {message}")
 
@@ -106,12 +104,20 @@ def timeout_until(deadline: float | None, default_s: float) -> float:
 class TritonBackend:
     """Every call is bounded by the caller's deadline and by a setting (metadata calls
     by `metadata_timeout_s`, inference by `default_timeout_s`); a call that finds Triton
-    unreachable is retried `retries` times with doubling backoff, within them. A model
-    whose worker died is refused and restored by `model_health`."""
+    unreachable is retried `retries` times, on another endpoint when one is in rotation,
+    else with doubling backoff, within them. A model whose worker died is refused and
+    restored by `model_health`.
+
+    Every endpoint is taken to serve the same model repository: descriptions are cached
+    once for all of them. What lives on one Triton is made to hold on each: a
+    load_on_demand model is loaded on every endpoint in rotation that lacks it (when a
+    request first names it, and again when a request finds an endpoint without it: a
+    restarted or added Triton), and a sick model is reloaded on every endpoint whose
+    probe failed; it is healthy once every endpoint in rotation answers its probe."""
 
     def __init__(
         self,
-        url: str,
+        url: str | TritonEndpoints,
         default_timeout_s: float,
         retries: int = 2,
         retry_backoff_s: float = 0.1,
@@ -120,7 +126,7 @@ class TritonBackend:
         heal_backoff_max_s: float = 60.0,
         load_on_demand: Collection[str] = (),
     ) -> None:
-        self._client = triton_aio.InferenceServerClient(url, channel_args=CHANNEL_OPTIONS)
+        self.endpoints = url if isinstance(url, TritonEndpoints) else TritonEndpoints(url)
         self._load_on_demand = frozenset(load_on_demand)
         self._loads: dict[str, asyncio.Lock] = {}
         self._default_timeout_s = default_timeout_s
@@ -128,9 +134,15 @@ class TritonBackend:
         self._retries = retries
         self._retry_backoff_s = retry_backoff_s
         self._descriptions: dict[tuple[str, str], tuple[float, ModelDescription]] = {}
+        # The endpoints on which each model's last probe failed: where a reload goes.
+        self._failing: dict[str, list[Endpoint]] = {}
         self.model_health = ModelHealth(
             self._reload, self._probe, heal_backoff_s, heal_backoff_max_s
         )
+
+    def _where(self, endpoint: Endpoint) -> str:
+        """The endpoint, named in messages when there are several to tell apart."""
+        return f" on {endpoint.address}" if self.endpoints.several else ""
 
     def _bound(self, kind: str) -> tuple[float, str]:
         """The bound on one call of `kind`, and the setting that sets it."""
@@ -140,23 +152,29 @@ class TritonBackend:
 
     async def _with_retries(
         self,
-        call: Callable[[float], Awaitable[T]],
+        call: Callable[[Client, float], Awaitable[T]],
         model: str,
         kind: str,
         deadline: float | None,
     ) -> T:
-        """`call(timeout)`, retried while Triton is unreachable and time is left."""
+        """`call(client, timeout)` on the next endpoint, retried on another one (or the
+        same after a backoff) while Triton is unreachable and time is left."""
         timeout_s, setting = self._bound(kind)
+        tried: set[str] = set()
         for attempt in range(self._retries + 1):
             timeout = timeout_until(deadline, timeout_s)
+            endpoint = await self.endpoints.pick(tried)
+            tried.add(endpoint.address)
             started = time.monotonic()
             try:
-                return await call(timeout)
+                result = await call(endpoint.client, timeout)
             except InferenceServerException as error:
                 # Metadata calls may name any model a caller typed: no label per name, and
                 # a name Triton does not know is the caller's mistake, not a Triton error.
                 label = "*" if kind == "metadata" else model
-                translated = _translate(error, model)
+                translated = _translate(error, model, self._where(endpoint))
+                unavailable = isinstance(translated, Unavailable)
+                self.endpoints.finished(endpoint, UNAVAILABLE if unavailable else ERROR)
                 if not (kind == "metadata" and isinstance(translated, NotFound)):
                     code = _status_name(error)
                     metrics.TRITON_ERRORS.labels(model=label, kind=kind, code=code).inc()
@@ -169,36 +187,35 @@ class TritonBackend:
                         f"Triton did not answer for {asked} within {timeout_s:g} s ({setting}): "
                         "hung or overloaded; retry with backoff"
                     ) from None
-                # Jittered, so that streams failing together do not retry in lockstep.
-                backoff = self._retry_backoff_s * 2**attempt * random.uniform(0.5, 1.5)
+                # Another endpoint is asked at once; the same one after a backoff, jittered
+                # so that streams failing together do not retry in lockstep.
+                backoff = 0.0
+                if not self.endpoints.has_untried(tried):
+                    backoff = self._retry_backoff_s * 2**attempt * random.uniform(0.5, 1.5)
                 out_of_time = deadline is not None and time.monotonic() + backoff >= deadline
-                if (
-                    not isinstance(translated, Unavailable)
-                    or attempt == self._retries
-                    or out_of_time
-                ):
+                if not unavailable or attempt == self._retries or out_of_time:
                     raise translated from None
+            else:
+                self.endpoints.finished(endpoint, OK)
+                return result
             metrics.TRITON_RETRIES.labels(kind=kind).inc()
             await asyncio.sleep(backoff)
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
         await self.model_health.close()
-        await self._client.close()
+        await self.endpoints.close()
 
     async def is_live(self) -> bool:
-        """Live, not ready: Triton's strict readiness is false while any one model fails
-        to load, which must not take every gateway out of service; requests ask per model."""
-        try:
-            return bool(await self._client.is_server_live(client_timeout=self._metadata_timeout_s))
-        except InferenceServerException:
-            return False
+        """Live while any endpoint is; live, not ready: Triton's strict readiness is false
+        while any one model fails to load, which must not take every gateway out of
+        service; requests ask per model. Its probes also move endpoints in and out of the
+        rotation."""
+        return await self.endpoints.check()
 
     async def repository(self, deadline: float | None = None) -> list[RepositoryEntry]:
-        async def call(timeout: float) -> dict:
-            return await self._client.get_model_repository_index(
-                as_json=True, client_timeout=timeout
-            )
+        async def call(client: Client, timeout: float) -> dict:
+            return await client.get_model_repository_index(as_json=True, client_timeout=timeout)
 
         index = await self._with_retries(call, "*", "metadata", deadline)
         return [
@@ -217,12 +234,10 @@ class TritonBackend:
         if cached and time.monotonic() - cached[0] < DESCRIPTION_TTL_S:
             return cached[1]
 
-        async def call(timeout: float) -> tuple[dict, dict]:
+        async def call(client: Client, timeout: float) -> tuple[dict, dict]:
             metadata, config = await asyncio.gather(
-                self._client.get_model_metadata(
-                    name, version, as_json=True, client_timeout=timeout
-                ),
-                self._client.get_model_config(name, version, as_json=True, client_timeout=timeout),
+                client.get_model_metadata(name, version, as_json=True, client_timeout=timeout),
+                client.get_model_config(name, version, as_json=True, client_timeout=timeout),
             )
             return metadata, config["config"]
 
@@ -245,38 +260,64 @@ class TritonBackend:
 
     async def _load(self, name: str, deadline: float | None) -> None:
         """Loads a model the settings name in load_on_demand (every version its
-        version_policy serves), once however many requests ask at the same time. Needs
-        --model-control-mode=explicit; a load that fails is Triton's reason, as for a model
-        that failed at the start."""
+        version_policy serves) on every endpoint in rotation that lacks it, once however
+        many requests ask at the same time. Needs --model-control-mode=explicit; a load
+        that fails is Triton's reason, as for a model that failed at the start. A load
+        that fails on some endpoints only is logged: the others serve, and a request that
+        finds an endpoint without the model loads it there again."""
         lock = self._loads.setdefault(name, asyncio.Lock())
         async with lock:
             timeout = self._default_timeout_s
             if deadline is not None:
                 timeout = max(0.001, min(timeout, deadline - time.monotonic()))
-            # A request that waited on the lock finds the model another one loaded.
-            if await self._client.is_model_ready(name, client_timeout=timeout):
-                return
-            logger.info("loading model %s on demand (setting load_on_demand)", name)
-            try:
-                await self._client.load_model(name, client_timeout=timeout)
-            except InferenceServerException as error:
-                raise FailedPrecondition(
-                    f"model {name!r} (load_on_demand) failed to load: {error.message()}"
-                ) from None
-            self._forget(name)
+            endpoints = self.endpoints.in_rotation()
+            results = await asyncio.gather(
+                *(self._load_on(endpoint, name, timeout) for endpoint in endpoints),
+                return_exceptions=True,
+            )
+            failures = [r for r in results if isinstance(r, BaseException)]
+            if len(failures) == len(results):
+                raise failures[0]
+            for failure in failures:
+                logger.warning("%s; the other Triton endpoints serve it", failure)
+            if any(r is True for r in results):
+                self._forget(name)
+
+    async def _load_on(self, endpoint: Endpoint, name: str, timeout: float) -> bool:
+        """Loads the model on one endpoint unless it is ready there: whether it loaded.
+        A request that waited on the lock finds the model another one loaded."""
+        where = self._where(endpoint)
+        client = endpoint.client
+        try:
+            if await client.is_model_ready(name, client_timeout=timeout):
+                return False
+            logger.info("loading model %s on demand (setting load_on_demand)%s", name, where)
+            await client.load_model(name, client_timeout=timeout)
+        except InferenceServerException as error:
+            translated = _translate(error, name, where)
+            if isinstance(translated, Unavailable):
+                self.endpoints.finished(endpoint, UNAVAILABLE)
+                raise translated from None
+            raise FailedPrecondition(
+                f"model {name!r} (load_on_demand) failed to load{where}: {error.message()}"
+            ) from None
+        self.endpoints.finished(endpoint, OK)
+        return True
 
     async def require_ready(self, model: ModelDescription, deadline: float | None) -> None:
         """Descriptions are cached; readiness is asked per request, so a model unloaded
         since, or sick, is refused before any work instead of failing every property."""
         self.model_health.refuse_if_sick(model.name)
 
-        async def call(timeout: float) -> bool:
-            return await self._client.is_model_ready(
-                model.name, model.version, client_timeout=timeout
-            )
+        async def call(client: Client, timeout: float) -> bool:
+            return await client.is_model_ready(model.name, model.version, client_timeout=timeout)
 
         if await self._with_retries(call, model.name, "metadata", deadline):
             return
+        if model.name in self._load_on_demand:  # an endpoint restarted or added lacks it
+            await self._load(model.name, deadline)
+            if await self._with_retries(call, model.name, "metadata", deadline):
+                return
         await self._raise_why_missing(model.name, model.version, deadline)
         raise FailedPrecondition(
             f"model {model.name!r} version {model.version} is not ready on Triton"
@@ -316,33 +357,57 @@ class TritonBackend:
         self._descriptions = {k: v for k, v in self._descriptions.items() if k[0] != name}
 
     async def _reload(self, name: str) -> None:
-        """Loads the model again, with its own config plus a changed marker parameter:
-        Triton skips a load whose files and config did not change, and a changed config
-        loads new instances while the old ones stay (the model never disappears, as it
-        would between an unload and a load). Needs --model-control-mode=explicit."""
-        response = await self._client.get_model_config(
+        """Loads the model again on every endpoint its last probe failed on (every one in
+        rotation when none is known), with its own config plus a changed marker
+        parameter: Triton skips a load whose files and config did not change, and a
+        changed config loads new instances while the old ones stay (the model never
+        disappears, as it would between an unload and a load). Needs
+        --model-control-mode=explicit."""
+        endpoints = self._failing.get(name) or self.endpoints.in_rotation()
+        results = await asyncio.gather(
+            *(self._reload_on(endpoint.client, name) for endpoint in endpoints),
+            return_exceptions=True,
+        )
+        self._forget(name)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _reload_on(self, client: Client, name: str) -> None:
+        response = await client.get_model_config(
             name, as_json=True, client_timeout=self._metadata_timeout_s
         )
         config = response["config"]
         marker = {"string_value": datetime.now(UTC).isoformat()}
         config.setdefault("parameters", {})[RESTORED_PARAMETER] = marker
-        await self._client.load_model(
+        await client.load_model(
             name, config=json.dumps(config), client_timeout=self._default_timeout_s
         )
-        self._forget(name)
 
     async def _probe(self, name: str) -> None:
-        """A real inference of tiny zero inputs of the model's declared types and ranks.
-        Its success, or the model's own error about those inputs (INTERNAL, not a worker
-        failure), shows that its worker answers; anything else raises."""
+        """A real inference of tiny zero inputs of the model's declared types and ranks,
+        on every endpoint in rotation. Its success, or the model's own error about those
+        inputs (INTERNAL, not a worker failure), shows that its worker answers; anything
+        else raises, and the endpoints it failed on are the next reload's."""
         model = await self.describe(name)
         batch = (1,) if model.max_batch_size > 0 else ()
         inputs = [
             triton_input(t.name, _zeros(t.datatype, (*batch, *(max(d, 1) for d in t.shape))))
             for t in model.inputs
         ]
+        endpoints = self.endpoints.in_rotation()
+        results = await asyncio.gather(
+            *(self._probe_on(endpoint.client, model, inputs) for endpoint in endpoints),
+            return_exceptions=True,
+        )
+        failed = [(e, r) for e, r in zip(endpoints, results, strict=True) if r is not None]
+        self._failing[name] = [endpoint for endpoint, _ in failed]
+        if failed:
+            raise failed[0][1]
+
+    async def _probe_on(self, client: Client, model: ModelDescription, inputs: list) -> None:
         try:
-            await self._request(model, inputs, (), self._default_timeout_s)
+            await self._request(client, model, inputs, (), self._default_timeout_s)
         except InferenceServerException as error:
             if _status_name(error) != "INTERNAL" or is_worker_failure(error.message() or ""):
                 raise
@@ -413,14 +478,20 @@ class TritonBackend:
         """Inference is idempotent, so retrying it is safe. Cancelling the awaiting task
         cancels the gRPC call, which Triton sees as a cancelled request."""
 
-        async def call(timeout: float) -> InferResult:
-            return await self._request(model, inputs, outputs, timeout, progress)
+        async def call(client: Client, timeout: float) -> InferResult:
+            return await self._request(client, model, inputs, outputs, timeout, progress)
 
         self.model_health.refuse_if_sick(model.name)
         started = time.perf_counter()
         outcome = "error"
         try:
-            result = await self._with_retries(call, model.name, kind, deadline)
+            try:
+                result = await self._with_retries(call, model.name, kind, deadline)
+            except NotFound:
+                if model.name not in self._load_on_demand:
+                    raise
+                await self._load(model.name, deadline)  # a Triton restarted or added lacks it
+                result = await self._with_retries(call, model.name, kind, deadline)
             outcome = "ok"
         except NotFound:  # unloaded since it was described
             await self._raise_why_missing(model.name, model.version, deadline)
@@ -436,6 +507,7 @@ class TritonBackend:
 
     async def _request(
         self,
+        client: Client,
         model: ModelDescription,
         inputs: list[InferInput],
         outputs: Sequence[str],
@@ -448,7 +520,7 @@ class TritonBackend:
         is the result. Failures are raised as a unary call raises them."""
         requested = [InferRequestedOutput(name) for name in outputs]
         if not model.decoupled:
-            return await self._client.infer(
+            return await client.infer(
                 model.name,
                 inputs,
                 model_version=model.version,
@@ -467,7 +539,7 @@ class TritonBackend:
                 "outputs": requested or None,
             }
 
-        stream = self._client.stream_infer(one_request(), stream_timeout=timeout)
+        stream = client.stream_infer(one_request(), stream_timeout=timeout)
         try:
             async for result, error in stream:
                 if error is not None:  # the model's own error, which a unary call gets as INTERNAL
