@@ -12,6 +12,7 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import pydantic
 import pytest
 from typer.testing import CliRunner
 
@@ -25,6 +26,7 @@ from propscope._target import (
     parse_target,
 )
 from propscope.cli import app
+from propscope.review.spec import ServiceSpec
 from propscope.v1 import explain_pb2, explain_pb2_grpc
 
 CASES = json.loads(
@@ -172,3 +174,16 @@ def test_cli_spreads_over_a_list_and_refuses_host_names(two_gateways) -> None:
     assert result.exit_code == 2
     assert result.stderr.startswith("propscope: error: --target (or $PROPSCOPE_TARGET): target ")
     assert "dns:///gw-a:1" in result.stderr and "Traceback" not in result.output
+
+
+def test_cli_with_every_gateway_down_asks_whether_they_run() -> None:
+    result = runner.invoke(app, ["models", "--target", "127.0.0.1:1,127.0.0.1:2", "--timeout", "5"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("propscope: error: 127.0.0.1:1,127.0.0.1:2: UNAVAILABLE")
+    assert "is the gateway running at 127.0.0.1:1,127.0.0.1:2?" in result.stderr
+
+
+def test_a_review_specs_target_is_checked_with_the_spec() -> None:
+    assert ServiceSpec(target="10.0.0.1:50051,10.0.0.2:50051").target.startswith("10.0.0.1")
+    with pytest.raises(pydantic.ValidationError, match="dns:///gw-a:1"):
+        ServiceSpec(target="gw-a:1,gw-b:1")

@@ -37,6 +37,7 @@ from propscope._preflight import (
 )
 from propscope._preprocessing import Preprocessing, read_class_labels
 from propscope._properties import Box, Property, parse_property, region_from, split_property
+from propscope._target import parse_target
 from propscope.review.image_set import (
     ImageEntry,
     image_entries,
@@ -103,10 +104,17 @@ class _Strict(BaseModel):
 
 
 class ServiceSpec(_Strict):
-    # The CLI's --target (or $PROPSCOPE_TARGET) overrides this.
+    # The CLI's --target (or $PROPSCOPE_TARGET) overrides this. Several gateways as the SDK
+    # takes them: dns:///NAME:PORT or IP:PORT,IP:PORT.
     target: str = "localhost:50051"
     # Deadline of each Explain call.
     timeout_s: float = Field(600.0, gt=0)
+
+    @field_validator("target")
+    @classmethod
+    def _usable(cls, value: str) -> str:
+        parse_target(value)  # a ValueError that says what to write
+        return value
 
 
 class PreprocessingSpec(_Strict):
