@@ -122,6 +122,9 @@ def observe(
     total = len(images) * len(models)
     completed = 0
     counting = threading.Lock()
+    # The service streams results as they finish; the review keeps the spec's order, so that
+    # two runs (or a sharded run's merge) write the same review.json.
+    order = {name: index for index, name in enumerate(spec.property_names)}
 
     def explain_image(image: ImageEntry) -> list[Observation]:
         nonlocal completed
@@ -130,6 +133,7 @@ def observe(
         observations = []
         for model in models:
             results = run.explain(image, encoded, model, properties, with_paths=False)
+            results.sort(key=lambda found: order.get(found.property_name, len(order)))
             observations += [observation_from_result(image.id, model.label, r) for r in results]
             with counting:
                 completed += 1

@@ -1,0 +1,125 @@
+"""A review sharded 3 ways (`propscope review SPEC --shard I/3`, the three shards at once) and
+merged (`propscope review merge`) gives exactly the reports, verdict and exit code of the
+unsharded run, through the running service; the merge's refusals are in
+tests/unit/test_review_shards.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.integration.test_review import EXAMPLES, review
+
+SHARDS = 3
+# 7 images: 4 circles and 3 squares; no_regression at alpha 0.05 needs at least 5.
+IMAGES = 7
+RULES = {
+    # The hue-biased candidate flips along every hue path and regresses against the unbiased
+    # model: exit code 1.
+    "failing": (
+        "synth_hue",
+        "synth_unbiased",
+        "  - {rule: no_regression, properties: [object_hue], tolerance: 0.1, margin: 0.002,"
+        " alpha: 0.05}\n"
+        "  - {rule: max_flip_rate, properties: [object_hue], max: 0.25}\n"
+        "  - {rule: min_accuracy, min: 0.8}\n"
+        "  - {rule: max_score, properties: [patch], max: 0.01}\n",
+    ),
+    # The reverse: the unbiased candidate stays within the hue-biased baseline's allowance.
+    "passing": (
+        "synth_unbiased",
+        "synth_hue",
+        "  - {rule: no_regression, properties: [object_hue], tolerance: 0.1, margin: 0.002,"
+        " alpha: 0.05}\n"
+        "  - {rule: max_score, properties: [patch], max: 0.01}\n",
+    ),
+}
+
+
+def write_spec(folder: Path, kind: str) -> Path:
+    candidate, baseline, rules = RULES[kind]
+    rows = (EXAMPLES / "manifest.csv").read_text().splitlines()[: IMAGES + 1]
+    (folder / "manifest.csv").write_text(
+        "\n".join(rows).replace("images/", f"{EXAMPLES}/images/") + "\n"
+    )
+    spec = folder / "spec.yaml"
+    spec.write_text(
+        f"candidate: {{name: {candidate}}}\n"
+        f"baseline: {{name: {baseline}}}\n"
+        "images: {manifest: manifest.csv}\n"
+        "properties:\n"
+        "  object_hue: 'procedural:operation=hue,region=object'\n"
+        "  patch: 'procedural:operation=blend'\n"
+        "explain: {steps: 20, seed: 0, permutations: 10000, alpha: 0.01}\n"
+        "strips: 2\n"
+        f"rules:\n{rules}"
+    )
+    return spec
+
+
+def shard_commands(spec: Path, target: str, out: Path) -> list[list[str]]:
+    return [
+        [
+            sys.executable, "-m", "propscope", "review", str(spec), "--target", target,
+            "--shard", f"{index}/{SHARDS}", "--out", str(out / f"shard-{index}"),
+        ]
+        for index in range(SHARDS)
+    ]  # fmt: skip
+
+
+def without_timings(out: Path) -> dict[str, object]:
+    """The reports with the seconds they state taken out."""
+    data = json.loads((out / "review.json").read_text())
+    del data["seconds"]
+    junit = re.sub(r' time="[^"]*"', "", (out / "junit.xml").read_text())
+    markdown = re.sub(r", [\d.]+ s\.", ", s.", (out / "review.md").read_text())
+    return {"json": data, "junit": junit, "markdown": markdown}
+
+
+@pytest.mark.parametrize(("kind", "exit_code"), [("failing", 1), ("passing", 0)])
+def test_a_review_sharded_3_ways_and_merged_is_the_unsharded_review(
+    live_stack, tmp_path, kind, exit_code
+):
+    spec = write_spec(tmp_path, kind)
+    cache = redis.Redis.from_url(live_stack.redis_url)
+    # Each run starts from an empty cache, so that their cache hits compare too.
+    cache.flushall()
+    whole = review(spec, live_stack.gateway, tmp_path / "whole")
+    assert whole.returncode == exit_code, whole.stdout + whole.stderr
+
+    cache.flushall()
+    running = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for command in shard_commands(spec, live_stack.gateway, tmp_path)
+    ]
+    for process in running:
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stdout + stderr
+        assert "partial result in" in stderr and stdout == ""
+    partials = [tmp_path / f"shard-{index}" / "review-partial.json" for index in range(SHARDS)]
+    covered = [json.loads(path.read_text())["covered"] for path in partials]
+    assert [len(images) for images in covered] == [3, 2, 2]
+
+    merge = [sys.executable, "-m", "propscope", "review", "merge", *map(str, partials)]
+    merged = subprocess.run(
+        [*merge, "--out", str(tmp_path / "merged")], capture_output=True, text=True, timeout=120
+    )
+    assert merged.returncode == exit_code, merged.stdout + merged.stderr
+
+    expected, found = without_timings(tmp_path / "whole"), without_timings(tmp_path / "merged")
+    assert found["json"] == expected["json"]
+    assert found["junit"] == expected["junit"]
+    assert found["markdown"] == expected["markdown"]
+    assert found["json"]["verdict"] == ("failed" if exit_code else "passed")
+    assert len(found["json"]["observations"]) == IMAGES * 2 * 2
+    # The strips of the merged set's highest scores, with their path images.
+    html = (tmp_path / "merged" / "review.html").read_text()
+    assert html.count("data:image/png;base64,") == (
+        (tmp_path / "whole" / "review.html").read_text().count("data:image/png;base64,")
+    )
