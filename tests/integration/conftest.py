@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -16,7 +17,7 @@ import tritonclient.grpc as triton_grpc
 from PIL import Image
 
 import propscope
-from propscope_dev import stack
+from propscope_dev import scale_out, stack
 from propscope_dev.stack import ExtraGateway, extra_gateway  # noqa: F401 - used by tests
 from propscope_server.synthetic.world import Scene, render
 
@@ -100,6 +101,17 @@ def live_stack(tmp_path_factory: pytest.TempPathFactory):
         yield info
     finally:
         stack.down(run_dir)
+
+
+@pytest.fixture(scope="session")
+def scaled_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[scale_out.ScaledStack]:
+    """Two Tritons, two gateways each wired to both, and a three-node Redis Cluster: the
+    scale-out tests share it (a start takes ~8 s) and restart its parts on the same ports."""
+    scaled = scale_out.up_scaled(tmp_path_factory.mktemp("scaled"), tritons=2, gateways=2)
+    try:
+        yield scaled
+    finally:
+        scaled.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,429 @@
+"""A scaled-out local stack: several Tritons, several gateways and a three-node Redis
+Cluster, as local processes on loopback. What the scale-out integration tests
+(`scaled_stack`), `propscope-dev up --tritons N` and bench/scale_out.py run.
+
+Each gateway reaches every Triton (PROPSCOPE_TRITON_URL="h:a,h:b") and the cluster
+through one seed node (REDIS_URL="redis+cluster://h:p"). Tritons serve a small
+repository of links to a few models of deploy/triton/models: every Python-backend
+stub imports torch, which costs seconds of a start on 2 cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+from grpc_health.v1 import health_pb2
+
+from propscope_dev.stack import (
+    DEFAULT_MODEL_REPOSITORY,
+    DEFAULT_PREPROCESSING,
+    StackStartError,
+    _alive,
+    _stop_groups,
+    free_port,
+    start_gateway,
+    start_timeout_s,
+    wait_for_port,
+)
+from propscope_dev.triton_launcher import TritonPorts, start_triton, wait_for, wait_for_models
+from propscope_server.health import health_status
+
+# The editor the tests edit with and one classifier: a start of two Tritons takes ~5 s.
+SCALE_OUT_MODELS = ("procedural", "synth_hue")
+CLUSTER_SLOTS = 16384
+# How long a cluster node may be silent before the others mark it failed: short, so
+# that a stopped node is noticed in seconds (Redis's default is 15 s).
+CLUSTER_NODE_TIMEOUT_MS = 2000
+STOP_TIMEOUT_S = 15.0
+
+
+@dataclass
+class _Process:
+    """One process of the stack and what restarts it on the same ports."""
+
+    name: str
+    log_file: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and _alive(self.process.pid)
+
+
+@dataclass
+class ScaledStack:
+    """Addresses of a running scaled-out stack, and the faults tests inject into it:
+    `stop_*(i)` stops one process (its Python stubs included), `start_*(i)` starts it
+    again on the same ports and returns once it serves again."""
+
+    gateways: list[str]  # host:port
+    gateway_metrics: list[str]  # http://.../metrics
+    tritons: list[str]  # gRPC host:port
+    triton_metrics: list[str]  # http://.../metrics
+    redis_nodes: list[str]  # host:port
+    redis_url: str  # redis+cluster://<first node>
+    triton_http: list[str]  # http://host:port (repository index, model loads)
+    run_dir: Path
+    _triton_ports: list[TritonPorts] = field(repr=False)
+    _redis_bus_ports: list[int] = field(repr=False)
+    _tritons: list[_Process] = field(repr=False)
+    _redis: list[_Process] = field(repr=False)
+    _gateways: list[_Process] = field(repr=False)
+    timeout_s: float = 300.0
+
+    def stop_triton(self, index: int) -> None:
+        """Stop Triton `index` (SIGTERM, SIGKILL after STOP_TIMEOUT_S) and its stubs."""
+        _stop(self._tritons[index])
+
+    def start_triton(self, index: int) -> None:
+        """Start Triton `index` again on its ports (a no-op when it runs); returns when
+        its models are loaded and its gRPC port accepts."""
+        entry = self._tritons[index]
+        if not entry.running:
+            entry.process = _launch_triton(self.run_dir, index, self._triton_ports[index])
+        _wait_for_triton(entry, self._triton_ports[index], self.timeout_s)
+
+    def stop_redis(self, index: int) -> None:
+        """Stop cluster node `index`; its keys are lost (no persistence), its slots stay
+        assigned to it, so the other nodes keep serving theirs."""
+        _stop(self._redis[index])
+
+    def start_redis(self, index: int) -> None:
+        """Start cluster node `index` again on its port (a no-op when it runs); it rejoins
+        from its nodes.conf with its slots. Returns when every node sees all of it and
+        reports cluster_state:ok."""
+        entry = self._redis[index]
+        if not entry.running:
+            entry.process = _launch_redis(
+                self.run_dir, _port(self.redis_nodes[index]), self._redis_bus_ports[index]
+            )
+        _wait_for_cluster(self.redis_nodes, [entry], self.timeout_s)
+
+    def close(self) -> None:
+        """Stop every process the stack started (all at once, each with its group)."""
+        _stop_groups(
+            [
+                entry.process.pid
+                for entry in (*self._gateways, *self._tritons, *self._redis)
+                if entry.process is not None
+            ],
+            STOP_TIMEOUT_S,
+        )
+        for entry in (*self._gateways, *self._tritons, *self._redis):
+            entry.process = None
+
+    def pids(self) -> list[int]:
+        """The running processes' ids (their groups hold the Python stubs)."""
+        return [
+            entry.process.pid
+            for entry in (*self._gateways, *self._tritons, *self._redis)
+            if entry.running and entry.process is not None
+        ]
+
+
+def model_repository(run_dir: Path, models: tuple[str, ...] = SCALE_OUT_MODELS) -> Path:
+    """A repository of links to `models` of deploy/triton/models. A classifier finds its
+    weights relative to its folder, which the link resolves to the real one."""
+    repository = run_dir / "models"
+    repository.mkdir(parents=True, exist_ok=True)
+    for name in models:
+        source = DEFAULT_MODEL_REPOSITORY / name
+        if not source.is_dir():
+            raise StackStartError(f"no model {name!r} in {DEFAULT_MODEL_REPOSITORY}")
+        link = repository / name
+        if not link.is_symlink():
+            link.symlink_to(source.resolve(), target_is_directory=True)
+    return repository
+
+
+def up_scaled(
+    run_dir: Path,
+    tritons: int = 2,
+    gateways: int = 2,
+    redis_nodes: int = 3,
+    gateway_env: dict[str, str] | None = None,
+    timeout_s: float | None = None,
+) -> ScaledStack:
+    """Start `tritons` Tritons, a Redis Cluster of `redis_nodes` masters and `gateways`
+    gateways wired to all of them, on free loopback ports; returns once every gateway
+    reports SERVING, or raises StackStartError after `timeout_s` (default:
+    PROPSCOPE_START_TIMEOUT_S or 300 s). However it fails, nothing it started is left
+    running."""
+    timeout_s = start_timeout_s(os.environ) if timeout_s is None else timeout_s
+    if tritons < 1 or gateways < 1:
+        raise StackStartError("a scaled stack needs at least one Triton and one gateway")
+    if redis_nodes < 3:
+        raise StackStartError(
+            f"a Redis Cluster needs at least 3 masters (redis-cli --cluster create), "
+            f"got redis_nodes={redis_nodes}"
+        )
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        raise StackStartError("a scaled stack needs redis-server and redis-cli (make setup)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_repository(run_dir)
+    deadline = time.monotonic() + timeout_s
+    ports = [TritonPorts(free_port(), free_port(), free_port()) for _ in range(tritons)]
+    redis_ports = [free_port() for _ in range(redis_nodes)]
+    bus_ports = [free_port() for _ in range(redis_nodes)]
+    stack = ScaledStack(
+        gateways=[],
+        gateway_metrics=[],
+        tritons=[f"127.0.0.1:{p.grpc}" for p in ports],
+        triton_metrics=[f"http://127.0.0.1:{p.metrics}/metrics" for p in ports],
+        redis_nodes=[f"127.0.0.1:{port}" for port in redis_ports],
+        redis_url=f"redis+cluster://127.0.0.1:{redis_ports[0]}",
+        triton_http=[f"http://127.0.0.1:{p.http}" for p in ports],
+        run_dir=run_dir,
+        _triton_ports=ports,
+        _redis_bus_ports=bus_ports,
+        _tritons=[_Process(f"triton-{i}", _triton_log(run_dir, i)) for i in range(tritons)],
+        _redis=[_Process(f"redis-{p}", run_dir / f"redis-{p}.log") for p in redis_ports],
+        _gateways=[],
+        timeout_s=timeout_s,
+    )
+    try:
+        for index, entry in enumerate(stack._tritons):
+            entry.process = _launch_triton(run_dir, index, ports[index])
+        for entry, port, bus_port in zip(stack._redis, redis_ports, bus_ports, strict=True):
+            entry.process = _launch_redis(run_dir, port, bus_port)
+        for entry, port in zip(stack._redis, redis_ports, strict=True):
+            wait_for_port(port, entry.process, _left(deadline), f"redis-server on port {port}")
+        _create_cluster(stack.redis_nodes, run_dir / "cluster-create.log")
+        _wait_for_cluster(stack.redis_nodes, stack._redis, _left(deadline))
+        for index, entry in enumerate(stack._tritons):
+            _wait_for_triton(entry, ports[index], _left(deadline))
+        for _ in range(gateways):
+            _add_gateway(stack, gateway_env or {})
+        for entry, target in zip(stack._gateways, stack.gateways, strict=True):
+            _wait_serving(target, entry, _left(deadline))
+    except BaseException:
+        stack.close()
+        raise
+    (run_dir / "scaled.json").write_text(
+        json.dumps(
+            {
+                "gateways": stack.gateways,
+                "gateway_metrics": stack.gateway_metrics,
+                "tritons": stack.tritons,
+                "triton_metrics": stack.triton_metrics,
+                "redis_nodes": stack.redis_nodes,
+                "redis_url": stack.redis_url,
+                "pids": stack.pids(),
+            },
+            indent=2,
+        )
+    )
+    return stack
+
+
+def down_scaled(run_dir: Path) -> dict | None:
+    """Stop the scaled stack recorded in `run_dir` (by `propscope-dev up --tritons ...`)."""
+    state = run_dir / "scaled.json"
+    if not state.exists():
+        return None
+    try:
+        recorded = json.loads(state.read_text())
+    except ValueError:
+        recorded = {"pids": []}
+    _stop_groups([pid for pid in recorded.get("pids", []) if _ours(pid)], STOP_TIMEOUT_S)
+    state.unlink()
+    return recorded
+
+
+def _ours(pid: int) -> bool:
+    """A recorded pid still runs one of the stack's programs (not a reused pid)."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+    return any(marker in command for marker in ("tritonserver", "redis-server", "propscope_server"))
+
+
+def _triton_log(run_dir: Path, index: int) -> Path:
+    return run_dir / f"triton-{index}.log"
+
+
+def _launch_triton(run_dir: Path, index: int, ports: TritonPorts) -> subprocess.Popen:
+    return start_triton(
+        run_dir / "models",
+        ports,
+        run_dir / "triton-cache",
+        _triton_log(run_dir, index),
+        new_session=True,
+        models=SCALE_OUT_MODELS,
+    )
+
+
+def _wait_for_triton(entry: _Process, ports: TritonPorts, timeout_s: float) -> None:
+    try:
+        models = wait_for_models(f"http://127.0.0.1:{ports.http}", entry.process, timeout_s)
+        wait_for_port(ports.grpc, entry.process, timeout_s, f"{entry.name} gRPC")
+    except (RuntimeError, TimeoutError) as error:
+        raise StackStartError(f"{entry.name}: {error} (log {entry.log_file})") from None
+    failed = {m.name: m.reason for m in models if m.state != "READY"}
+    if failed:
+        raise StackStartError(f"{entry.name} could not load {failed} (log {entry.log_file})")
+
+
+def _launch_redis(run_dir: Path, port: int, bus_port: int) -> subprocess.Popen:
+    """A cluster-mode redis-server whose node state (nodes.conf) lives in its own folder,
+    so a restart on the same ports rejoins with the same id and slots. The cluster bus
+    port is chosen, not Redis's port + 10000, which may be taken or past 65535."""
+    node_dir = run_dir / f"redis-{port}"
+    node_dir.mkdir(exist_ok=True)
+    command = [
+        str(shutil.which("redis-server")),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(node_dir),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--maxmemory",
+        "256mb",
+        "--maxmemory-policy",
+        "allkeys-lru",
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        "--cluster-port",
+        str(bus_port),
+        "--cluster-node-timeout",
+        str(CLUSTER_NODE_TIMEOUT_MS),
+        "--cluster-require-full-coverage",
+        "no",
+    ]
+    with open(run_dir / f"redis-{port}.log", "ab") as log:
+        return subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _create_cluster(nodes: list[str], log_file: Path) -> None:
+    """`redis-cli --cluster create`: the slots split evenly over the nodes, no replicas."""
+    command = [
+        str(shutil.which("redis-cli")),
+        "--cluster",
+        "create",
+        *nodes,
+        "--cluster-replicas",
+        "0",
+        "--cluster-yes",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    log_file.write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        last = (result.stdout + result.stderr).strip().splitlines()[-1:] or ["no output"]
+        raise StackStartError(f"redis-cli --cluster create failed: {last[0]} (log {log_file})")
+
+
+def cluster_view(node: str) -> tuple[dict[str, str], list[list[str]]] | None:
+    """A node's CLUSTER INFO fields and CLUSTER NODES lines (split on blanks); None while
+    it does not answer."""
+    host, port = node.rsplit(":", 1)
+    client = redis.Redis(host=host, port=int(port), socket_timeout=1.0, decode_responses=True)
+    try:
+        info = str(client.execute_command("CLUSTER", "INFO"))
+        nodes = str(client.execute_command("CLUSTER", "NODES"))
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+    fields = dict(line.strip().split(":", 1) for line in info.splitlines() if ":" in line)
+    return fields, [line.split() for line in nodes.splitlines() if line.strip()]
+
+
+def cluster_whole(nodes: list[str]) -> bool:
+    """Every node answers, reports cluster_state:ok with all slots assigned, and sees
+    every node connected and not failing."""
+    for node in nodes:
+        view = cluster_view(node)
+        if view is None:
+            return False
+        info, lines = view
+        if info.get("cluster_state") != "ok" or info.get("cluster_slots_assigned") != str(
+            CLUSTER_SLOTS
+        ):
+            return False
+        if len(lines) != len(nodes) or any(
+            "fail" in line[2] or line[7] != "connected" for line in lines
+        ):
+            return False
+    return True
+
+
+def _wait_for_cluster(nodes: list[str], processes: list[_Process], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cluster_whole(nodes):
+        for entry in processes:
+            if entry.process is not None and entry.process.poll() is not None:
+                raise StackStartError(
+                    f"{entry.name} exited with code {entry.process.returncode} "
+                    f"(log {entry.log_file})"
+                )
+        if time.monotonic() > deadline:
+            raise StackStartError(
+                f"the Redis Cluster {nodes} not whole after {timeout_s:.0f} s "
+                f"(logs {processes[0].log_file.parent}/redis-*.log)"
+            )
+        time.sleep(0.1)
+
+
+def _add_gateway(stack: ScaledStack, gateway_env: dict[str, str]) -> None:
+    port, metrics_port = free_port(), free_port()
+    env = {
+        "PROPSCOPE_LISTEN_ADDRESS": f"127.0.0.1:{port}",
+        "PROPSCOPE_TRITON_URL": ",".join(stack.tritons),
+        "REDIS_URL": stack.redis_url,
+        "PROPSCOPE_METRICS_PORT": str(metrics_port),
+        "PROPSCOPE_PREPROCESSING_FILE": str(DEFAULT_PREPROCESSING),
+        "PROPSCOPE_HEALTH_POLL_S": "0.5",
+        **gateway_env,
+    }
+    entry = _Process(f"gateway-{port}", stack.run_dir / f"gateway-{port}.log")
+    entry.process = start_gateway(env, entry.log_file)
+    stack._gateways.append(entry)
+    stack.gateways.append(f"127.0.0.1:{port}")
+    stack.gateway_metrics.append(f"http://127.0.0.1:{metrics_port}/metrics")
+
+
+def _wait_serving(target: str, entry: _Process, timeout_s: float) -> None:
+    """Until the gateway's health check says SERVING (it has reached a Triton)."""
+    try:
+        wait_for(
+            lambda: health_status(target, timeout_s=1.0) == health_pb2.HealthCheckResponse.SERVING,
+            entry.process,
+            f"the gateway at {target}",
+            timeout_s,
+            0.2,
+        )
+    except (RuntimeError, TimeoutError) as error:
+        raise StackStartError(f"{error} (log {entry.log_file})") from None
+
+
+def _stop(entry: _Process) -> None:
+    if entry.process is not None:
+        _stop_groups([entry.process.pid], STOP_TIMEOUT_S)
+        entry.process = None
+
+
+def _port(node: str) -> int:
+    return int(node.rsplit(":", 1)[1])
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise StackStartError("the scaled stack did not start in time")
+    return left
