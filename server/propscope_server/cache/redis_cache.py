@@ -217,16 +217,24 @@ class RedisArtefactCache:
         return answered
 
     async def _ping_cluster(self, cluster: RedisCluster) -> bool:
-        """Reads the slot map again when a failure marked it stale (a node that came
-        back or a replica promoted), then pings each primary directly: a node that
-        does not answer is skipped alone, without making the client re-read the map."""
+        """Reads the slot map again while a node is out (a replica promoted in its place
+        takes its slots: the lookups skipped for it go there), then pings each primary
+        directly: a node that does not answer is skipped alone."""
         try:
-            await asyncio.wait_for(cluster.initialize(), self._timeout_s)
+            if any(self._outages):
+                await asyncio.wait_for(cluster.nodes_manager.initialize(), self._timeout_s)
+            else:
+                await asyncio.wait_for(cluster.initialize(), self._timeout_s)
         except CACHE_ERRORS as error:
             self._failed("ping", error, EVERYWHERE)
             return False
         self._recovered(EVERYWHERE)
-        answers = await asyncio.gather(*(self._ping_node(node) for node in cluster.get_primaries()))
+        primaries = cluster.get_primaries()
+        for gone in self._outages - {node.name for node in primaries} - {EVERYWHERE}:
+            logger.info("cache node %s holds no slots any more; its outage is over", gone)
+            self._outages.discard(gone)
+            self._skip_until.pop(gone, None)
+        answers = await asyncio.gather(*(self._ping_node(node) for node in primaries))
         return all(answers)
 
     async def _ping_node(self, node: ClusterNode) -> bool:
