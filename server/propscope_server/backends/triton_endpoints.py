@@ -226,6 +226,8 @@ class TritonEndpoints:
             if not self._resolution_due():
                 return
             self._resolved_at = self._clock()
+            retired, self._retired = self._retired, []
+            await asyncio.gather(*(client.close() for client in retired))
             try:
                 addresses = await self._resolver(self.target.dns_host, self.target.dns_port)
             except OSError as error:
@@ -236,8 +238,6 @@ class TritonEndpoints:
             if not addresses and self._endpoints:
                 logger.warning("%s: %s resolved to no address", SETTING, self.url)
                 return
-            retired, self._retired = self._retired, []
-            await asyncio.gather(*(client.close() for client in retired))
             self._update(addresses)
 
     def _resolution_due(self) -> bool:
