@@ -188,6 +188,23 @@ async def test_a_plain_url_at_a_cluster_node_turns_the_cache_off_naming_the_fix(
         await redirected.close()
 
 
+def test_a_gateway_given_a_cluster_url_for_a_single_redis_serves_uncached_saying_why(
+    live_stack, tmp_path
+):
+    """The session stack's Redis is a single one: the gateway starts and serves, its
+    cache health says NOT_SERVING, and its log names REDIS_URL and the fix."""
+    url = live_stack.redis_url.replace("redis://", "redis+cluster://", 1)
+    with stack.extra_gateway(live_stack, tmp_path, REDIS_URL=url) as gateway:
+        assert health_status(gateway.target) == SERVING
+        assert health_status(gateway.target, "propscope.cache") == NOT_SERVING
+        image = scene_png(hue_deg=97.0, radius_px=12.0)
+        with propscope.Client(gateway.target, timeout=300) as client:
+            twice = [explain_hue(client, image) for _ in range(2)]
+        assert [(r.cache_hits, r.cache_misses) for r in twice] == [(0, SAMPLES)] * 2
+    errors = [line for line in gateway.log_file.read_text().splitlines() if "ERROR" in line]
+    assert any("REDIS_URL" in line and "redis://host:port/0" in line for line in errors)
+
+
 async def test_an_unreachable_cluster_only_costs_misses():
     """Not a wrong URL: Redis may come later, and the cache with it."""
     cache = RedisArtefactCache(f"redis+cluster://127.0.0.1:{stack.free_port()}", 60, 0.5, 3600)
