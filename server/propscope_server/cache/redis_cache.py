@@ -37,22 +37,23 @@ MAX_VALUE_BYTES = 32 * 1024 * 1024
 # The scope of an outage that is not one cluster node's: one Redis, or the whole cluster.
 EVERYWHERE = ""
 
+# A URL of the wrong kind: what the ERROR line says, once.
 PLAIN_URL_AT_CLUSTER = (
-    "REDIS_URL {url} is a plain Redis URL but the server is a Redis Cluster node "
-    "({evidence}); write it as redis+cluster://host:port "
-    "(rediss+cluster:// for TLS). The cache is off until the gateway restarts with that URL"
+    "REDIS_URL {url} is a plain Redis URL but the server is a Redis Cluster node ({evidence}); "
+    "write it as redis+cluster://host:port (rediss+cluster:// for TLS). "
+    "The cache is off until the gateway restarts with that URL"
 )
 CLUSTER_URL_AT_PLAIN = (
     "REDIS_URL {url} is a Redis Cluster URL but the server has cluster mode disabled "
-    "({evidence}); "
-    "write it as redis://host:port/0 (rediss:// for TLS), or point it at a cluster node. "
-    "The cache is off until the gateway restarts with that URL"
+    "({evidence}); write it as redis://host:port/0 (rediss:// for TLS), or point it at a "
+    "cluster node. The cache is off until the gateway restarts with that URL"
 )
 
 
 def connect(target: RedisTarget, timeout_s: float) -> aioredis.Redis | RedisCluster:
-    """One retry after a connection failure: it re-reads the slot map, so a key whose
-    primary failed over is found on the new one; more only spend the cache timeout."""
+    """The client for `target`. In a cluster, one retry after a connection failure: it
+    re-reads the slot map, so a key whose primary failed over is found on the new one;
+    more would only spend the cache timeout."""
     if not target.cluster:
         return aioredis.from_url(
             target.url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
