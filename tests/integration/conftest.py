@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from propscope_dev import scale_out, stack
 from propscope_dev.stack import ExtraGateway, extra_gateway  # noqa: F401 - used by tests
 from propscope_server.synthetic.world import Scene, render
 
+NODE_CLIENT = Path(__file__).resolve().parents[2] / "client" / "node"
 # Small enough that the limit tests need no huge payloads.
 SMALL_LIMITS = {
     "PROPSCOPE_LIMITS__MAX_IMAGE_BYTES": str(300_000),
@@ -112,6 +115,20 @@ def scaled_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[scale_out
         yield scaled
     finally:
         scaled.close()
+
+
+@pytest.fixture(scope="session")
+def npm() -> str:
+    """npm, with the Node client installed and built once for the session (test_node_client
+    and test_scale_out_clients drive it)."""
+    found = shutil.which("npm")
+    assert found, "npm is not on PATH: the Node client needs Node 20 and npm"
+    assert (NODE_CLIENT / "node_modules").is_dir(), "client/node is not installed: run make setup"
+    built = subprocess.run(
+        [found, "run", "build"], cwd=NODE_CLIENT, capture_output=True, text=True, timeout=300
+    )
+    assert built.returncode == 0, f"npm run build failed:\n{built.stdout}\n{built.stderr}"
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -104,16 +104,6 @@ def _run(command: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess
     return finished
 
 
-@pytest.fixture(scope="module")
-def npm() -> str:
-    """npm, with the client installed and built once for the module."""
-    found = shutil.which("npm")
-    assert found, "npm is not on PATH: the Node client needs Node 20 and npm"
-    assert (NODE_CLIENT / "node_modules").is_dir(), "client/node is not installed: run make setup"
-    _run([found, "run", "build"], NODE_CLIENT, timeout=300)
-    return found
-
-
 def test_the_node_client_passes_its_tests_against_the_live_service(live_stack, npm):
     _run(
         ["node", "--test", "dist/test/"],

@@ -16,8 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import propscope
 from propscope_dev.scale_out import ScaledStack
-from tests.integration.conftest import SAMPLE
-from tests.integration.test_node_client import NODE_CLIENT, npm  # noqa: F401 (a fixture)
+from tests.integration.conftest import NODE_CLIENT, SAMPLE
 
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 LIST_MODELS = {"grpc_service": "propscope.v1.ExplainService", "grpc_method": "ListModels"}
@@ -91,7 +90,7 @@ def test_one_sdk_client_spreads_its_calls_over_both_gateways(
 
 def test_one_node_client_spreads_its_calls_over_both_gateways(
     scaled_stack: ScaledStack,
-    npm: str,  # noqa: F811 (the fixture)
+    npm: str,
     tmp_path: Path,
 ) -> None:
     before = handled(scaled_stack, LIST_MODELS)
