@@ -1,7 +1,7 @@
-"""A review sharded 3 ways (`propscope review SPEC --shard I/3`, the three shards at once) and
-merged (`propscope review merge`) gives exactly the reports, verdict and exit code of the
-unsharded run, through the running service; the merge's refusals are in
-tests/unit/test_review_shards.py."""
+"""A review sharded 3 ways (`propscope review SPEC --shard I/3`, the three shards at once, or
+the Python API's run_shard) and merged (`propscope review merge`) gives exactly the reports,
+verdict and exit code of the unsharded run, through the running service; the merge's refusals
+are in tests/unit/test_review_shards.py."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
+import propscope
+from propscope.review import Shard, load_spec, run_shard
 from tests.integration.test_review import EXAMPLES, review
 
 SHARDS = 3
@@ -82,9 +84,32 @@ def without_timings(out: Path) -> dict[str, object]:
     return {"json": data, "junit": junit, "markdown": markdown}
 
 
-@pytest.mark.parametrize(("kind", "exit_code"), [("failing", 1), ("passing", 0)])
+def run_shards_by_cli(spec: Path, target: str, out: Path) -> None:
+    """The three shards at once, as an Indexed Job runs them."""
+    running = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for command in shard_commands(spec, target, out)
+    ]
+    for process in running:
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stdout + stderr
+        assert "partial result in" in stderr and stdout == ""
+
+
+def run_shards_in_process(spec: Path, target: str, out: Path) -> None:
+    """The three shards one after the other through the Python API (no interpreter to start)."""
+    loaded, images = load_spec(spec)
+    with propscope.Client(target, timeout=300) as client:
+        for index in range(SHARDS):
+            run_shard(loaded, images, client, Shard(index, SHARDS)).write(out / f"shard-{index}")
+
+
+@pytest.mark.parametrize(
+    ("kind", "exit_code", "run_shards"),
+    [("failing", 1, run_shards_by_cli), ("passing", 0, run_shards_in_process)],
+)
 def test_a_review_sharded_3_ways_and_merged_is_the_unsharded_review(
-    live_stack, tmp_path, kind, exit_code
+    live_stack, tmp_path, kind, exit_code, run_shards
 ):
     spec = write_spec(tmp_path, kind)
     cache = redis.Redis.from_url(live_stack.redis_url)
@@ -94,14 +119,7 @@ def test_a_review_sharded_3_ways_and_merged_is_the_unsharded_review(
     assert whole.returncode == exit_code, whole.stdout + whole.stderr
 
     cache.flushall()
-    running = [
-        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for command in shard_commands(spec, live_stack.gateway, tmp_path)
-    ]
-    for process in running:
-        stdout, stderr = process.communicate(timeout=300)
-        assert process.returncode == 0, stdout + stderr
-        assert "partial result in" in stderr and stdout == ""
+    run_shards(spec, live_stack.gateway, tmp_path)
     partials = [tmp_path / f"shard-{index}" / "review-partial.json" for index in range(SHARDS)]
     covered = [json.loads(path.read_text())["covered"] for path in partials]
     assert [len(images) for images in covered] == [3, 2, 2]
@@ -111,6 +129,7 @@ def test_a_review_sharded_3_ways_and_merged_is_the_unsharded_review(
         [*merge, "--out", str(tmp_path / "merged")], capture_output=True, text=True, timeout=120
     )
     assert merged.returncode == exit_code, merged.stdout + merged.stderr
+    assert merged.stdout == (tmp_path / "merged" / "review.md").read_text()
 
     expected, found = without_timings(tmp_path / "whole"), without_timings(tmp_path / "merged")
     assert found["json"] == expected["json"]
