@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -181,10 +182,15 @@ class ReviewPartial:
         )
 
     def write(self, out_dir: Path) -> Path:
-        """Writes ``out_dir``/review-partial.json (the folder created if missing)."""
+        """Writes ``out_dir``/review-partial.json (the folder created if missing); ``OSError``
+        when it cannot."""
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / PARTIAL_FILE
-        path.write_text(json.dumps(self.to_dict(), allow_nan=False) + "\n", encoding="utf-8")
+        # Written beside and then renamed: a pod killed while writing leaves no half a partial
+        # for the merge to find.
+        part = path.with_name(f".{PARTIAL_FILE}.{os.getpid()}")
+        part.write_text(json.dumps(self.to_dict(), allow_nan=False) + "\n", encoding="utf-8")
+        os.replace(part, path)
         return path
 
 
