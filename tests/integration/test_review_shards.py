@@ -31,7 +31,10 @@ RULES = {
         " alpha: 0.05}\n"
         "  - {rule: max_flip_rate, properties: [object_hue], max: 0.25}\n"
         "  - {rule: min_accuracy, min: 0.8}\n"
-        "  - {rule: max_score, properties: [patch], max: 0.01}\n",
+        "  - {rule: max_score, properties: [patch], max: 0.01}\n"
+        # RISE maps of few masks: the shares and overlays go through the partials too.
+        "  - {rule: max_attribution_share, name: corner, region: {box: [0.75, 0.75, 1, 1]},"
+        " max: 0.5, attribution: {method: rise, nb_samples: 64, grid_size: 4, seed: 0}}\n",
     ),
     # The reverse: the unbiased candidate stays within the hue-biased baseline's allowance.
     "passing": (
@@ -137,6 +140,7 @@ def test_a_review_sharded_3_ways_and_merged_is_the_unsharded_review(
     assert found["markdown"] == expected["markdown"]
     assert found["json"]["verdict"] == ("failed" if exit_code else "passed")
     assert len(found["json"]["observations"]) == IMAGES * 2 * 2
+    assert len(found["json"]["attributions"]) == (IMAGES if kind == "failing" else 0)
     # The strips of the merged set's highest scores, with their path images.
     html = (tmp_path / "merged" / "review.html").read_text()
     assert html.count("data:image/png;base64,") == (
