@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from propscope_dev import stack
+from propscope_dev import scale_out, stack
 from propscope_dev.triton_launcher import (
     TritonPorts,
     start_triton,
@@ -79,11 +79,24 @@ def up(
         help=f"seconds the whole start may take (unset: {stack.DEFAULT_START_TIMEOUT_S:.0f})",
     ),
     restart: bool = typer.Option(False, help="restart a stack that is already running"),
+    tritons: int = typer.Option(
+        1, min=1, help="scaled out: this many Tritons (procedural and synth_hue only)"
+    ),
+    gateways: int = typer.Option(
+        1, min=1, help="scaled out: this many gateways, each on every Triton"
+    ),
+    redis_cluster: int = typer.Option(
+        0, min=0, help="scaled out: a Redis Cluster of this many masters (at least 3)"
+    ),
 ) -> None:
     """Start Triton, Redis and the gateway in the background, or reuse the healthy
     stack already running from `run_dir` for the same settings. The caller's
     PROPSCOPE_* variables and REDIS_URL configure the gateway; up's own values only
-    fill gaps."""
+    fill gaps. With --tritons, --gateways or --redis-cluster: a scaled-out stack on
+    free ports instead (always started afresh)."""
+    if tritons > 1 or gateways > 1 or redis_cluster:
+        _up_scaled(run_dir, tritons, gateways, redis_cluster, timeout)
+        return
     repositories = tuple(model_repository)
     for problem in stack.check_models(repositories):
         typer.echo(f"warning: {problem.warning()}", err=True)
@@ -134,11 +147,37 @@ def _report_unavailable(unavailable: dict[str, str]) -> None:
         typer.echo(f"model {name} UNAVAILABLE: {reason or 'no reason given'}")
 
 
+def _up_scaled(
+    run_dir: Path, tritons: int, gateways: int, redis_cluster: int, timeout: float | None
+) -> None:
+    if redis_cluster < 3:
+        typer.echo(
+            f"propscope-dev up: --redis-cluster {redis_cluster}: a scaled-out stack needs a "
+            "Redis Cluster of at least 3 masters (--redis-cluster 3)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    stack.down(run_dir)
+    scale_out.down_scaled(run_dir)
+    try:
+        scaled = scale_out.up_scaled(run_dir, tritons, gateways, redis_cluster, timeout_s=timeout)
+    except stack.StackStartError as error:
+        typer.echo(f"propscope-dev up: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"propscope gateways {','.join(scaled.gateways)}")
+    typer.echo(f"gateway metrics    {' '.join(scaled.gateway_metrics)}")
+    typer.echo(f"Tritons (gRPC)     {','.join(scaled.tritons)}")
+    typer.echo(f"Triton metrics     {' '.join(scaled.triton_metrics)}")
+    typer.echo(f"path cache         {scaled.redis_url}")
+    typer.echo(f"logs               {run_dir}/*.log; stop with `{stop_command(run_dir)}`")
+
+
 @app.command()
 def down(run_dir: Path = RUN_DIR) -> None:
-    """Stop what `up` started."""
+    """Stop what `up` started (a scaled-out stack too)."""
     info = stack.down(run_dir)
-    typer.echo("stack stopped" if info else "no stack running")
+    scaled = scale_out.down_scaled(run_dir)
+    typer.echo("stack stopped" if info or scaled else "no stack running")
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ class ScaledStack:
     _redis: list[_Process] = field(repr=False)
     _gateways: list[_Process] = field(repr=False)
     timeout_s: float = 300.0
+    models: tuple[str, ...] = SCALE_OUT_MODELS
 
     def stop_triton(self, index: int) -> None:
         """Stop Triton `index` (SIGTERM, SIGKILL after STOP_TIMEOUT_S) and its stubs."""
@@ -86,7 +87,9 @@ class ScaledStack:
         its models are loaded and its gRPC port accepts."""
         entry = self._tritons[index]
         if not entry.running:
-            entry.process = _launch_triton(self.run_dir, index, self._triton_ports[index])
+            entry.process = _launch_triton(
+                self.run_dir, index, self._triton_ports[index], self.models
+            )
         _wait_for_triton(entry, self._triton_ports[index], self.timeout_s)
 
     def stop_redis(self, index: int) -> None:
@@ -104,6 +107,14 @@ class ScaledStack:
                 self.run_dir, _port(self.redis_nodes[index]), self._redis_bus_ports[index]
             )
         _wait_for_cluster(self.redis_nodes, [entry], self.timeout_s)
+
+    def add_gateway(self, **settings: str) -> int:
+        """One more gateway on this stack, `settings` (PROPSCOPE_* variables) over the
+        usual wiring (PROPSCOPE_TRITON_URL="<one Triton>" to compare with one endpoint);
+        returns its index once it reports SERVING."""
+        _add_gateway(self, settings)
+        _wait_serving(self.gateways[-1], self._gateways[-1], self.timeout_s)
+        return len(self.gateways) - 1
 
     def close(self) -> None:
         """Stop every process the stack started (all at once, each with its group)."""
@@ -149,6 +160,7 @@ def up_scaled(
     redis_nodes: int = 3,
     gateway_env: dict[str, str] | None = None,
     timeout_s: float | None = None,
+    models: tuple[str, ...] = SCALE_OUT_MODELS,
 ) -> ScaledStack:
     """Start `tritons` Tritons, a Redis Cluster of `redis_nodes` masters and `gateways`
     gateways wired to all of them, on free loopback ports; returns once every gateway
@@ -166,7 +178,7 @@ def up_scaled(
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         raise StackStartError("a scaled stack needs redis-server and redis-cli (make setup)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    model_repository(run_dir)
+    model_repository(run_dir, models)
     deadline = time.monotonic() + timeout_s
     ports = [TritonPorts(free_port(), free_port(), free_port()) for _ in range(tritons)]
     redis_ports = [free_port() for _ in range(redis_nodes)]
@@ -186,10 +198,11 @@ def up_scaled(
         _redis=[_Process(f"redis-{p}", run_dir / f"redis-{p}.log") for p in redis_ports],
         _gateways=[],
         timeout_s=timeout_s,
+        models=models,
     )
     try:
         for index, entry in enumerate(stack._tritons):
-            entry.process = _launch_triton(run_dir, index, ports[index])
+            entry.process = _launch_triton(run_dir, index, ports[index], models)
         for entry, port, bus_port in zip(stack._redis, redis_ports, bus_ports, strict=True):
             entry.process = _launch_redis(run_dir, port, bus_port)
         for entry, port in zip(stack._redis, redis_ports, strict=True):
@@ -249,14 +262,16 @@ def _triton_log(run_dir: Path, index: int) -> Path:
     return run_dir / f"triton-{index}.log"
 
 
-def _launch_triton(run_dir: Path, index: int, ports: TritonPorts) -> subprocess.Popen:
+def _launch_triton(
+    run_dir: Path, index: int, ports: TritonPorts, models: tuple[str, ...]
+) -> subprocess.Popen:
     return start_triton(
         run_dir / "models",
         ports,
         run_dir / "triton-cache",
         _triton_log(run_dir, index),
         new_session=True,
-        models=SCALE_OUT_MODELS,
+        models=models,
     )
 
 
