@@ -255,6 +255,7 @@ async def test_a_dns_name_is_resolved_again_each_interval_and_keeps_its_endpoint
     )
     assert endpoints.addresses == []
     assert set(await picks(endpoints, 4)) == {A, B} and resolver.asked == 1
+    retired = endpoints._endpoints[A]
     clock.now += 29
     await endpoints.pick()
     assert resolver.asked == 1
@@ -266,6 +267,10 @@ async def test_a_dns_name_is_resolved_again_each_interval_and_keeps_its_endpoint
         assert set(await picks(endpoints, 4)) == {B, C}
     assert resolver.asked == 4 and tritons[A].closed
     assert metrics.TRITON_ENDPOINTS._value.get() == 2
+    endpoints.finished(retired, UNAVAILABLE)  # a call on it that ended late
+    assert endpoints.addresses == [B, C] and not any(
+        s.labels == {"endpoint": A} for s in metrics.TRITON_ENDPOINT_UP.collect()[0].samples
+    )
 
 
 async def test_a_dns_name_that_never_resolves_is_unavailable_naming_the_setting():

@@ -194,8 +194,8 @@ class TritonEndpoints:
             endpoint.probe_at = self._clock() + endpoint.rest_s
 
     def _eject(self, endpoint: Endpoint, why: str) -> None:
-        if not endpoint.up:
-            return
+        if not endpoint.up or self._endpoints.get(endpoint.address) is not endpoint:
+            return  # out already, or retired (a call in flight on it ended)
         endpoint.up = False
         endpoint.rest_s = self._retry_s
         endpoint.probe_at = self._clock() + endpoint.rest_s
@@ -210,6 +210,8 @@ class TritonEndpoints:
         )
 
     def _readmit(self, endpoint: Endpoint, why: str) -> None:
+        if self._endpoints.get(endpoint.address) is not endpoint:
+            return
         endpoint.up = True
         endpoint.rest_s = 0.0
         metrics.TRITON_ENDPOINT_UP.labels(endpoint=endpoint.address).set(1)
