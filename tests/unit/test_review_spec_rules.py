@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -81,6 +82,26 @@ def test_structured_editor_parameters_become_strings(tmp_path):
         "amount": "0.2",
         "invert": "true",
     }
+
+
+def test_a_spec_of_every_property_form_dumps_without_a_serializer_warning(tmp_path):
+    # A shard writes the spec into its partial; pydantic used to warn on stderr (every shard
+    # of examples/review printed it) that a structured property was not the `str` form.
+    write_set(tmp_path, ["0"])
+    (tmp_path / "paths" / "0").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "paths" / "0" / "x_1.png")
+    text = MINIMAL + (
+        "  brightness: {editor: procedural, parameters: {operation: brightness}}\n"
+        "  real: {provided: {folder: 'paths/{stem}/'}}\n"
+        "explain: {samples: 1}\n"
+    )
+    spec, _ = load_spec(spec_file(tmp_path, text))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dumped = spec.model_dump(mode="json")
+    assert dumped["properties"]["hue"] == "procedural:operation=hue"
+    assert dumped["properties"]["brightness"]["editor"] == "procedural"
+    assert dumped["properties"]["real"]["provided"]["folder"] == "paths/{stem}/"
 
 
 @pytest.mark.parametrize(

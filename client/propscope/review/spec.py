@@ -228,9 +228,14 @@ class ProvidedSpec(_Strict):
 
 
 def _property_kind(value: Any) -> str:
-    """Which form a property takes, so that an error names that form's keys only."""
+    """Which form a property takes, so that an error names that form's keys only. Dumping
+    a spec (a shard's partial) passes the validated models: they name their own form."""
     if isinstance(value, dict):
         return "provided" if "provided" in value else "editor"
+    if isinstance(value, EditorSpec):
+        return "editor"
+    if isinstance(value, ProvidedSpec):
+        return "provided"
     return "text"
 
 
