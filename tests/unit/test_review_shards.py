@@ -160,8 +160,15 @@ def _refusal(partials, names=None) -> str:
 
 
 def test_a_missing_shard_is_named(partials):
-    assert _refusal(partials[:2]) == "missing shard 2/3 of 3 (given: 0/3, 1/3)"
-    assert _refusal(partials[1:2]) == "missing shards 0/3, 2/3 of 3 (given: 1/3)"
+    assert _refusal(partials[:2]) == (
+        "missing shard 2/3 of 3 (given: 0/3, 1/3); run "
+        "`propscope review SPEC --shard 2/3 --out DIR` and merge its partial too"
+    )
+    assert _refusal(partials[1:2]) == (
+        "missing shards 0/3, 2/3 of 3 (given: 1/3); run "
+        "`propscope review SPEC --shard 0/3 --out DIR` (each missing one) and merge its "
+        "partial too"
+    )
 
 
 def test_a_shard_given_twice_is_named_with_both_files(partials):
@@ -172,7 +179,8 @@ def test_a_shard_given_twice_is_named_with_both_files(partials):
 def test_partials_of_different_shard_counts_are_refused(partials, images):
     other = run_shard(review_spec(), images, AttributingClient(), Shard(1, 2))
     assert _refusal([partials[0], other]) == (
-        "different shard counts: shard 0/3 is shard 0/3, shard 1/2 is shard 1/2"
+        "different shard counts: shard 0/3 is shard 0/3, shard 1/2 is shard 1/2; give every "
+        "shard of one review the same N (a partial of an earlier run? delete it)"
     )
 
 
@@ -180,7 +188,7 @@ def test_partials_of_different_specs_are_refused(partials):
     other = replace(partials[2], spec_digest="0" * 64)
     assert _refusal([*partials[:2], other]).startswith(
         f"different specs or image sets: shard 0/3 (spec digest {partials[0].spec_digest[:12]}) "
-        "and shard 2/3 (000000000000)"
+        "and shard 2/3 (000000000000); run every shard from one spec and image set"
     )
 
 
@@ -218,7 +226,8 @@ def test_different_model_versions_are_refused(partials):
 def test_different_service_settings_are_refused(partials):
     other = replace(partials[2], settings=replace(partials[2].settings, permutations=999))
     assert _refusal([*partials[:2], other]) == (
-        "different service settings: permutations 100 in shard 0/3, 999 in shard 2/3"
+        "different service settings: permutations 100 in shard 0/3, 999 in shard 2/3; run "
+        "every shard through one --target whose gateways share their settings"
     )
     other = replace(partials[2], settings=replace(partials[2].settings, target="other:1"))
     assert "target 'fake:1' in shard 0/3, 'other:1' in shard 2/3" in _refusal(

@@ -331,12 +331,14 @@ def _check_same_review(partials: Sequence[ReviewPartial], labels: Sequence[str])
         if partial.shard.count != first.shard.count:
             raise MergeError(
                 f"different shard counts: {first_label} is shard {first.shard}, "
-                f"{label} is shard {partial.shard}"
+                f"{label} is shard {partial.shard}; give every shard of one review the same N "
+                "(a partial of an earlier run? delete it)"
             )
         if partial.spec_digest != first.spec_digest:
             raise MergeError(
                 f"different specs or image sets: {first_label} (spec digest "
-                f"{first.spec_digest[:12]}) and {label} ({partial.spec_digest[:12]})"
+                f"{first.spec_digest[:12]}) and {label} ({partial.spec_digest[:12]}); run every "
+                "shard from one spec and image set (a partial of an earlier run? delete it)"
             )
     seen: dict[int, str] = {}
     for partial, label in zip(partials, labels, strict=True):
@@ -350,7 +352,9 @@ def _check_same_review(partials: Sequence[ReviewPartial], labels: Sequence[str])
     if missing:
         raise MergeError(
             f"missing shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} of {count} "
-            f"(given: {', '.join(f'{index}/{count}' for index in sorted(seen))})"
+            f"(given: {', '.join(f'{index}/{count}' for index in sorted(seen))}); run "
+            f"`propscope review SPEC --shard {missing[0]} --out DIR`"
+            f"{' (each missing one)' if len(missing) > 1 else ''} and merge its partial too"
         )
     _check_images(partials, labels)
     for partial, label in zip(partials, labels, strict=True):
@@ -390,7 +394,9 @@ def _check_settings(first: Settings, first_label: str, other: Settings, label: s
         a, b = getattr(first, field.name), getattr(other, field.name)
         if a != b:
             raise MergeError(
-                f"different service settings: {field.name} {a!r} in {first_label}, {b!r} in {label}"
+                f"different service settings: {field.name} {a!r} in {first_label}, {b!r} in "
+                f"{label}; run every shard through one --target whose gateways share their "
+                "settings"
             )
 
 
