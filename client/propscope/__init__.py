@@ -71,6 +71,15 @@ from propscope._graph import (
     TaskNode,
 )
 from propscope._images import AlphaDroppedWarning, ImageLike, encode_image, encode_mask
+from propscope._interactions import (
+    EditFunction,
+    InteractionDesign,
+    InteractionsProgress,
+    InteractionsResult,
+    Interval,
+    PropertyIndices,
+    SecondOrderIndex,
+)
 from propscope._preprocessing import Preprocessing
 from propscope._properties import Box, Mask, Property, parse_property, split_property
 from propscope._requests import Properties
@@ -97,6 +106,7 @@ __all__ = [
     "ConsistencyResult",
     "Decision",
     "Done",
+    "EditFunction",
     "EditorParameter",
     "EvaOptions",
     "EvaResult",
@@ -112,6 +122,10 @@ __all__ = [
     "GraphProgress",
     "GraphResult",
     "ImageLike",
+    "InteractionDesign",
+    "InteractionsProgress",
+    "InteractionsResult",
+    "Interval",
     "Mask",
     "MetricResult",
     "ModelInfo",
@@ -121,6 +135,7 @@ __all__ = [
     "Progress",
     "Properties",
     "Property",
+    "PropertyIndices",
     "PropertyResult",
     "PropscopeError",
     "RepairChannel",
@@ -128,6 +143,7 @@ __all__ = [
     "RiseOptions",
     "SobolOptions",
     "SampleResult",
+    "SecondOrderIndex",
     "TaskEdge",
     "TaskGraph",
     "TaskNode",

@@ -18,6 +18,7 @@ from propscope._consistency import ConsistencyCalls, ConsistencyResult
 from propscope._errors import PropscopeError
 from propscope._events import Event, ModelInfo
 from propscope._graph import GraphResult
+from propscope._interactions import InteractionCalls, InteractionDesign, InteractionsResult
 from propscope._results import ExplainCollector, ExplainResult
 from propscope._visualization import Visualization
 
@@ -72,6 +73,7 @@ class AsyncClient(
     ],
     ConceptCalls[Awaitable[ConceptBank], Awaitable[ConceptMaps]],
     ConsistencyCalls[Awaitable[ConsistencyResult]],
+    InteractionCalls[Awaitable[InteractionsResult], Awaitable[InteractionDesign]],
 ):
     """A connection to a propscope gateway for asyncio, with ``Client``'s arguments and calls
     (``ClientBase``): ``attribute``, ``evaluate_attribution``, ``graph``, ``visualize`` and ``list_models`` return

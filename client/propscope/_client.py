@@ -24,6 +24,7 @@ from propscope._errors import PropscopeError
 from propscope._events import Event, ModelInfo, event_from_proto
 from propscope._graph import GraphCollector, GraphEdge, GraphNode, GraphProgress, GraphResult
 from propscope._images import ImageLike
+from propscope._interactions import InteractionCalls, InteractionDesign, InteractionsResult
 from propscope._preprocessing import PathMode, Preprocessing
 from propscope._properties import Property
 from propscope._requests import (
@@ -601,6 +602,7 @@ class Client(
     ClientBase[ExplainStream, Attribution, Evaluation, list[ModelInfo], GraphResult, Visualization],
     ConceptCalls[ConceptBank, ConceptMaps],
     ConsistencyCalls[ConsistencyResult],
+    InteractionCalls[InteractionsResult, InteractionDesign],
 ):
     """A blocking connection to a propscope gateway (arguments and calls: ``ClientBase``); use
     as a context manager or call ``close()``.

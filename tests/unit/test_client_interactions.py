@@ -1,0 +1,277 @@
+"""Client.interactions and AsyncClient.interactions against an in-process fake
+InteractionService: the request they send, the result folded from the stream, and the caller's
+own edit functions rendered into a provided design (pure client logic; the real method runs in
+tests/integration/test_interactions_clients.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from propscope import AsyncClient, Client, InteractionsResult, Property, PropscopeError
+from propscope._interactions import InteractionDesign, build_interactions_request, render_design
+from propscope.v1 import attribution_pb2, interactions_pb2, interactions_pb2_grpc
+
+N = 4
+
+
+def _design(properties: int, pair: list[int], seed: int) -> tuple[np.ndarray, list[str]]:
+    """A replicated design shaped as the contract says (A, B, C_1..C_P, C_ij)."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.random((N, properties)), rng.random((N, properties))
+    rows, kinds = [a, b], ["A"] * N + ["B"] * N
+    for i in range(properties):
+        c = a.copy()
+        c[:, i] = b[:, i]
+        rows.append(c)
+        kinds += [f"C{i + 1}"] * N
+    if pair:
+        c = a.copy()
+        c[:, pair] = b[:, pair]
+        rows.append(c)
+        kinds += [f"C{pair[0] + 1}{pair[1] + 1}"] * N
+    return np.concatenate(rows).astype(np.float32), kinds
+
+
+def _estimate(value: float) -> interactions_pb2.Estimate:
+    return interactions_pb2.Estimate(value=value, ci_low=value - 0.1, ci_high=value + 0.1)
+
+
+class FakeInteractions(interactions_pb2_grpc.InteractionServiceServicer):
+    def __init__(self) -> None:
+        self.requests: list[interactions_pb2.InteractionsRequest] = []
+        self.designs: list[interactions_pb2.InteractionDesignRequest] = []
+
+    def InteractionDesign(self, request, context):  # noqa: N802
+        self.designs.append(request)
+        rows, kinds = _design(request.properties, list(request.second_order_pair), request.seed)
+        return interactions_pb2.InteractionDesignResponse(
+            rows=[interactions_pb2.DesignRow(strengths=row.tolist()) for row in rows],
+            row_kinds=kinds,
+        )
+
+    def Interactions(self, request, context):  # noqa: N802
+        self.requests.append(request)
+        names = [p.name for p in request.properties]
+        yield interactions_pb2.InteractionsEvent(
+            request_id="rid",
+            accepted=interactions_pb2.InteractionsAccepted(
+                model_version="3",
+                composition_order=names,
+                design_size=request.design_size or 32,
+                bootstrap=1000,
+                confidence=0.95,
+                planned_images=N * (len(names) + 2),
+                warnings=["a warning"],
+            ),
+        )
+        yield interactions_pb2.InteractionsEvent(
+            request_id="rid",
+            progress=interactions_pb2.InteractionsProgress(stage="classify", completed=8, total=16),
+        )
+        yield interactions_pb2.InteractionsEvent(
+            request_id="rid",
+            result=interactions_pb2.InteractionsResult(
+                indices=[
+                    interactions_pb2.PropertyIndices(
+                        property_name=name,
+                        first_order=_estimate(0.3),
+                        total_order=_estimate(0.6),
+                        interaction=_estimate(0.3),
+                    )
+                    for name in names
+                ],
+                second_order=interactions_pb2.SecondOrderIndex(
+                    property_names=list(request.second_order_pair), index=_estimate(0.4)
+                )
+                if request.second_order_pair
+                else None,
+                interaction_share=_estimate(0.6),
+                interaction_significant=True,
+                variance=0.04,
+                mean=0.5,
+                target_class=1,
+                target_label="one",
+                target_score=attribution_pb2.TARGET_SCORE_PROBABILITY,
+                composition_order=names,
+                cache_hits=2,
+                cache_misses=14,
+                edits=20,
+                forward_passes=17,
+                warnings=["a warning", "another"],
+            ),
+        )
+
+
+@pytest.fixture
+def service():
+    fake = FakeInteractions()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    interactions_pb2_grpc.add_InteractionServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield fake, f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+def _image() -> np.ndarray:
+    return np.full((6, 5, 3), 10, dtype=np.uint8)
+
+
+def _decoded(png: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(png)) as opened:
+        return np.asarray(opened.convert("RGB"))
+
+
+def test_editor_properties_go_in_the_request_and_the_stream_folds_into_one_result(service):
+    fake, target = service
+    progress = []
+    with Client(target) as client:
+        result = client.interactions(
+            _image(),
+            "synth_hue",
+            ["hue=procedural:operation=hue", Property("patch", editor="procedural")],
+            design_size=8,
+            pair=("patch", "hue"),
+            target_score="logit",
+            seed=5,
+            on_progress=progress.append,
+        )
+    (request,) = fake.requests
+    assert [p.name for p in request.properties] == ["hue", "patch"]
+    assert request.properties[0].editor.parameters == {"operation": "hue"}
+    assert list(request.second_order_pair) == ["patch", "hue"]
+    assert (request.design_size, request.seed) == (8, 5)
+    assert request.target_score == attribution_pb2.TARGET_SCORE_LOGIT
+    assert not request.HasField("provided_design") and not fake.designs
+    assert isinstance(result, InteractionsResult) and not result.own_edits
+    assert result.request_id == "rid" and result.model_version == "3"
+    assert result.composition_order == ("hue", "patch")
+    assert result["patch"].total_order.low == pytest.approx(0.5)
+    assert result.second_order is not None and result.second_order.properties == ("patch", "hue")
+    assert result.interaction_significant and result.target_score == "probability"
+    assert result.warnings == ("a warning", "another")  # the plan's warning once
+    assert [(p.stage, p.completed, p.total) for p in progress] == [("classify", 8, 16)]
+    assert json.loads(result.to_json())["interaction_share"]["high"] == pytest.approx(0.7)
+    with pytest.raises(KeyError, match="hue, patch"):
+        result["colour"]
+
+
+def test_edit_functions_render_every_design_row_and_share_the_first_edit(service):
+    fake, target = service
+    calls = {"red": 0, "green": 0}
+
+    def red(image: np.ndarray, strength: float) -> np.ndarray:
+        calls["red"] += 1
+        image[..., 0] = round(strength * 200)
+        return image
+
+    def green(image: np.ndarray, strength: float) -> Image.Image:  # a PIL image is fine too
+        calls["green"] += 1
+        image[..., 1] = round(strength * 200)
+        return Image.fromarray(image)
+
+    progress = []
+    with Client(target) as client:
+        result = client.interactions(
+            _image(), "synth_hue", {"red": red, "green": green}, seed=9, on_progress=progress.append
+        )
+    (design_request,) = fake.designs
+    assert (design_request.properties, design_request.seed) == (2, 9)
+    (request,) = fake.requests
+    assert [p.name for p in request.properties] == ["red", "green"]
+    assert not any(p.HasField("editor") for p in request.properties)
+    rows, _ = _design(2, [], 9)
+    images = [_decoded(png) for png in request.provided_design.images]
+    assert len(images) == len(rows) == 4 * N
+    for row, image in zip(rows, images, strict=True):
+        assert image.shape == (6, 5, 3)
+        assert (image[0, 0, 0], image[0, 0, 1], image[0, 0, 2]) == (
+            round(float(row[0]) * 200),
+            round(float(row[1]) * 200),
+            10,
+        )
+    # Rows C_1 start with B's strength, C_2 with A's: the first edit runs once per A and B row.
+    assert calls == {"red": 2 * N, "green": 4 * N}
+    assert result.own_edits
+    assert [p.completed for p in progress if p.stage == "render"] == list(range(1, 4 * N + 1))
+
+
+def test_async_client_renders_on_a_thread_and_returns_the_same_result(service):
+    fake, target = service
+
+    def brighten(image: np.ndarray, strength: float) -> np.ndarray:
+        return np.clip(image + strength * 100, 0, 255).astype(np.uint8)
+
+    async def run() -> InteractionsResult:
+        async with AsyncClient(target) as client:
+            return await client.interactions(
+                _image(), "m", {"a": brighten, "b": brighten}, pair=["a", "b"]
+            )
+
+    result = asyncio.run(run())
+    assert len(fake.requests[0].provided_design.images) == 5 * N  # A, B, C1, C2, C12
+    assert list(fake.designs[0].second_order_pair) == [0, 1]
+    assert result.second_order is not None and result.own_edits
+
+
+def test_interaction_design_returns_the_rows_and_their_kinds(service):
+    _, target = service
+    with Client(target) as client:
+        design = client.interaction_design(3, design_size=4, pair=(0, 2), seed=1)
+    assert design.rows.shape == (6 * N, 3) and design.rows.dtype == np.float32
+    assert design.row_kinds[-1] == "C13" and design.row_kinds.count("C2") == N
+
+
+@pytest.mark.parametrize(
+    ("properties", "options", "message"),
+    [
+        (["hue=procedural:operation=hue"], {}, "at least two properties, got 1"),
+        (["a=procedural", "a=procedural"], {}, "'a' is given twice"),
+        (["a=procedural", "b=procedural"], {"design_size": 24}, "nearest: 16 or 32"),
+        (["a=procedural", "b=procedural"], {"pair": ("a", "c")}, "unknown property 'c'"),
+        (["a=procedural", "b=procedural"], {"pair": ("a", "a")}, "two different"),
+        (["a=procedural", "b=procedural"], {"confidence": 1.0}, "confidence must be in"),
+        ({"a": "procedural", "b": lambda image, s: image}, {}, "not both"),
+        (
+            [Property("a", provided_path=[b"x"]), "b=procedural"],
+            {},
+            r"properties\[0\] \('a'\): a provided path cannot compose",
+        ),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_is_sent(properties, options, message):
+    with pytest.raises(ValueError, match=message):
+        build_interactions_request(_image(), "m", properties, **options)
+
+
+def test_an_edit_function_of_the_wrong_shape_is_named():
+    design = InteractionDesign(np.array([[0.5, 0.5]], dtype=np.float32), ("A",))
+    png = build_interactions_request(_image(), "m", ["a=p", "b=p"])[0].image
+    functions = [("a", lambda image, s: image), ("b", lambda image, s: image[:2])]
+    with pytest.raises(ValueError, match=r"property 'b'.*shape \(6, 5, 3\), got uint8 \(2, 5, 3\)"):
+        render_design(png, functions, design)
+
+
+def test_a_refusal_of_the_server_is_a_propscope_error():
+    class Refusing(FakeInteractions):
+        def Interactions(self, request, context):  # noqa: N802
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "design_size: too large")
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    interactions_pb2_grpc.add_InteractionServiceServicer_to_server(Refusing(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}") as client, pytest.raises(PropscopeError) as raised:
+            client.interactions(_image(), "m", ["a=procedural", "b=procedural"])
+        assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.stop(grace=None)
