@@ -10,12 +10,15 @@ Choices, and why:
   small N (see that module's docstring). A = first P columns, B = last P; C_i = A
   with column i from B; the pair's C_ij = A with columns i and j from B. Rows in the
   order A, B, C_1 .. C_P, C_ij.
-- Estimators, with V = var(f_A ++ f_B) (ddof 1): first order (Saltelli et al. 2010)
-  S_i = mean(f_B (f_Ci - f_A)) / V; total order (Jansen 1999)
-  ST_i = mean((f_A - f_Ci)^2) / (2 V); closed second order (Saltelli 2002)
-  S_ij = mean(f_B (f_Cij - f_A)) / V - S_i - S_j; interaction share
+- Estimators, with V = var(f_A ++ f_B) (ddof 1) and m = mean(f_A ++ f_B): first
+  order (Saltelli et al. 2010) S_i = mean((f_B - m) (f_Ci - f_A)) / V; total order
+  (Jansen 1999) ST_i = mean((f_A - f_Ci)^2) / (2 V); closed second order (Saltelli
+  2002) S_ij = mean((f_B - m) (f_Cij - f_A)) / V - S_i - S_j; interaction share
   sum ST_i - sum S_i. Using A and B for V (2N values) halves its noise compared
-  with var(f_A) alone.
+  with var(f_A) alone. Centring f_B by m (same expectation: E[f_Ci - f_A] = 0) makes
+  the first-order estimate independent of the score's offset: uncentred, on
+  f = x1 x2 + 5 at N = 32 (200 seeds) its RMSE is 0.45 against 0.08 centred, and a
+  logit's mean is routinely that far from 0.
 - Intervals: percentile bootstrap over the N design rows: one resample draws N row
   indices and uses them for A, B and every C block alike (a row's A, B and C values
   are one joint draw), V recomputed per resample. The bootstrap treats the rows as
@@ -264,13 +267,14 @@ def edit_schedule(rows: np.ndarray) -> list[EditStage]:
 def _row_features(
     f_a: np.ndarray, f_b: np.ndarray, f_c: np.ndarray, f_pair: np.ndarray | None, mean: float
 ) -> np.ndarray:
-    """[n, F] per-row terms whose (resample-weighted) means give every statistic: the
-    centred A and B values and their squares (for V), f_B (f_Ci - f_A) per property,
-    (f_A - f_Ci)^2 per property, and f_B (f_Cij - f_A) for the pair."""
-    a, b = f_a - mean, f_b - mean
-    columns = [a, b, a**2, b**2, *(f_b * (c - f_a) for c in f_c), *((f_a - c) ** 2 for c in f_c)]
+    """[n, F] per-row terms whose (resample-weighted) means give every statistic, on
+    scores centred by the pooled mean: a, b, a^2, b^2 (for the mean and V), then per
+    property b (c_i - a), c_i - a and (a - c_i)^2, then b (c_ij - a) and c_ij - a."""
+    a, b, c = f_a - mean, f_b - mean, f_c - mean
+    columns = [a, b, a**2, b**2, *(b * (ci - a) for ci in c), *(ci - a for ci in c)]
+    columns += [(a - ci) ** 2 for ci in c]
     if f_pair is not None:
-        columns.append(f_b * (f_pair - f_a))
+        columns += [b * (f_pair - mean - a), f_pair - mean - a]
     return np.stack(columns, axis=1)
 
 
@@ -278,17 +282,19 @@ def _statistics(
     counts: np.ndarray, features: np.ndarray, properties: int, pair: tuple[int, int] | None
 ) -> dict[str, np.ndarray]:
     """The statistics of each resample (a row of `counts`: how often each design row is
-    drawn): "first", "total", "interaction" [P, m], "share" and "second" [m]."""
-    n = features.shape[0]
+    drawn): "first", "total", "interaction" [P, m], "share" and "second" [m]. First
+    order and the pair's closed index centre f_B by the resample's own pooled mean, so
+    they do not depend on the score's offset (a logit's mean far from 0)."""
+    n, p = features.shape[0], properties
     means = counts @ features / n
-    pooled_sum = n * (means[:, 0] + means[:, 1])
-    pooled_squares = n * (means[:, 2] + means[:, 3])
-    variance = (pooled_squares - pooled_sum**2 / (2 * n)) / (2 * n - 1)
+    centre = (means[:, 0] + means[:, 1]) / 2.0
+    squares = (means[:, 2] + means[:, 3]) / 2.0
+    variance = (squares - centre**2) * (2 * n) / (2 * n - 1)
     moves = variance >= VARIANCE_FLOOR
     scale = np.where(moves, 1.0 / np.where(moves, variance, 1.0), 0.0)
-    p = properties
-    first = (means[:, 4 : 4 + p] * scale[:, None]).T
-    total = (means[:, 4 + p : 4 + 2 * p] * scale[:, None]).T / 2.0
+    product, difference = means[:, 4 : 4 + p], means[:, 4 + p : 4 + 2 * p]
+    first = ((product - centre[:, None] * difference) * scale[:, None]).T
+    total = (means[:, 4 + 2 * p : 4 + 3 * p] * scale[:, None]).T / 2.0
     out = {
         "first": first,
         "total": total,
@@ -296,7 +302,8 @@ def _statistics(
         "share": np.sum(total, axis=0) - np.sum(first, axis=0),
     }
     if pair is not None:
-        out["second"] = means[:, 4 + 2 * p] * scale - first[pair[0]] - first[pair[1]]
+        closed = (means[:, 4 + 3 * p] - centre * means[:, 5 + 3 * p]) * scale
+        out["second"] = closed - first[pair[0]] - first[pair[1]]
     return out
 
 
