@@ -12,9 +12,10 @@ from grpc_health.v1 import health_pb2
 
 import propscope
 from propscope import PropertyResult
+from propscope_dev import stack
 from propscope_server.health import health_status
 from tests.integration.conftest import scene_png
-from tests.integration.test_operations import sample_sum, wait_until
+from tests.integration.test_operations import sample_sum, samples, wait_until
 
 HUE = "object_hue=procedural:operation=hue,region=object"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -99,3 +100,31 @@ def test_a_stopped_triton_is_left_out_and_used_again_once_back(scaled_stack, cli
     assert min(calls) > 0 and abs(calls[0] - calls[1]) <= 1, calls
     # The restarted Triton counts from zero: all it served came through the gateway since.
     assert served(scaled_stack.triton_metrics[1:])[0] > 0
+
+
+def test_an_unreachable_endpoint_in_the_list_is_left_out_and_named(live_stack, tmp_path):
+    """A gateway given the session's Triton and an address where nothing listens: it serves,
+    its calls succeed on the live one, the dead one leaves the rotation (never counted ok,
+    sent nothing once out) and its log names it."""
+    live, dead = live_stack.triton_grpc, f"127.0.0.1:{stack.free_port()}"
+    with stack.extra_gateway(live_stack, tmp_path, PROPSCOPE_TRITON_URL=f"{live},{dead}") as gw:
+        wait_until(lambda: health_status(gw.target) == SERVING)
+        with propscope.Client(gw.target, timeout=300) as sdk:
+            for hue in (223.0, 235.0):
+                explain_hue(sdk, hue)
+            wait_until(lambda: in_rotation(gw.metrics_url, dead) == 0)
+            gauges = {
+                s.labels["endpoint"]: s.value
+                for s in samples(gw.metrics_url)
+                if s.name == ENDPOINT_UP
+            }
+            assert gauges == {live: 1, dead: 0}  # the dead one is listed, out of rotation
+            assert sample_sum(gw.metrics_url, "propscope_triton_endpoints") == 2
+            calls_to_dead = gateway_calls(gw.metrics_url, [dead])[0]
+            explain_hue(sdk, 247.0)
+            assert gateway_calls(gw.metrics_url, [dead])[0] == calls_to_dead  # none sent to it
+        assert gateway_calls(gw.metrics_url, [dead], outcome="ok") == [0]
+        assert gateway_calls(gw.metrics_url, [live], outcome="ok")[0] > 0
+        assert health_status(gw.target) == SERVING
+    warnings = [line for line in gw.log_file.read_text().splitlines() if "WARNING" in line]
+    assert any(f"Triton endpoint {dead} is out of rotation" in line for line in warnings)
