@@ -1,6 +1,7 @@
 """Callers over many gateways: one Python SDK client, one Node client and one `propscope review`
 given both gateways of the scaled-out stack spread their calls over both (gRPC's round_robin),
-counted from each gateway's own grpc_server_handled_total."""
+counted from each gateway's own grpc_server_handled_total; the SDK client's Explains then
+reach both Tritons from each gateway (its propscope_triton_endpoint_calls_total)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import propscope
 from propscope_dev.scale_out import ScaledStack
-from tests.integration.conftest import NODE_CLIENT, SAMPLE
+from tests.integration.conftest import NODE_CLIENT, scene_png
+from tests.integration.test_operations import sample_sum
 
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 LIST_MODELS = {"grpc_service": "propscope.v1.ExplainService", "grpc_method": "ListModels"}
@@ -58,6 +60,17 @@ def handled(scaled: ScaledStack, method: dict[str, str]) -> list[float]:
     return counts
 
 
+def triton_calls(scaled: ScaledStack) -> list[list[float]]:
+    """Each gateway's successful calls to each Triton (its per-endpoint counter)."""
+    return [
+        [
+            sample_sum(url, "propscope_triton_endpoint_calls_total", endpoint=triton, outcome="ok")
+            for triton in scaled.tritons
+        ]
+        for url in scaled.gateway_metrics
+    ]
+
+
 def grown(before: list[float], after: list[float]) -> list[float]:
     return [b - a for a, b in zip(before, after, strict=True)]
 
@@ -82,10 +95,17 @@ def test_one_sdk_client_spreads_its_calls_over_both_gateways(
         assert grown(before, handled(scaled_stack, LIST_MODELS)) == [5, 5]
 
         before = handled(scaled_stack, EXPLAIN)
+        sent_before = triton_calls(scaled_stack)
         for seed in (1, 2):
-            result = client.explain(SAMPLE.read_bytes(), "synth_hue", [HUE], steps=6, seed=seed)
+            # A fresh image per call: its edit and its classifications each reach Triton.
+            image = scene_png(hue_deg=40.0 + 90.0 * seed + (0 if form == "ipv4" else 45.0))
+            result = client.explain(image, "synth_hue", [HUE], steps=6, seed=seed)
             assert result.result().ok
         assert grown(before, handled(scaled_stack, EXPLAIN)) == [1, 1]
+        # And each gateway spread its share of the work over both Tritons.
+        sent = zip(sent_before, triton_calls(scaled_stack), strict=True)
+        for gateway, (then, now) in enumerate(sent):
+            assert all(grown(then, now)), (gateway, grown(then, now))
 
 
 def test_one_node_client_spreads_its_calls_over_both_gateways(
