@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import redis
+from typer.testing import CliRunner, Result
 
 import propscope
+from propscope.cli import app
 from propscope.review import Shard, load_spec, run_shard
 from tests.integration.test_review import EXAMPLES, review
 
@@ -146,3 +148,36 @@ def test_a_review_sharded_3_ways_and_merged_is_the_unsharded_review(
     assert html.count("data:image/png;base64,") == (
         (tmp_path / "whole" / "review.html").read_text().count("data:image/png;base64,")
     )
+
+    # Parts that do not fit are refused, naming the problem, and nothing is written.
+    refused = refusals(partials, tmp_path)
+    for (name, message), finished in refused.items():
+        assert finished.exit_code == 2, (name, finished.output)
+        assert f"cannot merge the partial results: {message}" in finished.output, name
+        assert not (tmp_path / name).exists()
+
+
+def refusals(partials: list[Path], folder: Path) -> dict[tuple[str, str], Result]:
+    """`propscope review merge` of the real partials with one altered as a shard of another
+    model version or spec, or overlapping another, would give: keyed by (out folder, message)."""
+    data = json.loads(partials[1].read_text())
+    (candidate, *_) = data["models"]
+    assert candidate["served_version"], "the service states the version it served"
+    changed = {
+        ("other-version", "different model versions of candidate"): {
+            "models": [{**candidate, "served_version": candidate["served_version"] + "0"},
+                       *data["models"][1:]],
+        },
+        ("other-spec", "different specs or image sets"): {"spec_digest": "0" * 64},
+        ("overlapping", "overlapping shards: image"): {
+            "covered": [*data["covered"], json.loads(partials[0].read_text())["covered"][0]],
+        },
+    }  # fmt: skip
+    finished = {}
+    for (name, message), fields in changed.items():
+        altered = folder / f"{name}.json"
+        altered.write_text(json.dumps({**data, **fields}))
+        merge = ["review", "merge", str(partials[0]), str(altered), str(partials[2]),
+                 "--out", str(folder / name)]  # fmt: skip
+        finished[(name, message)] = CliRunner().invoke(app, merge)  # in-process: no interpreter
+    return finished
