@@ -249,16 +249,15 @@ def edit_schedule(rows: np.ndarray) -> list[EditStage]:
         raise ValueError("rows must hold strengths in [0, 1]")
     stages = []
     for k in range(strengths.shape[1]):
-        needed: dict[tuple[float, ...], set[float]] = {}
-        for row in strengths:
-            prefix = tuple(float(s) for s in row[:k])
-            values = needed.setdefault(prefix, set())
-            if row[k] != 0.0:
-                values.add(float(row[k]))
+        # Distinct (prefix, s_k), sorted lexicographically: each prefix's strengths are
+        # contiguous and ascending.
+        edits = np.unique(strengths[:, : k + 1], axis=0)
+        edits = edits[edits[:, k] != 0.0]
+        grouped: dict[tuple[float, ...], list[float]] = {}
+        for values in edits.tolist():
+            grouped.setdefault(tuple(values[:k]), []).append(values[k])
         calls = tuple(
-            EditCall(prefix=prefix, strengths=tuple(sorted(values)))
-            for prefix, values in needed.items()
-            if values
+            EditCall(prefix=prefix, strengths=tuple(values)) for prefix, values in grouped.items()
         )
         stages.append(EditStage(property=k, calls=calls))
     return stages
