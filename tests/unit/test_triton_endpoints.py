@@ -28,7 +28,13 @@ from propscope_server.backends.triton_url import (
 )
 from propscope_server.config import Settings
 from propscope_server.errors import Unavailable
-from tests.unit.test_sick_backends import DEAD_WORKER, FakeClient, triton_error, until_healthy
+from tests.unit.test_sick_backends import (
+    DEAD_WORKER,
+    FakeClient,
+    Result,
+    triton_error,
+    until_healthy,
+)
 
 A, B, C = "10.0.0.1:8001", "10.0.0.2:8001", "10.0.0.3:8001"
 
@@ -396,3 +402,180 @@ async def test_a_sick_model_is_reloaded_only_where_its_worker_died():
     assert [t.count("load_model") for t in tritons.values()] == [0, 1]
     assert tritons[A].count("infer") >= 2 and tritons[B].count("infer") >= 3  # probes
     await backend.close()
+
+
+class GatedTriton(Triton):
+    """A Triton whose inferences (while it is up) wait for `gate`: a call in flight. Its
+    closed channel cancels a call waiting on it, as grpc.aio's does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    async def infer(self, name, inputs, **kwargs):
+        if not self.up:
+            return await super().infer(name, inputs, **kwargs)
+        self.waiting += 1
+        await self.gate.wait()
+        if self.closed:
+            raise asyncio.CancelledError
+        self.calls.append(("infer", kwargs))
+        return Result()
+
+
+async def until_waiting(backend: TritonBackend, model, triton: GatedTriton) -> list[asyncio.Task]:
+    """Inferences started until one waits on `triton` (round robin: at most one per endpoint)."""
+    tasks = []
+    async with asyncio.timeout(5):
+        while not triton.waiting:
+            tasks.append(asyncio.create_task(backend.infer(model, IMAGE, ["LOGITS"], None)))
+            while not triton.waiting and not tasks[-1].done():
+                await asyncio.sleep(0)
+    return tasks
+
+
+async def test_a_call_sent_before_its_endpoint_left_or_rejoined_does_not_move_it_again():
+    """A draining Triton refuses new calls while one already on it ends well: that older
+    success does not put it back. A call sent before a probe put an endpoint back that
+    fails after it does not take it out again."""
+    tritons = {A: GatedTriton(), B: Triton()}
+    backend = backend_over(tritons)
+    model = await backend.describe("m")
+    in_flight = await until_waiting(backend, model, tritons[A])
+    tritons[A].up = False
+    for _ in range(2):
+        await backend.infer(model, IMAGE, ["LOGITS"], None)
+    assert not backend.endpoints.is_up(A)
+    tritons[A].gate.set()
+    await asyncio.gather(*in_flight)
+    assert not backend.endpoints.is_up(A)
+
+    clock, tritons = Clock(), {A: Triton(), B: Triton()}
+    endpoints = pool(tritons, clock)
+    a = endpoints._endpoints[A]
+    endpoints.finished(a, UNAVAILABLE)
+    with endpoints.calling(a) as sent:
+        clock.now = a.probe_at
+        assert await endpoints.check() and endpoints.is_up(A)
+        endpoints.finished(a, UNAVAILABLE, sent)
+    assert endpoints.is_up(A)
+
+
+async def test_a_retired_endpoints_channel_closes_only_once_no_call_is_on_it():
+    """An address gone from DNS while a long inference is on it: the inference ends as it
+    would (closing its channel under it would cancel it), the channel closes at the first
+    resolution after, and the endpoint's series leave the metrics then."""
+    clock = Clock()
+    tritons = {A: GatedTriton(), B: Triton()}
+    resolver = Resolver([A, B], [B])
+    endpoints = TritonEndpoints(
+        "dns:///triton-headless:8001",
+        connect=tritons.__getitem__,
+        resolver=resolver,
+        clock=clock,
+    )
+    backend = TritonBackend(endpoints, 300.0)
+    model = await backend.describe("m")
+    in_flight = await until_waiting(backend, model, tritons[A])
+    for _ in range(2):  # A leaves the records, then a resolution finds it still busy
+        clock.now += 30
+        await endpoints.pick()
+    assert endpoints.addresses == [B] and not tritons[A].closed
+    tritons[A].gate.set()
+    await asyncio.gather(*in_flight)
+    assert tritons[A].count("infer") == 1
+    clock.now += 30
+    await endpoints.pick()
+    assert tritons[A].closed
+    assert not any(
+        s.labels["endpoint"] == A for s in metrics.TRITON_ENDPOINT_CALLS.collect()[0].samples
+    )
+    await backend.close()
+
+
+async def test_a_resolution_that_does_not_answer_is_bounded():
+    """A DNS server that does not answer fails a name never resolved (UNAVAILABLE) and
+    keeps the known endpoints, within the probe timeout, instead of holding the call; the
+    next resolution waits on the lookup still out instead of starting another thread."""
+    lookups = []
+
+    async def silent(host: str, port: int) -> list[str]:
+        lookups.append(host)
+        await asyncio.Event().wait()
+        return []
+
+    clock = Clock()
+    endpoints = TritonEndpoints(
+        "dns:///triton-headless:8001", resolver=silent, clock=clock, probe_timeout_s=0.01
+    )
+    async with asyncio.timeout(10):
+        for _ in range(2):
+            with pytest.raises(Unavailable, match="resolving triton-headless failed"):
+                await endpoints.pick()
+            clock.now += 1
+        assert not await endpoints.check()
+    assert len(lookups) == 1
+    await endpoints.close()
+
+    clock, tritons = Clock(), {A: Triton()}
+    answers = Resolver([A])
+
+    async def first_then_silent(host: str, port: int) -> list[str]:
+        if answers.asked:
+            return await silent(host, port)
+        return await answers(host, port)
+
+    endpoints = TritonEndpoints(
+        "dns:///triton-headless:8001",
+        connect=tritons.__getitem__,
+        resolver=first_then_silent,
+        clock=clock,
+        probe_timeout_s=0.01,
+    )
+    async with asyncio.timeout(10):
+        assert (await endpoints.pick()).address == A
+        clock.now += 30
+        assert (await endpoints.pick()).address == A
+    await endpoints.close()
+
+
+class SlowLiveTriton(Triton):
+    """A Triton whose liveness probes wait for `gate`; its closed channel cancels a probe
+    waiting on it, as grpc.aio's does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def is_server_live(self, **kwargs):
+        await self.gate.wait()
+        if self.closed:
+            raise asyncio.CancelledError
+        return await super().is_server_live(**kwargs)
+
+
+async def test_a_probe_out_on_an_endpoint_that_leaves_dns_ends_as_a_probe():
+    """The health poll's probes may be out (up to the probe timeout) while the address
+    leaves the records and the next resolution comes: its channel stays open for the probe,
+    so the poll gets an answer instead of a cancellation that would end it."""
+    clock = Clock()
+    tritons = {A: SlowLiveTriton(), B: Triton()}
+    endpoints = TritonEndpoints(
+        "dns:///triton-headless:8001",
+        connect=tritons.__getitem__,
+        resolver=Resolver([A, B], [B]),
+        clock=clock,
+    )
+    await endpoints.pick()
+    poll = asyncio.create_task(endpoints.check())
+    await asyncio.sleep(0)
+    for _ in range(2):
+        clock.now += 30
+        await endpoints.pick()
+    tritons[A].gate.set()
+    async with asyncio.timeout(5):
+        assert await poll
+    clock.now += 30
+    await endpoints.pick()
+    assert tritons[A].closed

@@ -166,38 +166,41 @@ class TritonBackend:
             endpoint = await self.endpoints.pick(tried)
             tried.add(endpoint.address)
             started = time.monotonic()
-            try:
-                result = await call(endpoint.client, timeout)
-            except InferenceServerException as error:
-                # Metadata calls may name any model a caller typed: no label per name, and
-                # a name Triton does not know is the caller's mistake, not a Triton error.
-                label = "*" if kind == "metadata" else model
-                translated = _translate(error, model, self._where(endpoint))
-                unavailable = isinstance(translated, Unavailable)
-                self.endpoints.finished(endpoint, UNAVAILABLE if unavailable else ERROR)
-                if not (kind == "metadata" and isinstance(translated, NotFound)):
-                    code = _status_name(error)
-                    metrics.TRITON_ERRORS.labels(model=label, kind=kind, code=code).inc()
-                message = error.message() or str(error)
-                if is_worker_failure(message):
-                    raise await self.model_health.worker_failed(model, message, started) from None
-                if isinstance(translated, DeadlineExceeded) and timeout >= timeout_s:
-                    asked = "its repository index" if model == "*" else f"model {model!r}"
-                    raise Unavailable(  # our bound ran out, not the caller's deadline
-                        f"Triton did not answer for {asked} within {timeout_s:g} s ({setting}): "
-                        "hung or overloaded; retry with backoff"
-                    ) from None
-                # Another endpoint is asked at once; the same one after a backoff, jittered
-                # so that streams failing together do not retry in lockstep.
-                backoff = 0.0
-                if not self.endpoints.has_untried(tried):
-                    backoff = self._retry_backoff_s * 2**attempt * random.uniform(0.5, 1.5)
-                out_of_time = deadline is not None and time.monotonic() + backoff >= deadline
-                if not unavailable or attempt == self._retries or out_of_time:
-                    raise translated from None
-            else:
-                self.endpoints.finished(endpoint, OK)
-                return result
+            with self.endpoints.calling(endpoint) as sent:
+                try:
+                    result = await call(endpoint.client, timeout)
+                except InferenceServerException as error:
+                    # Metadata calls may name any model a caller typed: no label per name, and
+                    # a name Triton does not know is the caller's mistake, not a Triton error.
+                    label = "*" if kind == "metadata" else model
+                    translated = _translate(error, model, self._where(endpoint))
+                    unavailable = isinstance(translated, Unavailable)
+                    self.endpoints.finished(endpoint, UNAVAILABLE if unavailable else ERROR, sent)
+                    if not (kind == "metadata" and isinstance(translated, NotFound)):
+                        code = _status_name(error)
+                        metrics.TRITON_ERRORS.labels(model=label, kind=kind, code=code).inc()
+                    message = error.message() or str(error)
+                    if is_worker_failure(message):
+                        raise await self.model_health.worker_failed(
+                            model, message, started
+                        ) from None
+                    if isinstance(translated, DeadlineExceeded) and timeout >= timeout_s:
+                        asked = "its repository index" if model == "*" else f"model {model!r}"
+                        raise Unavailable(  # our bound ran out, not the caller's deadline
+                            f"Triton did not answer for {asked} within {timeout_s:g} s ({setting}): "
+                            "hung or overloaded; retry with backoff"
+                        ) from None
+                    # Another endpoint is asked at once; the same one after a backoff, jittered
+                    # so that streams failing together do not retry in lockstep.
+                    backoff = 0.0
+                    if not self.endpoints.has_untried(tried):
+                        backoff = self._retry_backoff_s * 2**attempt * random.uniform(0.5, 1.5)
+                    out_of_time = deadline is not None and time.monotonic() + backoff >= deadline
+                    if not unavailable or attempt == self._retries or out_of_time:
+                        raise translated from None
+                else:
+                    self.endpoints.finished(endpoint, OK, sent)
+                    return result
             metrics.TRITON_RETRIES.labels(kind=kind).inc()
             await asyncio.sleep(backoff)
         raise AssertionError("unreachable")
@@ -288,20 +291,21 @@ class TritonBackend:
         A request that waited on the lock finds the model another one loaded."""
         where = self._where(endpoint)
         client = endpoint.client
-        try:
-            if await client.is_model_ready(name, client_timeout=timeout):
-                return False
-            logger.info("loading model %s on demand (setting load_on_demand)%s", name, where)
-            await client.load_model(name, client_timeout=timeout)
-        except InferenceServerException as error:
-            translated = _translate(error, name, where)
-            if isinstance(translated, Unavailable):
-                self.endpoints.finished(endpoint, UNAVAILABLE)
-                raise translated from None
-            raise FailedPrecondition(
-                f"model {name!r} (load_on_demand) failed to load{where}: {error.message()}"
-            ) from None
-        self.endpoints.finished(endpoint, OK)
+        with self.endpoints.calling(endpoint) as sent:
+            try:
+                if await client.is_model_ready(name, client_timeout=timeout):
+                    return False
+                logger.info("loading model %s on demand (setting load_on_demand)%s", name, where)
+                await client.load_model(name, client_timeout=timeout)
+            except InferenceServerException as error:
+                translated = _translate(error, name, where)
+                if isinstance(translated, Unavailable):
+                    self.endpoints.finished(endpoint, UNAVAILABLE, sent)
+                    raise translated from None
+                raise FailedPrecondition(
+                    f"model {name!r} (load_on_demand) failed to load{where}: {error.message()}"
+                ) from None
+            self.endpoints.finished(endpoint, OK, sent)
         return True
 
     async def require_ready(self, model: ModelDescription, deadline: float | None) -> None:
@@ -363,9 +367,10 @@ class TritonBackend:
         changed config loads new instances while the old ones stay (the model never
         disappears, as it would between an unload and a load). Needs
         --model-control-mode=explicit."""
-        endpoints = self._failing.get(name) or self.endpoints.in_rotation()
+        failing = [e for e in self._failing.get(name, ()) if self.endpoints.holds(e)]
+        endpoints = failing or self.endpoints.in_rotation()
         results = await asyncio.gather(
-            *(self._reload_on(endpoint.client, name) for endpoint in endpoints),
+            *(self._reload_on(endpoint, name) for endpoint in endpoints),
             return_exceptions=True,
         )
         self._forget(name)
@@ -373,16 +378,17 @@ class TritonBackend:
             if isinstance(result, BaseException):
                 raise result
 
-    async def _reload_on(self, client: Client, name: str) -> None:
-        response = await client.get_model_config(
-            name, as_json=True, client_timeout=self._metadata_timeout_s
-        )
-        config = response["config"]
-        marker = {"string_value": datetime.now(UTC).isoformat()}
-        config.setdefault("parameters", {})[RESTORED_PARAMETER] = marker
-        await client.load_model(
-            name, config=json.dumps(config), client_timeout=self._default_timeout_s
-        )
+    async def _reload_on(self, endpoint: Endpoint, name: str) -> None:
+        with self.endpoints.calling(endpoint):
+            response = await endpoint.client.get_model_config(
+                name, as_json=True, client_timeout=self._metadata_timeout_s
+            )
+            config = response["config"]
+            marker = {"string_value": datetime.now(UTC).isoformat()}
+            config.setdefault("parameters", {})[RESTORED_PARAMETER] = marker
+            await endpoint.client.load_model(
+                name, config=json.dumps(config), client_timeout=self._default_timeout_s
+            )
 
     async def _probe(self, name: str) -> None:
         """A real inference of tiny zero inputs of the model's declared types and ranks,
@@ -397,7 +403,7 @@ class TritonBackend:
         ]
         endpoints = self.endpoints.in_rotation()
         results = await asyncio.gather(
-            *(self._probe_on(endpoint.client, model, inputs) for endpoint in endpoints),
+            *(self._probe_on(endpoint, model, inputs) for endpoint in endpoints),
             return_exceptions=True,
         )
         failed = [(e, r) for e, r in zip(endpoints, results, strict=True) if r is not None]
@@ -405,9 +411,10 @@ class TritonBackend:
         if failed:
             raise failed[0][1]
 
-    async def _probe_on(self, client: Client, model: ModelDescription, inputs: list) -> None:
+    async def _probe_on(self, endpoint: Endpoint, model: ModelDescription, inputs: list) -> None:
         try:
-            await self._request(client, model, inputs, (), self._default_timeout_s)
+            with self.endpoints.calling(endpoint):
+                await self._request(endpoint.client, model, inputs, (), self._default_timeout_s)
         except InferenceServerException as error:
             if _status_name(error) != "INTERNAL" or is_worker_failure(error.message() or ""):
                 raise

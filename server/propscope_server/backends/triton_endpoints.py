@@ -11,7 +11,8 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,12 @@ class Endpoint:
     up: bool = True
     rest_s: float = 0.0
     probe_at: float = 0.0
+    # When it last left or joined the rotation: what a call or probe sent before then
+    # found is older news, and moves it no more.
+    moved_at: float = float("-inf")
+    # Calls and probes on it now: a retired endpoint's channel is closed only once none
+    # is left (closing it would cancel them).
+    in_flight: int = 0
 
 
 class TritonEndpoints:
@@ -98,10 +105,13 @@ class TritonEndpoints:
         self._resolver = resolver
         self._clock = clock
         self._endpoints: dict[str, Endpoint] = {}
-        self._retired: list[Client] = []
+        self._retired: list[Endpoint] = []
         self._turn = 0
         self._resolved_at = float("-inf")
         self._resolving = asyncio.Lock()
+        # A lookup that outlived its wait (getaddrinfo's thread cannot be stopped): the
+        # next resolution waits on it rather than start another thread.
+        self._lookup: asyncio.Future[list[str]] | None = None
         self._update(self.target.addresses)
 
     @property
@@ -119,6 +129,10 @@ class TritonEndpoints:
 
     def is_up(self, address: str) -> bool:
         return self._endpoints[address].up
+
+    def holds(self, endpoint: Endpoint) -> bool:
+        """Whether `endpoint` is still one of the pool's (not retired since)."""
+        return self._endpoints.get(endpoint.address) is endpoint
 
     def in_rotation(self) -> list[Endpoint]:
         """The endpoints calls go to: those in rotation, or every one while none is."""
@@ -151,10 +165,23 @@ class TritonEndpoints:
         self._turn += 1
         return group[self._turn % len(group)]
 
-    def finished(self, endpoint: Endpoint, outcome: str) -> None:
+    @contextmanager
+    def calling(self, endpoint: Endpoint) -> Iterator[float]:
+        """Holds a call on `endpoint` (its channel stays open while it is out); yields
+        when it was sent, for `finished`."""
+        endpoint.in_flight += 1
+        try:
+            yield self._clock()
+        finally:
+            endpoint.in_flight -= 1
+
+    def finished(self, endpoint: Endpoint, outcome: str, sent: float | None = None) -> None:
         """Counts one call; UNAVAILABLE takes the endpoint out of rotation, a success
-        puts it back."""
+        puts it back, unless the call was `sent` before the endpoint last moved (many
+        calls in flight when a Triton fails or drains end in any order)."""
         metrics.TRITON_ENDPOINT_CALLS.labels(endpoint=endpoint.address, outcome=outcome).inc()
+        if sent is not None and sent < endpoint.moved_at:
+            return
         if outcome == UNAVAILABLE:
             self._eject(endpoint, "it answered UNAVAILABLE")
         elif outcome == OK and not endpoint.up:
@@ -176,15 +203,22 @@ class TritonEndpoints:
         return any(e.up for e in self._endpoints.values())
 
     async def close(self) -> None:
-        clients = [e.client for e in self._endpoints.values()] + self._retired
+        if self._lookup is not None:
+            self._lookup.cancel()
+        endpoints = [*self._endpoints.values(), *self._retired]
         self._endpoints, self._retired = {}, []
-        await asyncio.gather(*(client.close() for client in clients))
+        await asyncio.gather(*(endpoint.client.close() for endpoint in endpoints))
 
     async def _probe(self, endpoint: Endpoint) -> None:
-        try:
-            live = bool(await endpoint.client.is_server_live(client_timeout=self._probe_timeout_s))
-        except InferenceServerException:
-            live = False
+        with self.calling(endpoint) as sent:
+            try:
+                live = bool(
+                    await endpoint.client.is_server_live(client_timeout=self._probe_timeout_s)
+                )
+            except InferenceServerException:
+                live = False
+        if sent < endpoint.moved_at:
+            return  # a call's outcome moved it while the probe was out: newer news
         if live and not endpoint.up:
             self._readmit(endpoint, "its liveness probe answered")
         elif not live and endpoint.up:
@@ -194,9 +228,10 @@ class TritonEndpoints:
             endpoint.probe_at = self._clock() + endpoint.rest_s
 
     def _eject(self, endpoint: Endpoint, why: str) -> None:
-        if not endpoint.up or self._endpoints.get(endpoint.address) is not endpoint:
+        if not endpoint.up or not self.holds(endpoint):
             return  # out already, or retired (a call in flight on it ended)
         endpoint.up = False
+        endpoint.moved_at = self._clock()
         endpoint.rest_s = self._retry_s
         endpoint.probe_at = self._clock() + endpoint.rest_s
         metrics.TRITON_ENDPOINT_UP.labels(endpoint=endpoint.address).set(0)
@@ -210,9 +245,10 @@ class TritonEndpoints:
         )
 
     def _readmit(self, endpoint: Endpoint, why: str) -> None:
-        if self._endpoints.get(endpoint.address) is not endpoint:
+        if not self.holds(endpoint):
             return
         endpoint.up = True
+        endpoint.moved_at = self._clock()
         endpoint.rest_s = 0.0
         metrics.TRITON_ENDPOINT_UP.labels(endpoint=endpoint.address).set(1)
         logger.info("Triton endpoint %s is back in rotation: %s", endpoint.address, why)
@@ -228,10 +264,20 @@ class TritonEndpoints:
             if not self._resolution_due():
                 return
             self._resolved_at = self._clock()
-            retired, self._retired = self._retired, []
-            await asyncio.gather(*(client.close() for client in retired))
+            await self._close_idle_retired()
+            if self._lookup is None or self._lookup.done():
+                lookup = self._resolver(self.target.dns_host, self.target.dns_port)
+                self._lookup = asyncio.ensure_future(lookup)
             try:
-                addresses = await self._resolver(self.target.dns_host, self.target.dns_port)
+                addresses = await asyncio.wait_for(
+                    asyncio.shield(self._lookup), self._probe_timeout_s
+                )
+            except TimeoutError:
+                error = OSError(f"no answer within {self._probe_timeout_s:g} s")
+                if not self._endpoints:
+                    raise error from None
+                logger.warning("%s: resolving %s failed: %s", SETTING, self.url, error)
+                return
             except OSError as error:
                 if not self._endpoints:
                     raise
@@ -242,6 +288,18 @@ class TritonEndpoints:
                 return
             self._update(addresses)
 
+    async def _close_idle_retired(self) -> None:
+        """Closes the channels of retired endpoints no call is on any more, and drops
+        their series (DNS churn must not grow the metrics without bound)."""
+        idle = [e for e in self._retired if not e.in_flight]
+        self._retired = [e for e in self._retired if e.in_flight]
+        for endpoint in idle:
+            if endpoint.address not in self._endpoints:
+                for outcome in (OK, ERROR, UNAVAILABLE):
+                    with suppress(KeyError):  # never counted
+                        metrics.TRITON_ENDPOINT_CALLS.remove(endpoint.address, outcome)
+        await asyncio.gather(*(endpoint.client.close() for endpoint in idle))
+
     def _resolution_due(self) -> bool:
         since = self._clock() - self._resolved_at
         if not any(e.up for e in self._endpoints.values()):
@@ -250,12 +308,12 @@ class TritonEndpoints:
 
     def _update(self, addresses: Sequence[str]) -> None:
         """The endpoints become `addresses`: new ones join the rotation, the ones gone
-        are retired (their clients closed at the next resolution, after calls in flight
-        on them had time to end)."""
+        are retired (their clients closed at a later resolution, once no call is on
+        them)."""
         gone = [a for a in self._endpoints if a not in addresses]
         new = [a for a in addresses if a not in self._endpoints]
         for address in gone:
-            self._retired.append(self._endpoints.pop(address).client)
+            self._retired.append(self._endpoints.pop(address))
             metrics.TRITON_ENDPOINT_UP.remove(address)
         for address in new:
             self._endpoints[address] = Endpoint(address, self._connect(address))
