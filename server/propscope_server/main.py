@@ -7,6 +7,7 @@ import asyncio
 
 import typer
 from grpc_health.v1 import health_pb2
+from pydantic import ValidationError
 
 from propscope_server import logs
 from propscope_server.api.server import ListenError
@@ -20,13 +21,43 @@ app = typer.Typer(add_completion=False, no_args_is_help=True)
 @app.command()
 def serve() -> None:
     """Run the gateway in the foreground (configuration: PROPSCOPE_* variables, REDIS_URL)."""
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        for problem in setting_problems(error):
+            typer.echo(f"propscope-server: {problem}", err=True)
+        raise typer.Exit(1) from None
     logs.configure(settings.log_format)
     try:
         asyncio.run(serve_gateway(settings))
     except ListenError as error:
         typer.echo(f"propscope-server: {error}", err=True)
         raise typer.Exit(1) from None
+
+
+# Settings read from a variable of their own name (REDIS_URL), not PROPSCOPE_<NAME>.
+_ALIASES = {
+    field.validation_alias
+    for field in Settings.model_fields.values()
+    if isinstance(field.validation_alias, str)
+}
+
+
+def setting_problems(error: ValidationError) -> list[str]:
+    """One line per refused setting, named as its variable is set. Pydantic's traceback
+    filled a screen and hid this line, the one that says what to fix."""
+    problems = []
+    for item in error.errors():
+        loc = [str(part) for part in item["loc"]]
+        if loc and loc[0] in _ALIASES:  # pydantic names an aliased field by its alias
+            variable = loc[0]
+        elif loc:
+            variable = "PROPSCOPE_" + "__".join(loc).upper()
+        else:
+            variable = "the PROPSCOPE_* settings"
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(message if message.startswith(variable) else f"{variable}: {message}")
+    return problems
 
 
 @app.command()
