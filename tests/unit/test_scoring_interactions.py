@@ -250,18 +250,19 @@ def test_a_resample_without_variance_counts_as_zero_not_nan():
 
 
 @pytest.mark.parametrize(
-    ("scores", "bootstrap", "confidence", "message"),
+    ("scores", "bootstrap", "confidence", "seed", "message"),
     [
-        (np.zeros(5), 10, 0.95, r"one value per design row \(32\), got 5"),
-        (np.r_[np.nan, np.zeros(31)], 10, 0.95, "scores must be finite"),
-        (np.zeros(32), 0, 0.95, "bootstrap must be >= 1"),
-        (np.zeros(32), 10, 1.0, r"confidence must be in \(0, 1\)"),
+        (np.zeros(5), 10, 0.95, 0, r"one value per design row \(32\), got 5"),
+        (np.r_[np.nan, np.zeros(31)], 10, 0.95, 0, "scores must be finite"),
+        (np.zeros(32), 0, 0.95, 0, "bootstrap must be >= 1"),
+        (np.zeros(32), 10, 1.0, 0, r"confidence must be in \(0, 1\)"),
+        (np.zeros(32), 10, 0.95, -1, "seed must be >= 0"),
     ],
 )
-def test_estimate_refusals_name_the_parameter(scores, bootstrap, confidence, message):
+def test_estimate_refusals_name_the_parameter(scores, bootstrap, confidence, seed, message):
     design = interaction_design(2, 8, seed=0, pair=None)
     with pytest.raises(ValueError, match=message):
-        estimate_indices(design, scores, bootstrap, confidence, seed=0)
+        estimate_indices(design, scores, bootstrap, confidence, seed=seed)
 
 
 # --- composition schedule ---------------------------------------------------------------

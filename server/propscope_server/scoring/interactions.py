@@ -178,6 +178,8 @@ def estimate_indices(
         raise ValueError(f"bootstrap must be >= 1 resample, got {bootstrap}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), e.g. 0.95, got {confidence}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     values = np.asarray(scores, dtype=np.float64).reshape(-1)
     expected = len(design.rows)
     if values.size != expected:
