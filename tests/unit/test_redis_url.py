@@ -97,3 +97,27 @@ async def test_a_cluster_url_makes_a_cluster_client_with_every_seed():
     }
     assert client.get_connection_kwargs()["password"] == "pw"
     await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://:Zq9/Wx7@h1:7000",
+        "redis+cluster://admin:Zq9/Wx7@h1:7000",
+        "redis+cluster://:Zq9@Wx7@h1:7000/5",
+        "redis+cluster://:Zq9?Wx7@h1:7000/3",
+        "redis+cluster://Zq9/Wx7@h1:7000",
+        ":Zq9/Wx7@h1:7000",
+    ],
+)
+def test_a_password_with_unescaped_url_characters_never_shows_in_a_refusal(url, monkeypatch):
+    """A / ? or @ left unescaped in a password splits the URL inside it: the refusal says
+    so and shows no part of the password (generated secrets often hold a /)."""
+    with pytest.raises(ValueError, match="REDIS_URL") as refused:
+        parse_redis_url(url)
+    message = str(refused.value)
+    assert "Zq9" not in message and "Wx7" not in message
+    monkeypatch.setenv("REDIS_URL", url)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert "Zq9" not in str(refused.value) and "Wx7" not in str(refused.value)

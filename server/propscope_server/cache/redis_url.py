@@ -8,6 +8,11 @@ from dataclasses import dataclass
 from urllib.parse import urlunsplit
 
 PLAIN_SCHEMES = ("redis", "rediss", "unix")
+# What a refusal says instead of a part it would show from inside the credentials.
+SPLIT_CREDENTIALS = (
+    "the URL splits inside its credentials: percent-encode / ? # and @ in a user name or "
+    "password (%2F %3F %23 %40)"
+)
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 DEFAULT_PORT = 6379
 
@@ -33,7 +38,7 @@ def parse_redis_url(url: str) -> RedisTarget:
     scheme, _, rest = url.partition("://")
     if not rest:
         raise ValueError(
-            f"REDIS_URL {url!r} is not a URL; use redis://host:port/0 for one Redis "
+            f"REDIS_URL {_redacted(url)!r} is not a URL; use redis://host:port/0 for one Redis "
             "or redis+cluster://host:port for a Redis Cluster"
         )
     scheme = scheme.lower()
@@ -49,6 +54,8 @@ def parse_redis_url(url: str) -> RedisTarget:
     userinfo, _, hosts = netloc.rpartition("@")
     seeds = tuple(_seed(entry, url) for entry in hosts.split(","))
     if path not in ("", "0"):
+        if not _shows(path, url):
+            raise ValueError(f"REDIS_URL {_redacted(url)!r}: {SPLIT_CREDENTIALS}")
         raise ValueError(
             f"REDIS_URL {_redacted(url)!r} names database {path!r}; a Redis Cluster has only "
             "database 0: drop the path or write /0"
@@ -66,18 +73,19 @@ def _seed(entry: str, url: str) -> tuple[str, int]:
     else:
         host, _, port_text = entry.partition(":")
         malformed = not host or ":" in port_text
+    port_ok = not port_text or (port_text.isdigit() and 0 < int(port_text) < 65536)
+    if (malformed or not port_ok) and not _shows(entry, url):
+        raise ValueError(f"REDIS_URL {_redacted(url)!r}: {SPLIT_CREDENTIALS}")
     if malformed:
         raise ValueError(
             f"REDIS_URL {_redacted(url)!r}: seed node {entry!r} is not host:port "
             "(write an IPv6 address as [addr]:port; separate seeds with commas)"
         )
-    if not port_text:
-        return host, DEFAULT_PORT
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not port_ok:
         raise ValueError(
             f"REDIS_URL {_redacted(url)!r}: seed node {entry!r} has no valid port (1 to 65535)"
         )
-    return host, int(port_text)
+    return host, int(port_text) if port_text else DEFAULT_PORT
 
 
 def _netloc(host: str, port: int) -> str:
@@ -85,10 +93,20 @@ def _netloc(host: str, port: int) -> str:
 
 
 def _redacted(url: str) -> str:
-    """The URL without its password, for error messages."""
-    scheme, _, rest = url.partition("://")
-    userinfo, at, hosts = rest.partition("@")
-    if not at or "/" in userinfo:
+    """The URL without its credentials, for error messages: all before its last `@` but
+    the user name goes (a password may hold / ? or @ unescaped)."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        scheme, rest = "", url
+    userinfo, at, hosts = rest.rpartition("@")
+    if not at:
         return url
-    user = userinfo.partition(":")[0]
-    return f"{scheme}://{user}:***@{hosts}" if ":" in userinfo else url
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:***" if colon and not any(c in user for c in "/?#") else "***"
+    return f"{scheme}{separator}{shown}@{hosts}"
+
+
+def _shows(part: str, url: str) -> bool:
+    """Whether a refusal may quote `part` of `url`: only what the redacted URL shows (a
+    part split from inside a password holds some of it)."""
+    return part in _redacted(url)
