@@ -103,6 +103,12 @@ class Limits(BaseModel):
     max_visualize_crops: int = Field(128, ge=1)
     max_visualize_side_px: int = Field(512, ge=16)
     max_visualize_images: int = Field(64, ge=1)
+    # Interactions (Sobol indices over composed edits): the design size N (a power of two)
+    # and the composed images of one request (N (P + 2) design rows, N more with a
+    # second-order pair); its edits count against max_edits, its images against
+    # max_path_pixels and its forward passes against max_forward_passes.
+    max_interaction_design_size: int = Field(1024, ge=2)
+    max_interaction_images: int = Field(8192, ge=8)
     # Admission control: a stream beyond these is refused, never queued. A connection
     # and a peer (client address) each get a share, so one greedy caller leaves room
     # for the others; with auth off the peer's share stands in for the tenant's.
@@ -199,6 +205,9 @@ class Settings(BaseSettings):
     # is small and overlapping it took cores from the model (bench/graph.py); more for a
     # model with several instances or on a GPU.
     graph_concurrency: int = Field(1, ge=1)
+    # Editor calls of one Interactions request in flight at once (one per distinct prefix
+    # of strengths of a stage; memory: this x the call's composed images).
+    interaction_concurrency: int = Field(4, ge=1)
     # Bound on each Triton call within the call's deadline: a guard against a hung model
     # (a call that hits it fails its property).
     triton_timeout_s: float = Field(300.0, gt=0)

@@ -228,7 +228,7 @@ def explain_spec(
     check_budget(request.properties, image.shape, steps, samples, limits, max_steps, alpha)
     warning = max_steps_warning(request, image.shape, steps, samples, limits, max_steps)
     properties = tuple(
-        _property(i, p, image, samples, limits) for i, p in enumerate(request.properties)
+        property_spec(i, p, image, samples, limits) for i, p in enumerate(request.properties)
     )
     spec = domain.ExplainSpec(
         request_id=request.request_id or uuid.uuid4().hex,
@@ -573,7 +573,7 @@ def _region(index: int, prop: pb.Property, image: np.ndarray, limits: Limits) ->
         raise InvalidArgument(f"property {prop.name!r}: {field}: {error}", field=field) from None
 
 
-def _property(
+def property_spec(
     index: int, prop: pb.Property, image: np.ndarray, samples: int, limits: Limits
 ) -> domain.PropertySpec:
     if not prop.name:

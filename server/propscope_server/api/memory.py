@@ -24,6 +24,7 @@ from propscope.v1 import concepts_pb2 as cpb
 from propscope.v1 import consistency_pb2
 from propscope.v1 import explain_pb2 as pb
 from propscope.v1 import graph_pb2 as gpb
+from propscope.v1 import interactions_pb2 as ipb
 from propscope.v1 import visualization_pb2 as vpb
 from propscope_server import metrics
 from propscope_server.api.convert import (
@@ -47,6 +48,7 @@ from propscope_server.inference import Inference, ModelDescription
 from propscope_server.methods.attribution import PERTURBATION_BATCH_PIXELS, RISE_BLOCK
 from propscope_server.orchestration.explain import AUTOMATIC_REGIONS
 from propscope_server.regions import UnreadableImage, caller_image
+from propscope_server.scoring.interactions import DEFAULT_DESIGN_SIZE, design_row_count
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +135,10 @@ VISUALIZE_BYTES_PER_PICTURE_PIXEL = 400
 # EvaluateConsistency, per image pixel: each model's map per explainer held (float64)
 # with the scoring's flattened copies.
 CONSISTENCY_BYTES_PER_MAP_PIXEL = 24
+# Interactions, per pixel of each composed image held (the distinct design rows and one
+# stage's edits, at most as many): the editor's answer as received, the image and its
+# cache encoding. Not measured yet: Explain's path factor (PATH_BYTES_PER_PIXEL).
+COMPOSED_BYTES_PER_PIXEL = PATH_BYTES_PER_PIXEL
 # An estimate is rounded up by this much: what a measured request may vary by.
 MARGIN = 1.1
 
@@ -195,6 +201,7 @@ Request = (
     | cpb.DecomposeConceptRequest
     | consistency_pb2.EvaluateConsistencyRequest
     | vpb.VisualizeRequest
+    | ipb.InteractionsRequest
 )
 
 
@@ -221,6 +228,8 @@ def estimate_bytes(
         method = _explain(request, settings, pixels, model)
     elif isinstance(request, apb.AttributeRequest):
         method = _attribute(request, settings, pixels, model)
+    elif isinstance(request, ipb.InteractionsRequest):
+        method = _interactions(request, settings, pixels, model)
     else:
         method = _evaluate(request, settings, pixels, model)
     # Decoding's buffers are gone before the method runs; the image stays.
@@ -360,6 +369,37 @@ def _explain(
         costs.append(cost)
     running = sorted(costs, reverse=True)[: settings.property_concurrency]
     return held + sum(running)
+
+
+def _interactions(
+    request: ipb.InteractionsRequest, settings: Settings, pixels: int, model: ClassifierInput
+) -> int:
+    """The composed images (the distinct rows and one stage's edits) or the decoded
+    provided ones, the regions' masks and compositing, and the batches being classified
+    (attribution_concurrency of max_batch_size at once)."""
+    limits = settings.limits
+    properties = request.properties[: limits.max_properties]
+    size = min(request.design_size or DEFAULT_DESIGN_SIZE, limits.max_interaction_design_size)
+    rows = design_row_count(max(len(properties), 2), size, bool(request.second_order_pair))
+    rows = min(rows, limits.max_interaction_images)
+    if request.HasField("provided_design"):
+        held = (IMAGE_BYTES_PER_PIXEL + PROVIDED_PATH_BYTES_PER_PIXEL) * rows * pixels
+    else:
+        held = COMPOSED_BYTES_PER_PIXEL * 2 * rows * pixels
+    in_flight = min(rows, model.max_batch_size * settings.attribution_concurrency)
+    method = held + _classified(in_flight, pixels, model)
+    regions = [p.region for p in properties if p.region.WhichOneof("shape") is not None]
+    for region in regions:
+        method += MASK_BYTES_PER_PIXEL * pixels + _mask_decoding(region, limits)
+    if regions:  # one call's images composited at a time per call in flight
+        method += REGION_BYTES_PER_PIXEL * min(rows, 2 * size) * pixels
+    if any(
+        p.editor.parameters.get("region") in AUTOMATIC_REGIONS
+        or p.editor.parameters.get("operation") == "scale"
+        for p in properties
+    ):
+        method += OBJECT_MASK_BYTES_PER_PIXEL * pixels
+    return method
 
 
 def _mask_decoding(region: pb.Region, limits: Limits) -> int:

@@ -23,6 +23,8 @@ from propscope.v1 import (
     explain_pb2_grpc,
     graph_pb2,
     graph_pb2_grpc,
+    interactions_pb2,
+    interactions_pb2_grpc,
     visualization_pb2,
     visualization_pb2_grpc,
 )
@@ -38,6 +40,7 @@ from propscope_server.api.servicer import (
     ConceptServicer,
     ConsistencyServicer,
     ExplainServicer,
+    InteractionServicer,
     MethodStreams,
     VisualizationServicer,
 )
@@ -52,6 +55,7 @@ from propscope_server.methods.causal_graph import CausalGraph
 from propscope_server.methods.consistency import Consistency
 from propscope_server.methods.craft import Craft
 from propscope_server.methods.evaluation import Evaluation
+from propscope_server.methods.interactions import Interactions
 from propscope_server.methods.maco import Maco
 from propscope_server.orchestration.explain import Explainer
 
@@ -67,6 +71,9 @@ CONSISTENCY_SERVICE_NAME = consistency_pb2.DESCRIPTOR.services_by_name[
 VISUALIZATION_SERVICE_NAME = visualization_pb2.DESCRIPTOR.services_by_name[
     "VisualizationService"
 ].full_name
+INTERACTION_SERVICE_NAME = interactions_pb2.DESCRIPTOR.services_by_name[
+    "InteractionService"
+].full_name
 # Every propscope.v1 service: each is reported by grpc.health.v1 and listed by reflection.
 PROPSCOPE_SERVICES = (
     SERVICE_NAME,
@@ -75,6 +82,7 @@ PROPSCOPE_SERVICES = (
     CONCEPT_SERVICE_NAME,
     CONSISTENCY_SERVICE_NAME,
     VISUALIZATION_SERVICE_NAME,
+    INTERACTION_SERVICE_NAME,
 )
 # A health service of its own: the cache being down degrades the gateway (slower,
 # uncached) but does not stop it serving, so it must not flip the overall status.
@@ -278,6 +286,9 @@ def build_gateway(settings: Settings) -> Gateway:
     )
     visualization_pb2_grpc.add_VisualizationServiceServicer_to_server(
         VisualizationServicer(Maco(backend, cache, settings), streams), server
+    )
+    interactions_pb2_grpc.add_InteractionServiceServicer_to_server(
+        InteractionServicer(Interactions(backend, cache, settings), streams), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -21,11 +21,13 @@ from propscope.v1 import (
     consistency_pb2_grpc,
     explain_pb2_grpc,
     graph_pb2_grpc,
+    interactions_pb2_grpc,
     visualization_pb2_grpc,
 )
 from propscope.v1 import concepts_pb2 as cpb
 from propscope.v1 import explain_pb2 as pb
 from propscope.v1 import graph_pb2 as gpb
+from propscope.v1 import interactions_pb2 as ipb
 from propscope.v1 import visualization_pb2 as vpb
 from propscope_server import logs, metrics
 from propscope_server.api import (
@@ -34,6 +36,7 @@ from propscope_server.api import (
     convert_concepts,
     convert_consistency,
     convert_graph,
+    convert_interactions,
     convert_visualization,
 )
 from propscope_server.api.admission import Admission, Caller
@@ -56,6 +59,7 @@ from propscope_server.domain import (
 from propscope_server.errors import DeadlineExceeded, PropscopeError, ResourceExhausted
 from propscope_server.graph_domain import GraphEvent, GraphSpec
 from propscope_server.inference import Inference, ModelDescription, RepositoryEntry
+from propscope_server.interactions_domain import InteractionsSpec
 from propscope_server.methods.attribution import Attribution
 from propscope_server.methods.base import ExplanationMethod
 from propscope_server.methods.craft import Craft
@@ -461,6 +465,40 @@ class VisualizationServicer(visualization_pb2_grpc.VisualizationServiceServicer)
             lambda _: "maco",
             to_message,
         )
+
+
+class InteractionServicer(interactions_pb2_grpc.InteractionServiceServicer):
+    """Interactions through the same MethodStreams as every method; InteractionDesign
+    answers the design's rows (pure: no model is asked)."""
+
+    def __init__(self, interactions: ExplanationMethod, streams: MethodStreams) -> None:
+        self._interactions = interactions
+        self._streams = streams
+
+    async def Interactions(  # noqa: N802 - gRPC method name
+        self, request: PendingRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        async def to_message(spec: InteractionsSpec, event: object) -> ipb.InteractionsEvent:
+            return convert_interactions.interactions_event(spec.request_id, event)
+
+        await self._streams.stream(
+            "Interactions",
+            context,
+            request,
+            self._streams.spec_with_limits(convert_interactions.interactions_spec),
+            self._interactions,
+            lambda _: "interactions",
+            to_message,
+        )
+
+    async def InteractionDesign(  # noqa: N802 - gRPC method name
+        self, request: ipb.InteractionDesignRequest, context: grpc.aio.ServicerContext
+    ) -> ipb.InteractionDesignResponse:
+        async with _observed("InteractionDesign", context):
+            self._streams.tenant(context)
+            spec = await in_thread(convert_interactions.design_spec, request, self._streams.limits)
+            rows = await in_thread(convert_interactions.design_rows, spec)
+            return await in_thread(convert_interactions.design_response, rows)
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:

@@ -16,6 +16,13 @@ METHODS: tuple[MethodInfo, ...] = (
         Capability.FORWARD | Capability.EDITORS,
         "gradual semantic interventions, E|dp| with a permutation test (arXiv 2503.05424)",
     ),
+    MethodInfo(
+        "interactions",
+        "Interactions",
+        Capability.FORWARD | Capability.EDITORS,
+        "Sobol indices of composed semantic edits' strengths: first and total order, a pair's "
+        "second order, the interaction share",
+    ),
     MethodInfo("sobol", "Attribute", Capability.FORWARD, "total-order Sobol indices of regions"),
     MethodInfo("rise", "Attribute", Capability.FORWARD, "RISE: random masks, weighted mean"),
     MethodInfo(
