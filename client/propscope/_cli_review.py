@@ -190,9 +190,11 @@ def _run_review(
     address = target or spec.service.target
     show_bar = cli._show_bar(progress)
     share = f"shard {shard}: {len(shard.select(images))} of " if shard is not None else ""
+    models = 1 + (spec.baseline is not None)
     typer.echo(
-        f"propscope review: {share}{len(images)} images, {len(spec.properties)} properties, "
-        f"{1 + (spec.baseline is not None)} models, {address}",
+        f"propscope review: {share}{_counted(len(images), 'image')}, "
+        f"{_counted(len(spec.properties), 'property', 'properties')}, "
+        f"{_counted(models, 'model')}, {address}",
         err=True,
     )
     try:
@@ -274,7 +276,11 @@ def _spec_problems(connection: cli.Connection, error: Any, target: str | None) -
 
 
 # What the review's progress counts, per stage of ``ReviewProgress``.
-_REVIEW_STAGES = {"explain": "explanations", "attribute": "attribution maps"}
+_REVIEW_STAGES = {
+    "explain": "explanations",
+    "attribute": "attribution maps",
+    "interactions": "interaction estimates",
+}
 
 
 @contextmanager
@@ -311,3 +317,8 @@ def _review_progress(show_bar: bool) -> Iterator[Callable[[Any], None]]:
             )
 
     yield log_line
+
+
+def _counted(count: int, word: str, plural: str = "") -> str:
+    """`1 model`, `2 models`: a review of one model read `1 models` in every CI log."""
+    return f"{count} {word if count == 1 else plural or word + 's'}"

@@ -97,6 +97,15 @@ def run_with_service(monkeypatch, spec: Path, out: Path):
     return CliRunner().invoke(app, ["review", str(spec), "--out", str(out)])
 
 
+def test_the_first_line_counts_one_model_and_one_property_in_the_singular(monkeypatch, tmp_path):
+    text = SPEC.replace("baseline: {name: old}\n", "")
+    monkeypatch.setattr(propscope.review, "run_review", lambda *_args, **_kwargs: sample_review())
+    finished = run_with_service(monkeypatch, review_spec(tmp_path, text, images=1), tmp_path / "o")
+    assert "propscope review: 1 image, 1 property, 1 model, " in finished.output, finished.output
+    finished = run_with_service(monkeypatch, review_spec(tmp_path, SPEC), tmp_path / "p")
+    assert "propscope review: 3 images, 1 property, 2 models, " in finished.output
+
+
 def test_a_spec_with_four_typos_gets_all_four_in_one_run_one_per_line(monkeypatch, tmp_path):
     """A new user needed five runs to clear one file: a typo'd key hid the others, several
     shared a line, and the service's pre-flight came only once the file was right."""
