@@ -45,3 +45,12 @@ def test_up_scaled_out_without_a_cluster_names_the_option(tmp_path: Path) -> Non
     result = CliRunner().invoke(main.app, ["up", "--tritons", "2", "--run-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert "--redis-cluster 3" in result.output
+
+
+def test_up_scaled_out_refuses_the_options_it_would_ignore(tmp_path: Path) -> None:
+    """--port 52500 used to start gateways on other, free ports without a word."""
+    scaled = ["up", "--tritons", "2", "--redis-cluster", "3", "--run-dir", str(tmp_path)]
+    result = CliRunner().invoke(main.app, [*scaled, "--port", "52500", "--no-redis"])
+    assert result.exit_code == 2
+    assert "--port 52500, --no-redis: not for a scaled-out stack" in result.output
+    assert not (tmp_path / "models").exists()

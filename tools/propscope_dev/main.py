@@ -95,6 +95,25 @@ def up(
     fill gaps. With --tritons, --gateways or --redis-cluster: a scaled-out stack on
     free ports instead (always started afresh)."""
     if tritons > 1 or gateways > 1 or redis_cluster:
+        ignored = [
+            name
+            for name, given in (
+                (f"--port {port}", port is not None),
+                ("--model-repository", bool(model_repository)),
+                ("--no-redis", not redis),
+                ("--restart", restart),
+            )
+            if given
+        ]
+        if ignored:
+            typer.echo(
+                f"propscope-dev up: {', '.join(ignored)}: not for a scaled-out stack "
+                "(--tritons, --gateways, --redis-cluster), which takes free loopback ports, "
+                "serves procedural and synth_hue only, always starts afresh and needs its "
+                "Redis Cluster; drop them, or drop the scaled-out options",
+                err=True,
+            )
+            raise typer.Exit(2)
         _up_scaled(run_dir, tritons, gateways, redis_cluster, timeout)
         return
     repositories = tuple(model_repository)
