@@ -571,6 +571,7 @@ _OPTIONS_OF_FIELDS = {
     "reference_images": "--reference",
     "repair_property": "--property",
     "repair_max_share": "--max-share",
+    "second_order_pair": "--pair",
 }
 
 
@@ -1891,3 +1892,9 @@ app.add_typer(
 from propscope._cli_consistency import consistency  # noqa: E402
 
 app.command(short_help="MeGe and ReCo: how stable explainers' maps are across models.")(consistency)
+
+
+# `propscope interactions` (_cli_interactions.py uses this module's options and failures).
+from propscope._cli_interactions import interactions  # noqa: E402
+
+app.command(short_help="Which properties --model uses together: Sobol indices.")(interactions)

@@ -280,7 +280,7 @@ def test_every_command_summary_is_whole_in_the_top_level_help():
     summaries = [line for line in commands.splitlines() if line.strip()]
     assert [line.split()[0] for line in summaries] == [
         "explain", "attribute", "evaluate", "graph", "repair", "visualize", "models", "explore",
-        "consistency", "concepts", "review",
+        "consistency", "interactions", "concepts", "review",
     ]  # fmt: skip
     assert not [line for line in summaries if line.endswith("...")], commands
 

@@ -14,10 +14,18 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
 from propscope import AsyncClient, Client, InteractionsResult, Property, PropscopeError
 from propscope._interactions import InteractionDesign, build_interactions_request, render_design
-from propscope.v1 import attribution_pb2, interactions_pb2, interactions_pb2_grpc
+from propscope.cli import app
+from propscope.v1 import (
+    attribution_pb2,
+    explain_pb2,
+    explain_pb2_grpc,
+    interactions_pb2,
+    interactions_pb2_grpc,
+)
 
 N = 4
 
@@ -275,3 +283,117 @@ def test_a_refusal_of_the_server_is_a_propscope_error():
         assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         server.stop(grace=None)
+
+
+# --- the CLI ----------------------------------------------------------------------------------
+
+
+class FakeModels(explain_pb2_grpc.ExplainServiceServicer):
+    """ListModels for the CLI's pre-flight."""
+
+    def ListModels(self, request, context):  # noqa: N802
+        operation = explain_pb2.EditorParameter(name="operation", choices=["hue", "blend"])
+        return explain_pb2.ListModelsResponse(
+            models=[
+                explain_pb2.ModelInfo(
+                    name="synth_conjunction",
+                    versions=["1"],
+                    state="READY",
+                    role=explain_pb2.ModelInfo.ROLE_CLASSIFIER,
+                    methods=["propgrad", "interactions"],
+                ),
+                explain_pb2.ModelInfo(
+                    name="procedural",
+                    versions=["1"],
+                    state="READY",
+                    role=explain_pb2.ModelInfo.ROLE_EDITOR,
+                    editor_parameters=[operation],
+                ),
+            ]
+        )
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    fake = FakeInteractions()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    interactions_pb2_grpc.add_InteractionServiceServicer_to_server(fake, server)
+    explain_pb2_grpc.add_ExplainServiceServicer_to_server(FakeModels(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    image = tmp_path / "scene.png"
+    Image.fromarray(_image()).save(image)
+    yield fake, f"127.0.0.1:{port}", image
+    server.stop(grace=None)
+
+
+HUE = "hue=procedural:operation=hue"
+PATCH = "patch=procedural:operation=blend"
+
+
+def _run(target: str, *arguments: str):
+    return CliRunner().invoke(
+        app,
+        ["interactions", *arguments, "--target", target],
+        env={"COLUMNS": "80"},
+        catch_exceptions=False,
+    )
+
+
+def test_the_table_fits_80_columns_without_a_terminal(gateway):
+    fake, target, image = gateway
+    found = _run(
+        target, str(image), "-m", "synth_conjunction", "-p", HUE, "-p", PATCH,
+        "--pair", "hue,patch", "--design-size", "8",
+    )  # fmt: skip
+    assert found.exit_code == 0, found.output
+    lines = found.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    header = next(line for line in lines if line.lstrip().startswith("property"))
+    assert header.split() == ["property", "first", "interval", "total", "interval",
+                              "interaction", "interval"]  # fmt: skip
+    hue = next(line for line in lines if line.startswith("hue"))
+    assert hue.split() == ["hue", "0.30", "0.20–0.40", "0.60", "0.50–0.70", "0.30", "0.20–0.40"]
+    assert "interaction share 0.60 (0.50–0.70): significant" in found.stdout
+    assert "second order hue × patch: 0.40 (0.30–0.50)" in found.stdout
+    assert list(fake.requests[0].second_order_pair) == ["hue", "patch"]
+    assert "warning: synth_conjunction: another" in found.stderr
+
+
+def test_plain_and_json_carry_every_digit(gateway):
+    _, target, image = gateway
+    plain = _run(target, str(image), "-m", "synth_conjunction", "-p", HUE, "-p", PATCH,
+                 "--format", "plain")  # fmt: skip
+    lines = plain.stdout.splitlines()
+    assert lines[0].startswith("property model=synth_conjunction:3 name=hue first=0.3 ")
+    assert "share model=synth_conjunction:3 value=0.6 low=0.5 high=0.7 significant=yes" in lines
+    assert lines[-1].startswith("cost model=synth_conjunction:3 images=16 edits=20")
+    found = _run(target, str(image), "-m", "synth_conjunction", "-p", HUE, "-p", PATCH, "--json")
+    document = json.loads(found.stdout)
+    assert document["indices"][1]["total_order"] == {"value": 0.6, "low": 0.5, "high": 0.7}
+
+
+def test_report_writes_the_bars_and_the_table(gateway, tmp_path):
+    _, target, image = gateway
+    report = tmp_path / "interactions.html"
+    found = _run(target, str(image), "-m", "synth_conjunction", "-p", HUE, "-p", PATCH,
+                 "--report", str(report))  # fmt: skip
+    assert found.exit_code == 0, found.output
+    html = report.read_text()
+    assert html.count('<img class="plot" src="data:image/png;base64,') == 1
+    assert "<td>patch</td>" in html and "Interaction share 0.6</b>" in html
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--pair", "hue"], "--pair 'hue': give two property names"),
+        (["-p", "rain=@rain/"], "rain"),
+        (["-m", "synth_hue"], "'synth_hue'"),
+    ],
+)
+def test_bad_options_are_refused_in_one_line_naming_them(gateway, arguments, message):
+    fake, target, image = gateway
+    found = _run(target, str(image), "-m", "synth_conjunction", "-p", HUE, "-p", PATCH, *arguments)
+    assert found.exit_code == 2 and message in found.stderr
+    assert not fake.requests

@@ -9,7 +9,7 @@ Needs the ``review`` extra (PyYAML, pydantic, SciPy, matplotlib, Jinja2).
 """
 
 from propscope.review.explanation import explanation_result
-from propscope.review.report import render_html, write_reports
+from propscope.review.report import render_html, render_interactions_html, write_reports
 from propscope.review.results import (
     CacheStats,
     ModelEntry,
@@ -57,6 +57,7 @@ __all__ = [
     "merge_partials",
     "read_partial",
     "render_html",
+    "render_interactions_html",
     "run_review",
     "run_shard",
     "service_problems",

@@ -19,6 +19,7 @@ from propscope._preprocessing import Preprocessing
 __all__ = [
     "AttributionObservation",
     "CacheStats",
+    "InteractionObservation",
     "ModelEntry",
     "Observation",
     "PathStrip",
@@ -126,6 +127,43 @@ class AttributionObservation:
 
 
 @dataclass(frozen=True)
+class InteractionObservation:
+    """One image's Sobol indices over a ``max_interaction_share`` rule's properties, for the
+    model the rule checks: per property (in composition order) the first- and total-order
+    index with their bootstrap interval, and the interaction share (sum of total minus sum
+    of first order) with its interval."""
+
+    # The rule's name (where the other rules name their property).
+    rule: str
+    image: str
+    model: str
+    properties: tuple[str, ...]
+    first: tuple[float, ...]
+    first_low: tuple[float, ...]
+    first_high: tuple[float, ...]
+    total: tuple[float, ...]
+    total_low: tuple[float, ...]
+    total_high: tuple[float, ...]
+    share: float
+    share_low: float
+    share_high: float
+    significant: bool
+    # The score's variance over the design: near 0, no property moves the prediction.
+    variance: float
+    target_class: int
+    target_label: str = ""
+    confidence: float = 0.95
+    design_size: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    forward_passes: int = 0
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclass_dict(self)
+
+
+@dataclass(frozen=True)
 class PathStrip:
     """The path images of one image and property, with each model's curve along it."""
 
@@ -212,6 +250,7 @@ class ReviewResult:
     strips: tuple[PathStrip, ...] = ()
     seconds: float = math.nan
     attributions: tuple[AttributionObservation, ...] = ()
+    interactions: tuple[InteractionObservation, ...] = ()
     # The spec's fail_on_inconclusive: whether an inconclusive rule fails the gate.
     fail_on_inconclusive: bool = False
 
@@ -256,6 +295,11 @@ class ReviewResult:
     def shares(self, rule: str) -> list[AttributionObservation]:
         """The attribution observations of one ``max_attribution_share`` rule, in image order."""
         found = {obs.image: obs for obs in self.attributions if obs.rule == rule}
+        return [found[image] for image in self.images if image in found]
+
+    def interaction_indices(self, rule: str) -> list[InteractionObservation]:
+        """The observations of one ``max_interaction_share`` rule, in image order."""
+        found = {obs.image: obs for obs in self.interactions if obs.rule == rule}
         return [found[image] for image in self.images if image in found]
 
     def values(self, model: str, property_name: str, name: str) -> np.ndarray:
@@ -340,4 +384,5 @@ class ReviewResult:
             "observations": [obs.to_dict() for obs in self.observations],
             "strips": [strip.to_dict() for strip in self.strips],
             "attributions": [obs.to_dict() for obs in self.attributions],
+            "interactions": [obs.to_dict() for obs in self.interactions],
         }

@@ -29,6 +29,7 @@ from propscope.review.results import ReviewResult, RuleOutcome, Verdict
 from propscope.review.spec import (
     MaxAttributionShareRule,
     MaxFlipRateRule,
+    MaxInteractionShareRule,
     MaxScoreRule,
     MinAccuracyRule,
     NoAccuracyRegressionRule,
@@ -56,6 +57,8 @@ def evaluate_rules(rules: Sequence[Rule], result: ReviewResult) -> list[RuleOutc
     for rule in rules:
         if isinstance(rule, MaxAttributionShareRule):
             outcomes.append(_max_attribution_share(rule, result))
+        elif isinstance(rule, MaxInteractionShareRule):
+            outcomes.append(_max_interaction_share(rule, result))
         elif isinstance(rule, MinAccuracyRule):
             outcomes.append(_min_accuracy(rule, result))
         elif isinstance(rule, NoAccuracyRegressionRule):
@@ -196,6 +199,69 @@ def _max_attribution_share(rule: MaxAttributionShareRule, result: ReviewResult) 
             "guarantee": worst.guarantee or None,
             "target_score": settings.target_score,
             "images_without_positive_mass": sum(obs.positive_mass == 0 for obs in observations),
+        },
+    )
+
+
+def _max_interaction_share(rule: MaxInteractionShareRule, result: ReviewResult) -> RuleOutcome:
+    """Each image's share comes with its bootstrap interval at the rule's confidence. Over
+    ``mean``: the means of the images' lower and upper bounds bound the mean share (wider than
+    the mean's own interval: conservative both ways). Over ``every_image``: failed when some
+    image's interval lies above ``max``, passed when every image's lies at or below it."""
+    observations = result.interaction_indices(rule.name)
+    if not observations:
+        raise ValueError(f"no interaction indices to check max_interaction_share[{rule.name}] on")
+    shares = np.array([obs.share for obs in observations], dtype=np.float64)
+    lows = np.array([obs.share_low for obs in observations], dtype=np.float64)
+    highs = np.array([obs.share_high for obs in observations], dtype=np.float64)
+    above = int((lows > rule.max).sum())
+    straddling = int(((lows <= rule.max) & (highs > rule.max)).sum())
+    worst = observations[int(np.argmax(shares))]
+    level = f"{observations[0].confidence:.0%}"
+    if rule.over == "mean":
+        low, high = float(lows.mean()), float(highs.mean())
+        verdict: Verdict = (
+            "failed" if low > rule.max else "passed" if high <= rule.max else "inconclusive"
+        )
+        measured = (
+            f"mean interaction share {shares.mean():.3f} (images' {level} bounds averaged: "
+            f"{low:.3f}–{high:.3f})"
+        )
+    else:
+        verdict = "failed" if above else "inconclusive" if straddling else "passed"
+        measured = (
+            f"{above} of {shares.size} images' interaction share lies above it, "
+            f"{straddling} straddle it ({level} intervals)"
+        )
+    significant = sum(obs.significant for obs in observations)
+    message = (
+        f"{measured}; allowed at most {rule.max:.3f}"
+        + (" on average" if rule.over == "mean" else " on every image")
+        + f" (highest {worst.share:.3f} on {worst.image}; significant interactions on "
+        f"{significant} of {shares.size} images; {', '.join(worst.properties)})"
+    )
+    if verdict == "inconclusive":
+        message += "; the intervals straddle it: a larger design_size or more images needed"
+    return RuleOutcome(
+        rule=rule.rule,
+        property_name=rule.name,
+        verdict=verdict,
+        message=message,
+        details={
+            "over": rule.over,
+            "properties": ", ".join(worst.properties),
+            "mean_share": float(shares.mean()),
+            "mean_share_low": float(lows.mean()),
+            "mean_share_high": float(highs.mean()),
+            "max_share": float(shares.max()),
+            "max": rule.max,
+            "images_above_max": above,
+            "images_straddling_max": straddling,
+            "images_significant": int(significant),
+            "images": int(shares.size),
+            "worst_image": worst.image,
+            "confidence": observations[0].confidence,
+            "design_size": worst.design_size,
         },
     )
 

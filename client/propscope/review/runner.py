@@ -22,11 +22,13 @@ from propscope._client import Client
 from propscope._errors import PropscopeError
 from propscope._events import Accepted, Decision, PropertyResult
 from propscope._images import encode_image
+from propscope._interactions import InteractionsResult
 from propscope._maps import overlay_png
 from propscope._preflight import PreflightError, preflight, problems_message
 from propscope._properties import Property
 from propscope.review.results import (
     AttributionObservation,
+    InteractionObservation,
     ModelEntry,
     Observation,
     PathStrip,
@@ -38,7 +40,9 @@ from propscope.review.rules import attribution_share, box_pixels, evaluate_rules
 from propscope.review.spec import (
     AttributionSpec,
     ImageEntry,
+    InteractionSettingsSpec,
     MaxAttributionShareRule,
+    MaxInteractionShareRule,
     ModelSpec,
     ReviewSpec,
     ServiceChecks,
@@ -48,6 +52,8 @@ from propscope.review.spec import (
 __all__ = [
     "ReviewError",
     "ReviewProgress",
+    "interaction_observation",
+    "interaction_properties",
     "observation_from_result",
     "run_review",
     "service_problems",
@@ -69,8 +75,9 @@ class ReviewError(Exception):
 
 @dataclass(frozen=True)
 class ReviewProgress:
-    """One call finished: an explanation (``stage`` "explain") or an attribution map
-    ("attribute", for ``max_attribution_share``)."""
+    """One call finished: an explanation (``stage`` "explain"), an attribution map
+    ("attribute", for ``max_attribution_share``) or Sobol indices over properties
+    ("interactions", for ``max_interaction_share``)."""
 
     completed: int
     total: int
@@ -156,7 +163,11 @@ def observe(
     attributions = _attributions(
         spec, images, client, models[0], follow_label, on_progress=on_progress
     )
-    return replace(result, attributions=tuple(attributions)), run, models
+    interactions = _interactions(
+        spec, images, client, models[0], follow_label, on_progress=on_progress
+    )
+    result = replace(result, attributions=tuple(attributions), interactions=tuple(interactions))
+    return result, run, models
 
 
 def observation_from_result(image: str, model: str, result: PropertyResult) -> Observation:
@@ -474,6 +485,102 @@ def _share_observation(
 def _overlay_thumbnail(encoded: bytes, found: Attribution, box: tuple[float, ...]) -> bytes:
     """The heat map over the image, the region outlined, at most ``OVERLAY_PX`` a side."""
     return overlay_png(encoded, found.map, box=box, max_side=OVERLAY_PX)
+
+
+def _interactions(
+    spec: ReviewSpec,
+    images: Sequence[ImageEntry],
+    client: Client,
+    candidate: ModelEntry,
+    follow_label: bool,
+    *,
+    on_progress: ProgressCallback | None = None,
+) -> list[InteractionObservation]:
+    """The candidate's Sobol indices on every image, once per distinct (properties, settings)
+    of the ``max_interaction_share`` rules; the composed images are cached by the gateway, so
+    two rules over the same properties and design cost classifications only."""
+    rules = spec.interaction_rules()
+    calls: list[tuple[tuple[str, ...], InteractionSettingsSpec]] = []
+    for rule in rules:
+        key = (interaction_properties(spec, rule), rule.interactions)
+        if key not in calls:
+            calls.append(key)
+    jobs = [(image, call) for call in calls for image in images]
+    completed = 0
+    counting = threading.Lock()
+    editors = spec.editor_properties()
+
+    def estimate(
+        job: tuple[ImageEntry, tuple[tuple[str, ...], InteractionSettingsSpec]],
+    ) -> list[InteractionObservation]:
+        nonlocal completed
+        image, (names, setting) = job
+        try:
+            found = client.interactions(
+                _read_image(image),
+                candidate.name,
+                [editors[name] for name in names],
+                model_version=candidate.version,
+                model_output=candidate.output,
+                preprocessing=candidate.preprocessing,
+                class_labels=candidate.class_labels,
+                target_class=image.label if follow_label else None,
+                timeout=spec.service.timeout_s,
+                **setting.client_options(),
+            )
+        except PropscopeError as error:
+            raise ReviewError(f"{image.id}, {candidate.label}, interactions: {error}") from None
+        with counting:
+            completed += 1
+            if on_progress is not None:
+                on_progress(
+                    ReviewProgress(completed, len(jobs), image.id, candidate.label, "interactions")
+                )
+        return [
+            interaction_observation(rule.name, image.id, candidate.label, found)
+            for rule in rules
+            if (interaction_properties(spec, rule), rule.interactions) == (names, setting)
+        ]
+
+    found = _map_or_raise(estimate, jobs, spec.concurrency)
+    return [obs for observations in found for obs in observations]
+
+
+def interaction_properties(spec: ReviewSpec, rule: MaxInteractionShareRule) -> tuple[str, ...]:
+    """The rule's properties in its order (unset: the spec's), each once."""
+    return tuple(dict.fromkeys(rule.properties or spec.property_names))
+
+
+def interaction_observation(
+    rule: str, image: str, model: str, found: InteractionsResult
+) -> InteractionObservation:
+    """One image's indices as the review keeps them."""
+    indices = found.indices
+    return InteractionObservation(
+        rule=rule,
+        image=image,
+        model=model,
+        properties=tuple(item.name for item in indices),
+        first=tuple(item.first_order.value for item in indices),
+        first_low=tuple(item.first_order.low for item in indices),
+        first_high=tuple(item.first_order.high for item in indices),
+        total=tuple(item.total_order.value for item in indices),
+        total_low=tuple(item.total_order.low for item in indices),
+        total_high=tuple(item.total_order.high for item in indices),
+        share=found.interaction_share.value,
+        share_low=found.interaction_share.low,
+        share_high=found.interaction_share.high,
+        significant=found.interaction_significant,
+        variance=found.variance,
+        target_class=found.target_class,
+        target_label=found.target_label,
+        confidence=found.confidence,
+        design_size=found.design_size,
+        cache_hits=found.cache_hits,
+        cache_misses=found.cache_misses,
+        forward_passes=found.forward_passes,
+        warnings=found.warnings,
+    )
 
 
 def strips_of(

@@ -28,6 +28,7 @@ from propscope._preprocessing import Preprocessing
 from propscope.review.report.html import ATTRIBUTION_OVERLAYS
 from propscope.review.results import (
     AttributionObservation,
+    InteractionObservation,
     ModelEntry,
     Observation,
     PathStrip,
@@ -35,7 +36,13 @@ from propscope.review.results import (
     Settings,
 )
 from propscope.review.rules import evaluate_rules
-from propscope.review.runner import ProgressCallback, ReviewError, observe, strips_of
+from propscope.review.runner import (
+    ProgressCallback,
+    ReviewError,
+    interaction_properties,
+    observe,
+    strips_of,
+)
 from propscope.review.spec import ImageEntry, ReviewSpec
 
 __all__ = [
@@ -116,6 +123,7 @@ class ReviewPartial:
     # The path strips of the shard's highest-scoring images, per property.
     strips: tuple[PathStrip, ...]
     seconds: float
+    interactions: tuple[InteractionObservation, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         covered = ReviewResult(
@@ -150,6 +158,7 @@ class ReviewPartial:
                 {**strip.to_dict(), "images": [_b64(png) for png in strip.images]}
                 for strip in self.strips
             ],
+            "interactions": [obs.to_dict() for obs in self.interactions],
         }
 
     @classmethod
@@ -179,6 +188,9 @@ class ReviewPartial:
                 for strip in data["strips"]
             ),
             seconds=float(data["seconds"]),
+            interactions=tuple(
+                _dataclass(InteractionObservation, obs) for obs in data.get("interactions", ())
+            ),
         )
 
     def write(self, out_dir: Path) -> Path:
@@ -260,6 +272,7 @@ def run_shard(
         attributions=attributions,
         strips=tuple(strips),
         seconds=time.monotonic() - started,
+        interactions=found.interactions,
     )
 
 
@@ -317,6 +330,7 @@ def merge_partials(
         images=images,
         observations=tuple(obs for image in images for obs in by_image.get(image, ())),
         attributions=_merged_attributions(spec, ordered, position),
+        interactions=_merged_interactions(spec, ordered, position),
         seconds=max(partial.seconds for partial in partials),
         fail_on_inconclusive=spec.fail_on_inconclusive,
     )
@@ -429,6 +443,7 @@ def _check_complete(partials: Sequence[ReviewPartial], labels: Sequence[str]) ->
     first = partials[0]
     spec = _spec_of(first, labels[0])
     rules = [rule.name for rule in spec.attribution_rules()]
+    interaction_rules = [rule.name for rule in spec.interaction_rules()]
     for partial, label in zip(partials, labels, strict=True):
         covered = set(partial.covered)
         expected = {
@@ -439,12 +454,18 @@ def _check_complete(partials: Sequence[ReviewPartial], labels: Sequence[str]) ->
         }
         found = [(obs.image, obs.model, obs.property_name) for obs in partial.observations]
         shares = [(obs.rule, obs.image) for obs in partial.attributions]
+        indices = [(obs.rule, obs.image) for obs in partial.interactions]
         for what, got, wanted in (
             ("observation of (image, model, property)", found, expected),
             (
                 "attribution share of (rule, image)",
                 shares,
                 {(r, i) for r in rules for i in covered},
+            ),
+            (
+                "interaction indices of (rule, image)",
+                indices,
+                {(r, i) for r in interaction_rules for i in covered},
             ),
         ):
             extra = [key for key in got if key not in wanted]
@@ -488,6 +509,28 @@ def _merged_attributions(
         rule.name: (settings.index(rule.attribution), index) for index, rule in enumerate(rules)
     }
     found = [obs for partial in partials for obs in partial.attributions]
+    return tuple(
+        sorted(
+            found,
+            key=lambda obs: (order[obs.rule][0], position[obs.image], order[obs.rule][1]),
+        )
+    )
+
+
+def _merged_interactions(
+    spec: ReviewSpec, partials: Sequence[ReviewPartial], position: Mapping[str, int]
+) -> tuple[InteractionObservation, ...]:
+    """In the order one run makes them: by (properties, settings), then image, then rule."""
+    rules = spec.interaction_rules()
+    calls: list[Any] = []
+    for rule in rules:
+        if (key := (interaction_properties(spec, rule), rule.interactions)) not in calls:
+            calls.append(key)
+    order = {
+        rule.name: (calls.index((interaction_properties(spec, rule), rule.interactions)), index)
+        for index, rule in enumerate(rules)
+    }
+    found = [obs for partial in partials for obs in partial.interactions]
     return tuple(
         sorted(
             found,

@@ -52,6 +52,8 @@ __all__ = ["ImageEntry", "ReviewSpec", "ServiceChecks", "SpecError", "load_spec"
 # whether load_spec makes the checks across sections itself.
 _ALLOWED_KEYS = "allowed_keys"
 _SECTIONS_CHECKED = "sections_checked"
+# The method max_interaction_share asks the candidate for (ModelInfo.methods).
+INTERACTIONS_METHOD = "interactions"
 
 Value = TypeVar("Value")
 
@@ -525,12 +527,65 @@ class MaxAttributionShareRule(_NoPropertiesRule):
     attribution: AttributionSpec = AttributionSpec()
 
 
+class InteractionSettingsSpec(_Strict):
+    """How the Sobol indices of ``max_interaction_share`` are estimated
+    (``Client.interactions``' options; unset: the server's defaults, N 32 and 1000 bootstrap
+    resamples)."""
+
+    # N, a power of two: N (P + 2) edited images per image.
+    design_size: int | None = Field(None, ge=2, le=4096)
+    bootstrap: int | None = Field(None, ge=1)
+    # The level of each image's interval, which the rule's verdict reads.
+    confidence: float = Field(0.95, gt=0, lt=1)
+    target_score: Literal["auto", "probability", "logit", "log_odds"] = "auto"
+    seed: int = Field(0, ge=0)
+
+    @field_validator("design_size")
+    @classmethod
+    def _power_of_two(cls, size: int | None) -> int | None:
+        if size is not None and size & (size - 1):
+            below = 1 << (size.bit_length() - 1)
+            raise PydanticCustomError(
+                "design_size",
+                "design_size must be a power of two, got {size}; the nearest: {below} or {above}",
+                {"size": size, "below": below, "above": 2 * below},
+            )
+        return size
+
+    def client_options(self) -> dict[str, Any]:
+        """The keywords of ``Client.interactions``."""
+        return {
+            "design_size": self.design_size or 0,
+            "bootstrap": self.bootstrap or 0,
+            "confidence": self.confidence,
+            "target_score": self.target_score,
+            "seed": self.seed,
+        }
+
+
+class MaxInteractionShareRule(_Rule):
+    """The candidate's interaction share (sum of total- minus sum of first-order Sobol
+    indices over ``properties``' strengths, composed in that order; unset: every property)
+    is at most ``max``: on average over the images (``over: mean``) or on every image
+    (``over: every_image``). Failed when the share's interval lies above ``max`` (its lower
+    bound: noise alone cannot fail the gate), passed when it lies at or below (its upper
+    bound: noise alone cannot pass it), inconclusive when it straddles ``max``."""
+
+    rule: Literal["max_interaction_share"]
+    # The rule's name in the reports (where the other rules name their property).
+    name: str = Field("interactions", min_length=1)
+    max: float = Field(ge=0)
+    over: Literal["mean", "every_image"] = "mean"
+    interactions: InteractionSettingsSpec = InteractionSettingsSpec()
+
+
 Rule = Annotated[
     NotSignificantRule
     | MaxScoreRule
     | NoRegressionRule
     | MaxFlipRateRule
     | MaxAttributionShareRule
+    | MaxInteractionShareRule
     | MinAccuracyRule
     | NoAccuracyRegressionRule,
     Field(discriminator="rule"),
@@ -577,6 +632,9 @@ class ReviewSpec(_Strict):
 
     def attribution_rules(self) -> list[MaxAttributionShareRule]:
         return [rule for rule in self.rules if isinstance(rule, MaxAttributionShareRule)]
+
+    def interaction_rules(self) -> list[MaxInteractionShareRule]:
+        return [rule for rule in self.rules if isinstance(rule, MaxInteractionShareRule)]
 
     @property
     def property_names(self) -> list[str]:
@@ -923,10 +981,38 @@ class _Sections:
                 f"rules: max_attribution_share rules need distinct names, got {names} "
                 "(name: the region's name in the reports)"
             )
+        problems += self._interaction_problems()
         if _provided_folders(self.properties) and self.explain and self.explain.samples > 1:
             problems.append(
                 "explain.samples: must be 1 with provided paths (they are one path each)"
             )
+        return problems
+
+    def _interaction_problems(self) -> list[str]:
+        """max_interaction_share: distinct names, two or more properties, editors only (a
+        provided path is one fixed path: it cannot compose with other edits)."""
+        rules = [(i, rule) for i, rule in self.rules if isinstance(rule, MaxInteractionShareRule)]
+        names = [rule.name for _, rule in rules]
+        problems = []
+        if len(set(names)) != len(names):
+            problems.append(
+                f"rules: max_interaction_share rules need distinct names, got {names} "
+                "(name: the rule's name in the reports)"
+            )
+        provided = _provided_folders(self.properties)
+        for index, rule in rules if self.property_names else ():
+            chosen = rule.properties or list(self.property_names)
+            if len(set(chosen)) < 2:
+                problems.append(
+                    f"rules[{index}].properties: max_interaction_share needs at least two "
+                    f"properties, got {len(set(chosen))}"
+                )
+            folders = [name for name in chosen if name in provided]
+            if folders:
+                problems.append(
+                    f"rules[{index}].properties: {folders[0]!r} is a provided path, which "
+                    "cannot compose with other edits: list editor properties only"
+                )
         return problems
 
     def image_set(self, base: Path) -> tuple[list[ImageEntry], list[str]]:
@@ -998,6 +1084,11 @@ class _Sections:
                 rule.attribution.method
                 for _, rule in self.rules
                 if isinstance(rule, MaxAttributionShareRule)
+            }
+            | {
+                INTERACTIONS_METHOD
+                for _, rule in self.rules
+                if isinstance(rule, MaxInteractionShareRule)
             }
         )
         classifiers = []

@@ -7,12 +7,18 @@ import json
 from pathlib import Path
 
 from propscope.review.report.common import FILE_NAMES
-from propscope.review.report.html import render_html
+from propscope.review.report.html import render_html, render_interactions_html
 from propscope.review.report.junit import render_junit
 from propscope.review.report.markdown import render_markdown
 from propscope.review.results import ReviewResult
 
-__all__ = ["render_html", "render_junit", "render_markdown", "write_reports"]
+__all__ = [
+    "render_html",
+    "render_interactions_html",
+    "render_junit",
+    "render_markdown",
+    "write_reports",
+]
 
 
 def write_reports(result: ReviewResult, out_dir: Path) -> dict[str, Path]:

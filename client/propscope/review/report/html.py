@@ -6,11 +6,13 @@ from __future__ import annotations
 import base64
 import io
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jinja2
 from PIL import Image
 
+from propscope._interactions import InteractionsResult, Interval
 from propscope.review.report.common import (
     ModelSummary,
     decisions_text,
@@ -20,14 +22,27 @@ from propscope.review.report.common import (
     strip_steps,
     summarize,
 )
-from propscope.review.report.plots import curves_png, distributions_png, model_colors
-from propscope.review.results import AttributionObservation, PathStrip, ReviewResult
+from propscope.review.report.plots import (
+    curves_png,
+    distributions_png,
+    interaction_bars_png,
+    model_colors,
+)
+from propscope.review.results import (
+    AttributionObservation,
+    InteractionObservation,
+    PathStrip,
+    ReviewResult,
+)
 
-__all__ = ["render_html"]
+__all__ = ["render_html", "render_interactions_html"]
 
 
 # Per max_attribution_share rule, the overlays of the images with the highest shares.
 ATTRIBUTION_OVERLAYS = 8
+
+# Per max_interaction_share rule, the images with the highest shares listed.
+INTERACTION_ROWS = 20
 
 # Path images wider than this are shrunk: a strip of 50 full-size photos would make the page
 # tens of megabytes, and the page shows them 80 px wide.
@@ -104,6 +119,85 @@ def _attribution_sections(result: ReviewResult) -> list[_AttributionSection]:
     return sections
 
 
+@dataclass(frozen=True)
+class _InteractionSection:
+    """A ``max_interaction_share`` rule: first vs total order per property (means over the
+    images), and its images with the highest interaction shares."""
+
+    name: str
+    anchor: str
+    properties: tuple[str, ...]
+    images: int
+    confidence: float
+    bars_png: bytes
+    shown: list[InteractionObservation]
+
+
+def _mean_estimates(
+    observations: list[InteractionObservation], kind: str
+) -> list[tuple[float, float, float]]:
+    """Per property, the mean over images of the ``kind`` ("first"/"total") index and of its
+    bounds."""
+    columns = [
+        [getattr(obs, f"{kind}{part}") for obs in observations] for part in ("", "_low", "_high")
+    ]
+    return [
+        tuple(sum(row[p] for row in rows) / len(rows) for rows in columns)  # type: ignore[misc]
+        for p in range(len(observations[0].properties))
+    ]
+
+
+def _interaction_sections(result: ReviewResult) -> list[_InteractionSection]:
+    names = list(dict.fromkeys(obs.rule for obs in result.interactions))
+    anchors = _anchors(tuple(names))
+    sections = []
+    for name in names:
+        observations = result.interaction_indices(name)
+        properties = observations[0].properties
+        plural = "s" if len(observations) != 1 else ""
+        sections.append(
+            _InteractionSection(
+                name=name,
+                anchor=anchors[name],
+                properties=properties,
+                images=len(observations),
+                confidence=observations[0].confidence,
+                bars_png=interaction_bars_png(
+                    f"{name}: mean over {len(observations)} image{plural}",
+                    properties,
+                    _mean_estimates(observations, "first"),
+                    _mean_estimates(observations, "total"),
+                ),
+                shown=sorted(observations, key=lambda obs: -obs.share)[:INTERACTION_ROWS],
+            )
+        )
+    return sections
+
+
+def render_interactions_html(image: str, target: str, results: Sequence[InteractionsResult]) -> str:
+    """One image's interactions (``propscope interactions --report``): per model, first vs
+    total order per property with their intervals, the interaction share and the cost."""
+    models = [
+        (
+            found,
+            interaction_bars_png(
+                f"{found.model}: {image}",
+                [item.name for item in found.indices],
+                [_triple(item.first_order) for item in found.indices],
+                [_triple(item.total_order) for item in found.indices],
+            ),
+        )
+        for found in results
+    ]
+    return _ENVIRONMENT.get_template("interactions.html.j2").render(
+        image=image, target=target, models=models
+    )
+
+
+def _triple(interval: Interval) -> tuple[float, float, float]:
+    return interval.value, interval.low, interval.high
+
+
 def render_html(result: ReviewResult) -> str:
     """The full report: settings, models, rules, then per property the means, plots and paths."""
     anchors = _anchors(result.properties)
@@ -126,6 +220,7 @@ def render_html(result: ReviewResult) -> str:
         result=result,
         sections=sections,
         attribution_sections=_attribution_sections(result),
+        interaction_sections=_interaction_sections(result),
         colors=model_colors(result.models),
         has_labels=any(label is not None for label in result.images.values()),
     )

@@ -23,6 +23,7 @@ __all__ = [
     "OTHER_COLORS",
     "curves_png",
     "distributions_png",
+    "interaction_bars_png",
     "model_colors",
 ]
 
@@ -184,6 +185,48 @@ def _regression_rule(
         if outcome.rule == "no_regression" and outcome.property_name == property_name:
             return outcome.details
     return {}
+
+
+FIRST_ORDER_COLOR = "#1f77b4"
+TOTAL_ORDER_COLOR = "#d62728"
+
+
+def interaction_bars_png(
+    title: str,
+    names: Sequence[str],
+    first: Sequence[tuple[float, float, float]],
+    total: Sequence[tuple[float, float, float]],
+) -> bytes:
+    """Per property, its first-order index (alone) beside its total-order index (with its
+    interactions), each ``(value, low, high)`` drawn as a bar with its interval: a total bar
+    well above its first bar is a property the model uses together with others."""
+    height = 1.2 + 0.55 * len(names)
+    figure = Figure(figsize=(_WIDTH_IN, height), dpi=_DPI, layout="constrained")
+    axes = figure.add_subplot()
+    rows = np.arange(len(names), dtype=np.float64)
+    for offset, estimates, color, label in (
+        (-0.2, first, FIRST_ORDER_COLOR, "first order (alone)"),
+        (0.2, total, TOTAL_ORDER_COLOR, "total order (with interactions)"),
+    ):
+        values = np.array([e[0] for e in estimates], dtype=np.float64)
+        low = np.array([e[1] for e in estimates], dtype=np.float64)
+        high = np.array([e[2] for e in estimates], dtype=np.float64)
+        # An interval may miss its estimate (percentile bootstrap of a biased estimator): the
+        # error bar then starts at the estimate.
+        errors = np.stack([np.clip(values - low, 0, None), np.clip(high - values, 0, None)])
+        axes.barh(
+            rows + offset, values, height=0.38, color=color, alpha=0.75, label=label,
+            xerr=errors, error_kw={"ecolor": "black", "capsize": 3, "linewidth": 1},
+        )  # fmt: skip
+    axes.set_yticks(rows, list(names))
+    axes.invert_yaxis()  # the first property on top, as the tables list them
+    axes.axvline(0.0, color="gray", linewidth=0.8)
+    right = max([1.0, *(e[2] for e in (*first, *total) if np.isfinite(e[2]))])
+    left = min([0.0, *(e[1] for e in (*first, *total) if np.isfinite(e[1]))])
+    axes.set_xlim(left - 0.02, right + 0.02)
+    _label(axes, title, "Sobol index (share of the score's variance)", "")
+    figure.legend(fontsize=_LEGEND_SIZE, loc="outside lower center", ncols=2)
+    return _png(figure)
 
 
 def _label(axes: Axes, title: str, x_label: str, y_label: str) -> None:
