@@ -78,7 +78,7 @@ def _shard(value: str | None) -> Any:
     try:
         return cli._review_package().Shard.parse(value)
     except ValueError as error:
-        raise typer.BadParameter(str(error)) from None
+        raise typer.BadParameter(str(error), param_hint="'--shard'") from None
 
 
 @review_app.command(

@@ -301,6 +301,7 @@ def test_a_bad_shard_option_exits_2_before_any_work(tmp_path):
     )
     assert finished.exit_code == 2
     assert "expected I/N with 0 <= I < N" in finished.output
+    assert "Invalid value for '--shard': shard 3/3" in finished.output  # names the option
 
 
 @pytest.mark.parametrize("arguments", [["review", "--help"], ["review", "run", "--help"],
