@@ -55,6 +55,10 @@ from propscope_server.scoring.interactions import (
 from propscope_server.threads import in_thread
 
 METHOD = "interactions"
+# Cache calls of one request in flight at once: a design's lookups all at once opened as
+# many Redis connections at once, which timed out on a small machine (and a timeout turns
+# the cache off for a while).
+CACHE_CONCURRENCY = 8
 Prefix = tuple[float, ...]
 
 
@@ -262,6 +266,7 @@ class Composer:
             for editor, prop in zip(plan.editors, spec.properties, strict=True)
         ]
         self._known: dict[Prefix, np.ndarray] = {(): spec.image}
+        self._cache_calls = asyncio.Semaphore(CACHE_CONCURRENCY)
 
     def key(self, prefix: Prefix) -> str:
         parts: list[str | bytes] = [self._plan.image_digest]
@@ -278,10 +283,18 @@ class Composer:
             ]
         return artefact_key("composed", self._plan.namespace, parts)
 
+    async def _get(self, prefix: Prefix) -> np.ndarray | None:
+        async with self._cache_calls:
+            return await self._cache.get(self.key(prefix))
+
+    async def _put(self, prefix: Prefix, image: np.ndarray) -> None:
+        async with self._cache_calls:
+            await self._cache.put(self.key(prefix), image)
+
     async def _lookup(self, prefixes: set[Prefix]) -> set[Prefix]:
         """Looks `prefixes` up in the cache; the ones it lacks."""
         ordered = sorted(prefixes)
-        found = await asyncio.gather(*(self._cache.get(self.key(p)) for p in ordered))
+        found = await asyncio.gather(*(self._get(p) for p in ordered))
         missing = set()
         for prefix, value in zip(ordered, found, strict=True):
             hit = value is not None and value.shape == self._image.shape
@@ -341,7 +354,7 @@ class Composer:
                     self._known[(*prefix, strength)] = image
                 await asyncio.gather(
                     *(
-                        self._cache.put(self.key((*prefix, s)), image)
+                        self._put((*prefix, s), image)
                         for s, image in zip(strengths, images, strict=True)
                     )
                 )
