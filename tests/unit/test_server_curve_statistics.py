@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -67,6 +69,15 @@ def test_pearson_correlation():
     assert pearson_correlation(np.linspace(0.8, 0.2, 11)) == pytest.approx(-1.0)
     assert pearson_correlation(np.full(11, 0.4)) is None
     assert abs(pearson_correlation(np.sin(np.linspace(0, 2 * np.pi, 101)))) < 0.9
+
+
+def test_a_curve_moving_only_by_rounding_warns_nothing_into_the_gateway_log():
+    curve = np.full(21, 0.9999999)
+    curve[5] += 8e-16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = pearson_correlation(curve)
+    assert r is not None and -1.0 <= r <= 1.0
 
 
 def test_mean_defined_skips_undefined_values():

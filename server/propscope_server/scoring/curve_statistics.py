@@ -12,6 +12,8 @@ pass as significant).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import special, stats
 from scipy.spatial import cKDTree
@@ -34,7 +36,12 @@ def pearson_correlation(curve: np.ndarray) -> float | None:
     curve = np.asarray(curve, dtype=np.float64)
     if curve.size < 2 or np.ptp(curve) == 0.0:
         return None
-    return float(stats.pearsonr(strengths_of(curve.size), curve).statistic)
+    # A curve that moves only by float rounding (p ~ 1 on every image) made scipy print a
+    # NearConstantInputWarning to the gateway's stderr, a non-JSON line in its JSON log,
+    # dozens per review; r is as defined as scipy computes it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.NearConstantInputWarning)
+        return float(stats.pearsonr(strengths_of(curve.size), curve).statistic)
 
 
 def ksg_mutual_information(x: np.ndarray, y: np.ndarray, neighbours: int = KSG_NEIGHBOURS) -> float:
