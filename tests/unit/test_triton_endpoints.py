@@ -204,11 +204,17 @@ async def test_an_unavailable_endpoint_rests_then_a_probe_puts_it_back():
     assert set(await picks(endpoints, 4)) == {A, B}
 
 
-async def test_an_endpoint_failing_its_probe_leaves_the_rotation():
+async def test_an_endpoint_failing_its_probe_leaves_the_rotation(caplog):
     tritons = {A: Triton(), B: Triton()}
     endpoints = pool(tritons)
     tritons[B].up = False
     assert await endpoints.check()  # live while one endpoint is
+    # The log says why (a refused connection reads as a typo in PROPSCOPE_TRITON_URL or a
+    # Triton down), not only that the probe failed.
+    assert (
+        f"Triton endpoint {B} is out of rotation: its liveness probe failed: failed to "
+        "connect to all addresses (1 of 2 left in rotation)"
+    ) in caplog.text
     assert not endpoints.is_up(B) and set(await picks(endpoints, 3)) == {A}
     tritons[A].up = False
     await endpoints.check()

@@ -211,18 +211,20 @@ class TritonEndpoints:
 
     async def _probe(self, endpoint: Endpoint) -> None:
         with self.calling(endpoint) as sent:
+            failure = "it answered not live"
             try:
                 live = bool(
                     await endpoint.client.is_server_live(client_timeout=self._probe_timeout_s)
                 )
-            except InferenceServerException:
-                live = False
+            except InferenceServerException as error:
+                live, failure = False, error.message() or str(error)
         if sent < endpoint.moved_at:
             return  # a call's outcome moved it while the probe was out: newer news
         if live and not endpoint.up:
             self._readmit(endpoint, "its liveness probe answered")
         elif not live and endpoint.up:
-            self._eject(endpoint, "its liveness probe failed")
+            # The cause (refused, timed out, ...) tells a typo in the setting from a restart.
+            self._eject(endpoint, f"its liveness probe failed: {failure}")
         elif not live:
             endpoint.rest_s = min(endpoint.rest_s * 2, MAX_REST_S)
             endpoint.probe_at = self._clock() + endpoint.rest_s
