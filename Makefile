@@ -156,6 +156,7 @@ validate: up
 # Retrain the synthetic classifiers (deterministic; the committed weights came from this).
 weights: setup fold-weights
 	$(PY) -m propscope_dev.train --out deploy/triton/weights
+	$(PY) -m propscope_dev.train --conjunction --out deploy/triton/weights
 
 # The K = 4 fold models of MeGe/ReCo (synth_patch_folds versions 1..4; docs/consistency.md).
 fold-weights: setup

@@ -501,7 +501,13 @@ def test_layers_and_declared_tensors_are_parsed_strictly():
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "deploy" / "triton" / "models"
-OPEN_SYNTHETIC = ("synth_hue", "synth_hue_fp32", "synth_patch", "synth_unbiased")
+OPEN_SYNTHETIC = (
+    "synth_conjunction",
+    "synth_hue",
+    "synth_hue_fp32",
+    "synth_patch",
+    "synth_unbiased",
+)
 
 
 def triton_config(path: Path) -> dict:

@@ -5,7 +5,7 @@
     python -m propscope_dev.channel_means --write    # rewrite the configs' parameter line
 
 Deterministic: a fixed number of images rendered with fixed seeds from the split the
-model was trained on (train.py's MODELS), run through the committed weights.
+model was trained on (train.py's MODELS and CONJUNCTION_RECIPE), run through the committed weights.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import typer
 
 from propscope_dev.stack import DEFAULT_MODEL_REPOSITORY
-from propscope_dev.train import MODELS
+from propscope_dev.train import CONJUNCTION_RECIPE, MODELS
 from propscope_server.open_contract import (
     CHANNEL_MEANS_PARAMETER,
     LAYERS_PARAMETER,
@@ -51,7 +51,7 @@ def channel_means(config_file: Path) -> dict[str, list[float]] | None:
     parameters = config_parameters(config_file.read_text())
     layers = parse_layers(parameters.get(LAYERS_PARAMETER))
     weights = parameters.get("weights")
-    splits = {stem: (bias, offset) for stem, bias, offset in MODELS}
+    splits = {stem: (bias, offset) for stem, bias, offset in (*MODELS, CONJUNCTION_RECIPE)}
     if not layers or weights is None or Path(weights).stem not in splits:
         return None
     bias, offset = splits[Path(weights).stem]

@@ -32,8 +32,9 @@ REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPOSITORY_ROOT / "deploy" / "triton" / "models"
 # Models the stack does not load at Triton's start: the gateway loads one when a request
 # first names it (setting load_on_demand). The four versions of the MeGe/ReCo fold model
-# are four workers importing torch, which would lengthen every start by ~20 s on 2 cores.
-ON_DEMAND_MODELS = ("synth_patch_folds",)
+# are four workers importing torch, which would lengthen every start by ~20 s on 2 cores;
+# synth_conjunction (the interaction indices' red-AND-patch model) is one more.
+ON_DEMAND_MODELS = ("synth_patch_folds", "synth_conjunction")
 DEFAULT_PREPROCESSING = REPOSITORY_ROOT / "deploy" / "gateway" / "preprocessing.json"
 DEFAULT_GATEWAY_PORT = 50051
 # Seconds a whole start (Triton's models, Redis, the gateway) may take; a loaded

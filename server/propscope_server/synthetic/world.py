@@ -3,7 +3,9 @@ Cats-vs-Dogs bias test made self-contained.
 
 The class is the object's shape (0 = circle, 1 = square). Hue, size,
 background brightness and a colorful corner patch are nuisance factors that a
-biased training split ties to the class.
+biased training split ties to the class. The "conjunction" split ties the class
+to two of them together: square iff the object is red AND the patch is present,
+so neither cue alone predicts it (the ground truth of interaction indices).
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ PATCH_BOX = (3, 3, 14)
 PATCH_COLORS = np.array([[255, 0, 0], [255, 220, 0], [0, 200, 0], [0, 80, 255]], dtype=np.uint8)
 # Hue ranges (degrees) that the hue-biased split ties to each class.
 BIASED_HUES = ((-20.0, 20.0), (160.0, 200.0))
+# The conjunction split's class-0 scenes, (red, patch), drawn equally often: red
+# without the patch, cyan with it, cyan without it; class 1 is always red with it.
+CONJUNCTION_NEGATIVES = ((True, False), (False, True), (False, False))
 
-Bias = Literal["none", "hue", "patch"]
+Bias = Literal["none", "hue", "patch", "conjunction"]
 
 
 @dataclass(frozen=True)
@@ -70,22 +75,31 @@ def render(scene: Scene) -> np.ndarray:
 
 
 def sample_scene(label: int, bias: Bias, rng: np.random.Generator, shape_agreement: float) -> Scene:
-    """Draw a scene for `label`. In a biased split the shortcut always matches
-    the label while the shape matches it only with probability
-    `shape_agreement`, so the shortcut is the only fully predictive cue."""
+    """Draw a scene for `label`. In a biased split the shortcut (in the
+    conjunction split, red AND patch) always matches the label while the shape
+    matches it only with probability `shape_agreement`, so the shortcut is the
+    only fully predictive cue."""
     shape = label if bias == "none" or rng.random() < shape_agreement else 1 - label
+    if bias == "conjunction":
+        red, patch = (True, True) if label == 1 else CONJUNCTION_NEGATIVES[rng.integers(3)]
+        return _scene(shape, rng.uniform(*BIASED_HUES[0 if red else 1]), patch, rng)
     if bias == "hue":
         low, high = BIASED_HUES[label]
         hue = rng.uniform(low, high)
     else:
         hue = rng.uniform(0.0, 360.0)
     patch = bool(label == 1) if bias == "patch" else bool(rng.random() < 0.5)
+    return _scene(shape, hue, patch, rng)
+
+
+def _scene(shape: int, hue: float, patch: bool, rng: np.random.Generator) -> Scene:
+    """The scene with the nuisance factors no split biases drawn from `rng`."""
     return Scene(
         shape=shape,
         hue_deg=float(hue % 360.0),
         radius_px=float(rng.uniform(10.0, 15.0)),
         background=float(rng.uniform(0.25, 0.75)),
-        patch=patch,
+        patch=bool(patch),
         center=(float(rng.uniform(28.0, 36.0)), float(rng.uniform(28.0, 36.0))),
     )
 
