@@ -31,8 +31,9 @@ from tritonclient.utils import np_to_triton_dtype
 from propscope.v1 import attribution_pb2 as apb
 from propscope.v1 import explain_pb2 as pb
 from propscope.v1 import graph_pb2 as gpb
+from propscope.v1 import interactions_pb2 as ipb
 from propscope_server import config, metrics
-from propscope_server.api import convert, convert_attribution
+from propscope_server.api import convert, convert_attribution, convert_interactions
 from propscope_server.api.memory import (
     MIB,
     REQUEST_COPIES,
@@ -50,6 +51,7 @@ from propscope_server.errors import NotFound, ResourceExhausted, Unavailable
 from propscope_server.inference import ModelDescription, Tensor
 from propscope_server.methods.attribution import Attribution
 from propscope_server.methods.evaluation import Evaluation
+from propscope_server.methods.interactions import Interactions
 from propscope_server.open_contract import (
     BOUND,
     BOUND_OUTPUTS,
@@ -229,6 +231,13 @@ async def serve(request, settings: Settings, backend: FakeTriton) -> None:
                 return await in_thread(convert_attribution.attribute_event, spec.request_id, event)
             return convert_attribution.attribute_event(spec.request_id, event)
 
+    elif isinstance(request, ipb.InteractionsRequest):
+        to_spec = partial(convert_interactions.interactions_spec, request, limits)
+        method, name = Interactions(backend, EncodingCache(), settings), "interactions"
+
+        async def to_message(spec, event):
+            return convert_interactions.interactions_event(spec.request_id, event)
+
     else:
         to_spec = partial(convert_attribution.evaluate_spec, request, limits)
         method, name = Evaluation(backend, settings), "evaluation"
@@ -342,6 +351,19 @@ def attribute_eva(size: int, grid: int = 4) -> apb.AttributeRequest:
     )
 
 
+def interactions(size: int, region: bool = False) -> ipb.InteractionsRequest:
+    """Two properties, N 8: 32 composed images (the editor's brightening composes)."""
+    request = ipb.InteractionsRequest(
+        image=png(size), model=pb.ModelRef(name="clf"), design_size=8, bootstrap=100
+    )
+    for index in range(2):
+        prop = request.properties.add(name=f"p{index}")
+        prop.editor.model = "ed"
+        if region:
+            prop.region.box.CopyFrom(pb.Box(right=0.5, bottom=0.5))
+    return request
+
+
 def evaluate(size: int, metric: str) -> apb.EvaluateAttributionRequest:
     values = np.random.default_rng(0).random(size * size).astype(np.float32)
     request = apb.EvaluateAttributionRequest(
@@ -389,6 +411,9 @@ CASES = [
     Case("attribute 1024 eva", attribute_eva(1024), with_bounds(FIXED)),
     Case("attribute 512 fp32 eva", attribute_eva(512), with_bounds(VARIABLE)),
     Case("attribute 256 fp32 eva grid 16", attribute_eva(256, grid=16), with_bounds(VARIABLE)),
+    Case("interactions 256", interactions(256)),
+    Case("interactions 512 region", interactions(512, region=True)),
+    Case("interactions 256 fp32", interactions(256), VARIABLE),
     Case("evaluate 256 deletion", evaluate(256, "deletion")),
     Case("evaluate 512 mu_fidelity", evaluate(512, "mu_fidelity")),
     Case("evaluate 256 stability", evaluate(256, "stability")),
@@ -405,7 +430,7 @@ def gateway_loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop = asyncio.new_event_loop()
     small = [explain(64, returned=True, region=True), attribute(64), attribute(64, rise=True)]
     small += [evaluate(64, metric) for metric in ("deletion", "mu_fidelity", "stability")]
-    small += [explain(256, properties=4, samples=4)]
+    small += [explain(256, properties=4, samples=4), interactions(64, region=True)]
     for request in small:
         for classifier in (FIXED, VARIABLE):
             loop.run_until_complete(serve(request, LARGE, FakeTriton(classifier)))

@@ -136,9 +136,10 @@ VISUALIZE_BYTES_PER_PICTURE_PIXEL = 400
 # with the scoring's flattened copies.
 CONSISTENCY_BYTES_PER_MAP_PIXEL = 24
 # Interactions, per pixel of each composed image held (the distinct design rows and one
-# stage's edits, at most as many): the editor's answer as received, the image and its
-# cache encoding. Not measured yet: Explain's path factor (PATH_BYTES_PER_PIXEL).
-COMPOSED_BYTES_PER_PIXEL = PATH_BYTES_PER_PIXEL
+# stage's edits, at most as many): the image, the editor's answer as received and the
+# cache's encoding of a call's images (measured in tests/unit/test_server_memory.py:
+# estimates 1.3 to 2.2 times the peak).
+COMPOSED_BYTES_PER_PIXEL = 8
 # An estimate is rounded up by this much: what a measured request may vary by.
 MARGIN = 1.1
 
