@@ -29,7 +29,7 @@ from propscope_server.cache import InMemoryArtefactCache
 from propscope_server.config import Limits, PreprocessingConfig, Settings
 from propscope_server.domain import ClassifierRef, EditorRef, PropertySpec
 from propscope_server.editor_contract import EditorSchema
-from propscope_server.errors import FailedPrecondition, InvalidArgument
+from propscope_server.errors import BackendError, FailedPrecondition, InvalidArgument
 from propscope_server.interactions_domain import (
     InteractionsAccepted,
     InteractionsOutcome,
@@ -353,6 +353,8 @@ class FakeBackend:
     async def edit(self, editor, image, strengths, parameters, seeds, deadline, progress=None):
         op = json.loads(parameters)["op"]
         self.edit_calls.append((op, [float(s) for s in strengths]))
+        if op == "fail":
+            raise BackendError("editor broke")
         return np.stack([edit(op, image, float(s)) for s in strengths])[None]
 
     async def infer(self, model, inputs, outputs, deadline):
@@ -465,6 +467,20 @@ async def test_an_edit_that_changes_nothing_fails_naming_the_property():
     with pytest.raises(FailedPrecondition) as caught:
         await events_of(method, spec(("add", "none")))
     assert caught.value.field == "properties[1]" and "'none1'" in str(caught.value)
+
+
+async def test_a_failing_editor_ends_the_call_with_its_error_and_caches_nothing_after():
+    backend = FakeBackend()
+    cache = InMemoryArtefactCache(50_000_000)
+    method = Interactions(backend, cache, Settings())
+    with pytest.raises(BackendError, match="editor broke"):
+        await events_of(method, spec(("add", "fail")))
+    # The first stage's images were stored: a retry with a working second editor edits
+    # only the second stage.
+    calls = len(backend.edit_calls)
+    outcome = (await events_of(method, spec(("add", "scale"))))[-1]
+    assert backend.edit_calls[calls][0] == "scale"
+    assert outcome.edits == outcome.cache_misses == 4 * 8
 
 
 async def test_a_provided_design_is_classified_row_by_row_without_an_editor():

@@ -82,7 +82,7 @@ class InteractionsPlan:
     edits: int  # edited images composing every row takes, without the cache
     namespace: str
     image_digest: str
-    warnings: tuple[str, ...]
+    warnings: tuple[str, ...]  # about the edits (Accepted adds the classifier's)
 
     @property
     def images(self) -> int:
@@ -131,11 +131,10 @@ class Interactions:
             stages = tuple(await in_thread(edit_schedule, rows))
         else:  # the caller's images: each row its own
             rows, row_of, stages = design.rows, np.arange(len(design.rows)), ()
-        warnings = list(target.classifier.warnings)
+        warnings: tuple[str, ...] = ()
         if any(_automatic_region(editor) for editor in editors):
             warning = await in_thread(object_mask_reliability, spec.image)
-            if warning:
-                warnings.append(warning)
+            warnings = (warning,) if warning else ()
         return InteractionsPlan(
             spec=spec,
             target=target,
@@ -147,7 +146,7 @@ class Interactions:
             edits=sum(stage.edits for stage in stages),
             namespace=cache_namespace(self._settings, spec.tenant),
             image_digest=image_digest(spec.image),
-            warnings=tuple(warnings),
+            warnings=warnings,
         )
 
     async def run(self, plan: InteractionsPlan) -> AsyncIterator[object]:
@@ -163,7 +162,7 @@ class Interactions:
             planned_images=plan.images,
             planned_edits=plan.edits,
             planned_forward_passes=plan.forward_passes,
-            warnings=plan.warnings,
+            warnings=(*target.classifier.warnings, *plan.warnings),
         )
 
         async def work(emit: Callable[[object], None]) -> InteractionsOutcome:
