@@ -200,7 +200,13 @@ def test_triton_down_is_unavailable_quickly(tmp_path):
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             error = refusal(channel, request())
             assert error.code() == grpc.StatusCode.UNAVAILABLE
-            assert "Triton is unreachable" in error.details()
+            # The setting and the address tried: a typo in it reads as a Triton down.
+            tried = f"(tried PROPSCOPE_TRITON_URL={dead_triton})"
+            assert f"Triton is unreachable or overloaded {tried}" in error.details()
+        assert (
+            f"Triton unreachable for model synth_hue {tried}"
+            in (tmp_path / "gateway.log").read_text()
+        )
     finally:
         gateway.terminate()
         gateway.wait(10)

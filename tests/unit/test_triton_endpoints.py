@@ -351,17 +351,43 @@ async def test_a_retry_after_unavailable_goes_at_once_to_the_other_endpoint():
     assert not backend.endpoints.is_up(A)
 
 
-async def test_one_triton_unavailable_is_still_retried_with_backoff_and_named():
+async def test_one_triton_unavailable_is_still_retried_with_backoff_and_named(caplog):
     triton = Triton()
     backend = backend_over({A: triton}, retry_backoff_s=0.001)
     model = await backend.describe("m")
     triton.up = False
-    with pytest.raises(Unavailable, match="^Triton is unreachable or overloaded"):
+    named = f"(tried PROPSCOPE_TRITON_URL={A})"
+    with pytest.raises(Unavailable) as caught:
         await backend.infer(model, IMAGE, ["LOGITS"], None)
+    assert str(caught.value) == f"Triton is unreachable or overloaded {named}; retry with backoff"
+    # One WARNING for the call (its retries are INFO), beside the endpoint's own.
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "propscope_server.backends.triton" and r.levelname == "WARNING"
+    ]
+    assert warnings == [
+        f"Triton unreachable for model m {named}: failed to connect to all addresses"
+    ]
     assert triton.count("infer") == 3  # retries=2: the only endpoint, tried again
     triton.up = True
     await backend.infer(model, IMAGE, ["LOGITS"], None)
     assert backend.endpoints.is_up(A)
+
+
+async def test_every_endpoint_unreachable_names_the_setting_and_the_endpoints_tried(caplog):
+    """A typo in PROPSCOPE_TRITON_URL reads as Tritons down: the caller's message and the
+    gateway's one WARNING say which addresses were tried, and from which setting."""
+    tritons = {A: Triton(), B: Triton()}
+    backend = backend_over(tritons, retries=1)
+    model = await backend.describe("m")
+    for triton in tritons.values():
+        triton.up = False
+    with pytest.raises(Unavailable) as caught:
+        await backend.infer(model, IMAGE, ["LOGITS"], None)
+    named = f"(tried {A}, {B} of PROPSCOPE_TRITON_URL={A},{B})"
+    assert str(caught.value) == f"Triton is unreachable or overloaded {named}; retry with backoff"
+    assert f"Triton unreachable for model m {named}: failed to connect" in caplog.text
 
 
 async def test_a_load_on_demand_model_is_loaded_on_every_endpoint_and_on_one_restarted():

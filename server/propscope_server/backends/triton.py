@@ -75,8 +75,9 @@ def _status_name(error: InferenceServerException) -> str:
     return (error.status() or "UNKNOWN").removeprefix("StatusCode.")
 
 
-def _translate(error: InferenceServerException, model: str, where: str = "") -> Exception:
-    """The domain error for a Triton error; `where` names the endpoint in the log."""
+def _translate(error: InferenceServerException, model: str) -> Exception:
+    """The domain error for a Triton error. Unavailable carries Triton's message only:
+    the caller words it with the endpoints it tried (`unreachable`)."""
     status = _status_name(error)
     message = error.message() or str(error)
     if status == "DEADLINE_EXCEEDED":
@@ -86,9 +87,14 @@ def _translate(error: InferenceServerException, model: str, where: str = "") -> 
     if "not ready" in message:
         return FailedPrecondition(f"model {model!r} is not ready on Triton: {message}")
     if status == "UNAVAILABLE":
-        logger.warning("Triton%s unavailable for model %s: %s", where, model, message)
-        return Unavailable("Triton is unreachable or overloaded; retry with backoff")
+        return Unavailable(message)
     return BackendError(f"model {model!r} failed: {message}")
+
+
+def unreachable(tried: str) -> Unavailable:
+    """What a caller is told when no Triton it tried answered: the endpoints tried and the
+    setting that lists them (a typo in it reads as a Triton down)."""
+    return Unavailable(f"Triton is unreachable or overloaded ({tried}); retry with backoff")
 
 
 def timeout_until(deadline: float | None, default_s: float) -> float:
@@ -160,11 +166,12 @@ class TritonBackend:
         """`call(client, timeout)` on the next endpoint, retried on another one (or the
         same after a backoff) while Triton is unreachable and time is left."""
         timeout_s, setting = self._bound(kind)
-        tried: set[str] = set()
+        tried: list[str] = []
         for attempt in range(self._retries + 1):
             timeout = timeout_until(deadline, timeout_s)
             endpoint = await self.endpoints.pick(tried)
-            tried.add(endpoint.address)
+            if endpoint.address not in tried:
+                tried.append(endpoint.address)
             started = time.monotonic()
             with self.endpoints.calling(endpoint) as sent:
                 try:
@@ -173,7 +180,7 @@ class TritonBackend:
                     # Metadata calls may name any model a caller typed: no label per name, and
                     # a name Triton does not know is the caller's mistake, not a Triton error.
                     label = "*" if kind == "metadata" else model
-                    translated = _translate(error, model, self._where(endpoint))
+                    translated = _translate(error, model)
                     unavailable = isinstance(translated, Unavailable)
                     self.endpoints.finished(endpoint, UNAVAILABLE if unavailable else ERROR, sent)
                     if not (kind == "metadata" and isinstance(translated, NotFound)):
@@ -197,13 +204,27 @@ class TritonBackend:
                         backoff = self._retry_backoff_s * 2**attempt * random.uniform(0.5, 1.5)
                     out_of_time = deadline is not None and time.monotonic() + backoff >= deadline
                     if not unavailable or attempt == self._retries or out_of_time:
+                        if unavailable:
+                            translated = self._unreachable(model, tried, message)
                         raise translated from None
+                    logger.info(
+                        "Triton%s unavailable for model %s, retrying: %s",
+                        self._where(endpoint),
+                        model,
+                        message,
+                    )
                 else:
                     self.endpoints.finished(endpoint, OK, sent)
                     return result
             metrics.TRITON_RETRIES.labels(kind=kind).inc()
             await asyncio.sleep(backoff)
         raise AssertionError("unreachable")
+
+    def _unreachable(self, model: str, tried: Sequence[str], message: str) -> Unavailable:
+        """The error, and the one WARNING, for a call no endpoint it tried answered."""
+        tried_text = self.endpoints.describe_tried(tried)
+        logger.warning("Triton unreachable for model %s (%s): %s", model, tried_text, message)
+        return unreachable(tried_text)
 
     async def close(self) -> None:
         await self.model_health.close()
@@ -279,6 +300,9 @@ class TritonBackend:
                 return_exceptions=True,
             )
             failures = [r for r in results if isinstance(r, BaseException)]
+            if results and all(isinstance(r, Unavailable) for r in results):
+                addresses = [endpoint.address for endpoint in endpoints]
+                raise self._unreachable(name, addresses, "loading it (load_on_demand)")
             if len(failures) == len(results):
                 raise failures[0]
             for failure in failures:
@@ -298,10 +322,11 @@ class TritonBackend:
                 logger.info("loading model %s on demand (setting load_on_demand)%s", name, where)
                 await client.load_model(name, client_timeout=timeout)
             except InferenceServerException as error:
-                translated = _translate(error, name, where)
+                translated = _translate(error, name)
                 if isinstance(translated, Unavailable):
                     self.endpoints.finished(endpoint, UNAVAILABLE, sent)
-                    raise translated from None
+                    tried = self.endpoints.describe_tried([endpoint.address])
+                    raise unreachable(tried) from None
                 raise FailedPrecondition(
                     f"model {name!r} (load_on_demand) failed to load{where}: {error.message()}"
                 ) from None

@@ -124,6 +124,15 @@ class TritonEndpoints:
         then name the endpoint."""
         return len(self._endpoints) > 1 or bool(self.target.dns_host)
 
+    def describe_tried(self, tried: Sequence[str]) -> str:
+        """The endpoints a failed call tried, in the pool's order, and the setting they
+        come from."""
+        if not self.several and list(tried) == list(self.target.addresses):
+            return f"tried {SETTING}={self.url}"
+        known = [a for a in self._endpoints if a in tried]
+        ordered = known + [a for a in tried if a not in known]  # retired since: last
+        return f"tried {', '.join(ordered)} of {SETTING}={self.url}"
+
     def client(self, address: str) -> Client:
         return self._endpoints[address].client
 
