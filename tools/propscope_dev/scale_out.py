@@ -27,6 +27,7 @@ from propscope_dev.stack import (
     _alive,
     _stop_groups,
     free_port,
+    redis_command,
     start_gateway,
     start_timeout_s,
     wait_for_port,
@@ -292,22 +293,11 @@ def _launch_redis(run_dir: Path, port: int, bus_port: int) -> subprocess.Popen:
     port is chosen, not Redis's port + 10000, which may be taken or past 65535."""
     node_dir = run_dir / f"redis-{port}"
     node_dir.mkdir(exist_ok=True)
-    command = [
+    command = redis_command(
         str(shutil.which("redis-server")),
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
+        port,
         "--dir",
         str(node_dir),
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--maxmemory",
-        "256mb",
-        "--maxmemory-policy",
-        "allkeys-lru",
         "--cluster-enabled",
         "yes",
         "--cluster-config-file",
@@ -318,7 +308,7 @@ def _launch_redis(run_dir: Path, port: int, bus_port: int) -> subprocess.Popen:
         str(CLUSTER_NODE_TIMEOUT_MS),
         "--cluster-require-full-coverage",
         "no",
-    ]
+    )
     with open(run_dir / f"redis-{port}.log", "ab") as log:
         return subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

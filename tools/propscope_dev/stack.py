@@ -81,12 +81,11 @@ def wait_for_port(
     wait_for(lambda: port_accepts(port), process, what or f"port {port}", timeout_s, 0.1)
 
 
-def start_redis(port: int, log_file: Path) -> subprocess.Popen | None:
-    """A private redis-server with an LRU policy, or None when none is installed."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        return None
-    command = [
+def redis_command(binary: str, port: int, *extra: str) -> list[str]:
+    """A dev redis-server on loopback: no persistence (a cache), and an LRU cap, the
+    eviction policy the gateway expects of its Redis; `extra` adds arguments (cluster
+    mode)."""
+    return [
         binary,
         "--port",
         str(port),
@@ -100,9 +99,20 @@ def start_redis(port: int, log_file: Path) -> subprocess.Popen | None:
         "256mb",
         "--maxmemory-policy",
         "allkeys-lru",
+        *extra,
     ]
+
+
+def start_redis(port: int, log_file: Path) -> subprocess.Popen | None:
+    """A private redis-server with an LRU policy, or None when none is installed."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
     process = subprocess.Popen(
-        command, stdout=open(log_file, "ab"), stderr=subprocess.STDOUT, start_new_session=True
+        redis_command(binary, port),
+        stdout=open(log_file, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         wait_for_port(port, process, 10.0, f"redis-server on port {port} (log {log_file})")
