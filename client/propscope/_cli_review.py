@@ -47,6 +47,7 @@ class _DefaultCommandGroup(TyperGroup):
         return super().parse_args(ctx, args)
 
     def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Both forms: click's own usage (COMMAND [ARGS]) hides that SPEC alone runs a review."""
         formatter.write_usage(ctx.command_path, "[run] SPEC [OPTIONS] [--shard I/N]")
         formatter.write_usage(ctx.command_path, "merge PARTIAL... [OPTIONS]", prefix="       ")
 
@@ -73,6 +74,8 @@ OutOption = Annotated[
 
 
 def _shard(value: str | None) -> Any:
+    """--shard's Shard (Any: the review package is imported on use, as the review extra
+    provides it)."""
     if value is None:
         return None
     try:

@@ -7,7 +7,11 @@ import pytest
 from pydantic import ValidationError
 from redis.asyncio.cluster import RedisCluster
 
-from propscope_server.cache.redis_cache import connect
+from propscope_server.cache.redis_cache import (
+    CLUSTER_URL_AT_PLAIN,
+    RedisArtefactCache,
+    connect,
+)
 from propscope_server.cache.redis_url import RedisTarget, parse_redis_url
 from propscope_server.config import Settings
 
@@ -121,3 +125,14 @@ def test_a_password_with_unescaped_url_characters_never_shows_in_a_refusal(url, 
     with pytest.raises(ValidationError) as refused:
         Settings()
     assert "Zq9" not in str(refused.value) and "Wx7" not in str(refused.value)
+
+
+async def test_a_wrong_kind_error_names_the_url_without_credentials_ipv6_in_brackets():
+    cache = RedisArtefactCache("redis+cluster://u:secret@[::1]:7000,h2:7001", 60, 0.2, 0)
+    cache._misconfigure(CLUSTER_URL_AT_PLAIN, "cluster_enabled:0")
+    assert cache.misconfigured is not None
+    assert cache.misconfigured.startswith(
+        "REDIS_URL redis+cluster://[::1]:7000,h2:7001 is a Redis Cluster URL"
+    )
+    assert "secret" not in cache.misconfigured
+    await cache.close()

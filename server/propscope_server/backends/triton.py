@@ -123,7 +123,7 @@ class TritonBackend:
 
     def __init__(
         self,
-        url: str | TritonEndpoints,
+        endpoints: TritonEndpoints,
         default_timeout_s: float,
         retries: int = 2,
         retry_backoff_s: float = 0.1,
@@ -132,7 +132,7 @@ class TritonBackend:
         heal_backoff_max_s: float = 60.0,
         load_on_demand: Collection[str] = (),
     ) -> None:
-        self.endpoints = url if isinstance(url, TritonEndpoints) else TritonEndpoints(url)
+        self.endpoints = endpoints
         self._load_on_demand = frozenset(load_on_demand)
         self._loads: dict[str, asyncio.Lock] = {}
         self._default_timeout_s = default_timeout_s

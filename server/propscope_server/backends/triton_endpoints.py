@@ -116,6 +116,7 @@ class TritonEndpoints:
 
     @property
     def addresses(self) -> list[str]:
+        """The endpoints known now (those in and out of rotation), in the pool's order."""
         return list(self._endpoints)
 
     @property
@@ -134,9 +135,11 @@ class TritonEndpoints:
         return f"tried {', '.join(ordered)} of {SETTING}={self.url}"
 
     def client(self, address: str) -> Client:
+        """The channel to one endpoint (tests reach a fake Triton through it)."""
         return self._endpoints[address].client
 
     def is_up(self, address: str) -> bool:
+        """Whether `address` is in rotation."""
         return self._endpoints[address].up
 
     def holds(self, endpoint: Endpoint) -> bool:
@@ -212,6 +215,7 @@ class TritonEndpoints:
         return any(e.up for e in self._endpoints.values())
 
     async def close(self) -> None:
+        """Closes every channel, retired ones included, and a DNS lookup still out."""
         if self._lookup is not None:
             self._lookup.cancel()
         endpoints = [*self._endpoints.values(), *self._retired]

@@ -22,7 +22,7 @@ from redis.retry import Retry
 
 from propscope_server import metrics
 from propscope_server.cache.artefacts import decode_checked, encode_array
-from propscope_server.cache.redis_url import RedisTarget, parse_redis_url
+from propscope_server.cache.redis_url import RedisTarget, host_port, parse_redis_url
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class RedisArtefactCache:
 
     @property
     def available(self) -> bool:
+        """Whether the cache is worth asking: rightly configured and not skipped whole."""
         return self.misconfigured is None and self._open(EVERYWHERE)
 
     def _open(self, scope: str) -> bool:
@@ -162,7 +163,7 @@ class RedisArtefactCache:
         """The URL without credentials or options."""
         if self._target.cluster:
             scheme = self._target.url.partition(":")[0]
-            seeds = ",".join(f"{host}:{port}" for host, port in self._target.seeds)
+            seeds = ",".join(host_port(host, port) for host, port in self._target.seeds)
             return f"{scheme}+cluster://{seeds}"
         scheme, _, rest = self._target.url.partition("://")
         return f"{scheme}://{rest.rpartition('@')[2]}"
@@ -171,8 +172,7 @@ class RedisArtefactCache:
         if scope in self._outages:
             self._outages.discard(scope)
             logger.info(
-                "cache %s reachable again; caching resumes",
-                f"node {scope}" if scope else "",
+                "cache %sreachable again; caching resumes", f"node {scope} " if scope else ""
             )
         self._skip_until.pop(scope, None)
 

@@ -61,7 +61,7 @@ def parse_redis_url(url: str) -> RedisTarget:
             "database 0: drop the path or write /0"
         )
     host, port = seeds[0]
-    first = f"{userinfo}@{_netloc(host, port)}" if userinfo else _netloc(host, port)
+    first = f"{userinfo}@{host_port(host, port)}" if userinfo else host_port(host, port)
     return RedisTarget(urlunsplit((CLUSTER_SCHEMES[scheme], first, "", query, "")), seeds)
 
 
@@ -88,7 +88,8 @@ def _seed(entry: str, url: str) -> tuple[str, int]:
     return host, int(port_text) if port_text else DEFAULT_PORT
 
 
-def _netloc(host: str, port: int) -> str:
+def host_port(host: str, port: int) -> str:
+    """`host:port`, an IPv6 address in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
