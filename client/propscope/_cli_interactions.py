@@ -22,7 +22,12 @@ from propscope._attribution import TARGET_SCORES, AttributionProgress
 from propscope._cli_layout import Column, print_rows
 from propscope._cli_output import OutputFormat, in_cli_terms, plain_line, stdout_console
 from propscope._errors import PropscopeError
-from propscope._interactions import InteractionsProgress, InteractionsResult, Interval
+from propscope._interactions import (
+    InteractionsProgress,
+    InteractionsResult,
+    Interval,
+    check_design_size,
+)
 from propscope._preflight import Classifier, PreflightError, preflight
 from propscope._properties import parse_property
 
@@ -140,6 +145,10 @@ def interactions(
     except ValueError as error:
         cli._fail(str(error))
     pair_names = _pair_option(pair)
+    try:
+        check_design_size(design_size)
+    except ValueError as error:
+        cli._fail(str(error).replace("design_size", "--design-size", 1))
     output_format = OutputFormat.JSON if as_json else output_format
     image_bytes = cli._read_image_option(image)
     if report is not None:

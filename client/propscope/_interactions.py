@@ -43,6 +43,7 @@ __all__ = [
     "PropertyIndices",
     "SecondOrderIndex",
     "build_interactions_request",
+    "check_design_size",
     "render_design",
 ]
 
@@ -55,8 +56,8 @@ InteractionProperties = Sequence[Property | str] | Mapping[str, Property | str |
 editors compose them), or a mapping of names to such texts, ``Property`` objects or edit
 functions (all of them functions: rendered here, sent as a provided design)."""
 
-# Design sizes the SDK checks before sending (the server's limits may be lower).
-MIN_DESIGN_SIZE, MAX_DESIGN_SIZE = 2, 4096
+# The design sizes the gateway accepts (a power of two; its limits on images may be lower).
+MIN_DESIGN_SIZE, MAX_DESIGN_SIZE = 4, 1024
 
 
 class _Record:
@@ -342,7 +343,8 @@ def _pair_indices(pair: Sequence[str] | None, names: Sequence[str]) -> tuple[int
     return names.index(pair[0]), names.index(pair[1])
 
 
-def _check_design_size(design_size: int) -> None:
+def check_design_size(design_size: int) -> None:
+    """0 (the server's default) or a power of two in range; ValueError naming the nearest."""
     if design_size == 0:
         return
     if design_size < MIN_DESIGN_SIZE or design_size & (design_size - 1):
@@ -350,8 +352,8 @@ def _check_design_size(design_size: int) -> None:
         above = max(MIN_DESIGN_SIZE, 1 << max(0, (design_size - 1).bit_length()))
         nearest = f"{below} or {above}" if below != above else str(below)
         raise ValueError(
-            f"design_size must be a power of two (0: the server's default 32), got "
-            f"{design_size}; the nearest: {nearest}"
+            f"design_size must be a power of two in {MIN_DESIGN_SIZE}..{MAX_DESIGN_SIZE} (0: the "
+            f"server's default 32), got {design_size}; the nearest: {nearest}"
         )
     if design_size > MAX_DESIGN_SIZE:
         raise ValueError(f"design_size must be at most {MAX_DESIGN_SIZE}, got {design_size}")
@@ -380,7 +382,7 @@ def build_interactions_request(
     editors, functions = _named_properties(properties)
     names = [p.name for p in editors] + [name for name, _ in functions]
     pair_indices = _pair_indices(pair, names)
-    _check_design_size(design_size)
+    check_design_size(design_size)
     for name, value in (("bootstrap", bootstrap), ("seed", seed)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0 (0: the default), got {value}")
@@ -601,7 +603,7 @@ class InteractionCalls(Generic[ResultT, DesignT]):
         self._check_open()  # type: ignore[attr-defined]
         if properties < 2:
             raise ValueError(f"properties must be at least 2, got {properties}")
-        _check_design_size(design_size)
+        check_design_size(design_size)
         if pair is not None and (
             len(pair) != 2 or pair[0] == pair[1] or not all(0 <= i < properties for i in pair)
         ):

@@ -23,6 +23,7 @@ const FILES = [
   "propscope/v1/attribution.proto",
   "propscope/v1/graph.proto",
   "propscope/v1/concepts.proto",
+  "propscope/v1/interactions.proto",
   // google.rpc.BadRequest: the field violations of a refusal's rich status.
   "google/rpc/error_details.proto",
 ];

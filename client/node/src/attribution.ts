@@ -316,7 +316,7 @@ function baselineEnum(baseline: Baseline | undefined): Perturbation["baseline"] 
     "BASELINE_UNSPECIFIED") as Perturbation["baseline"];
 }
 
-function targetScoreEnum(value: TargetScore | undefined) {
+export function targetScoreEnum(value: TargetScore | undefined) {
   return (word(TARGET_SCORES, value, "targetScore") ??
     "TARGET_SCORE_UNSPECIFIED") as AttributeRequest["targetScore"];
 }

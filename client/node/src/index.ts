@@ -1,6 +1,7 @@
 /**
  * A typed client of the propscope gateway (`propscope.v1.ExplainService`,
- * `AttributionService` and `CausalGraphService`) over @grpc/grpc-js.
+ * `AttributionService`, `CausalGraphService`, `ConceptService` and `InteractionService`) over
+ * @grpc/grpc-js.
  *
  * `npm run build` bundles the contract (the repository's `protos/` and the google.rpc messages
  * they use) into `./generated/contract` and generates the types in `./generated` from the same
@@ -38,6 +39,19 @@ import {
 } from "./concepts";
 import type { ProtoGrpcType as ConceptsProtoGrpcType } from "./generated/concepts";
 import type { ProtoGrpcType as GraphProtoGrpcType } from "./generated/graph";
+import type { ProtoGrpcType as InteractionsProtoGrpcType } from "./generated/interactions";
+import type { InteractionDesignResponse__Output } from "./generated/propscope/v1/InteractionDesignResponse";
+import type { InteractionsAccepted__Output } from "./generated/propscope/v1/InteractionsAccepted";
+import type { InteractionsProgress__Output } from "./generated/propscope/v1/InteractionsProgress";
+import type { InteractionsResult__Output } from "./generated/propscope/v1/InteractionsResult";
+import {
+  buildInteractionDesignRequest,
+  buildInteractionsRequest,
+  type InteractionDesign,
+  type InteractionDesignOptions,
+  type InteractionsOptions,
+  type InteractionsResult,
+} from "./interactions";
 import type { GraphAccepted__Output } from "./generated/propscope/v1/GraphAccepted";
 import type { GraphDone__Output } from "./generated/propscope/v1/GraphDone";
 import type { GraphProgress__Output } from "./generated/propscope/v1/GraphProgress";
@@ -116,6 +130,14 @@ export {
   type TaskGraph,
 } from "./graph";
 export {
+  buildInteractionDesignRequest,
+  buildInteractionsRequest,
+  type InteractionDesign,
+  type InteractionDesignOptions,
+  type InteractionsOptions,
+  type InteractionsResult,
+} from "./interactions";
+export {
   ALPHA_DROPPED,
   FOLDER_IMAGE_SUFFIXES,
   READABLE_FORMATS,
@@ -173,6 +195,7 @@ export type AttributeProgress = AttributeProgress__Output;
 export type EvaluationAccepted = EvaluationAccepted__Output;
 export type MetricResult = MetricResult__Output;
 export type GraphProgress = GraphProgress__Output;
+export type InteractionsProgress = InteractionsProgress__Output;
 
 /** One event of an Explain stream: Accepted first, Progress and PropertyResult, Done last. */
 export type ExplainEvent = { requestId: string } & (
@@ -281,6 +304,22 @@ export interface PropscopeClient {
     options: DecomposeConceptOptions,
     callOptions?: CallOptions & { onProgress?: (progress: ConceptsProgress) => void },
   ): Promise<ConceptsResult>;
+  /**
+   * Sobol first- and total-order indices of `options.model`'s score on `options.image` over
+   * the strengths of two or more `options.properties` (each design image is every property's
+   * edit in turn, in the order given), with bootstrap intervals, and the interaction share
+   * (sum of total minus sum of first order). Errors as for attribute.
+   */
+  interactions(
+    options: InteractionsOptions,
+    callOptions?: CallOptions & { onProgress?: (progress: InteractionsProgress) => void },
+  ): Promise<InteractionsResult>;
+  /** The design's strengths row by row, for `interactions` with your own edits
+   * (`providedDesign`): render row r by editing property p at `rows[r][p]`, in turn. */
+  interactionDesign(
+    options: InteractionDesignOptions,
+    callOptions?: CallOptions,
+  ): Promise<InteractionDesign>;
   /** The classifiers and editors the gateway's Triton server serves. */
   listModels(options?: CallOptions): Promise<ModelInfo[]>;
   /** Closes the channel; calls in flight are cancelled. */
@@ -314,6 +353,9 @@ export function createClient(target: string, options: ClientOptions = {}): Props
     channelOverride: stub.getChannel(),
   });
   const conceptsStub = new (services().concepts)(address, credentials, {
+    channelOverride: stub.getChannel(),
+  });
+  const interactionsStub = new (services().interactions)(address, credentials, {
     channelOverride: stub.getChannel(),
   });
   const metadata = (): grpc.Metadata => {
@@ -453,6 +495,38 @@ export function createClient(target: string, options: ClientOptions = {}): Props
         asPropscopeError,
       );
     },
+    async interactions(interactionOptions, { deadline, onProgress } = {}) {
+      const request = await buildInteractionsRequest(interactionOptions);
+      const call = interactionsStub.Interactions(request, metadata(), { deadline });
+      let requestId = request.requestId ?? "";
+      let accepted: InteractionsAccepted__Output | undefined;
+      let result: InteractionsResult__Output | undefined;
+      try {
+        for await (const message of call) {
+          requestId = message.requestId || requestId;
+          if (message.accepted) accepted = message.accepted;
+          if (message.progress) onProgress?.(message.progress);
+          if (message.result) result = message.result;
+        }
+      } catch (error) {
+        throw asPropscopeError(error);
+      } finally {
+        call.cancel();
+      }
+      if (!accepted || !result) {
+        throw incomplete("Interactions", "the plan and the result");
+      }
+      const warnings = [...new Set([...accepted.warnings, ...result.warnings])];
+      return { requestId, accepted, result, warnings };
+    },
+    async interactionDesign(designOptions, { deadline } = {}) {
+      const request = buildInteractionDesignRequest(designOptions);
+      const response = await unary<InteractionDesignResponse__Output>(
+        (done) => interactionsStub.InteractionDesign(request, metadata(), { deadline }, done),
+        asPropscopeError,
+      );
+      return { rows: response.rows.map((row) => row.strengths), rowKinds: response.rowKinds };
+    },
     listModels({ deadline } = {}) {
       return new Promise((resolve, reject) => {
         stub.ListModels({}, metadata(), { deadline }, (error, response) => {
@@ -462,6 +536,7 @@ export function createClient(target: string, options: ClientOptions = {}): Props
       });
     },
     close() {
+      interactionsStub.close();
       conceptsStub.close();
       graphStub.close();
       attributionStub.close();
@@ -475,6 +550,7 @@ interface Services {
   attribution: AttributionProtoGrpcType["propscope"]["v1"]["AttributionService"];
   graph: GraphProtoGrpcType["propscope"]["v1"]["CausalGraphService"];
   concepts: ConceptsProtoGrpcType["propscope"]["v1"]["ConceptService"];
+  interactions: InteractionsProtoGrpcType["propscope"]["v1"]["InteractionService"];
 }
 
 let loadedServices: Services | undefined;
@@ -486,12 +562,14 @@ function services(): Services {
     const proto = grpc.loadPackageDefinition(definition) as unknown as ProtoGrpcType &
       AttributionProtoGrpcType &
       GraphProtoGrpcType &
-      ConceptsProtoGrpcType;
+      ConceptsProtoGrpcType &
+      InteractionsProtoGrpcType;
     loadedServices = {
       explain: proto.propscope.v1.ExplainService,
       attribution: proto.propscope.v1.AttributionService,
       graph: proto.propscope.v1.CausalGraphService,
       concepts: proto.propscope.v1.ConceptService,
+      interactions: proto.propscope.v1.InteractionService,
     };
   }
   return loadedServices;

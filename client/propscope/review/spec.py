@@ -533,8 +533,8 @@ class InteractionSettingsSpec(_Strict):
     resamples)."""
 
     # N, a power of two: N (P + 2) edited images per image.
-    design_size: int | None = Field(None, ge=2, le=4096)
-    bootstrap: int | None = Field(None, ge=1)
+    design_size: int | None = Field(None, ge=4, le=1024)
+    bootstrap: int | None = Field(None, ge=100, le=100_000)
     # The level of each image's interval, which the rule's verdict reads.
     confidence: float = Field(0.95, gt=0, lt=1)
     target_score: Literal["auto", "probability", "logit", "log_odds"] = "auto"

@@ -1,0 +1,207 @@
+"""Interactions through the clients and the real stack: the SDK (editors, the caller's own
+edit functions on InteractionDesign's rows, AsyncClient), `propscope interactions`, the Node
+client, and the review rule max_interaction_share with its report section. Cheap designs (N 8)
+on one image each; the gateway's own tests are tests/integration/test_interactions.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from propscope import AsyncClient, Client, InteractionsResult
+from propscope.cli import app
+from propscope.review import load_spec, run_review, write_reports
+from propscope_server.triton_models.editors.procedural import edit_path
+from tests.integration.conftest import SAMPLE, scene_png
+from tests.integration.test_interactions import HUE_PARAMETERS, PATCH_PARAMETERS
+from tests.integration.test_node_client import NODE_CLIENT
+
+HUE = "hue=procedural:operation=hue,region=object"
+PATCH = "patch=procedural:operation=blend"
+N = 8
+
+
+def test_sdk_own_edit_functions_give_the_gateways_composed_indices(client: Client) -> None:
+    """The same edits, run here on InteractionDesign's rows (the procedural editor's own code)
+    or by the gateway's editor: the same images, so the same indices."""
+    seed = 21
+
+    def hue(image: np.ndarray, strength: float) -> np.ndarray:
+        return edit_path(image, np.array([strength], np.float32), HUE_PARAMETERS, seed)[0]
+
+    def patch(image: np.ndarray, strength: float) -> np.ndarray:
+        return edit_path(image, np.array([strength], np.float32), PATCH_PARAMETERS, seed)[0]
+
+    stages = set()
+    own = client.interactions(
+        SAMPLE,
+        "synth_hue",
+        {"hue": hue, "patch": patch},
+        design_size=N,
+        seed=seed,
+        on_progress=lambda update: stages.add(update.stage),
+    )
+    composed = client.interactions(SAMPLE, "synth_hue", [HUE, PATCH], design_size=N, seed=seed)
+    assert own.own_edits and not composed.own_edits
+    assert (own.edits, own.cache_hits + own.cache_misses) == (0, 0)
+    assert own.forward_passes == composed.forward_passes == 4 * N + 1
+    assert "render" in stages and "classify" in stages
+    assert own.composition_order == composed.composition_order == ("hue", "patch")
+    for mine, theirs in zip(own.indices, composed.indices, strict=True):
+        assert mine == theirs
+    assert own.interaction_share == composed.interaction_share
+    for item in composed.indices:
+        for interval in (item.first_order, item.total_order, item.interaction):
+            assert interval.low <= interval.high
+
+
+def test_async_client_returns_the_sync_result_from_the_cache(live_stack, client: Client) -> None:
+    first = client.interactions(SAMPLE, "synth_hue", [HUE, PATCH], design_size=N, seed=4)
+
+    async def run() -> InteractionsResult:
+        async with AsyncClient(live_stack.gateway, timeout=300) as aclient:
+            return await aclient.interactions(
+                SAMPLE, "synth_hue", [HUE, PATCH], design_size=N, seed=4
+            )
+
+    again = asyncio.run(run())
+    assert (again.cache_hits, again.cache_misses, again.edits) == (4 * N, 0, 0)
+    assert again.indices == first.indices and again.target_class == first.target_class
+
+
+def test_cli_prints_the_table_plain_lines_and_json(live_stack) -> None:
+    arguments = ["interactions", str(SAMPLE), "-m", "synth_hue", "-p", HUE, "-p", PATCH,
+                 "--design-size", str(N), "--seed", "4", "--target", live_stack.gateway]  # fmt: skip
+    table = CliRunner().invoke(app, [*arguments, "--pair", "hue,patch"], env={"COLUMNS": "80"})
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    assert [line.split()[0] for line in lines if line.startswith(("hue ", "patch "))] == [
+        "hue",
+        "patch",
+    ]
+    assert "second order hue × patch:" in table.stdout
+    plain = CliRunner().invoke(app, [*arguments, "--format", "plain"])
+    assert plain.exit_code == 0, plain.output
+    kinds = [line.split()[0] for line in plain.stdout.splitlines()]
+    assert kinds == ["property", "property", "share", "cost"]
+    found = CliRunner().invoke(app, [*arguments, "--json"])
+    document = json.loads(found.stdout)
+    assert [item["name"] for item in document["indices"]] == ["hue", "patch"]
+    # The table's run composed every image the plain and JSON runs need (one seed, one N).
+    assert document["cache_misses"] == 0 and document["edits"] == 0
+
+
+def test_cli_refuses_a_design_size_that_is_no_power_of_two(live_stack) -> None:
+    found = CliRunner().invoke(
+        app,
+        ["interactions", str(SAMPLE), "-m", "synth_hue", "-p", HUE, "-p", PATCH,
+         "--design-size", "12", "--target", live_stack.gateway],
+    )  # fmt: skip
+    assert found.exit_code == 2
+    assert "--design-size" in found.stderr and "8 or 16" in found.stderr
+
+
+NODE_CALL = """
+const { createClient } = require(process.argv[1]);
+const [target, image, hue, patch] = process.argv.slice(2);
+const client = createClient(target);
+client
+  .interactions({ image, model: "synth_hue", properties: [hue, patch], designSize: 8, seed: 4 })
+  .then((found) => {
+    console.log(JSON.stringify({ accepted: found.accepted, result: found.result }));
+    client.close();
+  })
+  .catch((error) => {
+    console.error(error);
+    process.exit(1);
+  });
+"""
+
+
+def test_node_client_gets_the_sdks_indices(live_stack, npm, client: Client) -> None:
+    expected = client.interactions(SAMPLE, "synth_hue", [HUE, PATCH], design_size=N, seed=4)
+    finished = subprocess.run(
+        ["node", "-e", NODE_CALL, str(NODE_CLIENT / "dist" / "src"), live_stack.gateway,
+         str(SAMPLE), HUE, PATCH],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr
+    found = json.loads(finished.stdout)
+    assert found["accepted"]["compositionOrder"] == ["hue", "patch"]
+    assert found["accepted"]["plannedImages"] == 4 * N
+    for node, sdk in zip(found["result"]["indices"], expected.indices, strict=True):
+        assert node["propertyName"] == sdk.name
+        assert node["totalOrder"]["value"] == pytest.approx(sdk.total_order.value)
+        assert node["firstOrder"]["ciLow"] == pytest.approx(sdk.first_order.low)
+    share = found["result"]["interactionShare"]["value"]
+    assert share == pytest.approx(expected.interaction_share.value)
+
+
+# Cyan objects: synth_conjunction turns them square only when red AND patched, so neither edit
+# alone moves it (measured at this seed: shares 1.53 [0.28, 5.5] and 1.50 [0.59, 6.6]);
+# synth_hue follows the hue alone (shares 0.004 [-0.50, 0.33] and 0.011 [-0.31, 0.31]).
+@pytest.mark.parametrize(
+    ("model", "maximum", "verdict"),
+    [("synth_conjunction", 0.2, "failed"), ("synth_hue", 0.5, "passed")],
+)
+def test_review_rule_fails_the_conjunction_and_passes_the_hue_model(
+    live_stack, tmp_path, model: str, maximum: float, verdict: str
+) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "0.png").write_bytes(scene_png(hue_deg=200.0))
+    (images / "1.png").write_bytes(scene_png(hue_deg=180.0, shape=1))
+    spec_file = tmp_path / "review.yaml"
+    settings = {"design_size": N, "bootstrap": 200, "seed": 1}
+    spec_file.write_text(
+        yaml.safe_dump(
+            {
+                "service": {"target": live_stack.gateway},
+                "candidate": {"name": model},
+                "images": {"folder": "images"},
+                "properties": {"hue": HUE.partition("=")[2], "patch": PATCH.partition("=")[2]},
+                "explain": {"steps": 6, "alpha": 0.05, "permutations": 200},
+                "rules": [
+                    {"rule": "max_interaction_share", "max": maximum, "interactions": settings},
+                    {
+                        "rule": "max_interaction_share",
+                        "name": "each",
+                        "max": maximum,
+                        "over": "every_image",
+                        "interactions": settings,
+                    },
+                ],  # fmt: skip
+            }
+        )
+    )
+    spec, entries = load_spec(spec_file)
+    with Client(live_stack.gateway, timeout=300) as sdk:
+        # synth_conjunction is loaded on demand: the pre-flight refuses a model the listing
+        # shows unloaded (UNKNOWN), so one SDK call (no pre-flight) loads it first.
+        sdk.interactions(scene_png(), model, [HUE, PATCH], design_size=4, bootstrap=100)
+        result = run_review(spec, entries, sdk)
+    assert [outcome.verdict for outcome in result.outcomes] == [verdict, verdict]
+    observations = result.interaction_indices("each")
+    assert [obs.image for obs in observations] == ["0.png", "1.png"]
+    for obs in observations:
+        assert obs.properties == ("hue", "patch") and obs.model == model
+        assert obs.share_low <= obs.share <= obs.share_high and obs.design_size == N
+        assert obs.significant == (verdict == "failed")
+    # Both rules share their properties and settings: one estimate per image, composed once.
+    assert len(result.interactions) == 4
+    paths = write_reports(result, tmp_path / "out")
+    html = paths["html"].read_text()
+    for name in ("interactions", "each"):
+        assert f'id="interaction-bars-{name}" src="data:image/png;base64,' in html
+    document = json.loads(paths["json"].read_text())
+    assert {rule["name"]: rule["verdict"] for rule in document["rules"]} == {
+        "max_interaction_share[interactions]": verdict,
+        "max_interaction_share[each]": verdict,
+    }
