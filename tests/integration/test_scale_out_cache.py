@@ -4,6 +4,7 @@ misses of its slots, and a URL of the wrong kind turns the cache off naming REDI
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,10 +13,12 @@ import pytest
 import redis
 import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2
+from typer.testing import CliRunner
 
 import propscope
 from propscope import PropertyResult
-from propscope_dev import stack
+from propscope_dev import main as dev_main
+from propscope_dev import scale_out, stack
 from propscope_server.cache.artefacts import KEY_PREFIX
 from propscope_server.cache.redis_cache import RedisArtefactCache
 from propscope_server.health import health_status
@@ -216,3 +219,32 @@ async def test_an_unreachable_cluster_only_costs_misses():
         assert not cache.available  # skipped until a ping answers
     finally:
         await cache.close()
+
+
+def test_propscope_dev_scaled_stops_and_starts_one_node_and_keeps_scaled_json_true(
+    scaled_stack,
+):
+    """The fault drill from a shell: `scaled stop redis 2` / `scaled start redis 2` on the
+    stack's run dir; scaled.json follows, so `down` would stop the restarted node."""
+    node, state = scaled_stack.redis_nodes[2], scaled_stack.run_dir / "scaled.json"
+
+    def scaled(command: str) -> str:
+        args = ["scaled", command, "redis", "2", "--run-dir", str(scaled_stack.run_dir)]
+        result = CliRunner().invoke(dev_main.app, args)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    try:
+        assert scaled("stop") == f"redis 2 ({node}) stopped\n"
+        assert scale_out.cluster_view(node) is None
+        assert json.loads(state.read_text())["processes"]["redis"][2] is None
+        assert scaled("start") == f"redis 2 ({node}) serving\n"
+        assert scale_out.cluster_whole(scaled_stack.redis_nodes)
+        recorded = json.loads(state.read_text())
+        pid = recorded["processes"]["redis"][2]
+        assert pid in recorded["pids"] and scale_out._ours(pid)
+    finally:
+        scaled("stop")  # the fixture's own process again: it stops what it started
+        scaled_stack.start_redis(2)
+    for target in scaled_stack.gateways:
+        wait_until(lambda t=target: health_status(t, "propscope.cache") == SERVING)

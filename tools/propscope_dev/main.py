@@ -199,5 +199,78 @@ def down(run_dir: Path = RUN_DIR) -> None:
     typer.echo("stack stopped" if info or scaled else "no stack running")
 
 
+scaled_app = typer.Typer(
+    no_args_is_help=True,
+    help="Stop or start one process of a scaled-out stack (`up --tritons N ...`), for fault "
+    "drills; scaled.json keeps its pid, so `down` stops a restarted one too.",
+)
+app.add_typer(scaled_app, name="scaled")
+SCALED_ROLES = ("triton", "redis")
+
+
+@scaled_app.command("stop")
+def scaled_stop(
+    role: str = typer.Argument(..., metavar="triton|redis"),
+    index: int = typer.Argument(..., help="0-based, in the order `up` printed them"),
+    run_dir: Path = RUN_DIR,
+) -> None:
+    """Stop Triton INDEX (its Python stubs too) or Redis Cluster node INDEX."""
+    scaled, address = _scaled_process(run_dir, role, index)
+    (scaled.stop_triton if role == "triton" else scaled.stop_redis)(index)
+    typer.echo(f"{role} {index} ({address}) stopped")
+
+
+@scaled_app.command("start")
+def scaled_start(
+    role: str = typer.Argument(..., metavar="triton|redis"),
+    index: int = typer.Argument(..., help="0-based, in the order `up` printed them"),
+    run_dir: Path = RUN_DIR,
+    timeout: float | None = typer.Option(
+        None, help="seconds to wait until it serves (default PROPSCOPE_START_TIMEOUT_S or 300)"
+    ),
+) -> None:
+    """Start a stopped Triton or Redis node again on its ports (nothing when it runs);
+    returns once it serves (a node: once the cluster is whole again)."""
+    scaled, address = _scaled_process(run_dir, role, index, timeout)
+    try:
+        (scaled.start_triton if role == "triton" else scaled.start_redis)(index)
+    except stack.StackStartError as error:
+        typer.echo(f"propscope-dev scaled start: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{role} {index} ({address}) serving")
+
+
+def _scaled_process(
+    run_dir: Path, role: str, index: int, timeout: float | None = None
+) -> tuple[scale_out.ScaledStack, str]:
+    """The recorded stack and the address of process `role` `index`; exit 2 naming what
+    is wrong."""
+    if role not in SCALED_ROLES:
+        typer.echo(f"propscope-dev scaled: {role!r}: name triton or redis", err=True)
+        raise typer.Exit(2)
+    try:
+        scaled = scale_out.load_scaled(run_dir, timeout)
+    except (stack.StackStartError, ValueError, KeyError) as error:
+        typer.echo(f"propscope-dev scaled: {run_dir}/scaled.json: {error}", err=True)
+        raise typer.Exit(2) from None
+    if scaled is None:
+        typer.echo(
+            f"propscope-dev scaled: no scaled-out stack in {run_dir} "
+            "(start one with `propscope-dev up --tritons 2 --gateways 2 --redis-cluster 3 "
+            f"--run-dir {run_dir}`)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    addresses = scaled.tritons if role == "triton" else scaled.redis_nodes
+    if not 0 <= index < len(addresses):
+        typer.echo(
+            f"propscope-dev scaled: {role} {index}: the stack has {len(addresses)} "
+            f"(0 to {len(addresses) - 1})",
+            err=True,
+        )
+        raise typer.Exit(2)
+    return scaled, addresses[index]
+
+
 if __name__ == "__main__":
     app()

@@ -14,7 +14,7 @@ import os
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import redis
@@ -42,6 +42,16 @@ CLUSTER_SLOTS = 16384
 # that a stopped node is noticed in seconds (Redis's default is 15 s).
 CLUSTER_NODE_TIMEOUT_MS = 2000
 STOP_TIMEOUT_S = 15.0
+# What `up` records of a scaled stack in its run dir, and `down` and `scaled` read.
+STATE_FILE = "scaled.json"
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    """A process an earlier `propscope-dev` run started, known by its pid from
+    scaled.json (not our child: stopped by its group, never waited for)."""
+
+    pid: int
 
 
 @dataclass
@@ -50,7 +60,7 @@ class _Process:
 
     name: str
     log_file: Path
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen | _Recorded | None = None
 
     @property
     def running(self) -> bool:
@@ -82,6 +92,7 @@ class ScaledStack:
     def stop_triton(self, index: int) -> None:
         """Stop Triton `index` (SIGTERM, SIGKILL after STOP_TIMEOUT_S) and its stubs."""
         _stop(self._tritons[index])
+        self.save()
 
     def start_triton(self, index: int) -> None:
         """Start Triton `index` again on its ports (a no-op when it runs); returns when
@@ -91,12 +102,14 @@ class ScaledStack:
             entry.process = _launch_triton(
                 self.run_dir, index, self._triton_ports[index], self.models
             )
+            self.save()
         _wait_for_triton(entry, self._triton_ports[index], self.timeout_s)
 
     def stop_redis(self, index: int) -> None:
         """Stop cluster node `index`; its keys are lost (no persistence), its slots stay
         assigned to it, so the other nodes keep serving theirs."""
         _stop(self._redis[index])
+        self.save()
 
     def start_redis(self, index: int) -> None:
         """Start cluster node `index` again on its port (a no-op when it runs); it rejoins
@@ -107,6 +120,7 @@ class ScaledStack:
             entry.process = _launch_redis(
                 self.run_dir, _port(self.redis_nodes[index]), self._redis_bus_ports[index]
             )
+            self.save()
         _wait_for_cluster(self.redis_nodes, [entry], self.timeout_s)
 
     def add_gateway(self, **settings: str) -> int:
@@ -129,6 +143,35 @@ class ScaledStack:
         )
         for entry in (*self._gateways, *self._tritons, *self._redis):
             entry.process = None
+
+    def save(self) -> None:
+        """Records the stack in run_dir/scaled.json: addresses, the ports and models a
+        restart needs, and the pids of what runs now (what `down` stops)."""
+        (self.run_dir / STATE_FILE).write_text(
+            json.dumps(
+                {
+                    "gateways": self.gateways,
+                    "gateway_metrics": self.gateway_metrics,
+                    "tritons": self.tritons,
+                    "triton_metrics": self.triton_metrics,
+                    "redis_nodes": self.redis_nodes,
+                    "redis_url": self.redis_url,
+                    "pids": self.pids(),
+                    "triton_http": self.triton_http,
+                    "triton_ports": [asdict(ports) for ports in self._triton_ports],
+                    "redis_bus_ports": self._redis_bus_ports,
+                    "models": list(self.models),
+                    "processes": {
+                        role: [_pid(entry) for entry in entries]
+                        for role, entries in self._roles().items()
+                    },
+                },
+                indent=2,
+            )
+        )
+
+    def _roles(self) -> dict[str, list[_Process]]:
+        return {"triton": self._tritons, "redis": self._redis, "gateway": self._gateways}
 
     def pids(self) -> list[int]:
         """The running processes' ids (their groups hold the Python stubs)."""
@@ -219,26 +262,65 @@ def up_scaled(
     except BaseException:
         stack.close()
         raise
-    (run_dir / "scaled.json").write_text(
-        json.dumps(
-            {
-                "gateways": stack.gateways,
-                "gateway_metrics": stack.gateway_metrics,
-                "tritons": stack.tritons,
-                "triton_metrics": stack.triton_metrics,
-                "redis_nodes": stack.redis_nodes,
-                "redis_url": stack.redis_url,
-                "pids": stack.pids(),
-            },
-            indent=2,
-        )
-    )
+    stack.save()
     return stack
+
+
+def load_scaled(run_dir: Path, timeout_s: float | None = None) -> ScaledStack | None:
+    """The scaled stack recorded in run_dir/scaled.json, to stop or start one of its
+    processes from another command (`propscope-dev scaled`); None when none is."""
+    state = run_dir / STATE_FILE
+    if not state.exists():
+        return None
+    recorded = json.loads(state.read_text())
+    if "processes" not in recorded:
+        raise StackStartError(f"{state} predates `propscope-dev scaled`; start the stack again")
+    processes = recorded["processes"]
+
+    def entries(role: str, names: list[str], logs: list[Path]) -> list[_Process]:
+        pids = processes[role]
+        return [
+            _Process(name, log, _Recorded(pid) if pid is not None and _ours(pid) else None)
+            for name, log, pid in zip(names, logs, pids, strict=True)
+        ]
+
+    redis_ports = [_port(node) for node in recorded["redis_nodes"]]
+    gateway_ports = [_port(gateway) for gateway in recorded["gateways"]]
+    count = len(recorded["tritons"])
+    return ScaledStack(
+        gateways=recorded["gateways"],
+        gateway_metrics=recorded["gateway_metrics"],
+        tritons=recorded["tritons"],
+        triton_metrics=recorded["triton_metrics"],
+        redis_nodes=recorded["redis_nodes"],
+        redis_url=recorded["redis_url"],
+        triton_http=recorded["triton_http"],
+        run_dir=run_dir,
+        _triton_ports=[TritonPorts(**ports) for ports in recorded["triton_ports"]],
+        _redis_bus_ports=recorded["redis_bus_ports"],
+        _tritons=entries(
+            "triton",
+            [f"triton-{i}" for i in range(count)],
+            [_triton_log(run_dir, i) for i in range(count)],
+        ),
+        _redis=entries(
+            "redis",
+            [f"redis-{p}" for p in redis_ports],
+            [run_dir / f"redis-{p}.log" for p in redis_ports],
+        ),
+        _gateways=entries(
+            "gateway",
+            [f"gateway-{p}" for p in gateway_ports],
+            [run_dir / f"gateway-{p}.log" for p in gateway_ports],
+        ),
+        timeout_s=start_timeout_s(os.environ) if timeout_s is None else timeout_s,
+        models=tuple(recorded["models"]),
+    )
 
 
 def down_scaled(run_dir: Path) -> dict | None:
     """Stop the scaled stack recorded in `run_dir` (by `propscope-dev up --tritons ...`)."""
-    state = run_dir / "scaled.json"
+    state = run_dir / STATE_FILE
     if not state.exists():
         return None
     try:
@@ -421,6 +503,10 @@ def _stop(entry: _Process) -> None:
     if entry.process is not None:
         _stop_groups([entry.process.pid], STOP_TIMEOUT_S)
         entry.process = None
+
+
+def _pid(entry: _Process) -> int | None:
+    return entry.process.pid if entry.running and entry.process is not None else None
 
 
 def _port(node: str) -> int:
