@@ -359,7 +359,10 @@ async def test_one_triton_unavailable_is_still_retried_with_backoff_and_named(ca
     named = f"(tried PROPSCOPE_TRITON_URL={A})"
     with pytest.raises(Unavailable) as caught:
         await backend.infer(model, IMAGE, ["LOGITS"], None)
-    assert str(caught.value) == f"Triton is unreachable or overloaded {named}; retry with backoff"
+    assert str(caught.value) == (
+        "Triton is unreachable or overloaded (1 endpoint of the gateway's "
+        "PROPSCOPE_TRITON_URL tried; its log names them); retry with backoff"
+    )
     # One WARNING for the call (its retries are INFO), beside the endpoint's own.
     warnings = [
         r.getMessage()
@@ -376,8 +379,9 @@ async def test_one_triton_unavailable_is_still_retried_with_backoff_and_named(ca
 
 
 async def test_every_endpoint_unreachable_names_the_setting_and_the_endpoints_tried(caplog):
-    """A typo in PROPSCOPE_TRITON_URL reads as Tritons down: the caller's message and the
-    gateway's one WARNING say which addresses were tried, and from which setting."""
+    """A typo in PROPSCOPE_TRITON_URL reads as Tritons down: the caller's message names the
+    setting and how many endpoints were tried (not their internal addresses); the gateway's
+    one WARNING says which addresses."""
     tritons = {A: Triton(), B: Triton()}
     backend = backend_over(tritons, retries=1)
     model = await backend.describe("m")
@@ -386,7 +390,11 @@ async def test_every_endpoint_unreachable_names_the_setting_and_the_endpoints_tr
     with pytest.raises(Unavailable) as caught:
         await backend.infer(model, IMAGE, ["LOGITS"], None)
     named = f"(tried {A}, {B} of PROPSCOPE_TRITON_URL={A},{B})"
-    assert str(caught.value) == f"Triton is unreachable or overloaded {named}; retry with backoff"
+    assert str(caught.value) == (
+        "Triton is unreachable or overloaded (2 endpoints of the gateway's "
+        "PROPSCOPE_TRITON_URL tried; its log names them); retry with backoff"
+    )
+    assert A not in str(caught.value)
     assert f"Triton unreachable for model m {named}: failed to connect" in caplog.text
 
 

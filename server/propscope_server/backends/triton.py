@@ -29,6 +29,7 @@ from propscope_server.backends.triton_endpoints import (
     Endpoint,
     TritonEndpoints,
 )
+from propscope_server.backends.triton_url import SETTING
 from propscope_server.config import OUTPUT_KINDS, RESIZE_MODES, PreprocessingConfig
 from propscope_server.editor_contract import (
     IMAGE_INPUT,
@@ -91,10 +92,15 @@ def _translate(error: InferenceServerException, model: str) -> Exception:
     return BackendError(f"model {model!r} failed: {message}")
 
 
-def unreachable(tried: str) -> Unavailable:
-    """What a caller is told when no Triton it tried answered: the endpoints tried and the
-    setting that lists them (a typo in it reads as a Triton down)."""
-    return Unavailable(f"Triton is unreachable or overloaded ({tried}); retry with backoff")
+def unreachable(tried: int) -> Unavailable:
+    """What a caller is told when no Triton it tried answered: how many endpoints and the
+    setting that lists them (a typo in it reads as a Triton down). The addresses are for
+    the gateway's log only: callers do not learn the cluster's internal addresses."""
+    endpoints = "endpoint" if tried == 1 else "endpoints"
+    return Unavailable(
+        f"Triton is unreachable or overloaded ({tried} {endpoints} of the gateway's "
+        f"{SETTING} tried; its log names them); retry with backoff"
+    )
 
 
 def timeout_until(deadline: float | None, default_s: float) -> float:
@@ -224,7 +230,7 @@ class TritonBackend:
         """The error, and the one WARNING, for a call no endpoint it tried answered."""
         tried_text = self.endpoints.describe_tried(tried)
         logger.warning("Triton unreachable for model %s (%s): %s", model, tried_text, message)
-        return unreachable(tried_text)
+        return unreachable(len(tried))
 
     async def close(self) -> None:
         await self.model_health.close()
@@ -326,7 +332,8 @@ class TritonBackend:
                 if isinstance(translated, Unavailable):
                     self.endpoints.finished(endpoint, UNAVAILABLE, sent)
                     tried = self.endpoints.describe_tried([endpoint.address])
-                    raise unreachable(tried) from None
+                    logger.warning("Triton unreachable loading model %s (%s)", name, tried)
+                    raise unreachable(1) from None
                 raise FailedPrecondition(
                     f"model {name!r} (load_on_demand) failed to load{where}: {error.message()}"
                 ) from None
