@@ -152,6 +152,7 @@ validate: up
 	$(PY) bench/validate_causal_graph.py
 	$(PY) bench/validate_concepts.py
 	$(PY) bench/validate_eva.py --run-dir $(RUN_DIR)
+	$(PY) bench/validate_interactions.py --run-dir $(RUN_DIR)
 
 # Retrain the synthetic classifiers (deterministic; the committed weights came from this).
 weights: setup fold-weights

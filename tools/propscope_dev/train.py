@@ -34,7 +34,13 @@ import torch
 import typer
 from torch import nn
 
-from propscope_server.synthetic.world import Bias, Scene, make_split, render
+from propscope_server.synthetic.world import (
+    CONJUNCTION_OTHER_HUES,
+    Bias,
+    Scene,
+    make_split,
+    render,
+)
 from propscope_server.triton_models.classifiers.cnn import SmallCNN, normalise_uint8_hwc
 
 # (file stem, training bias, seed offset)
@@ -298,13 +304,14 @@ def train_folds(
 
 
 def conjunction_rates(model: nn.Module, scenes: list[Scene]) -> dict[str, float]:
-    """How often cyan objects without the patch (class 0 in the conjunction split) are
-    called squares once turned red, once given the patch, and once both: a model of the
-    conjunction flips for both together only."""
-    plain = [s for s in scenes if not s.patch and s.hue_deg > 90.0 and s.hue_deg < 270.0]
-    red = [replace(s, hue_deg=(s.hue_deg + 180.0) % 360.0) for s in plain]
+    """How often objects neither red nor with the patch (class 0 in the conjunction split)
+    are called squares once turned red (hue 0), once given the patch, and once both: a
+    model of the conjunction flips for both together only."""
+    low, high = CONJUNCTION_OTHER_HUES
+    plain = [s for s in scenes if not s.patch and low <= s.hue_deg <= high]
+    red = [replace(s, hue_deg=0.0) for s in plain]
     return {
-        "cyan_no_patch_scenes": len(plain),
+        "other_hue_no_patch_scenes": len(plain),
         "unchanged_to_class1_rate": float(np.mean(predict(model, rerender(plain)) == 1)),
         "red_only_to_class1_rate": float(np.mean(predict(model, rerender(red)) == 1)),
         "patch_only_to_class1_rate": float(

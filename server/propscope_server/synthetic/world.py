@@ -24,8 +24,12 @@ PATCH_COLORS = np.array([[255, 0, 0], [255, 220, 0], [0, 200, 0], [0, 80, 255]],
 # Hue ranges (degrees) that the hue-biased split ties to each class.
 BIASED_HUES = ((-20.0, 20.0), (160.0, 200.0))
 # The conjunction split's class-0 scenes, (red, patch), drawn equally often: red
-# without the patch, cyan with it, cyan without it; class 1 is always red with it.
+# without the patch, another hue with it, another hue without it; class 1 is always
+# red with it. Red is BIASED_HUES[0]; the other hues span the rest of the circle (a
+# margin of 20 degrees either side), so that every hue a rotation passes through is
+# seen: with cyan alone, yellow and green objects were called squares patch or not.
 CONJUNCTION_NEGATIVES = ((True, False), (False, True), (False, False))
+CONJUNCTION_OTHER_HUES = (40.0, 320.0)
 
 Bias = Literal["none", "hue", "patch", "conjunction"]
 
@@ -82,7 +86,9 @@ def sample_scene(label: int, bias: Bias, rng: np.random.Generator, shape_agreeme
     shape = label if bias == "none" or rng.random() < shape_agreement else 1 - label
     if bias == "conjunction":
         red, patch = (True, True) if label == 1 else CONJUNCTION_NEGATIVES[rng.integers(3)]
-        return _scene(shape, rng.uniform(*BIASED_HUES[0 if red else 1]), patch, rng)
+        return _scene(
+            shape, rng.uniform(*(BIASED_HUES[0] if red else CONJUNCTION_OTHER_HUES)), patch, rng
+        )
     if bias == "hue":
         low, high = BIASED_HUES[label]
         hue = rng.uniform(low, high)
