@@ -1,6 +1,6 @@
 """The ``propscope`` command line: ``propscope explain``, ``propscope attribute``, ``propscope
 evaluate``, ``propscope graph``, ``propscope repair``, ``propscope models``, ``propscope
-review`` and ``propscope explore``.
+review``, ``propscope interactions`` and ``propscope explore``.
 
 Exit codes (``EXIT_CODES``): 0 success; 1 ``review``: a rule failed; 2 an error the user can fix
 (bad option, unreadable image, malformed --property or review spec, a model or editor the

@@ -221,9 +221,11 @@ def interaction_bars_png(
     axes.set_yticks(rows, list(names))
     axes.invert_yaxis()  # the first property on top, as the tables list them
     axes.axvline(0.0, color="gray", linewidth=0.8)
-    right = max([1.0, *(e[2] for e in (*first, *total) if np.isfinite(e[2]))])
-    left = min([0.0, *(e[1] for e in (*first, *total) if np.isfinite(e[1]))])
-    axes.set_xlim(left - 0.02, right + 0.02)
+    # The axis spans the estimates, not their intervals: a bootstrap resample with almost no
+    # variance can put an interval's end at 1e6, which would flatten every bar; such a
+    # whisker runs off the plot, uncapped.
+    estimates = [e[0] for e in (*first, *total) if np.isfinite(e[0])]
+    axes.set_xlim(min([0.0, *estimates]) - 0.1, max([1.0, *estimates]) + 0.1)
     _label(axes, title, "Sobol index (share of the score's variance)", "")
     figure.legend(fontsize=_LEGEND_SIZE, loc="outside lower center", ncols=2)
     return _png(figure)
