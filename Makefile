@@ -133,6 +133,7 @@ bench: setup
 	$(PY) bench/maco.py
 	$(PY) bench/eva.py
 	$(PY) bench/scale_out.py
+	$(PY) bench/interactions.py
 
 # Load: 32 concurrent Explain streams for 150 s against a stack of its own, then the hostile
 # clients at full size; writes docs/results/soak.md (and image_fuzz.md: 200,000 damaged
