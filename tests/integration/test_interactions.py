@@ -81,6 +81,7 @@ def test_hue_carries_the_hue_models_variance_and_a_second_classifier_edits_nothi
     assert hue.total_order.value > 0.5 and patch.total_order.value < 0.05
     assert hue.total_order.ci_low > patch.total_order.ci_high
     assert result.variance > 0.01 and result.target_class == 0
+    assert not any("barely moves" in w for w in result.warnings)
     stages = [e.progress.stage for e in events if e.WhichOneof("event") == "progress"]
     assert stages[0] == "edit" and stages[-1] == "classify"
 
@@ -90,6 +91,19 @@ def test_hue_carries_the_hue_models_variance_and_a_second_classifier_edits_nothi
     assert (other.cache_hits, other.cache_misses, other.edits) == (4 * DESIGN_SIZE, 0, 0)
     hue, patch = other.indices
     assert patch.total_order.value > hue.total_order.value
+
+
+def test_a_score_that_barely_moves_is_warned_about_and_wide_intervals_named(stub):
+    # synth_unbiased's shape decides: its probability saturates and the edits move its
+    # ninth decimal; the indices stay as computed, the warning says to read the variance.
+    result = result_of(interactions(stub, "synth_unbiased", seed=11))
+    assert 0.0 < result.variance < 1e-4
+    negligible = [w for w in result.warnings if "barely moves" in w]
+    assert len(negligible) == 1 and "read `variance` first" in negligible[0]
+    assert any(index.total_order.value > 0.0 for index in result.indices)
+    # Its near-zero resampled variances spread the intervals: named, with a larger design.
+    (wide,) = [w for w in result.warnings if "wider than 0.5" in w]
+    assert "a design_size of 64 (now 16)" in wide
 
 
 # The procedural editor's parameters resolved against its schema (the gateway sends these).

@@ -350,3 +350,45 @@ def test_schedule_refusals(rows, message):
 def test_design_dataclass_reports_its_properties():
     design = interaction_design(4, 2, seed=0, pair=None)
     assert isinstance(design, Design) and design.properties == 4
+
+
+# --- warnings: a negligible variance, wide intervals ------------------------------------
+
+
+def test_a_score_that_barely_moves_keeps_its_indices_with_a_warning():
+    # A saturated probability: the hue moves it by ~1e-4 (V ~ 1e-9, above the 1e-12 floor).
+    design = interaction_design(2, 64, seed=0, pair=None)
+    scores = 0.9999 + 1e-4 * design.rows[:, 0] + 1e-6 * design.rows[:, 1]
+    estimate = estimate_indices(design, scores, 200, 0.95, seed=0, names=("hue", "patch"))
+    assert estimate.total[0].value > 0.9  # kept as computed
+    negligible = [w for w in estimate.warnings if "barely moves" in w]
+    assert len(negligible) == 1
+    assert f"variance {estimate.variance:.3g}" in negligible[0]
+    assert "read `variance` first" in negligible[0]
+    # The same shape scaled to a probability that moves: no such warning.
+    moving = estimate_indices(design, 0.5 + 0.4 * design.rows[:, 0], 200, 0.95, seed=0)
+    assert not any("barely moves" in w for w in moving.warnings)
+
+
+def test_wide_intervals_are_named_with_a_design_size_that_narrows_them():
+    # A conjunction on a small corner of the square: at N 16 its share's interval is wide.
+    def corner(x):
+        return ((x[:, 0] > 0.8) & (x[:, 1] > 0.8)).astype(np.float64)
+
+    design = interaction_design(2, 16, seed=3, pair=None)
+    estimate = estimate_indices(
+        design, corner(design.rows), 500, 0.95, seed=3, names=("hue", "patch")
+    )
+    assert estimate.share.high - estimate.share.low > 0.5
+    wide = [w for w in estimate.warnings if "wider than 0.5" in w]
+    assert len(wide) == 1
+    share = estimate.share
+    assert f"interaction share [{share.low:.3g}, {share.high:.3g}]" in wide[0]
+    assert "a design_size of 64 (now 16)" in wide[0]
+    capped = estimate_indices(design, corner(design.rows), 500, 0.95, seed=3, max_design_size=32)
+    assert "a design_size of 32 (now 16)" in capped.warnings[-1]
+    at_max = estimate_indices(design, corner(design.rows), 500, 0.95, seed=3, max_design_size=16)
+    assert "the largest allowed" in at_max.warnings[-1]
+    # Narrow intervals (N 1024 on a smooth product) warn about nothing.
+    _, narrow = _estimate(lambda x: x[:, 0] * x[:, 1])
+    assert narrow.warnings == ()

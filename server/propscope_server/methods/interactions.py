@@ -179,6 +179,8 @@ class Interactions:
                 spec.bootstrap,
                 spec.confidence,
                 spec.seed,
+                spec.names,
+                self._settings.limits.max_interaction_design_size,
             )
             pair = plan.design.pair
             return InteractionsOutcome(

@@ -37,6 +37,7 @@ Choices, and why:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +48,14 @@ DEFAULT_BOOTSTRAP = 1000
 DEFAULT_CONFIDENCE = 0.95
 # Below this variance of the score over A and B the indices are reported as 0.
 VARIANCE_FLOOR = 1e-12
+# Below this standard deviation over A and B (in the score's units, probability or logit) the
+# indices are kept but warned about: they apportion a negligible variance (a saturated
+# probability's ninth decimal).
+NEGLIGIBLE_SD = 0.01
+# An interval wider than this decides nothing about an index in [0, 1]: warned about, with a
+# design size that narrows it (4x the rows halves a bootstrap interval's width).
+WIDE_INTERVAL = 0.5
+WIDER_DESIGN_FACTOR = 4
 # Mixed into the request seed so the bootstrap's stream differs from the scrambling's.
 _BOOTSTRAP_STREAM = 0x1B007
 # Resample counts are built this many values (resamples x rows) at a time.
@@ -170,10 +179,18 @@ def interaction_design(
 
 
 def estimate_indices(
-    design: Design, scores: np.ndarray, bootstrap: int, confidence: float, seed: int
+    design: Design,
+    scores: np.ndarray,
+    bootstrap: int,
+    confidence: float,
+    seed: int,
+    names: Sequence[str] | None = None,
+    max_design_size: int | None = None,
 ) -> IndicesEstimate:
     """First-, total-order indices, the pair's second-order index and the interaction
-    share, each with its percentile bootstrap interval; deterministic for a seed."""
+    share, each with its percentile bootstrap interval; deterministic for a seed.
+    `names` (composition order) and `max_design_size` (the largest the caller may ask
+    for) only word the warnings."""
     if bootstrap < 1:
         raise ValueError(f"bootstrap must be >= 1 resample, got {bootstrap}")
     if not 0.0 < confidence < 1.0:
@@ -225,18 +242,57 @@ def estimate_indices(
             value, low, high = value[index], low[index], high[index]
         return Interval(float(np.squeeze(value)), float(low), float(high))
 
+    labels = list(names) if names is not None else [f"property {i + 1}" for i in range(p)]
     share = interval("share")
+    first = tuple(interval("first", i) for i in range(p))
+    total = tuple(interval("total", i) for i in range(p))
+    interaction = tuple(interval("interaction", i) for i in range(p))
+    second = interval("second") if design.pair is not None else None
+    named = [("interaction share", share)]
+    named += [(f"{labels[i]} first order", first[i]) for i in range(p)]
+    named += [(f"{labels[i]} total order", total[i]) for i in range(p)]
+    named += [(f"{labels[i]} interaction", interaction[i]) for i in range(p)]
+    if second is not None and design.pair is not None:
+        i, j = design.pair
+        named.append((f"{labels[i]} x {labels[j]} second order", second))
+    warnings = [_negligible_warning(variance)] if variance < NEGLIGIBLE_SD**2 else []
+    wide = [(label, found) for label, found in named if found.high - found.low > WIDE_INTERVAL]
+    if wide:
+        warnings.append(_wide_warning(wide, n, max_design_size))
     return IndicesEstimate(
-        first=tuple(interval("first", i) for i in range(p)),
-        total=tuple(interval("total", i) for i in range(p)),
-        interaction=tuple(interval("interaction", i) for i in range(p)),
-        second_order=interval("second") if design.pair is not None else None,
+        first=first,
+        total=total,
+        interaction=interaction,
+        second_order=second,
         share=share,
         significant=share.low > 0.0,
         variance=variance,
         mean=mean,
-        warnings=(),
+        warnings=tuple(warnings),
     )
+
+
+def _negligible_warning(variance: float) -> str:
+    return (
+        f"the score barely moves: its standard deviation over the design is "
+        f"{variance**0.5:.2g} (variance {variance:.3g}; below {NEGLIGIBLE_SD:g} in the score's "
+        "units), so the indices apportion a negligible variance: read `variance` first"
+    )
+
+
+def _wide_warning(
+    wide: list[tuple[str, Interval]], design_size: int, max_design_size: int | None
+) -> str:
+    listed = ", ".join(f"{label} [{found.low:.3g}, {found.high:.3g}]" for label, found in wide)
+    larger = design_size * WIDER_DESIGN_FACTOR
+    if max_design_size is not None:
+        larger = min(larger, max_design_size)
+    advice = (
+        f"a design_size of {larger} (now {design_size}) narrows them"
+        if larger > design_size
+        else f"design_size {design_size} is the largest allowed: more scenes narrow them"
+    )
+    return f"{len(wide)} interval(s) wider than {WIDE_INTERVAL:g} decide little: {listed}; {advice}"
 
 
 def edit_schedule(rows: np.ndarray) -> list[EditStage]:
