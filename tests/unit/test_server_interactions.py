@@ -422,7 +422,9 @@ async def test_rows_share_prefixes_compose_in_order_and_a_second_classifier_edit
     assert backend.edit_calls[0] == ("scale", sorted({float(s) for s in design.rows[:, 0]}))
     # Every row's image is edit 2 (edit 1 (image, s1), s2), whatever prefixes it shared.
     direct = [edit("add", edit("scale", IMAGE, a), b)[..., 0].mean() / 255 for a, b in design.rows]
-    assert outcome.estimate == estimate_indices(design, np.array(direct), 200, 0.9, 3)
+    assert outcome.estimate == estimate_indices(
+        design, np.array(direct), 200, 0.9, 3, outcome.composition_order
+    )
     stages_seen = [e.stage for e in events if isinstance(e, InteractionsProgress)]
     assert stages_seen[0] == "edit" and stages_seen[-1] == "classify"
 
