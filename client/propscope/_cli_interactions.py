@@ -157,18 +157,9 @@ def interactions(
     results: list[InteractionsResult] = []
     try:
         with context.obj.client(target, timeout) as client:
-            served = client.list_models()
-            ready = {info.name for info in served if info.state == "READY"}
-            listed = {info.name for info in served}
-            # A model the gateway loads on demand is listed unloaded until its first request:
-            # the call itself loads it (or says why it cannot).
             preflight(
-                served,
-                classifiers=[
-                    Classifier(c.name, c.version, (METHOD,))
-                    for c in classifiers
-                    if c.name in ready or c.name not in listed
-                ],
+                client,
+                classifiers=[Classifier(c.name, c.version, (METHOD,)) for c in classifiers],
                 properties=properties,
             )
             for classifier in classifiers:

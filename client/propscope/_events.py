@@ -419,6 +419,9 @@ class ModelInfo:
     # Open classifiers: their hidden layers in network order (what ``Client.graph``'s
     # ``layers`` names); empty for a black box.
     layers: tuple[GraphLayer, ...] = ()
+    # The gateway loads it on its first request (setting load_on_demand): listed unloaded
+    # until then, yet a request may name it.
+    loads_on_demand: bool = False
 
     @property
     def is_classifier(self) -> bool:
@@ -442,6 +445,7 @@ class ModelInfo:
             class_labels=tuple(msg.class_labels),
             methods=tuple(msg.methods),
             layers=tuple(GraphLayer(layer.name, layer.channels) for layer in msg.layers),
+            loads_on_demand=msg.loads_on_demand,
         )
 
     def to_dict(self) -> dict[str, Any]:

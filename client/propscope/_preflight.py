@@ -139,6 +139,10 @@ def _model_problems(
             f"{what} {name!r} is not served{did_you_mean(name, same_kind)}; served {kind}s: "
             f"{', '.join(same_kind) or 'none'}"
         ]
+    if info.state != "READY" and info.loads_on_demand:
+        # Listed unloaded (undescribed, of no known kind) until its first request: the call
+        # loads it or says why it cannot.
+        return []
     if info.is_classifier != want_classifier:
         actual = "a classifier" if info.is_classifier else "an editor"
         return [
@@ -179,6 +183,8 @@ def _editor_problems(prop: Property, models: Mapping[str, ModelInfo]) -> list[st
     problems = _model_problems(editor, prop.editor_version, what, False, models)
     if problems:
         return problems
+    if models[editor].state != "READY":  # loaded on demand: its parameters are unknown yet
+        return []
     accepted = {p.name: p for p in models[editor].editor_parameters}
     for key, value in prop.parameters.items():
         spec = accepted.get(key)

@@ -62,6 +62,8 @@ class RepositoryEntry:
     version: str
     state: str
     reason: str = ""
+    # The gateway loads it on its first request (setting load_on_demand).
+    loads_on_demand: bool = False
 
 
 class Inference(Protocol):

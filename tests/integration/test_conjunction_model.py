@@ -8,6 +8,7 @@ import numpy as np
 import tritonclient.grpc as triton_grpc
 
 import propscope
+from propscope._preflight import preflight
 from propscope_server.synthetic.world import Scene, render
 
 PROPERTIES = [
@@ -23,6 +24,11 @@ def scene(hue_deg: float, patch: bool) -> np.ndarray:
 def test_the_conjunction_model_loads_on_demand_and_its_hue_and_patch_interact(
     client: propscope.Client, triton: triton_grpc.InferenceServerClient
 ):
+    # Listed as loaded on demand (loaded by now or not): every pre-flight lets it through.
+    listed = {info.name: info for info in client.list_models()}
+    assert listed["synth_conjunction"].loads_on_demand
+    assert not listed["synth_hue"].loads_on_demand
+    preflight(client, classifiers=["synth_conjunction"])
     found = client.interactions(
         scene(3.0, patch=False), "synth_conjunction", PROPERTIES, design_size=64, seed=5
     )

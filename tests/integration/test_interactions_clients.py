@@ -99,8 +99,8 @@ def test_cli_prints_the_table_plain_lines_and_json(live_stack) -> None:
 
 
 def test_cli_runs_a_model_loaded_on_demand(live_stack, tmp_path):
-    """synth_conjunction is loaded on its first request (listed unloaded until then): the
-    pre-flight leaves it to the call instead of refusing it."""
+    """synth_conjunction is loaded on its first request (listed unloaded until then, with
+    loads_on_demand): the pre-flight leaves it to the call instead of refusing it."""
     image = tmp_path / "cyan.png"
     image.write_bytes(scene_png(hue_deg=200.0))
     found = CliRunner().invoke(
@@ -191,10 +191,9 @@ def _review(live_stack, folder, model: str, maximum: float):
         )
     )
     spec, entries = load_spec(spec_file)
+    # synth_conjunction is loaded on demand: the listing says so and the pre-flight lets the
+    # review's first call load it.
     with Client(live_stack.gateway, timeout=300) as sdk:
-        # synth_conjunction is loaded on demand: the review's pre-flight refuses a model the
-        # listing shows unloaded (UNKNOWN), so one SDK call (no pre-flight) loads it first.
-        sdk.interactions(scene_png(), model, [HUE, PATCH], design_size=4, bootstrap=100)
         return run_review(spec, entries, sdk)
 
 

@@ -130,6 +130,25 @@ def test_models_of_the_wrong_kind_or_not_ready_are_named_with_the_reason():
     )
 
 
+def test_a_model_the_gateway_loads_on_demand_is_left_to_the_call():
+    # Listed unloaded and undescribed (no role, methods or parameters) until its first
+    # request; the same listing without loads_on_demand is refused.
+    listing = served()
+    for name in ("synth_conjunction", "diffusion"):
+        listing.models.add(name=name, state="UNAVAILABLE", state_reason="unloaded")
+    request = dict(
+        classifiers=["synth_conjunction", Classifier("synth_conjunction", "", ("interactions",))],
+        properties=[Property("style", editor="diffusion", parameters={"prompt": "snow"})],
+    )
+    with pytest.raises(PreflightError) as refused:
+        preflight(listing, **request)
+    assert refused.value.problems[0] == "model 'synth_conjunction' is UNAVAILABLE: unloaded"
+    for model in listing.models[-2:]:
+        model.loads_on_demand = True
+    assert set(preflight(listing, **request)) >= {"synth_conjunction", "diffusion"}
+    assert ModelInfo.from_proto(listing.models[-1]).loads_on_demand
+
+
 def test_a_method_the_classifier_cannot_run_is_named():
     (problem,) = problems_of(
         classifiers=[Classifier("synthetic_cnn_shortcut", methods=("propgrad", "sobol"))]

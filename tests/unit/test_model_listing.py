@@ -72,6 +72,16 @@ def test_a_served_model_names_its_failed_versions_and_their_reasons():
     assert listing[1].state_reason == ""
 
 
+def test_a_model_loaded_on_demand_says_so_loaded_or_not():
+    entries = [
+        RepositoryEntry("lazy", "", "UNAVAILABLE", "unloaded", loads_on_demand=True),
+        RepositoryEntry("loaded", "1", "READY", loads_on_demand=True),
+        RepositoryEntry("plain", "1", "READY"),
+    ]
+    listing = model_listing(entries, [None, described("loaded", "1"), described("plain", "1")])
+    assert [info.loads_on_demand for info in listing] == [True, True, False]
+
+
 def test_propscope_models_prints_the_failed_version_of_a_served_model(capsys):
     entries = [
         RepositoryEntry("model", "1", "READY"),

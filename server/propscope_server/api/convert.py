@@ -814,7 +814,12 @@ def _version_order(version: str) -> int:
 
 
 def model_info(entry: RepositoryEntry, description: ModelDescription | None) -> pb.ModelInfo:
-    info = pb.ModelInfo(name=entry.name, state=entry.state, state_reason=entry.reason)
+    info = pb.ModelInfo(
+        name=entry.name,
+        state=entry.state,
+        state_reason=entry.reason,
+        loads_on_demand=entry.loads_on_demand,
+    )
     if description is None:
         return info
     info.versions.extend(description.versions)

@@ -250,7 +250,11 @@ class TritonBackend:
         index = await self._with_retries(call, "*", "metadata", deadline)
         return [
             RepositoryEntry(
-                m["name"], m.get("version", ""), m.get("state", "UNKNOWN"), m.get("reason", "")
+                m["name"],
+                m.get("version", ""),
+                m.get("state", "UNKNOWN"),
+                m.get("reason", ""),
+                loads_on_demand=m["name"] in self._load_on_demand,
             )
             for m in index.get("models", [])
         ]
