@@ -189,7 +189,7 @@ def interactions(
     except PropscopeError as error:
         cli._call_failed(target, error, context)
     except (ValueError, TypeError) as error:
-        cli._fail(str(error))
+        cli._fail(_in_option_terms(str(error)))
     except KeyboardInterrupt:
         raise typer.Exit(cli.EXIT_INTERRUPTED) from None
     if report is not None:
@@ -203,6 +203,21 @@ def _pair_option(pair: str | None) -> tuple[str, str] | None:
     if len(names) != 2 or not all(names):
         cli._fail(f"--pair {pair!r}: give two property names separated by a comma, e.g. hue,patch")
     return names[0], names[1]
+
+
+# The SDK's refusals name its arguments; the command line's user sets them with these options.
+_SDK_ARGUMENTS = (
+    ("pair:", "--pair:"),
+    ("confidence must", "--confidence must"),
+    ("target_score must be one of ", "--target-score must be one of auto, "),
+)
+
+
+def _in_option_terms(message: str) -> str:
+    for argument, option in _SDK_ARGUMENTS:
+        if message.startswith(argument):
+            return option + message[len(argument) :]
+    return message
 
 
 def _stages(
@@ -263,6 +278,8 @@ def print_interactions(result: InteractionsResult, output_format: OutputFormat) 
                 ("low", share.low),
                 ("high", share.high),
                 ("significant", result.interaction_significant),
+                ("variance", result.variance),
+                ("mean", result.mean),
             ],
         )
         if result.second_order is not None:
@@ -283,13 +300,8 @@ def print_interactions(result: InteractionsResult, output_format: OutputFormat) 
         return
     console = stdout_console()
     level = f"{result.confidence:.0%}" if result.confidence else "95%"
-    console.print(
-        Text(
-            f"propscope interactions: {model}, {_target(result)}, N {result.design_size}, "
-            f"{level} intervals",
-            style="bold",
-        )
-    )
+    console.print(Text(f"propscope interactions: {model}", style="bold"))
+    console.print(f"{_target(result)}; N {result.design_size}; {level} intervals")
     rows = [
         [
             item.name,

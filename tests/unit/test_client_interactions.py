@@ -354,6 +354,9 @@ def test_the_table_fits_80_columns_without_a_terminal(gateway):
                               "interaction", "interval"]  # fmt: skip
     hue = next(line for line in lines if line.startswith("hue"))
     assert hue.split() == ["hue", "0.30", "0.20–0.40", "0.60", "0.50–0.70", "0.30", "0.20–0.40"]
+    # The title's details on a line of their own: never broken mid-phrase at 80 columns.
+    assert lines[0] == "propscope interactions: synth_conjunction:3"
+    assert lines[1].endswith("; N 8; 95% intervals")
     assert "interaction share 0.60 (0.50–0.70): significant" in found.stdout
     assert "second order hue × patch: 0.40 (0.30–0.50)" in found.stdout
     assert list(fake.requests[0].second_order_pair) == ["hue", "patch"]
@@ -366,7 +369,10 @@ def test_plain_and_json_carry_every_digit(gateway):
                  "--format", "plain")  # fmt: skip
     lines = plain.stdout.splitlines()
     assert lines[0].startswith("property model=synth_conjunction:3 name=hue first=0.3 ")
-    assert "share model=synth_conjunction:3 value=0.6 low=0.5 high=0.7 significant=yes" in lines
+    assert (
+        "share model=synth_conjunction:3 value=0.6 low=0.5 high=0.7 significant=yes "
+        "variance=0.04 mean=0.5" in lines
+    )  # the variance to read first (docs/interactions.md) is in the script's output too
     assert lines[-1].startswith("cost model=synth_conjunction:3 images=16 edits=20")
     found = _run(target, str(image), "-m", "synth_conjunction", "-p", HUE, "-p", PATCH, "--json")
     document = json.loads(found.stdout)
@@ -390,6 +396,9 @@ def test_report_writes_the_bars_and_the_table(gateway, tmp_path):
         (["--pair", "hue"], "--pair 'hue': give two property names"),
         (["-p", "rain=@rain/"], "rain"),
         (["-m", "synth_hue"], "'synth_hue'"),
+        (["--pair", "hue,shape"], "--pair: unknown property 'shape'; the properties: hue, patch"),
+        (["--confidence", "1"], "--confidence must be in (0, 1)"),
+        (["--target-score", "logits"], "--target-score must be one of auto, probability,"),
     ],
 )
 def test_bad_options_are_refused_in_one_line_naming_them(gateway, arguments, message):
