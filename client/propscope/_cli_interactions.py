@@ -327,9 +327,10 @@ def print_interactions(result: InteractionsResult, output_format: OutputFormat) 
         index = result.second_order.index
         console.print(f"second order {a} × {b}: {_value(index)} ({interval_text(index)})")
     console.print(
-        f"composed {' → '.join(result.composition_order)}; variance {result.variance:.3g}, "
-        f"mean {result.mean:.3g}; " + ", ".join(f"{k} {v}" for k, v in _cost_pairs(result))
+        f"composed {' → '.join(result.composition_order)}; score variance {result.variance:.3g}, "
+        f"mean {result.mean:.3g}"
     )
+    console.print("cost: " + ", ".join(f"{k} {v}" for k, v in _cost_pairs(result)))
     _warnings(result)
 
 

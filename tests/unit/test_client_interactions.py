@@ -357,6 +357,7 @@ def test_the_table_fits_80_columns_without_a_terminal(gateway):
     # The title's details on a line of their own: never broken mid-phrase at 80 columns.
     assert lines[0] == "propscope interactions: synth_conjunction:3"
     assert lines[1].endswith("; N 8; 95% intervals")
+    assert lines[-1].startswith("cost: images 16, edits 20, forward_passes ")
     assert "interaction share 0.60 (0.50–0.70): significant" in found.stdout
     assert "second order hue × patch: 0.40 (0.30–0.50)" in found.stdout
     assert list(fake.requests[0].second_order_pair) == ["hue", "patch"]
