@@ -56,6 +56,7 @@ NEGLIGIBLE_SD = 0.01
 # design size that narrows it (4x the rows halves a bootstrap interval's width).
 WIDE_INTERVAL = 0.5
 WIDER_DESIGN_FACTOR = 4
+WIDE_SHOWN = 4  # intervals the warning names
 # Mixed into the request seed so the bootstrap's stream differs from the scrambling's.
 _BOOTSTRAP_STREAM = 0x1B007
 # Resample counts are built this many values (resamples x rows) at a time.
@@ -283,7 +284,14 @@ def _negligible_warning(variance: float) -> str:
 def _wide_warning(
     wide: list[tuple[str, Interval]], design_size: int, max_design_size: int | None
 ) -> str:
-    listed = ", ".join(f"{label} [{found.low:.3g}, {found.high:.3g}]" for label, found in wide)
+    """The share's interval first (it decides significance), then the widest others."""
+    shown = sorted(
+        wide, key=lambda item: (item[0] != "interaction share", item[1].low - item[1].high)
+    )
+    listed = ", ".join(
+        f"{label} [{found.low:.3g}, {found.high:.3g}]" for label, found in shown[:WIDE_SHOWN]
+    )
+    more = f" and {len(wide) - WIDE_SHOWN} more" if len(wide) > WIDE_SHOWN else ""
     larger = design_size * WIDER_DESIGN_FACTOR
     if max_design_size is not None:
         larger = min(larger, max_design_size)
@@ -292,7 +300,7 @@ def _wide_warning(
         if larger > design_size
         else f"design_size {design_size} is the largest allowed: more scenes narrow them"
     )
-    return f"{len(wide)} interval(s) wider than {WIDE_INTERVAL:g} decide little: {listed}; {advice}"
+    return f"intervals wider than {WIDE_INTERVAL:g}: {listed}{more}; {advice}"
 
 
 def edit_schedule(rows: np.ndarray) -> list[EditStage]:
