@@ -6,6 +6,7 @@ tests/integration/test_interactions.py."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 
@@ -38,7 +39,7 @@ from propscope_server.interactions_domain import (
 )
 from propscope_server.methods import BY_NAME
 from propscope_server.methods.base import Capability
-from propscope_server.methods.interactions import Interactions, effective
+from propscope_server.methods.interactions import Composer, Interactions, effective
 from propscope_server.scoring.interactions import (
     IndicesEstimate,
     Interval,
@@ -505,3 +506,67 @@ async def test_a_provided_design_is_classified_row_by_row_without_an_editor():
     # With two properties the pair's rows are B's: composed once, classified once.
     assert composed.cache_misses == 4 * 8
     assert composed.estimate == outcome.estimate
+
+
+async def test_a_later_edits_region_keeps_the_previous_edits_output_outside():
+    # Region on the second property: outside it the row's image is the first edit's output
+    # (the edit's input), not the request's image, so the first property's effect survives.
+    backend = FakeBackend()
+    method = Interactions(backend, InMemoryArtefactCache(50_000_000), Settings())
+    region = np.zeros((SIDE, SIDE), np.float32)
+    region[:, : SIDE // 2] = 1.0
+    request_spec = spec(
+        ("add", "scale"),
+        properties=(
+            PropertySpec(name="add0", editor=EditorRef("ed", parameters={"op": "add"})),
+            PropertySpec(
+                name="scale1", editor=EditorRef("ed", parameters={"op": "scale"}), region=region
+            ),
+        ),
+    )
+    plan = await method.plan(request_spec, None)
+    images, _, _ = await Composer(
+        backend, InMemoryArtefactCache(50_000_000), Settings(), plan, lambda _: None
+    ).compose()
+    inside = region.astype(bool)[..., None]
+    for row, image in zip(plan.rows, images, strict=True):
+        first = edit("add", IMAGE, float(row[0]))
+        np.testing.assert_array_equal(image, np.where(inside, edit("scale", first, row[1]), first))
+
+
+async def test_cancelling_the_call_cancels_the_editor_calls_in_flight_and_starts_no_more():
+    class Blocking(FakeBackend):
+        """The second editor's calls never finish until cancelled."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.started = asyncio.Event()
+            self.cancelled = 0
+
+        async def edit(self, editor, image, strengths, parameters, seeds, deadline, progress=None):
+            if json.loads(parameters)["op"] != "scale":
+                return await super().edit(editor, image, strengths, parameters, seeds, deadline)
+            self.edit_calls.append(("scale", [float(s) for s in strengths]))
+            self.started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+
+    backend = Blocking()
+    method = Interactions(backend, InMemoryArtefactCache(50_000_000), Settings())
+    call = asyncio.create_task(events_of(method, spec(("add", "scale"))))
+    await backend.started.wait()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    started = len(backend.edit_calls)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    for _ in range(5):
+        await asyncio.sleep(0)
+    scale_calls = sum(1 for op, _ in backend.edit_calls if op == "scale")
+    assert len(backend.edit_calls) == started
+    assert backend.cancelled == scale_calls == Settings().interaction_concurrency
+    assert backend.classified == 1  # the planning pass only: no row was classified
