@@ -393,3 +393,14 @@ def test_wide_intervals_are_named_with_a_design_size_that_narrows_them():
     # Narrow intervals (N 1024 on a smooth product) warn about nothing.
     _, narrow = _estimate(lambda x: x[:, 0] * x[:, 1])
     assert narrow.warnings == ()
+
+
+def test_a_resample_draws_the_same_rows_in_every_block():
+    # Property 2 is inert: f_C2 equals f_A row by row, so a resample that keeps rows joint
+    # across A, B and C gives exactly 0 for its first and total order; resampling the
+    # blocks independently would not.
+    design = interaction_design(2, 16, 5, None)
+    estimate = estimate_indices(design, design.rows[:, 0].astype(np.float64) ** 2, 500, 0.95, 2)
+    assert (estimate.first[1].value, estimate.first[1].low, estimate.first[1].high) == (0, 0, 0)
+    assert (estimate.total[1].value, estimate.total[1].low, estimate.total[1].high) == (0, 0, 0)
+    assert estimate.total[0].low > 0.3
