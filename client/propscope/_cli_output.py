@@ -89,6 +89,7 @@ _CLI_TERMS = (
     ("pass model.preprocessing", "pass --mean, --std, --output-kind or --resize"),
     ("reference_images or choose baseline zero", "--reference images or choose --baseline zero"),
     ("lower min_probability_change", "lower --min-probability-change"),
+    ("a design_size of", "a --design-size of"),
     (
         "steps, a smaller nodes_per_layer (pre-screens wide layers) or max_edges",
         "--steps, a smaller --nodes-per-layer (pre-screens wide layers) or --max-edges",

@@ -17,6 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from propscope import AsyncClient, Client, InteractionsResult, Property, PropscopeError
+from propscope._cli_output import in_cli_terms
 from propscope._interactions import InteractionDesign, build_interactions_request, render_design
 from propscope.cli import app
 from propscope.v1 import (
@@ -407,3 +408,8 @@ def test_bad_options_are_refused_in_one_line_naming_them(gateway, arguments, mes
     found = _run(target, str(image), "-m", "synth_conjunction", "-p", HUE, "-p", PATCH, *arguments)
     assert found.exit_code == 2 and message in found.stderr
     assert not fake.requests
+
+
+def test_the_cli_spells_the_wide_interval_warnings_design_size_as_its_option():
+    warning = "intervals wider than 0.5: ...; a design_size of 128 (now 32) narrows them"
+    assert in_cli_terms(warning).endswith("; a --design-size of 128 (now 32) narrows them")
