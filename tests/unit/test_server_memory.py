@@ -47,7 +47,7 @@ from propscope_server.cache.artefacts import encode_array
 from propscope_server.config import Limits, PreprocessingConfig, Settings
 from propscope_server.domain import AttributionOutcome, PropertyOutcome
 from propscope_server.editor_contract import IMAGE_INPUT, PATH_OUTPUT, EditorSchema
-from propscope_server.errors import NotFound, ResourceExhausted, Unavailable
+from propscope_server.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from propscope_server.inference import ModelDescription, Tensor
 from propscope_server.methods.attribution import Attribution
 from propscope_server.methods.evaluation import Evaluation
@@ -623,3 +623,33 @@ def test_the_k8s_memory_limit_holds_the_budget_and_the_largest_request():
         f"({side}x{side}, {largest.steps} steps) {estimate / MIB:.0f} MiB"
     )
     assert estimate <= budget
+
+
+async def test_an_interactions_request_over_the_whole_budget_is_told_the_design_size_that_fits():
+    """The refusal names the largest design_size whose estimate fits (field design_size), or
+    the image when none does; never explain's steps and samples."""
+    settings = Settings(limits=Limits(max_path_pixels=1 << 40, max_edits=1 << 30))
+    request = interactions(512)
+    request.design_size = 64
+    smaller = ipb.InteractionsRequest()
+    smaller.CopyFrom(request)
+    smaller.design_size = 16
+    budget = estimate_bytes(smaller, settings, FIXED)
+    assert estimate_bytes(request, settings, FIXED) > budget  # 32 does not fit either
+    admission = MemoryAdmission(MemoryBudget(budget), settings, FakeTriton(FIXED))
+    with ExitStack() as held, pytest.raises(ResourceExhausted) as refused:
+        await admission.receive(Received(request), None, held)
+    assert "send a design_size of 16 or less" in str(refused.value)
+    assert "steps" not in str(refused.value) and refused.value.field == "design_size"
+    request.design_size = 4
+    tiny = MemoryAdmission(MemoryBudget(4 * MIB), settings, FakeTriton(FIXED))
+    with ExitStack() as held, pytest.raises(ResourceExhausted) as refused:
+        await tiny.receive(Received(request), None, held)
+    assert refused.value.field == "image" and "smaller image" in str(refused.value)
+    # Over the request limits too (max_path_pixels): their refusal, which names the image
+    # size to send, comes first rather than a design_size the limits would refuse next.
+    request = interactions(2048)
+    over = MemoryAdmission(MemoryBudget(64 * MIB), Settings(), FakeTriton(FIXED))
+    with ExitStack() as held, pytest.raises(InvalidArgument) as refused:
+        await over.receive(Received(request), None, held)
+    assert refused.value.field == "image" and "send a smaller image (about" in str(refused.value)

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from google.protobuf.message import Message
 
@@ -33,6 +34,7 @@ from propscope_server.api.convert import (
     classifier_ref,
     resolve_max_steps,
 )
+from propscope_server.api.convert_interactions import check_budgets
 from propscope_server.api.parsing import PendingRequest
 from propscope_server.backends.preprocessing import input_layout
 from propscope_server.config import Limits, Settings
@@ -45,6 +47,7 @@ from propscope_server.errors import (
     Unavailable,
 )
 from propscope_server.inference import Inference, ModelDescription
+from propscope_server.interactions_domain import MIN_DESIGN_SIZE
 from propscope_server.methods.attribution import PERTURBATION_BATCH_PIXELS, RISE_BLOCK
 from propscope_server.orchestration.explain import AUTOMATIC_REGIONS
 from propscope_server.regions import UnreadableImage, caller_image
@@ -489,6 +492,56 @@ def _evaluate(
     return held + metric
 
 
+class Lower(NamedTuple):
+    """What a refusal over the whole budget says the estimate came from and what to lower."""
+
+    basis: str
+    advice: str
+    field: str | None = None
+
+
+PATH_LOWER = Lower(
+    "its declared image size, path images, samples, steps and properties",
+    "send a smaller image or fewer steps, samples, properties or returned path images",
+)
+
+
+def what_to_lower(
+    request: Request, settings: Settings, classifier: ModelDescription | None, budget_bytes: int
+) -> Lower:
+    """For interactions, the largest design_size that fits both the budget and the request
+    limits (field design_size), or the limits' own refusal when even the requested size
+    breaks them (it names the image size to send); the generic advice for other methods."""
+    if not isinstance(request, ipb.InteractionsRequest):
+        return PATH_LOWER
+    limits = settings.limits
+    with caller_image(request.image) as image:  # readable: the estimate declared its pixels
+        width, height = image.size
+    names = [p.name for p in request.properties]
+    wanted = list(request.second_order_pair)
+    pair = None
+    if len(wanted) == 2 and wanted[0] != wanted[1] and all(n in names for n in wanted):
+        first, second = sorted(names.index(name) for name in wanted)
+        pair = first, second
+    count = max(len(request.properties), 2)
+    composed = not request.HasField("provided_design")
+    size = min(request.design_size or DEFAULT_DESIGN_SIZE, limits.max_interaction_design_size)
+    check_budgets(count, size, request.seed, pair, limits, (height, width), composed)
+    basis = "its declared image size, design size and properties"
+    trial = ipb.InteractionsRequest()
+    trial.CopyFrom(request)
+    while size > MIN_DESIGN_SIZE:
+        size //= 2
+        trial.design_size = size
+        if estimate_bytes(trial, settings, classifier) <= budget_bytes:
+            return Lower(
+                basis,
+                f"send a design_size of {size} or less, a smaller image or fewer properties",
+                "design_size",
+            )
+    return Lower(basis, "send a smaller image (fewer pixels) or fewer properties", "image")
+
+
 class MemoryBudget:
     """The gateway's memory for requests: a request is admitted when its estimate fits
     beside those running, and refused at once otherwise (never queued: a queue would
@@ -504,7 +557,9 @@ class MemoryBudget:
         return self._reserved
 
     @contextmanager
-    def reserve(self, nbytes: int, need: str = "this request needs about") -> Iterator[None]:
+    def reserve(
+        self, nbytes: int, need: str = "this request needs about", lower: Lower = PATH_LOWER
+    ) -> Iterator[None]:
         """Holds `nbytes` of the budget for the block. A request larger than the whole
         budget can never run here: refused with what to lower; one that does not fit
         beside the others is told to retry."""
@@ -512,10 +567,9 @@ class MemoryBudget:
             metrics.ADMISSION_REJECTIONS.labels(limit="memory_budget_bytes").inc()
             raise ResourceExhausted(
                 f"this request needs about {_mib(nbytes)} of gateway memory (estimated from "
-                f"its declared image size, path images, samples, steps and properties), "
-                f"more than the gateway's whole memory_budget_bytes of "
-                f"{_mib(self.budget_bytes)}: it can never run here; send a smaller image "
-                "or fewer steps, samples, properties or returned path images"
+                f"{lower.basis}), more than the gateway's whole memory_budget_bytes of "
+                f"{_mib(self.budget_bytes)}: it can never run here; {lower.advice}",
+                field=lower.field,
             )
         if self._reserved + nbytes > self.budget_bytes:
             metrics.ADMISSION_REJECTIONS.labels(limit="memory_budget_bytes").inc()
@@ -563,10 +617,24 @@ class MemoryAdmission:
         reservation is let go only once the estimate's is held."""
         with self.receiving():
             request = await pending.read()
-            held.enter_context(self.budget.reserve(await self.estimate(request, deadline)))
+            classifier = await self._classifier(request, deadline)
+            nbytes = estimate_bytes(request, self._settings, classifier)
+            logger.debug("memory estimate %d bytes", nbytes)
+            lower = PATH_LOWER
+            if nbytes > self.budget.budget_bytes:
+                lower = what_to_lower(request, self._settings, classifier, self.budget.budget_bytes)
+            held.enter_context(self.budget.reserve(nbytes, lower=lower))
         return request
 
     async def estimate(self, request: Request, deadline: float | None) -> int:
+        nbytes = estimate_bytes(request, self._settings, await self._classifier(request, deadline))
+        logger.debug("memory estimate %d bytes", nbytes)
+        return nbytes
+
+    async def _classifier(
+        self, request: Request, deadline: float | None
+    ) -> ModelDescription | None:
+        """The first model's description (None: estimate the costliest input)."""
         classifier = None
         first = _first_model(request)
         if first.name:
@@ -577,9 +645,7 @@ class MemoryAdmission:
                 raise  # the plan would wait for the same answer again
             except PropscopeError:  # the plan reports it in its turn; estimate the worst
                 classifier = None
-        nbytes = estimate_bytes(request, self._settings, classifier)
-        logger.debug("memory estimate %d bytes", nbytes)
-        return nbytes
+        return classifier
 
 
 def _first_model(request: Request) -> pb.ModelRef:
