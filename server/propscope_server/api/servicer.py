@@ -26,9 +26,7 @@ from propscope.v1 import (
 )
 from propscope.v1 import concepts_pb2 as cpb
 from propscope.v1 import explain_pb2 as pb
-from propscope.v1 import graph_pb2 as gpb
 from propscope.v1 import interactions_pb2 as ipb
-from propscope.v1 import visualization_pb2 as vpb
 from propscope_server import logs, metrics
 from propscope_server.api import (
     convert,
@@ -46,20 +44,16 @@ from propscope_server.api.parsing import PendingRequest
 from propscope_server.api.rpc_metrics import GO_CODE_NAMES, cancelled_code
 from propscope_server.api.status import status_code
 from propscope_server.config import Limits
-from propscope_server.consistency_domain import ConsistencySpec
 from propscope_server.domain import (
     AttributeSpec,
     AttributionOutcome,
-    EvaluateSpec,
     Event,
     ExplainSpec,
     PropertyOutcome,
     method_name,
 )
 from propscope_server.errors import DeadlineExceeded, PropscopeError, ResourceExhausted
-from propscope_server.graph_domain import GraphEvent, GraphSpec
 from propscope_server.inference import Inference, ModelDescription, RepositoryEntry
-from propscope_server.interactions_domain import InteractionsSpec
 from propscope_server.methods.attribution import Attribution
 from propscope_server.methods.base import ExplanationMethod
 from propscope_server.methods.craft import Craft
@@ -67,7 +61,6 @@ from propscope_server.methods.evaluation import Evaluation
 from propscope_server.orchestration.explain import Explainer
 from propscope_server.orchestration.runner import run_method
 from propscope_server.threads import in_thread
-from propscope_server.visualization_domain import VisualizeEvent, VisualizeSpec
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +135,37 @@ class MethodStreams:
                         async with aclosing(events) as events:
                             async for event in events:
                                 await self._write(context, await to_message(spec, event))
+
+    async def stream_events(
+        self,
+        rpc: str,
+        context: grpc.aio.ServicerContext,
+        pending: PendingRequest,
+        to_spec: Callable[[Any, Limits, str], Any],
+        method: ExplanationMethod,
+        name: str,
+        event_message: Callable[[str, Any], Any],
+        *,
+        off_loop: bool = False,
+    ) -> None:
+        """`stream` for a method run under one name whose events each convert to one
+        message by `event_message(request_id, event)`; off_loop encodes them in a thread
+        (large maps or images would hold the event loop)."""
+
+        async def to_message(spec: Any, event: object) -> Any:
+            if off_loop:
+                return await in_thread(event_message, spec.request_id, event)
+            return event_message(spec.request_id, event)
+
+        await self.stream(
+            rpc,
+            context,
+            pending,
+            self.spec_with_limits(to_spec),
+            method,
+            lambda _: name,
+            to_message,
+        )
 
     @asynccontextmanager
     async def _capped(self, remaining: float | None) -> AsyncIterator[None]:
@@ -310,17 +334,14 @@ class AttributionServicer(attribution_pb2_grpc.AttributionServiceServicer):
     async def EvaluateAttribution(  # noqa: N802 - gRPC method name
         self, request: PendingRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        async def to_message(spec: EvaluateSpec, event: object) -> apb.EvaluateAttributionEvent:
-            return convert_attribution.evaluate_event(spec.request_id, event)
-
-        await self._streams.stream(
+        await self._streams.stream_events(
             "EvaluateAttribution",
             context,
             request,
-            self._streams.spec_with_limits(convert_attribution.evaluate_spec),
+            convert_attribution.evaluate_spec,
             self._evaluation,
-            lambda _: "evaluation",
-            to_message,
+            "evaluation",
+            convert_attribution.evaluate_event,
         )
 
 
@@ -335,17 +356,14 @@ class CausalGraphServicer(graph_pb2_grpc.CausalGraphServiceServicer):
     async def BuildGraph(  # noqa: N802 - gRPC method name
         self, request: PendingRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        async def to_message(spec: GraphSpec, event: GraphEvent) -> gpb.BuildGraphEvent:
-            return convert_graph.graph_event(spec.request_id, event)
-
-        await self._streams.stream(
+        await self._streams.stream_events(
             "BuildGraph",
             context,
             request,
-            self._streams.spec_with_limits(convert_graph.graph_spec),
+            convert_graph.graph_spec,
             self._graph,
-            lambda _: "causal_graph",
-            to_message,
+            "causal_graph",
+            convert_graph.graph_event,
         )
 
 
@@ -359,17 +377,14 @@ class ConsistencyServicer(consistency_pb2_grpc.ConsistencyServiceServicer):
     async def EvaluateConsistency(  # noqa: N802 - gRPC method name
         self, request: PendingRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        async def to_message(spec: ConsistencySpec, event: object) -> Any:
-            return convert_consistency.consistency_event(spec.request_id, event)
-
-        await self._streams.stream(
+        await self._streams.stream_events(
             "EvaluateConsistency",
             context,
             request,
-            self._streams.spec_with_limits(convert_consistency.consistency_spec),
+            convert_consistency.consistency_spec,
             self._consistency,
-            lambda _: "consistency",
-            to_message,
+            "consistency",
+            convert_consistency.consistency_event,
         )
 
 
@@ -389,17 +404,15 @@ class ConceptServicer(concepts_pb2_grpc.ConceptServiceServicer):
         to_spec: Any,
         kind: type[cpb.FitConceptsEvent | cpb.DecomposeConceptEvent],
     ) -> None:
-        async def to_message(spec: Any, event: object) -> Any:
-            return await in_thread(convert_concepts.fit_event, spec.request_id, event, kind)
-
-        await self._streams.stream(
+        await self._streams.stream_events(
             rpc,
             context,
             request,
-            self._streams.spec_with_limits(to_spec),
+            to_spec,
             self._craft,
-            lambda _: "craft",
-            to_message,
+            "craft",
+            lambda request_id, event: convert_concepts.fit_event(request_id, event, kind),
+            off_loop=True,
         )
 
     async def FitConcepts(  # noqa: N802 - gRPC method name
@@ -452,18 +465,15 @@ class VisualizationServicer(visualization_pb2_grpc.VisualizationServiceServicer)
     async def Visualize(  # noqa: N802 - gRPC method name
         self, request: PendingRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        async def to_message(spec: VisualizeSpec, event: VisualizeEvent) -> vpb.VisualizeEvent:
-            # The done event's PNGs are encoded off the loop.
-            return await in_thread(convert_visualization.visualize_event, spec.request_id, event)
-
-        await self._streams.stream(
+        await self._streams.stream_events(
             "Visualize",
             context,
             request,
-            self._streams.spec_with_limits(convert_visualization.visualize_spec),
+            convert_visualization.visualize_spec,
             self._maco,
-            lambda _: "maco",
-            to_message,
+            "maco",
+            convert_visualization.visualize_event,
+            off_loop=True,  # the done event's PNGs
         )
 
 
@@ -478,17 +488,14 @@ class InteractionServicer(interactions_pb2_grpc.InteractionServiceServicer):
     async def Interactions(  # noqa: N802 - gRPC method name
         self, request: PendingRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        async def to_message(spec: InteractionsSpec, event: object) -> ipb.InteractionsEvent:
-            return convert_interactions.interactions_event(spec.request_id, event)
-
-        await self._streams.stream(
+        await self._streams.stream_events(
             "Interactions",
             context,
             request,
-            self._streams.spec_with_limits(convert_interactions.interactions_spec),
+            convert_interactions.interactions_spec,
             self._interactions,
-            lambda _: "interactions",
-            to_message,
+            "interactions",
+            convert_interactions.interactions_event,
         )
 
     async def InteractionDesign(  # noqa: N802 - gRPC method name
