@@ -384,18 +384,12 @@ export function createClient(target: string, options: ClientOptions = {}): Props
       let requestId = request.requestId ?? "";
       let accepted: AttributeAccepted | undefined;
       let result: AttributionResult__Output | undefined;
-      try {
-        for await (const message of call) {
-          requestId = message.requestId || requestId;
-          if (message.accepted) accepted = message.accepted;
-          if (message.progress) onProgress?.(message.progress);
-          if (message.result) result = message.result;
-        }
-      } catch (error) {
-        throw asPropscopeError(error);
-      } finally {
-        call.cancel();
-      }
+      await readStream(call, (message) => {
+        requestId = message.requestId || requestId;
+        if (message.accepted) accepted = message.accepted;
+        if (message.progress) onProgress?.(message.progress);
+        if (message.result) result = message.result;
+      });
       if (!accepted || !result) throw incomplete("Attribute", "the plan and the map");
       try {
         return attributionFrom(requestId, accepted, result);
@@ -409,21 +403,15 @@ export function createClient(target: string, options: ClientOptions = {}): Props
       let requestId = request.requestId ?? "";
       let accepted: EvaluationAccepted | undefined;
       const results: MetricResult[] = [];
-      try {
-        for await (const message of call) {
-          requestId = message.requestId || requestId;
-          if (message.accepted) accepted = message.accepted;
-          if (message.progress) onProgress?.(message.progress);
-          if (message.metric) {
-            results.push(message.metric);
-            onMetric?.(message.metric);
-          }
+      await readStream(call, (message) => {
+        requestId = message.requestId || requestId;
+        if (message.accepted) accepted = message.accepted;
+        if (message.progress) onProgress?.(message.progress);
+        if (message.metric) {
+          results.push(message.metric);
+          onMetric?.(message.metric);
         }
-      } catch (error) {
-        throw asPropscopeError(error);
-      } finally {
-        call.cancel();
-      }
+      });
       if (!accepted) throw incomplete("EvaluateAttribution", "the plan");
       const missing = accepted.metrics.filter((name) => !results.some((r) => r.metric === name));
       if (missing.length) {
@@ -441,28 +429,22 @@ export function createClient(target: string, options: ClientOptions = {}): Props
       let repair: GraphRepair | null = null;
       const nodes: GraphNode[] = [];
       const edges: GraphEdge[] = [];
-      try {
-        for await (const message of call) {
-          requestId = message.requestId || requestId;
-          if (message.accepted) accepted = message.accepted;
-          if (message.progress) onProgress?.(message.progress);
-          if (message.node) {
-            nodes.push(message.node);
-            onItem?.({ node: message.node });
-          }
-          if (message.edge) {
-            edges.push(message.edge);
-            onItem?.({ edge: message.edge });
-          }
-          if (message.taskGraph) taskGraph = message.taskGraph;
-          if (message.repair) repair = message.repair;
-          if (message.done) done = message.done;
+      await readStream(call, (message) => {
+        requestId = message.requestId || requestId;
+        if (message.accepted) accepted = message.accepted;
+        if (message.progress) onProgress?.(message.progress);
+        if (message.node) {
+          nodes.push(message.node);
+          onItem?.({ node: message.node });
         }
-      } catch (error) {
-        throw asPropscopeError(error);
-      } finally {
-        call.cancel();
-      }
+        if (message.edge) {
+          edges.push(message.edge);
+          onItem?.({ edge: message.edge });
+        }
+        if (message.taskGraph) taskGraph = message.taskGraph;
+        if (message.repair) repair = message.repair;
+        if (message.done) done = message.done;
+      });
       if (!accepted || !done) {
         throw incomplete("BuildGraph", "the plan and its end (GraphAccepted and GraphDone)");
       }
@@ -501,18 +483,12 @@ export function createClient(target: string, options: ClientOptions = {}): Props
       let requestId = request.requestId ?? "";
       let accepted: InteractionsAccepted__Output | undefined;
       let result: InteractionsResult__Output | undefined;
-      try {
-        for await (const message of call) {
-          requestId = message.requestId || requestId;
-          if (message.accepted) accepted = message.accepted;
-          if (message.progress) onProgress?.(message.progress);
-          if (message.result) result = message.result;
-        }
-      } catch (error) {
-        throw asPropscopeError(error);
-      } finally {
-        call.cancel();
-      }
+      await readStream(call, (message) => {
+        requestId = message.requestId || requestId;
+        if (message.accepted) accepted = message.accepted;
+        if (message.progress) onProgress?.(message.progress);
+        if (message.result) result = message.result;
+      });
       if (!accepted || !result) {
         throw incomplete("Interactions", "the plan and the result");
       }
@@ -573,6 +549,21 @@ function services(): Services {
     };
   }
   return loadedServices;
+}
+
+/** Reads a server stream to its end, each message to `onMessage`: a gRPC error becomes a
+ * PropscopeError, and the call is cancelled however the reading ends. */
+async function readStream<M>(
+  call: AsyncIterable<M> & { cancel(): void },
+  onMessage: (message: M) => void,
+): Promise<void> {
+  try {
+    for await (const message of call) onMessage(message);
+  } catch (error) {
+    throw asPropscopeError(error);
+  } finally {
+    call.cancel();
+  }
 }
 
 /** A stream that ended OK without what the contract promises: a server fault. */

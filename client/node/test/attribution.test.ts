@@ -5,17 +5,14 @@
  */
 
 import assert from "node:assert/strict";
-import path from "node:path";
 import { after, before, test } from "node:test";
 
 import * as grpc from "@grpc/grpc-js";
-import * as protoLoader from "@grpc/proto-loader";
 import { getProtoPath, loadSync } from "google-proto-files";
 
 import {
   buildAttributeRequest,
   buildEvaluateAttributionRequest,
-  createClient,
   PropscopeError,
   type AttributeOptions,
   type AttributeProgress,
@@ -27,8 +24,8 @@ import type { AttributeRequest__Output } from "../src/generated/propscope/v1/Att
 import type { EvaluateAttributionEvent } from "../src/generated/propscope/v1/EvaluateAttributionEvent";
 import type { EvaluateAttributionRequest__Output } from "../src/generated/propscope/v1/EvaluateAttributionRequest";
 
-// dist/test/ -> the package root -> the repository's protos/.
-const PROTO_DIR = path.resolve(__dirname, "..", "..", "..", "..", "protos");
+import { type FakeService, serveFake } from "./fake-service";
+
 const HEIGHT = 2;
 const WIDTH = 3;
 /** Row r, column c holds r + c / 100: swapped rows and columns cannot pass. */
@@ -181,36 +178,22 @@ function evaluate(
   call.end();
 }
 
-let server: grpc.Server;
+let fake: FakeService;
 let client: PropscopeClient;
 
 before(async () => {
-  const definition = protoLoader.loadSync("propscope/v1/attribution.proto", {
-    keepCase: false,
-    longs: String,
-    enums: String,
-    defaults: true,
-    oneofs: true,
-    includeDirs: [PROTO_DIR, path.dirname(getProtoPath())],
-  });
-  const proto = grpc.loadPackageDefinition(definition) as unknown as ProtoGrpcType;
-  server = new grpc.Server();
-  server.addService(proto.propscope.v1.AttributionService.service, {
+  fake = await serveFake<ProtoGrpcType>(
+    "propscope/v1/attribution.proto",
+    (proto) => proto.propscope.v1.AttributionService,
+    {
     Attribute: attribute,
     EvaluateAttribution: evaluate,
-  });
-  const port = await new Promise<number>((resolve, reject) =>
-    server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, bound) =>
-      error ? reject(error) : resolve(bound),
-    ),
+  },
   );
-  client = createClient(`127.0.0.1:${port}`);
+  client = fake.client;
 });
 
-after(() => {
-  client.close();
-  server.forceShutdown();
-});
+after(() => fake.close());
 
 test("attribute sends the options and returns the map as row-major float32", async () => {
   const progress: AttributeProgress[] = [];

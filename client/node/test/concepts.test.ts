@@ -5,27 +5,24 @@
  */
 
 import assert from "node:assert/strict";
-import path from "node:path";
 import { after, before, test } from "node:test";
 
 import * as grpc from "@grpc/grpc-js";
-import * as protoLoader from "@grpc/proto-loader";
-import { getProtoPath } from "google-proto-files";
 
-import { buildFitConceptsRequest, createClient, PropscopeError, type PropscopeClient } from "../src";
+import { buildFitConceptsRequest, PropscopeError, type PropscopeClient } from "../src";
 import type { ProtoGrpcType } from "../src/generated/concepts";
 import type { ConceptMapsRequest__Output } from "../src/generated/propscope/v1/ConceptMapsRequest";
 import type { FitConceptsEvent } from "../src/generated/propscope/v1/FitConceptsEvent";
 import type { FitConceptsRequest__Output } from "../src/generated/propscope/v1/FitConceptsRequest";
 import type { GetConceptBankRequest__Output } from "../src/generated/propscope/v1/GetConceptBankRequest";
 
-// dist/test/ -> the package root -> the repository's protos/.
-const PROTO_DIR = path.resolve(__dirname, "..", "..", "..", "..", "protos");
+import { type FakeService, serveFake } from "./fake-service";
+
 const IMAGE = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 1, 2, 3]);
 const BANK_ID = `cb_${"a".repeat(32)}`;
 
 const received: FitConceptsRequest__Output[] = [];
-let server: grpc.Server;
+let fake: FakeService;
 let client: PropscopeClient;
 
 const BANK = {
@@ -59,17 +56,10 @@ function fitConcepts(
 }
 
 before(async () => {
-  const definition = protoLoader.loadSync("propscope/v1/concepts.proto", {
-    keepCase: false,
-    longs: String,
-    enums: String,
-    defaults: true,
-    oneofs: true,
-    includeDirs: [PROTO_DIR, path.dirname(getProtoPath())],
-  });
-  const proto = grpc.loadPackageDefinition(definition) as unknown as ProtoGrpcType;
-  server = new grpc.Server();
-  server.addService(proto.propscope.v1.ConceptService.service, {
+  fake = await serveFake<ProtoGrpcType>(
+    "propscope/v1/concepts.proto",
+    (proto) => proto.propscope.v1.ConceptService,
+    {
     FitConcepts: fitConcepts,
     DecomposeConcept: fitConcepts,
     GetConceptBank: (
@@ -89,19 +79,12 @@ before(async () => {
         width: 2,
         maps: [{ concept: 1, values: [0, 1, 2, 3], grid: [3] }],
       }),
-  });
-  const port = await new Promise<number>((resolve, reject) =>
-    server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, bound) =>
-      error ? reject(error) : resolve(bound),
-    ),
+  },
   );
-  client = createClient(`127.0.0.1:${port}`);
+  client = fake.client;
 });
 
-after(() => {
-  client.close();
-  server.forceShutdown();
-});
+after(() => fake.close());
 
 test("fitConcepts sends the options and gathers the plan and the bank", async () => {
   const progress: number[] = [];

@@ -5,25 +5,22 @@
  */
 
 import assert from "node:assert/strict";
-import path from "node:path";
 import { after, before, test } from "node:test";
 
 import * as grpc from "@grpc/grpc-js";
-import * as protoLoader from "@grpc/proto-loader";
-import { getProtoPath } from "google-proto-files";
 
-import { buildGraphRequest, createClient, PropscopeError, type PropscopeClient } from "../src";
+import { buildGraphRequest, PropscopeError, type PropscopeClient } from "../src";
 import type { ProtoGrpcType } from "../src/generated/graph";
 import type { BuildGraphEvent } from "../src/generated/propscope/v1/BuildGraphEvent";
 import type { BuildGraphRequest__Output } from "../src/generated/propscope/v1/BuildGraphRequest";
 
-// dist/test/ -> the package root -> the repository's protos/.
-const PROTO_DIR = path.resolve(__dirname, "..", "..", "..", "..", "protos");
+import { type FakeService, serveFake } from "./fake-service";
+
 // PNG's signature: sent as it is, never decoded (by the client or the fake).
 const IMAGE = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 1, 2, 3]);
 
 const received: BuildGraphRequest__Output[] = [];
-let server: grpc.Server;
+let fake: FakeService;
 let client: PropscopeClient;
 
 function buildGraph(call: grpc.ServerWritableStream<BuildGraphRequest__Output, BuildGraphEvent>) {
@@ -98,29 +95,15 @@ function buildGraph(call: grpc.ServerWritableStream<BuildGraphRequest__Output, B
 }
 
 before(async () => {
-  const definition = protoLoader.loadSync("propscope/v1/graph.proto", {
-    keepCase: false,
-    longs: String,
-    enums: String,
-    defaults: true,
-    oneofs: true,
-    includeDirs: [PROTO_DIR, path.dirname(getProtoPath())],
-  });
-  const proto = grpc.loadPackageDefinition(definition) as unknown as ProtoGrpcType;
-  server = new grpc.Server();
-  server.addService(proto.propscope.v1.CausalGraphService.service, { BuildGraph: buildGraph });
-  const port = await new Promise<number>((resolve, reject) =>
-    server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, bound) =>
-      error ? reject(error) : resolve(bound),
-    ),
+  fake = await serveFake<ProtoGrpcType>(
+    "propscope/v1/graph.proto",
+    (proto) => proto.propscope.v1.CausalGraphService,
+    { BuildGraph: buildGraph },
   );
-  client = createClient(`127.0.0.1:${port}`);
+  client = fake.client;
 });
 
-after(() => {
-  client.close();
-  server.forceShutdown();
-});
+after(() => fake.close());
 
 test("graph sends the options and gathers nodes, edges, task graph and repair", async () => {
   const progress: number[] = [];

@@ -6,17 +6,13 @@
  */
 
 import assert from "node:assert/strict";
-import path from "node:path";
 import { after, before, test } from "node:test";
 
 import * as grpc from "@grpc/grpc-js";
-import * as protoLoader from "@grpc/proto-loader";
-import { getProtoPath } from "google-proto-files";
 
 import {
   buildInteractionDesignRequest,
   buildInteractionsRequest,
-  createClient,
   type PropscopeClient,
 } from "../src";
 import type { ProtoGrpcType } from "../src/generated/interactions";
@@ -24,13 +20,13 @@ import type { InteractionDesignRequest__Output } from "../src/generated/propscop
 import type { InteractionsEvent } from "../src/generated/propscope/v1/InteractionsEvent";
 import type { InteractionsRequest__Output } from "../src/generated/propscope/v1/InteractionsRequest";
 
-// dist/test/ -> the package root -> the repository's protos/.
-const PROTO_DIR = path.resolve(__dirname, "..", "..", "..", "..", "protos");
+import { type FakeService, serveFake } from "./fake-service";
+
 // PNG's signature: sent as it is, never decoded (by the client or the fake).
 const IMAGE = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 1, 2, 3]);
 
 const received: InteractionsRequest__Output[] = [];
-let server: grpc.Server;
+let fake: FakeService;
 let client: PropscopeClient;
 
 function estimate(value: number) {
@@ -78,32 +74,18 @@ function interactionDesign(
 }
 
 before(async () => {
-  const definition = protoLoader.loadSync("propscope/v1/interactions.proto", {
-    keepCase: false,
-    longs: String,
-    enums: String,
-    defaults: true,
-    oneofs: true,
-    includeDirs: [PROTO_DIR, path.dirname(getProtoPath())],
-  });
-  const proto = grpc.loadPackageDefinition(definition) as unknown as ProtoGrpcType;
-  server = new grpc.Server();
-  server.addService(proto.propscope.v1.InteractionService.service, {
+  fake = await serveFake<ProtoGrpcType>(
+    "propscope/v1/interactions.proto",
+    (proto) => proto.propscope.v1.InteractionService,
+    {
     Interactions: interactions,
     InteractionDesign: interactionDesign,
-  });
-  const port = await new Promise<number>((resolve, reject) =>
-    server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, bound) =>
-      error ? reject(error) : resolve(bound),
-    ),
+  },
   );
-  client = createClient(`127.0.0.1:${port}`);
+  client = fake.client;
 });
 
-after(() => {
-  client.close();
-  server.forceShutdown();
-});
+after(() => fake.close());
 
 test("interactions sends the properties in order and gathers the result", async () => {
   const stages: string[] = [];
