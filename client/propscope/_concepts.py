@@ -5,7 +5,6 @@ themselves (``ConceptCalls``, which ``Client`` and ``AsyncClient`` inherit). doc
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -15,7 +14,7 @@ import numpy as np
 
 from propscope._errors import PropscopeError
 from propscope._images import ImageLike, encode_image
-from propscope._json import dataclass_dict
+from propscope._json import JsonRecord, dataclass_dict
 from propscope._preprocessing import Preprocessing
 from propscope._requests import Metadata, build_model_ref
 from propscope.v1 import concepts_pb2, concepts_pb2_grpc, explain_pb2
@@ -34,16 +33,6 @@ BankT = TypeVar("BankT")
 MapsT = TypeVar("MapsT")
 
 
-class _Record:
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready copy (PNG bytes as their length: ``to_files`` writes them)."""
-        return dataclass_dict(self)
-
-    def to_json(self, indent: int | None = None) -> str:
-        """Strict JSON (non-finite numbers as null)."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-
-
 @dataclass(frozen=True)
 class ConceptsProgress:
     request_id: str
@@ -52,7 +41,7 @@ class ConceptsProgress:
 
 
 @dataclass(frozen=True)
-class ConceptCrop(_Record):
+class ConceptCrop(JsonRecord):
     """One of a concept's top crops: the image's index, its box, its coefficient, its PNG."""
 
     image: int
@@ -70,7 +59,7 @@ class ConceptCrop(_Record):
 
 
 @dataclass(frozen=True)
-class Concept(_Record):
+class Concept(JsonRecord):
     index: int  # its row of the bank's basis W
     sobol_total_importance: float
     logit_contribution: float
@@ -80,7 +69,7 @@ class Concept(_Record):
 
 
 @dataclass(frozen=True)
-class ConceptBank(_Record):
+class ConceptBank(JsonRecord):
     """A fitted bank: its concepts ranked by Sobol importance, most important first."""
 
     bank_id: str
@@ -180,7 +169,7 @@ class ConceptBank(_Record):
 
 
 @dataclass(frozen=True)
-class ConceptMap(_Record):
+class ConceptMap(JsonRecord):
     concept: int
     values: np.ndarray  # [height, width]: the concept's coefficient, resized to the image
     grid: np.ndarray  # [grid_height, grid_width]: at the layer's positions
@@ -194,7 +183,7 @@ class ConceptMap(_Record):
 
 
 @dataclass(frozen=True)
-class ConceptMaps(_Record):
+class ConceptMaps(JsonRecord):
     bank_id: str
     height: int
     width: int

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import io
-import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,10 +25,10 @@ from PIL import Image
 from propscope._attribution import target_score_from_proto, target_score_to_proto
 from propscope._errors import PropscopeError
 from propscope._images import ImageLike, encode_image
-from propscope._json import dataclass_dict
+from propscope._json import JsonRecord
 from propscope._preprocessing import Preprocessing
-from propscope._properties import Property, parse_property
-from propscope._requests import Metadata, build_model_ref
+from propscope._properties import Property
+from propscope._requests import Metadata, build_model_ref, named_property, property_of
 from propscope.v1 import explain_pb2, interactions_pb2, interactions_pb2_grpc
 
 __all__ = [
@@ -60,17 +59,8 @@ functions (all of them functions: rendered here, sent as a provided design)."""
 MIN_DESIGN_SIZE, MAX_DESIGN_SIZE = 4, 1024
 
 
-class _Record:
-    def to_dict(self) -> dict[str, Any]:
-        return dataclass_dict(self)
-
-    def to_json(self, indent: int | None = None) -> str:
-        """Strict JSON (non-finite numbers as null)."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-
-
 @dataclass(frozen=True)
-class Interval(_Record):
+class Interval(JsonRecord):
     """A point estimate with its bootstrap percentile interval [low, high]."""
 
     value: float
@@ -83,7 +73,7 @@ class Interval(_Record):
 
 
 @dataclass(frozen=True)
-class PropertyIndices(_Record):
+class PropertyIndices(JsonRecord):
     """One property's first-order (alone) and total-order (with its interactions) indices,
     and their difference: its share in interactions."""
 
@@ -94,7 +84,7 @@ class PropertyIndices(_Record):
 
 
 @dataclass(frozen=True)
-class SecondOrderIndex(_Record):
+class SecondOrderIndex(JsonRecord):
     """The closed second-order index of a pair: the variance their joint change explains
     beyond each one's own."""
 
@@ -103,7 +93,7 @@ class SecondOrderIndex(_Record):
 
 
 @dataclass(frozen=True)
-class InteractionsProgress(_Record):
+class InteractionsProgress(JsonRecord):
     """``stage`` "render" (the caller's own edits, here), "edit" or "classify" (the
     gateway's): ``completed`` of ``total``."""
 
@@ -114,7 +104,7 @@ class InteractionsProgress(_Record):
 
 
 @dataclass(frozen=True)
-class InteractionDesign(_Record):
+class InteractionDesign(JsonRecord):
     """The design's strengths: ``rows`` [R, P] in [0, 1], row r's image edited by property p
     at ``rows[r, p]``; ``row_kinds`` says what each row is ("A", "B", "C1".., "C12")."""
 
@@ -131,7 +121,7 @@ class InteractionDesign(_Record):
 
 
 @dataclass(frozen=True)
-class InteractionsResult(_Record):
+class InteractionsResult(JsonRecord):
     """A finished Interactions call: the plan (model version, composition order, resolved
     options, planned images), each property's indices, the pair's second-order index, the
     interaction share and what it cost. ``own_edits``: the images were the caller's edit
@@ -274,15 +264,9 @@ def _named_properties(
                 raise TypeError(
                     f"property names (the mapping's keys) must be non-empty str: {name!r}"
                 )
-            if isinstance(spec, Property):
-                if spec.name != name:
-                    raise ValueError(
-                        f"properties[{name!r}] is a Property named {spec.name!r}: the key and "
-                        "the name must agree"
-                    )
-                editors.append(spec)
-            elif isinstance(spec, str):
-                editors.append(parse_property(f"{name}={spec}"))
+            found = named_property(name, spec)
+            if found is not None:
+                editors.append(found)
             elif callable(spec):
                 functions.append((name, spec))
             else:
@@ -297,15 +281,13 @@ def _named_properties(
         )
     else:
         for item in properties:
-            if isinstance(item, Property):
-                editors.append(item)
-            elif isinstance(item, str):
-                editors.append(parse_property(item))
-            else:
+            found = property_of(item)
+            if found is None:
                 raise TypeError(
                     "properties: give edit functions as a mapping {NAME: function}; a sequence "
                     f"holds Property objects or NAME=SPEC texts, not {type(item).__name__}"
                 )
+            editors.append(found)
     if editors and functions:
         raise ValueError(
             "properties: give either editors (the gateway composes them) or edit functions "
@@ -474,7 +456,13 @@ def render_design(
                 break
         for depth in range(done, len(functions)):
             name, function = functions[depth]
-            edited = function(current.copy(), strengths[depth])
+            try:
+                edited = function(current.copy(), strengths[depth])
+            except Exception as error:
+                raise RuntimeError(
+                    f"property {name!r}: the edit function failed on design row {index} at "
+                    f"strength {strengths[depth]:g}: {type(error).__name__}: {error}"
+                ) from error
             current = _as_array(edited, name, original.shape)
             if depth + 1 < len(functions):
                 prefixes[strengths[: depth + 1]] = current

@@ -7,12 +7,13 @@ lists lists, mappings dicts, and nested objects their own ``to_dict()``.
 from __future__ import annotations
 
 import enum
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
-__all__ = ["dataclass_dict", "finite_or_none", "plain"]
+__all__ = ["JsonRecord", "dataclass_dict", "finite_or_none", "plain"]
 
 
 def finite_or_none(value: float) -> float | None:
@@ -37,3 +38,14 @@ def plain(value: Any) -> Any:
 def dataclass_dict(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """A dataclass's fields, each ``plain``, but for those named in ``skip``."""
     return {f.name: plain(getattr(obj, f.name)) for f in fields(obj) if f.name not in skip}
+
+
+class JsonRecord:
+    """A result dataclass's ``to_dict()`` (its JSON-ready copy) and ``to_json()``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclass_dict(self)
+
+    def to_json(self, indent: int | None = None) -> str:
+        """Strict JSON (non-finite numbers as null)."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)

@@ -86,15 +86,13 @@ def normalize_properties(properties: Properties) -> list[Property]:
             properties = [properties]
         result = []
         for item in properties:
-            if isinstance(item, Property):
-                result.append(item)
-            elif isinstance(item, str):
-                result.append(parse_property(item))
-            else:
+            found = property_of(item)
+            if found is None:
                 raise TypeError(
                     "properties must be Property objects, NAME=SPEC strings or a mapping "
                     f"{{NAME: SPEC}}, not {type(item).__name__}"
                 )
+            result.append(found)
     if not result:
         raise ValueError("at least one property is required")
     seen: set[str] = set()
@@ -105,11 +103,20 @@ def normalize_properties(properties: Properties) -> list[Property]:
     return result
 
 
-def _named_property(name: Any, spec: Any) -> Property:
-    """One entry of a properties mapping: NAME to what follows ``NAME=`` in the property syntax,
-    or to a ``Property`` of that name."""
-    if not isinstance(name, str):
-        raise TypeError(f"property names (the mapping's keys) must be str, got {name!r}")
+def property_of(item: Any) -> Property | None:
+    """An item of a properties sequence: a ``Property`` as it is, a NAME=SPEC text parsed;
+    None for anything else (the caller's error says what it accepts)."""
+    if isinstance(item, Property):
+        return item
+    if isinstance(item, str):
+        return parse_property(item)
+    return None
+
+
+def named_property(name: str, spec: Any) -> Property | None:
+    """A properties mapping's entry: NAME to what follows ``NAME=`` in the property syntax, or
+    to a ``Property`` of that name; None for anything else (the caller's error says what it
+    accepts)."""
     if isinstance(spec, Property):
         if spec.name != name:
             raise ValueError(
@@ -119,10 +126,19 @@ def _named_property(name: Any, spec: Any) -> Property:
         return spec
     if isinstance(spec, str):
         return parse_property(f"{name}={spec}")
-    raise TypeError(
-        f"properties[{name!r}] must be a str (EDITOR[:key=value,...], without the name) or a "
-        f"Property, not {type(spec).__name__}"
-    )
+    return None
+
+
+def _named_property(name: Any, spec: Any) -> Property:
+    if not isinstance(name, str):
+        raise TypeError(f"property names (the mapping's keys) must be str, got {name!r}")
+    found = named_property(name, spec)
+    if found is None:
+        raise TypeError(
+            f"properties[{name!r}] must be a str (EDITOR[:key=value,...], without the name) or "
+            f"a Property, not {type(spec).__name__}"
+        )
+    return found
 
 
 def build_explain_request(

@@ -269,6 +269,24 @@ def test_an_edit_function_of_the_wrong_shape_is_named():
         render_design(png, functions, design)
 
 
+def test_an_edit_function_that_raises_is_named_with_its_row_and_strength():
+    design = InteractionDesign(np.array([[0.0, 0.0], [0.25, 0.75]], dtype=np.float32), ("A", "B"))
+    png = build_interactions_request(_image(), "m", ["a=p", "b=p"])[0].image
+
+    def failing(image: np.ndarray, strength: float) -> np.ndarray:
+        if strength > 0.5:
+            raise ZeroDivisionError("no such strength")
+        return image
+
+    functions = [("a", lambda image, s: image), ("b", failing)]
+    with pytest.raises(
+        RuntimeError, match=r"property 'b'.*design row 1 at strength 0\.75"
+    ) as raised:
+        render_design(png, functions, design)
+    assert "ZeroDivisionError: no such strength" in str(raised.value)
+    assert isinstance(raised.value.__cause__, ZeroDivisionError)
+
+
 def test_a_refusal_of_the_server_is_a_propscope_error():
     class Refusing(FakeInteractions):
         def Interactions(self, request, context):  # noqa: N802
