@@ -186,16 +186,9 @@ def main(
     none_images, none_labels, none_scenes = held_out["none"]
 
     report: dict[str, object] = {
-        "config": {
-            "train_count": train_count,
-            "eval_count": eval_count,
-            "epochs": epochs,
-            "shape_agreement": shape_agreement,
-            "batch_size": batch_size,
-            "learning_rate": learning_rate,
-            "seed": seed,
-            "torch": torch.__version__,
-        },
+        "config": _config(
+            train_count, eval_count, epochs, shape_agreement, batch_size, learning_rate, seed
+        ),
         "models": {},
     }
     models_report: dict[str, dict[str, object]] = report["models"]  # type: ignore[assignment]
@@ -279,18 +272,17 @@ def train_folds(
         print(f"trained {name} (fold {k} held out) in {seconds:.1f} s")
     total = time.monotonic() - started
     report = {
-        "config": {
-            "recipe": stem,
-            "folds": FOLD_COUNT,
-            "train_count": train_count,
-            "eval_count": eval_count,
-            "epochs": epochs,
-            "shape_agreement": shape_agreement,
-            "batch_size": batch_size,
-            "learning_rate": learning_rate,
-            "seed": seed,
-            "torch": torch.__version__,
-        },
+        "config": _config(
+            train_count,
+            eval_count,
+            epochs,
+            shape_agreement,
+            batch_size,
+            learning_rate,
+            seed,
+            recipe=stem,
+            folds=FOLD_COUNT,
+        ),
         "models": rows,
         "total_s": round(total, 1),
     }
@@ -361,29 +353,57 @@ def train_conjunction(
     ]
     total = time.monotonic() - started
     report = {
-        "config": {
-            "recipe": stem,
-            "train_count": train_count,
-            "eval_count": eval_count,
-            "epochs": epochs,
-            "shape_agreement": shape_agreement,
-            "batch_size": batch_size,
-            "learning_rate": learning_rate,
-            "seed": seed,
-            "torch": torch.__version__,
-        },
+        "config": _config(
+            train_count,
+            eval_count,
+            epochs,
+            shape_agreement,
+            batch_size,
+            learning_rate,
+            seed,
+            recipe=stem,
+        ),
         "models": {stem: row},
         "checks": checks,
     }
     (out / "conjunction_report.json").write_text(json.dumps(report, indent=2) + "\n")
     for key, value in row.items():
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
-    for check in checks:
-        status = "ok  " if check["passed"] else "FAIL"
-        print(f"{status} {check['model']} {check['metric']} {check['requirement']}")
+    _print_checks(checks)
     print(f"total {total:.1f} s")
     if not all(check["passed"] for check in checks):
         raise typer.Exit(code=1)
+
+
+def _config(
+    train_count: int,
+    eval_count: int,
+    epochs: int,
+    shape_agreement: float,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    **first: object,
+) -> dict[str, object]:
+    """A report's config: `first` (the recipe and what else names the run), then the
+    training settings every report records."""
+    return {
+        **first,
+        "train_count": train_count,
+        "eval_count": eval_count,
+        "epochs": epochs,
+        "shape_agreement": shape_agreement,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "torch": torch.__version__,
+    }
+
+
+def _print_checks(checks: list[dict[str, object]]) -> None:
+    for check in checks:
+        status = "ok  " if check["passed"] else "FAIL"
+        print(f"{status} {check['model']} {check['metric']} {check['requirement']}")
 
 
 def _check(
@@ -416,9 +436,7 @@ def _print_summary(
             f"{stem:<14}{row['accuracy_own_distribution']:>9.3f}{row['accuracy_unbiased']:>14.3f}"
             f"{row['hue_rotation_flip_rate']:>10.3f}{row['patch_to_class1_rate']:>10.3f}"
         )
-    for check in checks:
-        status = "ok  " if check["passed"] else "FAIL"
-        print(f"{status} {check['model']} {check['metric']} {check['requirement']}")
+    _print_checks(checks)
     print(f"total {seconds:.1f} s")
 
 
