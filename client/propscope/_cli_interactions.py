@@ -31,7 +31,7 @@ from propscope._interactions import (
 from propscope._preflight import Classifier, PreflightError, preflight
 from propscope._properties import parse_property
 
-__all__ = ["interactions", "interval_text", "print_interactions"]
+__all__ = ["interactions", "interval_text", "print_interactions", "share_verdict", "warning_text"]
 
 METHOD = "interactions"
 COLUMNS = (
@@ -278,6 +278,7 @@ def print_interactions(result: InteractionsResult, output_format: OutputFormat) 
                 ("low", share.low),
                 ("high", share.high),
                 ("significant", result.interaction_significant),
+                ("negligible_variance", result.negligible_variance),
                 ("variance", result.variance),
                 ("mean", result.mean),
             ],
@@ -316,12 +317,14 @@ def print_interactions(result: InteractionsResult, output_format: OutputFormat) 
     ]
     print_rows(console, "", COLUMNS, rows)
     share = result.interaction_share
-    verdict = (
-        Text("significant", style="bold yellow")
-        if result.interaction_significant
-        else Text("not significant (the interval reaches 0)", style="dim")
-    )
-    console.print(Text(f"interaction share {_value(share)} ({interval_text(share)}): ") + verdict)
+    heading = Text(f"interaction share {_value(share)} ({interval_text(share)}):")
+    if result.negligible_variance:
+        # Its own line: the variance is what to read, and the line stays within 80 columns.
+        console.print(heading)
+        console.print(Text("  " + share_verdict(result), style="yellow"))
+    else:
+        style = "bold yellow" if result.interaction_significant else "dim"
+        console.print(heading + " " + Text(share_verdict(result), style=style))
     if result.second_order is not None:
         a, b = result.second_order.properties
         index = result.second_order.index
@@ -332,6 +335,16 @@ def print_interactions(result: InteractionsResult, output_format: OutputFormat) 
     )
     console.print("cost: " + ", ".join(f"{k} {v}" for k, v in _cost_pairs(result)))
     _warnings(result)
+
+
+def share_verdict(result: InteractionsResult) -> str:
+    """What the interaction share decides: nothing when the score barely moves (its intervals
+    are then the score's noise), else whether its interval lies above 0."""
+    if result.negligible_variance:
+        return f"not decided: the score barely moves (variance {result.variance:.3g})"
+    if result.interaction_significant:
+        return "significant"
+    return "not significant (the interval reaches 0)"
 
 
 def _target(result: InteractionsResult) -> str:
@@ -349,9 +362,15 @@ def _cost_pairs(result: InteractionsResult) -> list[tuple[str, object]]:
     ]
 
 
+def warning_text(warning: str) -> str:
+    """A gateway warning with the request fields an option sets spelt as the option (the
+    interval warnings advise a larger design_size)."""
+    return in_cli_terms(warning).replace("design_size", "--design-size")
+
+
 def _warnings(result: InteractionsResult) -> None:
     for warning in result.warnings:
-        typer.echo(f"warning: {result.model}: {in_cli_terms(warning)}", err=True)
+        typer.echo(f"warning: {result.model}: {warning_text(warning)}", err=True)
 
 
 def _write_report(report: Path, image: str, target: str, results: list[InteractionsResult]) -> None:

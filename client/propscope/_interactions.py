@@ -152,6 +152,8 @@ class InteractionsResult(JsonRecord):
     forward_passes: int
     own_edits: bool
     warnings: tuple[str, ...]
+    # The score's sd over rows A and B is below 0.01: interaction_significant is then false.
+    negligible_variance: bool = False
 
     def __getitem__(self, name: str) -> PropertyIndices:
         """The indices of property ``name``; KeyError naming the properties when unknown."""
@@ -248,6 +250,7 @@ class InteractionsCollector:
             own_edits=self._own_edits,
             # The plan's warnings may come again with the result: each once.
             warnings=tuple(dict.fromkeys((*accepted.warnings, *found.warnings))),
+            negligible_variance=found.negligible_variance,
         )
 
 

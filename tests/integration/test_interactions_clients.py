@@ -128,10 +128,14 @@ NODE_CALL = """
 const { createClient } = require(process.argv[1]);
 const [target, image, hue, patch] = process.argv.slice(2);
 const client = createClient(target);
-client
-  .interactions({ image, model: "synth_hue", properties: [hue, patch], designSize: 8, seed: 4 })
-  .then((found) => {
-    console.log(JSON.stringify({ accepted: found.accepted, result: found.result }));
+const call = (model) =>
+  client.interactions({ image, model, properties: [hue, patch], designSize: 8, seed: 4 });
+call("synth_hue")
+  .then(async (found) => {
+    const flat = await call("synth_unbiased");
+    console.log(
+      JSON.stringify({ accepted: found.accepted, result: found.result, flat: flat.result }),
+    );
     client.close();
   })
   .catch((error) => {
@@ -158,6 +162,13 @@ def test_node_client_gets_the_sdks_indices(live_stack, npm, client: Client) -> N
         assert node["firstOrder"]["ciLow"] == pytest.approx(sdk.first_order.low)
     share = found["result"]["interactionShare"]["value"]
     assert share == pytest.approx(expected.interaction_share.value)
+    assert found["result"]["negligibleVariance"] is expected.negligible_variance is False
+    # synth_unbiased's saturated probability barely moves (the composed images are cached).
+    flat = client.interactions(SAMPLE, "synth_unbiased", [HUE, PATCH], design_size=N, seed=4)
+    assert flat.negligible_variance and not flat.interaction_significant
+    assert found["flat"]["negligibleVariance"] is True
+    assert found["flat"]["interactionSignificant"] is False
+    assert found["flat"]["variance"] == pytest.approx(flat.variance)
 
 
 def _review(live_stack, folder, model: str, maximum: float):

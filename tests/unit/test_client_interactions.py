@@ -17,7 +17,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from propscope import AsyncClient, Client, InteractionsResult, Property, PropscopeError
-from propscope._cli_output import in_cli_terms
 from propscope._interactions import InteractionDesign, build_interactions_request, render_design
 from propscope.cli import app
 from propscope.v1 import (
@@ -57,6 +56,8 @@ class FakeInteractions(interactions_pb2_grpc.InteractionServiceServicer):
     def __init__(self) -> None:
         self.requests: list[interactions_pb2.InteractionsRequest] = []
         self.designs: list[interactions_pb2.InteractionDesignRequest] = []
+        # A score that barely moves (the user trial's own edits on synth_conjunction).
+        self.flat = False
 
     def InteractionDesign(self, request, context):  # noqa: N802
         self.designs.append(request)
@@ -102,9 +103,12 @@ class FakeInteractions(interactions_pb2_grpc.InteractionServiceServicer):
                 )
                 if request.second_order_pair
                 else None,
-                interaction_share=_estimate(0.6),
-                interaction_significant=True,
-                variance=0.04,
+                interaction_share=interactions_pb2.Estimate(value=2.92, ci_low=0.48, ci_high=45.5)
+                if self.flat
+                else _estimate(0.6),
+                interaction_significant=not self.flat,
+                negligible_variance=self.flat,
+                variance=7e-11 if self.flat else 0.04,
                 mean=0.5,
                 target_class=1,
                 target_label="one",
@@ -166,6 +170,7 @@ def test_editor_properties_go_in_the_request_and_the_stream_folds_into_one_resul
     assert result["patch"].total_order.low == pytest.approx(0.5)
     assert result.second_order is not None and result.second_order.properties == ("patch", "hue")
     assert result.interaction_significant and result.target_score == "probability"
+    assert not result.negligible_variance
     assert result.warnings == ("a warning", "another")  # the plan's warning once
     assert [(p.stage, p.completed, p.total) for p in progress] == [("classify", 8, 16)]
     assert json.loads(result.to_json())["interaction_share"]["high"] == pytest.approx(0.7)
@@ -383,6 +388,37 @@ def test_the_table_fits_80_columns_without_a_terminal(gateway):
     assert "warning: synth_conjunction: another" in found.stderr
 
 
+def test_a_score_that_barely_moves_is_not_decided_in_the_table_plain_json_and_report(
+    gateway, tmp_path
+):
+    fake, target, image = gateway
+    fake.flat = True
+    report = tmp_path / "interactions.html"
+    found = _run(target, str(image), "-m", "synth_conjunction", "-p", HUE, "-p", PATCH,
+                 "--report", str(report))  # fmt: skip
+    assert found.exit_code == 0, found.output
+    lines = found.stdout.splitlines()
+    share = next(i for i, line in enumerate(lines) if "interaction share" in line)
+    assert lines[share : share + 2] == [
+        "interaction share 2.92 (0.48–45.50):",
+        "  not decided: the score barely moves (variance 7e-11)",
+    ]
+    assert all(len(line) <= 80 for line in lines), lines
+    assert "significant" not in found.stdout
+    html = report.read_text()
+    assert "not decided: the score barely moves (variance 7e-11)" in html
+    assert "significant" not in html.split("Interaction share", 1)[1].split("</p>", 1)[0]
+    plain = _run(target, str(image), "-m", "synth_conjunction", "-p", HUE, "-p", PATCH,
+                 "--format", "plain")  # fmt: skip
+    (line,) = [line for line in plain.stdout.splitlines() if line.startswith("share ")]
+    assert " significant=no negligible_variance=yes variance=7e-11 " in line
+    document = json.loads(
+        _run(target, str(image), "-m", "synth_conjunction", "-p", HUE, "-p", PATCH, "--json").stdout
+    )
+    assert document["negligible_variance"] is True
+    assert document["interaction_significant"] is False
+
+
 def test_plain_and_json_carry_every_digit(gateway):
     _, target, image = gateway
     plain = _run(target, str(image), "-m", "synth_conjunction", "-p", HUE, "-p", PATCH,
@@ -391,7 +427,7 @@ def test_plain_and_json_carry_every_digit(gateway):
     assert lines[0].startswith("property model=synth_conjunction:3 name=hue first=0.3 ")
     assert (
         "share model=synth_conjunction:3 value=0.6 low=0.5 high=0.7 significant=yes "
-        "variance=0.04 mean=0.5" in lines
+        "negligible_variance=no variance=0.04 mean=0.5" in lines
     )  # the variance to read first (docs/interactions.md) is in the script's output too
     assert lines[-1].startswith("cost model=synth_conjunction:3 images=16 edits=20")
     found = _run(target, str(image), "-m", "synth_conjunction", "-p", HUE, "-p", PATCH, "--json")
@@ -428,6 +464,13 @@ def test_bad_options_are_refused_in_one_line_naming_them(gateway, arguments, mes
     assert not fake.requests
 
 
-def test_the_cli_spells_the_wide_interval_warnings_design_size_as_its_option():
-    warning = "intervals wider than 0.5: ...; a design_size of 128 (now 32) narrows them"
-    assert in_cli_terms(warning).endswith("; a --design-size of 128 (now 32) narrows them")
+def test_the_cli_spells_the_interval_warnings_design_size_as_its_option():
+    # Imported after propscope.cli (at the top), which registers the command module.
+    from propscope._cli_interactions import warning_text
+
+    warning = "the interaction share's interval ...; a design_size of 128 (now 32) narrows it"
+    assert warning_text(warning).endswith("; a --design-size of 128 (now 32) narrows it")
+    unreliable = "...; the bootstrap is unreliable at this design_size (8); raise design_size"
+    assert warning_text(unreliable).endswith(
+        "unreliable at this --design-size (8); raise --design-size"
+    )

@@ -8,6 +8,7 @@ import io
 import json
 import re
 import threading
+from dataclasses import replace
 
 import pytest
 from PIL import Image
@@ -134,6 +135,55 @@ def test_the_verdict_reads_the_lower_bound_to_fail_and_the_upper_to_pass(over, i
     assert outcome.details["images"] == 2 and outcome.details["properties"] == "hue, blur"
     if verdict == "inconclusive":
         assert "straddle" in outcome.message
+
+
+@pytest.mark.parametrize("over", ["mean", "every_image"])
+def test_an_image_whose_score_barely_moves_counts_as_share_0(over):
+    rule = MaxInteractionShareRule.model_validate(share_rule(over=over))
+    # The user trial's flat score: a noisy share whose interval lies above max (failed
+    # before), and one that straddles it (inconclusive before: "a larger design_size").
+    flat = [
+        replace(observation("0.png", 2.92, 0.48, 45.5), negligible_variance=True,
+                significant=False, variance=7e-11, warnings=("barely moves", "other")),
+        replace(observation("1.png", 1.0, -3.0, 40.0), negligible_variance=True,
+                variance=2e-9, warnings=("barely moves",)),
+    ]  # fmt: skip
+    (outcome,) = evaluate_rules([rule], result_of(*flat))
+    assert outcome.verdict == "passed"
+    assert "2 of 2 images flat (the score barely moves: counted as share 0)" in outcome.message
+    assert "2 images with warnings (3 in all)" in outcome.message
+    assert "larger design_size" not in outcome.message
+    assert outcome.details["images_flat"] == 2 and outcome.details["max_share"] == 0.0
+    assert (outcome.details["images_with_warnings"], outcome.details["warnings"]) == (2, 3)
+    # Beside an image that moves, the flat one weighs 0 in the mean and never fails.
+    moving = observation("2.png", 0.3, 0.25, 0.4)
+    (mixed,) = evaluate_rules([rule], result_of(flat[0], moving))
+    # mean: bounds (0 + 0.25) / 2 .. (0 + 0.4) / 2 = 0.2 <= max; every image: 2.png fails.
+    assert mixed.verdict == ("passed" if over == "mean" else "failed")
+    assert mixed.details["mean_share_low"] == pytest.approx(0.125)
+    assert mixed.details["mean_share_high"] == pytest.approx(0.2)
+    assert mixed.details["worst_image"] == "2.png"
+
+
+def test_the_reports_show_each_rules_flat_images_and_warning_counts(tmp_path):
+    rule = MaxInteractionShareRule.model_validate(share_rule())
+    flat = replace(observation("0.png", 2.92, 0.48, 45.5), negligible_variance=True,
+                   significant=False, warnings=("the score barely moves", "another"))  # fmt: skip
+    result = result_of(flat, observation("1.png", 0.1, 0.05, 0.15))
+    result = replace(result, outcomes=tuple(evaluate_rules([rule], result)))
+    paths = write_reports(result, tmp_path / "out")
+    markdown = paths["markdown"].read_text()
+    assert "1 of 2 images flat (the score barely moves: counted as share 0)" in markdown
+    assert "1 image with warnings (2 in all)" in markdown
+    assert "- **interactions** (interactions), `0.png`: the score barely moves" in markdown
+    html = paths["html"].read_text()
+    section = re.search(r'<section id="interactions-interactions">(.*?)</section>', html, re.DOTALL)
+    assert section is not None
+    rows = re.findall(r"<tr>\s*<td><code>(.*?)</code></td>(.*?)</tr>", section.group(1), re.DOTALL)
+    assert [image for image, _ in rows] == ["1.png", "0.png"]  # the flat one counts as 0
+    assert "flat (counted as 0)" in rows[1][1] and re.search(r">2</td>\s*$", rows[1][1])
+    assert "1 of 2 images flat" in section.group(1)
+    assert "1 image with warnings (2 in all" in section.group(1)
 
 
 # --- the runner, shards and reports ----------------------------------------------------------

@@ -365,34 +365,102 @@ def test_a_score_that_barely_moves_keeps_its_indices_with_a_warning():
     assert len(negligible) == 1
     assert f"variance {estimate.variance:.3g}" in negligible[0]
     assert "read `variance` first" in negligible[0]
+    assert estimate.negligible_variance and not estimate.significant
+    # No design advice: the score's noise, not the design size, spreads its intervals.
+    assert len(estimate.warnings) == 1
     # The same shape scaled to a probability that moves: no such warning.
     moving = estimate_indices(design, 0.5 + 0.4 * design.rows[:, 0], 200, 0.95, seed=0)
     assert not any("barely moves" in w for w in moving.warnings)
 
 
-def test_wide_intervals_are_named_with_a_design_size_that_narrows_them():
-    # A conjunction on a small corner of the square: at N 16 its share's interval is wide.
-    def corner(x):
-        return ((x[:, 0] > 0.8) & (x[:, 1] > 0.8)).astype(np.float64)
+def test_a_flat_score_is_never_significant():
+    # x1 x2 scaled into a probability's ninth decimal: the same indices (they are scale
+    # invariant) and the same share interval above 0, but the score barely moves.
+    design = interaction_design(2, 1024, seed=0, pair=None)
+    rows = design.rows.astype(np.float64)
+    moving = estimate_indices(design, rows[:, 0] * rows[:, 1], 500, 0.95, seed=0)
+    flat = estimate_indices(design, 0.9 + 1e-4 * rows[:, 0] * rows[:, 1], 500, 0.95, seed=0)
+    assert moving.significant and not moving.negligible_variance
+    assert flat.share.low > 0.0 and flat.share.value == pytest.approx(moving.share.value)
+    assert flat.negligible_variance and not flat.significant
+    (warning,) = flat.warnings
+    assert "barely moves" in warning and "interaction_significant is false" in warning
+    # Below the 1e-12 floor too.
+    zero = estimate_indices(design, np.full(len(design.rows), 0.3), 100, 0.95, seed=0)
+    assert zero.negligible_variance and not zero.significant
 
+
+def _corner(x):
+    """A conjunction on a small corner of the square."""
+    return ((x[:, 0] > 0.8) & (x[:, 1] > 0.8)).astype(np.float64)
+
+
+def test_an_undecided_wide_share_interval_names_a_design_size_that_narrows_it():
+    # At N 16 the corner's share interval is wide and reaches 0.
     design = interaction_design(2, 16, seed=3, pair=None)
     estimate = estimate_indices(
-        design, corner(design.rows), 500, 0.95, seed=3, names=("hue", "patch")
+        design, _corner(design.rows), 500, 0.95, seed=3, names=("hue", "patch")
     )
-    assert estimate.share.high - estimate.share.low > 0.5
-    wide = [w for w in estimate.warnings if "wider than 0.5" in w]
-    assert len(wide) == 1
     share = estimate.share
-    assert f"wider than 0.5: interaction share [{share.low:.3g}, {share.high:.3g}]" in wide[0]
-    assert wide[0].count("[") <= 4  # the share and the widest others, the rest counted
-    assert "a design_size of 64 (now 16)" in wide[0]
-    capped = estimate_indices(design, corner(design.rows), 500, 0.95, seed=3, max_design_size=32)
-    assert "a design_size of 32 (now 16)" in capped.warnings[-1]
-    at_max = estimate_indices(design, corner(design.rows), 500, 0.95, seed=3, max_design_size=16)
-    assert "the largest allowed" in at_max.warnings[-1]
+    assert share.high - share.low > 0.5 and share.low <= 0.0 <= share.high
+    wide = [w for w in estimate.warnings if "wider than 0.5" in w]
+    assert wide == [
+        f"the interaction share's interval [{share.low:.3g}, {share.high:.3g}] is wider than "
+        "0.5 and reaches 0: it cannot decide whether the properties interact; "
+        "a design_size of 64 (now 16) narrows it"
+    ]
+    capped = estimate_indices(design, _corner(design.rows), 500, 0.95, seed=3, max_design_size=32)
+    assert any("a design_size of 32 (now 16)" in w for w in capped.warnings)
+    at_max = estimate_indices(design, _corner(design.rows), 500, 0.95, seed=3, max_design_size=16)
+    assert any("the largest allowed: more scenes narrow it" in w for w in at_max.warnings)
     # Narrow intervals (N 1024 on a smooth product) warn about nothing.
     _, narrow = _estimate(lambda x: x[:, 0] * x[:, 1])
     assert narrow.warnings == ()
+
+
+def test_wide_intervals_that_decide_are_not_warned_about():
+    # A hue-like model at N 32: its first and total order intervals are wider than 0.5,
+    # but the share's is narrow around 0 (decided: no interaction worth the name).
+    design = interaction_design(2, 32, seed=0, pair=None)
+    rows = design.rows.astype(np.float64)
+    hue = estimate_indices(
+        design, np.cos(np.pi * rows[:, 0]) ** 2 + 0.02 * rows[:, 1], 1000, 0.95, seed=0
+    )
+    assert hue.first[0].high - hue.first[0].low > 0.5
+    assert hue.share.high - hue.share.low < 0.5
+    # A smooth AND at N 32: the share's interval is wider than 0.5 but lies above 0.
+    conjunction = estimate_indices(
+        design,
+        1.0 / (1.0 + np.exp(-20.0 * (np.minimum(rows[:, 0], rows[:, 1]) - 0.5))),
+        1000,
+        0.95,
+        seed=0,
+    )
+    assert conjunction.share.high - conjunction.share.low > 0.5 and conjunction.significant
+    for estimate in (hue, conjunction):
+        assert not any("wider than" in w for w in estimate.warnings)
+
+
+def test_a_point_estimate_on_or_outside_its_interval_says_the_bootstrap_is_unreliable():
+    # At N 8 one row carries the corner's whole variance: the share is 1.75, and every
+    # resample either repeats that row's weight or drops it, so 1.75 is the interval's top.
+    design = interaction_design(2, 8, seed=7, pair=None)
+    estimate = estimate_indices(
+        design, _corner(design.rows), 1000, 0.95, seed=7, names=("hue", "patch")
+    )
+    share = estimate.share
+    assert share.value == pytest.approx(share.high)
+    unreliable = [w for w in estimate.warnings if "unreliable" in w]
+    (warning,) = unreliable
+    assert f"interaction share {share.value:.3g} [{share.low:.3g}, {share.high:.3g}]" in warning
+    assert "the bootstrap is unreliable at this design_size (8); raise design_size (e.g. 32)" in (
+        warning
+    )
+    at_max = estimate_indices(design, _corner(design.rows), 1000, 0.95, seed=7, max_design_size=8)
+    assert any("design_size 8 is the largest allowed" in w for w in at_max.warnings)
+    # The same corner at N 1024: every point inside its interval.
+    _, fine = _estimate(_corner)
+    assert not any("unreliable" in w for w in fine.warnings)
 
 
 def test_a_resample_draws_the_same_rows_in_every_block():

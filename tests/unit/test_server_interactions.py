@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -288,6 +289,24 @@ def test_the_events_messages_carry_every_figure():
     assert (result.cache_hits, result.cache_misses, result.edits) == (20, 4, 40)
     assert list(result.warnings) == ["estimator", "plan"]
     assert result.target_label == "one" and result.target_score == apb.TARGET_SCORE_PROBABILITY
+    assert not result.negligible_variance
+    flat = interactions_event(
+        "r",
+        InteractionsOutcome(
+            replace(estimate, significant=False, variance=5e-11, negligible_variance=True),
+            ("a", "b"),
+            ("a", "b"),
+            1,
+            "one",
+            "probability",
+            20,
+            4,
+            40,
+            25,
+            (),
+        ),
+    ).result
+    assert flat.negligible_variance and not flat.interaction_significant
 
 
 def test_the_registry_serves_interactions_with_editors():

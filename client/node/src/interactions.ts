@@ -45,8 +45,9 @@ export interface InteractionDesignOptions {
 }
 
 /** A finished Interactions call: the plan, the result (`indices` per property in composition
- * order, `interactionShare`, `interactionSignificant`, `secondOrder`, costs) and the plan's
- * and result's warnings, each once. */
+ * order, `interactionShare`, `interactionSignificant`, `secondOrder`, costs;
+ * `negligibleVariance`: the score barely moves, so `interactionSignificant` is false and the
+ * share is not decided) and the plan's and result's warnings, each once. */
 export interface InteractionsResult {
   requestId: string;
   accepted: InteractionsAccepted__Output;

@@ -158,6 +158,8 @@ class InteractionObservation:
     cache_misses: int = 0
     forward_passes: int = 0
     warnings: tuple[str, ...] = ()
+    # The score's sd over the design is below 0.01: the rule counts the share as 0 [0, 0].
+    negligible_variance: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclass_dict(self)

@@ -207,13 +207,22 @@ def _max_interaction_share(rule: MaxInteractionShareRule, result: ReviewResult) 
     """Each image's share comes with its bootstrap interval at the rule's confidence. Over
     ``mean``: the means of the images' lower and upper bounds bound the mean share (wider than
     the mean's own interval: conservative both ways). Over ``every_image``: failed when some
-    image's interval lies above ``max``, passed when every image's lies at or below it."""
+    image's interval lies above ``max``, passed when every image's lies at or below it.
+
+    An image whose score barely moves (``negligible_variance``: sd below 0.01 over the design)
+    counts as share 0 with interval [0, 0]: the properties do not move the prediction there,
+    so they cannot interact in a way that matters, and its indices only apportion noise."""
     observations = result.interaction_indices(rule.name)
     if not observations:
         raise ValueError(f"no interaction indices to check max_interaction_share[{rule.name}] on")
-    shares = np.array([obs.share for obs in observations], dtype=np.float64)
-    lows = np.array([obs.share_low for obs in observations], dtype=np.float64)
-    highs = np.array([obs.share_high for obs in observations], dtype=np.float64)
+    flat = np.array([obs.negligible_variance for obs in observations], dtype=bool)
+
+    def counted(values: list[float]) -> np.ndarray:
+        return np.where(flat, 0.0, np.array(values, dtype=np.float64))
+
+    shares = counted([obs.share for obs in observations])
+    lows = counted([obs.share_low for obs in observations])
+    highs = counted([obs.share_high for obs in observations])
     above = int((lows > rule.max).sum())
     straddling = int(((lows <= rule.max) & (highs > rule.max)).sum())
     worst = observations[int(np.argmax(shares))]
@@ -234,12 +243,22 @@ def _max_interaction_share(rule: MaxInteractionShareRule, result: ReviewResult) 
             f"{straddling} straddle it ({level} intervals)"
         )
     significant = sum(obs.significant for obs in observations)
+    flat_images = int(flat.sum())
+    warned = sum(bool(obs.warnings) for obs in observations)
+    warnings = sum(len(obs.warnings) for obs in observations)
     message = (
         f"{measured}; allowed at most {rule.max:.3f}"
         + (" on average" if rule.over == "mean" else " on every image")
-        + f" (highest {worst.share:.3f} on {worst.image}; significant interactions on "
+        + f" (highest {float(shares.max()):.3f} on {worst.image}; significant interactions on "
         f"{significant} of {shares.size} images; {', '.join(worst.properties)})"
     )
+    if flat_images:
+        message += (
+            f"; {flat_images} of {shares.size} images flat (the score barely moves: "
+            "counted as share 0)"
+        )
+    if warned:
+        message += f"; {warned} image{'s' if warned != 1 else ''} with warnings ({warnings} in all)"
     if verdict == "inconclusive":
         message += "; the intervals straddle it: a larger design_size or more images needed"
     return RuleOutcome(
@@ -258,6 +277,9 @@ def _max_interaction_share(rule: MaxInteractionShareRule, result: ReviewResult) 
             "images_above_max": above,
             "images_straddling_max": straddling,
             "images_significant": int(significant),
+            "images_flat": flat_images,
+            "images_with_warnings": warned,
+            "warnings": warnings,
             "images": int(shares.size),
             "worst_image": worst.image,
             "confidence": observations[0].confidence,

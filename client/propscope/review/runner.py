@@ -580,6 +580,7 @@ def interaction_observation(
         cache_misses=found.cache_misses,
         forward_passes=found.forward_passes,
         warnings=found.warnings,
+        negligible_variance=found.negligible_variance,
     )
 
 

@@ -486,6 +486,7 @@ def interactions_event(request_id: str, event: object) -> ipb.InteractionsEvent:
         ],
         interaction_share=_estimate(estimate.share),
         interaction_significant=estimate.significant,
+        negligible_variance=estimate.negligible_variance,
         variance=estimate.variance,
         mean=estimate.mean,
         target_class=event.target_class,

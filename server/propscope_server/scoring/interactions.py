@@ -30,6 +30,17 @@ Choices, and why:
   are conservative.
 - V below 1e-12 (no property moves the score over A and B): every index is 0 with a
   warning, never NaN; a resample whose V falls below it contributes 0 likewise.
+- A score whose sd over A and B is below 0.01 (in its units: a saturated probability's
+  ninth decimal) keeps its indices but is flagged `negligible_variance`: they apportion
+  a variance nobody acts on, and their bootstrap is the score's noise (share 2.92
+  [0.48, 45.5] was seen at V 7e-11), so the share is never called significant then and
+  the interval warnings (which advise a larger design) are left out.
+- Interval warnings say what to do: the share's interval wider than 0.5 and reaching 0
+  cannot decide whether the properties interact (a larger design narrows it); a wide
+  interval of a decided share or of one index decides what it must and is not warned
+  about. A point estimate on or outside its own percentile interval (at N 8 one row can
+  carry the estimate: share 1.75 [0, 1.75]) means the resamples are too lopsided for
+  the percentile interval to be trusted at that design size.
 - Composition: row r's image is edit_P(...edit_1(image, s_1)..., s_P). Stage k calls
   editor k once per distinct prefix of strengths (s_1..s_{k-1}) with every distinct
   s_k under it as one strengths vector (ascending, the editors' path order). A
@@ -56,11 +67,11 @@ VARIANCE_FLOOR = 1e-12
 # indices are kept but warned about: they apportion a negligible variance (a saturated
 # probability's ninth decimal).
 NEGLIGIBLE_SD = 0.01
-# An interval wider than this decides nothing about an index in [0, 1]: warned about, with a
-# design size that narrows it (4x the rows halves a bootstrap interval's width).
+# The interaction share's interval wider than this and reaching 0 cannot decide: warned about,
+# with a design size that narrows it (4x the rows halves a bootstrap interval's width).
 WIDE_INTERVAL = 0.5
 WIDER_DESIGN_FACTOR = 4
-WIDE_SHOWN = 4  # intervals the warning names
+UNRELIABLE_SHOWN = 3  # estimates the unreliable-bootstrap warning names
 # Mixed into the request seed so the bootstrap's stream differs from the scrambling's.
 _BOOTSTRAP_STREAM = 0x1B007
 # Resample counts are built this many values (resamples x rows) at a time.
@@ -92,7 +103,9 @@ class Interval:
 
 @dataclass(frozen=True)
 class IndicesEstimate:
-    """Indices per property (composition order), the pair's, the interaction share."""
+    """Indices per property (composition order), the pair's, the interaction share.
+    ``negligible_variance``: the score's sd over A and B is below ``NEGLIGIBLE_SD``
+    (``significant`` is then false whatever the share's interval)."""
 
     first: tuple[Interval, ...]
     total: tuple[Interval, ...]
@@ -103,6 +116,7 @@ class IndicesEstimate:
     variance: float
     mean: float
     warnings: tuple[str, ...]
+    negligible_variance: bool = False
 
 
 @dataclass(frozen=True)
@@ -232,6 +246,7 @@ def estimate_indices(
                 f"the score's variance over the design is {variance:.3g} (below "
                 f"{VARIANCE_FLOOR:g}): no property moves the prediction, indices reported as 0",
             ),
+            negligible_variance=True,
         )
     features = _row_features(f_a, f_b, f_c, f_pair, mean)
     point = _statistics(np.ones((1, n)), features, p, design.pair)
@@ -260,20 +275,28 @@ def estimate_indices(
     if second is not None and design.pair is not None:
         i, j = design.pair
         named.append((f"{labels[i]} x {labels[j]} second order", second))
-    warnings = [_negligible_warning(variance)] if variance < NEGLIGIBLE_SD**2 else []
-    wide = [(label, found) for label, found in named if found.high - found.low > WIDE_INTERVAL]
-    if wide:
-        warnings.append(_wide_warning(wide, n, max_design_size))
+    negligible = variance < NEGLIGIBLE_SD**2
+    warnings = []
+    if negligible:
+        # The score's noise, not the design size, spreads these intervals: no design advice.
+        warnings.append(_negligible_warning(variance))
+    else:
+        if share.high - share.low > WIDE_INTERVAL and share.low <= 0.0 <= share.high:
+            warnings.append(_wide_warning(share, n, max_design_size))
+        lopsided = [(label, found) for label, found in named if _on_or_outside(found)]
+        if lopsided:
+            warnings.append(_unreliable_warning(lopsided, n, max_design_size))
     return IndicesEstimate(
         first=first,
         total=total,
         interaction=interaction,
         second_order=second,
         share=share,
-        significant=share.low > 0.0,
+        significant=share.low > 0.0 and not negligible,
         variance=variance,
         mean=mean,
         warnings=tuple(warnings),
+        negligible_variance=negligible,
     )
 
 
@@ -281,30 +304,58 @@ def _negligible_warning(variance: float) -> str:
     return (
         f"the score barely moves: its standard deviation over the design is "
         f"{variance**0.5:.2g} (variance {variance:.3g}; below {NEGLIGIBLE_SD:g} in the score's "
-        "units), so the indices apportion a negligible variance: read `variance` first"
+        "units), so the indices apportion a negligible variance and the interaction share is "
+        "not decided (interaction_significant is false): read `variance` first"
     )
 
 
-def _wide_warning(
-    wide: list[tuple[str, Interval]], design_size: int, max_design_size: int | None
-) -> str:
-    """The share's interval first (it decides significance), then the widest others."""
-    shown = sorted(
-        wide, key=lambda item: (item[0] != "interaction share", item[1].low - item[1].high)
-    )
-    listed = ", ".join(
-        f"{label} [{found.low:.3g}, {found.high:.3g}]" for label, found in shown[:WIDE_SHOWN]
-    )
-    more = f" and {len(wide) - WIDE_SHOWN} more" if len(wide) > WIDE_SHOWN else ""
+def _on_or_outside(found: Interval) -> bool:
+    """The point estimate outside its own percentile interval, or on an edge of one with
+    width: (nearly) every resample falls on one side of it."""
+    if found.high <= found.low:
+        return found.value != found.low
+    tolerance = 1e-9 * (found.high - found.low)
+    return not found.low + tolerance < found.value < found.high - tolerance
+
+
+def _larger_design(design_size: int, max_design_size: int | None) -> int:
     larger = design_size * WIDER_DESIGN_FACTOR
-    if max_design_size is not None:
-        larger = min(larger, max_design_size)
+    return larger if max_design_size is None else min(larger, max_design_size)
+
+
+def _wide_warning(share: Interval, design_size: int, max_design_size: int | None) -> str:
+    larger = _larger_design(design_size, max_design_size)
     advice = (
-        f"a design_size of {larger} (now {design_size}) narrows them"
+        f"a design_size of {larger} (now {design_size}) narrows it"
         if larger > design_size
-        else f"design_size {design_size} is the largest allowed: more scenes narrow them"
+        else f"design_size {design_size} is the largest allowed: more scenes narrow it"
     )
-    return f"intervals wider than {WIDE_INTERVAL:g}: {listed}{more}; {advice}"
+    return (
+        f"the interaction share's interval [{share.low:.3g}, {share.high:.3g}] is wider than "
+        f"{WIDE_INTERVAL:g} and reaches 0: it cannot decide whether the properties interact; "
+        f"{advice}"
+    )
+
+
+def _unreliable_warning(
+    lopsided: list[tuple[str, Interval]], design_size: int, max_design_size: int | None
+) -> str:
+    listed = ", ".join(
+        f"{label} {found.value:.3g} [{found.low:.3g}, {found.high:.3g}]"
+        for label, found in lopsided[:UNRELIABLE_SHOWN]
+    )
+    extra = len(lopsided) - UNRELIABLE_SHOWN
+    more = f" and {extra} more" if extra > 0 else ""
+    larger = _larger_design(design_size, max_design_size)
+    advice = (
+        f"raise design_size (e.g. {larger})"
+        if larger > design_size
+        else f"design_size {design_size} is the largest allowed: read these intervals as rough"
+    )
+    return (
+        f"point estimates on or outside their own interval: {listed}{more}; the bootstrap is "
+        f"unreliable at this design_size ({design_size}); {advice}"
+    )
 
 
 def edit_schedule(rows: np.ndarray) -> list[EditStage]:

@@ -63,6 +63,18 @@ def _thumbnail_uri(png: bytes) -> str:
     return _png_uri(buffer.getvalue())
 
 
+def _share_verdict(found: InteractionsResult) -> str:
+    """What the interaction share decides, as the CLI's table says it: nothing when the score
+    barely moves (its intervals are then the score's noise)."""
+    if found.negligible_variance:
+        return f"not decided: the score barely moves (variance {found.variance:.3g})"
+    return (
+        "significant"
+        if found.interaction_significant
+        else "not significant (the interval reaches 0)"
+    )
+
+
 _ENVIRONMENT = jinja2.Environment(
     loader=jinja2.PackageLoader("propscope.review.report"),
     autoescape=True,
@@ -71,7 +83,11 @@ _ENVIRONMENT = jinja2.Environment(
     lstrip_blocks=True,
 )
 _ENVIRONMENT.filters.update(
-    number=format_number, percent=format_percent, png_uri=_png_uri, thumbnail_uri=_thumbnail_uri
+    number=format_number,
+    percent=format_percent,
+    png_uri=_png_uri,
+    thumbnail_uri=_thumbnail_uri,
+    share_verdict=_share_verdict,
 )
 _ENVIRONMENT.globals.update(
     decisions_text=decisions_text, strip_probability=strip_probability, strip_steps=strip_steps
@@ -131,6 +147,10 @@ class _InteractionSection:
     confidence: float
     bars_png: bytes
     shown: list[InteractionObservation]
+    # Images whose score barely moves, images with warnings, and their warnings.
+    flat: int
+    warned: int
+    warnings: int
 
 
 def _mean_estimates(
@@ -168,7 +188,12 @@ def _interaction_sections(result: ReviewResult) -> list[_InteractionSection]:
                     _mean_estimates(observations, "first"),
                     _mean_estimates(observations, "total"),
                 ),
-                shown=sorted(observations, key=lambda obs: -obs.share)[:INTERACTION_ROWS],
+                shown=sorted(
+                    observations, key=lambda obs: 0.0 if obs.negligible_variance else -obs.share
+                )[:INTERACTION_ROWS],
+                flat=sum(obs.negligible_variance for obs in observations),
+                warned=sum(bool(obs.warnings) for obs in observations),
+                warnings=sum(len(obs.warnings) for obs in observations),
             )
         )
     return sections

@@ -79,7 +79,29 @@ def _warnings(result: ReviewResult) -> list[str]:
                     f"- **{name}**, {model.label}: {len(found) - WARNINGS_SHOWN} more warnings "
                     f"in `{FILE_NAMES['json']}`"
                 )
+    lines += _interaction_warnings(result)
     return ["**Warnings**", "", *lines, ""] if lines else []
+
+
+def _interaction_warnings(result: ReviewResult) -> list[str]:
+    """Each ``max_interaction_share`` rule's per-image warnings, at most ``WARNINGS_SHOWN``."""
+    lines = []
+    for rule in dict.fromkeys(obs.rule for obs in result.interactions):
+        found = [
+            (obs.image, warning)
+            for obs in result.interaction_indices(rule)
+            for warning in obs.warnings
+        ]
+        lines += [
+            f"- **{rule}** (interactions), `{image}`: {_cell(warning)}"
+            for image, warning in found[:WARNINGS_SHOWN]
+        ]
+        if len(found) > WARNINGS_SHOWN:
+            lines.append(
+                f"- **{rule}** (interactions): {len(found) - WARNINGS_SHOWN} more warnings "
+                f"in `{FILE_NAMES['json']}`"
+            )
+    return lines
 
 
 def _headline(result: ReviewResult) -> str:
