@@ -31,7 +31,7 @@ from propscope._interactions import (
 from propscope._preflight import Classifier, PreflightError, preflight
 from propscope._properties import parse_property
 
-__all__ = ["interactions", "interval_text", "print_interactions", "share_verdict", "warning_text"]
+__all__ = ["interactions", "interval_text", "print_interactions", "warning_text"]
 
 METHOD = "interactions"
 COLUMNS = (
@@ -321,10 +321,10 @@ def print_interactions(result: InteractionsResult, output_format: OutputFormat) 
     if result.negligible_variance:
         # Its own line: the variance is what to read, and the line stays within 80 columns.
         console.print(heading)
-        console.print(Text("  " + share_verdict(result), style="yellow"))
+        console.print(Text("  " + result.share_verdict, style="yellow"))
     else:
         style = "bold yellow" if result.interaction_significant else "dim"
-        console.print(heading + " " + Text(share_verdict(result), style=style))
+        console.print(heading + " " + Text(result.share_verdict, style=style))
     if result.second_order is not None:
         a, b = result.second_order.properties
         index = result.second_order.index
@@ -335,16 +335,6 @@ def print_interactions(result: InteractionsResult, output_format: OutputFormat) 
     )
     console.print("cost: " + ", ".join(f"{k} {v}" for k, v in _cost_pairs(result)))
     _warnings(result)
-
-
-def share_verdict(result: InteractionsResult) -> str:
-    """What the interaction share decides: nothing when the score barely moves (its intervals
-    are then the score's noise), else whether its interval lies above 0."""
-    if result.negligible_variance:
-        return f"not decided: the score barely moves (variance {result.variance:.3g})"
-    if result.interaction_significant:
-        return "significant"
-    return "not significant (the interval reaches 0)"
 
 
 def _target(result: InteractionsResult) -> str:

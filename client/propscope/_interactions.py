@@ -155,6 +155,17 @@ class InteractionsResult(JsonRecord):
     # The score's sd over rows A and B is below 0.01: interaction_significant is then false.
     negligible_variance: bool = False
 
+    @property
+    def share_verdict(self) -> str:
+        """What the interaction share decides, in the words the CLI and the reports use:
+        nothing when the score barely moves (its intervals are then the score's noise),
+        else whether its interval lies above 0."""
+        if self.negligible_variance:
+            return f"not decided: the score barely moves (variance {self.variance:.3g})"
+        if self.interaction_significant:
+            return "significant"
+        return "not significant (the interval reaches 0)"
+
     def __getitem__(self, name: str) -> PropertyIndices:
         """The indices of property ``name``; KeyError naming the properties when unknown."""
         for found in self.indices:

@@ -63,18 +63,6 @@ def _thumbnail_uri(png: bytes) -> str:
     return _png_uri(buffer.getvalue())
 
 
-def _share_verdict(found: InteractionsResult) -> str:
-    """What the interaction share decides, as the CLI's table says it: nothing when the score
-    barely moves (its intervals are then the score's noise)."""
-    if found.negligible_variance:
-        return f"not decided: the score barely moves (variance {found.variance:.3g})"
-    return (
-        "significant"
-        if found.interaction_significant
-        else "not significant (the interval reaches 0)"
-    )
-
-
 _ENVIRONMENT = jinja2.Environment(
     loader=jinja2.PackageLoader("propscope.review.report"),
     autoescape=True,
@@ -87,7 +75,6 @@ _ENVIRONMENT.filters.update(
     percent=format_percent,
     png_uri=_png_uri,
     thumbnail_uri=_thumbnail_uri,
-    share_verdict=_share_verdict,
 )
 _ENVIRONMENT.globals.update(
     decisions_text=decisions_text, strip_probability=strip_probability, strip_steps=strip_steps
