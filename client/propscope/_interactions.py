@@ -174,10 +174,6 @@ class InteractionsResult(JsonRecord):
         raise KeyError(f"no property {name!r}; the result's: {', '.join(self.composition_order)}")
 
 
-def _estimate(msg: Any, field: str) -> Interval:
-    return Interval.from_proto(getattr(msg, field))
-
-
 class InteractionsCollector:
     """Folds an Interactions stream into one ``InteractionsResult``; progress goes to
     ``on_progress`` as it comes."""
@@ -224,7 +220,7 @@ class InteractionsCollector:
         if found.HasField("second_order") and len(found.second_order.property_names) == 2:
             first_name, second_name = found.second_order.property_names
             second = SecondOrderIndex(
-                (first_name, second_name), _estimate(found.second_order, "index")
+                (first_name, second_name), Interval.from_proto(found.second_order.index)
             )
         return InteractionsResult(
             request_id=self._request_id,
@@ -240,14 +236,14 @@ class InteractionsCollector:
             indices=tuple(
                 PropertyIndices(
                     name=item.property_name,
-                    first_order=_estimate(item, "first_order"),
-                    total_order=_estimate(item, "total_order"),
-                    interaction=_estimate(item, "interaction"),
+                    first_order=Interval.from_proto(item.first_order),
+                    total_order=Interval.from_proto(item.total_order),
+                    interaction=Interval.from_proto(item.interaction),
                 )
                 for item in found.indices
             ),
             second_order=second,
-            interaction_share=_estimate(found, "interaction_share"),
+            interaction_share=Interval.from_proto(found.interaction_share),
             interaction_significant=found.interaction_significant,
             variance=found.variance,
             mean=found.mean,
@@ -324,9 +320,10 @@ def _named_properties(
     return editors, functions
 
 
-def _pair_indices(pair: Sequence[str] | None, names: Sequence[str]) -> tuple[int, int] | None:
+def _checked_pair(pair: Sequence[str] | None, names: Sequence[str]) -> list[str]:
+    """The second-order pair's two names, checked against ``names`` (empty: no pair)."""
     if pair is None or len(pair) == 0:
-        return None
+        return []
     if isinstance(pair, str) or len(pair) != 2:
         raise ValueError(f"pair must be two property names, e.g. ('hue', 'patch'), got {pair!r}")
     unknown = [name for name in pair if name not in names]
@@ -336,7 +333,7 @@ def _pair_indices(pair: Sequence[str] | None, names: Sequence[str]) -> tuple[int
         )
     if pair[0] == pair[1]:
         raise ValueError(f"pair: give two different properties, got {pair[0]!r} twice")
-    return names.index(pair[0]), names.index(pair[1])
+    return list(pair)
 
 
 def check_design_size(design_size: int) -> None:
@@ -377,7 +374,7 @@ def build_interactions_request(
     edit functions to render its provided design with (empty: the gateway's editors)."""
     editors, functions = _named_properties(properties)
     names = [p.name for p in editors] + [name for name, _ in functions]
-    pair_indices = _pair_indices(pair, names)
+    second_order_pair = _checked_pair(pair, names)
     check_design_size(design_size)
     for name, value in (("bootstrap", bootstrap), ("seed", seed)):
         if value < 0:
@@ -402,7 +399,7 @@ def build_interactions_request(
         model=model_ref,
         properties=messages,
         design_size=design_size,
-        second_order_pair=[names[i] for i in pair_indices] if pair_indices else [],
+        second_order_pair=second_order_pair,
         bootstrap=bootstrap,
         confidence=confidence,
         target_score=target_score_to_proto(target_score),
