@@ -335,9 +335,8 @@ class TritonBackend:
                 translated = _translate(error, name)
                 if isinstance(translated, Unavailable):
                     self.endpoints.finished(endpoint, UNAVAILABLE, sent)
-                    tried = self.endpoints.describe_tried([endpoint.address])
-                    logger.warning("Triton unreachable loading model %s (%s)", name, tried)
-                    raise unreachable(1) from None
+                    message = error.message() or str(error)
+                    raise self._unreachable(name, [endpoint.address], message) from None
                 raise FailedPrecondition(
                     f"model {name!r} (load_on_demand) failed to load{where}: {error.message()}"
                 ) from None
