@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,29 @@ EVAL_BATCH = 256
 app = typer.Typer(add_completion=False)
 
 
+@dataclass(frozen=True)
+class Settings:
+    """The training settings of the command line, which every recipe trains with and
+    every report records."""
+
+    train_count: int
+    eval_count: int
+    epochs: int
+    shape_agreement: float
+    batch_size: int
+    learning_rate: float
+    seed: int
+
+    def config(self, **first: object) -> dict[str, object]:
+        """A report's config: `first` (the recipe and what else names the run), then
+        these settings and the torch version."""
+        return {**first, **asdict(self), "torch": torch.__version__}
+
+    def held_out(self, bias: Bias, offset: int) -> tuple[np.ndarray, np.ndarray, list[Scene]]:
+        """A held-out split of a recipe, from seeds far from the training seeds."""
+        return make_split(bias, self.eval_count, self.seed + 10_000 + offset, self.shape_agreement)
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -83,17 +106,12 @@ def predict(model: nn.Module, images: np.ndarray) -> np.ndarray:
     return np.concatenate(predictions)
 
 
-def train_model(
-    bias: Bias,
-    train_count: int,
-    epochs: int,
-    seed: int,
-    shape_agreement: float,
-    batch_size: int,
-    learning_rate: float,
-) -> SmallCNN:
-    images, labels, _ = make_split(bias, train_count, seed, shape_agreement)
-    return train_on(images, labels, epochs, seed, batch_size, learning_rate)
+def train_model(bias: Bias, settings: Settings, offset: int) -> SmallCNN:
+    seed = settings.seed + offset
+    images, labels, _ = make_split(bias, settings.train_count, seed, settings.shape_agreement)
+    return train_on(
+        images, labels, settings.epochs, seed, settings.batch_size, settings.learning_rate
+    )
 
 
 def train_on(
@@ -166,37 +184,28 @@ def main(
 ) -> None:
     """Train the three classifiers and write them with training_report.json."""
     out.mkdir(parents=True, exist_ok=True)
+    settings = Settings(
+        train_count, eval_count, epochs, shape_agreement, batch_size, learning_rate, seed
+    )
     if conjunction:
-        train_conjunction(
-            out, train_count, eval_count, epochs, shape_agreement, batch_size, learning_rate, seed
-        )
+        train_conjunction(out, settings)
         return
     if folds:
-        train_folds(
-            out, train_count, eval_count, epochs, shape_agreement, batch_size, learning_rate, seed
-        )
+        train_folds(out, settings)
         return
     started = time.monotonic()
-    # Held-out splits use seeds far from the training seeds.
-    held_out = {
-        bias: make_split(bias, eval_count, seed + 10_000 + offset, shape_agreement)
-        for _, bias, offset in MODELS
-    }
+    held_out = {bias: settings.held_out(bias, offset) for _, bias, offset in MODELS}
     hue_images, _, hue_scenes = held_out["hue"]
     none_images, none_labels, none_scenes = held_out["none"]
 
     report: dict[str, object] = {
-        "config": _config(
-            train_count, eval_count, epochs, shape_agreement, batch_size, learning_rate, seed
-        ),
+        "config": settings.config(),
         "models": {},
     }
     models_report: dict[str, dict[str, object]] = report["models"]  # type: ignore[assignment]
     for stem, bias, offset in MODELS:
         model_started = time.monotonic()
-        model = train_model(
-            bias, train_count, epochs, seed + offset, shape_agreement, batch_size, learning_rate
-        )
+        model = train_model(bias, settings, offset)
         torch.save(model.state_dict(), out / f"{stem}.pt")
         own_images, own_labels, _ = held_out[bias]
         models_report[stem] = {
@@ -225,16 +234,7 @@ def fold_indices(count: int, folds: int, held_out: int) -> np.ndarray:
     return np.concatenate([np.arange(k * size, (k + 1) * size) for k in keep])
 
 
-def train_folds(
-    out: Path,
-    train_count: int,
-    eval_count: int,
-    epochs: int,
-    shape_agreement: float,
-    batch_size: int,
-    learning_rate: float,
-    seed: int,
-) -> None:
+def train_folds(out: Path, settings: Settings) -> None:
     """The K fold models of the patch-biased recipe, with fold_report.json: each
     model's accuracy on held-out data of its own distribution and how often the
     patch alone turns a circle into a square (its shortcut)."""
@@ -242,22 +242,22 @@ def train_folds(
     stem, bias, offset = FOLD_RECIPE
     folder = out / FOLDS_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    images, labels, _ = make_split(bias, train_count, seed + offset, shape_agreement)
-    held_images, held_labels, _ = make_split(
-        bias, eval_count, seed + 10_000 + offset, shape_agreement
+    images, labels, _ = make_split(
+        bias, settings.train_count, settings.seed + offset, settings.shape_agreement
     )
-    _, _, none_scenes = make_split("none", eval_count, seed + 10_000, shape_agreement)
+    held_images, held_labels, _ = settings.held_out(bias, offset)
+    _, _, none_scenes = settings.held_out("none", 0)
     rows = {}
     for k in range(FOLD_COUNT):
         fold_started = time.monotonic()
-        keep = fold_indices(train_count, FOLD_COUNT, k)
+        keep = fold_indices(settings.train_count, FOLD_COUNT, k)
         model = train_on(
             images[keep],
             labels[keep],
-            epochs,
-            seed + FOLD_SEED_OFFSET + k,
-            batch_size,
-            learning_rate,
+            settings.epochs,
+            settings.seed + FOLD_SEED_OFFSET + k,
+            settings.batch_size,
+            settings.learning_rate,
         )
         name = f"patch_fold{k + 1}.pt"
         torch.save(model.state_dict(), folder / name)
@@ -272,17 +272,7 @@ def train_folds(
         print(f"trained {name} (fold {k} held out) in {seconds:.1f} s")
     total = time.monotonic() - started
     report = {
-        "config": _config(
-            train_count,
-            eval_count,
-            epochs,
-            shape_agreement,
-            batch_size,
-            learning_rate,
-            seed,
-            recipe=stem,
-            folds=FOLD_COUNT,
-        ),
+        "config": settings.config(recipe=stem, folds=FOLD_COUNT),
         "models": rows,
         "total_s": round(total, 1),
     }
@@ -315,29 +305,16 @@ def conjunction_rates(model: nn.Module, scenes: list[Scene]) -> dict[str, float]
     }
 
 
-def train_conjunction(
-    out: Path,
-    train_count: int,
-    eval_count: int,
-    epochs: int,
-    shape_agreement: float,
-    batch_size: int,
-    learning_rate: float,
-    seed: int,
-) -> None:
+def train_conjunction(out: Path, settings: Settings) -> None:
     """The conjunction model with conjunction_report.json: its accuracy on held-out data
     of its own distribution and of the unbiased one, and the single-cue and both-cue
     flip rates its checks require (exit 1 when one fails)."""
     started = time.monotonic()
     stem, bias, offset = CONJUNCTION_RECIPE
-    model = train_model(
-        bias, train_count, epochs, seed + offset, shape_agreement, batch_size, learning_rate
-    )
+    model = train_model(bias, settings, offset)
     torch.save(model.state_dict(), out / f"{stem}.pt")
-    own_images, own_labels, own_scenes = make_split(
-        bias, eval_count, seed + 10_000 + offset, shape_agreement
-    )
-    none_images, none_labels, _ = make_split("none", eval_count, seed + 10_000, shape_agreement)
+    own_images, own_labels, own_scenes = settings.held_out(bias, offset)
+    none_images, none_labels, _ = settings.held_out("none", 0)
     row: dict[str, object] = {
         "file": f"{stem}.pt",
         "bias": bias,
@@ -353,16 +330,7 @@ def train_conjunction(
     ]
     total = time.monotonic() - started
     report = {
-        "config": _config(
-            train_count,
-            eval_count,
-            epochs,
-            shape_agreement,
-            batch_size,
-            learning_rate,
-            seed,
-            recipe=stem,
-        ),
+        "config": settings.config(recipe=stem),
         "models": {stem: row},
         "checks": checks,
     }
@@ -373,31 +341,6 @@ def train_conjunction(
     print(f"total {total:.1f} s")
     if not all(check["passed"] for check in checks):
         raise typer.Exit(code=1)
-
-
-def _config(
-    train_count: int,
-    eval_count: int,
-    epochs: int,
-    shape_agreement: float,
-    batch_size: int,
-    learning_rate: float,
-    seed: int,
-    **first: object,
-) -> dict[str, object]:
-    """A report's config: `first` (the recipe and what else names the run), then the
-    training settings every report records."""
-    return {
-        **first,
-        "train_count": train_count,
-        "eval_count": eval_count,
-        "epochs": epochs,
-        "shape_agreement": shape_agreement,
-        "batch_size": batch_size,
-        "learning_rate": learning_rate,
-        "seed": seed,
-        "torch": torch.__version__,
-    }
 
 
 def _print_checks(checks: list[dict[str, object]]) -> None:
