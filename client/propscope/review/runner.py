@@ -42,7 +42,6 @@ from propscope.review.spec import (
     ImageEntry,
     InteractionSettingsSpec,
     MaxAttributionShareRule,
-    MaxInteractionShareRule,
     ModelSpec,
     ReviewSpec,
     ServiceChecks,
@@ -52,8 +51,8 @@ from propscope.review.spec import (
 __all__ = [
     "ReviewError",
     "ReviewProgress",
+    "interaction_calls",
     "interaction_observation",
-    "interaction_properties",
     "observation_from_result",
     "run_review",
     "service_problems",
@@ -499,22 +498,18 @@ def _interactions(
     """The candidate's Sobol indices on every image, once per distinct (properties, settings)
     of the ``max_interaction_share`` rules; the composed images are cached by the gateway, so
     two rules over the same properties and design cost classifications only."""
-    rules = spec.interaction_rules()
-    calls: list[tuple[tuple[str, ...], InteractionSettingsSpec]] = []
-    for rule in rules:
-        key = (interaction_properties(spec, rule), rule.interactions)
-        if key not in calls:
-            calls.append(key)
-    jobs = [(image, call) for call in calls for image in images]
+    rules_of = interaction_calls(spec)
+    jobs = [(image, call) for call in rules_of for image in images]
     completed = 0
     counting = threading.Lock()
     editors = spec.editor_properties()
 
     def estimate(
-        job: tuple[ImageEntry, tuple[tuple[str, ...], InteractionSettingsSpec]],
+        job: tuple[ImageEntry, InteractionCall],
     ) -> list[InteractionObservation]:
         nonlocal completed
-        image, (names, setting) = job
+        image, call = job
+        names, setting = call
         try:
             found = client.interactions(
                 _read_image(image),
@@ -537,18 +532,27 @@ def _interactions(
                     ReviewProgress(completed, len(jobs), image.id, candidate.label, "interactions")
                 )
         return [
-            interaction_observation(rule.name, image.id, candidate.label, found)
-            for rule in rules
-            if (interaction_properties(spec, rule), rule.interactions) == (names, setting)
+            interaction_observation(rule, image.id, candidate.label, found)
+            for rule in rules_of[call]
         ]
 
     found = _map_or_raise(estimate, jobs, spec.concurrency)
     return [obs for observations in found for obs in observations]
 
 
-def interaction_properties(spec: ReviewSpec, rule: MaxInteractionShareRule) -> tuple[str, ...]:
-    """The rule's properties in its order (unset: the spec's), each once."""
-    return tuple(dict.fromkeys(rule.properties or spec.property_names))
+InteractionCall = tuple[tuple[str, ...], InteractionSettingsSpec]
+
+
+def interaction_calls(spec: ReviewSpec) -> dict[InteractionCall, list[str]]:
+    """The distinct Interactions calls of the ``max_interaction_share`` rules (their
+    properties, in the rule's order (unset: the spec's) each once, and their settings), in
+    the rules' order, each with the names of the rules that read it: what a run calls and the
+    order a merge restores."""
+    rules_of: dict[InteractionCall, list[str]] = {}
+    for rule in spec.interaction_rules():
+        names = tuple(dict.fromkeys(rule.properties or spec.property_names))
+        rules_of.setdefault((names, rule.interactions), []).append(rule.name)
+    return rules_of
 
 
 def interaction_observation(

@@ -39,7 +39,7 @@ from propscope.review.rules import evaluate_rules
 from propscope.review.runner import (
     ProgressCallback,
     ReviewError,
-    interaction_properties,
+    interaction_calls,
     observe,
     strips_of,
 )
@@ -521,13 +521,9 @@ def _merged_interactions(
     spec: ReviewSpec, partials: Sequence[ReviewPartial], position: Mapping[str, int]
 ) -> tuple[InteractionObservation, ...]:
     """In the order one run makes them: by (properties, settings), then image, then rule."""
-    rules = spec.interaction_rules()
-    calls: list[Any] = []
-    for rule in rules:
-        if (key := (interaction_properties(spec, rule), rule.interactions)) not in calls:
-            calls.append(key)
     order = {
-        rule.name: (calls.index((interaction_properties(spec, rule), rule.interactions)), index)
+        rule: (call, index)
+        for call, rules in enumerate(interaction_calls(spec).values())
         for index, rule in enumerate(rules)
     }
     found = [obs for partial in partials for obs in partial.interactions]
