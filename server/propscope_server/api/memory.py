@@ -49,7 +49,7 @@ from propscope_server.errors import (
 from propscope_server.inference import Inference, ModelDescription
 from propscope_server.interactions_domain import MIN_DESIGN_SIZE
 from propscope_server.methods.attribution import PERTURBATION_BATCH_PIXELS, RISE_BLOCK
-from propscope_server.orchestration.explain import AUTOMATIC_REGIONS
+from propscope_server.orchestration.explain import automatic_region
 from propscope_server.regions import UnreadableImage, caller_image
 from propscope_server.scoring.interactions import DEFAULT_DESIGN_SIZE, design_row_count
 
@@ -367,8 +367,7 @@ def _explain(
         if prop.region.WhichOneof("shape") is not None:
             held += MASK_BYTES_PER_PIXEL * pixels + _mask_decoding(prop.region, limits)
             cost += REGION_BYTES_PER_PIXEL * longest * pixels
-        parameters = prop.editor.parameters
-        if parameters.get("region") in AUTOMATIC_REGIONS or parameters.get("operation") == "scale":
+        if automatic_region(prop.editor.parameters):
             cost += OBJECT_MASK_BYTES_PER_PIXEL * pixels
         costs.append(cost)
     running = sorted(costs, reverse=True)[: settings.property_concurrency]
@@ -397,11 +396,7 @@ def _interactions(
         method += MASK_BYTES_PER_PIXEL * pixels + _mask_decoding(region, limits)
     if regions:  # one call's images composited at a time per call in flight
         method += REGION_BYTES_PER_PIXEL * min(rows, 2 * size) * pixels
-    if any(
-        p.editor.parameters.get("region") in AUTOMATIC_REGIONS
-        or p.editor.parameters.get("operation") == "scale"
-        for p in properties
-    ):
+    if any(automatic_region(p.editor.parameters) for p in properties):
         method += OBJECT_MASK_BYTES_PER_PIXEL * pixels
     return method
 

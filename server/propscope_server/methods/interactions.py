@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -37,11 +36,11 @@ from propscope_server.interactions_domain import (
 from propscope_server.methods.attribution import TargetPlan, plan_target
 from propscope_server.orchestration.classifier import outputs, target_scores
 from propscope_server.orchestration.explain import (
-    AUTOMATIC_REGIONS,
     PlannedEditor,
     cache_namespace,
     image_digest,
     plan_editor,
+    uses_automatic_region,
 )
 from propscope_server.orchestration.runner import Finished, with_progress
 from propscope_server.regions import composite, object_mask_reliability
@@ -132,7 +131,7 @@ class Interactions:
         else:  # the caller's images: each row its own
             rows, row_of, stages = design.rows, np.arange(len(design.rows)), ()
         warnings: tuple[str, ...] = ()
-        if any(_automatic_region(editor) for editor in editors):
+        if any(uses_automatic_region(editor) for editor in editors):
             warning = await in_thread(object_mask_reliability, spec.image)
             warnings = (warning,) if warning else ()
         return InteractionsPlan(
@@ -404,9 +403,3 @@ def _region_digest(region: np.ndarray | None) -> str:
     if region is None:
         return ""
     return hashlib.sha256(np.ascontiguousarray(region, dtype=np.float32).tobytes()).hexdigest()
-
-
-def _automatic_region(editor: PlannedEditor) -> bool:
-    """Whether the edit relies on the editor's own object/background split."""
-    parameters = json.loads(editor.parameters)
-    return parameters.get("region") in AUTOMATIC_REGIONS or parameters.get("operation") == "scale"

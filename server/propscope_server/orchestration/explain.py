@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -267,7 +267,7 @@ class Explainer:
         edits = 0
         try:
             warnings: tuple[str, ...] = ()
-            if _uses_automatic_region(plan.editors.get(prop.name)):
+            if uses_automatic_region(plan.editors.get(prop.name)):
                 warning = await in_thread(object_mask_reliability, spec.image)
                 warnings = (warning,) if warning else ()
             while True:
@@ -448,9 +448,11 @@ def _timed(times: StageTimes, stage: str):  # noqa: ANN202 - a context manager
 AUTOMATIC_REGIONS = ("object", "background")
 
 
-def _uses_automatic_region(editor: PlannedEditor | None) -> bool:
+def uses_automatic_region(editor: PlannedEditor | None) -> bool:
     """Whether the edit relies on the editor's own object/background split."""
-    if editor is None:
-        return False
-    parameters = json.loads(editor.parameters)
+    return editor is not None and automatic_region(json.loads(editor.parameters))
+
+
+def automatic_region(parameters: Mapping[str, object]) -> bool:
+    """Whether editor parameters ask for the editor's own object/background split."""
     return parameters.get("region") in AUTOMATIC_REGIONS or parameters.get("operation") == "scale"
