@@ -310,13 +310,14 @@ class TritonBackend:
                 return_exceptions=True,
             )
             failures = [r for r in results if isinstance(r, BaseException)]
+            # An unreachable endpoint was logged, with its address, where it failed.
             if results and all(isinstance(r, Unavailable) for r in results):
-                addresses = [endpoint.address for endpoint in endpoints]
-                raise self._unreachable(name, addresses, "loading it (load_on_demand)")
+                raise unreachable(len(results))
             if len(failures) == len(results):
                 raise failures[0]
             for failure in failures:
-                logger.warning("%s; the other Triton endpoints serve it", failure)
+                if not isinstance(failure, Unavailable):
+                    logger.warning("%s; the other Triton endpoints serve it", failure)
             if any(r is True for r in results):
                 self._forget(name)
 
