@@ -21,10 +21,12 @@ import redis
 from grpc_health.v1 import health_pb2
 
 from propscope_dev.stack import (
+    COMMAND_MARKERS,
     DEFAULT_MODEL_REPOSITORY,
     DEFAULT_PREPROCESSING,
     StackStartError,
     _alive,
+    _command_line,
     _stop_groups,
     free_port,
     redis_command,
@@ -334,11 +336,8 @@ def down_scaled(run_dir: Path) -> dict | None:
 
 def _ours(pid: int) -> bool:
     """A recorded pid still runs one of the stack's programs (not a reused pid)."""
-    try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return False
-    return any(marker in command for marker in ("tritonserver", "redis-server", "propscope_server"))
+    command = _command_line(pid)
+    return any(marker in command for marker in COMMAND_MARKERS.values())
 
 
 def _triton_log(run_dir: Path, index: int) -> Path:

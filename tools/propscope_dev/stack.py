@@ -409,11 +409,15 @@ COMMAND_MARKERS = {"triton": "tritonserver", "redis": "redis-server", "gateway":
 
 
 def _is_ours(name: str, pid: int) -> bool:
+    return COMMAND_MARKERS[name] in _command_line(pid)
+
+
+def _command_line(pid: int) -> str:
+    """What process `pid` runs ("" when there is none)."""
     try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
-        return False
-    return COMMAND_MARKERS[name] in command
+        return ""
 
 
 def _terminate(pids: dict[str, int], timeout_s: float = 15.0) -> None:
