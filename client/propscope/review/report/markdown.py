@@ -3,6 +3,8 @@ numbers a reviewer compares; the HTML and JSON artefacts hold the rest."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from propscope.review.report.common import (
     FILE_NAMES,
     decisions_text,
@@ -10,7 +12,7 @@ from propscope.review.report.common import (
     format_percent,
     summarize,
 )
-from propscope.review.results import ReviewResult
+from propscope.review.results import InteractionObservation, Observation, ReviewResult
 
 __all__ = ["render_markdown"]
 
@@ -65,42 +67,24 @@ def _warnings(result: ReviewResult) -> list[str]:
     ]
     for name in result.properties:
         for model in result.models:
-            found = [
-                (obs.image, warning)
-                for obs in result.select(model.label, name)
-                for warning in obs.warnings
-            ]
-            lines += [
-                f"- **{name}**, {model.label}, `{image}`: {_cell(warning)}"
-                for image, warning in found[:WARNINGS_SHOWN]
-            ]
-            if len(found) > WARNINGS_SHOWN:
-                lines.append(
-                    f"- **{name}**, {model.label}: {len(found) - WARNINGS_SHOWN} more warnings "
-                    f"in `{FILE_NAMES['json']}`"
-                )
-    lines += _interaction_warnings(result)
+            lines += _capped_warnings(
+                f"**{name}**, {model.label}", result.select(model.label, name)
+            )
+    for rule in dict.fromkeys(obs.rule for obs in result.interactions):
+        lines += _capped_warnings(f"**{rule}** (interactions)", result.interaction_indices(rule))
     return ["**Warnings**", "", *lines, ""] if lines else []
 
 
-def _interaction_warnings(result: ReviewResult) -> list[str]:
-    """Each ``max_interaction_share`` rule's per-image warnings, at most ``WARNINGS_SHOWN``."""
-    lines = []
-    for rule in dict.fromkeys(obs.rule for obs in result.interactions):
-        found = [
-            (obs.image, warning)
-            for obs in result.interaction_indices(rule)
-            for warning in obs.warnings
-        ]
-        lines += [
-            f"- **{rule}** (interactions), `{image}`: {_cell(warning)}"
-            for image, warning in found[:WARNINGS_SHOWN]
-        ]
-        if len(found) > WARNINGS_SHOWN:
-            lines.append(
-                f"- **{rule}** (interactions): {len(found) - WARNINGS_SHOWN} more warnings "
-                f"in `{FILE_NAMES['json']}`"
-            )
+def _capped_warnings(
+    label: str, observations: Sequence[Observation | InteractionObservation]
+) -> list[str]:
+    """The observations' warnings, one line per image's warning, at most ``WARNINGS_SHOWN``."""
+    found = [(obs.image, warning) for obs in observations for warning in obs.warnings]
+    lines = [f"- {label}, `{image}`: {_cell(warning)}" for image, warning in found[:WARNINGS_SHOWN]]
+    if len(found) > WARNINGS_SHOWN:
+        lines.append(
+            f"- {label}: {len(found) - WARNINGS_SHOWN} more warnings in `{FILE_NAMES['json']}`"
+        )
     return lines
 
 
