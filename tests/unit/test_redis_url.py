@@ -9,6 +9,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from propscope_server.cache.redis_cache import (
     CLUSTER_URL_AT_PLAIN,
+    PLAIN_URL_AT_CLUSTER,
     RedisArtefactCache,
     connect,
 )
@@ -135,4 +136,13 @@ async def test_a_wrong_kind_error_names_the_url_without_credentials_ipv6_in_brac
         "REDIS_URL redis+cluster://[::1]:7000,h2:7001 is a Redis Cluster URL"
     )
     assert "secret" not in cache.misconfigured
+    await cache.close()
+
+
+async def test_a_wrong_kind_error_names_a_plain_url_without_credentials_or_options():
+    cache = RedisArtefactCache("redis://u:secret@h:6379/0?password=hidden", 60, 0.2, 0)
+    cache._misconfigure(PLAIN_URL_AT_CLUSTER, "cluster_enabled:1")
+    assert cache.misconfigured is not None
+    assert cache.misconfigured.startswith("REDIS_URL redis://h:6379/0 is a plain Redis URL")
+    assert "secret" not in cache.misconfigured and "hidden" not in cache.misconfigured
     await cache.close()

@@ -166,7 +166,8 @@ class RedisArtefactCache:
             seeds = ",".join(host_port(host, port) for host, port in self._target.seeds)
             return f"{scheme}+cluster://{seeds}"
         scheme, _, rest = self._target.url.partition("://")
-        return f"{scheme}://{rest.rpartition('@')[2]}"
+        # redis-py reads a password from the query too (?password=...).
+        return f"{scheme}://{rest.rpartition('@')[2].partition('?')[0]}"
 
     def _recovered(self, scope: str) -> None:
         if scope in self._outages:
