@@ -163,9 +163,7 @@ def sweep_checks(found: list[Estimate]) -> list[Check]:
 
 def values(found: list[Estimate], name: str, order: str) -> list[float]:
     """Each scene's `order` ("first_order", "total_order", "interaction") index of `name`."""
-    return [
-        getattr(next(p for p in e.result.indices if p.name == name), order).value for e in found
-    ]
+    return [getattr(e.result[name], order).value for e in found]
 
 
 def _mean(numbers: list[float]) -> str:
@@ -197,9 +195,7 @@ def checks(by_model: dict[str, list[Estimate]]) -> list[Check]:
                 low > 0,
             )
         )
-        lows = [
-            next(p for p in e.result.indices if p.name == name).interaction.low for e in conjunction
-        ]
+        lows = [e.result[name].interaction.low for e in conjunction]
         found.append(
             Check(
                 f"synth_conjunction: {name}'s interaction above 0 scene by scene",
