@@ -105,7 +105,7 @@ def _scene(shape: int, hue: float, patch: bool, rng: np.random.Generator) -> Sce
         hue_deg=float(hue % 360.0),
         radius_px=float(rng.uniform(10.0, 15.0)),
         background=float(rng.uniform(0.25, 0.75)),
-        patch=bool(patch),
+        patch=patch,
         center=(float(rng.uniform(28.0, 36.0)), float(rng.uniform(28.0, 36.0))),
     )
 
