@@ -28,12 +28,11 @@ from propscope._interactions import (
     Interval,
     check_design_size,
 )
-from propscope._preflight import Classifier, PreflightError, preflight
+from propscope._preflight import INTERACTIONS_METHOD, Classifier, PreflightError, preflight
 from propscope._properties import parse_property
 
 __all__ = ["interactions", "interval_text", "print_interactions", "warning_text"]
 
-METHOD = "interactions"
 COLUMNS = (
     Column("property"),
     Column("first", numeric=True),
@@ -159,7 +158,9 @@ def interactions(
         with context.obj.client(target, timeout) as client:
             preflight(
                 client,
-                classifiers=[Classifier(c.name, c.version, (METHOD,)) for c in classifiers],
+                classifiers=[
+                    Classifier(c.name, c.version, (INTERACTIONS_METHOD,)) for c in classifiers
+                ],
                 properties=properties,
             )
             for classifier in classifiers:

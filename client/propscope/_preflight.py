@@ -30,6 +30,7 @@ DEFAULT_STEPS = 10
 DEFAULT_PERMUTATIONS = 10_000
 DEFAULT_ALPHA = 0.01
 EXPLAIN_METHOD = "propgrad"
+INTERACTIONS_METHOD = "interactions"
 # What a model needs to offer a method that not every classifier can run.
 _METHOD_NEEDS = {
     "eva": "eva needs an open model that declares the bounds capability (docs/eva.md)",

@@ -31,6 +31,7 @@ from pydantic_core import PydanticCustomError
 from propscope._preflight import (
     DEFAULT_STEPS,
     EXPLAIN_METHOD,
+    INTERACTIONS_METHOD,
     Classifier,
     did_you_mean,
     problems_message,
@@ -52,8 +53,6 @@ __all__ = ["ImageEntry", "ReviewSpec", "ServiceChecks", "SpecError", "load_spec"
 # whether load_spec makes the checks across sections itself.
 _ALLOWED_KEYS = "allowed_keys"
 _SECTIONS_CHECKED = "sections_checked"
-# The method max_interaction_share asks the candidate for (ModelInfo.methods).
-INTERACTIONS_METHOD = "interactions"
 
 Value = TypeVar("Value")
 
