@@ -143,11 +143,7 @@ def review_costs(stack: scale_out.ScaledStack, target: str, out_dir: Path) -> di
     cold cache, from the gateway's and the Tritons' metrics before and after."""
     gateway_url = stack.gateway_metrics[stack.gateways.index(target)]
     before_gateway = scrape(gateway_url)
-    before = {
-        (model, name): triton_totals(stack, name, model)
-        for model in MODELS
-        for name in ("nv_inference_count", "nv_inference_compute_infer_duration_us")
-    }
+    before_tritons = [scrape(url) for url in stack.triton_metrics]
     started = time.perf_counter()
     run = subprocess.run(
         [
@@ -167,13 +163,17 @@ def review_costs(stack: scale_out.ScaledStack, target: str, out_dir: Path) -> di
     if run.returncode not in (0, 1):  # 1: the example's rules fail, as they should
         raise RuntimeError(f"review exited {run.returncode}: {run.stderr[-2000:]}")
     after_gateway = scrape(gateway_url)
+    after_tritons = [scrape(url) for url in stack.triton_metrics]
     images = sum(1 for line in (REVIEW_SPEC.parent / "manifest.csv").read_text().splitlines()[1:])
 
     def gateway_delta(name: str, **labels: str) -> float:
         return total(after_gateway, name, **labels) - total(before_gateway, name, **labels)
 
     def triton_delta(model: str, name: str) -> float:
-        return sum(triton_totals(stack, name, model)) - sum(before[(model, name)])
+        return sum(
+            total(after, name, model=model) - total(before, name, model=model)
+            for before, after in zip(before_tritons, after_tritons, strict=True)
+        )
 
     classified = sum(triton_delta(m, "nv_inference_count") for m in MODELS if m != "procedural")
     classify_us = sum(
