@@ -1,8 +1,8 @@
 /**
  * CRAFT concepts (`propscope.v1.ConceptService`): the requests built from friendly options (the
  * Python SDK's `Client.fit_concepts`, `concept_bank`, `concept_maps` and `decompose_concept`
- * keywords, camelCased), checked before anything is sent, and the FitConcepts /
- * DecomposeConcept streams gathered into one ConceptBank. docs/concepts.md.
+ * keywords, camelCased), checked before anything is sent; the client reads the FitConcepts /
+ * DecomposeConcept streams, as every method stream, into one ConceptBank. docs/concepts.md.
  */
 
 import * as grpc from "@grpc/grpc-js";
@@ -13,9 +13,7 @@ import type { ConceptMapsRequest } from "./generated/propscope/v1/ConceptMapsReq
 import type { ConceptMapsResponse__Output } from "./generated/propscope/v1/ConceptMapsResponse";
 import type { ConceptsAccepted__Output } from "./generated/propscope/v1/ConceptsAccepted";
 import type { ConceptsProgress__Output } from "./generated/propscope/v1/ConceptsProgress";
-import type { DecomposeConceptEvent__Output } from "./generated/propscope/v1/DecomposeConceptEvent";
 import type { DecomposeConceptRequest } from "./generated/propscope/v1/DecomposeConceptRequest";
-import type { FitConceptsEvent__Output } from "./generated/propscope/v1/FitConceptsEvent";
 import type { FitConceptsRequest } from "./generated/propscope/v1/FitConceptsRequest";
 import type { GetConceptBankRequest } from "./generated/propscope/v1/GetConceptBankRequest";
 import type { ModelRef } from "./generated/propscope/v1/ModelRef";
@@ -162,37 +160,6 @@ export async function buildConceptMapsRequest(
     image: await encodeImage(image),
     model: optionalModel(options.model, options.modelVersion),
   };
-}
-
-/** Gathers a FitConcepts / DecomposeConcept stream; `incomplete` makes the error of a stream
- * that ended without its plan or bank. */
-export async function gatherConcepts(
-  call: AsyncIterable<FitConceptsEvent__Output | DecomposeConceptEvent__Output> & {
-    cancel(): void;
-  },
-  requestId: string,
-  onProgress: ((progress: ConceptsProgress) => void) | undefined,
-  asError: (error: unknown) => unknown,
-  incomplete: (rpc: string, what: string) => Error,
-): Promise<ConceptsResult> {
-  let accepted: ConceptsAccepted | undefined;
-  let bank: ConceptBank | undefined;
-  try {
-    for await (const message of call) {
-      requestId = message.requestId || requestId;
-      if (message.accepted) accepted = message.accepted;
-      if (message.progress) onProgress?.(message.progress);
-      if (message.done) bank = message.done;
-    }
-  } catch (error) {
-    throw asError(error);
-  } finally {
-    call.cancel();
-  }
-  if (!accepted || !bank) {
-    throw incomplete("FitConcepts", "the plan and its bank (ConceptsAccepted and ConceptBank)");
-  }
-  return { requestId, accepted, bank };
 }
 
 /** A unary call as a promise, failures through `asError`. */

@@ -27,10 +27,10 @@ import {
   buildDecomposeConceptRequest,
   buildFitConceptsRequest,
   buildGetConceptBankRequest,
-  gatherConcepts,
   unary,
   type BankOptions,
   type ConceptBank,
+  type ConceptsAccepted,
   type ConceptMaps,
   type ConceptsProgress,
   type ConceptsResult,
@@ -38,6 +38,8 @@ import {
   type FitConceptsOptions,
 } from "./concepts";
 import type { ProtoGrpcType as ConceptsProtoGrpcType } from "./generated/concepts";
+import type { DecomposeConceptEvent__Output } from "./generated/propscope/v1/DecomposeConceptEvent";
+import type { FitConceptsEvent__Output } from "./generated/propscope/v1/FitConceptsEvent";
 import type { ProtoGrpcType as GraphProtoGrpcType } from "./generated/graph";
 import type { ProtoGrpcType as InteractionsProtoGrpcType } from "./generated/interactions";
 import type { InteractionDesignResponse__Output } from "./generated/propscope/v1/InteractionDesignResponse";
@@ -455,13 +457,13 @@ export function createClient(target: string, options: ClientOptions = {}): Props
       const request = await buildFitConceptsRequest(conceptOptions);
       const call = conceptsStub.FitConcepts(request, metadata(), { deadline });
       const requestId = request.requestId ?? "";
-      return gatherConcepts(call, requestId, onProgress, asPropscopeError, incomplete);
+      return gatherConcepts(call, requestId, onProgress);
     },
     async decomposeConcept(conceptOptions, { deadline, onProgress } = {}) {
       const request = await buildDecomposeConceptRequest(conceptOptions);
       const call = conceptsStub.DecomposeConcept(request, metadata(), { deadline });
       const requestId = request.requestId ?? "";
-      return gatherConcepts(call, requestId, onProgress, asPropscopeError, incomplete);
+      return gatherConcepts(call, requestId, onProgress);
     },
     async conceptBank(id, { deadline, ...bank } = {}) {
       const request = buildGetConceptBankRequest(id, bank);
@@ -564,6 +566,28 @@ async function readStream<M>(
   } finally {
     call.cancel();
   }
+}
+
+/** Gathers a FitConcepts / DecomposeConcept stream: the plan and the bank. */
+async function gatherConcepts(
+  call: AsyncIterable<FitConceptsEvent__Output | DecomposeConceptEvent__Output> & {
+    cancel(): void;
+  },
+  requestId: string,
+  onProgress: ((progress: ConceptsProgress) => void) | undefined,
+): Promise<ConceptsResult> {
+  let accepted: ConceptsAccepted | undefined;
+  let bank: ConceptBank | undefined;
+  await readStream(call, (message) => {
+    requestId = message.requestId || requestId;
+    if (message.accepted) accepted = message.accepted;
+    if (message.progress) onProgress?.(message.progress);
+    if (message.done) bank = message.done;
+  });
+  if (!accepted || !bank) {
+    throw incomplete("FitConcepts", "the plan and its bank (ConceptsAccepted and ConceptBank)");
+  }
+  return { requestId, accepted, bank };
 }
 
 /** A stream that ended OK without what the contract promises: a server fault. */
