@@ -13,9 +13,8 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -30,6 +29,9 @@ from typer.core import TyperGroup
 
 from propscope import cli
 
+if TYPE_CHECKING:  # typer carries its own click; the click distribution is not a dependency
+    from typer._click import Context, HelpFormatter
+
 __all__ = ["review_app"]
 
 logger = logging.getLogger(__name__)
@@ -41,12 +43,12 @@ DEFAULT_COMMAND = "run"
 class _DefaultCommandGroup(TyperGroup):
     """A group that runs ``DEFAULT_COMMAND`` when the first argument names no command."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
         if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):
             args = [DEFAULT_COMMAND, *args]
         return super().parse_args(ctx, args)
 
-    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_usage(self, ctx: Context, formatter: HelpFormatter) -> None:
         """Both forms: click's own usage (COMMAND [ARGS]) hides that SPEC alone runs a review."""
         formatter.write_usage(ctx.command_path, "[run] SPEC [OPTIONS] [--shard I/N]")
         formatter.write_usage(ctx.command_path, "merge PARTIAL... [OPTIONS]", prefix="       ")

@@ -196,6 +196,17 @@ def test_the_sdk_and_its_stubs_build_as_sdists_and_wheels(
     assert not names & {"propscope-server", "propscope-dev", "torch", "grpcio-tools"}
 
 
+def test_the_installed_cli_starts_every_command_group(
+    sdk_venv: tuple[Path, Path, dict[str, str]],
+) -> None:
+    """The CLI's modules import with the SDK's declared dependencies only (typer carries its
+    own click: importing the click distribution once broke `propscope` in a clean venv)."""
+    venv, _, env = sdk_venv
+    for command in ([], ["review"], ["review", "merge"], ["interactions"]):
+        usage = _run(venv / "bin" / "propscope", *command, "--help", env=env).stdout
+        assert usage.startswith("Usage: propscope"), usage
+
+
 def test_the_installed_sdk_calls_the_live_stack(
     sdk_venv: tuple[Path, Path, dict[str, str]], live_stack: stack.StackInfo
 ) -> None:
