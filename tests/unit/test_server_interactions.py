@@ -491,6 +491,15 @@ async def test_an_edit_that_changes_nothing_fails_naming_the_property():
     assert caught.value.field == "properties[1]" and "'none1'" in str(caught.value)
 
 
+async def test_an_edit_that_changes_nothing_is_refused_again_however_warm_the_cache():
+    """Its images are not cached: cached, they once let the same request pass unchecked."""
+    method = Interactions(FakeBackend(), InMemoryArtefactCache(50_000_000), Settings())
+    for _ in range(2):
+        with pytest.raises(FailedPrecondition) as caught:
+            await events_of(method, spec(("none", "add")))
+        assert caught.value.field == "properties[0]" and "'none0'" in str(caught.value)
+
+
 async def test_a_failing_editor_ends_the_call_with_its_error_and_caches_nothing_after():
     backend = FakeBackend()
     cache = InMemoryArtefactCache(50_000_000)

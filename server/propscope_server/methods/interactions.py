@@ -343,8 +343,11 @@ class Composer:
             if not calls:
                 continue
             changed = False
+            made: list[Prefix] = []
 
-            async def one_call(prefix: Prefix, strengths: list[float], k: int = k) -> None:
+            async def one_call(
+                prefix: Prefix, strengths: list[float], k: int = k, made: list[Prefix] = made
+            ) -> None:
                 nonlocal done, changed
                 source = self._known[effective(prefix)]
                 async with limit:
@@ -352,12 +355,7 @@ class Composer:
                 changed |= not bool((images == source).all())
                 for strength, image in zip(strengths, images, strict=True):
                     self._known[(*prefix, strength)] = image
-                await asyncio.gather(
-                    *(
-                        self._put((*prefix, s), image)
-                        for s, image in zip(strengths, images, strict=True)
-                    )
-                )
+                    made.append((*prefix, strength))
                 done += len(strengths)
                 self._emit(InteractionsProgress("edit", done, total))
 
@@ -376,6 +374,9 @@ class Composer:
                     "image",
                     field=f"properties[{k}]",
                 )
+            # Cached only once the stage is known to change something: a refused edit's
+            # images, cached, would let the same request pass unchecked the next time.
+            await asyncio.gather(*(self._put(prefix, self._known[prefix]) for prefix in made))
             for prefix, last in last_read.items():
                 if last == k and prefix and prefix not in finals:
                     self._known.pop(prefix, None)
