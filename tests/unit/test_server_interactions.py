@@ -190,6 +190,16 @@ def test_the_edit_budget_counts_shared_prefixes_and_names_the_size_that_fits():
     interactions_spec(request(design_size=32), Limits(max_edits=edits))
 
 
+def test_a_design_over_the_pixel_budget_names_the_size_that_fits_and_a_smaller_image():
+    error = refused(request(design_size=32), Limits(max_path_pixels=SIDE * SIDE * 100))
+    assert error.field == "design_size"
+    assert "max_path_pixels" in str(error) and "(the largest that fits), a smaller image" in str(
+        error
+    )
+    rows = refused(request(design_size=64), Limits(max_interaction_images=100))
+    assert "a smaller image" not in str(rows)  # a row budget: the image's size does not help
+
+
 def test_an_image_too_large_for_even_the_smallest_design_names_the_image():
     error = refused(request(), Limits(max_path_pixels=SIDE * SIDE * 10))
     assert error.field == "image"

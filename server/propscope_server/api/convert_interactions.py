@@ -266,9 +266,15 @@ def check_budgets(
         smaller //= 2
     what = f"design_size {size} with {properties} properties needs {problem}"
     if smaller >= MIN_DESIGN_SIZE:
+        # A pixel budget (the rows' own budgets passed) also fits with a smaller image.
+        image = (
+            ", a smaller image"
+            if pixels and not _row_budget(properties, size, pair is not None, limits)
+            else ""
+        )
         raise InvalidArgument(
-            f"{what}; use design_size {smaller} (the largest that fits), fewer properties, "
-            "or raise the limit (PROPSCOPE_LIMITS__*)",
+            f"{what}; use design_size {smaller} (the largest that fits){image}, fewer "
+            "properties, or raise the limit (PROPSCOPE_LIMITS__*)",
             field="design_size",
         )
     if pixels and _row_budget(properties, MIN_DESIGN_SIZE, pair is not None, limits) is None:

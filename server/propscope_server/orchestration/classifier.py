@@ -266,7 +266,7 @@ def check_target_score(classifier: PlannedClassifier, score: str) -> None:
         raise FailedPrecondition(
             f"target_score LOGIT: model {classifier.model.name!r} returns probabilities "
             f"({source}), from which no logit can be recovered; ask for LOG_ODDS (the "
-            "unsaturated margin, the default for such a model) or PROBABILITY",
+            "unsaturated margin) or PROBABILITY",
             field="target_score",
         )
 
