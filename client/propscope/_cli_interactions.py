@@ -98,6 +98,10 @@ def interactions(
         ),
     ] = "auto",
     target_class: cli.TargetClassOption = None,
+    mean: cli.MeanOption = None,
+    std: cli.StdOption = None,
+    output_kind: cli.OutputKindOption = None,
+    resize: cli.ResizeOption = None,
     seed: Annotated[
         int, typer.Option(min=0, help="Seeds the design, the editors and the bootstrap.")
     ] = 0,
@@ -148,6 +152,10 @@ def interactions(
         check_design_size(design_size)
     except ValueError as error:
         cli._fail(str(error).replace("design_size", "--design-size", 1))
+    try:
+        preprocessing = cli._preprocessing_option(mean, std, output_kind, resize)
+    except ValueError as error:
+        cli._fail(str(error))
     output_format = OutputFormat.JSON if as_json else output_format
     image_bytes = cli._read_image_option(image)
     if report is not None:
@@ -181,6 +189,7 @@ def interactions(
                             target_score=target_score,
                             target_class=target_class,
                             seed=seed,
+                            preprocessing=preprocessing,
                             on_progress=_stages(report_progress),
                         )
                     )

@@ -446,6 +446,21 @@ def test_report_writes_the_bars_and_the_table(gateway, tmp_path):
     assert "<td>patch</td>" in html and "Interaction share 0.6</b>" in html
 
 
+def test_preprocessing_options_reach_the_request(gateway):
+    """A model's undeclared output kind is answered with "pass --output-kind": interactions
+    takes it, as explain and attribute do."""
+    fake, target, image = gateway
+    found = _run(target, str(image), "-m", "synth_conjunction", "-p", HUE, "-p", PATCH,
+                 "--output-kind", "probabilities", "--mean", "0.5,0.5,0.5")  # fmt: skip
+    assert found.exit_code == 0, found.output
+    sent = fake.requests[0].model.preprocessing
+    assert sent.output_kind == explain_pb2.Preprocessing.OUTPUT_KIND_PROBABILITIES
+    assert list(sent.mean) == pytest.approx([0.5, 0.5, 0.5])
+    refused = _run(target, str(image), "-m", "synth_conjunction", "-p", HUE, "-p", PATCH,
+                   "--output-kind", "odds")  # fmt: skip
+    assert refused.exit_code == 2 and "--output-kind must be one of" in refused.stderr
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
